@@ -1,0 +1,88 @@
+"""Text for calibration and evaluation: from strings, text files, `datasets` folders or Hub datasets."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["load_texts", "tokenize_windows", "calibration_batches"]
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("text", "content", "sentence")
+
+
+def load_texts(dataset, split: str = "train") -> list[str]:
+    """Texts from a list of strings, a text file, a folder saved by `datasets`, or a Hub dataset name."""
+    if isinstance(dataset, str) or isinstance(dataset, os.PathLike):
+        path = os.fspath(dataset)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return [f.read()]
+        return _texts_from_datasets(path, split)
+    if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
+        return list(dataset)
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset
+        return _column(dataset)
+    raise TypeError(
+        f"`dataset` must be a list of strings, a text file, a `datasets` folder or a Hub dataset name, "
+        f"got {type(dataset).__name__}"
+    )
+
+
+def _texts_from_datasets(path: str, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"{path!r} is not a file; reading it as a dataset needs `datasets`: pip install 'hfcompress[datasets]'"
+        ) from e
+    if os.path.isdir(path):
+        loaded = datasets.load_from_disk(path)
+    elif _looks_local(path):
+        raise FileNotFoundError(f"dataset {path!r} does not exist (expected a text file, a `datasets` folder or a Hub name)")
+    else:
+        loaded = datasets.load_dataset(path, split=split)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"dataset {path!r} has no split {split!r}; it has {list(loaded)}")
+        loaded = loaded[split]
+    return _column(loaded)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.splitext(path)[1] != "" or path.count("/") > 1
+
+
+def _column(ds) -> list[str]:
+    for column in TEXT_COLUMNS:
+        if column in ds.column_names:
+            return [t for t in ds[column] if t]
+    raise ValueError(f"the dataset has no text column (looked for {TEXT_COLUMNS}); its columns are {ds.column_names}")
+
+
+def tokenize_windows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate `texts` into one token stream and cut it into non-overlapping windows of `seq_len` tokens."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None and len(texts) > 1:
+            ids.append(tokenizer.eos_token_id)
+    n_windows = len(ids) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    return torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
+
+
+def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int) -> list[torch.Tensor]:
+    """`num_samples` windows spread evenly over the available ones, grouped into batches."""
+    if len(windows) < num_samples:
+        logger.warning("calibration data holds %d windows, fewer than num_samples=%d; using all", len(windows), num_samples)
+        chosen = windows
+    else:
+        index = torch.linspace(0, len(windows) - 1, num_samples).round().long()
+        chosen = windows[index]
+    return list(chosen.split(batch_size))

@@ -1,0 +1,73 @@
+"""Running a model block by block: capture the first block's inputs, then replay blocks on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BlockInputs", "capture_block_inputs", "run_block"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Positional and keyword arguments of one block call, for one batch of calibration windows."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
+    """Run `model` on each batch of token ids up to `first_block` and record that block's inputs.
+
+    Nothing after the first block runs, so the cost is the embeddings alone.
+    """
+    captured: list[BlockInputs] = []
+
+    def hook(module, args, kwargs):
+        captured.append(BlockInputs(args, dict(kwargs)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for input_ids in batches:
+            try:
+                model(input_ids=input_ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError(f"the first block ran {len(captured)} times for {len(batches)} batches")
+    return captured
+
+
+def _hidden_states(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool = True) -> list[BlockInputs]:
+    """Call `block` on every recorded input; the outputs become the next block's inputs."""
+    outputs = []
+    for item in inputs:
+        hidden = _hidden_states(block(*item.args, **item.kwargs))
+        if keep_outputs:
+            outputs.append(_with_hidden_states(item, hidden))
+    return outputs
+
+
+def _with_hidden_states(item: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
+    if item.args:
+        return BlockInputs((hidden,) + tuple(item.args[1:]), item.kwargs)
+    if "hidden_states" in item.kwargs:
+        return BlockInputs((), {**item.kwargs, "hidden_states": hidden})
+    raise ValueError(f"cannot tell which input of the block is the hidden state (keyword arguments: {list(item.kwargs)})")

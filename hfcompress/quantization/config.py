@@ -1,0 +1,154 @@
+"""Configuration of weight quantization: what the user asks for, and what a checkpoint records."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .grid import SUPPORTED_BITS
+
+__all__ = ["RTNConfig", "GPTQConfig", "HfcompressQuantizationConfig", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_grid(bits: int, group_size: int, scale_dtype: str) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"`bits` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
+        raise ValueError(f"`group_size` must be a positive integer or -1 (one group per output row), got {group_size!r}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"`scale_dtype` must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+
+
+@dataclass
+class RTNConfig:
+    """Round-to-nearest weight quantization of every `nn.Linear` (and GPT-2 `Conv1D`) outside
+    `modules_to_not_convert`. Needs no calibration data."""
+
+    method: ClassVar[str] = "rtn"
+
+    bits: int = field(default=4, metadata={"help": "Bits per weight: 2, 3, 4 or 8."})
+    group_size: int = field(
+        default=128,
+        metadata={"help": "Input columns sharing one scale and zero point; -1 for one per output row (per-channel)."},
+    )
+    sym: bool = field(default=False, metadata={"help": "Symmetric grid (zero point fixed at the middle code)."})
+    modules_to_not_convert: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (or name suffixes, or 're:' regexes) kept in full precision. "
+            "Default: the output embedding (lm_head) and anything not a linear layer."
+        },
+    )
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
+        default="float16", metadata={"help": "Storage dtype of the scales."}
+    )
+
+    def __post_init__(self):
+        _check_grid(self.bits, self.group_size, self.scale_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **asdict(self)}
+
+
+@dataclass
+class GPTQConfig(RTNConfig):
+    """GPTQ: quantize each layer's weights column by column, spreading the error over the columns not yet
+    quantized with the inverse Hessian of calibration activations."""
+
+    method: ClassVar[str] = "gptq"
+
+    act_order: bool = field(default=False, metadata={"help": "Quantize columns by decreasing Hessian diagonal."})
+    static_groups: bool = field(
+        default=False,
+        metadata={"help": "With act_order, fix the groups on the original column order (no g_idx gather)."},
+    )
+    damp_percent: float = field(default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."})
+    block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
+    true_sequential: bool = field(
+        default=False,
+        metadata={"help": "Within a layer, calibrate each group of linears on the outputs of already quantized ones."},
+    )
+    dataset: Any = field(
+        default=None,
+        metadata={"help": "Calibration data: a list of strings, a text file, a `datasets` folder or Hub dataset name."},
+    )
+    num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
+    seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
+        if self.block_size < 1:
+            raise ValueError(f"`block_size` must be positive, got {self.block_size!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"`num_samples` must be positive, got {self.num_samples!r}")
+        if self.seq_len < 1:
+            raise ValueError(f"`seq_len` must be positive, got {self.seq_len!r}")
+        if self.static_groups and not self.act_order:
+            logger.info("`static_groups` only matters with `act_order`; ignoring it")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if not isinstance(data["dataset"], (str, type(None))):
+            data["dataset"] = f"<{type(self.dataset).__name__}>"
+        return data
+
+
+@dataclass
+class HfcompressQuantizationConfig(QuantizationConfigMixin):
+    """What `config.json["quantization_config"]` records for an hfcompress checkpoint.
+
+    `modules` lists every quantized module by name so loading rebuilds exactly those; `recipe` keeps the
+    settings that produced the checkpoint, for the record.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    modules: list[str] = field(default_factory=list)
+    scale_dtype: str = "float16"
+    method: str = "rtn"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+    quant_method: str = "hfcompress"
+
+    def __post_init__(self):
+        _check_grid(self.bits, self.group_size, self.scale_dtype)
+        if self.version > FORMAT_VERSION:
+            logger.warning(
+                "This checkpoint was written by a newer hfcompress (format version %s, this one reads %s); "
+                "loading what this version understands",
+                self.version,
+                FORMAT_VERSION,
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            logger.warning("Ignoring unknown quantization_config keys %s (written by a newer hfcompress?)", unknown)
+        config = cls(**{k: v for k, v in config_dict.items() if k in known})
+        unused = {}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()

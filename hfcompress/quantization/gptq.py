@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., 2022) as pure tensor functions.
+
+Notation follows the reference implementation: `W` is the weight [out, in], `H` the Hessian of the layer's
+squared output error (2 X Xᵀ / n), `Hinv` the upper Cholesky factor of its inverse, `Err` the scaled
+quantization error that is spread onto the columns not yet quantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .grid import QuantizedWeight, grid_params, quantize_to_codes
+
+__all__ = ["accumulate_hessian", "gptq_quantize"]
+
+
+def accumulate_hessian(x: torch.Tensor, H: torch.Tensor, n_samples: int) -> tuple[torch.Tensor, int]:
+    """Fold the rows of `x` ([..., in]) into the running mean Hessian `H` built from `n_samples` rows.
+
+    Returns the updated `H` (modified in place) and the new row count.
+    """
+    x = x.reshape(-1, x.shape[-1]).to(H.dtype)
+    n_new = x.shape[0]
+    if n_new == 0:
+        return H, n_samples
+    total = n_samples + n_new
+    H.mul_(n_samples / total)
+    x = x * math.sqrt(2 / total)
+    H.addmm_(x.t(), x)
+    return H, total
+
+
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹, dampening the diagonal until H is positive definite."""
+    diag = torch.arange(H.shape[0], device=H.device)
+    damp = damp_percent * torch.mean(torch.diag(H))
+    for _ in range(6):
+        H_damped = H.clone()
+        H_damped[diag, diag] += damp
+        L, info = torch.linalg.cholesky_ex(H_damped)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True)
+        damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(torch.diag(H)).clamp(min=1e-8)
+    raise ValueError("the Hessian is not positive definite even after dampening; check the calibration data")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+) -> tuple[QuantizedWeight, float]:
+    """Quantize `weight` [out, in] column by column, compensating each column's error on the rest.
+
+    `group_size` -1 means one group per row. With `act_order` columns are visited by decreasing Hessian
+    diagonal; then groups are either consecutive in that order (`g_idx` records each column's group) or,
+    with `static_groups`, fixed on the original order before the pass. Returns the quantized weight and the
+    summed squared error weighted by the Hessian (the GPTQ objective, for logging).
+    """
+    W = weight.detach().float().clone()
+    H = H.detach().float().clone()
+    out_features, columns = W.shape
+    group = columns if group_size == -1 else group_size
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static_params = None
+    if act_order and static_groups:
+        static_params = [grid_params(W[:, i : i + group], bits, sym) for i in range(0, columns, group)]
+
+    perm = torch.arange(columns, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, damp_percent)
+
+    codes = torch.zeros_like(W)
+    n_groups = columns // group
+    scales = torch.zeros(out_features, n_groups, device=W.device)
+    zeros = torch.zeros(out_features, n_groups, device=W.device)
+    if static_params is not None:
+        for g, (s, z) in enumerate(static_params):
+            scales[:, g], zeros[:, g] = s, z
+    # group of each column in the visiting order
+    if act_order and static_groups:
+        g_visit = perm // group
+    else:
+        g_visit = torch.arange(columns, device=W.device) // group
+    losses = torch.zeros(out_features, device=W.device)
+
+    scale = zero = None
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if static_params is not None:
+                g = int(g_visit[col])
+                scale, zero = scales[:, g], zeros[:, g]
+            elif col % group == 0:
+                # the group's range is taken from the columns as already updated by earlier errors
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
+                scale, zero = grid_params(upcoming, bits, sym)
+                scales[:, col // group], zeros[:, col // group] = scale, zero
+            q_code = quantize_to_codes(w, scale, zero, bits)
+            q = (q_code - zero) * scale
+            codes[:, col] = q_code
+            Q1[:, i] = q
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    codes = codes[:, invperm]
+    g_idx = g_visit[invperm].to(torch.int32)
+    quantized = QuantizedWeight(codes.to(torch.uint8), scales, zeros, g_idx, bits)
+    return quantized, float(losses.sum())

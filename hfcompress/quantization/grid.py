@@ -1,0 +1,78 @@
+"""Uniform integer grids: scales, zero points, codes. Pure tensor functions.
+
+A grid of `bits` bits has codes ``0 .. 2**bits - 1``. A weight ``w`` maps to
+``code = clamp(round(w / scale) + zero, 0, maxq)`` and back to ``(code - zero) * scale``.
+Symmetric grids fix ``zero = 2**(bits - 1)`` so they are the signed grid ``[-2**(b-1), 2**(b-1) - 1]``
+shifted by a constant, which is what compressed-tensors stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SUPPORTED_BITS", "QuantizedWeight", "grid_params", "quantize_to_codes", "dequantize_codes", "rtn_quantize"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight on a grid: integer codes in the original column order plus per-group parameters.
+
+    `codes` is [out, in] (uint8), `scales` and `zeros` are [out, n_groups] (float32; zeros hold integers),
+    `g_idx` maps each input column to its group ([in], int32).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        return dequantize_codes(self.codes, self.scales[:, g], self.zeros[:, g]).to(dtype)
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` ([rows, cols]) so that the row's range fits the grid."""
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of `w` on the grid; `scale` and `zero` broadcast against `w`."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes.float() - zero) * scale
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+    """Round-to-nearest on groups of `group_size` consecutive input columns (-1: one group per row)."""
+    out_features, in_features = weight.shape
+    group = in_features if group_size == -1 else group_size
+    w = weight.float().reshape(out_features, in_features // group, group)
+    scale, zero = grid_params(w.reshape(-1, group), bits, sym)
+    scale = scale.reshape(out_features, -1)
+    zero = zero.reshape(out_features, -1)
+    codes = quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(out_features, in_features)
+    g_idx = torch.arange(in_features, dtype=torch.int32) // group
+    return QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, bits)

@@ -1,0 +1,78 @@
+"""The transformers side of loading: `from_pretrained` rebuilds `QuantLinear` layers after `import hfcompress`."""
+
+from __future__ import annotations
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .config import HfcompressQuantizationConfig
+from .modules import QuantLinear
+from .structure import LINEAR_TYPES, linear_weight, set_submodule
+
+__all__ = ["HfcompressHfQuantizer", "register"]
+
+QUANT_METHOD = "hfcompress"
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class HfcompressHfQuantizer(HfQuantizer):
+    """Swaps the layers listed in the checkpoint's `quantization_config.modules` for `QuantLinear` before the
+    weights load, so the packed tensors land in their buffers."""
+
+    requires_calibration = True
+    quantization_config: HfcompressQuantizationConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        scale_dtype = _SCALE_DTYPES[config.scale_dtype]
+        for name in config.modules:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not have") from e
+            if not isinstance(module, LINEAR_TYPES):
+                raise ValueError(f"the checkpoint quantizes {name!r}, a {type(module).__name__}, not a linear layer")
+            out_features, in_features = linear_weight(module).shape
+            layer = QuantLinear(
+                in_features,
+                out_features,
+                config.bits,
+                config.group_size,
+                config.sym,
+                act_order=config.act_order,
+                bias=module.bias is not None,
+                scale_dtype=scale_dtype,
+                dtype=module.weight.dtype,
+                device=module.weight.device,
+            )
+            set_submodule(model, name, layer)
+        return model
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        from .export import dequantize_model
+
+        return dequantize_model(model, dtype)
+
+
+def register() -> None:
+    """Make `from_pretrained` understand `quant_method: "hfcompress"`. Idempotent."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(HfcompressQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(HfcompressHfQuantizer)

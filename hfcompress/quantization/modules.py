@@ -1,0 +1,136 @@
+"""`QuantLinear`: a linear layer whose weight lives as packed integer codes, scales and zero points."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .grid import QuantizedWeight
+from .packing import pack_codes, packed_width, unpack_codes
+
+__all__ = ["QuantLinear"]
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear layer.
+
+    State (all persistent buffers, so they are what `save_pretrained` writes):
+    - `weight`: codes packed along the input dimension, int32 [out, ceil(in * bits / 32)]. It keeps the
+      dense layer's name on purpose: a checkpoint loaded without hfcompress then fails with a shape
+      mismatch instead of loading as random weights.
+    - `weight_scale`: [out, n_groups].
+    - `weight_zero_point`: asymmetric grids only, codes packed along the output dimension,
+      int32 [ceil(out * bits / 32), n_groups].
+    - `weight_g_idx`: act-order only, the group of each input column, int32 [in].
+    The forward pass unpacks into a transient dense weight; no dense copy is kept between calls.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        act_order: bool = False,
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = in_features if group_size == -1 else group_size
+        self.sym = sym
+        self.act_order = act_order
+        n_groups = in_features // self.group_size
+        self.register_buffer(
+            "weight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.int32, device=device)
+        )
+        self.register_buffer("weight_scale", torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device))
+        if not sym:
+            zp_shape = (packed_width(out_features, bits), n_groups)
+            self.register_buffer("weight_zero_point", torch.zeros(zp_shape, dtype=torch.int32, device=device))
+        else:
+            self.weight_zero_point = None
+        if act_order:
+            self.register_buffer("weight_g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        else:
+            self.weight_g_idx = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        quantized: QuantizedWeight,
+        group_size: int,
+        sym: bool,
+        act_order: bool,
+        bias: torch.Tensor | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> QuantLinear:
+        out_features, in_features = quantized.codes.shape
+        device = quantized.codes.device
+        layer = cls(
+            in_features,
+            out_features,
+            quantized.bits,
+            group_size,
+            sym,
+            act_order=act_order,
+            bias=bias is not None,
+            scale_dtype=scale_dtype,
+            dtype=None if bias is None else bias.dtype,
+            device=device,
+        )
+        layer.weight.copy_(pack_codes(quantized.codes, quantized.bits))
+        layer.weight_scale.copy_(quantized.scales.to(scale_dtype))
+        if not sym:
+            layer.weight_zero_point.copy_(pack_codes(quantized.zeros.to(torch.int32), quantized.bits, dim=0))
+        if act_order:
+            layer.weight_g_idx.copy_(quantized.g_idx)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def group_index(self) -> torch.Tensor:
+        if self.weight_g_idx is not None:
+            return self.weight_g_idx.long()
+        return torch.arange(self.in_features, device=self.weight.device) // self.group_size
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.weight, self.bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points [out, n_groups] as integers (the middle code for symmetric grids)."""
+        if self.weight_zero_point is None:
+            return torch.full_like(self.weight_scale, 2 ** (self.bits - 1), dtype=torch.int32)
+        return unpack_codes(self.weight_zero_point, self.bits, self.out_features, dim=0)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.weight_scale.dtype
+        codes = self.codes().view(self.out_features, -1, self.group_size) if self.weight_g_idx is None else None
+        scale = self.weight_scale.to(dtype)
+        zero = self.zero_points().to(dtype)
+        if codes is not None:
+            w = (codes.to(dtype) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+            return w.reshape(self.out_features, self.in_features)
+        g = self.group_index()
+        return (self.codes().to(dtype) - zero[:, g]) * scale[:, g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}, bias={self.bias is not None}"
+        )

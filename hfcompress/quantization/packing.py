@@ -1,0 +1,66 @@
+"""Dense bit packing of integer codes into int32 words. Pure tensor functions.
+
+Every 32 consecutive codes of `bits` bits fill exactly `bits` int32 words, little end first, with codes
+split across word boundaries where needed (3 bits). This is bit for bit the layout compressed-tensors uses
+for `pack-quantized` weights (its signed values plus 2**(bits-1) are our unsigned codes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["packed_width", "pack_codes", "unpack_codes"]
+
+_MASK32 = 0xFFFFFFFF
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Number of int32 words that hold `n` codes of `bits` bits."""
+    return math.ceil(n * bits / 32)
+
+
+def _layout(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.arange(32, device=device) * bits
+    return starts // 32, starts % 32
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack unsigned `codes` (any integer dtype, values < 2**bits) of a 2-D tensor along `dim` into int32."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"`bits` must be between 1 and 8, got {bits}")
+    if dim in (0, -2):
+        return pack_codes(codes.t(), bits).t().contiguous()
+    rows, cols = codes.shape
+    values = F.pad(codes.to(torch.int64), (0, (-cols) % 32)).reshape(rows, -1, 32)
+    words = torch.zeros(rows, values.shape[1], bits + 1, dtype=torch.int64, device=codes.device)
+    word_idx, shift = _layout(bits, codes.device)
+    index = word_idx.expand(rows, values.shape[1], 32)
+    words.scatter_add_(2, index, (values << shift) & _MASK32)
+    # the high part of codes that cross into the next word
+    words.scatter_add_(2, index + 1, values >> (32 - shift))
+    words = words[..., :bits].reshape(rows, -1)[:, : packed_width(cols, bits)]
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of `pack_codes`: `n` codes per row (or per column with `dim=0`), as int32."""
+    if dim in (0, -2):
+        return unpack_codes(packed.t(), bits, n).t()
+    rows, width = packed.shape
+    chunks = math.ceil(n / 32)
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(rows, -1)[:, :n]
+    words = packed.to(torch.int64) & _MASK32
+    words = F.pad(words, (0, chunks * bits - width)).reshape(rows, chunks, bits)
+    words = F.pad(words, (0, 1))
+    word_idx, shift = _layout(bits, packed.device)
+    low = words[..., word_idx] >> shift
+    high = words[..., word_idx + 1] << (32 - shift)
+    codes = (low | high) & (2**bits - 1)
+    return codes.reshape(rows, -1)[:, :n].to(torch.int32)

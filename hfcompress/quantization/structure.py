@@ -1,0 +1,68 @@
+"""Finding what to quantize by the model's structure, not by a table of model families."""
+
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["LINEAR_TYPES", "find_layer_stack", "find_linears", "is_excluded", "linear_weight", "set_submodule"]
+
+# GPT-2 style models use transformers' Conv1D: a linear layer whose weight is stored transposed.
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_weight(module: nn.Module):
+    """The [out, in] weight of a linear-like module."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """All linear-like submodules of `module`, by their full name, in registration order."""
+    found = {}
+    for name, child in module.named_modules(prefix=prefix):
+        if isinstance(child, LINEAR_TYPES):
+            found[name] = child
+    return found
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated block stack (decoder or encoder layers) of a transformer.
+
+    It is the `nn.ModuleList` of identical blocks that contain linear layers and hold the most parameters:
+    `model.layers` for Llama/Mistral/Qwen2, `transformer.h` for GPT-2, `model.decoder.layers` for OPT,
+    `encoder.layer` for BERT.
+    """
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1 or not find_linears(module[0]):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise ValueError(
+            f"found no stack of transformer blocks (an nn.ModuleList of identical blocks with linear layers) in "
+            f"{type(model).__name__}; hfcompress's calibrated methods need one"
+        )
+    return best
+
+
+def is_excluded(name: str, patterns: list[str]) -> bool:
+    """Whether module `name` matches one of `patterns`: an exact name, a dotted suffix, or 're:<regex>'."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
