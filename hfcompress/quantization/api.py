@@ -106,7 +106,7 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
 
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         windows = tokenize_windows(tokenizer, load_texts(config.dataset), config.seq_len)
-    return calibration_batches(windows, config.num_samples, batch_size=8)
+    return calibration_batches(windows, config.num_samples, batch_size=config.batch_size)
 
 
 def _attach_config(model: nn.Module, config: RTNConfig, modules: list[str]) -> None:

@@ -73,8 +73,11 @@ class GPTQConfig(RTNConfig):
     damp_percent: float = field(default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."})
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
     true_sequential: bool = field(
-        default=False,
-        metadata={"help": "Within a layer, calibrate each group of linears on the outputs of already quantized ones."},
+        default=True,
+        metadata={
+            "help": "Within a block, calibrate each group of linears on the outputs of the already quantized ones "
+            "(staged, replaying settled submodules: also the fastest path). False: the classic two passes."
+        },
     )
     dataset: Any = field(
         default=None,
@@ -82,6 +85,7 @@ class GPTQConfig(RTNConfig):
     )
     num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
     seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
+    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +95,8 @@ class GPTQConfig(RTNConfig):
             raise ValueError(f"`block_size` must be positive, got {self.block_size!r}")
         if self.num_samples < 1:
             raise ValueError(f"`num_samples` must be positive, got {self.num_samples!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be positive, got {self.batch_size!r}")
         if self.seq_len < 1:
             raise ValueError(f"`seq_len` must be positive, got {self.seq_len!r}")
         if self.static_groups and not self.act_order:

@@ -7,19 +7,42 @@ quantization error that is spread onto the columns not yet quantized.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .grid import QuantizedWeight, grid_params, quantize_to_codes
 
-__all__ = ["accumulate_hessian", "gptq_quantize"]
+__all__ = ["accumulate_hessian", "gptq_quantize", "gram_upper", "symmetrize_upper"]
 
 
-def accumulate_hessian(x: torch.Tensor, H: torch.Tensor, n_samples: int) -> tuple[torch.Tensor, int]:
-    """Fold the rows of `x` ([..., in]) into the running mean Hessian `H` built from `n_samples` rows.
+def gram_upper(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The upper triangle (diagonal included) of xᵀx for x [rows, n]; entries below it are unspecified.
 
-    Returns the updated `H` (modified in place) and the new row count.
+    Only blocks on and above the diagonal are computed: about 30% fewer FLOPs than xᵀx. (SciPy's `ssyrk`
+    halves them, but its BLAS threads fight torch's for the cores and slow every other matmul.)
+    """
+    n = x.shape[1]
+    if n <= block:
+        return x.t() @ x
+    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, block):
+        out[i : i + block, i:] = x[:, i : i + block].t() @ x[:, i:]
+    return out
+
+
+def symmetrize_upper(H: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is that of `H`."""
+    upper = torch.triu(H)
+    return upper + torch.triu(upper, diagonal=1).t()
+
+
+def accumulate_hessian(
+    x: torch.Tensor, H: torch.Tensor, n_samples: int, upper_only: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Fold the rows of `x` ([..., in]) into the running mean Hessian `H = 2 XᵀX / n` built from `n_samples`
+    rows. Returns the updated `H` (modified in place) and the new row count.
+
+    With `upper_only` only the upper triangle of `H` is kept up to date (cheaper); finish with
+    `symmetrize_upper`.
     """
     x = x.reshape(-1, x.shape[-1]).to(H.dtype)
     n_new = x.shape[0]
@@ -27,8 +50,7 @@ def accumulate_hessian(x: torch.Tensor, H: torch.Tensor, n_samples: int) -> tupl
         return H, n_samples
     total = n_samples + n_new
     H.mul_(n_samples / total)
-    x = x * math.sqrt(2 / total)
-    H.addmm_(x.t(), x)
+    H.add_(gram_upper(x.contiguous()) if upper_only else x.t() @ x, alpha=2 / total)
     return H, total
 
 
@@ -102,15 +124,13 @@ def gptq_quantize(
     scale = zero = None
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        codes1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
+        for i in range(i2 - i1):
             col = i1 + i
             w = W1[:, i]
-            d = Hinv1[i, i]
             if static_params is not None:
                 g = int(g_visit[col])
                 scale, zero = scales[:, g], zeros[:, g]
@@ -120,14 +140,13 @@ def gptq_quantize(
                 scale, zero = grid_params(upcoming, bits, sym)
                 scales[:, col // group], zeros[:, col // group] = scale, zero
             q_code = quantize_to_codes(w, scale, zero, bits)
-            q = (q_code - zero) * scale
-            codes[:, col] = q_code
-            Q1[:, i] = q
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            codes1[:, i] = q_code
+            err = (w - (q_code - zero) * scale) / Hinv1[i, i]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
+        codes[:, i1:i2] = codes1
+        losses += Err1.square().sum(dim=1) / 2
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     invperm = torch.argsort(perm)
     codes = codes[:, invperm]

@@ -1,95 +1,238 @@
 """The sequential GPTQ driver: one block at a time, each calibrated on the previous blocks' quantized outputs.
 
-Only the current block's inputs (one hidden-state tensor per calibration batch) are held in memory.
+Within a block, linears that read the same tensor (q/k/v, gate/up) form a group that shares one Hessian
+and is quantized as one stacked matrix (GPTQ treats rows independently, so this is exact).
+
+With `true_sequential` (the default) a block is calibrated in stages, one per group in call order: stage g
+runs the block until group g's input exists, folds it into the Hessian and stops there; group g is then
+quantized and the next stage starts. Submodules whose output can no longer change (every linear before or
+inside them already quantized) are recorded once and replayed in later stages instead of recomputed, so
+each linear's matmul runs about once per block and the whole model costs about one forward pass plus the
+Hessians. Without it (or when the block's structure does not allow replay) the classic two passes run:
+one to collect every Hessian with full-precision weights, one to propagate the quantized outputs.
+Only the current block's inputs, and its recorded submodule outputs, are held in memory.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn as nn
 from transformers.utils.logging import tqdm
 
-from .capture import BlockInputs, capture_block_inputs, run_block
+from .capture import BlockInputs, _hidden_states, _with_hidden_states, capture_block_inputs, run_block
 from .config import GPTQConfig
-from .gptq import accumulate_hessian, gptq_quantize
+from .grid import QuantizedWeight
+from .gptq import accumulate_hessian, gptq_quantize, symmetrize_upper
 from .modules import QuantLinear
 from .structure import linear_weight, set_submodule
+from .trace import BlockTrace, trace_block
 
 __all__ = ["quantize_blocks"]
 
 logger = logging.getLogger(__name__)
 
 
-class _HessianRecorder:
-    """Forward hooks that fold each watched linear layer's inputs into its Hessian."""
+class _Stop(Exception):
+    pass
 
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.hessians: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.handles = []
-        for name, module in modules.items():
-            in_features = linear_weight(module).shape[1]
-            device = module.weight.device
-            self.hessians[name] = torch.zeros(in_features, in_features, device=device)
-            self.counts[name] = 0
-            self.handles.append(module.register_forward_hook(self._hook(name)))
 
-    def _hook(self, name):
-        def hook(module, args, output):
-            self.hessians[name], self.counts[name] = accumulate_hessian(args[0].detach(), self.hessians[name], self.counts[name])
+class _Hessian:
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.H, self.count = accumulate_hessian(x.detach(), self.H, self.count, upper_only=True)
+
+    def full(self) -> torch.Tensor:
+        return symmetrize_upper(self.H)
+
+
+def _first_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _run_stage(
+    block: nn.Module,
+    named: dict[str, nn.Module],
+    inputs: list[BlockInputs],
+    hessians: dict[str, _Hessian],
+    stop: str | None = None,
+    replays: dict[str, list] | None = None,
+    record: set[str] = frozenset(),
+    keep_inputs: bool = False,
+    keep_outputs: bool = False,
+) -> tuple[list[BlockInputs], dict[str, list], dict[str, list]]:
+    """Run `block` on every input with Hessian hooks on the modules named in `hessians` (keeping their inputs
+    with `keep_inputs`), stopping at the entry of `stop`, replaying the recorded outputs in `replays` and
+    recording the outputs of `record`. Returns the block outputs, the complete records and the kept inputs."""
+    replays = replays or {}
+    batch = {"index": 0}
+    recorded: dict[str, list] = {name: [] for name in record}
+    kept: dict[str, list] = {name: [] for name in hessians}
+    handles = []
+
+    def hessian_hook(name):
+        def hook(module, args, kwargs):
+            x = _first_input(args, kwargs)
+            hessians[name].add(x)
+            if keep_inputs:
+                kept[name].append(x)
+            if name == stop:
+                raise _Stop
 
         return hook
 
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+    def record_hook(name):
+        def hook(module, args, output):
+            recorded[name].append(output)
 
+        return hook
 
-def _groups_by_shared_input(block: nn.Module, modules: dict[str, nn.Module], sample: BlockInputs) -> list[list[str]]:
-    """Linear layers grouped by the tensor they read (q/k/v together, then o, gate/up, down), in call order."""
-    seen: dict[int, list[str]] = {}
-    keepalive = []
+    def replayer(outputs):
+        return lambda *args, **kwargs: outputs[batch["index"]]
 
-    def hook(name):
-        def fn(module, args):
-            keepalive.append(args[0])
-            seen.setdefault(id(args[0]), []).append(name)
-
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    for name in hessians:
+        handles.append(named[name].register_forward_pre_hook(hessian_hook(name), with_kwargs=True))
+    for name in record:
+        handles.append(named[name].register_forward_hook(record_hook(name)))
+    for name, outputs in replays.items():
+        named[name].forward = replayer(outputs)
+    outputs = []
     try:
-        run_block(block, [sample], keep_outputs=False)
+        for index, item in enumerate(inputs):
+            batch["index"] = index
+            try:
+                hidden = _hidden_states(block(*item.args, **item.kwargs))
+            except _Stop:
+                continue
+            if keep_outputs:
+                outputs.append(_with_hidden_states(item, hidden))
     finally:
-        for h in handles:
-            h.remove()
-    groups = list(seen.values())
-    missing = [n for n in modules if not any(n in g for g in groups)]
-    return groups + ([missing] if missing else [])
+        for handle in handles:
+            handle.remove()
+        for name in replays:
+            del named[name].forward
+    complete = {name: outs for name, outs in recorded.items() if len(outs) == len(inputs)}
+    return outputs, complete, kept
 
 
-def _quantize_linears(model, names, modules, hessians, config: GPTQConfig, scale_dtype) -> None:
-    for name in names:
+def _quantize_group(
+    names: list[str], modules: dict[str, nn.Module], H: torch.Tensor, config: GPTQConfig, scale_dtype
+) -> dict[str, QuantizedWeight]:
+    """GPTQ on the stacked weights of linears sharing one input; each layer's weight becomes its
+    dequantized value so the rest of the block runs on it."""
+    weights = [linear_weight(modules[name]).detach().float() for name in names]
+    stacked, loss = gptq_quantize(
+        torch.cat(weights),
+        H,
+        bits=config.bits,
+        group_size=config.group_size,
+        sym=config.sym,
+        act_order=config.act_order,
+        static_groups=config.static_groups,
+        damp_percent=config.damp_percent,
+        block_size=config.block_size,
+    )
+    logger.debug("%s: GPTQ loss %.4g", names, loss)
+    sizes = [w.shape[0] for w in weights]
+    scales = stacked.scales.to(scale_dtype).float()
+    result = {}
+    for name, codes, s, z in zip(names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes)):
+        quantized = QuantizedWeight(codes, s, z, stacked.g_idx, config.bits)
         module = modules[name]
-        start = time.perf_counter()
-        quantized, loss = gptq_quantize(
-            linear_weight(module).detach(),
-            hessians[name],
-            bits=config.bits,
-            group_size=config.group_size,
-            sym=config.sym,
-            act_order=config.act_order,
-            static_groups=config.static_groups,
-            damp_percent=config.damp_percent,
-            block_size=config.block_size,
+        dense = quantized.dequantize(module.weight.dtype)
+        module.weight.data.copy_(dense if module.weight.shape == dense.shape else dense.t())
+        result[name] = quantized
+    return result
+
+
+def _nested(name: str, others) -> bool:
+    return any(name.startswith(other + ".") for other in others)
+
+
+def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype):
+    candidates = [name for name in trace.order if trace.calls[name] == 1 and name not in modules]
+    settled = {name: trace.settled_after(name) for name in candidates}
+    group_of = trace.group_of()
+    # inputs worth keeping: those of groups whose linear some module passes its output through
+    wanted = {group_of[p.linear] for p in trace.passthroughs.values()}
+    records: dict[str, list] = {}
+    kept_inputs: dict[int, list] = {}
+    quantized: dict[str, QuantizedWeight] = {}
+    versions: dict[str, int] = {}
+    outputs = []
+    for stage in range(len(trace.groups) + 1):
+        _synthesize_passthroughs(trace, named, stage, records, kept_inputs)
+        versions.update({n: _version(outs) for n, outs in records.items() if n not in versions})
+        last = stage == len(trace.groups)
+        record = {n for n in candidates if settled[n] < stage and n not in records and not _nested(n, records)}
+        leader = None if last else trace.groups[stage][0]
+        hessians = {} if last else {leader: _Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device)}
+        outputs, recorded, kept = _run_stage(
+            block,
+            named,
+            inputs,
+            hessians,
+            stop=leader,
+            replays=records,
+            record=record,
+            keep_inputs=stage in wanted,
+            keep_outputs=last,
         )
-        act_order = config.act_order and not config.static_groups
-        layer = QuantLinear.from_quantized(quantized, config.group_size, config.sym, act_order, module.bias, scale_dtype)
-        set_submodule(model, name, layer)
-        logger.debug("%s: GPTQ loss %.4g in %.2fs", name, loss, time.perf_counter() - start)
+        records.update(recorded)
+        versions.update({n: _version(outs) for n, outs in recorded.items()})
+        if stage in wanted:
+            kept_inputs[stage] = kept[leader]
+        # a recorded parent makes its children's records unnecessary
+        for name in [n for n in records if _nested(n, records)]:
+            del records[name]
+        if not last:
+            quantized.update(_quantize_group(trace.groups[stage], named, hessians[leader].full(), config, scale_dtype))
+    changed = [n for n, outs in records.items() if _version(outs) != versions[n]]
+    if changed:
+        raise RuntimeError(
+            f"{changed} modified their recorded outputs in place, so replaying them is unsafe; calibrate this model "
+            "with true_sequential=False"
+        )
+    return outputs, quantized
+
+
+def _version(output) -> int:
+    """Sum of the in-place modification counters of the tensors in `output`."""
+    if isinstance(output, torch.Tensor):
+        return output._version
+    if isinstance(output, (tuple, list)):
+        return sum(_version(o) for o in output)
+    return 0
+
+
+def _synthesize_passthroughs(trace: BlockTrace, named, stage: int, records: dict, kept_inputs: dict) -> None:
+    """Record a module that returns its last linear's output once that linear is quantized and everything
+    else it depends on is settled, by running the linear alone on its kept inputs."""
+    group_of = trace.group_of()
+    for module, passthrough in trace.passthroughs.items():
+        group = group_of[passthrough.linear]
+        if module in records or _nested(module, records) or group >= stage or group not in kept_inputs:
+            continue
+        if trace.settled_after(module, exclude=passthrough.linear) >= stage:
+            continue
+        linear = named[passthrough.linear]
+        records[module] = [passthrough.wrap(linear(x)) for x in kept_inputs[group]]
+
+
+def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype):
+    hessians = {
+        names[0]: _Hessian(linear_weight(named[names[0]]).shape[1], named[names[0]].weight.device)
+        for names in trace.groups
+    }
+    _run_stage(block, named, inputs, hessians)
+    quantized = {}
+    for names in trace.groups:
+        quantized.update(_quantize_group(names, named, hessians[names[0]].full(), config, scale_dtype))
+    return run_block(block, inputs), quantized
 
 
 @torch.no_grad()
@@ -102,26 +245,30 @@ def quantize_blocks(
     scale_dtype: torch.dtype,
 ) -> set[str]:
     """Quantize every target inside `blocks` with GPTQ; returns the names it quantized."""
-    block_names = {id(b): n for n, b in model.named_modules() if any(b is blk for blk in blocks)}
+    block_names = {id(module): name for name, module in model.named_modules()}
     inputs = capture_block_inputs(model, blocks[0], batches)
+    act_order = config.act_order and not config.static_groups
+    traces: dict[tuple, BlockTrace] = {}
     done: set[str] = set()
     for block in tqdm(blocks, desc="GPTQ blocks"):
-        prefix = block_names[id(block)] + "."
-        modules = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        if config.true_sequential:
-            groups = _groups_by_shared_input(block, modules, inputs[0])
-        else:
-            groups = [list(modules)]
-        for names in groups:
-            recorder = _HessianRecorder({n: modules[n] for n in names})
-            try:
-                run_block(block, inputs, keep_outputs=False)
-            finally:
-                recorder.remove()
-            for name in names:
-                if recorder.counts[name] == 0:
-                    raise RuntimeError(f"{name} never ran during calibration; cannot build its Hessian")
-            _quantize_linears(model, names, modules, recorder.hessians, config, scale_dtype)
-            done.update(names)
-        inputs = run_block(block, inputs)
+        prefix = block_names[id(block)]
+        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if not modules:
+            inputs = run_block(block, inputs)
+            continue
+        named = {n[len(prefix) + 1 :]: m for n, m in block.named_modules(prefix=prefix) if m is not block}
+        key = (type(block), frozenset(modules))
+        if key not in traces:
+            traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
+        trace = traces[key]
+        never_ran = [n for n in modules if trace.calls[n] == 0]
+        if never_ran:
+            raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
+        staged = config.true_sequential and all(trace.calls[n] == 1 for n in modules)
+        calibrate = _calibrate_staged if staged else _calibrate_two_pass
+        inputs, quantized = calibrate(block, named, trace, inputs, modules, config, scale_dtype)
+        for name, q in quantized.items():
+            layer = QuantLinear.from_quantized(q, config.group_size, config.sym, act_order, modules[name].bias, scale_dtype)
+            set_submodule(block, name, layer)
+            done.add(f"{prefix}.{name}")
     return done

@@ -1,0 +1,136 @@
+"""`hfcompress` command line. Also mounted as `optimum-cli hfcompress` (see optimum/commands/register/).
+
+This module only builds parsers; the heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["add_commands", "build_parser", "main"]
+
+HANDLER = "_hfcompress_handler"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info logs.")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=("hfcompress", "compressed-tensors"),
+        default="hfcompress",
+        help="Checkpoint format. hfcompress: loads with from_pretrained after `import hfcompress`. "
+        "compressed-tensors: loads in plain transformers with the compressed-tensors package (symmetric grids; "
+        "act-order only with --static-groups). Default: hfcompress.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+        default="float32",
+        help="dtype to load MODEL in before quantizing (default: float32).",
+    )
+
+
+def _add_quantize(subparsers) -> None:
+    from ..quantization.config import GPTQConfig, RTNConfig
+    from .arguments import add_config_arguments
+
+    quantize = subparsers.add_parser("quantize", help="Quantize a model's linear layers and save it.")
+    methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn}")
+    methods.required = True
+    grid = ["bits", "group_size", "sym", "scale_dtype", "modules_to_not_convert"]
+
+    gptq = methods.add_parser("gptq", help="GPTQ with calibration data.", description=GPTQConfig.__doc__)
+    gptq.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    gptq.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    add_config_arguments(gptq, GPTQConfig, grid + ["act_order", "static_groups", "damp_percent", "block_size", "true_sequential"])
+    gptq.add_argument(
+        "--dataset", required=True, help="Calibration data: a text file, a `datasets` folder, or a Hub dataset name."
+    )
+    add_config_arguments(gptq, GPTQConfig, ["num_samples", "seq_len", "batch_size"])
+    _add_output_options(gptq)
+    _add_common(gptq)
+    gptq.set_defaults(**{HANDLER: "hfcompress.commands.quantize:run_gptq"})
+
+    rtn = methods.add_parser("rtn", help="Round-to-nearest, no data.", description=RTNConfig.__doc__)
+    rtn.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    rtn.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    add_config_arguments(rtn, RTNConfig, grid)
+    _add_output_options(rtn)
+    _add_common(rtn)
+    rtn.set_defaults(**{HANDLER: "hfcompress.commands.quantize:run_rtn"})
+
+
+def _add_evaluate(subparsers) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="Perplexity, weight size on disk, bits per weight and latency of a model.",
+        description="Perplexity over non-overlapping windows of a text, size of the weight files, stored bits per "
+        "weight of the quantized layers, and median forward latency of one window.",
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    evaluate.add_argument("--dataset", required=True, help="A text file, a `datasets` folder, or a Hub dataset name.")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="Tokens per window (default: 512).")
+    evaluate.add_argument("--max-windows", type=int, default=None, help="Score only the first N windows.")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass (default: 4).")
+    evaluate.add_argument("--latency-runs", type=int, default=5, help="Timed runs for latency; 0 skips it (default: 5).")
+    evaluate.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32", help="dtype to load MODEL in."
+    )
+    evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+    _add_common(evaluate)
+    evaluate.set_defaults(**{HANDLER: "hfcompress.commands.evaluate:run_evaluate"})
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Add hfcompress's subcommands to `parser` (used by `hfcompress` and by `optimum-cli hfcompress`)."""
+    subparsers = parser.add_subparsers(dest="command", metavar="{quantize,evaluate}")
+    subparsers.required = True
+    _add_quantize(subparsers)
+    _add_evaluate(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfcompress", description="Compress Hugging Face models.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"hfcompress {__version__}")
+    add_commands(parser)
+    return parser
+
+
+def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
+    """Run the handler chosen by the parsed `args`; user errors become one line on stderr and exit code 2."""
+    import importlib
+
+    _configure_logging(getattr(args, "quiet", False))
+    module_name, _, function = getattr(args, HANDLER).partition(":")
+    handler = getattr(importlib.import_module(module_name), function)
+    try:
+        return handler(args) or 0
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, TypeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(quiet: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Loading a model and its tokenizer from a local folder or a Hub id, with errors that say which."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+__all__ = ["DTYPES", "load_model", "load_tokenizer", "resolve_model_path"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def resolve_model_path(model: str) -> str:
+    """`model` unchanged if it is a local folder or looks like a Hub id; a clear error if it is a missing path."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise FileNotFoundError(f"model folder {model!r} has no config.json")
+        return model
+    if os.path.exists(model) or model.startswith((".", "~")) or not _HUB_ID.fullmatch(model):
+        raise FileNotFoundError(f"model path {model!r} does not exist (expected a model folder or a Hub id like 'org/name')")
+    return model
+
+
+def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    try:
+        loaded = auto.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {model!r}: {e}") from e
+    return loaded.eval()
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model))

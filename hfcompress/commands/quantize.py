@@ -1,0 +1,40 @@
+"""Handlers of `hfcompress quantize gptq|rtn`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from ..io import check_output_dir
+from ..quantization import GPTQConfig, RTNConfig, quantize
+from ..quantization.save import save_quantized
+from .arguments import config_kwargs
+from .loading import load_model, load_tokenizer
+
+__all__ = ["run_gptq", "run_rtn"]
+
+logger = logging.getLogger(__name__)
+
+
+def _quantize_and_save(args: argparse.Namespace, config: RTNConfig) -> int:
+    # Refuse a non-empty OUTPUT before spending minutes on calibration.
+    check_output_dir(args.output, args.overwrite)
+    if args.format == "compressed-tensors" and not config.sym:
+        raise ValueError("--format compressed-tensors needs a symmetric grid: add --sym (or use --format hfcompress)")
+    model = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    start = time.perf_counter()
+    quantize(model, config, tokenizer=tokenizer)
+    logger.info("quantized in %.1fs", time.perf_counter() - start)
+    save_quantized(model, args.output, format=args.format, tokenizer=tokenizer, source=args.model, overwrite=args.overwrite)
+    logger.info("wrote %s", args.output)
+    return 0
+
+
+def run_gptq(args: argparse.Namespace) -> int:
+    return _quantize_and_save(args, GPTQConfig(**config_kwargs(args, GPTQConfig)))
+
+
+def run_rtn(args: argparse.Namespace) -> int:
+    return _quantize_and_save(args, RTNConfig(**config_kwargs(args, RTNConfig)))

@@ -1,0 +1,43 @@
+"""How much room a model's weights take: on disk, and per weight in the quantized layers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..quantization.modules import QuantLinear
+from ..quantization.structure import LINEAR_TYPES, linear_weight
+
+__all__ = ["weights_size_bytes", "bits_per_weight"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_size_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the weight files in a model folder (tokenizer and configs not counted)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight of the quantized layers: codes, scales, zero points and g_idx over the number of
+    weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
+    excluded when it is the output embedding)."""
+    stored_bits, weights = 0, 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            for name in ("weight", "weight_scale", "weight_zero_point", "weight_g_idx"):
+                tensor = getattr(module, name)
+                if tensor is not None:
+                    stored_bits += tensor.numel() * tensor.element_size() * 8
+            weights += module.in_features * module.out_features
+    if weights:
+        return stored_bits / weights
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, LINEAR_TYPES) and module is not output_embeddings:
+            w = linear_weight(module)
+            stored_bits += w.numel() * w.element_size() * 8
+            weights += w.numel()
+    return stored_bits / weights if weights else float("nan")

@@ -1,0 +1,31 @@
+"""Perplexity of a causal LM over non-overlapping windows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.utils.logging import tqdm
+
+__all__ = ["perplexity"]
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp of the mean next-token negative log-likelihood over every predicted token of `windows` [n, seq_len].
+
+    Each window is scored on its own (no context carried over), predicting tokens 2..seq_len.
+    """
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"`windows` must be [n_windows, seq_len >= 2], got {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc="perplexity"):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,48 @@
+"""`evaluate`: the figures a compressed model is judged by, in one dictionary."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..data import load_texts, tokenize_windows
+from .footprint import bits_per_weight, weights_size_bytes
+from .latency import forward_latency
+from .perplexity import perplexity
+
+__all__ = ["evaluate"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    dataset,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    latency_runs: int = 5,
+    model_folder: str | os.PathLike | None = None,
+) -> dict:
+    """Perplexity on `dataset` (non-overlapping `seq_len` windows, the first `max_windows`), bits per weight of
+    the quantized layers, weight bytes on disk (when `model_folder` is given) and forward latency of one window."""
+    windows = tokenize_windows(tokenizer, load_texts(dataset), seq_len)
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"`max_windows` must be positive, got {max_windows}")
+        windows = windows[:max_windows]
+    model.eval()
+    result = {
+        "perplexity": perplexity(model, windows, batch_size=batch_size),
+        "size_bytes": weights_size_bytes(model_folder) if model_folder is not None else None,
+        "bits_per_weight": bits_per_weight(model),
+        "num_windows": len(windows),
+        "seq_len": seq_len,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if latency_runs > 0:
+        result["latency_s"] = forward_latency(model, windows[:1], runs=latency_runs)
+    return result

@@ -1,0 +1,59 @@
+"""Saving a quantized model as a complete folder, in hfcompress's own format or as compressed-tensors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import torch.nn as nn
+
+from ..io import atomic_output_dir, copy_model_extras
+from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_state_dict
+
+__all__ = ["FORMATS", "save_quantized"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("hfcompress", "compressed-tensors")
+
+
+def save_quantized(
+    model: nn.Module,
+    output: str | os.PathLike,
+    format: Literal["hfcompress", "compressed-tensors"] = "hfcompress",
+    tokenizer=None,
+    source: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write `model` to `output` with its tokenizer (saved, or copied from the local folder `source`).
+
+    `output` is refused if it exists and is not empty, unless `overwrite`; it is written to a temporary
+    folder first, so an error or an interruption leaves it as it was.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "compressed-tensors":
+        check_compressed_tensors_compatible(model)
+    with atomic_output_dir(output, overwrite) as staging:
+        if format == "hfcompress":
+            model.save_pretrained(staging)
+        else:
+            _save_compressed_tensors(model, staging)
+        if source is not None and os.path.isdir(source):
+            copy_model_extras(source, staging)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    logger.info("saved %s checkpoint to %s", format, output)
+
+
+def _save_compressed_tensors(model: nn.Module, folder) -> None:
+    state_dict = compressed_tensors_state_dict(model)
+    config = model.config
+    own_config, quantizer = config.quantization_config, model.hf_quantizer
+    config.quantization_config = compressed_tensors_config(model)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(folder, state_dict=state_dict)
+    finally:
+        config.quantization_config, model.hf_quantizer = own_config, quantizer
