@@ -46,8 +46,14 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False):
     output = check_output_dir(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():
+                path.chmod(0o666 & ~umask)
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, trash / output.name)
@@ -68,7 +74,7 @@ def copy_model_extras(source: str | os.PathLike, destination: str | os.PathLike)
         return copied
     for name in EXTRA_FILES:
         if (source / name).is_file() and not (destination / name).exists():
-            shutil.copy2(source / name, destination / name)
+            shutil.copyfile(source / name, destination / name)
             copied.append(name)
     return copied
 

@@ -22,7 +22,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls, names: lis
         help_text = field.metadata.get("help", "")
         default = field.default
         kind = hints[name]
-        if kind is bool:
+        if kind is bool and default:
+            parser.add_argument(
+                "--no-" + name.replace("_", "-"), dest=name, action="store_false", default=True, help=f"Turn off: {help_text}"
+            )
+        elif kind is bool:
             parser.add_argument(_flag(name), action="store_true", default=default, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             choices = typing.get_args(kind)

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-__all__ = ["DTYPES", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = ["DTYPES", "checkpoint_dtype", "load_model", "load_tokenizer", "resolve_model_path"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -36,6 +36,16 @@ def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {model!r}: {e}") from e
     return loaded.eval()
+
+
+def checkpoint_dtype(model: str) -> torch.dtype:
+    """The dtype the model's config says its weights are stored in (float32 when it does not say)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def load_tokenizer(model: str):

@@ -8,9 +8,10 @@ import time
 
 from ..io import check_output_dir
 from ..quantization import GPTQConfig, RTNConfig, quantize
+from ..quantization.modules import cast_unquantized
 from ..quantization.save import save_quantized
 from .arguments import config_kwargs
-from .loading import load_model, load_tokenizer
+from .loading import checkpoint_dtype, load_model, load_tokenizer
 
 __all__ = ["run_gptq", "run_rtn"]
 
@@ -27,6 +28,8 @@ def _quantize_and_save(args: argparse.Namespace, config: RTNConfig) -> int:
     start = time.perf_counter()
     quantize(model, config, tokenizer=tokenizer)
     logger.info("quantized in %.1fs", time.perf_counter() - start)
+    # the layers left in full precision go back to the checkpoint's own dtype (often float16)
+    cast_unquantized(model, checkpoint_dtype(args.model))
     save_quantized(model, args.output, format=args.format, tokenizer=tokenizer, source=args.model, overwrite=args.overwrite)
     logger.info("wrote %s", args.output)
     return 0

@@ -41,7 +41,6 @@ def evaluate(
         "bits_per_weight": bits_per_weight(model),
         "num_windows": len(windows),
         "seq_len": seq_len,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
     }
     if latency_runs > 0:
         result["latency_s"] = forward_latency(model, windows[:1], runs=latency_runs)

@@ -65,11 +65,11 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
         raise TypeError(f"`config` must be an hfcompress RTNConfig or GPTQConfig, got {type(config).__name__}")
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("the model is already quantized")
+    blocks = find_layer_stack(model)[1] if isinstance(config, GPTQConfig) else None
     targets = select_targets(model, config)
     scale_dtype = _SCALE_DTYPES[config.scale_dtype]
 
     if isinstance(config, GPTQConfig):
-        _, blocks = find_layer_stack(model)
         batches = _calibration_batches(model, config, tokenizer)
         was_training = model.training
         model.eval()
@@ -83,14 +83,20 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
     for name, module in tqdm(remaining.items(), desc="round-to-nearest", disable=not remaining):
         replace_with_rtn(model, name, module, config, scale_dtype)
 
-    _attach_config(model, config, list(targets))
+    _attach_config(model, config, list(targets), sorted({type(m).__name__ for m in targets.values()}))
     return model
 
 
 def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype) -> None:
     quantized = rtn_quantize(linear_weight(module).detach(), config.bits, config.group_size, config.sym)
-    layer = QuantLinear.from_quantized(quantized, config.group_size, config.sym, False, module.bias, scale_dtype)
+    # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too
+    act_order = _stores_g_idx(config)
+    layer = QuantLinear.from_quantized(quantized, config.group_size, config.sym, act_order, module.bias, scale_dtype)
     set_submodule(model, name, layer)
+
+
+def _stores_g_idx(config: RTNConfig) -> bool:
+    return bool(getattr(config, "act_order", False) and not getattr(config, "static_groups", False))
 
 
 def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Tensor]:
@@ -109,15 +115,16 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
     return calibration_batches(windows, config.num_samples, batch_size=config.batch_size)
 
 
-def _attach_config(model: nn.Module, config: RTNConfig, modules: list[str]) -> None:
+def _attach_config(model: nn.Module, config: RTNConfig, modules: list[str], layer_types: list[str]) -> None:
     from .hf_quantizer import HfcompressHfQuantizer
 
     qconfig = HfcompressQuantizationConfig(
         bits=config.bits,
         group_size=config.group_size,
         sym=config.sym,
-        act_order=bool(getattr(config, "act_order", False) and not getattr(config, "static_groups", False)),
+        act_order=_stores_g_idx(config),
         modules=modules,
+        layer_types=layer_types,
         scale_dtype=config.scale_dtype,
         method=config.method,
         recipe=config.to_dict(),

@@ -113,8 +113,9 @@ class GPTQConfig(RTNConfig):
 class HfcompressQuantizationConfig(QuantizationConfigMixin):
     """What `config.json["quantization_config"]` records for an hfcompress checkpoint.
 
-    `modules` lists every quantized module by name so loading rebuilds exactly those; `recipe` keeps the
-    settings that produced the checkpoint, for the record.
+    `modules` lists every quantized module by name so loading rebuilds exactly those; `layer_types` the
+    classes they replaced (`Linear`, GPT-2's `Conv1D`); `recipe` keeps the settings that produced the
+    checkpoint, for the record.
     """
 
     bits: int = 4
@@ -122,6 +123,7 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     sym: bool = False
     act_order: bool = False
     modules: list[str] = field(default_factory=list)
+    layer_types: list[str] = field(default_factory=lambda: ["Linear"])
     scale_dtype: str = "float16"
     method: str = "rtn"
     recipe: dict[str, Any] = field(default_factory=dict)

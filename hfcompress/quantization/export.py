@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QuantLinear
-from .structure import LINEAR_TYPES, set_submodule
+from .structure import set_submodule
 
 __all__ = ["check_compressed_tensors_compatible", "compressed_tensors_config", "compressed_tensors_state_dict", "dequantize_model"]
 
@@ -32,11 +32,11 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             "compressed-tensors checkpoints with asymmetric grids (packed zero points) do not load in transformers "
             "today (vllm-project/llm-compressor#1618, #1704): quantize with --sym, or save with --format hfcompress"
         )
-    non_linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and not isinstance(m, nn.Linear)]
-    if non_linear:
+    other_types = sorted(set(qconfig.layer_types) - {"Linear"})
+    if other_types:
         raise ValueError(
-            f"compressed-tensors targets nn.Linear layers; {type(model).__name__} uses Conv1D ({non_linear[0]}, ...). "
-            "Save with --format hfcompress"
+            f"compressed-tensors targets nn.Linear layers; {type(model).__name__} quantized {other_types} layers "
+            "(GPT-2 style Conv1D). Save with --format hfcompress"
         )
 
 

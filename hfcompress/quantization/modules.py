@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .grid import QuantizedWeight
 from .packing import pack_codes, packed_width, unpack_codes
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "cast_unquantized"]
 
 
 class QuantLinear(nn.Module):
@@ -134,3 +134,20 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}, bias={self.bias is not None}"
         )
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and buffers of every module except `QuantLinear` layers to `dtype`
+    (whose scales keep their own storage dtype)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    return model

@@ -26,10 +26,10 @@ from .config import GPTQConfig
 from .grid import QuantizedWeight
 from .gptq import accumulate_hessian, gptq_quantize, symmetrize_upper
 from .modules import QuantLinear
-from .structure import linear_weight, set_submodule
+from .structure import linear_weight, set_linear_weight, set_submodule
 from .trace import BlockTrace, trace_block
 
-__all__ = ["quantize_blocks"]
+__all__ = ["calibrate_block", "quantize_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def _quantize_group(
     for name, codes, s, z in zip(names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes)):
         quantized = QuantizedWeight(codes, s, z, stacked.g_idx, config.bits)
         module = modules[name]
-        dense = quantized.dequantize(module.weight.dtype)
-        module.weight.data.copy_(dense if module.weight.shape == dense.shape else dense.t())
+        set_linear_weight(module, quantized.dequantize(module.weight.dtype))
         result[name] = quantized
     return result
 
@@ -236,6 +235,35 @@ def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config
 
 
 @torch.no_grad()
+def calibrate_block(
+    block: nn.Module,
+    prefix: str,
+    inputs: list[BlockInputs],
+    modules: dict[str, nn.Module],
+    config: GPTQConfig,
+    scale_dtype: torch.dtype,
+    trace: BlockTrace | None = None,
+) -> tuple[list[BlockInputs], dict[str, QuantizedWeight], bool]:
+    """GPTQ on the target linears of one block (`modules`, by name relative to the block).
+
+    Leaves each target's weight at its dequantized value and returns the block's outputs on `inputs` (the
+    next block's inputs), the quantized weights, and whether the staged path ran.
+    """
+    named = {n[len(prefix) + 1 :]: m for n, m in block.named_modules(prefix=prefix) if m is not block}
+    if trace is None:
+        trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
+    never_ran = [n for n in modules if trace.calls[n] == 0]
+    if never_ran:
+        raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
+    staged = config.true_sequential and all(trace.calls[n] == 1 for n in modules)
+    if config.true_sequential and not staged:
+        logger.info("%s calls a linear layer more than once; using the two-pass calibration", prefix)
+    calibrate = _calibrate_staged if staged else _calibrate_two_pass
+    outputs, quantized = calibrate(block, named, trace, inputs, modules, config, scale_dtype)
+    return outputs, quantized, staged
+
+
+@torch.no_grad()
 def quantize_blocks(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -244,7 +272,7 @@ def quantize_blocks(
     config: GPTQConfig,
     scale_dtype: torch.dtype,
 ) -> set[str]:
-    """Quantize every target inside `blocks` with GPTQ; returns the names it quantized."""
+    """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear`; returns their names."""
     block_names = {id(module): name for name, module in model.named_modules()}
     inputs = capture_block_inputs(model, blocks[0], batches)
     act_order = config.act_order and not config.static_groups
@@ -256,17 +284,10 @@ def quantize_blocks(
         if not modules:
             inputs = run_block(block, inputs)
             continue
-        named = {n[len(prefix) + 1 :]: m for n, m in block.named_modules(prefix=prefix) if m is not block}
         key = (type(block), frozenset(modules))
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
-        trace = traces[key]
-        never_ran = [n for n in modules if trace.calls[n] == 0]
-        if never_ran:
-            raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
-        staged = config.true_sequential and all(trace.calls[n] == 1 for n in modules)
-        calibrate = _calibrate_staged if staged else _calibrate_two_pass
-        inputs, quantized = calibrate(block, named, trace, inputs, modules, config, scale_dtype)
+        inputs, quantized, _ = calibrate_block(block, prefix, inputs, modules, config, scale_dtype, traces[key])
         for name, q in quantized.items():
             layer = QuantLinear.from_quantized(q, config.group_size, config.sym, act_order, modules[name].bias, scale_dtype)
             set_submodule(block, name, layer)

@@ -7,7 +7,7 @@ import re
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["LINEAR_TYPES", "find_layer_stack", "find_linears", "is_excluded", "linear_weight", "set_submodule"]
+__all__ = ["LINEAR_TYPES", "find_layer_stack", "find_linears", "is_excluded", "linear_weight", "set_linear_weight", "set_submodule"]
 
 # GPT-2 style models use transformers' Conv1D: a linear layer whose weight is stored transposed.
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -16,6 +16,11 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 def linear_weight(module: nn.Module):
     """The [out, in] weight of a linear-like module."""
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def set_linear_weight(module: nn.Module, weight) -> None:
+    """Write an [out, in] weight into a linear-like module."""
+    module.weight.data.copy_(weight.t() if isinstance(module, Conv1D) else weight)
 
 
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:

@@ -1,0 +1,108 @@
+"""Tiny models and tokenizers built on the spot: no network, no ../shared."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 256
+
+
+def _llama_like(config_cls, model_cls, **extra):
+    def build():
+        config = config_cls(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **extra,
+        )
+        return model_cls(config)
+
+    return build
+
+
+ARCHITECTURES = {
+    "llama": _llama_like(LlamaConfig, LlamaForCausalLM),
+    "mistral": _llama_like(MistralConfig, MistralForCausalLM),
+    "qwen2": _llama_like(Qwen2Config, Qwen2ForCausalLM),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "opt": lambda: OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        )
+    ),
+    "bert": lambda: BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+    ),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return ARCHITECTURES[arch]().eval()
+
+
+def token_windows(n: int = 8, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (n, seq_len), generator=generator)
+
+
+@functools.lru_cache(maxsize=1)
+def python_text() -> str:
+    """Real English text that ships with Python: the help topics behind `pydoc`."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A BPE tokenizer of at most VOCAB tokens trained on Python's help text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"], limit_alphabet=100)
+    tokenizer.train_from_iterator([python_text()[:200_000]], trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
+    assert len(wrapped) <= VOCAB
+    return wrapped
+
+
+def save_tiny_model(folder, arch: str = "llama") -> None:
+    """A complete model folder (weights, config, tokenizer) for command-line tests."""
+    model = tiny_model(arch)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)

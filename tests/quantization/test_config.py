@@ -1,0 +1,55 @@
+import logging
+
+import pytest
+
+from hfcompress import GPTQConfig, RTNConfig
+from hfcompress.quantization.config import HfcompressQuantizationConfig
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16, "4"])
+def test_unsupported_bits_are_refused(bits):
+    with pytest.raises(ValueError, match="`bits` must be one of 2, 3, 4, 8"):
+        RTNConfig(bits=bits)
+
+
+@pytest.mark.parametrize("group_size", [0, -2, 1.5])
+def test_bad_group_size_is_refused(group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        GPTQConfig(group_size=group_size)
+
+
+@pytest.mark.parametrize("field,value", [("damp_percent", 1.5), ("num_samples", 0), ("seq_len", 0), ("batch_size", 0)])
+def test_bad_gptq_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPTQConfig(**{field: value})
+
+
+def test_checkpoint_config_round_trips():
+    config = HfcompressQuantizationConfig(
+        bits=3, group_size=64, sym=True, act_order=True, modules=["a.b"], method="gptq", recipe={"damp_percent": 0.02}
+    )
+    data = config.to_dict()
+    assert data["quant_method"] == "hfcompress" and data["version"] == 1
+    assert HfcompressQuantizationConfig.from_dict(data) == config
+
+
+def test_unknown_keys_from_a_newer_version_warn_and_are_dropped(caplog):
+    data = HfcompressQuantizationConfig(bits=4).to_dict()
+    data["future_field"] = 1
+    with caplog.at_level(logging.WARNING):
+        config = HfcompressQuantizationConfig.from_dict(data)
+    assert "future_field" in caplog.text
+    assert not hasattr(config, "future_field")
+
+
+def test_user_configs_serialize():
+    data = GPTQConfig(bits=4, dataset=["some text"]).to_dict()
+    assert data["method"] == "gptq" and data["dataset"] == "<list>"
+    assert RTNConfig(bits=8, group_size=-1).to_dict() == {
+        "method": "rtn",
+        "bits": 8,
+        "group_size": -1,
+        "sym": False,
+        "modules_to_not_convert": None,
+        "scale_dtype": "float16",
+    }

@@ -1,0 +1,107 @@
+"""What other programs see: compressed-tensors checkpoints in plain transformers, and hfcompress checkpoints
+loaded without hfcompress. Loading runs in a fresh interpreter that never imports hfcompress."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import tiny_model, token_windows
+
+import hfcompress
+from hfcompress.quantization.save import save_quantized
+
+pytest.importorskip("compressed_tensors")
+
+LOAD_WITHOUT_HFCOMPRESS = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    results = {}
+    for folder in sys.argv[1:]:
+        ids = torch.load(folder + "/../ids.pt")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            torch.save(model(input_ids=ids).logits, folder + "/../got.pt")
+            results[folder] = "loaded"
+        except Exception as e:
+            results[folder] = f"{type(e).__name__}: {e}"
+    assert "hfcompress" not in sys.modules
+    print(json.dumps(results))
+    """
+)
+
+
+def _load_elsewhere(folders):
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_HFCOMPRESS, *map(str, folders)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+CT_SETTINGS = [
+    hfcompress.GPTQConfig(bits=4, group_size=32, sym=True),
+    hfcompress.GPTQConfig(bits=4, group_size=-1, sym=True),
+    hfcompress.GPTQConfig(bits=3, group_size=32, sym=True, act_order=True, static_groups=True),
+    hfcompress.GPTQConfig(bits=2, group_size=16, sym=True),
+    hfcompress.GPTQConfig(bits=8, group_size=-1, sym=True),
+]
+
+
+def test_compressed_tensors_checkpoints_load_in_plain_transformers(tmp_path):
+    ids = token_windows(8, 32)
+    folders, expected = [], {}
+    for i, config in enumerate(CT_SETTINGS):
+        config.dataset = ids
+        model = hfcompress.quantize(tiny_model("llama"), config)
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        torch.save(ids[:2], case / "ids.pt")
+        save_quantized(model, case / "model", format="compressed-tensors")
+        expected[str(case / "model")] = model(input_ids=ids[:2]).logits
+        folders.append(case / "model")
+    results = _load_elsewhere(folders)
+    for folder in folders:
+        assert results[str(folder)] == "loaded", results[str(folder)]
+        got = torch.load(folder.parent / "got.pt")
+        torch.testing.assert_close(got, expected[str(folder)], rtol=1e-4, atol=1e-4)
+        config = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (hfcompress.RTNConfig(bits=4, group_size=32, sym=False), "asymmetric"),
+        (hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, act_order=True), "act-order with dynamic groups"),
+    ],
+)
+def test_compressed_tensors_refuses_what_it_cannot_hold(config, match, tmp_path):
+    if isinstance(config, hfcompress.GPTQConfig):
+        config.dataset = token_windows()
+    model = hfcompress.quantize(tiny_model("llama"), config)
+    with pytest.raises(ValueError, match=match):
+        save_quantized(model, tmp_path / "out", format="compressed-tensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_refuses_conv1d_models(tmp_path):
+    model = hfcompress.quantize(tiny_model("gpt2"), hfcompress.RTNConfig(bits=4, group_size=32, sym=True))
+    with pytest.raises(ValueError, match="Conv1D"):
+        save_quantized(model, tmp_path / "out", format="compressed-tensors")
+
+
+def test_hfcompress_checkpoint_without_hfcompress_fails_loudly(tmp_path):
+    """Documented behaviour: without `import hfcompress` transformers skips the unknown quant_method, then
+    refuses the packed int32 `weight` tensors by shape instead of loading random weights."""
+    ids = token_windows(2, 16)
+    model = hfcompress.quantize(tiny_model("llama"), hfcompress.RTNConfig(bits=4, group_size=32))
+    case = tmp_path / "case"
+    case.mkdir()
+    torch.save(ids, case / "ids.pt")
+    model.save_pretrained(case / "model")
+    result = _load_elsewhere([case / "model"])[str(case / "model")]
+    assert result.startswith("RuntimeError") and "mismatched" in result

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from hfcompress.quantization.gptq import accumulate_hessian, gptq_quantize, gram_upper, symmetrize_upper
+from hfcompress.quantization.grid import rtn_quantize
+
+
+def correlated_inputs(n=2048, features=64, seed=0):
+    """Inputs whose features are strongly correlated, as activations are."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(features, features, generator=g)
+    mixing = torch.randn(features // 4, features, generator=g)
+    latent = torch.randn(n, features // 4, generator=g)
+    return latent @ mixing + 0.05 * torch.randn(n, features, generator=g) @ basis
+
+
+def output_error(layer_weight, dequantized, x):
+    return ((x @ layer_weight.t() - x @ dequantized.t()) ** 2).mean().item()
+
+
+def hessian(x):
+    H = torch.zeros(x.shape[1], x.shape[1])
+    H, _ = accumulate_hessian(x, H, 0)
+    return H
+
+
+def test_hessian_accumulation_is_the_running_mean():
+    x = torch.randn(300, 16)
+    H = torch.zeros(16, 16)
+    n = 0
+    for chunk in x.split(64):
+        H, n = accumulate_hessian(chunk, H, n)
+    assert n == 300
+    assert torch.allclose(H, 2 * x.t() @ x / 300, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [100, 384, 600])
+def test_gram_upper_matches_full_product(n):
+    x = torch.randn(50, n)
+    assert torch.allclose(symmetrize_upper(gram_upper(x, block=128)), x.t() @ x, atol=1e-4)
+    H_upper, _ = accumulate_hessian(x, torch.zeros(n, n), 0, upper_only=True)
+    assert torch.allclose(symmetrize_upper(H_upper), hessian(x), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,sym,act_order,static_groups",
+    [
+        (4, 32, False, False, False),
+        (4, -1, False, False, False),
+        (3, 32, True, False, False),
+        (2, 16, False, False, False),
+        (8, -1, True, False, False),
+        (4, 32, False, True, False),
+        (4, 32, True, True, True),
+        (3, -1, False, True, False),
+    ],
+)
+def test_gptq_output_error_is_below_rtn(bits, group_size, sym, act_order, static_groups):
+    torch.manual_seed(0)
+    x = correlated_inputs()
+    layer = torch.nn.Linear(64, 24, bias=False)
+    W = layer.weight.detach()
+    q, loss = gptq_quantize(W, hessian(x), bits, group_size, sym, act_order, static_groups)
+    rtn = rtn_quantize(W, bits, group_size, sym)
+    gptq_err, rtn_err = output_error(W, q.dequantize(), x), output_error(W, rtn.dequantize(), x)
+    assert gptq_err < rtn_err
+    assert loss >= 0
+    assert q.codes.shape == W.shape and q.codes.max() <= 2**bits - 1
+
+
+def test_act_order_records_the_group_of_each_column():
+    torch.manual_seed(0)
+    x = correlated_inputs(features=64) * torch.linspace(0.1, 3, 64)  # make the diagonal order non-trivial
+    W = torch.randn(8, 64)
+    q, _ = gptq_quantize(W, hessian(x), 4, 16, False, act_order=True)
+    # each group has exactly group_size columns, but they are not the consecutive ones
+    assert torch.equal(torch.bincount(q.g_idx.long()), torch.full((4,), 16))
+    assert not torch.equal(q.g_idx, torch.arange(64, dtype=torch.int32) // 16)
+    static, _ = gptq_quantize(W, hessian(x), 4, 16, False, act_order=True, static_groups=True)
+    assert torch.equal(static.g_idx, torch.arange(64, dtype=torch.int32) // 16)
+
+
+def test_dead_columns_are_zero_and_do_not_break_the_inverse():
+    x = correlated_inputs()
+    x[:, 5] = 0  # a feature that never fires
+    W = torch.randn(8, 64)
+    q, _ = gptq_quantize(W, hessian(x), 4, 32, False)
+    assert torch.isfinite(q.dequantize()).all()
+    assert torch.allclose(q.dequantize()[:, 5], torch.zeros(8), atol=1e-6)
+
+
+def test_singular_hessian_is_dampened():
+    x = torch.randn(10, 64)  # rank 10 < 64
+    W = torch.randn(8, 64)
+    q, _ = gptq_quantize(W, hessian(x), 4, 32, False, damp_percent=0.0)
+    assert torch.isfinite(q.dequantize()).all()

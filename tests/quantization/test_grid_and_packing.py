@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from hfcompress.quantization.grid import SUPPORTED_BITS, dequantize_codes, grid_params, quantize_to_codes, rtn_quantize
+from hfcompress.quantization.packing import pack_codes, packed_width, unpack_codes
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("cols", [32, 64, 100, 384, 1])
+def test_pack_unpack_round_trip(bits, cols):
+    codes = torch.randint(0, 2**bits, (7, cols))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (7, packed_width(cols, bits))
+    assert torch.equal(unpack_codes(packed, bits, cols), codes.int())
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_pack_along_rows(bits):
+    codes = torch.randint(0, 2**bits, (45, 3))
+    packed = pack_codes(codes, bits, dim=0)
+    assert packed.shape == (packed_width(45, bits), 3)
+    assert torch.equal(unpack_codes(packed, bits, 45, dim=0), codes.int())
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_packing_is_bit_for_bit_compressed_tensors(bits):
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    codes = torch.randint(0, 2**bits, (5, 96))
+    theirs = helpers.pack_to_int32((codes - 2 ** (bits - 1)).to(torch.int8), bits)
+    assert torch.equal(pack_codes(codes, bits), theirs)
+
+
+def test_pack_uses_every_bit_of_3_bit_words():
+    # 32 codes of 3 bits fill exactly 3 words
+    assert packed_width(32, 3) == 3
+    codes = torch.full((1, 32), 7)
+    assert torch.equal(pack_codes(codes, 3), torch.full((1, 3), -1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_rtn_error_is_within_half_a_step(bits, sym):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    q = rtn_quantize(w, bits, 32, sym)
+    assert q.codes.max() <= 2**bits - 1
+    step = q.scales[:, q.g_idx.long()]
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_symmetric_grid_matches_signed_grid():
+    w = torch.tensor([[-1.0, 0.5, 0.25, 0.75]])
+    scale, zero = grid_params(w, 4, sym=True)
+    assert zero.item() == 8
+    assert scale.item() == pytest.approx(1.0 / 7.5)
+    codes = quantize_to_codes(w, scale[:, None], zero[:, None], 4)
+    assert torch.allclose(dequantize_codes(codes, scale[:, None], zero[:, None]), torch.round(w / scale) * scale)
+
+
+def test_zero_row_is_representable():
+    q = rtn_quantize(torch.zeros(2, 32), 4, 32, sym=False)
+    assert torch.equal(q.dequantize(), torch.zeros(2, 32))
+
+
+def test_per_channel_is_one_group():
+    q = rtn_quantize(torch.randn(4, 48), 4, -1, sym=False)
+    assert q.scales.shape == (4, 1)
+    assert torch.equal(q.g_idx, torch.zeros(48, dtype=torch.int32))
