@@ -19,6 +19,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--act-order", action="store_true", help="static act-order (llm-compressor's default)")
+    parser.add_argument("--save", help="also save the compressed model here (compressed-tensors)")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -46,7 +48,13 @@ def main():
             },
         }
     }
-    recipe = GPTQModifier(config_groups=config_groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128)
+    recipe = GPTQModifier(
+        config_groups=config_groups,
+        ignore=["lm_head"],
+        dampening_frac=0.01,
+        block_size=128,
+        actorder="static" if args.act_order else None,
+    )
     start = time.perf_counter()
     oneshot(
         model=model,
@@ -56,6 +64,9 @@ def main():
         num_calibration_samples=args.num_samples,
     )
     seconds = time.perf_counter() - start
+    if args.save:
+        model.save_pretrained(args.save, save_compressed=True)
+        tokenizer.save_pretrained(args.save)
     print(json.dumps({"seconds": seconds}))
 
 

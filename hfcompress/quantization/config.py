@@ -73,10 +73,11 @@ class GPTQConfig(RTNConfig):
     damp_percent: float = field(default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."})
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
     true_sequential: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Within a block, calibrate each group of linears on the outputs of the already quantized ones "
-            "(staged, replaying settled submodules: also the fastest path). False: the classic two passes."
+            "help": "Within a block, calibrate each group of linears on the outputs of the already quantized ones, "
+            "staged so each matmul runs once: about 1.5x faster than the default two passes per block (full-precision "
+            "Hessians, then quantized outputs), but on the reference model lower bit widths lose more quality."
         },
     )
     dataset: Any = field(

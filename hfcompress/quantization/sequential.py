@@ -3,7 +3,10 @@
 Within a block, linears that read the same tensor (q/k/v, gate/up) form a group that shares one Hessian
 and is quantized as one stacked matrix (GPTQ treats rows independently, so this is exact).
 
-With `true_sequential` (the default) a block is calibrated in stages, one per group in call order: stage g
+By default each block runs twice: once with full-precision weights to collect every group's Hessian
+(stopping at the last group's input), once with the quantized weights to produce the next block's inputs.
+
+With `true_sequential` a block is instead calibrated in stages, one per group in call order: stage g
 runs the block until group g's input exists, folds it into the Hessian and stops there; group g is then
 quantized and the next stage starts. Submodules whose output can no longer change (every linear before or
 inside them already quantized) are recorded once and replayed in later stages instead of recomputed, so
@@ -227,7 +230,8 @@ def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config
         names[0]: _Hessian(linear_weight(named[names[0]]).shape[1], named[names[0]].weight.device)
         for names in trace.groups
     }
-    _run_stage(block, named, inputs, hessians)
+    # the block's output is not needed in this pass: stop once the last group's input is in
+    _run_stage(block, named, inputs, hessians, stop=trace.groups[-1][0])
     quantized = {}
     for names in trace.groups:
         quantized.update(_quantize_group(names, named, hessians[names[0]].full(), config, scale_dtype))

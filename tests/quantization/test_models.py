@@ -16,8 +16,8 @@ from hfcompress.quantization.structure import find_layer_stack, find_linears, se
 CONFIGS = {
     "gptq-4-g32-asym": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, dataset=ids),
     "gptq-3-act-order": lambda ids: hfcompress.GPTQConfig(bits=3, group_size=32, act_order=True, dataset=ids),
-    "gptq-2-sym-two-pass": lambda ids: hfcompress.GPTQConfig(
-        bits=2, group_size=16, sym=True, true_sequential=False, dataset=ids
+    "gptq-2-sym-true-sequential": lambda ids: hfcompress.GPTQConfig(
+        bits=2, group_size=16, sym=True, true_sequential=True, dataset=ids
     ),
     "gptq-8-channel-static": lambda ids: hfcompress.GPTQConfig(
         bits=8, group_size=-1, act_order=True, static_groups=True, dataset=ids
@@ -79,7 +79,9 @@ def test_calibration_propagates_the_quantized_block_outputs(arch, true_sequentia
 
 def test_true_sequential_calibrates_later_layers_on_quantized_earlier_ones():
     ids = token_windows(8, 32)
-    staged = hfcompress.quantize(tiny_model("llama"), hfcompress.GPTQConfig(bits=2, group_size=32, dataset=ids))
+    staged = hfcompress.quantize(
+        tiny_model("llama"), hfcompress.GPTQConfig(bits=2, group_size=32, dataset=ids, true_sequential=True)
+    )
     two_pass = hfcompress.quantize(
         tiny_model("llama"), hfcompress.GPTQConfig(bits=2, group_size=32, dataset=ids, true_sequential=False)
     )
