@@ -55,6 +55,7 @@ def gptq_config(args, bits, group_size, true_sequential):
     return hfcompress.GPTQConfig(
         bits=bits, group_size=group_size, dataset=args.calib, num_samples=args.num_samples, seq_len=args.seq_len,
         act_order=args.act_order, static_groups=args.act_order, true_sequential=true_sequential,
+        clip_search=args.clip_search,
     )  # fmt: skip
 
 
@@ -81,6 +82,8 @@ def main():
     parser.add_argument("--max-windows", type=int, default=100, help="validation windows (the reference figures use 100)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ with static act-order (both sides)")
     parser.add_argument("--timing-runs", type=int, default=2, help="runs of the 4-bit g128 speed comparison")
+    parser.add_argument("--true-sequential-rows", action="store_true", help="also a table row per setting for gptq-ts")
+    parser.add_argument("--clip-search", action="store_true", help="RTN and GPTQ with the MSE grid search")
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
     parser.add_argument("--json-out", help="also write the results here")
     args = parser.parse_args()
@@ -89,7 +92,6 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     val_windows = tokenize_windows(tokenizer, load_texts(args.val), args.seq_len)[: args.max_windows]
-    calib_windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
     rows = []
     fp32 = load(args.model)
     rows.append(
@@ -99,9 +101,9 @@ def main():
     del fp32
     with tempfile.TemporaryDirectory() as tmp:
         for bits, group_size in SETTINGS:
-            for method in ("rtn", "gptq", "gptq-ts"):
+            for method in ("rtn", "gptq") + (("gptq-ts",) if args.true_sequential_rows else ()):
                 if method == "rtn":
-                    config = hfcompress.RTNConfig(bits=bits, group_size=group_size)
+                    config = hfcompress.RTNConfig(bits=bits, group_size=group_size, clip_search=args.clip_search)
                 else:
                     config = gptq_config(args, bits, group_size, true_sequential=method == "gptq-ts")
                 out = Path(tmp) / f"{method}-{bits}-{group_size}"
@@ -123,7 +125,7 @@ def main():
 
     print(f"model {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {args.calib}; "
           f"perplexity on the first {len(val_windows)} {args.seq_len}-token windows of {args.val}; "
-          f"act-order {'static' if args.act_order else 'off'}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
+          f"act-order {'static' if args.act_order else 'off'}; clip search {args.clip_search}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
     print("| method | bits | group | perplexity | vs fp32 | quantize s | weights on disk (MB) | bits/weight |")
     print("|---|---|---|---|---|---|---|---|")
     base = rows[0]["perplexity"]
@@ -134,7 +136,7 @@ def main():
 
     print("\nchecks:")
     by = {(r["method"], r["bits"], r["group_size"]): r for r in rows}
-    for method in ("gptq", "gptq-ts"):
+    for method in ("gptq", "gptq-ts") if args.true_sequential_rows else ("gptq",):
         for bits, group_size in SETTINGS:
             g, r = by[(method, bits, group_size)], by[("rtn", bits, group_size)]
             print(f"- {method} beats RTN at {bits}-bit group {group_size}: {g['perplexity'] < r['perplexity']} "

@@ -43,7 +43,7 @@ def _add_quantize(subparsers) -> None:
     quantize = subparsers.add_parser("quantize", help="Quantize a model's linear layers and save it.")
     methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn}")
     methods.required = True
-    grid = ["bits", "group_size", "sym", "scale_dtype", "modules_to_not_convert"]
+    grid = ["bits", "group_size", "sym", "clip_search", "scale_dtype", "modules_to_not_convert"]
 
     gptq = methods.add_parser("gptq", help="GPTQ with calibration data.", description=GPTQConfig.__doc__)
     gptq.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")

@@ -88,7 +88,7 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
 
 
 def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype) -> None:
-    quantized = rtn_quantize(linear_weight(module).detach(), config.bits, config.group_size, config.sym)
+    quantized = rtn_quantize(linear_weight(module).detach(), config.bits, config.group_size, config.sym, config.clip_search)
     # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too
     act_order = _stores_g_idx(config)
     layer = QuantLinear.from_quantized(quantized, config.group_size, config.sym, act_order, module.bias, scale_dtype)

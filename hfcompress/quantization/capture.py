@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["BlockInputs", "capture_block_inputs", "run_block"]
+__all__ = ["BlockInputs", "capture_block_inputs", "hidden_states_of", "run_block", "with_hidden_states"]
 
 
 class _StopForward(Exception):
@@ -50,7 +50,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     return captured
 
 
-def _hidden_states(output) -> torch.Tensor:
+def hidden_states_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -59,13 +59,13 @@ def run_block(block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool = 
     """Call `block` on every recorded input; the outputs become the next block's inputs."""
     outputs = []
     for item in inputs:
-        hidden = _hidden_states(block(*item.args, **item.kwargs))
+        hidden = hidden_states_of(block(*item.args, **item.kwargs))
         if keep_outputs:
-            outputs.append(_with_hidden_states(item, hidden))
+            outputs.append(with_hidden_states(item, hidden))
     return outputs
 
 
-def _with_hidden_states(item: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
+def with_hidden_states(item: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
     if item.args:
         return BlockInputs((hidden,) + tuple(item.args[1:]), item.kwargs)
     if "hidden_states" in item.kwargs:

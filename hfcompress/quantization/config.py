@@ -50,6 +50,10 @@ class RTNConfig:
     scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
         default="float16", metadata={"help": "Storage dtype of the scales."}
     )
+    clip_search: bool = field(
+        default=False,
+        metadata={"help": "Pick each group's range among shrunk min-max ranges by its rounding error (MSE grid)."},
+    )
 
     def __post_init__(self):
         _check_grid(self.bits, self.group_size, self.scale_dtype)

@@ -79,12 +79,14 @@ def gptq_quantize(
     static_groups: bool = False,
     damp_percent: float = 0.01,
     block_size: int = 128,
+    clip_search: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [out, in] column by column, compensating each column's error on the rest.
 
     `group_size` -1 means one group per row. With `act_order` columns are visited by decreasing Hessian
     diagonal; then groups are either consecutive in that order (`g_idx` records each column's group) or,
-    with `static_groups`, fixed on the original order before the pass. Returns the quantized weight and the
+    with `static_groups`, fixed on the original order before the pass. `clip_search` picks each group's range
+    by the rounding error of shrunk ranges (see `grid_params`). Returns the quantized weight and the
     summed squared error weighted by the Hessian (the GPTQ objective, for logging).
     """
     W = weight.detach().float().clone()
@@ -98,7 +100,7 @@ def gptq_quantize(
 
     static_params = None
     if act_order and static_groups:
-        static_params = [grid_params(W[:, i : i + group], bits, sym) for i in range(0, columns, group)]
+        static_params = [grid_params(W[:, i : i + group], bits, sym, clip_search) for i in range(0, columns, group)]
 
     perm = torch.arange(columns, device=W.device)
     if act_order:
@@ -137,7 +139,7 @@ def gptq_quantize(
             elif col % group == 0:
                 # the group's range is taken from the columns as already updated by earlier errors
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
-                scale, zero = grid_params(upcoming, bits, sym)
+                scale, zero = grid_params(upcoming, bits, sym, clip_search)
                 scales[:, col // group], zeros[:, col // group] = scale, zero
             q_code = quantize_to_codes(w, scale, zero, bits)
             codes1[:, i] = q_code

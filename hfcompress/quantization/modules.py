@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .grid import QuantizedWeight
 from .packing import pack_codes, packed_width, unpack_codes
@@ -23,7 +22,8 @@ class QuantLinear(nn.Module):
     - `weight_zero_point`: asymmetric grids only, codes packed along the output dimension,
       int32 [ceil(out * bits / 32), n_groups].
     - `weight_g_idx`: act-order only, the group of each input column, int32 [in].
-    The forward pass unpacks into a transient dense weight; no dense copy is kept between calls.
+    The forward pass runs a fused low-bit kernel where one fits the layer (repacked once, see `kernels.py`) and
+    otherwise unpacks into a transient dense weight; no dense copy is kept between calls.
     """
 
     def __init__(
@@ -60,6 +60,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         else:
             self.weight_g_idx = None
+        self._kernel = None
+        self._kernel_key = None  # (device, dtype) the kernel was built for; repacked once per change
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -105,6 +107,10 @@ class QuantLinear(nn.Module):
         return torch.arange(self.in_features, device=self.weight.device) // self.group_size
 
     def codes(self) -> torch.Tensor:
+        if self.bits == 4 and self.in_features % 8 == 0:
+            # two codes per byte, low nibble first: the bytes of the little-endian int32 words, in order
+            packed = self.weight.contiguous().view(torch.uint8)
+            return torch.stack([packed & 15, packed >> 4], dim=-1).view(self.out_features, self.in_features)
         return unpack_codes(self.weight, self.bits, self.in_features)
 
     def zero_points(self) -> torch.Tensor:
@@ -125,9 +131,22 @@ class QuantLinear(nn.Module):
         return (self.codes().to(dtype) - zero[:, g]) * scale[:, g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize_weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        key = (x.device, x.dtype)
+        if self._kernel_key != key:
+            from .kernels import select_kernel
+
+            self._kernel = select_kernel(self, x.device, x.dtype)
+            self._kernel_key = key
+        y = self._kernel(x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_key = None  # new codes: repack on the next call
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_key = None
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -52,7 +52,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torc
     rows, width = packed.shape
     chunks = math.ceil(n / 32)
     if 32 % bits == 0:
-        per_word = 32 // bits
         shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
         codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
         return codes.reshape(rows, -1)[:, :n]

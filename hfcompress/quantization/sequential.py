@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from transformers.utils.logging import tqdm
 
-from .capture import BlockInputs, _hidden_states, _with_hidden_states, capture_block_inputs, run_block
+from .capture import BlockInputs, hidden_states_of, with_hidden_states, capture_block_inputs, run_block
 from .config import GPTQConfig
 from .grid import QuantizedWeight
 from .gptq import accumulate_hessian, gptq_quantize, symmetrize_upper
@@ -108,11 +108,11 @@ def _run_stage(
         for index, item in enumerate(inputs):
             batch["index"] = index
             try:
-                hidden = _hidden_states(block(*item.args, **item.kwargs))
+                hidden = hidden_states_of(block(*item.args, **item.kwargs))
             except _Stop:
                 continue
             if keep_outputs:
-                outputs.append(_with_hidden_states(item, hidden))
+                outputs.append(with_hidden_states(item, hidden))
     finally:
         for handle in handles:
             handle.remove()
@@ -138,6 +138,7 @@ def _quantize_group(
         static_groups=config.static_groups,
         damp_percent=config.damp_percent,
         block_size=config.block_size,
+        clip_search=config.clip_search,
     )
     logger.debug("%s: GPTQ loss %.4g", names, loss)
     sizes = [w.shape[0] for w in weights]

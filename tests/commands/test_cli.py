@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import python_text, save_tiny_model, token_windows
+from helpers import python_text, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401

@@ -1,0 +1,204 @@
+"""Fused low-bit matmuls behind `QuantLinear`, chosen once per layer, device and dtype.
+
+On CPU the fused kernels serve calls of a few rows (decoding) and bigger calls dequantize (see
+`SmallBatchKernel`). Measured on this project's 2-core AMD EPYC (AVX2, no AVX-512): neither fused op beats
+an fp32 `nn.Linear` even at one row, so the dispatch only spares the cost of dequantizing per token.
+
+- 4 bits on CPU: torch's `_weight_int4pack_mm_for_cpu` (weight-only int4 with per-group scale and
+  offset). Our codes are repacked once into its layout; act-order layers permute their input columns so
+  each group is contiguous; per-channel layers use the largest supported group that divides the input
+  size, with the row's scale repeated.
+- 8 bits per channel on CPU: torch's `_weight_int8pack_mm` on `codes - 128`, plus a rank-one term for
+  asymmetric zero points.
+- 4 bits on CUDA with fp16/bf16 inputs: the experimental Triton kernel (`hfcompress/experimental/triton_w4.py`),
+  only with HFCOMPRESS_EXPERIMENTAL_TRITON=1 (not yet verified on a GPU).
+- Anything else: dequantize the layer's weight for the call, then `F.linear` (no dense copy is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["select_kernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel"]
+
+logger = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
+
+INT4_GROUPS = (256, 128, 64, 32)
+
+
+class DequantizeKernel:
+    name = "dequantize"
+
+    def __init__(self, layer, dtype):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.layer.dequantize_weight(x.dtype))
+
+
+class SmallBatchKernel:
+    """A fused kernel for calls of at most `max_rows` rows, dequantize-then-matmul for bigger ones.
+
+    torch's CPU int4/int8 weight-only kernels cost in proportion to the rows of the input (measured here,
+    4096x4096: 21 ms at 1 row, 640 ms at 32, while dequantizing the layer costs about as much as a few rows),
+    so prefill and batched calls go through the dense matmul.
+    """
+
+    def __init__(self, fused, fallback, max_rows: int = 4):
+        self.fused, self.fallback, self.max_rows = fused, fallback, max_rows
+        self.name = f"{fused.name} (rows <= {max_rows}), else dequantize"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        return self.fused(x) if rows <= self.max_rows else self.fallback(x)
+
+
+class Int4CpuKernel:
+    name = "int4pack-cpu"
+
+    @staticmethod
+    def group_for(layer) -> int | None:
+        if layer.group_size != layer.in_features:
+            return layer.group_size if layer.group_size in INT4_GROUPS else None
+        return next((g for g in INT4_GROUPS if layer.in_features % g == 0), None)
+
+    @classmethod
+    def supports(cls, layer, device, dtype) -> str | None:
+        """None when the kernel applies, else why not."""
+        if layer.bits != 4:
+            return f"{layer.bits}-bit"
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{device.type}/{dtype}"
+        if layer.out_features % 16:
+            return f"out_features {layer.out_features} not a multiple of 16"
+        if cls.group_for(layer) is None:
+            return f"group size {layer.group_size} not one of {INT4_GROUPS}"
+        return None
+
+    def __init__(self, layer, dtype):
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        self.group = self.group_for(layer)
+        codes = layer.codes()
+        scale = layer.weight_scale.float()
+        zero = layer.zero_points().float()
+        self.perm = None
+        if layer.weight_g_idx is not None:
+            # visit columns group by group so every group is contiguous for the kernel
+            self.perm = torch.argsort(layer.weight_g_idx, stable=True)
+            codes = codes[:, self.perm]
+        if self.group != layer.group_size:  # per-channel: repeat the row's scale over the kernel's groups
+            repeats = layer.in_features // self.group
+            scale, zero = scale.repeat_interleave(repeats, dim=1), zero.repeat_interleave(repeats, dim=1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+        # the kernel computes (code - 8) * scale + offset
+        self.scales_and_zeros = torch.stack([scale, scale * (8 - zero)], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8CpuKernel:
+    name = "int8pack-cpu"
+
+    @staticmethod
+    def supports(layer, device, dtype) -> str | None:
+        if layer.bits != 8:
+            return f"{layer.bits}-bit"
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{device.type}/{dtype}"
+        if layer.weight_scale.shape[1] != 1:
+            return "grouped scales (the int8 kernel takes one scale per row)"
+        return None
+
+    def __init__(self, layer, dtype):
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = (layer.codes().to(torch.int32) - 128).to(torch.int8).contiguous()
+        scale = layer.weight_scale.float()[:, 0]
+        self.scale = scale.to(dtype)
+        # (code - zero) * s = (code - 128) * s + (128 - zero) * s: the second term is the same for every column
+        offset = scale * (128 - layer.zero_points().float()[:, 0])
+        self.offset = None if layer.sym else offset.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        if self.offset is not None:
+            y = y + flat.sum(dim=-1, keepdim=True) * self.offset
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class TritonW4Kernel:
+    """4 bits on CUDA with fp16/bf16 inputs: the experimental Triton kernel (opt-in, see hfcompress/experimental)."""
+
+    name = "triton-w4"
+
+    @staticmethod
+    def supports(layer, device, dtype) -> str | None:
+        if layer.bits != 4:
+            return f"{layer.bits}-bit"
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            return f"{device.type}/{dtype}"
+        if os.environ.get("HFCOMPRESS_EXPERIMENTAL_TRITON") != "1":
+            return "experimental, enable with HFCOMPRESS_EXPERIMENTAL_TRITON=1"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        if layer.in_features % 64 or layer.out_features % 64 or layer.group_size % 16:
+            return "shapes not multiples of 64"
+        return None
+
+    def __init__(self, layer, dtype):
+        from ..experimental.triton_w4 import w4_matmul
+
+        self.matmul = w4_matmul
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        codes = layer.codes()
+        self.perm = None
+        if layer.weight_g_idx is not None:
+            self.perm = torch.argsort(layer.weight_g_idx, stable=True)
+            codes = codes[:, self.perm]
+        from .packing import pack_codes
+
+        self.packed = pack_codes(codes, 4).contiguous()
+        self.scale = layer.weight_scale.float().contiguous()
+        self.zero_scale = (layer.zero_points().float() * self.scale).contiguous()
+        self.group = layer.group_size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = self.matmul(flat, self.packed, self.scale, self.zero_scale, self.group)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def select_kernel(layer, device: torch.device, dtype: torch.dtype):
+    """The fastest kernel that computes `layer` exactly for inputs on `device` in `dtype`."""
+    reasons = []
+    for kernel in (Int4CpuKernel, Int8CpuKernel, TritonW4Kernel):
+        reason = kernel.supports(layer, device, dtype)
+        if reason is None:
+            chosen = kernel(layer, dtype)
+            if device.type == "cpu":
+                chosen = SmallBatchKernel(chosen, DequantizeKernel(layer, dtype))
+            _log_once(kernel.name, f"{layer.bits}-bit layers on {device.type}/{dtype} use {chosen.name}")
+            return chosen
+        reasons.append(f"{kernel.name}: {reason}")
+    _log_once("dequantize", f"{layer.bits}-bit group {layer.group_size} on {device.type}/{dtype}: dequantize-then-matmul ({'; '.join(reasons)})")
+    return DequantizeKernel(layer, dtype)
+
+
+def _log_once(kind: str, message: str) -> None:
+    if (kind, message) not in _logged:
+        _logged.add((kind, message))
+        logger.info(message)

@@ -1,0 +1,129 @@
+"""Decode speed and memory of quantized models on CPU, against fp32 measured in the same run.
+
+Builds a Llama-shaped model of about 0.47B parameters from a config (random weights: speed does not depend on
+them; hidden 1024, 24 layers, intermediate 4096, vocab 32000, untied embeddings), then for each format
+generates new tokens greedily with the KV cache at batch 1 and 8 and reports tokens/s (median of --runs),
+the bytes of the model's tensors (weights as stored plus any repacked kernel copies), and the process's
+resident memory. Formats: fp32, bf16, w4 g128 and w8 per-channel through the fused kernels, and w4 g128
+through the dequantize-then-matmul fallback (fewer tokens: it is slow).
+
+w4 g128 is quantized here with round-to-nearest: GPTQ produces the same layers (same `QuantLinear`, same
+kernel), so its speed is the same; only the codes differ.
+
+    python scripts/bench_inference.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+import hfcompress
+from hfcompress.quantization.kernels import DequantizeKernel
+from hfcompress.quantization.modules import QuantLinear
+
+SHAPE = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def tensor_bytes(model) -> int:
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for module in model.modules():
+        kernel = getattr(module, "_kernel", None)
+        if kernel is not None:
+            total += sum(
+                v.numel() * v.element_size() for v in vars(kernel).values() if isinstance(v, torch.Tensor)
+            )
+    return total
+
+
+def build(fmt: str):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    if fmt == "bf16":
+        model = model.to(torch.bfloat16)
+    elif fmt in ("w4 g128", "w4 g128 dequantize"):
+        hfcompress.quantize(model, hfcompress.RTNConfig(bits=4, group_size=128))
+    elif fmt == "w8":
+        hfcompress.quantize(model, hfcompress.RTNConfig(bits=8, group_size=-1, sym=True))
+    if fmt == "w4 g128 dequantize":
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module._kernel = DequantizeKernel(module, torch.float32)
+                module._kernel_key = (torch.device("cpu"), torch.float32)
+    return model
+
+
+@torch.no_grad()
+def decode_rate(model, batch: int, new_tokens: int, runs: int, prompt_len: int = 16) -> float:
+    prompt = torch.randint(0, SHAPE["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up, builds kernels
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        seconds = time.perf_counter() - start
+        assert out.shape[1] == prompt_len + new_tokens
+        rates.append(batch * new_tokens / seconds)
+    return statistics.median(rates)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--slow-new-tokens", type=int, default=8, help="new tokens for bf16 and the fallback")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--formats", nargs="+", default=["fp32", "w4 g128", "w8", "bf16", "w4 g128 dequantize"])
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**SHAPE)).parameters())
+    print(f"model: Llama shape {SHAPE}, {params / 1e9:.3f}B parameters, random weights; CPU, "
+          f"{torch.get_num_threads()} threads; greedy decode with KV cache after a 16-token prompt; median of {args.runs}\n")  # fmt: skip
+    rows = []
+    for fmt in args.formats:
+        model = build(fmt)
+        slow = fmt in ("bf16", "w4 g128 dequantize")
+        tokens = args.slow_new_tokens if slow else args.new_tokens
+        row = {"format": fmt, "new_tokens": tokens}
+        for batch in (1, 8):
+            row[f"tokens_per_s_b{batch}"] = decode_rate(model, batch, tokens, 1 if slow else args.runs)
+        row["tensor_bytes"] = tensor_bytes(model)
+        row["rss_bytes"] = rss_bytes()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+    base = rows[0]
+    print("\n| format | new tokens | tok/s b1 | vs fp32 | tok/s b8 | vs fp32 | model tensors (MB) | vs fp32 | RSS after (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['format']} | {r['new_tokens']} | {r['tokens_per_s_b1']:.2f} | {r['tokens_per_s_b1'] / base['tokens_per_s_b1']:.2f}x "
+              f"| {r['tokens_per_s_b8']:.2f} | {r['tokens_per_s_b8'] / base['tokens_per_s_b8']:.2f}x | {r['tensor_bytes'] / 1e6:.0f} "
+              f"| {r['tensor_bytes'] / base['tensor_bytes']:.2f}x | {r['rss_bytes'] / 1e6:.0f} |")  # fmt: skip
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Per-layer speed of hfcompress's quantized linear kernels against the dense baseline measured in the same run.
+
+For each shape (out x in) and batch M: median time of >= --runs calls, and its ratio to the dense layer
+(fp32 `nn.Linear` on CPU, bf16 cuBLAS on CUDA). CPU rows: w4 g128 (int4pack kernel), w8 per-channel (int8pack
+kernel) and the dequantize-then-matmul fallback. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
+kernel (tinygemm, the peer) and the fallback. Every kernel is first checked against dequantize-then-matmul.
+
+    python scripts/bench_kernels.py                 # CPU, the issue's shapes
+    python scripts/bench_kernels.py --device cuda   # adds 8192x8192 at M = 1 and 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hfcompress.quantization.grid import rtn_quantize
+from hfcompress.quantization.kernels import DequantizeKernel, select_kernel
+from hfcompress.quantization.modules import QuantLinear
+
+
+def timer(fn, runs, device):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def quant_layer(weight, bits, group_size, sym=False):
+    q = rtn_quantize(weight, bits, group_size, sym)
+    return QuantLinear.from_quantized(q, group_size, sym, False)
+
+
+def tinygemm(layer, x):
+    """torch's CUDA int4 kernel on the same codes; None if this torch lacks it."""
+    try:
+        codes = layer.codes().to(torch.int32)
+        packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8.to(x.device), 8)
+        scale = layer.weight_scale.float()
+        zero = layer.zero_points().float()
+        sz = torch.stack([scale, scale * (8 - zero)], -1).transpose(0, 1).contiguous().to(x.device, x.dtype)
+        fn = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, layer.group_size, sz)  # noqa: E731
+        expected = F.linear(x.float(), layer.dequantize_weight(torch.float32).to(x.device))
+        err = (fn().float() - expected).abs().max().item() / expected.abs().max().item()
+        return fn if err < 0.05 else None
+    except Exception:  # noqa: BLE001 - report n/a rather than fail the whole benchmark
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        shapes, batches, dtype = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)], [1, 16], torch.bfloat16
+        name = torch.cuda.get_device_name(device)
+    else:
+        shapes, batches, dtype = [(4096, 4096), (11008, 4096), (4096, 11008)], [1, 8, 32], torch.float32
+        name = f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; dtype {dtype}; median of {args.runs} runs\n")
+    print("| out x in | M | dense ms | kernel | ms | speed-up vs dense |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for out_features, in_features in shapes:
+        weight = torch.randn(out_features, in_features) * 0.02
+        dense = weight.to(device, dtype)
+        variants = {"w4 g128": quant_layer(weight, 4, 128)}
+        if device.type == "cpu":
+            variants["w8 per-channel"] = quant_layer(weight, 8, -1, sym=True)
+        for m in batches:
+            x = torch.randn(m, in_features, device=device, dtype=dtype)
+            base = timer(lambda: F.linear(x, dense), args.runs, device)
+            rows = [("dense", base)]
+            for label, layer in variants.items():
+                layer = layer.to(device)
+                kernel = select_kernel(layer, device, dtype)
+                expected = F.linear(x.float(), layer.dequantize_weight(torch.float32))
+                err = (kernel(x).float() - expected).abs().max().item() / expected.abs().max().item()
+                if err > (1e-4 if dtype == torch.float32 else 0.02):
+                    raise SystemExit(f"{label} {kernel.name} disagrees with dequantize-then-matmul: {err:.3g}")
+                rows.append((f"{label} {kernel.name}", timer(lambda: kernel(x), args.runs, device)))
+                if kernel.name != "dequantize" and label == "w4 g128":
+                    fallback = DequantizeKernel(layer, dtype)
+                    rows.append((f"{label} dequantize", timer(lambda: fallback(x), max(10, args.runs // 5), device)))
+                if device.type == "cuda" and label == "w4 g128":
+                    fn = tinygemm(layer, x)
+                    if fn is not None:
+                        rows.append((f"{label} tinygemm (torch)", timer(fn, args.runs, device)))
+            for label, seconds in rows[1:]:
+                print(f"| {out_features}x{in_features} | {m} | {base * 1e3:.3f} | {label} | {seconds * 1e3:.3f} | {base / seconds:.2f}x |")
+                results.append({"shape": [out_features, in_features], "m": m, "kernel": label, "dense_s": base,
+                                "seconds": seconds, "speedup": base / seconds, "device": name})  # fmt: skip
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
