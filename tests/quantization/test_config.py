@@ -52,4 +52,5 @@ def test_user_configs_serialize():
         "sym": False,
         "modules_to_not_convert": None,
         "scale_dtype": "float16",
+        "clip_search": False,
     }
