@@ -1,7 +1,7 @@
 """Quickstart that needs no network: build a small language model from text that ships with Python, then
 quantize it with GPTQ through the `hfcompress` command line and compare it with the original.
 
-    python scripts/quickstart.py                    # trains ./quickstart/tiny-lm (about two minutes), then quantizes
+    python scripts/quickstart.py                    # trains ./quickstart/tiny-lm (a few minutes), then quantizes
     python scripts/quickstart.py --model PATH_OR_ID --dataset TEXT_FILE   # the same on your own model
 
 The tiny model is a Llama (4 layers, hidden 128) with a BPE tokenizer, trained on the help topics behind
