@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["check_output_dir", "atomic_output_dir", "copy_model_extras", "folder_size"]
+__all__ = ["check_output_dir", "atomic_output_dir", "copy_model_extras"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,3 @@ def copy_model_extras(source: str | os.PathLike, destination: str | os.PathLike)
             shutil.copyfile(source / name, destination / name)
             copied.append(name)
     return copied
-
-
-def folder_size(path: str | os.PathLike) -> int:
-    """Bytes of all files under `path`."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
