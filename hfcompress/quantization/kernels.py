@@ -31,6 +31,10 @@ _logged: set[tuple[str, str]] = set()
 INT4_GROUPS = (256, 128, 64, 32)
 
 
+def _cpu_float(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
 class DequantizeKernel:
     name = "dequantize"
 
@@ -72,7 +76,7 @@ class Int4CpuKernel:
         """None when the kernel applies, else why not."""
         if layer.bits != 4:
             return f"{layer.bits}-bit"
-        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if not _cpu_float(device, dtype):
             return f"{device.type}/{dtype}"
         if layer.out_features % 16:
             return f"out_features {layer.out_features} not a multiple of 16"
@@ -113,7 +117,7 @@ class Int8CpuKernel:
     def supports(layer, device, dtype) -> str | None:
         if layer.bits != 8:
             return f"{layer.bits}-bit"
-        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if not _cpu_float(device, dtype):
             return f"{device.type}/{dtype}"
         if layer.weight_scale.shape[1] != 1:
             return "grouped scales (the int8 kernel takes one scale per row)"
