@@ -1,11 +1,22 @@
 """hfcompress: model compression that plugs into transformers, Trainer and the Hub.
 
 Importing the package registers the `hfcompress` quantization method with transformers, so
-`AutoModel*.from_pretrained` loads hfcompress checkpoints.
+`AutoModel*.from_pretrained` loads hfcompress checkpoints (quantized and factorized).
 """
 
 __version__ = "0.1.0"
 
-from .quantization import GPTQConfig, QuantLinear, RTNConfig, quantize  # noqa: E402
+from .lowrank import FactorizedLinear, LowRankConfig, factorize, merge_lora
+from .quantization import GPTQConfig, QuantLinear, RTNConfig, quantize
 
-__all__ = ["quantize", "GPTQConfig", "RTNConfig", "QuantLinear", "__version__"]
+__all__ = [
+    "FactorizedLinear",
+    "GPTQConfig",
+    "LowRankConfig",
+    "QuantLinear",
+    "RTNConfig",
+    "__version__",
+    "factorize",
+    "merge_lora",
+    "quantize",
+]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["load_texts", "tokenize_windows", "calibration_batches"]
+__all__ = ["calibration_batches", "calibration_windows", "load_texts", "tokenize_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +86,17 @@ def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int
         index = torch.linspace(0, len(windows) - 1, num_samples).round().long()
         chosen = windows[index]
     return list(chosen.split(batch_size))
+
+
+def calibration_windows(model, dataset, seq_len: int, tokenizer=None) -> torch.Tensor:
+    """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
+    `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is."""
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.shape[1] < 1:
+            raise ValueError(f"a token-id `dataset` must be [n_windows, seq_len], got shape {tuple(dataset.shape)}")
+        return dataset
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    return tokenize_windows(tokenizer, load_texts(dataset), seq_len)

@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..data import calibration_batches, load_texts, tokenize_windows
+from ..data import calibration_batches, calibration_windows
 from .config import GPTQConfig, HfcompressQuantizationConfig, RTNConfig
 from .grid import rtn_quantize
 from .modules import QuantLinear
 from .sequential import quantize_blocks
-from .structure import find_layer_stack, find_linears, is_excluded, linear_weight, set_submodule
+from .structure import (
+    find_layer_stack,
+    find_linears,
+    is_excluded,
+    linear_weight,
+    set_submodule,
+)
 
 __all__ = ["quantize", "select_targets"]
 
@@ -102,16 +108,7 @@ def _stores_g_idx(config: RTNConfig) -> bool:
 def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Tensor]:
     if config.dataset is None:
         raise ValueError("GPTQConfig needs calibration data: pass `dataset=` (texts, a text file or a dataset)")
-    if isinstance(config.dataset, torch.Tensor):
-        windows = config.dataset
-        if windows.dim() != 2 or windows.shape[1] < 1:
-            raise ValueError(f"a token-id `dataset` must be [n_windows, seq_len], got shape {tuple(windows.shape)}")
-    else:
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-        windows = tokenize_windows(tokenizer, load_texts(config.dataset), config.seq_len)
+    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
     return calibration_batches(windows, config.num_samples, batch_size=config.batch_size)
 
 

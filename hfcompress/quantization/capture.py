@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = ["BlockInputs", "capture_block_inputs", "hidden_states_of", "run_block", "with_hidden_states"]
 

@@ -10,11 +10,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .grid import SUPPORTED_BITS
 
-__all__ = ["RTNConfig", "GPTQConfig", "HfcompressQuantizationConfig", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "GPTQConfig", "HfcompressQuantizationConfig", "RTNConfig"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: `lowrank` (factorized layers)
+FORMAT_VERSION = 2
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -120,7 +121,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
 
     `modules` lists every quantized module by name so loading rebuilds exactly those; `layer_types` the
     classes they replaced (`Linear`, GPT-2's `Conv1D`); `recipe` keeps the settings that produced the
-    checkpoint, for the record.
+    checkpoint, for the record. `lowrank` maps each factorized layer to its rank (`FactorizedLinear`, rebuilt
+    before any quantized module, so a quantized factor is listed in `modules` as `<layer>.up` or `.down`);
+    `lowrank_recipe` keeps the factorization settings.
     """
 
     bits: int = 4
@@ -132,6 +135,8 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     scale_dtype: str = "float16"
     method: str = "rtn"
     recipe: dict[str, Any] = field(default_factory=dict)
+    lowrank: dict[str, int] = field(default_factory=dict)
+    lowrank_recipe: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     quant_method: str = "hfcompress"
 

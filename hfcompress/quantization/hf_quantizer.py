@@ -11,6 +11,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from ..lowrank.modules import FactorizedLinear
 from .config import HfcompressQuantizationConfig
 from .modules import QuantLinear
 from .structure import LINEAR_TYPES, linear_weight, set_submodule
@@ -22,22 +23,24 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 class HfcompressHfQuantizer(HfQuantizer):
-    """Swaps the layers listed in the checkpoint's `quantization_config.modules` for `QuantLinear` before the
-    weights load, so the packed tensors land in their buffers."""
+    """Swaps the layers listed in the checkpoint's `quantization_config` for what the checkpoint holds before
+    the weights load: `FactorizedLinear` for those in `lowrank`, then `QuantLinear` for those in `modules`."""
 
     requires_calibration = True
     quantization_config: HfcompressQuantizationConfig
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        for name, rank in config.lowrank.items():
+            module = _linear_to_replace(model, name, "factorizes")
+            out_features, in_features = linear_weight(module).shape
+            factorized = FactorizedLinear(
+                in_features, out_features, rank, bias=module.bias is not None, dtype=module.weight.dtype, device=module.weight.device
+            )
+            set_submodule(model, name, factorized)
         scale_dtype = _SCALE_DTYPES[config.scale_dtype]
         for name in config.modules:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError as e:
-                raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not have") from e
-            if not isinstance(module, LINEAR_TYPES):
-                raise ValueError(f"the checkpoint quantizes {name!r}, a {type(module).__name__}, not a linear layer")
+            module = _linear_to_replace(model, name, "quantizes")
             out_features, in_features = linear_weight(module).shape
             layer = QuantLinear(
                 in_features,
@@ -62,12 +65,27 @@ class HfcompressHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # packed weights take no gradients; factorized layers are ordinary linears and train as usual
+        return not self.quantization_config.modules
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return not self.quantization_config.modules
 
     def _dequantize(self, model, dtype=None):
         from .export import dequantize_model
 
         return dequantize_model(model, dtype)
+
+
+def _linear_to_replace(model, name: str, verb: str):
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"the checkpoint {verb} {name!r}, which {type(model).__name__} does not have") from e
+    if not isinstance(module, LINEAR_TYPES):
+        raise ValueError(f"the checkpoint {verb} {name!r}, a {type(module).__name__}, not a linear layer")
+    return module
 
 
 def register() -> None:

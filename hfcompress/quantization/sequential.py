@@ -21,18 +21,24 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers.utils.logging import tqdm
 
-from .capture import BlockInputs, hidden_states_of, with_hidden_states, capture_block_inputs, run_block
+from .capture import (
+    BlockInputs,
+    capture_block_inputs,
+    hidden_states_of,
+    run_block,
+    with_hidden_states,
+)
 from .config import GPTQConfig
-from .grid import QuantizedWeight
 from .gptq import accumulate_hessian, gptq_quantize, symmetrize_upper
+from .grid import QuantizedWeight
 from .modules import QuantLinear
 from .structure import linear_weight, set_linear_weight, set_submodule
 from .trace import BlockTrace, trace_block
 
-__all__ = ["calibrate_block", "quantize_blocks"]
+__all__ = ["calibrate_block", "collect_hessians", "quantize_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,17 +232,44 @@ def _synthesize_passthroughs(trace: BlockTrace, named, stage: int, records: dict
         records[module] = [passthrough.wrap(linear(x)) for x in kept_inputs[group]]
 
 
-def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype):
+def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, torch.Tensor]:
+    """The input Hessian of each group of `trace`, keyed by the group's first linear."""
     hessians = {
         names[0]: _Hessian(linear_weight(named[names[0]]).shape[1], named[names[0]].weight.device)
         for names in trace.groups
     }
-    # the block's output is not needed in this pass: stop once the last group's input is in
-    _run_stage(block, named, inputs, hessians, stop=trace.groups[-1][0])
+    # the block's output is not needed here: stop once the last group's input is in
+    _run_stage(named[""], named, inputs, hessians, stop=trace.groups[-1][0])
+    return {leader: hessian.full() for leader, hessian in hessians.items()}
+
+
+def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype):
+    hessians = _group_hessians(named, trace, inputs)
     quantized = {}
     for names in trace.groups:
-        quantized.update(_quantize_group(names, named, hessians[names[0]].full(), config, scale_dtype))
+        quantized.update(_quantize_group(names, named, hessians[names[0]], config, scale_dtype))
     return run_block(block, inputs), quantized
+
+
+def _named_in_block(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Submodules of `block` by name relative to it; the block itself under ""."""
+    return {n[len(prefix) + 1 :]: m for n, m in block.named_modules(prefix=prefix) if m is not block} | {"": block}
+
+
+@torch.no_grad()
+def collect_hessians(
+    block: nn.Module, prefix: str, inputs: list[BlockInputs], names: list[str], trace: BlockTrace | None = None
+) -> dict[str, torch.Tensor]:
+    """The input Hessian (2 X^T X / n) of each linear `names` (relative to `block`) on `inputs`, with the
+    block's current weights. Linears reading the same tensor share one matrix (the same object)."""
+    named = _named_in_block(block, prefix)
+    if trace is None:
+        trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in names], inputs[0])
+    never_ran = [n for n in names if trace.calls[n] == 0]
+    if never_ran:
+        raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
+    by_leader = _group_hessians(named, trace, inputs)
+    return {name: by_leader[group[0]] for group in trace.groups for name in group}
 
 
 @torch.no_grad()
@@ -254,7 +287,7 @@ def calibrate_block(
     Leaves each target's weight at its dequantized value and returns the block's outputs on `inputs` (the
     next block's inputs), the quantized weights, and whether the staged path ran.
     """
-    named = {n[len(prefix) + 1 :]: m for n, m in block.named_modules(prefix=prefix) if m is not block}
+    named = _named_in_block(block, prefix)
     if trace is None:
         trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
     never_ran = [n for n in modules if trace.calls[n] == 0]

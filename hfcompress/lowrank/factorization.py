@@ -1,0 +1,277 @@
+"""`factorize(model, config)`: replace linear layers by `FactorizedLinear`, in place.
+
+Methods that need activations (asvd, whiten) calibrate block by block with the GPTQ driver's machinery:
+the first block's inputs are captured once, each block's input Gram matrices are collected on them, its
+layers are factorized, and the block's outputs (from the factorized block when `sequential`) become the
+next block's inputs. With a `param_ratio` budget and sensitivity allocation, a first full-precision pass
+measures how much the calibration loss rises when each layer alone is truncated, and the ranks are then
+chosen to spend the budget where it costs least.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from ..data import calibration_batches, calibration_windows
+from ..quantization.capture import capture_block_inputs, run_block
+from ..quantization.sequential import collect_hessians
+from ..quantization.structure import (
+    find_layer_stack,
+    find_linears,
+    is_excluded,
+    linear_weight,
+    set_submodule,
+)
+from .allocation import allocate_ranks, uniform_ranks
+from .config import LowRankConfig
+from .modules import FactorizedLinear
+from .sensitivity import measure_sensitivity
+from .svd import Decomposition, decompose, max_saving_rank, rank_for_energy
+
+__all__ = ["factorize", "select_lowrank_targets"]
+
+logger = logging.getLogger(__name__)
+
+
+def select_lowrank_targets(
+    model: nn.Module, config: LowRankConfig
+) -> dict[str, nn.Module]:
+    """The linear layers `config` may factorize, checked against a fixed `rank` before any work starts."""
+    excluded = list(config.modules_to_not_convert or [])
+    output_embeddings = (
+        model.get_output_embeddings()
+        if hasattr(model, "get_output_embeddings")
+        else None
+    )
+    embedding_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
+    }
+    targets = {}
+    for name, module in find_linears(model).items():
+        if is_excluded(name, excluded) or id(module.weight) in embedding_weights:
+            continue
+        if config.modules_to_not_convert is None and module is output_embeddings:
+            continue
+        targets[name] = module
+    if not targets:
+        raise ValueError(
+            f"no linear layers to factorize in {type(model).__name__} (excluded: {excluded})"
+        )
+    if config.rank is not None:
+        for name, module in targets.items():
+            out_features, in_features = linear_weight(module).shape
+            if config.rank >= min(out_features, in_features):
+                raise ValueError(
+                    f"`rank` {config.rank} is not below min(out, in) = {min(out_features, in_features)} of {name!r} "
+                    f"({out_features}x{in_features}); a factorization of that rank cannot be smaller"
+                )
+    return targets
+
+
+def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Module:
+    """Factorize the linear layers of `model` in place and return it, ready for `save_pretrained`.
+
+    `config.dataset` (needed by asvd, whiten and sensitivity allocation) is a list of strings, a text file, a
+    `datasets` folder, a Hub dataset name or a tensor of token ids [n, seq_len]; text is tokenized with
+    `tokenizer`, or the one saved with the model.
+    """
+    if not isinstance(config, LowRankConfig):
+        raise TypeError(
+            f"`config` must be an hfcompress LowRankConfig, got {type(config).__name__}"
+        )
+    existing = getattr(model.config, "quantization_config", None)
+    if existing is not None:
+        raise ValueError(
+            "the model is already quantized or factorized; factorize the original model instead"
+        )
+    targets = select_lowrank_targets(model, config)
+    shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
+
+    was_training = model.training
+    model.eval()
+    try:
+        if config.needs_data:
+            ranks = _factorize_calibrated(model, targets, shapes, config, tokenizer)
+        else:
+            ranks = _factorize_plain(model, targets, shapes, config)
+    finally:
+        model.train(was_training)
+    if not ranks:
+        logger.warning(
+            "no layer was factorized: at the requested target none would hold fewer parameters"
+        )
+    _attach_config(model, config, ranks)
+    kept = sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items()) + sum(
+        o * i for n, (o, i) in shapes.items() if n not in ranks
+    )
+    logger.info(
+        "factorized %d of %d layers: %.1f%% of their parameters kept",
+        len(ranks),
+        len(targets),
+        100 * kept / sum(o * i for o, i in shapes.values()),
+    )
+    return model
+
+
+def _factorize_plain(model, targets, shapes, config: LowRankConfig) -> dict[str, int]:
+    planned = _planned_ranks(shapes, config)
+    done = {}
+    for name, module in tqdm(targets.items(), desc="SVD"):
+        if name in planned and planned[name] is None:
+            continue
+        decomposition = decompose(linear_weight(module), "svd")
+        rank = _final_rank(name, decomposition, shapes[name], planned, config)
+        if rank is not None:
+            _replace(model, name, module, decomposition, rank)
+            done[name] = rank
+    return done
+
+
+def _factorize_calibrated(
+    model, targets, shapes, config: LowRankConfig, tokenizer
+) -> dict[str, int]:
+    prefix_of_stack, blocks = find_layer_stack(model)
+    outside = [n for n in targets if not n.startswith(prefix_of_stack + ".")]
+    if outside:
+        logger.warning(
+            "%d layers outside the block stack have no calibration statistics and stay dense: %s",
+            len(outside),
+            outside,
+        )
+        targets = {n: m for n, m in targets.items() if n not in outside}
+        shapes = {n: s for n, s in shapes.items() if n not in outside}
+    if config.dataset is None:
+        reason = (
+            f"method {config.method!r}"
+            if config.method != "svd"
+            else "sensitivity allocation"
+        )
+        raise ValueError(
+            f"{reason} needs calibration data: pass `dataset=` (texts, a text file or a dataset)"
+        )
+    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
+    batches = calibration_batches(windows, config.num_samples, config.batch_size)
+
+    if config.param_ratio is not None and config.allocation == "sensitivity":
+        curves = measure_sensitivity(model, blocks, targets, batches, config)
+        budget = config.param_ratio * sum(o * i for o, i in shapes.values())
+        planned = allocate_ranks(curves, budget)
+    else:
+        planned = _planned_ranks(shapes, config)
+
+    block_names = {id(module): name for name, module in model.named_modules()}
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    done = {}
+    for block in tqdm(blocks, desc=f"factorize ({config.method})"):
+        prefix = block_names[id(block)]
+        modules = {
+            n[len(prefix) + 1 :]: m
+            for n, m in targets.items()
+            if n.startswith(prefix + ".")
+        }
+        modules = {
+            n: m
+            for n, m in modules.items()
+            if planned.get(f"{prefix}.{n}", 0) is not None
+        }
+        if not modules:
+            inputs = run_block(block, inputs)
+            continue
+        grams = collect_hessians(block, prefix, inputs, list(modules))
+        if not config.sequential:
+            inputs = run_block(block, inputs)
+        for name, module in modules.items():
+            full_name = f"{prefix}.{name}"
+            decomposition = decompose(
+                linear_weight(module),
+                config.method,
+                grams[name],
+                config.alpha,
+                config.damp_percent,
+            )
+            rank = _final_rank(
+                full_name, decomposition, shapes[full_name], planned, config
+            )
+            if rank is not None:
+                _replace(block, name, module, decomposition, rank)
+                done[full_name] = rank
+        del grams
+        if config.sequential:
+            inputs = run_block(block, inputs)
+    return done
+
+
+def _planned_ranks(
+    shapes: dict[str, tuple[int, int]], config: LowRankConfig
+) -> dict[str, int | None]:
+    """Ranks known before any SVD: from `param_ratio` (uniform) or `rank`; energy targets are decided later."""
+    if config.param_ratio is not None:
+        return uniform_ranks(shapes, config.param_ratio)
+    if config.rank is not None:
+        planned = {}
+        for name, (out_features, in_features) in shapes.items():
+            saves = config.rank <= max_saving_rank(out_features, in_features)
+            if not saves:
+                logger.info(
+                    "%s stays dense: rank %d factors would not be smaller than its %dx%d weight",
+                    name,
+                    config.rank,
+                    out_features,
+                    in_features,
+                )
+            planned[name] = config.rank if saves else None
+        return planned
+    return {}
+
+
+def _final_rank(
+    name: str,
+    decomposition: Decomposition,
+    shape: tuple[int, int],
+    planned: dict,
+    config: LowRankConfig,
+) -> int | None:
+    if name in planned:
+        return planned[name]
+    rank = rank_for_energy(decomposition.S, config.energy)
+    if rank > max_saving_rank(*shape):
+        logger.info(
+            "%s stays dense: keeping %.3g of its energy needs rank %d",
+            name,
+            config.energy,
+            rank,
+        )
+        return None
+    return rank
+
+
+def _replace(
+    root: nn.Module,
+    name: str,
+    module: nn.Module,
+    decomposition: Decomposition,
+    rank: int,
+) -> None:
+    up, down = decomposition.factors(rank)
+    dtype = linear_weight(module).dtype
+    bias = module.bias.detach() if module.bias is not None else None
+    layer = FactorizedLinear.from_factors(up.to(dtype), down.to(dtype), bias)
+    set_submodule(root, name, layer)
+
+
+def _attach_config(
+    model: nn.Module, config: LowRankConfig, ranks: dict[str, int]
+) -> None:
+    from ..quantization.config import HfcompressQuantizationConfig
+    from ..quantization.hf_quantizer import HfcompressHfQuantizer
+
+    qconfig = HfcompressQuantizationConfig(
+        method="none", modules=[], lowrank=dict(ranks), lowrank_recipe=config.to_dict()
+    )
+    model.config.quantization_config = qconfig
+    model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = qconfig.quant_method

@@ -1,0 +1,211 @@
+"""How much the model's calibration loss rises when one layer alone is truncated: the measurements behind
+rank allocation.
+
+Each layer is decomposed once (with full-precision inputs), truncated to a few probe ranks in turn, and the
+model's loss on a few calibration windows is measured against the untouched model. The rise is modelled as
+proportional to the squared singular values the truncation drops (for whitening, exactly the layer's squared
+output error on the calibration tokens), with the factor fitted to the probes: one SVD and a handful of
+forward passes per layer give a prediction for every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from ..quantization.capture import capture_block_inputs, run_block
+from ..quantization.sequential import collect_hessians
+from ..quantization.structure import linear_weight, set_linear_weight
+from .allocation import ErrorCurve
+from .config import LowRankConfig
+from .svd import decompose, max_saving_rank, rank_for_ratio
+
+__all__ = ["measure_sensitivity", "model_loss"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def model_loss(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    reference: list[torch.Tensor] | None = None,
+    on_batch=None,
+) -> float:
+    """Mean next-token loss of a language model on `batches`; for other models (no `labels` loss), the mean
+    squared change of their first output against `reference` relative to its mean square. `on_batch(index)`
+    is called before each batch runs."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for index, input_ids in enumerate(batches):
+        if on_batch is not None:
+            on_batch(index)
+        input_ids = input_ids.to(device)
+        if reference is None:
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            total += float(loss) * input_ids.numel()
+            count += input_ids.numel()
+        else:
+            output = _first_output(model(input_ids=input_ids))
+            expected = reference[index]
+            total += float(
+                (output - expected).square().sum()
+                / expected.square().mean().clamp_min(1e-12)
+            )
+            count += expected.numel()
+    return total / count
+
+
+class _SkipTo:
+    """Makes the model start at block `start`: every block before it returns what block `start - 1` returned
+    for the current batch in an untouched run, so probing a late layer does not recompute the early blocks."""
+
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, probes: list[torch.Tensor]
+    ):
+        self.blocks = blocks
+        self.outputs: list[list] = [[] for _ in blocks]
+        self.index = 0
+        handles = [
+            b.register_forward_hook(self._recorder(i)) for i, b in enumerate(blocks)
+        ]
+        try:
+            for batch in probes:
+                model(
+                    input_ids=batch.to(next(model.parameters()).device), use_cache=False
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _recorder(self, i):
+        def hook(module, args, output):
+            self.outputs[i].append(output)
+
+        return hook
+
+    def set_batch(self, index: int) -> None:
+        self.index = index
+
+    def start_at(self, start: int) -> None:
+        for block in self.blocks[:start]:
+            block.forward = lambda *args, **kwargs: self.outputs[start - 1][self.index]
+
+    def restore(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _first_output(output) -> torch.Tensor:
+    return (
+        output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+    )
+
+
+def _is_language_model(model: nn.Module, batch: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            return (
+                model(input_ids=batch[:1], labels=batch[:1], use_cache=False).loss
+                is not None
+            )
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    targets: dict[str, nn.Module],
+    batches: list[torch.Tensor],
+    config: LowRankConfig,
+) -> dict[str, ErrorCurve]:
+    """An `ErrorCurve` per target layer (inside `blocks`), fitted to measured loss increases."""
+    probe_windows = torch.cat(batches)[: config.sensitivity_samples]
+    probes = list(probe_windows.split(config.batch_size))
+    reference = None
+    if not _is_language_model(model, probes[0]):
+        reference = [_first_output(model(input_ids=b)).clone() for b in probes]
+    base = model_loss(model, probes, reference)
+    logger.info("sensitivity: base loss %.4f on %d windows", base, len(probe_windows))
+
+    skip = _SkipTo(model, blocks, probes)
+    block_names = {id(module): name for name, module in model.named_modules()}
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    curves: dict[str, ErrorCurve] = {}
+    for index, block in enumerate(tqdm(blocks, desc="sensitivity")):
+        prefix = block_names[id(block)]
+        modules = {
+            n[len(prefix) + 1 :]: m
+            for n, m in targets.items()
+            if n.startswith(prefix + ".")
+        }
+        if modules:
+            grams = collect_hessians(block, prefix, inputs, list(modules))
+            skip.start_at(index)
+            try:
+                for name, module in modules.items():
+                    loss = lambda: model_loss(model, probes, reference, skip.set_batch)
+                    curves[f"{prefix}.{name}"] = _probe(
+                        module, grams[name], loss, base, config
+                    )
+            finally:
+                skip.restore()
+            del grams
+        inputs = run_block(block, inputs)
+    _floor_weights(curves)
+    return curves
+
+
+def _probe(module, gram, loss, base: float, config: LowRankConfig) -> ErrorCurve:
+    W = linear_weight(module).detach().clone()
+    out_features, in_features = W.shape
+    decomposition = decompose(W, config.method, gram, config.alpha, config.damp_percent)
+    curve = ErrorCurve.from_singular_values(decomposition.S, out_features, in_features)
+    rises, tails = [], []
+    try:
+        for ratio in config.probe_ratios:
+            rank = min(
+                rank_for_ratio(out_features, in_features, ratio),
+                max_saving_rank(out_features, in_features),
+            )
+            if rank < 1:
+                continue
+            up, down = decomposition.factors(rank)
+            set_linear_weight(module, (up @ down).to(W.dtype))
+            rises.append(loss() - base)
+            tails.append(float(curve.tail[rank]))
+            curve.measured[rank] = rises[-1]
+    finally:
+        set_linear_weight(module, W)
+    rises_t, tails_t = (
+        torch.tensor(rises, dtype=torch.float64),
+        torch.tensor(tails, dtype=torch.float64),
+    )
+    curve.min_rank = min(curve.measured, default=1)
+    curve.weight = (
+        float((rises_t * tails_t).sum() / tails_t.square().sum().clamp_min(1e-300))
+        if rises
+        else 0.0
+    )
+    return curve
+
+
+def _floor_weights(curves: dict[str, ErrorCurve]) -> None:
+    """A layer whose truncation did not measurably raise the loss still costs something: without a floor the
+    allocation would cut it to rank 1 on the strength of noise."""
+    positive = sorted(c.weight for c in curves.values() if c.weight > 0)
+    floor = positive[len(positive) // 2] * 1e-2 if positive else 1.0
+    for name, curve in curves.items():
+        if curve.weight < floor:
+            logger.debug(
+                "%s: measured sensitivity %.3g raised to the floor %.3g",
+                name,
+                curve.weight,
+                floor,
+            )
+            curve.weight = floor

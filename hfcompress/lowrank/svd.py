@@ -1,0 +1,204 @@
+"""Low-rank approximations of a weight matrix: pure tensor functions, no modules, no hooks.
+
+A weight `W` [out, in] becomes `U @ V` with `U` [out, r] and `V` [r, in]. Three ways to choose the factors:
+
+- plain SVD: the best rank-r approximation of `W` itself (Eckart-Young);
+- activation-aware (ASVD, Yuan et al. 2023): SVD of `W @ diag(s)` where `s` is the input channels'
+  activation scale raised to `alpha`, so channels that carry large activations are kept more accurately;
+- whitening (SVD-LLM, Wang et al. 2024): SVD of `W @ L` where `L @ L.T` is the Cholesky factorization of the
+  input Gram matrix `X.T @ X`. Then `||(W - W_r) X.T||_F = ||(W - W_r) L||_F`, so the dropped singular values
+  are exactly the output error on the calibration inputs and truncation is optimal for that error.
+
+Each method yields a `Decomposition` whose factors for any rank are cheap to read off, so rank allocation
+can try many ranks from one SVD.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Decomposition",
+    "decompose",
+    "lowrank_update",
+    "max_saving_rank",
+    "rank_for_energy",
+    "rank_for_ratio",
+    "regularized_cholesky",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Decomposition:
+    """`W @ T = U diag(S) Vh` for a right transform `T` (identity, a diagonal scale, or a whitening factor).
+
+    `scale` holds a diagonal `T` as a vector; `whitener` a lower-triangular `T`. At most one is set.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    scale: torch.Tensor | None = None
+    whitener: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.U.shape[0], self.Vh.shape[1]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(up [out, rank], down [rank, in])` with `up @ down` the rank-`rank` approximation of `W`; the
+        singular values are split evenly (`sqrt(S)` on each side) so both factors have similar norms."""
+        out_features, in_features = self.shape
+        if not 0 < rank <= min(out_features, in_features):
+            raise ValueError(
+                f"`rank` must be in [1, {min(out_features, in_features)}] for a {out_features}x{in_features} weight, got {rank}"
+            )
+        root = self.S[:rank].sqrt()
+        up = self.U[:, :rank] * root
+        down = root[:, None] * self.Vh[:rank]
+        if self.scale is not None:
+            down = down / self.scale
+        elif self.whitener is not None:
+            # down @ L^-1, as the solution of X @ L = down
+            down = torch.linalg.solve_triangular(
+                self.whitener, down, upper=False, left=False
+            )
+        return up, down
+
+    def truncation_error(self, rank: int) -> float:
+        """Squared Frobenius norm of what rank `rank` drops, measured in the transformed space (for
+        whitening: the squared output error summed over the calibration tokens)."""
+        return float(self.S[rank:].square().sum())
+
+
+def regularized_cholesky(
+    gram: torch.Tensor, damp_percent: float = 0.01, max_tries: int = 8
+) -> torch.Tensor:
+    """Lower Cholesky factor of `gram + damp * mean(diag(gram)) * I`, raising `damp` tenfold until it succeeds.
+
+    A Gram matrix of calibration inputs is often singular (dead channels, fewer tokens than features); the
+    damping makes it positive definite at the cost of whitening slightly less. Logged when it had to grow.
+    """
+    gram = gram.double()
+    diag_mean = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    damp = damp_percent
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(gram + damp * diag_mean * eye)
+        if info == 0:
+            if attempt:
+                logger.info(
+                    "the input Gram matrix is singular; regularized with %.3g x mean(diag) to whiten",
+                    damp,
+                )
+            return L
+        damp = max(damp * 10, 1e-6)
+    raise ValueError(
+        f"the input Gram matrix is not positive definite even with {damp:.3g} x mean(diag) added; "
+        "check the calibration data for NaN or infinite activations"
+    )
+
+
+def decompose(
+    W: torch.Tensor,
+    method: str = "svd",
+    gram: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    damp_percent: float = 0.01,
+) -> Decomposition:
+    """SVD of `W` [out, in] after the right transform of `method` ("svd", "asvd" or "whiten").
+
+    `gram` is the input Gram matrix `X.T @ X` [in, in] (any positive multiple works), needed by "asvd" (its
+    diagonal gives each channel's mean squared activation) and "whiten". Computed in float64.
+    """
+    W = W.detach().double()
+    scale = whitener = None
+    if method == "svd":
+        target = W
+    elif method in ("asvd", "whiten"):
+        if gram is None:
+            raise ValueError(
+                f"method {method!r} needs the input Gram matrix of calibration activations"
+            )
+        if gram.shape != (W.shape[1], W.shape[1]):
+            raise ValueError(
+                f"the Gram matrix is {tuple(gram.shape)}, expected {(W.shape[1], W.shape[1])}"
+            )
+        if method == "asvd":
+            # ASVD scales by the channel's mean absolute activation; the root mean square from the Gram
+            # diagonal is the same statistic up to the activation distribution's shape, and needs no extra hook.
+            rms = gram.double().diagonal().clamp_min(0).sqrt()
+            scale = rms.clamp_min(rms.max() * 1e-6 + 1e-12) ** alpha
+            target = W * scale
+        else:
+            whitener = regularized_cholesky(gram, damp_percent)
+            target = W @ whitener
+    else:
+        raise ValueError(
+            f"`method` must be one of 'svd', 'asvd', 'whiten', got {method!r}"
+        )
+    U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+    return Decomposition(U, S, Vh, scale, whitener)
+
+
+def max_saving_rank(out_features: int, in_features: int) -> int:
+    """The largest rank whose two factors hold fewer parameters than the dense weight (0 if none)."""
+    return (out_features * in_features - 1) // (out_features + in_features)
+
+
+def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
+    """The rank whose factors hold at most `ratio` of the dense weight's parameters (at least 1)."""
+    return max(
+        1, int(ratio * out_features * in_features // (out_features + in_features))
+    )
+
+
+def rank_for_energy(S: torch.Tensor, energy: float) -> int:
+    """The smallest rank keeping at least `energy` of the squared singular values."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"`energy` must be in (0, 1], got {energy}")
+    cumulative = S.double().square().cumsum(0)
+    kept = cumulative / cumulative[-1].clamp_min(1e-300)
+    return (
+        int(
+            torch.searchsorted(
+                kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12
+            ).item()
+        )
+        + 1
+    )
+
+
+def lowrank_update(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    rank: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of `U @ V + B @ A` of rank `rank` (default: the exact rank, `U.shape[1] + B.shape[1]`).
+
+    The sum is `[U, B] @ [V; A]`; with `P = [U, B] = Qp Rp` and `[V; A].T = Qq Rq` it equals
+    `Qp (Rp Rq.T) Qq.T`, so the SVD of the small `(r + k) x (r + k)` core gives the best approximation of
+    each rank without ever forming the dense [out, in] matrix. Scale `B` (LoRA's alpha / r) beforehand.
+    """
+    P = torch.cat([U, B], dim=1).double()
+    Q = torch.cat([V, A], dim=0).double()
+    full_rank = P.shape[1]
+    rank = full_rank if rank is None else rank
+    if not 0 < rank <= full_rank:
+        raise ValueError(
+            f"`rank` must be in [1, {full_rank}] for a rank-{U.shape[1]} layer plus a rank-{B.shape[1]} update, got {rank}"
+        )
+    Qp, Rp = torch.linalg.qr(P)
+    Qq, Rq = torch.linalg.qr(Q.T)
+    Uc, S, Vhc = torch.linalg.svd(Rp @ Rq.T)
+    root = S[:rank].sqrt()
+    up = (Qp @ Uc[:, :rank]) * root
+    down = root[:, None] * (Vhc[:rank] @ Qq.T)
+    return up.to(U.dtype), down.to(V.dtype)

@@ -1,0 +1,146 @@
+"""The low-rank maths on small random matrices: factor shapes, optimality, whitening's error identity,
+regularization of singular Gram matrices, the exact low-rank update and rank allocation."""
+
+import pytest
+import torch
+
+from hfcompress.lowrank.allocation import ErrorCurve, allocate_ranks, uniform_ranks
+from hfcompress.lowrank.svd import (
+    decompose,
+    lowrank_update,
+    max_saving_rank,
+    rank_for_energy,
+    rank_for_ratio,
+)
+
+
+def _inputs(n=512, d=24, seed=0):
+    """Anisotropic, correlated activations, like a real layer's input."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing.double() + 0.1
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+def test_full_rank_factors_reproduce_the_weight(method):
+    W = torch.randn(16, 24, dtype=torch.float64)
+    X = _inputs()
+    up, down = decompose(W, method, X.T @ X).factors(16)
+    assert up.shape == (16, 16) and down.shape == (16, 24)
+    torch.testing.assert_close(up @ down, W)
+
+
+def test_plain_svd_is_the_best_approximation_of_the_weight():
+    W = torch.randn(16, 24, dtype=torch.float64)
+    d = decompose(W, "svd")
+    for rank in (1, 5, 12):
+        up, down = d.factors(rank)
+        error = (W - up @ down).square().sum()
+        torch.testing.assert_close(error.item(), d.truncation_error(rank))
+
+
+def test_whitening_error_is_the_output_error_and_beats_the_others():
+    W = torch.randn(16, 24, dtype=torch.float64)
+    X = _inputs()
+    gram = X.T @ X
+    whitened = decompose(W, "whiten", gram, damp_percent=0.0)
+    rank = 6
+    output_error = {}
+    for method in ("svd", "asvd", "whiten"):
+        up, down = decompose(W, method, gram, damp_percent=0.0).factors(rank)
+        output_error[method] = ((W - up @ down) @ X.T).square().sum().item()
+    # the dropped singular values of W L are exactly the output error on the calibration inputs
+    assert output_error["whiten"] == pytest.approx(
+        whitened.truncation_error(rank), rel=1e-8
+    )
+    assert output_error["whiten"] < output_error["asvd"] < output_error["svd"]
+
+
+def test_a_singular_gram_is_regularized_and_logged(caplog):
+    W = torch.randn(8, 12, dtype=torch.float64)
+    X = _inputs(n=512, d=12)
+    X[:, 3] = 0  # a dead channel
+    X = X[:5]  # fewer tokens than features: rank-deficient Gram
+    with caplog.at_level("INFO", logger="hfcompress.lowrank.svd"):
+        up, down = decompose(W, "whiten", X.T @ X, damp_percent=0.0).factors(4)
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert "singular" in caplog.text
+
+
+def test_bad_methods_ranks_and_grams_are_refused():
+    W = torch.randn(8, 12)
+    with pytest.raises(ValueError, match="`method`"):
+        decompose(W, "tucker")
+    with pytest.raises(ValueError, match="needs the input Gram"):
+        decompose(W, "whiten")
+    with pytest.raises(ValueError, match="Gram matrix is"):
+        decompose(W, "asvd", torch.eye(8))
+    d = decompose(W, "svd")
+    for rank in (0, 9):
+        with pytest.raises(ValueError, match="`rank` must be in"):
+            d.factors(rank)
+
+
+def test_rank_helpers():
+    assert max_saving_rank(384, 384) == 191  # 192 * 768 == 384 * 384: no saving
+    assert 191 * 768 < 384 * 384
+    assert max_saving_rank(2, 2) == 0
+    assert rank_for_ratio(384, 384, 0.5) == 96
+    S = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert rank_for_energy(S, 9 / 14) == 1
+    assert rank_for_energy(S, 0.65) == 2
+    assert rank_for_energy(S, 1.0) == 3
+    with pytest.raises(ValueError, match="`energy`"):
+        rank_for_energy(S, 0.0)
+
+
+def test_lowrank_update_is_exact_at_full_rank_and_optimal_when_truncated():
+    g = torch.Generator().manual_seed(3)
+    U, V = torch.randn(20, 5, generator=g), torch.randn(5, 30, generator=g)
+    B, A = torch.randn(20, 3, generator=g), torch.randn(3, 30, generator=g)
+    dense = U @ V + B @ A
+    up, down = lowrank_update(U, V, B, A)
+    assert up.shape == (20, 8) and down.shape == (8, 30)
+    torch.testing.assert_close(up @ down, dense, rtol=1e-5, atol=1e-4)
+    up, down = lowrank_update(U, V, B, A, rank=5)
+    best = torch.linalg.svdvals(dense.double())
+    assert (dense - up @ down).double().square().sum().item() == pytest.approx(
+        best[5:].square().sum().item(), rel=1e-4
+    )
+    with pytest.raises(ValueError, match="`rank` must be in"):
+        lowrank_update(U, V, B, A, rank=9)
+
+
+def test_allocation_meets_the_budget_and_favours_cheap_layers():
+    g = torch.Generator().manual_seed(0)
+    decaying = torch.logspace(
+        0, -3, 32
+    )  # most energy in a few directions: cheap to truncate
+    flat = torch.ones(32) + 0.01 * torch.rand(32, generator=g)
+    curves = {
+        "cheap": ErrorCurve.from_singular_values(decaying, 32, 64),
+        "costly": ErrorCurve.from_singular_values(flat, 32, 64),
+    }
+    budget = 0.6 * 2 * 32 * 64
+    ranks = allocate_ranks(curves, budget)
+    spent = sum(curves[n].params(r) for n, r in ranks.items())
+    assert spent <= budget
+    assert spent > budget - (
+        32 + 64
+    )  # the leftover is spent down to less than one rank step
+    assert ranks["costly"] is None or ranks["costly"] > ranks["cheap"]
+    # a sensitive layer gets more of the budget than the same spectrum in an insensitive one
+    curves = {
+        "a": ErrorCurve.from_singular_values(flat, 32, 64, weight=10.0),
+        "b": ErrorCurve.from_singular_values(flat, 32, 64, weight=1.0),
+    }
+    ranks = allocate_ranks(curves, 0.5 * 2 * 32 * 64)
+    assert ranks["a"] is None or ranks["a"] > ranks["b"]
+    with pytest.raises(ValueError, match="below"):
+        allocate_ranks(curves, 10)
+    assert allocate_ranks(curves, 2 * 32 * 64) == {"a": None, "b": None}
+
+
+def test_uniform_ranks_skip_layers_that_would_not_shrink():
+    assert uniform_ranks({"a": (64, 64), "b": (8, 256)}, 0.5) == {"a": 16, "b": 3}
+    assert uniform_ranks({"a": (64, 64)}, 1.0) == {"a": None}
