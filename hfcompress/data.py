@@ -43,7 +43,9 @@ def _texts_from_datasets(path: str, split: str) -> list[str]:
     if os.path.isdir(path):
         loaded = datasets.load_from_disk(path)
     elif _looks_local(path):
-        raise FileNotFoundError(f"dataset {path!r} does not exist (expected a text file, a `datasets` folder or a Hub name)")
+        raise FileNotFoundError(
+            f"dataset {path!r} does not exist (expected a text file, a `datasets` folder or a Hub name)"
+        )
     else:
         loaded = datasets.load_dataset(path, split=split)
     if isinstance(loaded, datasets.DatasetDict):
@@ -80,7 +82,9 @@ def tokenize_windows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int) -> list[torch.Tensor]:
     """`num_samples` windows spread evenly over the available ones, grouped into batches."""
     if len(windows) < num_samples:
-        logger.warning("calibration data holds %d windows, fewer than num_samples=%d; using all", len(windows), num_samples)
+        logger.warning(
+            "calibration data holds %d windows, fewer than num_samples=%d; using all", len(windows), num_samples
+        )
         chosen = windows
     else:
         index = torch.linspace(0, len(windows) - 1, num_samples).round().long()

@@ -15,9 +15,7 @@ HANDLER = "_hfcompress_handler"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", help="No progress bars or info logs."
-    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info logs.")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +27,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         "compressed-tensors: loads in plain transformers with the compressed-tensors package (symmetric grids; "
         "act-order only with --static-groups). Default: hfcompress.",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace OUTPUT if it exists and is not empty.",
-    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
     parser.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16", "auto"),
@@ -46,56 +40,26 @@ def _add_quantize(subparsers) -> None:
     from ..quantization.config import GPTQConfig, RTNConfig
     from .arguments import add_config_arguments
 
-    quantize = subparsers.add_parser(
-        "quantize", help="Quantize a model's linear layers and save it."
-    )
+    quantize = subparsers.add_parser("quantize", help="Quantize a model's linear layers and save it.")
     methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn}")
     methods.required = True
-    grid = [
-        "bits",
-        "group_size",
-        "sym",
-        "clip_search",
-        "scale_dtype",
-        "modules_to_not_convert",
-    ]
+    grid = ["bits", "group_size", "sym", "clip_search", "scale_dtype", "modules_to_not_convert"]
 
-    gptq = methods.add_parser(
-        "gptq", help="GPTQ with calibration data.", description=GPTQConfig.__doc__
-    )
+    gptq = methods.add_parser("gptq", help="GPTQ with calibration data.", description=GPTQConfig.__doc__)
     gptq.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    gptq.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    add_config_arguments(gptq, GPTQConfig, grid + ["act_order", "static_groups", "damp_percent", "block_size", "true_sequential"])
     gptq.add_argument(
-        "output", metavar="OUTPUT", help="Folder to write (must not exist or be empty)."
-    )
-    add_config_arguments(
-        gptq,
-        GPTQConfig,
-        grid
-        + [
-            "act_order",
-            "static_groups",
-            "damp_percent",
-            "block_size",
-            "true_sequential",
-        ],
-    )
-    gptq.add_argument(
-        "--dataset",
-        required=True,
-        help="Calibration data: a text file, a `datasets` folder, or a Hub dataset name.",
+        "--dataset", required=True, help="Calibration data: a text file, a `datasets` folder, or a Hub dataset name."
     )
     add_config_arguments(gptq, GPTQConfig, ["num_samples", "seq_len", "batch_size"])
     _add_output_options(gptq)
     _add_common(gptq)
     gptq.set_defaults(**{HANDLER: "hfcompress.commands.quantize:run_gptq"})
 
-    rtn = methods.add_parser(
-        "rtn", help="Round-to-nearest, no data.", description=RTNConfig.__doc__
-    )
+    rtn = methods.add_parser("rtn", help="Round-to-nearest, no data.", description=RTNConfig.__doc__)
     rtn.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
-    rtn.add_argument(
-        "output", metavar="OUTPUT", help="Folder to write (must not exist or be empty)."
-    )
+    rtn.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
     add_config_arguments(rtn, RTNConfig, grid)
     _add_output_options(rtn)
     _add_common(rtn)
@@ -109,41 +73,16 @@ def _add_evaluate(subparsers) -> None:
         description="Perplexity over non-overlapping windows of a text, size of the weight files, stored bits per "
         "weight of the quantized layers, and median forward latency of one window.",
     )
+    evaluate.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    evaluate.add_argument("--dataset", required=True, help="A text file, a `datasets` folder, or a Hub dataset name.")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="Tokens per window (default: 512).")
+    evaluate.add_argument("--max-windows", type=int, default=None, help="Score only the first N windows.")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass (default: 4).")
+    evaluate.add_argument("--latency-runs", type=int, default=5, help="Timed runs for latency; 0 skips it (default: 5).")
     evaluate.add_argument(
-        "model", metavar="MODEL", help="Local model folder or Hub id."
+        "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32", help="dtype to load MODEL in."
     )
-    evaluate.add_argument(
-        "--dataset",
-        required=True,
-        help="A text file, a `datasets` folder, or a Hub dataset name.",
-    )
-    evaluate.add_argument(
-        "--seq-len", type=int, default=512, help="Tokens per window (default: 512)."
-    )
-    evaluate.add_argument(
-        "--max-windows", type=int, default=None, help="Score only the first N windows."
-    )
-    evaluate.add_argument(
-        "--batch-size",
-        type=int,
-        default=4,
-        help="Windows per forward pass (default: 4).",
-    )
-    evaluate.add_argument(
-        "--latency-runs",
-        type=int,
-        default=5,
-        help="Timed runs for latency; 0 skips it (default: 5).",
-    )
-    evaluate.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16", "auto"),
-        default="float32",
-        help="dtype to load MODEL in.",
-    )
-    evaluate.add_argument(
-        "--json", action="store_true", help="Print one JSON object instead of a table."
-    )
+    evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     _add_common(evaluate)
     evaluate.set_defaults(**{HANDLER: "hfcompress.commands.evaluate:run_evaluate"})
 
@@ -152,63 +91,35 @@ def _add_factorize(subparsers) -> None:
     from ..lowrank.config import LowRankConfig
     from .arguments import add_config_arguments
 
+    fields = LowRankConfig.__dataclass_fields__
     factorize = subparsers.add_parser(
-        "factorize",
-        help="Replace linear layers by low-rank factor pairs and save.",
-        description=LowRankConfig.__doc__,
+        "factorize", help="Replace linear layers by low-rank factor pairs and save.", description=LowRankConfig.__doc__
     )
-    factorize.add_argument(
-        "model", metavar="MODEL", help="Local model folder or Hub id."
-    )
-    factorize.add_argument(
-        "output", metavar="OUTPUT", help="Folder to write (must not exist or be empty)."
-    )
+    factorize.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    factorize.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
     target = factorize.add_mutually_exclusive_group(required=True)
-    target.add_argument(
-        "--param-ratio",
-        type=float,
-        help=LowRankConfig.__dataclass_fields__["param_ratio"].metadata["help"],
+    target.add_argument("--param-ratio", type=float, help=fields["param_ratio"].metadata["help"])
+    target.add_argument("--rank", type=int, help=fields["rank"].metadata["help"])
+    target.add_argument("--energy", type=float, help=fields["energy"].metadata["help"])
+    add_config_arguments(
+        factorize, LowRankConfig, ["method", "allocation", "sequential", "alpha", "damp_percent", "modules_to_not_convert"]
     )
-    target.add_argument(
-        "--rank",
-        type=int,
-        help=LowRankConfig.__dataclass_fields__["rank"].metadata["help"],
-    )
-    target.add_argument(
-        "--energy",
-        type=float,
-        help=LowRankConfig.__dataclass_fields__["energy"].metadata["help"],
+    factorize.add_argument(
+        "--dataset",
+        default=None,
+        help="Calibration data (needed by asvd, whiten and sensitivity allocation): a text file, a `datasets` "
+        "folder, or a Hub dataset name.",
     )
     add_config_arguments(
-        factorize,
-        LowRankConfig,
-        [
-            "method",
-            "allocation",
-            "sequential",
-            "alpha",
-            "damp_percent",
-            "modules_to_not_convert",
-        ],
+        factorize, LowRankConfig, ["num_samples", "seq_len", "batch_size", "sensitivity_samples", "sensitivity_cache"]
     )
+    factorize.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
     factorize.add_argument(
-        "--dataset", default=None, help="Calibration data (needed by asvd, whiten and sensitivity allocation): a text "
-        "file, a `datasets` folder, or a Hub dataset name."
-    )  # fmt: skip
-    add_config_arguments(
-        factorize,
-        LowRankConfig,
-        ["num_samples", "seq_len", "batch_size", "sensitivity_samples"],
-    )
-    factorize.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace OUTPUT if it exists and is not empty.",
-    )
-    factorize.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32",
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+        default="float32",
         help="dtype to load MODEL in before factorizing (default: float32).",
-    )  # fmt: skip
+    )
     _add_common(factorize)
     factorize.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_factorize"})
 
@@ -219,31 +130,22 @@ def _add_factorize(subparsers) -> None:
         "an update on a whole factorized layer is refactorized exactly (QR + small SVD) and truncated to --rank; "
         "an update on a factor (`.up`/`.down`) or on a dense layer is added to that weight.",
     )
+    merge.add_argument("model", metavar="MODEL", help="Local model folder or Hub id (factorized or not).")
+    merge.add_argument("adapter", metavar="ADAPTER", help="peft adapter folder or Hub id.")
+    merge.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
     merge.add_argument(
-        "model",
-        metavar="MODEL",
-        help="Local model folder or Hub id (factorized or not).",
-    )
-    merge.add_argument(
-        "adapter", metavar="ADAPTER", help="peft adapter folder or Hub id."
-    )
-    merge.add_argument(
-        "output", metavar="OUTPUT", help="Folder to write (must not exist or be empty)."
-    )
-    merge.add_argument(
-        "--rank", default="original",
+        "--rank",
+        default="original",
         help="Rank of factorized layers after the merge: 'original' (default: keep each layer's rank), 'exact' "
         "(rank + adapter rank: the merged model computes what the adapted one did), or a number.",
-    )  # fmt: skip
-    merge.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace OUTPUT if it exists and is not empty.",
     )
+    merge.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
     merge.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32",
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+        default="float32",
         help="dtype to load MODEL in (default: float32).",
-    )  # fmt: skip
+    )
     _add_common(merge)
     merge.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_merge_lora"})
 
@@ -261,14 +163,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hfcompress", description="Compress Hugging Face models."
-    )
+    parser = argparse.ArgumentParser(prog="hfcompress", description="Compress Hugging Face models.")
     from .. import __version__
 
-    parser.add_argument(
-        "--version", action="version", version=f"hfcompress {__version__}"
-    )
+    parser.add_argument("--version", action="version", version=f"hfcompress {__version__}")
     add_commands(parser)
     return parser
 
@@ -282,13 +180,7 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     handler = getattr(importlib.import_module(module_name), function)
     try:
         return handler(args) or 0
-    except (
-        ValueError,
-        FileExistsError,
-        FileNotFoundError,
-        ImportError,
-        TypeError,
-    ) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, TypeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
@@ -296,10 +188,7 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
 def _configure_logging(quiet: bool) -> None:
     from transformers.utils import logging as hf_logging
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if quiet:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()

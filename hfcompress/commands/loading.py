@@ -7,20 +7,9 @@ import re
 
 import torch
 
-__all__ = [
-    "DTYPES",
-    "checkpoint_dtype",
-    "load_model",
-    "load_tokenizer",
-    "resolve_model_path",
-]
+__all__ = ["DTYPES", "checkpoint_dtype", "load_model", "load_tokenizer", "resolve_model_path"]
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "auto": "auto",
-}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -32,14 +21,8 @@ def resolve_model_path(model: str) -> str:
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise FileNotFoundError(f"model folder {model!r} has no config.json")
         return model
-    if (
-        os.path.exists(model)
-        or model.startswith((".", "~"))
-        or not _HUB_ID.fullmatch(model)
-    ):
-        raise FileNotFoundError(
-            f"model path {model!r} does not exist (expected a model folder or a Hub id like 'org/name')"
-        )
+    if os.path.exists(model) or model.startswith((".", "~")) or not _HUB_ID.fullmatch(model):
+        raise FileNotFoundError(f"model path {model!r} does not exist (expected a model folder or a Hub id like 'org/name')")
     return model
 
 
@@ -59,9 +42,7 @@ def checkpoint_dtype(model: str) -> torch.dtype:
     """The dtype the model's config says its weights are stored in (float32 when it does not say)."""
     from transformers import AutoConfig
 
-    dtype = getattr(
-        AutoConfig.from_pretrained(resolve_model_path(model)), "dtype", None
-    )
+    dtype = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

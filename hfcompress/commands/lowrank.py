@@ -51,9 +51,7 @@ def run_merge_lora(args: argparse.Namespace) -> int:
         try:
             rank = int(rank)
         except ValueError:
-            raise ValueError(
-                f"--rank must be 'original', 'exact' or a positive integer, got {args.rank!r}"
-            ) from None
+            raise ValueError(f"--rank must be 'original', 'exact' or a positive integer, got {args.rank!r}") from None
     check_output_dir(args.output, args.overwrite)
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)

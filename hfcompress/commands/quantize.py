@@ -22,9 +22,7 @@ def _quantize_and_save(args: argparse.Namespace, config: RTNConfig) -> int:
     # Refuse a non-empty OUTPUT before spending minutes on calibration.
     check_output_dir(args.output, args.overwrite)
     if args.format == "compressed-tensors" and not config.sym:
-        raise ValueError(
-            "--format compressed-tensors needs a symmetric grid: add --sym (or use --format hfcompress)"
-        )
+        raise ValueError("--format compressed-tensors needs a symmetric grid: add --sym (or use --format hfcompress)")
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
     start = time.perf_counter()
@@ -32,14 +30,7 @@ def _quantize_and_save(args: argparse.Namespace, config: RTNConfig) -> int:
     logger.info("quantized in %.1fs", time.perf_counter() - start)
     # the layers left in full precision go back to the checkpoint's own dtype (often float16)
     cast_unquantized(model, checkpoint_dtype(args.model))
-    save_quantized(
-        model,
-        args.output,
-        format=args.format,
-        tokenizer=tokenizer,
-        source=args.model,
-        overwrite=args.overwrite,
-    )
+    save_quantized(model, args.output, format=args.format, tokenizer=tokenizer, source=args.model, overwrite=args.overwrite)
     logger.info("wrote %s", args.output)
     return 0
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch import nn
+import torch.nn as nn
 
 from ..quantization.modules import QuantLinear
 from ..quantization.structure import LINEAR_TYPES, linear_weight
 
-__all__ = ["bits_per_weight", "weights_size_bytes"]
+__all__ = ["weights_size_bytes", "bits_per_weight"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

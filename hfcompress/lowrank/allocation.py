@@ -37,11 +37,22 @@ class ErrorCurve:
     def dense_params(self) -> int:
         return self.out_features * self.in_features
 
+    def predicted(self, ranks: torch.Tensor) -> torch.Tensor:
+        """Predicted loss increase at each of `ranks`: through the measured points where there are any (made
+        non-decreasing in the dropped energy, interpolated linearly, zero at nothing dropped), else
+        proportional to the dropped energy."""
+        tails = self.tail[ranks]
+        if not self.measured:
+            return self.weight * tails
+        points = sorted((float(self.tail[r]), max(rise, 0.0)) for r, rise in self.measured.items())
+        xs = torch.tensor([0.0] + [x for x, _ in points], dtype=torch.float64)
+        ys = torch.tensor([0.0] + [y for _, y in points], dtype=torch.float64).cummax(0).values
+        ys = torch.maximum(ys, self.weight * xs * 1e-2)  # never free: noise can read a real cost as zero
+        return _interp(tails, xs, ys, self.weight)
+
     def choose(self, price: float) -> int | None:
         """The rank minimizing loss + price * parameters; None when the dense layer is cheaper."""
-        limit = min(
-            max_saving_rank(self.out_features, self.in_features), len(self.tail) - 1
-        )
+        limit = min(max_saving_rank(self.out_features, self.in_features), len(self.tail) - 1)
         if limit < self.min_rank:
             return None
         ranks = torch.arange(self.min_rank, limit + 1, dtype=torch.float64)
@@ -54,20 +65,23 @@ class ErrorCurve:
         return best + self.min_rank
 
     def params(self, rank: int | None) -> int:
-        return (
-            self.dense_params
-            if rank is None
-            else rank * (self.out_features + self.in_features)
-        )
+        return self.dense_params if rank is None else rank * (self.out_features + self.in_features)
+
+
+def _interp(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, slope: float) -> torch.Tensor:
+    """Piecewise-linear through (xs, ys), continued past the last point with `slope`."""
+    index = torch.searchsorted(xs, x.contiguous()).clamp(1, len(xs) - 1)
+    x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+    inside = y0 + (y1 - y0) * (x - x0) / (x1 - x0).clamp_min(1e-300)
+    beyond = ys[-1] + slope * (x - xs[-1])
+    return torch.where(x > xs[-1], beyond, inside)
 
 
 def _total(curves: dict[str, ErrorCurve], ranks: dict[str, int | None]) -> int:
     return sum(curve.params(ranks[name]) for name, curve in curves.items())
 
 
-def allocate_ranks(
-    curves: dict[str, ErrorCurve], budget: float, iterations: int = 60
-) -> dict[str, int | None]:
+def allocate_ranks(curves: dict[str, ErrorCurve], budget: float, iterations: int = 60) -> dict[str, int | None]:
     """Ranks (None: stay dense) with at most `budget` parameters in total that minimize the summed predicted
     loss increase, by bisection on the price of a parameter (a Lagrange multiplier). Each curve is convex in
     the rank (singular values are sorted), so every price gives the best allocation for its parameter count.
@@ -81,9 +95,7 @@ def allocate_ranks(
         for curve in curves.values()
     )
     if budget < floor:
-        raise ValueError(
-            f"a budget of {int(budget)} parameters is below {floor}, what the smallest allowed ranks need"
-        )
+        raise ValueError(f"a budget of {int(budget)} parameters is below {floor}, what the smallest allowed ranks need")
 
     def at(price: float) -> dict[str, int | None]:
         return {name: curve.choose(price) for name, curve in curves.items()}
@@ -122,7 +134,8 @@ def _spend_leftover(
             step = curve.out_features + curve.in_features
             if step > left:
                 continue
-            gain = curve.weight * float(curve.tail[rank] - curve.tail[rank + 1]) / step
+            now, then = curve.predicted(torch.tensor([rank, rank + 1]))
+            gain = float(now - then) / step
             if gain > best_gain:
                 best, best_gain = name, gain
         if best is None:
@@ -131,14 +144,10 @@ def _spend_leftover(
         left -= curves[best].out_features + curves[best].in_features
 
 
-def uniform_ranks(
-    shapes: dict[str, tuple[int, int]], ratio: float
-) -> dict[str, int | None]:
+def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int | None]:
     """The same parameter ratio for every layer ([out, in] shapes); None where factors would not be smaller."""
     ranks = {}
     for name, (out_features, in_features) in shapes.items():
         rank = rank_for_ratio(out_features, in_features, ratio)
-        ranks[name] = (
-            rank if rank <= max_saving_rank(out_features, in_features) else None
-        )
+        ranks[name] = rank if rank <= max_saving_rank(out_features, in_features) else None
     return ranks

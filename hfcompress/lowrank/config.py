@@ -32,18 +32,12 @@ class LowRankConfig:
     )
     param_ratio: float | None = field(
         default=None,
-        metadata={
-            "help": "Fraction of the targeted linear layers' parameters to keep, in (0, 1]."
-        },
+        metadata={"help": "Fraction of the targeted linear layers' parameters to keep, in (0, 1]."},
     )
-    rank: int | None = field(
-        default=None, metadata={"help": "One rank for every targeted layer."}
-    )
+    rank: int | None = field(default=None, metadata={"help": "One rank for every targeted layer."})
     energy: float | None = field(
         default=None,
-        metadata={
-            "help": "Per layer, keep this fraction of the squared singular values, in (0, 1]."
-        },
+        metadata={"help": "Per layer, keep this fraction of the squared singular values, in (0, 1]."},
     )
     allocation: Literal["sensitivity", "uniform"] = field(
         default="sensitivity",
@@ -53,32 +47,31 @@ class LowRankConfig:
         },
     )
     probe_ratios: list[float] = field(
-        default_factory=lambda: [0.4, 0.7],
+        default_factory=lambda: [0.3, 0.6, 0.9],
         metadata={
             "help": "Sensitivity allocation: parameter ratios at which each layer's loss increase is measured; "
             "between and beyond them it is predicted from the layer's singular values."
         },
     )
     sensitivity_samples: int = field(
-        default=8,
+        default=4,
+        metadata={"help": "Calibration windows used to measure each layer's sensitivity."},
+    )
+    sensitivity_cache: str | None = field(
+        default=None,
         metadata={
-            "help": "Calibration windows used to measure each layer's sensitivity."
+            "help": "JSON file for the sensitivity measurements: read when it holds this model's layers measured "
+            "with the same method, probes and samples, written otherwise (so several budgets measure once)."
         },
     )
     sequential: bool = field(
         default=True,
-        metadata={
-            "help": "Whiten each block with inputs from the already factorized blocks before it."
-        },
+        metadata={"help": "Whiten each block with inputs from the already factorized blocks before it."},
     )
-    alpha: float = field(
-        default=0.5, metadata={"help": "ASVD: exponent of the activation scale."}
-    )
+    alpha: float = field(default=0.5, metadata={"help": "ASVD: exponent of the activation scale."})
     damp_percent: float = field(
         default=0.01,
-        metadata={
-            "help": "Whitening: diagonal added to a singular Gram matrix, as a fraction of its mean."
-        },
+        metadata={"help": "Whitening: diagonal added to a singular Gram matrix, as a fraction of its mean."},
     )
     modules_to_not_convert: list[str] | None = field(
         default=None,
@@ -92,69 +85,39 @@ class LowRankConfig:
             "help": "Calibration data (asvd, whiten, sensitivity): texts, a text file, a `datasets` folder or Hub name."
         },
     )
-    num_samples: int = field(
-        default=64, metadata={"help": "Number of calibration windows."}
-    )
-    seq_len: int = field(
-        default=512, metadata={"help": "Tokens per calibration window."}
-    )
-    batch_size: int = field(
-        default=4, metadata={"help": "Calibration windows per forward pass."}
-    )
+    num_samples: int = field(default=64, metadata={"help": "Number of calibration windows."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
+    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(
-                f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}"
-            )
-        targets = [
-            name
-            for name in ("param_ratio", "rank", "energy")
-            if getattr(self, name) is not None
-        ]
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
+        targets = [name for name in ("param_ratio", "rank", "energy") if getattr(self, name) is not None]
         if len(targets) != 1:
-            raise ValueError(
-                f"give exactly one of `param_ratio`, `rank`, `energy`; got {targets or 'none'}"
-            )
+            raise ValueError(f"give exactly one of `param_ratio`, `rank`, `energy`; got {targets or 'none'}")
         if self.param_ratio is not None and not (0 < self.param_ratio <= 1):
-            raise ValueError(
-                f"`param_ratio` must be in (0, 1], got {self.param_ratio!r}"
-            )
-        if self.rank is not None and (
-            isinstance(self.rank, bool)
-            or not isinstance(self.rank, int)
-            or self.rank < 1
-        ):
+            raise ValueError(f"`param_ratio` must be in (0, 1], got {self.param_ratio!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"`rank` must be a positive integer, got {self.rank!r}")
         if self.energy is not None and not (0 < self.energy <= 1):
             raise ValueError(f"`energy` must be in (0, 1], got {self.energy!r}")
         if self.allocation not in ("sensitivity", "uniform"):
-            raise ValueError(
-                f"`allocation` must be 'sensitivity' or 'uniform', got {self.allocation!r}"
-            )
+            raise ValueError(f"`allocation` must be 'sensitivity' or 'uniform', got {self.allocation!r}")
         if not self.probe_ratios or any(not (0 < r < 1) for r in self.probe_ratios):
-            raise ValueError(
-                f"`probe_ratios` must be a non-empty list of ratios in (0, 1), got {self.probe_ratios!r}"
-            )
+            raise ValueError(f"`probe_ratios` must be a non-empty list of ratios in (0, 1), got {self.probe_ratios!r}")
         self.probe_ratios = sorted(set(self.probe_ratios))
         for name in ("sensitivity_samples", "num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(
-                f"`alpha` must be a non-negative number, got {self.alpha!r}"
-            )
+            raise ValueError(f"`alpha` must be a non-negative number, got {self.alpha!r}")
         if not 0 <= self.damp_percent < 1:
-            raise ValueError(
-                f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}"
-            )
+            raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "svd" or (
-            self.param_ratio is not None and self.allocation == "sensitivity"
-        )
+        return self.method != "svd" or (self.param_ratio is not None and self.allocation == "sensitivity")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -28,7 +28,7 @@ from ..quantization.structure import (
 from .allocation import allocate_ranks, uniform_ranks
 from .config import LowRankConfig
 from .modules import FactorizedLinear
-from .sensitivity import measure_sensitivity
+from .sensitivity import load_or_measure_sensitivity
 from .svd import Decomposition, decompose, max_saving_rank, rank_for_energy
 
 __all__ = ["factorize", "select_lowrank_targets"]
@@ -36,19 +36,11 @@ __all__ = ["factorize", "select_lowrank_targets"]
 logger = logging.getLogger(__name__)
 
 
-def select_lowrank_targets(
-    model: nn.Module, config: LowRankConfig
-) -> dict[str, nn.Module]:
+def select_lowrank_targets(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
     """The linear layers `config` may factorize, checked against a fixed `rank` before any work starts."""
     excluded = list(config.modules_to_not_convert or [])
-    output_embeddings = (
-        model.get_output_embeddings()
-        if hasattr(model, "get_output_embeddings")
-        else None
-    )
-    embedding_weights = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
-    }
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     targets = {}
     for name, module in find_linears(model).items():
         if is_excluded(name, excluded) or id(module.weight) in embedding_weights:
@@ -57,9 +49,7 @@ def select_lowrank_targets(
             continue
         targets[name] = module
     if not targets:
-        raise ValueError(
-            f"no linear layers to factorize in {type(model).__name__} (excluded: {excluded})"
-        )
+        raise ValueError(f"no linear layers to factorize in {type(model).__name__} (excluded: {excluded})")
     if config.rank is not None:
         for name, module in targets.items():
             out_features, in_features = linear_weight(module).shape
@@ -79,14 +69,10 @@ def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Mod
     `tokenizer`, or the one saved with the model.
     """
     if not isinstance(config, LowRankConfig):
-        raise TypeError(
-            f"`config` must be an hfcompress LowRankConfig, got {type(config).__name__}"
-        )
+        raise TypeError(f"`config` must be an hfcompress LowRankConfig, got {type(config).__name__}")
     existing = getattr(model.config, "quantization_config", None)
     if existing is not None:
-        raise ValueError(
-            "the model is already quantized or factorized; factorize the original model instead"
-        )
+        raise ValueError("the model is already quantized or factorized; factorize the original model instead")
     targets = select_lowrank_targets(model, config)
     shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
 
@@ -100,9 +86,7 @@ def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Mod
     finally:
         model.train(was_training)
     if not ranks:
-        logger.warning(
-            "no layer was factorized: at the requested target none would hold fewer parameters"
-        )
+        logger.warning("no layer was factorized: at the requested target none would hold fewer parameters")
     _attach_config(model, config, ranks)
     kept = sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items()) + sum(
         o * i for n, (o, i) in shapes.items() if n not in ranks
@@ -130,9 +114,7 @@ def _factorize_plain(model, targets, shapes, config: LowRankConfig) -> dict[str,
     return done
 
 
-def _factorize_calibrated(
-    model, targets, shapes, config: LowRankConfig, tokenizer
-) -> dict[str, int]:
+def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokenizer) -> dict[str, int]:
     prefix_of_stack, blocks = find_layer_stack(model)
     outside = [n for n in targets if not n.startswith(prefix_of_stack + ".")]
     if outside:
@@ -144,19 +126,13 @@ def _factorize_calibrated(
         targets = {n: m for n, m in targets.items() if n not in outside}
         shapes = {n: s for n, s in shapes.items() if n not in outside}
     if config.dataset is None:
-        reason = (
-            f"method {config.method!r}"
-            if config.method != "svd"
-            else "sensitivity allocation"
-        )
-        raise ValueError(
-            f"{reason} needs calibration data: pass `dataset=` (texts, a text file or a dataset)"
-        )
+        reason = f"method {config.method!r}" if config.method != "svd" else "sensitivity allocation"
+        raise ValueError(f"{reason} needs calibration data: pass `dataset=` (texts, a text file or a dataset)")
     windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
 
     if config.param_ratio is not None and config.allocation == "sensitivity":
-        curves = measure_sensitivity(model, blocks, targets, batches, config)
+        curves = load_or_measure_sensitivity(model, blocks, targets, batches, config)
         budget = config.param_ratio * sum(o * i for o, i in shapes.values())
         planned = allocate_ranks(curves, budget)
     else:
@@ -167,16 +143,8 @@ def _factorize_calibrated(
     done = {}
     for block in tqdm(blocks, desc=f"factorize ({config.method})"):
         prefix = block_names[id(block)]
-        modules = {
-            n[len(prefix) + 1 :]: m
-            for n, m in targets.items()
-            if n.startswith(prefix + ".")
-        }
-        modules = {
-            n: m
-            for n, m in modules.items()
-            if planned.get(f"{prefix}.{n}", 0) is not None
-        }
+        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        modules = {n: m for n, m in modules.items() if planned.get(f"{prefix}.{n}", 0) is not None}
         if not modules:
             inputs = run_block(block, inputs)
             continue
@@ -192,9 +160,7 @@ def _factorize_calibrated(
                 config.alpha,
                 config.damp_percent,
             )
-            rank = _final_rank(
-                full_name, decomposition, shapes[full_name], planned, config
-            )
+            rank = _final_rank(full_name, decomposition, shapes[full_name], planned, config)
             if rank is not None:
                 _replace(block, name, module, decomposition, rank)
                 done[full_name] = rank
@@ -204,9 +170,7 @@ def _factorize_calibrated(
     return done
 
 
-def _planned_ranks(
-    shapes: dict[str, tuple[int, int]], config: LowRankConfig
-) -> dict[str, int | None]:
+def _planned_ranks(shapes: dict[str, tuple[int, int]], config: LowRankConfig) -> dict[str, int | None]:
     """Ranks known before any SVD: from `param_ratio` (uniform) or `rank`; energy targets are decided later."""
     if config.param_ratio is not None:
         return uniform_ranks(shapes, config.param_ratio)
@@ -262,9 +226,7 @@ def _replace(
     set_submodule(root, name, layer)
 
 
-def _attach_config(
-    model: nn.Module, config: LowRankConfig, ranks: dict[str, int]
-) -> None:
+def _attach_config(model: nn.Module, config: LowRankConfig, ranks: dict[str, int]) -> None:
     from ..quantization.config import HfcompressQuantizationConfig
     from ..quantization.hf_quantizer import HfcompressHfQuantizer
 

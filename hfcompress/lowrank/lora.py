@@ -60,14 +60,10 @@ def load_lora_updates(adapter: str | os.PathLike) -> tuple[dict[str, LoraUpdate]
     path = os.fspath(adapter)
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/", "~")):
-            raise FileNotFoundError(
-                f"adapter {path!r} is not a folder (expected a peft adapter folder or a Hub id)"
-            )
+            raise FileNotFoundError(f"adapter {path!r} is not a folder (expected a peft adapter folder or a Hub id)")
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"]
-        )
+        path = snapshot_download(path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
     config_file = os.path.join(path, "adapter_config.json")
     weights_file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(config_file) or not os.path.isfile(weights_file):
@@ -82,9 +78,7 @@ def load_lora_updates(adapter: str | os.PathLike) -> tuple[dict[str, LoraUpdate]
             f"adapter {adapter!r} is a {config.get('peft_type')!r} adapter; only LORA adapters can be merged"
         )
     if config.get("use_dora"):
-        raise ValueError(
-            f"adapter {adapter!r} uses DoRA, whose magnitude vector does not fold into low-rank factors"
-        )
+        raise ValueError(f"adapter {adapter!r} uses DoRA, whose magnitude vector does not fold into low-rank factors")
     state = load_file(weights_file)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -99,18 +93,14 @@ def load_lora_updates(adapter: str | os.PathLike) -> tuple[dict[str, LoraUpdate]
     updates = {}
     for name, pair in by_module.items():
         if set(pair) != {"A", "B"}:
-            raise ValueError(
-                f"adapter {adapter!r} has only lora_{''.join(pair)} for {name!r}"
-            )
+            raise ValueError(f"adapter {adapter!r} has only lora_{''.join(pair)} for {name!r}")
         A, B = pair["A"], pair["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(
                 f"adapter {adapter!r}: {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, not a linear LoRA pair"
             )
         rank = A.shape[0]
-        alpha = _pattern_value(
-            config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank)
-        )
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank))
         scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)
         updates[name] = LoraUpdate(A, B, scaling)
     if not updates:
@@ -141,15 +131,9 @@ def merge_lora(
     computes exactly what the adapted one did; an integer sets that rank everywhere.
     """
     if isinstance(rank, str) and rank not in ("original", "exact"):
-        raise ValueError(
-            f"`rank` must be a positive integer, 'original' or 'exact', got {rank!r}"
-        )
-    if not isinstance(rank, str) and (
-        isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
-    ):
-        raise ValueError(
-            f"`rank` must be a positive integer, 'original' or 'exact', got {rank!r}"
-        )
+        raise ValueError(f"`rank` must be a positive integer, 'original' or 'exact', got {rank!r}")
+    if not isinstance(rank, str) and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"`rank` must be a positive integer, 'original' or 'exact', got {rank!r}")
     updates, adapter_config = load_lora_updates(adapter)
     _check_targets(model, updates, adapter, adapter_config)
     lowrank = _recorded_ranks(model)
@@ -199,9 +183,7 @@ def _recorded_ranks(model: nn.Module) -> dict[str, int] | None:
     return getattr(config, "lowrank", None)
 
 
-def _check_targets(
-    model: nn.Module, updates: dict[str, LoraUpdate], adapter, adapter_config: dict
-) -> None:
+def _check_targets(model: nn.Module, updates: dict[str, LoraUpdate], adapter, adapter_config: dict) -> None:
     base = adapter_config.get("base_model_name_or_path")
     where = f" (trained on {base!r})" if base else ""
     missing = []

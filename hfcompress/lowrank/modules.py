@@ -42,9 +42,7 @@ class FactorizedLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
     @classmethod
-    def from_factors(
-        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> FactorizedLinear:
+    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None) -> FactorizedLinear:
         dtype = bias.dtype if bias is not None else up.dtype
         layer = cls(
             down.shape[1],

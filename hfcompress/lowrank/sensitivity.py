@@ -10,7 +10,9 @@ forward passes per layer give a prediction for every rank.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from .allocation import ErrorCurve
 from .config import LowRankConfig
 from .svd import decompose, max_saving_rank, rank_for_ratio
 
-__all__ = ["measure_sensitivity", "model_loss"]
+__all__ = ["load_or_measure_sensitivity", "measure_sensitivity", "model_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +53,7 @@ def model_loss(
         else:
             output = _first_output(model(input_ids=input_ids))
             expected = reference[index]
-            total += float(
-                (output - expected).square().sum()
-                / expected.square().mean().clamp_min(1e-12)
-            )
+            total += float((output - expected).square().sum() / expected.square().mean().clamp_min(1e-12))
             count += expected.numel()
     return total / count
 
@@ -63,20 +62,14 @@ class _SkipTo:
     """Makes the model start at block `start`: every block before it returns what block `start - 1` returned
     for the current batch in an untouched run, so probing a late layer does not recompute the early blocks."""
 
-    def __init__(
-        self, model: nn.Module, blocks: nn.ModuleList, probes: list[torch.Tensor]
-    ):
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, probes: list[torch.Tensor]):
         self.blocks = blocks
         self.outputs: list[list] = [[] for _ in blocks]
         self.index = 0
-        handles = [
-            b.register_forward_hook(self._recorder(i)) for i, b in enumerate(blocks)
-        ]
+        handles = [b.register_forward_hook(self._recorder(i)) for i, b in enumerate(blocks)]
         try:
             for batch in probes:
-                model(
-                    input_ids=batch.to(next(model.parameters()).device), use_cache=False
-                )
+                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -100,18 +93,13 @@ class _SkipTo:
 
 
 def _first_output(output) -> torch.Tensor:
-    return (
-        output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
-    )
+    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
 
 
 def _is_language_model(model: nn.Module, batch: torch.Tensor) -> bool:
     try:
         with torch.no_grad():
-            return (
-                model(input_ids=batch[:1], labels=batch[:1], use_cache=False).loss
-                is not None
-            )
+            return model(input_ids=batch[:1], labels=batch[:1], use_cache=False).loss is not None
     except (TypeError, ValueError):
         return False
 
@@ -139,20 +127,14 @@ def measure_sensitivity(
     curves: dict[str, ErrorCurve] = {}
     for index, block in enumerate(tqdm(blocks, desc="sensitivity")):
         prefix = block_names[id(block)]
-        modules = {
-            n[len(prefix) + 1 :]: m
-            for n, m in targets.items()
-            if n.startswith(prefix + ".")
-        }
+        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if modules:
             grams = collect_hessians(block, prefix, inputs, list(modules))
             skip.start_at(index)
             try:
                 for name, module in modules.items():
                     loss = lambda: model_loss(model, probes, reference, skip.set_batch)
-                    curves[f"{prefix}.{name}"] = _probe(
-                        module, grams[name], loss, base, config
-                    )
+                    curves[f"{prefix}.{name}"] = _probe(module, grams[name], loss, base, config)
             finally:
                 skip.restore()
             del grams
@@ -187,11 +169,7 @@ def _probe(module, gram, loss, base: float, config: LowRankConfig) -> ErrorCurve
         torch.tensor(tails, dtype=torch.float64),
     )
     curve.min_rank = min(curve.measured, default=1)
-    curve.weight = (
-        float((rises_t * tails_t).sum() / tails_t.square().sum().clamp_min(1e-300))
-        if rises
-        else 0.0
-    )
+    curve.weight = float((rises_t * tails_t).sum() / tails_t.square().sum().clamp_min(1e-300)) if rises else 0.0
     return curve
 
 
@@ -209,3 +187,57 @@ def _floor_weights(curves: dict[str, ErrorCurve]) -> None:
                 floor,
             )
             curve.weight = floor
+
+
+CACHE_VERSION = 1
+
+
+def _cache_key(model: nn.Module, targets: dict, config: LowRankConfig) -> dict:
+    return {
+        "version": CACHE_VERSION,
+        "model": getattr(model, "name_or_path", ""),
+        "layers": sorted(targets),
+        "method": config.method,
+        "alpha": config.alpha,
+        "probe_ratios": config.probe_ratios,
+        "sensitivity_samples": config.sensitivity_samples,
+        "seq_len": config.seq_len,
+    }
+
+
+def load_or_measure_sensitivity(model, blocks, targets, batches, config: LowRankConfig) -> dict[str, ErrorCurve]:
+    """`measure_sensitivity`, through `config.sensitivity_cache` when one is given."""
+    path = config.sensitivity_cache
+    key = _cache_key(model, targets, config)
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            logger.info("sensitivity: read from %s", path)
+            return {name: _curve_from_json(item) for name, item in cached["curves"].items()}
+        logger.info("sensitivity: %s was measured for other settings; measuring again", path)
+    curves = measure_sensitivity(model, blocks, targets, batches, config)
+    if path:
+        data = {"key": key, "curves": {name: _curve_to_json(c) for name, c in curves.items()}}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    return curves
+
+
+def _curve_to_json(curve: ErrorCurve) -> dict:
+    return {
+        "shape": [curve.out_features, curve.in_features],
+        "tail": curve.tail.tolist(),
+        "weight": curve.weight,
+        "measured": {str(r): v for r, v in curve.measured.items()},
+        "min_rank": curve.min_rank,
+    }
+
+
+def _curve_from_json(item: dict) -> ErrorCurve:
+    curve = ErrorCurve(*item["shape"], torch.tensor(item["tail"], dtype=torch.float64), item["weight"])
+    curve.measured = {int(r): v for r, v in item["measured"].items()}
+    curve.min_rank = item["min_rank"]
+    return curve

@@ -65,9 +65,7 @@ class Decomposition:
             down = down / self.scale
         elif self.whitener is not None:
             # down @ L^-1, as the solution of X @ L = down
-            down = torch.linalg.solve_triangular(
-                self.whitener, down, upper=False, left=False
-            )
+            down = torch.linalg.solve_triangular(self.whitener, down, upper=False, left=False)
         return up, down
 
     def truncation_error(self, rank: int) -> float:
@@ -76,9 +74,7 @@ class Decomposition:
         return float(self.S[rank:].square().sum())
 
 
-def regularized_cholesky(
-    gram: torch.Tensor, damp_percent: float = 0.01, max_tries: int = 8
-) -> torch.Tensor:
+def regularized_cholesky(gram: torch.Tensor, damp_percent: float = 0.01, max_tries: int = 8) -> torch.Tensor:
     """Lower Cholesky factor of `gram + damp * mean(diag(gram)) * I`, raising `damp` tenfold until it succeeds.
 
     A Gram matrix of calibration inputs is often singular (dead channels, fewer tokens than features); the
@@ -122,13 +118,9 @@ def decompose(
         target = W
     elif method in ("asvd", "whiten"):
         if gram is None:
-            raise ValueError(
-                f"method {method!r} needs the input Gram matrix of calibration activations"
-            )
+            raise ValueError(f"method {method!r} needs the input Gram matrix of calibration activations")
         if gram.shape != (W.shape[1], W.shape[1]):
-            raise ValueError(
-                f"the Gram matrix is {tuple(gram.shape)}, expected {(W.shape[1], W.shape[1])}"
-            )
+            raise ValueError(f"the Gram matrix is {tuple(gram.shape)}, expected {(W.shape[1], W.shape[1])}")
         if method == "asvd":
             # ASVD scales by the channel's mean absolute activation; the root mean square from the Gram
             # diagonal is the same statistic up to the activation distribution's shape, and needs no extra hook.
@@ -139,9 +131,7 @@ def decompose(
             whitener = regularized_cholesky(gram, damp_percent)
             target = W @ whitener
     else:
-        raise ValueError(
-            f"`method` must be one of 'svd', 'asvd', 'whiten', got {method!r}"
-        )
+        raise ValueError(f"`method` must be one of 'svd', 'asvd', 'whiten', got {method!r}")
     U, S, Vh = torch.linalg.svd(target, full_matrices=False)
     return Decomposition(U, S, Vh, scale, whitener)
 
@@ -153,9 +143,7 @@ def max_saving_rank(out_features: int, in_features: int) -> int:
 
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     """The rank whose factors hold at most `ratio` of the dense weight's parameters (at least 1)."""
-    return max(
-        1, int(ratio * out_features * in_features // (out_features + in_features))
-    )
+    return max(1, int(ratio * out_features * in_features // (out_features + in_features)))
 
 
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:
@@ -164,14 +152,7 @@ def rank_for_energy(S: torch.Tensor, energy: float) -> int:
         raise ValueError(f"`energy` must be in (0, 1], got {energy}")
     cumulative = S.double().square().cumsum(0)
     kept = cumulative / cumulative[-1].clamp_min(1e-300)
-    return (
-        int(
-            torch.searchsorted(
-                kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12
-            ).item()
-        )
-        + 1
-    )
+    return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
 
 
 def lowrank_update(

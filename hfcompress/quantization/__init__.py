@@ -3,6 +3,6 @@ from .config import GPTQConfig, HfcompressQuantizationConfig, RTNConfig
 from .hf_quantizer import HfcompressHfQuantizer, register
 from .modules import QuantLinear
 
-__all__ = ["GPTQConfig", "HfcompressHfQuantizer", "HfcompressQuantizationConfig", "QuantLinear", "RTNConfig", "quantize"]
+__all__ = ["quantize", "GPTQConfig", "RTNConfig", "HfcompressQuantizationConfig", "HfcompressHfQuantizer", "QuantLinear"]
 
 register()

@@ -51,7 +51,9 @@ def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
                 )
     tied = _tied_weights(model, targets)
     if tied:
-        raise ValueError(f"cannot quantize {tied}: the weight is tied to an embedding; add it to modules_to_not_convert")
+        raise ValueError(
+            f"cannot quantize {tied}: the weight is tied to an embedding; add it to modules_to_not_convert"
+        )
     return targets
 
 
@@ -85,7 +87,9 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
     else:
         remaining = targets
     if remaining and isinstance(config, GPTQConfig):
-        logger.warning("%d layers outside the block stack are quantized with round-to-nearest: %s", len(remaining), list(remaining))
+        logger.warning(
+            "%d layers outside the block stack are quantized with round-to-nearest: %s", len(remaining), list(remaining)
+        )
     for name, module in tqdm(remaining.items(), desc="round-to-nearest", disable=not remaining):
         replace_with_rtn(model, name, module, config, scale_dtype)
 
@@ -94,7 +98,9 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
 
 
 def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype) -> None:
-    quantized = rtn_quantize(linear_weight(module).detach(), config.bits, config.group_size, config.sym, config.clip_search)
+    quantized = rtn_quantize(
+        linear_weight(module).detach(), config.bits, config.group_size, config.sym, config.clip_search
+    )
     # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too
     act_order = _stores_g_idx(config)
     layer = QuantLinear.from_quantized(quantized, config.group_size, config.sym, act_order, module.bias, scale_dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn as nn
 
 __all__ = ["BlockInputs", "capture_block_inputs", "hidden_states_of", "run_block", "with_hidden_states"]
 

@@ -23,7 +23,9 @@ def _check_grid(bits: int, group_size: int, scale_dtype: str) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"`bits` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
-        raise ValueError(f"`group_size` must be a positive integer or -1 (one group per output row), got {group_size!r}")
+        raise ValueError(
+            f"`group_size` must be a positive integer or -1 (one group per output row), got {group_size!r}"
+        )
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"`scale_dtype` must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
 
@@ -75,7 +77,9 @@ class GPTQConfig(RTNConfig):
         default=False,
         metadata={"help": "With act_order, fix the groups on the original column order (no g_idx gather)."},
     )
-    damp_percent: float = field(default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."})
+    damp_percent: float = field(
+        default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."}
+    )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
     true_sequential: bool = field(
         default=False,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn as nn
 
 from .modules import QuantLinear
 from .structure import set_submodule
@@ -42,11 +42,7 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
 
 def compressed_tensors_config(model: nn.Module) -> dict:
     """`quantization_config` of a compressed-tensors `pack-quantized` checkpoint equal to the model's grid."""
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-    )
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     qconfig = model.config.quantization_config
     per_channel = qconfig.group_size == -1

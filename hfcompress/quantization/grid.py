@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "QuantizedWeight", "dequantize_codes", "grid_params", "quantize_to_codes", "rtn_quantize"]
+__all__ = ["SUPPORTED_BITS", "QuantizedWeight", "grid_params", "quantize_to_codes", "dequantize_codes", "rtn_quantize"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

@@ -35,7 +35,12 @@ class HfcompressHfQuantizer(HfQuantizer):
             module = _linear_to_replace(model, name, "factorizes")
             out_features, in_features = linear_weight(module).shape
             factorized = FactorizedLinear(
-                in_features, out_features, rank, bias=module.bias is not None, dtype=module.weight.dtype, device=module.weight.device
+                in_features,
+                out_features,
+                rank,
+                bias=module.bias is not None,
+                dtype=module.weight.dtype,
+                device=module.weight.device,
             )
             set_submodule(model, name, factorized)
         scale_dtype = _SCALE_DTYPES[config.scale_dtype]

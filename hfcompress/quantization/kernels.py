@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel", "select_kernel"]
+__all__ = ["select_kernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel"]
 
 logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn as nn
 
 from .grid import QuantizedWeight
 from .packing import pack_codes, packed_width, unpack_codes

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pack_codes", "packed_width", "unpack_codes"]
+__all__ = ["packed_width", "pack_codes", "unpack_codes"]
 
 _MASK32 = 0xFFFFFFFF
 

@@ -6,14 +6,10 @@ import logging
 import os
 from typing import Literal
 
-from torch import nn
+import torch.nn as nn
 
 from ..io import atomic_output_dir, copy_model_extras
-from .export import (
-    check_compressed_tensors_compatible,
-    compressed_tensors_config,
-    compressed_tensors_state_dict,
-)
+from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_state_dict
 
 __all__ = ["FORMATS", "save_quantized"]
 

@@ -179,7 +179,9 @@ def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, config, 
         last = stage == len(trace.groups)
         record = {n for n in candidates if settled[n] < stage and n not in records and not _nested(n, records)}
         leader = None if last else trace.groups[stage][0]
-        hessians = {} if last else {leader: _Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device)}
+        hessians = (
+            {} if last else {leader: _Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device)}
+        )
         outputs, recorded, kept = _run_stage(
             block,
             named,
@@ -327,7 +329,9 @@ def quantize_blocks(
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
         inputs, quantized, _ = calibrate_block(block, prefix, inputs, modules, config, scale_dtype, traces[key])
         for name, q in quantized.items():
-            layer = QuantLinear.from_quantized(q, config.group_size, config.sym, act_order, modules[name].bias, scale_dtype)
+            layer = QuantLinear.from_quantized(
+                q, config.group_size, config.sym, act_order, modules[name].bias, scale_dtype
+            )
             set_submodule(block, name, layer)
             done.add(f"{prefix}.{name}")
     return done

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
+import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 __all__ = ["LINEAR_TYPES", "find_layer_stack", "find_linears", "is_excluded", "linear_weight", "set_linear_weight", "set_submodule"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch.nn as nn
 
 from .capture import BlockInputs, run_block
 

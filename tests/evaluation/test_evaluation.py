@@ -5,12 +5,7 @@ import torch
 from helpers import tiny_model, token_windows
 
 import hfcompress
-from hfcompress.evaluation import (
-    bits_per_weight,
-    forward_latency,
-    perplexity,
-    weights_size_bytes,
-)
+from hfcompress.evaluation import bits_per_weight, forward_latency, perplexity, weights_size_bytes
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss():

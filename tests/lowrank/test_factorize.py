@@ -21,9 +21,7 @@ def _factorized(model):
 
 def _linear_params(model):
     return sum(
-        m.weight.numel()
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
     )
 
 
@@ -49,17 +47,12 @@ def test_every_method_and_target_shrinks_the_model(method, target):
     layers = _factorized(model)
     assert layers, "nothing was factorized"
     for name, layer in layers.items():
-        assert (
-            layer.rank * (layer.in_features + layer.out_features)
-            < layer.in_features * layer.out_features
-        ), name
+        assert layer.rank * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features, name
     after = _linear_params(model)
     assert after < before
     if "param_ratio" in target:
         assert after <= 0.6 * before
-    assert model.config.quantization_config.lowrank == {
-        n: m.rank for n, m in layers.items()
-    }
+    assert model.config.quantization_config.lowrank == {n: m.rank for n, m in layers.items()}
     assert _relative_error(model(ids).logits, reference) < 1.0
 
 
@@ -68,9 +61,7 @@ def test_whitening_beats_plain_svd_at_the_same_rank():
     reference = tiny_model("llama")(ids).logits
     errors = {}
     for method in ("svd", "whiten"):
-        model = factorize(
-            tiny_model("llama"), LowRankConfig(method=method, rank=8, dataset=ids)
-        )
+        model = factorize(tiny_model("llama"), LowRankConfig(method=method, rank=8, dataset=ids))
         errors[method] = _relative_error(model(ids).logits, reference)
     assert errors["whiten"] < errors["svd"]
 
@@ -88,27 +79,19 @@ def test_factorized_checkpoints_reload_with_identical_logits(arch, tmp_path):
     ids = token_windows(4, 16)
     model = factorize(
         tiny_model(arch),
-        LowRankConfig(
-            method="whiten", param_ratio=0.7, allocation="uniform", dataset=ids
-        ),
+        LowRankConfig(method="whiten", param_ratio=0.7, allocation="uniform", dataset=ids),
     )
     expected = model(ids).logits
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert (
-        config["quant_method"] == "hfcompress"
-        and config["lowrank"]
-        and config["modules"] == []
-    )
+    assert config["quant_method"] == "hfcompress" and config["lowrank"] and config["modules"] == []
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert set(_factorized(reloaded)) == set(_factorized(model))
     torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
 
 
 def test_without_hfcompress_a_factorized_checkpoint_fails_loudly(tmp_path):
-    factorize(tiny_model("llama"), LowRankConfig(method="svd", rank=8)).save_pretrained(
-        tmp_path
-    )
+    factorize(tiny_model("llama"), LowRankConfig(method="svd", rank=8)).save_pretrained(tmp_path)
     script = textwrap.dedent(
         """
         import sys
@@ -161,9 +144,7 @@ def test_bad_configs_are_refused(kwargs, match):
 
 def test_bad_inputs_are_refused_before_any_work():
     with pytest.raises(ValueError, match="not below min"):
-        factorize(
-            tiny_model("llama"), LowRankConfig(method="svd", rank=64)
-        )  # q_proj is 64x64
+        factorize(tiny_model("llama"), LowRankConfig(method="svd", rank=64))  # q_proj is 64x64
     with pytest.raises(ValueError, match="needs calibration data"):
         factorize(tiny_model("llama"), LowRankConfig(method="whiten", rank=8))
     factorized = factorize(tiny_model("llama"), LowRankConfig(method="svd", rank=8))

@@ -34,9 +34,7 @@ def _adapter(model, target_modules, path, r=4, **kwargs):
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_an_adapter_on_whole_factorized_layers_merges_exactly_at_rank_r_plus_k(
-    tmp_path, use_rslora
-):
+def test_an_adapter_on_whole_factorized_layers_merges_exactly_at_rank_r_plus_k(tmp_path, use_rslora):
     ids = token_windows(4, 16)
     adapted = _adapter(
         _factorized_model(),
@@ -48,10 +46,7 @@ def test_an_adapter_on_whole_factorized_layers_merges_exactly_at_rank_r_plus_k(
     merged = merge_lora(_factorized_model(), tmp_path, rank="exact")
     layer = merged.model.layers[0].self_attn.q_proj
     assert isinstance(layer, FactorizedLinear) and layer.rank == 8 + 4
-    assert (
-        merged.config.quantization_config.lowrank["model.layers.0.self_attn.q_proj"]
-        == 12
-    )
+    assert merged.config.quantization_config.lowrank["model.layers.0.self_attn.q_proj"] == 12
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -61,29 +56,21 @@ def test_truncating_back_to_the_original_rank_keeps_the_best_approximation(tmp_p
     expected = adapted(ids).logits
     original = merge_lora(_factorized_model(), tmp_path)
     assert original.model.layers[0].self_attn.q_proj.rank == 8
-    assert not torch.allclose(
-        original(ids).logits, expected, atol=1e-4
-    )  # the truncation costs something...
+    assert not torch.allclose(original(ids).logits, expected, atol=1e-4)  # the truncation costs something...
     exact_dense = (
-        merge_lora(_factorized_model(), tmp_path, rank="exact")
-        .model.layers[0]
-        .self_attn.q_proj.dense_weight()
+        merge_lora(_factorized_model(), tmp_path, rank="exact").model.layers[0].self_attn.q_proj.dense_weight()
     )
     truncated = original.model.layers[0].self_attn.q_proj.dense_weight()
     best = torch.linalg.svdvals(exact_dense.double())[8:].square().sum()
     # ...and is the best rank-8 approximation of the exact sum
-    assert (exact_dense - truncated).double().square().sum().item() == pytest.approx(
-        best.item(), rel=1e-3
-    )
+    assert (exact_dense - truncated).double().square().sum().item() == pytest.approx(best.item(), rel=1e-3)
 
 
 def test_an_adapter_on_the_factors_merges_into_them_exactly_without_raising_the_rank(
     tmp_path,
 ):
     ids = token_windows(4, 16)
-    adapted = _adapter(
-        _factorized_model(), ["q_proj.up", "q_proj.down", "gate_proj.up"], tmp_path
-    )
+    adapted = _adapter(_factorized_model(), ["q_proj.up", "q_proj.down", "gate_proj.up"], tmp_path)
     expected = adapted(ids).logits
     merged = merge_lora(_factorized_model(), tmp_path)
     assert merged.model.layers[0].self_attn.q_proj.rank == 8
@@ -103,14 +90,10 @@ def test_a_dense_model_adapter_matches_peft_merge_and_unload(tmp_path):
     untouched = copy.deepcopy(dense)
     reference = peft.PeftModel.from_pretrained(dense, tmp_path).merge_and_unload()
     merged = merge_lora(factorized, tmp_path, rank="exact")
-    torch.testing.assert_close(
-        merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4
-    )
+    torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
     # and into a dense model it is peft's merge itself
     plain = merge_lora(untouched, tmp_path)
-    torch.testing.assert_close(
-        plain(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(plain(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_lora_trained_with_trainer_on_a_factorized_model_merges(tmp_path):
@@ -119,9 +102,7 @@ def test_a_lora_trained_with_trainer_on_a_factorized_model_merges(tmp_path):
 
     ids = token_windows(16, 16)
     model = _factorized_model()
-    config = adapt_factorized_layers(
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    )
+    config = adapt_factorized_layers(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     adapted = get_peft_model(model, config)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
@@ -142,9 +123,7 @@ def test_mismatched_adapters_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         merge_lora(gpt2, tmp_path / "llama")
     wide = tiny_model("llama")
-    _adapter(
-        tiny_model("qwen2"), ["k_proj"], tmp_path / "qwen"
-    )  # same names, same shapes: fits
+    _adapter(tiny_model("qwen2"), ["k_proj"], tmp_path / "qwen")  # same names, same shapes: fits
     merge_lora(wide, tmp_path / "qwen")
     other = tiny_model("opt")
     _adapter(other, ["fc1"], tmp_path / "opt")

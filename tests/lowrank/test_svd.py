@@ -50,9 +50,7 @@ def test_whitening_error_is_the_output_error_and_beats_the_others():
         up, down = decompose(W, method, gram, damp_percent=0.0).factors(rank)
         output_error[method] = ((W - up @ down) @ X.T).square().sum().item()
     # the dropped singular values of W L are exactly the output error on the calibration inputs
-    assert output_error["whiten"] == pytest.approx(
-        whitened.truncation_error(rank), rel=1e-8
-    )
+    assert output_error["whiten"] == pytest.approx(whitened.truncation_error(rank), rel=1e-8)
     assert output_error["whiten"] < output_error["asvd"] < output_error["svd"]
 
 
@@ -104,18 +102,14 @@ def test_lowrank_update_is_exact_at_full_rank_and_optimal_when_truncated():
     torch.testing.assert_close(up @ down, dense, rtol=1e-5, atol=1e-4)
     up, down = lowrank_update(U, V, B, A, rank=5)
     best = torch.linalg.svdvals(dense.double())
-    assert (dense - up @ down).double().square().sum().item() == pytest.approx(
-        best[5:].square().sum().item(), rel=1e-4
-    )
+    assert (dense - up @ down).double().square().sum().item() == pytest.approx(best[5:].square().sum().item(), rel=1e-4)
     with pytest.raises(ValueError, match="`rank` must be in"):
         lowrank_update(U, V, B, A, rank=9)
 
 
 def test_allocation_meets_the_budget_and_favours_cheap_layers():
     g = torch.Generator().manual_seed(0)
-    decaying = torch.logspace(
-        0, -3, 32
-    )  # most energy in a few directions: cheap to truncate
+    decaying = torch.logspace(0, -3, 32)  # most energy in a few directions: cheap to truncate
     flat = torch.ones(32) + 0.01 * torch.rand(32, generator=g)
     curves = {
         "cheap": ErrorCurve.from_singular_values(decaying, 32, 64),
@@ -125,9 +119,7 @@ def test_allocation_meets_the_budget_and_favours_cheap_layers():
     ranks = allocate_ranks(curves, budget)
     spent = sum(curves[n].params(r) for n, r in ranks.items())
     assert spent <= budget
-    assert spent > budget - (
-        32 + 64
-    )  # the leftover is spent down to less than one rank step
+    assert spent > budget - (32 + 64)  # the leftover is spent down to less than one rank step
     assert ranks["costly"] is None or ranks["costly"] > ranks["cheap"]
     # a sensitive layer gets more of the budget than the same spectrum in an insensitive one
     curves = {

@@ -1,12 +1,7 @@
 import pytest
 import torch
 
-from hfcompress.quantization.gptq import (
-    accumulate_hessian,
-    gptq_quantize,
-    gram_upper,
-    symmetrize_upper,
-)
+from hfcompress.quantization.gptq import accumulate_hessian, gptq_quantize, gram_upper, symmetrize_upper
 from hfcompress.quantization.grid import rtn_quantize
 
 

@@ -7,12 +7,7 @@ from helpers import tiny_model, token_windows
 
 import hfcompress
 from hfcompress.quantization.gptq import accumulate_hessian, gptq_quantize
-from hfcompress.quantization.kernels import (
-    DequantizeKernel,
-    Int4CpuKernel,
-    Int8CpuKernel,
-    SmallBatchKernel,
-)
+from hfcompress.quantization.kernels import DequantizeKernel, Int4CpuKernel, Int8CpuKernel, SmallBatchKernel
 from hfcompress.quantization.modules import QuantLinear
 
 CASES = [

@@ -11,11 +11,7 @@ import hfcompress
 from hfcompress.quantization.capture import capture_block_inputs, run_block
 from hfcompress.quantization.modules import QuantLinear
 from hfcompress.quantization.sequential import calibrate_block
-from hfcompress.quantization.structure import (
-    find_layer_stack,
-    find_linears,
-    set_submodule,
-)
+from hfcompress.quantization.structure import find_layer_stack, find_linears, set_submodule
 
 CONFIGS = {
     "gptq-4-g32-asym": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, dataset=ids),
