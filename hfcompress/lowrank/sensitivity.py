@@ -1,11 +1,13 @@
-"""How much the model's calibration loss rises when one layer alone is truncated: the measurements behind
-rank allocation.
+"""How far the model's predictions move when one layer alone is truncated: the measurements behind rank
+allocation.
 
-Each layer is decomposed once (with full-precision inputs), truncated to a few probe ranks in turn, and the
-model's loss on a few calibration windows is measured against the untouched model. The rise is modelled as
-proportional to the squared singular values the truncation drops (for whitening, exactly the layer's squared
-output error on the calibration tokens), with the factor fitted to the probes: one SVD and a handful of
-forward passes per layer give a prediction for every rank.
+Each layer is decomposed once (with full-precision inputs) and truncated to a few probe ranks in turn; at
+each, the KL divergence of the model's next-token distribution from the untouched model's is measured on a
+few calibration windows (for models without a language-model head, the relative change of their output).
+Between and beyond the probes the cost is interpolated in the squared singular values the truncation drops
+(for whitening, exactly the layer's squared output error on the calibration tokens): one SVD and a handful
+of forward passes per layer give a prediction for every rank. Early blocks are not recomputed when probing
+later ones: their recorded outputs are replayed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,34 +28,51 @@ from .allocation import ErrorCurve
 from .config import LowRankConfig
 from .svd import decompose, max_saving_rank, rank_for_ratio
 
-__all__ = ["load_or_measure_sensitivity", "measure_sensitivity", "model_loss"]
+__all__ = ["Reference", "load_or_measure_sensitivity", "measure_sensitivity", "model_loss", "reference_outputs"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Reference:
+    """The untouched model's outputs on the probe batches: next-token log-probabilities (`kl`) for a model
+    with an output embedding (a language model), its first output otherwise."""
+
+    outputs: list[torch.Tensor]
+    kl: bool
+
+
 @torch.no_grad()
-def model_loss(
-    model: nn.Module,
-    batches: list[torch.Tensor],
-    reference: list[torch.Tensor] | None = None,
-    on_batch=None,
-) -> float:
-    """Mean next-token loss of a language model on `batches`; for other models (no `labels` loss), the mean
-    squared change of their first output against `reference` relative to its mean square. `on_batch(index)`
-    is called before each batch runs."""
+def reference_outputs(model: nn.Module, batches: list[torch.Tensor]) -> Reference:
+    device = next(model.parameters()).device
+    language_model = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    outputs = []
+    for input_ids in batches:
+        output = _first_output(model(input_ids=input_ids.to(device), use_cache=False)).float()
+        outputs.append(torch.log_softmax(output, dim=-1) if language_model else output)
+    return Reference(outputs, language_model)
+
+
+@torch.no_grad()
+def model_loss(model: nn.Module, batches: list[torch.Tensor], reference: Reference, on_batch=None) -> float:
+    """How far the model's outputs on `batches` are from `reference`: for a language model the mean KL
+    divergence per token from the reference next-token distribution, otherwise the squared change of its
+    first output relative to the reference's mean square. `on_batch(index)` is called before each batch.
+
+    KL is used rather than the change in next-token loss: it is never negative and does not depend on the
+    labels, so a few windows measure small perturbations without the sign noise of a loss difference."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for index, input_ids in enumerate(batches):
         if on_batch is not None:
             on_batch(index)
-        input_ids = input_ids.to(device)
-        if reference is None:
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            total += float(loss) * input_ids.numel()
-            count += input_ids.numel()
+        expected = reference.outputs[index]
+        output = _first_output(model(input_ids=input_ids.to(device), use_cache=False)).float()
+        if reference.kl:
+            log_probs = torch.log_softmax(output, dim=-1)
+            total += float((expected.exp() * (expected - log_probs)).sum())
+            count += expected[..., 0].numel()
         else:
-            output = _first_output(model(input_ids=input_ids))
-            expected = reference[index]
             total += float((output - expected).square().sum() / expected.square().mean().clamp_min(1e-12))
             count += expected.numel()
     return total / count
@@ -96,14 +116,6 @@ def _first_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
 
 
-def _is_language_model(model: nn.Module, batch: torch.Tensor) -> bool:
-    try:
-        with torch.no_grad():
-            return model(input_ids=batch[:1], labels=batch[:1], use_cache=False).loss is not None
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
@@ -115,12 +127,7 @@ def measure_sensitivity(
     """An `ErrorCurve` per target layer (inside `blocks`), fitted to measured loss increases."""
     probe_windows = torch.cat(batches)[: config.sensitivity_samples]
     probes = list(probe_windows.split(config.batch_size))
-    reference = None
-    if not _is_language_model(model, probes[0]):
-        reference = [_first_output(model(input_ids=b)).clone() for b in probes]
-    base = model_loss(model, probes, reference)
-    logger.info("sensitivity: base loss %.4f on %d windows", base, len(probe_windows))
-
+    reference = reference_outputs(model, probes)
     skip = _SkipTo(model, blocks, probes)
     block_names = {id(module): name for name, module in model.named_modules()}
     inputs = capture_block_inputs(model, blocks[0], batches)
@@ -134,7 +141,7 @@ def measure_sensitivity(
             try:
                 for name, module in modules.items():
                     loss = lambda: model_loss(model, probes, reference, skip.set_batch)
-                    curves[f"{prefix}.{name}"] = _probe(module, grams[name], loss, base, config)
+                    curves[f"{prefix}.{name}"] = _probe(module, grams[name], loss, config)
             finally:
                 skip.restore()
             del grams
@@ -143,7 +150,7 @@ def measure_sensitivity(
     return curves
 
 
-def _probe(module, gram, loss, base: float, config: LowRankConfig) -> ErrorCurve:
+def _probe(module, gram, loss, config: LowRankConfig) -> ErrorCurve:
     W = linear_weight(module).detach().clone()
     out_features, in_features = W.shape
     decomposition = decompose(W, config.method, gram, config.alpha, config.damp_percent)
@@ -159,7 +166,7 @@ def _probe(module, gram, loss, base: float, config: LowRankConfig) -> ErrorCurve
                 continue
             up, down = decomposition.factors(rank)
             set_linear_weight(module, (up @ down).to(W.dtype))
-            rises.append(loss() - base)
+            rises.append(loss())
             tails.append(float(curve.tail[rank]))
             curve.measured[rank] = rises[-1]
     finally:
@@ -195,6 +202,7 @@ CACHE_VERSION = 1
 def _cache_key(model: nn.Module, targets: dict, config: LowRankConfig) -> dict:
     return {
         "version": CACHE_VERSION,
+        "measure": "kl",
         "model": getattr(model, "name_or_path", ""),
         "layers": sorted(targets),
         "method": config.method,
