@@ -6,10 +6,19 @@ Importing the package registers the `hfcompress` quantization method with transf
 
 __version__ = "0.1.0"
 
-from .lowrank import FactorizedLinear, LowRankConfig, factorize, merge_lora
+from .lowrank import (
+    ConvDecompositionConfig,
+    FactorizedLinear,
+    LowRankConfig,
+    decompose_convolutions,
+    factorize,
+    merge_lora,
+)
 from .quantization import GPTQConfig, QuantLinear, RTNConfig, quantize
 
 __all__ = [
+    "ConvDecompositionConfig",
+    "decompose_convolutions",
     "FactorizedLinear",
     "GPTQConfig",
     "LowRankConfig",

@@ -1,4 +1,5 @@
 from .config import LowRankConfig
+from .conv import ConvDecompositionConfig, SeparableConv2d, Tucker2Conv2d, decompose_convolutions
 from .factorization import factorize
 from .lora import merge_lora
 from .modules import FactorizedLinear

@@ -127,7 +127,8 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     classes they replaced (`Linear`, GPT-2's `Conv1D`); `recipe` keeps the settings that produced the
     checkpoint, for the record. `lowrank` maps each factorized layer to its rank (`FactorizedLinear`, rebuilt
     before any quantized module, so a quantized factor is listed in `modules` as `<layer>.up` or `.down`);
-    `lowrank_recipe` keeps the factorization settings.
+    `lowrank_recipe` keeps the factorization settings. `convolutions` maps each decomposed `Conv2d` to
+    `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`.
     """
 
     bits: int = 4
@@ -141,6 +142,7 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     recipe: dict[str, Any] = field(default_factory=dict)
     lowrank: dict[str, int] = field(default_factory=dict)
     lowrank_recipe: dict[str, Any] = field(default_factory=dict)
+    convolutions: dict[str, dict] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     quant_method: str = "hfcompress"
 

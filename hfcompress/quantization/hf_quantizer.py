@@ -30,7 +30,11 @@ class HfcompressHfQuantizer(HfQuantizer):
     quantization_config: HfcompressQuantizationConfig
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from ..lowrank.conv import rebuild_convolution
+
         config = self.quantization_config
+        for name, record in config.convolutions.items():
+            rebuild_convolution(model, name, record)
         for name, rank in config.lowrank.items():
             module = _linear_to_replace(model, name, "factorizes")
             out_features, in_features = linear_weight(module).shape
