@@ -14,9 +14,12 @@ from .lowrank import (
     factorize,
     merge_lora,
 )
+from .hub import generate_card, push_to_hub
 from .quantization import GPTQConfig, QuantLinear, RTNConfig, quantize
 
 __all__ = [
+    "generate_card",
+    "push_to_hub",
     "ConvDecompositionConfig",
     "decompose_convolutions",
     "FactorizedLinear",

@@ -39,6 +39,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 def _add_quantize(subparsers) -> None:
     from ..quantization.config import GPTQConfig, RTNConfig
     from .arguments import add_config_arguments
+    from .recording import add_record_options
 
     quantize = subparsers.add_parser("quantize", help="Quantize a model's linear layers and save it.")
     methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn}")
@@ -54,6 +55,7 @@ def _add_quantize(subparsers) -> None:
     )
     add_config_arguments(gptq, GPTQConfig, ["num_samples", "seq_len", "batch_size"])
     _add_output_options(gptq)
+    add_record_options(gptq)
     _add_common(gptq)
     gptq.set_defaults(**{HANDLER: "hfcompress.commands.quantize:run_gptq"})
 
@@ -62,6 +64,7 @@ def _add_quantize(subparsers) -> None:
     rtn.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
     add_config_arguments(rtn, RTNConfig, grid)
     _add_output_options(rtn)
+    add_record_options(rtn)
     _add_common(rtn)
     rtn.set_defaults(**{HANDLER: "hfcompress.commands.quantize:run_rtn"})
 
@@ -90,6 +93,7 @@ def _add_evaluate(subparsers) -> None:
 def _add_factorize(subparsers) -> None:
     from ..lowrank.config import LowRankConfig
     from .arguments import add_config_arguments
+    from .recording import add_record_options
 
     fields = LowRankConfig.__dataclass_fields__
     factorize = subparsers.add_parser(
@@ -120,6 +124,7 @@ def _add_factorize(subparsers) -> None:
         default="float32",
         help="dtype to load MODEL in before factorizing (default: float32).",
     )
+    add_record_options(factorize)
     _add_common(factorize)
     factorize.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_factorize"})
 
@@ -146,11 +151,41 @@ def _add_factorize(subparsers) -> None:
         default="float32",
         help="dtype to load MODEL in (default: float32).",
     )
+    add_record_options(merge)
     _add_common(merge)
     merge.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_merge_lora"})
 
 
-COMMANDS = "{quantize,factorize,merge-lora,evaluate}"
+def _add_hub(subparsers) -> None:
+    card = subparsers.add_parser(
+        "card",
+        help="(Re)generate OUTPUT/README.md from its compression record.",
+        description="Write OUTPUT/README.md (and its plot) from OUTPUT/hfcompress_record.json with the Jinja "
+        "template in model_cards/. Text outside the generated markers and your own front-matter keys are kept; "
+        "regenerating gives the same file.",
+    )
+    card.add_argument("output", metavar="OUTPUT", help="A model folder written by hfcompress.")
+    card.add_argument("--repo-id", default=None, help="Hub id to show in the loading code (default: a placeholder).")
+    card.add_argument("--template", default=None, help="Another Jinja template (default: hfcompress's).")
+    _add_common(card)
+    card.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_card"})
+
+    push = subparsers.add_parser(
+        "push",
+        help="Upload a compressed model folder to the Hub in one commit.",
+        description="Create REPO_ID if needed and upload OUTPUT as one commit. The token comes from HF_TOKEN or "
+        "`hf auth login`, the endpoint from HF_ENDPOINT. A card is generated first if OUTPUT has none.",
+    )
+    push.add_argument("output", metavar="OUTPUT", help="A model folder written by hfcompress.")
+    push.add_argument("repo_id", metavar="REPO_ID", help="Hub repo id, e.g. user/model-gptq-4bit.")
+    push.add_argument("--private", action="store_true", help="Create the repo private (if it does not exist).")
+    push.add_argument("--revision", default=None, help="Branch to commit to (created if missing; default: main).")
+    push.add_argument("--commit-message", default=None, help="Commit message.")
+    _add_common(push)
+    push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
+
+
+COMMANDS = "{quantize,factorize,merge-lora,evaluate,card,push}"
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +195,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     _add_quantize(subparsers)
     _add_factorize(subparsers)
     _add_evaluate(subparsers)
+    _add_hub(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,12 +211,14 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     """Run the handler chosen by the parsed `args`; user errors become one line on stderr and exit code 2."""
     import importlib
 
+    from ..hub.push import HubError
+
     _configure_logging(getattr(args, "quiet", False))
     module_name, _, function = getattr(args, HANDLER).partition(":")
     handler = getattr(importlib.import_module(module_name), function)
     try:
         return handler(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, TypeError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, TypeError, HubError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,9 @@ import time
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from ..lowrank import LowRankConfig, factorize, merge_lora
 from ..quantization.modules import cast_unquantized
+from ..hub.record import Step, command_line
 from .arguments import config_kwargs
+from .recording import base_record, finish_output, push_if_asked, quality_metrics
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 
 __all__ = ["run_factorize", "run_merge_lora"]
@@ -17,9 +19,10 @@ __all__ = ["run_factorize", "run_merge_lora"]
 logger = logging.getLogger(__name__)
 
 
-def _save(model, args: argparse.Namespace, tokenizer) -> None:
+def _save(model, args: argparse.Namespace, tokenizer, record, step: Step) -> None:
     import os
 
+    quality = quality_metrics(model, args, tokenizer)
     # what stayed dense, and the factors, go back to the checkpoint's own dtype (often float16)
     cast_unquantized(model, checkpoint_dtype(args.model))
     with atomic_output_dir(args.output, args.overwrite) as staging:
@@ -28,7 +31,10 @@ def _save(model, args: argparse.Namespace, tokenizer) -> None:
             copy_model_extras(args.model, staging)
         else:
             tokenizer.save_pretrained(staging)
+        requires = getattr(model.config, "quantization_config", None) is not None
+        finish_output(record, step, model, args, staging, quality, requires_hfcompress=requires)
     logger.info("wrote %s", args.output)
+    push_if_asked(args)
 
 
 def run_factorize(args: argparse.Namespace) -> int:
@@ -36,10 +42,16 @@ def run_factorize(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
+    record = base_record(model, args.model, args, tokenizer)
     start = time.perf_counter()
     factorize(model, config, tokenizer=tokenizer)
-    logger.info("factorized in %.1fs", time.perf_counter() - start)
-    _save(model, args, tokenizer)
+    seconds = time.perf_counter() - start
+    logger.info("factorized in %.1fs", seconds)
+    settings = config.to_dict()
+    data = {k: settings.pop(k) for k in ("dataset", "num_samples", "seq_len", "batch_size")}
+    settings["ranks"] = dict(model.config.quantization_config.lowrank)
+    step = Step("factorization", config.method, settings, data if config.needs_data else None, seconds)
+    _save(model, args, tokenizer, record, step)
     return 0
 
 
@@ -55,6 +67,23 @@ def run_merge_lora(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
+    # a chain keeps its base: "before" stays the original model's metrics
+    record = _previous_record(args.model) or base_record(model, args.model, args, tokenizer)
+    start = time.perf_counter()
     merge_lora(model, args.adapter, rank=rank)
-    _save(model, args, tokenizer)
+    step = Step("lora-merge", "lowrank-update", {"adapter": args.adapter, "rank": rank}, None, time.perf_counter() - start)
+    _save(model, args, tokenizer, record, step)
     return 0
+
+
+def _previous_record(model_path: str):
+    """The record of a model hfcompress wrote, so a merge adds a step to its chain instead of starting over."""
+    import os
+
+    from ..hub.record import RECORD_FILE, CompressionRecord
+
+    if os.path.isfile(os.path.join(model_path, RECORD_FILE)):
+        record = CompressionRecord.load(model_path)
+        record.command = f"{record.command} && {command_line()}" if record.command else command_line()
+        return record
+    return None

@@ -10,7 +10,9 @@ from ..io import check_output_dir
 from ..quantization import GPTQConfig, RTNConfig, quantize
 from ..quantization.modules import cast_unquantized
 from ..quantization.save import save_quantized
+from ..hub.record import Step
 from .arguments import config_kwargs
+from .recording import base_record, finish_output, push_if_asked, quality_metrics
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 
 __all__ = ["run_gptq", "run_rtn"]
@@ -25,13 +27,28 @@ def _quantize_and_save(args: argparse.Namespace, config: RTNConfig) -> int:
         raise ValueError("--format compressed-tensors needs a symmetric grid: add --sym (or use --format hfcompress)")
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
+    record = base_record(model, args.model, args, tokenizer)
     start = time.perf_counter()
     quantize(model, config, tokenizer=tokenizer)
-    logger.info("quantized in %.1fs", time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    logger.info("quantized in %.1fs", seconds)
+    quality = quality_metrics(model, args, tokenizer)
     # the layers left in full precision go back to the checkpoint's own dtype (often float16)
     cast_unquantized(model, checkpoint_dtype(args.model))
-    save_quantized(model, args.output, format=args.format, tokenizer=tokenizer, source=args.model, overwrite=args.overwrite)
+    settings = config.to_dict()
+    data = None
+    if "dataset" in settings:
+        data = {k: settings.pop(k) for k in ("dataset", "num_samples", "seq_len", "batch_size")}
+    step = Step("quantization", config.method, settings, data, seconds)
+
+    def finish(staging):
+        finish_output(record, step, model, args, staging, quality, requires_hfcompress=args.format == "hfcompress")
+
+    save_quantized(
+        model, args.output, format=args.format, tokenizer=tokenizer, source=args.model, overwrite=args.overwrite, on_staging=finish
+    )
     logger.info("wrote %s", args.output)
+    push_if_asked(args)
     return 0
 
 

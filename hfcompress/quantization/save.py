@@ -25,11 +25,13 @@ def save_quantized(
     tokenizer=None,
     source: str | os.PathLike | None = None,
     overwrite: bool = False,
+    on_staging=None,
 ) -> None:
     """Write `model` to `output` with its tokenizer (saved, or copied from the local folder `source`).
 
     `output` is refused if it exists and is not empty, unless `overwrite`; it is written to a temporary
-    folder first, so an error or an interruption leaves it as it was.
+    folder first, so an error or an interruption leaves it as it was. `on_staging(folder)` runs on that
+    temporary folder once the model is in it (to add a compression record and a card).
     """
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -44,6 +46,8 @@ def save_quantized(
             copy_model_extras(source, staging)
         elif tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if on_staging is not None:
+            on_staging(staging)
     logger.info("saved %s checkpoint to %s", format, output)
 
 

@@ -1,0 +1,28 @@
+"""Handlers of `hfcompress card` and `hfcompress push`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..hub.card import generate_card
+from ..hub.push import check_model_folder, push_to_hub
+
+__all__ = ["run_card", "run_push"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_card(args: argparse.Namespace) -> int:
+    check_model_folder(args.output)
+    path = generate_card(args.output, repo_id=args.repo_id, template=args.template)
+    logger.info("wrote %s", path)
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    url = push_to_hub(
+        args.output, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.commit_message
+    )
+    print(url)
+    return 0

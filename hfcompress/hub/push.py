@@ -1,0 +1,103 @@
+"""Pushing a compressed model folder to the Hub in one commit, with errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .record import RECORD_FILE
+
+__all__ = ["HubError", "check_model_folder", "push_to_hub"]
+
+logger = logging.getLogger(__name__)
+
+_KNOWN_METHODS = ("hfcompress", "compressed-tensors")
+
+
+class HubError(RuntimeError):
+    """The Hub refused or failed a request; the message says which and why."""
+
+
+def check_model_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path if it holds a model hfcompress wrote (config, weights, and a compression record or an
+    hfcompress/compressed-tensors quantization config); a ValueError naming what is missing otherwise."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{folder!r} is not a folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder!r} is not a model folder: it has no config.json")
+    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+        raise ValueError(f"{folder!r} has no .safetensors weights")
+    method = (json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {}).get("quant_method")
+    if method not in _KNOWN_METHODS and not (path / RECORD_FILE).is_file():
+        raise ValueError(
+            f"{folder!r} is not a compressed model: no {RECORD_FILE} and no hfcompress or compressed-tensors "
+            "quantization_config in config.json"
+        )
+    return path
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload the compressed model in `folder` to `repo_id` as one commit and return the commit URL.
+
+    The repo is created if needed (`private` applies then), `revision` is a branch (created from main when
+    missing). The token comes from `token`, `HF_TOKEN` or `hf auth login`; the endpoint from `HF_ENDPOINT`.
+    A card is generated first when the folder has a compression record and no README.md. The local folder is
+    only read, and a failed upload leaves no commit on the Hub.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = check_model_folder(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"repo id {repo_id!r} is not valid: expected 'name' or 'namespace/name' ({e})") from None
+    token = token or get_token()
+    if not token:
+        raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing needs write access)")
+    if (path / RECORD_FILE).is_file() and not (path / "README.md").is_file():
+        from .card import generate_card
+
+        generate_card(path, repo_id=repo_id)
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(path),
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message or f"Upload compressed model with hfcompress ({path.name})",
+            ignore_patterns=[".*", "*.tmp", "__pycache__/*"],
+        )
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        hint = {
+            401: "the token was refused; check HF_TOKEN or run `hf auth login`",
+            403: "the token has no write access to this namespace",
+            404: "the repo or revision does not exist",
+        }.get(status, "the Hub failed the request")
+        raise HubError(f"pushing {folder} to {repo_id!r} failed ({status}): {hint}. Nothing was committed. {e}") from e
+    except OSError as e:  # connection refused, DNS, timeouts (httpx errors derive from neither: caught below)
+        raise HubError(f"pushing {folder} to {repo_id!r} failed: cannot reach {api.endpoint}: {e}") from e
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
+            raise HubError(f"pushing {folder} to {repo_id!r} failed: cannot reach {api.endpoint}: {e}") from e
+        if isinstance(e, RuntimeError) and "uploading" in str(e):  # an LFS upload failed: no commit was made
+            raise HubError(f"pushing {folder} to {repo_id!r} failed: {e} ({e.__cause__}). Nothing was committed.") from e
+        raise
+    logger.info("pushed %s to %s (%s)", folder, url, commit.commit_url)
+    return commit.commit_url

@@ -1,0 +1,125 @@
+"""The compression record: a versioned JSON file written next to every model hfcompress saves.
+
+It says what the model was made from (base model id and revision, its license and task), every step that
+was applied with its full config and data, the library versions, the command that reproduces it, and the
+metrics measured before and after (size on disk, parameters, bits per weight, perplexity with its dataset
+and protocol, latency with the hardware it ran on). Model cards are generated from it, never the reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RECORD_FILE", "RECORD_VERSION", "CompressionRecord", "Step", "hardware_description", "library_versions"]
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "hfcompress_record.json"
+RECORD_VERSION = 1
+_LIBRARIES = ("hfcompress", "torch", "transformers", "huggingface_hub", "safetensors", "peft", "compressed-tensors")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def hardware_description() -> str:
+    """Where latency was measured: the CPU (model name where Linux tells it) and threads, or the GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class Step:
+    """One technique applied: `technique` ("quantization", "factorization", "lora-merge", ...), `method`
+    ("gptq", "whiten", ...), its full `config`, and a description of the `data` it used."""
+
+    technique: str
+    method: str
+    config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class CompressionRecord:
+    base_model: str
+    base_revision: str | None = None
+    license: str | None = None
+    pipeline_tag: str | None = None
+    steps: list[Step] = field(default_factory=list)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # "before" / "after" -> name -> value
+    evaluation: dict[str, Any] | None = None  # dataset and protocol of the quality metrics
+    hardware: str | None = None
+    command: str | None = None
+    loading: dict[str, Any] = field(default_factory=dict)  # what loading needs: {"requires_hfcompress": bool}
+    libraries: dict[str, str] = field(default_factory=library_versions)
+    version: int = RECORD_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionRecord:
+        version = data.get("version", RECORD_VERSION)
+        if version > RECORD_VERSION:
+            logger.warning("%s was written by a newer hfcompress (version %s); reading what this one knows", RECORD_FILE, version)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown compression record keys %s", unknown)
+        values = {k: v for k, v in data.items() if k in known}
+        values["steps"] = [Step(**{k: v for k, v in s.items() if k in Step.__dataclass_fields__}) for s in data.get("steps", [])]
+        if "base_model" not in values:
+            raise ValueError(f"the compression record has no `base_model`; keys: {sorted(data)}")
+        return cls(**values)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / RECORD_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> CompressionRecord:
+        path = Path(folder) / RECORD_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {RECORD_FILE}: it was not written by hfcompress (or predates compression records)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it again."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else "python"
+    if program in ("cli.py", "__main__.py"):
+        program = "hfcompress"
+    return shlex.join([program, *sys.argv[1:]])
