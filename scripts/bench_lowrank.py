@@ -89,6 +89,9 @@ def main():
     parser.add_argument("--latency-runs", type=int, default=7)
     parser.add_argument("--lora-steps", type=int, default=150, help="Training steps of the LoRA adapter; 0 skips it.")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument(
+        "--sensitivity-cache", default=None, help="JSON file to read/write the sensitivity measurements (default: a temporary one)."
+    )
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -100,7 +103,7 @@ def main():
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     work = Path(tempfile.mkdtemp(prefix="bench_lowrank_"))
     results = {"dense": measure(dense, val, latency_ids, args.latency_runs, work / "dense")}
-    cache = str(work / "sensitivity.json")
+    cache = args.sensitivity_cache or str(work / "sensitivity.json")
     for ratio in map(float, args.ratios.split(",")):
         for name, settings in METHODS:
             model = copy.deepcopy(dense)

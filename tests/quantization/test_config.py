@@ -26,10 +26,11 @@ def test_bad_gptq_settings_are_refused(field, value):
 
 def test_checkpoint_config_round_trips():
     config = HfcompressQuantizationConfig(
-        bits=3, group_size=64, sym=True, act_order=True, modules=["a.b"], method="gptq", recipe={"damp_percent": 0.02}
-    )
+        bits=3, group_size=64, sym=True, act_order=True, modules=["a.b.up"], method="gptq", recipe={"damp_percent": 0.02},
+        lowrank={"a.b": 8}, lowrank_recipe={"method": "whiten"}, convolutions={"c": {"kind": "separable"}},
+    )  # fmt: skip
     data = config.to_dict()
-    assert data["quant_method"] == "hfcompress" and data["version"] == 1
+    assert data["quant_method"] == "hfcompress" and data["version"] == 2
     assert HfcompressQuantizationConfig.from_dict(data) == config
 
 
