@@ -26,6 +26,7 @@ import hfcompress
 from hfcompress.data import load_texts, tokenize_windows
 from hfcompress.evaluation import perplexity, weights_size_bytes
 from hfcompress.evaluation.latency import forward_latency
+from hfcompress.hub.record import CompressionRecord, Step, hardware_description
 from hfcompress.lowrank.lora import adapt_factorized_layers
 from hfcompress.quantization.modules import cast_unquantized
 
@@ -42,6 +43,25 @@ METHODS = [
 def linear_params(model) -> int:
     stack = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     return sum(m.weight.numel() for m in stack)
+
+
+def write_record(folder, args, step, before, after, num_windows):
+    """The compression record `hfcompress card` turns into a model card for this output."""
+    record = CompressionRecord(
+        base_model=args.model, pipeline_tag="text-generation", steps=[step],
+        metrics={"before": before, "after": after},
+        evaluation={"dataset": args.val, "seq_len": args.seq_len, "num_windows": num_windows},
+        hardware=hardware_description(), command=f"python scripts/bench_lowrank.py --ratios {args.ratios}",
+        loading={"requires_hfcompress": True},
+    )  # fmt: skip
+    record.save(folder)
+
+
+def card_metrics(result):
+    return {
+        "size_bytes": result["size_bytes"], "parameters": result["linear_params"],
+        "perplexity": result["perplexity"], "latency_s": result["latency_s"],
+    }  # fmt: skip
 
 
 def measure(model, val, latency_ids, runs, folder):
@@ -117,6 +137,10 @@ def main():
             key = f"{name} @ {ratio}"
             results[key] = measure(model, val, latency_ids, args.latency_runs, work / key.replace(" ", "_"))
             results[key]["seconds"] = seconds
+            settings = config.to_dict()
+            settings.pop("dataset")
+            step = Step("factorization", config.method, settings, {"dataset": args.calib, "num_samples": args.num_samples}, seconds)
+            write_record(work / key.replace(" ", "_"), args, step, card_metrics(results["dense"]), card_metrics(results[key]), len(val))
             print(f"{key}: {results[key]}", flush=True)
             if name == "whiten + allocation" and ratio == max(map(float, args.ratios.split(","))):
                 lora_base = model
@@ -151,6 +175,7 @@ def main():
             f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | {r['size_bytes'] / base['size_bytes']:.3f}x | "
             f"{r['latency_s'] / base['latency_s']:.3f}x | {r['seconds']:.0f} |"
         )
+    print(f"\nmodels, with their compression records (`hfcompress card FOLDER` writes their cards): {work}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
 
