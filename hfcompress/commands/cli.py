@@ -90,6 +90,16 @@ def _add_evaluate(subparsers) -> None:
     evaluate.set_defaults(**{HANDLER: "hfcompress.commands.evaluate:run_evaluate"})
 
 
+def _add_load_save_options(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+        default="float32",
+        help=f"dtype to load MODEL in {when} (default: float32).",
+    )
+
+
 def _add_factorize(subparsers) -> None:
     from ..lowrank.config import LowRankConfig
     from .arguments import add_config_arguments
@@ -117,13 +127,7 @@ def _add_factorize(subparsers) -> None:
     add_config_arguments(
         factorize, LowRankConfig, ["num_samples", "seq_len", "batch_size", "sensitivity_samples", "sensitivity_cache"]
     )
-    factorize.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
-    factorize.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16", "auto"),
-        default="float32",
-        help="dtype to load MODEL in before factorizing (default: float32).",
-    )
+    _add_load_save_options(factorize, "before factorizing")
     add_record_options(factorize)
     _add_common(factorize)
     factorize.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_factorize"})
@@ -144,13 +148,7 @@ def _add_factorize(subparsers) -> None:
         help="Rank of factorized layers after the merge: 'original' (default: keep each layer's rank), 'exact' "
         "(rank + adapter rank: the merged model computes what the adapted one did), or a number.",
     )
-    merge.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
-    merge.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16", "auto"),
-        default="float32",
-        help="dtype to load MODEL in (default: float32).",
-    )
+    _add_load_save_options(merge, "before merging")
     add_record_options(merge)
     _add_common(merge)
     merge.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_merge_lora"})

@@ -18,13 +18,7 @@ from transformers.utils.logging import tqdm
 from ..data import calibration_batches, calibration_windows
 from ..quantization.capture import capture_block_inputs, run_block
 from ..quantization.sequential import collect_hessians
-from ..quantization.structure import (
-    find_layer_stack,
-    find_linears,
-    is_excluded,
-    linear_weight,
-    set_submodule,
-)
+from ..quantization.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from .allocation import allocate_ranks, uniform_ranks
 from .config import LowRankConfig
 from .modules import FactorizedLinear
@@ -38,18 +32,17 @@ logger = logging.getLogger(__name__)
 
 def select_lowrank_targets(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
     """The linear layers `config` may factorize, checked against a fixed `rank` before any work starts."""
-    excluded = list(config.modules_to_not_convert or [])
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a weight tied to an embedding cannot be replaced by factors without untying it: left alone
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    targets = {}
-    for name, module in find_linears(model).items():
-        if is_excluded(name, excluded) or id(module.weight) in embedding_weights:
-            continue
-        if config.modules_to_not_convert is None and module is output_embeddings:
-            continue
-        targets[name] = module
+    targets = {
+        name: module
+        for name, module in candidate_linears(model, config.modules_to_not_convert).items()
+        if id(module.weight) not in embedding_weights
+    }
     if not targets:
-        raise ValueError(f"no linear layers to factorize in {type(model).__name__} (excluded: {excluded})")
+        raise ValueError(
+            f"no linear layers to factorize in {type(model).__name__} (excluded: {config.modules_to_not_convert})"
+        )
     if config.rank is not None:
         for name, module in targets.items():
             out_features, in_features = linear_weight(module).shape

@@ -13,13 +13,7 @@ from .config import GPTQConfig, HfcompressQuantizationConfig, RTNConfig
 from .grid import rtn_quantize
 from .modules import QuantLinear
 from .sequential import quantize_blocks
-from .structure import (
-    find_layer_stack,
-    find_linears,
-    is_excluded,
-    linear_weight,
-    set_submodule,
-)
+from .structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 
 __all__ = ["quantize", "select_targets"]
 
@@ -30,17 +24,9 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
     """The linear layers `config` quantizes, checked against its grid before any work starts."""
-    excluded = list(config.modules_to_not_convert or [])
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = {}
-    for name, module in find_linears(model).items():
-        if is_excluded(name, excluded):
-            continue
-        if config.modules_to_not_convert is None and module is output_embeddings:
-            continue
-        targets[name] = module
+    targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
-        raise ValueError(f"no linear layers to quantize in {type(model).__name__} (excluded: {excluded})")
+        raise ValueError(f"no linear layers to quantize in {type(model).__name__} (excluded: {config.modules_to_not_convert})")
     if config.group_size != -1:
         for name, module in targets.items():
             in_features = linear_weight(module).shape[1]

@@ -7,7 +7,16 @@ import re
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["LINEAR_TYPES", "find_layer_stack", "find_linears", "is_excluded", "linear_weight", "set_linear_weight", "set_submodule"]
+__all__ = [
+    "LINEAR_TYPES",
+    "candidate_linears",
+    "find_layer_stack",
+    "find_linears",
+    "is_excluded",
+    "linear_weight",
+    "set_linear_weight",
+    "set_submodule",
+]
 
 # GPT-2 style models use transformers' Conv1D: a linear layer whose weight is stored transposed.
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -65,6 +74,18 @@ def is_excluded(name: str, patterns: list[str]) -> bool:
         elif name == pattern or name.endswith("." + pattern):
             return True
     return False
+
+
+def candidate_linears(model: nn.Module, modules_to_not_convert: list[str] | None) -> dict[str, nn.Module]:
+    """The linear layers a technique may change: all of them except `modules_to_not_convert`, which defaults
+    to the output embedding (lm_head) when None."""
+    excluded = list(modules_to_not_convert or [])
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in find_linears(model).items()
+        if not is_excluded(name, excluded) and not (modules_to_not_convert is None and module is output_embeddings)
+    }
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
