@@ -37,19 +37,6 @@ class ErrorCurve:
     def dense_params(self) -> int:
         return self.out_features * self.in_features
 
-    def predicted(self, ranks: torch.Tensor) -> torch.Tensor:
-        """Predicted loss increase at each of `ranks`: through the measured points where there are any (made
-        non-decreasing in the dropped energy, interpolated linearly, zero at nothing dropped), else
-        proportional to the dropped energy."""
-        tails = self.tail[ranks]
-        if not self.measured:
-            return self.weight * tails
-        points = sorted((float(self.tail[r]), max(rise, 0.0)) for r, rise in self.measured.items())
-        xs = torch.tensor([0.0] + [x for x, _ in points], dtype=torch.float64)
-        ys = torch.tensor([0.0] + [y for _, y in points], dtype=torch.float64).cummax(0).values
-        ys = torch.maximum(ys, self.weight * xs * 1e-2)  # never free: noise can read a real cost as zero
-        return _interp(tails, xs, ys, self.weight)
-
     def choose(self, price: float) -> int | None:
         """The rank minimizing loss + price * parameters; None when the dense layer is cheaper."""
         limit = min(max_saving_rank(self.out_features, self.in_features), len(self.tail) - 1)
@@ -66,15 +53,6 @@ class ErrorCurve:
 
     def params(self, rank: int | None) -> int:
         return self.dense_params if rank is None else rank * (self.out_features + self.in_features)
-
-
-def _interp(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, slope: float) -> torch.Tensor:
-    """Piecewise-linear through (xs, ys), continued past the last point with `slope`."""
-    index = torch.searchsorted(xs, x.contiguous()).clamp(1, len(xs) - 1)
-    x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
-    inside = y0 + (y1 - y0) * (x - x0) / (x1 - x0).clamp_min(1e-300)
-    beyond = ys[-1] + slope * (x - xs[-1])
-    return torch.where(x > xs[-1], beyond, inside)
 
 
 def _total(curves: dict[str, ErrorCurve], ranks: dict[str, int | None]) -> int:
@@ -134,8 +112,7 @@ def _spend_leftover(
             step = curve.out_features + curve.in_features
             if step > left:
                 continue
-            now, then = curve.predicted(torch.tensor([rank, rank + 1]))
-            gain = float(now - then) / step
+            gain = curve.weight * float(curve.tail[rank] - curve.tail[rank + 1]) / step
             if gain > best_gain:
                 best, best_gain = name, gain
         if best is None:

@@ -229,10 +229,8 @@ def rebuild_convolution(model: nn.Module, name: str, record: dict) -> None:
 
 def _attach(model: nn.Module, config: ConvDecompositionConfig, done: dict[str, dict]) -> None:
     from ..quantization.config import HfcompressQuantizationConfig
-    from ..quantization.hf_quantizer import HfcompressHfQuantizer
+    from ..quantization.hf_quantizer import attach_config
 
-    qconfig = HfcompressQuantizationConfig(method="none", modules=[], convolutions=done, lowrank_recipe=config.to_dict())
-    model.config.quantization_config = qconfig
-    model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = qconfig.quant_method
+    attach_config(
+        model, HfcompressQuantizationConfig(method="none", modules=[], convolutions=done, lowrank_recipe=config.to_dict())
+    )

@@ -221,12 +221,8 @@ def _replace(
 
 def _attach_config(model: nn.Module, config: LowRankConfig, ranks: dict[str, int]) -> None:
     from ..quantization.config import HfcompressQuantizationConfig
-    from ..quantization.hf_quantizer import HfcompressHfQuantizer
+    from ..quantization.hf_quantizer import attach_config
 
-    qconfig = HfcompressQuantizationConfig(
-        method="none", modules=[], lowrank=dict(ranks), lowrank_recipe=config.to_dict()
+    attach_config(
+        model, HfcompressQuantizationConfig(method="none", modules=[], lowrank=dict(ranks), lowrank_recipe=config.to_dict())
     )
-    model.config.quantization_config = qconfig
-    model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = qconfig.quant_method

@@ -4,9 +4,9 @@ allocation.
 Each layer is decomposed once (with full-precision inputs) and truncated to a few probe ranks in turn; at
 each, the KL divergence of the model's next-token distribution from the untouched model's is measured on a
 few calibration windows (for models without a language-model head, the relative change of their output).
-Between and beyond the probes the cost is interpolated in the squared singular values the truncation drops
-(for whitening, exactly the layer's squared output error on the calibration tokens): one SVD and a handful
-of forward passes per layer give a prediction for every rank. Early blocks are not recomputed when probing
+The cost is modelled as proportional to the squared singular values the truncation drops (for whitening,
+exactly the layer's squared output error on the calibration tokens), the factor fitted by least squares to
+the probes: one SVD and a handful of forward passes per layer give a prediction for every rank. Early blocks are not recomputed when probing
 later ones: their recorded outputs are replayed.
 """
 

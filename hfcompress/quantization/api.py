@@ -105,7 +105,7 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
 
 
 def _attach_config(model: nn.Module, config: RTNConfig, modules: list[str], layer_types: list[str]) -> None:
-    from .hf_quantizer import HfcompressHfQuantizer
+    from .hf_quantizer import attach_config
 
     qconfig = HfcompressQuantizationConfig(
         bits=config.bits,
@@ -118,7 +118,4 @@ def _attach_config(model: nn.Module, config: RTNConfig, modules: list[str], laye
         method=config.method,
         recipe=config.to_dict(),
     )
-    model.config.quantization_config = qconfig
-    model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = qconfig.quant_method
+    attach_config(model, qconfig)

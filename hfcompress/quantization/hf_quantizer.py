@@ -16,7 +16,7 @@ from .config import HfcompressQuantizationConfig
 from .modules import QuantLinear
 from .structure import LINEAR_TYPES, linear_weight, set_submodule
 
-__all__ = ["HfcompressHfQuantizer", "register"]
+__all__ = ["HfcompressHfQuantizer", "attach_config", "register"]
 
 QUANT_METHOD = "hfcompress"
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -85,6 +85,15 @@ class HfcompressHfQuantizer(HfQuantizer):
         from .export import dequantize_model
 
         return dequantize_model(model, dtype)
+
+
+def attach_config(model, qconfig: HfcompressQuantizationConfig) -> None:
+    """Mark `model` as an hfcompress checkpoint, as `from_pretrained` would have: its config records `qconfig`
+    (so `save_pretrained` writes it) and the quantizer that reloads it is attached."""
+    model.config.quantization_config = qconfig
+    model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = qconfig.quant_method
 
 
 def _linear_to_replace(model, name: str, verb: str):
