@@ -1,0 +1,34 @@
+"""PruningCallback under accelerate with two CPU processes (gloo): every rank ends with the same masks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_two_process_gloo_training_keeps_masks_identical(tmp_path):
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    result = subprocess.run(
+        # `--cpu` alone would need MPI for several processes; the torchrun launcher with use_cpu=True in the
+        # TrainingArguments gives two CPU processes on gloo.
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(HERE / "ddp_train.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert int(ranks[0]["world_size"]) == 2 and bool(ranks[0]["gloo"])
+    assert ranks[0].keys() == ranks[1].keys()
+    masks = [k for k in ranks[0] if k.endswith(".mask")]
+    assert len(masks) == 12
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    sparsity = sum(float((ranks[0][k] == 0).float().mean()) for k in masks) / len(masks)
+    assert sparsity == pytest.approx(0.75, abs=0.01)
