@@ -12,6 +12,7 @@ from ..quantization.structure import LINEAR_TYPES, linear_weight
 
 __all__ = ["weights_size_bytes", "bits_per_weight"]
 
+QUANT_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -21,13 +22,16 @@ def weights_size_bytes(folder: str | os.PathLike) -> int:
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits per weight of the quantized layers: codes, scales, zero points and g_idx over the number of
-    weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
+    """Stored bits per weight of the quantized (and bitmask-sparse) layers: codes, scales, zero points and g_idx
+    (bitmask and non-zero values) over the number of weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
     excluded when it is the output embedding)."""
+    from ..pruning.sparse import SparseLinear
+
     stored_bits, weights = 0, 0
     for module in model.modules():
-        if isinstance(module, QuantLinear):
-            for name in ("weight", "weight_scale", "weight_zero_point", "weight_g_idx"):
+        if isinstance(module, (QuantLinear, SparseLinear)):
+            names = ("weight_bitmask", "weight_values") if isinstance(module, SparseLinear) else QUANT_TENSORS
+            for name in names:
                 tensor = getattr(module, name)
                 if tensor is not None:
                     stored_bits += tensor.numel() * tensor.element_size() * 8

@@ -15,7 +15,7 @@ __all__ = ["FORMAT_VERSION", "GPTQConfig", "HfcompressQuantizationConfig", "RTNC
 logger = logging.getLogger(__name__)
 
 # 2: `lowrank` (factorized layers)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -128,7 +128,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     checkpoint, for the record. `lowrank` maps each factorized layer to its rank (`FactorizedLinear`, rebuilt
     before any quantized module, so a quantized factor is listed in `modules` as `<layer>.up` or `.down`);
     `lowrank_recipe` keeps the factorization settings. `convolutions` maps each decomposed `Conv2d` to
-    `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`.
+    `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`. `sparse` maps each layer stored as
+bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
+model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module: {...}}}`.
     """
 
     bits: int = 4
@@ -143,6 +145,8 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     lowrank: dict[str, int] = field(default_factory=dict)
     lowrank_recipe: dict[str, Any] = field(default_factory=dict)
     convolutions: dict[str, dict] = field(default_factory=dict)
+    sparse: dict[str, int] = field(default_factory=dict)
+    resized: dict[str, dict] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     quant_method: str = "hfcompress"
 

@@ -12,6 +12,7 @@ from transformers.quantizers.auto import (
 )
 
 from ..lowrank.modules import FactorizedLinear
+from ..pruning.sparse import SparseLinear
 from .config import HfcompressQuantizationConfig
 from .modules import QuantLinear
 from .structure import LINEAR_TYPES, linear_weight, set_submodule
@@ -35,6 +36,7 @@ class HfcompressHfQuantizer(HfQuantizer):
         config = self.quantization_config
         for name, record in config.convolutions.items():
             rebuild_convolution(model, name, record)
+        _apply_resized(model, config.resized)
         for name, rank in config.lowrank.items():
             module = _linear_to_replace(model, name, "factorizes")
             out_features, in_features = linear_weight(module).shape
@@ -47,6 +49,13 @@ class HfcompressHfQuantizer(HfQuantizer):
                 device=module.weight.device,
             )
             set_submodule(model, name, factorized)
+        for name, nnz in config.sparse.items():
+            module = _linear_to_replace(model, name, "stores sparse")
+            out_features, in_features = linear_weight(module).shape
+            layer = SparseLinear(
+                in_features, out_features, nnz, module.bias is not None, module.weight.dtype, module.weight.device
+            )
+            set_submodule(model, name, layer)
         scale_dtype = _SCALE_DTYPES[config.scale_dtype]
         for name in config.modules:
             module = _linear_to_replace(model, name, "quantizes")
@@ -74,12 +83,12 @@ class HfcompressHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        # packed weights take no gradients; factorized layers are ordinary linears and train as usual
-        return not self.quantization_config.modules
+        # packed or bitmask weights take no gradients; factorized and resized layers are ordinary linears
+        return not self.quantization_config.modules and not self.quantization_config.sparse
 
     @property
     def is_qat_trainable(self) -> bool:
-        return not self.quantization_config.modules
+        return self.is_trainable
 
     def _dequantize(self, model, dtype=None):
         from .export import dequantize_model
@@ -94,6 +103,25 @@ def attach_config(model, qconfig: HfcompressQuantizationConfig) -> None:
     model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method
+
+
+def _apply_resized(model, resized: dict) -> None:
+    """Shrink the linears (and attention attributes) that structured pruning made smaller than the config."""
+    for name, (out_features, in_features) in resized.get("linears", {}).items():
+        module = _linear_to_replace(model, name, "resizes")
+        layer = torch.nn.Linear(
+            in_features, out_features, module.bias is not None, dtype=module.weight.dtype, device=module.weight.device
+        )
+        set_submodule(model, name, layer)
+    for name, attributes in resized.get("attributes", {}).items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"the checkpoint resizes {name!r}, which {type(model).__name__} does not have") from e
+        for attribute, value in attributes.items():
+            if not hasattr(module, attribute):
+                raise ValueError(f"the checkpoint sets {name}.{attribute}, which {type(module).__name__} lacks")
+            setattr(module, attribute, value)
 
 
 def _linear_to_replace(model, name: str, verb: str):

@@ -28,9 +28,10 @@ def test_checkpoint_config_round_trips():
     config = HfcompressQuantizationConfig(
         bits=3, group_size=64, sym=True, act_order=True, modules=["a.b.up"], method="gptq", recipe={"damp_percent": 0.02},
         lowrank={"a.b": 8}, lowrank_recipe={"method": "whiten"}, convolutions={"c": {"kind": "separable"}},
+        sparse={"d.e": 12}, resized={"linears": {"f.g": [2, 4]}, "attributes": {"f": {"num_attention_heads": 1}}},
     )  # fmt: skip
     data = config.to_dict()
-    assert data["quant_method"] == "hfcompress" and data["version"] == 2
+    assert data["quant_method"] == "hfcompress" and data["version"] == 3
     assert HfcompressQuantizationConfig.from_dict(data) == config
 
 
