@@ -1,7 +1,7 @@
 """hfcompress: model compression that plugs into transformers, Trainer and the Hub.
 
 Importing the package registers the `hfcompress` quantization method with transformers, so
-`AutoModel*.from_pretrained` loads hfcompress checkpoints (quantized and factorized).
+`AutoModel*.from_pretrained` loads hfcompress checkpoints (quantized, factorized, sparse, resized).
 """
 
 __version__ = "0.1.0"
@@ -15,6 +15,16 @@ from .lowrank import (
     merge_lora,
 )
 from .hub import generate_card, push_to_hub
+from .pruning import (
+    MagnitudePruningConfig,
+    MovementPruningConfig,
+    OneShotPruningConfig,
+    PruningCallback,
+    compress_sparse,
+    finalize_pruning,
+    prune_oneshot,
+    prune_structured,
+)
 from .quantization import GPTQConfig, QuantLinear, RTNConfig, quantize
 
 __all__ = [
@@ -25,10 +35,18 @@ __all__ = [
     "FactorizedLinear",
     "GPTQConfig",
     "LowRankConfig",
+    "MagnitudePruningConfig",
+    "MovementPruningConfig",
+    "OneShotPruningConfig",
+    "PruningCallback",
     "QuantLinear",
     "RTNConfig",
     "__version__",
+    "compress_sparse",
     "factorize",
+    "finalize_pruning",
     "merge_lora",
+    "prune_oneshot",
+    "prune_structured",
     "quantize",
 ]

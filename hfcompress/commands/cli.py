@@ -154,6 +154,67 @@ def _add_factorize(subparsers) -> None:
     merge.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_merge_lora"})
 
 
+def _add_prune(subparsers) -> None:
+    from ..pruning.oneshot import OneShotPruningConfig
+    from .arguments import add_config_arguments
+    from .recording import add_record_options
+
+    prune = subparsers.add_parser("prune", help="Prune a trained model (one-shot or structured) and save it.")
+    kinds = prune.add_subparsers(dest="kind", metavar="{oneshot,structured}")
+    kinds.required = True
+
+    oneshot = kinds.add_parser(
+        "oneshot", help="Zero weights by magnitude, Wanda or SparseGPT, no training.", description=OneShotPruningConfig.__doc__
+    )
+    oneshot.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    oneshot.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    add_config_arguments(oneshot, OneShotPruningConfig, ["method", "sparsity", "pattern"])
+    oneshot.add_argument(
+        "--dataset", default=None, help="Calibration data (wanda, sparsegpt): a text file, a `datasets` folder or a Hub dataset."
+    )
+    add_config_arguments(
+        oneshot, OneShotPruningConfig, ["num_samples", "seq_len", "batch_size", "damp_percent", "blocksize", "modules_to_not_convert"]
+    )
+    oneshot.add_argument(
+        "--storage",
+        choices=("bitmask", "dense"),
+        default="bitmask",
+        help="bitmask: sparse layers saved as a bitmask plus their non-zeros (a smaller checkpoint; loads after "
+        "`import hfcompress`). dense: ordinary weights with zeros (loads anywhere). Default: bitmask.",
+    )
+    _add_load_save_options(oneshot, "before pruning")
+    add_record_options(oneshot)
+    _add_common(oneshot)
+    oneshot.set_defaults(**{HANDLER: "hfcompress.commands.prune:run_oneshot"})
+
+    structured = kinds.add_parser(
+        "structured",
+        help="Remove attention heads and FFN neurons for real (smaller layers, config updated).",
+        description="Remove the same fraction of attention heads (key/value groups under grouped-query attention) "
+        "and of FFN neurons from every block, the least important first: first-order Taylor importance on --dataset "
+        "(language-modelling loss), or weight norms without data. Llama-style models then load with plain "
+        "transformers; BERT-style models with removed heads after `import hfcompress`.",
+    )
+    structured.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    structured.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    structured.add_argument("--heads", type=float, default=0.0, help="Fraction of attention heads to remove (default: 0).")
+    structured.add_argument("--ffn", type=float, default=0.0, help="Fraction of FFN neurons to remove (default: 0).")
+    structured.add_argument(
+        "--task",
+        choices=("causal-lm", "sequence-classification", "base"),
+        default="causal-lm",
+        help="Which head to load MODEL with (default: causal-lm).",
+    )
+    structured.add_argument("--dataset", default=None, help="Texts for Taylor importance (causal-lm only).")
+    structured.add_argument("--num-samples", type=int, default=32, help="Windows for importance (default: 32).")
+    structured.add_argument("--seq-len", type=int, default=512, help="Tokens per window (default: 512).")
+    structured.add_argument("--batch-size", type=int, default=4, help="Windows per backward pass (default: 4).")
+    _add_load_save_options(structured, "before pruning")
+    add_record_options(structured)
+    _add_common(structured)
+    structured.set_defaults(**{HANDLER: "hfcompress.commands.prune:run_structured"})
+
+
 def _add_hub(subparsers) -> None:
     card = subparsers.add_parser(
         "card",
@@ -183,7 +244,7 @@ def _add_hub(subparsers) -> None:
     push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
 
 
-COMMANDS = "{quantize,factorize,merge-lora,evaluate,card,push}"
+COMMANDS = "{quantize,factorize,merge-lora,prune,evaluate,card,push}"
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +253,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     subparsers.required = True
     _add_quantize(subparsers)
     _add_factorize(subparsers)
+    _add_prune(subparsers)
     _add_evaluate(subparsers)
     _add_hub(subparsers)
 

@@ -27,10 +27,17 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
-    from transformers import AutoModel, AutoModelForCausalLM
+    import transformers
 
+    autos = {
+        "causal-lm": "AutoModelForCausalLM",
+        "sequence-classification": "AutoModelForSequenceClassification",
+        "base": "AutoModel",
+    }
+    if task not in autos:
+        raise ValueError(f"task must be one of {', '.join(autos)}, got {task!r}")
     path = resolve_model_path(model)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    auto = getattr(transformers, autos[task])
     try:
         loaded = auto.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:

@@ -6,35 +6,16 @@ import argparse
 import logging
 import time
 
-from ..io import atomic_output_dir, check_output_dir, copy_model_extras
+from ..io import check_output_dir
 from ..lowrank import LowRankConfig, factorize, merge_lora
-from ..quantization.modules import cast_unquantized
 from ..hub.record import Step, command_line
 from .arguments import config_kwargs
-from .recording import base_record, finish_output, push_if_asked, quality_metrics
+from .recording import base_record, save_model_output
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 
 __all__ = ["run_factorize", "run_merge_lora"]
 
 logger = logging.getLogger(__name__)
-
-
-def _save(model, args: argparse.Namespace, tokenizer, record, step: Step) -> None:
-    import os
-
-    quality = quality_metrics(model, args, tokenizer)
-    # what stayed dense, and the factors, go back to the checkpoint's own dtype (often float16)
-    cast_unquantized(model, checkpoint_dtype(args.model))
-    with atomic_output_dir(args.output, args.overwrite) as staging:
-        model.save_pretrained(staging)
-        if os.path.isdir(args.model):
-            copy_model_extras(args.model, staging)
-        else:
-            tokenizer.save_pretrained(staging)
-        requires = getattr(model.config, "quantization_config", None) is not None
-        finish_output(record, step, model, args, staging, quality, requires_hfcompress=requires)
-    logger.info("wrote %s", args.output)
-    push_if_asked(args)
 
 
 def run_factorize(args: argparse.Namespace) -> int:
@@ -51,7 +32,7 @@ def run_factorize(args: argparse.Namespace) -> int:
     data = {k: settings.pop(k) for k in ("dataset", "num_samples", "seq_len", "batch_size")}
     settings["ranks"] = dict(model.config.quantization_config.lowrank)
     step = Step("factorization", config.method, settings, data if config.needs_data else None, seconds)
-    _save(model, args, tokenizer, record, step)
+    save_model_output(model, args, tokenizer, record, step)
     return 0
 
 
@@ -72,7 +53,7 @@ def run_merge_lora(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     merge_lora(model, args.adapter, rank=rank)
     step = Step("lora-merge", "lowrank-update", {"adapter": args.adapter, "rank": rank}, None, time.perf_counter() - start)
-    _save(model, args, tokenizer, record, step)
+    save_model_output(model, args, tokenizer, record, step)
     return 0
 
 

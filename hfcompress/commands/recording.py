@@ -12,7 +12,15 @@ import torch
 
 from ..hub.record import CompressionRecord, Step, command_line, hardware_description
 
-__all__ = ["add_record_options", "base_record", "finish_output", "model_metrics", "push_if_asked", "quality_metrics"]
+__all__ = [
+    "add_record_options",
+    "base_record",
+    "finish_output",
+    "model_metrics",
+    "push_if_asked",
+    "quality_metrics",
+    "save_model_output",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +39,13 @@ def add_record_options(parser: argparse.ArgumentParser) -> None:
 
 
 def stored_parameters(model: torch.nn.Module) -> int:
-    """Weights the model represents: its parameters, plus every packed weight of a quantized layer."""
+    """Weights the model represents: its parameters, plus every packed weight of a quantized or sparse layer
+    (zeros included)."""
+    from ..pruning.sparse import SparseLinear
     from ..quantization.modules import QuantLinear
 
     total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (QuantLinear, SparseLinear)))
     return total
 
 
@@ -140,3 +150,28 @@ def push_if_asked(args: argparse.Namespace) -> None:
 
         url = push_to_hub(args.output, args.push_to_hub, private=args.private or None)
         logger.info("pushed to %s", url)
+
+
+def save_model_output(model, args: argparse.Namespace, tokenizer, record, step, before_save=None) -> None:
+    """Measure the result, then write it to args.output as a complete folder (tokenizer, record, card) that
+    replaces nothing until it is complete; push it when asked. `before_save(model)` runs after the quality
+    measurement (to switch to a storage form such as bitmask-sparse layers)."""
+    from ..io import atomic_output_dir, copy_model_extras
+    from ..quantization.modules import cast_unquantized
+    from .loading import checkpoint_dtype
+
+    quality = quality_metrics(model, args, tokenizer)
+    if before_save is not None:
+        before_save(model)
+    # what stayed dense goes back to the checkpoint's own dtype (often float16)
+    cast_unquantized(model, checkpoint_dtype(args.model))
+    with atomic_output_dir(args.output, args.overwrite) as staging:
+        model.save_pretrained(staging)
+        if os.path.isdir(args.model):
+            copy_model_extras(args.model, staging)
+        else:
+            tokenizer.save_pretrained(staging)
+        requires = getattr(model.config, "quantization_config", None) is not None
+        finish_output(record, step, model, args, staging, quality, requires_hfcompress=requires)
+    logger.info("wrote %s", args.output)
+    push_if_asked(args)
