@@ -14,6 +14,7 @@ from .lowrank import (
     factorize,
     merge_lora,
 )
+from .distillation import DistillationConfig, DistillationTrainer, make_student
 from .hub import generate_card, push_to_hub
 from .pruning import (
     MagnitudePruningConfig,
@@ -32,6 +33,8 @@ __all__ = [
     "push_to_hub",
     "ConvDecompositionConfig",
     "decompose_convolutions",
+    "DistillationConfig",
+    "DistillationTrainer",
     "FactorizedLinear",
     "GPTQConfig",
     "LowRankConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "compress_sparse",
     "factorize",
     "finalize_pruning",
+    "make_student",
     "merge_lora",
     "prune_oneshot",
     "prune_structured",
