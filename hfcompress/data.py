@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ def load_texts(dataset, split: str = "train") -> list[str]:
     if isinstance(dataset, str) or isinstance(dataset, os.PathLike):
         path = os.fspath(dataset)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
                 return [f.read()]
         return _texts_from_datasets(path, split)
     if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):

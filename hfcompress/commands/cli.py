@@ -215,6 +215,51 @@ def _add_prune(subparsers) -> None:
     structured.set_defaults(**{HANDLER: "hfcompress.commands.prune:run_structured"})
 
 
+def _add_distill(subparsers) -> None:
+    from ..distillation.config import DistillationConfig
+    from .arguments import add_config_arguments
+    from .recording import add_record_options
+
+    distill = subparsers.add_parser(
+        "distill",
+        help="Train a smaller student on a teacher's outputs and save it.",
+        description="Distil --teacher into a student (a copy of some of its blocks with --student-layers, or "
+        "--student MODEL) with DistillationTrainer, on --dataset: a text file for causal-lm, JSON lines or a "
+        "datasets folder with 'text' and 'label' for sequence-classification. OUTPUT is a plain transformers model. "
+        + (DistillationConfig.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    distill.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    distill.add_argument("--teacher", required=True, help="Teacher model folder or Hub id.")
+    students = distill.add_mutually_exclusive_group(required=True)
+    students.add_argument("--student-layers", type=int, help="Build the student from this many teacher blocks.")
+    students.add_argument("--student", help="A student model folder or Hub id (same tokenizer as the teacher).")
+    distill.add_argument(
+        "--layer-strategy", choices=("alternate", "first"), default="alternate",
+        help="With --student-layers: blocks spread evenly from first to last, or the first ones (default: alternate).",
+    )  # fmt: skip
+    distill.add_argument("--dataset", required=True, help="Training data (see above).")
+    distill.add_argument("--task", choices=("causal-lm", "sequence-classification"), default="causal-lm")
+    distill.add_argument("--seq-len", type=int, default=512, help="Tokens per window / max length (default: 512).")
+    distill.add_argument("--max-windows", type=int, default=None, help="causal-lm: use only the first N windows.")
+    add_config_arguments(distill, DistillationConfig, ["temperature", "alpha_kd"])
+    distill.add_argument("--alpha-task", type=float, default=None, help="Weight of the task loss (default: 1 - alpha-kd).")
+    distill.add_argument("--hidden-states", default=None, help="Hidden states to match, 'TEACHER:STUDENT,...' e.g. '2:1,5:2'.")
+    add_config_arguments(distill, DistillationConfig, ["hidden_loss"])
+    distill.add_argument("--max-steps", type=int, default=500, help="Optimizer steps (default: 500).")
+    distill.add_argument("--learning-rate", type=float, default=1e-4, help="Peak learning rate (default: 1e-4).")
+    distill.add_argument("--batch-size", type=int, default=8, help="Per-device batch size (default: 8).")
+    distill.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--cpu", action="store_true", help="Train on CPU even when a GPU is present.")
+    distill.add_argument("--checkpoint-dir", default=None, help="Keep Trainer checkpoints here (default: none kept).")
+    distill.add_argument("--resume", default=None, help="A checkpoint folder to resume from.")
+    _add_load_save_options(distill, "(teacher and student)")
+    add_record_options(distill)
+    _add_common(distill)
+    distill.set_defaults(**{HANDLER: "hfcompress.commands.distill:run_distill"})
+
+
 def _add_hub(subparsers) -> None:
     card = subparsers.add_parser(
         "card",
@@ -244,7 +289,7 @@ def _add_hub(subparsers) -> None:
     push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
 
 
-COMMANDS = "{quantize,factorize,merge-lora,prune,evaluate,card,push}"
+COMMANDS = "{quantize,factorize,merge-lora,prune,distill,evaluate,card,push}"
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +299,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     _add_quantize(subparsers)
     _add_factorize(subparsers)
     _add_prune(subparsers)
+    _add_distill(subparsers)
     _add_evaluate(subparsers)
     _add_hub(subparsers)
 

@@ -1,0 +1,75 @@
+"""`hfcompress distill` on tiny model folders with a real tokenizer."""
+
+import json
+
+import pytest
+import torch
+from helpers import python_text, save_tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+from hfcompress.commands.cli import main
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(python_text()[:30_000], encoding="utf-8")
+    return path
+
+
+def test_distill_causal_lm_student_from_teacher_layers(tmp_path, text_file):
+    teacher = tmp_path / "teacher"
+    save_tiny_model(teacher)
+    out = tmp_path / "student"
+    code = run(
+        "distill", out, "--teacher", teacher, "--student-layers", 1, "--dataset", text_file, "--seq-len", 32,
+        "--max-steps", 4, "--batch-size", 4, "--hidden-states", "2:1", "--eval-dataset", text_file,
+        "--eval-max-windows", 2, "--eval-seq-len", 32, "--cpu", "-q",
+    )  # fmt: skip
+    assert code == 0
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.num_hidden_layers == 1
+    record = json.loads((out / "hfcompress_record.json").read_text())
+    step = record["steps"][0]
+    assert step["technique"] == "distillation" and step["config"]["hidden_states"] == [[2, 1]]
+    assert "perplexity" in record["metrics"]["after"] and (out / "tokenizer.json").is_file()
+
+
+def test_distill_sequence_classification_from_json_lines(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = "<unk>"
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(
+        BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2)
+    )
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "train.jsonl"
+    lines = [json.dumps({"text": t, "label": i % 2}) for i, t in enumerate(python_text()[:8000].split("\n\n")[:40])]
+    data.write_text("\n".join(lines))
+    out = tmp_path / "student"
+    assert run("distill", out, "--teacher", tmp_path / "teacher", "--student-layers", 1, "--dataset", data,
+               "--task", "sequence-classification", "--seq-len", 32, "--max-steps", 3, "--cpu", "-q") == 0  # fmt: skip
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--student-layers", "1", "--temperature", "0"], "`temperature` must be > 0, got 0.0"),
+        (["--student-layers", "1", "--hidden-states", "2-1"], "layer pairs must look like 'TEACHER:STUDENT"),
+        (["--student-layers", "5"], "between 1 and the teacher's 2 layers, got 5"),
+        (["--student-layers", "1", "--hidden-states", "9:1"], "out of range"),
+    ],
+)
+def test_bad_distill_settings_fail_clearly_and_write_nothing(tmp_path, text_file, capsys, extra, message):
+    teacher = tmp_path / "teacher"
+    save_tiny_model(teacher)
+    out = tmp_path / "out"
+    assert run("distill", out, "--teacher", teacher, "--dataset", text_file, "--seq-len", 32, "--max-steps", 1, *extra, "-q") == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
