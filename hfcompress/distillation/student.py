@@ -63,6 +63,7 @@ def make_student(
         if bad or not chosen or len(set(chosen)) != len(chosen):
             raise ValueError(f"`layers` must be distinct block indices in [0, {total}), got {chosen}")
     student = copy.deepcopy(teacher)
+    student.requires_grad_(True)  # a teacher frozen by an earlier distillation still gives a trainable student
     _, student_stack = find_layer_stack(student)
     blocks = [student_stack[i] for i in chosen]
     for new_index, block in enumerate(blocks):

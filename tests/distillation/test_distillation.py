@@ -85,7 +85,9 @@ def test_make_student_copies_the_chosen_blocks_and_reloads(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     x = torch.randint(1, 64, (2, 10))
     torch.testing.assert_close(reloaded(x).logits, student(x).logits)
+    teacher.requires_grad_(False)  # frozen, as DistillationTrainer leaves it: students still train
     narrow = make_student(teacher, layers=[1, 2], ffn=0.5)
+    assert all(p.requires_grad for p in narrow.parameters())
     assert narrow.config.intermediate_size == 32
     with pytest.raises(ValueError, match="distinct block indices in \\[0, 4\\), got \\[1, 7\\]"):
         make_student(teacher, layers=[1, 7])
