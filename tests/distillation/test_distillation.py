@@ -204,3 +204,24 @@ def test_movement_pruning_inside_distillation(tmp_path):
     trainer.train()
     last = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert last["sparsity"] == pytest.approx(0.5, abs=1e-3) and "loss_kd" in last
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_bitsandbytes_teacher_saves_memory_and_still_teaches(tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    from helpers import save_tiny_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    save_tiny_model(tmp_path / "teacher")
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", quantization_config=quantization, device_map="cpu")
+    assert "bitsandbytes" in type(teacher.model.layers[0].mlp.down_proj).__module__
+    student = make_student(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"), num_layers=1)
+    windows = token_windows(8, 16)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, distillation=DistillationConfig(alpha_kd=0.5),
+        args=args(tmp_path / "run", steps=2, per_device_train_batch_size=4, logging_steps=1),
+        train_dataset=[{"input_ids": w, "labels": w} for w in windows],
+    )  # fmt: skip
+    trainer.train()
+    assert all(h["loss_kd"] > 0 for h in trainer.state.log_history if "loss" in h)
