@@ -100,10 +100,19 @@ def _add_load_save_options(parser: argparse.ArgumentParser, when: str) -> None:
     )
 
 
+def _add_writer_options(parser: argparse.ArgumentParser, when: str, handler: str) -> None:
+    """The options every model-writing command ends with, and its handler."""
+    from .recording import add_record_options
+
+    _add_load_save_options(parser, when)
+    add_record_options(parser)
+    _add_common(parser)
+    parser.set_defaults(**{HANDLER: handler})
+
+
 def _add_factorize(subparsers) -> None:
     from ..lowrank.config import LowRankConfig
     from .arguments import add_config_arguments
-    from .recording import add_record_options
 
     fields = LowRankConfig.__dataclass_fields__
     factorize = subparsers.add_parser(
@@ -127,10 +136,7 @@ def _add_factorize(subparsers) -> None:
     add_config_arguments(
         factorize, LowRankConfig, ["num_samples", "seq_len", "batch_size", "sensitivity_samples", "sensitivity_cache"]
     )
-    _add_load_save_options(factorize, "before factorizing")
-    add_record_options(factorize)
-    _add_common(factorize)
-    factorize.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_factorize"})
+    _add_writer_options(factorize, "before factorizing", "hfcompress.commands.lowrank:run_factorize")
 
     merge = subparsers.add_parser(
         "merge-lora",
@@ -148,16 +154,12 @@ def _add_factorize(subparsers) -> None:
         help="Rank of factorized layers after the merge: 'original' (default: keep each layer's rank), 'exact' "
         "(rank + adapter rank: the merged model computes what the adapted one did), or a number.",
     )
-    _add_load_save_options(merge, "before merging")
-    add_record_options(merge)
-    _add_common(merge)
-    merge.set_defaults(**{HANDLER: "hfcompress.commands.lowrank:run_merge_lora"})
+    _add_writer_options(merge, "before merging", "hfcompress.commands.lowrank:run_merge_lora")
 
 
 def _add_prune(subparsers) -> None:
     from ..pruning.oneshot import OneShotPruningConfig
     from .arguments import add_config_arguments
-    from .recording import add_record_options
 
     prune = subparsers.add_parser("prune", help="Prune a trained model (one-shot or structured) and save it.")
     kinds = prune.add_subparsers(dest="kind", metavar="{oneshot,structured}")
@@ -182,10 +184,7 @@ def _add_prune(subparsers) -> None:
         help="bitmask: sparse layers saved as a bitmask plus their non-zeros (a smaller checkpoint; loads after "
         "`import hfcompress`). dense: ordinary weights with zeros (loads anywhere). Default: bitmask.",
     )
-    _add_load_save_options(oneshot, "before pruning")
-    add_record_options(oneshot)
-    _add_common(oneshot)
-    oneshot.set_defaults(**{HANDLER: "hfcompress.commands.prune:run_oneshot"})
+    _add_writer_options(oneshot, "before pruning", "hfcompress.commands.prune:run_oneshot")
 
     structured = kinds.add_parser(
         "structured",
@@ -209,16 +208,12 @@ def _add_prune(subparsers) -> None:
     structured.add_argument("--num-samples", type=int, default=32, help="Windows for importance (default: 32).")
     structured.add_argument("--seq-len", type=int, default=512, help="Tokens per window (default: 512).")
     structured.add_argument("--batch-size", type=int, default=4, help="Windows per backward pass (default: 4).")
-    _add_load_save_options(structured, "before pruning")
-    add_record_options(structured)
-    _add_common(structured)
-    structured.set_defaults(**{HANDLER: "hfcompress.commands.prune:run_structured"})
+    _add_writer_options(structured, "before pruning", "hfcompress.commands.prune:run_structured")
 
 
 def _add_distill(subparsers) -> None:
     from ..distillation.config import DistillationConfig
     from .arguments import add_config_arguments
-    from .recording import add_record_options
 
     distill = subparsers.add_parser(
         "distill",
@@ -254,10 +249,7 @@ def _add_distill(subparsers) -> None:
     distill.add_argument("--cpu", action="store_true", help="Train on CPU even when a GPU is present.")
     distill.add_argument("--checkpoint-dir", default=None, help="Keep Trainer checkpoints here (default: none kept).")
     distill.add_argument("--resume", default=None, help="A checkpoint folder to resume from.")
-    _add_load_save_options(distill, "(teacher and student)")
-    add_record_options(distill)
-    _add_common(distill)
-    distill.set_defaults(**{HANDLER: "hfcompress.commands.distill:run_distill"})
+    _add_writer_options(distill, "(teacher and student)", "hfcompress.commands.distill:run_distill")
 
 
 def _add_hub(subparsers) -> None:

@@ -6,12 +6,12 @@ import argparse
 import logging
 import time
 
+from ..hub.record import Step, command_line
 from ..io import check_output_dir
 from ..lowrank import LowRankConfig, factorize, merge_lora
-from ..hub.record import Step, command_line
 from .arguments import config_kwargs
+from .loading import load_model, load_tokenizer
 from .recording import base_record, save_model_output
-from .loading import checkpoint_dtype, load_model, load_tokenizer
 
 __all__ = ["run_factorize", "run_merge_lora"]
 

@@ -5,7 +5,12 @@ import json
 import pytest
 import torch
 from helpers import python_text, save_tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 from hfcompress.commands.cli import main
 

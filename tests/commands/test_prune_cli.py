@@ -4,25 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import python_text, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (loads bitmask checkpoints)
 from hfcompress.commands.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_model(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(python_text()[:40_000], encoding="utf-8")
-    return path
 
 
 def run(*argv):

@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
-import hfcompress
+import hfcompress  # noqa: F401  (registers the loader of bitmask and resized checkpoints)
 from hfcompress.pruning import OneShotPruningConfig, compress_sparse, decompress_sparse, prune_oneshot, prune_structured
 from hfcompress.pruning.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
