@@ -4,4 +4,13 @@ from .factorization import factorize
 from .lora import merge_lora
 from .modules import FactorizedLinear
 
-__all__ = ["FactorizedLinear", "LowRankConfig", "factorize", "merge_lora"]
+__all__ = [
+    "ConvDecompositionConfig",
+    "FactorizedLinear",
+    "LowRankConfig",
+    "SeparableConv2d",
+    "Tucker2Conv2d",
+    "decompose_convolutions",
+    "factorize",
+    "merge_lora",
+]
