@@ -26,9 +26,10 @@ from .pruning import (
     prune_oneshot,
     prune_structured,
 )
-from .quantization import GPTQConfig, QuantLinear, RTNConfig, quantize
+from .quantization import BnbConfig, GPTQConfig, QuantLinear, RTNConfig, quantize
 
 __all__ = [
+    "BnbConfig",
     "generate_card",
     "push_to_hub",
     "ConvDecompositionConfig",

@@ -42,7 +42,7 @@ def _add_quantize(subparsers) -> None:
     from .recording import add_record_options
 
     quantize = subparsers.add_parser("quantize", help="Quantize a model's linear layers and save it.")
-    methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn}")
+    methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn,bnb}")
     methods.required = True
     grid = ["bits", "group_size", "sym", "clip_search", "scale_dtype", "modules_to_not_convert"]
 
@@ -67,6 +67,25 @@ def _add_quantize(subparsers) -> None:
     add_record_options(rtn)
     _add_common(rtn)
     rtn.set_defaults(**{HANDLER: "hfcompress.commands.quantize:run_rtn"})
+
+    from ..quantization.bnb import BnbConfig
+
+    bnb = methods.add_parser(
+        "bnb",
+        help="bitsandbytes 4-bit (NF4/FP4) or 8-bit; loads with plain transformers.",
+        description=BnbConfig.__doc__ + " The output loads with plain `from_pretrained` (bitsandbytes installed).",
+    )
+    bnb.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    bnb.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+    bnb.add_argument("--bits", type=int, choices=(4, 8), default=4, help="4 (NF4/FP4) or 8 (LLM.int8) (default: 4).")
+    bnb.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type (default: nf4).")
+    bnb.add_argument("--double-quant", action="store_true", help="4-bit: quantize the block scales too.")
+    bnb.add_argument(
+        "--compute-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="4-bit: dtype of the matmuls (default: float32).",
+    )  # fmt: skip
+    bnb.add_argument("--skip-modules", default=None, help="Comma-separated modules left unquantized (default: lm_head).")
+    _add_writer_options(bnb, "before quantizing", "hfcompress.commands.quantize:run_bnb")
 
 
 def _add_evaluate(subparsers) -> None:

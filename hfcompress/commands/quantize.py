@@ -15,7 +15,7 @@ from .arguments import config_kwargs
 from .recording import base_record, finish_output, push_if_asked, quality_metrics
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 
-__all__ = ["run_gptq", "run_rtn"]
+__all__ = ["run_bnb", "run_gptq", "run_rtn"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +58,26 @@ def run_gptq(args: argparse.Namespace) -> int:
 
 def run_rtn(args: argparse.Namespace) -> int:
     return _quantize_and_save(args, RTNConfig(**config_kwargs(args, RTNConfig)))
+
+
+def run_bnb(args: argparse.Namespace) -> int:
+    from ..quantization.bnb import BnbConfig, load_bnb, require_bitsandbytes
+    from .loading import resolve_model_path
+    from .recording import save_model_output  # noqa: I001
+
+    skip = [m.strip() for m in args.skip_modules.split(",") if m.strip()] if args.skip_modules else None
+    config = BnbConfig(args.bits, args.quant_type, args.double_quant, args.compute_dtype, skip)
+    require_bitsandbytes()
+    check_output_dir(args.output, args.overwrite)
+    base = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    record = base_record(base, args.model, args, tokenizer)
+    dtype = next(base.parameters()).dtype
+    del base
+    start = time.perf_counter()
+    model = load_bnb(resolve_model_path(args.model), config, dtype=dtype).eval()
+    seconds = time.perf_counter() - start
+    method = "int8" if config.bits == 8 else config.quant_type + ("+double-quant" if config.double_quant else "")
+    step = Step("quantization", f"bitsandbytes-{method}", config.to_dict(), None, seconds)
+    save_model_output(model, args, tokenizer, record, step, cast=False)
+    return 0

@@ -41,11 +41,20 @@ def add_record_options(parser: argparse.ArgumentParser) -> None:
 def stored_parameters(model: torch.nn.Module) -> int:
     """Weights the model represents: its parameters, plus every packed weight of a quantized or sparse layer
     (zeros included)."""
+    from ..evaluation.footprint import is_bitsandbytes_linear
     from ..pruning.sparse import SparseLinear
     from ..quantization.modules import QuantLinear
 
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (QuantLinear, SparseLinear)))
+    total, seen = 0, set()
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # tied weights count once
+        seen.update(id(p) for p in params)
+        own = sum(p.numel() for p in params)
+        if is_bitsandbytes_linear(module):  # a packed 4-bit weight holds two weights per element
+            own = module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+        elif isinstance(module, (QuantLinear, SparseLinear)):
+            own += module.in_features * module.out_features
+        total += own
     return total
 
 
@@ -152,10 +161,11 @@ def push_if_asked(args: argparse.Namespace) -> None:
         logger.info("pushed to %s", url)
 
 
-def save_model_output(model, args: argparse.Namespace, tokenizer, record, step, before_save=None) -> None:
+def save_model_output(model, args: argparse.Namespace, tokenizer, record, step, before_save=None, cast=True) -> None:
     """Measure the result, then write it to args.output as a complete folder (tokenizer, record, card) that
     replaces nothing until it is complete; push it when asked. `before_save(model)` runs after the quality
-    measurement (to switch to a storage form such as bitmask-sparse layers)."""
+    measurement (to switch to a storage form such as bitmask-sparse layers). `cast=False` keeps the dtypes as
+    they are (a bitsandbytes model manages its own)."""
     from ..io import atomic_output_dir, copy_model_extras
     from ..quantization.modules import cast_unquantized
     from .loading import checkpoint_dtype
@@ -163,8 +173,8 @@ def save_model_output(model, args: argparse.Namespace, tokenizer, record, step, 
     quality = quality_metrics(model, args, tokenizer)
     if before_save is not None:
         before_save(model)
-    # what stayed dense goes back to the checkpoint's own dtype (often float16)
-    cast_unquantized(model, checkpoint_dtype(args.model))
+    if cast:  # what stayed dense goes back to the checkpoint's own dtype (often float16)
+        cast_unquantized(model, checkpoint_dtype(args.model))
     with atomic_output_dir(args.output, args.overwrite) as staging:
         model.save_pretrained(staging)
         if os.path.isdir(args.model):

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..quantization.modules import QuantLinear
 from ..quantization.structure import LINEAR_TYPES, linear_weight
 
-__all__ = ["weights_size_bytes", "bits_per_weight"]
+__all__ = ["weights_size_bytes", "bits_per_weight", "is_bitsandbytes_linear"]
 
 QUANT_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -21,6 +21,10 @@ def weights_size_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
+def is_bitsandbytes_linear(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes") and hasattr(module, "in_features")
+
+
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight of the quantized (and bitmask-sparse) layers: codes, scales, zero points and g_idx
     (bitmask and non-zero values) over the number of weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
@@ -29,6 +33,10 @@ def bits_per_weight(model: nn.Module) -> float:
 
     stored_bits, weights = 0, 0
     for module in model.modules():
+        if is_bitsandbytes_linear(module):  # packed weight plus its serialized quantization state
+            stored_bits += sum(t.numel() * t.element_size() * 8 for k, t in module.state_dict().items() if k != "bias")
+            weights += module.in_features * module.out_features
+            continue
         if isinstance(module, (QuantLinear, SparseLinear)):
             names = ("weight_bitmask", "weight_values") if isinstance(module, SparseLinear) else QUANT_TENSORS
             for name in names:

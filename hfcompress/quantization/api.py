@@ -53,10 +53,15 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
 
     `config` is an `RTNConfig` (no data) or a `GPTQConfig`, whose `dataset` is a list of strings, a text file,
     a `datasets` folder, a Hub dataset name or a tensor of token ids [n, seq_len]. Text needs `tokenizer`;
-    without one it is loaded from `model.name_or_path`.
+    without one it is loaded from `model.name_or_path`. A `BnbConfig` returns a new, bitsandbytes-quantized
+    model (bitsandbytes quantizes while loading) and leaves `model` as it was.
     """
+    from .bnb import BnbConfig, quantize_bnb
+
+    if isinstance(config, BnbConfig):
+        return quantize_bnb(model, config)  # a new model: bitsandbytes quantizes while loading
     if not isinstance(config, RTNConfig):
-        raise TypeError(f"`config` must be an hfcompress RTNConfig or GPTQConfig, got {type(config).__name__}")
+        raise TypeError(f"`config` must be an hfcompress RTNConfig, GPTQConfig or BnbConfig, got {type(config).__name__}")
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("the model is already quantized")
     blocks = find_layer_stack(model)[1] if isinstance(config, GPTQConfig) else None
