@@ -126,7 +126,7 @@ def schedule(args, sparsity):
 
 
 def part_fine(args, results: dict) -> None:
-    path = encoder_path()
+    path = encoder_path() if args.init == "pretrained" else str(args.work / "dense")
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_set, val_set, labels = load_task(tokenizer, args.task, args.max_length)
 
@@ -134,8 +134,11 @@ def part_fine(args, results: dict) -> None:
         torch.manual_seed(args.seed)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
 
-    rows = results.setdefault("fine", [])
+    rows = results.setdefault("fine" if args.init == "pretrained" else "fine_from_finetuned", [])
     done = {(r["method"], r["remaining"]) for r in rows}
+    if args.init == "finetuned" and ("dense", 1.0) not in done:
+        rows.append({"method": "dense", "remaining": 1.0, "accuracy": evaluate(fresh(), val_set, tokenizer, args)})
+        done.add(("dense", 1.0))
     if ("dense", 1.0) not in done:
         start = time.perf_counter()
         trainer = train(fresh(), args, train_set, val_set, tokenizer, args.steps, seed=args.seed)
@@ -172,7 +175,8 @@ def part_fine(args, results: dict) -> None:
             )
             logger.info("%s", rows[-1])
             save(results, args)
-    print(f"\nFine-pruning all-MiniLM-L6-v2 on docs-cls: {args.steps} steps of batch {args.batch_size}, lr {args.lr}")
+    start_from = "the pretrained encoder" if args.init == "pretrained" else "the dense fine-tuned model"
+    print(f"\nFine-pruning all-MiniLM-L6-v2 on docs-cls from {start_from}: {args.steps} steps of batch {args.batch_size}, lr {args.lr}")
     print("| method | remaining encoder linear weights | val accuracy |\n|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {100 * r.get('measured_remaining', r['remaining']):.1f}% | {100 * r['accuracy']:.2f} |")
@@ -282,6 +286,11 @@ def main() -> None:
     parser.add_argument("--task", type=Path, default=SHARED / "docs-cls")
     parser.add_argument("--work", type=Path, default=Path("bench_out/pruning"), help="models kept between parts")
     parser.add_argument("--steps", type=int, default=900, help="optimizer steps of every fine-pruning run")
+    parser.add_argument(
+        "--init", choices=["pretrained", "finetuned"], default="pretrained",
+        help="fine-prune from the pretrained encoder (as Sanh et al.), or from the dense model fine-tuned by a "
+        "previous --part fine run (a shorter budget suffices)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=96)
