@@ -26,7 +26,7 @@ from .pruning import (
     prune_oneshot,
     prune_structured,
 )
-from .quantization import BnbConfig, GPTQConfig, QuantLinear, RTNConfig, quantize
+from .quantization import BnbConfig, GPTQConfig, KMeansConfig, QuantLinear, RTNConfig, VQConfig, quantize
 
 __all__ = [
     "BnbConfig",
@@ -38,6 +38,7 @@ __all__ = [
     "DistillationTrainer",
     "FactorizedLinear",
     "GPTQConfig",
+    "KMeansConfig",
     "LowRankConfig",
     "MagnitudePruningConfig",
     "MovementPruningConfig",
@@ -45,6 +46,7 @@ __all__ = [
     "PruningCallback",
     "QuantLinear",
     "RTNConfig",
+    "VQConfig",
     "__version__",
     "compress_sparse",
     "factorize",

@@ -42,7 +42,7 @@ def _add_quantize(subparsers) -> None:
     from .recording import add_record_options
 
     quantize = subparsers.add_parser("quantize", help="Quantize a model's linear layers and save it.")
-    methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn,bnb}")
+    methods = quantize.add_subparsers(dest="method", metavar="{gptq,rtn,bnb,kmeans,vq}")
     methods.required = True
     grid = ["bits", "group_size", "sym", "clip_search", "scale_dtype", "modules_to_not_convert"]
 
@@ -86,6 +86,23 @@ def _add_quantize(subparsers) -> None:
     )  # fmt: skip
     bnb.add_argument("--skip-modules", default=None, help="Comma-separated modules left unquantized (default: lm_head).")
     _add_writer_options(bnb, "before quantizing", "hfcompress.commands.quantize:run_bnb")
+
+    from ..quantization.codebook_config import KMeansConfig, VQConfig
+
+    for name, config_cls, fields, summary in (
+        ("kmeans", KMeansConfig, ["bits"], "Non-uniform levels per channel by weighted k-means."),
+        ("vq", VQConfig, ["bits", "dim", "groups"], "Vector quantization of runs of weights."),
+    ):
+        parser = methods.add_parser(name, help=summary, description=config_cls.__doc__)
+        parser.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+        parser.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty).")
+        add_config_arguments(parser, config_cls, fields)
+        parser.add_argument(
+            "--dataset", default=None,
+            help="Calibration data (optional): a text file, a `datasets` folder or a Hub dataset name.",
+        )  # fmt: skip
+        add_config_arguments(parser, config_cls, ["num_samples", "seq_len", "batch_size", "iters", "modules_to_not_convert"])
+        _add_writer_options(parser, "before quantizing", "hfcompress.commands.quantize:run_codebook")
 
 
 def _add_evaluate(subparsers) -> None:

@@ -15,7 +15,7 @@ from .arguments import config_kwargs
 from .recording import base_record, finish_output, push_if_asked, quality_metrics
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 
-__all__ = ["run_bnb", "run_gptq", "run_rtn"]
+__all__ = ["run_bnb", "run_codebook", "run_gptq", "run_rtn"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,4 +80,26 @@ def run_bnb(args: argparse.Namespace) -> int:
     method = "int8" if config.bits == 8 else config.quant_type + ("+double-quant" if config.double_quant else "")
     step = Step("quantization", f"bitsandbytes-{method}", config.to_dict(), None, seconds)
     save_model_output(model, args, tokenizer, record, step, cast=False)
+    return 0
+
+
+def run_codebook(args: argparse.Namespace) -> int:
+    """`hfcompress quantize kmeans|vq`."""
+    from ..quantization.codebook_config import KMeansConfig, VQConfig
+    from .recording import save_model_output
+
+    config_cls = KMeansConfig if args.method == "kmeans" else VQConfig
+    config = config_cls(**config_kwargs(args, config_cls))
+    check_output_dir(args.output, args.overwrite)
+    model = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    record = base_record(model, args.model, args, tokenizer)
+    start = time.perf_counter()
+    quantize(model, config, tokenizer=tokenizer)
+    seconds = time.perf_counter() - start
+    logger.info("quantized in %.1fs", seconds)
+    settings = config.to_dict()
+    data = {k: settings.pop(k) for k in ("dataset", "num_samples", "seq_len", "batch_size")}
+    step = Step("quantization", config.method, settings, data if config.dataset is not None else None, seconds)
+    save_model_output(model, args, tokenizer, record, step)
     return 0

@@ -43,6 +43,7 @@ def stored_parameters(model: torch.nn.Module) -> int:
     (zeros included)."""
     from ..evaluation.footprint import is_bitsandbytes_linear
     from ..pruning.sparse import SparseLinear
+    from ..quantization.codebook_linear import CodebookLinear
     from ..quantization.modules import QuantLinear
 
     total, seen = 0, set()
@@ -52,7 +53,7 @@ def stored_parameters(model: torch.nn.Module) -> int:
         own = sum(p.numel() for p in params)
         if is_bitsandbytes_linear(module):  # a packed 4-bit weight holds two weights per element
             own = module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
-        elif isinstance(module, (QuantLinear, SparseLinear)):
+        elif isinstance(module, (QuantLinear, SparseLinear, CodebookLinear)):
             own += module.in_features * module.out_features
         total += own
     return total

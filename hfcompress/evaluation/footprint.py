@@ -30,6 +30,7 @@ def bits_per_weight(model: nn.Module) -> float:
     (bitmask and non-zero values) over the number of weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
     excluded when it is the output embedding)."""
     from ..pruning.sparse import SparseLinear
+    from ..quantization.codebook_linear import CodebookLinear
 
     stored_bits, weights = 0, 0
     for module in model.modules():
@@ -37,8 +38,9 @@ def bits_per_weight(model: nn.Module) -> float:
             stored_bits += sum(t.numel() * t.element_size() * 8 for k, t in module.state_dict().items() if k != "bias")
             weights += module.in_features * module.out_features
             continue
-        if isinstance(module, (QuantLinear, SparseLinear)):
-            names = ("weight_bitmask", "weight_values") if isinstance(module, SparseLinear) else QUANT_TENSORS
+        if isinstance(module, (QuantLinear, SparseLinear, CodebookLinear)):
+            names = {SparseLinear: ("weight_bitmask", "weight_values"), CodebookLinear: ("weight", "weight_codebook")}
+            names = names.get(type(module), QUANT_TENSORS)
             for name in names:
                 tensor = getattr(module, name)
                 if tensor is not None:

@@ -57,11 +57,20 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
     model (bitsandbytes quantizes while loading) and leaves `model` as it was.
     """
     from .bnb import BnbConfig, quantize_bnb
+    from .codebook_api import quantize_codebook
+    from .codebook_config import KMeansConfig, VQConfig
 
     if isinstance(config, BnbConfig):
         return quantize_bnb(model, config)  # a new model: bitsandbytes quantizes while loading
+    if isinstance(config, (KMeansConfig, VQConfig)):
+        if getattr(model, "hf_quantizer", None) is not None and getattr(model.config.quantization_config, "modules", None):
+            raise ValueError("the model is already quantized")
+        return quantize_codebook(model, config, tokenizer)
     if not isinstance(config, RTNConfig):
-        raise TypeError(f"`config` must be an hfcompress RTNConfig, GPTQConfig or BnbConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"`config` must be an hfcompress RTNConfig, GPTQConfig, BnbConfig, KMeansConfig or VQConfig, "
+            f"got {type(config).__name__}"
+        )
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("the model is already quantized")
     blocks = find_layer_stack(model)[1] if isinstance(config, GPTQConfig) else None

@@ -130,7 +130,8 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     `lowrank_recipe` keeps the factorization settings. `convolutions` maps each decomposed `Conv2d` to
     `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`. `sparse` maps each layer stored as
 bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
-model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module: {...}}}`.
+model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module: {...}}}`. `codebooks` maps each k-means / VQ layer
+(`CodebookLinear`) to `{"bits", "dim", "books"}`.
     """
 
     bits: int = 4
@@ -146,6 +147,7 @@ model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "
     lowrank_recipe: dict[str, Any] = field(default_factory=dict)
     convolutions: dict[str, dict] = field(default_factory=dict)
     sparse: dict[str, int] = field(default_factory=dict)
+    codebooks: dict[str, dict] = field(default_factory=dict)
     resized: dict[str, dict] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     quant_method: str = "hfcompress"

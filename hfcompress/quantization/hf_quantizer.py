@@ -13,6 +13,7 @@ from transformers.quantizers.auto import (
 
 from ..lowrank.modules import FactorizedLinear
 from ..pruning.sparse import SparseLinear
+from .codebook_linear import CodebookLinear
 from .config import HfcompressQuantizationConfig
 from .modules import QuantLinear
 from .structure import LINEAR_TYPES, linear_weight, set_submodule
@@ -56,6 +57,14 @@ class HfcompressHfQuantizer(HfQuantizer):
                 in_features, out_features, nnz, module.bias is not None, module.weight.dtype, module.weight.device
             )
             set_submodule(model, name, layer)
+        for name, spec in config.codebooks.items():
+            module = _linear_to_replace(model, name, "stores as codebooks")
+            out_features, in_features = linear_weight(module).shape
+            layer = CodebookLinear(
+                in_features, out_features, spec["bits"], spec["dim"], spec["books"], module.bias is not None,
+                dtype=module.weight.dtype, device=module.weight.device,
+            )  # fmt: skip
+            set_submodule(model, name, layer)
         scale_dtype = _SCALE_DTYPES[config.scale_dtype]
         for name in config.modules:
             module = _linear_to_replace(model, name, "quantizes")
@@ -84,7 +93,8 @@ class HfcompressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         # packed or bitmask weights take no gradients; factorized and resized layers are ordinary linears
-        return not self.quantization_config.modules and not self.quantization_config.sparse
+        config = self.quantization_config
+        return not config.modules and not config.sparse and not config.codebooks
 
     @property
     def is_qat_trainable(self) -> bool:

@@ -156,10 +156,12 @@ class QuantLinear(nn.Module):
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the floating-point parameters and buffers of every module except `QuantLinear` layers to `dtype`
-    (whose scales keep their own storage dtype)."""
+    """Cast the floating-point parameters and buffers of every module except `QuantLinear` and
+    `CodebookLinear` layers to `dtype` (their scales and codebooks keep their own storage dtype)."""
+    from .codebook_linear import CodebookLinear
+
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, CodebookLinear)):
             continue
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:

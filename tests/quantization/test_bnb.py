@@ -10,6 +10,7 @@ from helpers import tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
 import hfcompress
+from hfcompress.evaluation import bits_per_weight
 from hfcompress import BnbConfig
 from hfcompress.quantization.bnb import quiet_bitsandbytes, require_bitsandbytes
 
@@ -105,4 +106,4 @@ def test_quantize_bnb_command_and_evaluate(model_dir, tmp_path, capsys):
     assert main(["quantize", "bnb", str(model_dir), str(out), "--bits", "8", "-q"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     # 4-bit codes plus block statistics; tiny layers also carry a fixed code book and nested statistics
-    assert 4.0 < hfcompress.evaluation.bits_per_weight(model) < 8.0
+    assert 4.0 < bits_per_weight(model) < 8.0

@@ -1,0 +1,110 @@
+"""Non-uniform quantization as pure tensor functions: weighted k-means, vectorized over many independent
+groups (every output channel, or every group of rows) so no Python loop runs per channel.
+
+Scalar k-means (SqueezeLLM-style) gives each output channel its own 2^bits levels; vector quantization
+clusters runs of `dim` consecutive weights of a row, with 2^(bits * dim) centroids per codebook. Distances
+are weighted per coordinate by input sensitivities (the diagonal of the layer's input Hessian, which
+weights a weight's error by how much its input feeds the output), or uniformly without data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["weighted_kmeans", "kmeans_quantize", "vq_quantize", "codebook_dequantize"]
+
+_CHUNK = 2**25  # points * centroids held at once
+
+
+def _init(points: torch.Tensor, weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    groups, n, dim = points.shape
+    if dim == 1:  # weighted quantiles of each group's values: a good start for scalar k-means
+        values, order = points[..., 0].sort(dim=1)
+        cdf = weights[..., 0].gather(1, order).cumsum(1)
+        cdf = cdf / cdf[:, -1:].clamp(min=1e-12)
+        targets = (torch.arange(k, device=points.device, dtype=points.dtype) + 0.5) / k
+        index = torch.searchsorted(cdf.contiguous(), targets.expand(groups, k).contiguous()).clamp(max=n - 1)
+        return values.gather(1, index).unsqueeze(-1)
+    index = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(groups)]).to(points.device)
+    return points.gather(1, index.unsqueeze(-1).expand(groups, k, dim)).clone()
+
+
+def _assign(points, weights, centroids) -> torch.Tensor:
+    # sum_j w_j (x_j - c_j)^2 = sum w x^2 - 2 sum (w x) c + sum w c^2; the first term does not depend on c
+    cross = torch.bmm(weights * points, centroids.transpose(1, 2))
+    norms = torch.bmm(weights, centroids.pow(2).transpose(1, 2))
+    return (norms - 2 * cross).argmin(dim=2)
+
+
+def weighted_kmeans(
+    points: torch.Tensor, weights: torch.Tensor | None, k: int, iters: int = 25, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means run independently in each of G groups at once.
+
+    points [G, N, dim], weights [G, N, dim] (per coordinate, >= 0) or None. Returns centroids [G, k, dim]
+    and assignments [G, N] (int64). A centroid that loses all its points keeps its place.
+    """
+    points = points.float()
+    groups, n, dim = points.shape
+    weights = torch.ones_like(points) if weights is None else weights.float().expand_as(points).clamp(min=0) + 1e-12
+    k = min(k, n)
+    generator = torch.Generator().manual_seed(seed)
+    centroids = _init(points, weights, k, generator)
+    per_chunk = max(1, _CHUNK // max(1, n * k))
+    assignments = torch.empty(groups, n, dtype=torch.long, device=points.device)
+    for _ in range(iters):
+        for start in range(0, groups, per_chunk):
+            sl = slice(start, start + per_chunk)
+            assignments[sl] = _assign(points[sl], weights[sl], centroids[sl])
+        index = assignments.unsqueeze(-1).expand(groups, n, dim)
+        totals = torch.zeros(groups, k, dim, device=points.device).scatter_add_(1, index, weights * points)
+        mass = torch.zeros(groups, k, dim, device=points.device).scatter_add_(1, index, weights)
+        updated = torch.where(mass > 1e-12, totals / mass.clamp(min=1e-12), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    for start in range(0, groups, per_chunk):
+        sl = slice(start, start + per_chunk)
+        assignments[sl] = _assign(points[sl], weights[sl], centroids[sl])
+    return centroids, assignments
+
+
+def kmeans_quantize(
+    W: torch.Tensor, bits: int, sensitivity: torch.Tensor | None = None, iters: int = 25
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar k-means per output channel: codes [out, in] (values < 2^bits) and codebook [out, 2^bits].
+    `sensitivity` [in] weights every input column (e.g. the Hessian diagonal)."""
+    rows, cols = W.shape
+    weights = None if sensitivity is None else sensitivity.float().reshape(1, cols, 1).expand(rows, cols, 1)
+    centroids, codes = weighted_kmeans(W.float().unsqueeze(-1), weights, 2**bits, iters)
+    return codes, centroids[..., 0]
+
+
+def vq_quantize(
+    W: torch.Tensor, bits: int, dim: int, groups: int = 1, sensitivity: torch.Tensor | None = None, iters: int = 25
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector quantization of runs of `dim` consecutive weights of each row, at `bits` bits per weight:
+    codes [out, in / dim] (values < 2^(bits*dim)) and codebooks [groups, 2^(bits*dim), dim], the rows split
+    into `groups` consecutive groups with one codebook each."""
+    rows, cols = W.shape
+    if cols % dim:
+        raise ValueError(f"vector dimension {dim} does not divide the {cols} input features")
+    if rows % groups:
+        raise ValueError(f"{groups} codebook groups do not divide the {rows} output rows")
+    points = W.float().reshape(groups, (rows // groups) * (cols // dim), dim)
+    weights = None
+    if sensitivity is not None:
+        per_vector = sensitivity.float().reshape(1, cols // dim, dim).expand(rows, cols // dim, dim)
+        weights = per_vector.reshape(groups, -1, dim)
+    centroids, codes = weighted_kmeans(points, weights, 2 ** (bits * dim), iters)
+    return codes.reshape(rows, cols // dim), centroids
+
+
+def codebook_dequantize(codes: torch.Tensor, codebook: torch.Tensor, rows_per_book: int) -> torch.Tensor:
+    """Weights from codes [out, n] and codebooks [books, k, dim] (one book per `rows_per_book` rows):
+    [out, n * dim]."""
+    rows, n = codes.shape
+    books, k, dim = codebook.shape
+    flat = codebook.reshape(books * k, dim)
+    offsets = (torch.arange(rows, device=codes.device) // rows_per_book * k).unsqueeze(1)
+    return flat[(codes.long() + offsets)].reshape(rows, n * dim)

@@ -1,0 +1,89 @@
+"""The k-means / VQ driver: sensitivities block by block from calibration data (optional), then codebooks."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from ..data import calibration_batches, calibration_windows
+from .capture import capture_block_inputs, run_block
+from .codebook import kmeans_quantize, vq_quantize
+from .codebook_config import KMeansConfig, VQConfig
+from .codebook_linear import CodebookLinear
+from .config import HfcompressQuantizationConfig
+from .sequential import collect_hessians
+from .structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+
+__all__ = ["quantize_codebook"]
+
+logger = logging.getLogger(__name__)
+
+
+def _encode(module: nn.Module, config, sensitivity: torch.Tensor | None) -> CodebookLinear:
+    W = linear_weight(module).detach()
+    if isinstance(config, KMeansConfig):
+        codes, codebook = kmeans_quantize(W, config.bits, sensitivity, config.iters)
+    else:
+        codes, codebook = vq_quantize(W, config.bits, config.dim, config.groups, sensitivity, config.iters)
+    layer = CodebookLinear.from_codes(codes, codebook, config.bits, module.bias)
+    return layer.to(W.device)
+
+
+def _check_shapes(targets: dict[str, nn.Module], config) -> None:
+    if isinstance(config, VQConfig):
+        for name, module in targets.items():
+            out_features, in_features = linear_weight(module).shape
+            if in_features % config.dim or out_features % config.groups:
+                raise ValueError(
+                    f"{name!r} ({out_features}x{in_features}): VQ needs in_features divisible by dim={config.dim} "
+                    f"and out_features by groups={config.groups}"
+                )
+
+
+@torch.no_grad()
+def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokenizer=None) -> nn.Module:
+    """Replace the target linears of `model` by `CodebookLinear` layers, in place; returns the model."""
+    targets = candidate_linears(model, config.modules_to_not_convert)
+    if not targets:
+        raise ValueError(f"no linear layers to quantize in {type(model).__name__}")
+    _check_shapes(targets, config)
+    encoded: dict[str, dict] = {}
+    if config.dataset is not None:
+        prefix_of_stack, blocks = find_layer_stack(model)
+        windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
+        batches = calibration_batches(windows, config.num_samples, config.batch_size)
+        block_names = {id(module): name for name, module in model.named_modules()}
+        inputs = capture_block_inputs(model, blocks[0], batches)
+        for block in tqdm(blocks, desc=f"{config.method} blocks"):
+            prefix = block_names[id(block)]
+            modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+            if modules:
+                hessians = collect_hessians(block, prefix, inputs, list(modules))
+                for name, module in modules.items():
+                    set_submodule(block, name, _encode(module, config, torch.diag(hessians[name])))
+                    encoded[f"{prefix}.{name}"] = {}
+                del hessians
+            inputs = run_block(block, inputs)  # the next block calibrates on the quantized outputs
+    for name, module in tqdm([(n, m) for n, m in targets.items() if n not in encoded], desc=config.method):
+        set_submodule(model, name, _encode(module, config, None))
+        encoded[name] = {}
+    for name in encoded:
+        layer = model.get_submodule(name)
+        encoded[name] = {"bits": layer.bits, "dim": layer.dim, "books": layer.books}
+    _attach(model, config, encoded)
+    return model
+
+
+def _attach(model: nn.Module, config, encoded: dict[str, dict]) -> None:
+    from .hf_quantizer import attach_config
+
+    qconfig = getattr(model.config, "quantization_config", None)
+    if qconfig is None:
+        qconfig = HfcompressQuantizationConfig(method=config.method, recipe=config.to_dict())
+    elif not isinstance(qconfig, HfcompressQuantizationConfig):
+        raise ValueError("the model is quantized by another method")
+    qconfig.codebooks = {**qconfig.codebooks, **encoded}
+    attach_config(model, qconfig)

@@ -1,0 +1,70 @@
+"""Configs of non-uniform quantization: scalar k-means per channel and vector quantization."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["KMeansConfig", "VQConfig"]
+
+
+@dataclass
+class _CodebookConfig:
+    dataset: Any = field(
+        default=None,
+        metadata={"help": "Calibration texts (optional): weight each input by its activation statistics (Hessian diagonal)."},
+    )
+    num_samples: int = field(default=64, metadata={"help": "Calibration windows."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
+    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
+    iters: int = field(default=25, metadata={"help": "Lloyd iterations of k-means."})
+    modules_to_not_convert: list[str] | None = field(
+        default=None, metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."}
+    )
+
+    def _check_common(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size", "iters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not isinstance(data["dataset"], (str, type(None))):
+            data["dataset"] = f"<{type(self.dataset).__name__}>"
+        return {"method": self.method, **data}
+
+
+@dataclass
+class KMeansConfig(_CodebookConfig):
+    """Scalar non-uniform quantization (SqueezeLLM-style): each output channel gets its own 2^bits levels,
+    fitted by k-means weighted by input sensitivity (the Hessian diagonal from calibration data, or uniform)."""
+
+    bits: int = field(default=3, metadata={"help": "Bits per weight: 2, 3 or 4 (2^bits levels per channel)."})
+
+    method = "kmeans"
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4):
+            raise ValueError(f"`bits` must be 2, 3 or 4 for k-means, got {self.bits!r}")
+        self._check_common()
+
+
+@dataclass
+class VQConfig(_CodebookConfig):
+    """Vector quantization: runs of `dim` consecutive weights of a row are replaced by the nearest of
+    2^(bits*dim) centroids, one codebook per layer (or per group of rows), fitted by weighted k-means."""
+
+    bits: int = field(default=2, metadata={"help": "Bits per weight (index bits = bits * dim, at most 8)."})
+    dim: int = field(default=2, metadata={"help": "Vector length: 2 or 4 consecutive weights."})
+    groups: int = field(default=1, metadata={"help": "Codebooks per layer (each for a block of rows)."})
+
+    method = "vq"
+
+    def __post_init__(self):
+        if self.dim not in (2, 4):
+            raise ValueError(f"`dim` must be 2 or 4, got {self.dim!r}")
+        if not isinstance(self.bits, int) or self.bits < 1 or self.bits * self.dim > 8:
+            raise ValueError(f"`bits` * `dim` must be at most 8 (index bits), got bits={self.bits!r}, dim={self.dim}")
+        if not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"`groups` must be a positive integer, got {self.groups!r}")
+        self._check_common()

@@ -1,0 +1,113 @@
+"""Non-uniform quantization: weighted k-means per channel and vector quantization."""
+
+import time
+
+import pytest
+import torch
+from helpers import tiny_model, token_windows
+from transformers import AutoModelForCausalLM
+
+import hfcompress
+from hfcompress.evaluation import bits_per_weight
+from hfcompress import KMeansConfig, VQConfig
+from hfcompress.quantization import CodebookLinear
+from hfcompress.quantization.codebook import codebook_dequantize, kmeans_quantize, vq_quantize, weighted_kmeans
+from hfcompress.quantization.grid import rtn_quantize
+
+
+def test_weighted_kmeans_finds_separated_clusters_in_every_group_at_once():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([-3.0, 0.0, 4.0])
+    points = centers[torch.randint(0, 3, (50, 200), generator=g)] + 0.01 * torch.randn(50, 200, generator=g)
+    found, codes = weighted_kmeans(points.unsqueeze(-1), None, 3)
+    assert torch.allclose(found[..., 0].sort(dim=1).values, centers.expand(50, 3), atol=0.02)
+    assert codes.shape == (50, 200) and int(codes.max()) == 2
+
+
+def test_sensitivity_weights_pull_centroids_towards_what_matters():
+    W = torch.tensor([[0.0, 1.0, 10.0, 11.0]])
+    _, book_plain = kmeans_quantize(W, 1)  # two levels
+    _, book_weighted = kmeans_quantize(W, 1, sensitivity=torch.tensor([1.0, 1000.0, 1.0, 1000.0]))
+    assert sorted(book_plain[0].tolist()) == pytest.approx([0.5, 10.5])
+    assert sorted(book_weighted[0].tolist()) == pytest.approx([1.0, 11.0], abs=0.01)
+
+
+def test_kmeans_beats_uniform_grids_at_the_same_bits():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)  # heavy-tailed rows
+    W[:, :4] *= 8
+    codes, book = kmeans_quantize(W, 3)
+    kmeans_error = (codebook_dequantize(codes, book.unsqueeze(-1), 1) - W).pow(2).mean()
+    rtn_error = (rtn_quantize(W, 3, -1, False).dequantize() - W).pow(2).mean()
+    assert kmeans_error < rtn_error
+    vq_codes, books = vq_quantize(W, 2, 2)
+    assert vq_codes.shape == (64, 128) and books.shape == (1, 16, 2)
+    vq_error = (codebook_dequantize(vq_codes, books, 64) - W).pow(2).mean()
+    rtn2_error = (rtn_quantize(W, 2, 64, False).dequantize() - W).pow(2).mean()
+    assert vq_error < rtn2_error
+
+
+def test_kmeans_is_vectorized_over_channels():
+    W = torch.randn(2048, 512)
+    start = time.perf_counter()
+    kmeans_quantize(W, 4, iters=10)
+    assert time.perf_counter() - start < 60  # a loop per channel would take minutes
+
+
+@pytest.mark.parametrize(
+    "config",
+    [KMeansConfig(bits=3), KMeansConfig(bits=4, dataset="calib"), VQConfig(bits=2, dim=2), VQConfig(bits=2, dim=4, groups=2)],
+    ids=["kmeans3", "kmeans4-calibrated", "vq2x2", "vq2x4-groups"],
+)
+def test_codebook_models_save_and_reload_with_identical_logits(tmp_path, config):
+    model = tiny_model("llama")
+    windows = token_windows(8, 32)
+    if config.dataset is not None:
+        config.dataset, config.num_samples, config.seq_len = windows, 8, 32
+    hfcompress.quantize(model, config)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, CodebookLinear) and type(model.lm_head) is torch.nn.Linear
+    expected = model(windows).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded(windows).logits, expected, rtol=0, atol=0)
+    assert reloaded.generate(windows[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    bits = bits_per_weight(model)
+    assert bits < 16
+
+
+def test_bad_codebook_settings():
+    for cls, bad, message in [
+        (KMeansConfig, dict(bits=5), "`bits` must be 2, 3 or 4 for k-means, got 5"),
+        (VQConfig, dict(dim=3), "`dim` must be 2 or 4, got 3"),
+        (VQConfig, dict(bits=3, dim=4), "at most 8"),
+        (KMeansConfig, dict(iters=0), "`iters` must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cls(**bad)
+    with pytest.raises(ValueError, match="groups=3"):
+        hfcompress.quantize(tiny_model("llama"), VQConfig(groups=3))
+
+
+def test_quantize_kmeans_and_vq_commands(model_dir, tmp_path, capsys):
+    import json
+
+    from helpers import python_text
+
+    from hfcompress.commands.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(python_text()[:20_000])
+    out = tmp_path / "kmeans"
+    assert main(["quantize", "kmeans", str(model_dir), str(out), "--bits", "3", "--dataset", str(text),
+                 "--num-samples", "4", "--seq-len", "32", "-q"]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["method"] == "kmeans" and len(config["codebooks"]) == 14
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out).model.layers[1].self_attn.o_proj, CodebookLinear)
+    out = tmp_path / "vq"
+    assert main(["quantize", "vq", str(model_dir), str(out), "--bits", "2", "--dim", "4", "-q"]) == 0
+    record = json.loads((out / "hfcompress_record.json").read_text())
+    assert record["steps"][0]["method"] == "vq" and record["steps"][0]["data"] is None
+    assert main(["quantize", "vq", str(model_dir), str(tmp_path / "bad"), "--dim", "3", "-q"]) == 2
+    assert "`dim` must be 2 or 4, got 3" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
