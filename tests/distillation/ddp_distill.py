@@ -1,4 +1,4 @@
-"""Run by test_multiprocess.py under `accelerate launch` with two CPU processes: distill and write each rank's
+"""Run by test_distillation_multiprocess.py under `accelerate launch` with two CPU processes: distill and write each rank's
 student weights to OUT/rank-<r>.safetensors."""
 
 import sys

@@ -1,4 +1,4 @@
-"""Run by test_multiprocess.py under `accelerate launch --cpu --num_processes 2`: train with a PruningCallback
+"""Run by test_pruning_multiprocess.py under `accelerate launch --cpu --num_processes 2`: train with a PruningCallback
 and write each rank's masks and a digest of its scores to OUT/rank-<r>.safetensors."""
 
 import sys
