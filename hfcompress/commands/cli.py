@@ -266,6 +266,10 @@ def _add_distill(subparsers) -> None:
     students.add_argument("--student-layers", type=int, help="Build the student from this many teacher blocks.")
     students.add_argument("--student", help="A student model folder or Hub id (same tokenizer as the teacher).")
     distill.add_argument(
+        "--teacher-bits", type=int, choices=(4, 8), default=None,
+        help="Load the teacher with bitsandbytes at 4 or 8 bits to save memory (with --student).",
+    )  # fmt: skip
+    distill.add_argument(
         "--layer-strategy", choices=("alternate", "first"), default="alternate",
         help="With --student-layers: blocks spread evenly from first to last, or the first ones (default: alternate).",
     )  # fmt: skip

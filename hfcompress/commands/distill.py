@@ -74,13 +74,26 @@ def run_distill(args: argparse.Namespace) -> int:
         hidden_states=parse_pairs(args.hidden_states), hidden_loss=args.hidden_loss,
     )  # fmt: skip
     check_output_dir(args.output, args.overwrite)
-    teacher = load_model(args.teacher, args.dtype, task=args.task)
+    if args.teacher_bits:  # a bitsandbytes teacher: a fraction of the memory, same outputs within rounding
+        import transformers
+
+        from ..quantization.bnb import BnbConfig, load_bnb
+
+        model_class = transformers.AutoModelForCausalLM if args.task == "causal-lm" else transformers.AutoModelForSequenceClassification
+        teacher = load_bnb(resolve_model_path(args.teacher), BnbConfig(bits=args.teacher_bits), model_class=model_class).eval()
+    else:
+        teacher = load_model(args.teacher, args.dtype, task=args.task)
     tokenizer = load_tokenizer(args.teacher)
     if args.student is not None:
         student = load_model(args.student, args.dtype, task=args.task)
-        student_tokenizer = load_tokenizer(args.student)
+        try:
+            student_tokenizer = load_tokenizer(args.student)
+        except (OSError, ValueError):  # a student folder without a tokenizer of its own uses the teacher's
+            student_tokenizer = tokenizer
         if student_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"teacher {args.teacher!r} and student {args.student!r} use different tokenizers")
+    elif args.teacher_bits:
+        raise ValueError("--teacher-bits needs --student MODEL: a student copied from a quantized teacher would be quantized too")
     else:
         student = make_student(teacher, num_layers=args.student_layers, strategy=args.layer_strategy)
     train_set, collator = _train_set(args, tokenizer)

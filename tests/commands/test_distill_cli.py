@@ -78,3 +78,22 @@ def test_bad_distill_settings_fail_clearly_and_write_nothing(tmp_path, text_file
     assert run("distill", out, "--teacher", teacher, "--dataset", text_file, "--seq-len", 32, "--max-steps", 1, *extra, "-q") == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_distill_from_an_8bit_teacher(tmp_path, text_file):
+    pytest.importorskip("bitsandbytes")
+    from helpers import tiny_model
+
+    teacher = tmp_path / "teacher"
+    save_tiny_model(teacher)
+    student = tmp_path / "small"
+    from hfcompress import make_student
+
+    make_student(tiny_model("llama"), num_layers=1).save_pretrained(student)
+    out = tmp_path / "student"
+    assert run("distill", out, "--teacher", teacher, "--teacher-bits", 8, "--student", student, "--dataset", text_file,
+               "--seq-len", 32, "--max-steps", 2, "--batch-size", 4, "--cpu", "-q") == 0  # fmt: skip
+    record = json.loads((out / "hfcompress_record.json").read_text())
+    assert record["steps"][0]["technique"] == "distillation"
+    assert run("distill", tmp_path / "x", "--teacher", teacher, "--teacher-bits", 8, "--student-layers", 1,
+               "--dataset", text_file, "-q") == 2  # fmt: skip
