@@ -18,13 +18,12 @@ _CHUNK = 2**25  # points * centroids held at once
 
 def _init(points: torch.Tensor, weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     groups, n, dim = points.shape
-    if dim == 1:  # weighted quantiles of each group's values: a good start for scalar k-means
-        values, order = points[..., 0].sort(dim=1)
-        cdf = weights[..., 0].gather(1, order).cumsum(1)
-        cdf = cdf / cdf[:, -1:].clamp(min=1e-12)
-        targets = (torch.arange(k, device=points.device, dtype=points.dtype) + 0.5) / k
-        index = torch.searchsorted(cdf.contiguous(), targets.expand(groups, k).contiguous()).clamp(max=n - 1)
-        return values.gather(1, index).unsqueeze(-1)
+    if dim == 1:
+        # evenly spaced quantiles of each group's values. Weighted quantiles would crowd the start onto the
+        # few heavily weighted values (distinct centroids matter more: an empty one never recovers).
+        values = points[..., 0].sort(dim=1).values
+        index = ((torch.arange(k, device=points.device) + 0.5) * n / k).long().clamp(max=n - 1)
+        return values[:, index].unsqueeze(-1)
     index = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(groups)]).to(points.device)
     return points.gather(1, index.unsqueeze(-1).expand(groups, k, dim)).clone()
 
@@ -36,20 +35,9 @@ def _assign(points, weights, centroids) -> torch.Tensor:
     return (norms - 2 * cross).argmin(dim=2)
 
 
-def weighted_kmeans(
-    points: torch.Tensor, weights: torch.Tensor | None, k: int, iters: int = 25, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means run independently in each of G groups at once.
-
-    points [G, N, dim], weights [G, N, dim] (per coordinate, >= 0) or None. Returns centroids [G, k, dim]
-    and assignments [G, N] (int64). A centroid that loses all its points keeps its place.
-    """
-    points = points.float()
+def _lloyd(points, weights, centroids, iters: int) -> torch.Tensor:
     groups, n, dim = points.shape
-    weights = torch.ones_like(points) if weights is None else weights.float().expand_as(points).clamp(min=0) + 1e-12
-    k = min(k, n)
-    generator = torch.Generator().manual_seed(seed)
-    centroids = _init(points, weights, k, generator)
+    k = centroids.shape[1]
     per_chunk = max(1, _CHUNK // max(1, n * k))
     assignments = torch.empty(groups, n, dtype=torch.long, device=points.device)
     for _ in range(iters):
@@ -63,6 +51,34 @@ def weighted_kmeans(
         if torch.equal(updated, centroids):
             break
         centroids = updated
+    return centroids
+
+
+def weighted_kmeans(
+    points: torch.Tensor, weights: torch.Tensor | None, k: int, iters: int = 25, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means run independently in each of G groups at once.
+
+    points [G, N, dim], weights [G, N, dim] (per coordinate, >= 0) or None. Returns centroids [G, k, dim]
+    and assignments [G, N] (int64). With weights, unweighted k-means runs first and the weighted iterations
+    start from its centroids: Lloyd never increases the objective, so the result is at least as good, under
+    the weighted objective, as the unweighted solution (a weighted start alone can get stuck much worse when
+    a few points weigh a thousand times more than the rest). A centroid that loses all its points keeps its
+    place.
+    """
+    points = points.float()
+    groups, n, dim = points.shape
+    uniform = torch.ones_like(points)
+    k = min(k, n)
+    centroids = _init(points, uniform, k, torch.Generator().manual_seed(seed))
+    centroids = _lloyd(points, uniform, centroids, iters)
+    if weights is not None:
+        weights = weights.float().expand_as(points).clamp(min=0) + 1e-12
+        centroids = _lloyd(points, weights, centroids, iters)
+    else:
+        weights = uniform
+    per_chunk = max(1, _CHUNK // max(1, n * k))
+    assignments = torch.empty(groups, n, dtype=torch.long, device=points.device)
     for start in range(0, groups, per_chunk):
         sl = slice(start, start + per_chunk)
         assignments[sl] = _assign(points[sl], weights[sl], centroids[sl])
