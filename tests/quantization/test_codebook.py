@@ -111,3 +111,14 @@ def test_quantize_kmeans_and_vq_commands(model_dir, tmp_path, capsys):
     assert main(["quantize", "vq", str(model_dir), str(tmp_path / "bad"), "--dim", "3", "-q"]) == 2
     assert "`dim` must be 2 or 4, got 3" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_weighted_kmeans_is_never_worse_than_unweighted_on_its_own_objective():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 512, generator=g)
+    sensitivity = torch.rand(512, generator=g) ** 4 * 1000 + 0.1  # a few inputs matter a thousand times more
+
+    def weighted_error(codes, book):
+        return float(((codebook_dequantize(codes, book.unsqueeze(-1), 1) - W).pow(2) * sensitivity).sum())
+
+    assert weighted_error(*kmeans_quantize(W, 3, sensitivity)) < 0.95 * weighted_error(*kmeans_quantize(W, 3))
