@@ -144,3 +144,42 @@ def test_finalize_leaves_a_plain_model_that_reloads(tmp_path):
     torch.testing.assert_close(reloaded(x).logits, expected)
     with pytest.raises(ValueError, match="carries no pruning masks"):
         finalize_pruning(model)
+
+
+class _Probe(torch.nn.Module):
+    """Two linear layers over 32 features of which only the first two decide the label."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Linear(32, 64)
+        self.out = torch.nn.Linear(64, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.out(torch.relu(self.hidden(x)))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("config", [MovementPruningConfig(method="topk"), MovementPruningConfig(method="sigmoid"),
+                                    MagnitudePruningConfig()], ids=["hard", "soft", "magnitude"])  # fmt: skip
+def test_pruned_training_keeps_the_weights_that_matter(tmp_path, config):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 32, generator=g)
+    labels = (x[:, 0] + x[:, 1] > 0).long()
+    data = [{"x": a, "labels": b} for a, b in zip(x, labels)]
+    torch.manual_seed(0)
+    model = _Probe()
+    config.final_sparsity, config.warmup_steps, config.cooldown_steps = 0.95, 30, 60
+    config.target_modules = ["hidden"]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=300, per_device_train_batch_size=32, learning_rate=1e-2,
+        save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, logging_steps=50,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[PruningCallback(config)]).train()
+    finalize_pruning(model, remove_structure=False)
+    kept = (model.hidden.weight != 0).float()
+    assert kept.mean() == pytest.approx(0.05, abs=0.01)
+    assert kept[:, :2].mean() > 5 * kept[:, 2:].mean()  # the informative inputs keep far more of their weights
+    with torch.no_grad():
+        accuracy = (model(x)["logits"].argmax(-1) == labels).float().mean()
+    assert accuracy > 0.9
