@@ -16,8 +16,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..data import calibration_batches, calibration_windows
-from ..quantization.capture import capture_block_inputs, run_block
-from ..quantization.sequential import collect_hessians
+from ..quantization.sequential import for_each_block_hessian
 from ..quantization.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
@@ -138,14 +137,8 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
         logger.warning("%d layers outside the block stack have no calibration data and stay dense: %s", len(outside), outside)
     windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
-    block_names = {id(module): name for name, module in model.named_modules()}
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    for block in tqdm(blocks, desc=f"prune ({config.method})"):
-        prefix = block_names[id(block)]
-        modules = {n[len(prefix) + 1 :]: t for n, t in targets.items() if n.startswith(prefix + ".")}
-        if modules:
-            hessians = collect_hessians(block, prefix, inputs, list(modules))
-            for name, module in modules.items():
-                set_linear_weight(module, _prune_weight(linear_weight(module), hessians[name], config))
-            del hessians
-        inputs = run_block(block, inputs)
+
+    def prune(block, name, module, H):
+        set_linear_weight(module, _prune_weight(linear_weight(module), H, config))
+
+    for_each_block_hessian(model, blocks, batches, targets, prune, f"prune ({config.method})")

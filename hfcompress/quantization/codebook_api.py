@@ -9,12 +9,11 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..data import calibration_batches, calibration_windows
-from .capture import capture_block_inputs, run_block
 from .codebook import kmeans_quantize, vq_quantize
 from .codebook_config import KMeansConfig, VQConfig
 from .codebook_linear import CodebookLinear
 from .config import HfcompressQuantizationConfig
-from .sequential import collect_hessians
+from .sequential import for_each_block_hessian
 from .structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 
 __all__ = ["quantize_codebook"]
@@ -52,21 +51,16 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
     _check_shapes(targets, config)
     encoded: dict[str, dict] = {}
     if config.dataset is not None:
-        prefix_of_stack, blocks = find_layer_stack(model)
+        _, blocks = find_layer_stack(model)
         windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
         batches = calibration_batches(windows, config.num_samples, config.batch_size)
-        block_names = {id(module): name for name, module in model.named_modules()}
-        inputs = capture_block_inputs(model, blocks[0], batches)
-        for block in tqdm(blocks, desc=f"{config.method} blocks"):
-            prefix = block_names[id(block)]
-            modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
-            if modules:
-                hessians = collect_hessians(block, prefix, inputs, list(modules))
-                for name, module in modules.items():
-                    set_submodule(block, name, _encode(module, config, torch.diag(hessians[name])))
-                    encoded[f"{prefix}.{name}"] = {}
-                del hessians
-            inputs = run_block(block, inputs)  # the next block calibrates on the quantized outputs
+        names = {id(module): name for name, module in targets.items()}
+
+        def encode(block, name, module, H):
+            set_submodule(block, name, _encode(module, config, torch.diag(H)))
+            encoded[names[id(module)]] = {}
+
+        for_each_block_hessian(model, blocks, batches, targets, encode, f"{config.method} blocks")
     for name, module in tqdm([(n, m) for n, m in targets.items() if n not in encoded], desc=config.method):
         set_submodule(model, name, _encode(module, config, None))
         encoded[name] = {}

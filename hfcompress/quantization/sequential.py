@@ -38,7 +38,7 @@ from .modules import QuantLinear
 from .structure import linear_weight, set_linear_weight, set_submodule
 from .trace import BlockTrace, trace_block
 
-__all__ = ["calibrate_block", "collect_hessians", "quantize_blocks"]
+__all__ = ["calibrate_block", "collect_hessians", "for_each_block_hessian", "quantize_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,24 @@ def collect_hessians(
         raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
     by_leader = _group_hessians(named, trace, inputs)
     return {name: by_leader[group[0]] for group in trace.groups for name in group}
+
+
+@torch.no_grad()
+def for_each_block_hessian(model: nn.Module, blocks, batches: list[torch.Tensor], targets: dict[str, nn.Module], process, desc: str):
+    """Block by block: the input Hessian of every target in the block, `process(block, name, module, H)` for
+    each (`name` relative to the block), then the block's outputs, with whatever `process` changed, become the
+    next block's inputs."""
+    block_names = {id(module): name for name, module in model.named_modules()}
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    for block in tqdm(blocks, desc=desc):
+        prefix = block_names[id(block)]
+        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if modules:
+            hessians = collect_hessians(block, prefix, inputs, list(modules))
+            for name, module in modules.items():
+                process(block, name, module, hessians[name])
+            del hessians
+        inputs = run_block(block, inputs)
 
 
 @torch.no_grad()
