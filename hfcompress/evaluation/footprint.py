@@ -31,6 +31,7 @@ def bits_per_weight(model: nn.Module) -> float:
     excluded when it is the output embedding)."""
     from ..pruning.sparse import SparseLinear
     from ..quantization.codebook_linear import CodebookLinear
+    from ..quantization.sparse_quant import SparseQuantLinear
 
     stored_bits, weights = 0, 0
     for module in model.modules():
@@ -39,7 +40,11 @@ def bits_per_weight(model: nn.Module) -> float:
             weights += module.in_features * module.out_features
             continue
         if isinstance(module, (QuantLinear, SparseLinear, CodebookLinear)):
-            names = {SparseLinear: ("weight_bitmask", "weight_values"), CodebookLinear: ("weight", "weight_codebook")}
+            names = {
+                SparseLinear: ("weight_bitmask", "weight_values"),
+                CodebookLinear: ("weight", "weight_codebook"),
+                SparseQuantLinear: (*QUANT_TENSORS, "weight_bitmask"),
+            }
             names = names.get(type(module), QUANT_TENSORS)
             for name in names:
                 tensor = getattr(module, name)

@@ -12,10 +12,12 @@ from ..data import calibration_batches, calibration_windows
 from .config import GPTQConfig, HfcompressQuantizationConfig, RTNConfig
 from .grid import rtn_quantize
 from .modules import QuantLinear
+from .plan import LayerPlan, plan_layers
 from .sequential import quantize_blocks
+from .sparse_quant import SparseQuantLinear
 from .structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 
-__all__ = ["quantize", "select_targets"]
+__all__ = ["quantize", "quantized_layer", "select_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +25,10 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
-    """The linear layers `config` quantizes, checked against its grid before any work starts."""
+    """The linear layers `config` quantizes (the factors of factorized layers included)."""
     targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
         raise ValueError(f"no linear layers to quantize in {type(model).__name__} (excluded: {config.modules_to_not_convert})")
-    if config.group_size != -1:
-        for name, module in targets.items():
-            in_features = linear_weight(module).shape[1]
-            if in_features % config.group_size:
-                raise ValueError(
-                    f"`group_size` {config.group_size} does not divide the {in_features} input features of "
-                    f"{name!r}; use a divisor of every layer's input size, or -1 for per-channel"
-                )
     tied = _tied_weights(model, targets)
     if tied:
         raise ValueError(
@@ -71,17 +65,25 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
             f"`config` must be an hfcompress RTNConfig, GPTQConfig, BnbConfig, KMeansConfig or VQConfig, "
             f"got {type(config).__name__}"
         )
-    if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError("the model is already quantized")
-    blocks = find_layer_stack(model)[1] if isinstance(config, GPTQConfig) else None
-    targets = select_targets(model, config)
+    previous = _combinable_config(model)
+    sparse_config = dict(previous.sparse) if previous is not None else {}
+    sparse_before = _densify_sparse_layers(model)
+    try:
+        blocks = find_layer_stack(model)[1] if isinstance(config, GPTQConfig) else None
+        targets = select_targets(model, config)
+        plans = plan_layers(model, targets, config)
+    except Exception:  # refused before any work: the model goes back to how it was
+        _recompress_untouched(model, sparse_before)
+        if previous is not None:
+            previous.sparse = sparse_config
+        raise
     scale_dtype = _SCALE_DTYPES[config.scale_dtype]
 
     if isinstance(config, GPTQConfig):
         batches = _calibration_batches(model, config, tokenizer)
         was_training = model.training
         model.eval()
-        done = quantize_blocks(model, blocks, batches, targets, config, scale_dtype)
+        done = quantize_blocks(model, blocks, batches, targets, config, scale_dtype, plans)
         model.train(was_training)
         remaining = {n: m for n, m in targets.items() if n not in done}
     else:
@@ -91,20 +93,63 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
             "%d layers outside the block stack are quantized with round-to-nearest: %s", len(remaining), list(remaining)
         )
     for name, module in tqdm(remaining.items(), desc="round-to-nearest", disable=not remaining):
-        replace_with_rtn(model, name, module, config, scale_dtype)
+        replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
+    _recompress_untouched(model, sparse_before)
 
-    _attach_config(model, config, list(targets), sorted({type(m).__name__ for m in targets.values()}))
+    _attach_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}), previous)
     return model
 
 
-def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype) -> None:
-    quantized = rtn_quantize(
-        linear_weight(module).detach(), config.bits, config.group_size, config.sym, config.clip_search
-    )
+def _combinable_config(model: nn.Module) -> HfcompressQuantizationConfig | None:
+    """The hfcompress config of a factorized, pruned or resized model, which quantization extends; refuses a
+    model whose weights are already quantized."""
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qconfig is None:
+        return None
+    if not isinstance(qconfig, HfcompressQuantizationConfig):
+        method = getattr(qconfig, "quant_method", type(qconfig).__name__)
+        raise ValueError(f"the model is already quantized ({method}); quantize the full-precision model instead")
+    if qconfig.modules or qconfig.codebooks:
+        raise ValueError(
+            f"the model is already quantized ({qconfig.method}, {len(qconfig.modules) + len(qconfig.codebooks)} "
+            "layers); quantize the full-precision model instead"
+        )
+    return qconfig
+
+
+def _densify_sparse_layers(model: nn.Module) -> set[str]:
+    """Bitmask-stored layers become plain linears (zeros included) so they can be quantized; their names."""
+    from ..pruning.sparse import SparseLinear, decompress_sparse
+
+    names = {name for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if names:
+        decompress_sparse(model)
+    return names
+
+
+def _recompress_untouched(model: nn.Module, names: set[str]) -> None:
+    """Layers that were bitmask-stored and stayed in full precision go back to bitmask storage."""
+    from ..pruning.sparse import SparseLinear
+
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            set_submodule(model, name, SparseLinear.from_linear(module))
+
+
+def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype, plan: LayerPlan) -> None:
+    weight = linear_weight(module).detach()
+    quantized = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.clip_search, plan.mask)
     # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too
-    act_order = _stores_g_idx(config)
-    layer = QuantLinear.from_quantized(quantized, config.group_size, config.sym, act_order, module.bias, scale_dtype)
+    layer = quantized_layer(quantized, plan, config.sym, _stores_g_idx(config), module.bias, scale_dtype)
     set_submodule(model, name, layer)
+
+
+def quantized_layer(quantized, plan: LayerPlan, sym: bool, act_order: bool, bias, scale_dtype) -> QuantLinear:
+    """The module that stores `quantized`: a `QuantLinear`, or a `SparseQuantLinear` for a pruned layer."""
+    if plan.mask is not None:
+        return SparseQuantLinear.from_quantized_sparse(quantized, plan.mask, plan.group_size, sym, act_order, bias, scale_dtype)
+    return QuantLinear.from_quantized(quantized, plan.group_size, sym, act_order, bias, scale_dtype)
 
 
 def _stores_g_idx(config: RTNConfig) -> bool:
@@ -118,18 +163,38 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
     return calibration_batches(windows, config.num_samples, batch_size=config.batch_size)
 
 
-def _attach_config(model: nn.Module, config: RTNConfig, modules: list[str], layer_types: list[str]) -> None:
+def _attach_config(
+    model: nn.Module,
+    config: RTNConfig,
+    plans: dict[str, LayerPlan],
+    layer_types: list[str],
+    previous: HfcompressQuantizationConfig | None,
+) -> None:
     from .hf_quantizer import attach_config
 
+    overrides = {
+        name: {"bits": plan.bits, "group_size": plan.group_size}
+        for name, plan in plans.items()
+        if (plan.bits, plan.group_size) != (config.bits, config.group_size)
+    }
+    sparse = {name: module.nnz for name, module in model.named_modules() if isinstance(module, SparseQuantLinear)}
     qconfig = HfcompressQuantizationConfig(
         bits=config.bits,
         group_size=config.group_size,
         sym=config.sym,
         act_order=_stores_g_idx(config),
-        modules=modules,
+        modules=list(plans),
         layer_types=layer_types,
         scale_dtype=config.scale_dtype,
         method=config.method,
         recipe=config.to_dict(),
+        overrides=overrides,
     )
+    if previous is not None:  # what an earlier step changed (factors, resized or sparse layers) stays recorded
+        qconfig.lowrank, qconfig.lowrank_recipe = previous.lowrank, previous.lowrank_recipe
+        qconfig.convolutions, qconfig.resized = previous.convolutions, previous.resized
+    from ..pruning.sparse import SparseLinear
+
+    sparse.update({name: m.nnz for name, m in model.named_modules() if isinstance(m, SparseLinear)})
+    qconfig.sparse = sparse
     attach_config(model, qconfig)

@@ -14,8 +14,9 @@ __all__ = ["FORMAT_VERSION", "GPTQConfig", "HfcompressQuantizationConfig", "RTNC
 
 logger = logging.getLogger(__name__)
 
-# 2: `lowrank` (factorized layers)
-FORMAT_VERSION = 3
+# 2: `lowrank` (factorized layers); 3: `sparse`, `resized`, `codebooks`; 4: `overrides` (mixed precision),
+# layers in both `modules` and `sparse` (`SparseQuantLinear`)
+FORMAT_VERSION = 4
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -57,9 +58,31 @@ class RTNConfig:
         default=False,
         metadata={"help": "Pick each group's range among shrunk min-max ranges by its rounding error (MSE grid)."},
     )
+    layer_bits: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Mixed precision: {module name, name suffix or 're:' regex: bits}; the first match wins, "
+            "other layers get `bits`."
+        },
+    )
+    keep_sparsity: bool = field(
+        default=True,
+        metadata={
+            "help": "Layers with at least 25% exact zeros (a pruned model) keep them exactly and are stored as a "
+            "bitmask plus the codes of the non-zeros."
+        },
+    )
 
     def __post_init__(self):
         _check_grid(self.bits, self.group_size, self.scale_dtype)
+        if self.layer_bits is not None:
+            if not isinstance(self.layer_bits, dict):
+                raise ValueError(f"`layer_bits` must map module names to bits, got {self.layer_bits!r}")
+            for pattern, bits in self.layer_bits.items():
+                if bits not in SUPPORTED_BITS:
+                    raise ValueError(
+                        f"`layer_bits[{pattern!r}]` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
@@ -131,7 +154,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`. `sparse` maps each layer stored as
 bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
 model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module: {...}}}`. `codebooks` maps each k-means / VQ layer
-(`CodebookLinear`) to `{"bits", "dim", "books"}`.
+(`CodebookLinear`) to `{"bits", "dim", "books"}`. `overrides` maps a quantized module whose grid differs from the
+    top-level one (mixed precision, a factor with one group per row) to `{"bits", "group_size"}`; a module in both
+    `modules` and `sparse` is a `SparseQuantLinear` with that many non-zeros.
     """
 
     bits: int = 4
@@ -149,6 +174,7 @@ model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "
     sparse: dict[str, int] = field(default_factory=dict)
     codebooks: dict[str, dict] = field(default_factory=dict)
     resized: dict[str, dict] = field(default_factory=dict)
+    overrides: dict[str, dict] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     quant_method: str = "hfcompress"
 
@@ -179,6 +205,11 @@ model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def grid_of(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) of quantized module `name`."""
+        override = self.overrides.get(name, {})
+        return override.get("bits", self.bits), override.get("group_size", self.group_size)
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

@@ -32,6 +32,16 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             "compressed-tensors checkpoints with asymmetric grids (packed zero points) do not load in transformers "
             "today (vllm-project/llm-compressor#1618, #1704): quantize with --sym, or save with --format hfcompress"
         )
+    if qconfig.overrides:
+        raise ValueError(
+            f"this hfcompress export to compressed-tensors writes one grid for every layer; {len(qconfig.overrides)} "
+            "layers use another (mixed precision, or factors with one group per row). Save with --format hfcompress"
+        )
+    if qconfig.sparse or qconfig.lowrank or qconfig.resized:
+        raise ValueError(
+            "the model also has sparse, factorized or resized layers, which this compressed-tensors export does not "
+            "write; save with --format hfcompress"
+        )
     other_types = sorted(set(qconfig.layer_types) - {"Linear"})
     if other_types:
         raise ValueError(

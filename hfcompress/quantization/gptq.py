@@ -80,6 +80,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     clip_search: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [out, in] column by column, compensating each column's error on the rest.
 
@@ -88,6 +89,10 @@ def gptq_quantize(
     with `static_groups`, fixed on the original order before the pass. `clip_search` picks each group's range
     by the rounding error of shrunk ranges (see `grid_params`). Returns the quantized weight and the
     summed squared error weighted by the Hessian (the GPTQ objective, for logging).
+
+    `mask` (bool [out, in], True where a weight is kept) quantizes a pruned weight without losing its
+    sparsity: pruned weights get the zero point's code, which dequantizes to exactly 0, and their removal
+    counts as error the remaining columns compensate (as SparseGPT does when it prunes).
     """
     W = weight.detach().float().clone()
     H = H.detach().float().clone()
@@ -97,6 +102,12 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    keep = None
+    if mask is not None:
+        if mask.shape != W.shape:
+            raise ValueError(f"`mask` has shape {tuple(mask.shape)}, the weight {tuple(W.shape)}")
+        keep = mask.to(device=W.device, dtype=torch.bool)
+        W = W * keep
 
     static_params = None
     if act_order and static_groups:
@@ -107,6 +118,8 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
     Hinv = _inverse_cholesky(H, damp_percent)
 
     codes = torch.zeros_like(W)
@@ -130,6 +143,7 @@ def gptq_quantize(
         codes1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        keep1 = None if keep is None else keep[:, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             w = W1[:, i]
@@ -139,9 +153,13 @@ def gptq_quantize(
             elif col % group == 0:
                 # the group's range is taken from the columns as already updated by earlier errors
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
+                if keep is not None:  # the range of the weights that stay
+                    upcoming = upcoming * keep[:, col : col + upcoming.shape[1]]
                 scale, zero = grid_params(upcoming, bits, sym, clip_search)
                 scales[:, col // group], zeros[:, col // group] = scale, zero
             q_code = quantize_to_codes(w, scale, zero, bits)
+            if keep1 is not None:
+                q_code = torch.where(keep1[:, i], q_code, zero)
             codes1[:, i] = q_code
             err = (w - (q_code - zero) * scale) / Hinv1[i, i]
             Err1[:, i] = err

@@ -89,8 +89,18 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.float() - zero) * scale
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, clip_search: bool = False) -> QuantizedWeight:
-    """Round-to-nearest on groups of `group_size` consecutive input columns (-1: one group per row)."""
+def rtn_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    clip_search: bool = False,
+    mask: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Round-to-nearest on groups of `group_size` consecutive input columns (-1: one group per row).
+    `mask` (True where kept): pruned weights get the zero point's code, so they stay exactly 0."""
+    if mask is not None:
+        weight = weight * mask
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
     w = weight.float().reshape(out_features, in_features // group, group)
@@ -98,5 +108,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, cl
     scale = scale.reshape(out_features, -1)
     zero = zero.reshape(out_features, -1)
     codes = quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(out_features, in_features)
+    if mask is not None:
+        codes = torch.where(mask.bool(), codes, zero.repeat_interleave(group, dim=1))
     g_idx = torch.arange(in_features, dtype=torch.int32) // group
     return QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, bits)

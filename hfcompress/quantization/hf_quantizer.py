@@ -16,6 +16,7 @@ from ..pruning.sparse import SparseLinear
 from .codebook_linear import CodebookLinear
 from .config import HfcompressQuantizationConfig
 from .modules import QuantLinear
+from .sparse_quant import SparseQuantLinear
 from .structure import LINEAR_TYPES, linear_weight, set_submodule
 
 __all__ = ["HfcompressHfQuantizer", "attach_config", "register"]
@@ -51,6 +52,8 @@ class HfcompressHfQuantizer(HfQuantizer):
             )
             set_submodule(model, name, factorized)
         for name, nnz in config.sparse.items():
+            if name in config.modules:
+                continue  # pruned and quantized: a SparseQuantLinear, below
             module = _linear_to_replace(model, name, "stores sparse")
             out_features, in_features = linear_weight(module).shape
             layer = SparseLinear(
@@ -69,18 +72,18 @@ class HfcompressHfQuantizer(HfQuantizer):
         for name in config.modules:
             module = _linear_to_replace(model, name, "quantizes")
             out_features, in_features = linear_weight(module).shape
-            layer = QuantLinear(
-                in_features,
-                out_features,
-                config.bits,
-                config.group_size,
-                config.sym,
+            bits, group_size = config.grid_of(name)
+            kwargs = dict(
                 act_order=config.act_order,
                 bias=module.bias is not None,
                 scale_dtype=scale_dtype,
                 dtype=module.weight.dtype,
                 device=module.weight.device,
             )
+            if name in config.sparse:
+                layer = SparseQuantLinear(in_features, out_features, config.sparse[name], bits, group_size, config.sym, **kwargs)
+            else:
+                layer = QuantLinear(in_features, out_features, bits, group_size, config.sym, **kwargs)
             set_submodule(model, name, layer)
         return model
 

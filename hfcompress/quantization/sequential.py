@@ -34,7 +34,6 @@ from .capture import (
 from .config import GPTQConfig
 from .gptq import accumulate_hessian, gptq_quantize, symmetrize_upper
 from .grid import QuantizedWeight
-from .modules import QuantLinear
 from .structure import linear_weight, set_linear_weight, set_submodule
 from .trace import BlockTrace, trace_block
 
@@ -129,29 +128,43 @@ def _run_stage(
 
 
 def _quantize_group(
-    names: list[str], modules: dict[str, nn.Module], H: torch.Tensor, config: GPTQConfig, scale_dtype
+    names: list[str], modules: dict[str, nn.Module], H: torch.Tensor, config: GPTQConfig, scale_dtype, plans=None
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ on the stacked weights of linears sharing one input; each layer's weight becomes its
-    dequantized value so the rest of the block runs on it."""
+    """GPTQ on the stacked weights of linears sharing one input (one by one when their plans differ in bits or
+    group size); each layer's weight becomes its dequantized value so the rest of the block runs on it.
+    `plans` maps names (relative to the block) to `LayerPlan`s; without one a layer gets `config`'s grid."""
+    plans = plans or {}
+    grids = {(plans[n].bits, plans[n].group_size) if n in plans else (config.bits, config.group_size) for n in names}
+    if len(grids) > 1:
+        result = {}
+        for name in names:
+            result.update(_quantize_group([name], modules, H, config, scale_dtype, plans))
+        return result
+    bits, group_size = grids.pop()
     weights = [linear_weight(modules[name]).detach().float() for name in names]
+    masks = [plans[n].mask if n in plans else None for n in names]
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks)])
     stacked, loss = gptq_quantize(
         torch.cat(weights),
         H,
-        bits=config.bits,
-        group_size=config.group_size,
+        bits=bits,
+        group_size=group_size,
         sym=config.sym,
         act_order=config.act_order,
         static_groups=config.static_groups,
         damp_percent=config.damp_percent,
         block_size=config.block_size,
         clip_search=config.clip_search,
+        mask=mask,
     )
     logger.debug("%s: GPTQ loss %.4g", names, loss)
     sizes = [w.shape[0] for w in weights]
     scales = stacked.scales.to(scale_dtype).float()
     result = {}
     for name, codes, s, z in zip(names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes)):
-        quantized = QuantizedWeight(codes, s, z, stacked.g_idx, config.bits)
+        quantized = QuantizedWeight(codes, s, z, stacked.g_idx, bits)
         module = modules[name]
         set_linear_weight(module, quantized.dequantize(module.weight.dtype))
         result[name] = quantized
@@ -162,7 +175,7 @@ def _nested(name: str, others) -> bool:
     return any(name.startswith(other + ".") for other in others)
 
 
-def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype):
+def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype, plans=None):
     candidates = [name for name in trace.order if trace.calls[name] == 1 and name not in modules]
     settled = {name: trace.settled_after(name) for name in candidates}
     group_of = trace.group_of()
@@ -201,7 +214,8 @@ def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, config, 
         for name in [n for n in records if _nested(n, records)]:
             del records[name]
         if not last:
-            quantized.update(_quantize_group(trace.groups[stage], named, hessians[leader].full(), config, scale_dtype))
+            group = trace.groups[stage]
+            quantized.update(_quantize_group(group, named, hessians[leader].full(), config, scale_dtype, plans))
     changed = [n for n, outs in records.items() if _version(outs) != versions[n]]
     if changed:
         raise RuntimeError(
@@ -245,11 +259,11 @@ def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, torch.Tensor]
     return {leader: hessian.full() for leader, hessian in hessians.items()}
 
 
-def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype):
+def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, modules, config, scale_dtype, plans=None):
     hessians = _group_hessians(named, trace, inputs)
     quantized = {}
     for names in trace.groups:
-        quantized.update(_quantize_group(names, named, hessians[names[0]], config, scale_dtype))
+        quantized.update(_quantize_group(names, named, hessians[names[0]], config, scale_dtype, plans))
     return run_block(block, inputs), quantized
 
 
@@ -301,6 +315,7 @@ def calibrate_block(
     config: GPTQConfig,
     scale_dtype: torch.dtype,
     trace: BlockTrace | None = None,
+    plans: dict | None = None,
 ) -> tuple[list[BlockInputs], dict[str, QuantizedWeight], bool]:
     """GPTQ on the target linears of one block (`modules`, by name relative to the block).
 
@@ -317,7 +332,7 @@ def calibrate_block(
     if config.true_sequential and not staged:
         logger.info("%s calls a linear layer more than once; using the two-pass calibration", prefix)
     calibrate = _calibrate_staged if staged else _calibrate_two_pass
-    outputs, quantized = calibrate(block, named, trace, inputs, modules, config, scale_dtype)
+    outputs, quantized = calibrate(block, named, trace, inputs, modules, config, scale_dtype, plans)
     return outputs, quantized, staged
 
 
@@ -329,8 +344,15 @@ def quantize_blocks(
     targets: dict[str, nn.Module],
     config: GPTQConfig,
     scale_dtype: torch.dtype,
+    plans: dict | None = None,
 ) -> set[str]:
-    """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear`; returns their names."""
+    """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
+    where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
+    config's grid everywhere)."""
+    from .api import quantized_layer
+    from .plan import LayerPlan
+
+    plans = plans or {n: LayerPlan(config.bits, config.group_size) for n in targets}
     block_names = {id(module): name for name, module in model.named_modules()}
     inputs = capture_block_inputs(model, blocks[0], batches)
     act_order = config.act_order and not config.static_groups
@@ -345,11 +367,10 @@ def quantize_blocks(
         key = (type(block), frozenset(modules))
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
-        inputs, quantized, _ = calibrate_block(block, prefix, inputs, modules, config, scale_dtype, traces[key])
+        block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
+        inputs, quantized, _ = calibrate_block(block, prefix, inputs, modules, config, scale_dtype, traces[key], block_plans)
         for name, q in quantized.items():
-            layer = QuantLinear.from_quantized(
-                q, config.group_size, config.sym, act_order, modules[name].bias, scale_dtype
-            )
+            layer = quantized_layer(q, block_plans[name], config.sym, act_order, modules[name].bias, scale_dtype)
             set_submodule(block, name, layer)
             done.add(f"{prefix}.{name}")
     return done

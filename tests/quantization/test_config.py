@@ -29,10 +29,12 @@ def test_checkpoint_config_round_trips():
         bits=3, group_size=64, sym=True, act_order=True, modules=["a.b.up"], method="gptq", recipe={"damp_percent": 0.02},
         lowrank={"a.b": 8}, lowrank_recipe={"method": "whiten"}, convolutions={"c": {"kind": "separable"}},
         sparse={"d.e": 12}, resized={"linears": {"f.g": [2, 4]}, "attributes": {"f": {"num_attention_heads": 1}}},
+        overrides={"a.b.up": {"bits": 8, "group_size": -1}},
     )  # fmt: skip
     data = config.to_dict()
-    assert data["quant_method"] == "hfcompress" and data["version"] == 3
+    assert data["quant_method"] == "hfcompress" and data["version"] == 4
     assert HfcompressQuantizationConfig.from_dict(data) == config
+    assert config.grid_of("a.b.up") == (8, -1) and config.grid_of("x") == (3, 64)
 
 
 def test_unknown_keys_from_a_newer_version_warn_and_are_dropped(caplog):
@@ -55,4 +57,6 @@ def test_user_configs_serialize():
         "modules_to_not_convert": None,
         "scale_dtype": "float16",
         "clip_search": False,
+        "layer_bits": None,
+        "keep_sparsity": True,
     }

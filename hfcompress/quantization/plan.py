@@ -1,0 +1,73 @@
+"""What each targeted layer gets: its bits and group size (mixed precision, factors) and the mask of a pruned weight."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .structure import is_excluded, linear_weight
+
+__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers"]
+
+logger = logging.getLogger(__name__)
+
+# below this fraction of zeros a bitmask costs more than it saves (1 bit per weight against `bits` per zero)
+SPARSE_MIN_ZEROS = 0.25
+
+
+@dataclass
+class LayerPlan:
+    bits: int
+    group_size: int
+    mask: torch.Tensor | None = None  # True where a pruned layer keeps its weight
+
+
+def plan_layers(model: nn.Module, targets: dict[str, nn.Module], config) -> dict[str, LayerPlan]:
+    """The plan of every target under `config` (`RTNConfig` or `GPTQConfig`), checked before any work starts.
+
+    Bits come from the first `layer_bits` pattern matching the layer's name, else `bits`. A group size that does
+    not divide a layer's inputs is an error, except for the `up` factor of a factorized layer, whose inputs are
+    the rank: it falls back to one group per row. With `keep_sparsity`, a layer with at least 25% exact zeros is
+    quantized with its zeros kept and stored as bitmask + codes.
+    """
+    from ..lowrank.modules import FactorizedLinear
+
+    layer_bits = config.layer_bits or {}
+    unmatched = [p for p in layer_bits if not any(is_excluded(name, [p]) for name in targets)]
+    if unmatched:
+        raise ValueError(f"`layer_bits` patterns {unmatched} match none of the {len(targets)} layers to quantize")
+    plans, per_row = {}, []
+    for name, module in targets.items():
+        bits = next((b for p, b in layer_bits.items() if is_excluded(name, [p])), config.bits)
+        weight = linear_weight(module)
+        in_features = weight.shape[1]
+        group_size = config.group_size
+        if group_size != -1 and in_features % group_size:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if not (isinstance(parent, FactorizedLinear) and child == "up"):
+                raise ValueError(
+                    f"`group_size` {group_size} does not divide the {in_features} input features of "
+                    f"{name!r}; use a divisor of every layer's input size, or -1 for per-channel"
+                )
+            group_size = -1
+            per_row.append(name)
+        mask = None
+        if config.keep_sparsity:
+            zeros = weight == 0
+            if float(zeros.float().mean()) >= SPARSE_MIN_ZEROS:
+                mask = ~zeros
+        plans[name] = LayerPlan(bits, group_size, mask)
+    if per_row:
+        logger.info(
+            "%d factor layers have a rank that group size %d does not divide; they use one group per row",
+            len(per_row),
+            config.group_size,
+        )
+    sparse = sum(p.mask is not None for p in plans.values())
+    if sparse:
+        logger.info("%d pruned layers keep their zeros (stored as bitmask + codes)", sparse)
+    return plans
