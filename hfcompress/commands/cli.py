@@ -292,6 +292,36 @@ def _add_distill(subparsers) -> None:
     _add_writer_options(distill, "(teacher and student)", "hfcompress.commands.distill:run_distill")
 
 
+def _add_recipe(subparsers) -> None:
+    recipe = subparsers.add_parser(
+        "recipe",
+        help="Run compression steps from a YAML recipe (prune, factorize, quantize, distill, merge_lora).",
+        description="Run the steps of RECIPE in order on MODEL. Each step is `technique: {fields}` with the fields "
+        "of its Python config class (and its command's options by their Python names); `dataset:` at the top is "
+        "the default data of every step. The whole recipe is checked before any step starts. Each step writes "
+        "OUTPUT/steps/NN-name/ with its record; OUTPUT gets the last model, with the whole chain in its record "
+        "and card, and recipe.yaml. Example:\n\n"
+        "  steps:\n"
+        "    - prune: {method: sparsegpt, sparsity: 0.3}\n"
+        "    - factorize: {param_ratio: 0.85, method: whiten}\n"
+        "    - quantize: {method: gptq, bits: 4, group_size: 128}\n"
+        "  dataset: calib.txt\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    recipe.add_argument("recipe", metavar="RECIPE", help="The recipe YAML file.")
+    recipe.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
+    recipe.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume).")
+    recipe.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue a recipe in OUTPUT: completed steps whose settings (and those of every step before) are "
+        "unchanged are reused; the first changed step and all after it run again.",
+    )
+    _add_load_save_options(recipe, "before the first step")
+    _add_common(recipe)
+    recipe.set_defaults(**{HANDLER: "hfcompress.commands.recipe:run_recipe_command"})
+
+
 def _add_hub(subparsers) -> None:
     card = subparsers.add_parser(
         "card",
@@ -321,7 +351,7 @@ def _add_hub(subparsers) -> None:
     push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
 
 
-COMMANDS = "{quantize,factorize,merge-lora,prune,distill,evaluate,card,push}"
+COMMANDS = "{quantize,factorize,merge-lora,prune,distill,recipe,search,evaluate,card,push}"
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +362,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     _add_factorize(subparsers)
     _add_prune(subparsers)
     _add_distill(subparsers)
+    _add_recipe(subparsers)
     _add_evaluate(subparsers)
     _add_hub(subparsers)
 
@@ -371,8 +402,14 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..hub.record import set_invocation
+
     args = build_parser().parse_args(argv)
-    return run(args)
+    set_invocation(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    finally:
+        set_invocation(None)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from ..hub.record import Step, command_line
+from ..hub.record import Step
 from ..io import check_output_dir
 from ..lowrank import LowRankConfig, factorize, merge_lora
 from .arguments import config_kwargs
@@ -48,23 +48,9 @@ def run_merge_lora(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
-    # a chain keeps its base: "before" stays the original model's metrics
-    record = _previous_record(args.model) or base_record(model, args.model, args, tokenizer)
+    record = base_record(model, args.model, args, tokenizer)  # continues the record of a compressed model
     start = time.perf_counter()
     merge_lora(model, args.adapter, rank=rank)
     step = Step("lora-merge", "lowrank-update", {"adapter": args.adapter, "rank": rank}, None, time.perf_counter() - start)
     save_model_output(model, args, tokenizer, record, step)
     return 0
-
-
-def _previous_record(model_path: str):
-    """The record of a model hfcompress wrote, so a merge adds a step to its chain instead of starting over."""
-    import os
-
-    from ..hub.record import RECORD_FILE, CompressionRecord
-
-    if os.path.isfile(os.path.join(model_path, RECORD_FILE)):
-        record = CompressionRecord.load(model_path)
-        record.command = f"{record.command} && {command_line()}" if record.command else command_line()
-        return record
-    return None

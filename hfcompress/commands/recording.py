@@ -101,8 +101,17 @@ def _base_card_data(model_path: str) -> dict:
 
 
 def base_record(model, model_path: str, args: argparse.Namespace, tokenizer) -> CompressionRecord:
-    """The record of the base model with its metrics, measured before anything changes."""
+    """The record of the base model with its metrics, measured before anything changes. A model hfcompress
+    wrote continues its own record: the new step joins the chain and "before" stays the original model's."""
+    from ..hub.record import RECORD_FILE
     from .loading import checkpoint_dtype
+
+    if os.path.isfile(os.path.join(model_path, RECORD_FILE)):
+        record = CompressionRecord.load(model_path)
+        record.command = f"{record.command} && {command_line()}" if record.command else command_line()
+        if args.eval_dataset and "perplexity" not in record.metrics.get("before", {}):
+            logger.info("%s was compressed before: its record keeps the original model's metrics as 'before'", model_path)
+        return record
 
     base = _base_card_data(model_path) if os.path.isdir(model_path) else {}
     stored_bits = torch.finfo(checkpoint_dtype(model_path)).bits

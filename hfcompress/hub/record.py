@@ -117,8 +117,19 @@ class CompressionRecord:
         return cls.from_dict(data)
 
 
+_invocation: list[str] | None = None  # set by the `hfcompress` entry point: its own arguments
+
+
+def set_invocation(argv: list[str] | None) -> None:
+    """Record the arguments the `hfcompress` command was called with (also when called as `main(argv)`)."""
+    global _invocation  # noqa: PLW0603
+    _invocation = None if argv is None else [str(a) for a in argv]
+
+
 def command_line() -> str:
     """The command that is running, as a user would type it again."""
+    if _invocation is not None:
+        return shlex.join(["hfcompress", *_invocation])
     program = os.path.basename(sys.argv[0]) if sys.argv else "python"
     if program in ("cli.py", "__main__.py"):
         program = "hfcompress"

@@ -1,0 +1,14 @@
+"""Handler of `hfcompress recipe`."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["run_recipe_command"]
+
+
+def run_recipe_command(args: argparse.Namespace) -> int:
+    from ..recipes import run_recipe
+
+    run_recipe(args.recipe, args.model, args.output, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, dtype=args.dtype)
+    return 0
