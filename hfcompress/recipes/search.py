@@ -1,0 +1,582 @@
+"""The search for the best compression under a budget: measure each layer's sensitivity, allocate settings per
+layer with a knapsack, then build and evaluate the candidates and keep the best one that meets the budget.
+
+Budgets: `bits=B` (stored bits per weight of the compressed linear layers, from the checkpoint's size on disk),
+`size=F` (fraction of the model's weight bytes on disk), `params=F` (fraction of its parameters, zeros of pruned
+layers not counted). Techniques: `gptq` (mixed bits per layer from measured sensitivities, and uniform bits),
+`lowrank` (whitened SVD with ranks per layer from hfcompress's factorization sensitivity allocation), `prune`
+(SparseGPT at a uniform sparsity, stored as bitmask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .allocation import allocate, grid_bits_per_weight
+from .recipe import Recipe
+
+__all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
+
+logger = logging.getLogger(__name__)
+
+TECHNIQUES = ("gptq", "lowrank", "prune")
+METRICS = ("perplexity",)
+CACHE_FILE = "cache.json"
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    KINDS = ("bits", "size", "params")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        kind, sep, value = str(text).partition("=")
+        if not sep or kind not in cls.KINDS:
+            raise ValueError(f"--budget must look like bits=3.5, size=0.3 or params=0.7, got {text!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--budget {kind}= needs a number, got {value!r}") from None
+        if kind == "bits" and not 0 < number < 32:
+            raise ValueError(f"--budget bits= must be between 0 and 32 bits per weight, got {number}")
+        if kind != "bits" and not 0 < number <= 1:
+            raise ValueError(f"--budget {kind}= is a fraction of the original model in (0, 1], got {number}")
+        return cls(kind, number)
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+@dataclass
+class SearchConfig:
+    budget: Budget | str
+    dataset: str
+    eval_dataset: str
+    metric: str = "perplexity"
+    techniques: list[str] = field(default_factory=lambda: list(TECHNIQUES))
+    bits_options: list[int] = field(default_factory=lambda: [2, 3, 4])
+    group_size: int = 128
+    num_samples: int = 32
+    seq_len: int = 512
+    sensitivity_samples: int = 8
+    eval_seq_len: int = 512
+    eval_max_windows: int = 40
+    neighbour_bits: float = 0.25
+    lowrank_ratios: list[float] = field(default_factory=lambda: [0.7, 0.85])
+    prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
+
+    def __post_init__(self):
+        if isinstance(self.budget, str):
+            self.budget = Budget.parse(self.budget)
+        if isinstance(self.techniques, str):
+            self.techniques = [t.strip() for t in self.techniques.split(",") if t.strip()]
+        unknown = [t for t in self.techniques if t not in TECHNIQUES]
+        if unknown or not self.techniques:
+            raise ValueError(f"unknown technique(s) {unknown or self.techniques}; expected some of {', '.join(TECHNIQUES)}")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        bad = [b for b in self.bits_options if b not in (2, 3, 4, 8)]
+        if bad or not self.bits_options:
+            raise ValueError(f"bits options must be among 2, 3, 4, 8, got {self.bits_options}")
+        self.bits_options = sorted(set(self.bits_options))
+        for name in ("num_samples", "seq_len", "sensitivity_samples", "eval_seq_len", "eval_max_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        for path_name in ("dataset", "eval_dataset"):
+            path = getattr(self, path_name)
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"`{path_name}` must be a text file, a datasets folder or a dataset name, got {path!r}")
+
+    def fingerprint(self, model: str) -> str:
+        """What cached sensitivities and candidates depend on (not the budget: a new budget reuses them)."""
+        keys = ("dataset", "eval_dataset", "metric", "group_size", "num_samples", "seq_len", "sensitivity_samples",
+                "eval_seq_len", "eval_max_windows")  # fmt: skip
+        data = {"model": os.path.abspath(model) if os.path.isdir(model) else model, **{k: getattr(self, k) for k in keys}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Candidate:
+    name: str
+    technique: str
+    steps: list[dict[str, Any]]
+    note: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Base:
+    """What budgets are measured against: the original model's linear weights, size and parameters."""
+
+    linear_weights: int
+    linear_shapes: dict[str, tuple[int, int]]
+    dtype_bits: int
+    size_bytes: int
+    parameters: int
+
+    @property
+    def other_bits(self) -> float:
+        return self.size_bytes * 8 - self.linear_weights * self.dtype_bits
+
+    def effective_bits(self, model) -> float:
+        """Stored bits per original weight of the (compressed) linear layers: every tensor under each original
+        layer's name except biases (codes, scales, bitmasks, factors), floating ones at the checkpoint's dtype
+        unless stored narrower (fp16 scales)."""
+        total = 0
+        for name in self.linear_shapes:
+            module = model.get_submodule(name)
+            tensors = [*module.named_parameters(), *module.named_buffers()]
+            for key, tensor in tensors:
+                if key.rsplit(".", 1)[-1] == "bias":
+                    continue
+                bits = tensor.element_size() * 8
+                total += tensor.numel() * (min(bits, self.dtype_bits) if tensor.is_floating_point() else bits)
+        return total / self.linear_weights
+
+    def linear_bits_target(self, budget: Budget) -> float | None:
+        if budget.kind == "bits":
+            return budget.value
+        if budget.kind == "size":
+            return (budget.value * self.size_bytes * 8 - self.other_bits) / self.linear_weights
+        return None
+
+    def kept_fraction_target(self, budget: Budget) -> float:
+        """Fraction of the linear weights' parameters (factors, non-zeros) the budget allows at full precision."""
+        if budget.kind == "params":
+            other = self.parameters - self.linear_weights
+            return (budget.value * self.parameters - other) / self.linear_weights
+        return self.linear_bits_target(budget) / self.dtype_bits
+
+    def meets(self, budget: Budget, metrics: dict) -> bool:
+        if budget.kind == "bits":
+            return metrics["effective_bits"] <= budget.value + 1e-3
+        if budget.kind == "size":
+            return metrics["size_bytes"] <= budget.value * self.size_bytes
+        return metrics["parameters"] <= budget.value * self.parameters
+
+
+def _nonzero_parameters(model) -> int:
+    from ..commands.recording import stored_parameters
+    from ..pruning.sparse import SparseLinear
+    from ..quantization.sparse_quant import SparseQuantLinear
+
+    total = stored_parameters(model)
+    for module in model.modules():
+        if isinstance(module, (SparseLinear, SparseQuantLinear)):
+            total -= module.in_features * module.out_features - module.nnz
+    return total
+
+
+def _measure_base(model, model_path: str) -> _Base:
+    from ..commands.loading import checkpoint_dtype
+    from ..evaluation import weights_size_bytes
+    from ..quantization.structure import candidate_linears, linear_weight
+
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in candidate_linears(model, None).items()}
+    if not os.path.isdir(model_path):
+        raise ValueError(f"search needs MODEL as a local folder (to measure its size on disk), got {model_path!r}")
+    return _Base(
+        linear_weights=sum(o * i for o, i in shapes.values()),
+        linear_shapes=shapes,
+        dtype_bits=torch.finfo(checkpoint_dtype(model_path)).bits,
+        size_bytes=weights_size_bytes(model_path),
+        parameters=_nonzero_parameters(model),
+    )
+
+
+def _smallest_reachable(base: _Base, config: SearchConfig) -> tuple[str, float]:
+    """The most compressed point any requested technique can reach, in the budget's units."""
+    points = []
+    budget = config.budget
+    if "gptq" in config.techniques and budget.kind != "params":
+        b = config.bits_options[0]
+        bits = sum(o * i * grid_bits_per_weight(b, config.group_size, i) for o, i in base.linear_shapes.values())
+        points.append((f"gptq at {b} bits", bits / base.linear_weights))
+    if "lowrank" in config.techniques:
+        points.append(("lowrank at 10% of the parameters", 0.1 * base.dtype_bits))
+    if "prune" in config.techniques:
+        points.append(("prune at 90% sparsity", 1 + 0.1 * base.dtype_bits))
+    if not points:
+        raise ValueError(f"none of {config.techniques} reduces the parameter count: a params= budget needs lowrank or prune")
+    name, bits = min(points, key=lambda p: p[1])
+    if budget.kind == "bits":
+        return name, bits
+    if budget.kind == "size":
+        return name, (bits * base.linear_weights + base.other_bits) / 8 / base.size_bytes
+    kept = 0.1 if name.startswith(("lowrank", "prune")) else 1.0
+    return name, (base.parameters - base.linear_weights + kept * base.linear_weights) / base.parameters
+
+
+def _check_reachable(base: _Base, config: SearchConfig) -> None:
+    name, value = _smallest_reachable(base, config)
+    if value > config.budget.value:
+        unit = {"bits": "bits per weight", "size": "of the original size", "params": "of the original parameters"}
+        raise ValueError(
+            f"budget {config.budget} cannot be met with {', '.join(config.techniques)}: the smallest reachable point is "
+            f"{name}, at about {value:.3g} {unit[config.budget.kind]}"
+        )
+
+
+class _Cache:
+    def __init__(self, path: Path, fingerprint: str, resume: bool):
+        self.path = path
+        data = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else {}
+        if data and data.get("fingerprint") != fingerprint:
+            logger.warning("%s was measured with other data or settings; measuring again", path)
+            data = {}
+        self.data = {"fingerprint": fingerprint, "sensitivity": {}, "candidates": {}, **data}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _steps_key(steps) -> str:
+    return json.dumps(steps, sort_keys=True)
+
+
+def search(
+    model: str,
+    output: str | os.PathLike,
+    config: SearchConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Find the best compression of `model` within `config.budget`, write it to `output` with its recipe, and
+    the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json)."""
+    from ..commands.loading import load_model, load_tokenizer, resolve_model_path
+    from ..data import load_texts, tokenize_windows
+    from .runner import _prepare_output
+
+    resolve_model_path(model)
+    for name in ("dataset", "eval_dataset"):
+        path = getattr(config, name)
+        if (path.startswith((".", "/")) or path.endswith((".txt", ".gz"))) and not os.path.exists(path):
+            raise FileNotFoundError(f"`{name}` {path!r} does not exist")
+    tokenizer = load_tokenizer(model)
+    calib = tokenize_windows(tokenizer, load_texts(config.dataset), config.seq_len)
+    if len(calib) < config.sensitivity_samples:
+        raise ValueError(
+            f"{config.dataset} gives {len(calib)} windows of {config.seq_len} tokens; the sensitivity pass needs "
+            f"sensitivity_samples={config.sensitivity_samples}: give more text or lower --sensitivity-samples/--seq-len"
+        )
+    dense = load_model(model, "float32")
+    base = _measure_base(dense, model)
+    _check_reachable(base, config)
+
+    output = Path(output)
+    resuming = resume and (output / "search").is_dir()
+    if resume and not resuming and output.is_dir() and any(output.iterdir()):
+        raise FileExistsError(f"{os.fspath(output)!r} is not empty and holds no search to resume")
+    if not resuming:
+        _prepare_output(output, False, overwrite)
+    work = output / "search"
+    (work / "candidates").mkdir(parents=True, exist_ok=True)
+    cache = _Cache(work / CACHE_FILE, config.fingerprint(model), resume)
+    eval_windows = tokenize_windows(tokenizer, load_texts(config.eval_dataset), config.eval_seq_len)
+    eval_windows = eval_windows[: config.eval_max_windows]
+
+    dense_metrics = cache.data.get("dense") or _evaluate(dense, model, eval_windows, base)
+    cache.data["dense"] = dense_metrics
+    cache.save()
+
+    candidates: list[Candidate] = []
+    if "gptq" in config.techniques:
+        candidates += _gptq_candidates(model, dense, base, config, calib, work, cache, eval_windows, quiet)
+    if "lowrank" in config.techniques:
+        candidates += _lowrank_candidates(base, config, work)
+    if "prune" in config.techniques:
+        candidates += _prune_candidates(base, config)
+    for candidate in candidates:
+        _build_and_evaluate(candidate, model, config, work, cache, eval_windows, base, quiet)
+    failed = [c for c in candidates if not c.metrics]
+    candidates = [c for c in candidates if c.metrics]
+
+    points = [Candidate("dense", "none", [], "the original model", dense_metrics), *candidates]
+    for point in points:
+        point.metrics["meets_budget"] = base.meets(config.budget, point.metrics)
+    front = _pareto_front(points, config.metric)
+    eligible = [p for p in points if p.metrics["meets_budget"]]
+    if not eligible:
+        smallest = min(points, key=lambda p: p.metrics["size_bytes"])
+        raise ValueError(
+            f"no evaluated candidate meets budget {config.budget}; the smallest is {smallest.name} "
+            f"({smallest.metrics['effective_bits']:.3f} bits per weight, {smallest.metrics['size_bytes'] / 1e6:.2f} MB, "
+            f"{smallest.metrics['parameters']} parameters)"
+        )
+    best = min(eligible, key=lambda p: p.metrics[config.metric])
+    results = _write_reports(points, front, best, config, base, work, failed)
+    if best.name != "dense":
+        _publish_candidate(work / "candidates" / best.name, output)
+    else:
+        logger.warning("the original model already meets budget %s and is the best point; OUTPUT holds no model", config.budget)
+    logger.info("best within %s: %s (%s %.4g)", config.budget, best.name, config.metric, best.metrics[config.metric])
+    return results
+
+
+@torch.no_grad()
+def _evaluate(model, folder: str | os.PathLike, windows, base: _Base) -> dict[str, Any]:
+    from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
+    from ..evaluation.latency import forward_latency
+
+    model.eval()
+    size = weights_size_bytes(folder)
+    return {
+        "perplexity": perplexity(model, windows),
+        "size_bytes": size,
+        "effective_bits": base.effective_bits(model),
+        "bits_per_weight": bits_per_weight(model),
+        "parameters": _nonzero_parameters(model),
+        "latency_s": forward_latency(model, windows[:1], runs=5),
+    }
+
+
+def _gptq_step(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None = None) -> dict:
+    settings = {"method": "gptq", "bits": bits, "group_size": config.group_size, "num_samples": config.num_samples,
+                "seq_len": config.seq_len}  # fmt: skip
+    if layer_bits:
+        settings["layer_bits"] = layer_bits
+    return {"quantize": settings}
+
+
+def _gptq_candidates(model_path, dense, base, config, calib, work, cache, eval_windows, quiet) -> list[Candidate]:
+    """Uniform GPTQ at every bit width (also the source of the sensitivities), then mixed allocations at the
+    budget and either side of it."""
+    uniform = [Candidate(f"gptq-{b}bit", "gptq", [_gptq_step(config, b)], "uniform") for b in config.bits_options]
+    for candidate in uniform:
+        _build_and_evaluate(candidate, model_path, config, work, cache, eval_windows, base, quiet)
+    target = base.linear_bits_target(config.budget)
+    if target is None:  # quantization keeps the parameter count: uniform points for the table only
+        return uniform
+    sensitivity = _gptq_sensitivity(dense, uniform, config, calib, work, cache)
+    mixed = []
+    for bits in sorted({round(target + d, 3) for d in (-config.neighbour_bits, 0.0, config.neighbour_bits)}):
+        layer_bits = _allocate_bits(sensitivity, base, config, bits)
+        if layer_bits is None or len(set(layer_bits.values())) < 2:
+            continue  # unreachable, or the same as a uniform point
+        default = max(set(layer_bits.values()), key=list(layer_bits.values()).count)
+        overrides = {n: b for n, b in layer_bits.items() if b != default}
+        name = f"gptq-mixed-{bits:.2f}"
+        mixed.append(Candidate(name, "gptq", [_gptq_step(config, default, overrides)], f"knapsack at {bits:.2f} bits"))
+    return uniform + mixed
+
+
+def _allocate_bits(sensitivity, base: _Base, config: SearchConfig, target_bits: float) -> dict[str, int] | None:
+    options, choices = {}, {}
+    for name, (out_features, in_features) in base.linear_shapes.items():
+        row = sensitivity.get(name, {})
+        usable = [b for b in config.bits_options if f"{b}bit" in row]
+        if not usable:
+            continue
+        cost = lambda b: out_features * in_features * grid_bits_per_weight(b, config.group_size, in_features)  # noqa: E731
+        options[name] = [(cost(b), row[f"{b}bit"]) for b in usable]
+        choices[name] = usable
+    picked = allocate(options, target_bits * base.linear_weights)
+    if picked is None:
+        return None
+    return {name: choices[name][index] for name, index in picked.items()}
+
+
+def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path, cache: _Cache) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..quantization.modules import QuantLinear
+    from .sensitivity import layer_sensitivity, plot_sensitivity, sensitivity_table
+
+    done = cache.data["sensitivity"]
+    variants = {}
+    for candidate in uniform:
+        setting = candidate.name.split("-")[1]  # "4bit"
+        if all(setting in done.get(n, {}) for n in _linear_names(dense)):
+            continue
+        quantized = AutoModelForCausalLM.from_pretrained(work / "candidates" / candidate.name, dtype=torch.float32)
+        variants[setting] = {
+            n: m.dequantize_weight(torch.float32) for n, m in quantized.named_modules() if isinstance(m, QuantLinear)
+        }
+        del quantized
+
+    def remember(name, setting, value):
+        cache.data["sensitivity"].setdefault(name, {})[setting] = value
+        cache.save()
+
+    results = layer_sensitivity(dense, calib[: config.sensitivity_samples], variants, done=done, on_result=remember)
+    (work / "sensitivity.md").write_text(
+        "Calibration loss increase when one layer alone takes its GPTQ weight at each bit width "
+        f"({config.sensitivity_samples} windows of {config.seq_len} tokens of {config.dataset}):\n\n"
+        + sensitivity_table(results),
+        encoding="utf-8",
+    )
+    plot_sensitivity(results, work / "sensitivity.png")
+    return results
+
+
+def _linear_names(model) -> list[str]:
+    from ..quantization.structure import candidate_linears
+
+    return list(candidate_linears(model, None))
+
+
+def _lowrank_candidates(base: _Base, config: SearchConfig, work: Path) -> list[Candidate]:
+    ratio = base.kept_fraction_target(config.budget)
+    ratios = {r for r in config.lowrank_ratios if 0.1 <= r < 1}
+    if 0.1 <= ratio < 1:
+        ratios.add(round(ratio, 3))
+    elif ratio < 0.1:
+        logger.info("lowrank cannot meet %s (it would keep %.3f of the parameters)", config.budget, ratio)
+    candidates = []
+    for r in sorted(ratios):
+        settings = {"method": "whiten", "param_ratio": r, "allocation": "sensitivity", "num_samples": config.num_samples,
+                    "seq_len": config.seq_len, "sensitivity_cache": os.fspath(work / "lowrank-sensitivity.json")}  # fmt: skip
+        candidates.append(Candidate(f"lowrank-{r:.3f}", "lowrank", [{"factorize": settings}], "whitened SVD, ranks by sensitivity"))
+    return candidates
+
+
+def _prune_candidates(base: _Base, config: SearchConfig) -> list[Candidate]:
+    kept = base.kept_fraction_target(config.budget)
+    if config.budget.kind != "params":  # a bitmask costs one bit per weight
+        kept = (base.linear_bits_target(config.budget) - 1) / base.dtype_bits
+    sparsities = {s for s in config.prune_sparsities if 0 < s <= 0.9}
+    if 0 < 1 - kept <= 0.9:
+        sparsities.add(round(1 - kept, 3))
+    elif 1 - kept > 0.9:
+        logger.info("pruning cannot meet %s (it would need %.0f%% sparsity)", config.budget, 100 * (1 - kept))
+    return [
+        Candidate(f"prune-{s:.3f}", "prune", [{"prune": {"method": "sparsegpt", "sparsity": s, "num_samples": config.num_samples,
+                                                         "seq_len": config.seq_len}}], "SparseGPT, bitmask storage")  # fmt: skip
+        for s in sorted(sparsities)
+    ]
+
+
+def _build_and_evaluate(candidate: Candidate, model_path, config, work: Path, cache: _Cache, eval_windows, base, quiet) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from .runner import run_recipe
+
+    folder = work / "candidates" / candidate.name
+    cached = cache.data["candidates"].get(candidate.name)
+    if cached and cached.get("steps") == _steps_key(candidate.steps) and folder.is_dir():
+        candidate.metrics = cached["metrics"]
+        logger.info("%s: evaluated before, reusing", candidate.name)
+        return
+    logger.info("building %s", candidate.name)
+    recipe = Recipe.from_dict({"steps": candidate.steps, "dataset": config.dataset})
+    try:
+        run_recipe(recipe, model_path, folder, overwrite=True, quiet=quiet)
+    except ValueError as e:  # a point this model cannot reach (ranks below the minimum, ...): skip it
+        logger.warning("skipping %s: %s", candidate.name, e)
+        candidate.note = f"failed: {e}"
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    shutil.rmtree(folder / "steps", ignore_errors=True)  # the same model as the folder itself
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # evaluated as the dense model is
+    candidate.metrics = _evaluate(model, folder, eval_windows, base)
+    cache.data["candidates"][candidate.name] = {"steps": _steps_key(candidate.steps), "metrics": candidate.metrics}
+    cache.save()
+
+
+def _pareto_front(points: list[Candidate], metric: str) -> list[str]:
+    """Names of the points no other point beats on both size and the metric."""
+    front = []
+    for p in points:
+        dominated = any(
+            q.metrics["size_bytes"] <= p.metrics["size_bytes"] and q.metrics[metric] <= p.metrics[metric]
+            and (q.metrics["size_bytes"], q.metrics[metric]) != (p.metrics["size_bytes"], p.metrics[metric])
+            for q in points
+        )  # fmt: skip
+        if not dominated:
+            front.append(p.name)
+    return front
+
+
+def _write_reports(points, front, best, config: SearchConfig, base: _Base, work: Path, failed=()) -> dict:
+    rows = sorted(points, key=lambda p: p.metrics["size_bytes"])
+    lines = [
+        f"Budget {config.budget}; {config.metric} on the first {config.eval_max_windows} windows of {config.eval_seq_len} "
+        f"tokens of {config.eval_dataset}; latency: one window, median of 5 runs.\n",
+        f"| point | technique | bits/weight | size (MB) | parameters | {config.metric} | latency (ms) | meets budget | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in rows:
+        m = p.metrics
+        mark = " **(chosen)**" if p is best else ""
+        lines.append(
+            f"| {p.name}{mark} | {p.technique} | {m['effective_bits']:.3f} | {m['size_bytes'] / 1e6:.2f} | {m['parameters']:,} | "
+            f"{m[config.metric]:.3f} | {1000 * m['latency_s']:.1f} | {'yes' if m['meets_budget'] else 'no'} | "
+            f"{'yes' if p.name in front else ''} |"
+        )
+    lines += [f"\n{c.name}: {c.note}" for c in failed]
+    (work / "pareto.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot = _plot_pareto(rows, front, best, config, base, work / "pareto.png")
+    results = {
+        "budget": str(config.budget),
+        "metric": config.metric,
+        "chosen": best.name,
+        "points": [{"name": p.name, "technique": p.technique, "note": p.note, "steps": p.steps, **p.metrics} for p in rows],
+        "pareto_front": front,
+        "failed": {c.name: c.note for c in failed},
+        "plot": plot,
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "budget"},
+    }
+    (work / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    return results
+
+
+def _plot_pareto(rows, front, best, config: SearchConfig, base: _Base, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    techniques = sorted({p.technique for p in rows})
+    for technique, marker in zip(techniques, "osD^v<>"):
+        group = [p for p in rows if p.technique == technique]
+        ax.scatter([p.metrics["size_bytes"] / 1e6 for p in group], [p.metrics[config.metric] for p in group],
+                   marker=marker, label=technique, zorder=3)  # fmt: skip
+        for p in group:
+            ax.annotate(p.name, (p.metrics["size_bytes"] / 1e6, p.metrics[config.metric]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    on_front = [p for p in rows if p.name in front]
+    ax.plot([p.metrics["size_bytes"] / 1e6 for p in on_front], [p.metrics[config.metric] for p in on_front], "k--", lw=0.8, label="Pareto front")
+    ax.scatter([best.metrics["size_bytes"] / 1e6], [best.metrics[config.metric]], s=160, facecolors="none", edgecolors="red", label="chosen", zorder=4)
+    if config.budget.kind == "size":
+        ax.axvline(config.budget.value * base.size_bytes / 1e6, color="red", lw=0.8, ls=":", label=f"budget {config.budget}")
+    ax.set_xlabel("weights on disk (MB)")
+    ax.set_ylabel(config.metric)
+    ax.set_yscale("log")
+    ax.set_title(f"hfcompress search, budget {config.budget}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def _publish_candidate(folder: Path, output: Path) -> None:
+    for item in folder.iterdir():
+        if item.name == "steps":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, output / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, output / item.name)
+

@@ -1,0 +1,131 @@
+"""The knapsack, the sensitivity pass and `hfcompress search` end to end on a tiny model."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from helpers import python_text, save_tiny_model, tiny_model, token_windows
+from transformers import AutoModelForCausalLM
+
+import hfcompress  # noqa: F401  (loads the candidates)
+from hfcompress.commands.cli import main
+from hfcompress.recipes.allocation import allocate, grid_bits_per_weight
+from hfcompress.recipes.search import Budget, SearchConfig
+from hfcompress.recipes.sensitivity import calibration_loss, layer_sensitivity
+
+
+def test_knapsack_matches_brute_force_and_respects_the_budget():
+    rng = random.Random(0)
+    for _ in range(30):
+        options = {f"l{i}": [(rng.uniform(1, 10), rng.uniform(0, 5)) for _ in range(3)] for i in range(5)}
+        budget = rng.uniform(10, 40)
+        best = None
+        for combo in itertools.product(range(3), repeat=5):
+            cost = sum(options[f"l{i}"][c][0] for i, c in enumerate(combo))
+            loss = sum(options[f"l{i}"][c][1] for i, c in enumerate(combo))
+            if cost <= budget and (best is None or loss < best):
+                best = loss
+        picked = allocate(options, budget, resolution=20000)
+        if best is None:
+            assert picked is None
+            continue
+        assert sum(options[n][i][0] for n, i in picked.items()) <= budget
+        assert sum(options[n][i][1] for n, i in picked.items()) == pytest.approx(best, abs=1e-2)
+
+
+def test_grid_bits_match_what_a_quantized_layer_stores():
+    assert grid_bits_per_weight(4, 128, 1024) == pytest.approx(4.15625)
+    assert grid_bits_per_weight(3, -1, 64, sym=True) == pytest.approx(3.25)
+
+
+def test_sensitivity_is_the_loss_change_of_each_layer_alone_and_leaves_the_model_as_it_was():
+    model = tiny_model("llama")
+    windows = token_windows(4)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    same = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    noisy = {n: w + 0.5 * torch.randn_like(w) for n, w in same.items()}
+    seen = []
+    results = layer_sensitivity(model, windows, {"same": same, "noisy": noisy}, on_result=lambda *a: seen.append(a))
+    base = calibration_loss(model, windows)
+    for name in names:
+        assert results[name]["same"] == pytest.approx(0, abs=1e-6)
+        by_hand = tiny_model("llama")
+        by_hand.get_submodule(name).weight.data.copy_(noisy[name])
+        assert results[name]["noisy"] == pytest.approx(calibration_loss(by_hand, windows) - base, abs=1e-5)
+        assert torch.equal(model.get_submodule(name).weight, same[name])
+    assert len(seen) == 4
+    assert layer_sensitivity(model, windows, {"same": same}, done=results) == results  # nothing measured again
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    save_tiny_model(folder / "model")
+    (folder / "calib.txt").write_text(python_text()[:60_000], encoding="utf-8")
+    return folder
+
+
+def _search(files, out, *extra):
+    return main([
+        "search", str(files / "model"), str(out), "--dataset", str(files / "calib.txt"),
+        "--eval-dataset", str(files / "calib.txt"), "--group-size", "32", "--seq-len", "64", "--num-samples", "8",
+        "--sensitivity-samples", "4", "--eval-seq-len", "64", "--eval-max-windows", "6", "-q", *map(str, extra),
+    ])  # fmt: skip
+
+
+def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files, tmp_path):
+    out = tmp_path / "out"
+    assert _search(files, out, "--budget", "bits=3.8", "--techniques", "gptq,prune", "--prune-sparsities", "0.5") == 0
+    results = json.loads((out / "search" / "results.json").read_text())
+    chosen = next(p for p in results["points"] if p["name"] == results["chosen"])
+    assert chosen["effective_bits"] <= 3.8 + 1e-3 and chosen["meets_budget"]
+    eligible = [p for p in results["points"] if p["meets_budget"]]
+    assert chosen["perplexity"] == min(p["perplexity"] for p in eligible)
+    names = {p["name"] for p in results["points"]}
+    assert {"dense", "gptq-2bit", "gptq-3bit", "gptq-4bit", "prune-0.500"} <= names
+    assert any(n.startswith("gptq-mixed") for n in names)
+    for report in ("pareto.md", "pareto.png", "sensitivity.md", "sensitivity.png"):
+        assert (out / "search" / report).is_file()
+    cache = json.loads((out / "search" / "cache.json").read_text())
+    assert len(cache["sensitivity"]) == 14 and all(len(v) == 3 for v in cache["sensitivity"].values())
+    # the chosen model and its recipe are in OUTPUT
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization_config.quant_method == "hfcompress"
+    assert "steps:" in (out / "recipe.yaml").read_text()
+    mixed = next(p for p in results["points"] if p["name"].startswith("gptq-mixed"))
+    assert "layer_bits" in json.dumps(mixed["steps"])
+
+    stamp = (out / "search" / "candidates" / "gptq-3bit" / "model.safetensors").stat().st_mtime
+    assert _search(files, out, "--budget", "bits=3.2", "--techniques", "gptq", "--resume") == 0
+    assert (out / "search" / "candidates" / "gptq-3bit" / "model.safetensors").stat().st_mtime == stamp
+    results = json.loads((out / "search" / "results.json").read_text())
+    assert results["budget"] == "bits=3.2"
+    assert next(p for p in results["points"] if p["name"] == results["chosen"])["effective_bits"] <= 3.2 + 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget", "bits=1"], "budget bits=1 cannot be met with gptq: the smallest reachable point is gptq at 2 bits"),
+        (["--budget", "bits"], "--budget must look like bits=3.5"),
+        (["--budget", "size=1.5"], "fraction of the original model in (0, 1]"),
+        (["--budget", "bits=3", "--techniques", "gptq,awq"], "unknown technique(s) ['awq']"),
+        (["--budget", "params=0.5"], "a params= budget needs lowrank or prune"),
+        (["--budget", "bits=3", "--sensitivity-samples", "500"], "the sensitivity pass needs sensitivity_samples=500"),
+    ],
+)
+def test_bad_search_input_fails_clearly_and_writes_nothing(files, tmp_path, capsys, extra, message):
+    techniques = [] if "--techniques" in extra else ["--techniques", "gptq"]
+    assert _search(files, tmp_path / "out", *extra, *techniques) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_parsing():
+    assert Budget.parse("size=0.3") == Budget("size", 0.3)
+    with pytest.raises(ValueError, match="needs a number"):
+        Budget.parse("bits=x")
+    config = SearchConfig(budget="params=0.7", dataset="a.txt", eval_dataset="b.txt", techniques="lowrank,prune")
+    assert config.techniques == ["lowrank", "prune"] and config.budget.kind == "params"
