@@ -61,7 +61,11 @@ def main() -> None:
 
     # check 1: mixed precision against the line between uniform 3 and 4 bits
     p3, p4 = points["gptq-3bit"], points["gptq-4bit"]
-    mixed = [p for p in results["points"] if p["name"].startswith("gptq-mixed") and p3["effective_bits"] < p["effective_bits"] < p4["effective_bits"]]
+    mixed = [
+        p
+        for p in results["points"]
+        if p["name"].startswith("gptq-mixed") and p3["effective_bits"] < p["effective_bits"] < p4["effective_bits"]
+    ]
     print("checks:")
     for p in mixed:
         t = (p["effective_bits"] - p3["effective_bits"]) / (p4["effective_bits"] - p3["effective_bits"])
@@ -82,7 +86,9 @@ def main() -> None:
         ],
         "dataset": args.calib,
     })  # fmt: skip
-    chained = run_recipe(recipe, args.model, out / "factorize-gptq", resume=args.resume, overwrite=not args.resume, quiet=True)
+    chained = run_recipe(
+        recipe, args.model, out / "factorize-gptq", resume=args.resume, overwrite=not args.resume, quiet=True
+    )
     windows = tokenize_windows(load_tokenizer(args.model), load_texts(args.val), 512)[: args.eval_max_windows]
     model = AutoModelForCausalLM.from_pretrained(chained, dtype=torch.float32)
     chain_ppl = perplexity(model.eval(), windows)

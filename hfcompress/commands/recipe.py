@@ -10,5 +10,13 @@ __all__ = ["run_recipe_command"]
 def run_recipe_command(args: argparse.Namespace) -> int:
     from ..recipes import run_recipe
 
-    run_recipe(args.recipe, args.model, args.output, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, dtype=args.dtype)
+    run_recipe(
+        args.recipe,
+        args.model,
+        args.output,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        dtype=args.dtype,
+    )
     return 0

@@ -9,13 +9,17 @@ import torch
 __all__ = ["allocate", "grid_bits_per_weight"]
 
 
-def grid_bits_per_weight(bits: int, group_size: int, in_features: int, scale_bits: int = 16, sym: bool = False) -> float:
+def grid_bits_per_weight(
+    bits: int, group_size: int, in_features: int, scale_bits: int = 16, sym: bool = False
+) -> float:
     """Stored bits per weight of a `QuantLinear`: the codes, plus per group a scale and (asymmetric) a zero point."""
     group = in_features if group_size == -1 else group_size
     return bits + (scale_bits + (0 if sym else bits)) / group
 
 
-def allocate(options: dict[str, list[tuple[float, float]]], budget: float, resolution: int = 4000) -> dict[str, int] | None:
+def allocate(
+    options: dict[str, list[tuple[float, float]]], budget: float, resolution: int = 4000
+) -> dict[str, int] | None:
     """For each layer, the index of one of its `(cost, loss)` options so that the summed cost is at most `budget`
     and the summed loss is the least possible; None when even the cheapest choice everywhere exceeds the budget.
 

@@ -87,7 +87,7 @@ class Recipe:
         for i, raw in enumerate(raw_steps, 1):
             if not isinstance(raw, dict) or len(raw) != 1:
                 raise RecipeError(f"step {i}: each step is one `technique: {{fields}}` mapping, got {raw!r}")
-            (kind, settings), = raw.items()
+            ((kind, settings),) = raw.items()
             if kind not in KINDS:
                 raise RecipeError(f"step {i}: unknown technique {kind!r}; expected one of {', '.join(KINDS)}")
             if settings is None:
@@ -191,9 +191,9 @@ def command_for(step: RecipeStep) -> list[str]:
 def namespace_defaults(parser: argparse.ArgumentParser, command: list[str]) -> tuple[argparse.Namespace, dict]:
     """The defaults of subcommand `command` of `parser` as a Namespace, and its actions by destination."""
     for word in command:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = sub.choices[word]
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}  # noqa: SLF001
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     values = {dest: a.default for dest, a in actions.items()}
-    values.update(parser._defaults)  # noqa: SLF001
+    values.update(parser._defaults)
     return argparse.Namespace(**values), actions

@@ -12,7 +12,16 @@ import shutil
 import time
 from pathlib import Path
 
-from .recipe import _PRUNE_METHODS, _QUANTIZE_METHODS, _RUNNER_OWNED, Recipe, RecipeError, RecipeStep, command_for, namespace_defaults
+from .recipe import (
+    _PRUNE_METHODS,
+    _QUANTIZE_METHODS,
+    _RUNNER_OWNED,
+    Recipe,
+    RecipeError,
+    RecipeStep,
+    command_for,
+    namespace_defaults,
+)
 
 __all__ = ["PreparedStep", "run_recipe", "validate_recipe"]
 
@@ -42,7 +51,9 @@ def _config_class(step: RecipeStep):
     from ..quantization.config import GPTQConfig, RTNConfig
 
     if step.kind == "quantize":
-        return {"gptq": GPTQConfig, "rtn": RTNConfig, "kmeans": KMeansConfig, "vq": VQConfig, "bnb": BnbConfig}[step.method]
+        return {"gptq": GPTQConfig, "rtn": RTNConfig, "kmeans": KMeansConfig, "vq": VQConfig, "bnb": BnbConfig}[
+            step.method
+        ]
     if step.kind == "prune":
         return None if step.method == "structured" else OneShotPruningConfig
     return {"factorize": LowRankConfig, "distill": DistillationConfig}.get(step.kind)
@@ -51,13 +62,15 @@ def _config_class(step: RecipeStep):
 def _check_value(where: str, key: str, value, action: argparse.Action) -> None:
     if action.choices is not None and value not in action.choices:
         raise RecipeError(f"{where}: `{key}` must be one of {', '.join(map(str, action.choices))}, got {value!r}")
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise RecipeError(f"{where}: `{key}` must be true or false, got {value!r}")
     elif action.type in (int, float) and value is not None:
         ok = isinstance(value, int) if action.type is int else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
-            raise RecipeError(f"{where}: `{key}` must be {'an integer' if action.type is int else 'a number'}, got {value!r}")
+            raise RecipeError(
+                f"{where}: `{key}` must be {'an integer' if action.type is int else 'a number'}, got {value!r}"
+            )
 
 
 def _prepare(index: int, step: RecipeStep, recipe: Recipe, is_last: bool, parser) -> PreparedStep:
@@ -68,7 +81,9 @@ def _prepare(index: int, step: RecipeStep, recipe: Recipe, is_last: bool, parser
     if step.kind == "prune":
         settings.setdefault("method", "magnitude")
         if settings["method"] not in _PRUNE_METHODS:
-            raise RecipeError(f"{where}: `method` must be one of {', '.join(_PRUNE_METHODS)}, got {settings['method']!r}")
+            raise RecipeError(
+                f"{where}: `method` must be one of {', '.join(_PRUNE_METHODS)}, got {settings['method']!r}"
+            )
         step = RecipeStep(step.kind, settings)
     where = f"step {index} ({step.name})"
     args, actions = namespace_defaults(parser, command_for(step))
@@ -174,7 +189,9 @@ def _check_order(prepared: list[PreparedStep]) -> None:
                 "trained in full precision); compress the student in the steps after it"
             )
         if step.kind == "factorize" and "factorize" in seen:
-            raise RecipeError(f"{where}: the model is already factorized by step {seen['factorize']}; use one factorize step")
+            raise RecipeError(
+                f"{where}: the model is already factorized by step {seen['factorize']}; use one factorize step"
+            )
         if step.kind == "prune" and "factorize" in seen:
             raise RecipeError(
                 f"{where}: pruning after step {seen['factorize']} (factorize) would prune the factors; prune first"
@@ -258,7 +275,11 @@ def run_recipe(
     for p, fingerprint in zip(prepared, fingerprints):
         folder = output / "steps" / p.folder_name
         marker = folder / STEP_MARKER
-        if resume and marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+        if (
+            resume
+            and marker.is_file()
+            and json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        ):
             logger.info("step %d (%s): done before with the same settings, reusing %s", p.index, p.step.name, folder)
             current = os.fspath(folder)
             continue

@@ -85,7 +85,9 @@ class SearchConfig:
             self.techniques = [t.strip() for t in self.techniques.split(",") if t.strip()]
         unknown = [t for t in self.techniques if t not in TECHNIQUES]
         if unknown or not self.techniques:
-            raise ValueError(f"unknown technique(s) {unknown or self.techniques}; expected some of {', '.join(TECHNIQUES)}")
+            raise ValueError(
+                f"unknown technique(s) {unknown or self.techniques}; expected some of {', '.join(TECHNIQUES)}"
+            )
         if self.metric not in METRICS:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         bad = [b for b in self.bits_options if b not in (2, 3, 4, 8)]
@@ -99,13 +101,18 @@ class SearchConfig:
         for path_name in ("dataset", "eval_dataset"):
             path = getattr(self, path_name)
             if not isinstance(path, str) or not path:
-                raise ValueError(f"`{path_name}` must be a text file, a datasets folder or a dataset name, got {path!r}")
+                raise ValueError(
+                    f"`{path_name}` must be a text file, a datasets folder or a dataset name, got {path!r}"
+                )
 
     def fingerprint(self, model: str) -> str:
         """What cached sensitivities and candidates depend on (not the budget: a new budget reuses them)."""
         keys = ("dataset", "eval_dataset", "metric", "group_size", "num_samples", "seq_len", "sensitivity_samples",
                 "eval_seq_len", "eval_max_windows")  # fmt: skip
-        data = {"model": os.path.abspath(model) if os.path.isdir(model) else model, **{k: getattr(self, k) for k in keys}}
+        data = {
+            "model": os.path.abspath(model) if os.path.isdir(model) else model,
+            **{k: getattr(self, k) for k in keys},
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -211,7 +218,9 @@ def _smallest_reachable(base: _Base, config: SearchConfig) -> tuple[str, float]:
     if "prune" in config.techniques:
         points.append(("prune at 90% sparsity", 1 + 0.1 * base.dtype_bits))
     if not points:
-        raise ValueError(f"none of {config.techniques} reduces the parameter count: a params= budget needs lowrank or prune")
+        raise ValueError(
+            f"none of {config.techniques} reduces the parameter count: a params= budget needs lowrank or prune"
+        )
     name, bits = min(points, key=lambda p: p[1])
     if budget.kind == "bits":
         return name, bits
@@ -325,7 +334,9 @@ def search(
     if best.name != "dense":
         _publish_candidate(work / "candidates" / best.name, output)
     else:
-        logger.warning("the original model already meets budget %s and is the best point; OUTPUT holds no model", config.budget)
+        logger.warning(
+            "the original model already meets budget %s and is the best point; OUTPUT holds no model", config.budget
+        )
     logger.info("best within %s: %s (%s %.4g)", config.budget, best.name, config.metric, best.metrics[config.metric])
     return results
 
@@ -384,8 +395,10 @@ def _allocate_bits(sensitivity, base: _Base, config: SearchConfig, target_bits: 
         usable = [b for b in config.bits_options if f"{b}bit" in row]
         if not usable:
             continue
-        cost = lambda b: out_features * in_features * grid_bits_per_weight(b, config.group_size, in_features)  # noqa: E731
-        options[name] = [(cost(b), row[f"{b}bit"]) for b in usable]
+        weights = out_features * in_features
+        options[name] = [
+            (weights * grid_bits_per_weight(b, config.group_size, in_features), row[f"{b}bit"]) for b in usable
+        ]
         choices[name] = usable
     picked = allocate(options, target_bits * base.linear_weights)
     if picked is None:
@@ -443,7 +456,9 @@ def _lowrank_candidates(base: _Base, config: SearchConfig, work: Path) -> list[C
     for r in sorted(ratios):
         settings = {"method": "whiten", "param_ratio": r, "allocation": "sensitivity", "num_samples": config.num_samples,
                     "seq_len": config.seq_len, "sensitivity_cache": os.fspath(work / "lowrank-sensitivity.json")}  # fmt: skip
-        candidates.append(Candidate(f"lowrank-{r:.3f}", "lowrank", [{"factorize": settings}], "whitened SVD, ranks by sensitivity"))
+        candidates.append(
+            Candidate(f"lowrank-{r:.3f}", "lowrank", [{"factorize": settings}], "whitened SVD, ranks by sensitivity")
+        )
     return candidates
 
 
@@ -456,14 +471,16 @@ def _prune_candidates(base: _Base, config: SearchConfig) -> list[Candidate]:
         sparsities.add(round(1 - kept, 3))
     elif 1 - kept > 0.9:
         logger.info("pruning cannot meet %s (it would need %.0f%% sparsity)", config.budget, 100 * (1 - kept))
-    return [
-        Candidate(f"prune-{s:.3f}", "prune", [{"prune": {"method": "sparsegpt", "sparsity": s, "num_samples": config.num_samples,
-                                                         "seq_len": config.seq_len}}], "SparseGPT, bitmask storage")  # fmt: skip
-        for s in sorted(sparsities)
-    ]
+    candidates = []
+    for s in sorted(sparsities):
+        settings = {"method": "sparsegpt", "sparsity": s, "num_samples": config.num_samples, "seq_len": config.seq_len}
+        candidates.append(Candidate(f"prune-{s:.3f}", "prune", [{"prune": settings}], "SparseGPT, bitmask storage"))
+    return candidates
 
 
-def _build_and_evaluate(candidate: Candidate, model_path, config, work: Path, cache: _Cache, eval_windows, base, quiet) -> None:
+def _build_and_evaluate(
+    candidate: Candidate, model_path, config, work: Path, cache: _Cache, eval_windows, base, quiet
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from .runner import run_recipe
@@ -506,9 +523,12 @@ def _pareto_front(points: list[Candidate], metric: str) -> list[str]:
 
 def _write_reports(points, front, best, config: SearchConfig, base: _Base, work: Path, failed=()) -> dict:
     rows = sorted(points, key=lambda p: p.metrics["size_bytes"])
-    lines = [
+    caption = (
         f"Budget {config.budget}; {config.metric} on the first {config.eval_max_windows} windows of {config.eval_seq_len} "
-        f"tokens of {config.eval_dataset}; latency: one window, median of 5 runs.\n",
+        f"tokens of {config.eval_dataset}; latency: one window, median of 5 runs.\n"
+    )
+    lines = [
+        caption,
         f"| point | technique | bits/weight | size (MB) | parameters | {config.metric} | latency (ms) | meets budget | Pareto |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -527,7 +547,9 @@ def _write_reports(points, front, best, config: SearchConfig, base: _Base, work:
         "budget": str(config.budget),
         "metric": config.metric,
         "chosen": best.name,
-        "points": [{"name": p.name, "technique": p.technique, "note": p.note, "steps": p.steps, **p.metrics} for p in rows],
+        "points": [
+            {"name": p.name, "technique": p.technique, "note": p.note, "steps": p.steps, **p.metrics} for p in rows
+        ],
         "pareto_front": front,
         "failed": {c.name: c.note for c in failed},
         "plot": plot,
@@ -556,10 +578,26 @@ def _plot_pareto(rows, front, best, config: SearchConfig, base: _Base, path: Pat
             ax.annotate(p.name, (p.metrics["size_bytes"] / 1e6, p.metrics[config.metric]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")  # fmt: skip
     on_front = [p for p in rows if p.name in front]
-    ax.plot([p.metrics["size_bytes"] / 1e6 for p in on_front], [p.metrics[config.metric] for p in on_front], "k--", lw=0.8, label="Pareto front")
-    ax.scatter([best.metrics["size_bytes"] / 1e6], [best.metrics[config.metric]], s=160, facecolors="none", edgecolors="red", label="chosen", zorder=4)
+    ax.plot(
+        [p.metrics["size_bytes"] / 1e6 for p in on_front],
+        [p.metrics[config.metric] for p in on_front],
+        "k--",
+        lw=0.8,
+        label="Pareto front",
+    )
+    ax.scatter(
+        [best.metrics["size_bytes"] / 1e6],
+        [best.metrics[config.metric]],
+        s=160,
+        facecolors="none",
+        edgecolors="red",
+        label="chosen",
+        zorder=4,
+    )
     if config.budget.kind == "size":
-        ax.axvline(config.budget.value * base.size_bytes / 1e6, color="red", lw=0.8, ls=":", label=f"budget {config.budget}")
+        ax.axvline(
+            config.budget.value * base.size_bytes / 1e6, color="red", lw=0.8, ls=":", label=f"budget {config.budget}"
+        )
     ax.set_xlabel("weights on disk (MB)")
     ax.set_ylabel(config.metric)
     ax.set_yscale("log")
@@ -579,4 +617,3 @@ def _publish_candidate(folder: Path, output: Path) -> None:
             shutil.copytree(item, output / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, output / item.name)
-

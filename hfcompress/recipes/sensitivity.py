@@ -34,7 +34,11 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 
 
 @torch.no_grad()
 def layer_sensitivity(
-    model: nn.Module, windows: torch.Tensor, variants: dict[str, dict[str, torch.Tensor]], done: dict | None = None, on_result=None
+    model: nn.Module,
+    windows: torch.Tensor,
+    variants: dict[str, dict[str, torch.Tensor]],
+    done: dict | None = None,
+    on_result=None,
 ) -> dict[str, dict[str, float]]:
     """`{layer: {setting: loss increase}}`: for each setting in `variants` (`{setting: {layer: [out, in] weight}}`)
     and each of its layers, the calibration loss with only that layer's weight replaced, minus the loss of

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import hfcompress  # noqa: F401  (loads the checkpoints)
+import hfcompress
 from hfcompress.commands.cli import main
 from hfcompress.quantization import QuantLinear
 from hfcompress.quantization.sparse_quant import SparseQuantLinear
@@ -24,13 +24,16 @@ def write(path, text):
 
 
 def test_prune_factorize_quantize_chain_is_correct_and_resumable(model_dir, text_file, tmp_path, caplog):
-    recipe = write(tmp_path / "r.yaml", f"""
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
 steps:
   - prune: {{method: sparsegpt, sparsity: 0.3, num_samples: 8, seq_len: 64}}
   - factorize: {{param_ratio: 0.85, method: whiten, num_samples: 8, seq_len: 64, sensitivity_samples: 2}}
   - quantize: {{method: gptq, bits: 4, group_size: 32, num_samples: 8, seq_len: 64}}
 dataset: {text_file}
-""")
+""",
+    )
     out = tmp_path / "out"
     assert run("recipe", recipe, model_dir, out, "-q") == 0
     steps = sorted(p.name for p in (out / "steps").iterdir())
@@ -65,7 +68,7 @@ def test_pruned_then_quantized_checkpoint_shows_both_savings(model_dir, text_fil
         str(model_dir), tmp_path / "both", quiet=True,
     )  # fmt: skip
     alone = run_recipe([hfcompress.RTNConfig(bits=4, group_size=32)], str(model_dir), tmp_path / "alone", quiet=True)
-    size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
+    size = lambda folder: (folder / "model.safetensors").stat().st_size
     assert size(both) < size(alone)
     model = AutoModelForCausalLM.from_pretrained(both)
     layer = model.model.layers[0].mlp.up_proj
@@ -76,16 +79,25 @@ def test_pruned_then_quantized_checkpoint_shows_both_savings(model_dir, text_fil
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("steps: [{quantize: {method: gptq, bits: 4, grup_size: 128}}]", "step 1 (quantize-gptq): unknown field 'grup_size'"),
+        (
+            "steps: [{quantize: {method: gptq, bits: 4, grup_size: 128}}]",
+            "step 1 (quantize-gptq): unknown field 'grup_size'",
+        ),
         ("steps: [{quantize: {method: rtn, bits: 5}}]", "step 1 (quantize-rtn): `bits` must be one of"),
         ("steps: [{quantize: {method: awq}}]", "step 1 (quantize): `method` must be one of gptq, rtn"),
         ("steps: [{quantize: {method: gptq}}]", "step 1 (quantize-gptq) needs data"),
         ("steps: [{sparsify: {}}]", "step 1: unknown technique 'sparsify'"),
         ("steps: [{prune: {sparsity: 1.5}}]", "step 1 (prune-magnitude): `sparsity` must be in [0, 1)"),
         ("steps: [{factorize: {rank: eight, method: svd}}]", "step 1 (factorize-svd): `rank` must be an integer"),
-        ("steps: [{quantize: {method: rtn}}, {prune: {sparsity: 0.5}}]", "step 2 (prune-magnitude) comes after step 1 (quantize)"),
+        (
+            "steps: [{quantize: {method: rtn}}, {prune: {sparsity: 0.5}}]",
+            "step 2 (prune-magnitude) comes after step 1 (quantize)",
+        ),
         ("steps: [{factorize: {rank: 8, method: svd}}, {prune: {sparsity: 0.5}}]", "would prune the factors"),
-        ("steps: [{prune: {sparsity: 0.5}}, {distill: {student_layers: 1}}]\ndataset: org/texts", "distillation must be the first step"),
+        (
+            "steps: [{prune: {sparsity: 0.5}}, {distill: {student_layers: 1}}]\ndataset: org/texts",
+            "distillation must be the first step",
+        ),
         ("steps: [{quantize: {method: rtn}}]\nseed: 3", "unknown recipe keys ['seed']"),
         ("steps: []", "`steps:` must be a non-empty list"),
     ],
@@ -138,17 +150,30 @@ def test_lora_merge_then_quantize_equals_merging_then_quantizing_by_hand(model_d
     ids = torch.tensor([[5, 9, 30, 7, 2]])
     with torch.no_grad():
         expected = by_hand(ids).logits
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected, rtol=1e-3, atol=1e-3
+        )
     record = json.loads((out / "hfcompress_record.json").read_text())
     assert [s["technique"] for s in record["steps"]] == ["lora-merge", "quantization"]
 
 
 def test_distill_then_quantize_quantizes_the_student(model_dir, text_file, tmp_path):
     steps = [
-        {"distill": {"student_layers": 1, "max_steps": 2, "batch_size": 2, "seq_len": 32, "max_windows": 8, "cpu": True}},
+        {
+            "distill": {
+                "student_layers": 1,
+                "max_steps": 2,
+                "batch_size": 2,
+                "seq_len": 32,
+                "max_windows": 8,
+                "cpu": True,
+            }
+        },
         {"quantize": {"method": "rtn", "bits": 8, "group_size": 32}},
     ]
-    out = run_recipe(Recipe.from_dict({"steps": steps, "dataset": str(text_file)}), str(model_dir), tmp_path / "o", quiet=True)
+    out = run_recipe(
+        Recipe.from_dict({"steps": steps, "dataset": str(text_file)}), str(model_dir), tmp_path / "o", quiet=True
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 1
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)

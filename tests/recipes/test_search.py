@@ -108,7 +108,10 @@ def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--budget", "bits=1"], "budget bits=1 cannot be met with gptq: the smallest reachable point is gptq at 2 bits"),
+        (
+            ["--budget", "bits=1"],
+            "budget bits=1 cannot be met with gptq: the smallest reachable point is gptq at 2 bits",
+        ),
         (["--budget", "bits"], "--budget must look like bits=3.5"),
         (["--budget", "size=1.5"], "fraction of the original model in (0, 1]"),
         (["--budget", "bits=3", "--techniques", "gptq,awq"], "unknown technique(s) ['awq']"),
