@@ -19,12 +19,66 @@ __all__ = ["calibration_loss", "layer_sensitivity", "plot_sensitivity", "sensiti
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy of `model` on `windows` [n, seq_len]."""
+    return _loss(model, list(windows.split(batch_size)))
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Prefix:
+    """Skips the blocks before block `k`: each returns block k-1's recorded output for the running batch, so a
+    measurement runs blocks k.. only. `applies` is False when replaying does not reproduce the model's loss
+    (a model that does work between blocks); then the full model runs."""
+
+    def __init__(self, model, blocks, k: int, batches: list[torch.Tensor]):
+        self.blocks, self.k, self.batch = blocks, k, 0
+        self.outputs = _record_outputs(model, blocks[k - 1], batches) if k > 0 else []
+
+    def __enter__(self):
+        for block in list(self.blocks)[: self.k]:
+            block.forward = self._replay
+        return self
+
+    def __exit__(self, *exc):
+        for block in list(self.blocks)[: self.k]:
+            del block.forward
+
+    def _replay(self, *args, **kwargs):
+        return self.outputs[self.batch]
+
+
+@torch.no_grad()
+def _record_outputs(model, block, batches) -> list:
+    """What `block` returns for each batch, running the model only up to it."""
+    outputs = []
+
+    def hook(module, args, output):
+        outputs.append(output)
+        raise _StopForward
+
+    handle = block.register_forward_hook(hook)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return outputs
+
+
+@torch.no_grad()
+def _loss(model, batches: list[torch.Tensor], prefix: _Prefix | None = None) -> float:
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for batch in windows.split(batch_size):
+    for index, batch in enumerate(batches):
+        if prefix is not None:
+            prefix.batch = index
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
@@ -39,29 +93,65 @@ def layer_sensitivity(
     variants: dict[str, dict[str, torch.Tensor]],
     done: dict | None = None,
     on_result=None,
+    batch_size: int = 4,
 ) -> dict[str, dict[str, float]]:
     """`{layer: {setting: loss increase}}`: for each setting in `variants` (`{setting: {layer: [out, in] weight}}`)
     and each of its layers, the calibration loss with only that layer's weight replaced, minus the loss of
     `model` as it is. `done` holds results measured before (skipped); `on_result(layer, setting, value)` is
-    called after each measurement (to cache it)."""
+    called after each measurement (to cache it).
+
+    A layer inside the block stack changes nothing before its block, so the blocks before it are not run again:
+    their output is recorded once per block and replayed (checked against the full model's loss first).
+    """
+    from ..quantization.structure import find_layer_stack
+
     results: dict[str, dict[str, float]] = {k: dict(v) for k, v in (done or {}).items()}
     todo = [(s, n) for s, layers in variants.items() for n in layers if s not in results.get(n, {})]
     if not todo:
         return results
+    try:
+        stack_name, blocks = find_layer_stack(model)
+    except ValueError:
+        stack_name, blocks = None, []
+    block_of = {}
+    for setting, name in todo:
+        index = None
+        if stack_name is not None and name.startswith(stack_name + "."):
+            index = int(name[len(stack_name) + 1 :].split(".")[0])
+        block_of[(setting, name)] = index
+    # by block, so each block's prefix is recorded once
+    todo.sort(key=lambda item: (-1 if block_of[item] is None else block_of[item]))
+    batches = list(windows.split(batch_size))
     was_training = model.training
     model.eval()
-    base = calibration_loss(model, windows)
-    for setting, name in tqdm(todo, desc="sensitivity"):
-        module = model.get_submodule(name)
-        original = linear_weight(module).detach().clone()
-        set_linear_weight(module, variants[setting][name].to(original))
-        try:
-            value = calibration_loss(model, windows) - base
-        finally:
-            set_linear_weight(module, original)
-        results.setdefault(name, {})[setting] = value
-        if on_result is not None:
-            on_result(name, setting, value)
+    base = _loss(model, batches)
+    progress = tqdm(total=len(todo), desc="sensitivity")
+    for index in dict.fromkeys(block_of[item] for item in todo):
+        prefix = None
+        if index:  # replay blocks 0..index-1, if that reproduces the model
+            prefix = _Prefix(model, blocks, index, batches)
+            with prefix:
+                replayed = _loss(model, batches, prefix)
+            if abs(replayed - base) > 1e-4 * max(1.0, abs(base)):
+                logger.info("replaying the blocks before block %d changes the loss; running the full model", index)
+                prefix = None
+        for setting, name in [item for item in todo if block_of[item] == index]:
+            module = model.get_submodule(name)
+            original = linear_weight(module).detach().clone()
+            set_linear_weight(module, variants[setting][name].to(original))
+            try:
+                if prefix is not None:
+                    with prefix:
+                        value = _loss(model, batches, prefix) - base
+                else:
+                    value = _loss(model, batches) - base
+            finally:
+                set_linear_weight(module, original)
+            results.setdefault(name, {})[setting] = value
+            if on_result is not None:
+                on_result(name, setting, value)
+            progress.update(1)
+    progress.close()
     model.train(was_training)
     return results
 

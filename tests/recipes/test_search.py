@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import random
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (loads the candidates)
 from hfcompress.commands.cli import main
+from hfcompress.quantization.structure import candidate_linears, linear_weight, set_linear_weight
 from hfcompress.recipes.allocation import allocate, grid_bits_per_weight
 from hfcompress.recipes.search import Budget, SearchConfig
 from hfcompress.recipes.sensitivity import calibration_loss, layer_sensitivity
@@ -40,22 +42,26 @@ def test_grid_bits_match_what_a_quantized_layer_stores():
     assert grid_bits_per_weight(3, -1, 64, sym=True) == pytest.approx(3.25)
 
 
-def test_sensitivity_is_the_loss_change_of_each_layer_alone_and_leaves_the_model_as_it_was():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_sensitivity_is_the_loss_change_of_each_layer_alone_and_leaves_the_model_as_it_was(arch, caplog):
+    caplog.set_level(logging.INFO, logger="hfcompress.recipes.sensitivity")
+    model = tiny_model(arch)
     windows = token_windows(4)
-    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
-    same = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    linears = list(candidate_linears(model, None))
+    names = [linears[1], linears[-2]]  # one in the first block, one in the last (blocks before it replayed)
+    same = {n: linear_weight(model.get_submodule(n)).detach().clone() for n in names}
     noisy = {n: w + 0.5 * torch.randn_like(w) for n, w in same.items()}
     seen = []
     results = layer_sensitivity(model, windows, {"same": same, "noisy": noisy}, on_result=lambda *a: seen.append(a))
     base = calibration_loss(model, windows)
     for name in names:
         assert results[name]["same"] == pytest.approx(0, abs=1e-6)
-        by_hand = tiny_model("llama")
-        by_hand.get_submodule(name).weight.data.copy_(noisy[name])
+        by_hand = tiny_model(arch)
+        set_linear_weight(by_hand.get_submodule(name), noisy[name])
         assert results[name]["noisy"] == pytest.approx(calibration_loss(by_hand, windows) - base, abs=1e-5)
-        assert torch.equal(model.get_submodule(name).weight, same[name])
+        assert torch.equal(linear_weight(model.get_submodule(name)), same[name])
     assert len(seen) == 4
+    assert "running the full model" not in caplog.text  # the replayed prefix reproduced the model
     assert layer_sensitivity(model, windows, {"same": same}, done=results) == results  # nothing measured again
 
 
