@@ -23,12 +23,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["select_kernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel"]
+__all__ = ["select_kernel", "AvxCpuKernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel"]
 
 logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 
 INT4_GROUPS = (256, 128, 64, 32)
+AVX_MAX_ROWS = 16  # above this many rows dequantize-then-sgemm is faster (scripts/bench_kernels.py)
 
 
 def _cpu_float(device: torch.device, dtype: torch.dtype) -> bool:
@@ -60,6 +61,49 @@ class SmallBatchKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         return self.fused(x) if rows <= self.max_rows else self.fallback(x)
+
+
+class AvxCpuKernel:
+    """hfcompress's own weight-only matmul for 4- and 8-bit layers on AVX2 CPUs (`csrc/wq_gemv_cpu.cpp`):
+    reads the packed codes directly (8 per 32-bit word at 4 bits), any group size that is a multiple of 8,
+    symmetric or asymmetric, act-order through a one-time column permutation. Computes in float32."""
+
+    name = "avx2-wq"
+
+    @staticmethod
+    def supports(layer, device, dtype) -> str | None:
+        if layer.bits not in (4, 8):
+            return f"{layer.bits}-bit"
+        if not _cpu_float(device, dtype):
+            return f"{device.type}/{dtype}"
+        if layer.group_size % 8 or layer.in_features % 8:
+            return f"group size {layer.group_size} / input size {layer.in_features} not multiples of 8"
+        from .cpu_extension import unavailable_reason
+
+        return unavailable_reason()
+
+    def __init__(self, layer, dtype):
+        from .cpu_extension import load
+        from .packing import pack_codes
+
+        self.module = load()
+        self.bits, self.group = layer.bits, layer.group_size
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        codes = layer.codes()
+        self.perm = None
+        if layer.weight_g_idx is not None:  # groups contiguous: visit columns group by group
+            self.perm = torch.argsort(layer.weight_g_idx, stable=True)
+            codes = codes[:, self.perm]
+        self.packed = pack_codes(codes, layer.bits).contiguous()
+        self.scale = layer.weight_scale.float().contiguous()
+        self.zero = layer.zero_points().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        y = self.module.wq_matmul(flat, self.packed, self.scale, self.zero, self.bits, self.group)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4CpuKernel:
@@ -189,12 +233,13 @@ class TritonW4Kernel:
 def select_kernel(layer, device: torch.device, dtype: torch.dtype):
     """The fastest kernel that computes `layer` exactly for inputs on `device` in `dtype`."""
     reasons = []
-    for kernel in (Int4CpuKernel, Int8CpuKernel, TritonW4Kernel):
+    for kernel in (AvxCpuKernel, Int4CpuKernel, Int8CpuKernel, TritonW4Kernel):
         reason = kernel.supports(layer, device, dtype)
         if reason is None:
             chosen = kernel(layer, dtype)
             if device.type == "cpu":
-                chosen = SmallBatchKernel(chosen, DequantizeKernel(layer, dtype))
+                rows = AVX_MAX_ROWS if kernel is AvxCpuKernel else 4
+                chosen = SmallBatchKernel(chosen, DequantizeKernel(layer, dtype), max_rows=rows)
             _log_once(kernel.name, f"{layer.bits}-bit layers on {device.type}/{dtype} use {chosen.name}")
             return chosen
         reasons.append(f"{kernel.name}: {reason}")

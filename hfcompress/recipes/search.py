@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .allocation import allocate, grid_bits_per_weight
+from .sensitivity import monotone
 from .recipe import Recipe
 
 __all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
@@ -248,6 +249,8 @@ class _Cache:
             logger.warning("%s was measured with other data or settings; measuring again", path)
             data = {}
         self.data = {"fingerprint": fingerprint, "sensitivity": {}, "candidates": {}, **data}
+        if self.data.get("sensitivity_measure") != "kl":  # caches from before the KL measure
+            self.data["sensitivity"], self.data["sensitivity_measure"] = {}, "kl"
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -412,7 +415,7 @@ def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path
     from ..quantization.modules import QuantLinear
     from .sensitivity import layer_sensitivity, plot_sensitivity, sensitivity_table
 
-    done = cache.data["sensitivity"]
+    done = cache.data["sensitivity"]  # mean KL divergence per layer and bit width
     variants = {}
     for candidate in uniform:
         setting = candidate.name.split("-")[1]  # "4bit"
@@ -430,13 +433,13 @@ def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path
 
     results = layer_sensitivity(dense, calib[: config.sensitivity_samples], variants, done=done, on_result=remember)
     (work / "sensitivity.md").write_text(
-        "Calibration loss increase when one layer alone takes its GPTQ weight at each bit width "
-        f"({config.sensitivity_samples} windows of {config.seq_len} tokens of {config.dataset}):\n\n"
-        + sensitivity_table(results),
+        "Mean KL divergence of the next-token distributions from the full-precision model's when one layer alone "
+        f"takes its GPTQ weight at each bit width ({config.sensitivity_samples} windows of {config.seq_len} tokens "
+        f"of {config.dataset}):\n\n" + sensitivity_table(results),
         encoding="utf-8",
     )
     plot_sensitivity(results, work / "sensitivity.png")
-    return results
+    return monotone(results, [f"{b}bit" for b in config.bits_options])
 
 
 def _linear_names(model) -> list[str]:

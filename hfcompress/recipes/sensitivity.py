@@ -1,5 +1,5 @@
-"""How much the calibration loss moves when one layer at a time takes a compressed weight: measured, cached,
-printed as a table and drawn as a heat map."""
+"""How much the model moves when one layer at a time takes a compressed weight (KL divergence of its
+next-token distributions, or the calibration loss): measured, cached, printed as a table and drawn as a heat map."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from transformers.utils.logging import tqdm
 
 from ..quantization.structure import linear_weight, set_linear_weight
 
-__all__ = ["calibration_loss", "layer_sensitivity", "plot_sensitivity", "sensitivity_table"]
+__all__ = ["calibration_loss", "layer_sensitivity", "monotone", "plot_sensitivity", "sensitivity_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,25 @@ def _loss(model, batches: list[torch.Tensor], prefix: _Prefix | None = None) -> 
 
 
 @torch.no_grad()
+def _log_probs(model, batches: list[torch.Tensor], prefix: _Prefix | None = None):
+    device = next(model.parameters()).device
+    for index, batch in enumerate(batches):
+        if prefix is not None:
+            prefix.batch = index
+        yield F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def _divergence(model, batches, reference: list[torch.Tensor], prefix: _Prefix | None = None) -> float:
+    """Mean over tokens of KL(reference || model): how far the model's next-token distributions moved."""
+    total, tokens = 0.0, 0
+    for ref, logp in zip(reference, _log_probs(model, batches, prefix)):
+        total += float((ref.exp() * (ref - logp)).sum())
+        tokens += ref.shape[0] * ref.shape[1]
+    return total / tokens
+
+
+@torch.no_grad()
 def layer_sensitivity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -94,11 +113,15 @@ def layer_sensitivity(
     done: dict | None = None,
     on_result=None,
     batch_size: int = 4,
+    measure: str = "kl",
 ) -> dict[str, dict[str, float]]:
-    """`{layer: {setting: loss increase}}`: for each setting in `variants` (`{setting: {layer: [out, in] weight}}`)
-    and each of its layers, the calibration loss with only that layer's weight replaced, minus the loss of
-    `model` as it is. `done` holds results measured before (skipped); `on_result(layer, setting, value)` is
-    called after each measurement (to cache it).
+    """`{layer: {setting: sensitivity}}`: for each setting in `variants` (`{setting: {layer: [out, in] weight}}`)
+    and each of its layers, how much the model changes with only that layer's weight replaced: with `measure`
+    "kl" (default) the mean KL divergence of its next-token distributions from the model's own (never negative,
+    and far less noisy than a difference of losses: a small change can lower the loss on a few windows by
+    chance), with "loss" the calibration loss minus the model's. `done` holds results measured before
+    (skipped); `on_result(layer, setting, value)` is called after each measurement (to cache it). "kl" keeps
+    the model's log-probabilities for `windows` in memory (windows x seq_len x vocabulary floats).
 
     A layer inside the block stack changes nothing before its block, so the blocks before it are not run again:
     their output is recorded once per block and replayed (checked against the full model's loss first).
@@ -121,10 +144,19 @@ def layer_sensitivity(
         block_of[(setting, name)] = index
     # by block, so each block's prefix is recorded once
     todo.sort(key=lambda item: (-1 if block_of[item] is None else block_of[item]))
+    if measure not in ("kl", "loss"):
+        raise ValueError(f"`measure` must be 'kl' or 'loss', got {measure!r}")
     batches = list(windows.split(batch_size))
     was_training = model.training
     model.eval()
     base = _loss(model, batches)
+    reference = list(_log_probs(model, batches)) if measure == "kl" else None
+
+    def measure_with(prefix=None) -> float:
+        if reference is not None:
+            return _divergence(model, batches, reference, prefix)
+        return _loss(model, batches, prefix) - base
+
     progress = tqdm(total=len(todo), desc="sensitivity")
     for index in dict.fromkeys(block_of[item] for item in todo):
         prefix = None
@@ -142,9 +174,9 @@ def layer_sensitivity(
             try:
                 if prefix is not None:
                     with prefix:
-                        value = _loss(model, batches, prefix) - base
+                        value = measure_with(prefix)
                 else:
-                    value = _loss(model, batches) - base
+                    value = measure_with()
             finally:
                 set_linear_weight(module, original)
             results.setdefault(name, {})[setting] = value
@@ -156,8 +188,21 @@ def layer_sensitivity(
     return results
 
 
+def monotone(results: dict[str, dict[str, float]], order: list[str]) -> dict[str, dict[str, float]]:
+    """Sensitivities made non-negative and non-increasing along `order` (from the most to the least compressed
+    setting, e.g. 2bit, 3bit, 4bit): fewer bits never cost less than more bits."""
+    cleaned = {}
+    for name, row in results.items():
+        out, floor = {}, 0.0
+        for setting in reversed([s for s in order if s in row]):
+            floor = max(floor, row[setting])
+            out[setting] = floor
+        cleaned[name] = {s: out[s] for s in row if s in out}
+    return cleaned
+
+
 def sensitivity_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown: one row per layer, one column per setting, the loss increase."""
+    """Markdown: one row per layer, one column per setting, the sensitivity."""
     settings = sorted({s for row in results.values() for s in row}, key=_setting_order)
     lines = ["| layer | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for name, row in results.items():
@@ -190,7 +235,7 @@ def plot_sensitivity(results: dict[str, dict[str, float]], path: str | os.PathLi
     image = ax.imshow(values, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set_title("calibration loss increase, one layer at a time (log10)")
+    ax.set_title("sensitivity, one layer at a time (log10)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -7,11 +7,18 @@ from helpers import tiny_model, token_windows
 
 import hfcompress
 from hfcompress.quantization.gptq import accumulate_hessian, gptq_quantize
-from hfcompress.quantization.kernels import DequantizeKernel, Int4CpuKernel, Int8CpuKernel, SmallBatchKernel
+from hfcompress.quantization.kernels import (
+    AvxCpuKernel,
+    DequantizeKernel,
+    Int4CpuKernel,
+    Int8CpuKernel,
+    SmallBatchKernel,
+)
 from hfcompress.quantization.modules import QuantLinear
 
 CASES = [
-    # bits, group, sym, act_order, expected kernel on CPU
+    # bits, group, sym, act_order, expected kernel on CPU without hfcompress's AVX2 kernel (which takes every
+    # 4- and 8-bit layer whose group size is a multiple of 8 where it builds)
     (4, 32, False, False, Int4CpuKernel),
     (4, 128, True, False, Int4CpuKernel),
     (4, -1, False, False, Int4CpuKernel),
@@ -38,7 +45,10 @@ def quant_layer(bits, group_size, sym, act_order, in_features=256, out_features=
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_dequantize_then_matmul(bits, group_size, sym, act_order, kernel, dtype):
     layer = quant_layer(bits, group_size, sym, act_order)
-    for shape in [(1, 256), (2, 2, 256), (2, 3, 256)]:  # the fused path (<= 4 rows) and the dequantize path
+    if AvxCpuKernel.supports(layer, torch.device("cpu"), dtype) is None:
+        kernel = AvxCpuKernel
+    # the fused path (a few rows) and the dequantize path (more rows than the fused kernel takes)
+    for shape in [(1, 256), (2, 2, 256), (2, 3, 256), (3, 7, 256)]:
         x = torch.randn(*shape).to(dtype)
         y = layer(x)
         used = layer._kernel.fused if isinstance(layer._kernel, SmallBatchKernel) else layer._kernel
@@ -107,3 +117,26 @@ def test_triton_w4_matches_dequantize_on_cuda(group_size, sym, act_order, m, dty
     assert isinstance(layer._kernel, TritonW4Kernel)
     expected = F.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias.float())
     torch.testing.assert_close(y.float(), expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+
+
+def test_avx2_kernel_builds_where_a_compiler_and_avx2_exist():
+    from hfcompress.quantization.cpu_extension import unavailable_reason
+
+    import shutil
+
+    reason = unavailable_reason()
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        assert "needs AVX2" in reason
+        pytest.skip(reason)
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    assert reason is None  # this machine has g++ and AVX2: the build must work
+
+
+def test_avx2_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("HFCOMPRESS_CPU_KERNELS", "0")
+    layer = quant_layer(4, 32, False, False)
+    assert AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) == "disabled by HFCOMPRESS_CPU_KERNELS=0"
+    layer(torch.randn(1, 256))
+    used = layer._kernel.fused if isinstance(layer._kernel, SmallBatchKernel) else layer._kernel
+    assert not isinstance(used, AvxCpuKernel)

@@ -15,7 +15,7 @@ from hfcompress.commands.cli import main
 from hfcompress.quantization.structure import candidate_linears, linear_weight, set_linear_weight
 from hfcompress.recipes.allocation import allocate, grid_bits_per_weight
 from hfcompress.recipes.search import Budget, SearchConfig
-from hfcompress.recipes.sensitivity import calibration_loss, layer_sensitivity
+from hfcompress.recipes.sensitivity import calibration_loss, layer_sensitivity, monotone
 
 
 def test_knapsack_matches_brute_force_and_respects_the_budget():
@@ -52,7 +52,8 @@ def test_sensitivity_is_the_loss_change_of_each_layer_alone_and_leaves_the_model
     same = {n: linear_weight(model.get_submodule(n)).detach().clone() for n in names}
     noisy = {n: w + 0.5 * torch.randn_like(w) for n, w in same.items()}
     seen = []
-    results = layer_sensitivity(model, windows, {"same": same, "noisy": noisy}, on_result=lambda *a: seen.append(a))
+    variants = {"same": same, "noisy": noisy}
+    results = layer_sensitivity(model, windows, variants, on_result=lambda *a: seen.append(a), measure="loss")
     base = calibration_loss(model, windows)
     for name in names:
         assert results[name]["same"] == pytest.approx(0, abs=1e-6)
@@ -63,6 +64,17 @@ def test_sensitivity_is_the_loss_change_of_each_layer_alone_and_leaves_the_model
     assert len(seen) == 4
     assert "running the full model" not in caplog.text  # the replayed prefix reproduced the model
     assert layer_sensitivity(model, windows, {"same": same}, done=results) == results  # nothing measured again
+    kl = layer_sensitivity(model, windows, variants)  # the default: KL divergence from the model's own outputs
+    for name in names:
+        assert abs(kl[name]["same"]) < 1e-6 and kl[name]["noisy"] > 1e-5
+
+
+def test_monotone_sensitivities_never_reward_fewer_bits():
+    raw = {"a": {"2bit": 0.5, "3bit": -0.1, "4bit": 0.02}, "b": {"2bit": 0.01, "3bit": 0.03, "4bit": 0.0}}
+    assert monotone(raw, ["2bit", "3bit", "4bit"]) == {
+        "a": {"2bit": 0.5, "3bit": 0.02, "4bit": 0.02},
+        "b": {"2bit": 0.03, "3bit": 0.03, "4bit": 0.0},
+    }
 
 
 @pytest.fixture(scope="module")
