@@ -1,8 +1,9 @@
 """Per-layer speed of hfcompress's quantized linear kernels against the dense baseline measured in the same run.
 
 For each shape (out x in) and batch M: median time of >= --runs calls, and its ratio to the dense layer
-(fp32 `nn.Linear` on CPU, bf16 cuBLAS on CUDA). CPU rows: w4 g128 (int4pack kernel), w8 per-channel (int8pack
-kernel) and the dequantize-then-matmul fallback. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
+(fp32 `nn.Linear` on CPU, bf16 cuBLAS on CUDA). CPU rows: w4 g128 and w8 per-channel through the kernel
+`select_kernel` picks (hfcompress's AVX2 kernel where it builds), torch's own int4pack op on the same codes (the
+peer, up to 4 rows) and the dequantize-then-matmul fallback. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
 kernel (tinygemm, the peer) and the fallback. Every kernel is first checked against dequantize-then-matmul.
 
     python scripts/bench_kernels.py                 # CPU, the issue's shapes
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hfcompress.quantization.grid import rtn_quantize
-from hfcompress.quantization.kernels import DequantizeKernel, select_kernel
+from hfcompress.quantization.kernels import DequantizeKernel, Int4CpuKernel, select_kernel
 from hfcompress.quantization.modules import QuantLinear
 
 
@@ -97,6 +98,9 @@ def main():
                 if err > (1e-4 if dtype == torch.float32 else 0.02):
                     raise SystemExit(f"{label} {kernel.name} disagrees with dequantize-then-matmul: {err:.3g}")
                 rows.append((f"{label} {kernel.name}", timer(lambda: kernel(x), args.runs, device)))
+                if device.type == "cpu" and label == "w4 g128" and m <= 4:
+                    peer = Int4CpuKernel(layer, dtype)  # torch's own fused int4 op, the peer
+                    rows.append((f"{label} torch int4pack (peer)", timer(lambda: peer(x), args.runs, device)))
                 if kernel.name != "dequantize" and label == "w4 g128":
                     fallback = DequantizeKernel(layer, dtype)
                     rows.append((f"{label} dequantize", timer(lambda: fallback(x), max(10, args.runs // 5), device)))

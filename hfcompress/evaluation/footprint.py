@@ -17,8 +17,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def weights_size_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the weight files in a model folder (tokenizer and configs not counted)."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    """Bytes of the weight files of a model folder (tokenizer and configs not counted). Only the folder's own
+    files: subfolders (a recipe's `steps/`, a search's candidates) hold other models."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def is_bitsandbytes_linear(module: nn.Module) -> bool:

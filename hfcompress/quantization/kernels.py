@@ -84,6 +84,7 @@ class AvxCpuKernel:
 
     def __init__(self, layer, dtype):
         from .cpu_extension import load
+        from .modules import QuantLinear
         from .packing import pack_codes
 
         self.module = load()
@@ -94,7 +95,10 @@ class AvxCpuKernel:
         if layer.weight_g_idx is not None:  # groups contiguous: visit columns group by group
             self.perm = torch.argsort(layer.weight_g_idx, stable=True)
             codes = codes[:, self.perm]
-        self.packed = pack_codes(codes, layer.bits).contiguous()
+        if self.perm is None and type(layer).codes is QuantLinear.codes:
+            self.packed = layer.weight  # the stored layout is the kernel's: no copy
+        else:
+            self.packed = pack_codes(codes, layer.bits).contiguous()
         self.scale = layer.weight_scale.float().contiguous()
         self.zero = layer.zero_points().float().contiguous()
 
