@@ -38,6 +38,8 @@ def test_bits_per_weight_of_a_dense_model():
 def test_weights_size_counts_weight_files_only(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "tokenizer.json").write_bytes(b"x" * 1000)
+    (tmp_path / "steps" / "01-quantize-gptq").mkdir(parents=True)  # a recipe's intermediate models
+    (tmp_path / "steps" / "01-quantize-gptq" / "model.safetensors").write_bytes(b"x" * 500)
     assert weights_size_bytes(tmp_path) == 100
 
 
