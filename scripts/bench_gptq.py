@@ -55,7 +55,7 @@ def gptq_config(args, bits, group_size, true_sequential):
     return hfcompress.GPTQConfig(
         bits=bits, group_size=group_size, dataset=args.calib, num_samples=args.num_samples, seq_len=args.seq_len,
         act_order=args.act_order, static_groups=args.act_order, true_sequential=true_sequential,
-        clip_search=args.clip_search,
+        clip_search=args.clip_search, damp_percent=args.damp_percent,
     )  # fmt: skip
 
 
@@ -84,6 +84,7 @@ def main():
     parser.add_argument("--timing-runs", type=int, default=2, help="runs of the 4-bit g128 speed comparison")
     parser.add_argument("--true-sequential-rows", action="store_true", help="also a table row per setting for gptq-ts")
     parser.add_argument("--clip-search", action="store_true", help="RTN and GPTQ with the MSE grid search")
+    parser.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (default: 0.01)")
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
     parser.add_argument("--json-out", help="also write the results here")
     parser.add_argument(
@@ -131,7 +132,7 @@ def main():
 
     print(f"model {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {args.calib}; "
           f"perplexity on the first {len(val_windows)} {args.seq_len}-token windows of {args.val}; "
-          f"act-order {'static' if args.act_order else 'off'}; clip search {args.clip_search}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
+          f"act-order {'static' if args.act_order else 'off'}; clip search {args.clip_search}; damp {args.damp_percent}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
     print("| method | bits | group | perplexity | vs fp32 | quantize s | weights on disk (MB) | bits/weight |")
     print("|---|---|---|---|---|---|---|---|")
     base = rows[0]["perplexity"]
