@@ -130,6 +130,8 @@ def test_avx2_kernel_builds_where_a_compiler_and_avx2_exist():
         pytest.skip(reason)
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
+    if shutil.which("ninja") is None:
+        pytest.skip("no ninja (pip install ninja)")
     assert reason is None  # this machine has g++ and AVX2: the build must work
 
 
