@@ -26,6 +26,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls, names: lis
             parser.add_argument(
                 "--no-" + name.replace("_", "-"), dest=name, action="store_false", default=True, help=f"Turn off: {help_text}"
             )
+            parser.add_argument(_flag(name), dest=name, action="store_true", help="(the default)")
         elif kind is bool:
             parser.add_argument(_flag(name), action="store_true", default=default, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:

@@ -95,10 +95,19 @@ class GPTQConfig(RTNConfig):
 
     method: ClassVar[str] = "gptq"
 
-    act_order: bool = field(default=False, metadata={"help": "Quantize columns by decreasing Hessian diagonal."})
+    act_order: bool = field(
+        default=True,
+        metadata={
+            "help": "Quantize columns by decreasing Hessian diagonal (on ../shared/refmodel at 4-bit g128: perplexity "
+            "+1.24% over fp32 with it, +1.85% without, RTN +1.53%)."
+        },
+    )
     static_groups: bool = field(
-        default=False,
-        metadata={"help": "With act_order, fix the groups on the original column order (no g_idx gather)."},
+        default=True,
+        metadata={
+            "help": "With act_order, fix the groups on the original column order: no g_idx, the plain layout (fast "
+            "kernels, compressed-tensors export). Off: groups follow the visiting order and a g_idx is stored."
+        },
     )
     damp_percent: float = field(
         default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."}
