@@ -19,7 +19,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls, names: lis
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for name in names:
         field = fields[name]
-        help_text = field.metadata.get("help", "")
+        help_text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = field.default
         kind = hints[name]
         if kind is bool and default:
