@@ -292,72 +292,6 @@ def _add_distill(subparsers) -> None:
     _add_writer_options(distill, "(teacher and student)", "hfcompress.commands.distill:run_distill")
 
 
-def _add_recipe(subparsers) -> None:
-    recipe = subparsers.add_parser(
-        "recipe",
-        help="Run compression steps from a YAML recipe (prune, factorize, quantize, distill, merge_lora).",
-        description="Run the steps of RECIPE in order on MODEL. Each step is `technique: {fields}` with the fields "
-        "of its Python config class (and its command's options by their Python names); `dataset:` at the top is "
-        "the default data of every step. The whole recipe is checked before any step starts. Each step writes "
-        "OUTPUT/steps/NN-name/ with its record; OUTPUT gets the last model, with the whole chain in its record "
-        "and card, and recipe.yaml. Example:\n\n"
-        "  steps:\n"
-        "    - prune: {method: sparsegpt, sparsity: 0.3}\n"
-        "    - factorize: {param_ratio: 0.85, method: whiten}\n"
-        "    - quantize: {method: gptq, bits: 4, group_size: 128}\n"
-        "  dataset: calib.txt\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    recipe.add_argument("recipe", metavar="RECIPE", help="The recipe YAML file.")
-    recipe.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
-    recipe.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume).")
-    recipe.add_argument(
-        "--resume",
-        action="store_true",
-        help="Continue a recipe in OUTPUT: completed steps whose settings (and those of every step before) are "
-        "unchanged are reused; the first changed step and all after it run again.",
-    )
-    _add_load_save_options(recipe, "before the first step")
-    _add_common(recipe)
-    recipe.set_defaults(**{HANDLER: "hfcompress.commands.recipe:run_recipe_command"})
-
-
-def _add_search(subparsers) -> None:
-    search = subparsers.add_parser(
-        "search",
-        help="Find the best compression of MODEL within a size/bits/parameter budget.",
-        description="Measure how much each layer's compression moves the calibration loss, allocate settings per "
-        "layer under --budget with a knapsack (mixed GPTQ bits per layer; factorization ranks per layer), build and "
-        "evaluate those candidates next to uniform ones, and write the best one that meets the budget to OUTPUT "
-        "with its recipe.yaml; OUTPUT/search/ holds pareto.md, pareto.png, sensitivity.md/.png, results.json and "
-        "the cache that --resume continues from. Budgets: bits=B (stored bits per weight of the compressed linear "
-        "layers, from the size on disk), size=F (fraction of the weights' bytes on disk), params=F (fraction of "
-        "the parameters, pruned zeros not counted).",
-    )
-    search.add_argument("model", metavar="MODEL", help="Local model folder.")
-    search.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume).")
-    search.add_argument("--budget", required=True, help="bits=3.5, size=0.3 or params=0.7.")
-    search.add_argument("--metric", choices=("perplexity",), default="perplexity", help="What to minimize (default: perplexity).")
-    search.add_argument("--dataset", required=True, help="Calibration text (GPTQ, sensitivities, whitening, SparseGPT).")
-    search.add_argument("--eval-dataset", required=True, help="Text the candidates are evaluated on.")
-    search.add_argument(
-        "--techniques", default="gptq,lowrank,prune", help="Comma-separated: gptq, lowrank, prune (default: all three)."
-    )
-    search.add_argument("--bits-options", default="2,3,4", help="GPTQ bit widths per layer (default: 2,3,4).")
-    search.add_argument("--group-size", type=int, default=128, help="GPTQ group size (default: 128).")
-    search.add_argument("--lowrank-ratios", default="0.7,0.85", help="Extra factorization points, parameter ratios (default: 0.7,0.85).")
-    search.add_argument("--prune-sparsities", default="0.3,0.5", help="Extra SparseGPT points (default: 0.3,0.5).")
-    search.add_argument("--num-samples", type=int, default=32, help="Calibration windows per build (default: 32).")
-    search.add_argument("--seq-len", type=int, default=512, help="Tokens per calibration window (default: 512).")
-    search.add_argument("--sensitivity-samples", type=int, default=8, help="Windows per sensitivity measurement (default: 8).")
-    search.add_argument("--eval-seq-len", type=int, default=512, help="Tokens per evaluation window (default: 512).")
-    search.add_argument("--eval-max-windows", type=int, default=40, help="Evaluation windows (default: 40).")
-    search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
-    search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
-    _add_common(search)
-    search.set_defaults(**{HANDLER: "hfcompress.commands.search:run_search"})
-
-
 def _add_hub(subparsers) -> None:
     card = subparsers.add_parser(
         "card",
@@ -392,14 +326,16 @@ COMMANDS = "{quantize,factorize,merge-lora,prune,distill,recipe,search,evaluate,
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Add hfcompress's subcommands to `parser` (used by `hfcompress` and by `optimum-cli hfcompress`)."""
+    from .recipe_parsers import add_recipe, add_search
+
     subparsers = parser.add_subparsers(dest="command", metavar=COMMANDS)
     subparsers.required = True
     _add_quantize(subparsers)
     _add_factorize(subparsers)
     _add_prune(subparsers)
     _add_distill(subparsers)
-    _add_recipe(subparsers)
-    _add_search(subparsers)
+    add_recipe(subparsers)
+    add_search(subparsers)
     _add_evaluate(subparsers)
     _add_hub(subparsers)
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-__all__ = ["BlockInputs", "capture_block_inputs", "hidden_states_of", "run_block", "with_hidden_states"]
+__all__ = ["BlockInputs", "capture_block_inputs", "capture_block_outputs", "hidden_states_of", "run_block", "with_hidden_states"]
 
 
 class _StopForward(Exception):
@@ -29,13 +29,30 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
 
     Nothing after the first block runs, so the cost is the embeddings alone.
     """
-    captured: list[BlockInputs] = []
+    return _run_until(model, first_block, batches, outputs=False)
 
-    def hook(module, args, kwargs):
+
+@torch.no_grad()
+def capture_block_outputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list:
+    """What `block` returns for each batch of token ids, running `model` only up to it."""
+    return _run_until(model, block, batches, outputs=True)
+
+
+def _run_until(model: nn.Module, module: nn.Module, batches: list[torch.Tensor], outputs: bool) -> list:
+    captured: list = []
+
+    def pre_hook(_, args, kwargs):
         captured.append(BlockInputs(args, dict(kwargs)))
         raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    def hook(_, args, output):
+        captured.append(output)
+        raise _StopForward
+
+    if outputs:
+        handle = module.register_forward_hook(hook)
+    else:
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         for input_ids in batches:
@@ -46,7 +63,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     finally:
         handle.remove()
     if len(captured) != len(batches):
-        raise RuntimeError(f"the first block ran {len(captured)} times for {len(batches)} batches")
+        raise RuntimeError(f"{type(module).__name__} ran {len(captured)} times for {len(batches)} batches")
     return captured
 
 

@@ -158,17 +158,17 @@ def _check_data(where: str, step: RecipeStep, args: argparse.Namespace) -> None:
     dataset = getattr(args, "dataset", None)
     if _needs_data(step, args) and dataset is None:
         raise RecipeError(f"{where} needs data: set `dataset` in the step or at the top of the recipe")
-    if isinstance(dataset, str) and _looks_local(dataset) and not os.path.exists(dataset):
+    if isinstance(dataset, str) and looks_local(dataset) and not os.path.exists(dataset):
         raise RecipeError(f"{where}: dataset {dataset!r} does not exist")
     if step.kind == "merge_lora":
         adapter = getattr(args, "adapter", None)
         if not adapter:
             raise RecipeError(f"{where}: `adapter` (a peft adapter folder or Hub id) is required")
-        if _looks_local(adapter) and not os.path.isdir(adapter):
+        if looks_local(adapter) and not os.path.isdir(adapter):
             raise RecipeError(f"{where}: adapter folder {adapter!r} does not exist")
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """Whether `path` can only be a local file or folder (a Hub name is `name` or `org/name`)."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith((".txt", ".gz", ".jsonl", ".json"))
 

@@ -10,7 +10,6 @@ layers not counted). Techniques: `gptq` (mixed bits per layer from measured sens
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -23,8 +22,10 @@ from typing import Any
 import torch
 
 from .allocation import allocate, grid_bits_per_weight
-from .sensitivity import monotone
+from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .recipe import Recipe
+from .search_report import pareto_front, write_reports
+from .sensitivity import monotone
 
 __all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
 
@@ -33,32 +34,6 @@ logger = logging.getLogger(__name__)
 TECHNIQUES = ("gptq", "lowrank", "prune")
 METRICS = ("perplexity",)
 CACHE_FILE = "cache.json"
-
-
-@dataclass(frozen=True)
-class Budget:
-    kind: str
-    value: float
-
-    KINDS = ("bits", "size", "params")
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        kind, sep, value = str(text).partition("=")
-        if not sep or kind not in cls.KINDS:
-            raise ValueError(f"--budget must look like bits=3.5, size=0.3 or params=0.7, got {text!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"--budget {kind}= needs a number, got {value!r}") from None
-        if kind == "bits" and not 0 < number < 32:
-            raise ValueError(f"--budget bits= must be between 0 and 32 bits per weight, got {number}")
-        if kind != "bits" and not 0 < number <= 1:
-            raise ValueError(f"--budget {kind}= is a fraction of the original model in (0, 1], got {number}")
-        return cls(kind, number)
-
-    def __str__(self) -> str:
-        return f"{self.kind}={self.value:g}"
 
 
 @dataclass
@@ -126,121 +101,6 @@ class Candidate:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Base:
-    """What budgets are measured against: the original model's linear weights, size and parameters."""
-
-    linear_weights: int
-    linear_shapes: dict[str, tuple[int, int]]
-    dtype_bits: int
-    size_bytes: int
-    parameters: int
-
-    @property
-    def other_bits(self) -> float:
-        return self.size_bytes * 8 - self.linear_weights * self.dtype_bits
-
-    def effective_bits(self, model) -> float:
-        """Stored bits per original weight of the (compressed) linear layers: every tensor under each original
-        layer's name except biases (codes, scales, bitmasks, factors), floating ones at the checkpoint's dtype
-        unless stored narrower (fp16 scales)."""
-        total = 0
-        for name in self.linear_shapes:
-            module = model.get_submodule(name)
-            tensors = [*module.named_parameters(), *module.named_buffers()]
-            for key, tensor in tensors:
-                if key.rsplit(".", 1)[-1] == "bias":
-                    continue
-                bits = tensor.element_size() * 8
-                total += tensor.numel() * (min(bits, self.dtype_bits) if tensor.is_floating_point() else bits)
-        return total / self.linear_weights
-
-    def linear_bits_target(self, budget: Budget) -> float | None:
-        if budget.kind == "bits":
-            return budget.value
-        if budget.kind == "size":
-            return (budget.value * self.size_bytes * 8 - self.other_bits) / self.linear_weights
-        return None
-
-    def kept_fraction_target(self, budget: Budget) -> float:
-        """Fraction of the linear weights' parameters (factors, non-zeros) the budget allows at full precision."""
-        if budget.kind == "params":
-            other = self.parameters - self.linear_weights
-            return (budget.value * self.parameters - other) / self.linear_weights
-        return self.linear_bits_target(budget) / self.dtype_bits
-
-    def meets(self, budget: Budget, metrics: dict) -> bool:
-        if budget.kind == "bits":
-            return metrics["effective_bits"] <= budget.value + 1e-3
-        if budget.kind == "size":
-            return metrics["size_bytes"] <= budget.value * self.size_bytes
-        return metrics["parameters"] <= budget.value * self.parameters
-
-
-def _nonzero_parameters(model) -> int:
-    from ..commands.recording import stored_parameters
-    from ..pruning.sparse import SparseLinear
-    from ..quantization.sparse_quant import SparseQuantLinear
-
-    total = stored_parameters(model)
-    for module in model.modules():
-        if isinstance(module, (SparseLinear, SparseQuantLinear)):
-            total -= module.in_features * module.out_features - module.nnz
-    return total
-
-
-def _measure_base(model, model_path: str) -> _Base:
-    from ..commands.loading import checkpoint_dtype
-    from ..evaluation import weights_size_bytes
-    from ..quantization.structure import candidate_linears, linear_weight
-
-    shapes = {n: tuple(linear_weight(m).shape) for n, m in candidate_linears(model, None).items()}
-    if not os.path.isdir(model_path):
-        raise ValueError(f"search needs MODEL as a local folder (to measure its size on disk), got {model_path!r}")
-    return _Base(
-        linear_weights=sum(o * i for o, i in shapes.values()),
-        linear_shapes=shapes,
-        dtype_bits=torch.finfo(checkpoint_dtype(model_path)).bits,
-        size_bytes=weights_size_bytes(model_path),
-        parameters=_nonzero_parameters(model),
-    )
-
-
-def _smallest_reachable(base: _Base, config: SearchConfig) -> tuple[str, float]:
-    """The most compressed point any requested technique can reach, in the budget's units."""
-    points = []
-    budget = config.budget
-    if "gptq" in config.techniques and budget.kind != "params":
-        b = config.bits_options[0]
-        bits = sum(o * i * grid_bits_per_weight(b, config.group_size, i) for o, i in base.linear_shapes.values())
-        points.append((f"gptq at {b} bits", bits / base.linear_weights))
-    if "lowrank" in config.techniques:
-        points.append(("lowrank at 10% of the parameters", 0.1 * base.dtype_bits))
-    if "prune" in config.techniques:
-        points.append(("prune at 90% sparsity", 1 + 0.1 * base.dtype_bits))
-    if not points:
-        raise ValueError(
-            f"none of {config.techniques} reduces the parameter count: a params= budget needs lowrank or prune"
-        )
-    name, bits = min(points, key=lambda p: p[1])
-    if budget.kind == "bits":
-        return name, bits
-    if budget.kind == "size":
-        return name, (bits * base.linear_weights + base.other_bits) / 8 / base.size_bytes
-    kept = 0.1 if name.startswith(("lowrank", "prune")) else 1.0
-    return name, (base.parameters - base.linear_weights + kept * base.linear_weights) / base.parameters
-
-
-def _check_reachable(base: _Base, config: SearchConfig) -> None:
-    name, value = _smallest_reachable(base, config)
-    if value > config.budget.value:
-        unit = {"bits": "bits per weight", "size": "of the original size", "params": "of the original parameters"}
-        raise ValueError(
-            f"budget {config.budget} cannot be met with {', '.join(config.techniques)}: the smallest reachable point is "
-            f"{name}, at about {value:.3g} {unit[config.budget.kind]}"
-        )
-
-
 class _Cache:
     def __init__(self, path: Path, fingerprint: str, resume: bool):
         self.path = path
@@ -274,12 +134,12 @@ def search(
     the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json)."""
     from ..commands.loading import load_model, load_tokenizer, resolve_model_path
     from ..data import load_texts, tokenize_windows
-    from .runner import _prepare_output
+    from .runner import _prepare_output, looks_local
 
     resolve_model_path(model)
     for name in ("dataset", "eval_dataset"):
         path = getattr(config, name)
-        if (path.startswith((".", "/")) or path.endswith((".txt", ".gz"))) and not os.path.exists(path):
+        if looks_local(path) and not os.path.exists(path):
             raise FileNotFoundError(f"`{name}` {path!r} does not exist")
     tokenizer = load_tokenizer(model)
     calib = tokenize_windows(tokenizer, load_texts(config.dataset), config.seq_len)
@@ -289,8 +149,8 @@ def search(
             f"sensitivity_samples={config.sensitivity_samples}: give more text or lower --sensitivity-samples/--seq-len"
         )
     dense = load_model(model, "float32")
-    base = _measure_base(dense, model)
-    _check_reachable(base, config)
+    base = measure_baseline(dense, model)
+    check_reachable(base, config)
 
     output = Path(output)
     resuming = resume and (output / "search").is_dir()
@@ -323,7 +183,7 @@ def search(
     points = [Candidate("dense", "none", [], "the original model", dense_metrics), *candidates]
     for point in points:
         point.metrics["meets_budget"] = base.meets(config.budget, point.metrics)
-    front = _pareto_front(points, config.metric)
+    front = pareto_front(points, config.metric)
     eligible = [p for p in points if p.metrics["meets_budget"]]
     if not eligible:
         smallest = min(points, key=lambda p: p.metrics["size_bytes"])
@@ -333,7 +193,7 @@ def search(
             f"{smallest.metrics['parameters']} parameters)"
         )
     best = min(eligible, key=lambda p: p.metrics[config.metric])
-    results = _write_reports(points, front, best, config, base, work, failed)
+    results = write_reports(points, front, best, config, base, work, failed)
     if best.name != "dense":
         _publish_candidate(work / "candidates" / best.name, output)
     else:
@@ -345,7 +205,7 @@ def search(
 
 
 @torch.no_grad()
-def _evaluate(model, folder: str | os.PathLike, windows, base: _Base) -> dict[str, Any]:
+def _evaluate(model, folder: str | os.PathLike, windows, base: Baseline) -> dict[str, Any]:
     from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
     from ..evaluation.latency import forward_latency
 
@@ -356,7 +216,7 @@ def _evaluate(model, folder: str | os.PathLike, windows, base: _Base) -> dict[st
         "size_bytes": size,
         "effective_bits": base.effective_bits(model),
         "bits_per_weight": bits_per_weight(model),
-        "parameters": _nonzero_parameters(model),
+        "parameters": nonzero_parameters(model),
         "latency_s": forward_latency(model, windows[:1], runs=5),
     }
 
@@ -391,7 +251,7 @@ def _gptq_candidates(model_path, dense, base, config, calib, work, cache, eval_w
     return uniform + mixed
 
 
-def _allocate_bits(sensitivity, base: _Base, config: SearchConfig, target_bits: float) -> dict[str, int] | None:
+def _allocate_bits(sensitivity, base: Baseline, config: SearchConfig, target_bits: float) -> dict[str, int] | None:
     options, choices = {}, {}
     for name, (out_features, in_features) in base.linear_shapes.items():
         row = sensitivity.get(name, {})
@@ -448,7 +308,7 @@ def _linear_names(model) -> list[str]:
     return list(candidate_linears(model, None))
 
 
-def _lowrank_candidates(base: _Base, config: SearchConfig, work: Path) -> list[Candidate]:
+def _lowrank_candidates(base: Baseline, config: SearchConfig, work: Path) -> list[Candidate]:
     ratio = base.kept_fraction_target(config.budget)
     ratios = {r for r in config.lowrank_ratios if 0.1 <= r < 1}
     if 0.1 <= ratio < 1:
@@ -465,7 +325,7 @@ def _lowrank_candidates(base: _Base, config: SearchConfig, work: Path) -> list[C
     return candidates
 
 
-def _prune_candidates(base: _Base, config: SearchConfig) -> list[Candidate]:
+def _prune_candidates(base: Baseline, config: SearchConfig) -> list[Candidate]:
     kept = base.kept_fraction_target(config.budget)
     if config.budget.kind != "params":  # a bitmask costs one bit per weight
         kept = (base.linear_bits_target(config.budget) - 1) / base.dtype_bits
@@ -508,108 +368,6 @@ def _build_and_evaluate(
     candidate.metrics = _evaluate(model, folder, eval_windows, base)
     cache.data["candidates"][candidate.name] = {"steps": _steps_key(candidate.steps), "metrics": candidate.metrics}
     cache.save()
-
-
-def _pareto_front(points: list[Candidate], metric: str) -> list[str]:
-    """Names of the points no other point beats on both size and the metric."""
-    front = []
-    for p in points:
-        dominated = any(
-            q.metrics["size_bytes"] <= p.metrics["size_bytes"] and q.metrics[metric] <= p.metrics[metric]
-            and (q.metrics["size_bytes"], q.metrics[metric]) != (p.metrics["size_bytes"], p.metrics[metric])
-            for q in points
-        )  # fmt: skip
-        if not dominated:
-            front.append(p.name)
-    return front
-
-
-def _write_reports(points, front, best, config: SearchConfig, base: _Base, work: Path, failed=()) -> dict:
-    rows = sorted(points, key=lambda p: p.metrics["size_bytes"])
-    caption = (
-        f"Budget {config.budget}; {config.metric} on the first {config.eval_max_windows} windows of {config.eval_seq_len} "
-        f"tokens of {config.eval_dataset}; latency: one window, median of 5 runs.\n"
-    )
-    lines = [
-        caption,
-        f"| point | technique | bits/weight | size (MB) | parameters | {config.metric} | latency (ms) | meets budget | Pareto |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in rows:
-        m = p.metrics
-        mark = " **(chosen)**" if p is best else ""
-        lines.append(
-            f"| {p.name}{mark} | {p.technique} | {m['effective_bits']:.3f} | {m['size_bytes'] / 1e6:.2f} | {m['parameters']:,} | "
-            f"{m[config.metric]:.3f} | {1000 * m['latency_s']:.1f} | {'yes' if m['meets_budget'] else 'no'} | "
-            f"{'yes' if p.name in front else ''} |"
-        )
-    lines += [f"\n{c.name}: {c.note}" for c in failed]
-    (work / "pareto.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot = _plot_pareto(rows, front, best, config, base, work / "pareto.png")
-    results = {
-        "budget": str(config.budget),
-        "metric": config.metric,
-        "chosen": best.name,
-        "points": [
-            {"name": p.name, "technique": p.technique, "note": p.note, "steps": p.steps, **p.metrics} for p in rows
-        ],
-        "pareto_front": front,
-        "failed": {c.name: c.note for c in failed},
-        "plot": plot,
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "budget"},
-    }
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    return results
-
-
-def _plot_pareto(rows, front, best, config: SearchConfig, base: _Base, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    techniques = sorted({p.technique for p in rows})
-    for technique, marker in zip(techniques, "osD^v<>"):
-        group = [p for p in rows if p.technique == technique]
-        ax.scatter([p.metrics["size_bytes"] / 1e6 for p in group], [p.metrics[config.metric] for p in group],
-                   marker=marker, label=technique, zorder=3)  # fmt: skip
-        for p in group:
-            ax.annotate(p.name, (p.metrics["size_bytes"] / 1e6, p.metrics[config.metric]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    on_front = [p for p in rows if p.name in front]
-    ax.plot(
-        [p.metrics["size_bytes"] / 1e6 for p in on_front],
-        [p.metrics[config.metric] for p in on_front],
-        "k--",
-        lw=0.8,
-        label="Pareto front",
-    )
-    ax.scatter(
-        [best.metrics["size_bytes"] / 1e6],
-        [best.metrics[config.metric]],
-        s=160,
-        facecolors="none",
-        edgecolors="red",
-        label="chosen",
-        zorder=4,
-    )
-    if config.budget.kind == "size":
-        ax.axvline(
-            config.budget.value * base.size_bytes / 1e6, color="red", lw=0.8, ls=":", label=f"budget {config.budget}"
-        )
-    ax.set_xlabel("weights on disk (MB)")
-    ax.set_ylabel(config.metric)
-    ax.set_yscale("log")
-    ax.set_title(f"hfcompress search, budget {config.budget}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return os.fspath(path)
 
 
 def _publish_candidate(folder: Path, output: Path) -> None:

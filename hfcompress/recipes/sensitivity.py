@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..quantization.capture import capture_block_outputs
 from ..quantization.structure import linear_weight, set_linear_weight
 
 __all__ = ["calibration_loss", "layer_sensitivity", "monotone", "plot_sensitivity", "sensitivity_table"]
@@ -24,10 +25,6 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 
     return _loss(model, list(windows.split(batch_size)))
 
 
-class _StopForward(Exception):
-    pass
-
-
 class _Prefix:
     """Skips the blocks before block `k`: each returns block k-1's recorded output for the running batch, so a
     measurement runs blocks k.. only. `applies` is False when replaying does not reproduce the model's loss
@@ -35,7 +32,7 @@ class _Prefix:
 
     def __init__(self, model, blocks, k: int, batches: list[torch.Tensor]):
         self.blocks, self.k, self.batch = blocks, k, 0
-        self.outputs = _record_outputs(model, blocks[k - 1], batches) if k > 0 else []
+        self.outputs = capture_block_outputs(model, blocks[k - 1], batches) if k > 0 else []
 
     def __enter__(self):
         for block in list(self.blocks)[: self.k]:
@@ -48,28 +45,6 @@ class _Prefix:
 
     def _replay(self, *args, **kwargs):
         return self.outputs[self.batch]
-
-
-@torch.no_grad()
-def _record_outputs(model, block, batches) -> list:
-    """What `block` returns for each batch, running the model only up to it."""
-    outputs = []
-
-    def hook(module, args, output):
-        outputs.append(output)
-        raise _StopForward
-
-    handle = block.register_forward_hook(hook)
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return outputs
 
 
 @torch.no_grad()
@@ -143,7 +118,7 @@ def layer_sensitivity(
             index = int(name[len(stack_name) + 1 :].split(".")[0])
         block_of[(setting, name)] = index
     # by block, so each block's prefix is recorded once
-    todo.sort(key=lambda item: (-1 if block_of[item] is None else block_of[item]))
+    todo.sort(key=lambda item: -1 if block_of[item] is None else block_of[item])
     if measure not in ("kl", "loss"):
         raise ValueError(f"`measure` must be 'kl' or 'loss', got {measure!r}")
     batches = list(windows.split(batch_size))
