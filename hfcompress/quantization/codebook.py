@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["weighted_kmeans", "kmeans_quantize", "vq_quantize", "codebook_dequantize"]
+__all__ = ["codebook_dequantize", "kmeans_quantize", "vq_quantize", "weighted_kmeans"]
 
 _CHUNK = 2**25  # points * centroids held at once
 
 
 def _init(points: torch.Tensor, weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     groups, n, dim = points.shape
-    if dim == 1:
-        # evenly spaced quantiles of each group's values. Weighted quantiles would crowd the start onto the
-        # few heavily weighted values (distinct centroids matter more: an empty one never recovers).
-        values = points[..., 0].sort(dim=1).values
-        index = ((torch.arange(k, device=points.device) + 0.5) * n / k).long().clamp(max=n - 1)
-        return values[:, index].unsqueeze(-1)
     index = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(groups)]).to(points.device)
     return points.gather(1, index.unsqueeze(-1).expand(groups, k, dim)).clone()
 
@@ -54,6 +48,48 @@ def _lloyd(points, weights, centroids, iters: int) -> torch.Tensor:
     return centroids
 
 
+def _lloyd_1d(values, weights, centroids, iters: int) -> torch.Tensor:
+    """Lloyd's iterations in one dimension, exact and in O(k log n) per group and iteration.
+
+    In 1-D each centroid's cell is the interval between the midpoints to its neighbours, and a point's
+    weight scales its distance to every centroid alike, so the assignment is by position alone: with the
+    values sorted once, a cell is a contiguous run found by binary search, and its weighted mean comes from
+    prefix sums computed once. Centroids stay sorted (a cell's mean lies between its midpoints).
+    values [G, N] sorted ascending, weights [G, N] in the same order, centroids [G, k] sorted.
+    """
+    groups, n = values.shape
+    zero = values.new_zeros(groups, 1, dtype=torch.float64)
+    mass = torch.cat([zero, weights.double().cumsum(1)], dim=1)
+    moment = torch.cat([zero, (weights.double() * values.double()).cumsum(1)], dim=1)
+    first = torch.zeros(groups, 1, dtype=torch.long, device=values.device)
+    last = torch.full((groups, 1), n, dtype=torch.long, device=values.device)
+    for _ in range(iters):
+        midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
+        # right=True: a value on a midpoint joins the lower centroid, as argmin's first index would
+        bounds = torch.cat([first, torch.searchsorted(values, midpoints.contiguous(), right=True), last], dim=1)
+        cell_mass = mass.gather(1, bounds[:, 1:]) - mass.gather(1, bounds[:, :-1])
+        cell_moment = moment.gather(1, bounds[:, 1:]) - moment.gather(1, bounds[:, :-1])
+        filled = cell_mass > 1e-12
+        updated = torch.where(filled, cell_moment / cell_mass.clamp(min=1e-12), centroids.double()).float()
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def _kmeans_1d(points, weights, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, order = points[..., 0].sort(dim=1)
+    n = values.shape[1]
+    index = ((torch.arange(k, device=points.device) + 0.5) * n / k).long().clamp(max=n - 1)
+    centroids = _lloyd_1d(values, torch.ones_like(values), values[:, index], iters)
+    if weights is not None:
+        sorted_weights = weights[..., 0].float().clamp(min=0).add(1e-12).gather(1, order)
+        centroids = _lloyd_1d(values, sorted_weights, centroids, iters)
+    midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    assignments = torch.searchsorted(midpoints.contiguous(), points[..., 0].contiguous(), side="left")
+    return centroids.unsqueeze(-1), assignments
+
+
 def weighted_kmeans(
     points: torch.Tensor, weights: torch.Tensor | None, k: int, iters: int = 25, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +104,10 @@ def weighted_kmeans(
     """
     points = points.float()
     groups, n, dim = points.shape
-    uniform = torch.ones_like(points)
     k = min(k, n)
+    if dim == 1:
+        return _kmeans_1d(points, None if weights is None else weights.expand_as(points), k, iters)
+    uniform = torch.ones_like(points)
     centroids = _init(points, uniform, k, torch.Generator().manual_seed(seed))
     centroids = _lloyd(points, uniform, centroids, iters)
     if weights is not None:
