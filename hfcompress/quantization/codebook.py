@@ -24,9 +24,10 @@ def _init(points: torch.Tensor, weights: torch.Tensor, k: int, generator: torch.
 
 def _assign(points, weights, centroids) -> torch.Tensor:
     # sum_j w_j (x_j - c_j)^2 = sum w x^2 - 2 sum (w x) c + sum w c^2; the first term does not depend on c
-    cross = torch.bmm(weights * points, centroids.transpose(1, 2))
-    norms = torch.bmm(weights, centroids.pow(2).transpose(1, 2))
-    return (norms - 2 * cross).argmin(dim=2)
+    # as one product with an inner dimension of 2 * dim: [w, w x] @ [c^2; -2 c]
+    per_point = torch.cat([weights, weights * points], dim=2)
+    per_centroid = torch.cat([centroids.pow(2), -2 * centroids], dim=2).transpose(1, 2)
+    return torch.bmm(per_point, per_centroid).argmin(dim=2)
 
 
 def _lloyd(points, weights, centroids, iters: int) -> torch.Tensor:
