@@ -7,6 +7,9 @@ layers, for each setting. Then the checks of the GPTQ issue.
 
     python scripts/bench_gptq.py                                   # ../shared/refmodel, no llm-compressor
     python scripts/bench_gptq.py --llmcompressor-python /path/to/venv/bin/python
+
+GPTQ runs with the library's defaults (static act-order on, true-sequential calibration); --no-act-order
+turns act-order off on both sides, --two-pass-rows adds rows for the two-pass calibration.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from hfcompress.quantization.modules import cast_unquantized
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 SETTINGS = [(4, 128), (4, -1), (3, 128), (3, -1), (2, 64)]
-# gptq: the default (two passes per block); gptq-ts: true_sequential=True (staged, faster)
+# gptq: the library defaults (static act-order, true-sequential staged calibration);
+# gptq-2pass: the same with true_sequential=False (full-precision Hessians, then the quantized outputs)
 
 
 def load(model_path):
@@ -51,7 +55,7 @@ def quantize_and_measure(args, config, val_windows, out_dir):
     return {"perplexity": ppl, "seconds": seconds, "size_bytes": weights_size_bytes(out_dir), "bits_per_weight": bpw}
 
 
-def gptq_config(args, bits, group_size, true_sequential):
+def gptq_config(args, bits, group_size, true_sequential=True):
     return hfcompress.GPTQConfig(
         bits=bits, group_size=group_size, dataset=args.calib, num_samples=args.num_samples, seq_len=args.seq_len,
         act_order=args.act_order, static_groups=args.act_order, true_sequential=true_sequential,
@@ -66,7 +70,7 @@ def time_llmcompressor(args, group_size):
     ]  # fmt: skip
     if args.act_order:
         command.append("--act-order")
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"llm-compressor failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
@@ -80,9 +84,14 @@ def main():
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=100, help="validation windows (the reference figures use 100)")
-    parser.add_argument("--act-order", action="store_true", help="GPTQ with static act-order (both sides)")
+    parser.add_argument(
+        "--act-order", action=argparse.BooleanOptionalAction, default=True,
+        help="GPTQ with static act-order, both sides (default: on, the library's default)",
+    )  # fmt: skip
     parser.add_argument("--timing-runs", type=int, default=2, help="runs of the 4-bit g128 speed comparison")
-    parser.add_argument("--true-sequential-rows", action="store_true", help="also a table row per setting for gptq-ts")
+    parser.add_argument(
+        "--two-pass-rows", action="store_true", help="also a row per setting for GPTQ with true_sequential=False"
+    )
     parser.add_argument("--clip-search", action="store_true", help="RTN and GPTQ with the MSE grid search")
     parser.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (default: 0.01)")
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
@@ -108,23 +117,23 @@ def main():
     del fp32
     with tempfile.TemporaryDirectory() as tmp:
         for bits, group_size in settings:
-            for method in ("rtn", "gptq") + (("gptq-ts",) if args.true_sequential_rows else ()):
+            for method in ("rtn", "gptq") + (("gptq-2pass",) if args.two_pass_rows else ()):
                 if method == "rtn":
                     config = hfcompress.RTNConfig(bits=bits, group_size=group_size, clip_search=args.clip_search)
                 else:
-                    config = gptq_config(args, bits, group_size, true_sequential=method == "gptq-ts")
+                    config = gptq_config(args, bits, group_size, true_sequential=method == "gptq")
                 out = Path(tmp) / f"{method}-{bits}-{group_size}"
                 row = {"method": method, "bits": bits, "group_size": group_size}
                 row.update(quantize_and_measure(args, config, val_windows, out))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
 
-        timing = {"gptq": [], "gptq-ts": [], "llmcompressor": []}
+        timing = {"gptq": [], "gptq-2pass": [], "llmcompressor": []}
         for run in range(args.timing_runs if args.llmcompressor_python else 0):
-            for method in ("gptq", "gptq-ts"):
+            for method in ("gptq", "gptq-2pass"):
                 model = load(args.model)
                 start = time.perf_counter()
-                hfcompress.quantize(model, gptq_config(args, 4, 128, true_sequential=method == "gptq-ts"))
+                hfcompress.quantize(model, gptq_config(args, 4, 128, true_sequential=method == "gptq"))
                 timing[method].append(time.perf_counter() - start)
                 del model
             timing["llmcompressor"].append(time_llmcompressor(args, 128))
@@ -143,7 +152,7 @@ def main():
 
     print("\nchecks:")
     by = {(r["method"], r["bits"], r["group_size"]): r for r in rows}
-    for method in ("gptq", "gptq-ts") if args.true_sequential_rows else ("gptq",):
+    for method in ("gptq", "gptq-2pass") if args.two_pass_rows else ("gptq",):
         for bits, group_size in settings:
             g, r = by[(method, bits, group_size)], by[("rtn", bits, group_size)]
             print(f"- {method} beats RTN at {bits}-bit group {group_size}: {g['perplexity'] < r['perplexity']} "
@@ -156,7 +165,7 @@ def main():
         print(f"- {method} 4-bit g128 bits per weight <= 4.3: {g4['bits_per_weight'] <= 4.3} ({g4['bits_per_weight']:.3f})")
     if timing["llmcompressor"]:
         theirs = statistics.median(timing["llmcompressor"])
-        for method in ("gptq", "gptq-ts"):
+        for method in ("gptq", "gptq-2pass"):
             ours = statistics.median(timing[method])
             print(f"- {method} 4-bit g128 quantization time vs llm-compressor GPTQModifier (median of "
                   f"{args.timing_runs}): {ours:.1f} s vs {theirs:.1f} s = {ours / theirs:.2f}x, at most 0.5x: "

@@ -3,16 +3,15 @@
 Within a block, linears that read the same tensor (q/k/v, gate/up) form a group that shares one Hessian
 and is quantized as one stacked matrix (GPTQ treats rows independently, so this is exact).
 
-By default each block runs twice: once with full-precision weights to collect every group's Hessian
-(stopping at the last group's input), once with the quantized weights to produce the next block's inputs.
-
-With `true_sequential` a block is instead calibrated in stages, one per group in call order: stage g
+With `true_sequential` (the default) a block is calibrated in stages, one per group in call order: stage g
 runs the block until group g's input exists, folds it into the Hessian and stops there; group g is then
 quantized and the next stage starts. Submodules whose output can no longer change (every linear before or
 inside them already quantized) are recorded once and replayed in later stages instead of recomputed, so
 each linear's matmul runs about once per block and the whole model costs about one forward pass plus the
-Hessians. Without it (or when the block's structure does not allow replay) the classic two passes run:
-one to collect every Hessian with full-precision weights, one to propagate the quantized outputs.
+Hessians. Without it (or when the block calls a linear twice, or a module turns out to modify a recorded
+output in place, which undoes the block's weights and starts over) the classic two passes run: one to
+collect every Hessian with full-precision weights (stopping at the last group's input), one to propagate
+the quantized outputs.
 Only the current block's inputs, and its recorded submodule outputs, are held in memory.
 """
 
@@ -43,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
+    pass
+
+
+class _ReplayUnsafe(RuntimeError):
     pass
 
 
@@ -218,10 +221,7 @@ def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, config, 
             quantized.update(_quantize_group(group, named, hessians[leader].full(), config, scale_dtype, plans))
     changed = [n for n, outs in records.items() if _version(outs) != versions[n]]
     if changed:
-        raise RuntimeError(
-            f"{changed} modified their recorded outputs in place, so replaying them is unsafe; calibrate this model "
-            "with true_sequential=False"
-        )
+        raise _ReplayUnsafe(f"{changed} modified their recorded outputs in place, so replaying them is unsafe")
     return outputs, quantized
 
 
@@ -289,7 +289,9 @@ def collect_hessians(
 
 
 @torch.no_grad()
-def for_each_block_hessian(model: nn.Module, blocks, batches: list[torch.Tensor], targets: dict[str, nn.Module], process, desc: str):
+def for_each_block_hessian(
+    model: nn.Module, blocks, batches: list[torch.Tensor], targets: dict[str, nn.Module], process, desc: str
+):
     """Block by block: the input Hessian of every target in the block, `process(block, name, module, H)` for
     each (`name` relative to the block), then the block's outputs, with whatever `process` changed, become the
     next block's inputs."""
@@ -331,9 +333,17 @@ def calibrate_block(
     staged = config.true_sequential and all(trace.calls[n] == 1 for n in modules)
     if config.true_sequential and not staged:
         logger.info("%s calls a linear layer more than once; using the two-pass calibration", prefix)
-    calibrate = _calibrate_staged if staged else _calibrate_two_pass
-    outputs, quantized = calibrate(block, named, trace, inputs, modules, config, scale_dtype, plans)
-    return outputs, quantized, staged
+    if staged:
+        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()}
+        try:
+            outputs, quantized = _calibrate_staged(block, named, trace, inputs, modules, config, scale_dtype, plans)
+            return outputs, quantized, True
+        except _ReplayUnsafe as e:
+            logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
+            for name, weight in originals.items():
+                set_linear_weight(modules[name], weight)
+    outputs, quantized = _calibrate_two_pass(block, named, trace, inputs, modules, config, scale_dtype, plans)
+    return outputs, quantized, False
 
 
 @torch.no_grad()
@@ -368,7 +378,9 @@ def quantize_blocks(
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
         block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
-        inputs, quantized, _ = calibrate_block(block, prefix, inputs, modules, config, scale_dtype, traces[key], block_plans)
+        inputs, quantized, _ = calibrate_block(
+            block, prefix, inputs, modules, config, scale_dtype, traces[key], block_plans
+        )
         for name, q in quantized.items():
             layer = quantized_layer(q, block_plans[name], config.sym, act_order, modules[name].bias, scale_dtype)
             set_submodule(block, name, layer)

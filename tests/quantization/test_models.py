@@ -8,13 +8,15 @@ from helpers import ARCHITECTURES, tiny_model, token_windows
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hfcompress
-from hfcompress.quantization.capture import capture_block_inputs, run_block
+from hfcompress.quantization.capture import BlockInputs, capture_block_inputs, run_block
 from hfcompress.quantization.modules import QuantLinear
 from hfcompress.quantization.sequential import calibrate_block
 from hfcompress.quantization.structure import find_layer_stack, find_linears, set_submodule
 
 CONFIGS = {
-    "gptq-4-g32-asym": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, dataset=ids),
+    "gptq-4-g32-asym-two-pass": lambda ids: hfcompress.GPTQConfig(
+        bits=4, group_size=32, true_sequential=False, dataset=ids
+    ),
     "gptq-3-act-order": lambda ids: hfcompress.GPTQConfig(bits=3, group_size=32, act_order=True, dataset=ids),
     "gptq-2-sym-true-sequential": lambda ids: hfcompress.GPTQConfig(
         bits=2, group_size=16, sym=True, true_sequential=True, dataset=ids
@@ -75,6 +77,43 @@ def test_calibration_propagates_the_quantized_block_outputs(arch, true_sequentia
     fresh = run_block(block, inputs)
     for got, expected in zip(outputs, fresh):
         torch.testing.assert_close(got.args[0], expected.args[0], rtol=1e-5, atol=1e-5)
+
+
+class _InPlaceBlock(torch.nn.Module):
+    """A block that scales its norm's output in place after the first linear read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(32)
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.norm(x)
+        y = self.a(h)
+        h.mul_(2)
+        return x + self.b(torch.relu(y) + h)
+
+
+def test_staged_calibration_falls_back_when_a_module_modifies_its_output_in_place(caplog):
+    torch.manual_seed(0)
+    block = _InPlaceBlock()
+    inputs = [BlockInputs((torch.randn(4, 8, 32),), {}) for _ in range(3)]
+    modules = {"a": block.a, "b": block.b}
+    two_pass_block = copy.deepcopy(block)
+    config = hfcompress.GPTQConfig(bits=3, group_size=16)
+    with caplog.at_level("WARNING"):
+        outputs, quantized, staged = calibrate_block(block, "blk", inputs, modules, config, torch.float16)
+    assert not staged and "in place" in caplog.text
+    # the same result as asking for the two passes: the staged attempt's weights were undone
+    two_pass = hfcompress.GPTQConfig(bits=3, group_size=16, true_sequential=False)
+    expected, expected_quantized, _ = calibrate_block(
+        two_pass_block, "blk", inputs, {"a": two_pass_block.a, "b": two_pass_block.b}, two_pass, torch.float16
+    )
+    for name in modules:
+        assert torch.equal(quantized[name].codes, expected_quantized[name].codes)
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got.args[0], want.args[0])
 
 
 def test_true_sequential_calibrates_later_layers_on_quantized_earlier_ones():
