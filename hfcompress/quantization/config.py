@@ -118,8 +118,8 @@ class GPTQConfig(RTNConfig):
         metadata={
             "help": "Within a block, calibrate each group of linears on the outputs of the already quantized ones, "
             "staged so each matmul runs once (about one forward pass of the model in all). Off: two passes per block, "
-            "full-precision Hessians then quantized outputs (~1.35x slower; on ../shared/refmodel with act-order, "
-            "better at 4-bit g128 and 3-bit per-channel, worse at 4-bit per-channel, 3-bit g128 and 2-bit g64)."
+            "full-precision Hessians then quantized outputs (~1.4x slower; on ../shared/refmodel with act-order "
+            "better at 4-bit g128, worse at 4-bit per-channel, 3-bit g128 and per-channel, and 2-bit g64)."
         },
     )
     dataset: Any = field(
