@@ -83,7 +83,9 @@ def main():
     parser.add_argument("--val", default=str(SHARED / "corpus" / "val.txt"))
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-windows", type=int, default=100, help="validation windows (the reference figures use 100)")
+    parser.add_argument(
+        "--max-windows", type=int, default=100, help="validation windows (the reference figures use 100)"
+    )
     parser.add_argument(
         "--act-order", action=argparse.BooleanOptionalAction, default=True,
         help="GPTQ with static act-order, both sides (default: on, the library's default)",
@@ -97,7 +99,9 @@ def main():
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
     parser.add_argument("--json-out", help="also write the results here")
     parser.add_argument(
-        "--settings", default=None, help="only these bits:group settings, e.g. '4:128,3:-1' (default: the five of the issue)"
+        "--settings",
+        default=None,
+        help="only these bits:group settings, e.g. '4:128,3:-1' (default: the five of the issue)",
     )
     args = parser.parse_args()
     settings = SETTINGS
@@ -162,7 +166,9 @@ def main():
         g4 = by[(method, 4, 128)]
         print(f"- {method} 4-bit g128 within 1.5% of fp32: {g4['perplexity'] <= 1.015 * base} "
               f"({100 * (g4['perplexity'] / base - 1):+.2f}%)")  # fmt: skip
-        print(f"- {method} 4-bit g128 bits per weight <= 4.3: {g4['bits_per_weight'] <= 4.3} ({g4['bits_per_weight']:.3f})")
+        print(
+            f"- {method} 4-bit g128 bits per weight <= 4.3: {g4['bits_per_weight'] <= 4.3} ({g4['bits_per_weight']:.3f})"
+        )
     if timing["llmcompressor"]:
         theirs = statistics.median(timing["llmcompressor"])
         for method in ("gptq", "gptq-2pass"):

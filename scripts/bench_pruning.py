@@ -160,7 +160,14 @@ def part_fine(args, results: dict) -> None:
                 continue
             start = time.perf_counter()
             trainer = train(
-                fresh(), args, train_set, val_set, tokenizer, args.steps, [PruningCallback(make(1 - remaining))], args.seed
+                fresh(),
+                args,
+                train_set,
+                val_set,
+                tokenizer,
+                args.steps,
+                [PruningCallback(make(1 - remaining))],
+                args.seed,
             )
             model = finalize_pruning(trainer.model, remove_structure=False)
             acc = evaluate(model, val_set, tokenizer, args)
@@ -176,10 +183,14 @@ def part_fine(args, results: dict) -> None:
             logger.info("%s", rows[-1])
             save(results, args)
     start_from = "the pretrained encoder" if args.init == "pretrained" else "the dense fine-tuned model"
-    print(f"\nFine-pruning all-MiniLM-L6-v2 on docs-cls from {start_from}: {args.steps} steps of batch {args.batch_size}, lr {args.lr}")
+    print(
+        f"\nFine-pruning all-MiniLM-L6-v2 on docs-cls from {start_from}: {args.steps} steps of batch {args.batch_size}, lr {args.lr}"
+    )
     print("| method | remaining encoder linear weights | val accuracy |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {100 * r.get('measured_remaining', r['remaining']):.1f}% | {100 * r['accuracy']:.2f} |")
+        print(
+            f"| {r['method']} | {100 * r.get('measured_remaining', r['remaining']):.1f}% | {100 * r['accuracy']:.2f} |"
+        )
 
 
 def part_structured(args, results: dict) -> None:
@@ -213,8 +224,8 @@ def part_structured(args, results: dict) -> None:
     for _ in range(2):  # interleaved rounds: drift of the machine hits both models alike
         for name, model in (("dense", dense), ("pruned", reloaded)):
             latency.setdefault(name, []).append(forward_latency(model, ids, runs=args.latency_runs))
-    dense_ms = sorted(latency["dense"])[0] * 1000
-    pruned_ms = sorted(latency["pruned"])[0] * 1000
+    dense_ms = min(latency["dense"]) * 1000
+    pruned_ms = min(latency["pruned"]) * 1000
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in (("dense", dense), ("pruned", reloaded))}
     row = {
         "dense_accuracy": dense_acc,
@@ -234,7 +245,9 @@ def part_structured(args, results: dict) -> None:
     print("| model | val accuracy | params | CPU latency b8 x 128 (ms) |\n|---|---|---|---|")
     print(f"| dense fine-tuned | {100 * dense_acc:.2f} | {params['dense']:,} | {dense_ms:.1f} |")
     print(f"| pruned, no recovery | {100 * before:.2f} | {params['pruned']:,} | |")
-    print(f"| pruned + {args.recovery_steps} recovery steps | {100 * after:.2f} | {params['pruned']:,} | {pruned_ms:.1f} |")
+    print(
+        f"| pruned + {args.recovery_steps} recovery steps | {100 * after:.2f} | {params['pruned']:,} | {pruned_ms:.1f} |"
+    )
     print(f"| reloaded from disk | {100 * reload_acc:.2f} | | |")
     print(f"speed-up {row['speedup']:.2f}x")
 
@@ -266,7 +279,9 @@ def part_oneshot(args, results: dict) -> None:
             start = time.perf_counter()
             model = prune_oneshot(copy.deepcopy(base), config, tokenizer=tokenizer)
             seconds = time.perf_counter() - start
-            rows.append({"method": method, "pattern": pattern, "perplexity": perplexity(model, windows), "seconds": seconds})
+            rows.append(
+                {"method": method, "pattern": pattern, "perplexity": perplexity(model, windows), "seconds": seconds}
+            )
             logger.info("%s", rows[-1])
             save(results, args)
     print(f"\nOne-shot 50% pruning of {args.model}: perplexity on {len(windows)} windows of {args.seq_len} of val.txt")

@@ -162,11 +162,12 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     before any quantized module, so a quantized factor is listed in `modules` as `<layer>.up` or `.down`);
     `lowrank_recipe` keeps the factorization settings. `convolutions` maps each decomposed `Conv2d` to
     `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`. `sparse` maps each layer stored as
-bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
-model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module: {...}}}`. `codebooks` maps each k-means / VQ layer
-(`CodebookLinear`) to `{"bits", "dim", "books"}`. `overrides` maps a quantized module whose grid differs from the
-    top-level one (mixed precision, a factor with one group per row) to `{"bits", "group_size"}`; a module in both
-    `modules` and `sparse` is a `SparseQuantLinear` with that many non-zeros.
+    bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
+    model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module:
+    {...}}}`. `codebooks` maps each k-means / VQ layer (`CodebookLinear`) to `{"bits", "dim", "books"}`.
+    `overrides` maps a quantized module whose grid differs from the top-level one (mixed precision, a factor
+    with one group per row) to `{"bits", "group_size"}`; a module in both `modules` and `sparse` is a
+    `SparseQuantLinear` with that many non-zeros.
     """
 
     bits: int = 4
