@@ -119,9 +119,10 @@ def main():
          "size_bytes": weights_size_bytes(args.model), "bits_per_weight": bits_per_weight(fp32)}
     )  # fmt: skip
     del fp32
+    gptq_methods = ("gptq", "gptq-2pass") if args.two_pass_rows else ("gptq",)
     with tempfile.TemporaryDirectory() as tmp:
         for bits, group_size in settings:
-            for method in ("rtn", "gptq") + (("gptq-2pass",) if args.two_pass_rows else ()):
+            for method in ("rtn", *gptq_methods):
                 if method == "rtn":
                     config = hfcompress.RTNConfig(bits=bits, group_size=group_size, clip_search=args.clip_search)
                 else:
@@ -156,7 +157,7 @@ def main():
 
     print("\nchecks:")
     by = {(r["method"], r["bits"], r["group_size"]): r for r in rows}
-    for method in ("gptq", "gptq-2pass") if args.two_pass_rows else ("gptq",):
+    for method in gptq_methods:
         for bits, group_size in settings:
             g, r = by[(method, bits, group_size)], by[("rtn", bits, group_size)]
             print(f"- {method} beats RTN at {bits}-bit group {group_size}: {g['perplexity'] < r['perplexity']} "

@@ -16,7 +16,7 @@ __all__ = ["codebook_dequantize", "kmeans_quantize", "vq_quantize", "weighted_km
 _CHUNK = 2**25  # points * centroids held at once
 
 
-def _init(points: torch.Tensor, weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _init(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     groups, n, dim = points.shape
     index = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(groups)]).to(points.device)
     return points.gather(1, index.unsqueeze(-1).expand(groups, k, dim)).clone()
@@ -49,6 +49,11 @@ def _lloyd(points, weights, centroids, iters: int) -> torch.Tensor:
     return centroids
 
 
+def _midpoints(centroids: torch.Tensor) -> torch.Tensor:
+    """The cell boundaries of sorted 1-D centroids [G, k]: [G, k - 1]."""
+    return ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+
+
 def _lloyd_1d(values, weights, centroids, iters: int) -> torch.Tensor:
     """Lloyd's iterations in one dimension, exact and in O(k log n) per group and iteration.
 
@@ -65,9 +70,8 @@ def _lloyd_1d(values, weights, centroids, iters: int) -> torch.Tensor:
     first = torch.zeros(groups, 1, dtype=torch.long, device=values.device)
     last = torch.full((groups, 1), n, dtype=torch.long, device=values.device)
     for _ in range(iters):
-        midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
         # right=True: a value on a midpoint joins the lower centroid, as argmin's first index would
-        bounds = torch.cat([first, torch.searchsorted(values, midpoints.contiguous(), right=True), last], dim=1)
+        bounds = torch.cat([first, torch.searchsorted(values, _midpoints(centroids), right=True), last], dim=1)
         cell_mass = mass.gather(1, bounds[:, 1:]) - mass.gather(1, bounds[:, :-1])
         cell_moment = moment.gather(1, bounds[:, 1:]) - moment.gather(1, bounds[:, :-1])
         filled = cell_mass > 1e-12
@@ -86,8 +90,7 @@ def _kmeans_1d(points, weights, k: int, iters: int) -> tuple[torch.Tensor, torch
     if weights is not None:
         sorted_weights = weights[..., 0].float().clamp(min=0).add(1e-12).gather(1, order)
         centroids = _lloyd_1d(values, sorted_weights, centroids, iters)
-    midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
-    assignments = torch.searchsorted(midpoints.contiguous(), points[..., 0].contiguous(), side="left")
+    assignments = torch.searchsorted(_midpoints(centroids), points[..., 0].contiguous(), side="left")
     return centroids.unsqueeze(-1), assignments
 
 
@@ -109,7 +112,7 @@ def weighted_kmeans(
     if dim == 1:
         return _kmeans_1d(points, None if weights is None else weights.expand_as(points), k, iters)
     uniform = torch.ones_like(points)
-    centroids = _init(points, uniform, k, torch.Generator().manual_seed(seed))
+    centroids = _init(points, k, torch.Generator().manual_seed(seed))
     centroids = _lloyd(points, uniform, centroids, iters)
     if weights is not None:
         weights = weights.float().expand_as(points).clamp(min=0) + 1e-12
