@@ -1,0 +1,35 @@
+"""Checkpoints written before the core/checkpoint redesign (format version 4, hfcompress at af9150c) still load
+with the logits they had. The fixtures and how they were made: `legacy/generate.py`."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import hfcompress  # noqa: F401  (registers the hfcompress quantization method)
+
+LEGACY = Path(__file__).parent / "legacy"
+CASES = sorted(p.name for p in LEGACY.iterdir() if (p / "config.json").is_file())
+
+
+def test_every_kind_of_legacy_checkpoint_is_covered():
+    assert set(CASES) == {
+        "conv-tucker2", "factorized", "factorized-rtn", "gptq", "gptq-act-order", "kmeans", "rtn",
+        "sparse-bitmask", "sparse-gptq", "structured-bert", "student", "vq",
+    }  # fmt: skip
+    assert sum(f.stat().st_size for f in LEGACY.rglob("*") if f.is_file()) < 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_legacy_checkpoint_loads_with_identical_logits(name):
+    folder = LEGACY / name
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_cls = getattr(transformers, config.architectures[0])
+    model = model_cls.from_pretrained(folder).eval()
+    expected = load_file(folder / "expected.safetensors")
+    inputs = {k: v for k, v in expected.items() if k != "logits"}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
