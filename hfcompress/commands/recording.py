@@ -41,10 +41,8 @@ def add_record_options(parser: argparse.ArgumentParser) -> None:
 def stored_parameters(model: torch.nn.Module) -> int:
     """Weights the model represents: its parameters, plus every packed weight of a quantized or sparse layer
     (zeros included)."""
+    from ..core.registry import compressed_layer_types
     from ..evaluation.footprint import is_bitsandbytes_linear
-    from ..pruning.sparse import SparseLinear
-    from ..quantization.codebook_linear import CodebookLinear
-    from ..quantization.modules import QuantLinear
 
     total, seen = 0, set()
     for module in model.modules():
@@ -53,7 +51,7 @@ def stored_parameters(model: torch.nn.Module) -> int:
         own = sum(p.numel() for p in params)
         if is_bitsandbytes_linear(module):  # a packed 4-bit weight holds two weights per element
             own = module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
-        elif isinstance(module, (QuantLinear, SparseLinear, CodebookLinear)):
+        elif isinstance(module, compressed_layer_types()):
             own += module.in_features * module.out_features
         total += own
     return total

@@ -8,7 +8,7 @@ from typing import Iterable, Literal
 
 from torch import nn
 
-from ..quantization.structure import find_layer_stack
+from ..core.structure import find_layer_stack
 
 __all__ = ["make_student", "choose_layers"]
 

@@ -30,7 +30,7 @@ PROJECTIONS_FILE = "distillation_projections.safetensors"
 
 
 def _num_layers(model) -> int:
-    from ..quantization.structure import find_layer_stack
+    from ..core.structure import find_layer_stack
 
     return len(find_layer_stack(model)[1])
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..quantization.modules import QuantLinear
-from ..quantization.structure import LINEAR_TYPES, linear_weight
+from ..core.registry import stored_tensors
+from ..core.structure import LINEAR_TYPES, linear_weight
 
 __all__ = ["weights_size_bytes", "bits_per_weight", "is_bitsandbytes_linear"]
 
-QUANT_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -27,30 +26,18 @@ def is_bitsandbytes_linear(module: nn.Module) -> bool:
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits per weight of the quantized (and bitmask-sparse) layers: codes, scales, zero points and g_idx
-    (bitmask and non-zero values) over the number of weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
+    """Stored bits per weight of the compressed layers (quantized, codebook, bitmask-sparse: the tensors each
+    declares in `STORED_TENSORS`) over the number of weights they stand for. For a model with no quantized layer, the bits of its linear weights (lm_head
     excluded when it is the output embedding)."""
-    from ..pruning.sparse import SparseLinear
-    from ..quantization.codebook_linear import CodebookLinear
-    from ..quantization.sparse_quant import SparseQuantLinear
-
     stored_bits, weights = 0, 0
     for module in model.modules():
         if is_bitsandbytes_linear(module):  # packed weight plus its serialized quantization state
             stored_bits += sum(t.numel() * t.element_size() * 8 for k, t in module.state_dict().items() if k != "bias")
             weights += module.in_features * module.out_features
             continue
-        if isinstance(module, (QuantLinear, SparseLinear, CodebookLinear)):
-            names = {
-                SparseLinear: ("weight_bitmask", "weight_values"),
-                CodebookLinear: ("weight", "weight_codebook"),
-                SparseQuantLinear: (*QUANT_TENSORS, "weight_bitmask"),
-            }
-            names = names.get(type(module), QUANT_TENSORS)
-            for name in names:
-                tensor = getattr(module, name)
-                if tensor is not None:
-                    stored_bits += tensor.numel() * tensor.element_size() * 8
+        tensors = stored_tensors(module)  # what a registered compressed layer stores for its weight
+        if tensors:
+            stored_bits += sum(t.numel() * t.element_size() * 8 for t in tensors if t is not None)
             weights += module.in_features * module.out_features
     if weights:
         return stored_bits / weights

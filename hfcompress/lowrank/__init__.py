@@ -1,3 +1,8 @@
+"""Low-rank factorization: SVD (plain, activation-aware, whitened) of linear layers into factor pairs,
+Tucker-2 and separable convolutions, and peft LoRA adapters merged into factorized weights."""
+
+from ..core.registry import register_technique
+from . import rebuild  # noqa: F401  (registers how factorized layers and convolutions are rebuilt on load)
 from .config import LowRankConfig
 from .conv import ConvDecompositionConfig, SeparableConv2d, Tucker2Conv2d, decompose_convolutions
 from .factorization import factorize
@@ -14,3 +19,8 @@ __all__ = [
     "factorize",
     "merge_lora",
 ]
+
+register_technique(
+    "lowrank", LowRankConfig, factorize, kind="factorize", record_kind="factorization",
+    needs_data=lambda config: config.needs_data, summary="Replace linear layers by low-rank factor pairs.",
+)  # fmt: skip

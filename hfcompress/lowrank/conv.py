@@ -14,7 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..quantization.structure import is_excluded, set_submodule
+from ..checkpoint import update_manifest
+from ..core.structure import is_excluded, set_submodule
 
 __all__ = [
     "ConvDecompositionConfig",
@@ -228,9 +229,4 @@ def rebuild_convolution(model: nn.Module, name: str, record: dict) -> None:
 
 
 def _attach(model: nn.Module, config: ConvDecompositionConfig, done: dict[str, dict]) -> None:
-    from ..quantization.config import HfcompressQuantizationConfig
-    from ..quantization.hf_quantizer import attach_config
-
-    attach_config(
-        model, HfcompressQuantizationConfig(method="none", modules=[], convolutions=done, lowrank_recipe=config.to_dict())
-    )
+    update_manifest(model, "none", convolutions=done, lowrank_recipe=config.to_dict())

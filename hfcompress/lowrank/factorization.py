@@ -15,10 +15,11 @@ import logging
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..checkpoint import update_manifest
 from ..data import calibration_batches, calibration_windows
-from ..quantization.capture import capture_block_inputs, run_block
-from ..quantization.sequential import collect_hessians
-from ..quantization.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..core.capture import capture_block_inputs, run_block
+from ..core.calibration import collect_hessians
+from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from .allocation import allocate_ranks, uniform_ranks
 from .config import LowRankConfig
 from .modules import FactorizedLinear
@@ -220,9 +221,4 @@ def _replace(
 
 
 def _attach_config(model: nn.Module, config: LowRankConfig, ranks: dict[str, int]) -> None:
-    from ..quantization.config import HfcompressQuantizationConfig
-    from ..quantization.hf_quantizer import attach_config
-
-    attach_config(
-        model, HfcompressQuantizationConfig(method="none", modules=[], lowrank=dict(ranks), lowrank_recipe=config.to_dict())
-    )
+    update_manifest(model, "none", lowrank=dict(ranks), lowrank_recipe=config.to_dict())

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..quantization.structure import (
+from ..core.structure import (
     LINEAR_TYPES,
     linear_weight,
     set_linear_weight,

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..quantization.capture import capture_block_inputs, run_block
-from ..quantization.sequential import collect_hessians
-from ..quantization.structure import linear_weight, set_linear_weight
+from ..core.capture import capture_block_inputs, run_block
+from ..core.calibration import collect_hessians
+from ..core.structure import linear_weight, set_linear_weight
 from .allocation import ErrorCurve
 from .config import LowRankConfig
 from .svd import decompose, max_saving_rank, rank_for_ratio

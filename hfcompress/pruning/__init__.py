@@ -1,6 +1,9 @@
 """Pruning: during training with `PruningCallback` (movement, magnitude), structured removal of heads and FFN
 neurons, and one-shot pruning of trained models (magnitude, Wanda, SparseGPT)."""
 
+from ..core.registry import register_technique
+from . import rebuild  # noqa: F401  (registers how resized and bitmask-stored layers are rebuilt on load)
+
 from .callback import PruningCallback
 from .config import MagnitudePruningConfig, MovementPruningConfig, PruningConfig, pruning_config_from_dict
 from .finalize import finalize_pruning
@@ -29,3 +32,8 @@ __all__ = [
     "pruning_config_from_dict",
     "select_pruning_targets",
 ]
+
+register_technique(
+    "oneshot", OneShotPruningConfig, prune_oneshot, kind="prune", record_kind="pruning", layer_types=(SparseLinear,),
+    needs_data=lambda config: config.method != "magnitude", summary="Zero weights by magnitude, Wanda or SparseGPT.",
+)  # fmt: skip

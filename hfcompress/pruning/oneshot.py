@@ -16,8 +16,8 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..data import calibration_batches, calibration_windows
-from ..quantization.sequential import for_each_block_hessian
-from ..quantization.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
+from ..core.calibration import for_each_block_hessian
+from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
 __all__ = ["OneShotPruningConfig", "prune_oneshot"]

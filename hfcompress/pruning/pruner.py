@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..quantization.structure import find_layer_stack, find_linears, is_excluded
+from ..core.structure import find_layer_stack, find_linears, is_excluded
 from .config import MovementPruningConfig, PruningConfig
 from .masks import block_reduce, global_threshold, topk_mask
 from .modules import PruningMask

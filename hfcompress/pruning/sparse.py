@@ -16,30 +16,19 @@ import logging
 import torch
 from torch import nn
 
-from ..quantization.structure import find_linears, set_submodule
+from ..checkpoint import manifest_of, update_manifest
+from ..core.packing import pack_bitmask, unpack_bitmask
+from ..core.structure import find_linears, set_submodule
 
 __all__ = ["pack_bitmask", "unpack_bitmask", "SparseLinear", "compress_sparse", "decompress_sparse"]
 
 logger = logging.getLogger(__name__)
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] bool -> [rows, ceil(cols / 8)] uint8, bit j of byte k holding column 8k + j."""
-    rows, cols = mask.shape
-    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, :cols] = mask.to(torch.uint8)
-    return (padded.view(rows, -1, 8) * _BITS.to(mask.device)).sum(dim=-1, dtype=torch.uint8)
-
-
-def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    bits = packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device)).ne(0)
-    return bits.view(packed.shape[0], -1)[:, :cols]
-
-
 class SparseLinear(nn.Module):
     """A linear layer stored as bitmask + non-zero values."""
+
+    STORED_TENSORS = ("weight_bitmask", "weight_values")
+    KEEPS_DTYPE = False
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True, dtype=None, device=None):
         super().__init__()
@@ -80,14 +69,9 @@ def compress_sparse(model: nn.Module, min_sparsity: float = 0.25) -> dict[str, i
     """Swap every `nn.Linear` with at least `min_sparsity` zeros for a `SparseLinear` (below that the bitmask
     costs more than it saves) and record them in the model's hfcompress `quantization_config`, so
     `save_pretrained` writes the compact form. Returns {layer name: non-zeros}."""
-    from ..quantization.config import HfcompressQuantizationConfig
-    from ..quantization.hf_quantizer import attach_config
-
     if not 0.0 <= min_sparsity < 1.0:
         raise ValueError(f"`min_sparsity` must be in [0, 1), got {min_sparsity}")
-    qconfig = getattr(model.config, "quantization_config", None)
-    if qconfig is not None and not isinstance(qconfig, HfcompressQuantizationConfig):
-        raise ValueError("the model is quantized by another method; hfcompress cannot add sparse weights to it")
+    manifest_of(model)  # refuses a model quantized by another method before anything changes
     sparse = {}
     for name, module in find_linears(model).items():
         if type(module) is not nn.Linear:
@@ -100,10 +84,7 @@ def compress_sparse(model: nn.Module, min_sparsity: float = 0.25) -> dict[str, i
     if not sparse:
         logger.warning("no linear layer has %.0f%% or more zeros; nothing to compress", 100 * min_sparsity)
         return sparse
-    if qconfig is None:
-        qconfig = HfcompressQuantizationConfig(method="sparse")
-    qconfig.sparse = {**qconfig.sparse, **sparse}
-    attach_config(model, qconfig)
+    update_manifest(model, "sparse", sparse=sparse)
     logger.info("%d linear layers stored as bitmask + values", len(sparse))
     return sparse
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantization.gptq import _inverse_cholesky
+from ..core.hessian import inverse_cholesky
 from .masks import n_m_mask
 
 __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune"]
@@ -76,7 +76,7 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = _inverse_cholesky(H, damp_percent)
+    Hinv = inverse_cholesky(H, damp_percent)
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quantization.structure import find_layer_stack
+from ..checkpoint import update_manifest
+from ..core.structure import find_layer_stack
 
 __all__ = [
     "Attention",
@@ -237,9 +238,6 @@ def apply_uniform_removal(model: nn.Module, ffn_keep: list[torch.Tensor] | None,
 
 
 def _record_resized_attention(model: nn.Module, attentions: list[Attention]) -> None:
-    from ..quantization.config import HfcompressQuantizationConfig
-    from ..quantization.hf_quantizer import attach_config
-
     resized = {"linears": {}, "attributes": {}}
     names = {module: name for name, module in model.named_modules()}
     for part in attentions:
@@ -249,13 +247,7 @@ def _record_resized_attention(model: nn.Module, attentions: list[Attention]) -> 
             "num_attention_heads": part.num_heads,
             "all_head_size": part.num_heads * part.head_dim,
         }
-    qconfig = getattr(model.config, "quantization_config", None)
-    if qconfig is None:
-        qconfig = HfcompressQuantizationConfig(method="structured-pruning")
-    elif not isinstance(qconfig, HfcompressQuantizationConfig):
-        raise ValueError("cannot record removed heads on a model quantized by another method")
-    qconfig.resized = resized
-    attach_config(model, qconfig)
+    update_manifest(model, "structured-pruning", resized=resized)
 
 
 def remove_dead_structure(model: nn.Module) -> dict[str, int]:

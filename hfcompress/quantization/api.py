@@ -8,16 +8,18 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..checkpoint import HfcompressQuantizationConfig, manifest_of, update_manifest
+from ..core.registry import stored_tensors, technique_for
+from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from ..data import calibration_batches, calibration_windows
-from .config import GPTQConfig, HfcompressQuantizationConfig, RTNConfig
+from ..pruning.sparse import SparseLinear, decompress_sparse
+from .config import GPTQConfig, RTNConfig
+from .gptq_blocks import quantize_blocks
 from .grid import rtn_quantize
-from .modules import QuantLinear
+from .layers import quantized_layer
 from .plan import LayerPlan, plan_layers
-from .sequential import quantize_blocks
-from .sparse_quant import SparseQuantLinear
-from .structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 
-__all__ = ["quantize", "quantized_layer", "select_targets"]
+__all__ = ["quantize", "quantize_uniform", "quantized_layer", "select_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,29 +44,20 @@ def _tied_weights(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
     return [name for name, m in targets.items() if id(m.weight) in embedding_weights]
 
 
-def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
+def quantize(model: nn.Module, config, tokenizer=None) -> nn.Module:
     """Quantize the linear layers of `model` in place and return it, ready for `save_pretrained`.
 
-    `config` is an `RTNConfig` (no data) or a `GPTQConfig`, whose `dataset` is a list of strings, a text file,
-    a `datasets` folder, a Hub dataset name or a tensor of token ids [n, seq_len]. Text needs `tokenizer`;
-    without one it is loaded from `model.name_or_path`. A `BnbConfig` returns a new, bitsandbytes-quantized
-    model (bitsandbytes quantizes while loading) and leaves `model` as it was.
+    `config` is the config of a registered quantization technique: `RTNConfig` (no data), `GPTQConfig`, whose
+    `dataset` is a list of strings, a text file, a `datasets` folder, a Hub dataset name or a tensor of token ids
+    [n, seq_len], `KMeansConfig` / `VQConfig`, or one registered with `register_technique(kind="quantize")`.
+    Text needs `tokenizer`; without one it is loaded from `model.name_or_path`. A `BnbConfig` returns a new,
+    bitsandbytes-quantized model (bitsandbytes quantizes while loading) and leaves `model` as it was.
     """
-    from .bnb import BnbConfig, quantize_bnb
-    from .codebook_api import quantize_codebook
-    from .codebook_config import KMeansConfig, VQConfig
+    return technique_for(config, kind="quantize").apply(model, config, tokenizer)
 
-    if isinstance(config, BnbConfig):
-        return quantize_bnb(model, config)  # a new model: bitsandbytes quantizes while loading
-    if isinstance(config, (KMeansConfig, VQConfig)):
-        if getattr(model, "hf_quantizer", None) is not None and getattr(model.config.quantization_config, "modules", None):
-            raise ValueError("the model is already quantized")
-        return quantize_codebook(model, config, tokenizer)
-    if not isinstance(config, RTNConfig):
-        raise TypeError(
-            f"`config` must be an hfcompress RTNConfig, GPTQConfig, BnbConfig, KMeansConfig or VQConfig, "
-            f"got {type(config).__name__}"
-        )
+
+def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
+    """Round-to-nearest (`RTNConfig`) or GPTQ (`GPTQConfig`) onto uniform integer grids, in place."""
     previous = _combinable_config(model)
     sparse_config = dict(previous.sparse) if previous is not None else {}
     sparse_before = _densify_sparse_layers(model)
@@ -96,31 +89,27 @@ def quantize(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
         replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
     _recompress_untouched(model, sparse_before)
 
-    _attach_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}), previous)
+    _attach_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}))
     return model
 
 
 def _combinable_config(model: nn.Module) -> HfcompressQuantizationConfig | None:
-    """The hfcompress config of a factorized, pruned or resized model, which quantization extends; refuses a
+    """The hfcompress manifest of a factorized, pruned or resized model, which quantization extends; refuses a
     model whose weights are already quantized."""
-    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qconfig is None:
-        return None
-    if not isinstance(qconfig, HfcompressQuantizationConfig):
-        method = getattr(qconfig, "quant_method", type(qconfig).__name__)
-        raise ValueError(f"the model is already quantized ({method}); quantize the full-precision model instead")
-    if qconfig.modules or qconfig.codebooks:
+    try:
+        manifest = manifest_of(model)
+    except ValueError as e:
+        raise ValueError(f"{e}; quantize the full-precision model instead") from None
+    if manifest is not None and (manifest.modules or manifest.codebooks):
         raise ValueError(
-            f"the model is already quantized ({qconfig.method}, {len(qconfig.modules) + len(qconfig.codebooks)} "
+            f"the model is already quantized ({manifest.method}, {len(manifest.modules) + len(manifest.codebooks)} "
             "layers); quantize the full-precision model instead"
         )
-    return qconfig
+    return manifest
 
 
 def _densify_sparse_layers(model: nn.Module) -> set[str]:
     """Bitmask-stored layers become plain linears (zeros included) so they can be quantized; their names."""
-    from ..pruning.sparse import SparseLinear, decompress_sparse
-
     names = {name for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     if names:
         decompress_sparse(model)
@@ -129,8 +118,6 @@ def _densify_sparse_layers(model: nn.Module) -> set[str]:
 
 def _recompress_untouched(model: nn.Module, names: set[str]) -> None:
     """Layers that were bitmask-stored and stayed in full precision go back to bitmask storage."""
-    from ..pruning.sparse import SparseLinear
-
     for name in names:
         module = model.get_submodule(name)
         if type(module) is nn.Linear:
@@ -145,13 +132,6 @@ def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTN
     set_submodule(model, name, layer)
 
 
-def quantized_layer(quantized, plan: LayerPlan, sym: bool, act_order: bool, bias, scale_dtype) -> QuantLinear:
-    """The module that stores `quantized`: a `QuantLinear`, or a `SparseQuantLinear` for a pruned layer."""
-    if plan.mask is not None:
-        return SparseQuantLinear.from_quantized_sparse(quantized, plan.mask, plan.group_size, sym, act_order, bias, scale_dtype)
-    return QuantLinear.from_quantized(quantized, plan.group_size, sym, act_order, bias, scale_dtype)
-
-
 def _stores_g_idx(config: RTNConfig) -> bool:
     return bool(getattr(config, "act_order", False) and not getattr(config, "static_groups", False))
 
@@ -163,22 +143,17 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
     return calibration_batches(windows, config.num_samples, batch_size=config.batch_size)
 
 
-def _attach_config(
-    model: nn.Module,
-    config: RTNConfig,
-    plans: dict[str, LayerPlan],
-    layer_types: list[str],
-    previous: HfcompressQuantizationConfig | None,
-) -> None:
-    from .hf_quantizer import attach_config
-
+def _attach_config(model: nn.Module, config: RTNConfig, plans: dict[str, LayerPlan], layer_types: list[str]) -> None:
     overrides = {
         name: {"bits": plan.bits, "group_size": plan.group_size}
         for name, plan in plans.items()
         if (plan.bits, plan.group_size) != (config.bits, config.group_size)
     }
-    sparse = {name: module.nnz for name, module in model.named_modules() if isinstance(module, SparseQuantLinear)}
-    qconfig = HfcompressQuantizationConfig(
+    # every layer stored as a bitmask (SparseLinear, SparseQuantLinear) with its non-zeros
+    sparse = {name: m.nnz for name, m in model.named_modules() if hasattr(m, "nnz") and stored_tensors(m)}
+    update_manifest(
+        model,
+        config.method,
         bits=config.bits,
         group_size=config.group_size,
         sym=config.sym,
@@ -189,12 +164,5 @@ def _attach_config(
         method=config.method,
         recipe=config.to_dict(),
         overrides=overrides,
+        sparse=sparse,
     )
-    if previous is not None:  # what an earlier step changed (factors, resized or sparse layers) stays recorded
-        qconfig.lowrank, qconfig.lowrank_recipe = previous.lowrank, previous.lowrank_recipe
-        qconfig.convolutions, qconfig.resized = previous.convolutions, previous.resized
-    from ..pruning.sparse import SparseLinear
-
-    sparse.update({name: m.nnz for name, m in model.named_modules() if isinstance(m, SparseLinear)})
-    qconfig.sparse = sparse
-    attach_config(model, qconfig)

@@ -12,9 +12,9 @@ from ..data import calibration_batches, calibration_windows
 from .codebook import kmeans_quantize, vq_quantize
 from .codebook_config import KMeansConfig, VQConfig
 from .codebook_linear import CodebookLinear
-from .config import HfcompressQuantizationConfig
-from .sequential import for_each_block_hessian
-from .structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..checkpoint import manifest_of, update_manifest
+from ..core.calibration import for_each_block_hessian
+from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 
 __all__ = ["quantize_codebook"]
 
@@ -45,6 +45,9 @@ def _check_shapes(targets: dict[str, nn.Module], config) -> None:
 @torch.no_grad()
 def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokenizer=None) -> nn.Module:
     """Replace the target linears of `model` by `CodebookLinear` layers, in place; returns the model."""
+    manifest = manifest_of(model)
+    if manifest is not None and (manifest.modules or manifest.codebooks):
+        raise ValueError("the model is already quantized")
     targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
         raise ValueError(f"no linear layers to quantize in {type(model).__name__}")
@@ -72,12 +75,4 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
 
 
 def _attach(model: nn.Module, config, encoded: dict[str, dict]) -> None:
-    from .hf_quantizer import attach_config
-
-    qconfig = getattr(model.config, "quantization_config", None)
-    if qconfig is None:
-        qconfig = HfcompressQuantizationConfig(method=config.method, recipe=config.to_dict())
-    elif not isinstance(qconfig, HfcompressQuantizationConfig):
-        raise ValueError("the model is quantized by another method")
-    qconfig.codebooks = {**qconfig.codebooks, **encoded}
-    attach_config(model, qconfig)
+    update_manifest(model, config.method, codebooks=encoded, **({} if manifest_of(model) else {"recipe": config.to_dict()}))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codebook import codebook_dequantize
-from .packing import pack_codes, packed_width, unpack_codes
+from ..core.packing import pack_codes, packed_width, unpack_codes
 
 __all__ = ["CodebookLinear"]
 
@@ -18,6 +18,9 @@ class CodebookLinear(nn.Module):
     `weight_codebook` [books, 2^(bits*dim), dim] (fp16), one book per `out_features / books` rows. Scalar
     k-means is dim 1 with one book per row; VQ has dim 2 or 4 and few books. The dense weight is rebuilt
     for each call, one layer at a time."""
+
+    STORED_TENSORS = ("weight", "weight_codebook")
+    KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
 
     def __init__(
         self, in_features: int, out_features: int, bits: int, dim: int = 1, books: int | None = None,

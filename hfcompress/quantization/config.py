@@ -1,35 +1,19 @@
-"""Configuration of weight quantization: what the user asks for, and what a checkpoint records."""
+"""Configuration of weight quantization: what the user asks for (the checkpoint's record is
+`checkpoint.manifest.HfcompressQuantizationConfig`)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
-from transformers.utils.quantization_config import QuantizationConfigMixin
-
-from .grid import SUPPORTED_BITS
+from ..core.packing import SUPPORTED_BITS
 
 __all__ = ["FORMAT_VERSION", "GPTQConfig", "HfcompressQuantizationConfig", "RTNConfig"]
 
+from ..checkpoint.manifest import FORMAT_VERSION, SCALE_DTYPES, HfcompressQuantizationConfig, check_grid
+
 logger = logging.getLogger(__name__)
-
-# 2: `lowrank` (factorized layers); 3: `sparse`, `resized`, `codebooks`; 4: `overrides` (mixed precision),
-# layers in both `modules` and `sparse` (`SparseQuantLinear`)
-FORMAT_VERSION = 4
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def _check_grid(bits: int, group_size: int, scale_dtype: str) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"`bits` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
-        raise ValueError(
-            f"`group_size` must be a positive integer or -1 (one group per output row), got {group_size!r}"
-        )
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"`scale_dtype` must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
-
 
 @dataclass
 class RTNConfig:
@@ -74,7 +58,7 @@ class RTNConfig:
     )
 
     def __post_init__(self):
-        _check_grid(self.bits, self.group_size, self.scale_dtype)
+        check_grid(self.bits, self.group_size, self.scale_dtype)
         if self.layer_bits is not None:
             if not isinstance(self.layer_bits, dict):
                 raise ValueError(f"`layer_bits` must map module names to bits, got {self.layer_bits!r}")
@@ -150,77 +134,3 @@ class GPTQConfig(RTNConfig):
         if not isinstance(data["dataset"], (str, type(None))):
             data["dataset"] = f"<{type(self.dataset).__name__}>"
         return data
-
-
-@dataclass
-class HfcompressQuantizationConfig(QuantizationConfigMixin):
-    """What `config.json["quantization_config"]` records for an hfcompress checkpoint.
-
-    `modules` lists every quantized module by name so loading rebuilds exactly those; `layer_types` the
-    classes they replaced (`Linear`, GPT-2's `Conv1D`); `recipe` keeps the settings that produced the
-    checkpoint, for the record. `lowrank` maps each factorized layer to its rank (`FactorizedLinear`, rebuilt
-    before any quantized module, so a quantized factor is listed in `modules` as `<layer>.up` or `.down`);
-    `lowrank_recipe` keeps the factorization settings. `convolutions` maps each decomposed `Conv2d` to
-    `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`. `sparse` maps each layer stored as
-    bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
-    model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module:
-    {...}}}`. `codebooks` maps each k-means / VQ layer (`CodebookLinear`) to `{"bits", "dim", "books"}`.
-    `overrides` maps a quantized module whose grid differs from the top-level one (mixed precision, a factor
-    with one group per row) to `{"bits", "group_size"}`; a module in both `modules` and `sparse` is a
-    `SparseQuantLinear` with that many non-zeros.
-    """
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    act_order: bool = False
-    modules: list[str] = field(default_factory=list)
-    layer_types: list[str] = field(default_factory=lambda: ["Linear"])
-    scale_dtype: str = "float16"
-    method: str = "rtn"
-    recipe: dict[str, Any] = field(default_factory=dict)
-    lowrank: dict[str, int] = field(default_factory=dict)
-    lowrank_recipe: dict[str, Any] = field(default_factory=dict)
-    convolutions: dict[str, dict] = field(default_factory=dict)
-    sparse: dict[str, int] = field(default_factory=dict)
-    codebooks: dict[str, dict] = field(default_factory=dict)
-    resized: dict[str, dict] = field(default_factory=dict)
-    overrides: dict[str, dict] = field(default_factory=dict)
-    version: int = FORMAT_VERSION
-    quant_method: str = "hfcompress"
-
-    def __post_init__(self):
-        _check_grid(self.bits, self.group_size, self.scale_dtype)
-        if self.version > FORMAT_VERSION:
-            logger.warning(
-                "This checkpoint was written by a newer hfcompress (format version %s, this one reads %s); "
-                "loading what this version understands",
-                self.version,
-                FORMAT_VERSION,
-            )
-
-    @classmethod
-    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config_dict) - known)
-        if unknown:
-            logger.warning("Ignoring unknown quantization_config keys %s (written by a newer hfcompress?)", unknown)
-        config = cls(**{k: v for k, v in config_dict.items() if k in known})
-        unused = {}
-        for key, value in kwargs.items():
-            if key in known:
-                setattr(config, key, value)
-            else:
-                unused[key] = value
-        return (config, unused) if return_unused_kwargs else config
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def grid_of(self, name: str) -> tuple[int, int]:
-        """(bits, group_size) of quantized module `name`."""
-        override = self.overrides.get(name, {})
-        return override.get("bits", self.bits), override.get("group_size", self.group_size)
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QuantLinear
-from .structure import set_submodule
+from ..core.structure import set_submodule
 
 __all__ = ["check_compressed_tensors_compatible", "compressed_tensors_config", "compressed_tensors_state_dict", "dequantize_model"]
 

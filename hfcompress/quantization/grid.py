@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.packing import SUPPORTED_BITS
+
 __all__ = ["SUPPORTED_BITS", "QuantizedWeight", "grid_params", "quantize_to_codes", "dequantize_codes", "rtn_quantize"]
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass

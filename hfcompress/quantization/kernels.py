@@ -86,7 +86,7 @@ class AvxCpuKernel:
     def __init__(self, layer, dtype):
         from .cpu_extension import load
         from .modules import QuantLinear
-        from .packing import pack_codes
+        from ..core.packing import pack_codes
 
         self.module = load()
         self.bits, self.group = layer.bits, layer.group_size
@@ -220,7 +220,7 @@ class TritonW4Kernel:
         if layer.weight_g_idx is not None:
             self.perm = torch.argsort(layer.weight_g_idx, stable=True)
             codes = codes[:, self.perm]
-        from .packing import pack_codes
+        from ..core.packing import pack_codes
 
         self.packed = pack_codes(codes, 4).contiguous()
         self.scale = layer.weight_scale.float().contiguous()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .grid import QuantizedWeight
-from .packing import pack_codes, packed_width, unpack_codes
+from ..core.packing import pack_codes, packed_width, unpack_codes
 
 __all__ = ["QuantLinear", "cast_unquantized"]
 
@@ -25,6 +25,9 @@ class QuantLinear(nn.Module):
     The forward pass runs a fused low-bit kernel where one fits the layer (repacked once, see `kernels.py`) and
     otherwise unpacks into a transient dense weight; no dense copy is kept between calls.
     """
+
+    STORED_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
+    KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
 
     def __init__(
         self,
@@ -156,12 +159,11 @@ class QuantLinear(nn.Module):
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the floating-point parameters and buffers of every module except `QuantLinear` and
-    `CodebookLinear` layers to `dtype` (their scales and codebooks keep their own storage dtype)."""
-    from .codebook_linear import CodebookLinear
-
+    """Cast the floating-point parameters and buffers of every module to `dtype`, except those of compressed
+    layers that declare `KEEPS_DTYPE` (quantized and codebook layers: their scales and codebooks keep their own
+    storage dtype)."""
     for module in model.modules():
-        if isinstance(module, (QuantLinear, CodebookLinear)):
+        if getattr(type(module), "KEEPS_DTYPE", False):
             continue
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:

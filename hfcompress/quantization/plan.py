@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .structure import is_excluded, linear_weight
+from ..core.structure import is_excluded, linear_weight
 
 __all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers"]
 

@@ -7,7 +7,7 @@ import torch
 from ..pruning.sparse import pack_bitmask, unpack_bitmask
 from .grid import QuantizedWeight
 from .modules import QuantLinear
-from .packing import pack_codes, packed_width, unpack_codes
+from ..core.packing import pack_codes, packed_width, unpack_codes
 
 __all__ = ["SparseQuantLinear"]
 
@@ -19,6 +19,9 @@ class SparseQuantLinear(QuantLinear):
     dequantizes to exactly 0, so the dense codes the kernels see are rebuilt without loss and both savings
     show in the checkpoint: 1 bit of mask per weight plus `bits` per kept weight.
     """
+
+    STORED_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_bitmask")
+    KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bits: int, group_size: int, sym: bool, **kwargs):
         super().__init__(in_features, out_features, bits, group_size, sym, **kwargs)

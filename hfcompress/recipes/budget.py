@@ -104,7 +104,7 @@ def nonzero_parameters(model) -> int:
 def measure_baseline(model, model_path: str) -> Baseline:
     from ..commands.loading import checkpoint_dtype
     from ..evaluation import weights_size_bytes
-    from ..quantization.structure import candidate_linears, linear_weight
+    from ..core.structure import candidate_linears, linear_weight
 
     shapes = {n: tuple(linear_weight(m).shape) for n, m in candidate_linears(model, None).items()}
     if not os.path.isdir(model_path):

@@ -303,7 +303,7 @@ def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path
 
 
 def _linear_names(model) -> list[str]:
-    from ..quantization.structure import candidate_linears
+    from ..core.structure import candidate_linears
 
     return list(candidate_linears(model, None))
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..quantization.capture import capture_block_outputs
-from ..quantization.structure import linear_weight, set_linear_weight
+from ..core.capture import capture_block_outputs
+from ..core.structure import linear_weight, set_linear_weight
 
 __all__ = ["calibration_loss", "layer_sensitivity", "monotone", "plot_sensitivity", "sensitivity_table"]
 
@@ -101,7 +101,7 @@ def layer_sensitivity(
     A layer inside the block stack changes nothing before its block, so the blocks before it are not run again:
     their output is recorded once per block and replayed (checked against the full model's loss first).
     """
-    from ..quantization.structure import find_layer_stack
+    from ..core.structure import find_layer_stack
 
     results: dict[str, dict[str, float]] = {k: dict(v) for k, v in (done or {}).items()}
     todo = [(s, n) for s, layers in variants.items() for n in layers if s not in results.get(n, {})]

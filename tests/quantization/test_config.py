@@ -3,7 +3,7 @@ import logging
 import pytest
 
 from hfcompress import GPTQConfig, RTNConfig
-from hfcompress.quantization.config import HfcompressQuantizationConfig
+from hfcompress.checkpoint import HfcompressQuantizationConfig
 
 
 @pytest.mark.parametrize("bits", [1, 5, 16, "4"])
@@ -32,7 +32,7 @@ def test_checkpoint_config_round_trips():
         overrides={"a.b.up": {"bits": 8, "group_size": -1}},
     )  # fmt: skip
     data = config.to_dict()
-    assert data["quant_method"] == "hfcompress" and data["version"] == 4
+    assert data["quant_method"] == "hfcompress" and data["version"] == 5
     assert HfcompressQuantizationConfig.from_dict(data) == config
     assert config.grid_of("a.b.up") == (8, -1) and config.grid_of("x") == (3, 64)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hfcompress.quantization.grid import SUPPORTED_BITS, dequantize_codes, grid_params, quantize_to_codes, rtn_quantize
-from hfcompress.quantization.packing import pack_codes, packed_width, unpack_codes
+from hfcompress.core.packing import pack_codes, packed_width, unpack_codes
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

@@ -8,10 +8,22 @@ from helpers import ARCHITECTURES, tiny_model, token_windows
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hfcompress
-from hfcompress.quantization.capture import BlockInputs, capture_block_inputs, run_block
+from hfcompress.core.capture import BlockInputs, capture_block_inputs, run_block
 from hfcompress.quantization.modules import QuantLinear
-from hfcompress.quantization.sequential import calibrate_block
-from hfcompress.quantization.structure import find_layer_stack, find_linears, set_submodule
+from hfcompress.core.calibration import calibrate_block as core_calibrate_block
+from hfcompress.quantization.gptq_blocks import quantize_group
+from hfcompress.core.structure import find_layer_stack, find_linears, set_submodule
+
+
+
+def calibrate_block(block, prefix, inputs, modules, config, scale_dtype):
+    """GPTQ on one block through the core driver."""
+
+    def solve(names, H):
+        return quantize_group(names, modules, H, config, scale_dtype)
+
+    return core_calibrate_block(block, prefix, inputs, modules, solve, config.true_sequential)
+
 
 CONFIGS = {
     "gptq-4-g32-asym-two-pass": lambda ids: hfcompress.GPTQConfig(

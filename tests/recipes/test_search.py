@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (loads the candidates)
 from hfcompress.commands.cli import main
-from hfcompress.quantization.structure import candidate_linears, linear_weight, set_linear_weight
+from hfcompress.core.structure import candidate_linears, linear_weight, set_linear_weight
 from hfcompress.recipes.allocation import allocate, grid_bits_per_weight
 from hfcompress.recipes.search import Budget, SearchConfig
 from hfcompress.recipes.sensitivity import calibration_loss, layer_sensitivity, monotone

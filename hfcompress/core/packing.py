@@ -1,4 +1,4 @@
-"""Dense bit packing of integer codes into int32 words. Pure tensor functions.
+"""Dense bit packing of integer codes into int32 words, and of boolean masks into bytes. Pure tensor functions.
 
 Every 32 consecutive codes of `bits` bits fill exactly `bits` int32 words, little end first, with codes
 split across word boundaries where needed (3 bits). This is bit for bit the layout compressed-tensors uses
@@ -12,8 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["packed_width", "pack_codes", "unpack_codes"]
+__all__ = [
+    "SUPPORTED_BITS",
+    "pack_bitmask", "pack_codes", "packed_width", "unpack_bitmask", "unpack_codes"]
 
+# bit widths with a packed layout that loading and the kernels support
+SUPPORTED_BITS = (2, 3, 4, 8)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -63,3 +67,19 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torc
     high = words[..., word_idx + 1] << (32 - shift)
     codes = (low | high) & (2**bits - 1)
     return codes.reshape(rows, -1)[:, :n].to(torch.int32)
+
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] bool -> [rows, ceil(cols / 8)] uint8, bit j of byte k holding column 8k + j."""
+    rows, cols = mask.shape
+    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :cols] = mask.to(torch.uint8)
+    return (padded.view(rows, -1, 8) * _BITS.to(mask.device)).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    bits = packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device)).ne(0)
+    return bits.view(packed.shape[0], -1)[:, :cols]

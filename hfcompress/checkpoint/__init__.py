@@ -1,0 +1,26 @@
+"""What an hfcompress checkpoint is: the manifest every technique records its changes in, one merge function,
+the rebuild registry that loading consults, and the `HfQuantizer` that lets `from_pretrained` in. Imports no
+technique: each registers how its layers are rebuilt."""
+
+from .hf_quantizer import QUANT_METHOD, HfcompressHfQuantizer, attach_config, register
+from .manifest import FORMAT_VERSION, CheckpointManifest, HfcompressQuantizationConfig, manifest_of
+from .merge import update_manifest
+from .rebuild import Rebuilder, linear_to_replace, register_dequantizer, register_rebuilder
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "CheckpointManifest",
+    "HfcompressHfQuantizer",
+    "HfcompressQuantizationConfig",
+    "Rebuilder",
+    "attach_config",
+    "linear_to_replace",
+    "manifest_of",
+    "register",
+    "register_dequantizer",
+    "register_rebuilder",
+    "update_manifest",
+]
+
+register()

@@ -1,0 +1,74 @@
+"""The transformers side of loading: after `import hfcompress`, `from_pretrained` rebuilds the compressed layers
+a checkpoint's manifest lists, through the rebuild registry."""
+
+from __future__ import annotations
+
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .manifest import HfcompressQuantizationConfig
+from .rebuild import dequantizers, rebuilder_for, rebuilders
+
+__all__ = ["QUANT_METHOD", "HfcompressHfQuantizer", "attach_config", "register"]
+
+QUANT_METHOD = "hfcompress"
+
+
+class HfcompressHfQuantizer(HfQuantizer):
+    """Swaps the layers listed in the checkpoint's manifest for what the checkpoint holds before the weights
+    load, one registered rebuilder per kind of layer, in their order."""
+
+    requires_calibration = True
+    quantization_config: HfcompressQuantizationConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        used = config.sections_in_use()
+        for section in used:
+            rebuilder_for(section)  # an unknown kind fails before anything changes
+        for rebuilder in rebuilders():
+            if rebuilder.section in used:
+                rebuilder.rebuild(model, config)
+        return model
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # packed or bitmask weights take no gradients; factorized and resized layers are ordinary linears
+        return all(rebuilder_for(section).trainable for section in self.quantization_config.sections_in_use())
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return self.is_trainable
+
+    def _dequantize(self, model, dtype=None):
+        for dequantize in dequantizers():
+            model = dequantize(model, dtype)
+        return model
+
+
+def attach_config(model, qconfig: HfcompressQuantizationConfig) -> None:
+    """Mark `model` as an hfcompress checkpoint, as `from_pretrained` would have: its config records `qconfig`
+    (so `save_pretrained` writes it) and the quantizer that reloads it is attached."""
+    model.config.quantization_config = qconfig
+    model.hf_quantizer = HfcompressHfQuantizer(qconfig, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = qconfig.quant_method
+
+
+def register() -> None:
+    """Make `from_pretrained` understand `quant_method: "hfcompress"`. Idempotent."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(HfcompressQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(HfcompressHfQuantizer)

@@ -1,0 +1,151 @@
+"""The manifest: what an hfcompress checkpoint holds, recorded in `config.json["quantization_config"]`.
+
+One structure for every technique: quantized layers and their grids, sparse layers, factor ranks, decomposed
+convolutions, codebooks, resized layers, and the layers of techniques registered from outside the package
+(`layers`). Every technique records its changes with `update_manifest`; `from_pretrained` rebuilds the
+layers from it (see `rebuild.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..core.packing import SUPPORTED_BITS
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SCALE_DTYPES",
+    "CheckpointManifest",
+    "HfcompressQuantizationConfig",
+    "check_grid",
+    "manifest_of",
+]
+
+logger = logging.getLogger(__name__)
+
+# 2: `lowrank` (factorized layers); 3: `sparse`, `resized`, `codebooks`; 4: `overrides` (mixed precision),
+# layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside)
+FORMAT_VERSION = 5
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_grid(bits: int, group_size: int, scale_dtype: str) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"`bits` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
+        raise ValueError(
+            f"`group_size` must be a positive integer or -1 (one group per output row), got {group_size!r}"
+        )
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"`scale_dtype` must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+
+
+@dataclass
+class HfcompressQuantizationConfig(QuantizationConfigMixin):
+    """What `config.json["quantization_config"]` records for an hfcompress checkpoint.
+
+    `modules` lists every quantized module by name so loading rebuilds exactly those; `layer_types` the
+    classes they replaced (`Linear`, GPT-2's `Conv1D`); `recipe` keeps the settings that produced the
+    checkpoint, for the record. `lowrank` maps each factorized layer to its rank (`FactorizedLinear`, rebuilt
+    before any quantized module, so a quantized factor is listed in `modules` as `<layer>.up` or `.down`);
+    `lowrank_recipe` keeps the factorization settings. `convolutions` maps each decomposed `Conv2d` to
+    `{"kind": "tucker2", "ranks": [in, out]}` or `{"kind": "separable"}`. `sparse` maps each layer stored as
+    bitmask + values (`SparseLinear`) to its number of non-zeros. `resized` records structure removed where the
+    model's config cannot express it (BERT heads): `{"linears": {name: [out, in]}, "attributes": {module:
+    {...}}}`. `codebooks` maps each k-means / VQ layer (`CodebookLinear`) to `{"bits", "dim", "books"}`.
+    `overrides` maps a quantized module whose grid differs from the top-level one (mixed precision, a factor
+    with one group per row) to `{"bits", "group_size"}`; a module in both `modules` and `sparse` is a
+    `SparseQuantLinear` with that many non-zeros. `layers` maps a technique registered from outside hfcompress
+    to `{module name: spec}` for its own rebuilder.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    modules: list[str] = field(default_factory=list)
+    layer_types: list[str] = field(default_factory=lambda: ["Linear"])
+    scale_dtype: str = "float16"
+    method: str = "rtn"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    lowrank: dict[str, int] = field(default_factory=dict)
+    lowrank_recipe: dict[str, Any] = field(default_factory=dict)
+    convolutions: dict[str, dict] = field(default_factory=dict)
+    sparse: dict[str, int] = field(default_factory=dict)
+    codebooks: dict[str, dict] = field(default_factory=dict)
+    resized: dict[str, dict] = field(default_factory=dict)
+    overrides: dict[str, dict] = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+    quant_method: str = "hfcompress"
+
+    def __post_init__(self):
+        check_grid(self.bits, self.group_size, self.scale_dtype)
+        if self.version > FORMAT_VERSION:
+            logger.warning(
+                "This checkpoint was written by a newer hfcompress (format version %s, this one reads %s); "
+                "loading what this version understands",
+                self.version,
+                FORMAT_VERSION,
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            logger.warning("Ignoring unknown quantization_config keys %s (written by a newer hfcompress?)", unknown)
+        config = cls(**{k: v for k, v in config_dict.items() if k in known})
+        unused = {}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def grid_of(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) of quantized module `name`."""
+        override = self.overrides.get(name, {})
+        return override.get("bits", self.bits), override.get("group_size", self.group_size)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def section(self, name: str) -> dict:
+        """The records of one kind of layer: a built-in field (`lowrank`, `sparse`, ...) or a registered
+        technique's entry in `layers`."""
+        if name in _BUILT_IN_SECTIONS:
+            return getattr(self, name)
+        return self.layers.get(name, {})
+
+    def sections_in_use(self) -> list[str]:
+        """The kinds of layer this checkpoint holds."""
+        used = [name for name in _BUILT_IN_SECTIONS if getattr(self, name)]
+        return used + [name for name, records in self.layers.items() if records]
+
+
+# the fields that record layers (the other fields describe the quantization grid and the recipe)
+_BUILT_IN_SECTIONS = ("convolutions", "resized", "lowrank", "sparse", "codebooks", "modules")
+
+CheckpointManifest = HfcompressQuantizationConfig
+
+
+def manifest_of(model) -> HfcompressQuantizationConfig | None:
+    """The manifest `model` carries (None for a model hfcompress has not changed); an error for a model quantized
+    by another method, which hfcompress cannot add to."""
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qconfig is None or isinstance(qconfig, HfcompressQuantizationConfig):
+        return qconfig
+    method = getattr(qconfig, "quant_method", None) or (qconfig.get("quant_method") if isinstance(qconfig, dict) else None)
+    raise ValueError(
+        f"the model is quantized by another method ({method or type(qconfig).__name__}); hfcompress can only extend "
+        "its own checkpoints"
+    )

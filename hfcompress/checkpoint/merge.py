@@ -1,0 +1,41 @@
+"""One way for every technique to record what it changed in a model's manifest."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from torch import nn
+
+from .hf_quantizer import attach_config
+from .manifest import HfcompressQuantizationConfig, manifest_of
+
+__all__ = ["update_manifest"]
+
+_FIELDS = {f.name for f in fields(HfcompressQuantizationConfig)}
+
+
+def update_manifest(model: nn.Module, default_method: str = "none", **changes) -> HfcompressQuantizationConfig:
+    """Merge `changes` into `model`'s manifest (a new one, named `default_method`, if it has none) and attach it,
+    so `save_pretrained` writes it and `from_pretrained` rebuilds the layers.
+
+    Layer records (`lowrank`, `sparse`, `codebooks`, ... and each technique's entry in `layers`) are merged name
+    by name, so what earlier steps recorded stays; `modules` gains the new names; other fields are replaced.
+    A model quantized by another method is refused.
+    """
+    unknown = sorted(set(changes) - _FIELDS)
+    if unknown:
+        raise TypeError(f"the manifest has no fields {unknown}; it has {', '.join(sorted(_FIELDS))}")
+    manifest = manifest_of(model)
+    if manifest is None:
+        manifest = HfcompressQuantizationConfig(method=default_method)
+    for key, value in changes.items():
+        current = getattr(manifest, key)
+        if key == "layers":
+            value = {kind: {**current.get(kind, {}), **records} for kind, records in {**current, **value}.items()}
+        elif key == "modules":
+            value = list(dict.fromkeys([*current, *value]))
+        elif isinstance(current, dict) and key not in ("recipe", "lowrank_recipe"):
+            value = {**current, **value}
+        setattr(manifest, key, value)
+    attach_config(model, manifest)
+    return manifest

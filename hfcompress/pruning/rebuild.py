@@ -1,0 +1,46 @@
+"""How resized (structured-pruned) and bitmask-stored layers are rebuilt when a checkpoint loads."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import linear_to_replace, register_rebuilder
+from ..core.structure import linear_weight, set_submodule
+from .sparse import SparseLinear
+
+__all__ = ["rebuild_resized", "rebuild_sparse"]
+
+
+def rebuild_resized(model, manifest) -> None:
+    """Shrink the linears (and attention attributes) that structured pruning made smaller than the config."""
+    for name, (out_features, in_features) in manifest.resized.get("linears", {}).items():
+        module = linear_to_replace(model, name, "resizes")
+        layer = torch.nn.Linear(
+            in_features, out_features, module.bias is not None, dtype=module.weight.dtype, device=module.weight.device
+        )
+        set_submodule(model, name, layer)
+    for name, attributes in manifest.resized.get("attributes", {}).items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"the checkpoint resizes {name!r}, which {type(model).__name__} does not have") from e
+        for attribute, value in attributes.items():
+            if not hasattr(module, attribute):
+                raise ValueError(f"the checkpoint sets {name}.{attribute}, which {type(module).__name__} lacks")
+            setattr(module, attribute, value)
+
+
+def rebuild_sparse(model, manifest) -> None:
+    for name, nnz in manifest.sparse.items():
+        if name in manifest.modules:
+            continue  # pruned and quantized: a SparseQuantLinear, rebuilt with the quantized layers
+        module = linear_to_replace(model, name, "stores sparse")
+        out_features, in_features = linear_weight(module).shape
+        layer = SparseLinear(
+            in_features, out_features, nnz, module.bias is not None, module.weight.dtype, module.weight.device
+        )
+        set_submodule(model, name, layer)
+
+
+register_rebuilder("resized", rebuild_resized, order=20, trainable=True)
+register_rebuilder("sparse", rebuild_sparse, order=40)

@@ -1,0 +1,99 @@
+"""GPTQ over a model's blocks: the core calibration driver with a solver that quantizes each group of linears.
+
+Linears that read the same tensor (q/k/v, gate/up) share one Hessian and are quantized as one stacked matrix
+(GPTQ treats rows independently, so this is exact).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..core.calibration import calibrate_blocks
+from ..core.structure import linear_weight, set_linear_weight, set_submodule
+from .config import GPTQConfig
+from .gptq import gptq_quantize
+from .grid import QuantizedWeight
+from .layers import quantized_layer
+from .plan import LayerPlan
+
+__all__ = ["quantize_blocks", "quantize_group"]
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_group(
+    names: list[str], modules: dict[str, nn.Module], H: torch.Tensor, config: GPTQConfig, scale_dtype, plans=None
+) -> dict[str, QuantizedWeight]:
+    """GPTQ on the stacked weights of linears sharing one input (one by one when their plans differ in bits or
+    group size); each layer's weight becomes its dequantized value so the rest of the block runs on it.
+    `plans` maps names (relative to the block) to `LayerPlan`s; without one a layer gets `config`'s grid."""
+    plans = plans or {}
+    grids = {(plans[n].bits, plans[n].group_size) if n in plans else (config.bits, config.group_size) for n in names}
+    if len(grids) > 1:
+        result = {}
+        for name in names:
+            result.update(quantize_group([name], modules, H, config, scale_dtype, plans))
+        return result
+    bits, group_size = grids.pop()
+    weights = [linear_weight(modules[name]).detach().float() for name in names]
+    masks = [plans[n].mask if n in plans else None for n in names]
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks)])
+    stacked, loss = gptq_quantize(
+        torch.cat(weights),
+        H,
+        bits=bits,
+        group_size=group_size,
+        sym=config.sym,
+        act_order=config.act_order,
+        static_groups=config.static_groups,
+        damp_percent=config.damp_percent,
+        block_size=config.block_size,
+        clip_search=config.clip_search,
+        mask=mask,
+    )
+    logger.debug("%s: GPTQ loss %.4g", names, loss)
+    sizes = [w.shape[0] for w in weights]
+    scales = stacked.scales.to(scale_dtype).float()
+    result = {}
+    for name, codes, s, z in zip(names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes)):
+        quantized = QuantizedWeight(codes, s, z, stacked.g_idx, bits)
+        module = modules[name]
+        set_linear_weight(module, quantized.dequantize(module.weight.dtype))
+        result[name] = quantized
+    return result
+
+
+@torch.no_grad()
+def quantize_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: list[torch.Tensor],
+    targets: dict[str, nn.Module],
+    config: GPTQConfig,
+    scale_dtype: torch.dtype,
+    plans: dict | None = None,
+) -> set[str]:
+    """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
+    where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
+    config's grid everywhere)."""
+    plans = plans or {n: LayerPlan(config.bits, config.group_size) for n in targets}
+    act_order = config.act_order and not config.static_groups
+    done: set[str] = set()
+
+    def make_solver(block, prefix, modules):
+        block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
+        return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans)
+
+    calibration = calibrate_blocks(model, blocks, batches, targets, make_solver, config.true_sequential, "GPTQ blocks")
+    for block, prefix, quantized in calibration:
+        for name, q in quantized.items():
+            module = block.get_submodule(name)
+            layer = quantized_layer(q, plans[f"{prefix}.{name}"], config.sym, act_order, module.bias, scale_dtype)
+            set_submodule(block, name, layer)
+            done.add(f"{prefix}.{name}")
+    return done

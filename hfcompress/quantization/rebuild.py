@@ -1,0 +1,53 @@
+"""How quantized (`QuantLinear`, `SparseQuantLinear`) and codebook layers are rebuilt when a checkpoint loads."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import linear_to_replace, register_dequantizer, register_rebuilder
+from ..core.structure import linear_weight, set_submodule
+from .codebook_linear import CodebookLinear
+from .export import dequantize_model
+from .modules import QuantLinear
+from .sparse_quant import SparseQuantLinear
+
+__all__ = ["SCALE_DTYPES", "rebuild_codebooks", "rebuild_quantized"]
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def rebuild_codebooks(model, manifest) -> None:
+    for name, spec in manifest.codebooks.items():
+        module = linear_to_replace(model, name, "stores as codebooks")
+        out_features, in_features = linear_weight(module).shape
+        layer = CodebookLinear(
+            in_features, out_features, spec["bits"], spec["dim"], spec["books"], module.bias is not None,
+            dtype=module.weight.dtype, device=module.weight.device,
+        )  # fmt: skip
+        set_submodule(model, name, layer)
+
+
+def rebuild_quantized(model, manifest) -> None:
+    scale_dtype = SCALE_DTYPES[manifest.scale_dtype]
+    for name in manifest.modules:
+        module = linear_to_replace(model, name, "quantizes")
+        out_features, in_features = linear_weight(module).shape
+        bits, group_size = manifest.grid_of(name)
+        kwargs = dict(
+            act_order=manifest.act_order,
+            bias=module.bias is not None,
+            scale_dtype=scale_dtype,
+            dtype=module.weight.dtype,
+            device=module.weight.device,
+        )
+        if name in manifest.sparse:
+            nnz = manifest.sparse[name]
+            layer = SparseQuantLinear(in_features, out_features, nnz, bits, group_size, manifest.sym, **kwargs)
+        else:
+            layer = QuantLinear(in_features, out_features, bits, group_size, manifest.sym, **kwargs)
+        set_submodule(model, name, layer)
+
+
+register_rebuilder("codebooks", rebuild_codebooks, order=50)
+register_rebuilder("modules", rebuild_quantized, order=60)
+register_dequantizer(dequantize_model)
