@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["calibration_batches", "calibration_windows", "load_texts", "tokenize_windows"]
+__all__ = ["calibration_batches", "calibration_windows", "load_texts", "looks_local", "tokenize_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _texts_from_datasets(path: str, split: str) -> list[str]:
         ) from e
     if os.path.isdir(path):
         loaded = datasets.load_from_disk(path)
-    elif _looks_local(path):
+    elif looks_local(path):
         raise FileNotFoundError(
             f"dataset {path!r} does not exist (expected a text file, a `datasets` folder or a Hub name)"
         )
@@ -57,7 +57,8 @@ def _texts_from_datasets(path: str, split: str) -> list[str]:
     return _column(loaded)
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
+    """Whether `path` can only be a local file or folder (a Hub name is `name` or `org/name`)."""
     return path.startswith((".", "/", "~")) or os.path.splitext(path)[1] != "" or path.count("/") > 1
 
 

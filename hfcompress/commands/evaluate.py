@@ -7,7 +7,7 @@ import json
 import os
 
 from ..evaluation import evaluate
-from .loading import load_model, load_tokenizer
+from ..steps.loading import load_model, load_tokenizer
 
 __all__ = ["run_evaluate"]
 

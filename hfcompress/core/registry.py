@@ -13,17 +13,43 @@ footprint and the dtype handling need no list of classes either.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+def _never(config) -> bool:
+    return False
+
+
+def always(config) -> bool:
+    """`calibrated=always`: every config of the technique calibrates on data."""
+    return True
+
+
+@dataclass(frozen=True)
+class StepOption:
+    """A choice a step makes beyond its config (how it stores or saves); `choices[0]` is the default."""
+
+    choices: tuple[str, ...]
+    help: str = ""
+
+    @property
+    def default(self) -> str:
+        return self.choices[0]
+
+
 __all__ = [
+    "StepOption",
     "Technique",
+    "always",
     "compressed_layer_types",
     "get_technique",
+    "kinds",
     "register_technique",
+    "resolve_technique",
     "stored_tensors",
     "technique_for",
     "techniques",
@@ -34,29 +60,58 @@ __all__ = [
 class Technique:
     """A compression technique as the rest of hfcompress sees it.
 
-    `name`: the method name on the command line (`hfcompress <kind> <name>`) and in a recipe step
-    (`- <kind>: {method: <name>}`). `config_class`: its config dataclass. `apply(model, config, tokenizer)`
-    compresses `model` in place and returns it (with `in_place=False`, returns a new model: bitsandbytes
-    quantizes while loading). `kind`: the command group and recipe step it belongs to (`quantize`, `prune`,
-    `factorize`, ...). `record_kind`: the step's kind in the compression record. `layer_types`: the module classes
-    it puts into a model. `formats`: the checkpoint formats it can be saved in (the first is the default).
-    `needs_data(config)`: whether that config needs calibration data. `summary`: one line for `--help`.
+    - `name`: its method name in a recipe step (`- <kind>: {method: <name>}`) and on the command line.
+    - `config_class`: its config dataclass. `apply(model, config, tokenizer)` compresses `model` in place and
+      returns it (with `in_place=False` it returns a new model: bitsandbytes quantizes while loading).
+    - `kind`: the command group and recipe step it belongs to (`quantize`, `prune`, `factorize`, ...);
+      `command`: its command words (default `hfcompress <kind> <name>`).
+    - `record_kind`: the step's kind in the compression record; `describe(config)`: the method the record names
+      (default: the config's `method`, else `name`); `record(model, config)`: extra settings to record.
+    - `layer_types`: the module classes it puts into a model (each declares `STORED_TENSORS`).
+    - `calibrated(config)`: whether that config calibrates on data (then `dataset` is required; `always` when
+      every config does).
+    - `step_options`: options of the step beyond the config (`format`, `storage`), by name;
+      `check(config, **step_options)` refuses bad combinations before any work;
+      `before_save(model, config, **step_options)` runs after the quality measurement (a storage form);
+      `save(model, folder, **step_options)` writes the weights (default: `save_pretrained`).
+    - `cast`: whether what stayed dense goes back to the checkpoint's dtype before saving.
+    - `summary`: one line for `--help`.
     """
 
     name: str
     config_class: type
     apply: Callable[..., nn.Module]
     kind: str = "quantize"
+    command: tuple[str, ...] = ()
     record_kind: str = "quantization"
+    describe: Callable[[Any], str] | None = None
+    record: Callable[[nn.Module, Any], dict] | None = None
     layer_types: tuple[type, ...] = ()
-    formats: tuple[str, ...] = ("hfcompress",)
-    needs_data: Callable[[Any], bool] = lambda config: False
+    calibrated: Callable[[Any], bool] = _never
+    step_options: dict[str, StepOption] = field(default_factory=dict)
+    check: Callable[..., None] | None = None
+    before_save: Callable[..., None] | None = None
+    save: Callable[..., None] | None = None
+    cast: bool = True
     in_place: bool = True
     summary: str = ""
 
-    @property
-    def command(self) -> tuple[str, str]:
-        return (self.kind, self.name)
+    def __post_init__(self):
+        if not self.command:
+            object.__setattr__(self, "command", (self.kind, self.name))
+
+    def method_of(self, config) -> str:
+        if self.describe is not None:
+            return self.describe(config)
+        method = getattr(config, "method", None)
+        return method if isinstance(method, str) else self.name
+
+    def variants(self) -> tuple[str, ...]:
+        """The recipe method names that select this technique: its name, and the choices of its config's
+        `method` field where it has one (`prune: {method: sparsegpt}` is the one-shot technique)."""
+        hint = typing.get_type_hints(self.config_class).get("method")
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+        return (self.name, *choices)
 
 
 _TECHNIQUES: dict[tuple[str, str], Technique] = {}
@@ -98,6 +153,34 @@ def get_technique(kind: str, name: str) -> Technique:
         known = ", ".join(t.name for t in techniques(kind)) or "none"
         raise ValueError(f"unknown {kind} method {name!r}; expected one of {known}")
     return _TECHNIQUES[(kind, name)]
+
+
+def resolve_technique(kind: str, method: str | None) -> Technique:
+    """The technique a recipe step `- <kind>: {method: <method>}` runs: the one named `method`, or the one whose
+    config's `method` field offers it; without a method, the one technique of `kind` whose config has a `method`
+    field with a default (`prune` is one-shot magnitude pruning, `factorize` whitened SVD)."""
+    candidates = techniques(kind)
+    if method is None:
+        defaults = [t for t in candidates if len(t.variants()) > 1]
+        if len(candidates) == 1 or len(defaults) == 1:
+            return candidates[0] if len(candidates) == 1 else defaults[0]
+        raise ValueError(f"a {kind} step needs `method`: one of {', '.join(_all_variants(kind))}")
+    for technique in candidates:
+        if method in technique.variants():
+            return technique
+    raise ValueError(f"`method` must be one of {', '.join(_all_variants(kind))}, got {method!r}")
+
+
+def _all_variants(kind: str) -> list[str]:
+    names = []
+    for technique in techniques(kind):
+        names.extend(v for v in technique.variants()[1:] or technique.variants() if v not in names)
+    return names
+
+
+def kinds() -> list[str]:
+    """The kinds of registered techniques, in registration order."""
+    return list(dict.fromkeys(t.kind for t in _TECHNIQUES.values()))
 
 
 def technique_for(config: Any, kind: str | None = None) -> Technique:

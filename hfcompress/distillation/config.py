@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
-__all__ = ["DistillationConfig"]
+from ..core.config import CompressionConfig
+
+__all__ = ["DistillationConfig", "parse_pairs"]
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -21,8 +23,21 @@ def _pairs(value, name: str) -> list[tuple[int, int]]:
     return pairs
 
 
+def parse_pairs(text: str | None) -> list[tuple[int, int]]:
+    """'2:1,5:2' -> [(2, 1), (5, 2)] (layer pairs as the command line and recipes write them)."""
+    if not text:
+        return []
+    pairs = []
+    for item in text.split(","):
+        teacher, sep, student = item.strip().partition(":")
+        if not sep or not teacher.isdigit() or not student.isdigit():
+            raise ValueError(f"layer pairs must look like 'TEACHER:STUDENT,...' (e.g. '2:1,5:2'), got {text!r}")
+        pairs.append((int(teacher), int(student)))
+    return pairs
+
+
 @dataclass
-class DistillationConfig:
+class DistillationConfig(CompressionConfig):
     """The loss of a `DistillationTrainer`:
 
         alpha_task * task loss + alpha_kd * T^2 * KL(softmax(teacher / T) || softmax(student / T))
@@ -33,6 +48,8 @@ class DistillationConfig:
     block i); a linear projection, trained with the student, maps student widths that differ from the
     teacher's. Attention maps are indexed by block (0-based) and need heads of the same count.
     """
+
+    technique: ClassVar[str] = "distillation"
 
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the soft targets (> 0)."})
     alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the soft-target KL loss (scaled by T^2)."})
@@ -78,16 +95,12 @@ class DistillationConfig:
             weights["attention"] = self.alpha_attention
         return weights
 
+    @classmethod
+    def header(cls) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION}
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = super().to_dict()
         data["hidden_states"] = [list(p) for p in self.hidden_states]
         data["attentions"] = [list(p) for p in self.attentions]
-        return {"version": FORMAT_VERSION, **data}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DistillationConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"version"})
-        if unknown:
-            logger.warning("ignoring unknown DistillationConfig keys %s (written by a newer hfcompress?)", unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return data

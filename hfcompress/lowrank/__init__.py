@@ -21,6 +21,8 @@ __all__ = [
 ]
 
 register_technique(
-    "lowrank", LowRankConfig, factorize, kind="factorize", record_kind="factorization",
-    needs_data=lambda config: config.needs_data, summary="Replace linear layers by low-rank factor pairs.",
+    "lowrank", LowRankConfig, factorize, kind="factorize", command=("factorize",), record_kind="factorization",
+    calibrated=lambda config: config.needs_data,
+    record=lambda model, config: {"ranks": dict(model.config.quantization_config.lowrank)},
+    summary="Replace linear layers by low-rank factor pairs and save.",
 )  # fmt: skip

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from ..core.config import CalibrationArguments, CompressionConfig
 
 __all__ = ["LowRankConfig"]
 
@@ -12,7 +14,7 @@ METHODS = ("svd", "asvd", "whiten")
 
 
 @dataclass
-class LowRankConfig:
+class LowRankConfig(CalibrationArguments, CompressionConfig):
     """Factorize linear layers into two thin ones (`FactorizedLinear`), by truncated SVD of the weight, of
     the activation-scaled weight (ASVD) or of the whitened weight (SVD-LLM).
 
@@ -21,6 +23,8 @@ class LowRankConfig:
     this fraction of the squared singular values). A layer is factorized only when its factors hold fewer
     parameters than its dense weight.
     """
+
+    technique: ClassVar[str] = "lowrank"
 
     method: Literal["svd", "asvd", "whiten"] = field(
         default="whiten",
@@ -79,15 +83,6 @@ class LowRankConfig:
             "help": "Module names (or name suffixes, or 're:' regexes) left dense. Default: the output embedding."
         },
     )
-    dataset: Any = field(
-        default=None,
-        metadata={
-            "help": "Calibration data (asvd, whiten, sensitivity): texts, a text file, a `datasets` folder or Hub name."
-        },
-    )
-    num_samples: int = field(default=64, metadata={"help": "Number of calibration windows."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
-    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -106,10 +101,10 @@ class LowRankConfig:
         if not self.probe_ratios or any(not (0 < r < 1) for r in self.probe_ratios):
             raise ValueError(f"`probe_ratios` must be a non-empty list of ratios in (0, 1), got {self.probe_ratios!r}")
         self.probe_ratios = sorted(set(self.probe_ratios))
-        for name in ("sensitivity_samples", "num_samples", "seq_len", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        value = self.sensitivity_samples
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`sensitivity_samples` must be a positive integer, got {value!r}")
+        self.check_calibration()
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
             raise ValueError(f"`alpha` must be a non-negative number, got {self.alpha!r}")
         if not 0 <= self.damp_percent < 1:
@@ -118,9 +113,3 @@ class LowRankConfig:
     @property
     def needs_data(self) -> bool:
         return self.method != "svd" or (self.param_ratio is not None and self.allocation == "sensitivity")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if not isinstance(data["dataset"], (str, type(None))):
-            data["dataset"] = f"<{type(self.dataset).__name__}>"
-        return data

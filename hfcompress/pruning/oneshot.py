@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases
 from ..data import calibration_batches, calibration_windows
 from ..core.calibration import for_each_block_hessian
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
@@ -26,10 +27,13 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
+@deprecated_aliases(blocksize="block_size")
 @dataclass
-class OneShotPruningConfig:
+class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
     """Prune a trained model in one pass. `magnitude` needs no data; `wanda` and `sparsegpt` need
     calibration texts (`dataset`)."""
+
+    technique: ClassVar[str] = "oneshot"
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = field(
         default="sparsegpt",
@@ -43,14 +47,8 @@ class OneShotPruningConfig:
         default=None,
         metadata={"help": "Semi-structured 'N:M' (e.g. '2:4': N of every M consecutive inputs kept) instead of unstructured."},
     )
-    dataset: Any = field(
-        default=None, metadata={"help": "Calibration texts: a list, a text file, a datasets folder or a Hub dataset."}
-    )
-    num_samples: int = field(default=128, metadata={"help": "Calibration windows."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
-    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
     damp_percent: float = field(default=0.01, metadata={"help": "SparseGPT: dampening, fraction of the mean Hessian diagonal."})
-    blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns pruned together."})
+    block_size: int = field(default=128, metadata={"help": "SparseGPT: columns pruned together."})
     modules_to_not_convert: list[str] | None = field(
         default=None, metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."}
     )
@@ -65,11 +63,11 @@ class OneShotPruningConfig:
             if not match or not 0 < int(match[1]) < int(match[2]):
                 raise ValueError(f"`pattern` must look like '2:4' (N:M with 0 < N < M), got {self.pattern!r}")
             n, m = self.nm
-            if self.blocksize % m:
-                raise ValueError(f"`blocksize` ({self.blocksize}) must be a multiple of M ({m})")
-        for name in ("num_samples", "seq_len", "batch_size", "blocksize"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+            if self.block_size % m:
+                raise ValueError(f"`block_size` ({self.block_size}) must be a multiple of M ({m})")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
+        self.check_calibration()
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -83,19 +81,9 @@ class OneShotPruningConfig:
         n, m = self.nm
         return 1 - n / m if m else self.sparsity
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if not isinstance(data["dataset"], (str, type(None))):
-            data["dataset"] = f"<{type(self.dataset).__name__}>"
-        return {"pruning_method": "oneshot", "version": FORMAT_VERSION, **data}
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "OneShotPruningConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"pruning_method", "version"})
-        if unknown:
-            logger.warning("ignoring unknown OneShotPruningConfig keys %s", unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def header(cls) -> dict[str, Any]:
+        return {"pruning_method": "oneshot", "version": FORMAT_VERSION}
 
 
 def _prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPruningConfig) -> torch.Tensor:
@@ -104,7 +92,7 @@ def _prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPrunin
         return magnitude_prune(W, config.sparsity, n, m)
     if config.method == "wanda":
         return wanda_prune(W, H, config.sparsity, n, m)
-    return sparsegpt_prune(W, H, config.sparsity, n, m, config.blocksize, config.damp_percent)
+    return sparsegpt_prune(W, H, config.sparsity, n, m, config.block_size, config.damp_percent)
 
 
 @torch.no_grad()

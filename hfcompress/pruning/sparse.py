@@ -20,7 +20,7 @@ from ..checkpoint import manifest_of, update_manifest
 from ..core.packing import pack_bitmask, unpack_bitmask
 from ..core.structure import find_linears, set_submodule
 
-__all__ = ["pack_bitmask", "unpack_bitmask", "SparseLinear", "compress_sparse", "decompress_sparse"]
+__all__ = ["SparseLinear", "compress_sparse", "decompress_sparse", "pack_bitmask", "store_sparse", "unpack_bitmask"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ def compress_sparse(model: nn.Module, min_sparsity: float = 0.25) -> dict[str, i
     update_manifest(model, "sparse", sparse=sparse)
     logger.info("%d linear layers stored as bitmask + values", len(sparse))
     return sparse
+
+
+def store_sparse(model: nn.Module, config=None, storage: str = "dense") -> None:
+    """With `storage="bitmask"`, store the pruned layers as bitmask + values before saving (see `compress_sparse`)."""
+    if storage == "bitmask":
+        compress_sparse(model)
 
 
 def decompress_sparse(model: nn.Module) -> nn.Module:

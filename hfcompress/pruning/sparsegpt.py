@@ -59,7 +59,7 @@ def sparsegpt_prune(
     sparsity: float,
     n: int = 0,
     m: int = 0,
-    blocksize: int = 128,
+    block_size: int = 128,
     damp_percent: float = 0.01,
 ) -> torch.Tensor:
     """SparseGPT: prune column block by column block, choosing each block's mask by w^2 / [Hinv]_jj^2 and
@@ -67,8 +67,8 @@ def sparsegpt_prune(
     factor). Unstructured masks reach `sparsity` per block of columns; N:M masks are chosen every M columns.
     Returns the pruned (and updated) W in its dtype."""
     _check(sparsity, n, m)
-    if m and blocksize % m:
-        raise ValueError(f"`blocksize` ({blocksize}) must be a multiple of M ({m})")
+    if m and block_size % m:
+        raise ValueError(f"`block_size` ({block_size}) must be a multiple of M ({m})")
     dtype = W.dtype
     W = W.detach().clone().float()
     H = H.detach().clone().float()
@@ -78,8 +78,8 @@ def sparsegpt_prune(
     W[:, dead] = 0
     Hinv = inverse_cholesky(H, damp_percent)
 
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from ..core.config import CompressionConfig, deprecated_aliases
 
 __all__ = ["BnbConfig", "quantize_bnb", "load_bnb", "require_bitsandbytes", "quiet_bitsandbytes"]
 
@@ -30,8 +32,9 @@ def require_bitsandbytes() -> None:
         raise ImportError(f"bitsandbytes quantization needs the bitsandbytes package: {PIP_LINE}") from e
 
 
+@deprecated_aliases(skip_modules="modules_to_not_convert")
 @dataclass
-class BnbConfig:
+class BnbConfig(CompressionConfig):
     """bitsandbytes weight quantization: 8-bit (LLM.int8) or 4-bit (NF4 or FP4, optionally with double
     quantization of the block scales), computing in `compute_dtype`."""
 
@@ -41,11 +44,12 @@ class BnbConfig:
     compute_dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "4-bit: dtype of the matmuls."}
     )
-    skip_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules left unquantized (default: lm_head)."}
+    modules_to_not_convert: list[str] | None = field(
+        default=None, metadata={"help": "Modules left unquantized (names or name suffixes). Default: lm_head."}
     )
 
-    method = "bnb"
+    technique: ClassVar[str] = "bnb"
+    method: ClassVar[str] = "bnb"
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -57,14 +61,20 @@ class BnbConfig:
         if self.bits == 8 and (self.double_quant or self.quant_type != "nf4"):
             raise ValueError("`double_quant` and `quant_type` apply to 4-bit only; 8-bit is LLM.int8")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
+    @classmethod
+    def header(cls) -> dict[str, Any]:
+        return {"method": cls.method}
+
+    @property
+    def description(self) -> str:
+        """`int8`, `nf4`, `fp4+double-quant`, ..."""
+        return "int8" if self.bits == 8 else self.quant_type + ("+double-quant" if self.double_quant else "")
 
     def to_transformers(self):
         """The equivalent `transformers.BitsAndBytesConfig`."""
         from transformers import BitsAndBytesConfig
 
-        skip = self.skip_modules if self.skip_modules is not None else ["lm_head"]
+        skip = self.modules_to_not_convert if self.modules_to_not_convert is not None else ["lm_head"]
         if self.bits == 8:
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         return BitsAndBytesConfig(

@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..core.config import CalibrationArguments, CompressionConfig
 
 __all__ = ["KMeansConfig", "VQConfig"]
 
 
 @dataclass
-class _CodebookConfig:
-    dataset: Any = field(
-        default=None,
-        metadata={"help": "Calibration texts (optional): weight each input by its activation statistics (Hessian diagonal)."},
-    )
-    num_samples: int = field(default=64, metadata={"help": "Calibration windows."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
-    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
+class _CodebookConfig(CalibrationArguments, CompressionConfig):
     iters: int = field(default=25, metadata={"help": "Lloyd iterations of k-means."})
     modules_to_not_convert: list[str] | None = field(
         default=None, metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."}
     )
 
-    def _check_common(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size", "iters"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+    @classmethod
+    def header(cls) -> dict[str, Any]:
+        return {"method": cls.method}
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if not isinstance(data["dataset"], (str, type(None))):
-            data["dataset"] = f"<{type(self.dataset).__name__}>"
-        return {"method": self.method, **data}
+    def _check_common(self) -> None:
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"`iters` must be a positive integer, got {self.iters!r}")
+        self.check_calibration()
 
 
 @dataclass
@@ -41,7 +34,8 @@ class KMeansConfig(_CodebookConfig):
 
     bits: int = field(default=3, metadata={"help": "Bits per weight: 2, 3 or 4 (2^bits levels per channel)."})
 
-    method = "kmeans"
+    technique: ClassVar[str] = "kmeans"
+    method: ClassVar[str] = "kmeans"
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4):
@@ -58,7 +52,8 @@ class VQConfig(_CodebookConfig):
     dim: int = field(default=2, metadata={"help": "Vector length: 2 or 4 consecutive weights."})
     groups: int = field(default=1, metadata={"help": "Codebooks per layer (each for a block of rows)."})
 
-    method = "vq"
+    technique: ClassVar[str] = "vq"
+    method: ClassVar[str] = "vq"
 
     def __post_init__(self):
         if self.dim not in (2, 4):

@@ -4,23 +4,29 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.packing import SUPPORTED_BITS
+import torch
 
-__all__ = ["FORMAT_VERSION", "GPTQConfig", "HfcompressQuantizationConfig", "RTNConfig"]
+from ..core.config import CalibrationArguments, CompressionConfig
+from ..core.packing import SUPPORTED_BITS
 
 from ..checkpoint.manifest import FORMAT_VERSION, SCALE_DTYPES, HfcompressQuantizationConfig, check_grid
 
+__all__ = ["FORMAT_VERSION", "SCALE_DTYPES", "SCALE_TORCH_DTYPES", "GPTQConfig", "HfcompressQuantizationConfig", "RTNConfig"]
+
 logger = logging.getLogger(__name__)
 
+SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
 @dataclass
-class RTNConfig:
+class RTNConfig(CompressionConfig):
     """Round-to-nearest weight quantization of every `nn.Linear` (and GPT-2 `Conv1D`) outside
     `modules_to_not_convert`. Needs no calibration data."""
 
-    method: ClassVar[str] = "rtn"
+    technique: ClassVar[str] = "rtn"
+    method: ClassVar[str] = "rtn"  # the algorithm, as records name it
 
     bits: int = field(default=4, metadata={"help": "Bits per weight: 2, 3, 4 or 8."})
     group_size: int = field(
@@ -68,15 +74,17 @@ class RTNConfig:
                         f"`layer_bits[{pattern!r}]` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}"
                     )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
+    @classmethod
+    def header(cls) -> dict[str, Any]:
+        return {"method": cls.method}
 
 
 @dataclass
-class GPTQConfig(RTNConfig):
+class GPTQConfig(CalibrationArguments, RTNConfig):
     """GPTQ: quantize each layer's weights column by column, spreading the error over the columns not yet
     quantized with the inverse Hessian of calibration activations."""
 
+    technique: ClassVar[str] = "gptq"
     method: ClassVar[str] = "gptq"
 
     act_order: bool = field(
@@ -106,13 +114,6 @@ class GPTQConfig(RTNConfig):
             "better at 4-bit g128, worse at 4-bit per-channel, 3-bit g128 and per-channel, and 2-bit g64)."
         },
     )
-    dataset: Any = field(
-        default=None,
-        metadata={"help": "Calibration data: a list of strings, a text file, a `datasets` folder or Hub dataset name."},
-    )
-    num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
-    seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
-    batch_size: int = field(default=4, metadata={"help": "Calibration windows per forward pass."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,17 +121,6 @@ class GPTQConfig(RTNConfig):
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
         if self.block_size < 1:
             raise ValueError(f"`block_size` must be positive, got {self.block_size!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"`num_samples` must be positive, got {self.num_samples!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be positive, got {self.batch_size!r}")
-        if self.seq_len < 1:
-            raise ValueError(f"`seq_len` must be positive, got {self.seq_len!r}")
+        self.check_calibration()
         if self.static_groups and not self.act_order:
             logger.info("`static_groups` only matters with `act_order`; ignoring it")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        if not isinstance(data["dataset"], (str, type(None))):
-            data["dataset"] = f"<{type(self.dataset).__name__}>"
-        return data

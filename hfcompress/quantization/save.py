@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..io import atomic_output_dir, copy_model_extras
 from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_state_dict
 
-__all__ = ["FORMATS", "save_quantized"]
+__all__ = ["FORMATS", "check_format", "save_quantized", "write_quantized"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,7 @@ def save_quantized(
     if format == "compressed-tensors":
         check_compressed_tensors_compatible(model)
     with atomic_output_dir(output, overwrite) as staging:
-        if format == "hfcompress":
-            model.save_pretrained(staging)
-        else:
-            _save_compressed_tensors(model, staging)
+        write_quantized(model, staging, format)
         if source is not None and os.path.isdir(source):
             copy_model_extras(source, staging)
         elif tokenizer is not None:
@@ -49,6 +46,23 @@ def save_quantized(
         if on_staging is not None:
             on_staging(staging)
     logger.info("saved %s checkpoint to %s", format, output)
+
+
+def write_quantized(model: nn.Module, folder, format: str = "hfcompress") -> None:
+    """Write the weights and config of a quantized `model` into `folder` in `format`."""
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "hfcompress":
+        model.save_pretrained(folder)
+    else:
+        check_compressed_tensors_compatible(model)
+        _save_compressed_tensors(model, folder)
+
+
+def check_format(config, format: str = "hfcompress") -> None:
+    """Refuse, before any work, a format the config cannot be saved in."""
+    if format == "compressed-tensors" and not config.sym:
+        raise ValueError("format compressed-tensors needs a symmetric grid: set `sym` (or use format hfcompress)")
 
 
 def _save_compressed_tensors(model: nn.Module, folder) -> None:

@@ -90,7 +90,7 @@ class Baseline:
 
 
 def nonzero_parameters(model) -> int:
-    from ..commands.recording import stored_parameters
+    from ..steps.recording import stored_parameters
     from ..pruning.sparse import SparseLinear
     from ..quantization.sparse_quant import SparseQuantLinear
 
@@ -102,7 +102,7 @@ def nonzero_parameters(model) -> int:
 
 
 def measure_baseline(model, model_path: str) -> Baseline:
-    from ..commands.loading import checkpoint_dtype
+    from ..steps.loading import checkpoint_dtype
     from ..evaluation import weights_size_bytes
     from ..core.structure import candidate_linears, linear_weight
 

@@ -1,7 +1,7 @@
 """A recipe: compression steps to run in order, validated completely before any of them starts.
 
-Each step is one of hfcompress's writing commands, named by its technique, with the same fields as its
-Python config class (and the command's own options, by their Python names):
+Each step names a kind of registered technique (`prune`, `factorize`, `quantize`, or one registered from
+outside) with the fields of the technique's config class, its step options and `method` to choose it:
 
     steps:
       - prune: {method: sparsegpt, sparsity: 0.3}          # OneShotPruningConfig (method structured: heads, ffn)
@@ -9,13 +9,12 @@ Python config class (and the command's own options, by their Python names):
       - quantize: {method: gptq, bits: 4, group_size: 128} # GPTQConfig / RTNConfig / KMeansConfig / VQConfig / BnbConfig
     dataset: calib.txt                                      # default `dataset` of every step that takes one
 
-`distill: {student_layers: 6, max_steps: 500, ...}` trains a student of the model so far (the options of
-`hfcompress distill`), and `merge_lora: {adapter: PATH, rank: original}` folds in a peft adapter.
+`distill: {student_layers: 6, max_steps: 500, ...}` trains a student of the model so far (`DistillArguments`,
+the options of `hfcompress distill`), and `merge_lora: {adapter: PATH, rank: original}` folds in a peft adapter.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -24,18 +23,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KINDS", "Recipe", "RecipeError", "RecipeStep"]
+from ..core.registry import kinds, resolve_technique, technique_for
+
+__all__ = ["STEP_KINDS", "Recipe", "RecipeError", "RecipeStep", "step_kinds"]
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("prune", "factorize", "quantize", "distill", "merge_lora")
+# steps that are not a registered technique: they train a student, or fold in an adapter
+STEP_KINDS = ("distill", "merge_lora")
 TOP_LEVEL = ("steps", "dataset", "eval_dataset", "eval_seq_len", "eval_max_windows")
-# options every step gets from the recipe runner, not from the recipe
-_RUNNER_OWNED = {"model", "output", "teacher", "overwrite", "push_to_hub", "private", "quiet", "help", "version",
-                 "command", "method", "kind", "eval_dataset", "eval_seq_len", "eval_max_windows", "checkpoint_dir",
-                 "resume"}  # fmt: skip
-_QUANTIZE_METHODS = ("gptq", "rtn", "kmeans", "vq", "bnb")
-_PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
+# the method of a step that names none: pruning without data by default
+DEFAULT_METHODS = {"prune": "magnitude"}
+
+
+def step_kinds() -> tuple[str, ...]:
+    """What a recipe step may be: every kind of registered technique, `distill` and `merge_lora`."""
+    return (*kinds(), *STEP_KINDS)
 
 
 class RecipeError(ValueError):
@@ -56,10 +59,17 @@ class RecipeStep:
     @property
     def name(self) -> str:
         """`quantize-gptq`, `prune-sparsegpt`, `factorize-whiten`, ... (the step folder's suffix)."""
-        method = self.method
-        if self.kind == "factorize":
-            method = self.settings.get("method", "whiten")
-        return f"{self.kind.replace('_', '-')}-{method}" if method else self.kind.replace("_", "-")
+        kind = self.kind.replace("_", "-")
+        if self.kind in STEP_KINDS:
+            return kind
+        method = self.method or DEFAULT_METHODS.get(self.kind)
+        if method is None:
+            try:  # a technique whose config's `method` field has a default (factorize: whiten)
+                config_fields = dataclasses.fields(resolve_technique(self.kind, None).config_class)
+                method = next((f.default for f in config_fields if f.name == "method"), None)
+            except ValueError:
+                method = None
+        return f"{kind}-{method}" if method else kind
 
     def to_dict(self) -> dict[str, Any]:
         return {self.kind: dict(self.settings)}
@@ -88,8 +98,8 @@ class Recipe:
             if not isinstance(raw, dict) or len(raw) != 1:
                 raise RecipeError(f"step {i}: each step is one `technique: {{fields}}` mapping, got {raw!r}")
             ((kind, settings),) = raw.items()
-            if kind not in KINDS:
-                raise RecipeError(f"step {i}: unknown technique {kind!r}; expected one of {', '.join(KINDS)}")
+            if kind not in step_kinds():
+                raise RecipeError(f"step {i}: unknown technique {kind!r}; expected one of {', '.join(step_kinds())}")
             if settings is None:
                 settings = {}
             if not isinstance(settings, dict):
@@ -149,51 +159,18 @@ class Recipe:
 def _step_of(item) -> dict:
     if isinstance(item, dict):
         return item
-    from ..lowrank.config import LowRankConfig
-    from ..pruning.oneshot import OneShotPruningConfig
-    from ..quantization.bnb import BnbConfig
-    from ..quantization.codebook_config import KMeansConfig, VQConfig
-    from ..quantization.config import GPTQConfig, RTNConfig
-
-    kinds = [
-        (OneShotPruningConfig, "prune"), (LowRankConfig, "factorize"), (GPTQConfig, "quantize"),
-        (RTNConfig, "quantize"), (KMeansConfig, "quantize"), (VQConfig, "quantize"), (BnbConfig, "quantize"),
-    ]  # fmt: skip
-    for cls, kind in kinds:
-        if isinstance(item, cls):
-            settings = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
-            if kind == "quantize":
-                settings = {"method": _quantize_method(item), **settings}
-            if settings.get("dataset") is not None and not isinstance(settings["dataset"], str):
-                raise RecipeError(
-                    f"{type(item).__name__}.dataset must be a path or dataset name in a recipe (so a resumed run "
-                    f"finds the same data), got {type(settings['dataset']).__name__}"
-                )
-            return {kind: settings}
-    raise RecipeError(f"a recipe step must be an hfcompress config or a {{technique: fields}} mapping, got {item!r}")
-
-
-def _quantize_method(config) -> str:
-    from ..quantization.bnb import BnbConfig
-
-    return "bnb" if isinstance(config, BnbConfig) else config.method
-
-
-def command_for(step: RecipeStep) -> list[str]:
-    """The `hfcompress` subcommand a step runs."""
-    if step.kind == "quantize":
-        return ["quantize", step.method]
-    if step.kind == "prune":
-        return ["prune", "structured" if step.method == "structured" else "oneshot"]
-    return {"factorize": ["factorize"], "distill": ["distill"], "merge_lora": ["merge-lora"]}[step.kind]
-
-
-def namespace_defaults(parser: argparse.ArgumentParser, command: list[str]) -> tuple[argparse.Namespace, dict]:
-    """The defaults of subcommand `command` of `parser` as a Namespace, and its actions by destination."""
-    for word in command:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[word]
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    values = {dest: a.default for dest, a in actions.items()}
-    values.update(parser._defaults)
-    return argparse.Namespace(**values), actions
+    try:
+        technique = technique_for(item)
+    except TypeError:
+        raise RecipeError(
+            f"a recipe step must be an hfcompress config or a {{technique: fields}} mapping, got {item!r}"
+        ) from None
+    settings = {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.init}
+    if "method" not in settings:
+        settings = {"method": technique.name, **settings}
+    if settings.get("dataset") is not None and not isinstance(settings["dataset"], str):
+        raise RecipeError(
+            f"{type(item).__name__}.dataset must be a path or dataset name in a recipe (so a resumed run "
+            f"finds the same data), got {type(settings['dataset']).__name__}"
+        )
+    return {technique.kind: settings}

@@ -2,175 +2,175 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import os
 import shutil
 import time
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from .recipe import (
-    _PRUNE_METHODS,
-    _QUANTIZE_METHODS,
-    _RUNNER_OWNED,
-    Recipe,
-    RecipeError,
-    RecipeStep,
-    command_for,
-    namespace_defaults,
-)
+from ..core.config import warn_deprecated
+from ..core.registry import Technique, resolve_technique
+from ..data import looks_local
+from ..hub.card import generate_card
+from ..hub.record import CompressionRecord, command_line
+from ..steps import DistillArguments, OutputOptions, check_step, compress_folder, distill_folder, merge_lora_folder
+from ..steps.loading import resolve_model_path
+from ..steps.merge import parse_rank
+from .recipe import DEFAULT_METHODS, Recipe, RecipeError, RecipeStep
 
 __all__ = ["PreparedStep", "run_recipe", "validate_recipe"]
 
 logger = logging.getLogger(__name__)
 
 STEP_MARKER = "recipe_step.json"
-_HANDLER = "_hfcompress_handler"
+# distillation options the runner owns: checkpoints of a step would outlive it
+_DISTILL_OWNED = {"checkpoint_dir", "resume"}
 
 
 @dataclasses.dataclass
 class PreparedStep:
+    """A validated step: the technique and config it runs (or the arguments of a distill / merge_lora step), the
+    step options, and the dtype it loads its model in (None: the run's)."""
+
     index: int
     step: RecipeStep
-    args: argparse.Namespace
+    config: Any
+    technique: Technique | None = None
+    step_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    dtype: str | None = None
 
     @property
     def folder_name(self) -> str:
         return f"{self.index:02d}-{self.step.name}"
 
-
-def _config_class(step: RecipeStep):
-    from ..distillation.config import DistillationConfig
-    from ..lowrank.config import LowRankConfig
-    from ..pruning.oneshot import OneShotPruningConfig
-    from ..quantization.bnb import BnbConfig
-    from ..quantization.codebook_config import KMeansConfig, VQConfig
-    from ..quantization.config import GPTQConfig, RTNConfig
-
-    if step.kind == "quantize":
-        return {"gptq": GPTQConfig, "rtn": RTNConfig, "kmeans": KMeansConfig, "vq": VQConfig, "bnb": BnbConfig}[
-            step.method
-        ]
-    if step.kind == "prune":
-        return None if step.method == "structured" else OneShotPruningConfig
-    return {"factorize": LowRankConfig, "distill": DistillationConfig}.get(step.kind)
+    def run(self, source: str, folder: Path, options: OutputOptions) -> None:
+        if self.step.kind == "distill":
+            distill_folder(source, folder, self.config, options)
+        elif self.step.kind == "merge_lora":
+            merge_lora_folder(source, self.config["adapter"], folder, self.config["rank"], options)
+        else:
+            compress_folder(source, folder, self.config, options, **self.step_options)
 
 
-def _check_value(where: str, key: str, value, action: argparse.Action) -> None:
-    if action.choices is not None and value not in action.choices:
-        raise RecipeError(f"{where}: `{key}` must be one of {', '.join(map(str, action.choices))}, got {value!r}")
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: `{key}` must be true or false, got {value!r}")
-    elif action.type in (int, float) and value is not None:
-        ok = isinstance(value, int) if action.type is int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            raise RecipeError(
-                f"{where}: `{key}` must be {'an integer' if action.type is int else 'a number'}, got {value!r}"
-            )
+def _check_type(where: str, key: str, value, hint) -> None:
+    """Refuse a value whose type the field cannot hold (the config's own checks cover the ranges)."""
+    if value is None:
+        return
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = options[0] if len(options) == 1 else typing.Any
+    if typing.get_origin(hint) is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise RecipeError(f"{where}: `{key}` must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+    elif hint is bool and not isinstance(value, bool):
+        raise RecipeError(f"{where}: `{key}` must be true or false, got {value!r}")
+    elif hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RecipeError(f"{where}: `{key}` must be an integer, got {value!r}")
+    elif hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise RecipeError(f"{where}: `{key}` must be a number, got {value!r}")
 
 
-def _prepare(index: int, step: RecipeStep, recipe: Recipe, is_last: bool, parser) -> PreparedStep:
-    where = f"step {index} ({step.kind})"
-    settings = dict(step.settings)
-    if step.kind == "quantize" and step.method not in _QUANTIZE_METHODS:
-        raise RecipeError(f"{where}: `method` must be one of {', '.join(_QUANTIZE_METHODS)}, got {step.method!r}")
-    if step.kind == "prune":
-        settings.setdefault("method", "magnitude")
-        if settings["method"] not in _PRUNE_METHODS:
-            raise RecipeError(
-                f"{where}: `method` must be one of {', '.join(_PRUNE_METHODS)}, got {settings['method']!r}"
-            )
-        step = RecipeStep(step.kind, settings)
-    where = f"step {index} ({step.name})"
-    args, actions = namespace_defaults(parser, command_for(step))
-    config_cls = _config_class(step)
-    config_fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls else set()
-    allowed = (set(actions) | config_fields) - _RUNNER_OWNED
-    if config_cls is not None and "method" in config_fields:
-        allowed.add("method")
+def _fields(where: str, cls, settings: dict, allowed_extra=()) -> dict:
+    """`settings` as keyword arguments of dataclass `cls`: deprecated names renamed (a comma-separated string
+    becomes a list where the field is one), types checked, unknown names refused."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
     for key, value in settings.items():
-        if key == "method" and step.kind in ("quantize", "prune"):
+        if key in getattr(cls, "aliases", {}):
+            new = cls.aliases[key]
+            warn_deprecated(where, key, new)
+            if isinstance(value, str) and typing.get_origin(hints[new]) in (list, typing.Union, types.UnionType):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            key = new
+        if key in allowed_extra:
             continue
-        if key not in allowed:
-            raise RecipeError(f"{where}: unknown field {key!r}; {step.kind} takes {', '.join(sorted(allowed))}")
-        if key in actions:
-            _check_value(where, key, value, actions[key])
-        setattr(args, key, value)
-    if step.kind == "quantize":
-        args.method = step.method  # the subcommand (`run_codebook` reads it)
-    elif "method" in config_fields:
-        args.method = settings.get("method", config_cls.__dataclass_fields__["method"].default)
-    if "dataset" in actions and getattr(args, "dataset", None) is None and recipe.dataset is not None:
-        args.dataset = recipe.dataset
-    if step.kind == "prune" and step.method != "structured" and "storage" not in settings:
-        args.storage = "bitmask" if is_last else "dense"  # a later step reads plain weights (zeros kept)
-    _check_config(where, step, args, config_cls)
-    _check_data(where, step, args)
-    return PreparedStep(index, step, args)
+        if key not in names:
+            raise RecipeError(f"{where}: unknown field {key!r}; it takes {', '.join(sorted(names | set(allowed_extra)))}")
+        _check_type(where, key, value, hints[key])
+        kwargs[key] = value
+    return kwargs
 
 
-def _check_config(where: str, step: RecipeStep, args: argparse.Namespace, config_cls) -> None:
-    from ..commands.arguments import config_kwargs
-
+def _prepare(index: int, step: RecipeStep, recipe: Recipe, is_last: bool) -> PreparedStep:
+    settings = dict(step.settings)
+    dtype = settings.pop("dtype", None)
+    if dtype is not None and dtype not in typing.get_args(typing.get_type_hints(OutputOptions)["dtype"]):
+        raise RecipeError(f"step {index} ({step.name}): `dtype` must be float32, float16, bfloat16 or auto, got {dtype!r}")
+    if step.kind == "distill":
+        return _prepare_distill(index, step, recipe, settings, dtype)
+    if step.kind == "merge_lora":
+        return _prepare_merge(index, step, settings, dtype)
+    where = f"step {index} ({step.kind})"
+    method = settings.get("method", DEFAULT_METHODS.get(step.kind))
     try:
-        if step.kind == "distill":
-            from ..commands.distill import parse_pairs
-            from ..distillation.config import DistillationConfig
+        technique = resolve_technique(step.kind, method)
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    config_cls = technique.config_class
+    if method is not None and "method" in {f.name for f in dataclasses.fields(config_cls)}:
+        settings["method"] = method  # the variant of the technique (sparsegpt, whiten)
+    else:
+        settings.pop("method", None)  # the technique's own name (gptq, structured)
+    where = f"step {index} ({step.name})"
+    step_options = {k: settings.pop(k) for k in list(settings) if k in technique.step_options}
+    kwargs = _fields(where, config_cls, settings)
+    if "dataset" in {f.name for f in dataclasses.fields(config_cls)} and kwargs.get("dataset") is None:
+        kwargs["dataset"] = recipe.dataset
+    if "storage" in technique.step_options and "storage" not in step_options:
+        step_options["storage"] = "bitmask" if is_last else "dense"  # a later step reads plain weights (zeros kept)
+    try:
+        config = config_cls(**kwargs)
+        step_options = check_step(technique, config, step_options)
+    except (ValueError, TypeError) as e:
+        if "needs calibration data" in str(e):
+            raise RecipeError(f"{where} needs data: set `dataset` in the step or at the top of the recipe") from None
+        raise RecipeError(f"{where}: {e}") from e
+    _check_path(where, "dataset", getattr(config, "dataset", None))
+    return PreparedStep(index, step, config, technique, step_options, dtype)
 
-            DistillationConfig(
-                temperature=args.temperature, alpha_kd=args.alpha_kd, alpha_task=args.alpha_task,
-                hidden_states=parse_pairs(args.hidden_states), hidden_loss=args.hidden_loss,
-            )  # fmt: skip
-            if (args.student is None) == (args.student_layers is None):
-                raise ValueError("give exactly one of `student_layers` or `student`")
-        elif config_cls is not None:
-            kwargs = config_kwargs(args, config_cls)
-            if step.kind == "quantize" and step.method == "bnb":
-                skip = args.skip_modules.split(",") if isinstance(args.skip_modules, str) else args.skip_modules
-                kwargs = {"bits": args.bits, "quant_type": args.quant_type, "double_quant": args.double_quant,
-                          "compute_dtype": args.compute_dtype, "skip_modules": skip}  # fmt: skip
-            config_cls(**kwargs)
-        if step.kind == "prune" and step.method == "structured":
-            for name in ("heads", "ffn"):
-                if not 0.0 <= getattr(args, name) < 1.0:
-                    raise ValueError(f"`{name}` must be a fraction in [0, 1), got {getattr(args, name)}")
-            if args.heads == 0 and args.ffn == 0:
-                raise ValueError("nothing to prune: give `heads` and/or `ffn`")
+
+def _prepare_distill(index, step, recipe, settings, dtype) -> PreparedStep:
+    where = f"step {index} (distill)"
+    owned = sorted(set(settings) & _DISTILL_OWNED)
+    if owned:
+        raise RecipeError(f"{where}: {owned} belong to the recipe runner, not to a step")
+    kwargs = _fields(where, DistillArguments, settings)
+    kwargs.setdefault("dataset", recipe.dataset)
+    try:
+        arguments = DistillArguments(**kwargs)
+        arguments.loss()
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from e
+    _check_path(where, "dataset", arguments.dataset)
+    return PreparedStep(index, step, arguments, dtype=dtype)
 
 
-def _needs_data(step: RecipeStep, args: argparse.Namespace) -> bool:
-    if step.kind == "quantize":
-        return step.method == "gptq"
-    if step.kind == "prune":
-        return step.method in ("wanda", "sparsegpt")
-    if step.kind == "factorize":
-        return args.method != "svd" or (args.param_ratio is not None and args.allocation == "sensitivity")
-    return step.kind == "distill"
+def _prepare_merge(index, step, settings, dtype) -> PreparedStep:
+    where = f"step {index} (merge-lora)"
+    unknown = sorted(set(settings) - {"adapter", "rank"})
+    if unknown:
+        raise RecipeError(f"{where}: unknown field {unknown[0]!r}; it takes adapter, rank")
+    adapter = settings.get("adapter")
+    if not adapter:
+        raise RecipeError(f"{where}: `adapter` (a peft adapter folder or Hub id) is required")
+    if looks_local(adapter) and not os.path.isdir(adapter):
+        raise RecipeError(f"{where}: adapter folder {adapter!r} does not exist")
+    try:
+        rank = parse_rank(settings.get("rank", "original"))
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from e
+    return PreparedStep(index, step, {"adapter": adapter, "rank": rank}, dtype=dtype)
 
 
-def _check_data(where: str, step: RecipeStep, args: argparse.Namespace) -> None:
-    dataset = getattr(args, "dataset", None)
-    if _needs_data(step, args) and dataset is None:
-        raise RecipeError(f"{where} needs data: set `dataset` in the step or at the top of the recipe")
-    if isinstance(dataset, str) and looks_local(dataset) and not os.path.exists(dataset):
-        raise RecipeError(f"{where}: dataset {dataset!r} does not exist")
-    if step.kind == "merge_lora":
-        adapter = getattr(args, "adapter", None)
-        if not adapter:
-            raise RecipeError(f"{where}: `adapter` (a peft adapter folder or Hub id) is required")
-        if looks_local(adapter) and not os.path.isdir(adapter):
-            raise RecipeError(f"{where}: adapter folder {adapter!r} does not exist")
-
-
-def looks_local(path: str) -> bool:
-    """Whether `path` can only be a local file or folder (a Hub name is `name` or `org/name`)."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith((".txt", ".gz", ".jsonl", ".json"))
+def _check_path(where: str, key: str, path) -> None:
+    if isinstance(path, str) and looks_local(path) and not os.path.exists(path):
+        raise RecipeError(f"{where}: {key} {path!r} does not exist")
 
 
 def _check_order(prepared: list[PreparedStep]) -> None:
@@ -202,7 +202,7 @@ def _check_order(prepared: list[PreparedStep]) -> None:
             )
         if step.kind == "factorize" and "prune" in seen:
             previous = prepared[seen["prune"] - 1]
-            if getattr(previous.args, "storage", None) == "bitmask":
+            if previous.step_options.get("storage") == "bitmask":
                 raise RecipeError(
                     f"{where}: step {previous.index} stores its layers as bitmasks, which factorization cannot read; "
                     "leave its `storage` unset (dense between steps)"
@@ -218,11 +218,8 @@ def _check_order(prepared: list[PreparedStep]) -> None:
 
 def validate_recipe(recipe: Recipe) -> list[PreparedStep]:
     """Every step's fields, values, data and the order of steps, checked without loading anything."""
-    from ..commands.cli import build_parser
-
-    parser = build_parser()
     last = len(recipe.steps)
-    prepared = [_prepare(i, step, recipe, i == last, parser) for i, step in enumerate(recipe.steps, 1)]
+    prepared = [_prepare(i, step, recipe, i == last) for i, step in enumerate(recipe.steps, 1)]
     _check_order(prepared)
     return prepared
 
@@ -259,8 +256,6 @@ def run_recipe(
     copied to `OUTPUT` with the whole chain in its record and card, and `OUTPUT/recipe.yaml` keeps the recipe.
     With `resume`, steps whose folder was completed with the same recipe up to and including them are reused.
     """
-    from ..commands.loading import resolve_model_path
-
     if isinstance(recipe, (str, os.PathLike)):
         recipe = Recipe.from_yaml(recipe)
     elif isinstance(recipe, list):
@@ -284,17 +279,12 @@ def run_recipe(
             current = os.fspath(folder)
             continue
         logger.info("step %d/%d: %s", p.index, len(prepared), p.step.name)
-        args = argparse.Namespace(**vars(p.args))
-        if p.step.kind == "distill":
-            args.teacher = current
-        else:
-            args.model = current
-        args.output, args.overwrite, args.quiet, args.dtype = os.fspath(folder), True, quiet, dtype
-        args.eval_dataset, args.eval_seq_len = recipe.eval_dataset, recipe.eval_seq_len
-        args.eval_max_windows, args.push_to_hub, args.private = recipe.eval_max_windows, None, False
+        options = OutputOptions(
+            overwrite=True, dtype=p.dtype or dtype, eval_dataset=recipe.eval_dataset, eval_seq_len=recipe.eval_seq_len,
+            eval_max_windows=recipe.eval_max_windows, quiet=quiet,
+        )  # fmt: skip
         start = time.perf_counter()
-        module_name, _, function = getattr(args, _HANDLER).partition(":")
-        getattr(importlib.import_module(module_name), function)(args)
+        p.run(current, folder, options)
         marker.write_text(
             json.dumps({"index": p.index, "step": p.step.to_dict(), "fingerprint": fingerprint,
                         "seconds": time.perf_counter() - start}, indent=2, default=str) + "\n",
@@ -308,9 +298,6 @@ def run_recipe(
 
 def _publish(last: Path, output: Path) -> None:
     """Copy the last step's model into OUTPUT with the recipe command in its record, then its card."""
-    from ..hub.card import generate_card
-    from ..hub.record import CompressionRecord, command_line
-
     for item in last.iterdir():
         if item.name == STEP_MARKER:
             continue

@@ -132,9 +132,10 @@ def search(
 ) -> dict[str, Any]:
     """Find the best compression of `model` within `config.budget`, write it to `output` with its recipe, and
     the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json)."""
-    from ..commands.loading import load_model, load_tokenizer, resolve_model_path
+    from ..steps.loading import load_model, load_tokenizer, resolve_model_path
     from ..data import load_texts, tokenize_windows
-    from .runner import _prepare_output, looks_local
+    from ..data import looks_local
+    from .runner import _prepare_output
 
     resolve_model_path(model)
     for name in ("dataset", "eval_dataset"):

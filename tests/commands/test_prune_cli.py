@@ -48,9 +48,9 @@ def test_prune_structured_writes_a_plain_smaller_model(model_dir, text_file, tmp
     "extra, message",
     [
         (["oneshot", "--sparsity", "1.2", "--method", "magnitude"], "`sparsity` must be in [0, 1), got 1.2"),
-        (["oneshot", "--method", "wanda"], "--method wanda needs calibration data: pass --dataset"),
+        (["oneshot", "--method", "wanda"], "wanda needs calibration data: give `dataset` (--dataset"),
         (["oneshot", "--pattern", "2-4", "--method", "magnitude"], "`pattern` must look like '2:4'"),
-        (["structured", "--heads", "1"], "--heads must be a fraction in [0, 1), got 1.0"),
+        (["structured", "--heads", "1"], "`heads` must be a fraction in [0, 1), got 1.0"),
         (["structured"], "nothing to prune"),
     ],
 )

@@ -31,7 +31,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_the_output_error(n, m):
     for name, pruned in [
         ("magnitude", magnitude_prune(W, 0.5, n, m)),
         ("wanda", wanda_prune(W, H, 0.5, n, m)),
-        ("sparsegpt", sparsegpt_prune(W, H, 0.5, n, m, blocksize=16)),
+        ("sparsegpt", sparsegpt_prune(W, H, 0.5, n, m, block_size=16)),
     ]:
         assert float((pruned == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
         if m:

@@ -1,0 +1,145 @@
+"""What every technique's config shares: one base class and one set of calibration arguments.
+
+    @deprecated_aliases(blocksize="block_size")
+    @dataclass
+    class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
+        technique: ClassVar[str] = "oneshot"
+        ...
+
+`CompressionConfig` names the technique (`technique`), serializes with `to_dict` / `from_dict` (keys of a newer
+version warn and are dropped) and knows its deprecated names. `CalibrationArguments` holds the calibration
+fields, keyword-only, with one set of defaults for every technique.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+__all__ = ["CalibrationArguments", "CompressionConfig", "deprecated_aliases", "warn_deprecated"]
+
+logger = logging.getLogger(__name__)
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_deprecated(where: str, old: str, new: str) -> None:
+    """Say once per process that `old` is an old name of `new` in `where`."""
+    if (where, old) in _WARNED:
+        return
+    _WARNED.add((where, old))
+    warnings.warn(f"{where}: `{old}` is deprecated, use `{new}`", FutureWarning, stacklevel=4)
+
+
+@dataclass
+class CompressionConfig:
+    """Base of every technique's config.
+
+    `technique` names the technique in the registry, on the command line and in recipes. `to_dict()` gives the
+    settings as JSON values, after the class's `header()` (the keys earlier versions wrote, such as `method`);
+    `from_dict()` reads them back. `aliases` maps deprecated field names to their current names.
+    """
+
+    technique: ClassVar[str] = ""
+    aliases: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def header(cls) -> dict[str, Any]:
+        """Keys written before the fields (`{"method": "gptq"}`, `{"pruning_method": "oneshot", "version": 1}`)."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.header(), **{f.name: _jsonable(f.name, getattr(self, f.name)) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The config `to_dict` wrote; deprecated names are renamed (with a warning), unknown keys (written by a
+        newer hfcompress?) are dropped with a warning."""
+        known = {f.name for f in fields(cls)}
+        settings = {}
+        for key, value in data.items():
+            if key in cls.aliases:
+                warn_deprecated(cls.__name__, key, cls.aliases[key])
+                key = cls.aliases[key]
+            settings[key] = value
+        unknown = sorted(set(settings) - known - set(cls.header()))
+        if unknown:
+            logger.warning("ignoring unknown %s keys %s (written by a newer hfcompress?)", cls.__name__, unknown)
+        return cls(**{k: v for k, v in settings.items() if k in known})
+
+
+def _jsonable(name: str, value: Any) -> Any:
+    if name == "dataset" and not isinstance(value, (str, type(None))):
+        return f"<{type(value).__name__}>"  # in-memory data: the record says what it was, not its contents
+    return value
+
+
+CALIBRATION_FIELDS = ("dataset", "num_samples", "seq_len", "batch_size")
+
+
+@dataclass
+class CalibrationArguments:
+    """The calibration data of a calibrated technique, with one set of defaults for all of them. Keyword-only,
+    so a config's own fields keep their positions."""
+
+    dataset: Any = field(
+        default=None,
+        kw_only=True,
+        metadata={
+            "help": "Calibration data: a text file, a `datasets` folder, a Hub dataset name (in Python also a list "
+            "of strings or token ids [n, seq_len])."
+        },
+    )
+    num_samples: int = field(default=128, kw_only=True, metadata={"help": "Number of calibration windows."})
+    seq_len: int = field(default=512, kw_only=True, metadata={"help": "Tokens per calibration window."})
+    batch_size: int = field(default=4, kw_only=True, metadata={"help": "Calibration windows per forward pass."})
+
+    def check_calibration(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+    def calibration_dict(self) -> dict[str, Any]:
+        return {name: _jsonable(name, getattr(self, name)) for name in CALIBRATION_FIELDS}
+
+
+def deprecated_aliases(**aliases: str):
+    """Class decorator (on top of `@dataclass`): old keyword and attribute names that keep working, with a
+    warning once per process. `deprecated_aliases(blocksize="block_size")`."""
+
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for old, new in aliases.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}: give `{new}` or its old name `{old}`, not both")
+                    warn_deprecated(cls.__name__, old, new)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        cls.aliases = {**getattr(cls, "aliases", {}), **aliases}
+        for old, new in aliases.items():
+            setattr(cls, old, _alias_property(cls.__name__, old, new))
+        return cls
+
+    return decorate
+
+
+def _alias_property(owner: str, old: str, new: str) -> property:
+    def get(self):
+        warn_deprecated(owner, old, new)
+        return getattr(self, new)
+
+    def set_(self, value):
+        warn_deprecated(owner, old, new)
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated name of `{new}`.")

@@ -1,0 +1,66 @@
+"""Structured pruning as a registered technique: its config and the step that builds the importance data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+from ..core.config import CalibrationArguments, CompressionConfig
+from ..data import calibration_batches, calibration_windows
+from .importance import prune_structured
+
+__all__ = ["StructuredPruningConfig", "apply_structured_pruning", "importance_of", "structured_record"]
+
+
+@dataclass
+class StructuredPruningConfig(CalibrationArguments, CompressionConfig):
+    """Remove the same fraction of attention heads (key/value groups under grouped-query attention) and of FFN
+    neurons from every block, the least important first: first-order Taylor importance on `dataset`
+    (language-modelling loss), or weight norms without data. Llama-style models then load with plain
+    transformers; BERT-style models with removed heads after `import hfcompress`."""
+
+    technique: ClassVar[str] = "structured"
+
+    heads: float = field(default=0.0, metadata={"help": "Fraction of attention heads to remove."})
+    ffn: float = field(default=0.0, metadata={"help": "Fraction of FFN neurons to remove."})
+    task: Literal["causal-lm", "sequence-classification", "base"] = field(
+        default="causal-lm", metadata={"help": "Which head to load MODEL with."}
+    )
+
+    def __post_init__(self):
+        for name in ("heads", "ffn"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be a fraction in [0, 1), got {value!r}")
+        if self.heads == 0 and self.ffn == 0:
+            raise ValueError("nothing to prune: give `heads` and/or `ffn`")
+        if self.task not in ("causal-lm", "sequence-classification", "base"):
+            raise ValueError(f"`task` must be causal-lm, sequence-classification or base, got {self.task!r}")
+        if self.dataset is not None and self.task != "causal-lm":
+            raise ValueError(
+                "`dataset` gives Taylor importance from the language-modelling loss, so it needs task causal-lm; "
+                "for a classifier, call hfcompress.prune_structured(model, batches=...) with labelled batches"
+            )
+        self.check_calibration()
+
+
+def apply_structured_pruning(model: nn.Module, config: StructuredPruningConfig, tokenizer=None) -> nn.Module:
+    batches = None
+    if config.dataset is not None:
+        windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
+        batches = calibration_batches(windows, config.num_samples, config.batch_size)
+    return prune_structured(model, heads=config.heads, ffn=config.ffn, batches=batches)
+
+
+def importance_of(config: StructuredPruningConfig) -> str:
+    return "taylor" if config.dataset is not None else "magnitude"
+
+
+def structured_record(model: nn.Module, config: StructuredPruningConfig) -> dict[str, Any]:
+    return {
+        "importance": importance_of(config),
+        "num_attention_heads": getattr(model.config, "num_attention_heads", None),
+        "intermediate_size": getattr(model.config, "intermediate_size", None),
+    }

@@ -1,0 +1,89 @@
+"""`compress_folder`: a model folder in, a compressed model folder out, with its record and card. The command of
+every registered technique and every recipe step that runs one call it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..core.config import CALIBRATION_FIELDS
+from ..core.registry import Technique, technique_for
+from ..hub.record import Step
+from ..io import check_output_dir
+from ..quantization.modules import cast_unquantized
+from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .options import OutputOptions
+from .recording import base_record, quality_metrics, write_output
+
+__all__ = ["check_step", "compress_folder"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_step(technique: Technique, config, step_options: dict) -> dict:
+    """The step options with their defaults, after refusing unknown names, bad choices, missing calibration data
+    and combinations the technique cannot save; nothing is loaded."""
+    unknown = sorted(set(step_options) - set(technique.step_options))
+    if unknown:
+        allowed = ", ".join(technique.step_options) or "none"
+        raise ValueError(f"{technique.name} has no options {unknown} (its options: {allowed})")
+    options = {name: option.default for name, option in technique.step_options.items()}
+    for name, value in step_options.items():
+        choices = technique.step_options[name].choices
+        if value not in choices:
+            raise ValueError(f"`{name}` must be one of {', '.join(choices)}, got {value!r}")
+        options[name] = value
+    if technique.calibrated(config) and getattr(config, "dataset", None) is None:
+        raise ValueError(
+            f"{technique.method_of(config)} needs calibration data: give `dataset` (--dataset on the command line)"
+        )
+    if technique.check is not None:
+        technique.check(config, **options)
+    return options
+
+
+def compress_folder(
+    model: str, output: str | os.PathLike, config, options: OutputOptions | None = None, **step_options
+) -> Path:
+    """Compress the model at `model` (a local folder or Hub id) with the technique `config` belongs to and write
+    it to `output` as a complete folder: weights (in `format` where the technique offers several), tokenizer,
+    compression record and model card; push it when `options.push_to_hub` says so.
+
+    `output` is refused if it exists and is not empty (unless `options.overwrite`) before anything loads, and
+    nothing is written to it until the folder is complete. A model hfcompress wrote continues its record.
+    """
+    technique = technique_for(config)
+    options = options or OutputOptions()
+    step_options = check_step(technique, config, step_options)
+    check_output_dir(output, options.overwrite)
+    loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
+    tokenizer = load_tokenizer(model)
+    record = base_record(loaded, model, options, tokenizer)
+    start = time.perf_counter()
+    compressed = technique.apply(loaded, config, tokenizer)
+    seconds = time.perf_counter() - start
+    logger.info("%s %s in %.1fs", technique.kind, technique.name, seconds)
+    if not technique.in_place:
+        del loaded
+    compressed.eval()
+    step = Step(technique.record_kind, technique.method_of(config), *_settings(technique, config, compressed), seconds)
+    quality = quality_metrics(compressed, options, tokenizer)
+    if technique.before_save is not None:
+        technique.before_save(compressed, config, **step_options)
+    if technique.cast:  # what stayed dense goes back to the checkpoint's own dtype (often float16)
+        cast_unquantized(compressed, checkpoint_dtype(model))
+    save = None
+    if technique.save is not None:
+        save = lambda m, folder: technique.save(m, folder, **step_options)  # noqa: E731
+    return write_output(compressed, model, output, tokenizer, record, step, options, quality, save=save)
+
+
+def _settings(technique: Technique, config, model) -> tuple[dict, dict | None]:
+    """The step's settings and its calibration data, as the record keeps them."""
+    settings = config.to_dict()
+    data = {k: settings.pop(k) for k in CALIBRATION_FIELDS if k in settings}
+    if technique.record is not None:
+        settings.update(technique.record(model, config))
+    return settings, (data if technique.calibrated(config) else None)

@@ -1,0 +1,190 @@
+"""`distill_folder`: train a student on a teacher's outputs with `DistillationTrainer` and write it as a complete
+folder with its record and card (`hfcompress distill`, and a recipe's `distill` step)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import transformers
+from transformers import DataCollatorWithPadding, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ..data import load_texts, tokenize_windows
+from ..distillation import DistillationConfig, DistillationTrainer, make_student
+from ..distillation.config import parse_pairs
+from ..hub.record import Step
+from ..io import check_output_dir
+from ..quantization.bnb import BnbConfig, load_bnb
+from .loading import load_model, load_tokenizer, resolve_model_path
+from .options import OutputOptions
+from .recording import base_record, quality_metrics, write_output
+
+__all__ = ["DistillArguments", "distill_folder"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillArguments:
+    """The student, the data and the training of a distillation step."""
+
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: a text file for causal-lm, JSON lines or a datasets folder with 'text' and "
+            "'label' for sequence-classification."
+        },
+    )
+    student_layers: int | None = field(default=None, metadata={"help": "Build the student from this many teacher blocks."})
+    student: str | None = field(
+        default=None, metadata={"help": "A student model folder or Hub id (same tokenizer as the teacher)."}
+    )
+    teacher_bits: Literal[4, 8] | None = field(
+        default=None,
+        metadata={"help": "Load the teacher with bitsandbytes at 4 or 8 bits to save memory (with --student)."},
+    )
+    layer_strategy: Literal["alternate", "first"] = field(
+        default="alternate",
+        metadata={"help": "With --student-layers: blocks spread evenly from first to last, or the first ones."},
+    )
+    task: Literal["causal-lm", "sequence-classification"] = field(default="causal-lm", metadata={"help": "The task."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per window / max length."})
+    max_windows: int | None = field(default=None, metadata={"help": "causal-lm: use only the first N windows."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the soft targets (> 0)."})
+    alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the soft-target KL loss (scaled by T^2)."})
+    alpha_task: float | None = field(default=None, metadata={"help": "Weight of the task loss (default: 1 - alpha-kd)."})
+    hidden_states: str | None = field(
+        default=None, metadata={"help": "Hidden states to match, 'TEACHER:STUDENT,...' e.g. '2:1,5:2'."}
+    )
+    hidden_loss: Literal["mse", "cosine"] = field(
+        default="mse", metadata={"help": "mse, or cosine (1 - cosine similarity per token)."}
+    )
+    max_steps: int = field(default=500, metadata={"help": "Optimizer steps."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    batch_size: int = field(default=8, metadata={"help": "Per-device batch size."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    checkpoint_dir: str | None = field(
+        default=None, metadata={"help": "Keep Trainer checkpoints here (default: none kept)."}
+    )
+    resume: str | None = field(default=None, metadata={"help": "A checkpoint folder to resume from."})
+
+    def __post_init__(self):
+        if (self.student is None) == (self.student_layers is None):
+            raise ValueError("give exactly one of `student` (a model) or `student_layers` (a number of blocks)")
+        if self.dataset is None:
+            raise ValueError("distillation needs training data: give `dataset`")
+
+    def loss(self) -> DistillationConfig:
+        return DistillationConfig(
+            temperature=self.temperature, alpha_kd=self.alpha_kd, alpha_task=self.alpha_task,
+            hidden_states=parse_pairs(self.hidden_states), hidden_loss=self.hidden_loss,
+        )  # fmt: skip
+
+
+def _classification_rows(path: str) -> list[dict]:
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        import datasets
+
+        rows = list(datasets.load_from_disk(path))
+    if not rows or not {"text", "label"} <= rows[0].keys():
+        raise ValueError(f"classification data {path!r} must hold rows with 'text' and 'label' (JSON lines or a datasets folder)")
+    return rows
+
+
+def _train_set(arguments: DistillArguments, tokenizer):
+    if arguments.task == "causal-lm":
+        windows = tokenize_windows(tokenizer, load_texts(arguments.dataset), arguments.seq_len)
+        if arguments.max_windows:
+            windows = windows[: arguments.max_windows]
+        return [{"input_ids": w, "labels": w} for w in windows], None
+    rows = _classification_rows(arguments.dataset)
+    encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=arguments.seq_len)
+    data = [{"input_ids": ids, "attention_mask": mask, "labels": int(r["label"])}
+            for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)]  # fmt: skip
+    return data, DataCollatorWithPadding(tokenizer)
+
+
+def _load_teacher(teacher: str, arguments: DistillArguments, options: OutputOptions):
+    if not arguments.teacher_bits:
+        return load_model(teacher, options.dtype, task=arguments.task)
+    # a bitsandbytes teacher: a fraction of the memory, same outputs within rounding
+    if arguments.task == "causal-lm":
+        model_class = transformers.AutoModelForCausalLM
+    else:
+        model_class = transformers.AutoModelForSequenceClassification
+    return load_bnb(resolve_model_path(teacher), BnbConfig(bits=arguments.teacher_bits), model_class=model_class).eval()
+
+
+def _load_student(teacher_model, teacher: str, tokenizer, arguments: DistillArguments, options: OutputOptions):
+    if arguments.student is None:
+        if arguments.teacher_bits:
+            raise ValueError(
+                "`teacher_bits` needs `student` (a model): a student copied from a quantized teacher would be quantized too"
+            )
+        return make_student(teacher_model, num_layers=arguments.student_layers, strategy=arguments.layer_strategy)
+    student = load_model(arguments.student, options.dtype, task=arguments.task)
+    try:
+        student_tokenizer = load_tokenizer(arguments.student)
+    except (OSError, ValueError):  # a student folder without a tokenizer of its own uses the teacher's
+        student_tokenizer = tokenizer
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"teacher {teacher!r} and student {arguments.student!r} use different tokenizers")
+    return student
+
+
+def distill_folder(
+    teacher: str, output: str | os.PathLike, arguments: DistillArguments, options: OutputOptions | None = None
+) -> Path:
+    """Distil the model at `teacher` into a student (a copy of some of its blocks, or `arguments.student`) and
+    write the student to `output`, a plain transformers model, with the record and card."""
+    options = options or OutputOptions()
+    loss = arguments.loss()
+    check_output_dir(output, options.overwrite)
+    teacher_model = _load_teacher(teacher, arguments, options)
+    tokenizer = load_tokenizer(teacher)
+    student = _load_student(teacher_model, teacher, tokenizer, arguments, options)
+    train_set, collator = _train_set(arguments, tokenizer)
+    record = base_record(teacher_model, teacher, options, tokenizer)
+    checkpoints = arguments.checkpoint_dir or tempfile.mkdtemp(prefix="hfcompress-distill-")
+    max_steps = arguments.max_steps
+    training_args = TrainingArguments(
+        output_dir=checkpoints, max_steps=max_steps, per_device_train_batch_size=arguments.batch_size,
+        gradient_accumulation_steps=arguments.gradient_accumulation_steps, learning_rate=arguments.learning_rate,
+        warmup_steps=int(0.05 * max_steps), logging_steps=max(1, max_steps // 20), seed=arguments.seed,
+        save_strategy="steps" if arguments.checkpoint_dir else "no", save_steps=max(1, max_steps // 4),
+        report_to=[], disable_tqdm=options.quiet, use_cpu=arguments.cpu,
+    )  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher_model, distillation=loss, args=training_args, train_dataset=train_set,
+        data_collator=collator,
+    )  # fmt: skip
+    if options.quiet:  # Trainer prints its logs through these; quiet means nothing on stdout
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=arguments.resume or None)
+    seconds = time.perf_counter() - start
+    student = trainer.model.eval()
+    settings = {
+        **loss.to_dict(),
+        "student_layers": getattr(student.config, "hfcompress_student_layers", None),
+        "max_steps": max_steps,
+        "learning_rate": arguments.learning_rate,
+        "batch_size": arguments.batch_size * arguments.gradient_accumulation_steps,
+    }
+    data = {"dataset": arguments.dataset, "seq_len": arguments.seq_len, "task": arguments.task}
+    step = Step("distillation", "kd" if not loss.hidden_states else "kd+hidden", settings, data, seconds)
+    quality = quality_metrics(student, options, tokenizer) if arguments.task == "causal-lm" else {}
+    return write_output(student, resolve_model_path(teacher), output, tokenizer, record, step, options, quality)

@@ -1,0 +1,50 @@
+"""`merge_lora_folder`: fold a peft LoRA adapter into a (factorized) model folder and write the result with its
+record and card (`hfcompress merge-lora`, and a recipe's `merge_lora` step)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..hub.record import Step
+from ..io import check_output_dir
+from ..lowrank import merge_lora
+from ..quantization.modules import cast_unquantized
+from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .options import OutputOptions
+from .recording import base_record, quality_metrics, write_output
+
+__all__ = ["merge_lora_folder", "parse_rank"]
+
+
+def parse_rank(rank) -> str | int:
+    """'original', 'exact' or a positive integer (from the command line, a string)."""
+    if rank in ("original", "exact"):
+        return rank
+    try:
+        value = int(rank)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(rank, bool) or value < 1 or (isinstance(rank, float) and rank != value):
+        raise ValueError(f"`rank` must be 'original', 'exact' or a positive integer, got {rank!r}")
+    return value
+
+
+def merge_lora_folder(
+    model: str, adapter: str, output: str | os.PathLike, rank="original", options: OutputOptions | None = None
+) -> Path:
+    """Merge the peft adapter at `adapter` into the model at `model` (see `hfcompress.merge_lora` for `rank`)
+    and write it to `output`."""
+    options = options or OutputOptions()
+    rank = parse_rank(rank)
+    check_output_dir(output, options.overwrite)
+    loaded = load_model(model, options.dtype)
+    tokenizer = load_tokenizer(model)
+    record = base_record(loaded, model, options, tokenizer)  # continues the record of a compressed model
+    start = time.perf_counter()
+    merge_lora(loaded, adapter, rank=rank)
+    cast_unquantized(loaded, checkpoint_dtype(model))  # what the merge touched goes back to the checkpoint's dtype
+    step = Step("lora-merge", "lowrank-update", {"adapter": adapter, "rank": rank}, None, time.perf_counter() - start)
+    quality = quality_metrics(loaded, options, tokenizer)
+    return write_output(loaded, model, output, tokenizer, record, step, options, quality)

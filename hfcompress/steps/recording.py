@@ -1,0 +1,186 @@
+"""What every step that writes a model records: the base model, the step, metrics before and after, and the
+card; and the push to the Hub when asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import QUANT_METHOD
+from ..core.registry import compressed_layer_types
+from ..data import load_texts, tokenize_windows
+from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
+from ..evaluation.footprint import is_bitsandbytes_linear
+from ..evaluation.latency import forward_latency
+from ..hub.card import generate_card
+from ..hub.push import push_to_hub
+from ..hub.record import RECORD_FILE, CompressionRecord, Step, command_line, hardware_description
+from ..io import atomic_output_dir, copy_model_extras
+from .loading import checkpoint_dtype
+from .options import OutputOptions
+
+__all__ = [
+    "base_record",
+    "finish_output",
+    "model_metrics",
+    "quality_metrics",
+    "stored_parameters",
+    "write_output",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def stored_parameters(model: torch.nn.Module) -> int:
+    """Weights the model represents: its parameters, plus every packed weight of a quantized or sparse layer
+    (zeros included)."""
+
+    total, seen = 0, set()
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # tied weights count once
+        seen.update(id(p) for p in params)
+        own = sum(p.numel() for p in params)
+        if is_bitsandbytes_linear(module):  # a packed 4-bit weight holds two weights per element
+            own = module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+        elif isinstance(module, compressed_layer_types()):
+            own += module.in_features * module.out_features
+        total += own
+    return total
+
+
+def model_metrics(model, options: OutputOptions, tokenizer, folder=None, stored_bits: float | None = None) -> dict:
+    """Size of the weight files in `folder`, parameters, bits per weight, and with --eval-dataset perplexity and
+    latency of one window."""
+
+    metrics = {
+        "size_bytes": weights_size_bytes(folder) if folder is not None and os.path.isdir(folder) else None,
+        "parameters": stored_parameters(model),
+        "bits_per_weight": stored_bits if stored_bits is not None else bits_per_weight(model),
+    }
+    if options.eval_dataset:
+        windows = _eval_windows(options, tokenizer)
+        model.eval()
+        metrics["perplexity"] = perplexity(model, windows)
+        metrics["latency_s"] = forward_latency(model, windows[:1], runs=5)
+    return metrics
+
+
+def _eval_windows(options: OutputOptions, tokenizer):
+    if options.eval_windows is None:
+        windows = tokenize_windows(tokenizer, load_texts(options.eval_dataset), options.eval_seq_len)
+        options.eval_windows = windows[: options.eval_max_windows]
+    return options.eval_windows
+
+
+def _base_card_data(model_path: str) -> dict:
+    readme = Path(model_path) / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(readme).data.to_dict()
+        except Exception as e:  # a malformed base card must not stop the compression
+            logger.warning("could not read the base model card %s: %s", readme, e)
+    return {}
+
+
+def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> CompressionRecord:
+    """The record of the base model with its metrics, measured before anything changes. A model hfcompress
+    wrote continues its own record: the new step joins the chain and "before" stays the original model's."""
+
+    if os.path.isfile(os.path.join(model_path, RECORD_FILE)):
+        record = CompressionRecord.load(model_path)
+        record.command = f"{record.command} && {command_line()}" if record.command else command_line()
+        if options.eval_dataset and "perplexity" not in record.metrics.get("before", {}):
+            logger.info("%s was compressed before: its record keeps the original model's metrics as 'before'", model_path)
+        return record
+
+    base = _base_card_data(model_path) if os.path.isdir(model_path) else {}
+    stored_bits = torch.finfo(checkpoint_dtype(model_path)).bits
+    record = CompressionRecord(
+        base_model=model_path,
+        base_revision=getattr(model.config, "_commit_hash", None),
+        license=base.get("license"),
+        pipeline_tag="text-generation" if hasattr(model, "generate") and model.can_generate() else None,
+        command=command_line(),
+    )
+    folder = model_path if os.path.isdir(model_path) else None
+    record.metrics["before"] = model_metrics(model, options, tokenizer, folder, stored_bits=stored_bits)
+    if options.eval_dataset:
+        record.hardware = hardware_description()
+    return record
+
+
+def quality_metrics(model, options: OutputOptions, tokenizer) -> dict:
+    """Perplexity and latency of the compressed model in memory (with --eval-dataset), measured before its
+    full-precision parts are cast back to the checkpoint dtype for saving."""
+    return {k: v for k, v in model_metrics(model, options, tokenizer).items() if k in ("perplexity", "latency_s")}
+
+
+def finish_output(
+    record: CompressionRecord, step: Step, model, options, staging: Path, quality: dict, requires_hfcompress: bool
+) -> None:
+    """Add the step and the after-metrics to `record`, write it and the card into `staging` (the output folder
+    being written)."""
+
+    record.steps.append(step)
+    record.loading = {"requires_hfcompress": requires_hfcompress}
+    record.metrics["after"] = {
+        "size_bytes": weights_size_bytes(staging),
+        "parameters": stored_parameters(model),
+        "bits_per_weight": bits_per_weight(model),
+        **quality,
+    }
+    if options.eval_dataset:
+        record.evaluation = {
+            "dataset": options.eval_dataset,
+            "seq_len": options.eval_seq_len,
+            "num_windows": len(options.eval_windows),
+            "protocol": "perplexity over non-overlapping windows, each scored on its own; latency: median forward "
+            "time of one window, 5 runs after one warm-up; the model evaluated in memory before saving",
+        }
+    record.save(staging)
+    generate_card(staging, repo_id=options.push_to_hub)
+
+
+def write_output(
+    model,
+    source: str,
+    output: str | os.PathLike,
+    tokenizer,
+    record: CompressionRecord,
+    step: Step,
+    options: OutputOptions,
+    quality: dict,
+    save=None,
+) -> Path:
+    """Write `model` to `output` as a complete folder (weights, config, tokenizer or the files beside the source
+    model, record, card) that replaces nothing until it is complete, then push it when asked.
+
+    `save(model, folder)` writes the weights (default: `save_pretrained`). The record says the folder needs
+    hfcompress to load when its config names the hfcompress quantization method."""
+    with atomic_output_dir(output, options.overwrite) as staging:
+        (save or _save_pretrained)(model, staging)
+        if os.path.isdir(source):
+            copy_model_extras(source, staging)
+        else:
+            tokenizer.save_pretrained(staging)
+        finish_output(record, step, model, options, staging, quality, requires_hfcompress=_needs_hfcompress(staging))
+    logger.info("wrote %s", output)
+    if options.push_to_hub:
+        url = push_to_hub(output, options.push_to_hub, private=options.private or None)
+        logger.info("pushed to %s", url)
+    return Path(output)
+
+
+def _save_pretrained(model, folder) -> None:
+    model.save_pretrained(folder)
+
+
+def _needs_hfcompress(folder: Path) -> bool:
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
