@@ -6,6 +6,9 @@ Importing the package registers the `hfcompress` quantization method with transf
 
 __version__ = "0.1.0"
 
+from .checkpoint import register_rebuilder, update_manifest
+from .core.config import CalibrationArguments, CompressionConfig
+from .core.registry import StepOption, compress, register_technique, techniques
 from .lowrank import (
     ConvDecompositionConfig,
     FactorizedLinear,
@@ -24,11 +27,21 @@ from .pruning import (
     compress_sparse,
     finalize_pruning,
     prune_oneshot,
+    StructuredPruningConfig,
     prune_structured,
 )
 from .quantization import BnbConfig, GPTQConfig, KMeansConfig, QuantLinear, RTNConfig, VQConfig, quantize
 
 __all__ = [
+    "CalibrationArguments",
+    "CompressionConfig",
+    "StepOption",
+    "StructuredPruningConfig",
+    "compress",
+    "register_rebuilder",
+    "register_technique",
+    "techniques",
+    "update_manifest",
     "BnbConfig",
     "generate_card",
     "push_to_hub",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..core.registry import load_plugins
 from ..core.structure import LINEAR_TYPES
 
 __all__ = ["Rebuilder", "linear_to_replace", "rebuilder_for", "register_dequantizer", "register_rebuilder", "rebuilders"]
@@ -50,9 +51,11 @@ def rebuilders() -> list[Rebuilder]:
 
 def rebuilder_for(section: str) -> Rebuilder:
     if section not in _REBUILDERS:
+        load_plugins()  # an installed package may register it
+    if section not in _REBUILDERS:
         raise ValueError(
             f"the checkpoint holds layers of kind {section!r}, which no imported module knows how to rebuild "
-            f"(known: {', '.join(sorted(_REBUILDERS))}); import the package that registers it before loading"
+            f"(known: {', '.join(sorted(_REBUILDERS))}); install or import the package that registers it"
         )
     return _REBUILDERS[section]
 

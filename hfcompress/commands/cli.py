@@ -16,7 +16,7 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from .. import __version__
-from ..core.registry import Technique, techniques
+from ..core.registry import Technique, load_plugins, techniques
 from ..distillation import DistillationConfig
 from ..hub.push import HubError
 from ..hub.record import set_invocation
@@ -186,6 +186,7 @@ def _add_hub(subparsers) -> None:
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Add hfcompress's subcommands to `parser` (used by `hfcompress` and by `optimum-cli hfcompress`)."""
+    load_plugins()  # techniques other packages register get their commands too
     subparsers = parser.add_subparsers(dest="command")
     subparsers.required = True
     _add_techniques(subparsers)

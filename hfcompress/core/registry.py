@@ -13,12 +13,17 @@ footprint and the dtype handling need no list of classes either.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import logging
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
 
 def _never(config) -> bool:
     return False
@@ -45,9 +50,11 @@ __all__ = [
     "StepOption",
     "Technique",
     "always",
+    "compress",
     "compressed_layer_types",
     "get_technique",
     "kinds",
+    "load_plugins",
     "register_technique",
     "resolve_technique",
     "stored_tensors",
@@ -114,7 +121,25 @@ class Technique:
         return (self.name, *choices)
 
 
+PLUGIN_GROUP = "hfcompress.techniques"
+
 _TECHNIQUES: dict[tuple[str, str], Technique] = {}
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> None:
+    """Import the techniques other packages declare under the `hfcompress.techniques` entry-point group (each
+    entry point names a module that registers its technique on import). Runs once; the commands call it, and
+    lookups call it before saying a technique is unknown. A plugin that fails to import is logged and skipped."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry_point.load()
+        except Exception as e:  # one broken plugin must not take the built-in techniques down with it
+            logger.warning("could not load the hfcompress plugin %r (%s): %s", entry_point.name, entry_point.value, e)
 _LAYER_TYPES: dict[type, None] = {}
 
 
@@ -150,6 +175,8 @@ def techniques(kind: str | None = None) -> list[Technique]:
 def get_technique(kind: str, name: str) -> Technique:
     """Technique `name` of `kind`, or an error listing the known ones."""
     if (kind, name) not in _TECHNIQUES:
+        load_plugins()
+    if (kind, name) not in _TECHNIQUES:
         known = ", ".join(t.name for t in techniques(kind)) or "none"
         raise ValueError(f"unknown {kind} method {name!r}; expected one of {known}")
     return _TECHNIQUES[(kind, name)]
@@ -159,6 +186,8 @@ def resolve_technique(kind: str, method: str | None) -> Technique:
     """The technique a recipe step `- <kind>: {method: <method>}` runs: the one named `method`, or the one whose
     config's `method` field offers it; without a method, the one technique of `kind` whose config has a `method`
     field with a default (`prune` is one-shot magnitude pruning, `factorize` whitened SVD)."""
+    if not any(method in t.variants() for t in techniques(kind)):
+        load_plugins()
     candidates = techniques(kind)
     if method is None:
         defaults = [t for t in candidates if len(t.variants()) > 1]
@@ -179,20 +208,30 @@ def _all_variants(kind: str) -> list[str]:
 
 
 def kinds() -> list[str]:
-    """The kinds of registered techniques, in registration order."""
+    """The kinds of registered techniques, in registration order (plugins loaded)."""
+    load_plugins()
     return list(dict.fromkeys(t.kind for t in _TECHNIQUES.values()))
 
 
 def technique_for(config: Any, kind: str | None = None) -> Technique:
     """The technique whose config class `config` is (the most specific registered class wins: a `GPTQConfig`
     is GPTQ, though it extends `RTNConfig`)."""
-    for cls in type(config).__mro__:
-        for technique in techniques(kind):
-            if technique.config_class is cls:
-                return technique
+    for attempt in range(2):
+        for cls in type(config).__mro__:
+            for technique in techniques(kind):
+                if technique.config_class is cls:
+                    return technique
+        if attempt == 0:
+            load_plugins()
     known = ", ".join(t.config_class.__name__ for t in techniques(kind))
     what = f"{kind} config" if kind else "hfcompress config"
     raise TypeError(f"`config` must be an {what} ({known}), got {type(config).__name__}")
+
+
+def compress(model: nn.Module, config: Any, tokenizer=None) -> nn.Module:
+    """Compress `model` with the registered technique `config` belongs to (quantization, pruning, factorization,
+    or one registered from outside): in place, except where the technique returns a new model."""
+    return technique_for(config).apply(model, config, tokenizer)
 
 
 def compressed_layer_types() -> tuple[type, ...]:

@@ -8,13 +8,14 @@ and lose accuracy on their own: follow them with distillation (the original mode
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..checkpoint import update_manifest
+from ..core.config import CompressionConfig
 from ..core.structure import is_excluded, set_submodule
 
 __all__ = [
@@ -151,8 +152,10 @@ class SeparableConv2d(_Placeholder):
 
 
 @dataclass
-class ConvDecompositionConfig:
+class ConvDecompositionConfig(CompressionConfig):
     """Which `Conv2d` layers (groups 1, kernel larger than 1x1) to decompose, and how."""
+
+    technique: ClassVar[str] = "convolutions"
 
     method: Literal["tucker2", "separable"] = field(
         default="tucker2",
@@ -170,9 +173,6 @@ class ConvDecompositionConfig:
             raise ValueError(f"`method` must be 'tucker2' or 'separable', got {self.method!r}")
         if not 0 < self.rank_ratio <= 1:
             raise ValueError(f"`rank_ratio` must be in (0, 1], got {self.rank_ratio!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _parameters(module: nn.Module) -> int:

@@ -15,7 +15,7 @@ import logging
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..checkpoint import update_manifest
+from ..checkpoint import manifest_of, update_manifest
 from ..data import calibration_batches, calibration_windows
 from ..core.capture import capture_block_inputs, run_block
 from ..core.calibration import collect_hessians
@@ -64,9 +64,12 @@ def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Mod
     """
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"`config` must be an hfcompress LowRankConfig, got {type(config).__name__}")
-    existing = getattr(model.config, "quantization_config", None)
-    if existing is not None:
-        raise ValueError("the model is already quantized or factorized; factorize the original model instead")
+    manifest = manifest_of(model)
+    if manifest is not None and (manifest.modules or manifest.codebooks or manifest.lowrank or manifest.sparse):
+        raise ValueError(
+            "the model is already quantized or factorized (or stored sparse); factorize the original (or dense pruned) "
+            "model instead"
+        )
     targets = select_lowrank_targets(model, config)
     shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
 

@@ -24,19 +24,6 @@ def test_bad_gptq_settings_are_refused(field, value):
         GPTQConfig(**{field: value})
 
 
-def test_checkpoint_config_round_trips():
-    config = HfcompressQuantizationConfig(
-        bits=3, group_size=64, sym=True, act_order=True, modules=["a.b.up"], method="gptq", recipe={"damp_percent": 0.02},
-        lowrank={"a.b": 8}, lowrank_recipe={"method": "whiten"}, convolutions={"c": {"kind": "separable"}},
-        sparse={"d.e": 12}, resized={"linears": {"f.g": [2, 4]}, "attributes": {"f": {"num_attention_heads": 1}}},
-        overrides={"a.b.up": {"bits": 8, "group_size": -1}},
-    )  # fmt: skip
-    data = config.to_dict()
-    assert data["quant_method"] == "hfcompress" and data["version"] == 5
-    assert HfcompressQuantizationConfig.from_dict(data) == config
-    assert config.grid_of("a.b.up") == (8, -1) and config.grid_of("x") == (3, 64)
-
-
 def test_unknown_keys_from_a_newer_version_warn_and_are_dropped(caplog):
     data = HfcompressQuantizationConfig(bits=4).to_dict()
     data["future_field"] = 1
