@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 from .checkpoint import register_rebuilder, update_manifest
 from .core.config import CalibrationArguments, CompressionConfig
 from .core.registry import StepOption, compress, register_technique, techniques
+from .distillation import DistillationConfig, DistillationTrainer, make_student
+from .hub import generate_card, push_to_hub
 from .lowrank import (
     ConvDecompositionConfig,
     FactorizedLinear,
@@ -17,36 +19,24 @@ from .lowrank import (
     factorize,
     merge_lora,
 )
-from .distillation import DistillationConfig, DistillationTrainer, make_student
-from .hub import generate_card, push_to_hub
 from .pruning import (
     MagnitudePruningConfig,
     MovementPruningConfig,
     OneShotPruningConfig,
     PruningCallback,
+    StructuredPruningConfig,
     compress_sparse,
     finalize_pruning,
     prune_oneshot,
-    StructuredPruningConfig,
     prune_structured,
 )
 from .quantization import BnbConfig, GPTQConfig, KMeansConfig, QuantLinear, RTNConfig, VQConfig, quantize
 
 __all__ = [
+    "BnbConfig",
     "CalibrationArguments",
     "CompressionConfig",
-    "StepOption",
-    "StructuredPruningConfig",
-    "compress",
-    "register_rebuilder",
-    "register_technique",
-    "techniques",
-    "update_manifest",
-    "BnbConfig",
-    "generate_card",
-    "push_to_hub",
     "ConvDecompositionConfig",
-    "decompose_convolutions",
     "DistillationConfig",
     "DistillationTrainer",
     "FactorizedLinear",
@@ -59,14 +49,24 @@ __all__ = [
     "PruningCallback",
     "QuantLinear",
     "RTNConfig",
+    "StepOption",
+    "StructuredPruningConfig",
     "VQConfig",
     "__version__",
+    "compress",
     "compress_sparse",
+    "decompose_convolutions",
     "factorize",
     "finalize_pruning",
+    "generate_card",
     "make_student",
     "merge_lora",
     "prune_oneshot",
     "prune_structured",
+    "push_to_hub",
     "quantize",
+    "register_rebuilder",
+    "register_technique",
+    "techniques",
+    "update_manifest",
 ]

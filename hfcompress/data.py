@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from transformers import AutoTokenizer
 
 __all__ = ["calibration_batches", "calibration_windows", "load_texts", "looks_local", "tokenize_windows"]
 
@@ -103,7 +104,6 @@ def calibration_windows(model, dataset, seq_len: int, tokenizer=None) -> torch.T
             raise ValueError(f"a token-id `dataset` must be [n_windows, seq_len], got shape {tuple(dataset.shape)}")
         return dataset
     if tokenizer is None:
-        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     return tokenize_windows(tokenizer, load_texts(dataset), seq_len)

@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["check_output_dir", "atomic_output_dir", "copy_model_extras"]
+__all__ = ["atomic_output_dir", "check_output_dir", "copy_model_extras"]
 
 logger = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ def main():
                 print(json.dumps(row), file=sys.stderr, flush=True)
 
         timing = {"gptq": [], "gptq-2pass": [], "llmcompressor": []}
-        for run in range(args.timing_runs if args.llmcompressor_python else 0):
+        for _ in range(args.timing_runs if args.llmcompressor_python else 0):
             for method in ("gptq", "gptq-2pass"):
                 model = load(args.model)
                 start = time.perf_counter()

@@ -30,7 +30,7 @@ def python_help_text() -> str:
 def build_tiny_lm(folder: Path, steps: int = 300, seed: int = 0) -> tuple[Path, Path]:
     """Train the tiny model into `folder`; returns the calibration and evaluation text files."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     text = python_help_text()

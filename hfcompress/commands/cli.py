@@ -22,11 +22,11 @@ from ..hub.push import HubError
 from ..hub.record import set_invocation
 from ..steps import DistillArguments, OutputOptions
 from .arguments import add_config_arguments
+from .common import HANDLER, add_common
 from .recipe_parsers import add_recipe, add_search
 
 __all__ = ["add_commands", "build_parser", "main", "run"]
 
-HANDLER = "_hfcompress_handler"
 TECHNIQUE = "_hfcompress_technique"
 
 # what each group of techniques does, for `--help`; a group registered from outside gets a plain line
@@ -40,24 +40,10 @@ OUTPUT_HELP = "Folder to write (must not exist or be empty)."
 RECORD_OPTIONS = ["overwrite", "dtype", "eval_dataset", "eval_seq_len", "eval_max_windows", "push_to_hub", "private"]
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info logs.")
-
-
-def _add_load_save_options(parser: argparse.ArgumentParser, when: str) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16", "auto"),
-        default="float32",
-        help=f"dtype to load MODEL in {when} (default: float32).",
-    )
-
-
 def _add_writer_options(parser: argparse.ArgumentParser, handler: str) -> None:
     """The options every model-writing command ends with, and its handler."""
     add_config_arguments(parser, OutputOptions, RECORD_OPTIONS)
-    _add_common(parser)
+    add_common(parser)
     parser.set_defaults(**{HANDLER: handler})
 
 
@@ -151,7 +137,7 @@ def _add_evaluate(subparsers) -> None:
         "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32", help="dtype to load MODEL in."
     )
     evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
-    _add_common(evaluate)
+    add_common(evaluate)
     evaluate.set_defaults(**{HANDLER: "hfcompress.commands.evaluate:run_evaluate"})
 
 
@@ -166,7 +152,7 @@ def _add_hub(subparsers) -> None:
     card.add_argument("output", metavar="OUTPUT", help="A model folder written by hfcompress.")
     card.add_argument("--repo-id", default=None, help="Hub id to show in the loading code (default: a placeholder).")
     card.add_argument("--template", default=None, help="Another Jinja template (default: hfcompress's).")
-    _add_common(card)
+    add_common(card)
     card.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_card"})
 
     push = subparsers.add_parser(
@@ -180,7 +166,7 @@ def _add_hub(subparsers) -> None:
     push.add_argument("--private", action="store_true", help="Create the repo private (if it does not exist).")
     push.add_argument("--revision", default=None, help="Branch to commit to (created if missing; default: main).")
     push.add_argument("--commit-message", default=None, help="Commit message.")
-    _add_common(push)
+    add_common(push)
     push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..recipes import run_recipe
+
 __all__ = ["run_recipe_command"]
 
 
 def run_recipe_command(args: argparse.Namespace) -> int:
-    from ..recipes import run_recipe
 
     run_recipe(
         args.recipe,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from .common import HANDLER, add_common, add_load_save_options
+
 __all__ = ["add_recipe", "add_search"]
 
 
 def add_recipe(subparsers) -> None:
-    from .cli import HANDLER, _add_common, _add_load_save_options
 
     recipe = subparsers.add_parser(
         "recipe",
@@ -34,13 +35,12 @@ def add_recipe(subparsers) -> None:
         help="Continue a recipe in OUTPUT: completed steps whose settings (and those of every step before) are "
         "unchanged are reused; the first changed step and all after it run again.",
     )
-    _add_load_save_options(recipe, "before the first step")
-    _add_common(recipe)
+    add_load_save_options(recipe, "before the first step")
+    add_common(recipe)
     recipe.set_defaults(**{HANDLER: "hfcompress.commands.recipe:run_recipe_command"})
 
 
 def add_search(subparsers) -> None:
-    from .cli import HANDLER, _add_common
 
     search = subparsers.add_parser(
         "search",
@@ -73,5 +73,5 @@ def add_search(subparsers) -> None:
     search.add_argument("--eval-max-windows", type=int, default=40, help="Evaluation windows (default: 40).")
     search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
     search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
-    _add_common(search)
+    add_common(search)
     search.set_defaults(**{HANDLER: "hfcompress.commands.search:run_search"})

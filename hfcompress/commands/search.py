@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..recipes.search import SearchConfig, search
+
 __all__ = ["run_search"]
 
 logger = logging.getLogger(__name__)
@@ -18,7 +20,6 @@ def _numbers(text: str, cast, flag: str) -> list:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ..recipes.search import SearchConfig, search
 
     config = SearchConfig(
         budget=args.budget, dataset=args.dataset, eval_dataset=args.eval_dataset, metric=args.metric,

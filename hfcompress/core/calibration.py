@@ -303,7 +303,7 @@ def calibrate_blocks(
     """
     inputs = capture_block_inputs(model, blocks[0], batches)
     traces: dict[tuple, BlockTrace] = {}
-    for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks)):
+    for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
         modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if not modules:
             inputs = run_block(block, inputs)

@@ -84,7 +84,7 @@ def run_block(block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool = 
 
 def with_hidden_states(item: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
     if item.args:
-        return BlockInputs((hidden,) + tuple(item.args[1:]), item.kwargs)
+        return BlockInputs((hidden, *tuple(item.args[1:])), item.kwargs)
     if "hidden_states" in item.kwargs:
         return BlockInputs((), {**item.kwargs, "hidden_states": hidden})
     raise ValueError(f"cannot tell which input of the block is the hidden state (keyword arguments: {list(item.kwargs)})")

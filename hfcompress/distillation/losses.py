@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_target_loss", "hidden_state_loss", "attention_loss"]
+__all__ = ["attention_loss", "hidden_state_loss", "soft_target_loss"]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

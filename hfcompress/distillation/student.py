@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 from torch import nn
 
 from ..core.structure import find_layer_stack
+from ..pruning.importance import prune_structured
 
-__all__ = ["make_student", "choose_layers"]
+__all__ = ["choose_layers", "make_student"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,6 @@ def make_student(
     config.hfcompress_student_layers = chosen
     logger.info("student keeps teacher blocks %s of %d", chosen, total)
     if heads or ffn:
-        from ..pruning.importance import prune_structured
 
         prune_structured(student, heads=heads, ffn=ffn, batches=importance_batches)
     return student

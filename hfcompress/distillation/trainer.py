@@ -16,9 +16,11 @@ import os
 from collections import defaultdict
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
+from ..core.structure import find_layer_stack
 from .config import DistillationConfig
 from .losses import attention_loss, hidden_state_loss, soft_target_loss
 
@@ -30,14 +32,13 @@ PROJECTIONS_FILE = "distillation_projections.safetensors"
 
 
 def _num_layers(model) -> int:
-    from ..core.structure import find_layer_stack
 
     return len(find_layer_stack(model)[1])
 
 
 def _width(model) -> int:
     config = model.config
-    return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model")
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.d_model
 
 
 def check_pair(student: nn.Module, teacher: nn.Module, config: DistillationConfig) -> None:
@@ -209,7 +210,6 @@ class DistillationTrainer(Trainer):
         """Save the student; its projections, if any, go to their own file beside it."""
         super()._save(output_dir, state_dict)
         if self.projections is not None:
-            from safetensors.torch import save_file
 
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.projections.state_dict().items()}
@@ -219,6 +219,5 @@ class DistillationTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
         if self.projections is not None and os.path.isfile(path):
-            from safetensors.torch import load_file
 
             self.projections.load_state_dict(load_file(path))

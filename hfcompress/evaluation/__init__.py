@@ -3,4 +3,4 @@ from .latency import forward_latency
 from .perplexity import perplexity
 from .report import evaluate
 
-__all__ = ["evaluate", "perplexity", "bits_per_weight", "weights_size_bytes", "forward_latency"]
+__all__ = ["bits_per_weight", "evaluate", "forward_latency", "perplexity", "weights_size_bytes"]

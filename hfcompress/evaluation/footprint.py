@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..core.registry import stored_tensors
 from ..core.structure import LINEAR_TYPES, linear_weight
 
-__all__ = ["weights_size_bytes", "bits_per_weight", "is_bitsandbytes_linear"]
+__all__ = ["bits_per_weight", "is_bitsandbytes_linear", "weights_size_bytes"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

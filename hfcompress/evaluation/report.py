@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-
 from ..data import load_texts, tokenize_windows
 from .footprint import bits_per_weight, weights_size_bytes
 from .latency import forward_latency

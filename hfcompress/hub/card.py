@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from .record import CompressionRecord
 
 __all__ = ["PLOT_FILE", "TEMPLATE", "generate_card", "render_card"]
@@ -63,7 +65,6 @@ def _load_code(record: CompressionRecord, repo_id: str | None) -> str:
 
 
 def _card_data(record: CompressionRecord, existing: dict, repo_id: str | None):
-    from huggingface_hub import EvalResult, ModelCardData
 
     techniques = [step.technique for step in record.steps]
     tags = ["hfcompress", *dict.fromkeys(_TECHNIQUE_TAGS.get(t, t) for t in techniques)]
@@ -142,7 +143,6 @@ def _split_existing(text: str) -> tuple[str, str]:
 
 def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: str | None = None, template=None):
     """The `ModelCard` for the model in `folder` (merged with its existing README.md); writes the plot."""
-    from huggingface_hub import ModelCard
 
     folder = Path(folder)
     existing_data, user_before, user_after = {}, "", ""

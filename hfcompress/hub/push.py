@@ -7,6 +7,11 @@ import logging
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .card import generate_card
 from .record import RECORD_FILE
 
 __all__ = ["HubError", "check_model_folder", "push_to_hub"]
@@ -55,9 +60,6 @@ def push_to_hub(
     A card is generated first when the folder has a compression record and no README.md. The local folder is
     only read, and a failed upload leaves no commit on the Hub.
     """
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
-    from huggingface_hub.utils import validate_repo_id
 
     path = check_model_folder(folder)
     try:
@@ -68,7 +70,6 @@ def push_to_hub(
     if not token:
         raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing needs write access)")
     if (path / RECORD_FILE).is_file() and not (path / "README.md").is_file():
-        from .card import generate_card
 
         generate_card(path, repo_id=repo_id)
     api = HfApi(token=token)

@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["RECORD_FILE", "RECORD_VERSION", "CompressionRecord", "Step", "hardware_description", "library_versions"]
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ def library_versions() -> dict[str, str]:
 
 def hardware_description() -> str:
     """Where latency was measured: the CPU (model name where Linux tells it) and threads, or the GPU."""
-    import torch
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA)"
@@ -122,7 +123,7 @@ _invocation: list[str] | None = None  # set by the `hfcompress` entry point: its
 
 def set_invocation(argv: list[str] | None) -> None:
     """Record the arguments the `hfcompress` command was called with (also when called as `main(argv)`)."""
-    global _invocation  # noqa: PLW0603
+    global _invocation
     _invocation = None if argv is None else [str(a) for a in argv]
 
 

@@ -16,10 +16,10 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import manifest_of, update_manifest
-from ..data import calibration_batches, calibration_windows
-from ..core.capture import capture_block_inputs, run_block
 from ..core.calibration import collect_hessians
+from ..core.capture import capture_block_inputs, run_block
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..data import calibration_batches, calibration_windows
 from .allocation import allocate_ranks, uniform_ranks
 from .config import LowRankConfig
 from .modules import FactorizedLinear

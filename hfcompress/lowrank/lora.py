@@ -18,6 +18,7 @@ import re
 from typing import Literal
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from torch import nn
 
@@ -61,7 +62,6 @@ def load_lora_updates(adapter: str | os.PathLike) -> tuple[dict[str, LoraUpdate]
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/", "~")):
             raise FileNotFoundError(f"adapter {path!r} is not a folder (expected a peft adapter folder or a Hub id)")
-        from huggingface_hub import snapshot_download
 
         path = snapshot_download(path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
     config_file = os.path.join(path, "adapter_config.json")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..core.capture import capture_block_inputs, run_block
 from ..core.calibration import collect_hessians
+from ..core.capture import capture_block_inputs, run_block
 from ..core.structure import linear_weight, set_linear_weight
 from .allocation import ErrorCurve
 from .config import LowRankConfig
@@ -139,8 +139,11 @@ def measure_sensitivity(
             grams = collect_hessians(block, prefix, inputs, list(modules))
             skip.start_at(index)
             try:
+
+                def loss():
+                    return model_loss(model, probes, reference, skip.set_batch)
+
                 for name, module in modules.items():
-                    loss = lambda: model_loss(model, probes, reference, skip.set_batch)
                     curves[f"{prefix}.{name}"] = _probe(module, grams[name], loss, config)
             finally:
                 skip.restore()

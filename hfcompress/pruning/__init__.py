@@ -3,7 +3,6 @@ neurons, and one-shot pruning of trained models (magnitude, Wanda, SparseGPT).""
 
 from ..core.registry import StepOption, register_technique
 from . import rebuild  # noqa: F401  (registers how resized and bitmask-stored layers are rebuilt on load)
-
 from .callback import PruningCallback
 from .config import MagnitudePruningConfig, MovementPruningConfig, PruningConfig, pruning_config_from_dict
 from .finalize import finalize_pruning
@@ -24,15 +23,15 @@ __all__ = [
     "SparseLinear",
     "StructuredPruningConfig",
     "compress_sparse",
-    "decompress_sparse",
-    "prune_oneshot",
-    "prune_structured",
-    "taylor_importance",
     "cubic_sparsity",
+    "decompress_sparse",
     "finalize_pruning",
     "make_masks_permanent",
+    "prune_oneshot",
+    "prune_structured",
     "pruning_config_from_dict",
     "select_pruning_targets",
+    "taylor_importance",
 ]
 
 STORAGE_HELP = (

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-__all__ = ["PruningConfig", "MovementPruningConfig", "MagnitudePruningConfig", "pruning_config_from_dict"]
+__all__ = ["MagnitudePruningConfig", "MovementPruningConfig", "PruningConfig", "pruning_config_from_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class PruningConfig:
         return {"pruning_method": self.pruning_method, "version": FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
         return pruning_config_from_dict(data, expected=cls)
 
 

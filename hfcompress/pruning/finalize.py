@@ -7,6 +7,7 @@ import logging
 from torch import nn
 
 from .pruner import make_masks_permanent
+from .structured import remove_dead_structure
 
 __all__ = ["finalize_pruning"]
 
@@ -21,7 +22,6 @@ def finalize_pruning(model: nn.Module, remove_structure: bool = True) -> nn.Modu
     total = sum(sparsities.values()) / max(len(sparsities), 1)
     logger.info("pruning made permanent on %d layers (mean sparsity %.2f%%)", len(sparsities), 100 * total)
     if remove_structure:
-        from .structured import remove_dead_structure
 
         remove_dead_structure(model)
     return model

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .structured import (
     unit_norms,
 )
 
-__all__ = ["taylor_importance", "prune_structured"]
+__all__ = ["prune_structured", "taylor_importance"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def taylor_importance(
         for batch in tqdm(list(batches), desc="importance"):
             model.zero_grad(set_to_none=False)
             _loss(model, batch).backward()
-            for total, part in zip(importance, parts):
+            for total, part in zip(importance, parts, strict=True):
                 total += _unit_products(part).abs()
     finally:
         model.zero_grad(set_to_none=True)
@@ -115,7 +116,7 @@ def prune_structured(
     for kind, kind_parts in plan.items():
         fraction = ffn if kind == "ffn" else heads
         size = kind_parts[0].size
-        count = max(1, int(round(size * (1 - fraction))))
+        count = max(1, round(size * (1 - fraction)))
         keep[kind] = [keep_top_units(s, count) for s in scores[offset : offset + len(kind_parts)]]
         offset += len(kind_parts)
         logger.info("%s: keeping %d of %d per block (%s importance)", kind, count, size, importance)

@@ -13,10 +13,10 @@ __all__ = [
     "block_grid",
     "block_reduce",
     "expand_blocks",
-    "keep_count",
-    "topk_mask",
     "global_threshold",
+    "keep_count",
     "n_m_mask",
+    "topk_mask",
 ]
 
 
@@ -52,7 +52,7 @@ def expand_blocks(grid: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 def keep_count(numel: int, sparsity: float) -> int:
     """How many of `numel` entries survive at `sparsity` (rounded, never all pruned)."""
-    return max(1, int(round(numel * (1.0 - sparsity))))
+    return max(1, round(numel * (1.0 - sparsity)))
 
 
 def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

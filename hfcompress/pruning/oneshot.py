@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases
-from ..data import calibration_batches, calibration_windows
 from ..core.calibration import for_each_block_hessian
+from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
+from ..data import calibration_batches, calibration_windows
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
 __all__ = ["OneShotPruningConfig", "prune_oneshot"]
@@ -62,7 +62,7 @@ class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
             match = re.fullmatch(r"(\d+):(\d+)", str(self.pattern))
             if not match or not 0 < int(match[1]) < int(match[2]):
                 raise ValueError(f"`pattern` must look like '2:4' (N:M with 0 < N < M), got {self.pattern!r}")
-            n, m = self.nm
+            _, m = self.nm
             if self.block_size % m:
                 raise ValueError(f"`block_size` ({self.block_size}) must be a multiple of M ({m})")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -102,13 +102,13 @@ def prune_oneshot(model: nn.Module, config: OneShotPruningConfig, tokenizer=None
     targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
         raise ValueError(f"{type(model).__name__} has no linear layers to prune")
-    n, m = config.nm
+    _, m = config.nm
     if m:
         bad = [name for name, t in targets.items() if linear_weight(t).shape[1] % m]
         if bad:
             raise ValueError(f"{config.pattern} pruning needs in_features divisible by {m}; these are not: {bad}")
     if config.method == "magnitude":
-        for name, module in tqdm(targets.items(), desc="prune (magnitude)"):
+        for module in tqdm(targets.values(), desc="prune (magnitude)"):
             set_linear_weight(module, _prune_weight(linear_weight(module), None, config))
     else:
         _prune_calibrated(model, targets, config, tokenizer)

@@ -17,7 +17,7 @@ from .config import MovementPruningConfig, PruningConfig
 from .masks import block_reduce, global_threshold, topk_mask
 from .modules import PruningMask
 
-__all__ = ["Pruner", "select_pruning_targets", "make_masks_permanent"]
+__all__ = ["Pruner", "make_masks_permanent", "select_pruning_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Pruner:
         self.masks = masks
 
     @classmethod
-    def attach(cls, model: nn.Module, config: PruningConfig) -> "Pruner":
+    def attach(cls, model: nn.Module, config: PruningConfig) -> Pruner:
         """Register masks (and scores for movement pruning) on the target layers, all kept at first.
         Attaching again with the same config reuses the masks; with another config it is an error."""
         existing = getattr(model, CONFIG_ATTRIBUTE, None)
@@ -85,7 +85,7 @@ class Pruner:
         return cls(model, config, masks)
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "Pruner | None":
+    def from_model(cls, model: nn.Module) -> Pruner | None:
         config = getattr(model, CONFIG_ATTRIBUTE, None)
         if config is None:
             return None
@@ -133,7 +133,7 @@ class Pruner:
     def sparsity(self) -> float:
         """The fraction of the targeted weights that the current masks prune."""
         pruned = total = 0
-        for layer, mask in self.masks.values():
+        for _layer, mask in self.masks.values():
             per_block = mask.block[0] * mask.block[1]
             pruned += int((mask.mask == 0).sum()) * per_block
             total += mask.mask.numel() * per_block

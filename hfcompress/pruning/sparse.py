@@ -40,7 +40,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear) -> SparseLinear:
         weight = linear.weight.detach()
         mask = weight != 0
         layer = cls(

@@ -11,7 +11,7 @@ import torch
 from ..core.hessian import inverse_cholesky
 from .masks import n_m_mask
 
-__all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune"]
+__all__ = ["magnitude_prune", "sparsegpt_prune", "wanda_prune"]
 
 
 def _check(sparsity: float, n: int, m: int) -> None:

@@ -221,13 +221,13 @@ def apply_uniform_removal(model: nn.Module, ffn_keep: list[torch.Tensor] | None,
     config = model.config
     blocks = _blocks(model)
     if ffn_keep is not None:
-        for block, keep in zip(blocks, ffn_keep):
+        for block, keep in zip(blocks, ffn_keep, strict=True):
             prune_units(feed_forward_of(block), keep)
         config.intermediate_size = len(ffn_keep[0])
     if head_keep is not None:
         attentions = [attention_of(block, config) for block in blocks]
         family, group, head_dim = attentions[0].family, attentions[0].group, attentions[0].head_dim
-        for part, keep in zip(attentions, head_keep):
+        for part, keep in zip(attentions, head_keep, strict=True):
             prune_units(part, keep)
         if family == "llama":
             config.head_dim = head_dim
@@ -264,7 +264,7 @@ def remove_dead_structure(model: nn.Module) -> dict[str, int]:
         if keep_count == parts[0].size or keep_count == 0:
             continue
         # alive units first, then the dead ones of largest norm as padding
-        keep = [keep_top_units((~d).float() * 1e30 + unit_norms(p), keep_count) for d, p in zip(dead, parts)]
+        keep = [keep_top_units((~d).float() * 1e30 + unit_norms(p), keep_count) for d, p in zip(dead, parts, strict=True)]
         if kind == "ffn":
             apply_uniform_removal(model, keep, None)
         else:

@@ -14,10 +14,11 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ..core.config import CompressionConfig, deprecated_aliases
 
-__all__ = ["BnbConfig", "quantize_bnb", "load_bnb", "require_bitsandbytes", "quiet_bitsandbytes"]
+__all__ = ["BnbConfig", "load_bnb", "quantize_bnb", "quiet_bitsandbytes", "require_bitsandbytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ class BnbConfig(CompressionConfig):
 
     def to_transformers(self):
         """The equivalent `transformers.BitsAndBytesConfig`."""
-        from transformers import BitsAndBytesConfig
 
         skip = self.modules_to_not_convert if self.modules_to_not_convert is not None else ["lm_head"]
         if self.bits == 8:
@@ -114,8 +114,7 @@ def load_bnb(model_path, config: BnbConfig, model_class=None, dtype: torch.dtype
     """Load `model_path` quantized by bitsandbytes as `config` says."""
     require_bitsandbytes()
     quiet_bitsandbytes()
-    if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
+    model_class = model_class or AutoModelForCausalLM
     return model_class.from_pretrained(model_path, quantization_config=config.to_transformers(), dtype=dtype, **kwargs)
 
 

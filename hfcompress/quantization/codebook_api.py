@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..checkpoint import manifest_of, update_manifest
+from ..core.calibration import for_each_block_hessian
+from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from ..data import calibration_batches, calibration_windows
 from .codebook import kmeans_quantize, vq_quantize
 from .codebook_config import KMeansConfig, VQConfig
 from .codebook_linear import CodebookLinear
-from ..checkpoint import manifest_of, update_manifest
-from ..core.calibration import for_each_block_hessian
-from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 
 __all__ = ["quantize_codebook"]
 

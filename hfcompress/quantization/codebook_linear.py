@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codebook import codebook_dequantize
 from ..core.packing import pack_codes, packed_width, unpack_codes
+from .codebook import codebook_dequantize
 
 __all__ = ["CodebookLinear"]
 
@@ -43,7 +43,7 @@ class CodebookLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, codebook: torch.Tensor, bits: int, bias: torch.Tensor | None) -> "CodebookLinear":
+    def from_codes(cls, codes: torch.Tensor, codebook: torch.Tensor, bits: int, bias: torch.Tensor | None) -> CodebookLinear:
         """From indices [out, in / dim] and codebooks [books, 2^(bits*dim), dim] (or [out, 2^bits] for scalar)."""
         if codebook.dim() == 2:
             codebook = codebook.unsqueeze(-1)

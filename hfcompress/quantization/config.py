@@ -9,10 +9,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..checkpoint.manifest import FORMAT_VERSION, SCALE_DTYPES, HfcompressQuantizationConfig, check_grid
 from ..core.config import CalibrationArguments, CompressionConfig
 from ..core.packing import SUPPORTED_BITS
-
-from ..checkpoint.manifest import FORMAT_VERSION, SCALE_DTYPES, HfcompressQuantizationConfig, check_grid
 
 __all__ = ["FORMAT_VERSION", "SCALE_DTYPES", "SCALE_TORCH_DTYPES", "GPTQConfig", "HfcompressQuantizationConfig", "RTNConfig"]
 

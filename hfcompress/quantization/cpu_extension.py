@@ -4,6 +4,7 @@ without AVX2, or with HFCOMPRESS_CPU_KERNELS=0, `load()` returns None and layers
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -36,7 +37,6 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        import hashlib
 
         name = "hfcompress_wq_cpu_" + hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]  # a new source, a new build
         logger.info("building the CPU weight-only kernels (once per machine; cached by torch)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .modules import QuantLinear
 from ..core.structure import set_submodule
+from .modules import QuantLinear
 
 __all__ = ["check_compressed_tensors_compatible", "compressed_tensors_config", "compressed_tensors_state_dict", "dequantize_model"]
 

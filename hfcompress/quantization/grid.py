@@ -14,7 +14,7 @@ import torch
 
 from ..core.packing import SUPPORTED_BITS
 
-__all__ = ["SUPPORTED_BITS", "QuantizedWeight", "grid_params", "quantize_to_codes", "dequantize_codes", "rtn_quantize"]
+__all__ = ["SUPPORTED_BITS", "QuantizedWeight", "dequantize_codes", "grid_params", "quantize_to_codes", "rtn_quantize"]
 
 
 

@@ -24,7 +24,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["select_kernel", "AvxCpuKernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel"]
+from ..core.packing import pack_codes
+from .cpu_extension import load, unavailable_reason
+
+__all__ = ["AvxCpuKernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel", "select_kernel"]
 
 logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
@@ -79,14 +82,10 @@ class AvxCpuKernel:
             return f"{device.type}/{dtype}"
         if layer.group_size % 8 or layer.in_features % 8:
             return f"group size {layer.group_size} / input size {layer.in_features} not multiples of 8"
-        from .cpu_extension import unavailable_reason
 
         return unavailable_reason()
 
     def __init__(self, layer, dtype):
-        from .cpu_extension import load
-        from .modules import QuantLinear
-        from ..core.packing import pack_codes
 
         self.module = load()
         self.bits, self.group = layer.bits, layer.group_size
@@ -96,7 +95,7 @@ class AvxCpuKernel:
         if layer.weight_g_idx is not None:  # groups contiguous: visit columns group by group
             self.perm = torch.argsort(layer.weight_g_idx, stable=True)
             codes = codes[:, self.perm]
-        if self.perm is None and type(layer).codes is QuantLinear.codes:
+        if self.perm is None and layer.CODES_IN_WEIGHT:
             self.packed = layer.weight  # the stored layout is the kernel's: no copy
         else:
             self.packed = pack_codes(codes, layer.bits).contiguous()
@@ -211,7 +210,7 @@ class TritonW4Kernel:
         return None
 
     def __init__(self, layer, dtype):
-        from ..experimental.triton_w4 import w4_matmul
+        from ..experimental.triton_w4 import w4_matmul  # triton: optional, and only with CUDA
 
         self.matmul = w4_matmul
         self.out_features, self.in_features = layer.out_features, layer.in_features
@@ -220,7 +219,6 @@ class TritonW4Kernel:
         if layer.weight_g_idx is not None:
             self.perm = torch.argsort(layer.weight_g_idx, stable=True)
             codes = codes[:, self.perm]
-        from ..core.packing import pack_codes
 
         self.packed = pack_codes(codes, 4).contiguous()
         self.scale = layer.weight_scale.float().contiguous()

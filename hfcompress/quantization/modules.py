@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .grid import QuantizedWeight
 from ..core.packing import pack_codes, packed_width, unpack_codes
+from .grid import QuantizedWeight
+from .kernels import select_kernel
 
 __all__ = ["QuantLinear", "cast_unquantized"]
 
@@ -28,6 +29,7 @@ class QuantLinear(nn.Module):
 
     STORED_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
     KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
+    CODES_IN_WEIGHT = True  # `weight` holds every code densely packed (the fused CPU kernel's own layout)
 
     def __init__(
         self,
@@ -136,7 +138,6 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
         if self._kernel_key != key:
-            from .kernels import select_kernel
 
             self._kernel = select_kernel(self, x.device, x.dtype)
             self._kernel_key = key
@@ -165,7 +166,7 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for module in model.modules():
         if getattr(type(module), "KEEPS_DTYPE", False):
             continue
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
         for name, buffer in module.named_buffers(recurse=False):

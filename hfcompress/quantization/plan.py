@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..core.structure import is_excluded, linear_weight
+from ..lowrank.modules import FactorizedLinear
 
 __all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers"]
 
@@ -33,7 +34,6 @@ def plan_layers(model: nn.Module, targets: dict[str, nn.Module], config) -> dict
     the rank: it falls back to one group per row. With `keep_sparsity`, a layer with at least 25% exact zeros is
     quantized with its zeros kept and stored as bitmask + codes.
     """
-    from ..lowrank.modules import FactorizedLinear
 
     layer_bits = config.layer_bits or {}
     unmatched = [p for p in layer_bits if not any(is_excluded(name, [p]) for name in targets)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..core.packing import pack_codes, packed_width, unpack_codes
 from ..pruning.sparse import pack_bitmask, unpack_bitmask
 from .grid import QuantizedWeight
 from .modules import QuantLinear
-from ..core.packing import pack_codes, packed_width, unpack_codes
 
 __all__ = ["SparseQuantLinear"]
 
@@ -22,6 +22,7 @@ class SparseQuantLinear(QuantLinear):
 
     STORED_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_bitmask")
     KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
+    CODES_IN_WEIGHT = False  # `weight` holds the codes of the kept weights only
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bits: int, group_size: int, sym: bool, **kwargs):
         super().__init__(in_features, out_features, bits, group_size, sym, **kwargs)

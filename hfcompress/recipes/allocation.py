@@ -52,7 +52,7 @@ def allocate(
         return None
     state = int(torch.argmin(best))
     chosen = {}
-    for name, pick in zip(reversed(names), reversed(picks)):
+    for name, pick in zip(reversed(names), reversed(picks), strict=True):
         index = int(pick[state])
         chosen[name] = index
         state -= math.ceil(options[name][index][0] / unit - 1e-9)

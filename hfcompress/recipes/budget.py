@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.structure import candidate_linears, linear_weight
+from ..evaluation import weights_size_bytes
+from ..pruning.sparse import SparseLinear
+from ..quantization.sparse_quant import SparseQuantLinear
+from ..steps.loading import checkpoint_dtype
+from ..steps.recording import stored_parameters
 from .allocation import grid_bits_per_weight
 
 __all__ = ["Baseline", "Budget", "check_reachable", "measure_baseline", "nonzero_parameters"]
@@ -90,9 +96,6 @@ class Baseline:
 
 
 def nonzero_parameters(model) -> int:
-    from ..steps.recording import stored_parameters
-    from ..pruning.sparse import SparseLinear
-    from ..quantization.sparse_quant import SparseQuantLinear
 
     total = stored_parameters(model)
     for module in model.modules():
@@ -102,9 +105,6 @@ def nonzero_parameters(model) -> int:
 
 
 def measure_baseline(model, model_path: str) -> Baseline:
-    from ..steps.loading import checkpoint_dtype
-    from ..evaluation import weights_size_bytes
-    from ..core.structure import candidate_linears, linear_weight
 
     shapes = {n: tuple(linear_weight(m).shape) for n, m in candidate_linears(model, None).items()}
     if not os.path.isdir(model_path):

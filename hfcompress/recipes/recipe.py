@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from ..core.registry import kinds, resolve_technique, technique_for
 
 __all__ = ["STEP_KINDS", "Recipe", "RecipeError", "RecipeStep", "step_kinds"]
@@ -114,7 +116,6 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
-        import yaml
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"recipe file {os.fspath(path)!r} does not exist")
@@ -140,7 +141,6 @@ class Recipe:
         return data
 
     def to_yaml(self) -> str:
-        import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

@@ -267,7 +267,7 @@ def run_recipe(
     (output / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     fingerprints = recipe.step_fingerprints()
     current = model
-    for p, fingerprint in zip(prepared, fingerprints):
+    for p, fingerprint in zip(prepared, fingerprints, strict=True):
         folder = output / "steps" / p.folder_name
         marker = folder / STEP_MARKER
         if (

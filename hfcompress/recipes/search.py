@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from ..core.structure import candidate_linears
+from ..data import load_texts, looks_local, tokenize_windows
+from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
+from ..evaluation.latency import forward_latency
+from ..quantization.modules import QuantLinear
+from ..steps.loading import load_model, load_tokenizer, resolve_model_path
 from .allocation import allocate, grid_bits_per_weight
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .recipe import Recipe
+from .runner import _prepare_output, run_recipe
 from .search_report import pareto_front, write_reports
-from .sensitivity import monotone
+from .sensitivity import layer_sensitivity, monotone, plot_sensitivity, sensitivity_table
 
 __all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
 
@@ -132,10 +140,6 @@ def search(
 ) -> dict[str, Any]:
     """Find the best compression of `model` within `config.budget`, write it to `output` with its recipe, and
     the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json)."""
-    from ..steps.loading import load_model, load_tokenizer, resolve_model_path
-    from ..data import load_texts, tokenize_windows
-    from ..data import looks_local
-    from .runner import _prepare_output
 
     resolve_model_path(model)
     for name in ("dataset", "eval_dataset"):
@@ -207,8 +211,6 @@ def search(
 
 @torch.no_grad()
 def _evaluate(model, folder: str | os.PathLike, windows, base: Baseline) -> dict[str, Any]:
-    from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
-    from ..evaluation.latency import forward_latency
 
     model.eval()
     size = weights_size_bytes(folder)
@@ -271,10 +273,7 @@ def _allocate_bits(sensitivity, base: Baseline, config: SearchConfig, target_bit
 
 
 def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path, cache: _Cache) -> dict:
-    from transformers import AutoModelForCausalLM
 
-    from ..quantization.modules import QuantLinear
-    from .sensitivity import layer_sensitivity, plot_sensitivity, sensitivity_table
 
     done = cache.data["sensitivity"]  # mean KL divergence per layer and bit width
     variants = {}
@@ -304,7 +303,6 @@ def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path
 
 
 def _linear_names(model) -> list[str]:
-    from ..core.structure import candidate_linears
 
     return list(candidate_linears(model, None))
 
@@ -345,9 +343,7 @@ def _prune_candidates(base: Baseline, config: SearchConfig) -> list[Candidate]:
 def _build_and_evaluate(
     candidate: Candidate, model_path, config, work: Path, cache: _Cache, eval_windows, base, quiet
 ) -> None:
-    from transformers import AutoModelForCausalLM
 
-    from .runner import run_recipe
 
     folder = work / "candidates" / candidate.name
     cached = cache.data["candidates"].get(candidate.name)

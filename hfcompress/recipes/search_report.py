@@ -76,7 +76,7 @@ def _plot_pareto(rows, front, best, config, base, path: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     techniques = sorted({p.technique for p in rows})
-    for technique, marker in zip(techniques, "osD^v<>"):
+    for technique, marker in zip(techniques, "osD^v<>", strict=False):  # one marker each, at most 7
         group = [p for p in rows if p.technique == technique]
         ax.scatter([p.metrics["size_bytes"] / 1e6 for p in group], [p.metrics[config.metric] for p in group],
                    marker=marker, label=technique, zorder=3)  # fmt: skip

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..core.capture import capture_block_outputs
-from ..core.structure import linear_weight, set_linear_weight
+from ..core.structure import find_layer_stack, linear_weight, set_linear_weight
 
 __all__ = ["calibration_loss", "layer_sensitivity", "monotone", "plot_sensitivity", "sensitivity_table"]
 
@@ -74,7 +74,7 @@ def _log_probs(model, batches: list[torch.Tensor], prefix: _Prefix | None = None
 def _divergence(model, batches, reference: list[torch.Tensor], prefix: _Prefix | None = None) -> float:
     """Mean over tokens of KL(reference || model): how far the model's next-token distributions moved."""
     total, tokens = 0.0, 0
-    for ref, logp in zip(reference, _log_probs(model, batches, prefix)):
+    for ref, logp in zip(reference, _log_probs(model, batches, prefix), strict=True):
         total += float((ref.exp() * (ref - logp)).sum())
         tokens += ref.shape[0] * ref.shape[1]
     return total / tokens
@@ -101,7 +101,6 @@ def layer_sensitivity(
     A layer inside the block stack changes nothing before its block, so the blocks before it are not run again:
     their output is recorded once per block and replayed (checked against the full model's loss first).
     """
-    from ..core.structure import find_layer_stack
 
     results: dict[str, dict[str, float]] = {k: dict(v) for k, v in (done or {}).items()}
     todo = [(s, n) for s, layers in variants.items() for n in layers if s not in results.get(n, {})]

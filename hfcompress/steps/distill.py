@@ -112,7 +112,7 @@ def _train_set(arguments: DistillArguments, tokenizer):
     rows = _classification_rows(arguments.dataset)
     encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=arguments.seq_len)
     data = [{"input_ids": ids, "attention_mask": mask, "labels": int(r["label"])}
-            for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)]  # fmt: skip
+            for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]  # fmt: skip
     return data, DataCollatorWithPadding(tokenizer)
 
 

@@ -6,6 +6,8 @@ import os
 import re
 
 import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
 
 __all__ = ["DTYPES", "checkpoint_dtype", "load_model", "load_tokenizer", "resolve_model_path"]
 
@@ -27,7 +29,6 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
-    import transformers
 
     autos = {
         "causal-lm": "AutoModelForCausalLM",
@@ -47,7 +48,6 @@ def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
 
 def checkpoint_dtype(model: str) -> torch.dtype:
     """The dtype the model's config says its weights are stored in (float32 when it does not say)."""
-    from transformers import AutoConfig
 
     dtype = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "dtype", None)
     if isinstance(dtype, str):
@@ -56,6 +56,5 @@ def checkpoint_dtype(model: str) -> torch.dtype:
 
 
 def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_model_path(model))

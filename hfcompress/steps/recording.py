@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 
 from ..checkpoint import QUANT_METHOD
 from ..core.registry import compressed_layer_types
@@ -79,7 +80,6 @@ def _eval_windows(options: OutputOptions, tokenizer):
 def _base_card_data(model_path: str) -> dict:
     readme = Path(model_path) / "README.md"
     if readme.is_file():
-        from huggingface_hub import ModelCard
 
         try:
             return ModelCard.load(readme).data.to_dict()

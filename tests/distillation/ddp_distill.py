@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from test_distillation import args, classifier, task  # noqa: E402
+from test_distillation import args, classifier, task
 
-from hfcompress import DistillationConfig, DistillationTrainer  # noqa: E402
+from hfcompress import DistillationConfig, DistillationTrainer
 
 
 def main(out: str) -> None:

@@ -172,7 +172,7 @@ def test_resume_from_checkpoint(tmp_path):
     first.train()
     resumed, resumed_student = run(tmp_path / "run")
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
-    for (name, a), b in zip(full_student.state_dict().items(), resumed_student.state_dict().values()):
+    for (name, a), b in zip(full_student.state_dict().items(), resumed_student.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 

@@ -39,7 +39,7 @@ def test_the_record_round_trips_and_tolerates_newer_keys(tmp_path, caplog):
     (tmp_path / RECORD_FILE).write_text(json.dumps(data))
     assert CompressionRecord.load(tmp_path) == record
     assert "from_the_future" in caplog.text
-    with pytest.raises(FileNotFoundError, match="no hfcompress_record.json"):
+    with pytest.raises(FileNotFoundError, match=r"no hfcompress_record\.json"):
         CompressionRecord.load(tmp_path / "missing")
 
 
@@ -87,7 +87,7 @@ def test_a_broken_template_is_a_clear_error_and_leaves_the_card(tmp_path):
     before = (tmp_path / "README.md").read_bytes()
     template = tmp_path / "broken.jinja"
     template.write_text("---\n{{ card_data }}\n---\n{% for x in %}\n")
-    with pytest.raises(ValueError, match="template .* failed to render"):
+    with pytest.raises(ValueError, match=r"template .* failed to render"):
         generate_card(tmp_path, template=template)
     assert (tmp_path / "README.md").read_bytes() == before
 

@@ -10,7 +10,7 @@ from hfcompress import FactorizedLinear, LowRankConfig, factorize, merge_lora
 from hfcompress.lowrank.lora import adapt_factorized_layers
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model  # noqa: E402  (after the skip without peft)
 
 
 def _factorized_model():

@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_callback import schedule, task, tiny_classifier  # noqa: E402
+from test_callback import schedule, task, tiny_classifier
 
-from hfcompress import MovementPruningConfig, PruningCallback  # noqa: E402
-from hfcompress.pruning import Pruner  # noqa: E402
+from hfcompress import MovementPruningConfig, PruningCallback
+from hfcompress.pruning import Pruner
 
 
 def main(out: str) -> None:

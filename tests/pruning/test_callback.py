@@ -166,7 +166,7 @@ def test_pruned_training_keeps_the_weights_that_matter(tmp_path, config):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 32, generator=g)
     labels = (x[:, 0] + x[:, 1] > 0).long()
-    data = [{"x": a, "labels": b} for a, b in zip(x, labels)]
+    data = [{"x": a, "labels": b} for a, b in zip(x, labels, strict=True)]
     torch.manual_seed(0)
     model = _Probe()
     config.final_sparsity, config.warmup_steps, config.cooldown_steps = 0.95, 30, 60

@@ -58,7 +58,7 @@ def test_oneshot_on_a_model_prunes_every_block_linear(tmp_path):
 
 
 def test_oneshot_bad_input():
-    with pytest.raises(ValueError, match="`sparsity` must be in \\[0, 1\\), got 1.0"):
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\), got 1\.0"):
         OneShotPruningConfig(sparsity=1.0)
     with pytest.raises(ValueError, match="`pattern` must look like '2:4'"):
         OneShotPruningConfig(pattern="4:2")
@@ -84,7 +84,7 @@ def test_bitmask_checkpoint_is_smaller_and_reloads_identically(tmp_path):
     dense = decompress_sparse(reloaded)
     assert not dense.config.quantization_config.sparse
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
-    for (name, a), (_, b) in zip(sorted(dense.state_dict().items()), sorted(reference.state_dict().items())):
+    for (name, a), (_, b) in zip(sorted(dense.state_dict().items()), sorted(reference.state_dict().items()), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -133,7 +133,7 @@ def test_structured_keeps_the_most_important_units():
     prune_structured(model, ffn=0.9)  # magnitude importance: keeps 13 of 128
     kept = model.model.layers[0].mlp.down_proj.weight
     assert kept.shape[1] == 13 and int((kept.abs().amax(0) > 1).sum()) >= 10
-    with pytest.raises(ValueError, match="`heads` must be a fraction in \\[0, 1\\), got 1.5"):
+    with pytest.raises(ValueError, match=r"`heads` must be a fraction in \[0, 1\), got 1\.5"):
         prune_structured(tiny_model("llama"), heads=1.5)
 
 

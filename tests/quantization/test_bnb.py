@@ -10,8 +10,8 @@ from helpers import tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
 import hfcompress
-from hfcompress.evaluation import bits_per_weight
 from hfcompress import BnbConfig
+from hfcompress.evaluation import bits_per_weight
 from hfcompress.quantization.bnb import quiet_bitsandbytes, require_bitsandbytes
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -66,8 +66,10 @@ def test_qlora_adapter_trains_on_the_4bit_model_and_saves(tmp_path):
     windows = token_windows(8, 16)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                               report_to=[], use_cpu=True, logging_steps=1),  # fmt: skip
+        args=TrainingArguments(
+            str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+            use_cpu=True, logging_steps=1,
+        ),
         train_dataset=[{"input_ids": w, "labels": w} for w in windows],
     )
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}

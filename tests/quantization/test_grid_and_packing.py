@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hfcompress.quantization.grid import SUPPORTED_BITS, dequantize_codes, grid_params, quantize_to_codes, rtn_quantize
 from hfcompress.core.packing import pack_codes, packed_width, unpack_codes
+from hfcompress.quantization.grid import SUPPORTED_BITS, dequantize_codes, grid_params, quantize_to_codes, rtn_quantize
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

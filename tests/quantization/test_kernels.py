@@ -120,9 +120,9 @@ def test_triton_w4_matches_dequantize_on_cuda(group_size, sym, act_order, m, dty
 
 
 def test_avx2_kernel_builds_where_a_compiler_and_avx2_exist():
-    from hfcompress.quantization.cpu_extension import unavailable_reason
-
     import shutil
+
+    from hfcompress.quantization.cpu_extension import unavailable_reason
 
     reason = unavailable_reason()
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

@@ -8,12 +8,11 @@ from helpers import ARCHITECTURES, tiny_model, token_windows
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hfcompress
-from hfcompress.core.capture import BlockInputs, capture_block_inputs, run_block
-from hfcompress.quantization.modules import QuantLinear
 from hfcompress.core.calibration import calibrate_block as core_calibrate_block
-from hfcompress.quantization.gptq_blocks import quantize_group
+from hfcompress.core.capture import BlockInputs, capture_block_inputs, run_block
 from hfcompress.core.structure import find_layer_stack, find_linears, set_submodule
-
+from hfcompress.quantization.gptq_blocks import quantize_group
+from hfcompress.quantization.modules import QuantLinear
 
 
 def calibrate_block(block, prefix, inputs, modules, config, scale_dtype):
@@ -87,7 +86,7 @@ def test_calibration_propagates_the_quantized_block_outputs(arch, true_sequentia
     for n, q in quantized.items():
         set_submodule(block, n, QuantLinear.from_quantized(q, 32, False, False, modules[n].bias, torch.float16))
     fresh = run_block(block, inputs)
-    for got, expected in zip(outputs, fresh):
+    for got, expected in zip(outputs, fresh, strict=True):
         torch.testing.assert_close(got.args[0], expected.args[0], rtol=1e-5, atol=1e-5)
 
 
@@ -124,7 +123,7 @@ def test_staged_calibration_falls_back_when_a_module_modifies_its_output_in_plac
     )
     for name in modules:
         assert torch.equal(quantized[name].codes, expected_quantized[name].codes)
-    for got, want in zip(outputs, expected):
+    for got, want in zip(outputs, expected, strict=True):
         torch.testing.assert_close(got.args[0], want.args[0])
 
 
