@@ -104,6 +104,5 @@ def calibration_windows(model, dataset, seq_len: int, tokenizer=None) -> torch.T
             raise ValueError(f"a token-id `dataset` must be [n_windows, seq_len], got shape {tuple(dataset.shape)}")
         return dataset
     if tokenizer is None:
-
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     return tokenize_windows(tokenizer, load_texts(dataset), seq_len)

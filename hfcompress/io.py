@@ -36,7 +36,9 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Path
         if not output.is_dir():
             raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
         if any(output.iterdir()) and not overwrite:
-            raise FileExistsError(f"output folder {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+            raise FileExistsError(
+                f"output folder {str(output)!r} exists and is not empty; pass --overwrite to replace it"
+            )
     return output
 
 

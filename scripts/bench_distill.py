@@ -69,7 +69,9 @@ def part_cls(args, results: dict) -> None:
 
     teacher_path = Path(args.teacher_dir)
     if not teacher_path.is_dir():
-        raise SystemExit(f"the fine-tuned teacher is expected at {teacher_path}: run bench_pruning.py --part fine first")
+        raise SystemExit(
+            f"the fine-tuned teacher is expected at {teacher_path}: run bench_pruning.py --part fine first"
+        )
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     train_set, val_set, _ = load_task(tokenizer, args.task, args.max_length)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).eval()
@@ -105,7 +107,9 @@ def part_cls(args, results: dict) -> None:
     speed = latency_and_size(teacher, {"student": students["task loss only"]}, ids, args.latency_runs)
     results["cls"] = {"rows": rows, "speed": speed, "steps": args.cls_steps, "batch_size": args.cls_batch_size}
     save(results, args)
-    print(f"\n3-layer students of all-MiniLM-L6-v2 fine-tuned on docs-cls, {args.cls_steps} steps of batch {args.cls_batch_size}")
+    print(
+        f"\n3-layer students of all-MiniLM-L6-v2 fine-tuned on docs-cls, {args.cls_steps} steps of batch {args.cls_batch_size}"
+    )
     print("| model | val accuracy | of teacher |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {100 * row['accuracy']:.2f} | {100 * row['accuracy'] / teacher_acc:.1f}% |")
@@ -132,7 +136,11 @@ def part_lm(args, results: dict) -> None:
         torch.manual_seed(args.seed)
         student = make_student(teacher, num_layers=5)
         rows.setdefault("untrained student", {"perplexity": perplexity(student, val)})
-        common = dict(model=student, args=training_args(args, args.lm_steps, args.lm_batch_size, args.lm_lr), train_dataset=train_set)
+        common = dict(
+            model=student,
+            args=training_args(args, args.lm_steps, args.lm_batch_size, args.lm_lr),
+            train_dataset=train_set,
+        )
         start = time.perf_counter()
         if kd:
             trainer = DistillationTrainer(
@@ -148,12 +156,16 @@ def part_lm(args, results: dict) -> None:
     tokens = needed * args.seq_len
     results["lm"] = {"rows": rows, "speed": speed, "tokens": tokens, "steps": args.lm_steps}
     save(results, args)
-    print(f"\n5-of-10-layer students of refmodel, {tokens:,} training tokens each; perplexity on {len(val)} windows of val.txt")
+    print(
+        f"\n5-of-10-layer students of refmodel, {tokens:,} training tokens each; perplexity on {len(val)} windows of val.txt"
+    )
     print("| model | perplexity |\n|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['perplexity']:.3f} |")
     s = speed["student"]
-    print(f"student: {s['size_ratio']:.2f}x the parameters, {s['latency_ratio']:.2f}x faster (1 x {args.seq_len} tokens)")
+    print(
+        f"student: {s['size_ratio']:.2f}x the parameters, {s['latency_ratio']:.2f}x faster (1 x {args.seq_len} tokens)"
+    )
 
 
 def save(results: dict, args) -> None:

@@ -48,9 +48,7 @@ def tensor_bytes(model) -> int:
     for module in model.modules():
         kernel = getattr(module, "_kernel", None)
         if kernel is not None:
-            total += sum(
-                v.numel() * v.element_size() for v in vars(kernel).values() if isinstance(v, torch.Tensor)
-            )
+            total += sum(v.numel() * v.element_size() for v in vars(kernel).values() if isinstance(v, torch.Tensor))
     return total
 
 
@@ -114,7 +112,9 @@ def main():
         del model
         gc.collect()
     base = rows[0]
-    print("\n| format | new tokens | tok/s b1 | vs fp32 | tok/s b8 | vs fp32 | model tensors (MB) | vs fp32 | RSS after (MB) |")
+    print(
+        "\n| format | new tokens | tok/s b1 | vs fp32 | tok/s b8 | vs fp32 | model tensors (MB) | vs fp32 | RSS after (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['format']} | {r['new_tokens']} | {r['tokens_per_s_b1']:.2f} | {r['tokens_per_s_b1'] / base['tokens_per_s_b1']:.2f}x "

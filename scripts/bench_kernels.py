@@ -110,7 +110,9 @@ def main():
                     if fn is not None:
                         rows.append((f"{label} tinygemm (torch)", timer(fn, args.runs, device)))
             for label, seconds in rows[1:]:
-                print(f"| {out_features}x{in_features} | {m} | {base * 1e3:.3f} | {label} | {seconds * 1e3:.3f} | {base / seconds:.2f}x |")
+                print(
+                    f"| {out_features}x{in_features} | {m} | {base * 1e3:.3f} | {label} | {seconds * 1e3:.3f} | {base / seconds:.2f}x |"
+                )
                 results.append({"shape": [out_features, in_features], "m": m, "kernel": label, "dense_s": base,
                                 "seconds": seconds, "speedup": base / seconds, "device": name})  # fmt: skip
     if args.json_out:

@@ -110,7 +110,9 @@ def main():
     parser.add_argument("--lora-steps", type=int, default=150, help="Training steps of the LoRA adapter; 0 skips it.")
     parser.add_argument("--json-out", default=None)
     parser.add_argument(
-        "--sensitivity-cache", default=None, help="JSON file to read/write the sensitivity measurements (default: a temporary one)."
+        "--sensitivity-cache",
+        default=None,
+        help="JSON file to read/write the sensitivity measurements (default: a temporary one).",
     )
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
@@ -139,8 +141,21 @@ def main():
             results[key]["seconds"] = seconds
             settings = config.to_dict()
             settings.pop("dataset")
-            step = Step("factorization", config.method, settings, {"dataset": args.calib, "num_samples": args.num_samples}, seconds)
-            write_record(work / key.replace(" ", "_"), args, step, card_metrics(results["dense"]), card_metrics(results[key]), len(val))
+            step = Step(
+                "factorization",
+                config.method,
+                settings,
+                {"dataset": args.calib, "num_samples": args.num_samples},
+                seconds,
+            )
+            write_record(
+                work / key.replace(" ", "_"),
+                args,
+                step,
+                card_metrics(results["dense"]),
+                card_metrics(results[key]),
+                len(val),
+            )
             print(f"{key}: {results[key]}", flush=True)
             if name == "whiten + allocation" and ratio == max(map(float, args.ratios.split(","))):
                 lora_base = model

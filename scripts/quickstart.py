@@ -45,7 +45,9 @@ def build_tiny_lm(folder: Path, steps: int = 300, seed: int = 0) -> tuple[Path, 
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         [text[:split]],
-        trainers.BpeTrainer(vocab_size=2048, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=2048, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
     ids = torch.tensor(tokenizer(text[:split])["input_ids"])
@@ -113,12 +115,16 @@ def main():
     )  # fmt: skip
     results = {}
     for name, path in (("original", model), ("gptq-4bit", quantized)):
-        out = hfcompress("evaluate", path, "--dataset", heldout, "--seq-len", seq_len, "--max-windows", 40, "--json", "-q")
+        out = hfcompress(
+            "evaluate", path, "--dataset", heldout, "--seq-len", seq_len, "--max-windows", 40, "--json", "-q"
+        )
         results[name] = json.loads(out)
     print(f"\n{'model':<10} {'perplexity':>10} {'weights MB':>11} {'bits/weight':>12}")
     for name, r in results.items():
         print(f"{name:<10} {r['perplexity']:>10.2f} {r['size_bytes'] / 1e6:>11.2f} {r['bits_per_weight']:>12.2f}")
-    print(f"\nquantized model: {quantized} (load it with `import hfcompress` then AutoModelForCausalLM.from_pretrained)")
+    print(
+        f"\nquantized model: {quantized} (load it with `import hfcompress` then AutoModelForCausalLM.from_pretrained)"
+    )
 
 
 if __name__ == "__main__":

@@ -197,7 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if obj["oid"] not in self.state.lfs:
                     item["actions"] = {"upload": {"href": f"{host}/lfs-upload/{obj['oid']}"}}
                 objects.append(item)
-            return self._send(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
+            return self._send(
+                200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
+            )
         return self._error(404, f"no route for POST {url.path}")
 
     def do_PUT(self):

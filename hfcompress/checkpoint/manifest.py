@@ -144,7 +144,9 @@ def manifest_of(model) -> HfcompressQuantizationConfig | None:
     qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
     if qconfig is None or isinstance(qconfig, HfcompressQuantizationConfig):
         return qconfig
-    method = getattr(qconfig, "quant_method", None) or (qconfig.get("quant_method") if isinstance(qconfig, dict) else None)
+    method = getattr(qconfig, "quant_method", None) or (
+        qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    )
     raise ValueError(
         f"the model is quantized by another method ({method or type(qconfig).__name__}); hfcompress can only extend "
         "its own checkpoints"

@@ -15,7 +15,14 @@ from torch import nn
 from ..core.registry import load_plugins
 from ..core.structure import LINEAR_TYPES
 
-__all__ = ["Rebuilder", "linear_to_replace", "rebuilder_for", "rebuilders", "register_dequantizer", "register_rebuilder"]
+__all__ = [
+    "Rebuilder",
+    "linear_to_replace",
+    "rebuilder_for",
+    "rebuilders",
+    "register_dequantizer",
+    "register_rebuilder",
+]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,11 @@ def add_config_arguments(
         extra = {"metavar": field.metadata["metavar"]} if "metavar" in field.metadata else {}
         if kind is bool and default:
             parser.add_argument(
-                "--no-" + name.replace("_", "-"), dest=name, action="store_false", default=True, help=f"Turn off: {help_text}"
+                "--no-" + name.replace("_", "-"),
+                dest=name,
+                action="store_false",
+                default=True,
+                help=f"Turn off: {help_text}",
             )
             parser.add_argument(_flag(name), dest=name, action="store_true", help="(the default)")
         elif kind is bool:

@@ -68,13 +68,13 @@ def _add_techniques(subparsers) -> dict[str, argparse._SubParsersAction]:
     for technique in techniques():
         words = technique.command
         if len(words) == 1:
-            parser = subparsers.add_parser(
-                words[0], help=technique.summary, description=technique.config_class.__doc__
-            )
+            parser = subparsers.add_parser(words[0], help=technique.summary, description=technique.config_class.__doc__)
         else:
             if words[0] not in groups:
                 names = [t.command[1] for t in techniques() if t.command[0] == words[0]]
-                group = subparsers.add_parser(words[0], help=GROUP_HELP.get(words[0], f"{words[0]} a model and save it."))
+                group = subparsers.add_parser(
+                    words[0], help=GROUP_HELP.get(words[0], f"{words[0]} a model and save it.")
+                )
                 groups[words[0]] = group.add_subparsers(dest="technique", metavar="{" + ",".join(names) + "}")
                 groups[words[0]].required = True
             parser = groups[words[0]].add_parser(
@@ -132,7 +132,9 @@ def _add_evaluate(subparsers) -> None:
     evaluate.add_argument("--seq-len", type=int, default=512, help="Tokens per window (default: 512).")
     evaluate.add_argument("--max-windows", type=int, default=None, help="Score only the first N windows.")
     evaluate.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass (default: 4).")
-    evaluate.add_argument("--latency-runs", type=int, default=5, help="Timed runs for latency; 0 skips it (default: 5).")
+    evaluate.add_argument(
+        "--latency-runs", type=int, default=5, help="Timed runs for latency; 0 skips it (default: 5)."
+    )
     evaluate.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32", help="dtype to load MODEL in."
     )

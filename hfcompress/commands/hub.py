@@ -22,7 +22,11 @@ def run_card(args: argparse.Namespace) -> int:
 
 def run_push(args: argparse.Namespace) -> int:
     url = push_to_hub(
-        args.output, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.commit_message
+        args.output,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
     )
     print(url)
     return 0

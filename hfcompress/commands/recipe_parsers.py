@@ -28,7 +28,9 @@ def add_recipe(subparsers) -> None:
     )
     recipe.add_argument("recipe", metavar="RECIPE", help="The recipe YAML file.")
     recipe.add_argument("model", metavar="MODEL", help="Local model folder or Hub id.")
-    recipe.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume).")
+    recipe.add_argument(
+        "output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume)."
+    )
     recipe.add_argument(
         "--resume",
         action="store_true",
@@ -54,21 +56,31 @@ def add_search(subparsers) -> None:
         "the parameters, pruned zeros not counted).",
     )
     search.add_argument("model", metavar="MODEL", help="Local model folder.")
-    search.add_argument("output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume).")
+    search.add_argument(
+        "output", metavar="OUTPUT", help="Folder to write (must not exist or be empty, unless --resume)."
+    )
     search.add_argument("--budget", required=True, help="bits=3.5, size=0.3 or params=0.7.")
-    search.add_argument("--metric", choices=("perplexity",), default="perplexity", help="What to minimize (default: perplexity).")
-    search.add_argument("--dataset", required=True, help="Calibration text (GPTQ, sensitivities, whitening, SparseGPT).")
+    search.add_argument(
+        "--metric", choices=("perplexity",), default="perplexity", help="What to minimize (default: perplexity)."
+    )
+    search.add_argument(
+        "--dataset", required=True, help="Calibration text (GPTQ, sensitivities, whitening, SparseGPT)."
+    )
     search.add_argument("--eval-dataset", required=True, help="Text the candidates are evaluated on.")
     search.add_argument(
         "--techniques", default="gptq,lowrank,prune", help="Comma-separated: gptq, lowrank, prune (default: all three)."
     )
     search.add_argument("--bits-options", default="2,3,4", help="GPTQ bit widths per layer (default: 2,3,4).")
     search.add_argument("--group-size", type=int, default=128, help="GPTQ group size (default: 128).")
-    search.add_argument("--lowrank-ratios", default="0.7,0.85", help="Extra factorization points, parameter ratios (default: 0.7,0.85).")
+    search.add_argument(
+        "--lowrank-ratios", default="0.7,0.85", help="Extra factorization points, parameter ratios (default: 0.7,0.85)."
+    )
     search.add_argument("--prune-sparsities", default="0.3,0.5", help="Extra SparseGPT points (default: 0.3,0.5).")
     search.add_argument("--num-samples", type=int, default=32, help="Calibration windows per build (default: 32).")
     search.add_argument("--seq-len", type=int, default=512, help="Tokens per calibration window (default: 512).")
-    search.add_argument("--sensitivity-samples", type=int, default=8, help="Windows per sensitivity measurement (default: 8).")
+    search.add_argument(
+        "--sensitivity-samples", type=int, default=8, help="Windows per sensitivity measurement (default: 8)."
+    )
     search.add_argument("--eval-seq-len", type=int, default=512, help="Tokens per evaluation window (default: 512).")
     search.add_argument("--eval-max-windows", type=int, default=40, help="Evaluation windows (default: 40).")
     search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")

@@ -20,7 +20,6 @@ def _numbers(text: str, cast, flag: str) -> list:
 
 
 def run_search(args: argparse.Namespace) -> int:
-
     config = SearchConfig(
         budget=args.budget, dataset=args.dataset, eval_dataset=args.eval_dataset, metric=args.metric,
         techniques=args.techniques, bits_options=_numbers(args.bits_options, int, "--bits-options"),

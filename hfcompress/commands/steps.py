@@ -12,7 +12,9 @@ __all__ = ["run_distill", "run_merge_lora"]
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    distill_folder(args.teacher, args.output, DistillArguments(**config_kwargs(args, DistillArguments)), output_options(args))
+    distill_folder(
+        args.teacher, args.output, DistillArguments(**config_kwargs(args, DistillArguments)), output_options(args)
+    )
     return 0
 
 

@@ -150,9 +150,7 @@ def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, solve: B
         last = stage == len(trace.groups)
         record = {n for n in candidates if settled[n] < stage and n not in records and not _nested(n, records)}
         leader = None if last else trace.groups[stage][0]
-        hessians = (
-            {} if last else {leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device)}
-        )
+        hessians = {} if last else {leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device)}
         outputs, recorded, kept = _run_stage(
             block,
             named,

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockInputs", "capture_block_inputs", "capture_block_outputs", "hidden_states_of", "run_block", "with_hidden_states"]
+__all__ = [
+    "BlockInputs",
+    "capture_block_inputs",
+    "capture_block_outputs",
+    "hidden_states_of",
+    "run_block",
+    "with_hidden_states",
+]
 
 
 class _StopForward(Exception):
@@ -87,4 +94,6 @@ def with_hidden_states(item: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
         return BlockInputs((hidden, *tuple(item.args[1:])), item.kwargs)
     if "hidden_states" in item.kwargs:
         return BlockInputs((), {**item.kwargs, "hidden_states": hidden})
-    raise ValueError(f"cannot tell which input of the block is the hidden state (keyword arguments: {list(item.kwargs)})")
+    raise ValueError(
+        f"cannot tell which input of the block is the hidden state (keyword arguments: {list(item.kwargs)})"
+    )

@@ -12,9 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "SUPPORTED_BITS",
-    "pack_bitmask", "pack_codes", "packed_width", "unpack_bitmask", "unpack_codes"]
+__all__ = ["SUPPORTED_BITS", "pack_bitmask", "pack_codes", "packed_width", "unpack_bitmask", "unpack_codes"]
 
 # bit widths with a packed layout that loading and the kernels support
 SUPPORTED_BITS = (2, 3, 4, 8)

@@ -140,6 +140,8 @@ def load_plugins() -> None:
             entry_point.load()
         except Exception as e:  # one broken plugin must not take the built-in techniques down with it
             logger.warning("could not load the hfcompress plugin %r (%s): %s", entry_point.name, entry_point.value, e)
+
+
 _LAYER_TYPES: dict[type, None] = {}
 
 

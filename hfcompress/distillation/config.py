@@ -17,7 +17,9 @@ FORMAT_VERSION = 1
 def _pairs(value, name: str) -> list[tuple[int, int]]:
     pairs = []
     for pair in value or []:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and i >= 0 for i in pair)):
+        if not (
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and i >= 0 for i in pair)
+        ):
             raise ValueError(f"`{name}` must be a list of (teacher_layer, student_layer) index pairs, got {pair!r}")
         pairs.append((pair[0], pair[1]))
     return pairs
@@ -59,14 +61,18 @@ class DistillationConfig(CompressionConfig):
     hidden_states: list[tuple[int, int]] = field(
         default_factory=list, metadata={"help": "(teacher, student) hidden-state index pairs to match."}
     )
-    alpha_hidden: float = field(default=1.0, metadata={"help": "Weight of the hidden-state loss (when pairs are given)."})
+    alpha_hidden: float = field(
+        default=1.0, metadata={"help": "Weight of the hidden-state loss (when pairs are given)."}
+    )
     hidden_loss: Literal["mse", "cosine"] = field(
         default="mse", metadata={"help": "mse, or cosine (1 - cosine similarity per token)."}
     )
     attentions: list[tuple[int, int]] = field(
         default_factory=list, metadata={"help": "(teacher, student) block index pairs whose attention maps to match."}
     )
-    alpha_attention: float = field(default=1.0, metadata={"help": "Weight of the attention-map loss (when pairs are given)."})
+    alpha_attention: float = field(
+        default=1.0, metadata={"help": "Weight of the attention-map loss (when pairs are given)."}
+    )
 
     def __post_init__(self):
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:

@@ -50,7 +50,9 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
     """KL between the teacher's and the student's attention distributions [batch, heads, query, key], per
     query position, averaged over unmasked queries and heads (keys that are padding have zero probability)."""
     if student.shape != teacher.shape:
-        raise ValueError(f"attention maps differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
+        raise ValueError(
+            f"attention maps differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
+        )
     eps = 1e-8
     kl = (teacher.float() * ((teacher.float() + eps).log() - (student.float() + eps).log())).sum(dim=-1)
     if mask is not None:

@@ -21,7 +21,9 @@ def choose_layers(num_teacher_layers: int, num_layers: int, strategy: str = "alt
     """Which teacher blocks a `num_layers`-block student copies: `alternate` spreads them evenly from the first
     to the last block (DistilBERT takes one in two), `first` takes the first ones."""
     if not isinstance(num_layers, int) or not 0 < num_layers <= num_teacher_layers:
-        raise ValueError(f"`num_layers` must be between 1 and the teacher's {num_teacher_layers} layers, got {num_layers!r}")
+        raise ValueError(
+            f"`num_layers` must be between 1 and the teacher's {num_teacher_layers} layers, got {num_layers!r}"
+        )
     if strategy == "first":
         return list(range(num_layers))
     if strategy == "alternate":
@@ -83,6 +85,5 @@ def make_student(
     config.hfcompress_student_layers = chosen
     logger.info("student keeps teacher blocks %s of %d", chosen, total)
     if heads or ffn:
-
         prune_structured(student, heads=heads, ffn=ffn, batches=importance_batches)
     return student

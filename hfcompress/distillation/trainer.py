@@ -53,7 +53,9 @@ def check_pair(student: nn.Module, teacher: nn.Module, config: DistillationConfi
     s_labels, t_labels = getattr(student.config, "id2label", None), getattr(teacher.config, "id2label", None)
     if hasattr(student, "num_labels") and hasattr(teacher, "num_labels") and s_out is None:
         if student.config.num_labels != teacher.config.num_labels or (
-            s_labels and t_labels and {int(k): v for k, v in s_labels.items()} != {int(k): v for k, v in t_labels.items()}
+            s_labels
+            and t_labels
+            and {int(k): v for k, v in s_labels.items()} != {int(k): v for k, v in t_labels.items()}
         ):
             raise ValueError(f"teacher and student label sets differ: teacher {t_labels}, student {s_labels}")
     t_layers, s_layers = _num_layers(teacher), _num_layers(student)
@@ -210,7 +212,6 @@ class DistillationTrainer(Trainer):
         """Save the student; its projections, if any, go to their own file beside it."""
         super()._save(output_dir, state_dict)
         if self.projections is not None:
-
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.projections.state_dict().items()}
             save_file(tensors, os.path.join(output_dir, PROJECTIONS_FILE))
@@ -219,5 +220,4 @@ class DistillationTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
         if self.projections is not None and os.path.isfile(path):
-
             self.projections.load_state_dict(load_file(path))

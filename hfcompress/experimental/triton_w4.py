@@ -46,7 +46,9 @@ def _w4_matmul_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask)
 
 
-def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_scale: torch.Tensor, group: int) -> torch.Tensor:
+def w4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_scale: torch.Tensor, group: int
+) -> torch.Tensor:
     """y = x @ Wᵀ for W[n, k] = code[n, k] * scale[n, g] - zero_scale[n, g], g = k // group.
 
     `packed` is int32 [N, K/8], `scale` and `zero_scale` float32 [N, K/group]; K and N must be multiples of 64

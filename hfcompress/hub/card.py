@@ -24,7 +24,12 @@ TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.jinja"
 PLOT_FILE = "hfcompress_metrics.png"
 _BEGIN = "<!-- hfcompress:begin"
 _END = "<!-- hfcompress:end -->"
-_TECHNIQUE_TAGS = {"quantization": "quantized", "factorization": "low-rank", "lora-merge": "lora", "convolution-decomposition": "low-rank"}
+_TECHNIQUE_TAGS = {
+    "quantization": "quantized",
+    "factorization": "low-rank",
+    "lora-merge": "lora",
+    "convolution-decomposition": "low-rank",
+}
 _METRICS = [
     ("size_bytes", "weights on disk", lambda v: f"{v / 1e6:.2f} MB"),
     ("parameters", "parameters", lambda v: f"{v:,}"),
@@ -103,7 +108,9 @@ def _card_data(record: CompressionRecord, existing: dict, repo_id: str | None):
 
 def _plot(record: CompressionRecord, path: Path) -> bool:
     before, after = record.metrics.get("before", {}), record.metrics.get("after", {})
-    quality = next((k for k in ("perplexity", "accuracy") if before.get(k) is not None and after.get(k) is not None), None)
+    quality = next(
+        (k for k in ("perplexity", "accuracy") if before.get(k) is not None and after.get(k) is not None), None
+    )
     if quality is None or before.get("size_bytes") is None or after.get("size_bytes") is None:
         return False
     try:
@@ -124,7 +131,11 @@ def _plot(record: CompressionRecord, path: Path) -> bool:
     ax.legend(frameon=False)
     if latency:
         bars = axes[0][1]
-        bars.bar(["original", "compressed"], [before["latency_s"] * 1e3, after["latency_s"] * 1e3], color=["#888888", "#d95f02"])
+        bars.bar(
+            ["original", "compressed"],
+            [before["latency_s"] * 1e3, after["latency_s"] * 1e3],
+            color=["#888888", "#d95f02"],
+        )
         bars.set_ylabel("latency (ms)")
     figure.tight_layout()
     figure.savefig(path, format="png", metadata={"Software": None})
@@ -184,7 +195,9 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             libraries=record.libraries,
         )
     except Exception as e:  # jinja2 raises many types; the user needs to know which template broke
-        raise ValueError(f"the model card template {template or TEMPLATE} failed to render: {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"the model card template {template or TEMPLATE} failed to render: {type(e).__name__}: {e}"
+        ) from e
     if user_before or user_after:
         generated = card.text.strip()
         card.text = "\n\n".join(part for part in (user_before, generated, user_after) if part) + "\n"

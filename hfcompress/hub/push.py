@@ -70,7 +70,6 @@ def push_to_hub(
     if not token:
         raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing needs write access)")
     if (path / RECORD_FILE).is_file() and not (path / "README.md").is_file():
-
         generate_card(path, repo_id=repo_id)
     api = HfApi(token=token)
     try:
@@ -98,7 +97,9 @@ def push_to_hub(
         if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
             raise HubError(f"pushing {folder} to {repo_id!r} failed: cannot reach {api.endpoint}: {e}") from e
         if isinstance(e, RuntimeError) and "uploading" in str(e):  # an LFS upload failed: no commit was made
-            raise HubError(f"pushing {folder} to {repo_id!r} failed: {e} ({e.__cause__}). Nothing was committed.") from e
+            raise HubError(
+                f"pushing {folder} to {repo_id!r} failed: {e} ({e.__cause__}). Nothing was committed."
+            ) from e
         raise
     logger.info("pushed %s to %s (%s)", folder, url, commit.commit_url)
     return commit.commit_url

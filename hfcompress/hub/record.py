@@ -88,13 +88,17 @@ class CompressionRecord:
     def from_dict(cls, data: dict[str, Any]) -> CompressionRecord:
         version = data.get("version", RECORD_VERSION)
         if version > RECORD_VERSION:
-            logger.warning("%s was written by a newer hfcompress (version %s); reading what this one knows", RECORD_FILE, version)
+            logger.warning(
+                "%s was written by a newer hfcompress (version %s); reading what this one knows", RECORD_FILE, version
+            )
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             logger.warning("ignoring unknown compression record keys %s", unknown)
         values = {k: v for k, v in data.items() if k in known}
-        values["steps"] = [Step(**{k: v for k, v in s.items() if k in Step.__dataclass_fields__}) for s in data.get("steps", [])]
+        values["steps"] = [
+            Step(**{k: v for k, v in s.items() if k in Step.__dataclass_fields__}) for s in data.get("steps", [])
+        ]
         if "base_model" not in values:
             raise ValueError(f"the compression record has no `base_model`; keys: {sorted(data)}")
         return cls(**values)

@@ -133,7 +133,12 @@ class SeparableConv2d(_Placeholder):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.depthwise = _conv_like(conv, conv.in_channels, conv.in_channels, groups=conv.in_channels)
         self.pointwise = nn.Conv2d(
-            conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, dtype=conv.weight.dtype, device=conv.weight.device
+            conv.in_channels,
+            conv.out_channels,
+            1,
+            bias=conv.bias is not None,
+            dtype=conv.weight.dtype,
+            device=conv.weight.device,
         )
 
     @classmethod
@@ -209,7 +214,9 @@ def decompose_convolutions(model: nn.Module, config: ConvDecompositionConfig) ->
         set_submodule(model, name, replacement)
         done[name] = record
     if not done:
-        raise ValueError(f"no Conv2d layer of {type(model).__name__} gets smaller with {config.method} at these settings")
+        raise ValueError(
+            f"no Conv2d layer of {type(model).__name__} gets smaller with {config.method} at these settings"
+        )
     logger.info("decomposed %d convolutions with %s", len(done), config.method)
     _attach(model, config, done)
     return model

@@ -22,6 +22,5 @@ def finalize_pruning(model: nn.Module, remove_structure: bool = True) -> nn.Modu
     total = sum(sparsities.values()) / max(len(sparsities), 1)
     logger.info("pruning made permanent on %d layers (mean sparsity %.2f%%)", len(sparsities), 100 * total)
     if remove_structure:
-
         remove_dead_structure(model)
     return model

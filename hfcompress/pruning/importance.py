@@ -51,9 +51,7 @@ def _loss(model: nn.Module, batch) -> torch.Tensor:
     return model(**batch).loss
 
 
-def taylor_importance(
-    model: nn.Module, batches: Iterable, parts: list[FeedForward | Attention]
-) -> list[torch.Tensor]:
+def taylor_importance(model: nn.Module, batches: Iterable, parts: list[FeedForward | Attention]) -> list[torch.Tensor]:
     """First-order Taylor importance (Molchanov et al. 2019) of every unit of `parts`: per batch, the absolute
     sum over the unit's parameters of weight * gradient of the loss, summed over batches."""
     importance = [torch.zeros(p.size) for p in parts]

@@ -45,12 +45,17 @@ class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
     sparsity: float = field(default=0.5, metadata={"help": "Fraction of the weights pruned, in [0, 1)."})
     pattern: str | None = field(
         default=None,
-        metadata={"help": "Semi-structured 'N:M' (e.g. '2:4': N of every M consecutive inputs kept) instead of unstructured."},
+        metadata={
+            "help": "Semi-structured 'N:M' (e.g. '2:4': N of every M consecutive inputs kept) instead of unstructured."
+        },
     )
-    damp_percent: float = field(default=0.01, metadata={"help": "SparseGPT: dampening, fraction of the mean Hessian diagonal."})
+    damp_percent: float = field(
+        default=0.01, metadata={"help": "SparseGPT: dampening, fraction of the mean Hessian diagonal."}
+    )
     block_size: int = field(default=128, metadata={"help": "SparseGPT: columns pruned together."})
     modules_to_not_convert: list[str] | None = field(
-        default=None, metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."}
+        default=None,
+        metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."},
     )
 
     def __post_init__(self):
@@ -122,7 +127,9 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
     prefix_of_stack, blocks = find_layer_stack(model)
     outside = [n for n in targets if not n.startswith(prefix_of_stack + ".")]
     if outside:
-        logger.warning("%d layers outside the block stack have no calibration data and stay dense: %s", len(outside), outside)
+        logger.warning(
+            "%d layers outside the block stack have no calibration data and stay dense: %s", len(outside), outside
+        )
     windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
 

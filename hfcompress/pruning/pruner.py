@@ -28,9 +28,7 @@ def select_pruning_targets(model: nn.Module, patterns: list[str] | None) -> dict
     """The linear layers matched by `patterns`; by default every linear layer inside the transformer blocks."""
     if patterns is None:
         prefix, _ = find_layer_stack(model)
-        targets = {
-            name: module for name, module in find_linears(model).items() if name.startswith(prefix + ".")
-        }
+        targets = {name: module for name, module in find_linears(model).items() if name.startswith(prefix + ".")}
     else:
         targets = {name: module for name, module in find_linears(model).items() if is_excluded(name, patterns)}
         if not targets:
@@ -90,9 +88,7 @@ class Pruner:
         if config is None:
             return None
         masks = {
-            name: (module, mask)
-            for name, module in model.named_modules()
-            if (mask := _mask_of(module)) is not None
+            name: (module, mask) for name, module in model.named_modules() if (mask := _mask_of(module)) is not None
         }
         return cls(model, config, masks)
 

@@ -24,6 +24,7 @@ __all__ = ["SparseLinear", "compress_sparse", "decompress_sparse", "pack_bitmask
 
 logger = logging.getLogger(__name__)
 
+
 class SparseLinear(nn.Module):
     """A linear layer stored as bitmask + non-zero values."""
 
@@ -44,7 +45,12 @@ class SparseLinear(nn.Module):
         weight = linear.weight.detach()
         mask = weight != 0
         layer = cls(
-            linear.in_features, linear.out_features, int(mask.sum()), linear.bias is not None, weight.dtype, weight.device
+            linear.in_features,
+            linear.out_features,
+            int(mask.sum()),
+            linear.bias is not None,
+            weight.dtype,
+            weight.device,
         )
         layer.weight_bitmask.copy_(pack_bitmask(mask))
         layer.weight_values.copy_(weight[mask])
@@ -58,7 +64,9 @@ class SparseLinear(nn.Module):
         return weight.masked_scatter_(mask, self.weight_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return nn.functional.linear(
+            x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
 
     def extra_repr(self) -> str:
         density = self.nnz / max(1, self.in_features * self.out_features)

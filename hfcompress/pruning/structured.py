@@ -102,7 +102,7 @@ def feed_forward_of(block: nn.Module) -> FeedForward | None:
         return FeedForward(mlp, inputs, "down_proj")
     intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
     if intermediate is not None and isinstance(getattr(output, "dense", None), nn.Linear):
-            return _BertFeedForward(block)
+        return _BertFeedForward(block)
     return None
 
 
@@ -196,7 +196,9 @@ def unit_norms(part: FeedForward | Attention) -> torch.Tensor:
             w = w + layer.bias.detach().float().reshape(part.size, width).pow(2).sum(dim=1)
         total += w.cpu()
     for layer, width in part.unit_columns():
-        total += layer.weight.detach().float().reshape(layer.out_features, part.size, width).pow(2).sum(dim=(0, 2)).cpu()
+        total += (
+            layer.weight.detach().float().reshape(layer.out_features, part.size, width).pow(2).sum(dim=(0, 2)).cpu()
+        )
     return total
 
 
@@ -206,7 +208,9 @@ def _dead_units(part: FeedForward | Attention) -> torch.Tensor:
     value rows: a weighted sum of zero values is zero)."""
     columns = torch.zeros(part.size)
     for layer, width in part.unit_columns():
-        columns += layer.weight.detach().float().reshape(layer.out_features, part.size, width).abs().sum(dim=(0, 2)).cpu()
+        columns += (
+            layer.weight.detach().float().reshape(layer.out_features, part.size, width).abs().sum(dim=(0, 2)).cpu()
+        )
     rows_of = part.unit_rows() if isinstance(part, FeedForward) else part.unit_rows()[2:]
     rows = torch.zeros(part.size)
     for layer, width in rows_of:
@@ -264,7 +268,9 @@ def remove_dead_structure(model: nn.Module) -> dict[str, int]:
         if keep_count == parts[0].size or keep_count == 0:
             continue
         # alive units first, then the dead ones of largest norm as padding
-        keep = [keep_top_units((~d).float() * 1e30 + unit_norms(p), keep_count) for d, p in zip(dead, parts, strict=True)]
+        keep = [
+            keep_top_units((~d).float() * 1e30 + unit_norms(p), keep_count) for d, p in zip(dead, parts, strict=True)
+        ]
         if kind == "ffn":
             apply_uniform_removal(model, keep, None)
         else:

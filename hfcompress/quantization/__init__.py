@@ -48,6 +48,12 @@ register_technique(
     summary="bitsandbytes 4-bit (NF4/FP4) or 8-bit; loads with plain transformers.",
 )  # fmt: skip
 _CODEBOOK = dict(layer_types=(CodebookLinear,), calibrated=lambda config: config.dataset is not None)
-register_technique("kmeans", KMeansConfig, quantize_codebook, summary="Non-uniform levels per channel by weighted k-means.", **_CODEBOOK)
+register_technique(
+    "kmeans",
+    KMeansConfig,
+    quantize_codebook,
+    summary="Non-uniform levels per channel by weighted k-means.",
+    **_CODEBOOK,
+)
 register_technique("vq", VQConfig, quantize_codebook, summary="Vector quantization of runs of weights.", **_CODEBOOK)
 register()

@@ -30,7 +30,9 @@ def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
     """The linear layers `config` quantizes (the factors of factorized layers included)."""
     targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
-        raise ValueError(f"no linear layers to quantize in {type(model).__name__} (excluded: {config.modules_to_not_convert})")
+        raise ValueError(
+            f"no linear layers to quantize in {type(model).__name__} (excluded: {config.modules_to_not_convert})"
+        )
     tied = _tied_weights(model, targets)
     if tied:
         raise ValueError(
@@ -124,7 +126,9 @@ def _recompress_untouched(model: nn.Module, names: set[str]) -> None:
             set_submodule(model, name, SparseLinear.from_linear(module))
 
 
-def replace_with_rtn(model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype, plan: LayerPlan) -> None:
+def replace_with_rtn(
+    model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype, plan: LayerPlan
+) -> None:
     weight = linear_weight(module).detach()
     quantized = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.clip_search, plan.mask)
     # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too

@@ -41,7 +41,9 @@ class BnbConfig(CompressionConfig):
 
     bits: Literal[4, 8] = field(default=4, metadata={"help": "4 (NF4/FP4) or 8 (LLM.int8)."})
     quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
-    double_quant: bool = field(default=False, metadata={"help": "4-bit: quantize the block scales too (~0.4 bits/weight less)."})
+    double_quant: bool = field(
+        default=False, metadata={"help": "4-bit: quantize the block scales too (~0.4 bits/weight less)."}
+    )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "4-bit: dtype of the matmuls."}
     )

@@ -75,4 +75,6 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
 
 
 def _attach(model: nn.Module, config, encoded: dict[str, dict]) -> None:
-    update_manifest(model, config.method, codebooks=encoded, **({} if manifest_of(model) else {"recipe": config.to_dict()}))
+    update_manifest(
+        model, config.method, codebooks=encoded, **({} if manifest_of(model) else {"recipe": config.to_dict()})
+    )

@@ -14,7 +14,8 @@ __all__ = ["KMeansConfig", "VQConfig"]
 class _CodebookConfig(CalibrationArguments, CompressionConfig):
     iters: int = field(default=25, metadata={"help": "Lloyd iterations of k-means."})
     modules_to_not_convert: list[str] | None = field(
-        default=None, metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."}
+        default=None,
+        metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."},
     )
 
     @classmethod

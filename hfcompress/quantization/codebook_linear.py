@@ -32,18 +32,31 @@ class CodebookLinear(nn.Module):
             raise ValueError(f"dim {dim} / {books} books do not tile a {out_features}x{in_features} weight")
         if not 1 <= bits * dim <= 8:
             raise ValueError(f"indices of bits * dim = {bits * dim} bits are not supported (1 to 8)")
-        self.in_features, self.out_features, self.bits, self.dim, self.books = in_features, out_features, bits, dim, books
+        self.in_features, self.out_features, self.bits, self.dim, self.books = (
+            in_features,
+            out_features,
+            bits,
+            dim,
+            books,
+        )
         self.index_bits = bits * dim
         self.register_buffer(
-            "weight", torch.zeros(out_features, packed_width(in_features // dim, self.index_bits), dtype=torch.int32, device=device)
+            "weight",
+            torch.zeros(
+                out_features, packed_width(in_features // dim, self.index_bits), dtype=torch.int32, device=device
+            ),
         )
         self.register_buffer(
             "weight_codebook", torch.zeros(books, 2**self.index_bits, dim, dtype=torch.float16, device=device)
         )
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, codebook: torch.Tensor, bits: int, bias: torch.Tensor | None) -> CodebookLinear:
+    def from_codes(
+        cls, codes: torch.Tensor, codebook: torch.Tensor, bits: int, bias: torch.Tensor | None
+    ) -> CodebookLinear:
         """From indices [out, in / dim] and codebooks [books, 2^(bits*dim), dim] (or [out, 2^bits] for scalar)."""
         if codebook.dim() == 2:
             codebook = codebook.unsqueeze(-1)

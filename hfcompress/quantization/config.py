@@ -13,11 +13,19 @@ from ..checkpoint.manifest import FORMAT_VERSION, SCALE_DTYPES, HfcompressQuanti
 from ..core.config import CalibrationArguments, CompressionConfig
 from ..core.packing import SUPPORTED_BITS
 
-__all__ = ["FORMAT_VERSION", "SCALE_DTYPES", "SCALE_TORCH_DTYPES", "GPTQConfig", "HfcompressQuantizationConfig", "RTNConfig"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SCALE_DTYPES",
+    "SCALE_TORCH_DTYPES",
+    "GPTQConfig",
+    "HfcompressQuantizationConfig",
+    "RTNConfig",
+]
 
 logger = logging.getLogger(__name__)
 
 SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 @dataclass
 class RTNConfig(CompressionConfig):

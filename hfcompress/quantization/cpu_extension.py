@@ -37,7 +37,6 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-
         name = "hfcompress_wq_cpu_" + hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]  # a new source, a new build
         logger.info("building the CPU weight-only kernels (once per machine; cached by torch)")
         _state["module"] = build(
@@ -48,7 +47,9 @@ def load():
             verbose=False,
         )
     except Exception as e:  # no compiler, no headers, a failed build: the layers still work, dequantizing
-        _state["error"] = f"could not build the CPU kernels: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _state["error"] = (
+            f"could not build the CPU kernels: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
         logger.warning("%s; quantized layers dequantize instead", _state["error"])
         return None
     return _state["module"]

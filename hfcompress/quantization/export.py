@@ -8,7 +8,12 @@ import torch.nn as nn
 from ..core.structure import set_submodule
 from .modules import QuantLinear
 
-__all__ = ["check_compressed_tensors_compatible", "compressed_tensors_config", "compressed_tensors_state_dict", "dequantize_model"]
+__all__ = [
+    "check_compressed_tensors_compatible",
+    "compressed_tensors_config",
+    "compressed_tensors_state_dict",
+    "dequantize_model",
+]
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

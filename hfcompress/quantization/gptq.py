@@ -12,7 +12,12 @@ import torch
 from ..core.hessian import accumulate_hessian, gram_upper, inverse_cholesky, symmetrize_upper
 from .grid import QuantizedWeight, grid_params, quantize_to_codes
 
-__all__ = ["accumulate_hessian", "gptq_quantize", "gram_upper", "symmetrize_upper"]  # the Hessian maths lives in core.hessian
+__all__ = [
+    "accumulate_hessian",
+    "gptq_quantize",
+    "gram_upper",
+    "symmetrize_upper",
+]  # the Hessian maths lives in core.hessian
 
 
 def gptq_quantize(

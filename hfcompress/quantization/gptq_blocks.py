@@ -42,7 +42,9 @@ def quantize_group(
     masks = [plans[n].mask if n in plans else None for n in names]
     mask = None
     if any(m is not None for m in masks):
-        mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks, strict=True)])
+        mask = torch.cat(
+            [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks, strict=True)]
+        )
     stacked, loss = gptq_quantize(
         torch.cat(weights),
         H,
@@ -60,7 +62,9 @@ def quantize_group(
     sizes = [w.shape[0] for w in weights]
     scales = stacked.scales.to(scale_dtype).float()
     result = {}
-    for name, codes, s, z in zip(names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes), strict=True):
+    for name, codes, s, z in zip(
+        names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes), strict=True
+    ):
         quantized = QuantizedWeight(codes, s, z, stacked.g_idx, bits)
         module = modules[name]
         set_linear_weight(module, quantized.dequantize(module.weight.dtype))

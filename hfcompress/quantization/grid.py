@@ -17,7 +17,6 @@ from ..core.packing import SUPPORTED_BITS
 __all__ = ["SUPPORTED_BITS", "QuantizedWeight", "dequantize_codes", "grid_params", "quantize_to_codes", "rtn_quantize"]
 
 
-
 @dataclass
 class QuantizedWeight:
     """A weight on a grid: integer codes in the original column order plus per-group parameters.

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from ..core.packing import pack_codes
 from .cpu_extension import load, unavailable_reason
 
-__all__ = ["AvxCpuKernel", "DequantizeKernel", "Int4CpuKernel", "Int8CpuKernel", "SmallBatchKernel", "TritonW4Kernel", "select_kernel"]
+__all__ = [
+    "AvxCpuKernel",
+    "DequantizeKernel",
+    "Int4CpuKernel",
+    "Int8CpuKernel",
+    "SmallBatchKernel",
+    "TritonW4Kernel",
+    "select_kernel",
+]
 
 logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
@@ -246,7 +254,10 @@ def select_kernel(layer, device: torch.device, dtype: torch.dtype):
             _log_once(kernel.name, f"{layer.bits}-bit layers on {device.type}/{dtype} use {chosen.name}")
             return chosen
         reasons.append(f"{kernel.name}: {reason}")
-    _log_once("dequantize", f"{layer.bits}-bit group {layer.group_size} on {device.type}/{dtype}: dequantize-then-matmul ({'; '.join(reasons)})")
+    _log_once(
+        "dequantize",
+        f"{layer.bits}-bit group {layer.group_size} on {device.type}/{dtype}: dequantize-then-matmul ({'; '.join(reasons)})",
+    )
     return DequantizeKernel(layer, dtype)
 
 

@@ -138,7 +138,6 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
         if self._kernel_key != key:
-
             self._kernel = select_kernel(self, x.device, x.dtype)
             self._kernel_key = key
         y = self._kernel(x)

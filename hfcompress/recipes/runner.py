@@ -66,7 +66,9 @@ def _check_type(where: str, key: str, value, hint) -> None:
         hint = options[0] if len(options) == 1 else typing.Any
     if typing.get_origin(hint) is typing.Literal:
         if value not in typing.get_args(hint):
-            raise RecipeError(f"{where}: `{key}` must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+            raise RecipeError(
+                f"{where}: `{key}` must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}"
+            )
     elif hint is bool and not isinstance(value, bool):
         raise RecipeError(f"{where}: `{key}` must be true or false, got {value!r}")
     elif hint is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -91,7 +93,9 @@ def _fields(where: str, cls, settings: dict, allowed_extra=()) -> dict:
         if key in allowed_extra:
             continue
         if key not in names:
-            raise RecipeError(f"{where}: unknown field {key!r}; it takes {', '.join(sorted(names | set(allowed_extra)))}")
+            raise RecipeError(
+                f"{where}: unknown field {key!r}; it takes {', '.join(sorted(names | set(allowed_extra)))}"
+            )
         _check_type(where, key, value, hints[key])
         kwargs[key] = value
     return kwargs
@@ -101,7 +105,9 @@ def _prepare(index: int, step: RecipeStep, recipe: Recipe, is_last: bool) -> Pre
     settings = dict(step.settings)
     dtype = settings.pop("dtype", None)
     if dtype is not None and dtype not in typing.get_args(typing.get_type_hints(OutputOptions)["dtype"]):
-        raise RecipeError(f"step {index} ({step.name}): `dtype` must be float32, float16, bfloat16 or auto, got {dtype!r}")
+        raise RecipeError(
+            f"step {index} ({step.name}): `dtype` must be float32, float16, bfloat16 or auto, got {dtype!r}"
+        )
     if step.kind == "distill":
         return _prepare_distill(index, step, recipe, settings, dtype)
     if step.kind == "merge_lora":

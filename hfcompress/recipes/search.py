@@ -274,7 +274,6 @@ def _allocate_bits(sensitivity, base: Baseline, config: SearchConfig, target_bit
 
 def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path, cache: _Cache) -> dict:
 
-
     done = cache.data["sensitivity"]  # mean KL divergence per layer and bit width
     variants = {}
     for candidate in uniform:
@@ -343,7 +342,6 @@ def _prune_candidates(base: Baseline, config: SearchConfig) -> list[Candidate]:
 def _build_and_evaluate(
     candidate: Candidate, model_path, config, work: Path, cache: _Cache, eval_windows, base, quiet
 ) -> None:
-
 
     folder = work / "candidates" / candidate.name
     cached = cache.data["candidates"].get(candidate.name)

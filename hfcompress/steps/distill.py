@@ -42,7 +42,9 @@ class DistillArguments:
             "'label' for sequence-classification."
         },
     )
-    student_layers: int | None = field(default=None, metadata={"help": "Build the student from this many teacher blocks."})
+    student_layers: int | None = field(
+        default=None, metadata={"help": "Build the student from this many teacher blocks."}
+    )
     student: str | None = field(
         default=None, metadata={"help": "A student model folder or Hub id (same tokenizer as the teacher)."}
     )
@@ -59,7 +61,9 @@ class DistillArguments:
     max_windows: int | None = field(default=None, metadata={"help": "causal-lm: use only the first N windows."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the soft targets (> 0)."})
     alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the soft-target KL loss (scaled by T^2)."})
-    alpha_task: float | None = field(default=None, metadata={"help": "Weight of the task loss (default: 1 - alpha-kd)."})
+    alpha_task: float | None = field(
+        default=None, metadata={"help": "Weight of the task loss (default: 1 - alpha-kd)."}
+    )
     hidden_states: str | None = field(
         default=None, metadata={"help": "Hidden states to match, 'TEACHER:STUDENT,...' e.g. '2:1,5:2'."}
     )
@@ -99,7 +103,9 @@ def _classification_rows(path: str) -> list[dict]:
 
         rows = list(datasets.load_from_disk(path))
     if not rows or not {"text", "label"} <= rows[0].keys():
-        raise ValueError(f"classification data {path!r} must hold rows with 'text' and 'label' (JSON lines or a datasets folder)")
+        raise ValueError(
+            f"classification data {path!r} must hold rows with 'text' and 'label' (JSON lines or a datasets folder)"
+        )
     return rows
 
 

@@ -24,7 +24,9 @@ def resolve_model_path(model: str) -> str:
             raise FileNotFoundError(f"model folder {model!r} has no config.json")
         return model
     if os.path.exists(model) or model.startswith((".", "~")) or not _HUB_ID.fullmatch(model):
-        raise FileNotFoundError(f"model path {model!r} does not exist (expected a model folder or a Hub id like 'org/name')")
+        raise FileNotFoundError(
+            f"model path {model!r} does not exist (expected a model folder or a Hub id like 'org/name')"
+        )
     return model
 
 

@@ -80,7 +80,6 @@ def _eval_windows(options: OutputOptions, tokenizer):
 def _base_card_data(model_path: str) -> dict:
     readme = Path(model_path) / "README.md"
     if readme.is_file():
-
         try:
             return ModelCard.load(readme).data.to_dict()
         except Exception as e:  # a malformed base card must not stop the compression
@@ -96,7 +95,9 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> Co
         record = CompressionRecord.load(model_path)
         record.command = f"{record.command} && {command_line()}" if record.command else command_line()
         if options.eval_dataset and "perplexity" not in record.metrics.get("before", {}):
-            logger.info("%s was compressed before: its record keeps the original model's metrics as 'before'", model_path)
+            logger.info(
+                "%s was compressed before: its record keeps the original model's metrics as 'before'", model_path
+            )
         return record
 
     base = _base_card_data(model_path) if os.path.isdir(model_path) else {}

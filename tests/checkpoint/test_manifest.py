@@ -41,7 +41,9 @@ def test_factorizing_a_structured_pruned_model_keeps_its_removed_heads(tmp_path)
     """Factorization adds its ranks to the manifest of a BERT whose removed heads it records (`resized`), where it
     used to refuse any model with a manifest, and the checkpoint loads with both."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = BertConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
     model = BertForSequenceClassification(config).eval()
     hfcompress.prune_structured(model, heads=0.5)
     hfcompress.factorize(model, hfcompress.LowRankConfig(method="svd", rank=4, modules_to_not_convert=["classifier"]))

@@ -67,7 +67,23 @@ def test_gptq_end_to_end_then_evaluate(model_dir, text_file, tmp_path, capsys):
 
 def test_rtn_compressed_tensors(model_dir, tmp_path):
     out = tmp_path / "rtn-ct"
-    assert run("quantize", "rtn", model_dir, out, "--bits", 4, "--group-size", 32, "--sym", "--format", "compressed-tensors", "-q") == 0
+    assert (
+        run(
+            "quantize",
+            "rtn",
+            model_dir,
+            out,
+            "--bits",
+            4,
+            "--group-size",
+            32,
+            "--sym",
+            "--format",
+            "compressed-tensors",
+            "-q",
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
 
@@ -100,7 +116,10 @@ def test_calibration_set_shorter_than_seq_len(model_dir, tmp_path, capsys):
 def test_missing_model_and_dataset_paths(tmp_path, model_dir, capsys):
     assert run("quantize", "rtn", tmp_path / "nope", tmp_path / "out", "-q") == 2
     assert "does not exist" in capsys.readouterr().err
-    assert run("quantize", "gptq", model_dir, tmp_path / "out", "--group-size", 32, "--dataset", tmp_path / "no.txt", "-q") == 2
+    assert (
+        run("quantize", "gptq", model_dir, tmp_path / "out", "--group-size", 32, "--dataset", tmp_path / "no.txt", "-q")
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -109,10 +128,14 @@ def test_model_without_blocks(tmp_path, capsys, text_file):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "empty"
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=0, num_attention_heads=4)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=0, num_attention_heads=4)
+    ).save_pretrained(folder)
     save_tiny_tokenizer = __import__("helpers").tiny_tokenizer()
     save_tiny_tokenizer.save_pretrained(folder)
-    code = run("quantize", "gptq", folder, tmp_path / "out", "--group-size", 32, "--dataset", text_file, "--seq-len", 64, "-q")
+    code = run(
+        "quantize", "gptq", folder, tmp_path / "out", "--group-size", 32, "--dataset", text_file, "--seq-len", 64, "-q"
+    )
     assert code == 2
     assert "found no stack of transformer blocks" in capsys.readouterr().err
 
@@ -146,21 +169,43 @@ def test_console_script_and_optimum_cli(model_dir, tmp_path):
     out = tmp_path / "rtn"
     hfcompress_bin = shutil.which("hfcompress")
     assert hfcompress_bin, "the hfcompress console script is not installed"
-    done = subprocess.run([hfcompress_bin, "quantize", "rtn", str(model_dir), str(out), "--group-size", "32", "-q"], capture_output=True, text=True)
+    done = subprocess.run(
+        [hfcompress_bin, "quantize", "rtn", str(model_dir), str(out), "--group-size", "32", "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors").exists()
     optimum_cli = shutil.which("optimum-cli")
     if optimum_cli is None:
         pytest.skip("optimum is not installed")
     out2 = tmp_path / "rtn2"
-    done = subprocess.run([optimum_cli, "hfcompress", "quantize", "rtn", str(model_dir), str(out2), "--group-size", "32", "-q"], capture_output=True, text=True)
+    done = subprocess.run(
+        [optimum_cli, "hfcompress", "quantize", "rtn", str(model_dir), str(out2), "--group-size", "32", "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (out2 / "model.safetensors").exists()
-    bad = subprocess.run([optimum_cli, "hfcompress", "quantize", "rtn", str(model_dir), str(out2), "-q"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [optimum_cli, "hfcompress", "quantize", "rtn", str(model_dir), str(out2), "-q"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "optimum-cli hfcompress: error" in bad.stderr
 
 
 def test_help_lists_the_contract():
-    done = subprocess.run([sys.executable, "-m", "hfcompress.commands.cli", "quantize", "gptq", "--help"], capture_output=True, text=True)
-    for flag in ["--bits", "--group-size", "--act-order", "--sym", "--dataset", "--num-samples", "--seq-len", "--format", "--overwrite"]:
+    done = subprocess.run(
+        [sys.executable, "-m", "hfcompress.commands.cli", "quantize", "gptq", "--help"], capture_output=True, text=True
+    )
+    for flag in [
+        "--bits",
+        "--group-size",
+        "--act-order",
+        "--sym",
+        "--dataset",
+        "--num-samples",
+        "--seq-len",
+        "--format",
+        "--overwrite",
+    ]:
         assert flag in done.stdout

@@ -49,7 +49,14 @@ def test_distill_sequence_classification_from_json_lines(tmp_path):
     tokenizer.pad_token = "<unk>"
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(
-        BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2)
+        BertConfig(
+            vocab_size=256,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=2,
+        )
     )
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
@@ -75,7 +82,23 @@ def test_bad_distill_settings_fail_clearly_and_write_nothing(tmp_path, text_file
     teacher = tmp_path / "teacher"
     save_tiny_model(teacher)
     out = tmp_path / "out"
-    assert run("distill", out, "--teacher", teacher, "--dataset", text_file, "--seq-len", 32, "--max-steps", 1, *extra, "-q") == 2
+    assert (
+        run(
+            "distill",
+            out,
+            "--teacher",
+            teacher,
+            "--dataset",
+            text_file,
+            "--seq-len",
+            32,
+            "--max-steps",
+            1,
+            *extra,
+            "-q",
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not out.exists()
 

@@ -19,7 +19,9 @@ VALID = {
 }
 
 
-@pytest.mark.parametrize("technique", [t for t in techniques() if t.config_class.__module__.startswith("hfcompress")], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "technique", [t for t in techniques() if t.config_class.__module__.startswith("hfcompress")], ids=lambda t: t.name
+)
 def test_every_technique_config_round_trips_and_names_its_technique(technique):
     cls = technique.config_class
     assert issubclass(cls, CompressionConfig) and cls.technique == technique.name

@@ -72,7 +72,9 @@ def test_a_recipe_runs_the_toy_technique_after_a_built_in_one(model_dir, tmp_pat
         "steps": [{"quantize": {"method": "toy", "clip": 0.5, "modules_to_not_convert": None}}]
     }
     with pytest.raises(RecipeError, match="unknown field 'bits'"):
-        run_recipe(Recipe.from_dict({"steps": [{"quantize": {"method": "toy", "bits": 4}}]}), str(model_dir), tmp_path / "x")
+        run_recipe(
+            Recipe.from_dict({"steps": [{"quantize": {"method": "toy", "bits": 4}}]}), str(model_dir), tmp_path / "x"
+        )
     assert not (tmp_path / "x").exists()
 
 

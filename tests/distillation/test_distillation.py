@@ -180,7 +180,11 @@ def test_bad_pairs_fail_clearly(tmp_path):
     teacher = classifier(layers=4)
     cases = [
         (classifier(layers=2, labels=5), DistillationConfig(), "label sets differ"),
-        (classifier(layers=2), DistillationConfig(hidden_states=[(5, 1)]), "out of range: the teacher has hidden states 0..4"),
+        (
+            classifier(layers=2),
+            DistillationConfig(hidden_states=[(5, 1)]),
+            "out of range: the teacher has hidden states 0..4",
+        ),
         (classifier(layers=2), DistillationConfig(attentions=[(0, 2)]), "the student 0..1"),
         (classifier(layers=2, attn="sdpa"), DistillationConfig(attentions=[(0, 1)]), "attn_implementation='eager'"),
     ]
@@ -214,7 +218,9 @@ def test_a_bitsandbytes_teacher_saves_memory_and_still_teaches(tmp_path, bits):
 
     save_tiny_model(tmp_path / "teacher")
     quantization = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
-    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", quantization_config=quantization, device_map="cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "teacher", quantization_config=quantization, device_map="cpu"
+    )
     assert "bitsandbytes" in type(teacher.model.layers[0].mlp.down_proj).__module__
     student = make_student(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"), num_layers=1)
     windows = token_windows(8, 16)

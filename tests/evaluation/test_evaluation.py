@@ -20,7 +20,10 @@ def test_perplexity_refuses_one_token_windows():
         perplexity(tiny_model("llama"), torch.zeros(3, 1, dtype=torch.long))
 
 
-@pytest.mark.parametrize("bits,group_size,sym,expected", [(4, 32, True, 4 + 16 / 32), (4, 32, False, 4 + 16 / 32 + 4 / 32), (8, -1, True, 8 + 16 / 64)])
+@pytest.mark.parametrize(
+    "bits,group_size,sym,expected",
+    [(4, 32, True, 4 + 16 / 32), (4, 32, False, 4 + 16 / 32 + 4 / 32), (8, -1, True, 8 + 16 / 64)],
+)
 def test_bits_per_weight_counts_codes_scales_and_zero_points(bits, group_size, sym, expected):
     model = hfcompress.quantize(tiny_model("llama"), hfcompress.RTNConfig(bits=bits, group_size=group_size, sym=sym))
     # down_proj has 128 inputs, the others 64: per-channel scale overhead is per-layer, so only check groups exactly

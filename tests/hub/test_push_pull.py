@@ -64,7 +64,9 @@ def outputs(tmp_path_factory):
 
 
 def _subprocess_env(hub, tmp_path, token=TOKEN):
-    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0")
+    env = dict(
+        os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0"
+    )
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
@@ -120,7 +122,16 @@ def test_every_format_pushes_and_pulls_with_identical_logits(outputs, hub_env, t
 
 def test_push_with_revision_and_private_repo_then_pull_that_revision(outputs, hub_env, tmp_path, capsys):
     commits = hub_env.state.commits_made
-    argv = ["push", outputs["lowrank"], "alice/private-lowrank", "--private", "--revision", "v1", "--commit-message", "first"]
+    argv = [
+        "push",
+        outputs["lowrank"],
+        "alice/private-lowrank",
+        "--private",
+        "--revision",
+        "v1",
+        "--commit-message",
+        "first",
+    ]
     assert main([str(a) for a in argv]) == 0
     assert "commit" in capsys.readouterr().out
     repo = hub_env.state.repos["alice/private-lowrank"]
@@ -139,7 +150,9 @@ def test_the_command_line_pushes_with_hf_endpoint_and_hf_token_from_the_environm
     out = tmp_path / "pushed"
     command = [sys.executable, "-m", "hfcompress.commands.cli", "factorize", source, out, "--rank", "8", "--method", "svd",
                "--push-to-hub", "alice/from-cli", "-q"]  # fmt: skip
-    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=_subprocess_env(hub, tmp_path), timeout=300)
+    done = subprocess.run(
+        list(map(str, command)), capture_output=True, text=True, env=_subprocess_env(hub, tmp_path), timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     repo = hub.state.repos["alice/from-cli"]
     files = repo.commits[repo.branches["main"]]

@@ -71,9 +71,7 @@ def test_movement_follows_the_schedule_and_masks_the_forward_pass(tmp_path, meth
 def test_magnitude_rows_gradient_accumulation_and_evaluation(tmp_path):
     model = tiny_classifier()
     config = MagnitudePruningConfig(granularity="row", **schedule())
-    trainer = trainer_for(
-        model, config, tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=6
-    )
+    trainer = trainer_for(model, config, tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=6)
     trainer.train()
     assert trainer.state.global_step == STEPS
     assert any("eval_loss" in h for h in trainer.state.log_history)
@@ -112,7 +110,9 @@ def test_resume_from_checkpoint_restores_scores_masks_and_schedule(tmp_path):
 
 
 def test_resuming_with_a_different_config_fails(tmp_path):
-    trainer_for(tiny_classifier(), MovementPruningConfig(**schedule()), tmp_path, save_strategy="steps", save_steps=6).train()
+    trainer_for(
+        tiny_classifier(), MovementPruningConfig(**schedule()), tmp_path, save_strategy="steps", save_steps=6
+    ).train()
     other = trainer_for(tiny_classifier(), MovementPruningConfig(**schedule(method="sigmoid")), tmp_path)
     with pytest.raises(ValueError, match="resuming with a different pruning config"):
         other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))

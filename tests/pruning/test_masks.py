@@ -40,7 +40,9 @@ def test_blocks_reduce_and_expand():
     grid = block_reduce(w, (2, 4), "sum")
     assert grid.shape == (2, 2)
     assert grid[0, 0] == w[:2, :4].sum()
-    assert torch.equal(expand_blocks(torch.tensor([[1, 0], [0, 1]]), (2, 4))[:, :4], torch.tensor([[1] * 4] * 2 + [[0] * 4] * 2))
+    assert torch.equal(
+        expand_blocks(torch.tensor([[1, 0], [0, 1]]), (2, 4))[:, :4], torch.tensor([[1] * 4] * 2 + [[0] * 4] * 2)
+    )
     with pytest.raises(ValueError, match="does not divide a 4x8"):
         block_reduce(w, (3, 4))
 

@@ -46,7 +46,9 @@ def test_oneshot_on_a_model_prunes_every_block_linear(tmp_path):
     reference = model(windows).logits
     errors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        config = OneShotPruningConfig(method=method, sparsity=0.5, pattern="2:4", dataset=windows, num_samples=8, seq_len=32)
+        config = OneShotPruningConfig(
+            method=method, sparsity=0.5, pattern="2:4", dataset=windows, num_samples=8, seq_len=32
+        )
         pruned = prune_oneshot(copy.deepcopy(model), config)
         for layer in pruned.model.layers:
             w = layer.mlp.down_proj.weight
@@ -84,7 +86,9 @@ def test_bitmask_checkpoint_is_smaller_and_reloads_identically(tmp_path):
     dense = decompress_sparse(reloaded)
     assert not dense.config.quantization_config.sparse
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
-    for (name, a), (_, b) in zip(sorted(dense.state_dict().items()), sorted(reference.state_dict().items()), strict=True):
+    for (name, a), (_, b) in zip(
+        sorted(dense.state_dict().items()), sorted(reference.state_dict().items()), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -94,7 +98,12 @@ def test_structured_llama_style_loads_in_plain_transformers(tmp_path, arch):
     windows = token_windows(4, 32)
     prune_structured(model, heads=0.5, ffn=0.5, batches=list(windows.split(2)))
     config = model.config
-    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == (2, 1, 16, 64)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == (
+        2,
+        1,
+        16,
+        64,
+    )
     assert model.model.layers[0].self_attn.q_proj.out_features == 32
     expected = model(windows).logits
     model.save_pretrained(tmp_path)
@@ -105,7 +114,9 @@ def test_structured_llama_style_loads_in_plain_transformers(tmp_path, arch):
         "assert 'hfcompress' not in sys.modules; "
         "ids = torch.arange(8)[None] + 4; print(m.generate(ids, max_new_tokens=4, do_sample=False).shape[1])"
     )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "12"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "12"
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(reloaded(windows).logits, expected)
 

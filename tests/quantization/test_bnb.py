@@ -62,13 +62,20 @@ def test_qlora_adapter_trains_on_the_4bit_model_and_saves(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     quantized = hfcompress.quantize(tiny_model("llama"), BnbConfig(bits=4, double_quant=True))
-    model = get_peft_model(prepare_model_for_kbit_training(quantized), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        prepare_model_for_kbit_training(quantized), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     windows = token_windows(8, 16)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-            use_cpu=True, logging_steps=1,
+            str(tmp_path / "run"),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
         ),
         train_dataset=[{"input_ids": w, "labels": w} for w in windows],
     )

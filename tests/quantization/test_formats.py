@@ -76,7 +76,10 @@ def test_compressed_tensors_checkpoints_load_in_plain_transformers(tmp_path):
     "config,match",
     [
         (hfcompress.RTNConfig(bits=4, group_size=32, sym=False), "asymmetric"),
-        (hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, act_order=True, static_groups=False), "act-order with dynamic groups"),
+        (
+            hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, act_order=True, static_groups=False),
+            "act-order with dynamic groups",
+        ),
     ],
 )
 def test_compressed_tensors_refuses_what_it_cannot_hold(config, match, tmp_path):

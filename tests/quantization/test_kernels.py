@@ -103,7 +103,9 @@ def test_quant_linear_on_cuda_matches_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("group_size,sym,act_order", [(128, False, False), (64, True, True), (-1, False, False), (32, False, False)])
+@pytest.mark.parametrize(
+    "group_size,sym,act_order", [(128, False, False), (64, True, True), (-1, False, False), (32, False, False)]
+)
 @pytest.mark.parametrize("m", [1, 7, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_w4_matches_dequantize_on_cuda(group_size, sym, act_order, m, dtype, monkeypatch):

@@ -5,7 +5,10 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 
 class HfcompressCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hfcompress", help="Compress models with hfcompress (quantize, factorize, merge-lora, prune, distill, evaluate, card, push).")
+    COMMAND = CommandInfo(
+        name="hfcompress",
+        help="Compress models with hfcompress (quantize, factorize, merge-lora, prune, distill, evaluate, card, push).",
+    )
 
     @staticmethod
     def parse_args(parser):
