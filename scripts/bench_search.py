@@ -23,11 +23,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hfcompress.commands.loading import load_tokenizer
 from hfcompress.data import load_texts, tokenize_windows
 from hfcompress.evaluation import perplexity, weights_size_bytes
 from hfcompress.recipes import Recipe, run_recipe
 from hfcompress.recipes.search import SearchConfig, search
+from hfcompress.steps.loading import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"

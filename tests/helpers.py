@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import torch
 from transformers import (
@@ -106,3 +107,10 @@ def save_tiny_model(folder, arch: str = "llama") -> None:
     model = tiny_model(arch)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a multi-process launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
@@ -16,7 +17,7 @@ def test_two_process_distillation_keeps_ranks_identical(tmp_path):
     pytest.importorskip("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()), "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "ddp_distill.py"), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

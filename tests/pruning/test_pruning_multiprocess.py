@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
@@ -18,7 +19,7 @@ def test_two_process_gloo_training_keeps_masks_identical(tmp_path):
     result = subprocess.run(
         # `--cpu` alone would need MPI for several processes; the torchrun launcher with use_cpu=True in the
         # TrainingArguments gives two CPU processes on gloo.
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", str(HERE / "ddp_train.py"), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
