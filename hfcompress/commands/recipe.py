@@ -10,7 +10,6 @@ __all__ = ["run_recipe_command"]
 
 
 def run_recipe_command(args: argparse.Namespace) -> int:
-
     run_recipe(
         args.recipe,
         args.model,

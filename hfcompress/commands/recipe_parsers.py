@@ -10,7 +10,6 @@ __all__ = ["add_recipe", "add_search"]
 
 
 def add_recipe(subparsers) -> None:
-
     recipe = subparsers.add_parser(
         "recipe",
         help="Run compression steps from a YAML recipe (prune, factorize, quantize, distill, merge_lora).",
@@ -43,7 +42,6 @@ def add_recipe(subparsers) -> None:
 
 
 def add_search(subparsers) -> None:
-
     search = subparsers.add_parser(
         "search",
         help="Find the best compression of MODEL within a size/bits/parameter budget.",

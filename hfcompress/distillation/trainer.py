@@ -32,7 +32,6 @@ PROJECTIONS_FILE = "distillation_projections.safetensors"
 
 
 def _num_layers(model) -> int:
-
     return len(find_layer_stack(model)[1])
 
 

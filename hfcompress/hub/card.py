@@ -70,7 +70,6 @@ def _load_code(record: CompressionRecord, repo_id: str | None) -> str:
 
 
 def _card_data(record: CompressionRecord, existing: dict, repo_id: str | None):
-
     techniques = [step.technique for step in record.steps]
     tags = ["hfcompress", *dict.fromkeys(_TECHNIQUE_TAGS.get(t, t) for t in techniques)]
     tags += [step.method for step in record.steps if step.method not in tags]

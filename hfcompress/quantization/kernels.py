@@ -94,7 +94,6 @@ class AvxCpuKernel:
         return unavailable_reason()
 
     def __init__(self, layer, dtype):
-
         self.module = load()
         self.bits, self.group = layer.bits, layer.group_size
         self.in_features, self.out_features = layer.in_features, layer.out_features

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.registry import compressed_layer_types
 from ..core.structure import candidate_linears, linear_weight
 from ..evaluation import weights_size_bytes
-from ..pruning.sparse import SparseLinear
-from ..quantization.sparse_quant import SparseQuantLinear
 from ..steps.loading import checkpoint_dtype
 from ..steps.recording import stored_parameters
 from .allocation import grid_bits_per_weight
@@ -96,16 +95,14 @@ class Baseline:
 
 
 def nonzero_parameters(model) -> int:
-
     total = stored_parameters(model)
     for module in model.modules():
-        if isinstance(module, (SparseLinear, SparseQuantLinear)):
+        if isinstance(module, compressed_layer_types()) and hasattr(module, "nnz"):  # stores only its non-zeros
             total -= module.in_features * module.out_features - module.nnz
     return total
 
 
 def measure_baseline(model, model_path: str) -> Baseline:
-
     shapes = {n: tuple(linear_weight(m).shape) for n, m in candidate_linears(model, None).items()}
     if not os.path.isdir(model_path):
         raise ValueError(f"search needs MODEL as a local folder (to measure its size on disk), got {model_path!r}")

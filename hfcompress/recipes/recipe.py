@@ -116,7 +116,6 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"recipe file {os.fspath(path)!r} does not exist")
         try:
@@ -141,7 +140,6 @@ class Recipe:
         return data
 
     def to_yaml(self) -> str:
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def step_fingerprints(self) -> list[str]:

@@ -211,7 +211,6 @@ def search(
 
 @torch.no_grad()
 def _evaluate(model, folder: str | os.PathLike, windows, base: Baseline) -> dict[str, Any]:
-
     model.eval()
     size = weights_size_bytes(folder)
     return {
@@ -273,7 +272,6 @@ def _allocate_bits(sensitivity, base: Baseline, config: SearchConfig, target_bit
 
 
 def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path, cache: _Cache) -> dict:
-
     done = cache.data["sensitivity"]  # mean KL divergence per layer and bit width
     variants = {}
     for candidate in uniform:
@@ -302,7 +300,6 @@ def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path
 
 
 def _linear_names(model) -> list[str]:
-
     return list(candidate_linears(model, None))
 
 

@@ -31,7 +31,6 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
-
     autos = {
         "causal-lm": "AutoModelForCausalLM",
         "sequence-classification": "AutoModelForSequenceClassification",
@@ -58,5 +57,4 @@ def checkpoint_dtype(model: str) -> torch.dtype:
 
 
 def load_tokenizer(model: str):
-
     return AutoTokenizer.from_pretrained(resolve_model_path(model))
