@@ -67,9 +67,8 @@ def _add_techniques(subparsers) -> dict[str, argparse._SubParsersAction]:
     groups: dict[str, argparse._SubParsersAction] = {}
     for technique in techniques():
         words = technique.command
-        if len(words) == 1:
-            parser = subparsers.add_parser(words[0], help=technique.summary, description=technique.config_class.__doc__)
-        else:
+        parent = subparsers
+        if len(words) == 2:
             if words[0] not in groups:
                 names = [t.command[1] for t in techniques() if t.command[0] == words[0]]
                 group = subparsers.add_parser(
@@ -77,9 +76,8 @@ def _add_techniques(subparsers) -> dict[str, argparse._SubParsersAction]:
                 )
                 groups[words[0]] = group.add_subparsers(dest="technique", metavar="{" + ",".join(names) + "}")
                 groups[words[0]].required = True
-            parser = groups[words[0]].add_parser(
-                words[1], help=technique.summary, description=technique.config_class.__doc__
-            )
+            parent = groups[words[0]]
+        parser = parent.add_parser(words[-1], help=technique.summary, description=technique.config_class.__doc__)
         _add_technique(parser, technique)
     return groups
 

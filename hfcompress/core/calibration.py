@@ -224,6 +224,16 @@ def _named_in_block(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
     return {n[len(prefix) + 1 :]: m for n, m in block.named_modules(prefix=prefix) if m is not block} | {"": block}
 
 
+def _checked_trace(block, prefix: str, names: list[str], inputs, trace: BlockTrace | None) -> BlockTrace:
+    """The block's trace (traced now on the first input when not given), after checking every target ran."""
+    if trace is None:
+        trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in names], inputs[0])
+    never_ran = [n for n in names if trace.calls[n] == 0]
+    if never_ran:
+        raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
+    return trace
+
+
 @torch.no_grad()
 def collect_hessians(
     block: nn.Module, prefix: str, inputs: list[BlockInputs], names: list[str], trace: BlockTrace | None = None
@@ -231,11 +241,7 @@ def collect_hessians(
     """The input Hessian (2 X^T X / n) of each linear `names` (relative to `block`) on `inputs`, with the
     block's current weights. Linears reading the same tensor share one matrix (the same object)."""
     named = _named_in_block(block, prefix)
-    if trace is None:
-        trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in names], inputs[0])
-    never_ran = [n for n in names if trace.calls[n] == 0]
-    if never_ran:
-        raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
+    trace = _checked_trace(block, prefix, names, inputs, trace)
     by_leader = _group_hessians(named, trace, inputs)
     return {name: by_leader[group[0]] for group in trace.groups for name in group}
 
@@ -256,11 +262,7 @@ def calibrate_block(
     returned for every target, and whether the staged (true-sequential) path ran.
     """
     named = _named_in_block(block, prefix)
-    if trace is None:
-        trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
-    never_ran = [n for n in modules if trace.calls[n] == 0]
-    if never_ran:
-        raise RuntimeError(f"{never_ran} in {prefix} never ran during calibration; cannot build their Hessians")
+    trace = _checked_trace(block, prefix, list(modules), inputs, trace)
     staged = true_sequential and all(trace.calls[n] == 1 for n in modules)
     if true_sequential and not staged:
         logger.info("%s calls a linear layer more than once; using the two-pass calibration", prefix)
