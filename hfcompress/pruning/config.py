@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..core.config import CompressionConfig
 
 __all__ = ["MagnitudePruningConfig", "MovementPruningConfig", "PruningConfig", "pruning_config_from_dict"]
 
@@ -16,7 +18,7 @@ _GRANULARITY = re.compile(r"^(weight|row|column|(\d+)x(\d+))$")
 
 
 @dataclass
-class PruningConfig:
+class PruningConfig(CompressionConfig):
     """What every training-time pruning method shares: the target, the schedule, the granularity, the ranking."""
 
     final_sparsity: float = field(
@@ -55,7 +57,8 @@ class PruningConfig:
     )
     update_every: int = field(default=1, metadata={"help": "Recompute the masks every this many optimizer steps."})
 
-    pruning_method = "base"
+    technique: ClassVar[str] = "base"
+    pruning_method: ClassVar[str] = "base"  # the key records and Trainer checkpoints name it by
 
     def __post_init__(self):
         for name in ("final_sparsity", "initial_sparsity"):
@@ -100,8 +103,9 @@ class PruningConfig:
         height, width = (int(x) for x in self.granularity.split("x"))
         return (height, width)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"pruning_method": self.pruning_method, "version": FORMAT_VERSION, **asdict(self)}
+    @classmethod
+    def header(cls) -> dict[str, Any]:
+        return {"pruning_method": cls.pruning_method, "version": FORMAT_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
@@ -132,7 +136,8 @@ class MovementPruningConfig(PruningConfig):
     )
     score_init: float = field(default=0.0, metadata={"help": "Initial value of every importance score."})
 
-    pruning_method = "movement"
+    technique: ClassVar[str] = "movement"
+    pruning_method: ClassVar[str] = "movement"
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,7 +159,8 @@ class MovementPruningConfig(PruningConfig):
 class MagnitudePruningConfig(PruningConfig):
     """Gradual magnitude pruning (Zhu & Gupta 2017): keep the largest weights (L2 norm of each block)."""
 
-    pruning_method = "magnitude"
+    technique: ClassVar[str] = "magnitude"
+    pruning_method: ClassVar[str] = "magnitude"
 
 
 _CONFIGS = {"movement": MovementPruningConfig, "magnitude": MagnitudePruningConfig}
@@ -170,8 +176,4 @@ def pruning_config_from_dict(data: dict[str, Any], expected: type | None = None)
     cls = _CONFIGS[method]
     if expected not in (None, PruningConfig) and cls is not expected:
         raise ValueError(f"expected a {expected.__name__} dict, got pruning_method {method!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        logger.warning("ignoring unknown %s keys %s (written by a newer hfcompress?)", cls.__name__, unknown)
-    return cls(**{k: v for k, v in data.items() if k in known})
+    return super(PruningConfig, cls).from_dict(data)  # the base: known fields, unknown keys warned and dropped
