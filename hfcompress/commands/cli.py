@@ -16,7 +16,7 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from .. import __version__
-from ..core.registry import Technique, load_plugins, techniques
+from ..core.registry import Technique, always, load_plugins, techniques
 from ..distillation import DistillationConfig
 from ..hub.push import HubError
 from ..hub.record import set_invocation
@@ -51,7 +51,7 @@ def _add_technique(parser: argparse.ArgumentParser, technique: Technique) -> Non
     """MODEL OUTPUT, the config's fields, the step options, the writer options."""
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("output", metavar="OUTPUT", help=OUTPUT_HELP)
-    required = ("dataset",) if technique.calibrated.__name__ == "always" else ()
+    required = ("dataset",) if technique.calibrated is always else ()
     add_config_arguments(parser, technique.config_class, required=required)
     for name, option in technique.step_options.items():
         parser.add_argument(

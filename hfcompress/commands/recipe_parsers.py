@@ -14,7 +14,7 @@ def add_recipe(subparsers) -> None:
         "recipe",
         help="Run compression steps from a YAML recipe (prune, factorize, quantize, distill, merge_lora).",
         description="Run the steps of RECIPE in order on MODEL. Each step is `technique: {fields}` with the fields "
-        "of its Python config class (and its command's options by their Python names); `dataset:` at the top is "
+        "of its Python config class (and its step options: format, storage); `dataset:` at the top is "
         "the default data of every step. The whole recipe is checked before any step starts. Each step writes "
         "OUTPUT/steps/NN-name/ with its record; OUTPUT gets the last model, with the whole chain in its record "
         "and card, and recipe.yaml. Example:\n\n"

@@ -22,30 +22,6 @@ from typing import Any
 
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
-
-def _never(config) -> bool:
-    return False
-
-
-def always(config) -> bool:
-    """`calibrated=always`: every config of the technique calibrates on data."""
-    return True
-
-
-@dataclass(frozen=True)
-class StepOption:
-    """A choice a step makes beyond its config (how it stores or saves); `choices[0]` is the default."""
-
-    choices: tuple[str, ...]
-    help: str = ""
-
-    @property
-    def default(self) -> str:
-        return self.choices[0]
-
-
 __all__ = [
     "StepOption",
     "Technique",
@@ -61,6 +37,32 @@ __all__ = [
     "technique_for",
     "techniques",
 ]
+
+logger = logging.getLogger(__name__)
+
+
+def _never(config) -> bool:
+    return False
+
+
+def always(config) -> bool:
+    """`calibrated=always`: every config of the technique calibrates on data."""
+    return True
+
+
+@dataclass(frozen=True)
+class StepOption:
+    """A choice a step makes beyond its config (how it stores or saves); `choices[0]` is the default.
+    `between_steps`: the value a recipe uses when another step follows, if that differs (a bitmask-stored
+    layer cannot be read by the next technique, so pruning stores dense weights between steps)."""
+
+    choices: tuple[str, ...]
+    help: str = ""
+    between_steps: str | None = None
+
+    @property
+    def default(self) -> str:
+        return self.choices[0]
 
 
 @dataclass(frozen=True)

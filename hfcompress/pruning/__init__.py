@@ -40,7 +40,7 @@ STORAGE_HELP = (
 )
 register_technique(
     "oneshot", OneShotPruningConfig, prune_oneshot, kind="prune", record_kind="pruning", layer_types=(SparseLinear,),
-    calibrated=lambda config: config.method != "magnitude", step_options={"storage": StepOption(("bitmask", "dense"), STORAGE_HELP)},
+    calibrated=lambda config: config.method != "magnitude", step_options={"storage": StepOption(("bitmask", "dense"), STORAGE_HELP, between_steps="dense")},
     before_save=store_sparse, summary="Zero weights by magnitude, Wanda or SparseGPT, no training.",
 )  # fmt: skip
 register_technique(

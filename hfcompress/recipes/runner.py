@@ -77,7 +77,7 @@ def _check_type(where: str, key: str, value, hint) -> None:
         raise RecipeError(f"{where}: `{key}` must be a number, got {value!r}")
 
 
-def _fields(where: str, cls, settings: dict, allowed_extra=()) -> dict:
+def _fields(where: str, cls, settings: dict) -> dict:
     """`settings` as keyword arguments of dataclass `cls`: deprecated names renamed (a comma-separated string
     becomes a list where the field is one), types checked, unknown names refused."""
     hints = typing.get_type_hints(cls)
@@ -90,12 +90,8 @@ def _fields(where: str, cls, settings: dict, allowed_extra=()) -> dict:
             if isinstance(value, str) and typing.get_origin(hints[new]) in (list, typing.Union, types.UnionType):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             key = new
-        if key in allowed_extra:
-            continue
         if key not in names:
-            raise RecipeError(
-                f"{where}: unknown field {key!r}; it takes {', '.join(sorted(names | set(allowed_extra)))}"
-            )
+            raise RecipeError(f"{where}: unknown field {key!r}; it takes {', '.join(sorted(names))}")
         _check_type(where, key, value, hints[key])
         kwargs[key] = value
     return kwargs
@@ -128,14 +124,18 @@ def _prepare(index: int, step: RecipeStep, recipe: Recipe, is_last: bool) -> Pre
     kwargs = _fields(where, config_cls, settings)
     if "dataset" in {f.name for f in dataclasses.fields(config_cls)} and kwargs.get("dataset") is None:
         kwargs["dataset"] = recipe.dataset
-    if "storage" in technique.step_options and "storage" not in step_options:
-        step_options["storage"] = "bitmask" if is_last else "dense"  # a later step reads plain weights (zeros kept)
+    for name, option in technique.step_options.items():
+        if name not in step_options and option.between_steps is not None and not is_last:
+            step_options[name] = option.between_steps  # what the next step can read
     try:
         config = config_cls(**kwargs)
-        step_options = check_step(technique, config, step_options)
     except (ValueError, TypeError) as e:
-        if "needs calibration data" in str(e):
-            raise RecipeError(f"{where} needs data: set `dataset` in the step or at the top of the recipe") from None
+        raise RecipeError(f"{where}: {e}") from e
+    if technique.calibrated(config) and getattr(config, "dataset", None) is None:
+        raise RecipeError(f"{where} needs data: set `dataset` in the step or at the top of the recipe")
+    try:
+        step_options = check_step(technique, config, step_options)
+    except ValueError as e:
         raise RecipeError(f"{where}: {e}") from e
     _check_path(where, "dataset", getattr(config, "dataset", None))
     return PreparedStep(index, step, config, technique, step_options, dtype)
