@@ -31,7 +31,7 @@ def warn_deprecated(where: str, old: str, new: str) -> None:
     if (where, old) in _WARNED:
         return
     _WARNED.add((where, old))
-    warnings.warn(f"{where}: `{old}` is deprecated, use `{new}`", FutureWarning, stacklevel=4)
+    warnings.warn(f"{where}: `{old}` is deprecated, use `{new}`", FutureWarning, stacklevel=3)
 
 
 @dataclass
