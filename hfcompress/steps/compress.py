@@ -3,6 +3,7 @@ every registered technique and every recipe step that runs one call it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -74,10 +75,12 @@ def compress_folder(
         technique.before_save(compressed, config, **step_options)
     if technique.cast:  # what stayed dense goes back to the checkpoint's own dtype (often float16)
         cast_unquantized(compressed, checkpoint_dtype(model))
-    save = None
-    if technique.save is not None:
-        save = lambda m, folder: technique.save(m, folder, **step_options)  # noqa: E731
+    save = None if technique.save is None else functools.partial(_save_with, technique.save, step_options)
     return write_output(compressed, model, output, tokenizer, record, step, options, quality, save=save)
+
+
+def _save_with(save, step_options: dict, model, folder) -> None:
+    save(model, folder, **step_options)
 
 
 def _settings(technique: Technique, config, model) -> tuple[dict, dict | None]:
