@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from hfcompress import DistillationConfig, DistillationTrainer, make_student
+from hfcompress.checkpoint import manifest_of
 from hfcompress.evaluation.latency import forward_latency
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +87,7 @@ def part_cls(args, results: dict) -> None:
     ):
         torch.manual_seed(args.seed)
         student = make_student(teacher, num_layers=3)
-        chosen = student.config.hfcompress_student_layers
+        chosen = manifest_of(student).student_layers
         common = dict(
             model=student, args=training_args(args, args.cls_steps, args.cls_batch_size, args.lr), train_dataset=train_set,
             data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,

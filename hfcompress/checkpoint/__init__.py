@@ -3,12 +3,13 @@ the rebuild registry that loading consults, and the `HfQuantizer` that lets `fro
 technique: each registers how its layers are rebuilt."""
 
 from .hf_quantizer import QUANT_METHOD, HfcompressHfQuantizer, attach_config, register
-from .manifest import FORMAT_VERSION, CheckpointManifest, HfcompressQuantizationConfig, manifest_of
+from .manifest import FORMAT_VERSION, PLAIN_ATTRIBUTE, CheckpointManifest, HfcompressQuantizationConfig, manifest_of
 from .merge import update_manifest
 from .rebuild import Rebuilder, linear_to_replace, register_dequantizer, register_rebuilder
 
 __all__ = [
     "FORMAT_VERSION",
+    "PLAIN_ATTRIBUTE",
     "QUANT_METHOD",
     "CheckpointManifest",
     "HfcompressHfQuantizer",

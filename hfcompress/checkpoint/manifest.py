@@ -1,9 +1,13 @@
-"""The manifest: what an hfcompress checkpoint holds, recorded in `config.json["quantization_config"]`.
+"""The manifest: what an hfcompress checkpoint holds, in one structure for every technique: quantized layers and
+their grids, sparse layers, factor ranks, decomposed convolutions, codebooks, resized layers, the layers of
+techniques registered from outside the package (`layers`), the blocks a student kept and the one-shot pruning
+that zeroed its weights. Every technique records its changes with `update_manifest`.
 
-One structure for every technique: quantized layers and their grids, sparse layers, factor ranks, decomposed
-convolutions, codebooks, resized layers, and the layers of techniques registered from outside the package
-(`layers`). Every technique records its changes with `update_manifest`; `from_pretrained` rebuilds the
-layers from it (see `rebuild.py`).
+It lives in one of two places in `config.json`, by what loading needs: in `quantization_config` (with
+`quant_method: "hfcompress"`) when some layer must be rebuilt before the weights load (`from_pretrained`
+does it after `import hfcompress`, see `rebuild.py`); otherwise, for a model plain transformers loads as it
+is (a distilled student, a pruned model with dense zeros), under `config.json["hfcompress"]`, with only the
+fields that say something.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from ..core.packing import SUPPORTED_BITS
 
 __all__ = [
     "FORMAT_VERSION",
+    "LEGACY_ATTRIBUTES",
+    "PLAIN_ATTRIBUTE",
     "SCALE_DTYPES",
     "CheckpointManifest",
     "HfcompressQuantizationConfig",
@@ -28,7 +34,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # 2: `lowrank` (factorized layers); 3: `sparse`, `resized`, `codebooks`; 4: `overrides` (mixed precision),
-# layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside)
+# layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside),
+# `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models
 FORMAT_VERSION = 5
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -60,7 +67,8 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     `overrides` maps a quantized module whose grid differs from the top-level one (mixed precision, a factor
     with one group per row) to `{"bits", "group_size"}`; a module in both `modules` and `sparse` is a
     `SparseQuantLinear` with that many non-zeros. `layers` maps a technique registered from outside hfcompress
-    to `{module name: spec}` for its own rebuilder.
+    to `{module name: spec}` for its own rebuilder. `student_layers`: the teacher blocks a distilled student
+    kept; `pruning`: the one-shot pruning settings that zeroed the weights.
     """
 
     bits: int = 4
@@ -80,6 +88,8 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     resized: dict[str, dict] = field(default_factory=dict)
     overrides: dict[str, dict] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
+    student_layers: list[int] | None = None
+    pruning: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     quant_method: str = "hfcompress"
 
@@ -131,19 +141,47 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
         used = [name for name in _BUILT_IN_SECTIONS if getattr(self, name)]
         return used + [name for name, records in self.layers.items() if records]
 
+    def needs_hfcompress(self) -> bool:
+        """Whether loading must rebuild layers (so the manifest is the model's `quantization_config`)."""
+        return bool(self.sections_in_use())
+
+    def to_plain_dict(self) -> dict[str, Any]:
+        """What `config.json["hfcompress"]` keeps of a manifest that loading does not need: the fields that
+        differ from their defaults, with the method and the format version."""
+        defaults = type(self)()
+        data = {k: v for k, v in self.to_dict().items() if v != getattr(defaults, k)}
+        return {"method": self.method, "version": self.version, **data}
+
 
 # the fields that record layers (the other fields describe the quantization grid and the recipe)
 _BUILT_IN_SECTIONS = ("convolutions", "resized", "lowrank", "sparse", "codebooks", "modules")
 
 CheckpointManifest = HfcompressQuantizationConfig
 
+# the config attribute of a manifest that loading does not need
+PLAIN_ATTRIBUTE = "hfcompress"
+# config attributes of format 4 and before, read into the manifest: {attribute: manifest field}
+LEGACY_ATTRIBUTES = {"hfcompress_student_layers": "student_layers", "hfcompress_pruning": "pruning"}
+
 
 def manifest_of(model) -> HfcompressQuantizationConfig | None:
-    """The manifest `model` carries (None for a model hfcompress has not changed); an error for a model quantized
-    by another method, which hfcompress cannot add to."""
-    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qconfig is None or isinstance(qconfig, HfcompressQuantizationConfig):
+    """The manifest `model` carries, wherever it lives (None for a model hfcompress has not changed); an error for
+    a model quantized by another method, which hfcompress cannot add to. A manifest read from
+    `config.hfcompress` is a copy: record changes with `update_manifest`."""
+    config = getattr(model, "config", None)
+    qconfig = getattr(config, "quantization_config", None)
+    # checkpoints of format 4 and before kept the student's blocks and the pruning as config attributes
+    legacy = {field: getattr(config, name) for name, field in LEGACY_ATTRIBUTES.items() if hasattr(config, name)}
+    if isinstance(qconfig, HfcompressQuantizationConfig):
+        for field_name, value in legacy.items():
+            if not getattr(qconfig, field_name):
+                setattr(qconfig, field_name, value)
         return qconfig
+    if qconfig is None:
+        plain = getattr(config, PLAIN_ATTRIBUTE, None)
+        if isinstance(plain, dict):
+            return HfcompressQuantizationConfig.from_dict(plain)
+        return HfcompressQuantizationConfig(method="none", **legacy) if legacy else None
     method = getattr(qconfig, "quant_method", None) or (
         qconfig.get("quant_method") if isinstance(qconfig, dict) else None
     )

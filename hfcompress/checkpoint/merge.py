@@ -7,7 +7,7 @@ from dataclasses import fields
 from torch import nn
 
 from .hf_quantizer import attach_config
-from .manifest import HfcompressQuantizationConfig, manifest_of
+from .manifest import LEGACY_ATTRIBUTES, PLAIN_ATTRIBUTE, HfcompressQuantizationConfig, manifest_of
 
 __all__ = ["update_manifest"]
 
@@ -20,7 +20,9 @@ def update_manifest(model: nn.Module, default_method: str = "none", **changes) -
 
     Layer records (`lowrank`, `sparse`, `codebooks`, ... and each technique's entry in `layers`) are merged name
     by name, so what earlier steps recorded stays; `modules` gains the new names; other fields are replaced.
-    A model quantized by another method is refused.
+    The manifest goes where loading needs it: `quantization_config` once some layer must be rebuilt (and stays
+    there), `config.hfcompress` while plain transformers loads the model as it is. A model quantized by another
+    method is refused.
     """
     unknown = sorted(set(changes) - _FIELDS)
     if unknown:
@@ -37,5 +39,18 @@ def update_manifest(model: nn.Module, default_method: str = "none", **changes) -
         elif isinstance(current, dict) and key not in ("recipe", "lowrank_recipe"):
             value = {**current, **value}
         setattr(manifest, key, value)
-    attach_config(model, manifest)
+    _store(model, manifest)
     return manifest
+
+
+def _store(model: nn.Module, manifest: HfcompressQuantizationConfig) -> None:
+    config = model.config
+    for name in LEGACY_ATTRIBUTES:  # moved into the manifest
+        if hasattr(config, name):
+            delattr(config, name)
+    if manifest.needs_hfcompress() or getattr(config, "quantization_config", None) is manifest:
+        if hasattr(config, PLAIN_ATTRIBUTE):
+            delattr(config, PLAIN_ATTRIBUTE)
+        attach_config(model, manifest)
+    else:
+        setattr(config, PLAIN_ATTRIBUTE, manifest.to_plain_dict())

@@ -9,6 +9,7 @@ from typing import Literal
 
 from torch import nn
 
+from ..checkpoint import update_manifest
 from ..core.structure import find_layer_stack
 from ..pruning.importance import prune_structured
 
@@ -82,7 +83,7 @@ def make_student(
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == total:
         config.layer_types = [layer_types[i] for i in chosen]
-    config.hfcompress_student_layers = chosen
+    update_manifest(student, "distillation", student_layers=chosen)
     logger.info("student keeps teacher blocks %s of %d", chosen, total)
     if heads or ffn:
         prune_structured(student, heads=heads, ffn=ffn, batches=importance_batches)

@@ -1,6 +1,7 @@
 """Low-rank factorization: SVD (plain, activation-aware, whitened) of linear layers into factor pairs,
 Tucker-2 and separable convolutions, and peft LoRA adapters merged into factorized weights."""
 
+from ..checkpoint import manifest_of
 from ..core.registry import register_technique
 from . import rebuild  # noqa: F401  (registers how factorized layers and convolutions are rebuilt on load)
 from .config import LowRankConfig
@@ -23,6 +24,6 @@ __all__ = [
 register_technique(
     "lowrank", LowRankConfig, factorize, kind="factorize", command=("factorize",), record_kind="factorization",
     calibrated=lambda config: config.needs_data,
-    record=lambda model, config: {"ranks": dict(model.config.quantization_config.lowrank)},
+    record=lambda model, config: {"ranks": dict(manifest_of(model).lowrank)},
     summary="Replace linear layers by low-rank factor pairs and save.",
 )  # fmt: skip

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..checkpoint import update_manifest
 from ..core.calibration import for_each_block_hessian
 from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
@@ -117,7 +118,7 @@ def prune_oneshot(model: nn.Module, config: OneShotPruningConfig, tokenizer=None
             set_linear_weight(module, _prune_weight(linear_weight(module), None, config))
     else:
         _prune_calibrated(model, targets, config, tokenizer)
-    model.config.hfcompress_pruning = config.to_dict()
+    update_manifest(model, "oneshot", pruning=config.to_dict())
     return model
 
 

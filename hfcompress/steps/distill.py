@@ -16,6 +16,7 @@ import transformers
 from transformers import DataCollatorWithPadding, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..checkpoint import HfcompressQuantizationConfig, manifest_of
 from ..data import load_texts, tokenize_windows
 from ..distillation import DistillationConfig, DistillationTrainer, make_student
 from ..distillation.config import parse_pairs
@@ -185,7 +186,7 @@ def distill_folder(
     student = trainer.model.eval()
     settings = {
         **loss.to_dict(),
-        "student_layers": getattr(student.config, "hfcompress_student_layers", None),
+        "student_layers": (manifest_of(student) or HfcompressQuantizationConfig()).student_layers,
         "max_steps": max_steps,
         "learning_rate": arguments.learning_rate,
         "batch_size": arguments.batch_size * arguments.gradient_accumulation_steps,

@@ -9,6 +9,7 @@ import transformers
 from safetensors.torch import load_file
 
 import hfcompress  # noqa: F401  (registers the hfcompress quantization method)
+from hfcompress.checkpoint import manifest_of
 
 LEGACY = Path(__file__).parent / "legacy"
 CASES = sorted(p.name for p in LEGACY.iterdir() if (p / "config.json").is_file())
@@ -33,3 +34,8 @@ def test_legacy_checkpoint_loads_with_identical_logits(name):
     with torch.no_grad():
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    manifest = manifest_of(model)  # the facts format 4 kept as config attributes read into the manifest
+    if name == "student":
+        assert manifest.student_layers == [0] and not manifest.needs_hfcompress()
+    if name.startswith("sparse"):
+        assert manifest.pruning["method"] == "magnitude" and manifest.sparse

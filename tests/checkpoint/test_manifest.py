@@ -1,12 +1,25 @@
 """The manifest: one merge function for every technique, and the rebuild registry loading consults."""
 
+import json
+
 import pytest
 import torch
 from helpers import tiny_model, token_windows
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 import hfcompress
-from hfcompress.checkpoint import FORMAT_VERSION, HfcompressQuantizationConfig, register_rebuilder, update_manifest
+from hfcompress.checkpoint import (
+    FORMAT_VERSION,
+    HfcompressQuantizationConfig,
+    manifest_of,
+    register_rebuilder,
+    update_manifest,
+)
 
 
 def test_a_manifest_round_trips_with_every_section():
@@ -68,3 +81,22 @@ def test_a_model_quantized_by_another_method_is_refused():
     model.config.quantization_config = {"quant_method": "gptq"}
     with pytest.raises(ValueError, match=r"quantized by another method \(gptq\)"):
         update_manifest(model, "sparse", sparse={"x": 1})
+
+
+def test_the_manifest_lives_where_loading_needs_it(tmp_path):
+    """A student loads in plain transformers: its manifest is `config.json["hfcompress"]`. Quantizing it moves the
+    manifest, student layers and all, into `quantization_config`, where loading needs it."""
+    student = hfcompress.make_student(tiny_model("llama"), num_layers=1)
+    student.save_pretrained(tmp_path / "student")
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["hfcompress"]["student_layers"] == [0]
+    assert manifest_of(AutoModelForCausalLM.from_pretrained(tmp_path / "student")).student_layers == [0]
+
+    pruned = hfcompress.prune_oneshot(student, hfcompress.OneShotPruningConfig(method="magnitude", sparsity=0.5))
+    assert manifest_of(pruned).pruning["sparsity"] == 0.5 and not manifest_of(pruned).needs_hfcompress()
+    hfcompress.quantize(pruned, hfcompress.RTNConfig(bits=4, group_size=32))
+    pruned.save_pretrained(tmp_path / "quantized")
+    saved = json.loads((tmp_path / "quantized" / "config.json").read_text())
+    assert "hfcompress" not in saved and saved["quantization_config"]["student_layers"] == [0]
+    reloaded = manifest_of(AutoModelForCausalLM.from_pretrained(tmp_path / "quantized"))
+    assert reloaded.student_layers == [0] and reloaded.pruning["method"] == "magnitude" and reloaded.sparse

@@ -11,6 +11,7 @@ from helpers import tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (registers the loader of bitmask and resized checkpoints)
+from hfcompress.checkpoint import manifest_of
 from hfcompress.pruning import OneShotPruningConfig, compress_sparse, decompress_sparse, prune_oneshot, prune_structured
 from hfcompress.pruning.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
@@ -55,7 +56,7 @@ def test_oneshot_on_a_model_prunes_every_block_linear(tmp_path):
             assert torch.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
         assert not (pruned.lm_head.weight == 0).any()
         errors[method] = float((pruned(windows).logits - reference).detach().pow(2).mean())
-        assert pruned.config.hfcompress_pruning["method"] == method
+        assert manifest_of(pruned).pruning["method"] == method
     assert errors["sparsegpt"] < errors["magnitude"] and errors["wanda"] < errors["magnitude"]
 
 
