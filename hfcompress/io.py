@@ -1,4 +1,6 @@
-"""Writing a model folder so that nothing is lost: a temporary folder beside OUTPUT, moved in when complete."""
+"""Writing a model folder so that nothing is lost: OUTPUT may not be, contain or lie inside anything the run
+reads; one run at a time writes it (a lock beside it); the folder is written to a temporary folder beside it
+and moved in when complete; temporary folders that interrupted runs left behind are removed."""
 
 from __future__ import annotations
 
@@ -6,10 +8,16 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_output_dir", "check_output_dir", "copy_model_extras"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked against each other
+    fcntl = None
+
+__all__ = ["atomic_output_dir", "check_output_dir", "claim_output", "copy_model_extras", "output_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +37,19 @@ EXTRA_FILES = (
 )
 
 
-def check_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an OUTPUT that exists and is not an empty folder, unless `overwrite`."""
+STAGING_MARKER = ".hfcompress-staging"
+_HELD: dict[Path, int] = {}  # locks this process holds, with their depth (a step inside a recipe run)
+
+
+def check_output_dir(
+    output: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Refuse, before any work, an OUTPUT that is, contains or lies inside one of the local `inputs` (the model,
+    data, adapter, teacher ... the run reads: writing OUTPUT would replace or delete them), one whose nearest
+    existing folder cannot be written, and one that exists and is not an empty folder, unless `overwrite`."""
     output = Path(output)
+    _check_not_an_input(output, inputs)
+    _check_writable(output)
     if output.exists():
         if not output.is_dir():
             raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
@@ -42,21 +60,112 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Path
     return output
 
 
+def _check_not_an_input(output: Path, inputs) -> None:
+    target = output.resolve()
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)) or not os.path.exists(item):
+            continue  # a Hub id, in-memory data, or nothing
+        source = Path(item).resolve()
+        if source == target:
+            problem = "is"
+        elif source.is_relative_to(target):
+            problem = "contains"
+        elif source.is_dir() and target.is_relative_to(source):
+            problem = "lies inside"
+        else:
+            continue
+        raise ValueError(
+            f"output {os.fspath(output)!r} {problem} the input {os.fspath(item)!r}, which this run reads; writing it "
+            "would replace or delete it: choose an OUTPUT outside every input (nothing was changed)"
+        )
+
+
+def _check_writable(output: Path) -> None:
+    folder = output.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {os.fspath(output)!r}: folder {os.fspath(folder)!r} is not writable")
+
+
+@contextmanager
+def output_lock(output: str | os.PathLike):
+    """Hold the lock of `output` (a file beside it) for the block: a second run writing the same folder is
+    refused at once instead of replacing this one's result. Re-entrant within one process."""
+    path = Path(output).resolve()
+    if fcntl is None or _HELD.get(path):
+        _HELD[path] = _HELD.get(path, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = path.parent / f".{path.name}.hfcompress-lock"
+    descriptor = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise FileExistsError(
+            f"another hfcompress run is writing {os.fspath(output)!r} (it holds {os.fspath(lock_file)!r}); wait for it "
+            "to finish or choose another OUTPUT"
+        ) from None
+    _HELD[path] = 1
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        lock_file.unlink(missing_ok=True)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+@contextmanager
+def claim_output(output: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
+    """Hold `output`'s lock for the whole run, and check it (`check_output_dir`) before any work."""
+    with output_lock(output):
+        yield check_output_dir(output, overwrite, inputs)
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Remove the temporary folders of `output` that interrupted runs left (the lock says no run is writing it):
+    only folders that hold this module's marker, never by name alone."""
+    stale = [p for p in output.parent.glob(f".{output.name}.*-*") if (p / STAGING_MARKER).is_file()]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale:
+        logger.warning("removed %d temporary folder(s) of %s left by interrupted runs", len(stale), output)
+
+
 @contextmanager
 def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `output`; on success it replaces `output`, on failure it is removed."""
-    output = check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary folder beside `output`; on success it replaces `output`, on failure it is removed.
+    The run holds `output`'s lock throughout."""
+    with output_lock(output):
+        output = check_output_dir(output, overwrite)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output)
+        with _staged(output, overwrite) as staging:
+            yield staging
+
+
+@contextmanager
+def _staged(output: Path, overwrite: bool):
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
+        (staging / STAGING_MARKER).unlink()
         for path in staging.rglob("*"):
             if path.is_file():
                 path.chmod(0o666 & ~umask)
         if output.exists():
+            check_output_dir(output, overwrite)  # still empty, or ours to replace
+            # never marked: killed between the two moves, the old result waits here for the user
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, trash / output.name)
             os.replace(staging, output)

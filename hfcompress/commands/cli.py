@@ -199,9 +199,12 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     handler = getattr(importlib.import_module(module_name), function)
     try:
         return handler(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, TypeError, HubError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, ImportError, TypeError, HubError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the output folder is only replaced when complete: nothing half-written stays
+        print(f"{prog}: interrupted; no output was written", file=sys.stderr)
+        return 130
 
 
 def _configure_logging(quiet: bool) -> None:

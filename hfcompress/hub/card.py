@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
 from .record import CompressionRecord
 
@@ -178,9 +180,9 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
         f"{evaluation.get('seq_len', '?')} tokens" if evaluation.get("dataset") else None
     )  # fmt: skip
     try:
-        card = ModelCard.from_template(
+        card = _render(
             _card_data(record, existing_data, repo_id),
-            template_path=str(template or TEMPLATE),
+            Path(template or TEMPLATE),
             title=f"{repo_id or record.base_model + ' (hfcompress)'}",
             summary=f"`{record.base_model}` compressed with hfcompress: {names}.",
             steps=steps,
@@ -193,6 +195,8 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             command=record.command,
             libraries=record.libraries,
         )
+    except SecurityError as e:
+        raise ValueError(f"the model card template {template or TEMPLATE} tried something unsafe: {e}") from e
     except Exception as e:  # jinja2 raises many types; the user needs to know which template broke
         raise ValueError(
             f"the model card template {template or TEMPLATE} failed to render: {type(e).__name__}: {e}"
@@ -215,3 +219,10 @@ def generate_card(folder: str | os.PathLike, repo_id: str | None = None, templat
     os.replace(tmp, path)
     logger.info("wrote %s", path)
     return path
+
+
+def _render(card_data: ModelCardData, template: Path, **values) -> ModelCard:
+    """`ModelCard.from_template`, in a sandboxed Jinja environment: a template (possibly the user's own) can read
+    the values it is given, not reach into Python."""
+    text = SandboxedEnvironment().from_string(template.read_text(encoding="utf-8"))
+    return ModelCard(text.render(card_data=card_data.to_yaml(), **{**card_data.to_dict(), **values}))

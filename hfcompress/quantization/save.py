@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from ..io import atomic_output_dir, copy_model_extras
+from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_state_dict
 
 __all__ = ["FORMATS", "check_format", "save_quantized", "write_quantized"]
@@ -37,6 +37,7 @@ def save_quantized(
         raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "compressed-tensors":
         check_compressed_tensors_compatible(model)
+    check_output_dir(output, overwrite, inputs=[source])
     with atomic_output_dir(output, overwrite) as staging:
         write_quantized(model, staging, format)
         if source is not None and os.path.isdir(source):

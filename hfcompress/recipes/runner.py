@@ -18,6 +18,7 @@ from ..core.registry import Technique, resolve_technique
 from ..data import looks_local
 from ..hub.card import generate_card
 from ..hub.record import CompressionRecord, command_line
+from ..io import claim_output
 from ..steps import DistillArguments, OutputOptions, check_step, compress_folder, distill_folder, merge_lora_folder
 from ..steps.loading import resolve_model_path
 from ..steps.merge import parse_rank
@@ -262,14 +263,30 @@ def run_recipe(
     copied to `OUTPUT` with the whole chain in its record and card, and `OUTPUT/recipe.yaml` keeps the recipe.
     With `resume`, steps whose folder was completed with the same recipe up to and including them are reused.
     """
-    if isinstance(recipe, (str, os.PathLike)):
-        recipe = Recipe.from_yaml(recipe)
+    recipe_file = recipe if isinstance(recipe, (str, os.PathLike)) else None
+    if recipe_file is not None:
+        recipe = Recipe.from_yaml(recipe_file)
     elif isinstance(recipe, list):
         recipe = Recipe.from_configs(recipe)
     prepared = validate_recipe(recipe)
     resolve_model_path(model)
     output = Path(output)
-    _prepare_output(output, resume, overwrite)
+    inputs = [model, recipe_file, recipe.dataset, recipe.eval_dataset, *(i for p in prepared for i in _inputs_of(p))]
+    with claim_output(output, overwrite=True, inputs=inputs):  # _prepare_output decides what may be replaced
+        _prepare_output(output, resume, overwrite)
+        _run_steps(recipe, prepared, model, output, resume, quiet, dtype)
+    logger.info("wrote %s", output)
+    return output
+
+
+def _inputs_of(prepared: PreparedStep) -> list:
+    """What a step reads besides the model before it: its data, adapter or student."""
+    if isinstance(prepared.config, dict):
+        return [prepared.config.get("adapter")]
+    return [getattr(prepared.config, "student", None), getattr(prepared.config, "dataset", None)]
+
+
+def _run_steps(recipe: Recipe, prepared: list[PreparedStep], model: str, output: Path, resume, quiet, dtype) -> None:
     (output / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     fingerprints = recipe.step_fingerprints()
     current = model
@@ -298,8 +315,6 @@ def run_recipe(
         )  # fmt: skip
         current = os.fspath(folder)
     _publish(Path(current), output)
-    logger.info("wrote %s", output)
-    return output
 
 
 def _publish(last: Path, output: Path) -> None:

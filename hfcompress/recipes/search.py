@@ -26,6 +26,7 @@ from ..core.structure import candidate_linears
 from ..data import load_texts, looks_local, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.latency import forward_latency
+from ..io import claim_output
 from ..quantization.modules import QuantLinear
 from ..steps.loading import load_model, load_tokenizer, resolve_model_path
 from .allocation import allocate, grid_bits_per_weight
@@ -141,6 +142,11 @@ def search(
     """Find the best compression of `model` within `config.budget`, write it to `output` with its recipe, and
     the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json)."""
 
+    with claim_output(output, overwrite=True, inputs=[model, config.dataset, config.eval_dataset]):
+        return _search(model, output, config, resume, overwrite, quiet)
+
+
+def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: bool, quiet: bool) -> dict[str, Any]:
     resolve_model_path(model)
     for name in ("dataset", "eval_dataset"):
         path = getattr(config, name)

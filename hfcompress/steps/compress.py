@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core.config import CALIBRATION_FIELDS
 from ..core.registry import Technique, technique_for
 from ..hub.record import Step
-from ..io import check_output_dir
+from ..io import claim_output
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 from .options import OutputOptions
@@ -58,7 +58,12 @@ def compress_folder(
     technique = technique_for(config)
     options = options or OutputOptions()
     step_options = check_step(technique, config, step_options)
-    check_output_dir(output, options.overwrite)
+    inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
+    with claim_output(output, options.overwrite, inputs):
+        return _compress(technique, model, output, config, options, step_options)
+
+
+def _compress(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict) -> Path:
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     tokenizer = load_tokenizer(model)
     record = base_record(loaded, model, options, tokenizer)

@@ -21,7 +21,7 @@ from ..data import load_texts, tokenize_windows
 from ..distillation import DistillationConfig, DistillationTrainer, make_student
 from ..distillation.config import parse_pairs
 from ..hub.record import Step
-from ..io import check_output_dir
+from ..io import claim_output
 from ..quantization.bnb import BnbConfig, load_bnb
 from .loading import load_model, load_tokenizer, resolve_model_path
 from .options import OutputOptions
@@ -157,8 +157,13 @@ def distill_folder(
     """Distil the model at `teacher` into a student (a copy of some of its blocks, or `arguments.student`) and
     write the student to `output`, a plain transformers model, with the record and card."""
     options = options or OutputOptions()
+    inputs = [teacher, arguments.student, arguments.dataset, arguments.resume, options.eval_dataset]
+    with claim_output(output, options.overwrite, inputs):
+        return _distill(teacher, output, arguments, options)
+
+
+def _distill(teacher: str, output, arguments: DistillArguments, options: OutputOptions) -> Path:
     loss = arguments.loss()
-    check_output_dir(output, options.overwrite)
     teacher_model = _load_teacher(teacher, arguments, options)
     tokenizer = load_tokenizer(teacher)
     student = _load_student(teacher_model, teacher, tokenizer, arguments, options)

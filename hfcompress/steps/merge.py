@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..hub.record import Step
-from ..io import check_output_dir
+from ..io import claim_output
 from ..lowrank import merge_lora
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer
@@ -38,7 +38,11 @@ def merge_lora_folder(
     and write it to `output`."""
     options = options or OutputOptions()
     rank = parse_rank(rank)
-    check_output_dir(output, options.overwrite)
+    with claim_output(output, options.overwrite, [model, adapter, options.eval_dataset]):
+        return _merge(model, adapter, output, rank, options)
+
+
+def _merge(model: str, adapter: str, output, rank, options: OutputOptions) -> Path:
     loaded = load_model(model, options.dtype)
     tokenizer = load_tokenizer(model)
     record = base_record(loaded, model, options, tokenizer)  # continues the record of a compressed model

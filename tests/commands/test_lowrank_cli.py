@@ -61,8 +61,10 @@ def test_bad_factorize_settings_fail_clearly_and_write_nothing(model_dir, tmp_pa
 
 
 def test_merge_lora_refuses_what_is_not_an_adapter(model_dir, tmp_path, capsys):
-    assert run("merge-lora", model_dir, tmp_path, tmp_path / "out", "-q") == 2
+    not_an_adapter = tmp_path / "adapter"
+    not_an_adapter.mkdir()
+    assert run("merge-lora", model_dir, not_an_adapter, tmp_path / "out", "-q") == 2
     assert "not a peft adapter" in capsys.readouterr().err
-    assert run("merge-lora", model_dir, tmp_path, tmp_path / "out", "--rank", "big", "-q") == 2
+    assert run("merge-lora", model_dir, not_an_adapter, tmp_path / "out", "--rank", "big", "-q") == 2
     assert "`rank` must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
