@@ -6,11 +6,13 @@ from .hf_quantizer import QUANT_METHOD, HfcompressHfQuantizer, attach_config, re
 from .manifest import FORMAT_VERSION, PLAIN_ATTRIBUTE, CheckpointManifest, HfcompressQuantizationConfig, manifest_of
 from .merge import update_manifest
 from .rebuild import Rebuilder, linear_to_replace, register_dequantizer, register_rebuilder
+from .verify import CheckpointError, verify_folder
 
 __all__ = [
     "FORMAT_VERSION",
     "PLAIN_ATTRIBUTE",
     "QUANT_METHOD",
+    "CheckpointError",
     "CheckpointManifest",
     "HfcompressHfQuantizer",
     "HfcompressQuantizationConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "register_dequantizer",
     "register_rebuilder",
     "update_manifest",
+    "verify_folder",
 ]
 
 register()

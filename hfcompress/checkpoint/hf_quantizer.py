@@ -13,6 +13,7 @@ from transformers.quantizers.auto import (
 
 from .manifest import HfcompressQuantizationConfig
 from .rebuild import dequantizers, rebuilder_for, rebuilders
+from .verify import check_finite, check_tensors
 
 __all__ = ["QUANT_METHOD", "HfcompressHfQuantizer", "attach_config", "register"]
 
@@ -26,7 +27,7 @@ class HfcompressHfQuantizer(HfQuantizer):
     requires_calibration = True
     quantization_config: HfcompressQuantizationConfig
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
         used = config.sections_in_use()
         for section in used:
@@ -34,6 +35,12 @@ class HfcompressHfQuantizer(HfQuantizer):
         for rebuilder in rebuilders():
             if rebuilder.section in used:
                 rebuilder.rebuild(model, config)
+        if checkpoint_files:  # every rebuilt layer finds its tensors, shaped as it expects
+            check_tensors(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        check_finite(model)
         return model
 
     def update_dtype(self, dtype):

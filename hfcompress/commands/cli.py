@@ -169,6 +169,18 @@ def _add_hub(subparsers) -> None:
     add_common(push)
     push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
 
+    verify = subparsers.add_parser(
+        "verify",
+        help="Check that a model folder loads exactly as its manifest says, with finite weights and outputs.",
+        description="Load OUTPUT as from_pretrained would and check it: every compressed layer finds its tensors "
+        "with the shapes and dtypes its manifest expects (nothing missing, nothing extra), no tensor is missing or "
+        "unexpected, scales and weights are finite, and a forward pass on 8 tokens gives finite outputs. Exit status "
+        "0 and one line when it holds, 2 and the first problem otherwise.",
+    )
+    verify.add_argument("output", metavar="OUTPUT", help="A model folder.")
+    add_common(verify)
+    verify.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_verify"})
+
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Add hfcompress's subcommands to `parser` (used by `hfcompress` and by `optimum-cli hfcompress`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from ..evaluation import evaluate
@@ -29,6 +30,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model_folder=folder,
     )
     result["model"] = args.model
+    if not math.isfinite(result["perplexity"]):  # a corrupt checkpoint must not pass for a result
+        raise ValueError(f"{args.model}: perplexity is {result['perplexity']}; the model's outputs are not finite")
     if args.json:
         print(json.dumps(result))
     else:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..checkpoint import verify_folder
 from ..hub.card import generate_card
 from ..hub.push import check_model_folder, push_to_hub
 
-__all__ = ["run_card", "run_push"]
+__all__ = ["run_card", "run_push", "run_verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,4 +30,14 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
     )
     print(url)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """`hfcompress verify OUTPUT`."""
+    result = verify_folder(args.output)
+    print(
+        f"{result['model']}: OK ({result['class']}, {result['tensors']} tensors, {result['compressed_layers']} "
+        f"compressed layers, finite weights{', finite outputs' if result['forward'] else ''})"
+    )
     return 0

@@ -1,0 +1,158 @@
+"""Loading that cannot be silently wrong: the compressed layers a manifest rebuilds must find exactly their tensors,
+with the shapes and dtypes they expect, in the checkpoint's files, and their scales and codebooks must be finite.
+
+`check_tensors` runs before the weights load (on the checkpoint files' headers only), `check_finite` after;
+`from_pretrained` runs both through the `HfQuantizer`, and `hfcompress verify` runs them on a folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+
+from ..core.registry import compressed_layer_types
+
+__all__ = ["CheckpointError", "check_finite", "check_tensors", "checkpoint_tensors", "verify_folder"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose weights disagree with its manifest, or hold non-finite values."""
+
+
+def checkpoint_tensors(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None, str]]:
+    """{tensor name: (shape, dtype, file name)} from the headers of the safetensors `files` (nothing is read
+    beyond the headers). A file that is not valid safetensors is an error naming it."""
+    found = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(os.fspath(file), framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    found[name] = (tuple(piece.get_shape()), _DTYPES.get(piece.get_dtype()), Path(file).name)
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise CheckpointError(
+                f"{os.fspath(file)} is not a readable safetensors file ({e}); download it again"
+            ) from e
+    return found
+
+
+def check_tensors(model: nn.Module, files) -> int:
+    """Check that every compressed layer of `model` (rebuilt from the manifest, weights not loaded yet) finds each
+    of its tensors in `files` with its shape and dtype, and that the files hold no tensor of such a layer that it
+    does not have (a manifest edited by hand: `sym`, `act_order`, bits or group size changed). Returns the number
+    of layers checked; layers whose names the files do not use at all are skipped (another naming)."""
+    tensors = checkpoint_tensors(files)
+    if not tensors:
+        return 0
+    prefixes = _prefixes(model, tensors)
+    checked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, compressed_layer_types()):
+            continue
+        prefix = next((p for p in prefixes if any(k.startswith(f"{p}{name}.") for k in tensors)), None)
+        if prefix is None:
+            continue
+        expected = {key: (tuple(t.shape), t.dtype) for key, t in module.state_dict().items()}
+        stored = {
+            key[len(prefix) + len(name) + 1 :]: value
+            for key, value in tensors.items()
+            if key.startswith(f"{prefix}{name}.")
+        }
+        _compare(name, type(module).__name__, expected, stored)
+        checked += 1
+    return checked
+
+
+def _prefixes(model: nn.Module, tensors: dict) -> list[str]:
+    base = getattr(model, "base_model_prefix", "")
+    return ["", f"{base}."] if base else [""]
+
+
+def _compare(name: str, kind: str, expected: dict, stored: dict) -> None:
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise CheckpointError(
+            f"layer {name!r} ({kind}) needs tensor(s) {missing}, which the checkpoint does not hold: the weight files "
+            "are incomplete or do not belong to this config"
+        )
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"the checkpoint holds {extra} for layer {name!r} ({kind}), which its manifest says it has not: the "
+            "quantization_config (sym, act_order, bits, group size) does not match the weights"
+        )
+    for key, (shape, dtype) in expected.items():
+        found_shape, found_dtype, file = stored[key]
+        if found_shape != shape or (found_dtype is not None and found_dtype != dtype):
+            raise CheckpointError(
+                f"{name}.{key} ({kind}) is {list(found_shape)} {found_dtype} in {file}, the manifest expects {list(shape)} "
+                f"{dtype}: the quantization_config (bits, group size) does not match the weights"
+            )
+
+
+def check_finite(model: nn.Module) -> int:
+    """Fail on a compressed layer whose floating-point stored tensors (scales, codebooks, values) hold NaN or inf;
+    returns the number of layers checked."""
+    checked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, compressed_layer_types()):
+            continue
+        for key in type(module).STORED_TENSORS:
+            tensor = getattr(module, key, None)
+            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(f"{name}.{key} holds {bad} NaN or infinite value(s): the checkpoint is corrupt")
+        checked += 1
+    return checked
+
+
+def verify_folder(folder: str | os.PathLike) -> dict:
+    """Load the model folder as `from_pretrained` would (the manifest's checks included), then check that no
+    tensor was missing, unexpected or mismatched, that every weight is finite, and that a forward pass on a few
+    tokens gives finite outputs. Returns what was checked; raises `CheckpointError` naming the first problem."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{os.fspath(folder)!r} is not a model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model_class = model_class or transformers.AutoModel
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            raise CheckpointError(
+                f"{os.fspath(folder)}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:10]}"
+            )
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{os.fspath(folder)}: {name} holds NaN or infinite values")
+    outputs = None
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if vocab:
+        with torch.no_grad():
+            outputs = model.eval()(input_ids=torch.arange(min(8, vocab)).unsqueeze(0))
+        first = outputs[0] if isinstance(outputs, tuple) else next(iter(outputs.values()))
+        if not bool(torch.isfinite(first).all()):
+            raise CheckpointError(f"{os.fspath(folder)}: a forward pass on 8 tokens gives NaN or infinite outputs")
+    return {
+        "model": os.fspath(folder),
+        "class": type(model).__name__,
+        "compressed_layers": sum(isinstance(m, compressed_layer_types()) for m in model.modules()),
+        "tensors": len(model.state_dict()),
+        "forward": outputs is not None,
+    }

@@ -1,0 +1,100 @@
+"""Checkpoints that would load silently wrong are refused, naming the layer and the tensor: a manifest edited by
+hand, a tensor deleted, a non-finite scale, a truncated file. `hfcompress verify` runs the same checks."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from hfcompress.checkpoint import CheckpointError, verify_folder
+from hfcompress.commands.cli import main
+
+GPTQ = Path(__file__).parent / "legacy" / "gptq"  # 4-bit, group 16, asymmetric, no act-order
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    target = tmp_path / "gptq"
+    shutil.copytree(GPTQ, target)
+    return target
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _refused(folder: Path, match: str, capsys) -> None:
+    with pytest.raises(CheckpointError, match=match):
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert main(["verify", str(folder), "-q"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_an_intact_checkpoint_verifies(folder, capsys):
+    assert verify_folder(folder)["compressed_layers"] == 14
+    assert main(["verify", str(folder), "-q"]) == 0
+    assert "OK (LlamaForCausalLM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"sym": True}, r"holds \['weight_zero_point'\] for layer 'model.layers.0.self_attn.q_proj'"),
+        ({"act_order": True}, r"needs tensor\(s\) \['weight_g_idx'\]"),
+        ({"bits": 3}, r"model.layers.0.self_attn.q_proj.weight .* is \[32, 4\] torch.int32 in model.safetensors, the manifest expects \[32, 3\]"),
+        ({"group_size": 32}, r"weight_scale .* the manifest expects \[32, 1\]"),
+    ],
+)  # fmt: skip
+def test_a_manifest_edited_by_hand_is_refused(folder, capsys, changes, match):
+    _edit_config(folder, **changes)
+    _refused(folder, match, capsys)
+
+
+@pytest.mark.parametrize("tensor", ["weight_scale", "weight", "weight_zero_point"])
+def test_a_missing_tensor_is_refused(folder, capsys, tensor):
+    _edit_weights(folder, lambda tensors: tensors.pop(f"{LAYER}.{tensor}"))
+    _refused(folder, rf"layer '{LAYER}' \(QuantLinear\) needs tensor\(s\) \['{tensor}'\]", capsys)
+
+
+def test_a_non_finite_scale_is_refused(folder, capsys):
+    def poison(tensors):
+        tensors[f"{LAYER}.weight_scale"][0, 0] = float("nan")
+
+    _edit_weights(folder, poison)
+    _refused(folder, rf"{LAYER}.weight_scale holds 1 NaN or infinite value", capsys)
+
+
+def test_a_truncated_weight_file_is_named(folder, capsys):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match=r"model\.safetensors"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert main(["verify", str(folder), "-q"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_evaluate_never_passes_a_non_finite_result(tmp_path, capsys):
+    from helpers import save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    _edit_weights(tmp_path / "model", lambda t: t["model.norm.weight"].fill_(float("inf")))
+    (tmp_path / "text.txt").write_text("some text to score " * 200)
+    code = main(["evaluate", str(tmp_path / "model"), "--dataset", str(tmp_path / "text.txt"), "--seq-len", "16",
+                 "--max-windows", "2", "--latency-runs", "0", "--json", "-q"])  # fmt: skip
+    assert code == 2 and "not finite" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "model"), "-q"]) == 2
+    assert "model.norm.weight holds NaN or infinite values" in capsys.readouterr().err
+    assert torch.isinf(load_file(tmp_path / "model" / "model.safetensors")["model.norm.weight"]).all()
