@@ -166,6 +166,12 @@ def _add_hub(subparsers) -> None:
     push.add_argument("--private", action="store_true", help="Create the repo private (if it does not exist).")
     push.add_argument("--revision", default=None, help="Branch to commit to (created if missing; default: main).")
     push.add_argument("--commit-message", default=None, help="Commit message.")
+    push.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="Seconds each Hub request waits for an answer (default: $HFCOMPRESS_HUB_TIMEOUT or 20).",
+    )
     add_common(push)
     push.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_push"})
 

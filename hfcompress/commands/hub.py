@@ -28,6 +28,7 @@ def run_push(args: argparse.Namespace) -> int:
         private=args.private or None,
         revision=args.revision,
         commit_message=args.commit_message,
+        timeout=args.timeout,
     )
     print(url)
     return 0

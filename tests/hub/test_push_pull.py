@@ -3,9 +3,11 @@ tests/hub_server.py. Pushes run in this process with the endpoint pointed at the
 interpreter with HF_ENDPOINT and HF_TOKEN set the way a user's shell sets them."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import huggingface_hub
 import pytest
@@ -204,3 +206,25 @@ def test_push_refuses_a_folder_that_is_not_a_compressed_model(outputs, hub_env, 
     assert main(["push", str(outputs["gptq"].parent / "source"), "alice/plain"]) == 2
     assert "not a compressed model" in capsys.readouterr().err
     assert "alice/plain" not in hub_env.state.repos
+
+
+def test_a_hub_that_never_answers_is_given_up_on_with_a_message(outputs, hub_env, monkeypatch, capsys):
+    """A server that accepts the connection and never answers: huggingface_hub alone waits for ever."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        start = time.perf_counter()
+        assert main(["push", str(outputs["gptq"]), "alice/silent", "--timeout", "1"]) == 2
+        assert time.perf_counter() - start < 30
+        err = capsys.readouterr().err
+        assert "no answer from http://127.0.0.1:" in err and "waits 1 s" in err and "Nothing was committed" in err
+        monkeypatch.setenv("HFCOMPRESS_HUB_TIMEOUT", "1")  # the same through the environment, from Python
+        with pytest.raises(hfcompress.hub.HubError, match="no answer"):
+            hfcompress.push_to_hub(outputs["gptq"], "alice/silent")
+        monkeypatch.setenv("HFCOMPRESS_HUB_TIMEOUT", "soon")
+        with pytest.raises(ValueError, match="positive number of seconds, got 'soon'"):
+            hfcompress.push_to_hub(outputs["gptq"], "alice/silent")
+    finally:
+        listener.close()
