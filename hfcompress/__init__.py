@@ -6,6 +6,7 @@ Importing the package registers the `hfcompress` quantization method with transf
 
 __version__ = "0.1.0"
 
+from . import backends  # noqa: F401  (first: quiets optional backends before anything imports them)
 from .checkpoint import register_rebuilder, update_manifest
 from .core.config import CalibrationArguments, CompressionConfig
 from .core.registry import StepOption, compress, register_technique, techniques

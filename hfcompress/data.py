@@ -10,7 +10,15 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer
 
-__all__ = ["calibration_batches", "calibration_windows", "load_texts", "looks_local", "tokenize_windows"]
+__all__ = [
+    "calibration_batches",
+    "calibration_windows",
+    "check_seq_len",
+    "load_texts",
+    "looks_local",
+    "max_positions",
+    "tokenize_windows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +31,11 @@ def load_texts(dataset, split: str = "train") -> list[str]:
         path = os.fspath(dataset)
         if os.path.isfile(path):
             opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                return [f.read()]
+            try:
+                with opener(path, "rt", encoding="utf-8") as f:
+                    return [f.read()]
+            except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+                raise ValueError(f"{path} is not UTF-8 text (or gzip of it): {e}") from None
         return _texts_from_datasets(path, split)
     if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
         return list(dataset)
@@ -96,9 +107,29 @@ def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int
     return list(chosen.split(batch_size))
 
 
+def max_positions(config) -> int | None:
+    """The number of positions a model was built for (None where its config does not say)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions (a learned position table fails on them, rotary
+    positions beyond training are not what the model learned)."""
+    limit = max_positions(getattr(model, "config", None))
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"`seq_len` {seq_len} exceeds the {limit} positions of the model; use at most {limit}")
+
+
 def calibration_windows(model, dataset, seq_len: int, tokenizer=None) -> torch.Tensor:
     """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
-    `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is."""
+    `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
+    model's positions are refused."""
+    check_seq_len(model, dataset.shape[1] if isinstance(dataset, torch.Tensor) and dataset.dim() == 2 else seq_len)
     if isinstance(dataset, torch.Tensor):
         if dataset.dim() != 2 or dataset.shape[1] < 1:
             raise ValueError(f"a token-id `dataset` must be [n_windows, seq_len], got shape {tuple(dataset.shape)}")

@@ -62,6 +62,11 @@ def check_output_dir(
 
 def _check_not_an_input(output: Path, inputs) -> None:
     target = output.resolve()
+    if Path.cwd().resolve().is_relative_to(target):
+        raise ValueError(
+            f"output {os.fspath(output)!r} is or contains the current folder; writing it would replace the folder you "
+            "are working in: choose a new folder for OUTPUT (nothing was changed)"
+        )
     for item in inputs:
         if not isinstance(item, (str, os.PathLike)) or not os.path.exists(item):
             continue  # a Hub id, in-memory data, or nothing

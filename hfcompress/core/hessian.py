@@ -51,6 +51,11 @@ def accumulate_hessian(
 
 def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹, dampening the diagonal until H is positive definite."""
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(
+            "the Hessian holds NaN or infinite values: the model's weights or its activations on the calibration data "
+            "are not finite (check the model with `hfcompress verify`)"
+        )
     diag = torch.arange(H.shape[0], device=H.device)
     damp = damp_percent * torch.mean(torch.diag(H))
     for _ in range(6):

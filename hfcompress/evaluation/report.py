@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..data import load_texts, tokenize_windows
+from ..data import check_seq_len, load_texts, tokenize_windows
 from .footprint import bits_per_weight, weights_size_bytes
 from .latency import forward_latency
 from .perplexity import perplexity
@@ -27,6 +27,7 @@ def evaluate(
 ) -> dict:
     """Perplexity on `dataset` (non-overlapping `seq_len` windows, the first `max_windows`), bits per weight of
     the quantized layers, weight bytes on disk (when `model_folder` is given) and forward latency of one window."""
+    check_seq_len(model, seq_len)
     windows = tokenize_windows(tokenizer, load_texts(dataset), seq_len)
     if max_windows is not None:
         if max_windows < 1:

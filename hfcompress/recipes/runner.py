@@ -18,7 +18,7 @@ from ..core.registry import Technique, resolve_technique
 from ..data import looks_local
 from ..hub.card import generate_card
 from ..hub.record import CompressionRecord, command_line
-from ..io import claim_output
+from ..io import atomic_output_dir, claim_output
 from ..steps import DistillArguments, OutputOptions, check_step, compress_folder, distill_folder, merge_lora_folder
 from ..steps.loading import resolve_model_path
 from ..steps.merge import parse_rank
@@ -231,23 +231,6 @@ def validate_recipe(recipe: Recipe) -> list[PreparedStep]:
     return prepared
 
 
-def _prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {os.fspath(output)!r} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()):
-        if resume:
-            if not (output / "steps").is_dir():
-                raise FileExistsError(f"{os.fspath(output)!r} is not empty and holds no recipe steps to resume")
-            return
-        if not overwrite:
-            raise FileExistsError(
-                f"output folder {os.fspath(output)!r} exists and is not empty: pass --resume to continue its recipe, "
-                "or --overwrite to start over"
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-
-
 def run_recipe(
     recipe: Recipe | str | os.PathLike | list,
     model: str,
@@ -272,9 +255,13 @@ def run_recipe(
     resolve_model_path(model)
     output = Path(output)
     inputs = [model, recipe_file, recipe.dataset, recipe.eval_dataset, *(i for p in prepared for i in _inputs_of(p))]
-    with claim_output(output, overwrite=True, inputs=inputs):  # _prepare_output decides what may be replaced
-        _prepare_output(output, resume, overwrite)
-        _run_steps(recipe, prepared, model, output, resume, quiet, dtype)
+    with claim_output(output, overwrite=True, inputs=inputs):  # _resuming decides what may be replaced
+        if _resuming(output, resume, overwrite):
+            # completed steps are what a resume reuses; the model, record and recipe.yaml change only at the end
+            _run_steps(recipe, prepared, model, output, resume, quiet, dtype)
+        else:  # OUTPUT is replaced only when every step has succeeded
+            with atomic_output_dir(output, overwrite=True) as staging:
+                _run_steps(recipe, prepared, model, staging, False, quiet, dtype)
     logger.info("wrote %s", output)
     return output
 
@@ -286,8 +273,25 @@ def _inputs_of(prepared: PreparedStep) -> list:
     return [getattr(prepared.config, "student", None), getattr(prepared.config, "dataset", None)]
 
 
+def _resuming(output: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether the run continues the recipe in OUTPUT; refuses an OUTPUT it may not replace. Changes nothing."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {os.fspath(output)!r} exists and is not a folder")
+    if not (output.is_dir() and any(output.iterdir())):
+        return False
+    if resume:
+        if not (output / "steps").is_dir():
+            raise FileExistsError(f"{os.fspath(output)!r} is not empty and holds no recipe steps to resume")
+        return True
+    if not overwrite:
+        raise FileExistsError(
+            f"output folder {os.fspath(output)!r} exists and is not empty: pass --resume to continue its recipe, "
+            "or --overwrite to start over"
+        )
+    return False
+
+
 def _run_steps(recipe: Recipe, prepared: list[PreparedStep], model: str, output: Path, resume, quiet, dtype) -> None:
-    (output / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     fingerprints = recipe.step_fingerprints()
     current = model
     for p, fingerprint in zip(prepared, fingerprints, strict=True):
@@ -315,6 +319,7 @@ def _run_steps(recipe: Recipe, prepared: list[PreparedStep], model: str, output:
         )  # fmt: skip
         current = os.fspath(folder)
     _publish(Path(current), output)
+    (output / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
 
 
 def _publish(last: Path, output: Path) -> None:

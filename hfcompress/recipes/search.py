@@ -32,7 +32,7 @@ from ..steps.loading import load_model, load_tokenizer, resolve_model_path
 from .allocation import allocate, grid_bits_per_weight
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .recipe import Recipe
-from .runner import _prepare_output, run_recipe
+from .runner import run_recipe
 from .search_report import pareto_front, write_reports
 from .sensitivity import layer_sensitivity, monotone, plot_sensitivity, sensitivity_table
 
@@ -376,3 +376,20 @@ def _publish_candidate(folder: Path, output: Path) -> None:
             shutil.copytree(item, output / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, output / item.name)
+
+
+def _prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {os.fspath(output)!r} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if resume:
+            if not (output / "steps").is_dir():
+                raise FileExistsError(f"{os.fspath(output)!r} is not empty and holds no recipe steps to resume")
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"output folder {os.fspath(output)!r} exists and is not empty: pass --resume to continue its recipe, "
+                "or --overwrite to start over"
+            )
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)

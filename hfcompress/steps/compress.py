@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
 from ..core.registry import Technique, technique_for
+from ..data import looks_local
 from ..hub.record import Step
 from ..io import claim_output
 from ..quantization.modules import cast_unquantized
@@ -36,7 +37,12 @@ def check_step(technique: Technique, config, step_options: dict) -> dict:
         if value not in choices:
             raise ValueError(f"`{name}` must be one of {', '.join(choices)}, got {value!r}")
         options[name] = value
-    if technique.calibrated(config) and getattr(config, "dataset", None) is None:
+    dataset = getattr(config, "dataset", None)
+    if isinstance(dataset, str) and looks_local(dataset) and not os.path.exists(dataset):
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist (expected a text file, a `datasets` folder or a Hub name)"
+        )
+    if technique.calibrated(config) and dataset is None:
         raise ValueError(
             f"{technique.method_of(config)} needs calibration data: give `dataset` (--dataset on the command line)"
         )

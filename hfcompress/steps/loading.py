@@ -23,6 +23,10 @@ def resolve_model_path(model: str) -> str:
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise FileNotFoundError(f"model folder {model!r} has no config.json")
         return model
+    if os.path.isfile(model):
+        raise FileNotFoundError(f"model {model!r} is a file; expected a model folder (with config.json) or a Hub id")
+    if "/" in model and os.path.isdir(model.split("/")[0]):  # 'models/mine': a local path, not the Hub's org/name
+        raise FileNotFoundError(f"model folder {model!r} does not exist (its parent {model.split('/')[0]!r} does)")
     if os.path.exists(model) or model.startswith((".", "~")) or not _HUB_ID.fullmatch(model):
         raise FileNotFoundError(
             f"model path {model!r} does not exist (expected a model folder or a Hub id like 'org/name')"

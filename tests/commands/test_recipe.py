@@ -178,3 +178,25 @@ def test_distill_then_quantize_quantizes_the_student(model_dir, text_file, tmp_p
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     record = json.loads((out / "hfcompress_record.json").read_text())
     assert [s["technique"] for s in record["steps"]] == ["distillation", "quantization"]
+
+
+def test_a_recipe_that_fails_midway_leaves_output_as_it_was(model_dir, tmp_path):
+    out = tmp_path / "out"
+    run_recipe([hfcompress.RTNConfig(bits=4, group_size=32)], str(model_dir), out, quiet=True)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # validation passes (a group size is a valid number); the run fails at step 2 (48 divides no layer)
+    failing = Recipe.from_dict(
+        {
+            "steps": [
+                {"prune": {"method": "magnitude", "sparsity": 0.3}},
+                {"quantize": {"method": "rtn", "group_size": 48}},
+            ]
+        }
+    )
+    with pytest.raises(ValueError, match="group_size"):
+        run_recipe(failing, str(model_dir), out, overwrite=True, quiet=True)
+    with pytest.raises(ValueError, match="group_size"):  # a resume that fails keeps the old recipe.yaml too
+        run_recipe(failing, str(model_dir), out, resume=True, quiet=True)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "02-" not in str(p)}
+    assert {k: v for k, v in after.items() if not str(k).startswith("steps/01-prune")} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder, no lock file

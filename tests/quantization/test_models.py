@@ -203,8 +203,8 @@ def test_calibration_from_text_with_a_tokenizer():
 def test_calibration_text_shorter_than_a_window_is_refused():
     from helpers import tiny_tokenizer
 
-    config = hfcompress.GPTQConfig(group_size=32, dataset=["too short"], seq_len=512)
-    with pytest.raises(ValueError, match="fewer than one window of seq_len=512"):
+    config = hfcompress.GPTQConfig(group_size=32, dataset=["too short"], seq_len=100)
+    with pytest.raises(ValueError, match="fewer than one window of seq_len=100"):
         hfcompress.quantize(tiny_model("llama"), config, tokenizer=tiny_tokenizer())
 
 
