@@ -128,7 +128,9 @@ def output_lock(output: str | os.PathLike):
 
 @contextmanager
 def claim_output(output: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
-    """Hold `output`'s lock for the whole run, and check it (`check_output_dir`) before any work."""
+    """Check `output` (`check_output_dir`) before any work, then hold its lock for the whole run (and check again
+    under it: another run may have written it meanwhile). Nothing is created before the first check passes."""
+    check_output_dir(output, overwrite, inputs)
     with output_lock(output):
         yield check_output_dir(output, overwrite, inputs)
 

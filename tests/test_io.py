@@ -49,7 +49,12 @@ def sandbox(tmp_path):
 
 @pytest.mark.parametrize(
     "output, problem",
-    [("parent/model", "is the input"), ("parent", "contains the input"), ("parent/model/out", "lies inside the input")],
+    [
+        ("parent/model", "is the input"),
+        ("parent", "contains the input"),
+        ("parent/model/out", "lies inside the input"),
+        ("parent/model/deeper/out", "lies inside the input"),  # no folder is made inside the model either
+    ],
 )
 def test_an_output_over_an_input_is_refused_and_nothing_changes(sandbox, capsys, output, problem):
     before = tree_hash(sandbox)
