@@ -6,7 +6,7 @@ from .hf_quantizer import QUANT_METHOD, HfcompressHfQuantizer, attach_config, re
 from .manifest import FORMAT_VERSION, PLAIN_ATTRIBUTE, CheckpointManifest, HfcompressQuantizationConfig, manifest_of
 from .merge import update_manifest
 from .rebuild import Rebuilder, linear_to_replace, register_dequantizer, register_rebuilder
-from .verify import CheckpointError, verify_folder
+from .verify import CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -24,7 +24,6 @@ __all__ = [
     "register_dequantizer",
     "register_rebuilder",
     "update_manifest",
-    "verify_folder",
 ]
 
 register()

@@ -2,7 +2,8 @@
 with the shapes and dtypes they expect, in the checkpoint's files, and their scales and codebooks must be finite.
 
 `check_tensors` runs before the weights load (on the checkpoint files' headers only), `check_finite` after;
-`from_pretrained` runs both through the `HfQuantizer`, and `hfcompress verify` runs them on a folder.
+`from_pretrained` runs both through the `HfQuantizer`; `steps.verify_folder` (`hfcompress verify`) adds the checks
+of a whole folder.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import os
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors import safe_open
 from torch import nn
 
 from ..core.registry import compressed_layer_types
 
-__all__ = ["CheckpointError", "check_finite", "check_tensors", "checkpoint_tensors", "verify_folder"]
+__all__ = ["CheckpointError", "check_finite", "check_tensors", "checkpoint_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,40 +119,3 @@ def check_finite(model: nn.Module) -> int:
                 raise CheckpointError(f"{name}.{key} holds {bad} NaN or infinite value(s): the checkpoint is corrupt")
         checked += 1
     return checked
-
-
-def verify_folder(folder: str | os.PathLike) -> dict:
-    """Load the model folder as `from_pretrained` would (the manifest's checks included), then check that no
-    tensor was missing, unexpected or mismatched, that every weight is finite, and that a forward pass on a few
-    tokens gives finite outputs. Returns what was checked; raises `CheckpointError` naming the first problem."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{os.fspath(folder)!r} is not a model folder (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model_class = model_class or transformers.AutoModel
-    model, info = model_class.from_pretrained(folder, output_loading_info=True)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        if info.get(kind):
-            raise CheckpointError(
-                f"{os.fspath(folder)}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:10]}"
-            )
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{os.fspath(folder)}: {name} holds NaN or infinite values")
-    outputs = None
-    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
-    if vocab:
-        with torch.no_grad():
-            outputs = model.eval()(input_ids=torch.arange(min(8, vocab)).unsqueeze(0))
-        first = outputs[0] if isinstance(outputs, tuple) else next(iter(outputs.values()))
-        if not bool(torch.isfinite(first).all()):
-            raise CheckpointError(f"{os.fspath(folder)}: a forward pass on 8 tokens gives NaN or infinite outputs")
-    return {
-        "model": os.fspath(folder),
-        "class": type(model).__name__,
-        "compressed_layers": sum(isinstance(m, compressed_layer_types()) for m in model.modules()),
-        "tensors": len(model.state_dict()),
-        "forward": outputs is not None,
-    }

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..checkpoint import verify_folder
 from ..hub.card import generate_card
 from ..hub.push import check_model_folder, push_to_hub
+from ..steps import verify_folder
 
 __all__ = ["run_card", "run_push", "run_verify"]
 
@@ -39,6 +39,7 @@ def run_verify(args: argparse.Namespace) -> int:
     result = verify_folder(args.output)
     print(
         f"{result['model']}: OK ({result['class']}, {result['tensors']} tensors, {result['compressed_layers']} "
-        f"compressed layers, finite weights{', finite outputs' if result['forward'] else ''})"
+        f"compressed layers, finite weights{', finite outputs' if result['forward'] else ''}"
+        f"{', weight files as recorded' if result['files'] else ''})"
     )
     return 0

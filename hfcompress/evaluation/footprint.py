@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
@@ -18,7 +20,21 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def weights_size_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the weight files of a model folder (tokenizer and configs not counted). Only the folder's own
     files: subfolders (a recipe's `steps/`, a search's candidates) hold other models."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return sum(f.stat().st_size for f in weight_files(folder))
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a model folder (its own, not those of subfolders), by name."""
+    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """{"sha256", "bytes"} of a file, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(16 << 20):
+            digest.update(piece)
+    return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
 
 
 def is_bitsandbytes_linear(module: nn.Module) -> bool:

@@ -78,6 +78,7 @@ class CompressionRecord:
     hardware: str | None = None
     command: str | None = None
     loading: dict[str, Any] = field(default_factory=dict)  # what loading needs: {"requires_hfcompress": bool}
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # weight file -> {"sha256", "bytes"} as written
     libraries: dict[str, str] = field(default_factory=library_versions)
     version: int = RECORD_VERSION
 

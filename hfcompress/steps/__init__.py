@@ -6,6 +6,7 @@ from .distill import DistillArguments, distill_folder
 from .loading import load_model, load_tokenizer, resolve_model_path
 from .merge import merge_lora_folder
 from .options import OutputOptions
+from .verify import verify_folder
 
 __all__ = [
     "DistillArguments",
@@ -17,4 +18,5 @@ __all__ = [
     "load_tokenizer",
     "merge_lora_folder",
     "resolve_model_path",
+    "verify_folder",
 ]

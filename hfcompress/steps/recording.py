@@ -15,7 +15,7 @@ from ..checkpoint import QUANT_METHOD
 from ..core.registry import compressed_layer_types
 from ..data import load_texts, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
-from ..evaluation.footprint import is_bitsandbytes_linear
+from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, weight_files
 from ..evaluation.latency import forward_latency
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
@@ -144,6 +144,8 @@ def finish_output(
             "protocol": "perplexity over non-overlapping windows, each scored on its own; latency: median forward "
             "time of one window, 5 runs after one warm-up; the model evaluated in memory before saving",
         }
+    # what `hfcompress verify` checks the files against later
+    record.files = {f.name: file_digest(f) for f in weight_files(staging)}
     record.save(staging)
     generate_card(staging, repo_id=options.push_to_hub)
 

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from hfcompress.checkpoint import CheckpointError, verify_folder
+from hfcompress.checkpoint import CheckpointError
 from hfcompress.commands.cli import main
+from hfcompress.steps import verify_folder
 
 GPTQ = Path(__file__).parent / "legacy" / "gptq"  # 4-bit, group 16, asymmetric, no act-order
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -98,3 +99,22 @@ def test_evaluate_never_passes_a_non_finite_result(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "model"), "-q"]) == 2
     assert "model.norm.weight holds NaN or infinite values" in capsys.readouterr().err
     assert torch.isinf(load_file(tmp_path / "model" / "model.safetensors")["model.norm.weight"]).all()
+
+
+def test_verify_catches_a_weight_file_changed_after_it_was_written(tmp_path, capsys):
+    """A flipped byte inside a tensor loads without complaint (headers intact): only the record's digest sees it."""
+    from helpers import save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    out = tmp_path / "rtn"
+    assert main(["quantize", "rtn", str(tmp_path / "model"), str(out), "--group-size", "32", "-q"]) == 0
+    record = json.loads((out / "hfcompress_record.json").read_text())
+    assert set(record["files"]) == {"model.safetensors"} and len(record["files"]["model.safetensors"]["sha256"]) == 64
+    assert main(["verify", str(out), "-q"]) == 0
+    assert "weight files as recorded" in capsys.readouterr().out
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's bytes
+    (out / "model.safetensors").write_bytes(bytes(data))
+    AutoModelForCausalLM.from_pretrained(out)  # loads: nothing in the file itself says it changed
+    assert main(["verify", str(out), "-q"]) == 2
+    assert "is not the file hfcompress wrote (size or SHA-256 differs" in capsys.readouterr().err
