@@ -1,7 +1,7 @@
 """Weight quantization: GPTQ and round-to-nearest onto uniform grids, k-means and vector codebooks, and
 bitsandbytes NF4/FP4/int8, each registered as a technique of kind `quantize`."""
 
-from ..checkpoint import HfcompressHfQuantizer, HfcompressQuantizationConfig, register
+from ..checkpoint import HfcompressHfQuantizer, HfcompressQuantizationConfig, register  # noqa: F401  (checkpoint registers)
 from ..core.registry import StepOption, always, register_technique
 from . import rebuild  # noqa: F401  (registers how quantized and codebook layers are rebuilt on load)
 from .api import quantize, quantize_uniform
@@ -56,4 +56,3 @@ register_technique(
     **_CODEBOOK,
 )
 register_technique("vq", VQConfig, quantize_codebook, summary="Vector quantization of runs of weights.", **_CODEBOOK)
-register()

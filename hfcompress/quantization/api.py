@@ -13,7 +13,7 @@ from ..core.registry import stored_tensors, technique_for
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from ..data import calibration_batches, calibration_windows
 from ..pruning.sparse import SparseLinear, decompress_sparse
-from .config import GPTQConfig, RTNConfig
+from .config import SCALE_TORCH_DTYPES, GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
 from .grid import rtn_quantize
 from .layers import quantized_layer
@@ -22,8 +22,6 @@ from .plan import LayerPlan, plan_layers
 __all__ = ["quantize", "quantize_uniform", "quantized_layer", "select_targets"]
 
 logger = logging.getLogger(__name__)
-
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
@@ -72,7 +70,7 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         if previous is not None:
             previous.sparse = sparse_config
         raise
-    scale_dtype = _SCALE_DTYPES[config.scale_dtype]
+    scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
 
     if isinstance(config, GPTQConfig):
         batches = _calibration_batches(model, config, tokenizer)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..checkpoint import linear_to_replace, register_dequantizer, register_rebuilder
 from ..core.structure import linear_weight, set_submodule
 from .codebook_linear import CodebookLinear
+from .config import SCALE_TORCH_DTYPES
 from .export import dequantize_model
 from .modules import QuantLinear
 from .sparse_quant import SparseQuantLinear
 
-__all__ = ["SCALE_DTYPES", "rebuild_codebooks", "rebuild_quantized"]
-
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+__all__ = ["rebuild_codebooks", "rebuild_quantized"]
 
 
 def rebuild_codebooks(model, manifest) -> None:
@@ -28,7 +25,7 @@ def rebuild_codebooks(model, manifest) -> None:
 
 
 def rebuild_quantized(model, manifest) -> None:
-    scale_dtype = SCALE_DTYPES[manifest.scale_dtype]
+    scale_dtype = SCALE_TORCH_DTYPES[manifest.scale_dtype]
     for name in manifest.modules:
         module = linear_to_replace(model, name, "quantizes")
         out_features, in_features = linear_weight(module).shape
