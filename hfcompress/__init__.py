@@ -1,73 +1,67 @@
 """hfcompress: model compression that plugs into transformers, Trainer and the Hub.
 
 Importing the package registers the `hfcompress` quantization method with transformers, so
-`AutoModel*.from_pretrained` loads hfcompress checkpoints (quantized, factorized, sparse, resized).
+`AutoModel*.from_pretrained` loads hfcompress checkpoints (quantized, factorized, sparse, resized), and registers
+the built-in techniques. It imports no torch: every public name below is imported on first use, so the command
+line answers `--help` and argument errors at once.
 """
 
 __version__ = "0.1.0"
 
-from . import backends  # noqa: F401  (first: quiets optional backends before anything imports them)
-from .checkpoint import register_rebuilder, update_manifest
-from .core.config import CalibrationArguments, CompressionConfig
-from .core.registry import StepOption, compress, register_technique, techniques
-from .distillation import DistillationConfig, DistillationTrainer, make_student
-from .hub import generate_card, push_to_hub
-from .lowrank import (
-    ConvDecompositionConfig,
-    FactorizedLinear,
-    LowRankConfig,
-    decompose_convolutions,
-    factorize,
-    merge_lora,
+from . import (  # noqa: F401  (register the built-in techniques; no torch)
+    backends,
+    lowrank,
+    pruning,
+    quantization,
 )
-from .pruning import (
-    MagnitudePruningConfig,
-    MovementPruningConfig,
-    OneShotPruningConfig,
-    PruningCallback,
-    StructuredPruningConfig,
-    compress_sparse,
-    finalize_pruning,
-    prune_oneshot,
-    prune_structured,
-)
-from .quantization import BnbConfig, GPTQConfig, KMeansConfig, QuantLinear, RTNConfig, VQConfig, quantize
+from ._lazy import lazy_namespace
+from .checkpoint.registration import register_when_imported
 
-__all__ = [
-    "BnbConfig",
-    "CalibrationArguments",
-    "CompressionConfig",
-    "ConvDecompositionConfig",
-    "DistillationConfig",
-    "DistillationTrainer",
-    "FactorizedLinear",
-    "GPTQConfig",
-    "KMeansConfig",
-    "LowRankConfig",
-    "MagnitudePruningConfig",
-    "MovementPruningConfig",
-    "OneShotPruningConfig",
-    "PruningCallback",
-    "QuantLinear",
-    "RTNConfig",
-    "StepOption",
-    "StructuredPruningConfig",
-    "VQConfig",
-    "__version__",
-    "compress",
-    "compress_sparse",
-    "decompose_convolutions",
-    "factorize",
-    "finalize_pruning",
-    "generate_card",
-    "make_student",
-    "merge_lora",
-    "prune_oneshot",
-    "prune_structured",
-    "push_to_hub",
-    "quantize",
-    "register_rebuilder",
-    "register_technique",
-    "techniques",
-    "update_manifest",
-]
+register_when_imported()
+
+_EXPORTS = {
+    "BnbConfig": ".quantization",
+    "CalibrationArguments": ".core.config",
+    "CompressionConfig": ".core.config",
+    "ConvDecompositionConfig": ".lowrank",
+    "DistillationConfig": ".distillation",
+    "DistillationTrainer": ".distillation",
+    "FactorizedLinear": ".lowrank",
+    "GPTQConfig": ".quantization",
+    "KMeansConfig": ".quantization",
+    "LowRankConfig": ".lowrank",
+    "MagnitudePruningConfig": ".pruning",
+    "MovementPruningConfig": ".pruning",
+    "OneShotPruningConfig": ".pruning",
+    "PruningCallback": ".pruning",
+    "QuantLinear": ".quantization",
+    "RTNConfig": ".quantization",
+    "Recipe": ".recipes",
+    "StepOption": ".core.registry",
+    "StructuredPruningConfig": ".pruning",
+    "VQConfig": ".quantization",
+    "compress": ".core.registry",
+    "compress_sparse": ".pruning",
+    "decompose_convolutions": ".lowrank",
+    "evaluate": ".evaluation",
+    "factorize": ".lowrank",
+    "finalize_pruning": ".pruning",
+    "generate_card": ".hub",
+    "lazy": ".core.registry",
+    "make_student": ".distillation",
+    "merge_lora": ".lowrank",
+    "perplexity": ".evaluation",
+    "prune_oneshot": ".pruning",
+    "prune_structured": ".pruning",
+    "push_to_hub": ".hub",
+    "quantize": ".quantization",
+    "register_rebuilder": ".checkpoint",
+    "register_technique": ".core.registry",
+    "run_recipe": ".recipes",
+    "save_quantized": ".quantization",
+    "techniques": ".core.registry",
+    "update_manifest": ".checkpoint",
+    "verify_folder": ".steps",
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

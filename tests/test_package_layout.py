@@ -1,7 +1,9 @@
 """The shape of the package: the core and the checkpoint name no technique, subpackages import each other in
-one direction only, and a function-level import is kept for an optional heavy package. The graph comes from
-`scripts/import_graph.py`, the report the closing notes quote."""
+one direction only, a function-level import is kept for an optional heavy package or for keeping torch out of
+`import hfcompress` and the command-line parser. The graph comes from `scripts/import_graph.py`, the report the
+closing notes quote."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,16 @@ OPTIONAL = (
     "compressed_tensors",
     "torch.utils.cpp_extension",
 )
+# imported where they are used, so that `import hfcompress` and building the parser import no torch
+DEFERRED = {
+    ("registration.py", "hfcompress.checkpoint.hf_quantizer"),  # registers when transformers' registry loads
+    ("cli.py", "hfcompress.hub.push"),  # the handler's errors, after parsing
+    ("cli.py", "hfcompress.hub.record"),
+    ("cli.py", "transformers.utils"),  # logging set-up, after parsing
+    ("bnb_config.py", "torch"),  # `to_transformers`, not the config's fields
+    ("bnb_config.py", "transformers"),
+    ("kernels.py", "hfcompress.experimental.triton_w4"),  # imports triton at module level
+}
 
 
 def _arrows() -> set[tuple[str, str]]:
@@ -41,5 +53,21 @@ def test_the_core_and_the_checkpoint_name_no_technique():
 
 def test_function_level_imports_are_for_optional_packages_only():
     nested = [(path.name, module) for _, module, inside, path, _ in imports(ROOT) if inside]
-    # the experimental Triton kernel imports triton at module level, so it is imported only where it runs
-    assert [n for n in nested if not n[1].startswith(OPTIONAL)] == [("kernels.py", "hfcompress.experimental.triton_w4")]
+    assert {n for n in nested if not n[1].startswith(OPTIONAL)} == DEFERRED
+
+
+def test_import_and_the_parser_import_no_torch():
+    """`import hfcompress` registers everything and the command line parses without torch or transformers, so
+    `--help` and argument errors answer at once; the names load when used."""
+    code = (
+        "import sys, hfcompress\n"
+        "from hfcompress.commands.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules))\n"
+        "print(hfcompress.GPTQConfig.__name__, hfcompress.quantization.save.save_quantized.__name__)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "GPTQConfig save_quantized"
+    assert out[2] == "True"

@@ -1,29 +1,26 @@
 """What an hfcompress checkpoint is: the manifest every technique records its changes in, one merge function,
 the rebuild registry that loading consults, and the `HfQuantizer` that lets `from_pretrained` in. Imports no
-technique: each registers how its layers are rebuilt."""
+technique: each registers how its layers are rebuilt. Names are imported on first use; `hfcompress/__init__`
+registers the quantizer with transformers (`registration.py`)."""
 
-from .hf_quantizer import QUANT_METHOD, HfcompressHfQuantizer, attach_config, register
-from .manifest import FORMAT_VERSION, PLAIN_ATTRIBUTE, CheckpointManifest, HfcompressQuantizationConfig, manifest_of
-from .merge import update_manifest
-from .rebuild import Rebuilder, linear_to_replace, register_dequantizer, register_rebuilder
-from .verify import CheckpointError
+from .._lazy import lazy_namespace
 
-__all__ = [
-    "FORMAT_VERSION",
-    "PLAIN_ATTRIBUTE",
-    "QUANT_METHOD",
-    "CheckpointError",
-    "CheckpointManifest",
-    "HfcompressHfQuantizer",
-    "HfcompressQuantizationConfig",
-    "Rebuilder",
-    "attach_config",
-    "linear_to_replace",
-    "manifest_of",
-    "register",
-    "register_dequantizer",
-    "register_rebuilder",
-    "update_manifest",
-]
-
-register()
+_EXPORTS = {
+    "FORMAT_VERSION": ".manifest",
+    "PLAIN_ATTRIBUTE": ".manifest",
+    "QUANT_METHOD": ".hf_quantizer",
+    "CheckpointError": ".verify",
+    "CheckpointManifest": ".manifest",
+    "HfcompressHfQuantizer": ".hf_quantizer",
+    "HfcompressQuantizationConfig": ".manifest",
+    "Rebuilder": ".rebuild",
+    "attach_config": ".hf_quantizer",
+    "linear_to_replace": "..core.structure",
+    "manifest_of": ".manifest",
+    "register": ".hf_quantizer",
+    "register_dequantizer": ".rebuild",
+    "register_rebuilder": ".rebuild",
+    "update_manifest": ".merge",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

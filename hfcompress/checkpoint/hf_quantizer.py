@@ -3,13 +3,13 @@ a checkpoint's manifest lists, through the rebuild registry."""
 
 from __future__ import annotations
 
-from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
     register_quantization_config,
     register_quantizer,
 )
+from transformers.quantizers.base import HfQuantizer
 
 from .manifest import HfcompressQuantizationConfig
 from .rebuild import dequantizers, rebuilder_for, rebuilders

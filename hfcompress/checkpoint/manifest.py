@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core.packing import SUPPORTED_BITS
+from ..core.grids import SCALE_DTYPES, check_grid
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,18 +37,6 @@ logger = logging.getLogger(__name__)
 # layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside),
 # `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models
 FORMAT_VERSION = 5
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def check_grid(bits: int, group_size: int, scale_dtype: str) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"`bits` must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
-        raise ValueError(
-            f"`group_size` must be a positive integer or -1 (one group per output row), got {group_size!r}"
-        )
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"`scale_dtype` must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
 
 
 @dataclass

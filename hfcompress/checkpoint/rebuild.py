@@ -2,7 +2,8 @@
 
 A technique registers one `Rebuilder` per manifest section it writes (`register_rebuilder`); the loader runs
 them in their `order` on the model transformers built from its config, before the weights load, so every
-layer has the shape and buffers of what the checkpoint holds. The loader names no technique.
+layer has the shape and buffers of what the checkpoint holds. The loader names no technique. Registering imports
+no torch: a rebuilder is usually a `lazy` reference, imported when a checkpoint needs it.
 """
 
 from __future__ import annotations
@@ -10,14 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
-
 from ..core.registry import load_plugins
-from ..core.structure import LINEAR_TYPES
 
 __all__ = [
     "Rebuilder",
-    "linear_to_replace",
     "rebuilder_for",
     "rebuilders",
     "register_dequantizer",
@@ -46,8 +43,8 @@ def register_rebuilder(section: str, rebuild: Callable, order: int, trainable: b
     with another function is an error (two techniques claiming one name)."""
     rebuilder = Rebuilder(section, rebuild, order, trainable)
     existing = _REBUILDERS.get(section)
-    if existing is not None and existing.rebuild is not rebuild:
-        raise ValueError(f"manifest section {section!r} already has a rebuilder ({existing.rebuild.__qualname__})")
+    if existing is not None and existing.rebuild is not rebuild and existing.rebuild != rebuild:
+        raise ValueError(f"manifest section {section!r} already has a rebuilder ({existing.rebuild!r})")
     _REBUILDERS[section] = rebuilder
     return rebuilder
 
@@ -75,14 +72,3 @@ def register_dequantizer(dequantize: Callable) -> None:
 
 def dequantizers() -> list[Callable]:
     return list(_DEQUANTIZERS)
-
-
-def linear_to_replace(model: nn.Module, name: str, verb: str) -> nn.Module:
-    """The linear layer `name` that the checkpoint replaces, or an error saying what the checkpoint expected."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError as e:
-        raise ValueError(f"the checkpoint {verb} {name!r}, which {type(model).__name__} does not have") from e
-    if not isinstance(module, LINEAR_TYPES):
-        raise ValueError(f"the checkpoint {verb} {name!r}, a {type(module).__name__}, not a linear layer")
-    return module

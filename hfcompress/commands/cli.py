@@ -4,6 +4,9 @@ The commands of the compression techniques are built from the technique registry
 (`quantize gptq`, `prune oneshot`, ...; `factorize`), with flags generated from the technique's config fields
 and step options, and one handler that calls `steps.compress_folder`. A technique registered from outside the
 package gets its command the same way.
+
+Parsing imports no torch and no transformers (the configs are plain dataclasses, the handlers are named as
+"module:function" and imported after the arguments are checked), so `--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -13,14 +16,10 @@ import importlib
 import logging
 import sys
 
-from transformers.utils import logging as hf_logging
-
 from .. import __version__
 from ..core.registry import Technique, always, load_plugins, techniques
-from ..distillation import DistillationConfig
-from ..hub.push import HubError
-from ..hub.record import set_invocation
-from ..steps import DistillArguments, OutputOptions
+from ..distillation.config import DistillationConfig
+from ..steps.options import DistillArguments, OutputOptions
 from .arguments import add_config_arguments
 from .common import HANDLER, add_common
 from .recipe_parsers import add_recipe, add_search
@@ -214,8 +213,10 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     """Run the handler chosen by the parsed `args`; user errors become one line on stderr and exit code 2."""
     _configure_logging(getattr(args, "quiet", False))
     module_name, _, function = getattr(args, HANDLER).partition(":")
-    handler = getattr(importlib.import_module(module_name), function)
+    from ..hub.push import HubError
+
     try:
+        handler = getattr(importlib.import_module(module_name), function)
         return handler(args) or 0
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError, ImportError, TypeError, HubError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -226,6 +227,8 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
 
 
 def _configure_logging(quiet: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if quiet:
         hf_logging.disable_progress_bar()
@@ -234,6 +237,8 @@ def _configure_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..hub.record import set_invocation
+
     set_invocation(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)

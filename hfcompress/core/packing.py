@@ -12,10 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .grids import SUPPORTED_BITS
+
 __all__ = ["SUPPORTED_BITS", "pack_bitmask", "pack_codes", "packed_width", "unpack_bitmask", "unpack_codes"]
 
-# bit widths with a packed layout that loading and the kernels support
-SUPPORTED_BITS = (2, 3, 4, 8)
 _MASK32 = 0xFFFFFFFF
 
 

@@ -5,6 +5,10 @@ technique (`quantize`, `compress`, the commands, recipes, the footprint and the 
         "gptq", GPTQConfig, quantize_uniform, kind="quantize", layer_types=(QuantLinear, SparseQuantLinear)
     )
 
+Registration imports no torch: `apply`, `check`, `save` and the other functions, and the layer types, may be
+given as `lazy("package.module:name")`, imported the first time they are used (so `hfcompress --help` builds
+every command from the registry in well under a second).
+
 A compressed layer class declares what it stores (`STORED_TENSORS`, the tensors that hold its weight, and
 `KEEPS_DTYPE`, whether its floating-point buffers keep their own dtype when the model is cast), so the
 footprint and the dtype handling need no list of classes either.
@@ -13,14 +17,16 @@ footprint and the dtype handling need no list of classes either.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import logging
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "StepOption",
@@ -30,15 +36,51 @@ __all__ = [
     "compressed_layer_types",
     "get_technique",
     "kinds",
+    "lazy",
     "load_plugins",
     "register_technique",
     "resolve_technique",
+    "resolved",
     "stored_tensors",
     "technique_for",
     "techniques",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class lazy:
+    """A reference to `module:name`, imported on first use: calling it calls the object it names."""
+
+    def __init__(self, path: str):
+        module, sep, name = path.partition(":")
+        if not (module and sep and name):
+            raise ValueError(f"a lazy reference must look like 'package.module:name', got {path!r}")
+        self.path = path
+        self._target = None
+
+    def resolve(self):
+        if self._target is None:
+            module, _, name = self.path.partition(":")
+            self._target = getattr(importlib.import_module(module), name)
+        return self._target
+
+    def __call__(self, *args, **kwargs):
+        return self.resolve()(*args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, lazy) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def __repr__(self) -> str:
+        return f"lazy({self.path!r})"
+
+
+def resolved(value):
+    """`value`, or what it names if it is a `lazy` reference."""
+    return value.resolve() if isinstance(value, lazy) else value
 
 
 def _never(config) -> bool:
@@ -76,7 +118,8 @@ class Technique:
       `command`: its command words (default `hfcompress <kind> <name>`).
     - `record_kind`: the step's kind in the compression record; `describe(config)`: the method the record names
       (default: the config's `method`, else `name`); `record(model, config)`: extra settings to record.
-    - `layer_types`: the module classes it puts into a model (each declares `STORED_TENSORS`).
+    - `layer_types`: the module classes it puts into a model (each declares `STORED_TENSORS`), or `lazy`
+      references to them.
     - `calibrated(config)`: whether that config calibrates on data (then `dataset` is required; `always` when
       every config does).
     - `step_options`: options of the step beyond the config (`format`, `storage`), by name;
@@ -95,7 +138,7 @@ class Technique:
     record_kind: str = "quantization"
     describe: Callable[[Any], str] | None = None
     record: Callable[[nn.Module, Any], dict] | None = None
-    layer_types: tuple[type, ...] = ()
+    layer_types: tuple[type | lazy, ...] = ()
     calibrated: Callable[[Any], bool] = _never
     step_options: dict[str, StepOption] = field(default_factory=dict)
     check: Callable[..., None] | None = None
@@ -156,11 +199,8 @@ def register_technique(
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"the config class of technique {name!r} must be a dataclass, got {config_class!r}")
     for layer_type in options.get("layer_types", ()):
-        if not hasattr(layer_type, "STORED_TENSORS"):
-            raise TypeError(
-                f"layer type {layer_type.__name__} of technique {name!r} must declare STORED_TENSORS, the names of "
-                "the tensors that hold its weight"
-            )
+        if not isinstance(layer_type, lazy):
+            _check_layer_type(layer_type, name)
     existing = _TECHNIQUES.get((kind, name))
     if existing is not None and existing.config_class.__qualname__ != config_class.__qualname__:
         raise ValueError(f"technique {kind} {name!r} is already registered with {existing.config_class.__name__}")
@@ -169,6 +209,14 @@ def register_technique(
     for layer_type in technique.layer_types:
         _LAYER_TYPES[layer_type] = None
     return technique
+
+
+def _check_layer_type(layer_type: type, name: str) -> None:
+    if not hasattr(layer_type, "STORED_TENSORS"):
+        raise TypeError(
+            f"layer type {layer_type.__name__} of technique {name!r} must declare STORED_TENSORS, the names of "
+            "the tensors that hold its weight"
+        )
 
 
 def techniques(kind: str | None = None) -> list[Technique]:
@@ -239,7 +287,13 @@ def compress(model: nn.Module, config: Any, tokenizer=None) -> nn.Module:
 
 
 def compressed_layer_types() -> tuple[type, ...]:
-    """Every module class a registered technique puts into a model."""
+    """Every module class a registered technique puts into a model (lazy references imported now)."""
+    if any(isinstance(t, lazy) for t in _LAYER_TYPES):
+        for reference in [t for t in _LAYER_TYPES if isinstance(t, lazy)]:
+            layer_type = reference.resolve()
+            _check_layer_type(layer_type, reference.path)
+            del _LAYER_TYPES[reference]
+            _LAYER_TYPES[layer_type] = None
     return tuple(_LAYER_TYPES)
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "find_layer_stack",
     "find_linears",
     "is_excluded",
+    "linear_to_replace",
     "linear_weight",
     "set_linear_weight",
     "set_submodule",
@@ -92,3 +93,14 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def linear_to_replace(model: nn.Module, name: str, verb: str) -> nn.Module:
+    """The linear layer `name` that a checkpoint replaces, or an error saying what the checkpoint expected."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"the checkpoint {verb} {name!r}, which {type(model).__name__} does not have") from e
+    if not isinstance(module, LINEAR_TYPES):
+        raise ValueError(f"the checkpoint {verb} {name!r}, a {type(module).__name__}, not a linear layer")
+    return module

@@ -1,17 +1,16 @@
 """Distillation: a `Trainer` subclass that trains a student on a teacher's outputs, and students built from
-their teachers."""
+their teachers. Names are imported on first use."""
 
-from .config import DistillationConfig
-from .losses import attention_loss, hidden_state_loss, soft_target_loss
-from .student import choose_layers, make_student
-from .trainer import DistillationTrainer
+from .._lazy import lazy_namespace
 
-__all__ = [
-    "DistillationConfig",
-    "DistillationTrainer",
-    "attention_loss",
-    "choose_layers",
-    "hidden_state_loss",
-    "make_student",
-    "soft_target_loss",
-]
+_EXPORTS = {
+    "DistillationConfig": ".config",
+    "DistillationTrainer": ".trainer",
+    "attention_loss": ".losses",
+    "choose_layers": ".student",
+    "hidden_state_loss": ".losses",
+    "make_student": ".student",
+    "soft_target_loss": ".losses",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

@@ -1,6 +1,14 @@
-from .footprint import bits_per_weight, weights_size_bytes
-from .latency import forward_latency
-from .perplexity import perplexity
-from .report import evaluate
+"""Perplexity, stored size and bits per weight, latency, and `evaluate`, which reports them together. Names are
+imported on first use."""
 
-__all__ = ["bits_per_weight", "evaluate", "forward_latency", "perplexity", "weights_size_bytes"]
+from .._lazy import lazy_namespace
+
+_EXPORTS = {
+    "bits_per_weight": ".footprint",
+    "evaluate": ".report",
+    "forward_latency": ".latency",
+    "perplexity": ".perplexity",
+    "weights_size_bytes": ".footprint",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

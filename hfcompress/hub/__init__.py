@@ -1,16 +1,16 @@
-"""The Hub side: compression records, model cards, push."""
+"""The Hub side: compression records, model cards, push. Names are imported on first use."""
 
-from .card import generate_card, render_card
-from .push import HubError, check_model_folder, push_to_hub
-from .record import RECORD_FILE, CompressionRecord, Step
+from .._lazy import lazy_namespace
 
-__all__ = [
-    "RECORD_FILE",
-    "CompressionRecord",
-    "HubError",
-    "Step",
-    "check_model_folder",
-    "generate_card",
-    "push_to_hub",
-    "render_card",
-]
+_EXPORTS = {
+    "RECORD_FILE": ".record",
+    "CompressionRecord": ".record",
+    "HubError": ".push",
+    "Step": ".record",
+    "check_model_folder": ".push",
+    "generate_card": ".card",
+    "push_to_hub": ".push",
+    "render_card": ".card",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

@@ -26,7 +26,7 @@ from .modules import FactorizedLinear
 from .sensitivity import load_or_measure_sensitivity
 from .svd import Decomposition, decompose, max_saving_rank, rank_for_energy
 
-__all__ = ["factorize", "select_lowrank_targets"]
+__all__ = ["factorization_record", "factorize", "select_lowrank_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,3 +225,8 @@ def _replace(
 
 def _attach_config(model: nn.Module, config: LowRankConfig, ranks: dict[str, int]) -> None:
     update_manifest(model, "none", lowrank=dict(ranks), lowrank_recipe=config.to_dict())
+
+
+def factorization_record(model: nn.Module, config: LowRankConfig) -> dict:
+    """What the compression record keeps of a factorization: the rank of each factorized layer."""
+    return {"ranks": dict(manifest_of(model).lowrank)}

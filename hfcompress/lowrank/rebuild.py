@@ -1,9 +1,9 @@
-"""How factorized linears and decomposed convolutions are rebuilt when a checkpoint loads."""
+"""How factorized linears and decomposed convolutions are rebuilt when a checkpoint loads
+(registered in `techniques.py`)."""
 
 from __future__ import annotations
 
-from ..checkpoint import linear_to_replace, register_rebuilder
-from ..core.structure import linear_weight, set_submodule
+from ..core.structure import linear_to_replace, linear_weight, set_submodule
 from .conv import rebuild_convolution
 from .modules import FactorizedLinear
 
@@ -24,7 +24,3 @@ def rebuild_factorized(model, manifest) -> None:
             dtype=module.weight.dtype, device=module.weight.device,
         )  # fmt: skip
         set_submodule(model, name, factorized)
-
-
-register_rebuilder("convolutions", rebuild_convolutions, order=10, trainable=True)
-register_rebuilder("lowrank", rebuild_factorized, order=30, trainable=True)

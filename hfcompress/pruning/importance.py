@@ -1,15 +1,17 @@
-"""Importance of attention heads and FFN neurons, and `prune_structured`, which removes the least important."""
+"""Importance of attention heads and FFN neurons, `prune_structured`, which removes the least important, and the
+structured-pruning technique's step (`apply_structured_pruning`, `structured_record`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..data import calibration_batches, calibration_windows
 from .structured import (
     Attention,
     FeedForward,
@@ -20,8 +22,9 @@ from .structured import (
     keep_top_units,
     unit_norms,
 )
+from .structured_config import StructuredPruningConfig, importance_of
 
-__all__ = ["prune_structured", "taylor_importance"]
+__all__ = ["apply_structured_pruning", "prune_structured", "structured_record", "taylor_importance"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +123,19 @@ def prune_structured(
         logger.info("%s: keeping %d of %d per block (%s importance)", kind, count, size, importance)
     apply_uniform_removal(model, keep.get("ffn"), keep.get("heads"))
     return model
+
+
+def apply_structured_pruning(model: nn.Module, config: StructuredPruningConfig, tokenizer=None) -> nn.Module:
+    batches = None
+    if config.dataset is not None:
+        windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
+        batches = calibration_batches(windows, config.num_samples, config.batch_size)
+    return prune_structured(model, heads=config.heads, ffn=config.ffn, batches=batches)
+
+
+def structured_record(model: nn.Module, config: StructuredPruningConfig) -> dict[str, Any]:
+    return {
+        "importance": importance_of(config),
+        "num_attention_heads": getattr(model.config, "num_attention_heads", None),
+        "intermediate_size": getattr(model.config, "intermediate_size", None),
+    }

@@ -1,11 +1,11 @@
-"""How resized (structured-pruned) and bitmask-stored layers are rebuilt when a checkpoint loads."""
+"""How resized (structured-pruned) and bitmask-stored layers are rebuilt when a checkpoint loads
+(registered in `techniques.py`)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..checkpoint import linear_to_replace, register_rebuilder
-from ..core.structure import linear_weight, set_submodule
+from ..core.structure import linear_to_replace, linear_weight, set_submodule
 from .sparse import SparseLinear
 
 __all__ = ["rebuild_resized", "rebuild_sparse"]
@@ -40,7 +40,3 @@ def rebuild_sparse(model, manifest) -> None:
             in_features, out_features, nnz, module.bias is not None, module.weight.dtype, module.weight.device
         )
         set_submodule(model, name, layer)
-
-
-register_rebuilder("resized", rebuild_resized, order=20, trainable=True)
-register_rebuilder("sparse", rebuild_sparse, order=40)

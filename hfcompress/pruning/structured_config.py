@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
-
-from torch import nn
+from typing import ClassVar, Literal
 
 from ..core.config import CalibrationArguments, CompressionConfig
-from ..data import calibration_batches, calibration_windows
-from .importance import prune_structured
 
-__all__ = ["StructuredPruningConfig", "apply_structured_pruning", "importance_of", "structured_record"]
+__all__ = ["StructuredPruningConfig", "importance_of"]
 
 
 @dataclass
@@ -46,21 +42,5 @@ class StructuredPruningConfig(CalibrationArguments, CompressionConfig):
         self.check_calibration()
 
 
-def apply_structured_pruning(model: nn.Module, config: StructuredPruningConfig, tokenizer=None) -> nn.Module:
-    batches = None
-    if config.dataset is not None:
-        windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
-        batches = calibration_batches(windows, config.num_samples, config.batch_size)
-    return prune_structured(model, heads=config.heads, ffn=config.ffn, batches=batches)
-
-
 def importance_of(config: StructuredPruningConfig) -> str:
     return "taylor" if config.dataset is not None else "magnitude"
-
-
-def structured_record(model: nn.Module, config: StructuredPruningConfig) -> dict[str, Any]:
-    return {
-        "importance": importance_of(config),
-        "num_attention_heads": getattr(model.config, "num_attention_heads", None),
-        "intermediate_size": getattr(model.config, "intermediate_size", None),
-    }

@@ -13,9 +13,9 @@ from ..core.registry import stored_tensors, technique_for
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from ..data import calibration_batches, calibration_windows
 from ..pruning.sparse import SparseLinear, decompress_sparse
-from .config import SCALE_TORCH_DTYPES, GPTQConfig, RTNConfig
+from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
-from .grid import rtn_quantize
+from .grid import SCALE_TORCH_DTYPES, rtn_quantize
 from .layers import quantized_layer
 from .plan import LayerPlan, plan_layers
 

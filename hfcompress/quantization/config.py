@@ -7,24 +7,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import torch
-
-from ..checkpoint.manifest import FORMAT_VERSION, SCALE_DTYPES, HfcompressQuantizationConfig, check_grid
 from ..core.config import CalibrationArguments, CompressionConfig
-from ..core.packing import SUPPORTED_BITS
+from ..core.grids import SCALE_DTYPES, SUPPORTED_BITS, check_grid
 
-__all__ = [
-    "FORMAT_VERSION",
-    "SCALE_DTYPES",
-    "SCALE_TORCH_DTYPES",
-    "GPTQConfig",
-    "HfcompressQuantizationConfig",
-    "RTNConfig",
-]
+__all__ = ["FORMATS", "SCALE_DTYPES", "GPTQConfig", "RTNConfig"]
+
+# the checkpoint formats a uniform grid saves to (`save_quantized(format=...)`, `--format`)
+FORMATS = ("hfcompress", "compressed-tensors")
 
 logger = logging.getLogger(__name__)
-
-SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass

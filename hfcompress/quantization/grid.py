@@ -14,7 +14,18 @@ import torch
 
 from ..core.packing import SUPPORTED_BITS
 
-__all__ = ["SUPPORTED_BITS", "QuantizedWeight", "dequantize_codes", "grid_params", "quantize_to_codes", "rtn_quantize"]
+__all__ = [
+    "SCALE_TORCH_DTYPES",
+    "SUPPORTED_BITS",
+    "QuantizedWeight",
+    "dequantize_codes",
+    "grid_params",
+    "quantize_to_codes",
+    "rtn_quantize",
+]
+
+# the storage dtype of the scales, by the name configs and manifests use
+SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass

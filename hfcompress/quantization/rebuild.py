@@ -1,12 +1,11 @@
-"""How quantized (`QuantLinear`, `SparseQuantLinear`) and codebook layers are rebuilt when a checkpoint loads."""
+"""How quantized (`QuantLinear`, `SparseQuantLinear`) and codebook layers are rebuilt when a checkpoint loads
+(registered in `techniques.py`)."""
 
 from __future__ import annotations
 
-from ..checkpoint import linear_to_replace, register_dequantizer, register_rebuilder
-from ..core.structure import linear_weight, set_submodule
+from ..core.structure import linear_to_replace, linear_weight, set_submodule
 from .codebook_linear import CodebookLinear
-from .config import SCALE_TORCH_DTYPES
-from .export import dequantize_model
+from .grid import SCALE_TORCH_DTYPES
 from .modules import QuantLinear
 from .sparse_quant import SparseQuantLinear
 
@@ -43,8 +42,3 @@ def rebuild_quantized(model, manifest) -> None:
         else:
             layer = QuantLinear(in_features, out_features, bits, group_size, manifest.sym, **kwargs)
         set_submodule(model, name, layer)
-
-
-register_rebuilder("codebooks", rebuild_codebooks, order=50)
-register_rebuilder("modules", rebuild_quantized, order=60)
-register_dequantizer(dequantize_model)

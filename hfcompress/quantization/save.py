@@ -9,13 +9,12 @@ from typing import Literal
 import torch.nn as nn
 
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
+from .config import FORMATS
 from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_state_dict
 
 __all__ = ["FORMATS", "check_format", "save_quantized", "write_quantized"]
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("hfcompress", "compressed-tensors")
 
 
 def save_quantized(

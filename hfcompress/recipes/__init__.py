@@ -1,6 +1,14 @@
-"""Recipes that chain compression steps, and the search for the best compression under a budget."""
+"""Recipes that chain compression steps, and the search for the best compression under a budget. Names are
+imported on first use."""
 
-from .recipe import Recipe, RecipeError, RecipeStep
-from .runner import run_recipe, validate_recipe
+from .._lazy import lazy_namespace
 
-__all__ = ["Recipe", "RecipeError", "RecipeStep", "run_recipe", "validate_recipe"]
+_EXPORTS = {
+    "Recipe": ".recipe",
+    "RecipeError": ".recipe",
+    "RecipeStep": ".recipe",
+    "run_recipe": ".runner",
+    "validate_recipe": ".runner",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

@@ -1,22 +1,20 @@
 """The Python verbs behind every command and recipe step: a model folder in, a compressed model folder out, with
-its compression record and card. The command line and the recipe runner are thin layers over these."""
+its compression record and card. The command line and the recipe runner are thin layers over these. Names are
+imported on first use."""
 
-from .compress import check_step, compress_folder
-from .distill import DistillArguments, distill_folder
-from .loading import load_model, load_tokenizer, resolve_model_path
-from .merge import merge_lora_folder
-from .options import OutputOptions
-from .verify import verify_folder
+from .._lazy import lazy_namespace
 
-__all__ = [
-    "DistillArguments",
-    "OutputOptions",
-    "check_step",
-    "compress_folder",
-    "distill_folder",
-    "load_model",
-    "load_tokenizer",
-    "merge_lora_folder",
-    "resolve_model_path",
-    "verify_folder",
-]
+_EXPORTS = {
+    "DistillArguments": ".options",
+    "OutputOptions": ".options",
+    "check_step": ".compress",
+    "compress_folder": ".compress",
+    "distill_folder": ".distill",
+    "load_model": ".loading",
+    "load_tokenizer": ".loading",
+    "merge_lora_folder": ".merge",
+    "resolve_model_path": ".loading",
+    "verify_folder": ".verify",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

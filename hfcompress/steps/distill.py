@@ -8,9 +8,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import transformers
 from transformers import DataCollatorWithPadding, TrainingArguments
@@ -18,81 +16,17 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..checkpoint import HfcompressQuantizationConfig, manifest_of
 from ..data import load_texts, tokenize_windows
-from ..distillation import DistillationConfig, DistillationTrainer, make_student
-from ..distillation.config import parse_pairs
+from ..distillation import DistillationTrainer, make_student
 from ..hub.record import Step
 from ..io import claim_output
 from ..quantization.bnb import BnbConfig, load_bnb
 from .loading import load_model, load_tokenizer, resolve_model_path
-from .options import OutputOptions
+from .options import DistillArguments, OutputOptions
 from .recording import base_record, quality_metrics, write_output
 
 __all__ = ["DistillArguments", "distill_folder"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DistillArguments:
-    """The student, the data and the training of a distillation step."""
-
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "Training data: a text file for causal-lm, JSON lines or a datasets folder with 'text' and "
-            "'label' for sequence-classification."
-        },
-    )
-    student_layers: int | None = field(
-        default=None, metadata={"help": "Build the student from this many teacher blocks."}
-    )
-    student: str | None = field(
-        default=None, metadata={"help": "A student model folder or Hub id (same tokenizer as the teacher)."}
-    )
-    teacher_bits: Literal[4, 8] | None = field(
-        default=None,
-        metadata={"help": "Load the teacher with bitsandbytes at 4 or 8 bits to save memory (with --student)."},
-    )
-    layer_strategy: Literal["alternate", "first"] = field(
-        default="alternate",
-        metadata={"help": "With --student-layers: blocks spread evenly from first to last, or the first ones."},
-    )
-    task: Literal["causal-lm", "sequence-classification"] = field(default="causal-lm", metadata={"help": "The task."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per window / max length."})
-    max_windows: int | None = field(default=None, metadata={"help": "causal-lm: use only the first N windows."})
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the soft targets (> 0)."})
-    alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the soft-target KL loss (scaled by T^2)."})
-    alpha_task: float | None = field(
-        default=None, metadata={"help": "Weight of the task loss (default: 1 - alpha-kd)."}
-    )
-    hidden_states: str | None = field(
-        default=None, metadata={"help": "Hidden states to match, 'TEACHER:STUDENT,...' e.g. '2:1,5:2'."}
-    )
-    hidden_loss: Literal["mse", "cosine"] = field(
-        default="mse", metadata={"help": "mse, or cosine (1 - cosine similarity per token)."}
-    )
-    max_steps: int = field(default=500, metadata={"help": "Optimizer steps."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    batch_size: int = field(default=8, metadata={"help": "Per-device batch size."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
-    seed: int = field(default=0, metadata={"help": "Random seed."})
-    cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
-    checkpoint_dir: str | None = field(
-        default=None, metadata={"help": "Keep Trainer checkpoints here (default: none kept)."}
-    )
-    resume: str | None = field(default=None, metadata={"help": "A checkpoint folder to resume from."})
-
-    def __post_init__(self):
-        if (self.student is None) == (self.student_layers is None):
-            raise ValueError("give exactly one of `student` (a model) or `student_layers` (a number of blocks)")
-        if self.dataset is None:
-            raise ValueError("distillation needs training data: give `dataset`")
-
-    def loss(self) -> DistillationConfig:
-        return DistillationConfig(
-            temperature=self.temperature, alpha_kd=self.alpha_kd, alpha_task=self.alpha_task,
-            hidden_states=parse_pairs(self.hidden_states), hidden_loss=self.hidden_loss,
-        )  # fmt: skip
 
 
 def _classification_rows(path: str) -> list[dict]:

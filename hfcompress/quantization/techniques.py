@@ -1,0 +1,40 @@
+"""The quantization techniques as the registry and the loader see them. Imports no torch: the code that
+quantizes, saves and rebuilds is named by `lazy` references and imported when a command or a load needs it."""
+
+from ..checkpoint.rebuild import register_dequantizer, register_rebuilder
+from ..core.registry import StepOption, always, lazy, register_technique
+from .bnb_config import BnbConfig
+from .codebook_config import KMeansConfig, VQConfig
+from .config import FORMATS, GPTQConfig, RTNConfig
+
+__all__ = []
+
+FORMAT_HELP = (
+    "Checkpoint format. hfcompress: loads with from_pretrained after `import hfcompress`. compressed-tensors: loads "
+    "in plain transformers with the compressed-tensors package (symmetric grids; act-order only with static groups)."
+)
+_UNIFORM = dict(
+    layer_types=(lazy("hfcompress.quantization.modules:QuantLinear"), lazy("hfcompress.quantization.sparse_quant:SparseQuantLinear")),
+    step_options={"format": StepOption(FORMATS, FORMAT_HELP)},
+    check=lazy("hfcompress.quantization.save:check_format"),
+    save=lazy("hfcompress.quantization.save:write_quantized"),
+)  # fmt: skip
+quantize_uniform = lazy("hfcompress.quantization.api:quantize_uniform")
+register_technique("gptq", GPTQConfig, quantize_uniform, calibrated=always, summary="GPTQ with calibration data.", **_UNIFORM)  # fmt: skip
+register_technique("rtn", RTNConfig, quantize_uniform, summary="Round-to-nearest, no data.", **_UNIFORM)
+register_technique(
+    "bnb", BnbConfig, lazy("hfcompress.quantization.bnb:apply_bnb"),
+    describe=lambda config: f"bitsandbytes-{config.description}", in_place=False, cast=False,
+    summary="bitsandbytes 4-bit (NF4/FP4) or 8-bit; loads with plain transformers.",
+)  # fmt: skip
+_CODEBOOK = dict(
+    layer_types=(lazy("hfcompress.quantization.codebook_linear:CodebookLinear"),),
+    calibrated=lambda config: config.dataset is not None,
+)
+quantize_codebook = lazy("hfcompress.quantization.codebook_api:quantize_codebook")
+register_technique("kmeans", KMeansConfig, quantize_codebook, summary="Non-uniform levels per channel by weighted k-means.", **_CODEBOOK)  # fmt: skip
+register_technique("vq", VQConfig, quantize_codebook, summary="Vector quantization of runs of weights.", **_CODEBOOK)
+
+register_rebuilder("codebooks", lazy("hfcompress.quantization.rebuild:rebuild_codebooks"), order=50)
+register_rebuilder("modules", lazy("hfcompress.quantization.rebuild:rebuild_quantized"), order=60)
+register_dequantizer(lazy("hfcompress.quantization.export:dequantize_model"))
