@@ -187,6 +187,19 @@ def _add_hub(subparsers) -> None:
     verify.set_defaults(**{HANDLER: "hfcompress.commands.hub:run_verify"})
 
 
+def _add_build_kernels(subparsers) -> None:
+    kernels = subparsers.add_parser(
+        "build-kernels",
+        help="Compile the CPU weight-only kernels now (else the first quantized model loaded does).",
+        description="Compile the AVX2 kernels that run quantized layers on CPU, once per environment (cached in "
+        "TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, keyed by the source, torch, the compiler and the "
+        "Python environment). Exit status 0 when they are ready, 1 when they cannot be built here (quantized "
+        "layers then dequantize).",
+    )
+    add_common(kernels)
+    kernels.set_defaults(**{HANDLER: "hfcompress.commands.kernels:run_build_kernels"})
+
+
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Add hfcompress's subcommands to `parser` (used by `hfcompress` and by `optimum-cli hfcompress`)."""
     load_plugins()  # techniques other packages register get their commands too
@@ -199,6 +212,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     add_search(subparsers)
     _add_evaluate(subparsers)
     _add_hub(subparsers)
+    _add_build_kernels(subparsers)
     subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
 
 

@@ -1,5 +1,8 @@
 """The fused kernels compute exactly what dequantize-then-matmul computes, and generation works on top."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +147,26 @@ def test_avx2_kernel_can_be_turned_off(monkeypatch):
     layer(torch.randn(1, 256))
     used = layer._kernel.fused if isinstance(layer._kernel, SmallBatchKernel) else layer._kernel
     assert not isinstance(used, AvxCpuKernel)
+
+
+def test_kernel_build_is_keyed_by_everything_the_compiled_file_depends_on():
+    from hfcompress.quantization.cpu_extension import build_key
+
+    base = dict(source=b"src", flags=["-O3"], torch_version="2.13.0", compiler="/usr/bin/c++ 13", environment="/a")
+    key = build_key(**base)
+    assert build_key(**base) == key
+    changes = [("source", b"src2"), ("flags", ["-O2"]), ("torch_version", "2.14.0"), ("compiler", "/usr/bin/c++ 14"),
+               ("environment", "/b")]  # fmt: skip
+    for field, value in changes:  # two environments on one machine get two builds, not one rebuilt by turns
+        assert build_key(**{**base, field: value}) != key, field
+
+
+def test_build_kernels_builds_once_then_reports_the_cache():
+    from hfcompress.quantization.cpu_extension import unavailable_reason
+
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    runs = [subprocess.run([sys.executable, "-m", "hfcompress", "build-kernels"], capture_output=True, text=True) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert runs[1].stdout.startswith("CPU kernels already built: ")  # this process built or loaded it already
+    assert "building" not in runs[1].stderr
