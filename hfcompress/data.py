@@ -10,13 +10,17 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer
 
+from .core.config import DEFAULT_SEQ_LEN
+
 __all__ = [
     "calibration_batches",
+    "calibration_data",
     "calibration_windows",
     "check_seq_len",
     "load_texts",
     "looks_local",
     "max_positions",
+    "resolve_seq_len",
     "tokenize_windows",
 ]
 
@@ -125,11 +129,41 @@ def check_seq_len(model, seq_len: int) -> None:
         raise ValueError(f"`seq_len` {seq_len} exceeds the {limit} positions of the model; use at most {limit}")
 
 
-def calibration_windows(model, dataset, seq_len: int, tokenizer=None) -> torch.Tensor:
+def resolve_seq_len(model, seq_len: int | None) -> int:
+    """`seq_len`, checked against the model's positions; None means the default window (`DEFAULT_SEQ_LEN`, or the
+    model's positions if it has fewer)."""
+    if seq_len is not None:
+        check_seq_len(model, seq_len)
+        return seq_len
+    limit = max_positions(getattr(model, "config", None))
+    if limit is not None and limit < DEFAULT_SEQ_LEN:
+        logger.info("windows of %d tokens: the model's positions (the default is %d)", limit, DEFAULT_SEQ_LEN)
+        return limit
+    return DEFAULT_SEQ_LEN
+
+
+def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
+    """The calibration batches of a calibrated technique's `config` (its `dataset`, `num_samples`, `seq_len`,
+    `batch_size`). What was really used (the window length, the windows taken, the windows there were) is kept on
+    the model as `model.hfcompress_calibration`, for the compression record."""
+    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
+    batches = calibration_batches(windows, config.num_samples, config.batch_size)
+    model.hfcompress_calibration = {
+        "seq_len": int(windows.shape[1]),
+        "num_samples": sum(len(b) for b in batches),
+        "windows_available": len(windows),
+    }
+    return batches
+
+
+def calibration_windows(model, dataset, seq_len: int | None, tokenizer=None) -> torch.Tensor:
     """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
     `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
-    model's positions are refused."""
-    check_seq_len(model, dataset.shape[1] if isinstance(dataset, torch.Tensor) and dataset.dim() == 2 else seq_len)
+    model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`)."""
+    if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:
+        check_seq_len(model, dataset.shape[1])
+    else:
+        seq_len = resolve_seq_len(model, seq_len)
     if isinstance(dataset, torch.Tensor):
         if dataset.dim() != 2 or dataset.shape[1] < 1:
             raise ValueError(f"a token-id `dataset` must be [n_windows, seq_len], got shape {tuple(dataset.shape)}")

@@ -126,7 +126,10 @@ def _add_evaluate(subparsers) -> None:
     )
     evaluate.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     evaluate.add_argument("--dataset", required=True, help="A text file, a `datasets` folder, or a Hub dataset name.")
-    evaluate.add_argument("--seq-len", type=int, default=512, help="Tokens per window (default: 512).")
+    evaluate.add_argument(
+        "--seq-len", type=int, default=None,
+        help="Tokens per window (default: 512, or the model's positions if it has fewer; more is refused).",
+    )  # fmt: skip
     evaluate.add_argument("--max-windows", type=int, default=None, help="Score only the first N windows.")
     evaluate.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass (default: 4).")
     evaluate.add_argument(

@@ -14,7 +14,7 @@ __all__ = ["run_evaluate"]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    if args.seq_len < 2:
+    if args.seq_len is not None and args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..quantization.cpu_extension import build_status
+
 __all__ = ["run_build_kernels"]
 
 
 def run_build_kernels(args: argparse.Namespace) -> int:
-    from ..quantization.cpu_extension import build_status
-
     status = build_status()
     if not status["available"]:
         print(f"CPU kernels not available: {status['reason']} (quantized layers dequantize instead)")

@@ -78,6 +78,8 @@ def _jsonable(name: str, value: Any) -> Any:
 
 
 CALIBRATION_FIELDS = ("dataset", "num_samples", "seq_len", "batch_size")
+# tokens per window when none is given, for calibration and evaluation alike: or the model's positions if fewer
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass
@@ -94,12 +96,21 @@ class CalibrationArguments:
         },
     )
     num_samples: int = field(default=128, kw_only=True, metadata={"help": "Number of calibration windows."})
-    seq_len: int = field(default=512, kw_only=True, metadata={"help": "Tokens per calibration window."})
+    seq_len: int | None = field(
+        default=None,
+        kw_only=True,
+        metadata={
+            "help": f"Tokens per calibration window. Default: {DEFAULT_SEQ_LEN}, or the model's positions if it has "
+            "fewer; more than its positions is refused."
+        },
+    )
     batch_size: int = field(default=4, kw_only=True, metadata={"help": "Calibration windows per forward pass."})
 
     def check_calibration(self) -> None:
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
+            if name == "seq_len" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..data import check_seq_len, load_texts, tokenize_windows
+from ..data import load_texts, resolve_seq_len, tokenize_windows
 from .footprint import bits_per_weight, weights_size_bytes
 from .latency import forward_latency
 from .perplexity import perplexity
@@ -19,15 +19,16 @@ def evaluate(
     model,
     tokenizer,
     dataset,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     max_windows: int | None = None,
     batch_size: int = 4,
     latency_runs: int = 5,
     model_folder: str | os.PathLike | None = None,
 ) -> dict:
     """Perplexity on `dataset` (non-overlapping `seq_len` windows, the first `max_windows`), bits per weight of
-    the quantized layers, weight bytes on disk (when `model_folder` is given) and forward latency of one window."""
-    check_seq_len(model, seq_len)
+    the quantized layers, weight bytes on disk (when `model_folder` is given) and forward latency of one window.
+    `seq_len` None is the default window: 512 tokens, or the model's positions if it has fewer."""
+    seq_len = resolve_seq_len(model, seq_len)
     windows = tokenize_windows(tokenizer, load_texts(dataset), seq_len)
     if max_windows is not None:
         if max_windows < 1:

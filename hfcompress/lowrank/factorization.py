@@ -19,7 +19,7 @@ from ..checkpoint import manifest_of, update_manifest
 from ..core.calibration import collect_hessians
 from ..core.capture import capture_block_inputs, run_block
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
-from ..data import calibration_batches, calibration_windows
+from ..data import calibration_data
 from .allocation import allocate_ranks, uniform_ranks
 from .config import LowRankConfig
 from .modules import FactorizedLinear
@@ -125,8 +125,7 @@ def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokeniz
     if config.dataset is None:
         reason = f"method {config.method!r}" if config.method != "svd" else "sensitivity allocation"
         raise ValueError(f"{reason} needs calibration data: pass `dataset=` (texts, a text file or a dataset)")
-    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
-    batches = calibration_batches(windows, config.num_samples, config.batch_size)
+    batches = calibration_data(model, config, tokenizer)
 
     if config.param_ratio is not None and config.allocation == "sensitivity":
         curves = load_or_measure_sensitivity(model, blocks, targets, batches, config)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..data import calibration_batches, calibration_windows
+from ..data import calibration_data
 from .structured import (
     Attention,
     FeedForward,
@@ -128,8 +128,7 @@ def prune_structured(
 def apply_structured_pruning(model: nn.Module, config: StructuredPruningConfig, tokenizer=None) -> nn.Module:
     batches = None
     if config.dataset is not None:
-        windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
-        batches = calibration_batches(windows, config.num_samples, config.batch_size)
+        batches = calibration_data(model, config, tokenizer)
     return prune_structured(model, heads=config.heads, ffn=config.ffn, batches=batches)
 
 

@@ -15,7 +15,7 @@ from transformers.utils.logging import tqdm
 from ..checkpoint import update_manifest
 from ..core.calibration import for_each_block_hessian
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
-from ..data import calibration_batches, calibration_windows
+from ..data import calibration_data
 from .oneshot_config import OneShotPruningConfig
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
@@ -63,8 +63,7 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
         logger.warning(
             "%d layers outside the block stack have no calibration data and stay dense: %s", len(outside), outside
         )
-    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
-    batches = calibration_batches(windows, config.num_samples, config.batch_size)
+    batches = calibration_data(model, config, tokenizer)
 
     def prune(block, name, module, H):
         set_linear_weight(module, _prune_weight(linear_weight(module), H, config))

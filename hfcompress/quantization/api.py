@@ -11,7 +11,7 @@ from transformers.utils.logging import tqdm
 from ..checkpoint import HfcompressQuantizationConfig, manifest_of, update_manifest
 from ..core.registry import stored_tensors, technique_for
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
-from ..data import calibration_batches, calibration_windows
+from ..data import calibration_data
 from ..pruning.sparse import SparseLinear, decompress_sparse
 from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
@@ -141,8 +141,7 @@ def _stores_g_idx(config: RTNConfig) -> bool:
 def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Tensor]:
     if config.dataset is None:
         raise ValueError("GPTQConfig needs calibration data: pass `dataset=` (texts, a text file or a dataset)")
-    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
-    return calibration_batches(windows, config.num_samples, batch_size=config.batch_size)
+    return calibration_data(model, config, tokenizer)
 
 
 def _attach_config(model: nn.Module, config: RTNConfig, plans: dict[str, LayerPlan], layer_types: list[str]) -> None:

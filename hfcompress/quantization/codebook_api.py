@@ -11,7 +11,7 @@ from transformers.utils.logging import tqdm
 from ..checkpoint import manifest_of, update_manifest
 from ..core.calibration import for_each_block_hessian
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
-from ..data import calibration_batches, calibration_windows
+from ..data import calibration_data
 from .codebook import kmeans_quantize, vq_quantize
 from .codebook_config import KMeansConfig, VQConfig
 from .codebook_linear import CodebookLinear
@@ -55,8 +55,7 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
     encoded: dict[str, dict] = {}
     if config.dataset is not None:
         _, blocks = find_layer_stack(model)
-        windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
-        batches = calibration_batches(windows, config.num_samples, config.batch_size)
+        batches = calibration_data(model, config, tokenizer)
         names = {id(module): name for name, module in targets.items()}
 
         def encode(block, name, module, H):

@@ -82,7 +82,7 @@ class Recipe:
     steps: list[RecipeStep]
     dataset: str | None = None
     eval_dataset: str | None = None
-    eval_seq_len: int = 512
+    eval_seq_len: int | None = None
     eval_max_windows: int = 50
 
     @classmethod

@@ -95,9 +95,11 @@ def _save_with(save, step_options: dict, model, folder) -> None:
 
 
 def _settings(technique: Technique, config, model) -> tuple[dict, dict | None]:
-    """The step's settings and its calibration data, as the record keeps them."""
+    """The step's settings and its calibration data, as the record keeps them: the window length and the number
+    of windows really used (the defaults resolved against the model and the data), and how many there were."""
     settings = config.to_dict()
     data = {k: settings.pop(k) for k in CALIBRATION_FIELDS if k in settings}
+    data.update(getattr(model, "hfcompress_calibration", None) or {})
     if technique.record is not None:
         settings.update(technique.record(model, config))
     return settings, (data if technique.calibrated(config) else None)

@@ -26,7 +26,10 @@ class OutputOptions:
             "card (default: only size, parameters and bits per weight are recorded)."
         },
     )
-    eval_seq_len: int = field(default=512, metadata={"help": "Tokens per evaluation window."})
+    eval_seq_len: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per evaluation window (default: 512, or the model's positions if it has fewer)."},
+    )
     eval_max_windows: int = field(default=50, metadata={"help": "Evaluation windows scored."})
     push_to_hub: str | None = field(
         default=None, metadata={"help": "Push OUTPUT to this Hub repo when done.", "metavar": "REPO_ID"}

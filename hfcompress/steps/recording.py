@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 from ..checkpoint import QUANT_METHOD
 from ..core.registry import compressed_layer_types
-from ..data import load_texts, tokenize_windows
+from ..data import load_texts, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, weight_files
 from ..evaluation.latency import forward_latency
@@ -63,15 +63,16 @@ def model_metrics(model, options: OutputOptions, tokenizer, folder=None, stored_
         "bits_per_weight": stored_bits if stored_bits is not None else bits_per_weight(model),
     }
     if options.eval_dataset:
-        windows = _eval_windows(options, tokenizer)
+        windows = _eval_windows(options, tokenizer, model)
         model.eval()
         metrics["perplexity"] = perplexity(model, windows)
         metrics["latency_s"] = forward_latency(model, windows[:1], runs=5)
     return metrics
 
 
-def _eval_windows(options: OutputOptions, tokenizer):
+def _eval_windows(options: OutputOptions, tokenizer, model):
     if options.eval_windows is None:
+        options.eval_seq_len = resolve_seq_len(model, options.eval_seq_len)
         windows = tokenize_windows(tokenizer, load_texts(options.eval_dataset), options.eval_seq_len)
         options.eval_windows = windows[: options.eval_max_windows]
     return options.eval_windows

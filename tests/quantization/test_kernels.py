@@ -166,7 +166,10 @@ def test_build_kernels_builds_once_then_reports_the_cache():
 
     if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
-    runs = [subprocess.run([sys.executable, "-m", "hfcompress", "build-kernels"], capture_output=True, text=True) for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-m", "hfcompress", "build-kernels"], capture_output=True, text=True)
+        for _ in range(2)
+    ]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
     assert runs[1].stdout.startswith("CPU kernels already built: ")  # this process built or loaded it already
     assert "building" not in runs[1].stderr

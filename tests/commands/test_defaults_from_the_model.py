@@ -1,0 +1,45 @@
+"""Window lengths default to what the model can take (512 tokens, or its positions if fewer), longer windows are
+refused with the limit named, and the record says what calibration really used."""
+
+import json
+
+from hfcompress.commands.cli import main
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_calibration_and_evaluation_windows_default_to_the_models_positions(model_dir, text_file, tmp_path):
+    out = tmp_path / "gptq"
+    # the tiny model has 128 positions: the 512-token default would not fit it
+    code = run("quantize", "gptq", model_dir, out, "--dataset", text_file, "--num-samples", 1000, "--group-size", 32,
+               "--eval-dataset", text_file, "--eval-max-windows", 2, "-q")  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "hfcompress_record.json").read_text())
+    data = record["steps"][0]["data"]
+    assert data["seq_len"] == 128
+    assert data["num_samples"] == data["windows_available"] < 1000  # the windows there were, not the ones asked for
+    assert record["evaluation"]["seq_len"] == 128
+
+
+def test_windows_longer_than_the_model_are_refused_with_the_limit(model_dir, text_file, tmp_path, capsys):
+    code = run(
+        "quantize",
+        "gptq",
+        model_dir,
+        tmp_path / "o",
+        "--dataset",
+        text_file,
+        "--seq-len",
+        4096,
+        "--group-size",
+        32,
+        "-q",
+    )
+    assert code == 2
+    assert "`seq_len` 4096 exceeds the 128 positions of the model; use at most 128" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    code = run("evaluate", model_dir, "--dataset", text_file, "--seq-len", 4096, "--latency-runs", 0, "-q")
+    assert code == 2
+    assert "exceeds the 128 positions" in capsys.readouterr().err
