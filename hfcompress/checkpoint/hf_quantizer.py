@@ -11,7 +11,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 
-from .manifest import HfcompressQuantizationConfig
+from .manifest import FORMAT_VERSION, HfcompressQuantizationConfig
 from .rebuild import dequantizers, rebuilder_for, rebuilders
 from .verify import check_finite, check_tensors
 
@@ -41,6 +41,12 @@ class HfcompressHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         check_finite(model)
+        config = self.quantization_config
+        used = config.sections_in_use()
+        for rebuilder in rebuilders():
+            if rebuilder.section in used and rebuilder.finish is not None:
+                rebuilder.finish(model, config)
+        config.version = max(config.version, FORMAT_VERSION)  # what is in memory now saves in the current format
         return model
 
     def update_dtype(self, dtype):
@@ -79,3 +85,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(HfcompressQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(HfcompressHfQuantizer)
+
+
+register()  # importing this module first also imports transformers' registry: the hook leaves it to us

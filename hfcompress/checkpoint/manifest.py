@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 # 2: `lowrank` (factorized layers); 3: `sparse`, `resized`, `codebooks`; 4: `overrides` (mixed precision),
 # layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside),
-# `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models
-FORMAT_VERSION = 5
+# `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models;
+# 6: bitmask layers store their values as `weight` (1-D), so plain transformers refuses them. A loaded checkpoint
+# is in the current format in memory (older layouts are converted after loading), so it saves as the current one.
+FORMAT_VERSION = 6
 
 
 @dataclass

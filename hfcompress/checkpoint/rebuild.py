@@ -26,22 +26,26 @@ __all__ = [
 class Rebuilder:
     """`rebuild(model, manifest)` replaces the layers recorded in manifest section `section`. Rebuilders run by
     increasing `order` (a factorized layer exists before its factors are quantized). `trainable`: whether the
-    rebuilt layers take gradients (ordinary weights) or not (packed codes, bitmasks)."""
+    rebuilt layers take gradients (ordinary weights) or not (packed codes, bitmasks). `finish(model, manifest)`,
+    if given, runs after the weights loaded (to convert an older layout into the current one)."""
 
     section: str
     rebuild: Callable
     order: int
     trainable: bool = False
+    finish: Callable | None = None
 
 
 _REBUILDERS: dict[str, Rebuilder] = {}
 _DEQUANTIZERS: list[Callable] = []
 
 
-def register_rebuilder(section: str, rebuild: Callable, order: int, trainable: bool = False) -> Rebuilder:
+def register_rebuilder(
+    section: str, rebuild: Callable, order: int, trainable: bool = False, finish: Callable | None = None
+) -> Rebuilder:
     """Register how the layers of manifest section `section` are rebuilt on load. Registering a section twice
     with another function is an error (two techniques claiming one name)."""
-    rebuilder = Rebuilder(section, rebuild, order, trainable)
+    rebuilder = Rebuilder(section, rebuild, order, trainable, finish)
     existing = _REBUILDERS.get(section)
     if existing is not None and existing.rebuild is not rebuild and existing.rebuild != rebuild:
         raise ValueError(f"manifest section {section!r} already has a rebuilder ({existing.rebuild!r})")

@@ -20,7 +20,12 @@ logger = logging.getLogger(__name__)
 REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
+QUANTIZER_MODULE = __name__.rpartition(".")[0] + ".hf_quantizer"
+
+
 def _register() -> None:
+    if QUANTIZER_MODULE in sys.modules:  # it is importing the registry itself, and registers when it is done
+        return
     try:
         from .hf_quantizer import register
 

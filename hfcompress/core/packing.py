@@ -67,7 +67,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torc
     return codes.reshape(rows, -1)[:, :n].to(torch.int32)
 
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_BITS = torch.tensor(
+    [1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device="cpu"
+)  # not meta, if first imported while loading
 
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:

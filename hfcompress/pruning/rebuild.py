@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..core.structure import linear_to_replace, linear_weight, set_submodule
-from .sparse import SparseLinear
+from .sparse import LegacySparseLinear, SparseLinear
 
-__all__ = ["rebuild_resized", "rebuild_sparse"]
+# the format version from which a bitmask layer stores its values as `weight`
+VALUES_NAMED_WEIGHT = 6
+
+__all__ = ["convert_legacy_sparse", "rebuild_resized", "rebuild_sparse"]
 
 
 def rebuild_resized(model, manifest) -> None:
@@ -36,7 +39,21 @@ def rebuild_sparse(model, manifest) -> None:
             continue  # pruned and quantized: a SparseQuantLinear, rebuilt with the quantized layers
         module = linear_to_replace(model, name, "stores sparse")
         out_features, in_features = linear_weight(module).shape
-        layer = SparseLinear(
+        layer = (SparseLinear if manifest.version >= VALUES_NAMED_WEIGHT else LegacySparseLinear)(
             in_features, out_features, nnz, module.bias is not None, module.weight.dtype, module.weight.device
         )
         set_submodule(model, name, layer)
+
+
+def convert_legacy_sparse(model, manifest) -> None:
+    """After loading: bitmask layers of an older checkpoint become current ones (values named `weight`)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LegacySparseLinear):
+            layer = SparseLinear(
+                module.in_features, module.out_features, module.nnz, module.bias is not None,
+                module.values.dtype, module.values.device,
+            )  # fmt: skip
+            layer.weight_bitmask = module.weight_bitmask
+            layer.weight = module.values
+            layer.bias = module.bias
+            set_submodule(model, name, layer)

@@ -1,8 +1,9 @@
 """A compact checkpoint for sparse weights: a bitmask of the non-zeros plus their values, in safetensors.
 
 `compress_sparse(model)` swaps every sparse enough linear layer for a `SparseLinear`, whose state is
-`weight_bitmask` (uint8, one bit per weight, rows padded to whole bytes) and `weight_values` (the non-zeros
-in row-major order); `save_pretrained` then writes that, and `from_pretrained` (after `import hfcompress`)
+`weight_bitmask` (uint8, one bit per weight, rows padded to whole bytes) and `weight` (the non-zeros in
+row-major order, 1-D: named so that plain transformers, which expects a 2-D `weight`, refuses the checkpoint
+instead of loading random weights in its place); `save_pretrained` then writes that, and `from_pretrained` (after `import hfcompress`)
 rebuilds the layers from `quantization_config.sparse`, which records each layer's number of non-zeros. At
 90% sparsity an fp32 weight takes 0.1 * 4 + 1/8 bytes instead of 4. A `SparseLinear` rebuilds its dense
 weight for each forward (one layer at a time, never the whole model); `decompress_sparse` turns the model
@@ -20,15 +21,24 @@ from ..checkpoint import manifest_of, update_manifest
 from ..core.packing import pack_bitmask, unpack_bitmask
 from ..core.structure import find_linears, set_submodule
 
-__all__ = ["SparseLinear", "compress_sparse", "decompress_sparse", "pack_bitmask", "store_sparse", "unpack_bitmask"]
+__all__ = [
+    "LegacySparseLinear",
+    "SparseLinear",
+    "compress_sparse",
+    "decompress_sparse",
+    "pack_bitmask",
+    "store_sparse",
+    "unpack_bitmask",
+]
 
 logger = logging.getLogger(__name__)
 
 
 class SparseLinear(nn.Module):
-    """A linear layer stored as bitmask + non-zero values."""
+    """A linear layer stored as bitmask + non-zero values (`weight`, 1-D)."""
 
-    STORED_TENSORS = ("weight_bitmask", "weight_values")
+    VALUES = "weight"
+    STORED_TENSORS = ("weight_bitmask", VALUES)
     KEEPS_DTYPE = False
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True, dtype=None, device=None):
@@ -37,7 +47,7 @@ class SparseLinear(nn.Module):
         self.register_buffer(
             "weight_bitmask", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8, device=device)
         )
-        self.register_buffer("weight_values", torch.zeros(nnz, dtype=dtype, device=device))
+        self.register_buffer(self.VALUES, torch.zeros(nnz, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -53,15 +63,20 @@ class SparseLinear(nn.Module):
             weight.device,
         )
         layer.weight_bitmask.copy_(pack_bitmask(mask))
-        layer.weight_values.copy_(weight[mask])
+        layer.values.copy_(weight[mask])
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
+    @property
+    def values(self) -> torch.Tensor:
+        """The non-zero weights, row-major."""
+        return getattr(self, self.VALUES)
+
     def dense_weight(self) -> torch.Tensor:
         mask = unpack_bitmask(self.weight_bitmask, self.in_features)
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.weight_values.dtype, device=mask.device)
-        return weight.masked_scatter_(mask, self.weight_values)
+        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=mask.device)
+        return weight.masked_scatter_(mask, self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(
@@ -71,6 +86,13 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         density = self.nnz / max(1, self.in_features * self.out_features)
         return f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}"
+
+
+class LegacySparseLinear(SparseLinear):
+    """A bitmask layer of a checkpoint written before format version 6, whose values were `weight_values`."""
+
+    VALUES = "weight_values"
+    STORED_TENSORS = ("weight_bitmask", VALUES)
 
 
 def compress_sparse(model: nn.Module, min_sparsity: float = 0.25) -> dict[str, int]:
@@ -109,7 +131,7 @@ def decompress_sparse(model: nn.Module) -> nn.Module:
         if isinstance(module, SparseLinear):
             linear = nn.Linear(
                 module.in_features, module.out_features, module.bias is not None,
-                dtype=module.weight_values.dtype, device=module.weight_values.device,
+                dtype=module.values.dtype, device=module.values.device,
             )  # fmt: skip
             with torch.no_grad():
                 linear.weight.copy_(module.dense_weight())

@@ -28,4 +28,7 @@ register_technique(
 )  # fmt: skip
 
 register_rebuilder("resized", lazy("hfcompress.pruning.rebuild:rebuild_resized"), order=20, trainable=True)
-register_rebuilder("sparse", lazy("hfcompress.pruning.rebuild:rebuild_sparse"), order=40)
+register_rebuilder(
+    "sparse", lazy("hfcompress.pruning.rebuild:rebuild_sparse"), order=40,
+    finish=lazy("hfcompress.pruning.rebuild:convert_legacy_sparse"),
+)  # fmt: skip

@@ -24,7 +24,7 @@ def test_every_kind_of_legacy_checkpoint_is_covered():
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_legacy_checkpoint_loads_with_identical_logits(name):
+def test_legacy_checkpoint_loads_with_identical_logits(name, tmp_path):
     folder = LEGACY / name
     config = transformers.AutoConfig.from_pretrained(folder)
     model_cls = getattr(transformers, config.architectures[0])
@@ -39,3 +39,8 @@ def test_legacy_checkpoint_loads_with_identical_logits(name):
         assert manifest.student_layers == [0] and not manifest.needs_hfcompress()
     if name.startswith("sparse"):
         assert manifest.pruning["method"] == "magnitude" and manifest.sparse
+    # loaded, it is in the current format: saved again, it reloads with the same logits
+    model.save_pretrained(tmp_path)
+    reloaded = model_cls.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected["logits"], rtol=1e-5, atol=1e-5)

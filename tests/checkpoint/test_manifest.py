@@ -30,7 +30,7 @@ def test_a_manifest_round_trips_with_every_section():
         overrides={"a.b.up": {"bits": 8, "group_size": -1}}, layers={"toy": {"h": {"clip": 1.0}}},
     )  # fmt: skip
     data = config.to_dict()
-    assert data["version"] == FORMAT_VERSION == 5
+    assert data["version"] == FORMAT_VERSION == 6
     assert HfcompressQuantizationConfig.from_dict(data) == config
     assert config.sections_in_use() == ["convolutions", "resized", "lowrank", "sparse", "modules", "toy"]
     assert config.section("toy") == {"h": {"clip": 1.0}} and config.section("nothing") == {}

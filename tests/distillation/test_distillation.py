@@ -8,7 +8,7 @@ from helpers import tiny_model, token_windows
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from hfcompress import DistillationConfig, DistillationTrainer, MovementPruningConfig, PruningCallback, make_student
-from hfcompress.checkpoint import manifest_of
+from hfcompress.checkpoint import FORMAT_VERSION, manifest_of
 from hfcompress.distillation import attention_loss, hidden_state_loss, soft_target_loss
 from hfcompress.distillation.trainer import PROJECTIONS_FILE
 
@@ -79,7 +79,7 @@ def test_make_student_copies_the_chosen_blocks_and_reloads(tmp_path):
     assert student.config.num_hidden_layers == 2 and manifest_of(student).student_layers == [0, 3]
     # a plain transformers model: the manifest stays out of quantization_config
     assert getattr(student.config, "quantization_config", None) is None
-    assert student.config.hfcompress == {"method": "distillation", "version": 5, "student_layers": [0, 3]}
+    assert student.config.hfcompress == {"method": "distillation", "version": FORMAT_VERSION, "student_layers": [0, 3]}
     for s, t in ((0, 0), (1, 3)):
         a = student.bert.encoder.layer[s].output.dense.weight
         assert torch.equal(a, teacher.bert.encoder.layer[t].output.dense.weight)
