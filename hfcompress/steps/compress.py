@@ -15,7 +15,7 @@ from ..data import looks_local
 from ..hub.record import Step
 from ..io import claim_output
 from ..quantization.modules import cast_unquantized
-from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .options import OutputOptions
 from .recording import base_record, quality_metrics, write_output
 
@@ -70,8 +70,12 @@ def compress_folder(
 
 
 def _compress(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict) -> Path:
+    tokenizer = load_tokenizer(model, required=False)  # RTN, bitsandbytes, magnitude pruning read no text
+    if technique.calibrated(config) and not _is_token_ids(config.dataset):
+        require_tokenizer(tokenizer, model, "the calibration data")
+    if options.eval_dataset:
+        require_tokenizer(tokenizer, model, "--eval-dataset")
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
-    tokenizer = load_tokenizer(model)
     record = base_record(loaded, model, options, tokenizer)
     start = time.perf_counter()
     compressed = technique.apply(loaded, config, tokenizer)
@@ -88,6 +92,10 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
         cast_unquantized(compressed, checkpoint_dtype(model))
     save = None if technique.save is None else functools.partial(_save_with, technique.save, step_options)
     return write_output(compressed, model, output, tokenizer, record, step, options, quality, save=save)
+
+
+def _is_token_ids(dataset) -> bool:
+    return hasattr(dataset, "dim")  # a tensor of token ids [n, seq_len]
 
 
 def _save_with(save, step_options: dict, model, folder) -> None:

@@ -9,7 +9,15 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-__all__ = ["DTYPES", "checkpoint_dtype", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = [
+    "DTYPES",
+    "TOKENIZER_FILES",
+    "checkpoint_dtype",
+    "load_model",
+    "load_tokenizer",
+    "require_tokenizer",
+    "resolve_model_path",
+]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -60,5 +68,28 @@ def checkpoint_dtype(model: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def load_tokenizer(model: str):
-    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+# the files a saved tokenizer leaves in a model folder (any one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(model: str, required: bool = True):
+    """The tokenizer saved with `model`. A local folder without one (a training checkpoint, a model built from
+    a config) gives None when not `required` (a step that reads no text needs none), else a clear error."""
+    path = resolve_model_path(model)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        if not required:
+            return None
+        raise FileNotFoundError(
+            f"model folder {model!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); text needs one: save "
+            "the tokenizer beside the model (tokenizer.save_pretrained)"
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def require_tokenizer(tokenizer, model: str, what: str) -> None:
+    """Refuse, before any work, a step that reads text (`what`) for a model without a tokenizer."""
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"{what} is text, and model folder {model!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained), or give token ids in Python"
+        )

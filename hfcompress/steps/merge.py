@@ -43,8 +43,8 @@ def merge_lora_folder(
 
 
 def _merge(model: str, adapter: str, output, rank, options: OutputOptions) -> Path:
+    tokenizer = load_tokenizer(model, required=options.eval_dataset is not None)
     loaded = load_model(model, options.dtype)
-    tokenizer = load_tokenizer(model)
     record = base_record(loaded, model, options, tokenizer)  # continues the record of a compressed model
     start = time.perf_counter()
     merge_lora(loaded, adapter, rank=rank)

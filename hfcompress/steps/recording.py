@@ -171,7 +171,7 @@ def write_output(
         (save or _save_pretrained)(model, staging)
         if os.path.isdir(source):
             copy_model_extras(source, staging)
-        else:
+        elif tokenizer is not None:
             tokenizer.save_pretrained(staging)
         finish_output(record, step, model, options, staging, quality, requires_hfcompress=_needs_hfcompress(staging))
     logger.info("wrote %s", output)

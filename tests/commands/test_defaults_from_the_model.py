@@ -43,3 +43,16 @@ def test_windows_longer_than_the_model_are_refused_with_the_limit(model_dir, tex
     code = run("evaluate", model_dir, "--dataset", text_file, "--seq-len", 4096, "--latency-runs", 0, "-q")
     assert code == 2
     assert "exceeds the 128 positions" in capsys.readouterr().err
+
+
+def test_a_model_folder_without_tokenizer_is_fine_where_no_text_is_read(model_dir, text_file, tmp_path, capsys):
+    bare = tmp_path / "bare"  # a training checkpoint or a model built from a config: weights and config only
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    assert run("quantize", "rtn", bare, tmp_path / "rtn", "--group-size", 32, "-q") == 0
+    assert (tmp_path / "rtn" / "model.safetensors").is_file()
+    code = run("quantize", "gptq", bare, tmp_path / "gptq", "--dataset", text_file, "--group-size", 32, "-q")
+    assert code == 2
+    assert "the calibration data is text, and model folder" in capsys.readouterr().err
+    assert not (tmp_path / "gptq").exists()
