@@ -11,6 +11,10 @@ outside) with the fields of the technique's config class, its step options and `
 
 `distill: {student_layers: 6, max_steps: 500, ...}` trains a student of the model so far (`DistillArguments`,
 the options of `hfcompress distill`), and `merge_lora: {adapter: PATH, rank: original}` folds in a peft adapter.
+
+In a recipe file, relative paths (`dataset`, `eval_dataset`, a step's `dataset`, `adapter`, `student`, ...) are
+relative to the recipe file's folder, not to where the command runs; a name that is no path there (`wikitext`)
+stays a Hub dataset name.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import yaml
 
 from ..core.registry import kinds, resolve_technique, technique_for
+from ..data import looks_local
 
 __all__ = ["STEP_KINDS", "Recipe", "RecipeError", "RecipeStep", "step_kinds"]
 
@@ -123,7 +128,18 @@ class Recipe:
                 data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise RecipeError(f"{os.fspath(path)} is not valid YAML: {e}") from e
-        return cls.from_dict(data)
+        recipe = cls.from_dict(data)
+        recipe.resolve_paths(os.path.dirname(os.path.abspath(path)))
+        return recipe
+
+    def resolve_paths(self, folder: str) -> None:
+        """Make the relative paths of the recipe relative to `folder` (the recipe file's)."""
+        self.dataset = _resolved(self.dataset, folder)
+        self.eval_dataset = _resolved(self.eval_dataset, folder)
+        for step in self.steps:
+            for key in PATH_FIELDS:
+                if key in step.settings:
+                    step.settings[key] = _resolved(step.settings[key], folder)
 
     @classmethod
     def from_configs(cls, steps: list, dataset: str | None = None, **kwargs) -> Recipe:
@@ -152,6 +168,18 @@ class Recipe:
             digest.update(json.dumps(step.to_dict(), sort_keys=True, default=str).encode())
             prints.append(digest.copy().hexdigest()[:16])
         return prints
+
+
+# the step fields that hold a path (or a Hub name)
+PATH_FIELDS = ("dataset", "eval_dataset", "adapter", "student", "checkpoint_dir", "resume", "sensitivity_cache")
+
+
+def _resolved(value, folder: str):
+    """`value` joined to `folder` if it is a relative path (it looks like one, or names something there)."""
+    if not isinstance(value, str) or os.path.isabs(value) or value.startswith("~"):
+        return value
+    candidate = os.path.normpath(os.path.join(folder, value))
+    return candidate if looks_local(value) or os.path.exists(candidate) else value
 
 
 def _step_of(item) -> dict:

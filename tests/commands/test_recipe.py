@@ -200,3 +200,17 @@ def test_a_recipe_that_fails_midway_leaves_output_as_it_was(model_dir, tmp_path)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "02-" not in str(p)}
     assert {k: v for k, v in after.items() if not str(k).startswith("steps/01-prune")} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder, no lock file
+
+
+def test_relative_paths_in_a_recipe_file_are_relative_to_its_folder(text_file, tmp_path, monkeypatch):
+    recipes = tmp_path / "project" / "recipes"
+    recipes.mkdir(parents=True)
+    (recipes / "data").mkdir()
+    (recipes / "data" / "calib.txt").write_bytes(text_file.read_bytes())
+    path = write(recipes / "r.yaml", "steps:\n  - quantize: {method: gptq, bits: 4}\ndataset: data/calib.txt\n"
+                 "eval_dataset: wikitext\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the path is the recipe's, not the current folder's
+    recipe = Recipe.from_yaml("project/recipes/r.yaml")
+    assert recipe.dataset == str(recipes / "data" / "calib.txt")
+    assert recipe.eval_dataset == "wikitext"  # no such path beside the recipe: a Hub dataset name
+    assert Recipe.from_yaml(path).dataset == recipe.dataset
