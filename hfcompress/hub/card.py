@@ -35,7 +35,8 @@ _TECHNIQUE_TAGS = {
 _METRICS = [
     ("size_bytes", "weights on disk", lambda v: f"{v / 1e6:.2f} MB"),
     ("parameters", "parameters", lambda v: f"{v:,}"),
-    ("bits_per_weight", "bits per weight", lambda v: f"{v:.2f}"),
+    ("bits_per_weight", "bits per weight (compressed layers)", lambda v: f"{v:.2f}"),
+    ("model_bits_per_parameter", "bits per parameter (whole model)", lambda v: f"{v:.2f}"),
     ("perplexity", "perplexity", lambda v: f"{v:.3f}"),
     ("accuracy", "accuracy", lambda v: f"{v:.4f}"),
     ("latency_s", "latency", lambda v: f"{v * 1e3:.1f} ms"),

@@ -20,6 +20,8 @@ class FactorizedLinear(nn.Module):
     initialized, with only a warning); the empty tensor makes it fail on a shape mismatch instead.
     """
 
+    STORED_MODULES = ("down", "up")  # what holds its weight, for bits per weight (evaluation/footprint.py)
+
     def __init__(
         self,
         in_features: int,

@@ -10,6 +10,7 @@ import torch
 from ..core.registry import compressed_layer_types
 from ..core.structure import candidate_linears, linear_weight
 from ..evaluation import weights_size_bytes
+from ..evaluation.footprint import layer_bits
 from ..steps.loading import checkpoint_dtype
 from ..steps.recording import stored_parameters
 from .allocation import grid_bits_per_weight
@@ -58,18 +59,10 @@ class Baseline:
         return self.size_bytes * 8 - self.linear_weights * self.dtype_bits
 
     def effective_bits(self, model) -> float:
-        """Stored bits per original weight of the (compressed) linear layers: every tensor under each original
-        layer's name except biases (codes, scales, bitmasks, factors), floating ones at the checkpoint's dtype
-        unless stored narrower (fp16 scales)."""
-        total = 0
-        for name in self.linear_shapes:
-            module = model.get_submodule(name)
-            tensors = [*module.named_parameters(), *module.named_buffers()]
-            for key, tensor in tensors:
-                if key.rsplit(".", 1)[-1] == "bias":
-                    continue
-                bits = tensor.element_size() * 8
-                total += tensor.numel() * (min(bits, self.dtype_bits) if tensor.is_floating_point() else bits)
+        """Bits per weight (`evaluation.footprint.layer_bits`, the one definition) over the linear layers the
+        search started from: what now stands under each original layer's name (codes and scales, factors, a
+        smaller or untouched weight), floating tensors at the checkpoint's dtype, over the original weights."""
+        total = sum(layer_bits(model.get_submodule(name), self.dtype_bits) for name in self.linear_shapes)
         return total / self.linear_weights
 
     def linear_bits_target(self, budget: Budget) -> float | None:

@@ -69,7 +69,14 @@ def checkpoint_dtype(model: str) -> torch.dtype:
 
 
 # the files a saved tokenizer leaves in a model folder (any one of them)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def load_tokenizer(model: str, required: bool = True):

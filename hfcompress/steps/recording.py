@@ -15,7 +15,7 @@ from ..checkpoint import QUANT_METHOD
 from ..core.registry import compressed_layer_types
 from ..data import load_texts, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
-from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, weight_files
+from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, model_bits_per_parameter, weight_files
 from ..evaluation.latency import forward_latency
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
@@ -53,14 +53,16 @@ def stored_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def model_metrics(model, options: OutputOptions, tokenizer, folder=None, stored_bits: float | None = None) -> dict:
-    """Size of the weight files in `folder`, parameters, bits per weight, and with --eval-dataset perplexity and
-    latency of one window."""
+def model_metrics(model, options: OutputOptions, tokenizer, folder=None, dtype_bits: int | None = None) -> dict:
+    """Size of the weight files in `folder`, parameters, bits per weight (of the compressed layers, and of the
+    whole model; floating tensors counted at `dtype_bits`, the checkpoint's dtype), and with --eval-dataset
+    perplexity and latency of one window."""
 
     metrics = {
         "size_bytes": weights_size_bytes(folder) if folder is not None and os.path.isdir(folder) else None,
         "parameters": stored_parameters(model),
-        "bits_per_weight": stored_bits if stored_bits is not None else bits_per_weight(model),
+        "bits_per_weight": bits_per_weight(model, dtype_bits),
+        "model_bits_per_parameter": model_bits_per_parameter(model, dtype_bits),
     }
     if options.eval_dataset:
         windows = _eval_windows(options, tokenizer, model)
@@ -102,7 +104,7 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> Co
         return record
 
     base = _base_card_data(model_path) if os.path.isdir(model_path) else {}
-    stored_bits = torch.finfo(checkpoint_dtype(model_path)).bits
+    dtype_bits = torch.finfo(checkpoint_dtype(model_path)).bits
     record = CompressionRecord(
         base_model=model_path,
         base_revision=getattr(model.config, "_commit_hash", None),
@@ -111,7 +113,7 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> Co
         command=command_line(),
     )
     folder = model_path if os.path.isdir(model_path) else None
-    record.metrics["before"] = model_metrics(model, options, tokenizer, folder, stored_bits=stored_bits)
+    record.metrics["before"] = model_metrics(model, options, tokenizer, folder, dtype_bits=dtype_bits)
     if options.eval_dataset:
         record.hardware = hardware_description()
     return record
@@ -135,6 +137,7 @@ def finish_output(
         "size_bytes": weights_size_bytes(staging),
         "parameters": stored_parameters(model),
         "bits_per_weight": bits_per_weight(model),
+        "model_bits_per_parameter": model_bits_per_parameter(model),
         **quality,
     }
     if options.eval_dataset:
