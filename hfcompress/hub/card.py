@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
+from ..data import looks_local
 from .record import CompressionRecord
 
 __all__ = ["PLOT_FILE", "TEMPLATE", "generate_card", "render_card"]
@@ -48,6 +49,19 @@ def _settings(config: dict) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in shown.items()).replace("|", "\\|") or "-"
 
 
+def dataset_label(dataset) -> str:
+    """How a card names a dataset: a Hub dataset by its name, a local file or folder by its own name (the path
+    means nothing to a reader of the card)."""
+    text = str(dataset)
+    return os.path.basename(text.rstrip("/")) if looks_local(text) or os.path.exists(text) else text
+
+
+def _data(data: dict) -> str:
+    """The calibration data of a step: the dataset's name, then its settings."""
+    name = f"{dataset_label(data['dataset'])}: " if data.get("dataset") else ""
+    return (name + _settings(data)).replace("|", "\\|")
+
+
 def _metric_rows(record: CompressionRecord) -> list[dict]:
     before, after = record.metrics.get("before", {}), record.metrics.get("after", {})
     rows = []
@@ -58,6 +72,16 @@ def _metric_rows(record: CompressionRecord) -> list[dict]:
         change = f"{100 * (a / b - 1):+.1f}%" if isinstance(b, (int, float)) and b else "-"
         rows.append({"name": name, "before": fmt(b) if b is not None else "-", "after": fmt(a), "change": change})
     return rows
+
+
+def _base_label(record: CompressionRecord) -> str:
+    return record.base_hub_id or os.path.basename(record.base_model.rstrip("/"))
+
+
+def _base_description(record: CompressionRecord) -> str:
+    if record.base_hub_id:
+        return f"[`{record.base_hub_id}`](https://huggingface.co/{record.base_hub_id})"
+    return f"`{_base_label(record)}` (a local model, not on the Hub)"
 
 
 def _load_code(record: CompressionRecord, repo_id: str | None) -> str:
@@ -81,11 +105,17 @@ def _card_data(record: CompressionRecord, existing: dict, repo_id: str | None):
             tags.append(f"{step.config['bits']}-bit")
     data = dict(existing)
     data.update(
-        base_model=record.base_model,
-        base_model_relation="quantized" if "quantization" in techniques else "finetune",
         library_name="transformers",
         tags=list(dict.fromkeys([*(existing.get("tags") or []), *tags])),
     )
+    if record.base_hub_id:  # the Hub links the models; a local base is described in the text instead
+        data.update(
+            base_model=record.base_hub_id,
+            base_model_relation="quantized" if "quantization" in techniques else "finetune",
+        )
+    else:
+        data.pop("base_model", None)
+        data.pop("base_model_relation", None)
     if record.pipeline_tag:
         data["pipeline_tag"] = record.pipeline_tag
     if record.license and "license" not in existing:
@@ -97,14 +127,14 @@ def _card_data(record: CompressionRecord, existing: dict, repo_id: str | None):
         data["eval_results"] = [
             EvalResult(
                 task_type=record.pipeline_tag or "text-generation",
-                dataset_type=str(evaluation["dataset"]),
-                dataset_name=os.path.basename(str(evaluation["dataset"])),
+                dataset_type=dataset_label(evaluation["dataset"]),
+                dataset_name=dataset_label(evaluation["dataset"]),
                 metric_type="perplexity",
                 metric_value=round(float(after["perplexity"]), 4),
                 metric_name="perplexity",
             )
         ]
-        data["model_name"] = repo_id or existing.get("model_name") or f"{record.base_model}-hfcompress"
+        data["model_name"] = repo_id or existing.get("model_name") or f"{_base_label(record)}-hfcompress"
     return ModelCardData(**data)
 
 
@@ -170,24 +200,24 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             "technique": step.technique,
             "method": step.method,
             "settings": _settings(step.config),
-            "data": _settings(step.data) if step.data else "-",
+            "data": _data(step.data) if step.data else "-",
         }
         for step in record.steps
     ]
     names = ", ".join(f"{s['technique']} ({s['method']})" for s in steps) or "no step"
     evaluation = record.evaluation or {}
     protocol = (
-        f"on `{os.path.basename(str(evaluation['dataset']))}`, {evaluation.get('num_windows', '?')} windows of "
+        f"on `{dataset_label(evaluation['dataset'])}`, {evaluation.get('num_windows', '?')} windows of "
         f"{evaluation.get('seq_len', '?')} tokens" if evaluation.get("dataset") else None
     )  # fmt: skip
     try:
         card = _render(
             _card_data(record, existing_data, repo_id),
             Path(template or TEMPLATE),
-            title=f"{repo_id or record.base_model + ' (hfcompress)'}",
-            summary=f"`{record.base_model}` compressed with hfcompress: {names}.",
+            title=f"{repo_id or _base_label(record) + ' (hfcompress)'}",
+            summary=f"{_base_description(record)} compressed with hfcompress: {names}.",
             steps=steps,
-            base_model=record.base_model,
+            base_model=_base_label(record),
             metrics=_metric_rows(record),
             evaluation=protocol,
             hardware=record.hardware if record.metrics.get("after", {}).get("latency_s") is not None else None,

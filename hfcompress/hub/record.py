@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..data import looks_local
+
 __all__ = ["RECORD_FILE", "RECORD_VERSION", "CompressionRecord", "Step", "hardware_description", "library_versions"]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Step:
 @dataclass
 class CompressionRecord:
     base_model: str
+    base_is_local: bool | None = None  # a local folder (no Hub id to link to); None in older records
     base_revision: str | None = None
     license: str | None = None
     pipeline_tag: str | None = None
@@ -84,6 +87,15 @@ class CompressionRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def base_hub_id(self) -> str | None:
+        """The base model's Hub id, or None when it was a local folder."""
+        if self.base_is_local is None:  # an older record: what the name says
+            local = os.path.isdir(self.base_model) or looks_local(self.base_model)
+        else:
+            local = self.base_is_local
+        return None if local else self.base_model
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionRecord:

@@ -107,6 +107,7 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> Co
     dtype_bits = torch.finfo(checkpoint_dtype(model_path)).bits
     record = CompressionRecord(
         base_model=model_path,
+        base_is_local=os.path.isdir(model_path),
         base_revision=getattr(model.config, "_commit_hash", None),
         license=base.get("license"),
         pipeline_tag="text-generation" if hasattr(model, "generate") and model.can_generate() else None,

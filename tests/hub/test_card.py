@@ -95,3 +95,17 @@ def test_a_broken_template_is_a_clear_error_and_leaves_the_card(tmp_path):
 def test_the_card_command_refuses_a_folder_without_a_model(tmp_path, capsys):
     assert main(["card", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_a_local_base_model_and_local_data_are_described_not_linked(tmp_path):
+    record = _record()
+    record.base_model, record.base_is_local = "quickstart/tiny-lm", True  # a local folder that looks like org/name
+    record.evaluation["dataset"] = "quickstart/heldout.txt"
+    record.save(tmp_path)
+    card = ModelCard.load(generate_card(tmp_path))
+    data = card.data.to_dict()
+    assert "base_model" not in data and "base_model_relation" not in data
+    assert card.data.eval_results[0].dataset_type == "heldout.txt"
+    assert "`tiny-lm` (a local model, not on the Hub)" in card.text
+    assert "quickstart/" not in card.text.split("## How to reproduce")[0]
+    assert "| calib.txt: `num_samples=8` |" in card.text  # the data column names the dataset
