@@ -24,7 +24,7 @@ from .arguments import add_config_arguments
 from .common import HANDLER, add_common
 from .recipe_parsers import add_recipe, add_search
 
-__all__ = ["add_commands", "build_parser", "main", "run"]
+__all__ = ["add_commands", "build_parser", "command_names", "main", "run"]
 
 TECHNIQUE = "_hfcompress_technique"
 
@@ -217,6 +217,11 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     _add_hub(subparsers)
     _add_build_kernels(subparsers)
     subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
+
+
+def command_names() -> list[str]:
+    """The top-level commands, in the order `--help` lists them (for optimum-cli's one-line description)."""
+    return list(build_parser()._subparsers._group_actions[0].choices)
 
 
 def build_parser() -> argparse.ArgumentParser:

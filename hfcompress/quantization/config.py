@@ -88,7 +88,7 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
     act_order: bool = field(
         default=True,
         metadata={
-            "help": "Quantize columns by decreasing Hessian diagonal (on ../shared/refmodel at 4-bit g128: perplexity "
+            "help": "Quantize columns by decreasing Hessian diagonal (on a 20.8M-parameter Llama at 4-bit g128: perplexity "
             "+1.24% over fp32 with it, +1.85% without, RTN +1.53%)."
         },
     )
@@ -108,7 +108,7 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         metadata={
             "help": "Within a block, calibrate each group of linears on the outputs of the already quantized ones, "
             "staged so each matmul runs once (about one forward pass of the model in all). Off: two passes per block, "
-            "full-precision Hessians then quantized outputs (~1.4x slower; on ../shared/refmodel with act-order "
+            "full-precision Hessians then quantized outputs (~1.4x slower; on a 20.8M-parameter Llama with act-order "
             "better at 4-bit g128, worse at 4-bit per-channel, 3-bit g128 and per-channel, and 2-bit g64)."
         },
     )

@@ -193,6 +193,13 @@ def test_console_script_and_optimum_cli(model_dir, tmp_path):
         [optimum_cli, "hfcompress", "quantize", "rtn", str(model_dir), str(out2), "-q"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "optimum-cli hfcompress: error" in bad.stderr
+    described = subprocess.run([optimum_cli, "--help"], capture_output=True, text=True).stdout
+    described = " ".join(described.split())  # argparse wraps the line
+    from hfcompress.commands.cli import command_names
+
+    assert {"recipe", "search", "verify", "build-kernels"} <= set(command_names())
+    for name in command_names():  # optimum's one-line description lists every command
+        assert name in described, name
 
 
 def test_help_lists_the_contract():

@@ -1,13 +1,15 @@
 """Mounts `hfcompress` under `optimum-cli` (optimum imports every module of this namespace package and reads
-its REGISTER_COMMANDS). Kept light: the real work is imported when a command runs."""
+its REGISTER_COMMANDS). Kept light: the parser imports no torch, the real work is imported when a command runs."""
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+from hfcompress.commands.cli import command_names
 
 
 class HfcompressCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(
         name="hfcompress",
-        help="Compress models with hfcompress (quantize, factorize, merge-lora, prune, distill, evaluate, card, push).",
+        help=f"Compress models with hfcompress ({', '.join(command_names())}).",
     )
 
     @staticmethod
