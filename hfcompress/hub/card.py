@@ -248,7 +248,7 @@ def generate_card(folder: str | os.PathLike, repo_id: str | None = None, templat
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, path)
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)  # callers say where: inside a command it is a staging folder, gone later
     return path
 
 

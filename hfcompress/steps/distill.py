@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import DataCollatorWithPadding, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -111,6 +112,7 @@ def _distill(teacher: str, output, arguments: DistillArguments, options: OutputO
         warmup_steps=int(0.05 * max_steps), logging_steps=max(1, max_steps // 20), seed=arguments.seed,
         save_strategy="steps" if arguments.checkpoint_dir else "no", save_steps=max(1, max_steps // 4),
         report_to=[], disable_tqdm=options.quiet, use_cpu=arguments.cpu,
+        dataloader_pin_memory=torch.cuda.is_available() and not arguments.cpu,  # else torch warns on every run
     )  # fmt: skip
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher_model, distillation=loss, args=training_args, train_dataset=train_set,
