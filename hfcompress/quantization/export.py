@@ -30,12 +30,13 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
         raise ValueError(
             "compressed-tensors cannot store act-order with dynamic groups (a per-column g_idx): its actorder='group' "
             "was removed. Quantize with act_order=True and static_groups=True (--act-order --static-groups), "
-            "or save with --format hfcompress"
+            "or save in format hfcompress (--format hfcompress)"
         )
     if not qconfig.sym:
         raise ValueError(
             "compressed-tensors checkpoints with asymmetric grids (packed zero points) do not load in transformers "
-            "today (vllm-project/llm-compressor#1618, #1704): quantize with --sym, or save with --format hfcompress"
+            "today (vllm-project/llm-compressor#1618, #1704): quantize with sym=True (--sym), or save in format "
+            "hfcompress (--format hfcompress)"
         )
     if qconfig.overrides:
         raise ValueError(

@@ -62,7 +62,10 @@ def write_quantized(model: nn.Module, folder, format: str = "hfcompress") -> Non
 def check_format(config, format: str = "hfcompress") -> None:
     """Refuse, before any work, a format the config cannot be saved in."""
     if format == "compressed-tensors" and not config.sym:
-        raise ValueError("format compressed-tensors needs a symmetric grid: set `sym` (or use format hfcompress)")
+        raise ValueError(
+            "format compressed-tensors needs a symmetric grid: quantize with sym=True (--sym), or save in format "
+            "hfcompress (--format hfcompress)"
+        )
 
 
 def _save_compressed_tensors(model: nn.Module, folder) -> None:
