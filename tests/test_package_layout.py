@@ -22,6 +22,7 @@ OPTIONAL = (
     "triton",
     "compressed_tensors",
     "torch.utils.cpp_extension",
+    "lm_eval",
 )
 # imported where they are used, so that `import hfcompress` and building the parser import no torch
 DEFERRED = {

@@ -36,7 +36,10 @@ GROUP_HELP = {
 MODEL_HELP = "Local model folder or Hub id."
 OUTPUT_HELP = "Folder to write (must not exist or be empty)."
 # the options every model-writing command ends with
-RECORD_OPTIONS = ["overwrite", "dtype", "eval_dataset", "eval_seq_len", "eval_max_windows", "push_to_hub", "private"]
+RECORD_OPTIONS = [
+    "overwrite", "dtype", "eval_dataset", "eval_seq_len", "eval_max_windows", "eval_tasks", "eval_tasks_dir",
+    "eval_limit", "push_to_hub", "private",
+]  # fmt: skip
 
 
 def _add_writer_options(parser: argparse.ArgumentParser, handler: str) -> None:
@@ -120,12 +123,24 @@ def _add_distill(subparsers) -> None:
 def _add_evaluate(subparsers) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
-        help="Perplexity, weight size on disk, bits per weight and latency of a model.",
-        description="Perplexity over non-overlapping windows of a text, size of the weight files, stored bits per "
-        "weight of the quantized layers, and median forward latency of one window.",
+        help="Perplexity, lm-eval tasks, weight size on disk, bits per weight and latency of a model.",
+        description="Perplexity over non-overlapping windows of a text (--dataset) and/or lm-evaluation-harness "
+        "tasks (--tasks) on the model as loaded (compressed layers included), size of the weight files, stored bits "
+        "per weight of the compressed layers and per parameter of the whole model, and median forward latency of one "
+        "window.",
     )
     evaluate.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    evaluate.add_argument("--dataset", required=True, help="A text file, a `datasets` folder, or a Hub dataset name.")
+    evaluate.add_argument("--dataset", default=None, help="A text file, a `datasets` folder, or a Hub dataset name.")
+    evaluate.add_argument(
+        "--tasks", default=None, metavar="TASK[,TASK...]",
+        help="lm-evaluation-harness tasks (pip install 'hfcompress[lm-eval]'), e.g. arc_easy,hellaswag.",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--tasks-dir", default=None, metavar="DIR",
+        help="A folder of lm-eval task YAML files of your own (local data: runs offline).",
+    )  # fmt: skip
+    evaluate.add_argument("--limit", type=int, default=None, help="lm-eval: only the first N documents of each task.")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per document.")
     evaluate.add_argument(
         "--seq-len", type=int, default=None,
         help="Tokens per window (default: 512, or the model's positions if it has fewer; more is refused).",

@@ -8,14 +8,19 @@ import math
 import os
 
 from ..evaluation import evaluate
+from ..evaluation.tasks import parse_tasks
 from ..steps.loading import load_model, load_tokenizer
 
 __all__ = ["run_evaluate"]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    if args.dataset is None and args.tasks is None:
+        raise ValueError("nothing to evaluate: give --dataset (perplexity) and/or --tasks (lm-eval tasks)")
     if args.seq_len is not None and args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.tasks is not None:
+        parse_tasks(args.tasks)  # a bad list fails before the model loads
     model = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
     folder = args.model if os.path.isdir(args.model) else None
@@ -28,15 +33,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         latency_runs=args.latency_runs,
         model_folder=folder,
+        tasks=args.tasks,
+        tasks_dir=args.tasks_dir,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        quiet=args.quiet,
     )
     result["model"] = args.model
-    if not math.isfinite(result["perplexity"]):  # a corrupt checkpoint must not pass for a result
+    if not math.isfinite(result.get("perplexity", 0.0)):  # a corrupt checkpoint must not pass for a result
         raise ValueError(f"{args.model}: perplexity is {result['perplexity']}; the model's outputs are not finite")
     if args.json:
         print(json.dumps(result))
     else:
-        width = max(map(len, result))
-        for key, value in result.items():
+        rows = {k: v for k, v in result.items() if k != "tasks"}
+        for task, metrics in result.get("tasks", {}).items():
+            rows.update({f"{task} {metric}": value for metric, value in metrics.items()})
+        width = max(map(len, rows))
+        for key, value in rows.items():
             shown = f"{value:.4f}" if isinstance(value, float) else value
             print(f"{key:<{width}}  {shown}")
     return 0

@@ -6,6 +6,7 @@ from .._lazy import lazy_namespace
 _EXPORTS = {
     "bits_per_weight": ".footprint",
     "evaluate": ".report",
+    "evaluate_tasks": ".tasks",
     "forward_latency": ".latency",
     "perplexity": ".perplexity",
     "weights_size_bytes": ".footprint",

@@ -12,6 +12,7 @@ from ..data import load_texts, resolve_seq_len, tokenize_windows
 from .footprint import bits_per_weight, model_bits_per_parameter, weights_size_bytes
 from .latency import forward_latency
 from .perplexity import perplexity
+from .tasks import evaluate_tasks
 
 __all__ = ["evaluate"]
 
@@ -21,34 +22,47 @@ logger = logging.getLogger(__name__)
 def evaluate(
     model,
     tokenizer,
-    dataset,
+    dataset=None,
     seq_len: int | None = None,
     max_windows: int | None = None,
     batch_size: int = 4,
     latency_runs: int = 5,
     model_folder: str | os.PathLike | None = None,
+    tasks: str | list[str] | None = None,
+    tasks_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    quiet: bool = False,
 ) -> dict:
-    """Perplexity on `dataset` (non-overlapping `seq_len` windows, the first `max_windows`), bits per weight of
-    the quantized layers, weight bytes on disk (when `model_folder` is given) and forward latency of one window.
-    `seq_len` None is the default window: 512 tokens, or the model's positions if it has fewer."""
-    seq_len = resolve_seq_len(model, seq_len)
+    """The figures a compressed model is judged by: bits per weight of the compressed layers and of the whole
+    model, weight bytes on disk (when `model_folder` is given); with `dataset`, perplexity on it
+    (non-overlapping `seq_len` windows, the first `max_windows`; `seq_len` None is 512 tokens or the model's
+    positions if fewer) and the forward latency of one window; with `tasks`, lm-evaluation-harness tasks
+    (`evaluation.tasks.evaluate_tasks`: `tasks_dir`, `limit`, `num_fewshot`) under `"tasks"`."""
+    if dataset is None and tasks is None:
+        raise ValueError("nothing to evaluate: give `dataset` (perplexity) and/or `tasks` (lm-eval tasks)")
     dtype_bits = _checkpoint_bits(model_folder)
-    windows = tokenize_windows(tokenizer, load_texts(dataset), seq_len)
-    if max_windows is not None:
-        if max_windows < 1:
-            raise ValueError(f"`max_windows` must be positive, got {max_windows}")
-        windows = windows[:max_windows]
     model.eval()
     result = {
-        "perplexity": perplexity(model, windows, batch_size=batch_size),
         "size_bytes": weights_size_bytes(model_folder) if model_folder is not None else None,
         "bits_per_weight": bits_per_weight(model, dtype_bits),
         "model_bits_per_parameter": model_bits_per_parameter(model, dtype_bits),
-        "num_windows": len(windows),
-        "seq_len": seq_len,
     }
-    if latency_runs > 0:
-        result["latency_s"] = forward_latency(model, windows[:1], runs=latency_runs)
+    if dataset is not None:
+        seq_len = resolve_seq_len(model, seq_len)
+        windows = tokenize_windows(tokenizer, load_texts(dataset), seq_len)
+        if max_windows is not None:
+            if max_windows < 1:
+                raise ValueError(f"`max_windows` must be positive, got {max_windows}")
+            windows = windows[:max_windows]
+        result = {"perplexity": perplexity(model, windows, batch_size=batch_size), **result}
+        result.update(num_windows=len(windows), seq_len=seq_len)
+        if latency_runs > 0:
+            result["latency_s"] = forward_latency(model, windows[:1], runs=latency_runs)
+    if tasks is not None:
+        result["tasks"] = evaluate_tasks(
+            model, tokenizer, tasks, tasks_dir=tasks_dir, limit=limit, num_fewshot=num_fewshot, quiet=quiet
+        )
     return result
 
 

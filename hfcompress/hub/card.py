@@ -71,6 +71,12 @@ def _metric_rows(record: CompressionRecord) -> list[dict]:
         b, a = before.get(key), after[key]
         change = f"{100 * (a / b - 1):+.1f}%" if isinstance(b, (int, float)) and b else "-"
         rows.append({"name": name, "before": fmt(b) if b is not None else "-", "after": fmt(a), "change": change})
+    for task, scores in (after.get("tasks") or {}).items():  # lm-eval tasks (--eval-tasks)
+        for metric, a in scores.items():
+            b = (before.get("tasks") or {}).get(task, {}).get(metric)
+            change = f"{100 * (a - b):+.1f} points" if b is not None else "-"
+            shown = "-" if b is None else f"{b:.4f}"
+            rows.append({"name": f"{task} {metric}", "before": shown, "after": f"{a:.4f}", "change": change})
     return rows
 
 

@@ -73,8 +73,8 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
     tokenizer = load_tokenizer(model, required=False)  # RTN, bitsandbytes, magnitude pruning read no text
     if technique.calibrated(config) and not _is_token_ids(config.dataset):
         require_tokenizer(tokenizer, model, "the calibration data")
-    if options.eval_dataset:
-        require_tokenizer(tokenizer, model, "--eval-dataset")
+    if options.eval_dataset or options.eval_tasks:
+        require_tokenizer(tokenizer, model, "the evaluation data")
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     record = base_record(loaded, model, options, tokenizer)
     start = time.perf_counter()

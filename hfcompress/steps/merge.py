@@ -43,7 +43,7 @@ def merge_lora_folder(
 
 
 def _merge(model: str, adapter: str, output, rank, options: OutputOptions) -> Path:
-    tokenizer = load_tokenizer(model, required=options.eval_dataset is not None)
+    tokenizer = load_tokenizer(model, required=bool(options.eval_dataset or options.eval_tasks))
     loaded = load_model(model, options.dtype)
     record = base_record(loaded, model, options, tokenizer)  # continues the record of a compressed model
     start = time.perf_counter()

@@ -31,6 +31,18 @@ class OutputOptions:
         metadata={"help": "Tokens per evaluation window (default: 512, or the model's positions if it has fewer)."},
     )
     eval_max_windows: int = field(default=50, metadata={"help": "Evaluation windows scored."})
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "lm-evaluation-harness tasks (comma-separated) to score before and after, for the record and "
+            "card (pip install 'hfcompress[lm-eval]').",
+            "metavar": "TASKS",
+        },
+    )
+    eval_tasks_dir: str | None = field(
+        default=None, metadata={"help": "A folder of lm-eval task YAMLs of your own (local data).", "metavar": "DIR"}
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "lm-eval: the first N documents of each task."})
     push_to_hub: str | None = field(
         default=None, metadata={"help": "Push OUTPUT to this Hub repo when done.", "metavar": "REPO_ID"}
     )

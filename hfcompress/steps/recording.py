@@ -17,6 +17,7 @@ from ..data import load_texts, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, model_bits_per_parameter, weight_files
 from ..evaluation.latency import forward_latency
+from ..evaluation.tasks import evaluate_tasks
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
 from ..hub.record import RECORD_FILE, CompressionRecord, Step, command_line, hardware_description
@@ -69,6 +70,11 @@ def model_metrics(model, options: OutputOptions, tokenizer, folder=None, dtype_b
         model.eval()
         metrics["perplexity"] = perplexity(model, windows)
         metrics["latency_s"] = forward_latency(model, windows[:1], runs=5)
+    if options.eval_tasks:
+        metrics["tasks"] = evaluate_tasks(
+            model, tokenizer, options.eval_tasks, tasks_dir=options.eval_tasks_dir, limit=options.eval_limit,
+            quiet=options.quiet,
+        )  # fmt: skip
     return metrics
 
 
@@ -121,9 +127,10 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> Co
 
 
 def quality_metrics(model, options: OutputOptions, tokenizer) -> dict:
-    """Perplexity and latency of the compressed model in memory (with --eval-dataset), measured before its
-    full-precision parts are cast back to the checkpoint dtype for saving."""
-    return {k: v for k, v in model_metrics(model, options, tokenizer).items() if k in ("perplexity", "latency_s")}
+    """Perplexity and latency (with --eval-dataset) and lm-eval task scores (with --eval-tasks) of the compressed
+    model in memory, measured before its full-precision parts are cast back to the checkpoint dtype for saving."""
+    metrics = model_metrics(model, options, tokenizer)
+    return {k: v for k, v in metrics.items() if k in ("perplexity", "latency_s", "tasks")}
 
 
 def finish_output(
@@ -148,6 +155,13 @@ def finish_output(
             "num_windows": len(options.eval_windows),
             "protocol": "perplexity over non-overlapping windows, each scored on its own; latency: median forward "
             "time of one window, 5 runs after one warm-up; the model evaluated in memory before saving",
+        }
+    if options.eval_tasks:
+        record.evaluation = {
+            **(record.evaluation or {}),
+            "tasks": options.eval_tasks,
+            "tasks_protocol": "lm-evaluation-harness on the model in memory before saving"
+            + (f", the first {options.eval_limit} documents of each task" if options.eval_limit else ""),
         }
     # what `hfcompress verify` checks the files against later
     record.files = {f.name: file_digest(f) for f in weight_files(staging)}

@@ -1,0 +1,80 @@
+"""Standard task evaluations through lm-evaluation-harness (the `lm-eval` package, `pip install
+'hfcompress[lm-eval]'`), run on a model in memory: the compressed model as hfcompress built or loaded it, not a
+re-export. `tasks_dir` adds lm-eval task YAML files from a folder, so tasks over local data run offline."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+__all__ = ["evaluate_tasks", "parse_tasks"]
+
+logger = logging.getLogger(__name__)
+
+PIP_LINE = "pip install 'hfcompress[lm-eval]'   (or: pip install lm-eval)"
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """'a,b' or ['a', 'b'] -> ['a', 'b']."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names:
+        raise ValueError(f"`tasks` must name at least one lm-eval task, got {tasks!r}")
+    return names
+
+
+def _task_manager(tasks_dir: str | os.PathLike | None, quiet: bool):
+    from lm_eval.tasks import TaskManager
+
+    if tasks_dir is not None and not os.path.isdir(tasks_dir):
+        raise FileNotFoundError(f"tasks folder {os.fspath(tasks_dir)!r} does not exist (expected lm-eval task YAMLs)")
+    return TaskManager(verbosity="ERROR" if quiet else None, include_path=os.fspath(tasks_dir) if tasks_dir else None)
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: str | list[str],
+    tasks_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    quiet: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval `tasks` on `model`; returns {task: {metric: value}} (acc, acc_norm, ...; standard errors
+    left out). `limit`: the first N documents of each task."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ImportError(f"task evaluation needs lm-evaluation-harness: {PIP_LINE}") from e
+    names = parse_tasks(tasks)
+    manager = _task_manager(tasks_dir, quiet)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        where = f" or in {os.fspath(tasks_dir)!r}" if tasks_dir else " (give --tasks-dir for task YAMLs of your own)"
+        raise ValueError(f"unknown lm-eval tasks {unknown}: not among lm-eval's tasks{where}")
+    if quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    device = next(model.parameters()).device
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), dtype=_dtype(model))
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+        bootstrap_iters=0, verbosity="ERROR" if quiet else None,
+    )  # fmt: skip
+    results = {}
+    for task, metrics in output["results"].items():
+        values = {}
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith("_stderr"):
+                values[name] = float(value)
+        results[task] = values
+    return results
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
