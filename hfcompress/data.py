@@ -65,7 +65,13 @@ def _texts_from_datasets(path: str, split: str) -> list[str]:
             f"dataset {path!r} does not exist (expected a text file, a `datasets` folder or a Hub name)"
         )
     else:
-        loaded = datasets.load_dataset(path, split=split)
+        try:
+            loaded = datasets.load_dataset(path, split=split)
+        except (ConnectionError, OSError) as e:  # offline, an unreachable endpoint, a name the Hub does not have
+            raise FileNotFoundError(
+                f"dataset {path!r} is no local file or folder, and loading it from the Hub failed: {e}. Give a local "
+                "text file or `datasets` folder, or check the name and the network (HF_ENDPOINT, HF_HUB_OFFLINE)"
+            ) from e
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(f"dataset {path!r} has no split {split!r}; it has {list(loaded)}")

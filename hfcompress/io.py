@@ -17,7 +17,14 @@ try:
 except ImportError:  # not POSIX: runs are not locked against each other
     fcntl = None
 
-__all__ = ["atomic_output_dir", "check_output_dir", "claim_output", "copy_model_extras", "output_lock"]
+__all__ = [
+    "atomic_output_dir",
+    "check_output_dir",
+    "claim_output",
+    "copy_model_extras",
+    "output_lock",
+    "weight_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +49,18 @@ _HELD: dict[Path, int] = {}  # locks this process holds, with their depth (a ste
 
 
 def check_output_dir(
-    output: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+    output: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    needed_bytes: int | None = None,
 ) -> Path:
     """Refuse, before any work, an OUTPUT that is, contains or lies inside one of the local `inputs` (the model,
     data, adapter, teacher ... the run reads: writing OUTPUT would replace or delete them), one whose nearest
-    existing folder cannot be written, and one that exists and is not an empty folder, unless `overwrite`."""
+    existing folder cannot be written or has less than `needed_bytes` free, and one that exists and is not an
+    empty folder, unless `overwrite`."""
     output = Path(output)
     _check_not_an_input(output, inputs)
-    _check_writable(output)
+    _check_writable(output, needed_bytes)
     if output.exists():
         if not output.is_dir():
             raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
@@ -85,12 +96,28 @@ def _check_not_an_input(output: Path, inputs) -> None:
         )
 
 
-def _check_writable(output: Path) -> None:
+def _check_writable(output: Path, needed_bytes: int | None = None) -> None:
     folder = output.resolve()
     while not folder.exists():
         folder = folder.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {os.fspath(output)!r}: folder {os.fspath(folder)!r} is not writable")
+    if needed_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < needed_bytes:
+            raise OSError(
+                f"not enough free space for {os.fspath(output)!r}: the run writes up to {needed_bytes / 1e6:,.1f} MB "
+                f"(the size of the model's weights) and {os.fspath(folder)!r} has {free / 1e6:,.1f} MB free; free some "
+                "space or choose another OUTPUT (nothing was changed)"
+            )
+
+
+def weight_bytes(model: str | os.PathLike | None) -> int | None:
+    """The bytes of a local model folder's weight files (what writing a model like it needs at most), or None
+    for a Hub id."""
+    if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
+        return None
+    return sum(p.stat().st_size for p in Path(model).iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 @contextmanager
@@ -128,11 +155,14 @@ def output_lock(output: str | os.PathLike):
 
 @contextmanager
 def claim_output(output: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
-    """Check `output` (`check_output_dir`) before any work, then hold its lock for the whole run (and check again
-    under it: another run may have written it meanwhile). Nothing is created before the first check passes."""
-    check_output_dir(output, overwrite, inputs)
+    """Check `output` (`check_output_dir`, with room for a model as large as the first input, the model) before
+    any work, then hold its lock for the whole run (and check again under it: another run may have written it
+    meanwhile). Nothing is created before the first check passes."""
+    inputs = list(inputs)
+    needed = weight_bytes(inputs[0]) if inputs else None
+    check_output_dir(output, overwrite, inputs, needed)
     with output_lock(output):
-        yield check_output_dir(output, overwrite, inputs)
+        yield check_output_dir(output, overwrite, inputs, needed)
 
 
 def _remove_stale_staging(output: Path) -> None:

@@ -80,3 +80,63 @@ def test_non_finite_weights_are_blamed_not_the_calibration_data(model_dir, text,
            "quantize", "gptq", broken, tmp_path / "o", "--dataset", text, "--group-size", 32, "--seq-len", 16,
            "--num-samples", 2)  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def _hashes(folder):
+    import hashlib
+
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_damaged_adapter_is_named(model_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)  # fmt: skip
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    before = _hashes(model_dir)
+    _fails(capsys, f"adapter weights '{weights}' are not a readable safetensors file", "merge-lora", model_dir,
+           adapter, tmp_path / "o")  # fmt: skip
+    (adapter / "adapter_config.json").write_text("{not json")
+    _fails(capsys, "adapter config", "merge-lora", model_dir, adapter, tmp_path / "o")
+    assert _hashes(model_dir) == before and not (tmp_path / "o").exists()
+
+
+def test_a_hub_dataset_that_cannot_be_reached_says_so(model_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
+    _fails(capsys, "dataset 'someorg/no-such-data' is no local file or folder, and loading it from the Hub failed",
+           "quantize", "gptq", model_dir, tmp_path / "o", "--dataset", "someorg/no-such-data", "--group-size", 32)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_little_free_space_is_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    _fails(capsys, "not enough free space for", "quantize", "rtn", model_dir, tmp_path / "o", "--group-size", 32)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_disk_that_fills_while_writing_leaves_the_old_output(model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "o"
+    assert run("quantize", "rtn", model_dir, out, "--group-size", 32, "-q") == 0
+    before = _hashes(out)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "staging" / "model.safetensors"))
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
+    _fails(
+        capsys, "No space left on device", "quantize", "rtn", model_dir, out, "--group-size", 32, "--overwrite", "-q"
+    )
+    assert _hashes(out) == before  # --overwrite replaces only with a complete folder
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no staging folder, no lock file left

@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     try:
         handler = getattr(importlib.import_module(module_name), function)
         return handler(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, ImportError, TypeError, HubError) as e:
+    except (ValueError, OSError, ImportError, TypeError, HubError) as e:  # OSError: a full disk, a file unreadable
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the output folder is only replaced when complete: nothing half-written stays

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -71,15 +72,28 @@ def load_lora_updates(adapter: str | os.PathLike) -> tuple[dict[str, LoraUpdate]
             f"{adapter!r} is not a peft adapter: it needs adapter_config.json and adapter_model.safetensors "
             "(adapters saved as .bin pickles are not read)"
         )
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"adapter config {config_file!r} is not valid JSON ({e}); is the adapter folder damaged?"
+        ) from e
+    if not isinstance(config, dict):
+        raise ValueError(f"adapter config {config_file!r} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"adapter {adapter!r} is a {config.get('peft_type')!r} adapter; only LORA adapters can be merged"
         )
     if config.get("use_dora"):
         raise ValueError(f"adapter {adapter!r} uses DoRA, whose magnitude vector does not fold into low-rank factors")
-    state = load_file(weights_file)
+    try:
+        state = load_file(weights_file)
+    except SafetensorError as e:
+        raise ValueError(
+            f"adapter weights {weights_file!r} are not a readable safetensors file ({e}); the file is truncated or "
+            "damaged: save the adapter again"
+        ) from e
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name = key.removeprefix(_PREFIX)
