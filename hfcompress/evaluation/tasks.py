@@ -4,6 +4,8 @@ re-export. `tasks_dir` adds lm-eval task YAML files from a folder, so tasks over
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 
@@ -61,16 +63,34 @@ def evaluate_tasks(
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), dtype=_dtype(model))
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
-        bootstrap_iters=0, verbosity="ERROR" if quiet else None,
-    )  # fmt: skip
+    # lm-eval draws its progress bars on stderr with no switch to turn them off: quiet hides that stream (logging
+    # keeps the stream it was configured with, so warnings and errors still show)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+                bootstrap_iters=0, verbosity="ERROR" if quiet else None,
+            )  # fmt: skip
+    except (ValueError, KeyError, TypeError, OSError, ImportError) as e:  # a task's YAML, data or template
+        logger.debug("lm-eval failed", exc_info=True)
+        where = f" (check the task files in {os.fspath(tasks_dir)!r})" if tasks_dir else ""
+        raise ValueError(f"lm-eval could not run {names}: {type(e).__name__}: {e}{where}") from e
+    except Exception as e:
+        if type(e).__module__.startswith("jinja2"):  # a broken doc_to_text / doc_to_choice template
+            where = f" in {os.fspath(tasks_dir)!r}" if tasks_dir else ""
+            raise ValueError(f"an lm-eval task template{where} is not valid Jinja: {e}") from e
+        raise
     results = {}
     for task, metrics in output["results"].items():
         values = {}
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith("_stderr"):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and name not in ("sample_len",)
+                and not name.endswith("_stderr")
+            ):
                 values[name] = float(value)
         results[task] = values
     return results
