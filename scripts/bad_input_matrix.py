@@ -369,14 +369,14 @@ def run_case(python: str, sandbox: Path, case, env: dict) -> dict:
         )
         time.sleep(12)
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
+        _, err = process.communicate(timeout=120)
         code = process.returncode
     else:
         try:
             done = subprocess.run(command, cwd=work, env=case_env, capture_output=True, text=True, timeout=240)
-            code, out, err = done.returncode, done.stdout, done.stderr
+            code, err = done.returncode, done.stderr
         except subprocess.TimeoutExpired:
-            code, out, err = None, "", "timed out after 240 s"
+            code, err = None, "timed out after 240 s"
     seconds = time.time() - start
     if server is not None:
         server.close()
