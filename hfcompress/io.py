@@ -60,10 +60,10 @@ def check_output_dir(
     empty folder, unless `overwrite`."""
     output = Path(output)
     _check_not_an_input(output, inputs)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {str(output)!r} exists and is a file, not a folder; choose a folder for OUTPUT")
     _check_writable(output, needed_bytes)
     if output.exists():
-        if not output.is_dir():
-            raise FileExistsError(f"output {str(output)!r} exists and is not a folder")
         if any(output.iterdir()) and not overwrite:
             raise FileExistsError(
                 f"output folder {str(output)!r} exists and is not empty; pass --overwrite to replace it"

@@ -418,6 +418,9 @@ def main():
     for case in CASES:
         if args.only and args.only not in case[0]:
             continue
+        if case[0] == "output folder not writable" and os.geteuid() == 0:
+            print(f"{'skipped':<10} {case[0]:<45} (running as root, who may write any folder)", flush=True)
+            continue
         result = run_case(args.python, sandbox, case, env)
         results.append(result)
         print(

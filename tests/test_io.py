@@ -127,3 +127,13 @@ def test_card_templates_render_in_a_sandbox(tmp_path):
     template.write_text("---\n{{ card_data }}\n---\n{{ ''.__class__.__mro__[1].__subclasses__() }}\n")
     with pytest.raises(ValueError, match="tried something unsafe"):
         generate_card(tmp_path, template=template)
+
+
+def test_an_output_that_is_a_file_is_named_as_one(tmp_path):
+    from hfcompress.io import check_output_dir
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is a file, not a folder"):
+        check_output_dir(target, overwrite=True)
+    assert target.read_text() == "mine"
