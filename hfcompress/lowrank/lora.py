@@ -64,7 +64,14 @@ def load_lora_updates(adapter: str | os.PathLike) -> tuple[dict[str, LoraUpdate]
         if os.path.exists(path) or path.startswith((".", "/", "~")):
             raise FileNotFoundError(f"adapter {path!r} is not a folder (expected a peft adapter folder or a Hub id)")
 
-        path = snapshot_download(path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+        try:
+            path = snapshot_download(path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+        except Exception as e:  # offline, unreachable, no such repo: huggingface_hub raises several kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(
+                f"adapter {path!r} is no local folder, and fetching it from the Hub failed ({first}); give a peft "
+                "adapter folder, or check the name and the network (HF_ENDPOINT, HF_HUB_OFFLINE)"
+            ) from e
     config_file = os.path.join(path, "adapter_config.json")
     weights_file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(config_file) or not os.path.isfile(weights_file):

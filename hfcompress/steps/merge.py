@@ -10,6 +10,7 @@ from pathlib import Path
 from ..hub.record import Step
 from ..io import claim_output
 from ..lowrank import merge_lora
+from ..lowrank.lora import load_lora_updates
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 from .options import OutputOptions
@@ -38,6 +39,7 @@ def merge_lora_folder(
     and write it to `output`."""
     options = options or OutputOptions()
     rank = parse_rank(rank)
+    load_lora_updates(adapter)  # a missing or damaged adapter fails before the model loads
     with claim_output(output, options.overwrite, [model, adapter, options.eval_dataset]):
         return _merge(model, adapter, output, rank, options)
 
