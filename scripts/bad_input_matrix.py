@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -363,14 +364,21 @@ def run_case(python: str, sandbox: Path, case, env: dict) -> dict:
     if name.startswith("unreachable"):
         case_env["HF_HUB_OFFLINE"] = "1"
     start = time.time()
-    if name.startswith("Ctrl-C"):
+    if name.startswith("Ctrl-C"):  # interrupt once the run is under way (its first progress bar shows)
         process = subprocess.Popen(
-            command, cwd=work, env=case_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        time.sleep(12)
+            command, cwd=work, env=case_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
+        )  # fmt: skip
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+        reader.start()
+        deadline = time.time() + 120
+        while "%|" not in "".join(seen) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
-        code = process.returncode
+        process.wait(timeout=120)
+        reader.join(timeout=10)
+        code, err = process.returncode, "".join(seen)
     else:
         try:
             done = subprocess.run(command, cwd=work, env=case_env, capture_output=True, text=True, timeout=240)

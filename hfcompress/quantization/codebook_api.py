@@ -63,7 +63,8 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
             encoded[names[id(module)]] = {}
 
         for_each_block_hessian(model, blocks, batches, targets, encode, f"{config.method} blocks")
-    for name, module in tqdm([(n, m) for n, m in targets.items() if n not in encoded], desc=config.method):
+    rest = [(n, m) for n, m in targets.items() if n not in encoded]  # outside the blocks, or no data
+    for name, module in tqdm(rest, desc=config.method, disable=not rest):
         set_submodule(model, name, _encode(module, config, None))
         encoded[name] = {}
     for name in encoded:
