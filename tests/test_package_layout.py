@@ -27,6 +27,7 @@ OPTIONAL = (
 # imported where they are used, so that `import hfcompress` and building the parser import no torch
 DEFERRED = {
     ("registration.py", "hfcompress.checkpoint.hf_quantizer"),  # registers when transformers' registry loads
+    ("registry.py", "hfcompress.core.coverage"),  # the coverage check after a quantization
     ("cli.py", "hfcompress.hub.push"),  # the handler's errors, after parsing
     ("cli.py", "hfcompress.hub.record"),
     ("cli.py", "transformers.utils"),  # logging set-up, after parsing

@@ -152,6 +152,18 @@ class Technique:
         if not self.command:
             object.__setattr__(self, "command", (self.kind, self.name))
 
+    def run(self, model: nn.Module, config, tokenizer=None) -> nn.Module:
+        """`apply`, then for a quantization the coverage check (`core.coverage`): what was compressed and what
+        was left out is logged and kept as `model.hfcompress_coverage`, and a run that left a large share of the
+        linear-like weights in full precision is refused unless `config.allow_partial`."""
+        result = self.apply(model, config, tokenizer)
+        if self.kind == "quantize":
+            from .coverage import check_coverage  # torch: the registry itself must import none
+
+            covered = check_coverage(result, config, getattr(config, "allow_partial", False))
+            result.hfcompress_coverage = covered.summary()
+        return result
+
     def method_of(self, config) -> str:
         if self.describe is not None:
             return self.describe(config)
@@ -283,7 +295,7 @@ def technique_for(config: Any, kind: str | None = None) -> Technique:
 def compress(model: nn.Module, config: Any, tokenizer=None) -> nn.Module:
     """Compress `model` with the registered technique `config` belongs to (quantization, pruning, factorization,
     or one registered from outside): in place, except where the technique returns a new model."""
-    return technique_for(config).apply(model, config, tokenizer)
+    return technique_for(config).run(model, config, tokenizer)
 
 
 def compressed_layer_types() -> tuple[type, ...]:

@@ -45,8 +45,17 @@ _METRICS = [
 
 
 def _settings(config: dict) -> str:
-    shown = {k: v for k, v in sorted(config.items()) if v is not None and k not in ("dataset",) and v != []}
+    shown = {k: v for k, v in sorted(config.items()) if v is not None and k not in ("dataset", "coverage") and v != []}
     return ", ".join(f"`{k}={v}`" for k, v in shown.items()).replace("|", "\\|") or "-"
+
+
+def _coverage(summary: dict | None) -> str | None:
+    """One line of what a step compressed and what it left out, with the reasons."""
+    if not summary:
+        return None
+    done = ", ".join(f"{v['layers']} {cls} layers" for cls, v in summary.get("compressed", {}).items()) or "nothing"
+    left = "; ".join(f"{reason}: {v['tensors']}" for reason, v in summary.get("left_out", {}).items())
+    return f"compressed {done}" + (f"; left in full precision: {left}" if left else "")
 
 
 def dataset_label(dataset) -> str:
@@ -207,6 +216,7 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             "method": step.method,
             "settings": _settings(step.config),
             "data": _data(step.data) if step.data else "-",
+            "coverage": _coverage(step.config.get("coverage")),
         }
         for step in record.steps
     ]

@@ -50,10 +50,12 @@ def quantize(model: nn.Module, config, tokenizer=None) -> nn.Module:
     `config` is the config of a registered quantization technique: `RTNConfig` (no data), `GPTQConfig`, whose
     `dataset` is a list of strings, a text file, a `datasets` folder, a Hub dataset name or a tensor of token ids
     [n, seq_len], `KMeansConfig` / `VQConfig`, or one registered with `register_technique(kind="quantize")`.
+    What was quantized and what was left out (with the reason) is logged; a model where more than a quarter of
+    the linear-like weights stay in full precision for no chosen reason is refused unless `allow_partial=True`.
     Text needs `tokenizer`; without one it is loaded from `model.name_or_path`. A `BnbConfig` returns a new,
     bitsandbytes-quantized model (bitsandbytes quantizes while loading) and leaves `model` as it was.
     """
-    return technique_for(config, kind="quantize").apply(model, config, tokenizer)
+    return technique_for(config, kind="quantize").run(model, config, tokenizer)
 
 
 def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:

@@ -30,6 +30,15 @@ class BnbConfig(CompressionConfig):
         default=None, metadata={"help": "Modules left unquantized (names or name suffixes). Default: lm_head."}
     )
 
+    allow_partial: bool = field(
+        default=False,
+        kw_only=True,
+        metadata={
+            "help": "Accept a run that leaves more than a quarter of the linear-like weights in full precision "
+            "(layers of a type no technique handles yet, e.g. fused 3-D expert weights); else it is refused."
+        },
+    )
+
     technique: ClassVar[str] = "bnb"
     method: ClassVar[str] = "bnb"
 

@@ -46,6 +46,14 @@ class RTNConfig(CompressionConfig):
         default=False,
         metadata={"help": "Pick each group's range among shrunk min-max ranges by its rounding error (MSE grid)."},
     )
+    allow_partial: bool = field(
+        default=False,
+        kw_only=True,
+        metadata={
+            "help": "Accept a run that leaves more than a quarter of the linear-like weights in full precision "
+            "(layers of a type no technique handles yet, e.g. fused 3-D expert weights); else it is refused."
+        },
+    )
     layer_bits: dict[str, int] | None = field(
         default=None,
         metadata={

@@ -78,7 +78,7 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     record = base_record(loaded, model, options, tokenizer)
     start = time.perf_counter()
-    compressed = technique.apply(loaded, config, tokenizer)
+    compressed = technique.run(loaded, config, tokenizer)
     seconds = time.perf_counter() - start
     logger.info("%s %s in %.1fs", technique.kind, technique.name, seconds)
     if not technique.in_place:
@@ -108,6 +108,8 @@ def _settings(technique: Technique, config, model) -> tuple[dict, dict | None]:
     settings = config.to_dict()
     data = {k: settings.pop(k) for k in CALIBRATION_FIELDS if k in settings}
     data.update(getattr(model, "hfcompress_calibration", None) or {})
+    if getattr(model, "hfcompress_coverage", None):
+        settings["coverage"] = model.hfcompress_coverage
     if technique.record is not None:
         settings.update(technique.record(model, config))
     return settings, (data if technique.calibrated(config) else None)

@@ -44,6 +44,7 @@ def test_user_configs_serialize():
         "modules_to_not_convert": None,
         "scale_dtype": "float16",
         "clip_search": False,
+        "allow_partial": False,
         "layer_bits": None,
         "keep_sparsity": True,
     }

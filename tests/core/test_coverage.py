@@ -1,0 +1,77 @@
+"""Nothing is skipped silently: every weight matrix is compressed or listed with its reason, and a run that
+leaves a large share of the linear-like weights in full precision is refused unless asked for."""
+
+import json
+
+import pytest
+from helpers import tiny_model, tiny_tokenizer
+from transformers import MixtralConfig, MixtralForCausalLM
+
+import hfcompress
+from hfcompress.commands.cli import main
+from hfcompress.core.coverage import coverage
+
+
+def tiny_mixtral():
+    """transformers 5 stores the experts fused: `mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden]."""
+    config = MixtralConfig(vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=128)  # fmt: skip
+    return MixtralForCausalLM(config).eval()
+
+
+def test_a_dense_model_is_covered_but_for_what_stays_full_precision_by_design():
+    model = hfcompress.quantize(tiny_model(), hfcompress.RTNConfig(bits=4, group_size=32))
+    summary = model.hfcompress_coverage
+    assert summary["compressed"] == {
+        "QuantLinear": {"layers": 14, "weights": 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)}
+    }
+    assert set(summary["left_out"]) == {"embedding", "output embedding (lm_head)"}
+
+
+def test_layers_excluded_by_name_are_listed_as_such():
+    config = hfcompress.RTNConfig(bits=4, group_size=32, modules_to_not_convert=["lm_head", "down_proj"])
+    model = hfcompress.quantize(tiny_model(), config)
+    assert model.hfcompress_coverage["left_out"]["modules_to_not_convert"]["tensors"] == 2
+
+
+def test_fused_expert_weights_left_out_are_refused_then_listed_when_allowed():
+    with pytest.raises(ValueError, match=r"9\d% of the model's linear-like weights were left in full precision .*"
+                       r"MixtralExperts.*allow_partial=True"):  # fmt: skip
+        hfcompress.quantize(tiny_mixtral(), hfcompress.RTNConfig(bits=4, group_size=32))
+    model = hfcompress.quantize(tiny_mixtral(), hfcompress.RTNConfig(bits=4, group_size=32, allow_partial=True))
+    left_out = model.hfcompress_coverage["left_out"]
+    assert left_out["router (kept in full precision)"]["tensors"] == 2
+    assert left_out["unsupported: MixtralExperts.gate_up_proj (3-D)"]["weights"] == 2 * 8 * 256 * 64
+    assert model.hfcompress_coverage["compressed"]["QuantLinear"]["layers"] == 8  # the attention projections
+
+
+def test_the_command_refuses_and_records_coverage(tmp_path, capsys):
+    folder = tmp_path / "mixtral"
+    tiny_mixtral().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert main(["quantize", "rtn", str(folder), str(tmp_path / "o"), "--group-size", "32", "-q"]) == 2
+    assert "--allow-partial" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert (
+        main(["quantize", "rtn", str(folder), str(tmp_path / "o"), "--group-size", "32", "--allow-partial", "-q"]) == 0
+    )
+    record = json.loads((tmp_path / "o" / "hfcompress_record.json").read_text())
+    assert "unsupported: MixtralExperts.down_proj (3-D)" in record["steps"][0]["config"]["coverage"]["left_out"]
+
+
+def test_coverage_of_an_untouched_model_lists_every_linear():
+    result = coverage(tiny_model())
+    assert not result.compressed and result.unintended_share == 1.0
+    assert sum(1 for *_, reason in result.left_out if reason == "linear layer not compressed") == 14
+
+
+def test_the_card_says_what_was_left_out(tmp_path):
+    folder = tmp_path / "mixtral"
+    tiny_mixtral().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert (
+        main(["quantize", "rtn", str(folder), str(tmp_path / "o"), "--group-size", "32", "--allow-partial", "-q"]) == 0
+    )
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "Step 1 compressed 8 QuantLinear layers; left in full precision: " in card
+    assert "unsupported: MixtralExperts.gate_up_proj (3-D): 2" in card and "coverage=" not in card
