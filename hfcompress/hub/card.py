@@ -49,6 +49,15 @@ def _settings(config: dict) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in shown.items()).replace("|", "\\|") or "-"
 
 
+def _memory(memory: dict | None) -> str | None:
+    if not memory or "peak_rss_bytes" not in memory:
+        return None
+    text = f"{memory['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
+    if memory.get("peak_gpu_bytes"):
+        text += f", {memory['peak_gpu_bytes'] / 2**20:,.0f} MiB on the GPU"
+    return text
+
+
 def _coverage(summary: dict | None) -> str | None:
     """One line of what a step compressed and what it left out, with the reasons."""
     if not summary:
@@ -217,6 +226,7 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             "settings": _settings(step.config),
             "data": _data(step.data) if step.data else "-",
             "coverage": _coverage(step.config.get("coverage")),
+            "memory": _memory(step.memory),
         }
         for step in record.steps
     ]

@@ -21,9 +21,22 @@ from typing import Any
 
 import torch
 
+try:
+    import resource
+except ImportError:  # Windows has no getrusage
+    resource = None
+
 from ..data import looks_local
 
-__all__ = ["RECORD_FILE", "RECORD_VERSION", "CompressionRecord", "Step", "hardware_description", "library_versions"]
+__all__ = [
+    "RECORD_FILE",
+    "RECORD_VERSION",
+    "CompressionRecord",
+    "Step",
+    "hardware_description",
+    "library_versions",
+    "peak_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +53,18 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def peak_memory() -> dict[str, int]:
+    """The peak memory of this process so far: resident set size (loading, compressing and evaluating all
+    counted) and, on a GPU, the most memory torch allocated there."""
+    if resource is None:  # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}  # Linux says kilobytes
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
 
 
 def hardware_description() -> str:
@@ -66,6 +91,7 @@ class Step:
     config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] | None = None
     seconds: float | None = None
+    memory: dict[str, int] | None = None  # peak memory of the run that made it (`peak_memory`)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..evaluation.latency import forward_latency
 from ..evaluation.tasks import evaluate_tasks
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
-from ..hub.record import RECORD_FILE, CompressionRecord, Step, command_line, hardware_description
+from ..hub.record import RECORD_FILE, CompressionRecord, Step, command_line, hardware_description, peak_memory
 from ..io import atomic_output_dir, copy_model_extras
 from .loading import checkpoint_dtype
 from .options import OutputOptions
@@ -139,6 +139,8 @@ def finish_output(
     """Add the step and the after-metrics to `record`, write it and the card into `staging` (the output folder
     being written)."""
 
+    if step.memory is None:
+        step.memory = peak_memory()
     record.steps.append(step)
     record.loading = {"requires_hfcompress": requires_hfcompress}
     record.metrics["after"] = {

@@ -56,3 +56,14 @@ def test_a_model_folder_without_tokenizer_is_fine_where_no_text_is_read(model_di
     assert code == 2
     assert "the calibration data is text, and model folder" in capsys.readouterr().err
     assert not (tmp_path / "gptq").exists()
+
+
+def test_the_record_and_card_keep_the_runs_peak_memory(model_dir, tmp_path):
+    import resource
+
+    out = tmp_path / "rtn"
+    assert run("quantize", "rtn", model_dir, out, "--group-size", 32, "-q") == 0
+    memory = json.loads((out / "hfcompress_record.json").read_text())["steps"][0]["memory"]
+    # this process: at least what torch and the model take, at most what the kernel says it peaked at
+    assert 50 * 2**20 < memory["peak_rss_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert "Step 1 peak memory (the whole run: loading, compressing, evaluating): " in (out / "README.md").read_text()
