@@ -75,11 +75,17 @@ def add_search(subparsers) -> None:
     )
     search.add_argument("--prune-sparsities", default="0.3,0.5", help="Extra SparseGPT points (default: 0.3,0.5).")
     search.add_argument("--num-samples", type=int, default=32, help="Calibration windows per build (default: 32).")
-    search.add_argument("--seq-len", type=int, default=512, help="Tokens per calibration window (default: 512).")
+    search.add_argument(
+        "--seq-len", type=int, default=None,
+        help="Tokens per calibration window (default: 512, or the model's positions if it has fewer).",
+    )  # fmt: skip
     search.add_argument(
         "--sensitivity-samples", type=int, default=8, help="Windows per sensitivity measurement (default: 8)."
     )
-    search.add_argument("--eval-seq-len", type=int, default=512, help="Tokens per evaluation window (default: 512).")
+    search.add_argument(
+        "--eval-seq-len", type=int, default=None,
+        help="Tokens per evaluation window (default: 512, or the model's positions if it has fewer).",
+    )  # fmt: skip
     search.add_argument("--eval-max-windows", type=int, default=40, help="Evaluation windows (default: 40).")
     search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
     search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")

@@ -15,15 +15,16 @@ import json
 import logging
 import os
 import shutil
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..core.structure import candidate_linears
-from ..data import load_texts, looks_local, tokenize_windows
+from ..data import load_texts, looks_local, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.latency import forward_latency
 from ..io import claim_output
@@ -55,9 +56,9 @@ class SearchConfig:
     bits_options: list[int] = field(default_factory=lambda: [2, 3, 4])
     group_size: int = 128
     num_samples: int = 32
-    seq_len: int = 512
+    seq_len: int | None = None  # 512, or the model's positions if fewer (`resolve_windows`), as everywhere
     sensitivity_samples: int = 8
-    eval_seq_len: int = 512
+    eval_seq_len: int | None = None
     eval_max_windows: int = 40
     neighbour_bits: float = 0.25
     lowrank_ratios: list[float] = field(default_factory=lambda: [0.7, 0.85])
@@ -81,6 +82,8 @@ class SearchConfig:
         self.bits_options = sorted(set(self.bits_options))
         for name in ("num_samples", "seq_len", "sensitivity_samples", "eval_seq_len", "eval_max_windows"):
             value = getattr(self, name)
+            if value is None and name.endswith("seq_len"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
         for path_name in ("dataset", "eval_dataset"):
@@ -89,6 +92,13 @@ class SearchConfig:
                 raise ValueError(
                     f"`{path_name}` must be a text file, a datasets folder or a dataset name, got {path!r}"
                 )
+
+    def resolve_windows(self, model_config) -> None:
+        """Window lengths as every other command takes them: unset means 512 or the model's positions if it has
+        fewer; more than its positions is refused."""
+        model = types.SimpleNamespace(config=model_config)
+        self.seq_len = resolve_seq_len(model, self.seq_len)
+        self.eval_seq_len = resolve_seq_len(model, self.eval_seq_len)
 
     def fingerprint(self, model: str) -> str:
         """What cached sensitivities and candidates depend on (not the budget: a new budget reuses them)."""
@@ -153,6 +163,7 @@ def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: b
         if looks_local(path) and not os.path.exists(path):
             raise FileNotFoundError(f"`{name}` {path!r} does not exist")
     tokenizer = load_tokenizer(model)
+    config.resolve_windows(AutoConfig.from_pretrained(resolve_model_path(model)))
     calib = tokenize_windows(tokenizer, load_texts(config.dataset), config.seq_len)
     if len(calib) < config.sensitivity_samples:
         raise ValueError(

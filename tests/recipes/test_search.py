@@ -150,3 +150,16 @@ def test_budget_parsing():
         Budget.parse("bits=x")
     config = SearchConfig(budget="params=0.7", dataset="a.txt", eval_dataset="b.txt", techniques="lowrank,prune")
     assert config.techniques == ["lowrank", "prune"] and config.budget.kind == "params"
+
+
+def test_window_lengths_default_to_the_model_like_every_other_command():
+    from helpers import tiny_model
+
+    from hfcompress.recipes.search import SearchConfig
+
+    config = SearchConfig(budget="bits=3.5", dataset="c.txt", eval_dataset="v.txt")
+    config.resolve_windows(tiny_model().config)  # 128 positions: 512 would not fit
+    assert (config.seq_len, config.eval_seq_len) == (128, 128)
+    too_long = SearchConfig(budget="bits=3.5", dataset="c.txt", eval_dataset="v.txt", seq_len=4096)
+    with pytest.raises(ValueError, match="`seq_len` 4096 exceeds the 128 positions"):
+        too_long.resolve_windows(tiny_model().config)
