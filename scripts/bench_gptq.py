@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 import hfcompress
 from hfcompress.data import load_texts, tokenize_windows
 from hfcompress.evaluation import bits_per_weight, perplexity, weights_size_bytes
+from hfcompress.hub.record import hardware_description
 from hfcompress.quantization.modules import cast_unquantized
 
 HERE = Path(__file__).resolve().parent
@@ -104,6 +105,7 @@ def main():
         help="only these bits:group settings, e.g. '4:128,3:-1' (default: the five of the issue)",
     )
     args = parser.parse_args()
+    print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
     settings = SETTINGS
     if args.settings:
         settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]

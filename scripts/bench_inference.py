@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 import hfcompress
+from hfcompress.hub.record import hardware_description
 from hfcompress.quantization.kernels import DequantizeKernel
 from hfcompress.quantization.modules import QuantLinear
 
@@ -92,6 +93,7 @@ def main():
     parser.add_argument("--formats", nargs="+", default=["fp32", "w4 g128", "w8", "bf16", "w4 g128 dequantize"])
     parser.add_argument("--json-out")
     args = parser.parse_args()
+    print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**SHAPE)).parameters())

@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from hfcompress.hub.record import hardware_description
 from hfcompress.quantization.grid import rtn_quantize
 from hfcompress.quantization.kernels import DequantizeKernel, Int4CpuKernel, select_kernel
 from hfcompress.quantization.modules import QuantLinear
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json-out")
     args = parser.parse_args()
+    print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":

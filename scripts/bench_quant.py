@@ -25,6 +25,7 @@ from hfcompress import BnbConfig, GPTQConfig, KMeansConfig, RTNConfig, VQConfig
 from hfcompress.data import load_texts, tokenize_windows
 from hfcompress.evaluation import bits_per_weight, perplexity, weights_size_bytes
 from hfcompress.evaluation.latency import forward_latency
+from hfcompress.hub.record import hardware_description
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only settings whose name contains one of these")
     parser.add_argument("--json-out", default="bench_out/quant/results.json")
     args = parser.parse_args()
+    print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     windows = tokenize_windows(tokenizer, load_texts(args.val), args.seq_len)[: args.max_windows]

@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from hfcompress.data import load_texts, tokenize_windows
 from hfcompress.evaluation import perplexity, weights_size_bytes
+from hfcompress.hub.record import hardware_description
 from hfcompress.recipes import Recipe, run_recipe
 from hfcompress.recipes.search import SearchConfig, search
 from hfcompress.steps.loading import load_tokenizer
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--eval-max-windows", type=int, default=40)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
+    print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
     torch.set_num_threads(torch.get_num_threads())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()

@@ -33,6 +33,7 @@ __all__ = [
     "RECORD_VERSION",
     "CompressionRecord",
     "Step",
+    "cpu_description",
     "hardware_description",
     "library_versions",
     "peak_memory",
@@ -67,18 +68,33 @@ def peak_memory() -> dict[str, int]:
     return peak
 
 
+# the instruction sets the kernels and torch choose paths by
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> str:
+    """The CPU by model name (where Linux tells it), the instruction sets that matter here, and torch's pick."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.processor(), platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    present = [f for f in CPU_FLAGS if f in flags] or ["unknown"]
+    return f"{name} ({', '.join(present)}; torch {torch.backends.cpu.get_cpu_capability()})"
+
+
 def hardware_description() -> str:
-    """Where latency was measured: the CPU (model name where Linux tells it) and threads, or the GPU."""
+    """Where latency was measured: the CPU (model name, instruction sets) and threads, or the GPU."""
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA)"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_description()}, {torch.get_num_threads()} threads"
 
 
 @dataclass

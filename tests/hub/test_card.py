@@ -109,3 +109,15 @@ def test_a_local_base_model_and_local_data_are_described_not_linked(tmp_path):
     assert "`tiny-lm` (a local model, not on the Hub)" in card.text
     assert "quickstart/" not in card.text.split("## How to reproduce")[0]
     assert "| calib.txt: `num_samples=8` |" in card.text  # the data column names the dataset
+
+
+def test_the_hardware_line_names_the_cpus_instruction_sets():
+    import torch
+
+    from hfcompress.hub.record import CPU_FLAGS, hardware_description
+
+    text = hardware_description()
+    if not torch.cuda.is_available():
+        assert f"torch {torch.backends.cpu.get_cpu_capability()}" in text and "threads" in text
+        flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+        assert all(f in text for f in CPU_FLAGS if f" {f} " in flags)
