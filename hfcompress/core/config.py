@@ -19,7 +19,13 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["CalibrationArguments", "CompressionConfig", "deprecated_aliases", "warn_deprecated"]
+__all__ = [
+    "CalibrationArguments",
+    "CompressionConfig",
+    "allow_partial_field",
+    "deprecated_aliases",
+    "warn_deprecated",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +122,18 @@ class CalibrationArguments:
 
     def calibration_dict(self) -> dict[str, Any]:
         return {name: _jsonable(name, getattr(self, name)) for name in CALIBRATION_FIELDS}
+
+
+def allow_partial_field():
+    """The `allow_partial` field of the quantization configs (see `core.coverage.check_coverage`)."""
+    return field(
+        default=False,
+        kw_only=True,
+        metadata={
+            "help": "Accept a run that leaves more than a quarter of the linear-like weights in full precision "
+            "(layers of a type no technique handles yet, e.g. fused 3-D expert weights); else it is refused."
+        },
+    )
 
 
 def deprecated_aliases(**aliases: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.config import CompressionConfig, deprecated_aliases
+from ..core.config import CompressionConfig, allow_partial_field, deprecated_aliases
 
 __all__ = ["BnbConfig"]
 
@@ -30,14 +30,7 @@ class BnbConfig(CompressionConfig):
         default=None, metadata={"help": "Modules left unquantized (names or name suffixes). Default: lm_head."}
     )
 
-    allow_partial: bool = field(
-        default=False,
-        kw_only=True,
-        metadata={
-            "help": "Accept a run that leaves more than a quarter of the linear-like weights in full precision "
-            "(layers of a type no technique handles yet, e.g. fused 3-D expert weights); else it is refused."
-        },
-    )
+    allow_partial: bool = allow_partial_field()
 
     technique: ClassVar[str] = "bnb"
     method: ClassVar[str] = "bnb"

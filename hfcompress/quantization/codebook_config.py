@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..core.config import CalibrationArguments, CompressionConfig
+from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field
 
 __all__ = ["KMeansConfig", "VQConfig"]
 
@@ -17,14 +17,7 @@ class _CodebookConfig(CalibrationArguments, CompressionConfig):
         default=None,
         metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."},
     )
-    allow_partial: bool = field(
-        default=False,
-        kw_only=True,
-        metadata={
-            "help": "Accept a run that leaves more than a quarter of the linear-like weights in full precision "
-            "(layers of a type no technique handles yet, e.g. fused 3-D expert weights); else it is refused."
-        },
-    )
+    allow_partial: bool = allow_partial_field()
 
     @classmethod
     def header(cls) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig
+from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field
 from ..core.grids import SCALE_DTYPES, SUPPORTED_BITS, check_grid
 
 __all__ = ["FORMATS", "SCALE_DTYPES", "GPTQConfig", "RTNConfig"]
@@ -46,14 +46,7 @@ class RTNConfig(CompressionConfig):
         default=False,
         metadata={"help": "Pick each group's range among shrunk min-max ranges by its rounding error (MSE grid)."},
     )
-    allow_partial: bool = field(
-        default=False,
-        kw_only=True,
-        metadata={
-            "help": "Accept a run that leaves more than a quarter of the linear-like weights in full precision "
-            "(layers of a type no technique handles yet, e.g. fused 3-D expert weights); else it is refused."
-        },
-    )
+    allow_partial: bool = allow_partial_field()
     layer_bits: dict[str, int] | None = field(
         default=None,
         metadata={

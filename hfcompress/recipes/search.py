@@ -10,12 +10,10 @@ layers not counted). Techniques: `gptq` (mixed bits per layer from measured sens
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..core.structure import candidate_linears
-from ..data import load_texts, looks_local, resolve_seq_len, tokenize_windows
+from ..data import load_texts, looks_local, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.latency import forward_latency
 from ..io import claim_output
@@ -34,6 +32,7 @@ from .allocation import allocate, grid_bits_per_weight
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .recipe import Recipe
 from .runner import run_recipe
+from .search_config import TECHNIQUES, SearchConfig
 from .search_report import pareto_front, write_reports
 from .sensitivity import layer_sensitivity, monotone, plot_sensitivity, sensitivity_table
 
@@ -41,74 +40,7 @@ __all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
 
 logger = logging.getLogger(__name__)
 
-TECHNIQUES = ("gptq", "lowrank", "prune")
-METRICS = ("perplexity",)
 CACHE_FILE = "cache.json"
-
-
-@dataclass
-class SearchConfig:
-    budget: Budget | str
-    dataset: str
-    eval_dataset: str
-    metric: str = "perplexity"
-    techniques: list[str] = field(default_factory=lambda: list(TECHNIQUES))
-    bits_options: list[int] = field(default_factory=lambda: [2, 3, 4])
-    group_size: int = 128
-    num_samples: int = 32
-    seq_len: int | None = None  # 512, or the model's positions if fewer (`resolve_windows`), as everywhere
-    sensitivity_samples: int = 8
-    eval_seq_len: int | None = None
-    eval_max_windows: int = 40
-    neighbour_bits: float = 0.25
-    lowrank_ratios: list[float] = field(default_factory=lambda: [0.7, 0.85])
-    prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
-
-    def __post_init__(self):
-        if isinstance(self.budget, str):
-            self.budget = Budget.parse(self.budget)
-        if isinstance(self.techniques, str):
-            self.techniques = [t.strip() for t in self.techniques.split(",") if t.strip()]
-        unknown = [t for t in self.techniques if t not in TECHNIQUES]
-        if unknown or not self.techniques:
-            raise ValueError(
-                f"unknown technique(s) {unknown or self.techniques}; expected some of {', '.join(TECHNIQUES)}"
-            )
-        if self.metric not in METRICS:
-            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        bad = [b for b in self.bits_options if b not in (2, 3, 4, 8)]
-        if bad or not self.bits_options:
-            raise ValueError(f"bits options must be among 2, 3, 4, 8, got {self.bits_options}")
-        self.bits_options = sorted(set(self.bits_options))
-        for name in ("num_samples", "seq_len", "sensitivity_samples", "eval_seq_len", "eval_max_windows"):
-            value = getattr(self, name)
-            if value is None and name.endswith("seq_len"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        for path_name in ("dataset", "eval_dataset"):
-            path = getattr(self, path_name)
-            if not isinstance(path, str) or not path:
-                raise ValueError(
-                    f"`{path_name}` must be a text file, a datasets folder or a dataset name, got {path!r}"
-                )
-
-    def resolve_windows(self, model_config) -> None:
-        """Window lengths as every other command takes them: unset means 512 or the model's positions if it has
-        fewer; more than its positions is refused."""
-        model = types.SimpleNamespace(config=model_config)
-        self.seq_len = resolve_seq_len(model, self.seq_len)
-        self.eval_seq_len = resolve_seq_len(model, self.eval_seq_len)
-
-    def fingerprint(self, model: str) -> str:
-        """What cached sensitivities and candidates depend on (not the budget: a new budget reuses them)."""
-        keys = ("dataset", "eval_dataset", "metric", "group_size", "num_samples", "seq_len", "sensitivity_samples",
-                "eval_seq_len", "eval_max_windows")  # fmt: skip
-        data = {
-            "model": os.path.abspath(model) if os.path.isdir(model) else model,
-            **{k: getattr(self, k) for k in keys},
-        }
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
