@@ -12,6 +12,9 @@ import torch
 from ..core.hessian import accumulate_hessian, gram_upper, inverse_cholesky, symmetrize_upper
 from .grid import QuantizedWeight, grid_params, quantize_to_codes
 
+# columns whose errors are spread by rank-1 updates before one matmul carries them further (see `gptq_quantize`)
+SEGMENT = 16
+
 __all__ = [
     "accumulate_hessian",
     "gptq_quantize",
@@ -32,13 +35,15 @@ def gptq_quantize(
     block_size: int = 128,
     clip_search: bool = False,
     mask: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [out, in] column by column, compensating each column's error on the rest.
 
     `group_size` -1 means one group per row. With `act_order` columns are visited by decreasing Hessian
     diagonal; then groups are either consecutive in that order (`g_idx` records each column's group) or,
     with `static_groups`, fixed on the original order before the pass. `clip_search` picks each group's range
-    by the rounding error of shrunk ranges (see `grid_params`). Returns the quantized weight and the
+    by the rounding error of shrunk ranges, `scale_dtype` rounds the scales to what that dtype stores before any
+    code is chosen (see `grid_params`). Returns the quantized weight and the
     summed squared error weighted by the Hessian (the GPTQ objective, for logging).
 
     `mask` (bool [out, in], True where a weight is kept) quantizes a pruned weight without losing its
@@ -62,7 +67,9 @@ def gptq_quantize(
 
     static_params = None
     if act_order and static_groups:
-        static_params = [grid_params(W[:, i : i + group], bits, sym, clip_search) for i in range(0, columns, group)]
+        static_params = [
+            grid_params(W[:, i : i + group], bits, sym, clip_search, scale_dtype) for i in range(0, columns, group)
+        ]
 
     perm = torch.arange(columns, device=W.device)
     if act_order:
@@ -98,25 +105,34 @@ def gptq_quantize(
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            w = W1[i]
-            if static_params is not None:
-                scale, zero = scales[group_of[col]], zeros[group_of[col]]
-            elif col % group == 0:
-                # the group's range is taken from the columns as already updated by earlier errors
-                upcoming = torch.cat([W1[i : i + group], Wt[i2 : col + group]])
-                if keep_t is not None:  # the range of the weights that stay
-                    upcoming = upcoming * keep_t[col : col + upcoming.shape[0]]
-                scale, zero = grid_params(upcoming.t(), bits, sym, clip_search)
-                scales[col // group], zeros[col // group] = scale, zero
-            q_code = quantize_to_codes(w, scale, zero, bits)
-            if keep_t is not None:
-                q_code = torch.where(keep_t[col], q_code, zero)
-            codes[col] = q_code
-            err = (w - (q_code - zero) * scale) / Hinv1[i, i]
-            Err1[i] = err
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+        # within the block, columns go in segments of at most SEGMENT (and never across a group boundary, so a
+        # group's range is read from fully updated columns): each column's error reaches the rest of its segment
+        # at once (rank-1) and the block's later columns once per segment (one matmul), the same sums in fewer,
+        # larger operations
+        j1 = 0
+        while j1 < i2 - i1:
+            j2 = min(j1 + SEGMENT, i2 - i1, (i1 + j1) // group * group + group - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                w = W1[i]
+                if static_params is not None:
+                    scale, zero = scales[group_of[col]], zeros[group_of[col]]
+                elif col % group == 0:
+                    # the group's range is taken from the columns as already updated by earlier errors
+                    upcoming = torch.cat([W1[i : i + group], Wt[i2 : col + group]])
+                    if keep_t is not None:  # the range of the weights that stay
+                        upcoming = upcoming * keep_t[col : col + upcoming.shape[0]]
+                    scale, zero = grid_params(upcoming.t(), bits, sym, clip_search, scale_dtype)
+                    scales[col // group], zeros[col // group] = scale, zero
+                q_code = quantize_to_codes(w, scale, zero, bits)
+                if keep_t is not None:
+                    q_code = torch.where(keep_t[col], q_code, zero)
+                codes[col] = q_code
+                err = (w - (q_code - zero) * scale) / Hinv1[i, i]
+                Err1[i] = err
+                W1[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
+            W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
+            j1 = j2
         losses += Err1.square().sum(dim=0) / 2
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
