@@ -57,10 +57,11 @@ def quantize_group(
         block_size=config.block_size,
         clip_search=config.clip_search,
         mask=mask,
+        scale_dtype=scale_dtype,
     )
     logger.debug("%s: GPTQ loss %.4g", names, loss)
     sizes = [w.shape[0] for w in weights]
-    scales = stacked.scales.to(scale_dtype).float()
+    scales = stacked.scales.to(scale_dtype).float()  # already representable, except scales below its range
     result = {}
     for name, codes, s, z in zip(
         names, stacked.codes.split(sizes), scales.split(sizes), stacked.zeros.split(sizes), strict=True

@@ -47,21 +47,25 @@ class QuantizedWeight:
         return dequantize_codes(self.codes, self.scales[:, g], self.zeros[:, g]).to(dtype)
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(
+    w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of `w` ([rows, cols]) so that the row's range fits the grid.
 
     With `clip_search`, each row's range is also shrunk by factors down to 0.8 and the factor with the
-    smallest rounding error (sum of |w - q(w)|^2.4, as in the reference GPTQ) is kept.
+    smallest rounding error (sum of |w - q(w)|^2.4, as in the reference GPTQ) is kept. With `scale_dtype`
+    the scales are the values that dtype stores (returned in float32), so codes are chosen, and GPTQ's errors
+    measured, against the scale the checkpoint will hold.
     """
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
     if not clip_search:
-        return _params_for_range(xmin, xmax, bits, sym)
-    best_scale, best_zero = _params_for_range(xmin, xmax, bits, sym)
+        return _params_for_range(xmin, xmax, bits, sym, scale_dtype)
+    best_scale, best_zero = _params_for_range(xmin, xmax, bits, sym, scale_dtype)
     best_err = _rounding_error(w, best_scale, best_zero, bits)
     for shrink in (0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8):
-        scale, zero = _params_for_range(xmin * shrink, xmax * shrink, bits, sym)
+        scale, zero = _params_for_range(xmin * shrink, xmax * shrink, bits, sym, scale_dtype)
         err = _rounding_error(w, scale, zero, bits)
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
@@ -75,7 +79,7 @@ def _rounding_error(w, scale, zero, bits) -> torch.Tensor:
     return (w - q).abs().pow(2.4).sum(dim=1)
 
 
-def _params_for_range(xmin, xmax, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _params_for_range(xmin, xmax, bits: int, sym: bool, scale_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = 2**bits - 1
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
@@ -84,6 +88,9 @@ def _params_for_range(xmin, xmax, bits: int, sym: bool) -> tuple[torch.Tensor, t
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / maxq
+    if scale_dtype is not None:
+        stored = scale.to(scale_dtype).float()
+        scale = torch.where(stored > 0, stored, scale)  # below the dtype's range: left as it was
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
@@ -107,15 +114,17 @@ def rtn_quantize(
     sym: bool,
     clip_search: bool = False,
     mask: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantizedWeight:
     """Round-to-nearest on groups of `group_size` consecutive input columns (-1: one group per row).
-    `mask` (True where kept): pruned weights get the zero point's code, so they stay exactly 0."""
+    `mask` (True where kept): pruned weights get the zero point's code, so they stay exactly 0. `scale_dtype`:
+    see `grid_params`."""
     if mask is not None:
         weight = weight * mask
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
     w = weight.float().reshape(out_features, in_features // group, group)
-    scale, zero = grid_params(w.reshape(-1, group), bits, sym, clip_search)
+    scale, zero = grid_params(w.reshape(-1, group), bits, sym, clip_search, scale_dtype)
     scale = scale.reshape(out_features, -1)
     zero = zero.reshape(out_features, -1)
     codes = quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(out_features, in_features)

@@ -67,3 +67,16 @@ def test_per_channel_is_one_group():
     q = rtn_quantize(torch.randn(4, 48), 4, -1, sym=False)
     assert q.scales.shape == (4, 1)
     assert torch.equal(q.g_idx, torch.zeros(48, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scales_are_the_stored_values(dtype):
+    # codes are chosen against the scale the checkpoint holds, so storing it loses nothing more
+    w = torch.randn(64, 128) * 0.02
+    quantized = rtn_quantize(w, bits=4, group_size=32, sym=False, scale_dtype=dtype)
+    assert torch.equal(quantized.scales, quantized.scales.to(dtype).float())
+    g = quantized.g_idx.long()
+    error = (w - quantized.dequantize()).abs()
+    step = quantized.scales[:, g]
+    # a scale rounded down by the dtype shrinks the range by up to 15 steps x its relative rounding error
+    assert bool((error <= step * (0.5 + 15 * torch.finfo(dtype).eps) + 1e-7).all())
