@@ -1,15 +1,19 @@
-"""GPTQ vs round-to-nearest vs full precision on a real trained model, and GPTQ's speed against llm-compressor.
+"""GPTQ against llm-compressor's GPTQ, round-to-nearest and full precision, on a real trained model and on text
+no default was tuned on.
 
-Runs in one process (llm-compressor, if asked for, in a subprocess of its own virtual environment, one after
-the other, never at the same time) and prints a markdown table: perplexity on the validation text
-(non-overlapping windows), quantization seconds, weight bytes on disk and bits per weight of the quantized
-layers, for each setting. Then the checks of the GPTQ issue.
+Both GPTQs see the very same calibration windows: they are tokenized and chosen here once and handed to each as
+token ids (llm-compressor in a subprocess of its own virtual environment, never at the same time as ours). Its
+quantized weights come back as safetensors and are scored by the same perplexity code as every other row, on
+each held-out text (non-overlapping windows). Prints a markdown table (perplexity per text, quantization
+seconds, weight bytes, bits per weight), then the checks of the GPTQ issues.
 
-    python scripts/bench_gptq.py                                   # ../shared/refmodel, no llm-compressor
+    python scripts/bench_gptq.py                                   # ../shared/refmodel, no peer
     python scripts/bench_gptq.py --llmcompressor-python /path/to/venv/bin/python
+    python scripts/bench_gptq.py --variant 2pass:true_sequential=false --settings 4:128
 
-GPTQ runs with the library's defaults (static act-order on, true-sequential calibration); --no-act-order
-turns act-order off on both sides, --two-pass-rows adds rows for the two-pass calibration.
+Held-out texts (default): ../shared/corpus/val.txt and the paragraphs of ../shared/docs-cls/val.jsonl (text no
+hfcompress default was chosen on). GPTQ runs with the library's defaults; each --variant adds a row per setting
+with some fields changed.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import hfcompress
-from hfcompress.data import load_texts, tokenize_windows
+from hfcompress.data import calibration_batches, load_texts, tokenize_windows
 from hfcompress.evaluation import bits_per_weight, perplexity, weights_size_bytes
 from hfcompress.hub.record import hardware_description
 from hfcompress.quantization.modules import cast_unquantized
@@ -36,148 +41,241 @@ from hfcompress.quantization.modules import cast_unquantized
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 SETTINGS = [(4, 128), (4, -1), (3, 128), (3, -1), (2, 64)]
-# gptq: the library defaults (static act-order, true-sequential staged calibration);
-# gptq-2pass: the same with true_sequential=False (full-precision Hessians, then the quantized outputs)
+PEER = "llm-compressor"
+TIE = 0.001  # a relative difference the targets count as a tie
 
 
 def load(model_path):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
 
-def quantize_and_measure(args, config, val_windows, out_dir):
+def heldout_texts(path: str) -> list[str]:
+    """The texts of a held-out file: a .jsonl's `text` fields, or whatever `load_texts` reads."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    return load_texts(path)
+
+
+def score(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: perplexity(model, windows) for name, windows in heldout.items()}
+
+
+def mean_of(results: list[dict]) -> dict:
+    """The mean over calibration draws of each figure (perplexity per text), the single draws kept."""
+    texts = results[0]["perplexity"]
+    mean = {t: statistics.mean(r["perplexity"][t] for r in results) for t in texts}
+    row = {"perplexity": mean, "seconds": statistics.mean(r["seconds"] for r in results)}
+    row |= {k: results[0][k] for k in ("size_bytes", "bits_per_weight")}
+    return row | {"draws": [r["perplexity"] for r in results]}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:field=value,field=value' -> (name, GPTQConfig overrides)."""
+    name, _, assignments = text.partition(":")
+    overrides = {}
+    for item in filter(None, assignments.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value)
+    return name, overrides
+
+
+def gptq_config(args, calibration, bits, group_size, overrides=None):
+    fields = {
+        "bits": bits, "group_size": group_size, "dataset": calibration, "num_samples": len(calibration),
+        "act_order": args.act_order, "static_groups": args.act_order,
+    }  # fmt: skip
+    fields.update(overrides or {})
+    return hfcompress.GPTQConfig(**fields)
+
+
+def run_ours(args, config, heldout, out_dir):
     model = load(args.model)
     start = time.perf_counter()
     hfcompress.quantize(model, config)
     seconds = time.perf_counter() - start
-    ppl = perplexity(model, val_windows)
-    bpw = bits_per_weight(model)
+    row = {"perplexity": score(model, heldout), "seconds": seconds, "bits_per_weight": bits_per_weight(model)}
     cast_unquantized(model, torch.float16)  # what the CLI saves: full-precision parts in the checkpoint dtype
     model.save_pretrained(out_dir)
-    return {"perplexity": ppl, "seconds": seconds, "size_bytes": weights_size_bytes(out_dir), "bits_per_weight": bpw}
+    row["size_bytes"] = weights_size_bytes(out_dir)
+    return row
 
 
-def gptq_config(args, bits, group_size, true_sequential=True):
-    return hfcompress.GPTQConfig(
-        bits=bits, group_size=group_size, dataset=args.calib, num_samples=args.num_samples, seq_len=args.seq_len,
-        act_order=args.act_order, static_groups=args.act_order, true_sequential=true_sequential,
-        clip_search=args.clip_search, damp_percent=args.damp_percent,
-    )  # fmt: skip
-
-
-def time_llmcompressor(args, group_size):
+def run_peer(args, ids_file, bits, group_size, weights_file=None) -> float:
     command = [
-        args.llmcompressor_python, str(HERE / "llmcompressor_gptq.py"), args.model, "--dataset", args.calib,
-        "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--group-size", str(group_size),
+        args.llmcompressor_python, str(HERE / "llmcompressor_gptq.py"), args.model, "--ids", str(ids_file),
+        "--bits", str(bits), "--group-size", str(group_size),
     ]  # fmt: skip
     if args.act_order:
         command.append("--act-order")
+    if weights_file:
+        command += ["--save-weights", str(weights_file)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise RuntimeError(f"llm-compressor failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{PEER} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def score_peer(args, weights_file, heldout) -> dict:
+    model = load(args.model)
+    weights = load_file(weights_file)
+    missing = [name for name in weights if name not in model.state_dict()]
+    if missing:
+        raise RuntimeError(f"{PEER} returned weights the model does not have: {missing[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return {"perplexity": score(model, heldout), "size_bytes": None, "bits_per_weight": None}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "refmodel"))
     parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument("--val", default=str(SHARED / "corpus" / "val.txt"))
+    parser.add_argument(
+        "--heldout",
+        nargs="+",
+        default=[str(SHARED / "corpus" / "val.txt"), str(SHARED / "docs-cls" / "val.jsonl")],
+        help="held-out texts to score on (.txt, or .jsonl with a `text` field)",
+    )
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument(
-        "--max-windows", type=int, default=100, help="validation windows (the reference figures use 100)"
-    )
+    parser.add_argument("--max-windows", type=int, default=100, help="windows per held-out text")
     parser.add_argument(
         "--act-order", action=argparse.BooleanOptionalAction, default=True,
-        help="GPTQ with static act-order, both sides (default: on, the library's default)",
+        help="GPTQ with static act-order, both sides (default: on, both libraries' default)",
     )  # fmt: skip
-    parser.add_argument("--timing-runs", type=int, default=2, help="runs of the 4-bit g128 speed comparison")
     parser.add_argument(
-        "--two-pass-rows", action="store_true", help="also a row per setting for GPTQ with true_sequential=False"
-    )
-    parser.add_argument("--clip-search", action="store_true", help="RTN and GPTQ with the MSE grid search")
-    parser.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (default: 0.01)")
+        "--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+        help="another GPTQ row per setting with GPTQConfig fields changed, e.g. 2pass:true_sequential=false",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draws", type=int, default=1,
+        help="calibration draws per setting: the evenly spread windows, then random ones; rows give the mean",
+    )  # fmt: skip
+    parser.add_argument("--timing-runs", type=int, default=3, help="runs of the 4-bit g128 speed comparison")
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
     parser.add_argument("--json-out", help="also write the results here")
     parser.add_argument(
-        "--settings",
-        default=None,
-        help="only these bits:group settings, e.g. '4:128,3:-1' (default: the five of the issue)",
+        "--settings", default=None, help="only these bits:group settings, e.g. '4:128,3:-1' (default: the five)"
     )
     args = parser.parse_args()
     print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
     settings = SETTINGS
     if args.settings:
         settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]
+    variants = [("gptq", {})] + [parse_variant(v) for v in args.variant]
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    val_windows = tokenize_windows(tokenizer, load_texts(args.val), args.seq_len)[: args.max_windows]
+    heldout = {
+        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[: args.max_windows]
+        for path in args.heldout
+    }
+    # the calibration windows, chosen once for both libraries: the library's own choice (evenly spread), then
+    # --draws - 1 random choices, so a difference can be told from the spread GPTQ has between draws
+    windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
+    draws = [torch.cat(calibration_batches(windows, args.num_samples, args.num_samples))]
+    for seed in range(1, args.draws):
+        chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[: args.num_samples]
+        draws.append(windows[chosen.sort().values])
+
     rows = []
     fp32 = load(args.model)
     rows.append(
-        {"method": "fp32", "bits": 32, "group_size": None, "perplexity": perplexity(fp32, val_windows), "seconds": 0.0,
+        {"method": "fp32", "bits": 32, "group_size": None, "perplexity": score(fp32, heldout), "seconds": 0.0,
          "size_bytes": weights_size_bytes(args.model), "bits_per_weight": bits_per_weight(fp32)}
     )  # fmt: skip
     del fp32
-    gptq_methods = ("gptq", "gptq-2pass") if args.two_pass_rows else ("gptq",)
+    timing = {"gptq": [], PEER: []}
     with tempfile.TemporaryDirectory() as tmp:
+        ids_files = []
+        for draw, calibration in enumerate(draws):
+            ids_files.append(Path(tmp) / f"calibration-{draw}.safetensors")
+            save_file({"input_ids": calibration.contiguous()}, ids_files[-1])
         for bits, group_size in settings:
-            for method in ("rtn", *gptq_methods):
-                if method == "rtn":
-                    config = hfcompress.RTNConfig(bits=bits, group_size=group_size, clip_search=args.clip_search)
-                else:
-                    config = gptq_config(args, bits, group_size, true_sequential=method == "gptq")
-                out = Path(tmp) / f"{method}-{bits}-{group_size}"
-                row = {"method": method, "bits": bits, "group_size": group_size}
-                row.update(quantize_and_measure(args, config, val_windows, out))
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+            config = hfcompress.RTNConfig(bits=bits, group_size=group_size)
+            row = {"method": "rtn", "bits": bits, "group_size": group_size}
+            rows.append(row | run_ours(args, config, heldout, Path(tmp) / f"rtn-{bits}-{group_size}"))
+            runs: dict[str, list[dict]] = {}
+            for draw, calibration in enumerate(draws):
+                for name, overrides in variants:
+                    config = gptq_config(args, calibration, bits, group_size, overrides)
+                    out = Path(tmp) / f"{name}-{bits}-{group_size}-{draw}"
+                    runs.setdefault(name, []).append(run_ours(args, config, heldout, out))
+                    print(json.dumps({"method": name, "bits": bits, "group_size": group_size, "draw": draw}
+                                     | runs[name][-1]), file=sys.stderr, flush=True)  # fmt: skip
+                if args.llmcompressor_python:
+                    weights_file = Path(tmp) / f"peer-{bits}-{group_size}-{draw}.safetensors"
+                    seconds = run_peer(args, ids_files[draw], bits, group_size, weights_file)
+                    runs.setdefault(PEER, []).append({"seconds": seconds} | score_peer(args, weights_file, heldout))
+                    print(json.dumps({"method": PEER, "bits": bits, "group_size": group_size, "draw": draw}
+                                     | runs[PEER][-1]), file=sys.stderr, flush=True)  # fmt: skip
+            for name, results in runs.items():
+                rows.append({"method": name, "bits": bits, "group_size": group_size} | mean_of(results))
+                if (bits, group_size) == (4, 128):
+                    timing.setdefault(name, []).extend(r["seconds"] for r in results)
 
-        timing = {"gptq": [], "gptq-2pass": [], "llmcompressor": []}
-        for _ in range(args.timing_runs if args.llmcompressor_python else 0):
-            for method in ("gptq", "gptq-2pass"):
-                model = load(args.model)
-                start = time.perf_counter()
-                hfcompress.quantize(model, gptq_config(args, 4, 128, true_sequential=method == "gptq"))
-                timing[method].append(time.perf_counter() - start)
-                del model
-            timing["llmcompressor"].append(time_llmcompressor(args, 128))
+        # more 4-bit g128 runs for the speed comparison, alternating so both see the same machine state
+        for _ in range(args.timing_runs - len(timing[PEER]) if args.llmcompressor_python and timing["gptq"] else 0):
+            model = load(args.model)
+            start = time.perf_counter()
+            hfcompress.quantize(model, gptq_config(args, draws[0], 4, 128))
+            timing["gptq"].append(time.perf_counter() - start)
+            del model
+            timing[PEER].append(run_peer(args, ids_files[0], 4, 128))
             print(json.dumps(timing), file=sys.stderr, flush=True)
 
-    print(f"model {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {args.calib}; "
-          f"perplexity on the first {len(val_windows)} {args.seq_len}-token windows of {args.val}; "
-          f"act-order {'static' if args.act_order else 'off'}; clip search {args.clip_search}; damp {args.damp_percent}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
-    print("| method | bits | group | perplexity | vs fp32 | quantize s | weights on disk (MB) | bits/weight |")
-    print("|---|---|---|---|---|---|---|---|")
+    report(args, rows, heldout, settings, variants, timing)
+
+
+def report(args, rows, heldout, settings, variants, timing):
+    texts = list(heldout)
+    print(f"\nmodel {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {args.calib}, "
+          f"{args.draws} draw(s), the same token ids for both libraries (GPTQ rows: the mean over draws); perplexity "
+          f"on the first "
+          f"{', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}; act-order "
+          f"{'static' if args.act_order else 'off'}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
+    print(
+        f"| method | bits | group | {' | '.join(f'ppl {t} | vs fp32' for t in texts)} | quantize s | MB | bits/weight |"
+    )
+    print("|---|---|---|" + "---|---|" * len(texts) + "---|---|---|")
     base = rows[0]["perplexity"]
     for r in rows:
         group = "-" if r["group_size"] is None else ("channel" if r["group_size"] == -1 else r["group_size"])
-        print(f"| {r['method']} | {r['bits']} | {group} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% "
-              f"| {r['seconds']:.1f} | {r['size_bytes'] / 1e6:.2f} | {r['bits_per_weight']:.3f} |")  # fmt: skip
+        cells = " | ".join(
+            f"{r['perplexity'][t]:.3f} | {100 * (r['perplexity'][t] / base[t] - 1):+.2f}%" for t in texts
+        )
+        size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.2f}"
+        bpw = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+        print(f"| {r['method']} | {r['bits']} | {group} | {cells} | {r['seconds']:.1f} | {size} | {bpw} |")
 
     print("\nchecks:")
     by = {(r["method"], r["bits"], r["group_size"]): r for r in rows}
-    for method in gptq_methods:
+    for name, _ in variants:
         for bits, group_size in settings:
-            g, r = by[(method, bits, group_size)], by[("rtn", bits, group_size)]
-            print(f"- {method} beats RTN at {bits}-bit group {group_size}: {g['perplexity'] < r['perplexity']} "
-                  f"({g['perplexity']:.3f} vs {r['perplexity']:.3f})")  # fmt: skip
-        if (method, 4, 128) not in by:
-            continue
-        g4 = by[(method, 4, 128)]
-        print(f"- {method} 4-bit g128 within 1.5% of fp32: {g4['perplexity'] <= 1.015 * base} "
-              f"({100 * (g4['perplexity'] / base - 1):+.2f}%)")  # fmt: skip
-        print(
-            f"- {method} 4-bit g128 bits per weight <= 4.3: {g4['bits_per_weight'] <= 4.3} ({g4['bits_per_weight']:.3f})"
-        )
-    if timing["llmcompressor"]:
-        theirs = statistics.median(timing["llmcompressor"])
-        for method in ("gptq", "gptq-2pass"):
-            ours = statistics.median(timing[method])
-            print(f"- {method} 4-bit g128 quantization time vs llm-compressor GPTQModifier (median of "
-                  f"{args.timing_runs}): {ours:.1f} s vs {theirs:.1f} s = {ours / theirs:.2f}x, at most 0.5x: "
+            ours, rtn = by[(name, bits, group_size)], by[("rtn", bits, group_size)]
+            for t in texts:
+                print(f"- {name} beats RTN at w{bits} g{group_size} on {t}: "
+                      f"{ours['perplexity'][t] < rtn['perplexity'][t]} ({ours['perplexity'][t]:.3f} vs "
+                      f"{rtn['perplexity'][t]:.3f})")  # fmt: skip
+                peer = by.get((PEER, bits, group_size))
+                if peer:
+                    ratio = ours["perplexity"][t] / peer["perplexity"][t]
+                    per_draw = ""
+                    if len(ours.get("draws", [])) > 1:
+                        wins = sum(o[t] <= p[t] * (1 + TIE) for o, p in zip(ours["draws"], peer["draws"], strict=True))
+                        per_draw = f"; at most in {wins} of {len(ours['draws'])} draws"
+                    print(f"- {name} at most {PEER} (a tie within {100 * TIE:.1f}% counts) at w{bits} "
+                          f"g{group_size} on {t}: {ratio <= 1 + TIE} ({ours['perplexity'][t]:.3f} vs "
+                          f"{peer['perplexity'][t]:.3f}, {100 * (ratio - 1):+.2f}%{per_draw})")  # fmt: skip
+    if timing[PEER]:
+        theirs = statistics.median(timing[PEER])
+        for name, seconds in timing.items():
+            if name == PEER or not seconds:
+                continue
+            ours = statistics.median(seconds)
+            print(f"- {name} w4 g128 quantization time vs {PEER} oneshot (medians of {len(seconds)} and "
+                  f"{len(timing[PEER])}): {ours:.1f} s vs {theirs:.1f} s = {ours / theirs:.2f}x, at most 0.5x: "
                   f"{ours <= 0.5 * theirs}")  # fmt: skip
         print(f"  runs (s): {json.dumps({k: [round(x, 1) for x in v] for k, v in timing.items()})}")
     if args.json_out:

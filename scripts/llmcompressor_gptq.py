@@ -1,7 +1,10 @@
-"""Time llm-compressor's GPTQModifier on the same job as scripts/bench_gptq.py (run it in its own venv).
+"""Run llm-compressor's GPTQModifier on the job scripts/bench_gptq.py gives it (run it in its own venv).
 
-Prints one JSON line: {"seconds": ...} for the oneshot call alone (model load and save not counted).
-Used by bench_gptq.py through --llmcompressor-python; needs only llmcompressor, transformers, datasets.
+The calibration windows come as token ids (a safetensors file with `input_ids` [n, seq_len]), so the peer sees
+exactly the data hfcompress sees. Prints one JSON line: {"seconds": ...} for the `oneshot` call alone (model load
+and save not counted). With --save-weights, the quantized linears' weights (on the grid, dequantized) are written
+as safetensors for bench_gptq.py to score with the same perplexity code as its own rows.
+Needs only llmcompressor, transformers, datasets, safetensors.
 """
 
 import argparse
@@ -14,28 +17,24 @@ import torch
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
-    parser.add_argument("--dataset", required=True, help="text file")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--ids", required=True, help="safetensors file holding the calibration `input_ids`")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128, help="-1: one group per output channel")
     parser.add_argument("--act-order", action="store_true", help="static act-order (llm-compressor's default)")
-    parser.add_argument("--save", help="also save the compressed model here (compressed-tensors)")
+    parser.add_argument("--damp", type=float, default=0.01, help="dampening_frac")
+    parser.add_argument("--save-weights", help="write the quantized linears' weights here (safetensors)")
     args = parser.parse_args()
 
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    with open(args.dataset, encoding="utf-8") as f:
-        ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
-    n = len(ids) // args.seq_len
-    index = torch.linspace(0, n - 1, args.num_samples).round().long().tolist()
-    rows = [ids[i * args.seq_len : (i + 1) * args.seq_len] for i in index]
-    dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * args.seq_len for _ in rows]})
+    ids = load_file(args.ids)["input_ids"]
+    rows = ids.tolist()
+    dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * ids.shape[1] for _ in rows]})
     config_groups = {
         "group_0": {
             "targets": ["Linear"],
@@ -51,7 +50,7 @@ def main():
     recipe = GPTQModifier(
         config_groups=config_groups,
         ignore=["lm_head"],
-        dampening_frac=0.01,
+        dampening_frac=args.damp,
         block_size=128,
         actorder="static" if args.act_order else None,
     )
@@ -60,13 +59,17 @@ def main():
         model=model,
         dataset=dataset,
         recipe=recipe,
-        max_seq_length=args.seq_len,
-        num_calibration_samples=args.num_samples,
+        max_seq_length=ids.shape[1],
+        num_calibration_samples=len(rows),
     )
     seconds = time.perf_counter() - start
-    if args.save:
-        model.save_pretrained(args.save, save_compressed=True)
-        tokenizer.save_pretrained(args.save)
+    if args.save_weights:
+        weights = {
+            f"{name}.weight": module.weight.detach().float().contiguous()
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and hasattr(module, "weight_scale")
+        }
+        save_file(weights, args.save_weights)
     print(json.dumps({"seconds": seconds}))
 
 

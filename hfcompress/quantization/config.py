@@ -109,8 +109,8 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         metadata={
             "help": "Within a block, calibrate each group of linears on the outputs of the already quantized ones, "
             "staged so each matmul runs once (about one forward pass of the model in all). Off: two passes per block, "
-            "full-precision Hessians then quantized outputs (~1.4x slower; on a 20.8M-parameter Llama with act-order "
-            "better at 4-bit g128, worse at 4-bit per-channel, 3-bit g128 and per-channel, and 2-bit g64)."
+            "full-precision Hessians then quantized outputs, as llm-compressor does (~1.4x slower; on a 20.8M-parameter "
+            "Llama neither was better at every setting, see scripts/bench_gptq.py --draws)."
         },
     )
 
