@@ -42,6 +42,7 @@ __all__ = [
     "block_prefixes",
     "calibrate_block",
     "calibrate_blocks",
+    "calibrate_streams",
     "collect_hessians",
     "for_each_block_hessian",
 ]
@@ -313,6 +314,49 @@ def calibrate_blocks(
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
         solve = make_solver(block, prefix, modules)
         inputs, solved, _ = calibrate_block(block, prefix, inputs, modules, solve, true_sequential, traces[key])
+        yield block, prefix, solved
+
+
+@torch.no_grad()
+def calibrate_streams(
+    model: nn.Module,
+    blocks,
+    batches: list[torch.Tensor],
+    targets: dict[str, nn.Module],
+    streams: list,
+    make_solver: Callable[[Any, nn.Module, str, dict[str, nn.Module]], BlockSolver],
+    true_sequential: bool = True,
+    desc: str = "blocks",
+) -> Iterator[tuple[nn.Module, str, dict[Any, dict[str, Any]]]]:
+    """Several independent calibrations in one walk over the blocks: stream `s` calibrates each block with
+    `make_solver(s, block, prefix, modules)` on its own inputs (the earlier blocks' outputs as stream `s` solved
+    them), exactly as `calibrate_blocks` would alone. The targets' weights are put back after each stream, so
+    the model ends as it began. Yields `(block, prefix, {stream: solved})` after each block with targets.
+
+    The blocks are walked once (one onloading per block for every stream); each stream holds its own inputs.
+    """
+    first = capture_block_inputs(model, blocks[0], batches)
+    inputs = {stream: first for stream in streams}
+    traces: dict[tuple, BlockTrace] = {}
+    for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
+        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if not modules:
+            inputs = {stream: run_block(block, x) for stream, x in inputs.items()}
+            continue
+        key = (type(block), frozenset(modules))
+        if key not in traces:
+            traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[streams[0]][0])
+        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()}
+        solved = {}
+        for stream in streams:
+            solve = make_solver(stream, block, prefix, modules)
+            try:
+                inputs[stream], solved[stream], _ = calibrate_block(
+                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key]
+                )
+            finally:
+                for name, weight in originals.items():
+                    set_linear_weight(modules[name], weight)
         yield block, prefix, solved
 
 
