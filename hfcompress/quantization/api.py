@@ -19,7 +19,7 @@ from .grid import SCALE_TORCH_DTYPES, rtn_quantize
 from .layers import quantized_layer
 from .plan import LayerPlan, plan_layers
 
-__all__ = ["quantize", "quantize_uniform", "quantized_layer", "select_targets"]
+__all__ = ["attach_quantization_config", "quantize", "quantize_uniform", "quantized_layer", "select_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
     _recompress_untouched(model, sparse_before)
 
-    _attach_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}))
+    attach_quantization_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}))
     return model
 
 
@@ -146,7 +146,9 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
     return calibration_data(model, config, tokenizer)
 
 
-def _attach_config(model: nn.Module, config: RTNConfig, plans: dict[str, LayerPlan], layer_types: list[str]) -> None:
+def attach_quantization_config(
+    model: nn.Module, config: RTNConfig, plans: dict[str, LayerPlan], layer_types: list[str]
+) -> None:
     overrides = {
         name: {"bits": plan.bits, "group_size": plan.group_size}
         for name, plan in plans.items()

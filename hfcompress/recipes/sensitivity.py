@@ -15,7 +15,14 @@ from transformers.utils.logging import tqdm
 from ..core.capture import capture_block_outputs
 from ..core.structure import find_layer_stack, linear_weight, set_linear_weight
 
-__all__ = ["calibration_loss", "layer_sensitivity", "monotone", "plot_sensitivity", "sensitivity_table"]
+__all__ = [
+    "calibration_loss",
+    "fisher_scores",
+    "layer_sensitivity",
+    "monotone",
+    "plot_sensitivity",
+    "sensitivity_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +167,21 @@ def layer_sensitivity(
     progress.close()
     model.train(was_training)
     return results
+
+
+def fisher_scores(
+    fisher: dict[str, torch.Tensor], errors: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, dict[str, float]]:
+    """`{layer: {setting: score}}`, the second-order estimate of the mean KL divergence one layer's change costs,
+    `½ Σ_r F_r e_r`: `fisher[layer]` the Fisher information of each output channel (`core.fisher.output_fisher`),
+    `errors[setting][layer]` the mean squared error of each output channel under that setting. Layers without
+    a Fisher vector or an error are left out."""
+    scores: dict[str, dict[str, float]] = {}
+    for setting, layers in errors.items():
+        for name, error in layers.items():
+            if name in fisher and error is not None:
+                scores.setdefault(name, {})[setting] = 0.5 * float((fisher[name] * error.to(fisher[name])).sum())
+    return scores
 
 
 def monotone(results: dict[str, dict[str, float]], order: list[str]) -> dict[str, dict[str, float]]:
