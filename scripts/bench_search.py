@@ -7,6 +7,9 @@
 2. The recipe factorize(param_ratio 0.85, whiten) + GPTQ 4-bit g128 against GPTQ 4-bit g128 alone (the search's
    own uniform point, same calibration): size on disk and perplexity.
 
+What the GPTQ search costs against one GPTQ run, and how its scores compare with measured probes:
+`scripts/bench_search_cost.py`.
+
     python scripts/bench_search.py                     # ../shared/refmodel, ../shared/corpus, into bench_out/search
     python scripts/bench_search.py --resume            # continue an interrupted run from its caches
 """

@@ -45,8 +45,10 @@ def add_search(subparsers) -> None:
     search = subparsers.add_parser(
         "search",
         help="Find the best compression of MODEL within a size/bits/parameter budget.",
-        description="Measure how much each layer's compression moves the calibration loss, allocate settings per "
-        "layer under --budget with a knapsack (mixed GPTQ bits per layer; factorization ranks per layer), build and "
+        description="Estimate how much each layer's compression moves the model's predictions (GPTQ: its output "
+        "error at each width, weighted by the Fisher information of its outputs, from one walk over the blocks and one "
+        "backward pass), allocate settings per layer under --budget with a knapsack (mixed GPTQ bits per layer; "
+        "factorization ranks per layer), build and "
         "evaluate those candidates next to uniform ones, and write the best one that meets the budget to OUTPUT "
         "with its recipe.yaml; OUTPUT/search/ holds pareto.md, pareto.png, sensitivity.md/.png, results.json and "
         "the cache that --resume continues from. Budgets: bits=B (stored bits per weight of the compressed linear "
@@ -86,7 +88,13 @@ def add_search(subparsers) -> None:
         "--eval-seq-len", type=int, default=None,
         help="Tokens per evaluation window (default: 512, or the model's positions if it has fewer).",
     )  # fmt: skip
-    search.add_argument("--eval-max-windows", type=int, default=40, help="Evaluation windows (default: 40).")
+    search.add_argument(
+        "--eval-max-windows", type=int, default=16, help="Evaluation windows per candidate (default: 16)."
+    )
+    search.add_argument(
+        "--neighbour-bits", type=float, default=0.0,
+        help="Also build mixed GPTQ points this many bits per weight either side of the budget (default: 0, none).",
+    )  # fmt: skip
     search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
     search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
     add_common(search)

@@ -25,7 +25,7 @@ def run_search(args: argparse.Namespace) -> int:
         techniques=args.techniques, bits_options=_numbers(args.bits_options, int, "--bits-options"),
         group_size=args.group_size, num_samples=args.num_samples, seq_len=args.seq_len,
         sensitivity_samples=args.sensitivity_samples, eval_seq_len=args.eval_seq_len,
-        eval_max_windows=args.eval_max_windows,
+        eval_max_windows=args.eval_max_windows, neighbour_bits=args.neighbour_bits,
         lowrank_ratios=_numbers(args.lowrank_ratios, float, "--lowrank-ratios"),
         prune_sparsities=_numbers(args.prune_sparsities, float, "--prune-sparsities"),
     )  # fmt: skip

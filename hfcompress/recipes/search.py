@@ -3,74 +3,42 @@ layer with a knapsack, then build and evaluate the candidates and keep the best 
 
 Budgets: `bits=B` (stored bits per weight of the compressed linear layers, from the checkpoint's size on disk),
 `size=F` (fraction of the model's weight bytes on disk), `params=F` (fraction of its parameters, zeros of pruned
-layers not counted). Techniques: `gptq` (mixed bits per layer from measured sensitivities, and uniform bits),
+layers not counted). Techniques: `gptq` (uniform bits, and mixed bits per layer from Fisher-weighted GPTQ errors:
+`search_gptq.py`),
 `lowrank` (whitened SVD with ranks per layer from hfcompress's factorization sensitivity allocation), `prune`
 (SparseGPT at a uniform sparsity, stored as bitmask).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..core.structure import candidate_linears
 from ..data import load_texts, looks_local, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.latency import forward_latency
 from ..io import claim_output
-from ..quantization.modules import QuantLinear
 from ..steps.loading import load_model, load_tokenizer, resolve_model_path
-from .allocation import allocate, grid_bits_per_weight
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
+from .candidates import CACHE_FILE, Candidate, SearchCache, steps_key
 from .recipe import Recipe
 from .runner import run_recipe
 from .search_config import TECHNIQUES, SearchConfig
+from .search_gptq import gptq_candidates
 from .search_report import pareto_front, write_reports
-from .sensitivity import layer_sensitivity, monotone, plot_sensitivity, sensitivity_table
 
 __all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_FILE = "cache.json"
-
-
-@dataclass
-class Candidate:
-    name: str
-    technique: str
-    steps: list[dict[str, Any]]
-    note: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-class _Cache:
-    def __init__(self, path: Path, fingerprint: str, resume: bool):
-        self.path = path
-        data = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else {}
-        if data and data.get("fingerprint") != fingerprint:
-            logger.warning("%s was measured with other data or settings; measuring again", path)
-            data = {}
-        self.data = {"fingerprint": fingerprint, "sensitivity": {}, "candidates": {}, **data}
-        if self.data.get("sensitivity_measure") != "kl":  # caches from before the KL measure
-            self.data["sensitivity"], self.data["sensitivity_measure"] = {}, "kl"
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
-def _steps_key(steps) -> str:
-    return json.dumps(steps, sort_keys=True)
+LATENCY_RUNS = 3  # of one evaluation window, after a warm-up; the median is reported
 
 
 def search(
@@ -114,17 +82,19 @@ def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: b
         _prepare_output(output, False, overwrite)
     work = output / "search"
     (work / "candidates").mkdir(parents=True, exist_ok=True)
-    cache = _Cache(work / CACHE_FILE, config.fingerprint(model), resume)
+    cache = SearchCache(work / CACHE_FILE, config.fingerprint(model), resume)
     eval_windows = tokenize_windows(tokenizer, load_texts(config.eval_dataset), config.eval_seq_len)
     eval_windows = eval_windows[: config.eval_max_windows]
 
+    start = time.perf_counter()
     dense_metrics = cache.data.get("dense") or _evaluate(dense, model, eval_windows, base)
+    cache.add_seconds("evaluate", time.perf_counter() - start)
     cache.data["dense"] = dense_metrics
     cache.save()
 
     candidates: list[Candidate] = []
     if "gptq" in config.techniques:
-        candidates += _gptq_candidates(model, dense, base, config, calib, work, cache, eval_windows, quiet)
+        candidates += gptq_candidates(model, dense, tokenizer, base, config, calib, work, cache)
     if "lowrank" in config.techniques:
         candidates += _lowrank_candidates(base, config, work)
     if "prune" in config.techniques:
@@ -147,7 +117,8 @@ def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: b
             f"{smallest.metrics['parameters']} parameters)"
         )
     best = min(eligible, key=lambda p: p.metrics[config.metric])
-    results = write_reports(points, front, best, config, base, work, failed)
+    cache.save()
+    results = write_reports(points, front, best, config, base, work, failed, cache.data["seconds"])
     if best.name != "dense":
         _publish_candidate(work / "candidates" / best.name, output)
     else:
@@ -168,88 +139,8 @@ def _evaluate(model, folder: str | os.PathLike, windows, base: Baseline) -> dict
         "effective_bits": base.effective_bits(model),
         "bits_per_weight": bits_per_weight(model),
         "parameters": nonzero_parameters(model),
-        "latency_s": forward_latency(model, windows[:1], runs=5),
+        "latency_s": forward_latency(model, windows[:1], runs=LATENCY_RUNS),
     }
-
-
-def _gptq_step(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None = None) -> dict:
-    settings = {"method": "gptq", "bits": bits, "group_size": config.group_size, "num_samples": config.num_samples,
-                "seq_len": config.seq_len}  # fmt: skip
-    if layer_bits:
-        settings["layer_bits"] = layer_bits
-    return {"quantize": settings}
-
-
-def _gptq_candidates(model_path, dense, base, config, calib, work, cache, eval_windows, quiet) -> list[Candidate]:
-    """Uniform GPTQ at every bit width (also the source of the sensitivities), then mixed allocations at the
-    budget and either side of it."""
-    uniform = [Candidate(f"gptq-{b}bit", "gptq", [_gptq_step(config, b)], "uniform") for b in config.bits_options]
-    for candidate in uniform:
-        _build_and_evaluate(candidate, model_path, config, work, cache, eval_windows, base, quiet)
-    target = base.linear_bits_target(config.budget)
-    if target is None:  # quantization keeps the parameter count: uniform points for the table only
-        return uniform
-    sensitivity = _gptq_sensitivity(dense, uniform, config, calib, work, cache)
-    mixed = []
-    for bits in sorted({round(target + d, 3) for d in (-config.neighbour_bits, 0.0, config.neighbour_bits)}):
-        layer_bits = _allocate_bits(sensitivity, base, config, bits)
-        if layer_bits is None or len(set(layer_bits.values())) < 2:
-            continue  # unreachable, or the same as a uniform point
-        default = max(set(layer_bits.values()), key=list(layer_bits.values()).count)
-        overrides = {n: b for n, b in layer_bits.items() if b != default}
-        name = f"gptq-mixed-{bits:.2f}"
-        mixed.append(Candidate(name, "gptq", [_gptq_step(config, default, overrides)], f"knapsack at {bits:.2f} bits"))
-    return uniform + mixed
-
-
-def _allocate_bits(sensitivity, base: Baseline, config: SearchConfig, target_bits: float) -> dict[str, int] | None:
-    options, choices = {}, {}
-    for name, (out_features, in_features) in base.linear_shapes.items():
-        row = sensitivity.get(name, {})
-        usable = [b for b in config.bits_options if f"{b}bit" in row]
-        if not usable:
-            continue
-        weights = out_features * in_features
-        options[name] = [
-            (weights * grid_bits_per_weight(b, config.group_size, in_features), row[f"{b}bit"]) for b in usable
-        ]
-        choices[name] = usable
-    picked = allocate(options, target_bits * base.linear_weights)
-    if picked is None:
-        return None
-    return {name: choices[name][index] for name, index in picked.items()}
-
-
-def _gptq_sensitivity(dense, uniform: list[Candidate], config, calib, work: Path, cache: _Cache) -> dict:
-    done = cache.data["sensitivity"]  # mean KL divergence per layer and bit width
-    variants = {}
-    for candidate in uniform:
-        setting = candidate.name.split("-")[1]  # "4bit"
-        if all(setting in done.get(n, {}) for n in _linear_names(dense)):
-            continue
-        quantized = AutoModelForCausalLM.from_pretrained(work / "candidates" / candidate.name, dtype=torch.float32)
-        variants[setting] = {
-            n: m.dequantize_weight(torch.float32) for n, m in quantized.named_modules() if isinstance(m, QuantLinear)
-        }
-        del quantized
-
-    def remember(name, setting, value):
-        cache.data["sensitivity"].setdefault(name, {})[setting] = value
-        cache.save()
-
-    results = layer_sensitivity(dense, calib[: config.sensitivity_samples], variants, done=done, on_result=remember)
-    (work / "sensitivity.md").write_text(
-        "Mean KL divergence of the next-token distributions from the full-precision model's when one layer alone "
-        f"takes its GPTQ weight at each bit width ({config.sensitivity_samples} windows of {config.seq_len} tokens "
-        f"of {config.dataset}):\n\n" + sensitivity_table(results),
-        encoding="utf-8",
-    )
-    plot_sensitivity(results, work / "sensitivity.png")
-    return monotone(results, [f"{b}bit" for b in config.bits_options])
-
-
-def _linear_names(model) -> list[str]:
-    return list(candidate_linears(model, None))
 
 
 def _lowrank_candidates(base: Baseline, config: SearchConfig, work: Path) -> list[Candidate]:
@@ -286,28 +177,33 @@ def _prune_candidates(base: Baseline, config: SearchConfig) -> list[Candidate]:
 
 
 def _build_and_evaluate(
-    candidate: Candidate, model_path, config, work: Path, cache: _Cache, eval_windows, base, quiet
+    candidate: Candidate, model_path, config, work: Path, cache: SearchCache, eval_windows, base, quiet
 ) -> None:
-
     folder = work / "candidates" / candidate.name
-    cached = cache.data["candidates"].get(candidate.name)
-    if cached and cached.get("steps") == _steps_key(candidate.steps) and folder.is_dir():
-        candidate.metrics = cached["metrics"]
+    cached = cache.evaluated(candidate, folder)
+    if cached is not None:
+        candidate.metrics = cached
         logger.info("%s: evaluated before, reusing", candidate.name)
         return
-    logger.info("building %s", candidate.name)
-    recipe = Recipe.from_dict({"steps": candidate.steps, "dataset": config.dataset})
-    try:
-        run_recipe(recipe, model_path, folder, overwrite=True, quiet=quiet)
-    except ValueError as e:  # a point this model cannot reach (ranks below the minimum, ...): skip it
-        logger.warning("skipping %s: %s", candidate.name, e)
-        candidate.note = f"failed: {e}"
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    shutil.rmtree(folder / "steps", ignore_errors=True)  # the same model as the folder itself
+    if not candidate.built:
+        logger.info("building %s", candidate.name)
+        recipe = Recipe.from_dict({"steps": candidate.steps, "dataset": config.dataset})
+        start = time.perf_counter()
+        try:
+            run_recipe(recipe, model_path, folder, overwrite=True, quiet=quiet)
+        except ValueError as e:  # a point this model cannot reach (ranks below the minimum, ...): skip it
+            logger.warning("skipping %s: %s", candidate.name, e)
+            candidate.note = f"failed: {e}"
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        finally:
+            cache.add_seconds(f"build_{candidate.technique}", time.perf_counter() - start)
+        shutil.rmtree(folder / "steps", ignore_errors=True)  # the same model as the folder itself
+    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # evaluated as the dense model is
     candidate.metrics = _evaluate(model, folder, eval_windows, base)
-    cache.data["candidates"][candidate.name] = {"steps": _steps_key(candidate.steps), "metrics": candidate.metrics}
+    cache.add_seconds("evaluate", time.perf_counter() - start)
+    cache.data["candidates"][candidate.name] = {"steps": steps_key(candidate.steps), "metrics": candidate.metrics}
     cache.save()
 
 

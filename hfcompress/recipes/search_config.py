@@ -31,8 +31,8 @@ class SearchConfig:
     seq_len: int | None = None  # 512, or the model's positions if fewer (`resolve_windows`), as everywhere
     sensitivity_samples: int = 8
     eval_seq_len: int | None = None
-    eval_max_windows: int = 40
-    neighbour_bits: float = 0.25
+    eval_max_windows: int = 16
+    neighbour_bits: float = 0.0
     lowrank_ratios: list[float] = field(default_factory=lambda: [0.7, 0.85])
     prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
 
@@ -58,6 +58,12 @@ class SearchConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if (
+            isinstance(self.neighbour_bits, bool)
+            or not isinstance(self.neighbour_bits, (int, float))
+            or not (0 <= self.neighbour_bits < 8)
+        ):
+            raise ValueError(f"`neighbour_bits` must be a number of bits in [0, 8), got {self.neighbour_bits!r}")
         for path_name in ("dataset", "eval_dataset"):
             path = getattr(self, path_name)
             if not isinstance(path, str) or not path:

@@ -27,11 +27,13 @@ def pareto_front(points: list, metric: str) -> list[str]:
     return front
 
 
-def write_reports(points, front, best, config, base, work: Path, failed=()) -> dict:
+def write_reports(points, front, best, config, base, work: Path, failed=(), seconds: dict | None = None) -> dict:
+    """Write pareto.md, pareto.png and results.json into `work`; `seconds` is what each phase of the search
+    cost (wall time, summed over resumed runs). Returns the results."""
     rows = sorted(points, key=lambda p: p.metrics["size_bytes"])
     caption = (
         f"Budget {config.budget}; {config.metric} on the first {config.eval_max_windows} windows of {config.eval_seq_len} "
-        f"tokens of {config.eval_dataset}; latency: one window, median of 5 runs.\n"
+        f"tokens of {config.eval_dataset}; latency: one window, median of 3 runs.\n"
     )
     lines = [
         caption,
@@ -47,6 +49,9 @@ def write_reports(points, front, best, config, base, work: Path, failed=()) -> d
             f"{'yes' if p.name in front else ''} |"
         )
     lines += [f"\n{c.name}: {c.note}" for c in failed]
+    if seconds:
+        phases = ", ".join(f"{name} {value:.1f}" for name, value in seconds.items())
+        lines.append(f"\nCost of the search (seconds of wall time): {phases}; total {sum(seconds.values()):.1f}.")
     (work / "pareto.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot = _plot_pareto(rows, front, best, config, base, work / "pareto.png")
     results = {
@@ -58,6 +63,7 @@ def write_reports(points, front, best, config, base, work: Path, failed=()) -> d
         ],
         "pareto_front": front,
         "failed": {c.name: c.note for c in failed},
+        "seconds": dict(seconds or {}),
         "plot": plot,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "budget"},
     }

@@ -107,7 +107,7 @@ def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files
     for report in ("pareto.md", "pareto.png", "sensitivity.md", "sensitivity.png"):
         assert (out / "search" / report).is_file()
     cache = json.loads((out / "search" / "cache.json").read_text())
-    assert len(cache["sensitivity"]) == 14 and all(len(v) == 3 for v in cache["sensitivity"].values())
+    assert len(cache["scores"]) == 14 and all(len(v) == 3 for v in cache["scores"].values())
     # the chosen model and its recipe are in OUTPUT
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.quantization_config.quant_method == "hfcompress"

@@ -1,0 +1,182 @@
+"""The GPTQ points of the search, for about the cost of one GPTQ run.
+
+One walk over the blocks quantizes every layer at every bit width (`quantize_streams`: one calibration stream
+per width, so the uniform points are exactly what `hfcompress quantize gptq --bits B` gives). Each layer's
+sensitivity at each width is a second-order estimate of the KL divergence it costs: its mean squared output
+error per channel from that walk, weighted by the Fisher information of the channel from one backward pass
+(`core.fisher.output_fisher`), with no probe of any layer. A knapsack picks the widths per layer, and a second
+walk runs GPTQ with those widths, as `layer_bits` would: a mixed model assembled from the uniform walk's layers
+was 1.3% worse in perplexity on ../shared/refmodel (each layer was calibrated behind layers of its own width).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from ..checkpoint import manifest_of
+from ..core.config import CALIBRATION_FIELDS
+from ..core.fisher import output_fisher
+from ..data import calibration_data
+from ..hub.record import Step
+from ..quantization.config import GPTQConfig
+from ..quantization.gptq_widths import assemble, quantize_streams
+from ..quantization.modules import cast_unquantized
+from ..quantization.save import write_quantized
+from ..steps.loading import checkpoint_dtype
+from ..steps.options import OutputOptions
+from ..steps.recording import base_record, write_output
+from .allocation import allocate, grid_bits_per_weight
+from .budget import Baseline
+from .candidates import Candidate, SearchCache
+from .recipe import Recipe
+from .search_config import SearchConfig
+from .sensitivity import fisher_scores, monotone, plot_sensitivity, sensitivity_table
+
+__all__ = ["gptq_candidates", "gptq_step"]
+
+logger = logging.getLogger(__name__)
+
+
+def gptq_step(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None = None) -> dict:
+    settings = {"method": "gptq", "bits": bits, "group_size": config.group_size, "num_samples": config.num_samples,
+                "seq_len": config.seq_len}  # fmt: skip
+    if layer_bits:
+        settings["layer_bits"] = layer_bits
+    return {"quantize": settings}
+
+
+def gptq_candidates(
+    model_path: str, dense, tokenizer, base: Baseline, config: SearchConfig, calib, work: Path, cache: SearchCache
+) -> list[Candidate]:
+    """Uniform GPTQ at every width of `config.bits_options`, and mixed widths per layer at the budget (and
+    `neighbour_bits` either side of it), each written to `work/candidates/<name>` (a complete checkpoint with
+    record, card and recipe). Two walks over the blocks: every width, then the mixed allocations."""
+    folders = work / "candidates"
+    names = list(base.linear_shapes)
+    uniform = [
+        (Candidate(f"gptq-{b}bit", "gptq", [gptq_step(config, b)], "uniform", built=True), dict.fromkeys(names, b))
+        for b in config.bits_options
+    ]
+    settings = [f"{b}bit" for b in config.bits_options]
+    target = base.linear_bits_target(config.budget)
+    gptq_config = GPTQConfig(
+        bits=max(config.bits_options), group_size=config.group_size, dataset=config.dataset,
+        num_samples=config.num_samples, seq_len=config.seq_len,
+    )  # fmt: skip
+    prepared = {}
+
+    def walk(streams: dict[str, dict[str, int]]):
+        if not prepared:  # the windows of `calib`, tokenized once: the same ones `quantize` takes from the text
+            prepared["batches"] = calibration_data(dense, dataclasses.replace(gptq_config, dataset=calib), tokenizer)
+            prepared["record"] = base_record(dense, model_path, OutputOptions(overwrite=True), tokenizer)
+        return quantize_streams(dense, gptq_config, streams, batches=prepared["batches"])
+
+    def build(pairs, phase: str):
+        """GPTQ for the points of `pairs` not measured before, in one walk; their per-layer results (or None)."""
+        todo = [(c, bits) for c, bits in pairs if cache.evaluated(c, folders / c.name) is None]
+        if not todo:
+            return None
+        start = time.perf_counter()
+        results = walk({c.name: bits for c, bits in todo})
+        seconds = time.perf_counter() - start
+        cache.add_seconds(phase, seconds)
+        logger.info("%s: %d GPTQ runs in one walk over the blocks, %.1fs", phase, len(todo), seconds)
+        start = time.perf_counter()
+        for candidate, _ in todo:
+            quantized = assemble(dense, gptq_config, results[candidate.name])
+            folder = folders / candidate.name
+            record = prepared["record"]
+            _write_candidate(
+                quantized, candidate, model_path, folder, tokenizer, record, config, seconds / len(todo), dense
+            )
+        cache.add_seconds("write_candidates", time.perf_counter() - start)
+        cache.save()
+        return results
+
+    scores = cache.data["scores"]
+    if not all(set(settings) <= set(scores.get(n, {})) for n in names):
+        results = build(uniform, "gptq_every_width")
+        if results is None:  # every uniform point was measured before, but not the scores: one more walk
+            results = walk({c.name: bits for c, bits in uniform})
+        errors = {f"{bits[names[0]]}bit": {n: r.row_error for n, r in results[c.name].items()} for c, bits in uniform}
+        start = time.perf_counter()
+        fisher = output_fisher(dense, calib[: config.sensitivity_samples], names)
+        scores = fisher_scores(fisher, errors)
+        cache.data["scores"] = scores
+        cache.add_seconds("fisher_scores", time.perf_counter() - start)
+        cache.save()
+        _write_scores(scores, config, work)
+    else:
+        build(uniform, "gptq_every_width")
+    mixed = _mixed_candidates(monotone(scores, settings), base, config, target)
+    build(mixed, "gptq_mixed")
+    return [c for c, _ in [*uniform, *mixed]]
+
+
+def _mixed_candidates(scores, base: Baseline, config: SearchConfig, target: float | None) -> list[tuple]:
+    """Mixed widths from the knapsack at the target bits per weight and `neighbour_bits` either side of it
+    (none for a parameter budget, which quantization cannot change)."""
+    if target is None:
+        return []
+    mixed = []
+    for bits in sorted({round(target + d, 3) for d in (-config.neighbour_bits, 0.0, config.neighbour_bits)}):
+        layer_bits = allocate_bits(scores, base, config, bits)
+        if layer_bits is None or len(set(layer_bits.values())) < 2:
+            continue  # unreachable, or the same as a uniform point
+        default = max(sorted(set(layer_bits.values())), key=list(layer_bits.values()).count)
+        overrides = {n: b for n, b in layer_bits.items() if b != default}
+        candidate = Candidate(
+            f"gptq-mixed-{bits:.2f}", "gptq", [gptq_step(config, default, overrides)],
+            f"knapsack at {bits:.2f} bits", built=True,
+        )  # fmt: skip
+        mixed.append((candidate, layer_bits))
+    return mixed
+
+
+def allocate_bits(scores, base: Baseline, config: SearchConfig, target_bits: float) -> dict[str, int] | None:
+    """The width of every linear layer that minimizes the summed scores within `target_bits` per weight; a layer
+    without scores (outside the block stack) keeps the widest."""
+    options, choices = {}, {}
+    for name, (out_features, in_features) in base.linear_shapes.items():
+        row = scores.get(name, {})
+        usable = [b for b in config.bits_options if f"{b}bit" in row] or [max(config.bits_options)]
+        weights = out_features * in_features
+        options[name] = [
+            (weights * grid_bits_per_weight(b, config.group_size, in_features), row.get(f"{b}bit", 0.0)) for b in usable
+        ]
+        choices[name] = usable
+    picked = allocate(options, target_bits * base.linear_weights)
+    if picked is None:
+        return None
+    return {name: choices[name][index] for name, index in picked.items()}
+
+
+def _write_scores(scores, config: SearchConfig, work: Path) -> None:
+    (work / "sensitivity.md").write_text(
+        "Estimated mean KL divergence of the next-token distributions from the full-precision model's when one "
+        "layer alone takes its GPTQ weight at each bit width: ½ Σ_r F_r e_r, with e_r the mean squared error of "
+        f"output channel r over the GPTQ calibration ({config.num_samples} windows of {config.seq_len} tokens of "
+        f"{config.dataset}) and F_r the Fisher information of that channel ({config.sensitivity_samples} windows, "
+        "one backward pass):\n\n" + sensitivity_table(scores),
+        encoding="utf-8",
+    )
+    plot_sensitivity(scores, work / "sensitivity.png")
+
+
+def _write_candidate(quantized, candidate: Candidate, model_path, folder: Path, tokenizer, record, config,
+                     seconds: float, dense) -> None:  # fmt: skip
+    settings = dict(manifest_of(quantized).recipe)
+    data = {k: settings.pop(k) for k in CALIBRATION_FIELDS if k in settings}
+    data.update(getattr(dense, "hfcompress_calibration", None) or {})
+    cast_unquantized(quantized, checkpoint_dtype(model_path))
+    step = Step("quantization", "gptq", settings, data, seconds)
+    options = OutputOptions(overwrite=True)
+    write_output(
+        quantized, model_path, folder, tokenizer, copy.deepcopy(record), step, options, {}, save=write_quantized
+    )
+    recipe = Recipe.from_dict({"steps": candidate.steps, "dataset": config.dataset})
+    (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
