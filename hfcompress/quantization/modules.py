@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..core.packing import pack_codes, packed_width, unpack_codes
 from .grid import QuantizedWeight
 from .kernels import select_kernel
 
-__all__ = ["QuantLinear", "cast_unquantized"]
+__all__ = ["QuantLinear", "cast_unquantized", "dequantized_forward"]
 
 
 class QuantLinear(nn.Module):
@@ -174,3 +177,25 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if hasattr(model, "config"):
         model.config.dtype = dtype
     return model
+
+
+@contextlib.contextmanager
+def dequantized_forward(model: nn.Module, dtype: torch.dtype = torch.float32):
+    """Within the block, every `QuantLinear` of `model` runs as a dense matmul on its weight dequantized once
+    (to `dtype`): the same values the checkpoint stores, so the same outputs up to float rounding, and on CPU
+    faster for long inputs than the low-bit kernels, which serve a few rows best. Holds a dense copy of every
+    quantized weight meanwhile. For evaluating many tokens (perplexity), not for timing the model."""
+    patched = []
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and "forward" not in vars(module):
+            weight = module.dequantize_weight(dtype)
+            bias = None if module.bias is None else module.bias.to(dtype)
+            module.forward = lambda x, w=weight, b=bias: F.linear(
+                x, w.to(x.dtype), None if b is None else b.to(x.dtype)
+            )
+            patched.append(module)
+    try:
+        yield model
+    finally:
+        for module in patched:
+            del module.forward

@@ -17,7 +17,7 @@ from hfcompress.quantization.kernels import (
     Int8CpuKernel,
     SmallBatchKernel,
 )
-from hfcompress.quantization.modules import QuantLinear
+from hfcompress.quantization.modules import QuantLinear, dequantized_forward
 
 CASES = [
     # bits, group, sym, act_order, expected kernel on CPU without hfcompress's AVX2 kernel (which takes every
@@ -73,6 +73,19 @@ def test_kernel_is_built_once_and_rebuilt_after_new_weights():
     layer.load_state_dict(other.state_dict())
     torch.testing.assert_close(layer(x), other(x))
     assert layer._kernel is not first
+
+
+def test_dequantized_forward_gives_the_kernels_outputs_and_puts_them_back():
+    model = hfcompress.quantize(tiny_model("llama"), hfcompress.RTNConfig(bits=4, group_size=32))
+    windows = token_windows(2, 64)
+    with torch.no_grad():
+        expected = model(input_ids=windows).logits
+        with dequantized_forward(model):
+            assert all("forward" in vars(m) for m in model.modules() if isinstance(m, QuantLinear))
+            dense = model(input_ids=windows).logits
+        assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, QuantLinear))
+        torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(input_ids=windows).logits, expected)
 
 
 @pytest.mark.parametrize(
