@@ -118,3 +118,24 @@ def test_verify_catches_a_weight_file_changed_after_it_was_written(tmp_path, cap
     AutoModelForCausalLM.from_pretrained(out)  # loads: nothing in the file itself says it changed
     assert main(["verify", str(out), "-q"]) == 2
     assert "is not the file hfcompress wrote (size or SHA-256 differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_half_precision_bitmask_checkpoint_loads_in_another_dtype(tmp_path, dtype):
+    """A pruned model saved in float16 stores its bitmask values in float16; loading it in float32 (as the search
+    and `evaluate` do) casts them like any weight instead of calling the checkpoint inconsistent."""
+    from helpers import tiny_model, token_windows
+
+    from hfcompress.pruning import OneShotPruningConfig, compress_sparse, prune_oneshot
+
+    model = tiny_model()
+    prune_oneshot(model, OneShotPruningConfig(method="magnitude", sparsity=0.5))
+    compress_sparse(model.to(torch.float16))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+    windows = token_windows(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=windows).logits.float(), reference(input_ids=windows).logits.float(), rtol=0.05, atol=0.05
+        )
