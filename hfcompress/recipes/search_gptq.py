@@ -97,8 +97,8 @@ def gptq_candidates(
         cache.save()
         return results
 
-    scores = cache.data["scores"]
-    if not all(set(settings) <= set(scores.get(n, {})) for n in names):
+    scores = cache.data["scores"]  # layers outside the block stack have none (round-to-nearest, widest width)
+    if not scores or not all(set(settings) <= set(row) for row in scores.values()):
         results = build(uniform, "gptq_every_width")
         if results is None:  # every uniform point was measured before, but not the scores: one more walk
             results = walk({c.name: bits for c, bits in uniform})
