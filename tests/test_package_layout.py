@@ -23,6 +23,7 @@ OPTIONAL = (
     "compressed_tensors",
     "torch.utils.cpp_extension",
     "lm_eval",
+    "gguf",
 )
 # imported where they are used, so that `import hfcompress` and building the parser import no torch
 DEFERRED = {
