@@ -1,6 +1,12 @@
 """`hfcompress export gguf`: Q4_0 / Q8_0 blocks code for code, read back with the gguf package's own reader and
 dequantizer, and every grid llama.cpp cannot express refused with the reason."""
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy
 import pytest
 import torch
 from helpers import python_text, tiny_model, token_windows
@@ -119,3 +125,47 @@ def test_grids_llama_cpp_cannot_express_are_refused_with_the_reason(tmp_path, ca
     assert main(["export", "gguf", str(folder), str(tmp_path / "x.gguf"), "-q"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("HFCOMPRESS_LLAMA_PYTHON"),
+    reason="set HFCOMPRESS_LLAMA_PYTHON to a Python with llama-cpp-python (it has no wheel for most machines)",
+)
+def test_llama_cpp_runs_the_file_to_transformers_logits(tmp_path):
+    """llama.cpp itself reads the exported file and scores the same token ids as transformers. Attention is
+    sharpened (q/k weights x8) so that a wrong rotary row order moves the logits by most of their range, not by
+    less than llama.cpp's own rounding (it was 0.58 of 0.73 against 0.011 here)."""
+    folder = tmp_path / "model"
+    model = _tiny_model()
+    model.config.bos_token_id = model.config.eos_token_id = 0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+        model.model.embed_tokens.weight.mul_(4)
+    hfcompress.quantize(model, hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=token_windows(8, 32)))
+    model.save_pretrained(folder)
+    _byte_level_tokenizer(VOCAB).save_pretrained(folder)
+    out = tmp_path / "model.gguf"
+    assert main(["export", "gguf", str(folder), str(out), "-q"]) == 0
+
+    windows = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "windows.json").write_text(json.dumps(windows.tolist()))
+    script = Path(__file__).parents[2] / "scripts" / "llamacpp_ppl.py"
+    run = subprocess.run(
+        [os.environ["HFCOMPRESS_LLAMA_PYTHON"], str(script), str(out), str(tmp_path / "windows.json"),
+         "--decode-tokens", "4", "--logits", str(tmp_path / "logits.npy")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])["perplexity"]
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress.evaluation import perplexity
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = perplexity(loaded, windows)
+        logits = loaded(input_ids=windows[:1]).logits[0]
+    llama_logits = torch.from_numpy(numpy.load(tmp_path / "logits.npy", allow_pickle=False))
+    assert (llama_logits - logits).abs().max() < 0.05 * logits.abs().max()
+    assert theirs == pytest.approx(ours, rel=0.01)

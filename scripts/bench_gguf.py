@@ -1,0 +1,93 @@
+"""GPTQ w4 g32 sym exported to GGUF Q4_0 and run by llama.cpp, against transformers on the same token windows.
+
+1. `hfcompress quantize gptq MODEL --bits 4 --group-size 32 --sym` (calibration calib.txt), then
+   `hfcompress export gguf`.
+2. Perplexity on the first `--windows` windows of 512 tokens of val.txt: transformers on the hfcompress
+   checkpoint, and llama.cpp (llama-cpp-python, run by `scripts/llamacpp_ppl.py` in `--llama-python`) on the GGUF
+   file, fed the same token ids. Target: within 1%.
+3. Decode tokens/s at batch 1 (greedy, 64 tokens after an 8-token prompt, median of 3): llama.cpp on the GGUF
+   file, hfcompress's own kernel on the checkpoint, and the float32 model. Goal: our kernel at least half of
+   llama.cpp's speed.
+
+    python scripts/bench_gguf.py --llama-python /path/to/venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from hfcompress.data import load_texts, tokenize_windows
+from hfcompress.evaluation import perplexity
+from hfcompress.hub.record import hardware_description
+from hfcompress.steps.loading import load_tokenizer
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+
+
+def decode_speed(model, prompt: torch.Tensor, tokens: int = 64, runs: int = 3) -> float:
+    speeds = []
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up (kernel builds)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            speeds.append(tokens / (time.perf_counter() - start))
+    return statistics.median(speeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "refmodel"))
+    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
+    parser.add_argument("--val", default=str(SHARED / "corpus" / "val.txt"))
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--out", default=str(HERE.parent / "bench_out" / "gguf"))
+    parser.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python installed")
+    args = parser.parse_args()
+    print(f"hardware: {hardware_description()}", flush=True)
+    hf_logging.disable_progress_bar()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    quantized, gguf_file = out / "gptq-w4g32-sym", out / "model-q4_0.gguf"
+    cli = [sys.executable, "-m", "hfcompress"]
+    subprocess.run([*cli, "quantize", "gptq", args.model, str(quantized), "--bits", "4", "--group-size", "32", "--sym",
+                    "--dataset", args.calib, "--overwrite", "-q"], check=True)  # fmt: skip
+    subprocess.run([*cli, "export", "gguf", str(quantized), str(gguf_file), "--overwrite", "-q"], check=True)
+
+    windows = tokenize_windows(load_tokenizer(args.model), load_texts(args.val), 512)[: args.windows]
+    (out / "windows.json").write_text(json.dumps(windows.tolist()))
+    peer = subprocess.run([args.llama_python, str(HERE / "llamacpp_ppl.py"), str(gguf_file), str(out / "windows.json")],
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    llama = json.loads(peer.stdout.strip().splitlines()[-1])
+
+    model = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = perplexity(model, windows)
+    prompt = windows[:1, :8]
+    speeds = {"llama.cpp Q4_0": llama["decode_tokens_per_s"], "hfcompress w4 g32 kernel": decode_speed(model, prompt),
+              "float32 (transformers)": decode_speed(dense, prompt)}  # fmt: skip
+    print(f"\nperplexity on {len(windows)} windows of 512 tokens of {args.val} (the same token ids):")
+    print(f"- transformers, hfcompress checkpoint: {ours:.4f}")
+    print(f"- llama.cpp, {gguf_file.name}: {llama['perplexity']:.4f} ({100 * (llama['perplexity'] / ours - 1):+.3f}%; "
+          f"target within 1%: {'met' if abs(llama['perplexity'] / ours - 1) <= 0.01 else 'NOT met'})")  # fmt: skip
+    print("\ndecode tokens/s, batch 1, 64 tokens, median of 3:")
+    for name, speed in speeds.items():
+        print(f"- {name}: {speed:.1f}")
+    ratio = speeds["hfcompress w4 g32 kernel"] / speeds["llama.cpp Q4_0"]
+    print(f"- our kernel / llama.cpp: {ratio:.2f}x (goal at least 0.5x)")
+
+
+if __name__ == "__main__":
+    main()
