@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_gptq import heldout_texts  # scripts/ is on the path when a script runs
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -44,13 +45,6 @@ def timed(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def heldout_texts(path: str) -> list[str]:
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
-    return load_texts(path)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

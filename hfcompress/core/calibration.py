@@ -302,19 +302,9 @@ def calibrate_blocks(
     Yields `(block, prefix, solved)` after each block with targets, before its outputs move on, so the caller
     can swap in the compressed modules. Blocks of one type with the same targets share one trace.
     """
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    traces: dict[tuple, BlockTrace] = {}
-    for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
-        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
-        if not modules:
-            inputs = run_block(block, inputs)
-            continue
-        key = (type(block), frozenset(modules))
-        if key not in traces:
-            traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
-        solve = make_solver(block, prefix, modules)
-        inputs, solved, _ = calibrate_block(block, prefix, inputs, modules, solve, true_sequential, traces[key])
-        yield block, prefix, solved
+    walk = _walk(model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False)
+    for block, prefix, solved in walk:
+        yield block, prefix, solved[None]
 
 
 @torch.no_grad()
@@ -335,6 +325,10 @@ def calibrate_streams(
 
     The blocks are walked once (one onloading per block for every stream); each stream holds its own inputs.
     """
+    yield from _walk(model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True)
+
+
+def _walk(model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool):
     first = capture_block_inputs(model, blocks[0], batches)
     inputs = {stream: first for stream in streams}
     traces: dict[tuple, BlockTrace] = {}
@@ -346,7 +340,7 @@ def calibrate_streams(
         key = (type(block), frozenset(modules))
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[streams[0]][0])
-        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()}
+        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if restore else {}
         solved = {}
         for stream in streams:
             solve = make_solver(stream, block, prefix, modules)

@@ -23,7 +23,7 @@ from ..core.fisher import output_fisher
 from ..data import calibration_data
 from ..hub.record import Step
 from ..quantization.config import GPTQConfig
-from ..quantization.gptq_widths import assemble, quantize_streams
+from ..quantization.gptq_streams import assemble, quantize_streams
 from ..quantization.modules import cast_unquantized
 from ..quantization.save import write_quantized
 from ..steps.loading import checkpoint_dtype

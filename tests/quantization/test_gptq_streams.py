@@ -10,7 +10,7 @@ from helpers import tiny_model, token_windows
 from hfcompress.core.fisher import output_fisher
 from hfcompress.core.structure import candidate_linears
 from hfcompress.quantization import GPTQConfig, quantize
-from hfcompress.quantization.gptq_widths import assemble, output_errors, quantize_streams
+from hfcompress.quantization.gptq_streams import assemble, output_errors, quantize_streams
 from hfcompress.quantization.modules import QuantLinear
 from hfcompress.recipes.sensitivity import fisher_scores
 
