@@ -85,9 +85,8 @@ def _tensors(model: nn.Module, gguf) -> dict:
         for path, short in _NORMS.items():
             tensors[f"blk.{index}.{short}.weight"] = (layer.get_submodule(path).weight.detach().float().numpy(), None)
     tensors["output_norm.weight"] = (model.model.norm.weight.detach().float().numpy(), None)
-    head = model.get_output_embeddings()
     if not getattr(config, "tie_word_embeddings", False):
-        tensors["output.weight"] = _linear("lm_head", head, None, gguf)
+        tensors["output.weight"] = _linear("lm_head", model.get_output_embeddings(), None, gguf)
     return tensors
 
 

@@ -66,7 +66,7 @@ def quantize_streams(
     targets = select_targets(model, config)
     widths = sorted({b for layer_bits in streams.values() for b in layer_bits.values()})
     by_width = {b: plan_layers(model, targets, dataclasses.replace(config, bits=b)) for b in widths}
-    plans, configs = {}, {b: dataclasses.replace(config, bits=b) for b in widths}
+    plans = {}
     for stream, layer_bits in streams.items():
         missing = sorted(set(targets) - set(layer_bits))
         if missing:
@@ -102,7 +102,7 @@ def quantize_streams(
         weight = linear_weight(targets[name]).detach()
         for stream in streams:
             plan = plans[stream][name]
-            q = rtn_quantize(weight, plan.bits, plan.group_size, configs[plan.bits].sym, config.clip_search,
+            q = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.clip_search,
                              plan.mask, scale_dtype)  # fmt: skip
             results[stream][name] = LayerResult(q, plan, None)
     if outside:

@@ -102,7 +102,10 @@ def gptq_candidates(
         results = build(uniform, "gptq_every_width")
         if results is None:  # every uniform point was measured before, but not the scores: one more walk
             results = walk({c.name: bits for c, bits in uniform})
-        errors = {f"{bits[names[0]]}bit": {n: r.row_error for n, r in results[c.name].items()} for c, bits in uniform}
+        errors = {
+            setting: {n: r.row_error for n, r in results[c.name].items()}
+            for setting, (c, _) in zip(settings, uniform, strict=True)
+        }
         start = time.perf_counter()
         fisher = output_fisher(dense, calib[: config.sensitivity_samples], names)
         scores = fisher_scores(fisher, errors)
