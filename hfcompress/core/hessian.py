@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper"]
+__all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper", "symmetrize_upper_"]
 
 
 def gram_upper(x: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -30,6 +30,17 @@ def symmetrize_upper(H: torch.Tensor) -> torch.Tensor:
     return upper + torch.triu(upper, diagonal=1).t()
 
 
+def symmetrize_upper_(H: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """`symmetrize_upper` in place, a block of rows at a time; returns `H`."""
+    n = H.shape[0]
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        H[i:j, :i] = H[:i, i:j].t()
+        diagonal = H[i:j, i:j]
+        diagonal.copy_(symmetrize_upper(diagonal))
+    return H
+
+
 def accumulate_hessian(
     x: torch.Tensor, H: torch.Tensor, n_samples: int, upper_only: bool = False
 ) -> tuple[torch.Tensor, int]:
@@ -49,27 +60,38 @@ def accumulate_hessian(
     return H, total
 
 
-def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹, dampening the diagonal until H is positive definite."""
+def inverse_cholesky(
+    H: torch.Tensor, damp_percent: float, perm: torch.Tensor | None = None, fix_dead: bool = False
+) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (of H with rows and columns in the order `perm`, when given), dampening the
+    diagonal until H is positive definite; with `fix_dead`, zero diagonal entries (inputs that are always zero)
+    count as 1. `H` is not modified; the work needs two more matrices of its size, not more."""
     if not bool(torch.isfinite(H).all()):
         raise ValueError(
             "the Hessian holds NaN or infinite values: the model's weights or its activations on the calibration data "
             "are not finite (check the model with `hfcompress verify`)"
         )
-    diag = torch.arange(H.shape[0], device=H.device)
-    damp = damp_percent * torch.mean(torch.diag(H))
+    n = H.shape[0]
+    diagonal = H.diagonal().clone()
+    if fix_dead:
+        diagonal[diagonal == 0] = 1
+    # H = U Uᵀ with U upper triangular is the lower Cholesky factor L of H with rows and columns reversed, reversed
+    # back; then H⁻¹ = U⁻ᵀ U⁻¹, so U⁻¹ (= L⁻¹ reversed) is the upper Cholesky factor of H⁻¹: one factorization and
+    # one triangular solve, instead of `cholesky_inverse` (slow on CPU) and a second factorization
+    reverse = (torch.arange(n, device=H.device) if perm is None else perm.to(H.device)).flip(0)
+    damp = damp_percent * torch.mean(diagonal)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(6):
-        H_damped = H.clone()
-        H_damped[diag, diag] += damp
-        # H = U Uᵀ with U upper triangular (the lower Cholesky factor of H with rows and columns reversed, reversed
-        # back); then H⁻¹ = U⁻ᵀ U⁻¹, so U⁻¹ is the upper Cholesky factor of H⁻¹: one factorization and one
-        # triangular solve, instead of `cholesky_inverse` (slow on CPU) and a second factorization
-        L, info = torch.linalg.cholesky_ex(H_damped.flip(0, 1))
+        L = H.index_select(0, reverse).index_select(1, reverse)
+        L.diagonal().copy_(diagonal[reverse] + damp)
+        torch.linalg.cholesky_ex(L, out=(L, info))  # in place
         if info == 0:
-            U = L.flip(0, 1)
-            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            return torch.linalg.solve_triangular(U, eye, upper=True)
-        damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(torch.diag(H)).clamp(min=1e-8)
+            inverse = torch.eye(n, dtype=H.dtype, device=H.device)
+            torch.linalg.solve_triangular(L, inverse, upper=False, out=inverse)
+            del L
+            return inverse.flip(0, 1)
+        del L
+        damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(diagonal).clamp(min=1e-8)
     raise ValueError("the Hessian is not positive definite even after dampening; check the calibration data")
 
 
@@ -84,4 +106,6 @@ class Hessian:
         self.H, self.count = accumulate_hessian(x.detach(), self.H, self.count, upper_only=True)
 
     def full(self) -> torch.Tensor:
-        return symmetrize_upper(self.H)
+        """The symmetric H, made in place (no second matrix: for a wide layer H alone is hundreds of MB)."""
+        symmetrize_upper_(self.H)
+        return self.H

@@ -71,12 +71,11 @@ def sparsegpt_prune(
         raise ValueError(f"`block_size` ({block_size}) must be a multiple of M ({m})")
     dtype = W.dtype
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().float()  # read, never changed
     columns = W.shape[1]
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = inverse_cholesky(H, damp_percent)
+    Hinv = inverse_cholesky(H, damp_percent, fix_dead=True)
 
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)

@@ -51,12 +51,13 @@ def gptq_quantize(
     counts as error the remaining columns compensate (as SparseGPT does when it prunes).
     """
     W = weight.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float()  # read, never changed: for a wide layer a copy would cost hundreds of MB
     out_features, columns = W.shape
     group = columns if group_size == -1 else group_size
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diagonal = torch.diag(H).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1
     W[:, dead] = 0
     keep = None
     if mask is not None:
@@ -73,12 +74,11 @@ def gptq_quantize(
 
     perm = torch.arange(columns, device=W.device)
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(diagonal, descending=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
         if keep is not None:
             keep = keep[:, perm]
-    Hinv = inverse_cholesky(H, damp_percent)
+    Hinv = inverse_cholesky(H, damp_percent, perm=perm if act_order else None, fix_dead=True)
 
     n_groups = columns // group
     scales = torch.zeros(n_groups, out_features, device=W.device)
