@@ -164,13 +164,15 @@ class QuantLinear(nn.Module):
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast the floating-point parameters and buffers of every module to `dtype`, except those of compressed
     layers that declare `KEEPS_DTYPE` (quantized and codebook layers: their scales and codebooks keep their own
-    storage dtype)."""
+    storage dtype; their bias is cast)."""
     for module in model.modules():
-        if getattr(type(module), "KEEPS_DTYPE", False):
-            continue
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
+        keeps = getattr(type(module), "KEEPS_DTYPE", False)
+        for name, param in module.named_parameters(recurse=False):
+            # a compressed layer's bias is a plain weight: it loads in the model's dtype, so it is saved in it
+            if (not keeps or name == "bias") and param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
+        if keeps:
+            continue
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
                 setattr(module, name, buffer.to(dtype))
