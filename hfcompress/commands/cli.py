@@ -60,6 +60,8 @@ def _add_technique(parser: argparse.ArgumentParser, technique: Technique) -> Non
             "--" + name.replace("_", "-"), choices=option.choices, default=option.default,
             help=f"{option.help} Default: {option.default}.".replace("%", "%%"),
         )  # fmt: skip
+    if technique.stream is not None:
+        add_config_arguments(parser, OutputOptions, ["offload"])
     _add_writer_options(parser, "hfcompress.commands.compress:run_compress")
     parser.set_defaults(**{TECHNIQUE: technique.command})
 

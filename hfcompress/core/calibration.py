@@ -18,6 +18,7 @@ Only the current block's inputs, and its recorded submodule outputs, are held in
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -134,12 +135,18 @@ def _nested(name: str, others) -> bool:
     return any(name.startswith(other + ".") for other in others)
 
 
-def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver):
+def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay: str = "all"):
     candidates = [name for name in trace.order if trace.calls[name] == 1 and name not in modules]
-    settled = {name: trace.settled_after(name) for name in candidates}
     group_of = trace.group_of()
     # inputs worth keeping: those of groups whose linear some module passes its output through
     wanted = {group_of[p.linear] for p in trace.passthroughs.values()}
+    if replay == "lean":  # only sub-blocks that hold linears (attention, MLP), only inputs no wider than the block's
+        width = hidden_states_of(inputs[0].args or (inputs[0].kwargs["hidden_states"],)).shape[-1]
+        candidates = [c for c in candidates if any(m.startswith(c + ".") for m in modules)]
+        wanted = {g for g in wanted if linear_weight(named[trace.groups[g][0]]).shape[1] <= width}
+    elif replay == "none":
+        candidates, wanted = [], set()
+    settled = {name: trace.settled_after(name) for name in candidates}
     records: dict[str, list] = {}
     kept_inputs: dict[int, list] = {}
     solved: dict[str, Any] = {}
@@ -199,6 +206,10 @@ def _synthesize_passthroughs(trace: BlockTrace, named, stage: int, records: dict
             continue
         linear = named[passthrough.linear]
         records[module] = [passthrough.wrap(linear(x)) for x in kept_inputs[group]]
+    for group in list(kept_inputs):  # inputs every passthrough of their group has used are not needed again
+        users = [m for m, p in trace.passthroughs.items() if group_of[p.linear] == group]
+        if all(m in records or _nested(m, records) for m in users):
+            del kept_inputs[group]
 
 
 def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, torch.Tensor]:
@@ -256,11 +267,19 @@ def calibrate_block(
     solve: BlockSolver,
     true_sequential: bool = True,
     trace: BlockTrace | None = None,
+    reload: Callable[[], None] | None = None,
+    replay: str = "all",
 ) -> tuple[list[BlockInputs], dict[str, Any], bool]:
     """Run `solve` on each group of the target linears of one block (`modules`, by name relative to the block).
 
     Returns the block's outputs on `inputs` with the solved weights (the next block's inputs), what `solve`
-    returned for every target, and whether the staged (true-sequential) path ran.
+    returned for every target, and whether the staged (true-sequential) path ran. Should the staged path turn
+    out unsafe midway, `reload()` puts the block's original weights back for the two-pass path (default: a copy
+    of the targets' weights is kept while the staged path runs; a block streamed from disk is read again).
+    `replay` says which submodule outputs the staged path records to replay in later stages instead of
+    recomputing them (the results are the same): "all" (least compute), "lean" (only sub-blocks holding linears,
+    and only inputs no wider than the block's hidden state: about 4 values per hidden unit and token held), or
+    "none" (each stage recomputes the block up to its group; only the block's inputs and outputs held).
     """
     named = _named_in_block(block, prefix)
     trace = _checked_trace(block, prefix, list(modules), inputs, trace)
@@ -268,14 +287,16 @@ def calibrate_block(
     if true_sequential and not staged:
         logger.info("%s calls a linear layer more than once; using the two-pass calibration", prefix)
     if staged:
-        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()}
+        originals = {} if reload else {n: linear_weight(m).detach().clone() for n, m in modules.items()}
         try:
-            outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve)
+            outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve, replay)
             return outputs, solved, True
         except _ReplayUnsafe as e:
             logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
             for name, weight in originals.items():
                 set_linear_weight(modules[name], weight)
+            if reload is not None:
+                reload()
     outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve)
     return outputs, solved, False
 
@@ -295,14 +316,26 @@ def calibrate_blocks(
     make_solver: Callable[[nn.Module, str, dict[str, nn.Module]], BlockSolver],
     true_sequential: bool = True,
     desc: str = "blocks",
+    stream=None,
+    inputs: list[BlockInputs] | None = None,
+    replay: str = "all",
 ) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
     """Calibrate the targets of every block in turn, each block on the previous ones' outputs as solved.
 
     `make_solver(block, prefix, modules)` gives the solver of one block (`modules` by name relative to it).
     Yields `(block, prefix, solved)` after each block with targets, before its outputs move on, so the caller
     can swap in the compressed modules. Blocks of one type with the same targets share one trace.
+
+    With a `stream` (`core.streaming.BlockStream`), `stream.onload(block, prefix)` runs before a block is used
+    and `stream.offload(block, prefix)` once the caller is done with it (after the caller's loop body): the
+    model's blocks can then live on disk, one in memory at a time. `inputs`: the first block's inputs, when the
+    caller captured them already (default: captured here from `batches`). `replay`: which submodule outputs the staged
+    path holds (see `calibrate_block`).
     """
-    walk = _walk(model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False)
+    walk = _walk(
+        model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,
+        inputs, replay,
+    )  # fmt: skip
     for block, prefix, solved in walk:
         yield block, prefix, solved[None]
 
@@ -328,30 +361,41 @@ def calibrate_streams(
     yield from _walk(model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True)
 
 
-def _walk(model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool):
-    first = capture_block_inputs(model, blocks[0], batches)
+def _walk(
+    model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool,
+    disk=None, first=None, replay: str = "all",
+):  # fmt: skip
+    if first is None:
+        first = capture_block_inputs(model, blocks[0], batches)
     inputs = {stream: first for stream in streams}
     traces: dict[tuple, BlockTrace] = {}
     for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
+        if disk is not None:
+            disk.onload(block, prefix)
         modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if not modules:
             inputs = {stream: run_block(block, x) for stream, x in inputs.items()}
+            if disk is not None:
+                disk.offload(block, prefix)
             continue
         key = (type(block), frozenset(modules))
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[streams[0]][0])
         originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if restore else {}
         solved = {}
+        reload = None if disk is None else functools.partial(disk.reload, block, prefix)
         for stream in streams:
             solve = make_solver(stream, block, prefix, modules)
             try:
                 inputs[stream], solved[stream], _ = calibrate_block(
-                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key]
+                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay
                 )
             finally:
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight)
         yield block, prefix, solved
+        if disk is not None:
+            disk.offload(block, prefix)
 
 
 def for_each_block_hessian(

@@ -126,6 +126,8 @@ class Technique:
       `check(config, **step_options)` refuses bad combinations before any work;
       `before_save(model, config, **step_options)` runs after the quality measurement (a storage form);
       `save(model, folder, **step_options)` writes the weights (default: `save_pretrained`).
+    - `stream(model_path, folder, config, tokenizer)`: the technique run block by block from a checkpoint on disk
+      straight into `folder` (`--offload disk`); returns the model skeleton for the record. None: cannot stream.
     - `cast`: whether what stayed dense goes back to the checkpoint's dtype before saving.
     - `summary`: one line for `--help`.
     """
@@ -144,6 +146,7 @@ class Technique:
     check: Callable[..., None] | None = None
     before_save: Callable[..., None] | None = None
     save: Callable[..., None] | None = None
+    stream: Callable[..., nn.Module] | None = None
     cast: bool = True
     in_place: bool = True
     summary: str = ""

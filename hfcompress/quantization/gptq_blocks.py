@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.calibration import calibrate_blocks
+from ..core.streaming import release
 from ..core.structure import linear_weight, set_linear_weight, set_submodule
 from .config import GPTQConfig
 from .gptq import gptq_quantize
@@ -82,10 +83,15 @@ def quantize_blocks(
     config: GPTQConfig,
     scale_dtype: torch.dtype,
     plans: dict | None = None,
+    stream=None,
+    inputs=None,
+    replay: str = "all",
 ) -> set[str]:
     """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
     where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
-    config's grid everywhere)."""
+    config's grid everywhere). With a `stream` (`core.streaming.BlockStream`) the blocks are onloaded from disk
+    and written out one at a time; `inputs` are the first block's inputs if already captured; `replay` trades
+    activations held for compute (see `core.calibration.calibrate_block`)."""
     plans = plans or {n: LayerPlan(config.bits, config.group_size) for n in targets}
     act_order = config.act_order and not config.static_groups
     done: set[str] = set()
@@ -94,11 +100,23 @@ def quantize_blocks(
         block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
         return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans)
 
-    calibration = calibrate_blocks(model, blocks, batches, targets, make_solver, config.true_sequential, "GPTQ blocks")
+    calibration = calibrate_blocks(
+        model,
+        blocks,
+        batches,
+        targets,
+        make_solver,
+        config.true_sequential,
+        "GPTQ blocks",
+        stream=stream,
+        inputs=inputs,
+        replay=replay,
+    )
     for block, prefix, quantized in calibration:
         for name, q in quantized.items():
             module = block.get_submodule(name)
             layer = quantized_layer(q, plans[f"{prefix}.{name}"], config.sym, act_order, module.bias, scale_dtype)
             set_submodule(block, name, layer)
+            release(module)  # the float weight it replaced is not needed any more (and is no longer the model's)
             done.add(f"{prefix}.{name}")
     return done

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.structure import is_excluded, linear_weight
 from ..lowrank.modules import FactorizedLinear
 
-__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers"]
+__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers", "sparsity_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,20 @@ class LayerPlan:
     mask: torch.Tensor | None = None  # True where a pruned layer keeps its weight
 
 
+def sparsity_mask(weight: torch.Tensor) -> torch.Tensor | None:
+    """True where a pruned weight is kept, for a weight with at least `SPARSE_MIN_ZEROS` exact zeros; else None."""
+    zeros = weight == 0
+    return ~zeros if float(zeros.float().mean()) >= SPARSE_MIN_ZEROS else None
+
+
 def plan_layers(model: nn.Module, targets: dict[str, nn.Module], config) -> dict[str, LayerPlan]:
     """The plan of every target under `config` (`RTNConfig` or `GPTQConfig`), checked before any work starts.
 
     Bits come from the first `layer_bits` pattern matching the layer's name, else `bits`. A group size that does
     not divide a layer's inputs is an error, except for the `up` factor of a factorized layer, whose inputs are
     the rank: it falls back to one group per row. With `keep_sparsity`, a layer with at least 25% exact zeros is
-    quantized with its zeros kept and stored as bitmask + codes.
+    quantized with its zeros kept and stored as bitmask + codes (a weight still on the meta device, streamed
+    from disk, gets its mask when it is loaded: `sparsity_mask`).
     """
 
     layer_bits = config.layer_bits or {}
@@ -55,11 +62,7 @@ def plan_layers(model: nn.Module, targets: dict[str, nn.Module], config) -> dict
                 )
             group_size = -1
             per_row.append(name)
-        mask = None
-        if config.keep_sparsity:
-            zeros = weight == 0
-            if float(zeros.float().mean()) >= SPARSE_MIN_ZEROS:
-                mask = ~zeros
+        mask = sparsity_mask(weight) if config.keep_sparsity and not weight.is_meta else None
         plans[name] = LayerPlan(bits, group_size, mask)
     if per_row:
         logger.info(

@@ -18,6 +18,7 @@ _UNIFORM = dict(
     step_options={"format": StepOption(FORMATS, FORMAT_HELP)},
     check=lazy("hfcompress.quantization.save:check_format"),
     save=lazy("hfcompress.quantization.save:write_quantized"),
+    stream=lazy("hfcompress.quantization.streaming:quantize_streaming"),
 )  # fmt: skip
 quantize_uniform = lazy("hfcompress.quantization.api:quantize_uniform")
 register_technique("gptq", GPTQConfig, quantize_uniform, calibrated=always, summary="GPTQ with calibration data.", **_UNIFORM)  # fmt: skip

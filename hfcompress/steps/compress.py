@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
+from ..core.coverage import check_coverage
 from ..core.registry import Technique, technique_for
+from ..core.streaming import ShardedCheckpoint, streaming_obstacle
 from ..data import looks_local
+from ..hub.push import push_to_hub
 from ..hub.record import Step
-from ..io import claim_output
+from ..io import atomic_output_dir, claim_output, copy_model_extras
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .options import OutputOptions
-from .recording import base_record, quality_metrics, write_output
+from .recording import base_record, finish_output, needs_hfcompress, quality_metrics, write_output
 
 __all__ = ["check_step", "compress_folder"]
 
@@ -66,7 +69,54 @@ def compress_folder(
     step_options = check_step(technique, config, step_options)
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
     with claim_output(output, options.overwrite, inputs):
+        if options.offload == "disk" and _can_stream(technique, model, options, step_options):
+            return _compress_streaming(technique, model, output, config, options)
         return _compress(technique, model, output, config, options, step_options)
+
+
+def _can_stream(technique: Technique, model: str, options: OutputOptions, step_options: dict) -> bool:
+    """Whether `--offload disk` can stream this run: refuses what it cannot do, and falls back to loading the
+    model whole, saying why, for a model that is not a local folder of safetensors shards."""
+    if technique.stream is None:
+        raise ValueError(f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)")
+    if options.eval_dataset or options.eval_tasks:
+        raise ValueError(
+            "--offload disk never holds the model whole, so it measures no perplexity or tasks: drop --eval-dataset "
+            "and --eval-tasks and evaluate OUTPUT afterwards (hfcompress evaluate OUTPUT --dataset ...)"
+        )
+    if step_options.get("format", "hfcompress") != "hfcompress":
+        raise ValueError(f"--offload disk writes format hfcompress only, got --format {step_options['format']}")
+    obstacle = streaming_obstacle(model)
+    if obstacle is not None:
+        logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
+        return False
+    return True
+
+
+def _compress_streaming(technique: Technique, model: str, output, config, options: OutputOptions) -> Path:
+    tokenizer = load_tokenizer(model, required=False)
+    if technique.calibrated(config) and not _is_token_ids(config.dataset):
+        require_tokenizer(tokenizer, model, "the calibration data")
+    task = getattr(config, "task", "causal-lm")
+    record = base_record(ShardedCheckpoint(model).skeleton(task), model, options, tokenizer)
+    with atomic_output_dir(output, options.overwrite) as staging:
+        start = time.perf_counter()
+        compressed = technique.stream(model, staging, config, tokenizer)
+        seconds = time.perf_counter() - start
+        logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
+        coverage = check_coverage(compressed, config, getattr(config, "allow_partial", False))
+        compressed.hfcompress_coverage = coverage.summary()
+        step = Step(
+            technique.record_kind, technique.method_of(config), *_settings(technique, config, compressed), seconds
+        )
+        step.config["offload"] = "disk"
+        copy_model_extras(model, staging)
+        finish_output(record, step, compressed, options, staging, {}, requires_hfcompress=needs_hfcompress(staging))
+    logger.info("wrote %s", output)
+    if options.push_to_hub:
+        url = push_to_hub(output, options.push_to_hub, private=options.private or None)
+        logger.info("pushed to %s", url)
+    return Path(output)
 
 
 def _compress(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict) -> Path:

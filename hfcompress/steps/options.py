@@ -19,6 +19,15 @@ class OutputOptions:
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = field(
         default="float32", metadata={"help": "dtype to load MODEL in before compressing it."}
     )
+    offload: Literal["none", "disk"] = field(
+        default="none",
+        metadata={
+            "help": "disk: never hold MODEL whole; read one block at a time from its safetensors shards (in float32), "
+            "compress it, write it to OUTPUT and free it. Peak memory is about one block, the embeddings and the "
+            "calibration activations, whatever the depth; the weights equal those of a run in memory. For local "
+            "folders of safetensors weights; no --eval-dataset or --eval-tasks (evaluate OUTPUT afterwards)."
+        },
+    )
     eval_dataset: str | None = field(
         default=None,
         metadata={

@@ -29,6 +29,7 @@ __all__ = [
     "base_record",
     "finish_output",
     "model_metrics",
+    "needs_hfcompress",
     "quality_metrics",
     "stored_parameters",
     "write_output",
@@ -193,7 +194,7 @@ def write_output(
             copy_model_extras(source, staging)
         elif tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        finish_output(record, step, model, options, staging, quality, requires_hfcompress=_needs_hfcompress(staging))
+        finish_output(record, step, model, options, staging, quality, requires_hfcompress=needs_hfcompress(staging))
     logger.info("wrote %s", output)
     if options.push_to_hub:
         url = push_to_hub(output, options.push_to_hub, private=options.private or None)
@@ -205,6 +206,6 @@ def _save_pretrained(model, folder) -> None:
     model.save_pretrained(folder)
 
 
-def _needs_hfcompress(folder: Path) -> bool:
+def needs_hfcompress(folder: Path) -> bool:
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD

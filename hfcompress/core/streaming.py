@@ -1,0 +1,220 @@
+"""Models bigger than memory: the model as a skeleton on the meta device, whose weights are read from the
+checkpoint's safetensors shards one block at a time, and a writer that puts each finished block into the output
+folder's shards at once and frees it.
+
+    checkpoint = ShardedCheckpoint(path)
+    model = checkpoint.skeleton()                    # no weights in memory
+    stream = BlockStream(model, checkpoint, ShardWriter(folder, n_shards=len(blocks) + 1))
+    for block, prefix, solved in calibrate_blocks(..., stream=stream): ...
+
+Shards are opened for one read and closed again: a memory map left open keeps every page it touched resident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig
+
+__all__ = [
+    "AUTO_CLASSES",
+    "BlockStream",
+    "ShardWriter",
+    "ShardedCheckpoint",
+    "release",
+    "stored_names",
+    "streaming_obstacle",
+    "tied_keys",
+]
+
+logger = logging.getLogger(__name__)
+
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "base": "AutoModel",
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def streaming_obstacle(folder: str | os.PathLike) -> str | None:
+    """Why the model at `folder` cannot be streamed from disk (None when it can): not a local folder, no
+    safetensors weights, or code of its own that the skeleton would have to run."""
+    path = Path(folder)
+    if not path.is_dir():
+        return f"{os.fspath(folder)!r} is not a local folder (a Hub id is downloaded whole)"
+    if not (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file():
+        return f"{os.fspath(folder)!r} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE})"
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("auto_map"):
+        return f"{os.fspath(folder)!r} needs code of its own (auto_map), which hfcompress never runs"
+    return None
+
+
+class ShardedCheckpoint:
+    """The safetensors weights of a local model folder, read tensor by tensor."""
+
+    def __init__(self, folder: str | os.PathLike):
+        obstacle = streaming_obstacle(folder)
+        if obstacle is not None:
+            raise ValueError(f"cannot stream the model: {obstacle}")
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        else:
+            with safe_open(self.folder / SINGLE_FILE, framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        self.weight_map: dict[str, str] = weight_map
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the config says the weights are stored in (float32 when it does not say)."""
+        config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def skeleton(self, task: str = "causal-lm", dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model with its parameters on the meta device (buffers such as rotary frequencies are computed on
+        the CPU as usual); every key of its state dict must be in the checkpoint, except tied weights."""
+        config = AutoConfig.from_pretrained(self.folder)
+        with init_empty_weights(include_buffers=False):
+            model = getattr(transformers, AUTO_CLASSES[task]).from_config(config, dtype=dtype)
+        model.tie_weights()
+        model.config._name_or_path = os.fspath(self.folder)
+        missing = [k for k in model.state_dict() if k not in self.weight_map and k not in tied_keys(model)]
+        if missing:
+            raise ValueError(
+                f"cannot stream the model: {len(missing)} weights of {type(model).__name__} are not stored under their "
+                f"own names in the checkpoint (first: {missing[:3]})"
+            )
+        return model.eval()
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors `names`, cast to `dtype` (None: as stored), each shard opened once and closed again."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for file, keys in by_file.items():
+            with safe_open(self.folder / file, framework="pt") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    tensors[key] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        return tensors
+
+    def materialize(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
+        """Load the stored tensors `names` (full names in `model`), floating ones as `dtype`."""
+        for name, tensor in self.read([n for n in names if n in self.weight_map], dtype).items():
+            set_module_tensor_to_device(model, name, "cpu", value=tensor)
+
+
+def stored_names(model: nn.Module, prefix: str = "") -> list[str]:
+    """The full names of the stored tensors (parameters, persistent buffers) of the submodule `prefix`."""
+    module = model.get_submodule(prefix) if prefix else model
+    lead = f"{prefix}." if prefix else ""
+    return [lead + k for k in module.state_dict(keep_vars=True)]
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys `save_pretrained` leaves out because they are tied to another weight."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    config = model.config
+    if not getattr(config, "tie_word_embeddings", False) and not getattr(
+        config.get_text_config(), "tie_word_embeddings", False
+    ):
+        return set()
+    return set(tied)
+
+
+def release(module: nn.Module) -> None:
+    """Put the stored tensors (parameters and persistent buffers) of `module` back on the meta device, freeing
+    their memory; buffers computed at construction (rotary frequencies) stay."""
+    for name in stored_names(module):
+        set_module_tensor_to_device(module, name, "meta")
+
+
+class ShardWriter:
+    """Writes a model's tensors into `n_shards` safetensors files as they are finished, then the index that
+    `from_pretrained` reads."""
+
+    def __init__(self, folder: str | os.PathLike, n_shards: int):
+        self.folder = Path(folder)
+        self.n_shards = n_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def shard_name(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard `index` (0-based) holding `tensors`."""
+        if not 0 <= index < self.n_shards:
+            raise ValueError(f"shard index must be in [0, {self.n_shards}), got {index}")
+        name = self.shard_name(index)
+        # safetensors refuses views that share memory: each tensor gets its own contiguous storage
+        owned = {
+            k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()
+        }
+        save_file(owned, self.folder / name, metadata={"format": "pt"})
+        for key, tensor in owned.items():
+            self.weight_map[key] = name
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _shares(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+
+
+class BlockStream:
+    """Onloads each block from `checkpoint` (floating tensors as `dtype`) before the block driver uses it, and
+    once the caller is done with it writes it to `writer`'s shard of that block and frees it.
+    `on_onload(block, prefix)` runs after each onload (to plan the block's layers), `before_write(block)` before
+    each write (to cast what stayed dense to the checkpoint's dtype)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoint: ShardedCheckpoint,
+        writer: ShardWriter,
+        dtype: torch.dtype = torch.float32,
+        on_onload=None,
+        before_write=None,
+    ):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.writer = writer
+        self.dtype = dtype
+        self.on_onload = on_onload
+        self.before_write = before_write
+        self.written = 0
+
+    def onload(self, block: nn.Module, prefix: str) -> None:
+        self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
+        if self.on_onload is not None:
+            self.on_onload(block, prefix)
+
+    def reload(self, block: nn.Module, prefix: str) -> None:
+        """Read the block's original weights again (after a calibration that changed them was abandoned)."""
+        self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
+
+    def offload(self, block: nn.Module, prefix: str) -> None:
+        if self.before_write is not None:
+            self.before_write(block)
+        self.writer.write(self.written, block.state_dict(prefix=f"{prefix}."))
+        self.written += 1
+        release(block)

@@ -1,0 +1,138 @@
+"""Peak memory and wall time of `hfcompress quantize gptq` streamed from disk (`--offload disk`) against the
+same run in memory, on models of growing depth, and whether both write the same tensors.
+
+Builds (once, cached in --cache) random-weight Llama-shaped models, hidden 4096, intermediate 11008, vocabulary
+32000, untied embeddings, bfloat16 safetensors in 1 GB shards: 6 layers (about 1.47B parameters, 2.9 GB) and
+12 layers (2.6B). The tokenizer is ../shared/refmodel's (its ids lie inside the vocabulary); calibration text is
+../shared/corpus/calib.txt. Each run is a fresh process; its peak resident memory (imports included) is what
+the compression record says (`getrusage`), its wall time is measured around the process.
+
+    python scripts/bench_scale.py                       # 6 and 12 layers streamed, 6 layers in memory
+    python scripts/bench_scale.py --layers 6 --repeats 3 --in-memory 6
+    python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHAPE = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+    max_position_embeddings=2048, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def random_model(folder: Path, layers: int) -> Path:
+    """A random-weight Llama of `layers` blocks saved in bfloat16 (built once)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPE, num_hidden_layers=layers, dtype="bfloat16")
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    AutoTokenizer.from_pretrained(SHARED / "refmodel").save_pretrained(folder)
+    del model
+    return folder
+
+
+def run(model: Path, output: Path, stream: bool, num_samples: int, seq_len: int) -> dict:
+    """One `hfcompress quantize gptq` process; its wall time and the peak memory its record gives."""
+    shutil.rmtree(output, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "hfcompress", "quantize", "gptq", str(model), str(output), "--bits", "4",
+        "--group-size", "128", "--dataset", str(SHARED / "corpus" / "calib.txt"), "--num-samples", str(num_samples),
+        "--seq-len", str(seq_len), "-q",
+    ]  # fmt: skip
+    if stream:
+        command += ["--offload", "disk"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    seconds = time.perf_counter() - start
+    record = json.loads((output / "hfcompress_record.json").read_text())
+    return {"seconds": seconds, "peak_rss_mb": record["steps"][-1]["memory"]["peak_rss_bytes"] / 2**20}
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two output folders store the same tensors, bit for bit (whatever their sharding)."""
+    from safetensors import safe_open
+
+    def load(folder):
+        tensors = {}
+        for file in sorted(glob.glob(str(folder / "*.safetensors"))):
+            with safe_open(file, "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        return tensors
+
+    x, y = load(a), load(b)
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+
+
+def measure(model: Path, name: str, args, in_memory: bool) -> list[dict]:
+    rows = []
+    out = Path(args.cache) / "out"
+    paths = [("stream", True)] + ([("memory", False)] if in_memory else [])
+    runs = {label: [] for label, _ in paths}
+    for _ in range(args.repeats):  # alternating, so both see the same machine
+        for label, stream in paths:
+            runs[label].append(run(model, out / label, stream, args.num_samples, args.seq_len))
+    equal = same_tensors(out / "stream", out / "memory") if in_memory else None
+    for label, _ in paths:
+        rows.append(
+            {
+                "model": name,
+                "path": label,
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[label]),
+                "seconds": statistics.median(r["seconds"] for r in runs[label]),
+                "same_tensors": equal,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="*", default=[6, 12], help="Depths of the random model.")
+    parser.add_argument("--in-memory", type=int, nargs="*", default=[6], help="Depths also run in memory.")
+    parser.add_argument("--refmodel", action="store_true", help="Also ../shared/refmodel with 128 x 512 tokens.")
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="Runs of each path (median time, largest peak).")
+    parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
+    args = parser.parse_args()
+
+    from hfcompress.hub.record import hardware_description
+
+    rows = []
+    for layers in args.layers:
+        folder = random_model(Path(args.cache) / f"llama-4096x{layers}", layers)
+        rows += measure(folder, f"random Llama 4096x{layers}", args, layers in args.in_memory)
+    if args.refmodel:
+        samples, args.num_samples = args.num_samples, 128
+        rows += measure(SHARED / "refmodel", "refmodel (128 x 512)", args, True)
+        args.num_samples = samples
+    print(f"\n{hardware_description()}; GPTQ w4 g128, {args.num_samples} x {args.seq_len} calibration tokens\n")
+    print("| model | path | peak RSS (MB) | wall (s) | same tensors |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['path']} | {r['peak_rss_mb']:,.0f} | {r['seconds']:.1f} | {r['same_tensors']} |")
+    memory = {r["model"]: r for r in rows if r["path"] == "memory"}
+    for r in rows:
+        if r["path"] == "stream" and r["model"] in memory:
+            print(f"{r['model']}: streaming / in memory wall time {r['seconds'] / memory[r['model']]['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""`--offload disk`: quantizing a model block by block from its safetensors shards writes exactly what the run in
+memory writes, and what cannot stream is refused or loaded whole with a reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import hfcompress  # noqa: F401  (registers the checkpoint format)
+from hfcompress.core.hessian import Hessian, inverse_cholesky, symmetrize_upper
+from hfcompress.core.streaming import ShardedCheckpoint, streaming_obstacle
+from hfcompress.quantization import GPTQConfig, RTNConfig
+from hfcompress.quantization.codebook_config import KMeansConfig
+from hfcompress.steps import OutputOptions, compress_folder
+from tests.helpers import tiny_model, tiny_tokenizer, token_windows
+
+
+def _save_sharded(folder: Path, arch: str, prune: bool = False) -> Path:
+    model = tiny_model(arch).half()
+    if prune:  # half of every block linear's weights exactly zero: the layers keep their sparsity
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "layers" in name:
+                module.weight.data[:, ::2] = 0
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming")
+    return {
+        "llama": str(_save_sharded(root / "llama", "llama")),
+        "gpt2": str(_save_sharded(root / "gpt2", "gpt2")),  # tied embeddings, Conv1D layers
+        "pruned": str(_save_sharded(root / "pruned", "llama", prune=True)),
+    }
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def _both(model: Path, tmp_path: Path, config) -> tuple[Path, Path]:
+    memory = compress_folder(model, tmp_path / "memory", config)
+    disk = compress_folder(model, tmp_path / "disk", config, OutputOptions(offload="disk"))
+    return memory, disk
+
+
+CONFIGS = {
+    "gptq": lambda: GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32)),
+    "gptq-2pass-sym": lambda: GPTQConfig(bits=3, group_size=-1, sym=True, true_sequential=False, dataset=token_windows(8, 32)),
+    "rtn": lambda: RTNConfig(bits=4, group_size=32),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "pruned"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_streaming_writes_what_memory_writes(models, tmp_path, arch, method):
+    memory, disk = _both(models[arch], tmp_path, CONFIGS[method]())
+
+    expected, streamed = _tensors(memory), _tensors(disk)
+    assert streamed.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
+    if arch == "pruned":
+        assert any(key.endswith(".weight_bitmask") for key in streamed), "the pruned layers lost their sparsity"
+    assert json.loads((disk / "config.json").read_text()) == json.loads((memory / "config.json").read_text())
+    # one shard per block and one for the rest, all listed in the index
+    index = json.loads((disk / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(streamed)
+    assert len(set(index["weight_map"].values())) == 3
+
+    record = json.loads((disk / "hfcompress_record.json").read_text())
+    step = record["steps"][-1]
+    assert step["config"]["offload"] == "disk" and step["memory"]["peak_rss_bytes"] > 0
+    assert (
+        record["metrics"]["after"]["parameters"]
+        == json.loads((memory / "hfcompress_record.json").read_text())["metrics"]["after"]["parameters"]
+    )
+
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(memory)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(disk)(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_a_model_that_cannot_stream_is_loaded_whole_with_the_reason(models, tmp_path, caplog):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    for file in Path(models["llama"]).iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "auto_map" in streaming_obstacle(folder)
+
+    config = json.loads((Path(models["llama"]) / "config.json").read_text())
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    assert "no safetensors weights" in streaming_obstacle(tmp_path / "plain")
+    assert "not a local folder" in streaming_obstacle("org/model")
+
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        out = compress_folder(
+            models["llama"], tmp_path / "out", RTNConfig(bits=4, group_size=32), OutputOptions(offload="disk")
+        )
+        assert not caplog.records  # it could stream
+        # a folder hfcompress cannot stream: the run loads it whole and says why (auto_map is only read by
+        # streaming here; transformers ignores it for a model class it knows)
+        compress_folder(str(folder), tmp_path / "out2", RTNConfig(bits=4, group_size=32), OutputOptions(offload="disk"))
+    assert any("loading it whole instead" in r.getMessage() and "auto_map" in r.getMessage() for r in caplog.records)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "out2" / "model.safetensors").is_file()
+
+
+def test_what_streaming_cannot_do_is_refused_before_any_work(models, tmp_path):
+    disk = OutputOptions(offload="disk", eval_dataset="whatever.txt")
+    with pytest.raises(ValueError, match="--eval-dataset"):
+        compress_folder(models["llama"], tmp_path / "a", RTNConfig(bits=4, group_size=32), disk)
+    with pytest.raises(ValueError, match="kmeans cannot run with --offload disk"):
+        compress_folder(models["llama"], tmp_path / "b", KMeansConfig(bits=3), OutputOptions(offload="disk"))
+    with pytest.raises(ValueError, match="format hfcompress only"):
+        compress_folder(
+            models["llama"], tmp_path / "c", RTNConfig(bits=4, group_size=32, sym=True), OutputOptions(offload="disk"),
+            format="compressed-tensors",
+        )  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_whose_names_do_not_match_the_model_is_refused(models, tmp_path):
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    model = tiny_model("llama").half()
+    state = {f"renamed.{k}": v for k, v in model.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(state, folder / "model.safetensors")
+    model.config.save_pretrained(folder)
+    with pytest.raises(ValueError, match="not stored under their own names"):
+        ShardedCheckpoint(folder).skeleton()
+
+
+def test_lean_hessian_maths_match_the_plain_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(300, 70)
+    x[:, 5] = 0  # an input that is always zero
+    hessian = Hessian(70, "cpu")
+    hessian.add(x)
+    upper = hessian.H.clone()
+    H = hessian.full()
+    assert torch.equal(H, symmetrize_upper(upper)) and H.data_ptr() == hessian.H.data_ptr()
+
+    perm = torch.randperm(70)
+    fixed = H.clone()
+    fixed[5, 5] = 1
+    fixed = fixed[perm][:, perm]
+    damped = fixed + 0.01 * torch.diag(fixed).mean() * torch.eye(70)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped.double()), upper=True).float()
+    before = H.clone()
+    result = inverse_cholesky(H, 0.01, perm=perm, fix_dead=True)
+    assert torch.equal(H, before)  # not modified
+    torch.testing.assert_close(result, expected, rtol=1e-3, atol=1e-4)
+    assert torch.equal(result, torch.triu(result))
+
+
+def test_every_replay_mode_gives_the_same_codes():
+    """Replaying recorded submodule outputs or recomputing them is a memory/compute trade, never a change."""
+    from hfcompress.core.structure import find_layer_stack
+    from hfcompress.quantization.api import select_targets
+    from hfcompress.quantization.gptq_blocks import quantize_blocks
+
+    config = GPTQConfig(bits=3, group_size=32, dataset="unused")
+    batches = list(token_windows(8, 32).split(4))
+    states = []
+    for replay in ("all", "lean", "none"):
+        model = tiny_model("llama")
+        targets = select_targets(model, config)
+        quantize_blocks(model, find_layer_stack(model)[1], batches, targets, config, torch.float16, replay=replay)
+        states.append(model.state_dict())
+    for state in states[1:]:
+        assert state.keys() == states[0].keys()
+        assert all(torch.equal(state[k], states[0][k]) for k in state)
