@@ -97,8 +97,9 @@ def gptq_quantize(
     # the pass runs on Wᵀ: a column of W is then a contiguous row, which makes each step's reads and the
     # rank-1 update of the columns after it about 2-3x faster for wide layers
     Wt = W.t().contiguous()
+    del W  # from here on the pass reads Wᵀ only
     keep_t = None if keep is None else keep.t().contiguous()
-    codes = torch.zeros_like(Wt)
+    codes = torch.zeros(Wt.shape, dtype=torch.uint8, device=Wt.device)  # codes fit 8 bits: a quarter of float32
     scale = zero = None
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
