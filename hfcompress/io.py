@@ -23,6 +23,8 @@ __all__ = [
     "claim_output",
     "copy_model_extras",
     "output_lock",
+    "partial_dir",
+    "resumable_output_dir",
     "weight_bytes",
 ]
 
@@ -191,27 +193,67 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False):
 def _staged(output: Path, overwrite: bool):
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
-        (staging / STAGING_MARKER).unlink()
-        for path in staging.rglob("*"):
-            if path.is_file():
-                path.chmod(0o666 & ~umask)
-        if output.exists():
-            check_output_dir(output, overwrite)  # still empty, or ours to replace
-            # never marked: killed between the two moves, the old result waits here for the user
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, trash / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        _publish(staging, output, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _publish(staging: Path, output: Path, overwrite: bool) -> None:
+    """Move the complete folder `staging` to `output` (replacing it, when allowed), as an ordinary folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    (staging / STAGING_MARKER).unlink()
+    for path in staging.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+    if output.exists():
+        check_output_dir(output, overwrite)  # still empty, or ours to replace
+        # never marked: killed between the two moves, the old result waits here for the user
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, trash / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def partial_dir(output: str | os.PathLike) -> Path:
+    """Where a resumable run keeps `output` while it is being written (beside it, hidden)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.partial"
+
+
+@contextmanager
+def resumable_output_dir(output: str | os.PathLike, overwrite: bool = False, resume: bool = False):
+    """Like `atomic_output_dir`, but the folder being written is kept when the run fails or is killed (in
+    `partial_dir(output)`), for a later run with `resume` to continue; without `resume` a kept folder is removed
+    and the run starts over. Yields the folder and whether it holds an earlier run's work."""
+    with output_lock(output):
+        output = check_output_dir(output, overwrite)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output)
+        partial = partial_dir(output)
+        earlier = partial.is_dir() and (partial / STAGING_MARKER).is_file()
+        if earlier and not resume:
+            logger.warning("removing the unfinished run kept in %s (pass --resume to continue it instead)", partial)
+            shutil.rmtree(partial)
+            earlier = False
+        elif resume and not earlier:
+            logger.info("nothing to resume in %s: starting from the first block", partial)
+        partial.mkdir(exist_ok=True)
+        (partial / STAGING_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
+        try:
+            yield partial, earlier
+        except BaseException:
+            logger.error(
+                "the finished part of %s is kept in %s: run the same command with --resume to continue", output, partial
+            )
+            raise
+        _publish(partial, output, overwrite)
 
 
 def copy_model_extras(source: str | os.PathLike, destination: str | os.PathLike) -> list[str]:

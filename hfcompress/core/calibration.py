@@ -327,8 +327,8 @@ def calibrate_blocks(
     can swap in the compressed modules. Blocks of one type with the same targets share one trace.
 
     With a `stream` (`core.streaming.BlockStream`), `stream.onload(block, prefix)` runs before a block is used
-    and `stream.offload(block, prefix)` once the caller is done with it (after the caller's loop body): the
-    model's blocks can then live on disk, one in memory at a time. `inputs`: the first block's inputs, when the
+    and `stream.offload(block, prefix, next_inputs)` once the caller is done with it (after the caller's loop
+    body, with the next block's inputs): the model's blocks can then live on disk, one in memory at a time. `inputs`: the first block's inputs, when the
     caller captured them already (default: captured here from `batches`). `replay`: which submodule outputs the staged
     path holds (see `calibrate_block`).
     """
@@ -376,7 +376,7 @@ def _walk(
         if not modules:
             inputs = {stream: run_block(block, x) for stream, x in inputs.items()}
             if disk is not None:
-                disk.offload(block, prefix)
+                disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
             continue
         key = (type(block), frozenset(modules))
         if key not in traces:
@@ -395,7 +395,7 @@ def _walk(
                     set_linear_weight(modules[name], weight)
         yield block, prefix, solved
         if disk is not None:
-            disk.offload(block, prefix)
+            disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
 
 
 def for_each_block_hessian(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -146,34 +147,45 @@ def release(module: nn.Module) -> None:
 
 class ShardWriter:
     """Writes a model's tensors into `n_shards` safetensors files as they are finished, then the index that
-    `from_pretrained` reads."""
+    `from_pretrained` reads (built from the shards on disk, so a resumed run indexes what an earlier one wrote)."""
 
     def __init__(self, folder: str | os.PathLike, n_shards: int):
         self.folder = Path(folder)
         self.n_shards = n_shards
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
 
     def shard_name(self, index: int) -> str:
         return f"model-{index + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write shard `index` (0-based) holding `tensors`."""
+        """Write shard `index` (0-based) holding `tensors` (a temporary file renamed into place)."""
         if not 0 <= index < self.n_shards:
             raise ValueError(f"shard index must be in [0, {self.n_shards}), got {index}")
-        name = self.shard_name(index)
         # safetensors refuses views that share memory: each tensor gets its own contiguous storage
         owned = {
             k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()
         }
-        save_file(owned, self.folder / name, metadata={"format": "pt"})
-        for key, tensor in owned.items():
-            self.weight_map[key] = name
-            self.total_size += tensor.numel() * tensor.element_size()
+        _save_atomic(owned, self.folder / self.shard_name(index))
 
     def finish(self) -> None:
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        weight_map, total = {}, 0
+        for index in range(self.n_shards):
+            name = self.shard_name(index)
+            with safe_open(self.folder / name, framework="pt") as f:
+                for key in f.keys():
+                    weight_map[key] = name
+                    piece = f.get_slice(key)
+                    total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, temporary, metadata={"format": "pt"})
+    os.replace(temporary, path)
 
 
 def _shares(tensor: torch.Tensor) -> bool:
@@ -184,7 +196,9 @@ class BlockStream:
     """Onloads each block from `checkpoint` (floating tensors as `dtype`) before the block driver uses it, and
     once the caller is done with it writes it to `writer`'s shard of that block and frees it.
     `on_onload(block, prefix)` runs after each onload (to plan the block's layers), `before_write(block)` before
-    each write (to cast what stayed dense to the checkpoint's dtype)."""
+    each write (to cast what stayed dense to the checkpoint's dtype), `after_write(block, prefix, written,
+    next_inputs)` after it (to record the progress of a resumable run). `start`: the shard index of the first
+    block it is given (blocks a resumed run skips were written before)."""
 
     def __init__(
         self,
@@ -194,6 +208,8 @@ class BlockStream:
         dtype: torch.dtype = torch.float32,
         on_onload=None,
         before_write=None,
+        after_write=None,
+        start: int = 0,
     ):
         self.model = model
         self.checkpoint = checkpoint
@@ -201,7 +217,8 @@ class BlockStream:
         self.dtype = dtype
         self.on_onload = on_onload
         self.before_write = before_write
-        self.written = 0
+        self.after_write = after_write
+        self.written = start
 
     def onload(self, block: nn.Module, prefix: str) -> None:
         self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
@@ -212,9 +229,12 @@ class BlockStream:
         """Read the block's original weights again (after a calibration that changed them was abandoned)."""
         self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
 
-    def offload(self, block: nn.Module, prefix: str) -> None:
+    def offload(self, block: nn.Module, prefix: str, next_inputs=None) -> None:
+        """Write the finished block and free it; `next_inputs` are the next block's inputs (for `after_write`)."""
         if self.before_write is not None:
             self.before_write(block)
         self.writer.write(self.written, block.state_dict(prefix=f"{prefix}."))
         self.written += 1
+        if self.after_write is not None:
+            self.after_write(block, prefix, self.written, next_inputs)
         release(block)

@@ -19,7 +19,14 @@ from .grid import SCALE_TORCH_DTYPES, rtn_quantize
 from .layers import quantized_layer
 from .plan import LayerPlan, plan_layers
 
-__all__ = ["attach_quantization_config", "quantize", "quantize_uniform", "quantized_layer", "select_targets"]
+__all__ = [
+    "attach_quantization_config",
+    "quantize",
+    "quantize_uniform",
+    "quantized_layer",
+    "select_targets",
+    "stores_g_idx",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +139,12 @@ def replace_with_rtn(
     weight = linear_weight(module).detach()
     quantized = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.clip_search, plan.mask, scale_dtype)
     # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too
-    layer = quantized_layer(quantized, plan, config.sym, _stores_g_idx(config), module.bias, scale_dtype)
+    layer = quantized_layer(quantized, plan, config.sym, stores_g_idx(config), module.bias, scale_dtype)
     set_submodule(model, name, layer)
 
 
-def _stores_g_idx(config: RTNConfig) -> bool:
+def stores_g_idx(config: RTNConfig) -> bool:
+    """Whether the layers `config` writes store each column's group (act-order without static groups)."""
     return bool(getattr(config, "act_order", False) and not getattr(config, "static_groups", False))
 
 
@@ -162,7 +170,7 @@ def attach_quantization_config(
         bits=config.bits,
         group_size=config.group_size,
         sym=config.sym,
-        act_order=_stores_g_idx(config),
+        act_order=stores_g_idx(config),
         modules=list(plans),
         layer_types=layer_types,
         scale_dtype=config.scale_dtype,

@@ -17,15 +17,17 @@ from transformers.utils.logging import tqdm
 
 from ..core.calibration import block_prefixes
 from ..core.capture import capture_block_inputs
+from ..core.resume import RunProgress, settings_digest
 from ..core.streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
-from ..core.structure import find_layer_stack
+from ..core.structure import find_layer_stack, linear_weight, set_submodule
 from ..data import calibration_data
-from .api import attach_quantization_config, replace_with_rtn, select_targets
+from .api import attach_quantization_config, replace_with_rtn, select_targets, stores_g_idx
 from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
 from .grid import SCALE_TORCH_DTYPES
-from .modules import cast_unquantized
+from .modules import QuantLinear, cast_unquantized
 from .plan import plan_layers, sparsity_mask
+from .sparse_quant import SparseQuantLinear
 
 __all__ = ["quantize_streaming"]
 
@@ -34,11 +36,18 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def quantize_streaming(
-    model_path: str | os.PathLike, folder: str | os.PathLike, config: RTNConfig, tokenizer=None, task="causal-lm"
+    model_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    config: RTNConfig,
+    tokenizer=None,
+    task="causal-lm",
+    resume: bool = False,
 ) -> nn.Module:
     """Quantize the model at `model_path` (a local folder of safetensors shards) with `config` (`GPTQConfig` or
     `RTNConfig`) block by block from disk, writing its weights and config into `folder` as they are finished.
 
+    Progress is kept in `folder` after every block; with `resume`, a run killed midway continues from its last
+    written block (refused if the settings differ) and writes the same weights an uninterrupted run writes.
     Returns the model skeleton (every weight on the meta device) with its quantized layers and quantization
     config in place, for the compression record. Refuses a model that cannot stream (see `streaming_obstacle`).
     """
@@ -50,45 +59,75 @@ def quantize_streaming(
     targets = select_targets(model, config)
     plans = plan_layers(model, targets, config)
     prefixes = block_prefixes(model, blocks)
-    writer = ShardWriter(folder, n_shards=len(blocks) + 1)
+    calibrated = isinstance(config, GPTQConfig)
+    batches = calibration_data(model, config, tokenizer) if calibrated else None
+
+    settings = {
+        "model": os.path.abspath(model_path),
+        "config": config.to_dict(),
+        "calibration": settings_digest(batches) if calibrated else None,
+        "blocks": len(blocks),
+    }
+    progress = RunProgress(folder, settings)
+    state = progress.load() if resume else None
+    start = state["blocks_done"] if state else 0
+    layers: dict[str, int | None] = dict(state["layers"]) if state else {}
+    done = set()
+    for name, nnz in layers.items():  # written by the run that is resumed: only their shape is needed here
+        set_submodule(model, name, _meta_layer(targets[name], plans[name], config, scale_dtype, save_dtype, nnz))
+        done.add(name)
+    if start:
+        logger.info("resuming: %d of %d blocks were written by the run that stopped", start, len(blocks))
 
     def plan_block(block: nn.Module, prefix: str) -> None:
-        if not config.keep_sparsity:
-            return
-        for name, module in targets.items():
-            if name.startswith(prefix + "."):
-                plans[name].mask = sparsity_mask(module.weight)
+        if config.keep_sparsity:
+            for name, module in _in_block(targets, prefix).items():
+                plans[name].mask = sparsity_mask(linear_weight(module))
 
     def cast_dense(block: nn.Module) -> None:
         cast_unquantized(block, save_dtype)
 
-    stream = BlockStream(model, checkpoint, writer, on_onload=plan_block, before_write=cast_dense)
+    def record_progress(block: nn.Module, prefix: str, written: int, next_inputs) -> None:
+        for name in _in_block(targets, prefix):
+            layers[name] = getattr(model.get_submodule(name), "nnz", None)
+        progress.save(written, layers, next_inputs)
+
+    writer = ShardWriter(folder, n_shards=len(blocks) + 1)
+    stream = BlockStream(
+        model,
+        checkpoint,
+        writer,
+        on_onload=plan_block,
+        before_write=cast_dense,
+        after_write=record_progress,
+        start=start,
+    )
     outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
-    if isinstance(config, GPTQConfig):
-        batches = calibration_data(model, config, tokenizer)
+    todo = blocks[start:]
+    if calibrated and len(todo):
         # what runs before the first block: everything outside the stack but the output layer
         head = _output_names(model)
         checkpoint.materialize(model, [n for n in outside if n not in head], torch.float32)
         inputs = capture_block_inputs(model, blocks[0], batches)
         release(model)  # the embeddings are not needed again until they are written
+        if start:
+            inputs = progress.next_inputs(inputs)
         # memory over speed: only attention and MLP outputs are replayed (the same codes)
-        done = quantize_blocks(
-            model, blocks, batches, targets, config, scale_dtype, plans, stream, inputs, replay="lean"
+        done |= quantize_blocks(
+            model, todo, batches, targets, config, scale_dtype, plans, stream, inputs, replay="lean"
         )
-    else:
-        done = set()
-        for block, prefix in zip(tqdm(blocks, desc="round-to-nearest blocks"), prefixes, strict=True):
+    elif len(todo):
+        for block, prefix in zip(tqdm(todo, desc="round-to-nearest blocks"), prefixes[start:], strict=True):
             stream.onload(block, prefix)
-            for name, module in targets.items():
-                if name.startswith(prefix + "."):
-                    replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
-                    done.add(name)
+            for name, module in _in_block(targets, prefix).items():
+                replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
+                done.add(name)
             stream.offload(block, prefix)
 
     # what lies outside the stack: quantized with round-to-nearest where targeted, written to the last shard
     checkpoint.materialize(model, outside, torch.float32)
     rest = {n: m for n, m in targets.items() if n not in done}
-    if rest and isinstance(config, GPTQConfig):
+    if rest and calibrated:
         logger.warning(
             "%d layers outside the block stack are quantized with round-to-nearest: %s", len(rest), list(rest)
         )
@@ -106,8 +145,25 @@ def quantize_streaming(
     model.config.save_pretrained(folder)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
+    progress.clear()
     logger.info("streamed %d blocks from %s into %s", len(blocks), model_path, Path(folder))
     return model
+
+
+def _in_block(targets: dict[str, nn.Module], prefix: str) -> dict[str, nn.Module]:
+    return {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+
+
+def _meta_layer(module: nn.Module, plan, config: RTNConfig, scale_dtype, dtype, nnz: int | None) -> nn.Module:
+    """The quantized layer `module` became, with its tensors on the meta device (its shape is what counts)."""
+    out_features, in_features = linear_weight(module).shape
+    options = dict(
+        act_order=stores_g_idx(config), bias=getattr(module, "bias", None) is not None, scale_dtype=scale_dtype,
+        dtype=dtype, device="meta",
+    )  # fmt: skip
+    if nnz is None:
+        return QuantLinear(in_features, out_features, plan.bits, plan.group_size, config.sym, **options)
+    return SparseQuantLinear(in_features, out_features, nnz, plan.bits, plan.group_size, config.sym, **options)
 
 
 def _output_names(model: nn.Module) -> set[str]:

@@ -16,7 +16,7 @@ from ..core.streaming import ShardedCheckpoint, streaming_obstacle
 from ..data import looks_local
 from ..hub.push import push_to_hub
 from ..hub.record import Step
-from ..io import atomic_output_dir, claim_output, copy_model_extras
+from ..io import claim_output, copy_model_extras, resumable_output_dir
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .options import OutputOptions
@@ -68,6 +68,8 @@ def compress_folder(
     options = options or OutputOptions()
     step_options = check_step(technique, config, step_options)
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
+    if options.resume and options.offload != "disk":
+        raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
     with claim_output(output, options.overwrite, inputs):
         if options.offload == "disk" and _can_stream(technique, model, options, step_options):
             return _compress_streaming(technique, model, output, config, options)
@@ -99,9 +101,9 @@ def _compress_streaming(technique: Technique, model: str, output, config, option
         require_tokenizer(tokenizer, model, "the calibration data")
     task = getattr(config, "task", "causal-lm")
     record = base_record(ShardedCheckpoint(model).skeleton(task), model, options, tokenizer)
-    with atomic_output_dir(output, options.overwrite) as staging:
+    with resumable_output_dir(output, options.overwrite, options.resume) as (staging, earlier):
         start = time.perf_counter()
-        compressed = technique.stream(model, staging, config, tokenizer)
+        compressed = technique.stream(model, staging, config, tokenizer, resume=earlier)
         seconds = time.perf_counter() - start
         logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
         coverage = check_coverage(compressed, config, getattr(config, "allow_partial", False))

@@ -28,6 +28,14 @@ class OutputOptions:
             "folders of safetensors weights; no --eval-dataset or --eval-tasks (evaluate OUTPUT afterwards)."
         },
     )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "With --offload disk: continue the unfinished run that wrote OUTPUT (killed or failed) from its last "
+            "written block, with the same weights as an uninterrupted run; refused if the settings differ. Without "
+            "it an unfinished run is discarded."
+        },
+    )
     eval_dataset: str | None = field(
         default=None,
         metadata={

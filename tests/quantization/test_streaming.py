@@ -191,3 +191,67 @@ def test_every_replay_mode_gives_the_same_codes():
     for state in states[1:]:
         assert state.keys() == states[0].keys()
         assert all(torch.equal(state[k], states[0][k]) for k in state)
+
+
+def _deep_model(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256,
+    )  # fmt: skip
+    LlamaForCausalLM(config).half().save_pretrained(folder, max_shard_size="500KB")
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "calib.txt").write_text(__import__("tests.helpers", fromlist=["python_text"]).python_text()[:60_000])
+    return folder
+
+
+def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hfcompress.io import partial_dir
+
+    model = _deep_model(tmp_path / "model")
+    command = [
+        sys.executable, "-m", "hfcompress", "quantize", "gptq", str(model), "OUT", "--bits", "4", "--group-size", "64",
+        "--dataset", str(model / "calib.txt"), "--num-samples", "32", "--seq-len", "128", "--offload", "disk", "-q",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(output, *extra):
+        cmd = [str(output) if c == "OUT" else c for c in command] + list(extra)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+    assert run(tmp_path / "whole").returncode == 0
+
+    killed = tmp_path / "killed"
+    progress = partial_dir(killed) / "hfcompress_progress.json"
+    process = subprocess.Popen([str(killed) if c == "OUT" else c for c in command], env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["blocks_done"] >= 3:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed halfway"
+    assert not killed.exists()  # never left looking complete
+
+    refused = run(killed, "--resume", "--bits", "3")
+    assert (
+        refused.returncode != 0 and "cannot resume" in refused.stderr and "config.bits was 4, now 3" in refused.stderr
+    )
+    resumed = run(killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((killed / "hfcompress_record.json").read_text())
+    assert "--resume" in record["command"]
+    assert not partial_dir(killed).exists()
+
+    names = {p.name for p in (tmp_path / "whole").iterdir()}
+    assert names == {p.name for p in killed.iterdir()}
+    for name in names - {"hfcompress_record.json", "README.md"}:  # the record and card say when and how long
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
