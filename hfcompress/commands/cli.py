@@ -61,7 +61,7 @@ def _add_technique(parser: argparse.ArgumentParser, technique: Technique) -> Non
             help=f"{option.help} Default: {option.default}.".replace("%", "%%"),
         )  # fmt: skip
     if technique.stream is not None:
-        add_config_arguments(parser, OutputOptions, ["offload", "resume"])
+        add_config_arguments(parser, OutputOptions, ["offload", "max_memory", "resume"])
     _add_writer_options(parser, "hfcompress.commands.compress:run_compress")
     parser.set_defaults(**{TECHNIQUE: technique.command})
 

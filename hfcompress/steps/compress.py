@@ -12,13 +12,14 @@ from pathlib import Path
 from ..core.config import CALIBRATION_FIELDS
 from ..core.coverage import check_coverage
 from ..core.registry import Technique, technique_for
-from ..core.streaming import ShardedCheckpoint, streaming_obstacle
+from ..core.streaming import ShardedCheckpoint
 from ..data import looks_local
 from ..hub.push import push_to_hub
 from ..hub.record import Step
 from ..io import claim_output, copy_model_extras, resumable_output_dir
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
+from .offload import should_stream
 from .options import OutputOptions
 from .recording import base_record, finish_output, needs_hfcompress, quality_metrics, write_output
 
@@ -68,31 +69,11 @@ def compress_folder(
     options = options or OutputOptions()
     step_options = check_step(technique, config, step_options)
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
-    if options.resume and options.offload != "disk":
-        raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
+    stream = should_stream(technique, model, options, step_options)
     with claim_output(output, options.overwrite, inputs):
-        if options.offload == "disk" and _can_stream(technique, model, options, step_options):
+        if stream:
             return _compress_streaming(technique, model, output, config, options)
         return _compress(technique, model, output, config, options, step_options)
-
-
-def _can_stream(technique: Technique, model: str, options: OutputOptions, step_options: dict) -> bool:
-    """Whether `--offload disk` can stream this run: refuses what it cannot do, and falls back to loading the
-    model whole, saying why, for a model that is not a local folder of safetensors shards."""
-    if technique.stream is None:
-        raise ValueError(f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)")
-    if options.eval_dataset or options.eval_tasks:
-        raise ValueError(
-            "--offload disk never holds the model whole, so it measures no perplexity or tasks: drop --eval-dataset "
-            "and --eval-tasks and evaluate OUTPUT afterwards (hfcompress evaluate OUTPUT --dataset ...)"
-        )
-    if step_options.get("format", "hfcompress") != "hfcompress":
-        raise ValueError(f"--offload disk writes format hfcompress only, got --format {step_options['format']}")
-    obstacle = streaming_obstacle(model)
-    if obstacle is not None:
-        logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
-        return False
-    return True
 
 
 def _compress_streaming(technique: Technique, model: str, output, config, options: OutputOptions) -> Path:

@@ -19,13 +19,22 @@ class OutputOptions:
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = field(
         default="float32", metadata={"help": "dtype to load MODEL in before compressing it."}
     )
-    offload: Literal["none", "disk"] = field(
-        default="none",
+    offload: Literal["auto", "none", "disk"] = field(
+        default="auto",
         metadata={
             "help": "disk: never hold MODEL whole; read one block at a time from its safetensors shards (in float32), "
-            "compress it, write it to OUTPUT and free it. Peak memory is about one block, the embeddings and the "
-            "calibration activations, whatever the depth; the weights equal those of a run in memory. For local "
-            "folders of safetensors weights; no --eval-dataset or --eval-tasks (evaluate OUTPUT afterwards)."
+            "compress it, write it to OUTPUT and free it. Peak memory is about one block, the calibration activations "
+            "and the widest layer's solve, whatever the depth; the weights equal those of a run in memory. For local "
+            "folders of safetensors weights; no --eval-dataset or --eval-tasks (evaluate OUTPUT afterwards). auto "
+            "(default): disk when the model in float32 would not fit in --max-memory, saying so; none: load it whole."
+        },
+    )
+    max_memory: str | None = field(
+        default=None,
+        metadata={
+            "help": "Memory the run may use, like 16GB or 800MB, for --offload auto (default: the memory available "
+            "now).",
+            "metavar": "SIZE",
         },
     )
     resume: bool = field(

@@ -255,3 +255,27 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     assert names == {p.name for p in killed.iterdir()}
     for name in names - {"hfcompress_record.json", "README.md"}:  # the record and card say when and how long
         assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_auto_streams_a_model_that_would_not_fit_and_says_so(models, tmp_path, caplog):
+    from hfcompress.steps.offload import parse_size
+
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("800MB") == 800 * 10**6 and parse_size("12") == 12
+    with pytest.raises(ValueError, match="--max-memory must be a size like 16GB"):
+        parse_size("lots")
+    config = RTNConfig(bits=4, group_size=32)
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        fits = compress_folder(models["llama"], tmp_path / "fits", config, OutputOptions(max_memory="1GB"))
+        assert not caplog.records
+        small = compress_folder(models["llama"], tmp_path / "small", config, OutputOptions(max_memory="10KB"))
+    assert any("streaming it from disk" in r.getMessage() for r in caplog.records)
+    assert (small / "model.safetensors.index.json").is_file() and (fits / "model.safetensors").is_file()
+    assert _tensors(small).keys() == _tensors(fits).keys()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):  # it would not fit, but cannot stream: said so
+        compress_folder(
+            models["llama"], tmp_path / "eval", config, OutputOptions(max_memory="10KB", eval_dataset=__file__)
+        )
+    assert any("loading it whole" in r.getMessage() and "--eval-dataset" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="add --offload disk"):
+        compress_folder(models["llama"], tmp_path / "r", config, OutputOptions(offload="none", resume=True))

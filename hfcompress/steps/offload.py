@@ -1,0 +1,94 @@
+"""Whether a run streams its model from disk (`--offload`): always with `disk`, never with `none`, and with
+`auto` when the model in float32 would not fit in the memory the run may use, saying so."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from ..core.registry import Technique
+from ..core.streaming import streaming_obstacle
+from ..io import weight_bytes
+from .loading import checkpoint_dtype
+from .options import OutputOptions
+
+__all__ = ["available_memory", "parse_size", "should_stream"]
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in '16GB', '800MB', '1.5GiB' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"--max-memory must be a size like 16GB, 800MB or 1.5GiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def available_memory() -> int | None:
+    """The memory available to a new allocation now (Linux: MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def should_stream(technique: Technique, model: str, options: OutputOptions, step_options: dict) -> bool:
+    """Whether this run streams `model` from disk. `disk` refuses what streaming cannot do and loads whole, with
+    a warning that says why, a model that cannot stream; `auto` streams only a model that would not fit."""
+    if options.resume and options.offload != "disk":
+        raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
+    limit = parse_size(options.max_memory) if options.max_memory else None
+    if options.offload == "none":
+        return False
+    if options.offload == "disk":
+        _refuse_what_cannot_stream(technique, options, step_options)
+        obstacle = streaming_obstacle(model)
+        if obstacle is not None:
+            logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
+        return obstacle is None
+    stored = weight_bytes(model)
+    limit = limit if limit is not None else available_memory()
+    if stored is None or limit is None:
+        return False
+    needed = stored * 4 // checkpoint_dtype(model).itemsize  # loaded in float32
+    if needed <= limit:
+        return False
+    reason = _why_not(technique, model, options, step_options)
+    if reason:
+        logger.warning(
+            "%s needs about %.1f GB in float32, more than the %.1f GB this run may use, but %s: loading it whole",
+            model, needed / 1e9, limit / 1e9, reason,
+        )  # fmt: skip
+        return False
+    logger.warning(
+        "%s needs about %.1f GB in float32, more than the %.1f GB this run may use: streaming it from disk one block "
+        "at a time (--offload disk)", model, needed / 1e9, limit / 1e9,
+    )  # fmt: skip
+    return True
+
+
+def _refuse_what_cannot_stream(technique: Technique, options: OutputOptions, step_options: dict) -> None:
+    if technique.stream is None:
+        raise ValueError(f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)")
+    if options.eval_dataset or options.eval_tasks:
+        raise ValueError(
+            "--offload disk never holds the model whole, so it measures no perplexity or tasks: drop --eval-dataset "
+            "and --eval-tasks and evaluate OUTPUT afterwards (hfcompress evaluate OUTPUT --dataset ...)"
+        )
+    if step_options.get("format", "hfcompress") != "hfcompress":
+        raise ValueError(f"--offload disk writes format hfcompress only, got --format {step_options['format']}")
+
+
+def _why_not(technique: Technique, model: str, options: OutputOptions, step_options: dict) -> str | None:
+    try:
+        _refuse_what_cannot_stream(technique, options, step_options)
+    except ValueError as e:
+        return str(e)
+    return streaming_obstacle(model)
