@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .core.config import DEFAULT_SEQ_LEN
+from .core.distributed import shard_batches
 
 __all__ = [
     "calibration_batches",
@@ -150,7 +151,7 @@ def resolve_seq_len(model, seq_len: int | None) -> int:
 
 def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
     """The calibration batches of a calibrated technique's `config` (its `dataset`, `num_samples`, `seq_len`,
-    `batch_size`). What was really used (the window length, the windows taken, the windows there were) is kept on
+    `batch_size`); across processes, this rank's share of them (`core.distributed`). What was really used (the window length, the windows taken, the windows there were) is kept on
     the model as `model.hfcompress_calibration`, for the compression record."""
     windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
@@ -159,7 +160,7 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
         "num_samples": sum(len(b) for b in batches),
         "windows_available": len(windows),
     }
-    return batches
+    return shard_batches(batches)  # across processes, this rank's share
 
 
 def calibration_windows(model, dataset, seq_len: int | None, tokenizer=None) -> torch.Tensor:

@@ -10,6 +10,7 @@ the compression record says (`getrusage`), its wall time is measured around the 
     python scripts/bench_scale.py                       # 6 and 12 layers streamed, 6 layers in memory
     python scripts/bench_scale.py --layers 6 --repeats 3 --in-memory 6
     python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
+    python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,18 +50,21 @@ def random_model(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run(model: Path, output: Path, stream: bool, num_samples: int, seq_len: int) -> dict:
-    """One `hfcompress quantize gptq` process; its wall time and the peak memory its record gives."""
+def run(model: Path, output: Path, stream: bool, num_samples: int, seq_len: int, processes: int = 1) -> dict:
+    """One `hfcompress quantize gptq` run (with `processes` > 1: under torchrun, gloo, one thread each); its wall
+    time and the peak memory its record gives (rank 0's)."""
     shutil.rmtree(output, ignore_errors=True)
     command = [
-        sys.executable, "-m", "hfcompress", "quantize", "gptq", str(model), str(output), "--bits", "4",
+        "-m", "hfcompress", "quantize", "gptq", str(model), str(output), "--bits", "4",
         "--group-size", "128", "--dataset", str(SHARED / "corpus" / "calib.txt"), "--num-samples", str(num_samples),
-        "--seq-len", str(seq_len), "-q",
+        "--seq-len", str(seq_len), "-q", "--offload", "disk" if stream else "none",
     ]  # fmt: skip
-    if stream:
-        command += ["--offload", "disk"]
+    env = dict(os.environ)
+    if processes > 1:
+        command = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), *command]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run([sys.executable, *command], check=True, env=env)
     seconds = time.perf_counter() - start
     record = json.loads((output / "hfcompress_record.json").read_text())
     return {"seconds": seconds, "peak_rss_mb": record["steps"][-1]["memory"]["peak_rss_bytes"] / 2**20}
@@ -102,6 +107,26 @@ def measure(model: Path, name: str, args, in_memory: bool) -> list[dict]:
     return rows
 
 
+def processes(args) -> list[dict]:
+    """refmodel in memory, 128 x 512 tokens: one process (all cores) against `args.processes` (cores shared)."""
+    out = Path(args.cache) / "out"
+    runs = {1: [], args.processes: []}
+    for _ in range(args.repeats):
+        for n in runs:
+            runs[n].append(run(SHARED / "refmodel", out / f"p{n}", False, 128, args.seq_len, processes=n))
+    equal = same_tensors(out / "p1", out / f"p{args.processes}")
+    return [
+        {
+            "model": "refmodel (128 x 512)",
+            "path": f"memory, {n} process{'es' if n > 1 else ''}",
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[n]),
+            "seconds": statistics.median(r["seconds"] for r in runs[n]),
+            "same_tensors": equal,
+        }
+        for n in runs
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="*", default=[6, 12], help="Depths of the random model.")
@@ -110,6 +135,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each path (median time, largest peak).")
+    parser.add_argument("--processes", type=int, default=1, help="Also refmodel in memory with this many processes.")
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()
 
@@ -123,6 +149,8 @@ def main() -> None:
         samples, args.num_samples = args.num_samples, 128
         rows += measure(SHARED / "refmodel", "refmodel (128 x 512)", args, True)
         args.num_samples = samples
+    if args.processes > 1:
+        rows += processes(args)
     print(f"\n{hardware_description()}; GPTQ w4 g128, {args.num_samples} x {args.seq_len} calibration tokens\n")
     print("| model | path | peak RSS (MB) | wall (s) | same tensors |")
     print("| --- | --- | --- | --- | --- |")

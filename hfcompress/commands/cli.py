@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -271,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     """Run the handler chosen by the parsed `args`; user errors become one line on stderr and exit code 2."""
     _configure_logging(getattr(args, "quiet", False))
+    if _launched():  # torchrun / accelerate launch: one process of several
+        from ..core.distributed import init_from_environment, is_main
+
+        init_from_environment()
+        if not is_main():  # rank 0 speaks for all
+            _configure_logging(True)
+            logging.getLogger().setLevel(logging.WARNING)
     module_name, _, function = getattr(args, HANDLER).partition(":")
     from ..hub.push import HubError
 
@@ -283,6 +291,10 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     except KeyboardInterrupt:  # the output folder is only replaced when complete: nothing half-written stays
         print(f"{prog}: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _configure_logging(quiet: bool) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import reduce_mean
+
 __all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper", "symmetrize_upper_"]
 
 
@@ -106,6 +108,8 @@ class Hessian:
         self.H, self.count = accumulate_hessian(x.detach(), self.H, self.count, upper_only=True)
 
     def full(self) -> torch.Tensor:
-        """The symmetric H, made in place (no second matrix: for a wide layer H alone is hundreds of MB)."""
+        """The symmetric H, made in place (no second matrix: for a wide layer H alone is hundreds of MB); across
+        processes, over every rank's inputs (`core.distributed`)."""
+        self.H, self.count = reduce_mean(self.H, self.count)
         symmetrize_upper_(self.H)
         return self.H

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
 from ..core.coverage import check_coverage
+from ..core.distributed import is_main, world_size
 from ..core.registry import Technique, technique_for
 from ..core.streaming import ShardedCheckpoint
 from ..data import looks_local
@@ -70,10 +71,31 @@ def compress_folder(
     step_options = check_step(technique, config, step_options)
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
     stream = should_stream(technique, model, options, step_options)
+    if world_size() > 1:
+        if technique.name not in DISTRIBUTED:
+            raise ValueError(
+                f"{technique.name} does not run across processes yet (those that do: {', '.join(DISTRIBUTED)})"
+            )
+        if stream:
+            raise ValueError("--offload disk does not run across processes yet: run one process, or --offload none")
+        if not is_main():  # calibrates its share with the others; rank 0 writes
+            _follow(technique, model, config, options)
+            return Path(output)
     with claim_output(output, options.overwrite, inputs):
         if stream:
             return _compress_streaming(technique, model, output, config, options)
         return _compress(technique, model, output, config, options, step_options)
+
+
+# techniques whose calibration statistics are summed across processes (their Hessians: `core.distributed`)
+DISTRIBUTED = ("gptq", "rtn")
+
+
+def _follow(technique: Technique, model: str, config, options: OutputOptions) -> None:
+    """A rank other than 0: the same calibration and solves on its share of the data, nothing written."""
+    tokenizer = load_tokenizer(model, required=False)
+    loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
+    technique.run(loaded, config, tokenizer)
 
 
 def _compress_streaming(technique: Technique, model: str, output, config, options: OutputOptions) -> Path:
@@ -118,6 +140,8 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
         del loaded
     compressed.eval()
     step = Step(technique.record_kind, technique.method_of(config), *_settings(technique, config, compressed), seconds)
+    if world_size() > 1:
+        step.config["processes"] = world_size()
     quality = quality_metrics(compressed, options, tokenizer)
     if technique.before_save is not None:
         technique.before_save(compressed, config, **step_options)

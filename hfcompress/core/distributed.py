@@ -1,0 +1,69 @@
+"""Calibration across processes (`torchrun` or `accelerate launch`, gloo on CPU, nccl on GPUs): every rank
+calibrates on its own share of the calibration batches, the statistics the solvers read (every input Hessian,
+and so Wanda's norms) are summed over ranks before each solve, every rank solves on the same totals, and rank 0
+alone writes. Without an initialized process group everything here is the single-process no-op.
+
+The codes equal a single process's up to the order in which the Hessian's sums are added (float32 rounding,
+about 1e-7 relative), which can move a weight that lies almost exactly between two grid points to the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_from_environment", "is_main", "reduce_mean", "shard_batches", "world_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def init_from_environment() -> bool:
+    """Join the process group a launcher describes (`WORLD_SIZE` > 1 in the environment); True if it did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return True
+
+
+def shard_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's share of the calibration batches: every `world_size`-th one, starting at its rank."""
+    size = world_size()
+    if size == 1:
+        return batches
+    if len(batches) < size:
+        raise ValueError(
+            f"{len(batches)} calibration batches cannot be shared by {size} processes: give more windows "
+            "(num_samples) or smaller batches (batch_size), or run fewer processes"
+        )
+    return batches[rank() :: size]
+
+
+def reduce_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """The mean over every rank's rows, from each rank's `mean` of its `count` rows (`mean` is changed in place)."""
+    if world_size() == 1:
+        return mean, count
+    total = torch.tensor([float(count)], dtype=torch.float64)
+    dist.all_reduce(total)
+    mean.mul_(count)
+    dist.all_reduce(mean)
+    n = int(total.item())
+    mean.div_(max(n, 1))
+    return mean, n
