@@ -195,8 +195,8 @@ def _shares(tensor: torch.Tensor) -> bool:
 class BlockStream:
     """Onloads each block from `checkpoint` (floating tensors as `dtype`) before the block driver uses it, and
     once the caller is done with it writes it to `writer`'s shard of that block and frees it.
-    `on_onload(block, prefix)` runs after each onload (to plan the block's layers), `before_write(block)` before
-    each write (to cast what stayed dense to the checkpoint's dtype), `after_write(block, prefix, written,
+    `on_onload(block, prefix)` runs after each onload (to plan the block's layers), `before_write(block, prefix)`
+    before each write (to cast what stayed dense to the checkpoint's dtype), `after_write(block, prefix, written,
     next_inputs)` after it (to record the progress of a resumable run). `start`: the shard index of the first
     block it is given (blocks a resumed run skips were written before)."""
 
@@ -232,7 +232,7 @@ class BlockStream:
     def offload(self, block: nn.Module, prefix: str, next_inputs=None) -> None:
         """Write the finished block and free it; `next_inputs` are the next block's inputs (for `after_write`)."""
         if self.before_write is not None:
-            self.before_write(block)
+            self.before_write(block, prefix)
         self.writer.write(self.written, block.state_dict(prefix=f"{prefix}."))
         self.written += 1
         if self.after_write is not None:

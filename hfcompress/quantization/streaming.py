@@ -84,8 +84,10 @@ def quantize_streaming(
             for name, module in _in_block(targets, prefix).items():
                 plans[name].mask = sparsity_mask(linear_weight(module))
 
-    def cast_dense(block: nn.Module) -> None:
+    def finish_block(block: nn.Module, prefix: str) -> None:
         cast_unquantized(block, save_dtype)
+        for name in _in_block(targets, prefix):
+            plans[name].mask = None  # a pruned layer's mask is in its bitmask now
 
     def record_progress(block: nn.Module, prefix: str, written: int, next_inputs) -> None:
         for name in _in_block(targets, prefix):
@@ -98,7 +100,7 @@ def quantize_streaming(
         checkpoint,
         writer,
         on_onload=plan_block,
-        before_write=cast_dense,
+        before_write=finish_block,
         after_write=record_progress,
         start=start,
     )
@@ -121,6 +123,7 @@ def quantize_streaming(
             stream.onload(block, prefix)
             for name, module in _in_block(targets, prefix).items():
                 replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
+                release(module)  # the float weight it replaced
                 done.add(name)
             stream.offload(block, prefix)
 
@@ -135,8 +138,8 @@ def quantize_streaming(
         replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
     cast_unquantized(model, save_dtype)
     skip = tied_keys(model)
-    state = {n: t for n, t in model.state_dict().items() if not any(n.startswith(p + ".") for p in prefixes)}
-    writer.write(len(blocks), {n: t for n, t in state.items() if n not in skip})
+    tensors = {n: t for n, t in model.state_dict().items() if not any(n.startswith(p + ".") for p in prefixes)}
+    writer.write(len(blocks), {n: t for n, t in tensors.items() if n not in skip})
     release(model)
     model.tie_weights()  # loading and releasing untie what the config ties; the record counts tied weights once
     writer.finish()
