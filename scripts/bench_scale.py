@@ -8,7 +8,7 @@ Builds (once, cached in --cache) random-weight Llama-shaped models, hidden 4096,
 the compression record says (`getrusage`), its wall time is measured around the process.
 
     python scripts/bench_scale.py                       # 6 and 12 layers streamed, 6 layers in memory
-    python scripts/bench_scale.py --layers 6 --repeats 3 --in-memory 6
+    python scripts/bench_scale.py --layers 6 12 --methods rtn   # round-to-nearest instead
     python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
     python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
 """
@@ -50,15 +50,19 @@ def random_model(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run(model: Path, output: Path, stream: bool, num_samples: int, seq_len: int, processes: int = 1) -> dict:
-    """One `hfcompress quantize gptq` run (with `processes` > 1: under torchrun, gloo, one thread each); its wall
-    time and the peak memory its record gives (rank 0's)."""
+def run(
+    model: Path, output: Path, stream: bool, num_samples: int, seq_len: int, processes: int = 1, method: str = "gptq"
+) -> dict:
+    """One `hfcompress quantize METHOD` run (with `processes` > 1: under torchrun, gloo, the cores shared); its
+    wall time and the peak memory its record gives (rank 0's)."""
     shutil.rmtree(output, ignore_errors=True)
     command = [
-        "-m", "hfcompress", "quantize", "gptq", str(model), str(output), "--bits", "4",
-        "--group-size", "128", "--dataset", str(SHARED / "corpus" / "calib.txt"), "--num-samples", str(num_samples),
-        "--seq-len", str(seq_len), "-q", "--offload", "disk" if stream else "none",
+        "-m", "hfcompress", "quantize", method, str(model), str(output), "--bits", "4", "--group-size", "128", "-q",
+        "--offload", "disk" if stream else "none",
     ]  # fmt: skip
+    if method == "gptq":
+        calibration = SHARED / "corpus" / "calib.txt"
+        command += ["--dataset", str(calibration), "--num-samples", str(num_samples), "--seq-len", str(seq_len)]
     env = dict(os.environ)
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), *command]
@@ -85,20 +89,20 @@ def same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
 
 
-def measure(model: Path, name: str, args, in_memory: bool) -> list[dict]:
+def measure(model: Path, name: str, args, in_memory: bool, method: str = "gptq") -> list[dict]:
     rows = []
     out = Path(args.cache) / "out"
     paths = [("stream", True)] + ([("memory", False)] if in_memory else [])
     runs = {label: [] for label, _ in paths}
     for _ in range(args.repeats):  # alternating, so both see the same machine
         for label, stream in paths:
-            runs[label].append(run(model, out / label, stream, args.num_samples, args.seq_len))
+            runs[label].append(run(model, out / label, stream, args.num_samples, args.seq_len, method=method))
     equal = same_tensors(out / "stream", out / "memory") if in_memory else None
     for label, _ in paths:
         rows.append(
             {
                 "model": name,
-                "path": label,
+                "path": f"{method}, {label}",
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[label]),
                 "seconds": statistics.median(r["seconds"] for r in runs[label]),
                 "same_tensors": equal,
@@ -118,7 +122,7 @@ def processes(args) -> list[dict]:
     return [
         {
             "model": "refmodel (128 x 512)",
-            "path": f"memory, {n} process{'es' if n > 1 else ''}",
+            "path": f"gptq, memory, {n} process{'es' if n > 1 else ''}",
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[n]),
             "seconds": statistics.median(r["seconds"] for r in runs[n]),
             "same_tensors": equal,
@@ -136,6 +140,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each path (median time, largest peak).")
     parser.add_argument("--processes", type=int, default=1, help="Also refmodel in memory with this many processes.")
+    parser.add_argument("--methods", nargs="+", default=["gptq"], choices=["gptq", "rtn"], help="Techniques to run.")
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()
 
@@ -144,7 +149,8 @@ def main() -> None:
     rows = []
     for layers in args.layers:
         folder = random_model(Path(args.cache) / f"llama-4096x{layers}", layers)
-        rows += measure(folder, f"random Llama 4096x{layers}", args, layers in args.in_memory)
+        for method in args.methods:
+            rows += measure(folder, f"random Llama 4096x{layers}", args, layers in args.in_memory, method)
     if args.refmodel:
         samples, args.num_samples = args.num_samples, 128
         rows += measure(SHARED / "refmodel", "refmodel (128 x 512)", args, True)
@@ -156,10 +162,12 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['path']} | {r['peak_rss_mb']:,.0f} | {r['seconds']:.1f} | {r['same_tensors']} |")
-    memory = {r["model"]: r for r in rows if r["path"] == "memory"}
+    memory = {(r["model"], r["path"].split(",")[0]): r for r in rows if r["path"].endswith(", memory")}
     for r in rows:
-        if r["path"] == "stream" and r["model"] in memory:
-            print(f"{r['model']}: streaming / in memory wall time {r['seconds'] / memory[r['model']]['seconds']:.2f}x")
+        key = (r["model"], r["path"].split(",")[0])
+        if r["path"].endswith(", stream") and key in memory:
+            ratio = r["seconds"] / memory[key]["seconds"]
+            print(f"{r['model']}, {key[1]}: streaming / in memory wall time {ratio:.2f}x")
 
 
 if __name__ == "__main__":
