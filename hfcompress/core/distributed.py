@@ -3,8 +3,9 @@ calibrates on its own share of the calibration batches, the statistics the solve
 and so Wanda's norms) are summed over ranks before each solve, every rank solves on the same totals, and rank 0
 alone writes. Without an initialized process group everything here is the single-process no-op.
 
-The codes equal a single process's up to the order in which the Hessian's sums are added (float32 rounding,
-about 1e-7 relative), which can move a weight that lies almost exactly between two grid points to the other.
+The result is a single process's up to the order in which the Hessian's sums are added (float32 rounding,
+about 1e-7 relative, as a different thread count gives); GPTQ carries a rounding that flips on through the rest
+of a row, so the codes are close in what the model computes, not bit-equal.
 """
 
 from __future__ import annotations

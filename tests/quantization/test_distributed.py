@@ -1,14 +1,18 @@
 """GPTQ across two processes (torchrun, gloo on CPU): each rank calibrates half the windows, the Hessians are
-summed over ranks, rank 0 writes, and the codes are those of one process on all the windows."""
+summed over ranks, rank 0 writes, and the model computes what the one-process model on all the windows does."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import free_port, python_text, save_tiny_model
+from helpers import free_port, python_text, save_tiny_model, token_windows
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import hfcompress  # noqa: F401  (registers the checkpoint format)
 
 
 def _quantize(tmp_path, output, processes: int):
@@ -36,13 +40,19 @@ def test_two_processes_write_the_codes_of_one(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
-    # the Hessians are summed in another order (float32 rounding, ~1e-7 relative): a weight lying almost exactly
-    # between two grid points may round the other way (on this model, on the machine it was written on, none did)
+    # the ranks' Hessian sums are added in another order: float32 rounding (~1e-7 relative), as a different number
+    # of threads gives. GPTQ can carry one flipped rounding on through a row (on refmodel, 1 and 2 threads in one
+    # process differ in half the packed words), so the codes are compared through what the model computes
     for key in one:
-        if one[key].is_floating_point():
+        if one[key].is_floating_point():  # scales and zero points come from the weights (static groups)
             torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-6)
-        else:
-            assert (two[key] == one[key]).float().mean() >= 0.999, key
+    record = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())
+    assert record["steps"][-1]["config"]["processes"] == 2 and record["steps"][-1]["data"]["num_samples"] == 16
+    ids = token_windows(4, 32)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "one")(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "two")(ids).logits
+    assert (a - b).abs().mean() <= 0.05 * a.std()
 
 
 def test_what_does_not_run_across_processes_is_refused(tmp_path):
