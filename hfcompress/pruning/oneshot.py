@@ -13,8 +13,8 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import update_manifest
-from ..core.calibration import for_each_block_hessian
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
+from ..core.walk import for_each_block_hessian
 from ..data import calibration_data
 from .oneshot_config import OneShotPruningConfig
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune

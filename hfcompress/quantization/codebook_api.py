@@ -9,8 +9,8 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import manifest_of, update_manifest
-from ..core.calibration import for_each_block_hessian
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..core.walk import for_each_block_hessian
 from ..data import calibration_data
 from .codebook import kmeans_quantize, vq_quantize
 from .codebook_config import KMeansConfig, VQConfig

@@ -11,9 +11,9 @@ import logging
 import torch
 from torch import nn
 
-from ..core.calibration import calibrate_blocks
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_linear_weight, set_submodule
+from ..core.walk import calibrate_blocks
 from .config import GPTQConfig
 from .gptq import gptq_quantize
 from .grid import QuantizedWeight

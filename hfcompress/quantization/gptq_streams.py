@@ -1,6 +1,6 @@
 """Several GPTQ runs in one walk over the blocks, and quantized models assembled from their per-layer results.
 
-Each run is a calibration stream (`core.calibration.calibrate_streams`) with its own width per layer: a stream
+Each run is a calibration stream (`core.walk.calibrate_streams`) with its own width per layer: a stream
 with `b` bits everywhere gives exactly what `quantize(model, GPTQConfig(bits=b))` gives, a stream with mixed
 widths what `layer_bits` would. For every layer the stream also measures the mean squared error of each output
 channel on its calibration inputs, `e_r = (ΔW H ΔWᵀ)_rr / 2`, which `recipes.sensitivity.fisher_scores` turns
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.calibration import calibrate_streams
 from ..core.structure import find_layer_stack, linear_weight, set_submodule
+from ..core.walk import calibrate_streams
 from ..data import calibration_data
 from .api import attach_quantization_config, select_targets
 from .config import GPTQConfig

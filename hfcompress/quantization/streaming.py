@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..core.calibration import block_prefixes
 from ..core.capture import capture_block_inputs
 from ..core.resume import RunProgress, settings_digest
 from ..core.streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
 from ..core.structure import find_layer_stack, linear_weight, set_submodule
+from ..core.walk import block_prefixes
 from ..data import calibration_data
 from .api import attach_quantization_config, replace_with_rtn, select_targets, stores_g_idx
 from .config import GPTQConfig, RTNConfig

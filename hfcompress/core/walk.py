@@ -1,0 +1,137 @@
+"""The walk over a model's blocks that every calibrated technique runs on: capture the first block's inputs,
+then calibrate each block in turn (`core.calibration.calibrate_block`) on the previous blocks' outputs as they
+were solved, one or several calibration streams at once, with the blocks optionally onloaded from disk and
+written out one at a time (`core.streaming.BlockStream`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from .calibration import BlockSolver, calibrate_block
+from .capture import BlockInputs, capture_block_inputs, run_block
+from .structure import linear_weight, set_linear_weight
+from .trace import BlockTrace, trace_block
+
+__all__ = ["block_prefixes", "calibrate_blocks", "calibrate_streams", "for_each_block_hessian"]
+
+
+def block_prefixes(model: nn.Module, blocks) -> list[str]:
+    """The full name of each block of `blocks` in `model`."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(block)] for block in blocks]
+
+
+@torch.no_grad()
+def calibrate_blocks(
+    model: nn.Module,
+    blocks,
+    batches: list[torch.Tensor],
+    targets: dict[str, nn.Module],
+    make_solver: Callable[[nn.Module, str, dict[str, nn.Module]], BlockSolver],
+    true_sequential: bool = True,
+    desc: str = "blocks",
+    stream=None,
+    inputs: list[BlockInputs] | None = None,
+    replay: str = "all",
+) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
+    """Calibrate the targets of every block in turn, each block on the previous ones' outputs as solved.
+
+    `make_solver(block, prefix, modules)` gives the solver of one block (`modules` by name relative to it).
+    Yields `(block, prefix, solved)` after each block with targets, before its outputs move on, so the caller
+    can swap in the compressed modules. Blocks of one type with the same targets share one trace.
+
+    With a `stream` (`core.streaming.BlockStream`), `stream.onload(block, prefix)` runs before a block is used
+    and `stream.offload(block, prefix, next_inputs)` once the caller is done with it (after the caller's loop
+    body, with the next block's inputs): the model's blocks can then live on disk, one in memory at a time. `inputs`: the first block's inputs, when the
+    caller captured them already (default: captured here from `batches`). `replay`: which submodule outputs the staged
+    path holds (see `calibrate_block`).
+    """
+    walk = _walk(
+        model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,
+        inputs, replay,
+    )  # fmt: skip
+    for block, prefix, solved in walk:
+        yield block, prefix, solved[None]
+
+
+@torch.no_grad()
+def calibrate_streams(
+    model: nn.Module,
+    blocks,
+    batches: list[torch.Tensor],
+    targets: dict[str, nn.Module],
+    streams: list,
+    make_solver: Callable[[Any, nn.Module, str, dict[str, nn.Module]], BlockSolver],
+    true_sequential: bool = True,
+    desc: str = "blocks",
+) -> Iterator[tuple[nn.Module, str, dict[Any, dict[str, Any]]]]:
+    """Several independent calibrations in one walk over the blocks: stream `s` calibrates each block with
+    `make_solver(s, block, prefix, modules)` on its own inputs (the earlier blocks' outputs as stream `s` solved
+    them), exactly as `calibrate_blocks` would alone. The targets' weights are put back after each stream, so
+    the model ends as it began. Yields `(block, prefix, {stream: solved})` after each block with targets.
+
+    The blocks are walked once (one onloading per block for every stream); each stream holds its own inputs.
+    """
+    yield from _walk(model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True)
+
+
+def _walk(
+    model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool,
+    disk=None, first=None, replay: str = "all",
+):  # fmt: skip
+    if first is None:
+        first = capture_block_inputs(model, blocks[0], batches)
+    inputs = {stream: first for stream in streams}
+    traces: dict[tuple, BlockTrace] = {}
+    for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
+        if disk is not None:
+            disk.onload(block, prefix)
+        modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if not modules:
+            inputs = {stream: run_block(block, x) for stream, x in inputs.items()}
+            if disk is not None:
+                disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
+            continue
+        key = (type(block), frozenset(modules))
+        if key not in traces:
+            traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[streams[0]][0])
+        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if restore else {}
+        solved = {}
+        reload = None if disk is None else functools.partial(disk.reload, block, prefix)
+        for stream in streams:
+            solve = make_solver(stream, block, prefix, modules)
+            try:
+                inputs[stream], solved[stream], _ = calibrate_block(
+                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay
+                )
+            finally:
+                for name, weight in originals.items():
+                    set_linear_weight(modules[name], weight)
+        yield block, prefix, solved
+        if disk is not None:
+            disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
+
+
+def for_each_block_hessian(
+    model: nn.Module, blocks, batches: list[torch.Tensor], targets: dict[str, nn.Module], process, desc: str
+) -> None:
+    """Block by block: the input Hessian of every target in the block, `process(block, name, module, H)` for
+    each (`name` relative to the block), then the block's outputs, with whatever `process` changed, become the
+    next block's inputs (the two-pass path: every Hessian of a block is taken before any change)."""
+
+    def make_solver(block, prefix, modules):
+        def solve(names, H):
+            for name in names:
+                process(block, name, modules[name], H)
+            return {}
+
+        return solve
+
+    for _ in calibrate_blocks(model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc):
+        pass
