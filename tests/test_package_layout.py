@@ -33,6 +33,7 @@ DEFERRED = {
     ("cli.py", "hfcompress.hub.record"),
     ("cli.py", "transformers.utils"),  # logging set-up, after parsing
     ("cli.py", "hfcompress.core.distributed"),  # torch.distributed, only under a launcher
+    ("cli.py", "torch.distributed"),
     ("bnb_config.py", "torch"),  # `to_transformers`, not the config's fields
     ("bnb_config.py", "transformers"),
     ("kernels.py", "hfcompress.experimental.triton_w4"),  # imports triton at module level

@@ -291,6 +291,12 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     except KeyboardInterrupt:  # the output folder is only replaced when complete: nothing half-written stays
         print(f"{prog}: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if _launched():
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _launched() -> bool:
