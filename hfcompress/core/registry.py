@@ -160,7 +160,11 @@ class Technique:
         """`apply`, then for a quantization the coverage check (`core.coverage`): what was compressed and what
         was left out is logged and kept as `model.hfcompress_coverage`, and a run that left a large share of the
         linear-like weights in full precision is refused unless `config.allow_partial`."""
-        result = self.apply(model, config, tokenizer)
+        return self.check_coverage(self.apply(model, config, tokenizer), config)
+
+    def check_coverage(self, result: nn.Module, config) -> nn.Module:
+        """For a quantization, the coverage check (`core.coverage`) on `result`, kept as its
+        `hfcompress_coverage`; `result` is returned."""
         if self.kind == "quantize":
             from .coverage import check_coverage  # torch: the registry itself must import none
 

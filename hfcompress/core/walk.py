@@ -48,9 +48,9 @@ def calibrate_blocks(
 
     With a `stream` (`core.streaming.BlockStream`), `stream.onload(block, prefix)` runs before a block is used
     and `stream.offload(block, prefix, next_inputs)` once the caller is done with it (after the caller's loop
-    body, with the next block's inputs): the model's blocks can then live on disk, one in memory at a time. `inputs`: the first block's inputs, when the
-    caller captured them already (default: captured here from `batches`). `replay`: which submodule outputs the staged
-    path holds (see `calibrate_block`).
+    body, with the next block's inputs): the model's blocks can then live on disk, one in memory at a time.
+    `inputs`: the first block's inputs, when the caller captured them already (default: captured here from
+    `batches`). `replay`: which submodule outputs the staged path holds (see `calibrate_block`).
     """
     walk = _walk(
         model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,

@@ -10,19 +10,17 @@ import time
 from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
-from ..core.coverage import check_coverage
 from ..core.distributed import is_main, world_size
 from ..core.registry import Technique, technique_for
 from ..core.streaming import ShardedCheckpoint
 from ..data import looks_local
-from ..hub.push import push_to_hub
 from ..hub.record import Step
 from ..io import claim_output, copy_model_extras, resumable_output_dir
 from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions
-from .recording import base_record, finish_output, needs_hfcompress, quality_metrics, write_output
+from .recording import base_record, finish_output, needs_hfcompress, push_output, quality_metrics, write_output
 
 __all__ = ["check_step", "compress_folder"]
 
@@ -109,8 +107,7 @@ def _compress_streaming(technique: Technique, model: str, output, config, option
         compressed = technique.stream(model, staging, config, tokenizer, resume=earlier)
         seconds = time.perf_counter() - start
         logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
-        coverage = check_coverage(compressed, config, getattr(config, "allow_partial", False))
-        compressed.hfcompress_coverage = coverage.summary()
+        technique.check_coverage(compressed, config)
         step = Step(
             technique.record_kind, technique.method_of(config), *_settings(technique, config, compressed), seconds
         )
@@ -118,9 +115,7 @@ def _compress_streaming(technique: Technique, model: str, output, config, option
         copy_model_extras(model, staging)
         finish_output(record, step, compressed, options, staging, {}, requires_hfcompress=needs_hfcompress(staging))
     logger.info("wrote %s", output)
-    if options.push_to_hub:
-        url = push_to_hub(output, options.push_to_hub, private=options.private or None)
-        logger.info("pushed to %s", url)
+    push_output(output, options)
     return Path(output)
 
 

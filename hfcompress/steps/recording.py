@@ -30,6 +30,7 @@ __all__ = [
     "finish_output",
     "model_metrics",
     "needs_hfcompress",
+    "push_output",
     "quality_metrics",
     "stored_parameters",
     "write_output",
@@ -196,10 +197,15 @@ def write_output(
             tokenizer.save_pretrained(staging)
         finish_output(record, step, model, options, staging, quality, requires_hfcompress=needs_hfcompress(staging))
     logger.info("wrote %s", output)
+    push_output(output, options)
+    return Path(output)
+
+
+def push_output(output, options: OutputOptions) -> None:
+    """Push the written folder `output` to the Hub when `options.push_to_hub` names a repo."""
     if options.push_to_hub:
         url = push_to_hub(output, options.push_to_hub, private=options.private or None)
         logger.info("pushed to %s", url)
-    return Path(output)
 
 
 def _save_pretrained(model, folder) -> None:
