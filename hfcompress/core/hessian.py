@@ -11,18 +11,18 @@ from .distributed import reduce_mean
 __all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper", "symmetrize_upper_"]
 
 
-def gram_upper(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+def gram_upper(x: torch.Tensor, block: int = 256, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
     """The upper triangle (diagonal included) of xᵀx for x [rows, n]; entries below it are unspecified.
+    With `out`, `alpha` xᵀx is added to it in place instead (no n x n temporary) and `out` is returned.
 
     Only blocks on and above the diagonal are computed: about 30% fewer FLOPs than xᵀx. (SciPy's `ssyrk`
     halves them, but its BLAS threads fight torch's for the cores and slow every other matmul.)
     """
     n = x.shape[1]
-    if n <= block:
-        return x.t() @ x
-    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     for i in range(0, n, block):
-        out[i : i + block, i:] = x[:, i : i + block].t() @ x[:, i:]
+        out[i : i + block, i:].addmm_(x[:, i : i + block].t(), x[:, i:], alpha=alpha)
     return out
 
 
@@ -58,16 +58,24 @@ def accumulate_hessian(
         return H, n_samples
     total = n_samples + n_new
     H.mul_(n_samples / total)
-    H.add_(gram_upper(x.contiguous()) if upper_only else x.t() @ x, alpha=2 / total)
+    if upper_only:  # added block by block: for a wide layer a temporary xᵀx would be hundreds of MB
+        gram_upper(x.contiguous(), out=H, alpha=2 / total)
+    else:
+        H.addmm_(x.t(), x, alpha=2 / total)
     return H, total
 
 
 def inverse_cholesky(
-    H: torch.Tensor, damp_percent: float, perm: torch.Tensor | None = None, fix_dead: bool = False
+    H: torch.Tensor,
+    damp_percent: float,
+    perm: torch.Tensor | None = None,
+    fix_dead: bool = False,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (of H with rows and columns in the order `perm`, when given), dampening the
     diagonal until H is positive definite; with `fix_dead`, zero diagonal entries (inputs that are always zero)
-    count as 1. `H` is not modified; the work needs two more matrices of its size, not more."""
+    count as 1. The work needs two more matrices of H's size, or with `overwrite` one: the factor is then
+    written into H's memory (H is lost; for a wide layer that is hundreds of MB saved)."""
     if not bool(torch.isfinite(H).all()):
         raise ValueError(
             "the Hessian holds NaN or infinite values: the model's weights or its activations on the calibration data "
@@ -84,17 +92,40 @@ def inverse_cholesky(
     damp = damp_percent * torch.mean(diagonal)
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(6):
-        L = H.index_select(0, reverse).index_select(1, reverse)
+        L = torch.empty_like(H)
+        for i in range(0, n, _ROWS):  # a block of rows at a time: no second permuted copy
+            L[i : i + _ROWS] = H.index_select(0, reverse[i : i + _ROWS]).index_select(1, reverse)
         L.diagonal().copy_(diagonal[reverse] + damp)
-        torch.linalg.cholesky_ex(L, out=(L, info))  # in place
+        # LAPACK works on column-major matrices: handed the (symmetric) matrix as its transposed view, it
+        # factorizes in place instead of through a hidden copy
+        L = L.mT
+        torch.linalg.cholesky_ex(L, out=(L, info))
         if info == 0:
-            inverse = torch.eye(n, dtype=H.dtype, device=H.device)
+            inverse = H if overwrite else torch.empty_like(H)
+            inverse.zero_().diagonal().fill_(1)
             torch.linalg.solve_triangular(L, inverse, upper=False, out=inverse)
             del L
-            return inverse.flip(0, 1)
+            return _reverse_(inverse)
         del L
         damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(diagonal).clamp(min=1e-8)
     raise ValueError("the Hessian is not positive definite even after dampening; check the calibration data")
+
+
+_ROWS = 512
+
+
+def _reverse_(X: torch.Tensor) -> torch.Tensor:
+    """X with its rows and columns reversed (`X.flip(0, 1)`), in place, a block of rows at a time; returns X."""
+    n = X.shape[0]
+    half = n // 2
+    for i in range(0, half, _ROWS):
+        j = min(i + _ROWS, half)
+        top = X[i:j].flip(0, 1)
+        X[i:j] = X[n - j : n - i].flip(0, 1)
+        X[n - j : n - i] = top
+    if n % 2:
+        X[half] = X[half].flip(0)
+    return X
 
 
 class Hessian:

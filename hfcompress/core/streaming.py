@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
+from .memory import trim_heap
+
 __all__ = [
     "AUTO_CLASSES",
     "BlockStream",
@@ -238,3 +240,4 @@ class BlockStream:
         if self.after_write is not None:
             self.after_write(block, prefix, self.written, next_inputs)
         release(block)
+        trim_heap()  # otherwise the heap keeps about a block per block

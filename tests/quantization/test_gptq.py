@@ -41,6 +41,11 @@ def test_gram_upper_matches_full_product(n):
     assert torch.allclose(symmetrize_upper(gram_upper(x, block=128)), x.t() @ x, atol=1e-4)
     H_upper, _ = accumulate_hessian(x, torch.zeros(n, n), 0, upper_only=True)
     assert torch.allclose(symmetrize_upper(H_upper), hessian(x), atol=1e-4)
+    # accumulated into a matrix in place, in several batches
+    H, count = torch.zeros(n, n), 0
+    for chunk in x.split(17):
+        H, count = accumulate_hessian(chunk, H, count, upper_only=True)
+    assert torch.allclose(symmetrize_upper(H), hessian(x), atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -105,6 +110,17 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
     assert torch.equal(U, torch.triu(U)) and bool((U.diag() > 0).all())
     expected = torch.linalg.inv(damped)
     assert torch.allclose((U.t() @ U).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize("features", [96, 1025])  # an odd size crosses the in-place reversal's middle row
+def test_inverse_cholesky_can_take_the_hessians_memory(features):
+    H = hessian(correlated_inputs(features=features))
+    perm = torch.randperm(features, generator=torch.Generator().manual_seed(0))
+    kept = inverse_cholesky(H, 0.01, perm=perm)
+    owned = H.clone()
+    taken = inverse_cholesky(owned, 0.01, perm=perm, overwrite=True)
+    assert taken.data_ptr() == owned.data_ptr() and torch.equal(taken, kept)
+    assert torch.equal(H, hessian(correlated_inputs(features=features)))  # without `overwrite`, H is untouched
 
 
 def reference_gptq_codes(W, H, bits, group_size, block_size):
