@@ -154,7 +154,10 @@ def _add_evaluate(subparsers) -> None:
         "--latency-runs", type=int, default=5, help="Timed runs for latency; 0 skips it (default: 5)."
     )
     evaluate.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16", "auto"), default="float32", help="dtype to load MODEL in."
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+        default="auto",
+        help="dtype to hold MODEL's weights in (default auto: the checkpoint's); perplexity is computed in float32.",
     )
     evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     add_common(evaluate)

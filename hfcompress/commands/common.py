@@ -19,6 +19,6 @@ def add_load_save_options(parser: argparse.ArgumentParser, when: str) -> None:
     parser.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16", "auto"),
-        default="float32",
-        help=f"dtype to load MODEL in {when} (default: float32).",
+        default="auto",
+        help=f"dtype to hold MODEL's weights in {when} (default auto: the checkpoint's); the maths runs in float32.",
     )

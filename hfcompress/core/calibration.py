@@ -32,6 +32,8 @@ from .capture import (
     with_hidden_states,
 )
 from .hessian import Hessian
+from .memory import trim_heap
+from .precision import maths_for
 from .structure import linear_weight, set_linear_weight
 from .trace import BlockTrace, trace_block
 
@@ -167,6 +169,7 @@ def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, solve: B
         for name in [n for n in records if _nested(n, records)]:
             del records[name]
         if not last:
+            trim_heap()  # the stage's freed activations, before the solve allocates its own
             solved.update(solve(trace.groups[stage], hessians[leader].full()))
     changed = [n for n, outs in records.items() if _version(outs) != versions[n]]
     if changed:
@@ -275,16 +278,17 @@ def calibrate_block(
     staged = true_sequential and all(trace.calls[n] == 1 for n in modules)
     if true_sequential and not staged:
         logger.info("%s calls a linear layer more than once; using the two-pass calibration", prefix)
-    if staged:
-        originals = {} if reload else {n: linear_weight(m).detach().clone() for n, m in modules.items()}
-        try:
-            outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve, replay)
-            return outputs, solved, True
-        except _ReplayUnsafe as e:
-            logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
-            for name, weight in originals.items():
-                set_linear_weight(modules[name], weight)
-            if reload is not None:
-                reload()
-    outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve)
+    with maths_for(block):  # weights stored in bfloat16/float16 compute in float32
+        if staged:
+            originals = {} if reload else {n: linear_weight(m).detach().clone() for n, m in modules.items()}
+            try:
+                outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve, replay)
+                return outputs, solved, True
+            except _ReplayUnsafe as e:
+                logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
+                for name, weight in originals.items():
+                    set_linear_weight(modules[name], weight, exact=True)
+                if reload is not None:
+                    reload()
+        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve)
     return outputs, solved, False

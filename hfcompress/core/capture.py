@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .precision import maths_for
+
 __all__ = [
     "BlockInputs",
     "capture_block_inputs",
@@ -34,7 +36,8 @@ class BlockInputs:
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
     """Run `model` on each batch of token ids up to `first_block` and record that block's inputs.
 
-    Nothing after the first block runs, so the cost is the embeddings alone.
+    Nothing after the first block runs, so the cost is the embeddings alone. Weights stored in bfloat16 or
+    float16 compute in float32 (`core.precision`), here and in `run_block`: the inputs are float32.
     """
     return _run_until(model, first_block, batches, outputs=False)
 
@@ -62,11 +65,12 @@ def _run_until(model: nn.Module, module: nn.Module, batches: list[torch.Tensor],
         handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
-        for input_ids in batches:
-            try:
-                model(input_ids=input_ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with maths_for(model):
+            for input_ids in batches:
+                try:
+                    model(input_ids=input_ids.to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
     if len(captured) != len(batches):
@@ -82,10 +86,11 @@ def hidden_states_of(output) -> torch.Tensor:
 def run_block(block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool = True) -> list[BlockInputs]:
     """Call `block` on every recorded input; the outputs become the next block's inputs."""
     outputs = []
-    for item in inputs:
-        hidden = hidden_states_of(block(*item.args, **item.kwargs))
-        if keep_outputs:
-            outputs.append(with_hidden_states(item, hidden))
+    with maths_for(block):
+        for item in inputs:
+            hidden = hidden_states_of(block(*item.args, **item.kwargs))
+            if keep_outputs:
+                outputs.append(with_hidden_states(item, hidden))
     return outputs
 
 

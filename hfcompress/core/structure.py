@@ -28,9 +28,14 @@ def linear_weight(module: nn.Module):
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
-def set_linear_weight(module: nn.Module, weight) -> None:
-    """Write an [out, in] weight into a linear-like module."""
-    module.weight.data.copy_(weight.t() if isinstance(module, Conv1D) else weight)
+def set_linear_weight(module: nn.Module, weight, exact: bool = False) -> None:
+    """Write an [out, in] weight into a linear-like module, cast to its dtype; with `exact`, a weight of
+    another dtype replaces the parameter instead (a float32 result in a bfloat16 model stays unrounded)."""
+    value = weight.t() if isinstance(module, Conv1D) else weight
+    if exact and value.dtype != module.weight.dtype:
+        module.weight = nn.Parameter(value.contiguous(), requires_grad=False)
+    else:
+        module.weight.data.copy_(value)
 
 
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:

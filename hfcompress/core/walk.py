@@ -112,7 +112,7 @@ def _walk(
                 )
             finally:
                 for name, weight in originals.items():
-                    set_linear_weight(modules[name], weight)
+                    set_linear_weight(modules[name], weight, exact=True)
         yield block, prefix, solved
         if disk is not None:
             disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils.logging import tqdm
 
+from ..core.precision import maths_for
+
 __all__ = ["perplexity"]
 
 
@@ -15,7 +17,9 @@ __all__ = ["perplexity"]
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp of the mean next-token negative log-likelihood over every predicted token of `windows` [n, seq_len].
 
-    Each window is scored on its own (no context carried over), predicting tokens 2..seq_len.
+    Each window is scored on its own (no context carried over), predicting tokens 2..seq_len. Weights held in
+    bfloat16 or float16 compute in float32 (`core.precision`): the figure is that of the weights, not of
+    low-precision arithmetic.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"`windows` must be [n_windows, seq_len >= 2], got {tuple(windows.shape)}")
@@ -23,7 +27,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity"):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        with maths_for(model):
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         total_nll += float(nll)

@@ -26,11 +26,18 @@ logger = logging.getLogger(__name__)
 
 
 def quantize_group(
-    names: list[str], modules: dict[str, nn.Module], H: torch.Tensor, config: GPTQConfig, scale_dtype, plans=None
+    names: list[str],
+    modules: dict[str, nn.Module],
+    H: torch.Tensor,
+    config: GPTQConfig,
+    scale_dtype,
+    plans=None,
+    overwrite_hessian: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ on the stacked weights of linears sharing one input (one by one when their plans differ in bits or
-    group size); each layer's weight becomes its dequantized value so the rest of the block runs on it.
-    `plans` maps names (relative to the block) to `LayerPlan`s; without one a layer gets `config`'s grid."""
+    group size); each layer's weight becomes its dequantized value, in float32, so the rest of the block runs
+    on it. `plans` maps names (relative to the block) to `LayerPlan`s; without one a layer gets `config`'s
+    grid. With `overwrite_hessian` the solve may use H's memory (H is lost: the caller must not need it)."""
     plans = plans or {}
     grids = {(plans[n].bits, plans[n].group_size) if n in plans else (config.bits, config.group_size) for n in names}
     if len(grids) > 1:
@@ -39,7 +46,7 @@ def quantize_group(
             result.update(quantize_group([name], modules, H, config, scale_dtype, plans))
         return result
     bits, group_size = grids.pop()
-    weights = [linear_weight(modules[name]).detach().float() for name in names]
+    weights = [linear_weight(modules[name]).detach() for name in names]  # as held: GPTQ makes the float32 copy
     masks = [plans[n].mask if n in plans else None for n in names]
     mask = None
     if any(m is not None for m in masks):
@@ -47,7 +54,7 @@ def quantize_group(
             [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks, strict=True)]
         )
     stacked, loss = gptq_quantize(
-        torch.cat(weights),
+        weights[0] if len(weights) == 1 else torch.cat(weights),
         H,
         bits=bits,
         group_size=group_size,
@@ -59,6 +66,7 @@ def quantize_group(
         clip_search=config.clip_search,
         mask=mask,
         scale_dtype=scale_dtype,
+        overwrite_hessian=overwrite_hessian,
     )
     logger.debug("%s: GPTQ loss %.4g", names, loss)
     sizes = [w.shape[0] for w in weights]
@@ -69,7 +77,8 @@ def quantize_group(
     ):
         quantized = QuantizedWeight(codes, s, z, stacked.g_idx, bits)
         module = modules[name]
-        set_linear_weight(module, quantized.dequantize(module.weight.dtype))
+        # in float32 whatever the model's dtype: the rest of the block runs on the weights the codes give
+        set_linear_weight(module, quantized.dequantize(torch.float32), exact=True)
         result[name] = quantized
     return result
 
@@ -98,7 +107,8 @@ def quantize_blocks(
 
     def make_solver(block, prefix, modules):
         block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
-        return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans)
+        # each Hessian is solved once: its memory can go to the solve
+        return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans, True)
 
     calibration = calibrate_blocks(
         model,

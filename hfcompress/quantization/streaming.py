@@ -1,7 +1,7 @@
 """GPTQ and round-to-nearest on a model streamed from disk: the model is a skeleton on the meta device, each
-block is read from the checkpoint's shards in float32, quantized (GPTQ calibrates it on the previous blocks'
-outputs, exactly as in memory), written to the output folder's shard of that block at once and freed. Peak
-memory is one block in float32, the embeddings while the first block's inputs are captured, and the
+block is read from the checkpoint's shards in its stored dtype, quantized (GPTQ calibrates it on the previous blocks'
+outputs, exactly as in memory, its maths in float32), written to the output folder's shard of that block at
+once and freed. Peak memory is one block as stored, the embeddings while the first block's inputs are captured, and the
 calibration activations, whatever the depth; the codes are those of the in-memory run.
 """
 
@@ -52,8 +52,9 @@ def quantize_streaming(
     config in place, for the compression record. Refuses a model that cannot stream (see `streaming_obstacle`).
     """
     checkpoint = ShardedCheckpoint(model_path)
-    model = checkpoint.skeleton(task)
     save_dtype = checkpoint.stored_dtype()
+    # weights stay in the checkpoint's dtype; the calibration computes in float32 (`core.precision`)
+    model = checkpoint.skeleton(task, save_dtype)
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     _, blocks = find_layer_stack(model)
     targets = select_targets(model, config)
@@ -99,6 +100,7 @@ def quantize_streaming(
         model,
         checkpoint,
         writer,
+        dtype=save_dtype,
         on_onload=plan_block,
         before_write=finish_block,
         after_write=record_progress,
@@ -109,7 +111,7 @@ def quantize_streaming(
     if calibrated and len(todo):
         # what runs before the first block: everything outside the stack but the output layer
         head = _output_names(model)
-        checkpoint.materialize(model, [n for n in outside if n not in head], torch.float32)
+        checkpoint.materialize(model, [n for n in outside if n not in head], save_dtype)
         inputs = capture_block_inputs(model, blocks[0], batches)
         release(model)  # the embeddings are not needed again until they are written
         if start:
@@ -128,7 +130,7 @@ def quantize_streaming(
             stream.offload(block, prefix)
 
     # what lies outside the stack: quantized with round-to-nearest where targeted, written to the last shard
-    checkpoint.materialize(model, outside, torch.float32)
+    checkpoint.materialize(model, outside, save_dtype)
     rest = {n: m for n, m in targets.items() if n not in done}
     if rest and calibrated:
         logger.warning(

@@ -55,7 +55,7 @@ def check_step(technique: Technique, config, step_options: dict) -> dict:
 
 
 def compress_folder(
-    model: str, output: str | os.PathLike, config, options: OutputOptions | None = None, **step_options
+    model: str | os.PathLike, output: str | os.PathLike, config, options: OutputOptions | None = None, **step_options
 ) -> Path:
     """Compress the model at `model` (a local folder or Hub id) with the technique `config` belongs to and write
     it to `output` as a complete folder: weights (in `format` where the technique offers several), tokenizer,
@@ -64,6 +64,7 @@ def compress_folder(
     `output` is refused if it exists and is not empty (unless `options.overwrite`) before anything loads, and
     nothing is written to it until the folder is complete. A model hfcompress wrote continues its record.
     """
+    model = os.fspath(model)  # a Path is a local folder, recorded as its path
     technique = technique_for(config)
     options = options or OutputOptions()
     step_options = check_step(technique, config, step_options)

@@ -1,5 +1,5 @@
 """Whether a run streams its model from disk (`--offload`): always with `disk`, never with `none`, and with
-`auto` when the model in float32 would not fit in the memory the run may use, saying so."""
+`auto` when the model, held at `--dtype`, would not fit in the memory the run may use, saying so."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from ..core.registry import Technique
 from ..core.streaming import streaming_obstacle
 from ..io import weight_bytes
-from .loading import checkpoint_dtype
+from .loading import DTYPES, checkpoint_dtype
 from .options import OutputOptions
 
 __all__ = ["available_memory", "parse_size", "should_stream"]
@@ -57,19 +57,20 @@ def should_stream(technique: Technique, model: str, options: OutputOptions, step
     limit = limit if limit is not None else available_memory()
     if stored is None or limit is None:
         return False
-    needed = stored * 4 // checkpoint_dtype(model).itemsize  # loaded in float32
+    held = checkpoint_dtype(model) if options.dtype == "auto" else DTYPES[options.dtype]
+    needed = stored * held.itemsize // checkpoint_dtype(model).itemsize
     if needed <= limit:
         return False
     reason = _why_not(technique, model, options, step_options)
     if reason:
         logger.warning(
-            "%s needs about %.1f GB in float32, more than the %.1f GB this run may use, but %s: loading it whole",
-            model, needed / 1e9, limit / 1e9, reason,
+            "%s needs about %.1f GB in %s, more than the %.1f GB this run may use, but %s: loading it whole",
+            model, needed / 1e9, _name(held), limit / 1e9, reason,
         )  # fmt: skip
         return False
     logger.warning(
-        "%s needs about %.1f GB in float32, more than the %.1f GB this run may use: streaming it from disk one block "
-        "at a time (--offload disk)", model, needed / 1e9, limit / 1e9,
+        "%s needs about %.1f GB in %s, more than the %.1f GB this run may use: streaming it from disk one block "
+        "at a time (--offload disk)", model, needed / 1e9, _name(held), limit / 1e9,
     )  # fmt: skip
     return True
 
@@ -92,3 +93,7 @@ def _why_not(technique: Technique, model: str, options: OutputOptions, step_opti
     except ValueError as e:
         return str(e)
     return streaming_obstacle(model)
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

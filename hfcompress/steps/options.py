@@ -17,16 +17,21 @@ class OutputOptions:
 
     overwrite: bool = field(default=False, metadata={"help": "Replace OUTPUT if it exists and is not empty."})
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = field(
-        default="float32", metadata={"help": "dtype to load MODEL in before compressing it."}
+        default="auto",
+        metadata={
+            "help": "dtype MODEL's weights are held in while it is compressed; auto (default): the checkpoint's (a "
+            "bfloat16 checkpoint takes half the memory of float32). Calibration, solves and evaluation compute in "
+            "float32 whatever the weights are held in."
+        },
     )
     offload: Literal["auto", "none", "disk"] = field(
         default="auto",
         metadata={
-            "help": "disk: never hold MODEL whole; read one block at a time from its safetensors shards (in float32), "
+            "help": "disk: never hold MODEL whole; read one block at a time from its safetensors shards, "
             "compress it, write it to OUTPUT and free it. Peak memory is about one block, the calibration activations "
             "and the widest layer's solve, whatever the depth; the weights equal those of a run in memory. For local "
             "folders of safetensors weights; no --eval-dataset or --eval-tasks (evaluate OUTPUT afterwards). auto "
-            "(default): disk when the model in float32 would not fit in --max-memory, saying so; none: load it whole."
+            "(default): disk when the model at --dtype would not fit in --max-memory, saying so; none: load it whole."
         },
     )
     max_memory: str | None = field(

@@ -1,0 +1,63 @@
+"""Float32 maths on weights stored in lower precision: a model (or one streamed block) can stay in its
+checkpoint's bfloat16 or float16, half the memory of float32, while every matmul, convolution and
+normalization that reads a weight computes in float32, the weight upcast for that one call. Upcasting is
+exact, so activations, Hessians and codes are those of the model loaded in float32.
+
+    with float32_maths():
+        hidden = block(hidden)          # block weights bf16, hidden states and the maths float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["LOW_PRECISION", "float32_maths", "maths_for", "stores_low_precision"]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# the operations that combine activations with weights: their low-precision tensor arguments are upcast
+_UPCAST = {
+    F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.layer_norm, F.group_norm, F.rms_norm, F.batch_norm,
+    torch.addmm, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.einsum,
+    torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm,
+}  # fmt: skip
+# lookups whose result is cast instead (the table itself would be a large temporary)
+_CAST_RESULT = {F.embedding, torch.embedding}
+
+
+def _upcast(value):
+    if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION:
+        return value.float()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_upcast(v) for v in value)
+    return value
+
+
+class _Float32Maths(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _UPCAST and "out" not in kwargs:  # a call writing into `out=` runs as written
+            return func(*_upcast(args), **{k: _upcast(v) for k, v in kwargs.items()})
+        if func in _CAST_RESULT:
+            return _upcast(func(*args, **kwargs))
+        return func(*args, **kwargs)
+
+
+def float32_maths() -> contextlib.AbstractContextManager:
+    """Inside it, weights stored in bfloat16/float16 take part in maths as float32 (see the module)."""
+    return _Float32Maths()
+
+
+def stores_low_precision(model: nn.Module) -> bool:
+    """Whether any floating parameter of `model` (meta ones included) is bfloat16 or float16."""
+    return any(p.dtype in LOW_PRECISION for p in model.parameters())
+
+
+def maths_for(model: nn.Module) -> contextlib.AbstractContextManager:
+    """`float32_maths()` for a model that stores weights in low precision, else nothing (no overhead)."""
+    return float32_maths() if stores_low_precision(model) else contextlib.nullcontext()

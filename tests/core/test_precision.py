@@ -1,0 +1,68 @@
+"""Float32 maths on low-precision weights (`core.precision`): a bfloat16 model computes exactly what the same
+weights upcast to float32 compute, and GPTQ on it writes the codes of the float32 run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfcompress.core.precision import float32_maths, maths_for, stores_low_precision
+from hfcompress.quantization import GPTQConfig, quantize
+from tests.helpers import tiny_model, token_windows
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_compute_as_float32(arch, dtype):
+    model = tiny_model(arch).to(dtype)
+    upcast = tiny_model(arch).to(dtype).float()
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        expected = upcast(ids).logits
+        with float32_maths():
+            logits = model(ids).logits
+        plain = model(ids).logits
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+    assert plain.dtype == dtype  # outside the mode nothing changes
+    assert next(model.parameters()).dtype == dtype  # and the weights were not converted
+
+
+def test_results_written_into_out_are_kept():
+    a, b = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16)
+    out = torch.empty(3, 5, dtype=torch.bfloat16)
+    with float32_maths():
+        torch.matmul(a, b, out=out)
+    assert torch.equal(out, torch.matmul(a, b))
+
+
+def test_maths_for_only_switches_on_for_low_precision_models():
+    model = tiny_model("llama")
+    assert not stores_low_precision(model)
+    assert not isinstance(maths_for(model), type(float32_maths()))
+    assert isinstance(maths_for(model.to(torch.bfloat16)), type(float32_maths()))
+
+
+def test_gptq_on_a_bfloat16_model_gives_the_float32_codes():
+    config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
+    reference = quantize(tiny_model("llama").to(torch.bfloat16).float(), config)
+    low = quantize(tiny_model("llama").to(torch.bfloat16), config)
+    expected, got = reference.state_dict(), low.state_dict()
+    for name, tensor in expected.items():
+        if name.endswith(("qweight", "qzeros", "scales", "g_idx")):
+            assert torch.equal(got[name], tensor), name
+
+
+def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_quantized_as_in_float32(tmp_path):
+    from safetensors.torch import load_file
+
+    from hfcompress.steps import OutputOptions, compress_folder
+
+    folder = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
+    held = compress_folder(folder, tmp_path / "auto", config)  # default: --dtype auto
+    wide = compress_folder(folder, tmp_path / "float32", config, OutputOptions(dtype="float32"))
+    a, b = load_file(held / "model.safetensors"), load_file(wide / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key, tensor in b.items():
+        assert a[key].dtype == tensor.dtype and torch.equal(a[key], tensor), key
