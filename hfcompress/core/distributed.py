@@ -1,7 +1,8 @@
 """Calibration across processes (`torchrun` or `accelerate launch`, gloo on CPU, nccl on GPUs): every rank
 calibrates on its own share of the calibration batches, the statistics the solvers read (every input Hessian,
-and so Wanda's norms) are summed over ranks before each solve, every rank solves on the same totals, and rank 0
-alone writes. Without an initialized process group everything here is the single-process no-op.
+and so Wanda's norms) are summed over ranks before each solve, a solver whose rows are independent (GPTQ)
+solves each rank's share of the rows and gathers the rest from the others (`row_shares`, `gather_rows`), and
+rank 0 alone writes. Without an initialized process group everything here is the single-process no-op.
 
 The result is a single process's up to the order in which the Hessian's sums are added (float32 rounding,
 about 1e-7 relative, as a different thread count gives); GPTQ carries a rounding that flips on through the rest
@@ -16,7 +17,16 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_environment", "is_main", "reduce_mean", "shard_batches", "world_size"]
+__all__ = [
+    "gather_rows",
+    "init_from_environment",
+    "is_main",
+    "rank",
+    "reduce_mean",
+    "row_shares",
+    "shard_batches",
+    "world_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +78,23 @@ def reduce_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     n = int(total.item())
     mean.div_(max(n, 1))
     return mean, n
+
+
+def row_shares(rows: int) -> list[slice]:
+    """The rows of a `rows`-row solve each rank takes, in rank order: consecutive runs as even as can be."""
+    size = world_size()
+    step = -(-rows // size)
+    return [slice(min(r * step, rows), min((r + 1) * step, rows)) for r in range(size)]
+
+
+def gather_rows(part: torch.Tensor, shares: list[slice]) -> torch.Tensor:
+    """The rows every rank computed (rank r holds `part` = rows `shares[r]`), joined in rank order, on every
+    rank."""
+    if world_size() == 1:
+        return part
+    longest = max(s.stop - s.start for s in shares)
+    padded = part.new_zeros((longest, *part.shape[1:]))
+    padded[: part.shape[0]] = part
+    pieces = [torch.empty_like(padded) for _ in shares]
+    dist.all_gather(pieces, padded.contiguous())
+    return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, shares, strict=True)])

@@ -1,7 +1,7 @@
 """GPTQ over a model's blocks: the core calibration driver with a solver that quantizes each group of linears.
 
 Linears that read the same tensor (q/k/v, gate/up) share one Hessian and are quantized as one stacked matrix
-(GPTQ treats rows independently, so this is exact).
+(GPTQ treats rows independently, so this is exact); across processes each rank solves a share of the rows.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import nn
 
+from ..core.distributed import gather_rows, rank, row_shares
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_linear_weight, set_submodule
 from ..core.walk import calibrate_blocks
@@ -53,8 +54,13 @@ def quantize_group(
         mask = torch.cat(
             [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks, strict=True)]
         )
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    # across processes each rank solves its share of the rows (GPTQ treats rows independently) and gathers the rest
+    shares = row_shares(weight.shape[0])
+    spread = len(shares) > 1 and all(s.stop > s.start for s in shares)
+    mine = shares[rank()] if spread else slice(None)
     stacked, loss = gptq_quantize(
-        weights[0] if len(weights) == 1 else torch.cat(weights),
+        weight[mine],
         H,
         bits=bits,
         group_size=group_size,
@@ -64,10 +70,13 @@ def quantize_group(
         damp_percent=config.damp_percent,
         block_size=config.block_size,
         clip_search=config.clip_search,
-        mask=mask,
+        mask=None if mask is None else mask[mine],
         scale_dtype=scale_dtype,
         overwrite_hessian=overwrite_hessian,
     )
+    if spread:
+        parts = (gather_rows(t, shares) for t in (stacked.codes, stacked.scales, stacked.zeros))
+        stacked = QuantizedWeight(*parts, stacked.g_idx, bits)
     logger.debug("%s: GPTQ loss %.4g", names, loss)
     sizes = [w.shape[0] for w in weights]
     scales = stacked.scales.to(scale_dtype).float()  # already representable, except scales below its range

@@ -155,3 +155,17 @@ def test_segmented_updates_match_plain_gptq(group_size):
     quantized, _ = gptq_quantize(W, H, bits=3, group_size=group_size, damp_percent=0.0, block_size=64)
     expected = reference_gptq_codes(W, H, bits=3, group_size=group_size, block_size=64)
     assert (quantized.codes.double() != expected).float().mean() < 0.002
+
+
+@pytest.mark.parametrize("rows, group_size", [(384, 32), (257, -1)])
+def test_solving_shares_of_the_rows_gives_the_codes_of_the_whole(rows, group_size):
+    """What lets processes split a GPTQ solve by rows (`core.distributed.row_shares`) without changing a code."""
+    x = correlated_inputs(features=128)
+    H, W = hessian(x), torch.randn(rows, 128, generator=torch.Generator().manual_seed(1))
+    whole, _ = gptq_quantize(W, H, 4, group_size, False, act_order=True, static_groups=True)
+    half = -(-rows // 2)
+    parts = [gptq_quantize(W[s], H, 4, group_size, False, act_order=True, static_groups=True)[0]
+             for s in (slice(0, half), slice(half, rows))]  # fmt: skip
+    assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
+    assert torch.equal(torch.cat([p.scales for p in parts]), whole.scales)
+    assert torch.equal(torch.cat([p.zeros for p in parts]), whole.zeros)
