@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "first_windows",
     "gather_rows",
     "init_from_environment",
     "is_main",
@@ -65,6 +66,18 @@ def shard_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
             "(num_samples) or smaller batches (batch_size), or run fewer processes"
         )
     return batches[rank() :: size]
+
+
+def first_windows(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """This rank's share of the first `n` calibration windows of all ranks together (`batches` as
+    `shard_batches` gave them): one process gets `torch.cat(batches)[:n]` split as it was batched."""
+    size, width = world_size(), batches[0].shape[0] if batches else 0
+    kept = []
+    for j, batch in enumerate(batches):
+        before = (rank() + j * size) * width  # windows of all ranks before this batch
+        if before < n:
+            kept.append(batch[: n - before])
+    return kept
 
 
 def reduce_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

@@ -23,6 +23,7 @@ from transformers.utils.logging import tqdm
 
 from ..core.calibration import collect_hessians
 from ..core.capture import capture_block_inputs, run_block
+from ..core.distributed import first_windows, reduce_mean
 from ..core.structure import linear_weight, set_linear_weight
 from .allocation import ErrorCurve
 from .config import LowRankConfig
@@ -125,8 +126,8 @@ def measure_sensitivity(
     config: LowRankConfig,
 ) -> dict[str, ErrorCurve]:
     """An `ErrorCurve` per target layer (inside `blocks`), fitted to measured loss increases."""
-    probe_windows = torch.cat(batches)[: config.sensitivity_samples]
-    probes = list(probe_windows.split(config.batch_size))
+    # the first windows, whatever the number of processes (each takes its share, their losses are averaged)
+    probes = [w for b in first_windows(batches, config.sensitivity_samples) for w in b.split(config.batch_size)]
     reference = reference_outputs(model, probes)
     skip = _SkipTo(model, blocks, probes)
     block_names = {id(module): name for name, module in model.named_modules()}
@@ -140,8 +141,10 @@ def measure_sensitivity(
             skip.start_at(index)
             try:
 
-                def loss():
-                    return model_loss(model, probes, reference, skip.set_batch)
+                def loss():  # across processes, the mean over every rank's probe windows
+                    local = model_loss(model, probes, reference, skip.set_batch) if probes else 0.0
+                    windows = sum(len(p) for p in probes)
+                    return float(reduce_mean(torch.tensor([local], dtype=torch.float64), windows)[0][0])
 
                 for name, module in modules.items():
                     curves[f"{prefix}.{name}"] = _probe(module, grams[name], loss, config)

@@ -86,8 +86,9 @@ def compress_folder(
         return _compress(technique, model, output, config, options, step_options)
 
 
-# techniques whose calibration statistics are summed across processes (their Hessians: `core.distributed`)
-DISTRIBUTED = ("gptq", "rtn")
+# techniques whose calibration statistics are summed across processes (their Hessians, and the factorization's
+# sensitivity losses: `core.distributed`)
+DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank")
 
 
 def _follow(technique: Technique, model: str, config, options: OutputOptions) -> None:

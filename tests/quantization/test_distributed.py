@@ -1,5 +1,6 @@
-"""GPTQ across two processes (torchrun, gloo on CPU): each rank calibrates half the windows, the Hessians are
-summed over ranks, rank 0 writes, and the model computes what the one-process model on all the windows does."""
+"""GPTQ, one-shot pruning and factorization across two processes (torchrun, gloo on CPU): each rank calibrates
+half the windows, the Hessians (and sensitivity losses) are summed over ranks, rank 0 writes, and the model
+computes what the one-process model on all the windows does."""
 
 import json
 import os
@@ -15,8 +16,9 @@ from transformers import AutoModelForCausalLM
 import hfcompress  # noqa: F401  (registers the checkpoint format)
 
 
-def _quantize(tmp_path, output, processes: int):
-    command = ["-m", "hfcompress", "quantize", "gptq", str(tmp_path / "model"), str(output), "--group-size", "32",
+def _quantize(tmp_path, output, processes: int, command=("quantize", "gptq", "--group-size", "32")):
+    first = next(i for i, word in enumerate(command) if word.startswith("--"))  # the command's words, its options
+    command = ["-m", "hfcompress", *command[:first], str(tmp_path / "model"), str(output), *command[first:],
                "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "16", "--seq-len", "64", "-q"]  # fmt: skip
     if processes > 1:
         launcher = [
@@ -30,6 +32,35 @@ def _quantize(tmp_path, output, processes: int):
         command = launcher + command
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _logits(folder):
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder)(token_windows(4, 32)).logits
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("prune", "oneshot", "--method", "sparsegpt", "--sparsity", "0.5", "--storage", "dense"),
+        ("factorize", "--method", "asvd", "--param-ratio", "0.7"),  # sensitivity allocation: losses reduced
+    ],
+    ids=["sparsegpt", "asvd"],
+)
+def test_pruning_and_factorizing_across_two_processes_match_one(tmp_path, command):
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    for output, processes in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
+        result = _quantize(tmp_path, output, processes, command)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)  # the same ranks chosen
+    if command[0] == "prune":  # the same number of zeros in every layer
+        assert all(int((one[k] == 0).sum()) == int((two[k] == 0).sum()) for k in one if "layers" in k)
+    a, b = _logits(tmp_path / "one"), _logits(tmp_path / "two")
+    assert (a - b).abs().mean() <= 0.05 * a.std()
+    record = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())
+    assert record["steps"][-1]["config"]["processes"] == 2
 
 
 def test_two_processes_write_the_codes_of_one(tmp_path):
