@@ -75,18 +75,30 @@ def run(
 
 
 def same_tensors(a: Path, b: Path) -> bool:
-    """Whether two output folders store the same tensors, bit for bit (whatever their sharding)."""
+    """Whether two output folders store the same tensors, bit for bit (whatever their sharding). Read one tensor
+    at a time: Linux counts the resident memory a process has when it starts the next run into that run's peak
+    (`ru_maxrss` survives fork and exec), so this process must stay small."""
     from safetensors import safe_open
 
-    def load(folder):
-        tensors = {}
+    def where(folder):
+        files = {}
         for file in sorted(glob.glob(str(folder / "*.safetensors"))):
             with safe_open(file, "pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
-        return tensors
+                files.update(dict.fromkeys(f.keys(), file))
+        return files
 
-    x, y = load(a), load(b)
-    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+    def read(file, key):
+        with safe_open(file, "pt") as f:
+            return f.get_tensor(key)
+
+    x, y = where(a), where(b)
+    if x.keys() != y.keys():
+        return False
+    for key in x:
+        s, t = read(x[key], key), read(y[key], key)
+        if s.dtype != t.dtype or not torch.equal(s, t):
+            return False
+    return True
 
 
 def measure(model: Path, name: str, args, in_memory: bool, method: str = "gptq") -> list[dict]:
