@@ -25,12 +25,12 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
         raise ValueError(f"`windows` must be [n_windows, seq_len >= 2], got {tuple(windows.shape)}")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for batch in tqdm(windows.split(batch_size), desc="perplexity"):
-        batch = batch.to(device)
-        with maths_for(model):
+    with maths_for(model):
+        for batch in tqdm(windows.split(batch_size), desc="perplexity"):
+            batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += targets.numel()
+            targets = batch[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)

@@ -66,3 +66,11 @@ def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_quantized_as_in_float32(t
     assert a.keys() == b.keys()
     for key, tensor in b.items():
         assert a[key].dtype == tensor.dtype and torch.equal(a[key], tensor), key
+
+
+def test_perplexity_of_a_bfloat16_model_is_that_of_its_weights_in_float32():
+    from hfcompress.evaluation.perplexity import perplexity
+
+    windows = token_windows(4, 32)
+    held = perplexity(tiny_model("llama").to(torch.bfloat16), windows)
+    assert held == perplexity(tiny_model("llama").to(torch.bfloat16).float(), windows)
