@@ -169,7 +169,8 @@ def main() -> None:
         args.num_samples = samples
     if args.processes > 1:
         rows += processes(args)
-    print(f"\n{hardware_description()}; GPTQ w4 g128, {args.num_samples} x {args.seq_len} calibration tokens\n")
+    methods = " and ".join(m.upper() for m in args.methods)
+    print(f"\n{hardware_description()}; {methods} w4 g128, GPTQ on {args.num_samples} x {args.seq_len} tokens\n")
     print("| model | path | peak RSS (MB) | wall (s) | same tensors |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
