@@ -9,17 +9,27 @@ import torch
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
 )
 
 VOCAB = 256
@@ -69,6 +79,60 @@ ARCHITECTURES = {
         )
     ),
 }
+
+
+def _moe(config_cls, model_cls, **extra):
+    def build():
+        config = config_cls(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, eos_token_id=1, pad_token_id=0, **extra,
+        )  # fmt: skip
+        config._experts_implementation = "eager"  # the reference the per-expert linears are held to, bit for bit
+        return model_cls(config)
+
+    return build
+
+
+# mixture-of-experts models, their experts fused as 3-D parameters (transformers 5): 8 experts, 2 per token
+MOE_ARCHITECTURES = {
+    "mixtral": _moe(
+        MixtralConfig, MixtralForCausalLM, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2
+    ),
+    # a shared expert with its own gate
+    "qwen2_moe": _moe(
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": _moe(OlmoeConfig, OlmoeForCausalLM, intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+    # transposed experts with biases, interleaved gate/up and a clamped gate
+    "gpt_oss": _moe(
+        GptOssConfig, GptOssForCausalLM, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=16
+    ),
+    # a dense first block, shared experts, multi-head latent attention
+    "deepseek_v3": _moe(
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+    ),
+}
+ARCHITECTURES.update(MOE_ARCHITECTURES)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):

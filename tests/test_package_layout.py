@@ -29,6 +29,7 @@ OPTIONAL = (
 DEFERRED = {
     ("registration.py", "hfcompress.checkpoint.hf_quantizer"),  # registers when transformers' registry loads
     ("registry.py", "hfcompress.core.coverage"),  # the coverage check after a quantization
+    ("registry.py", "hfcompress.core.experts"),  # fused experts held as linears while a technique runs
     ("cli.py", "hfcompress.hub.push"),  # the handler's errors, after parsing
     ("cli.py", "hfcompress.hub.record"),
     ("cli.py", "transformers.utils"),  # logging set-up, after parsing

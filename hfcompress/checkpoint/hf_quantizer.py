@@ -3,6 +3,7 @@ a checkpoint's manifest lists, through the rebuild registry."""
 
 from __future__ import annotations
 
+from transformers.core_model_loading import WeightConverter
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -38,6 +39,14 @@ class HfcompressHfQuantizer(HfQuantizer):
         if checkpoint_files:  # every rebuilt layer finds its tensors, shaped as it expects
             check_tensors(model, checkpoint_files)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """transformers merges a mixture-of-experts checkpoint's per-expert tensors into its fused 3-D parameters
+        while loading; a checkpoint whose experts hfcompress holds as one linear each stores them under the
+        model's own names (`core.experts`), which nothing must merge."""
+        if not self.quantization_config.experts:
+            return super().update_weight_conversions(weight_conversions, model)
+        return [c for c in weight_conversions if not isinstance(c, WeightConverter)]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         check_finite(model)

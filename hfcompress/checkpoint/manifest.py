@@ -36,9 +36,10 @@ logger = logging.getLogger(__name__)
 # 2: `lowrank` (factorized layers); 3: `sparse`, `resized`, `codebooks`; 4: `overrides` (mixed precision),
 # layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside),
 # `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models;
-# 6: bitmask layers store their values as `weight` (1-D), so plain transformers refuses them. A loaded checkpoint
-# is in the current format in memory (older layouts are converted after loading), so it saves as the current one.
-FORMAT_VERSION = 6
+# 6: bitmask layers store their values as `weight` (1-D), so plain transformers refuses them; 7: `experts`
+# (mixture-of-experts layers held as one linear per expert). A loaded checkpoint is in the current format in memory
+# (older layouts are converted after loading), so it saves as the current one.
+FORMAT_VERSION = 7
 
 
 @dataclass
@@ -58,7 +59,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     with one group per row) to `{"bits", "group_size"}`; a module in both `modules` and `sparse` is a
     `SparseQuantLinear` with that many non-zeros. `layers` maps a technique registered from outside hfcompress
     to `{module name: spec}` for its own rebuilder. `student_layers`: the teacher blocks a distilled student
-    kept; `pruning`: the one-shot pruning settings that zeroed the weights.
+    kept; `pruning`: the one-shot pruning settings that zeroed the weights. `experts` maps each fused
+    mixture-of-experts module held as one linear per expert (`core.experts.ExpertLinears`, rebuilt before any
+    other layer, so its experts are listed like any linear: `<module>.gate_up_proj.3`) to `{"experts": n}`.
     """
 
     bits: int = 4
@@ -78,6 +81,7 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     resized: dict[str, dict] = field(default_factory=dict)
     overrides: dict[str, dict] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
+    experts: dict[str, dict] = field(default_factory=dict)
     student_layers: list[int] | None = None
     pruning: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
@@ -144,7 +148,7 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
 
 
 # the fields that record layers (the other fields describe the quantization grid and the recipe)
-_BUILT_IN_SECTIONS = ("convolutions", "resized", "lowrank", "sparse", "codebooks", "modules")
+_BUILT_IN_SECTIONS = ("experts", "convolutions", "resized", "lowrank", "sparse", "codebooks", "modules")
 
 CheckpointManifest = HfcompressQuantizationConfig
 

@@ -6,6 +6,7 @@ from dataclasses import fields
 
 from torch import nn
 
+from ..core.experts import held_experts, keep_checkpoint_names
 from .hf_quantizer import attach_config
 from .manifest import LEGACY_ATTRIBUTES, PLAIN_ATTRIBUTE, HfcompressQuantizationConfig, manifest_of
 
@@ -20,7 +21,8 @@ def update_manifest(model: nn.Module, default_method: str = "none", **changes) -
 
     Layer records (`lowrank`, `sparse`, `codebooks`, ... and each technique's entry in `layers`) are merged name
     by name, so what earlier steps recorded stays; `modules` gains the new names; other fields are replaced.
-    The manifest goes where loading needs it: `quantization_config` once some layer must be rebuilt (and stays
+    `experts` always lists the mixture-of-experts layers the model holds as one compressed linear per expert
+    (`core.experts`). The manifest goes where loading needs it: `quantization_config` once some layer must be rebuilt (and stays
     there), `config.hfcompress` while plain transformers loads the model as it is. A model quantized by another
     method is refused.
     """
@@ -39,6 +41,10 @@ def update_manifest(model: nn.Module, default_method: str = "none", **changes) -
         elif isinstance(current, dict) and key not in ("recipe", "lowrank_recipe"):
             value = {**current, **value}
         setattr(manifest, key, value)
+    held = held_experts(model)  # always the model's current state: experts fused again drop out
+    if held or manifest.experts:
+        manifest.experts = held
+        keep_checkpoint_names(model)
     _store(model, manifest)
     return manifest
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.registry import load_plugins
+from ..core.registry import lazy, load_plugins
 
 __all__ = [
     "Rebuilder",
@@ -76,3 +76,7 @@ def register_dequantizer(dequantize: Callable) -> None:
 
 def dequantizers() -> list[Callable]:
     return list(_DEQUANTIZERS)
+
+
+# fused mixture-of-experts modules held as one linear per expert: rebuilt first, so their experts' layers exist
+register_rebuilder("experts", lazy("hfcompress.core.experts:rebuild_experts"), order=0, trainable=True)

@@ -126,7 +126,9 @@ def _nested(name: str, others) -> bool:
     return any(name.startswith(other + ".") for other in others)
 
 
-def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay: str = "all"):
+def _calibrate_staged(
+    block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay: str = "all", rows: dict | None = None
+):  # fmt: skip
     candidates = [name for name in trace.order if trace.calls[name] == 1 and name not in modules]
     group_of = trace.group_of()
     # inputs worth keeping: those of groups whose linear some module passes its output through
@@ -143,38 +145,53 @@ def _calibrate_staged(block, named, trace: BlockTrace, inputs, modules, solve: B
     solved: dict[str, Any] = {}
     versions: dict[str, int] = {}
     outputs = []
-    for stage in range(len(trace.groups) + 1):
-        _synthesize_passthroughs(trace, named, stage, records, kept_inputs)
+    for stage in [*trace.stages, None]:
+        last = stage is None
+        first = len(trace.groups) if last else stage[0]  # the groups before `first` are solved
+        _synthesize_passthroughs(trace, named, first, records, kept_inputs)
         versions.update({n: _version(outs) for n, outs in records.items() if n not in versions})
-        last = stage == len(trace.groups)
-        record = {n for n in candidates if settled[n] < stage and n not in records and not _nested(n, records)}
-        leader = None if last else trace.groups[stage][0]
-        hessians = {} if last else {leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device)}
+        record = {n for n in candidates if settled[n] < first and n not in records and not _nested(n, records)}
+        leaders = [] if last else [trace.groups[g][0] for g in stage]
+        hessians = {
+            leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device) for leader in leaders
+        }
         outputs, recorded, kept = _run_stage(
             block,
             named,
             inputs,
             hessians,
-            stop=leader,
+            stop=None if last else trace.last_called(leaders),
             replays=records,
             record=record,
-            keep_inputs=stage in wanted,
+            keep_inputs=not last and any(g in wanted for g in stage),
             keep_outputs=last,
         )
         records.update(recorded)
         versions.update({n: _version(outs) for n, outs in recorded.items()})
-        if stage in wanted:
-            kept_inputs[stage] = kept[leader]
+        for g in [] if last else stage:
+            if g in wanted:
+                kept_inputs[g] = kept[trace.groups[g][0]]
         # a recorded parent makes its children's records unnecessary
         for name in [n for n in records if _nested(n, records)]:
             del records[name]
         if not last:
             trim_heap()  # the stage's freed activations, before the solve allocates its own
-            solved.update(solve(trace.groups[stage], hessians[leader].full()))
+            for g in stage:
+                names = trace.groups[g]
+                solved.update(solve(names, _full(hessians.pop(names[0]), names, rows)))
     changed = [n for n, outs in records.items() if _version(outs) != versions[n]]
     if changed:
         raise _ReplayUnsafe(f"{changed} modified their recorded outputs in place, so replaying them is unsafe")
     return outputs, solved
+
+
+def _full(hessian: Hessian, names: list[str], rows: dict | None) -> torch.Tensor:
+    """The finished Hessian of the linears `names`, recording in `rows` how many calibration rows (tokens) they
+    saw (over every process)."""
+    H = hessian.full()
+    if rows is not None:
+        rows.update(dict.fromkeys(names, hessian.count))
+    return H
 
 
 def _version(output) -> int:
@@ -186,15 +203,16 @@ def _version(output) -> int:
     return 0
 
 
-def _synthesize_passthroughs(trace: BlockTrace, named, stage: int, records: dict, kept_inputs: dict) -> None:
+def _synthesize_passthroughs(trace: BlockTrace, named, solved: int, records: dict, kept_inputs: dict) -> None:
     """Record a module that returns its last linear's output once that linear is quantized and everything
-    else it depends on is settled, by running the linear alone on its kept inputs."""
+    else it depends on is settled (the groups before `solved` are), by running the linear alone on its kept
+    inputs."""
     group_of = trace.group_of()
     for module, passthrough in trace.passthroughs.items():
         group = group_of[passthrough.linear]
-        if module in records or _nested(module, records) or group >= stage or group not in kept_inputs:
+        if module in records or _nested(module, records) or group >= solved or group not in kept_inputs:
             continue
-        if trace.settled_after(module, exclude=passthrough.linear) >= stage:
+        if trace.settled_after(module, exclude=passthrough.linear) >= solved:
             continue
         linear = named[passthrough.linear]
         records[module] = [passthrough.wrap(linear(x)) for x in kept_inputs[group]]
@@ -204,22 +222,22 @@ def _synthesize_passthroughs(trace: BlockTrace, named, stage: int, records: dict
             del kept_inputs[group]
 
 
-def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, torch.Tensor]:
+def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, Hessian]:
     """The input Hessian of each group of `trace`, keyed by the group's first linear."""
+    leaders = [names[0] for names in trace.groups]
     hessians = {
-        names[0]: Hessian(linear_weight(named[names[0]]).shape[1], named[names[0]].weight.device)
-        for names in trace.groups
+        leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device) for leader in leaders
     }
     # the block's output is not needed here: stop once the last group's input is in
-    _run_stage(named[""], named, inputs, hessians, stop=trace.groups[-1][0])
-    return {leader: hessian.full() for leader, hessian in hessians.items()}
+    _run_stage(named[""], named, inputs, hessians, stop=trace.last_called(leaders))
+    return hessians
 
 
-def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, solve: BlockSolver):
+def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows: dict | None = None):
     hessians = _group_hessians(named, trace, inputs)
     solved = {}
     for names in trace.groups:
-        solved.update(solve(names, hessians[names[0]]))
+        solved.update(solve(names, _full(hessians.pop(names[0]), names, rows)))
     return run_block(block, inputs), solved
 
 
@@ -246,7 +264,7 @@ def collect_hessians(
     block's current weights. Linears reading the same tensor share one matrix (the same object)."""
     named = _named_in_block(block, prefix)
     trace = _checked_trace(block, prefix, names, inputs, trace)
-    by_leader = _group_hessians(named, trace, inputs)
+    by_leader = {leader: hessian.full() for leader, hessian in _group_hessians(named, trace, inputs).items()}
     return {name: by_leader[group[0]] for group in trace.groups for name in group}
 
 
@@ -261,6 +279,7 @@ def calibrate_block(
     trace: BlockTrace | None = None,
     reload: Callable[[], None] | None = None,
     replay: str = "all",
+    rows: dict[str, int] | None = None,
 ) -> tuple[list[BlockInputs], dict[str, Any], bool]:
     """Run `solve` on each group of the target linears of one block (`modules`, by name relative to the block).
 
@@ -272,6 +291,8 @@ def calibrate_block(
     recomputing them (the results are the same): "all" (least compute), "lean" (only sub-blocks holding linears,
     and only inputs no wider than the block's hidden state: about 4 values per hidden unit and token held), or
     "none" (each stage recomputes the block up to its group; only the block's inputs and outputs held).
+    `rows`, when given, is filled with the number of calibration rows (tokens) each target saw: all of them,
+    except for experts of a mixture-of-experts layer, which see the tokens routed to them.
     """
     named = _named_in_block(block, prefix)
     trace = _checked_trace(block, prefix, list(modules), inputs, trace)
@@ -282,7 +303,7 @@ def calibrate_block(
         if staged:
             originals = {} if reload else {n: linear_weight(m).detach().clone() for n, m in modules.items()}
             try:
-                outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve, replay)
+                outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve, replay, rows)
                 return outputs, solved, True
             except _ReplayUnsafe as e:
                 logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
@@ -290,5 +311,5 @@ def calibrate_block(
                     set_linear_weight(modules[name], weight, exact=True)
                 if reload is not None:
                     reload()
-        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve)
+        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows)
     return outputs, solved, False

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .registry import compressed_layer_types
-from .structure import LINEAR_TYPES, is_excluded
+from .structure import LINEAR_TYPES, is_excluded, is_router
 
 __all__ = ["Coverage", "check_coverage", "coverage"]
 
@@ -27,10 +27,12 @@ MAX_UNINTENDED_SHARE = 0.25
 @dataclass
 class Coverage:
     """`compressed`: {layer class: [layers, weights]}; `left_out`: [(name, weights, reason)] of every weight
-    matrix (2-D or more) left in full precision; `unintended`: weights left out for no chosen reason."""
+    matrix (2-D or more) left in full precision; `unintended`: weights left out for no chosen reason;
+    `experts`: for each mixture-of-experts layer, the calibration tokens each expert saw (`core.experts`)."""
 
     compressed: dict[str, list[int]] = field(default_factory=dict)
     left_out: list[tuple[str, int, str]] = field(default_factory=list)
+    experts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def compressed_weights(self) -> int:
@@ -52,10 +54,13 @@ class Coverage:
             entry = reasons.setdefault(reason, [0, 0])
             entry[0] += 1
             entry[1] += weights
-        return {
+        summary = {
             "compressed": {cls: {"layers": n, "weights": w} for cls, (n, w) in self.compressed.items()},
             "left_out": {reason: {"tensors": n, "weights": w} for reason, (n, w) in sorted(reasons.items())},
         }
+        if self.experts:
+            summary["experts"] = self.experts
+        return summary
 
     def describe(self) -> str:
         total = self.compressed_weights + sum(w for _, w, _ in self.left_out)
@@ -68,12 +73,6 @@ class Coverage:
 
 def _is_bitsandbytes(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes")
-
-
-def _is_router(name: str, module: nn.Module, names: set[str]) -> bool:
-    """A mixture-of-experts router: its class says so, or it is the `gate` beside an `experts` module."""
-    parent = name.rpartition(".")[0]
-    return "router" in type(module).__name__.lower() or (name.endswith(".gate") and f"{parent}.experts" in names)
 
 
 def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> Coverage:
@@ -102,7 +101,7 @@ def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) 
                 reason = "embedding"
             elif module is output:
                 reason = "output embedding (lm_head)"
-            elif _is_router(name, module, names):
+            elif is_router(name, module, names):
                 reason = "router (kept in full precision)"
             elif (
                 isinstance(module, LINEAR_TYPES)
@@ -122,6 +121,7 @@ def check_coverage(model: nn.Module, config, allow_partial: bool = False) -> Cov
     """Log what the run covered; refuse, unless `allow_partial`, a run that left more than a quarter of the
     linear-like weights in full precision for no chosen reason (a layer type no technique handles)."""
     result = coverage(model, getattr(config, "modules_to_not_convert", None))
+    result.experts = dict(getattr(model, "hfcompress_expert_tokens", None) or {})
     logger.info("%s", result.describe())
     if result.unintended_share > MAX_UNINTENDED_SHARE and not allow_partial:
         worst = sorted({reason for _, _, reason in result.left_out if not reason.startswith(INTENDED)})

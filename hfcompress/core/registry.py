@@ -129,6 +129,9 @@ class Technique:
     - `stream(model_path, folder, config, tokenizer, resume)`: the technique run block by block from a checkpoint
       on disk straight into `folder` (`--offload disk`), continuing the run kept there when `resume`; returns the
       model skeleton for the record. None: cannot stream.
+    - `expert_linears`: whether it works on linear layers one by one, experts included: fused mixture-of-experts
+      weights are then held as one linear per expert while it runs (`core.experts`), and fused back where
+      nothing was compressed.
     - `cast`: whether what stayed dense goes back to the checkpoint's dtype before saving.
     - `summary`: one line for `--help`.
     """
@@ -148,6 +151,7 @@ class Technique:
     before_save: Callable[..., None] | None = None
     save: Callable[..., None] | None = None
     stream: Callable[..., nn.Module] | None = None
+    expert_linears: bool = False
     cast: bool = True
     in_place: bool = True
     summary: str = ""
@@ -159,8 +163,13 @@ class Technique:
     def run(self, model: nn.Module, config, tokenizer=None) -> nn.Module:
         """`apply`, then for a quantization the coverage check (`core.coverage`): what was compressed and what
         was left out is logged and kept as `model.hfcompress_coverage`, and a run that left a large share of the
-        linear-like weights in full precision is refused unless `config.allow_partial`."""
-        return self.check_coverage(self.apply(model, config, tokenizer), config)
+        linear-like weights in full precision is refused unless `config.allow_partial`. With `expert_linears`,
+        fused experts are unfused first (see `core.experts`)."""
+        if not (self.expert_linears and self.in_place):
+            return self.check_coverage(self.apply(model, config, tokenizer), config)
+        from .experts import run_on_expert_linears  # torch: the registry itself must import none
+
+        return run_on_expert_linears(model, lambda: self.check_coverage(self.apply(model, config, tokenizer), config))
 
     def check_coverage(self, result: nn.Module, config) -> nn.Module:
         """For a quantization, the coverage check (`core.coverage`) on `result`, kept as its

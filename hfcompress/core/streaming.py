@@ -62,7 +62,16 @@ def streaming_obstacle(folder: str | os.PathLike) -> str | None:
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if config.get("auto_map"):
         return f"{os.fspath(folder)!r} needs code of its own (auto_map), which hfcompress never runs"
+    experts = [key for key in EXPERT_COUNTS if (config.get(key) or (config.get("text_config") or {}).get(key) or 0) > 1]
+    if experts:
+        return (
+            f"{os.fspath(folder)!r} is a mixture-of-experts model ({experts[0]}), which streaming does not handle yet"
+        )
     return None
+
+
+# config fields that give a mixture-of-experts model's number of experts
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 class ShardedCheckpoint:

@@ -13,6 +13,7 @@ __all__ = [
     "find_layer_stack",
     "find_linears",
     "is_excluded",
+    "is_router",
     "linear_to_replace",
     "linear_weight",
     "set_linear_weight",
@@ -82,15 +83,32 @@ def is_excluded(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def is_router(name: str, module: nn.Module, names: set[str]) -> bool:
+    """Whether module `name` is a mixture-of-experts router, which stays in full precision (a few weights that
+    decide where every token goes): its class or its name says so (DBRX's `ffn.router.layer`), it is the `gate`
+    beside an `experts` module, or the gate of a shared expert (Qwen2-MoE's `shared_expert_gate`). `names`: every
+    module name of the model."""
+    parent = name.rpartition(".")[0]
+    return (
+        "router" in type(module).__name__.lower()
+        or any("router" in part for part in name.split("."))
+        or (name.endswith(".gate") and f"{parent}.experts" in names)
+        or name.endswith(".shared_expert_gate")
+    )
+
+
 def candidate_linears(model: nn.Module, modules_to_not_convert: list[str] | None) -> dict[str, nn.Module]:
-    """The linear layers a technique may change: all of them except `modules_to_not_convert`, which defaults
-    to the output embedding (lm_head) when None."""
+    """The linear layers a technique may change: all of them except mixture-of-experts routers and
+    `modules_to_not_convert`, which defaults to the output embedding (lm_head) when None."""
     excluded = list(modules_to_not_convert or [])
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, _ in model.named_modules()}
     return {
         name: module
         for name, module in find_linears(model).items()
-        if not is_excluded(name, excluded) and not (modules_to_not_convert is None and module is output_embeddings)
+        if not is_excluded(name, excluded)
+        and not (modules_to_not_convert is None and module is output_embeddings)
+        and not is_router(name, module, names)
     }
 
 

@@ -39,6 +39,7 @@ def calibrate_blocks(
     stream=None,
     inputs: list[BlockInputs] | None = None,
     replay: str = "all",
+    rows: dict[str, int] | None = None,
 ) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
     """Calibrate the targets of every block in turn, each block on the previous ones' outputs as solved.
 
@@ -50,11 +51,13 @@ def calibrate_blocks(
     and `stream.offload(block, prefix, next_inputs)` once the caller is done with it (after the caller's loop
     body, with the next block's inputs): the model's blocks can then live on disk, one in memory at a time.
     `inputs`: the first block's inputs, when the caller captured them already (default: captured here from
-    `batches`). `replay`: which submodule outputs the staged path holds (see `calibrate_block`).
+    `batches`). `replay`: which submodule outputs the staged path holds (see `calibrate_block`). `rows`, when
+    given, is filled with the calibration rows (tokens) each target saw, by full name (experts: those routed to
+    them).
     """
     walk = _walk(
         model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,
-        inputs, replay,
+        inputs, replay, rows,
     )  # fmt: skip
     for block, prefix, solved in walk:
         yield block, prefix, solved[None]
@@ -83,7 +86,7 @@ def calibrate_streams(
 
 def _walk(
     model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool,
-    disk=None, first=None, replay: str = "all",
+    disk=None, first=None, replay: str = "all", rows: dict | None = None,
 ):  # fmt: skip
     if first is None:
         first = capture_block_inputs(model, blocks[0], batches)
@@ -104,15 +107,18 @@ def _walk(
         originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if restore else {}
         solved = {}
         reload = None if disk is None else functools.partial(disk.reload, block, prefix)
+        seen = None if rows is None else {}
         for stream in streams:
             solve = make_solver(stream, block, prefix, modules)
             try:
                 inputs[stream], solved[stream], _ = calibrate_block(
-                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay
+                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay, seen
                 )
             finally:
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight, exact=True)
+        if rows is not None:
+            rows.update({f"{prefix}.{name}": count for name, count in seen.items()})
         yield block, prefix, solved
         if disk is not None:
             disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)

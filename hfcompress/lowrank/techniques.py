@@ -10,7 +10,7 @@ __all__ = []
 register_technique(
     "lowrank", LowRankConfig, lazy("hfcompress.lowrank.factorization:factorize"), kind="factorize",
     command=("factorize",), record_kind="factorization", calibrated=lambda config: config.needs_data,
-    record=lazy("hfcompress.lowrank.factorization:factorization_record"),
+    record=lazy("hfcompress.lowrank.factorization:factorization_record"), expert_linears=True,
     summary="Replace linear layers by low-rank factor pairs and save.",
 )  # fmt: skip
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import manifest_of, update_manifest
+from ..core.experts import run_on_expert_linears
 from ..core.packing import pack_bitmask, unpack_bitmask
 from ..core.structure import find_linears, set_submodule
 
@@ -120,9 +121,10 @@ def compress_sparse(model: nn.Module, min_sparsity: float = 0.25) -> dict[str, i
 
 
 def store_sparse(model: nn.Module, config=None, storage: str = "dense") -> None:
-    """With `storage="bitmask"`, store the pruned layers as bitmask + values before saving (see `compress_sparse`)."""
+    """With `storage="bitmask"`, store the pruned layers as bitmask + values before saving (see `compress_sparse`;
+    pruned experts of a mixture-of-experts layer too, each a `SparseLinear`)."""
     if storage == "bitmask":
-        compress_sparse(model)
+        run_on_expert_linears(model, lambda: compress_sparse(model))
 
 
 def decompress_sparse(model: nn.Module) -> nn.Module:

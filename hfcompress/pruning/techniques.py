@@ -17,7 +17,7 @@ register_technique(
     record_kind="pruning", layer_types=(lazy("hfcompress.pruning.sparse:SparseLinear"),),
     calibrated=lambda config: config.method != "magnitude",
     step_options={"storage": StepOption(("bitmask", "dense"), STORAGE_HELP, between_steps="dense")},
-    before_save=lazy("hfcompress.pruning.sparse:store_sparse"),
+    before_save=lazy("hfcompress.pruning.sparse:store_sparse"), expert_linears=True,
     summary="Zero weights by magnitude, Wanda or SparseGPT, no training.",
 )  # fmt: skip
 register_technique(

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import HfcompressQuantizationConfig, manifest_of, update_manifest
+from ..core.experts import expert_tokens
 from ..core.registry import stored_tensors, technique_for
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
 from ..data import calibration_data
@@ -85,7 +86,9 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         batches = _calibration_batches(model, config, tokenizer)
         was_training = model.training
         model.eval()
-        done = quantize_blocks(model, blocks, batches, targets, config, scale_dtype, plans)
+        rows: dict[str, int] = {}
+        done = quantize_blocks(model, blocks, batches, targets, config, scale_dtype, plans, rows=rows)
+        model.hfcompress_expert_tokens = expert_tokens(model, rows)
         model.train(was_training)
         remaining = {n: m for n, m in targets.items() if n not in done}
     else:

@@ -113,6 +113,14 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
             "Llama neither was better at every setting, see scripts/bench_gptq.py --draws)."
         },
     )
+    calibrate_all_experts: bool = field(
+        default=True,
+        metadata={
+            "help": "Mixture-of-experts models: while calibrating, run every token through every expert, so each "
+            "expert's Hessian sees all the calibration data (the block's outputs stay those of the model's routing). "
+            "Off: each expert is calibrated on the tokens routed to it; rarely chosen experts then see few."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

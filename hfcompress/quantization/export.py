@@ -43,6 +43,13 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             f"this hfcompress export to compressed-tensors writes one grid for every layer; {len(qconfig.overrides)} "
             "layers use another (mixed precision, or factors with one group per row). Save with --format hfcompress"
         )
+    if qconfig.experts:
+        raise ValueError(
+            f"the model's mixture-of-experts layers ({len(qconfig.experts)}, e.g. {next(iter(qconfig.experts))!r}) hold "
+            "one quantized linear per expert; transformers builds the experts of this model as fused 3-D parameters, "
+            "which a compressed-tensors checkpoint cannot fill (its experts would silently load as random weights). "
+            "Save with --format hfcompress"
+        )
     if qconfig.sparse or qconfig.lowrank or qconfig.resized:
         raise ValueError(
             "the model also has sparse, factorized or resized layers, which this compressed-tensors export does not "

@@ -51,7 +51,7 @@ def gptq_quantize(
     sparsity: pruned weights get the zero point's code, which dequantizes to exactly 0, and their removal
     counts as error the remaining columns compensate (as SparseGPT does when it prunes).
 
-    `H` is only read, unless `overwrite_hessian`: then its memory holds the inverse factor's and H is lost (for
+    A layer that saw no calibration input (H all zero) is rounded to nearest. `H` is only read, unless `overwrite_hessian`: then its memory holds the inverse factor's and H is lost (for
     a wide layer, hundreds of MB fewer at the peak). `weight` is never changed.
     """
     H = H.detach().float()
@@ -60,6 +60,9 @@ def gptq_quantize(
 
     diagonal = torch.diag(H).clone()
     dead = diagonal == 0
+    if bool(dead.all()):  # no calibration input reached the layer (an expert no token was routed to): H = I,
+        H = torch.eye(columns, device=H.device)  # which is round-to-nearest, not all its columns zeroed as dead
+        diagonal, dead = H.diagonal().clone(), torch.zeros_like(dead)
     diagonal[dead] = 1
     perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns, device=weight.device)
     # the pass runs on Wᵀ in visiting order: a column of W is then a contiguous row, which makes each step's

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.distributed import gather_rows, rank, row_shares
+from ..core.experts import routing_all_tokens
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_linear_weight, set_submodule
 from ..core.walk import calibrate_blocks
@@ -104,12 +105,15 @@ def quantize_blocks(
     stream=None,
     inputs=None,
     replay: str = "all",
+    rows: dict[str, int] | None = None,
 ) -> set[str]:
     """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
     where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
     config's grid everywhere). With a `stream` (`core.streaming.BlockStream`) the blocks are onloaded from disk
     and written out one at a time; `inputs` are the first block's inputs if already captured; `replay` trades
-    activations held for compute (see `core.calibration.calibrate_block`)."""
+    activations held for compute (see `core.calibration.calibrate_block`). Experts of a mixture-of-experts layer
+    see every calibration token with `config.calibrate_all_experts`, else those routed to them; `rows`, when
+    given, is filled with the tokens each target saw."""
     plans = plans or {n: LayerPlan(config.bits, config.group_size) for n in targets}
     act_order = config.act_order and not config.static_groups
     done: set[str] = set()
@@ -130,7 +134,14 @@ def quantize_blocks(
         stream=stream,
         inputs=inputs,
         replay=replay,
+        rows=rows,
     )
+    with routing_all_tokens(model, config.calibrate_all_experts):
+        _replace_solved(calibration, plans, config, act_order, scale_dtype, done)
+    return done
+
+
+def _replace_solved(calibration, plans, config, act_order: bool, scale_dtype, done: set[str]) -> None:
     for block, prefix, quantized in calibration:
         for name, q in quantized.items():
             module = block.get_submodule(name)
@@ -138,4 +149,3 @@ def quantize_blocks(
             set_submodule(block, name, layer)
             release(module)  # the float weight it replaced is not needed any more (and is no longer the model's)
             done.add(f"{prefix}.{name}")
-    return done

@@ -19,6 +19,7 @@ _UNIFORM = dict(
     check=lazy("hfcompress.quantization.save:check_format"),
     save=lazy("hfcompress.quantization.save:write_quantized"),
     stream=lazy("hfcompress.quantization.streaming:quantize_streaming"),
+    expert_linears=True,
 )  # fmt: skip
 quantize_uniform = lazy("hfcompress.quantization.api:quantize_uniform")
 register_technique("gptq", GPTQConfig, quantize_uniform, calibrated=always, summary="GPTQ with calibration data.", **_UNIFORM)  # fmt: skip
@@ -31,6 +32,7 @@ register_technique(
 _CODEBOOK = dict(
     layer_types=(lazy("hfcompress.quantization.codebook_linear:CodebookLinear"),),
     calibrated=lambda config: config.dataset is not None,
+    expert_linears=True,
 )
 quantize_codebook = lazy("hfcompress.quantization.codebook_api:quantize_codebook")
 register_technique("kmeans", KMeansConfig, quantize_codebook, summary="Non-uniform levels per channel by weighted k-means.", **_CODEBOOK)  # fmt: skip

@@ -28,11 +28,12 @@ def test_a_manifest_round_trips_with_every_section():
         lowrank={"a.b": 8}, lowrank_recipe={"method": "whiten"}, convolutions={"c": {"kind": "separable"}},
         sparse={"d.e": 12}, resized={"linears": {"f.g": [2, 4]}, "attributes": {"f": {"num_attention_heads": 1}}},
         overrides={"a.b.up": {"bits": 8, "group_size": -1}}, layers={"toy": {"h": {"clip": 1.0}}},
+        experts={"x.experts": {"experts": 8}},
     )  # fmt: skip
     data = config.to_dict()
-    assert data["version"] == FORMAT_VERSION == 6
+    assert data["version"] == FORMAT_VERSION == 7
     assert HfcompressQuantizationConfig.from_dict(data) == config
-    assert config.sections_in_use() == ["convolutions", "resized", "lowrank", "sparse", "modules", "toy"]
+    assert config.sections_in_use() == ["experts", "convolutions", "resized", "lowrank", "sparse", "modules", "toy"]
     assert config.section("toy") == {"h": {"clip": 1.0}} and config.section("nothing") == {}
 
 
