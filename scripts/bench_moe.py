@@ -139,7 +139,7 @@ def report(args, rows, heldout, calibration_windows: int) -> None:
           f"{Path(args.calib).name}; held-out: {', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}\n")  # fmt: skip
     float_row = next(r for r in rows if r["method"] == "float32")
     print("| method | " + " | ".join(f"ppl {t}" for t in texts) + " | vs float32 | seconds | weights MB |")
-    print("| --- |" + " --- |" * (len(texts) + 4))
+    print("| --- |" + " --- |" * (len(texts) + 3))
     for row in rows:
         ppl = row["perplexity"]
         rel = statistics.mean(ppl[t] / float_row["perplexity"][t] - 1 for t in texts)
