@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
+from .core.structure import vision_modules
 
 __all__ = [
     "calibration_batches",
@@ -156,7 +157,7 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
     windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
     model.hfcompress_calibration = {
-        "seq_len": int(windows.shape[1]),
+        "seq_len": int(windows.shape[1]) if windows.dim() == 2 else None,  # images have no length
         "num_samples": sum(len(b) for b in batches),
         "windows_available": len(windows),
     }
@@ -166,7 +167,32 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
 def calibration_windows(model, dataset, seq_len: int | None, tokenizer=None) -> torch.Tensor:
     """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
     `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
-    model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`)."""
+    model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`). A model that reads
+    images (ViT) calibrates on a float tensor of images [n, channels, height, width]."""
+    reads = getattr(model, "main_input_name", "input_ids")
+    if isinstance(dataset, torch.Tensor) and dataset.is_floating_point():
+        if dataset.dim() != 4 or reads != "pixel_values":
+            raise ValueError(
+                f"a float `dataset` is images [n, channels, height, width] for a model that reads pixel_values; got "
+                f"shape {tuple(dataset.shape)} for {type(model).__name__}, which reads {reads}"
+            )
+        return dataset
+    if reads != "input_ids":
+        raise ValueError(
+            f"{type(model).__name__} reads {reads}, not token ids: calibrate it on "
+            + (
+                "images, a float tensor [n, channels, height, width]"
+                if reads == "pixel_values"
+                else f"{reads} (not built yet)"
+            )
+            + "; round-to-nearest (rtn) needs no data"
+        )
+    config = getattr(model, "config", None)
+    if hasattr(config, "vision_config") and hasattr(config, "text_config") and not vision_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} encodes text and images side by side (a dual encoder such as CLIP): calibrating "
+            "it needs paired text and images, which hfcompress does not build yet; round-to-nearest (rtn) needs no data"
+        )
     if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:
         check_seq_len(model, dataset.shape[1])
     else:

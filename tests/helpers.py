@@ -30,6 +30,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB = 256
@@ -107,6 +109,15 @@ MOE_ARCHITECTURES = {
         shared_expert_intermediate_size=128,
         num_experts=8,
         num_experts_per_tok=2,
+    ),
+    "qwen3_moe": _moe(
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
     ),
     "olmoe": _moe(OlmoeConfig, OlmoeForCausalLM, intermediate_size=64, num_experts=8, num_experts_per_tok=2),
     # transposed experts with biases, interleaved gate/up and a clamped gate

@@ -14,6 +14,7 @@ __all__ = [
     "BlockInputs",
     "capture_block_inputs",
     "capture_block_outputs",
+    "forward_inputs",
     "hidden_states_of",
     "run_block",
     "with_hidden_states",
@@ -66,16 +67,34 @@ def _run_until(model: nn.Module, module: nn.Module, batches: list[torch.Tensor],
     device = next(model.parameters()).device
     try:
         with maths_for(model):
-            for input_ids in batches:
+            for batch in batches:
                 try:
-                    model(input_ids=input_ids.to(device), use_cache=False)
+                    model(**forward_inputs(model, batch.to(device)))
                 except _StopForward:
                     pass
     finally:
         handle.remove()
     if len(captured) != len(batches):
-        raise RuntimeError(f"{type(module).__name__} ran {len(captured)} times for {len(batches)} batches")
+        raise ValueError(
+            f"{type(module).__name__} ran {len(captured)} times for {len(batches)} calibration batches: the data "
+            "never reach it (text-only data and a vision tower? Leave the tower out, as by default, or calibrate "
+            "on data it reads)"
+        )
     return captured
+
+
+def forward_inputs(model: nn.Module, batch: torch.Tensor) -> dict[str, Any]:
+    """The keyword arguments that run `model` on one calibration batch: images (a float tensor) as
+    `pixel_values`; token ids as `input_ids`, and for an encoder-decoder (T5, BART) the same text shifted right
+    as the decoder's input, so calibration runs the decoder on the encoder's outputs."""
+    if batch.is_floating_point():
+        return {"pixel_values": batch}
+    inputs: dict[str, Any] = {"input_ids": batch, "use_cache": False}
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        start = next((t for t in (config.decoder_start_token_id, config.pad_token_id) if t is not None), 0)
+        inputs["decoder_input_ids"] = torch.cat([torch.full_like(batch[:, :1], start), batch[:, :-1]], dim=1)
+    return inputs
 
 
 def hidden_states_of(output) -> torch.Tensor:

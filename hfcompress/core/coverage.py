@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .registry import compressed_layer_types
-from .structure import LINEAR_TYPES, is_excluded, is_router
+from .structure import LINEAR_TYPES, is_excluded, is_router, vision_modules
 
 __all__ = ["Coverage", "check_coverage", "coverage"]
 
 logger = logging.getLogger(__name__)
 
 # left out on purpose: full precision by design, not by omission
-INTENDED = ("embedding", "output embedding", "router", "modules_to_not_convert")
+INTENDED = ("embedding", "output embedding", "router", "modules_to_not_convert", "vision tower")
 # the share of linear-like weights that may stay uncompressed unintentionally before a run is refused
 MAX_UNINTENDED_SHARE = 0.25
 
@@ -83,6 +83,7 @@ def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) 
     compressed_types = compressed_layer_types()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {n for n, _ in model.named_modules()}
+    vision = tuple(f"{n}." for n in vision_modules(model)) if modules_to_not_convert is None else ()
     inside = None
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
@@ -97,12 +98,14 @@ def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) 
             if tensor.dim() < 2:
                 continue  # norms and biases
             full = f"{name}.{key}" if name else key
-            if isinstance(module, nn.Embedding):
-                reason = "embedding"
+            if isinstance(module, nn.Embedding) or ("embed" in full and not isinstance(module, LINEAR_TYPES)):
+                reason = "embedding"  # a vision model's patch projection, class token and positions too
             elif module is output:
                 reason = "output embedding (lm_head)"
             elif is_router(name, module, names):
                 reason = "router (kept in full precision)"
+            elif name.startswith(vision):
+                reason = "vision tower (left out unless modules_to_not_convert is given)"
             elif (
                 isinstance(module, LINEAR_TYPES)
                 and modules_to_not_convert

@@ -11,6 +11,7 @@ __all__ = [
     "LINEAR_TYPES",
     "candidate_linears",
     "find_layer_stack",
+    "find_layer_stacks",
     "find_linears",
     "is_excluded",
     "is_router",
@@ -18,6 +19,7 @@ __all__ = [
     "linear_weight",
     "set_linear_weight",
     "set_submodule",
+    "vision_modules",
 ]
 
 # GPT-2 style models use transformers' Conv1D: a linear layer whose weight is stored transposed.
@@ -72,6 +74,39 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every stack of transformer blocks of `model` (outermost only), in the order the model registers them:
+    one for a decoder or an encoder, the encoder's then the decoder's for T5, BART and Whisper, the vision
+    tower's and the language model's for a vision-language model. A stack is an `nn.ModuleList` of identical
+    blocks that hold linear layers (not a list of linears: the experts of a layer are not blocks)."""
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
+            continue
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and len({type(block) for block in module}) == 1
+            and not isinstance(module[0], LINEAR_TYPES)
+            and find_linears(module[0])
+        ):
+            stacks.append((name, module))
+    return stacks
+
+
+def vision_modules(model: nn.Module) -> list[str]:
+    """The vision tower and projector of a vision-language model (a model with a `language_model` and parts
+    named for vision or projection beside it), which calibrated techniques leave out unless asked; none for
+    other models (a ViT or CLIP is all vision, and compressed whole)."""
+    names = [name for name, _ in model.named_modules()]
+    language = [n for n in names if n.rpartition(".")[2] == "language_model"]
+    if not language:
+        return []
+    parent = language[0].rpartition(".")[0]
+    siblings = [n for n in names if n.rpartition(".")[0] == parent and n != language[0]]
+    return [n for n in siblings if any(word in n.rpartition(".")[2] for word in ("vision", "visual", "projector"))]
+
+
 def is_excluded(name: str, patterns: list[str]) -> bool:
     """Whether module `name` matches one of `patterns`: an exact name, a dotted suffix, or 're:<regex>'."""
     for pattern in patterns:
@@ -99,8 +134,11 @@ def is_router(name: str, module: nn.Module, names: set[str]) -> bool:
 
 def candidate_linears(model: nn.Module, modules_to_not_convert: list[str] | None) -> dict[str, nn.Module]:
     """The linear layers a technique may change: all of them except mixture-of-experts routers and
-    `modules_to_not_convert`, which defaults to the output embedding (lm_head) when None."""
+    `modules_to_not_convert`, which defaults, when None, to the output embedding (lm_head) and a
+    vision-language model's vision tower and projector (`vision_modules`)."""
     excluded = list(modules_to_not_convert or [])
+    if modules_to_not_convert is None:
+        excluded += [f"re:{re.escape(name)}\\..*" for name in vision_modules(model)]
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name for name, _ in model.named_modules()}
     return {

@@ -15,10 +15,18 @@ from transformers.utils.logging import tqdm
 
 from .calibration import BlockSolver, calibrate_block
 from .capture import BlockInputs, capture_block_inputs, run_block
-from .structure import linear_weight, set_linear_weight
+from .structure import find_layer_stack, find_layer_stacks, linear_weight, set_linear_weight
 from .trace import BlockTrace, trace_block
 
-__all__ = ["block_prefixes", "calibrate_blocks", "calibrate_streams", "for_each_block_hessian"]
+__all__ = ["block_prefixes", "calibrate_blocks", "calibrate_streams", "for_each_block_hessian", "stacks_holding"]
+
+
+def stacks_holding(model: nn.Module, targets: dict[str, nn.Module]) -> list[tuple[str, nn.ModuleList]]:
+    """The stacks of blocks (`core.structure.find_layer_stacks`) that hold some of `targets`, in the order the
+    model runs them: an encoder-decoder's encoder, then its decoder, which is then calibrated on the compressed
+    encoder's outputs. An error, as before any work, for a model with no stack at all."""
+    find_layer_stack(model)  # refuses a model without blocks, naming what it looked for
+    return [(p, s) for p, s in find_layer_stacks(model) if any(n.startswith(p + ".") for n in targets)]
 
 
 def block_prefixes(model: nn.Module, blocks) -> list[str]:
@@ -101,7 +109,8 @@ def _walk(
             if disk is not None:
                 disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
             continue
-        key = (type(block), frozenset(modules))
+        # blocks of one stack can differ inside (T5's first block alone holds the relative position bias)
+        key = (type(block), frozenset(modules), tuple(name for name, _ in block.named_modules()))
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[streams[0]][0])
         originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if restore else {}
@@ -129,7 +138,12 @@ def for_each_block_hessian(
 ) -> None:
     """Block by block: the input Hessian of every target in the block, `process(block, name, module, H)` for
     each (`name` relative to the block), then the block's outputs, with whatever `process` changed, become the
-    next block's inputs (the two-pass path: every Hessian of a block is taken before any change)."""
+    next block's inputs (the two-pass path: every Hessian of a block is taken before any change). `blocks` None:
+    every stack that holds targets, one after the other (`stacks_holding`)."""
+    if blocks is None:
+        for _, stack in stacks_holding(model, targets):
+            for_each_block_hessian(model, stack, batches, targets, process, desc)
+        return
 
     def make_solver(block, prefix, modules):
         def solve(names, H):

@@ -13,8 +13,8 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import update_manifest
-from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_linear_weight
-from ..core.walk import for_each_block_hessian
+from ..core.structure import candidate_linears, linear_weight, set_linear_weight
+from ..core.walk import for_each_block_hessian, stacks_holding
 from ..data import calibration_data
 from .oneshot_config import OneShotPruningConfig
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
@@ -57,15 +57,15 @@ def prune_oneshot(model: nn.Module, config: OneShotPruningConfig, tokenizer=None
 def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: OneShotPruningConfig, tokenizer):
     if config.dataset is None:
         raise ValueError(f"method {config.method!r} needs calibration data: pass `dataset=` (texts or a text file)")
-    prefix_of_stack, blocks = find_layer_stack(model)
-    outside = [n for n in targets if not n.startswith(prefix_of_stack + ".")]
+    stacks = stacks_holding(model, targets)
+    outside = [n for n in targets if not any(n.startswith(p + ".") for p, _ in stacks)]
     if outside:
         logger.warning(
-            "%d layers outside the block stack have no calibration data and stay dense: %s", len(outside), outside
+            "%d layers outside the block stacks have no calibration data and stay dense: %s", len(outside), outside
         )
     batches = calibration_data(model, config, tokenizer)
 
     def prune(block, name, module, H):
         set_linear_weight(module, _prune_weight(linear_weight(module), H, config))
 
-    for_each_block_hessian(model, blocks, batches, targets, prune, f"prune ({config.method})")
+    for_each_block_hessian(model, None, batches, targets, prune, f"prune ({config.method})")

@@ -221,8 +221,9 @@ def _dead_units(part: FeedForward | Attention) -> torch.Tensor:
 
 
 def apply_uniform_removal(model: nn.Module, ffn_keep: list[torch.Tensor] | None, head_keep: list[torch.Tensor] | None):
-    """Remove units from every block (the same count in each) and update the config so the model reloads."""
-    config = model.config
+    """Remove units from every block (the same count in each) and update the config so the model reloads (a
+    vision-language model's text config, which its language model is built from)."""
+    config = model.config.get_text_config()
     blocks = _blocks(model)
     if ffn_keep is not None:
         for block, keep in zip(blocks, ffn_keep, strict=True):

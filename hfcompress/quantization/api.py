@@ -12,6 +12,7 @@ from ..checkpoint import HfcompressQuantizationConfig, manifest_of, update_manif
 from ..core.experts import expert_tokens
 from ..core.registry import stored_tensors, technique_for
 from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..core.walk import stacks_holding
 from ..data import calibration_data
 from ..pruning.sparse import SparseLinear, decompress_sparse
 from .config import GPTQConfig, RTNConfig
@@ -72,8 +73,10 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
     sparse_config = dict(previous.sparse) if previous is not None else {}
     sparse_before = _densify_sparse_layers(model)
     try:
-        blocks = find_layer_stack(model)[1] if isinstance(config, GPTQConfig) else None
+        if isinstance(config, GPTQConfig):
+            find_layer_stack(model)  # a model without blocks is refused first, naming what was looked for
         targets = select_targets(model, config)
+        stacks = stacks_holding(model, targets) if isinstance(config, GPTQConfig) else []
         plans = plan_layers(model, targets, config)
     except Exception:  # refused before any work: the model goes back to how it was
         _recompress_untouched(model, sparse_before)
@@ -87,7 +90,9 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         was_training = model.training
         model.eval()
         rows: dict[str, int] = {}
-        done = quantize_blocks(model, blocks, batches, targets, config, scale_dtype, plans, rows=rows)
+        done: set[str] = set()
+        for _, blocks in stacks:  # an encoder-decoder's decoder calibrates on the quantized encoder's outputs
+            done |= quantize_blocks(model, blocks, batches, targets, config, scale_dtype, plans, rows=rows)
         model.hfcompress_expert_tokens = expert_tokens(model, rows)
         model.train(was_training)
         remaining = {n: m for n, m in targets.items() if n not in done}

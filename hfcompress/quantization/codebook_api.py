@@ -9,7 +9,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import manifest_of, update_manifest
-from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..core.structure import candidate_linears, linear_weight, set_submodule
 from ..core.walk import for_each_block_hessian
 from ..data import calibration_data
 from .codebook import kmeans_quantize, vq_quantize
@@ -54,7 +54,6 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
     _check_shapes(targets, config)
     encoded: dict[str, dict] = {}
     if config.dataset is not None:
-        _, blocks = find_layer_stack(model)
         batches = calibration_data(model, config, tokenizer)
         names = {id(module): name for name, module in targets.items()}
 
@@ -62,7 +61,7 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
             set_submodule(block, name, _encode(module, config, torch.diag(H)))
             encoded[names[id(module)]] = {}
 
-        for_each_block_hessian(model, blocks, batches, targets, encode, f"{config.method} blocks")
+        for_each_block_hessian(model, None, batches, targets, encode, f"{config.method} blocks")
     rest = [(n, m) for n, m in targets.items() if n not in encoded]  # outside the blocks, or no data
     for name, module in tqdm(rest, desc=config.method, disable=not rest):
         set_submodule(model, name, _encode(module, config, None))

@@ -58,9 +58,21 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
     other_types = sorted(set(qconfig.layer_types) - {"Linear"})
     if other_types:
         raise ValueError(
-            f"compressed-tensors targets nn.Linear layers; {type(model).__name__} quantized {other_types} layers "
-            "(GPT-2 style Conv1D). Save with --format hfcompress"
+            f"compressed-tensors targets layers of class Linear; {type(model).__name__} quantized {other_types} layers "
+            "(GPT-2's Conv1D stores its weight transposed; Falcon's FalconLinear is a class of its own). Save with "
+            "--format hfcompress"
         )
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in UNLOADABLE:
+        raise ValueError(
+            f"transformers cannot load a compressed-tensors {model_type} checkpoint: {UNLOADABLE[model_type]}. "
+            "Save with --format hfcompress"
+        )
+
+
+_INIT = "its weight initialization reads the `.weight` of linears that compressed-tensors replaces (transformers 5.24)"
+# model types whose compressed-tensors checkpoints transformers fails to load, with the reason
+UNLOADABLE = {"t5": _INIT, "mt5": _INIT, "umt5": _INIT, "modernbert": _INIT}
 
 
 def compressed_tensors_config(model: nn.Module) -> dict:
