@@ -27,6 +27,7 @@ _EXPORTS = {
     "DistillationConfig": ".distillation",
     "DistillationTrainer": ".distillation",
     "FactorizedLinear": ".lowrank",
+    "AWQConfig": ".quantization",
     "GPTQConfig": ".quantization",
     "KMeansConfig": ".quantization",
     "LowRankConfig": ".lowrank",

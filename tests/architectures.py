@@ -203,6 +203,7 @@ COMPRESSED_TENSORS = "rtn → compressed-tensors"
 TECHNIQUES: dict[str, Callable[[torch.Tensor], object]] = {
     "rtn": lambda data: hfcompress.RTNConfig(bits=4, group_size=32),
     "gptq": lambda data: hfcompress.GPTQConfig(bits=4, group_size=32, dataset=data),
+    "awq": lambda data: hfcompress.AWQConfig(bits=4, group_size=32, dataset=data),
     "kmeans": lambda data: hfcompress.KMeansConfig(bits=3, dataset=data),
     "vq": lambda data: hfcompress.VQConfig(dataset=data),
     "prune oneshot (wanda)": lambda data: hfcompress.OneShotPruningConfig(method="wanda", sparsity=0.5, dataset=data),
@@ -212,7 +213,7 @@ TECHNIQUES: dict[str, Callable[[torch.Tensor], object]] = {
     COMPRESSED_TENSORS: lambda data: hfcompress.RTNConfig(bits=4, group_size=32, sym=True),
 }
 
-_CALIBRATED = ("gptq", "kmeans", "vq", "prune oneshot (wanda)")
+_CALIBRATED = ("gptq", "awq", "kmeans", "vq", "prune oneshot (wanda)")
 _AUDIO = ("reads audio features: calibration on audio is not built", "reads input_features")
 _DUAL = ("a dual text/image encoder: calibration on paired text and images is not built", "paired text and images")
 _NO_FFN = ("finds no MLP it can remove neurons from", "finds no ffn to prune")

@@ -8,6 +8,7 @@ from . import techniques  # noqa: F401  (registers the techniques and their rebu
 _EXPORTS = {
     "BnbConfig": ".bnb_config",
     "CodebookLinear": ".codebook_linear",
+    "AWQConfig": ".config",
     "GPTQConfig": ".config",
     "HfcompressHfQuantizer": "..checkpoint.hf_quantizer",
     "HfcompressQuantizationConfig": "..checkpoint.manifest",

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field
 from ..core.grids import SCALE_DTYPES, SUPPORTED_BITS, check_grid
 
-__all__ = ["FORMATS", "SCALE_DTYPES", "GPTQConfig", "RTNConfig"]
+__all__ = ["FORMATS", "SCALE_DTYPES", "AWQConfig", "GPTQConfig", "RTNConfig"]
 
 # the checkpoint formats a uniform grid saves to (`save_quantized(format=...)`, `--format`)
 FORMATS = ("hfcompress", "compressed-tensors")
@@ -131,3 +131,43 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         self.check_calibration()
         if self.static_groups and not self.act_order:
             logger.info("`static_groups` only matters with `act_order`; ignoring it")
+
+
+@dataclass
+class AWQConfig(CalibrationArguments, RTNConfig):
+    """AWQ: scale each input channel of the linears that share an input by its activation magnitude (searched
+    on the calibration data), fold the inverse scales into the module that produced that input, then round to
+    nearest. Scales change no output; they give the weights of salient channels finer steps."""
+
+    technique: ClassVar[str] = "awq"
+    method: ClassVar[str] = "awq"
+
+    n_grid: int = field(
+        default=20, metadata={"help": "Exponents α tried for the scales a^α / w^(1-α), from 0 in steps of 1/n_grid."}
+    )
+    duo_scaling: bool = field(
+        default=True,
+        metadata={"help": "Scales from activation and weight magnitudes (a^α / w^(1-α)); off: activations only (a^α)."},
+    )
+    clip: bool = field(
+        default=True,
+        metadata={
+            "help": "After scaling, clamp each group's largest weights where that lowers the group's output error "
+            "after rounding (AWQ's clipping search, measured through the input Hessian)."
+        },
+    )
+    weights: Literal["rtn", "gptq"] = field(
+        default="rtn",
+        metadata={
+            "help": "How the smoothed weights are quantized: rtn (round to nearest, AWQ as published) or gptq (GPTQ "
+            "with its defaults on the same calibration data)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weights not in ("rtn", "gptq"):
+            raise ValueError(f"`weights` must be 'rtn' or 'gptq', got {self.weights!r}")
+        if self.n_grid < 1:
+            raise ValueError(f"`n_grid` must be at least 1, got {self.n_grid!r}")
+        self.check_calibration()

@@ -5,7 +5,7 @@ from ..checkpoint.rebuild import register_dequantizer, register_rebuilder
 from ..core.registry import StepOption, always, lazy, register_technique
 from .bnb_config import BnbConfig
 from .codebook_config import KMeansConfig, VQConfig
-from .config import FORMATS, GPTQConfig, RTNConfig
+from .config import FORMATS, AWQConfig, GPTQConfig, RTNConfig
 
 __all__ = []
 
@@ -24,6 +24,10 @@ _UNIFORM = dict(
 quantize_uniform = lazy("hfcompress.quantization.api:quantize_uniform")
 register_technique("gptq", GPTQConfig, quantize_uniform, calibrated=always, summary="GPTQ with calibration data.", **_UNIFORM)  # fmt: skip
 register_technique("rtn", RTNConfig, quantize_uniform, summary="Round-to-nearest, no data.", **_UNIFORM)
+register_technique(
+    "awq", AWQConfig, lazy("hfcompress.quantization.awq_blocks:quantize_awq"), calibrated=always,
+    summary="Activation-aware scales (AWQ), then round-to-nearest.", **{**_UNIFORM, "stream": None},
+)  # fmt: skip
 register_technique(
     "bnb", BnbConfig, lazy("hfcompress.quantization.bnb:apply_bnb"),
     describe=lambda config: f"bitsandbytes-{config.description}", in_place=False, cast=False,

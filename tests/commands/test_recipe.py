@@ -83,7 +83,7 @@ def test_pruned_then_quantized_checkpoint_shows_both_savings(model_dir, text_fil
             "step 1 (quantize-gptq): unknown field 'grup_size'",
         ),
         ("steps: [{quantize: {method: rtn, bits: 5}}]", "step 1 (quantize-rtn): `bits` must be one of"),
-        ("steps: [{quantize: {method: awq}}]", "step 1 (quantize): `method` must be one of gptq, rtn"),
+        ("steps: [{quantize: {method: squeezellm}}]", "step 1 (quantize): `method` must be one of gptq, rtn, awq"),
         ("steps: [{quantize: {method: gptq}}]", "step 1 (quantize-gptq) needs data"),
         ("steps: [{sparsify: {}}]", "step 1: unknown technique 'sparsify'"),
         ("steps: [{prune: {sparsity: 1.5}}]", "step 1 (prune-magnitude): `sparsity` must be in [0, 1)"),

@@ -1,0 +1,115 @@
+"""Activation-aware weight quantization (AWQ, Lin et al., 2023) as pure tensor functions: the per-input-channel
+scales that protect the weights of salient channels before round-to-nearest.
+
+A linear layer computing `x Wᵀ` computes the same with `W·diag(s)` on `x / s`; the `1/s` folds into whatever
+produced `x` (a norm's weight, the rows of a previous linear). Quantizing `W·diag(s)` instead of `W` gives channels
+with large activations (large `s`) finer steps. `s = a^α / w^(1-α)` (`a` each input channel's activation
+magnitude, `w` its mean normalized weight magnitude: "duo scaling"), normalized to a geometric mean of 1, with α
+on a grid; the chosen `s` minimizes the output error of the quantized layers on the calibration data, here
+measured exactly through the input Hessian `H = 2 XᵀX / n`: `tr(Δ H Δᵀ)` with `Δ = W - Q(W·diag(s))·diag(1/s)`
+(not on a subset of tokens, as the reference implementation does). `s = 1` (no scaling) is always a candidate,
+so the search never does worse than round-to-nearest on that objective.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grid import rtn_quantize
+
+__all__ = ["awq_clip", "awq_scales", "output_error_basis"]
+
+# columns of the random sketch of H's square root that rank candidate scales on wide layers
+SKETCH = 512
+
+
+def output_error_basis(H: torch.Tensor, damp_percent: float = 0.01, generator=None) -> torch.Tensor:
+    """A matrix `B` [in, k] with `‖Δ B‖² ≈ tr(Δ H Δᵀ)` for any `Δ` [out, in]: the Cholesky factor of H (exact, k =
+    in) up to `SKETCH` inputs, above that its product with a Gaussian sketch (unbiased, k = SKETCH), so each
+    candidate costs out·in·k instead of out·in²."""
+    H = H.float()
+    diagonal = H.diagonal()
+    damped = H + damp_percent * diagonal.mean().clamp(min=1e-8) * torch.eye(H.shape[0], device=H.device)
+    L = torch.linalg.cholesky(damped)
+    if H.shape[0] <= SKETCH:
+        return L
+    sketch = torch.randn(H.shape[0], SKETCH, generator=generator, device=H.device) / SKETCH**0.5
+    return L @ sketch
+
+
+def awq_scales(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+    scale_dtype: torch.dtype | None = None,
+    basis: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float | None]:
+    """The input-channel scales [in] of `weight` [out, in] (linears sharing one input, stacked) that minimize
+    the output error of round-to-nearest on the grid (`bits`, `group_size`, `sym`), and the α that gave them
+    (None: no scaling was best). `H` is the input Hessian; `basis` its `output_error_basis` if already made."""
+    W = weight.detach().float()
+    basis = output_error_basis(H) if basis is None else basis
+    activation = H.float().diagonal().clamp(min=0).sqrt()  # each input channel's RMS (up to a constant)
+    group = W.shape[1] if group_size == -1 else group_size
+    normalized = W.abs().reshape(W.shape[0], -1, group)
+    normalized = normalized / normalized.amax(dim=2, keepdim=True).clamp(min=1e-12)
+    magnitude = normalized.reshape(W.shape).mean(dim=0)
+
+    def error(s: torch.Tensor) -> float:
+        quantized = rtn_quantize(W * s, bits, group_size, sym, scale_dtype=scale_dtype).dequantize(torch.float32)
+        return float(((W - quantized / s) @ basis).square().sum())
+
+    best_s, best_alpha = torch.ones_like(activation), None
+    best = error(best_s)
+    for step in range(n_grid):
+        alpha = step / n_grid
+        s = activation.pow(alpha) / (magnitude.pow(1 - alpha) + 1e-4) if duo_scaling else activation.pow(alpha)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if not bool(torch.isfinite(s).all()):
+            continue
+        loss = error(s)
+        if loss < best:
+            best, best_s, best_alpha = loss, s, alpha
+    return best_s, best_alpha
+
+
+def awq_clip(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    scale_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`weight` [out, in] with each group of each row clamped to `±r·max|w|`, `r` from 1 down to `1 - max_shrink`
+    on `n_grid` steps, the `r` that minimizes the group's share of the output error after round-to-nearest
+    (`δ H_gg δᵀ`, `H_gg` the group's diagonal block of the input Hessian), as AWQ's clipping search does on
+    sampled tokens. Clamping trades the largest weights' error for finer steps everywhere else."""
+    W = weight.detach().float()
+    out_features, in_features = W.shape
+    group = in_features if group_size == -1 else group_size
+    blocks = H.float().reshape(in_features // group, group, in_features // group, group).diagonal(dim1=0, dim2=2)
+    blocks = blocks.permute(2, 0, 1)  # [groups, g, g]
+    grouped = W.reshape(out_features, -1, group)
+    peak = grouped.abs().amax(dim=2, keepdim=True)
+    best_w, best = grouped, None
+    for step in range(n_grid):
+        r = 1 - max_shrink * step / n_grid
+        clamped = grouped.clamp(-r * peak, r * peak)
+        quantized = rtn_quantize(clamped.reshape(W.shape), bits, group_size, sym, scale_dtype=scale_dtype)
+        delta = grouped - quantized.dequantize(torch.float32).reshape(grouped.shape)
+        error = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)
+        if best is None:
+            best = error
+            continue
+        better = (error < best).unsqueeze(-1)
+        best_w = torch.where(better, clamped, best_w)
+        best = torch.minimum(error, best)
+    return best_w.reshape(W.shape).to(weight.dtype)

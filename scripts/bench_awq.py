@@ -1,0 +1,83 @@
+"""AWQ against GPTQ, round-to-nearest and full precision on ../shared/refmodel, scored on held-out text.
+
+Every method sees the same calibration windows (chosen once, handed over as token ids) and is scored on the
+held-out texts of scripts/bench_gptq.py (non-overlapping windows). Prints a markdown table per setting:
+perplexity per text, the mean change over float32, quantization seconds.
+
+    python scripts/bench_awq.py
+    python scripts/bench_awq.py --settings 4:128 3:128 --num-samples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_gptq import SHARED, heldout_texts, load, score
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import hfcompress
+from hfcompress.data import calibration_batches, load_texts, tokenize_windows
+from hfcompress.hub.record import hardware_description
+
+
+def configs(bits: int, group_size: int, calibration: torch.Tensor) -> dict:
+    data = {"dataset": calibration, "num_samples": len(calibration)}
+    return {
+        "RTN": hfcompress.RTNConfig(bits=bits, group_size=group_size),
+        "GPTQ (default)": hfcompress.GPTQConfig(bits=bits, group_size=group_size, **data),
+        "AWQ": hfcompress.AWQConfig(bits=bits, group_size=group_size, **data),
+        "AWQ + GPTQ": hfcompress.AWQConfig(bits=bits, group_size=group_size, weights="gptq", **data),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "refmodel"))
+    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
+    parser.add_argument(
+        "--heldout", nargs="+", default=[str(SHARED / "corpus" / "val.txt"), str(SHARED / "docs-cls" / "val.jsonl")]
+    )
+    parser.add_argument("--settings", nargs="+", default=["4:128", "3:128"], help="bits:group_size")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=100, help="windows per held-out text")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    heldout = {
+        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[: args.max_windows]
+        for path in args.heldout
+    }
+    windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
+    calibration = torch.cat(calibration_batches(windows, args.num_samples, args.num_samples))
+    texts = list(heldout)
+    reference = score(load(args.model), heldout)
+    print(f"# AWQ on {Path(args.model).name}\n\n{hardware_description()}; calibration {len(calibration)} x "
+          f"{args.seq_len} tokens of {Path(args.calib).name}; held-out: "
+          f"{', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}\n")  # fmt: skip
+    print("| setting | method | " + " | ".join(f"ppl {t}" for t in texts) + " | vs float32 | seconds |")
+    print("| --- | --- |" + " --- |" * (len(texts) + 2))
+    print("| - | float32 | " + " | ".join(f"{reference[t]:.3f}" for t in texts) + " | | |")
+    for setting in args.settings:
+        bits, group_size = (int(v) for v in setting.split(":"))
+        for name, config in configs(bits, group_size, calibration).items():
+            model = load(args.model)
+            start = time.perf_counter()
+            hfcompress.quantize(model, config)
+            seconds = time.perf_counter() - start
+            ppl = score(model, heldout)
+            change = statistics.mean(ppl[t] / reference[t] - 1 for t in texts)
+            print(f"| w{bits} g{group_size} | {name} | " + " | ".join(f"{ppl[t]:.3f}" for t in texts)
+                  + f" | {100 * change:+.2f}% | {seconds:.1f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

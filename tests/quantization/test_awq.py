@@ -1,0 +1,156 @@
+"""AWQ: activation-aware scales that never do worse than round-to-nearest on their objective, folded only where
+the block computes exactly the same, then quantized and saved like any uniform grid."""
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_model, token_windows
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hfcompress
+from hfcompress.core.capture import capture_block_inputs, run_block
+from hfcompress.core.hessian import Hessian
+from hfcompress.core.structure import find_linears
+from hfcompress.quantization.awq import awq_clip, awq_scales
+from hfcompress.quantization.awq_blocks import smooth_block
+from hfcompress.quantization.grid import rtn_quantize
+from hfcompress.quantization.modules import QuantLinear
+
+
+def _output_error(weight, quantized, H):
+    delta = weight - quantized
+    return float(((delta @ H) * delta).sum())
+
+
+def test_salient_channels_get_finer_steps_and_the_error_drops():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 64)
+    x[:, :4] *= 30  # four channels carry most of the activation
+    hessian = Hessian(64, "cpu")
+    hessian.add(x)
+    H = hessian.full()
+    weight = torch.randn(48, 64) * 0.1
+    s, alpha = awq_scales(weight, H, bits=3, group_size=32, sym=False)
+    assert alpha is not None and bool((s[:4] > s[4:].max()).all())
+    plain = rtn_quantize(weight, 3, 32, sym=False).dequantize(torch.float32)
+    scaled = rtn_quantize(weight * s, 3, 32, sym=False).dequantize(torch.float32) / s
+    assert _output_error(weight, scaled, H) < 0.8 * _output_error(weight, plain, H)
+
+
+def test_no_scaling_is_kept_when_nothing_helps():
+    H = torch.eye(32) * 2  # every channel alike: no channel is salient
+    weight = torch.ones(8, 32)
+    s, alpha = awq_scales(weight, H, bits=4, group_size=32, sym=True)
+    assert alpha is None and torch.equal(s, torch.ones(32))
+
+
+def test_clipping_trades_the_largest_weights_for_finer_steps():
+    torch.manual_seed(0)
+    hessian = Hessian(64, "cpu")
+    hessian.add(torch.randn(4096, 64))
+    H = hessian.full()
+    weight = torch.randn(16, 64) * 0.1
+    weight[:, 5] = torch.randn(16).sign() * 0.45  # one large weight per row in the first group
+    clipped = awq_clip(weight, H, bits=3, group_size=32, sym=False)
+    assert clipped[:, 5].abs().min() < 0.45  # outliers were clamped where that paid
+    quantized = {
+        w: rtn_quantize(v, 3, 32, sym=False).dequantize(torch.float32)
+        for w, v in (("plain", weight), ("clipped", clipped))
+    }
+    assert _output_error(weight, quantized["clipped"], H) < _output_error(weight, quantized["plain"], H)
+
+
+def _block_with_inputs(model):
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, list(token_windows(8, 32).split(4)))
+    modules = {n.removeprefix("model.layers.0."): m for n, m in find_linears(block, "model.layers.0").items()}
+    return block, inputs, modules
+
+
+@pytest.mark.parametrize(("kv_heads", "o_proj_scaled"), [(4, True), (2, False)])
+def test_scales_fold_only_where_the_block_computes_the_same(kv_heads, o_proj_scaled):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    block, inputs, modules = _block_with_inputs(model)
+    before = run_block(copy.deepcopy(block), inputs)
+    done = smooth_block(
+        block,
+        "model.layers.0",
+        inputs,
+        modules,
+        hfcompress.AWQConfig(bits=3, group_size=32, dataset=token_windows(), clip=False),
+    )
+    producers = {leader: producer for leader, (producer, _) in done.items()}
+    assert producers.get("self_attn.q_proj") == "input_layernorm"
+    assert producers.get("mlp.gate_proj") == "post_attention_layernorm"
+    assert producers.get("mlp.down_proj") == "mlp.up_proj"  # act(gate) * up is linear in up
+    # with grouped-query attention a value head feeds several output heads: no per-channel fold is exact
+    assert (producers.get("self_attn.o_proj") == "self_attn.v_proj") == o_proj_scaled
+    for got, want in zip(run_block(block, inputs), before, strict=True):
+        torch.testing.assert_close(got.args[0], want.args[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_norm_whose_scales_do_not_fold_is_left_alone():
+    """Gemma's norms multiply by 1 + weight: dividing the weight by s is not dividing the output by s."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()  # fmt: skip
+    block, inputs, modules = _block_with_inputs(model)
+    norms = {n: m.weight.detach().clone() for n, m in block.named_modules() if "norm" in n}
+    done = smooth_block(
+        block,
+        "model.layers.0",
+        inputs,
+        modules,
+        hfcompress.AWQConfig(bits=3, group_size=32, dataset=token_windows(), clip=False),
+    )
+    assert "self_attn.q_proj" not in done and "mlp.gate_proj" not in done
+    assert all(torch.equal(m.weight, norms[n]) for n, m in block.named_modules() if "norm" in n)
+
+
+def test_awq_quantizes_saves_and_reloads(tmp_path):
+    model = hfcompress.quantize(
+        tiny_model("llama"), hfcompress.AWQConfig(bits=4, group_size=32, sym=True, dataset=token_windows())
+    )
+    manifest = model.config.quantization_config
+    assert manifest.method == "awq" and sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    ids = token_windows(2, 16)
+    model.save_pretrained(tmp_path / "awq")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "awq")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    hfcompress.save_quantized(model, tmp_path / "ct", format="compressed-tensors")  # scales folded: a plain grid
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_awq_then_gptq_is_recorded_as_such():
+    config = hfcompress.AWQConfig(bits=4, group_size=32, dataset=token_windows(), weights="gptq")
+    model = hfcompress.quantize(tiny_model("llama"), config)
+    assert model.config.quantization_config.method == "awq"
+    assert model.config.quantization_config.recipe["weights"] == "gptq"
+
+
+def test_the_command(tmp_path):
+    from helpers import python_text, save_tiny_model
+
+    from hfcompress.commands.cli import main
+
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(python_text()[:20000])
+    out = tmp_path / "out"
+    args = ["quantize", "awq", str(tmp_path / "model"), str(out), "--group-size", "32", "--dataset",
+            str(tmp_path / "calib.txt"), "--num-samples", "4", "--seq-len", "64", "-q"]  # fmt: skip
+    assert main(args) == 0
+    assert "awq" in (out / "README.md").read_text()
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="`weights` must be 'rtn' or 'gptq', got 'awq'"):
+        hfcompress.AWQConfig(dataset=token_windows(), weights="awq")
+    with pytest.raises(ValueError, match="AWQConfig needs calibration data"):
+        hfcompress.quantize(tiny_model("llama"), hfcompress.AWQConfig())
