@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gptq import SHARED, heldout_texts, load, score
+from bench_gptq import SHARED, add_data_arguments, load, prepare_data, score
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import hfcompress
-from hfcompress.data import calibration_batches, load_texts, tokenize_windows
 from hfcompress.hub.record import hardware_description
 
 
@@ -39,25 +38,14 @@ def configs(bits: int, group_size: int, calibration: torch.Tensor) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "refmodel"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument(
-        "--heldout", nargs="+", default=[str(SHARED / "corpus" / "val.txt"), str(SHARED / "docs-cls" / "val.jsonl")]
-    )
+    add_data_arguments(parser, num_samples=128, max_windows=100)
     parser.add_argument("--settings", nargs="+", default=["4:128", "3:128"], help="bits:group_size")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-windows", type=int, default=100, help="windows per held-out text")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    heldout = {
-        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[: args.max_windows]
-        for path in args.heldout
-    }
-    windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
-    calibration = torch.cat(calibration_batches(windows, args.num_samples, args.num_samples))
+    heldout, calibration = prepare_data(args, tokenizer)
     texts = list(heldout)
     reference = score(load(args.model), heldout)
     print(f"# AWQ on {Path(args.model).name}\n\n{hardware_description()}; calibration {len(calibration)} x "

@@ -57,6 +57,28 @@ def heldout_texts(path: str) -> list[str]:
     return load_texts(path)
 
 
+def add_data_arguments(parser, num_samples: int = 128, max_windows: int = 100) -> None:
+    """The calibration and held-out data options the quality benchmarks share."""
+    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
+    parser.add_argument(
+        "--heldout", nargs="+", default=[str(SHARED / "corpus" / "val.txt"), str(SHARED / "docs-cls" / "val.jsonl")],
+        help="held-out texts to score on (.txt, or .jsonl with a `text` field)",
+    )  # fmt: skip
+    parser.add_argument("--num-samples", type=int, default=num_samples)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=max_windows, help="windows per held-out text")
+
+
+def prepare_data(args, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The held-out windows by text name, and the calibration windows (evenly spread, as the library picks)."""
+    heldout = {
+        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[: args.max_windows]
+        for path in args.heldout
+    }
+    windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
+    return heldout, torch.cat(calibration_batches(windows, args.num_samples, args.num_samples))
+
+
 def score(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: perplexity(model, windows) for name, windows in heldout.items()}
 

@@ -13,6 +13,7 @@ printed after the table.
 
     python scripts/bench_moe.py
     python scripts/bench_moe.py --experts 8 --top-k 2 --num-samples 64 --max-windows 40
+    python scripts/bench_moe.py --tiny-size      # only the checkpoint size of a tiny Mixtral, float32 and RTN w4 g128
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gptq import SHARED, heldout_texts, score
+from bench_gptq import SHARED, add_data_arguments, prepare_data, score
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 from transformers.utils import logging as hf_logging
 
 import hfcompress
-from hfcompress.data import calibration_batches, load_texts, tokenize_windows
 from hfcompress.evaluation import weights_size_bytes
 from hfcompress.hub.record import hardware_description
 
@@ -68,6 +68,24 @@ def upcycle(dense, experts: int, top_k: int, noise: float, seed: int = 0) -> Mix
     return moe
 
 
+def tiny_size() -> None:
+    """A tiny Mixtral (8 experts, 2 layers, hidden 128, experts of 256, vocabulary 256) saved in float32 and after
+    RTN w4 g128: its experts hold most weights, so their quantization decides the checkpoint's size."""
+    config = MixtralConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "float")
+        hfcompress.quantize(model, hfcompress.RTNConfig(bits=4, group_size=128))
+        model.save_pretrained(Path(tmp) / "rtn")
+        size = {name: weights_size_bytes(Path(tmp) / name) for name in ("float", "rtn")}
+    print(f"tiny Mixtral: float32 {size['float']:,} bytes, RTN w4 g128 {size['rtn']:,} bytes "
+          f"({size['rtn'] / size['float']:.3f}x)")  # fmt: skip
+
+
 def load(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -90,24 +108,16 @@ def main():
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--noise", type=float, default=0.05, help="expert noise, relative to each weight's std")
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument(
-        "--heldout", nargs="+", default=[str(SHARED / "corpus" / "val.txt"), str(SHARED / "docs-cls" / "val.jsonl")]
-    )
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-windows", type=int, default=40, help="windows per held-out text")
+    add_data_arguments(parser, num_samples=64, max_windows=40)
+    parser.add_argument("--tiny-size", action="store_true", help="only the checkpoint size of a tiny Mixtral")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if args.tiny_size:
+        return tiny_size()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    heldout = {
-        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[: args.max_windows]
-        for path in args.heldout
-    }
-    windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
-    calibration = torch.cat(calibration_batches(windows, args.num_samples, args.num_samples))
+    heldout, calibration = prepare_data(args, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "moe"
         dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

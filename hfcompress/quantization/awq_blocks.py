@@ -92,7 +92,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             _fold(named[producer], [named[n] for n in names], s)
             applied[names[0]] = s
         done[names[0]] = (producer, alpha)
-    if config.clip:
+    if config.clip and config.weights == "rtn":  # GPTQ spreads each rounding error itself; clamping first hurt it
         for names in trace.groups:  # on the scaled weights, whose input Hessian is D⁻¹ H D⁻¹
             H = hessians[names[0]]
             s = applied.get(names[0])

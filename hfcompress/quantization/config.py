@@ -153,7 +153,8 @@ class AWQConfig(CalibrationArguments, RTNConfig):
         default=True,
         metadata={
             "help": "After scaling, clamp each group's largest weights where that lowers the group's output error "
-            "after rounding (AWQ's clipping search, measured through the input Hessian)."
+            "after rounding (AWQ's clipping search, measured through the input Hessian). Round-to-nearest weights "
+            "only: GPTQ compensates its rounding errors itself, and clamping first made it worse."
         },
     )
     weights: Literal["rtn", "gptq"] = field(
