@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .structure import set_submodule
+
 __all__ = [
     "ExpertLinears",
     "expert_modules",
@@ -181,9 +183,7 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module of `model` by its `ExpertLinears`, in place; their names."""
     names = [name for name, module in model.named_modules() if is_fused_experts(module)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, ExpertLinears.from_fused(getattr(owner, child)))
+        set_submodule(model, name, ExpertLinears.from_fused(model.get_submodule(name)))
     return names
 
 
@@ -196,9 +196,7 @@ def fuse_dense_experts(model: nn.Module) -> list[str]:
         if isinstance(module, ExpertLinears) and all(type(m) is nn.Linear for m in _linears(module))
     ]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, getattr(owner, child).to_fused())
+        set_submodule(model, name, model.get_submodule(name).to_fused())
     return names
 
 
@@ -314,5 +312,4 @@ def rebuild_experts(model: nn.Module, manifest) -> None:
             raise ValueError(
                 f"the checkpoint holds {spec['experts']} experts in {name!r}; the model has {module.num_experts}"
             )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, ExpertLinears.from_fused(module))
+        set_submodule(model, name, ExpertLinears.from_fused(module))

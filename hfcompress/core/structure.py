@@ -59,9 +59,7 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """
     best, best_size = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(block) for block in module}) != 1 or not find_linears(module[0]):
+        if not _is_block_stack(module):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
@@ -81,17 +79,20 @@ def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     blocks that hold linear layers (not a list of linears: the experts of a layer are not blocks)."""
     stacks: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
-            continue
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module) > 0
-            and len({type(block) for block in module}) == 1
-            and not isinstance(module[0], LINEAR_TYPES)
-            and find_linears(module[0])
-        ):
+        if _is_block_stack(module) and not any(name.startswith(prefix + ".") for prefix, _ in stacks):
             stacks.append((name, module))
     return stacks
+
+
+def _is_block_stack(module: nn.Module) -> bool:
+    """An `nn.ModuleList` of identical blocks that hold linear layers (not a list of linears)."""
+    return (
+        isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(block) for block in module}) == 1
+        and not isinstance(module[0], LINEAR_TYPES)
+        and bool(find_linears(module[0]))
+    )
 
 
 def vision_modules(model: nn.Module) -> list[str]:

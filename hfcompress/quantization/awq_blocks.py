@@ -77,8 +77,9 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
+    reference = _output(block, inputs[0])  # folding exactly changes no output: one reference for the block
     for names in trace.groups:
-        producer = _producer(block, named, trace, names, inputs[0])
+        producer = _producer(block, named, trace, names, inputs[0], reference)
         if producer is None:
             logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, names)
             continue
@@ -105,13 +106,13 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     return done
 
 
-def _producer(block, named: dict, trace, names: list[str], sample: BlockInputs) -> str | None:
-    """The module before the group `names` into which scales of its input fold exactly (checked), if any."""
+def _producer(block, named: dict, trace, names: list[str], sample: BlockInputs, reference) -> str | None:
+    """The module before the group `names` into which scales of its input fold exactly (checked against the
+    block's output on `sample`, `reference`), if any."""
     group = [named[n] for n in names]
     width = linear_weight(group[0]).shape[1]
     start = min(trace.order.index(n) for n in names)
     candidates = [n for n in reversed(trace.order[:start]) if n not in names and _folds_into(named[n], width)]
-    reference = _output(block, sample)
     generator = torch.Generator().manual_seed(0)
     for name in candidates:
         s = torch.empty(width).uniform_(0.5, 2.0, generator=generator)
