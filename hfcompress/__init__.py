@@ -42,6 +42,7 @@ _EXPORTS = {
     "StepOption": ".core.registry",
     "StructuredPruningConfig": ".pruning",
     "VQConfig": ".quantization",
+    "W8A8Config": ".quantization",
     "compress": ".core.registry",
     "compress_folder": ".steps",
     "compress_sparse": ".pruning",

@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 # layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside),
 # `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models;
 # 6: bitmask layers store their values as `weight` (1-D), so plain transformers refuses them; 7: `experts`
-# (mixture-of-experts layers held as one linear per expert). A loaded checkpoint is in the current format in memory
+# (mixture-of-experts layers held as one linear per expert); 8: `activations` (W8A8). A loaded checkpoint is in the current format in memory
 # (older layouts are converted after loading), so it saves as the current one.
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 
 
 @dataclass
@@ -62,6 +62,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     kept; `pruning`: the one-shot pruning settings that zeroed the weights. `experts` maps each fused
     mixture-of-experts module held as one linear per expert (`core.experts.ExpertLinears`, rebuilt before any
     other layer, so its experts are listed like any linear: `<module>.gate_up_proj.3`) to `{"experts": n}`.
+    `activations`, when set, says the quantized modules also quantize their inputs at run time (W8A8:
+    `{"bits": 8, "strategy": "token", "dynamic": true, "sym": true}`, `Int8Linear`); a reader that predates it
+    ignores it with a warning and runs the same weights on float inputs.
     """
 
     bits: int = 4
@@ -82,6 +85,7 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     overrides: dict[str, dict] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
     experts: dict[str, dict] = field(default_factory=dict)
+    activations: dict[str, Any] = field(default_factory=dict)
     student_layers: list[int] | None = None
     pruning: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION

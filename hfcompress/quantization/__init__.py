@@ -1,5 +1,5 @@
 """Weight quantization: GPTQ and round-to-nearest onto uniform grids, k-means and vector codebooks, and
-bitsandbytes NF4/FP4/int8, each registered as a technique of kind `quantize` (`techniques.py`). Names are
+bitsandbytes NF4/FP4/int8, AWQ and W8A8 (SmoothQuant), each registered as a technique of kind `quantize` (`techniques.py`). Names are
 imported on first use."""
 
 from .._lazy import lazy_namespace
@@ -10,6 +10,7 @@ _EXPORTS = {
     "CodebookLinear": ".codebook_linear",
     "AWQConfig": ".config",
     "GPTQConfig": ".config",
+    "Int8Linear": ".int8_linear",
     "HfcompressHfQuantizer": "..checkpoint.hf_quantizer",
     "HfcompressQuantizationConfig": "..checkpoint.manifest",
     "KMeansConfig": ".codebook_config",
@@ -17,6 +18,7 @@ _EXPORTS = {
     "RTNConfig": ".config",
     "SparseQuantLinear": ".sparse_quant",
     "VQConfig": ".codebook_config",
+    "W8A8Config": ".config",
     "quantize": ".api",
     "save_quantized": ".save",
 }

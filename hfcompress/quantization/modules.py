@@ -33,6 +33,7 @@ class QuantLinear(nn.Module):
     STORED_TENSORS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
     KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
     CODES_IN_WEIGHT = True  # `weight` holds every code densely packed (the fused CPU kernel's own layout)
+    EXACT_WHEN_DEQUANTIZED = True  # its output is that of its dequantized weight (`dequantized_forward`)
 
     def __init__(
         self,
@@ -186,10 +187,11 @@ def dequantized_forward(model: nn.Module, dtype: torch.dtype = torch.float32):
     """Within the block, every `QuantLinear` of `model` runs as a dense matmul on its weight dequantized once
     (to `dtype`): the same values the checkpoint stores, so the same outputs up to float rounding, and on CPU
     faster for long inputs than the low-bit kernels, which serve a few rows best. Holds a dense copy of every
-    quantized weight meanwhile. For evaluating many tokens (perplexity), not for timing the model."""
+    quantized weight meanwhile. For evaluating many tokens (perplexity), not for timing the model. Layers that
+    also quantize their inputs (W8A8) keep their own forward."""
     patched = []
     for module in model.modules():
-        if isinstance(module, QuantLinear) and "forward" not in vars(module):
+        if isinstance(module, QuantLinear) and module.EXACT_WHEN_DEQUANTIZED and "forward" not in vars(module):
             weight = module.dequantize_weight(dtype)
             bias = None if module.bias is None else module.bias.to(dtype)
             module.forward = lambda x, w=weight, b=bias: F.linear(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..core.structure import linear_to_replace, linear_weight, set_submodule
 from .codebook_linear import CodebookLinear
 from .grid import SCALE_TORCH_DTYPES
+from .int8_linear import Int8Linear
 from .modules import QuantLinear
 from .sparse_quant import SparseQuantLinear
 
@@ -39,6 +40,8 @@ def rebuild_quantized(model, manifest) -> None:
         if name in manifest.sparse:
             nnz = manifest.sparse[name]
             layer = SparseQuantLinear(in_features, out_features, nnz, bits, group_size, manifest.sym, **kwargs)
+        elif manifest.activations:
+            layer = Int8Linear(in_features, out_features, **kwargs)
         else:
             layer = QuantLinear(in_features, out_features, bits, group_size, manifest.sym, **kwargs)
         set_submodule(model, name, layer)

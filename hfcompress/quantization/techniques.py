@@ -5,13 +5,14 @@ from ..checkpoint.rebuild import register_dequantizer, register_rebuilder
 from ..core.registry import StepOption, always, lazy, register_technique
 from .bnb_config import BnbConfig
 from .codebook_config import KMeansConfig, VQConfig
-from .config import FORMATS, AWQConfig, GPTQConfig, RTNConfig
+from .config import FORMATS, AWQConfig, GPTQConfig, RTNConfig, W8A8Config
 
 __all__ = []
 
 FORMAT_HELP = (
     "Checkpoint format. hfcompress: loads with from_pretrained after `import hfcompress`. compressed-tensors: loads "
-    "in plain transformers with the compressed-tensors package (symmetric grids; act-order only with static groups)."
+    "in plain transformers with the compressed-tensors package and in vLLM (symmetric grids; act-order only with "
+    "static groups; mixed precision as one config group per grid; W8A8 as int-quantized)."
 )
 _UNIFORM = dict(
     layer_types=(lazy("hfcompress.quantization.modules:QuantLinear"), lazy("hfcompress.quantization.sparse_quant:SparseQuantLinear")),
@@ -27,6 +28,11 @@ register_technique("rtn", RTNConfig, quantize_uniform, summary="Round-to-nearest
 register_technique(
     "awq", AWQConfig, lazy("hfcompress.quantization.awq_blocks:quantize_awq"), calibrated=always,
     summary="Activation-aware scales (AWQ), then round-to-nearest.", **{**_UNIFORM, "stream": None},
+)  # fmt: skip
+register_technique(
+    "w8a8", W8A8Config, lazy("hfcompress.quantization.w8a8:quantize_w8a8"), calibrated=always,
+    summary="SmoothQuant, then int8 weights and per-token int8 activations run as int8 matmuls.",
+    **{**_UNIFORM, "layer_types": (lazy("hfcompress.quantization.int8_linear:Int8Linear"),), "stream": None},
 )  # fmt: skip
 register_technique(
     "bnb", BnbConfig, lazy("hfcompress.quantization.bnb:apply_bnb"),

@@ -31,7 +31,7 @@ def test_a_manifest_round_trips_with_every_section():
         experts={"x.experts": {"experts": 8}},
     )  # fmt: skip
     data = config.to_dict()
-    assert data["version"] == FORMAT_VERSION == 7
+    assert data["version"] == FORMAT_VERSION == 8
     assert HfcompressQuantizationConfig.from_dict(data) == config
     assert config.sections_in_use() == ["experts", "convolutions", "resized", "lowrank", "sparse", "modules", "toy"]
     assert config.section("toy") == {"h": {"clip": 1.0}} and config.section("nothing") == {}
