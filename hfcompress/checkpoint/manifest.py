@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 # layers in both `modules` and `sparse` (`SparseQuantLinear`); 5: `layers` (techniques registered from outside),
 # `student_layers` and `pruning` (config attributes before), and `config.json["hfcompress"]` for plain models;
 # 6: bitmask layers store their values as `weight` (1-D), so plain transformers refuses them; 7: `experts`
-# (mixture-of-experts layers held as one linear per expert); 8: `activations` (W8A8). A loaded checkpoint is in the current format in memory
+# (mixture-of-experts layers held as one linear per expert); 8: `activations` (W8A8), `compensation`. A loaded checkpoint is in the current format in memory
 # (older layouts are converted after loading), so it saves as the current one.
 FORMAT_VERSION = 8
 
@@ -64,7 +64,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     other layer, so its experts are listed like any linear: `<module>.gate_up_proj.3`) to `{"experts": n}`.
     `activations`, when set, says the quantized modules also quantize their inputs at run time (W8A8:
     `{"bits": 8, "strategy": "token", "dynamic": true, "sym": true}`, `Int8Linear`); a reader that predates it
-    ignores it with a warning and runs the same weights on float inputs.
+    ignores it with a warning and runs the same weights on float inputs. `compensation` maps each quantized layer
+    that carries a low-rank correction of its quantization error (`CompensatedLinear`, rebuilt before the
+    quantized modules, so its quantized weight is listed in `modules` as `<layer>.base`) to the correction's rank.
     """
 
     bits: int = 4
@@ -86,6 +88,7 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
     layers: dict[str, dict] = field(default_factory=dict)
     experts: dict[str, dict] = field(default_factory=dict)
     activations: dict[str, Any] = field(default_factory=dict)
+    compensation: dict[str, int] = field(default_factory=dict)
     student_layers: list[int] | None = None
     pruning: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
@@ -152,7 +155,9 @@ class HfcompressQuantizationConfig(QuantizationConfigMixin):
 
 
 # the fields that record layers (the other fields describe the quantization grid and the recipe)
-_BUILT_IN_SECTIONS = ("experts", "convolutions", "resized", "lowrank", "sparse", "codebooks", "modules")
+_BUILT_IN_SECTIONS = (
+    "experts", "convolutions", "resized", "lowrank", "sparse", "codebooks", "compensation", "modules",
+)  # fmt: skip
 
 CheckpointManifest = HfcompressQuantizationConfig
 

@@ -15,6 +15,7 @@ from ..core.structure import candidate_linears, find_layer_stack, linear_weight,
 from ..core.walk import stacks_holding
 from ..data import calibration_data
 from ..pruning.sparse import SparseLinear, decompress_sparse
+from .compensated_linear import attach_corrections, budget_params, max_ranks
 from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
 from .grid import SCALE_TORCH_DTYPES, rtn_quantize
@@ -85,14 +86,20 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         raise
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
 
+    compensated: dict[str, int] = {}
     if isinstance(config, GPTQConfig):
         batches = _calibration_batches(model, config, tokenizer)
         was_training = model.training
         model.eval()
         rows: dict[str, int] = {}
         done: set[str] = set()
+        errors, ranks, budget = _compensation_plan(config, targets)
         for _, blocks in stacks:  # an encoder-decoder's decoder calibrates on the quantized encoder's outputs
-            done |= quantize_blocks(model, blocks, batches, targets, config, scale_dtype, plans, rows=rows)
+            done |= quantize_blocks(
+                model, blocks, batches, targets, config, scale_dtype, plans, rows=rows, errors=errors, max_ranks=ranks
+            )
+        if errors is not None:
+            compensated = attach_corrections(model, errors, budget, scale_dtype)
         model.hfcompress_expert_tokens = expert_tokens(model, rows)
         model.train(was_training)
         remaining = {n: m for n, m in targets.items() if n not in done}
@@ -106,8 +113,18 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         replace_with_rtn(model, name, module, config, scale_dtype, plans[name])
     _recompress_untouched(model, sparse_before)
 
-    attach_quantization_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}))
+    attach_quantization_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}), compensated)
     return model
+
+
+def _compensation_plan(config: GPTQConfig, targets: dict[str, nn.Module]):
+    """(errors to fill, each layer's largest rank, the budget in parameters) of a run with low-rank
+    compensation; (None, None, 0) without."""
+    if not config.compensates:
+        return None, None, 0
+    shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
+    budget = budget_params(config, shapes, SCALE_TORCH_DTYPES[config.scale_dtype])
+    return {}, max_ranks(shapes, budget), budget
 
 
 def _combinable_config(model: nn.Module) -> HfcompressQuantizationConfig | None:
@@ -163,10 +180,18 @@ def _calibration_batches(model, config: GPTQConfig, tokenizer) -> list[torch.Ten
 
 
 def attach_quantization_config(
-    model: nn.Module, config: RTNConfig, plans: dict[str, LayerPlan], layer_types: list[str]
+    model: nn.Module,
+    config: RTNConfig,
+    plans: dict[str, LayerPlan],
+    layer_types: list[str],
+    compensated: dict[str, int] | None = None,
 ) -> None:
+    """Record the quantization in the model's manifest; a layer in `compensated` ({name: rank}) holds its
+    quantized weight at `<name>.base` (`CompensatedLinear`)."""
+    compensated = compensated or {}
+    stored = {name: f"{name}.base" if name in compensated else name for name in plans}
     overrides = {
-        name: {"bits": plan.bits, "group_size": plan.group_size}
+        stored[name]: {"bits": plan.bits, "group_size": plan.group_size}
         for name, plan in plans.items()
         if (plan.bits, plan.group_size) != (config.bits, config.group_size)
     }
@@ -179,11 +204,12 @@ def attach_quantization_config(
         group_size=config.group_size,
         sym=config.sym,
         act_order=stores_g_idx(config),
-        modules=list(plans),
+        modules=list(stored.values()),
         layer_types=layer_types,
         scale_dtype=config.scale_dtype,
         method=config.method,
         recipe=config.to_dict(),
         overrides=overrides,
         sparse=sparse,
+        compensation=compensated,
     )

@@ -122,8 +122,34 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         },
     )
 
+    lowrank_compensation: int = field(
+        default=0,
+        metadata={
+            "help": "Add to each quantized layer a low-rank correction of its quantization error, fitted to the "
+            "calibration inputs (the whitened SVD of the error) and stored in float16: the mean rank per layer. The "
+            "budget, rank x (in + out) parameters per layer, goes to the layers whose error each rank reduces most. "
+            "0: none."
+        },
+    )
+    compensation_bits: float | None = field(
+        default=None,
+        metadata={
+            "help": "The correction's budget in stored bits per quantized weight (e.g. 0.25) instead of a mean rank."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.lowrank_compensation, bool) or not isinstance(self.lowrank_compensation, int):
+            raise ValueError(f"`lowrank_compensation` must be a whole rank, got {self.lowrank_compensation!r}")
+        if self.lowrank_compensation < 0:
+            raise ValueError(
+                f"`lowrank_compensation` must be 0 (none) or a positive rank, got {self.lowrank_compensation}"
+            )
+        if self.compensation_bits is not None and not 0 < self.compensation_bits <= 16:
+            raise ValueError(f"`compensation_bits` must be in (0, 16] bits per weight, got {self.compensation_bits!r}")
+        if self.lowrank_compensation and self.compensation_bits is not None:
+            raise ValueError("give `lowrank_compensation` (a mean rank) or `compensation_bits` (a budget), not both")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
         if self.block_size < 1:
@@ -131,6 +157,10 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         self.check_calibration()
         if self.static_groups and not self.act_order:
             logger.info("`static_groups` only matters with `act_order`; ignoring it")
+
+    @property
+    def compensates(self) -> bool:
+        return bool(self.lowrank_compensation or self.compensation_bits)
 
 
 @dataclass

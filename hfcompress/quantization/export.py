@@ -32,15 +32,17 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             "was removed. Quantize with act_order=True and static_groups=True (--act-order --static-groups), "
             "or save in format hfcompress (--format hfcompress)"
         )
-    asymmetric = [name for name, layer in layers.items() if not layer.sym]
-    if asymmetric:
-        raise ValueError(f"{asymmetric[0]} ({len(asymmetric)} layers) is quantized on an asymmetric grid: {ASYMMETRIC}")
     if qconfig.experts:
         raise ValueError(
             f"the model's mixture-of-experts layers ({len(qconfig.experts)}, e.g. {next(iter(qconfig.experts))!r}) hold "
             "one quantized linear per expert; transformers builds the experts of this model as fused 3-D parameters, "
             "which a compressed-tensors checkpoint cannot fill (its experts would silently load as random weights). "
             "Save with --format hfcompress"
+        )
+    if qconfig.compensation:
+        raise ValueError(
+            f"{len(qconfig.compensation)} layers (e.g. {next(iter(qconfig.compensation))!r}) carry a low-rank correction "
+            "of their quantization error, which compressed-tensors cannot express; save with --format hfcompress"
         )
     if qconfig.sparse or qconfig.lowrank or qconfig.resized:
         raise ValueError(
@@ -60,6 +62,9 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             f"transformers cannot load a compressed-tensors {model_type} checkpoint: {UNLOADABLE[model_type]}. "
             "Save with --format hfcompress"
         )
+    asymmetric = [name for name, layer in layers.items() if not layer.sym]
+    if asymmetric:
+        raise ValueError(f"{asymmetric[0]} ({len(asymmetric)} layers) is quantized on an asymmetric grid: {ASYMMETRIC}")
     mixed = _mixed_siblings(layers)
     if mixed:
         raise ValueError(

@@ -16,6 +16,7 @@ from ..core.experts import routing_all_tokens
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_linear_weight, set_submodule
 from ..core.walk import calibrate_blocks
+from .compensation import error_factors
 from .config import GPTQConfig
 from .gptq import gptq_quantize
 from .grid import QuantizedWeight
@@ -106,6 +107,8 @@ def quantize_blocks(
     inputs=None,
     replay: str = "all",
     rows: dict[str, int] | None = None,
+    errors: dict | None = None,
+    max_ranks: dict[str, int] | None = None,
 ) -> set[str]:
     """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
     where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
@@ -113,15 +116,26 @@ def quantize_blocks(
     and written out one at a time; `inputs` are the first block's inputs if already captured; `replay` trades
     activations held for compute (see `core.calibration.calibrate_block`). Experts of a mixture-of-experts layer
     see every calibration token with `config.calibrate_all_experts`, else those routed to them; `rows`, when
-    given, is filled with the tokens each target saw."""
+    given, is filled with the tokens each target saw. `errors`, when given, is filled with each target's
+    `compensation.ErrorFactors` (its quantization error's whitened SVD, up to rank `max_ranks[name]`)."""
     plans = plans or {n: LayerPlan(config.bits, config.group_size) for n in targets}
     act_order = config.act_order and not config.static_groups
     done: set[str] = set()
 
     def make_solver(block, prefix, modules):
         block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
-        # each Hessian is solved once: its memory can go to the solve
-        return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans, True)
+        if errors is None:  # each Hessian is solved once: its memory can go to the solve
+            return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans, True)
+
+        def solve_and_measure(names, H):
+            originals = {n: linear_weight(modules[n]).detach().float().clone() for n in names}
+            result = quantize_group(names, modules, H, config, scale_dtype, block_plans)
+            for name in names:  # the weights are now the codes' values: what is left is the quantization error
+                error = originals.pop(name) - linear_weight(modules[name]).float()
+                errors[f"{prefix}.{name}"] = error_factors(error, H, max_ranks[f"{prefix}.{name}"], config.damp_percent)
+            return result
+
+        return solve_and_measure
 
     calibration = calibrate_blocks(
         model,

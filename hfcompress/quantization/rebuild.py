@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from ..core.structure import linear_to_replace, linear_weight, set_submodule
 from .codebook_linear import CodebookLinear
+from .compensated_linear import CompensatedLinear
 from .grid import SCALE_TORCH_DTYPES
 from .int8_linear import Int8Linear
 from .modules import QuantLinear
 from .sparse_quant import SparseQuantLinear
 
-__all__ = ["rebuild_codebooks", "rebuild_quantized"]
+__all__ = ["rebuild_codebooks", "rebuild_compensated", "rebuild_quantized"]
 
 
 def rebuild_codebooks(model, manifest) -> None:
@@ -22,6 +23,15 @@ def rebuild_codebooks(model, manifest) -> None:
             dtype=module.weight.dtype, device=module.weight.device,
         )  # fmt: skip
         set_submodule(model, name, layer)
+
+
+def rebuild_compensated(model, manifest) -> None:
+    """Each compensated layer becomes a `CompensatedLinear` around the linear it was (`<layer>.base`, which the
+    quantized modules' rebuilder then replaces), with float16 factors of the recorded rank."""
+    dtype = SCALE_TORCH_DTYPES[manifest.scale_dtype]
+    for name, rank in manifest.compensation.items():
+        module = linear_to_replace(model, name, "compensates")
+        set_submodule(model, name, CompensatedLinear(module, rank, dtype))
 
 
 def rebuild_quantized(model, manifest) -> None:

@@ -51,6 +51,11 @@ def quantize_streaming(
     Returns the model skeleton (every weight on the meta device) with its quantized layers and quantization
     config in place, for the compression record. Refuses a model that cannot stream (see `streaming_obstacle`).
     """
+    if getattr(config, "compensates", False):
+        raise ValueError(
+            "low-rank compensation (--lowrank-compensation, --compensation-bits) needs the whole model in memory; "
+            "it does not run with --offload disk yet"
+        )
     checkpoint = ShardedCheckpoint(model_path)
     save_dtype = checkpoint.stored_dtype()
     # weights stay in the checkpoint's dtype; the calibration computes in float32 (`core.precision`)

@@ -49,5 +49,6 @@ register_technique("kmeans", KMeansConfig, quantize_codebook, summary="Non-unifo
 register_technique("vq", VQConfig, quantize_codebook, summary="Vector quantization of runs of weights.", **_CODEBOOK)
 
 register_rebuilder("codebooks", lazy("hfcompress.quantization.rebuild:rebuild_codebooks"), order=50)
+register_rebuilder("compensation", lazy("hfcompress.quantization.rebuild:rebuild_compensated"), order=55)
 register_rebuilder("modules", lazy("hfcompress.quantization.rebuild:rebuild_quantized"), order=60)
 register_dequantizer(lazy("hfcompress.quantization.export:dequantize_model"))

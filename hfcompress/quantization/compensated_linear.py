@@ -1,0 +1,103 @@
+"""`CompensatedLinear`: a quantized linear layer plus a low-rank correction of its quantization error."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.structure import set_submodule
+from .compensation import allocate_compensation, compensation_budget
+
+__all__ = ["CompensatedLinear", "attach_corrections", "budget_params", "max_ranks"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Factor(nn.Linear):
+    """A factor of the correction: a plain linear whose weight keeps its storage dtype when the model is cast."""
+
+    KEEPS_DTYPE = True
+
+
+class CompensatedLinear(nn.Module):
+    """`base(x) + up(down(x))`: `base` the quantized layer (a `QuantLinear`, a plain `nn.Linear` while the
+    checkpoint loads), `down` [rank, in] and `up` [out, rank] the correction, stored in a low-precision float
+    dtype (float16 by default) and computed in the input's dtype.
+
+    `weight` is an empty placeholder, as in `FactorizedLinear`: transformers without hfcompress then fails on a
+    shape mismatch instead of loading the layer as random weights."""
+
+    STORED_MODULES = ("base", "down", "up")  # what holds its weight, for bits per weight (evaluation/footprint.py)
+
+    def __init__(self, base: nn.Module, rank: int, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if not 0 < rank <= min(self.in_features, self.out_features):
+            raise ValueError(
+                f"`rank` must be in [1, {min(self.in_features, self.out_features)}] for a "
+                f"{self.out_features}x{self.in_features} layer, got {rank}"
+            )
+        device = next(iter(base.buffers()), next(iter(base.parameters()), None)).device
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device))
+        self.rank = rank
+        self.base = base
+        self.down = _Factor(self.in_features, rank, bias=False, dtype=dtype, device=device)
+        self.up = _Factor(rank, self.out_features, bias=False, dtype=dtype, device=device)
+        self.down.weight.requires_grad_(False)
+        self.up.weight.requires_grad_(False)
+
+    @classmethod
+    def from_factors(cls, base: nn.Module, up: torch.Tensor, down: torch.Tensor, dtype=torch.float16):
+        layer = cls(base, up.shape[1], dtype)
+        with torch.no_grad():
+            layer.up.weight.copy_(up)
+            layer.down.weight.copy_(down)
+        return layer
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        correction = F.linear(F.linear(x, self.down.weight.to(x.dtype)), self.up.weight.to(x.dtype))
+        return self.base(x) + correction
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def budget_params(config, shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> int:
+    """The parameters `config`'s correction may hold: `compensation_bits` per quantized weight in `dtype`, or a
+    rank of `lowrank_compensation` per layer."""
+    if config.compensation_bits is not None:
+        weights = sum(o * i for o, i in shapes.values())
+        return int(config.compensation_bits * weights / (torch.finfo(dtype).bits))
+    return compensation_budget(shapes, config.lowrank_compensation)
+
+
+def max_ranks(shapes: dict[str, tuple[int, int]], budget: int) -> dict[str, int]:
+    """The largest rank each layer's measured error is kept to: four times its even share of `budget`, and at
+    most half its smaller side."""
+    total = sum(o + i for o, i in shapes.values()) or 1
+    share = budget / total  # the mean rank the budget buys
+    return {name: max(1, min(min(o, i) // 2, math.ceil(4 * share))) for name, (o, i) in shapes.items()}
+
+
+def attach_corrections(model: nn.Module, errors: dict, budget: int, dtype: torch.dtype) -> dict[str, int]:
+    """Allocate `budget` parameters over the measured `errors` and wrap each quantized layer that gets a rank in
+    a `CompensatedLinear`; returns {layer: rank} for the layers that got one."""
+    shapes = {name: (f.up.shape[0], f.down.shape[1]) for name, f in errors.items()}
+    ranks = {name: rank for name, rank in allocate_compensation(errors, shapes, budget).items() if rank}
+    for name, rank in ranks.items():
+        up, down = errors[name].factors(rank)
+        set_submodule(model, name, CompensatedLinear.from_factors(model.get_submodule(name), up, down, dtype))
+    spent = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
+    logger.info(
+        "low-rank compensation: %d of %d layers corrected, ranks %s-%s, %d parameters of a budget of %d",
+        len(ranks), len(errors), min(ranks.values(), default=0), max(ranks.values(), default=0), spent, budget,
+    )  # fmt: skip
+    return ranks
