@@ -5,7 +5,8 @@ environment of its own; uninstall the torchvision, torchaudio and torchcodec it 
 with its torch). Needs no hfcompress: what is checked is that the files alone serve. Each checkpoint is scored on
 the first `--max-windows` non-overlapping windows of `--seq-len` tokens of `--text`, by vLLM (prompt log-probs,
 one request per window) and by transformers (`from_pretrained`, the same windows); the last line printed is a
-JSON object {checkpoint: {"vllm": ppl, "transformers": ppl, "relative": vllm / transformers - 1}}. vLLM's log
+JSON object {checkpoint: {"vllm": ppl, "transformers": ppl, "relative": vllm / transformers - 1}} (an engine that
+fails on a checkpoint gets null and the checkpoint an "errors" entry; the exit status is then 1). vLLM's log
 names the kernel each scheme runs on ("Using CPUWNA16LinearKernel for CompressedTensorsWNA16", "Selected
 CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8").
 
@@ -43,7 +44,7 @@ def vllm_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: 
     return math.exp(nll / count)
 
 
-def transformers_perplexity(folder: str, prompts: list[list[int]], dtype: str) -> float:
+def transformers_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -78,14 +79,24 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- |")
     for folder in args.checkpoints:
         prompts = windows(AutoTokenizer.from_pretrained(folder), args.text, args.seq_len, args.max_windows)
-        served = vllm_perplexity(folder, prompts, args.seq_len, args.dtype)
-        reference = transformers_perplexity(folder, prompts, args.dtype)
+        scores, errors = {}, {}
+        for engine, measure in (("transformers", transformers_perplexity), ("vllm", vllm_perplexity)):
+            try:
+                scores[engine] = measure(folder, prompts, args.seq_len, args.dtype)
+            except Exception as e:  # a checkpoint an engine refuses: say why, and go on
+                scores[engine], errors[engine] = None, f"{type(e).__name__}: {str(e)[:300]}"
+        if errors:
+            results[folder] = {**scores, "errors": errors}
+            shown = {k: f"{v:.3f}" if v is not None else f"failed: {errors[k]}" for k, v in scores.items()}
+            print(f"| {folder} | {len(prompts)} | {shown['vllm']} | {shown['transformers']} | |", flush=True)
+            continue
+        served, reference = scores["vllm"], scores["transformers"]
         relative = served / reference - 1
         results[folder] = {"vllm": served, "transformers": reference, "relative": relative}
         print(f"| {folder} | {len(prompts)} | {served:.3f} | {reference:.3f} | {100 * relative:+.2f}% |",
               flush=True)  # fmt: skip
     print(json.dumps(results))
-    return 0
+    return 0 if not any("errors" in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

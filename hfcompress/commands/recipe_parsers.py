@@ -68,8 +68,9 @@ def add_search(subparsers) -> None:
     )
     search.add_argument("--eval-dataset", required=True, help="Text the candidates are evaluated on.")
     search.add_argument(
-        "--techniques", default="gptq,lowrank,prune", help="Comma-separated: gptq, lowrank, prune (default: all three)."
-    )
+        "--techniques", default=None,
+        help="Comma-separated: gptq, lowrank, prune (default: all three; gptq with --format compressed-tensors).",
+    )  # fmt: skip
     search.add_argument("--bits-options", default="2,3,4", help="GPTQ bit widths per layer (default: 2,3,4).")
     search.add_argument("--group-size", type=int, default=128, help="GPTQ group size (default: 128).")
     search.add_argument(
@@ -94,6 +95,11 @@ def add_search(subparsers) -> None:
     search.add_argument(
         "--neighbour-bits", type=float, default=0.0,
         help="Also build mixed GPTQ points this many bits per weight either side of the budget (default: 0, none).",
+    )  # fmt: skip
+    search.add_argument(
+        "--format", default="hfcompress", choices=["hfcompress", "compressed-tensors"],
+        help="Format of the chosen model in OUTPUT. compressed-tensors (plain transformers, vLLM): symmetric GPTQ "
+        "grids only, and the linears serving engines fuse (q/k/v, gate/up) get one width (default: hfcompress).",
     )  # fmt: skip
     search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
     search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")

@@ -27,7 +27,7 @@ def run_search(args: argparse.Namespace) -> int:
         sensitivity_samples=args.sensitivity_samples, eval_seq_len=args.eval_seq_len,
         eval_max_windows=args.eval_max_windows, neighbour_bits=args.neighbour_bits,
         lowrank_ratios=_numbers(args.lowrank_ratios, float, "--lowrank-ratios"),
-        prune_sparsities=_numbers(args.prune_sparsities, float, "--prune-sparsities"),
+        prune_sparsities=_numbers(args.prune_sparsities, float, "--prune-sparsities"), format=args.format,
     )  # fmt: skip
     results = search(args.model, args.output, config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     chosen = next(p for p in results["points"] if p["name"] == results["chosen"])

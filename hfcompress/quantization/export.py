@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -14,6 +16,8 @@ __all__ = [
     "compressed_tensors_state_dict",
     "dequantize_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -141,6 +145,14 @@ def compressed_tensors_config(model: nn.Module) -> dict:
             inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
         targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
+    uneven = sorted({bits for bits, *_ in by_scheme if 32 % bits})
+    if uneven:
+        logger.warning(
+            "%s-bit codes are written densely packed (a code may straddle two int32 words), as compressed-tensors 0.20 "
+            "and vLLM's kernels read them; compressed-tensors 0.17 and older unpack %s codes per word and cannot read "
+            "them (checked: transformers with compressed-tensors 0.17 fails on a shape mismatch)",
+            "/".join(map(str, uneven)), "/".join(str(32 // b) for b in uneven),
+        )  # fmt: skip
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in layers]
     config = QuantizationConfig(
         config_groups=groups, format=formats.pop(), quantization_status="compressed", ignore=ignore

@@ -114,7 +114,10 @@ def _smallest_reachable(base: Baseline, config) -> tuple[str, float]:
     budget = config.budget
     if "gptq" in config.techniques and budget.kind != "params":
         b = config.bits_options[0]
-        bits = sum(o * i * grid_bits_per_weight(b, config.group_size, i) for o, i in base.linear_shapes.values())
+        bits = sum(
+            o * i * grid_bits_per_weight(b, config.group_size, i, sym=config.sym)
+            for o, i in base.linear_shapes.values()
+        )
         points.append((f"gptq at {b} bits", bits / base.linear_weights))
     if "lowrank" in config.techniques:
         points.append(("lowrank at 10% of the parameters", 0.1 * base.dtype_bits))

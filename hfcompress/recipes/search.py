@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..data import load_texts, looks_local, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.latency import forward_latency
+from ..hub.card import generate_card
+from ..hub.record import CompressionRecord
 from ..io import claim_output
+from ..quantization.export import check_compressed_tensors_compatible
 from ..quantization.modules import dequantized_forward
+from ..quantization.save import write_quantized
 from ..steps.loading import load_model, load_tokenizer, resolve_model_path
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .candidates import CACHE_FILE, Candidate, SearchCache, steps_key
@@ -121,7 +126,7 @@ def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: b
     cache.save()
     results = write_reports(points, front, best, config, base, work, failed, cache.data["seconds"])
     if best.name != "dense":
-        _publish_candidate(work / "candidates" / best.name, output)
+        _publish_candidate(work / "candidates" / best.name, output, config.format)
     else:
         logger.warning(
             "the original model already meets budget %s and is the best point; OUTPUT holds no model", config.budget
@@ -210,7 +215,10 @@ def _build_and_evaluate(
     cache.save()
 
 
-def _publish_candidate(folder: Path, output: Path) -> None:
+def _publish_candidate(folder: Path, output: Path, format: str = "hfcompress") -> None:
+    """Copy the chosen candidate into `output`; for format compressed-tensors, its weights and config are written
+    again in that format (the candidates are kept in hfcompress's, which evaluation reads), and the record and
+    card say it loads without hfcompress."""
     for item in folder.iterdir():
         if item.name == "steps":
             continue
@@ -218,6 +226,20 @@ def _publish_candidate(folder: Path, output: Path) -> None:
             shutil.copytree(item, output / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, output / item.name)
+    if format == "hfcompress":
+        return
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    check_compressed_tensors_compatible(model)
+    with tempfile.TemporaryDirectory(dir=output) as staging:
+        write_quantized(model, staging, format)
+        for old in output.glob("*.safetensors*"):
+            old.unlink()
+        for item in Path(staging).iterdir():
+            os.replace(item, output / item.name)
+    record = CompressionRecord.load(output)
+    record.loading = {"requires_hfcompress": False}
+    record.save(output)
+    generate_card(output)
 
 
 def _prepare_output(output: Path, resume: bool, overwrite: bool) -> None:

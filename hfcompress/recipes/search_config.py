@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from ..data import resolve_seq_len
 from .budget import Budget
 
-__all__ = ["METRICS", "TECHNIQUES", "SearchConfig"]
+__all__ = ["FORMATS", "METRICS", "TECHNIQUES", "SearchConfig"]
 
 TECHNIQUES = ("gptq", "lowrank", "prune")
 METRICS = ("perplexity",)
+# what the chosen candidate is written as; compressed-tensors holds symmetric GPTQ grids only
+FORMATS = ("hfcompress", "compressed-tensors")
 
 
 @dataclass
@@ -24,7 +26,7 @@ class SearchConfig:
     dataset: str
     eval_dataset: str
     metric: str = "perplexity"
-    techniques: list[str] = field(default_factory=lambda: list(TECHNIQUES))
+    techniques: list[str] | None = None  # all three; GPTQ alone for format compressed-tensors
     bits_options: list[int] = field(default_factory=lambda: [2, 3, 4])
     group_size: int = 128
     num_samples: int = 32
@@ -35,16 +37,26 @@ class SearchConfig:
     neighbour_bits: float = 0.0
     lowrank_ratios: list[float] = field(default_factory=lambda: [0.7, 0.85])
     prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    format: str = "hfcompress"
 
     def __post_init__(self):
         if isinstance(self.budget, str):
             self.budget = Budget.parse(self.budget)
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.techniques is None:
+            self.techniques = ["gptq"] if self.format == "compressed-tensors" else list(TECHNIQUES)
         if isinstance(self.techniques, str):
             self.techniques = [t.strip() for t in self.techniques.split(",") if t.strip()]
         unknown = [t for t in self.techniques if t not in TECHNIQUES]
         if unknown or not self.techniques:
             raise ValueError(
                 f"unknown technique(s) {unknown or self.techniques}; expected some of {', '.join(TECHNIQUES)}"
+            )
+        if self.format == "compressed-tensors" and self.techniques != ["gptq"]:
+            raise ValueError(
+                f"format compressed-tensors holds quantized grids only; --techniques {','.join(self.techniques)} "
+                "would write factorized or pruned layers it cannot express: use --techniques gptq"
             )
         if self.metric not in METRICS:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
@@ -71,6 +83,17 @@ class SearchConfig:
                     f"`{path_name}` must be a text file, a datasets folder or a dataset name, got {path!r}"
                 )
 
+    @property
+    def sym(self) -> bool:
+        """Symmetric grids: what compressed-tensors checkpoints hold (and what transformers loads)."""
+        return self.format == "compressed-tensors"
+
+    @property
+    def tie_siblings(self) -> bool:
+        """Linears that serving engines fuse (q/k/v, gate/up) get one width: compressed-tensors checkpoints are
+        for serving engines."""
+        return self.format == "compressed-tensors"
+
     def resolve_windows(self, model_config) -> None:
         """Window lengths as every other command takes them: unset means 512 or the model's positions if it has
         fewer; more than its positions is refused."""
@@ -81,7 +104,7 @@ class SearchConfig:
     def fingerprint(self, model: str) -> str:
         """What cached sensitivities and candidates depend on (not the budget: a new budget reuses them)."""
         keys = ("dataset", "eval_dataset", "metric", "group_size", "num_samples", "seq_len", "sensitivity_samples",
-                "eval_seq_len", "eval_max_windows")  # fmt: skip
+                "eval_seq_len", "eval_max_windows", "format")  # fmt: skip
         data = {
             "model": os.path.abspath(model) if os.path.isdir(model) else model,
             **{k: getattr(self, k) for k in keys},

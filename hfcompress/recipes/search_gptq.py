@@ -23,6 +23,7 @@ from ..core.fisher import output_fisher
 from ..data import calibration_data
 from ..hub.record import Step
 from ..quantization.config import GPTQConfig
+from ..quantization.export import FUSED_SIBLINGS
 from ..quantization.gptq_streams import assemble, quantize_streams
 from ..quantization.modules import cast_unquantized
 from ..quantization.save import write_quantized
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 def gptq_step(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None = None) -> dict:
     settings = {"method": "gptq", "bits": bits, "group_size": config.group_size, "num_samples": config.num_samples,
                 "seq_len": config.seq_len}  # fmt: skip
+    if config.sym:
+        settings["sym"] = True
     if layer_bits:
         settings["layer_bits"] = layer_bits
     return {"quantize": settings}
@@ -65,7 +68,7 @@ def gptq_candidates(
     target = base.linear_bits_target(config.budget)
     gptq_config = GPTQConfig(
         bits=max(config.bits_options), group_size=config.group_size, dataset=config.dataset,
-        num_samples=config.num_samples, seq_len=config.seq_len,
+        num_samples=config.num_samples, seq_len=config.seq_len, sym=config.sym,
     )  # fmt: skip
     prepared = {}
 
@@ -142,20 +145,36 @@ def _mixed_candidates(scores, base: Baseline, config: SearchConfig, target: floa
 
 def allocate_bits(scores, base: Baseline, config: SearchConfig, target_bits: float) -> dict[str, int] | None:
     """The width of every linear layer that minimizes the summed scores within `target_bits` per weight; a layer
-    without scores (outside the block stack) keeps the widest."""
+    without scores (outside the block stack) keeps the widest. With `config.tie_siblings`, the linears a serving
+    engine fuses (`FUSED_SIBLINGS`: q/k/v, gate/up) are one item of the knapsack and get one width."""
     options, choices = {}, {}
-    for name, (out_features, in_features) in base.linear_shapes.items():
-        row = scores.get(name, {})
-        usable = [b for b in config.bits_options if f"{b}bit" in row] or [max(config.bits_options)]
-        weights = out_features * in_features
-        options[name] = [
-            (weights * grid_bits_per_weight(b, config.group_size, in_features), row.get(f"{b}bit", 0.0)) for b in usable
-        ]
-        choices[name] = usable
+    for item, names in _items(base.linear_shapes, config.tie_siblings).items():
+        rows = [scores.get(name, {}) for name in names]
+        usable = [b for b in config.bits_options if all(f"{b}bit" in row for row in rows)] or [max(config.bits_options)]
+        options[item] = [
+            (
+                sum(o * i * grid_bits_per_weight(b, config.group_size, i, sym=config.sym)
+                    for o, i in (base.linear_shapes[n] for n in names)),
+                sum(row.get(f"{b}bit", 0.0) for row in rows),
+            )
+            for b in usable
+        ]  # fmt: skip
+        choices[item] = (names, usable)
     picked = allocate(options, target_bits * base.linear_weights)
     if picked is None:
         return None
-    return {name: choices[name][index] for name, index in picked.items()}
+    return {name: choices[item][1][index] for item, index in picked.items() for name in choices[item][0]}
+
+
+def _items(shapes: dict, tie: bool) -> dict[str, list[str]]:
+    """The knapsack's items: each linear alone, or with `tie` the fused siblings of one module together."""
+    items: dict[str, list[str]] = {}
+    for name in shapes:
+        parent, _, leaf = name.rpartition(".")
+        family = next((f for f in FUSED_SIBLINGS if leaf in f), None) if tie else None
+        key = f"{parent}.{'+'.join(family)}" if family else name
+        items.setdefault(key, []).append(name)
+    return items
 
 
 def _write_scores(scores, config: SearchConfig, work: Path) -> None:

@@ -123,6 +123,50 @@ def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files
     assert next(p for p in results["points"] if p["name"] == results["chosen"])["effective_bits"] <= 3.2 + 1e-3
 
 
+def test_a_search_for_serving_writes_mixed_compressed_tensors_with_fused_siblings_on_one_width(files, tmp_path):
+    out = tmp_path / "out"
+    assert _search(files, out, "--budget", "bits=3.5", "--format", "compressed-tensors") == 0
+    results = json.loads((out / "search" / "results.json").read_text())
+    assert {p["name"].split("-")[0] for p in results["points"]} == {"dense", "gptq"}  # GPTQ alone by default
+    mixed = next(p for p in results["points"] if p["name"].startswith("gptq-mixed"))
+    step = mixed["steps"][0]["quantize"]
+    assert step["sym"] is True
+    widths = {**dict.fromkeys(results_layers(files), step["bits"]), **step.get("layer_bits", {})}
+    for block in range(2):
+        attention = {widths[f"model.layers.{block}.self_attn.{p}_proj"] for p in "qkv"}
+        mlp = {widths[f"model.layers.{block}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(attention) == 1 and len(mlp) == 1
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    record = json.loads((out / "hfcompress_record.json").read_text())
+    assert (
+        record["loading"] == {"requires_hfcompress": False}
+        and "import hfcompress" not in (out / "README.md").read_text()
+    )
+    chosen = next(p for p in results["points"] if p["name"] == results["chosen"])
+    served = AutoModelForCausalLM.from_pretrained(out)  # plain transformers' compressed-tensors loader
+    from transformers import AutoTokenizer
+
+    from hfcompress.data import load_texts, tokenize_windows
+    from hfcompress.evaluation import perplexity
+
+    windows = tokenize_windows(AutoTokenizer.from_pretrained(out), load_texts(str(files / "calib.txt")), 64)[:6]
+    assert perplexity(served, windows) == pytest.approx(chosen["perplexity"], rel=1e-3)
+
+
+def results_layers(files) -> list[str]:
+    from hfcompress.core.structure import candidate_linears
+
+    return list(candidate_linears(AutoModelForCausalLM.from_pretrained(files / "model"), None))
+
+
+def test_compressed_tensors_searches_refuse_techniques_it_cannot_hold():
+    with pytest.raises(ValueError, match="use --techniques gptq"):
+        SearchConfig(
+            budget="bits=3", dataset="a", eval_dataset="b", techniques="gptq,prune", format="compressed-tensors"
+        )
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
