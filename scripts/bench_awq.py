@@ -6,6 +6,11 @@ perplexity per text, the mean change over float32, quantization seconds.
 
     python scripts/bench_awq.py
     python scripts/bench_awq.py --settings 4:128 3:128 --num-samples 128
+    python scripts/bench_awq.py --llmcompressor-python /path/to/venv/bin/python   # adds llm-compressor's AWQ
+
+With --llmcompressor-python, llm-compressor's `AWQModifier` (duo scaling, 20 grid points, then its
+`QuantizationModifier`: round to nearest) runs on the same calibration windows in its own environment
+(scripts/llmcompressor_gptq.py --awq) and its weights are scored by the same code as every other row.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_gptq import SHARED, add_data_arguments, load, prepare_data, score
+from bench_gptq import SHARED, add_data_arguments, load, prepare_data, run_peer, score, score_peer
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -40,6 +47,7 @@ def main():
     parser.add_argument("--model", default=str(SHARED / "refmodel"))
     add_data_arguments(parser, num_samples=128, max_windows=100)
     parser.add_argument("--settings", nargs="+", default=["4:128", "3:128"], help="bits:group_size")
+    parser.add_argument("--llmcompressor-python", help="a python with llm-compressor, to add its AWQModifier")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -64,6 +72,15 @@ def main():
             ppl = score(model, heldout)
             change = statistics.mean(ppl[t] / reference[t] - 1 for t in texts)
             print(f"| w{bits} g{group_size} | {name} | " + " | ".join(f"{ppl[t]:.3f}" for t in texts)
+                  + f" | {100 * change:+.2f}% | {seconds:.1f} |", flush=True)  # fmt: skip
+        if args.llmcompressor_python:
+            with tempfile.TemporaryDirectory() as tmp:
+                ids_file, weights_file = Path(tmp) / "ids.safetensors", Path(tmp) / "weights.safetensors"
+                save_file({"input_ids": calibration.contiguous()}, ids_file)
+                seconds = run_peer(args, ids_file, bits, group_size, weights_file, extra=["--awq"])
+                ppl = score_peer(args, weights_file, heldout)["perplexity"]
+            change = statistics.mean(ppl[t] / reference[t] - 1 for t in texts)
+            print(f"| w{bits} g{group_size} | llm-compressor AWQ | " + " | ".join(f"{ppl[t]:.3f}" for t in texts)
                   + f" | {100 * change:+.2f}% | {seconds:.1f} |", flush=True)  # fmt: skip
 
 

@@ -123,12 +123,12 @@ def run_ours(args, config, heldout, out_dir):
     return row
 
 
-def run_peer(args, ids_file, bits, group_size, weights_file=None) -> float:
+def run_peer(args, ids_file, bits, group_size, weights_file=None, extra=()) -> float:
     command = [
         args.llmcompressor_python, str(HERE / "llmcompressor_gptq.py"), args.model, "--ids", str(ids_file),
-        "--bits", str(bits), "--group-size", str(group_size),
+        "--bits", str(bits), "--group-size", str(group_size), *extra,
     ]  # fmt: skip
-    if args.act_order:
+    if getattr(args, "act_order", False):
         command.append("--act-order")
     if weights_file:
         command += ["--save-weights", str(weights_file)]

@@ -1,4 +1,5 @@
-"""Run llm-compressor's GPTQModifier on the job scripts/bench_gptq.py gives it (run it in its own venv).
+"""Run llm-compressor's GPTQModifier (or, with --awq, its AWQModifier followed by round-to-nearest, the
+QuantizationModifier) on the job scripts/bench_gptq.py or scripts/bench_awq.py gives it (run it in its own venv).
 
 The calibration windows come as token ids (a safetensors file with `input_ids` [n, seq_len]), so the peer sees
 exactly the data hfcompress sees. Prints one JSON line: {"seconds": ...} for the `oneshot` call alone (model load
@@ -14,6 +15,26 @@ import time
 import torch
 
 
+def quantized_state(model) -> dict:
+    """Every float tensor of the model (AWQ also changed the norms and linears its scales fold into), each quantized
+    linear's weight on its grid: a RTN (QuantizationModifier) weight is still float, quantized at run time, so it
+    is fake-quantized here with its own scale and zero point (a GPTQ weight already lies on the grid)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    state = {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
+            zero = getattr(module, "weight_zero_point", None)
+            with torch.no_grad():
+                weight = fake_quantize(module.weight, module.weight_scale, zero, scheme.weights)
+            state[f"{name}.weight"] = weight.detach().float().contiguous()
+    for name, tensor in model.state_dict().items():
+        if name not in state and tensor.is_floating_point() and not name.rpartition(".")[2].startswith("weight_"):
+            state[name] = tensor.detach().float().contiguous()
+    return state
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -23,6 +44,9 @@ def main():
     parser.add_argument("--act-order", action="store_true", help="static act-order (llm-compressor's default)")
     parser.add_argument("--damp", type=float, default=0.01, help="dampening_frac")
     parser.add_argument("--save-weights", help="write the quantized linears' weights here (safetensors)")
+    parser.add_argument(
+        "--awq", action="store_true", help="AWQModifier (duo scaling, n_grid 20), then round to nearest"
+    )
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -47,13 +71,26 @@ def main():
             },
         }
     }
-    recipe = GPTQModifier(
-        config_groups=config_groups,
-        ignore=["lm_head"],
-        dampening_frac=args.damp,
-        block_size=128,
-        actorder="static" if args.act_order else None,
-    )
+    if args.awq:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        # it pins its cached activations for host-to-device copies unconditionally, which fails without an
+        # accelerator: on a CPU-only machine there is nothing to copy to
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+        recipe = [
+            AWQModifier(duo_scaling=True, n_grid=20),
+            QuantizationModifier(config_groups=config_groups, ignore=["lm_head"]),
+        ]
+    else:
+        recipe = GPTQModifier(
+            config_groups=config_groups,
+            ignore=["lm_head"],
+            dampening_frac=args.damp,
+            block_size=128,
+            actorder="static" if args.act_order else None,
+        )
     start = time.perf_counter()
     oneshot(
         model=model,
@@ -64,12 +101,7 @@ def main():
     )
     seconds = time.perf_counter() - start
     if args.save_weights:
-        weights = {
-            f"{name}.weight": module.weight.detach().float().contiguous()
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and hasattr(module, "weight_scale")
-        }
-        save_file(weights, args.save_weights)
+        save_file(quantized_state(model), args.save_weights)
     print(json.dumps({"seconds": seconds}))
 
 
