@@ -4,8 +4,10 @@ Builds a Llama-shaped model of about 0.47B parameters from a config (random weig
 them; hidden 1024, 24 layers, intermediate 4096, vocab 32000, untied embeddings), then for each format
 generates new tokens greedily with the KV cache at batch 1 and 8 and reports tokens/s (median of --runs),
 the bytes of the model's tensors (weights as stored plus any repacked kernel copies), and the process's
-resident memory. Formats: fp32, bf16, w4 g128 and w8 per-channel through the fused kernels, and w4 g128
-through the dequantize-then-matmul fallback (fewer tokens: it is slow).
+resident memory. Formats: fp32, bf16, w4 g128 and w8 per-channel through the fused kernels, w4 g128 through the
+dequantize-then-matmul fallback (fewer tokens: it is slow), scalar k-means at 4 bits ("kmeans4") and vector
+codebooks of 2 weights per 4-bit index ("vq2x2", 2 bits per weight): random codes and books in `CodebookLinear`
+layers, run by the codebook kernels.
 
 w4 g128 is quantized here with round-to-nearest: GPTQ produces the same layers (same `QuantLinear`, same
 kernel), so its speed is the same; only the codes differ.
@@ -26,7 +28,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 import hfcompress
+from hfcompress.core.structure import set_submodule
 from hfcompress.hub.record import hardware_description
+from hfcompress.quantization.codebook_linear import CodebookLinear
 from hfcompress.quantization.kernels import DequantizeKernel
 from hfcompress.quantization.modules import QuantLinear
 
@@ -62,12 +66,31 @@ def build(fmt: str):
         hfcompress.quantize(model, hfcompress.RTNConfig(bits=4, group_size=128))
     elif fmt == "w8":
         hfcompress.quantize(model, hfcompress.RTNConfig(bits=8, group_size=-1, sym=True))
+    if fmt == "kmeans4":
+        _random_codebooks(model, bits=4)
+    if fmt == "vq2x2":
+        _random_codebooks(model, bits=2, dim=2)
     if fmt == "w4 g128 dequantize":
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module._kernel = DequantizeKernel(module, torch.float32)
                 module._kernel_key = (torch.device("cpu"), torch.float32)
     return model
+
+
+def _random_codebooks(model, bits: int, dim: int = 1) -> None:
+    """Every linear of the decoder blocks as a `CodebookLinear` with random codes and books: scalar k-means (one
+    table per row) for dim 1, else one vector codebook per layer (VQConfig's default). Speed does not depend on
+    their values; fitting them to 168 random layers would take minutes and change nothing."""
+    generator = torch.Generator().manual_seed(0)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.weight.shape
+            codes = torch.randint(0, 2 ** (bits * dim), (out_features, in_features // dim), generator=generator)
+            books = (out_features, 2**bits) if dim == 1 else (1, 2 ** (bits * dim), dim)
+            tables = torch.randn(*books, generator=generator) * 0.02
+            layer = CodebookLinear.from_codes(codes, tables, bits, module.bias)
+            set_submodule(model.model.layers, name, layer)
 
 
 @torch.no_grad()

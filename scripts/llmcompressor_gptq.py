@@ -28,10 +28,10 @@ def quantized_state(model) -> dict:
             zero = getattr(module, "weight_zero_point", None)
             with torch.no_grad():
                 weight = fake_quantize(module.weight, module.weight_scale, zero, scheme.weights)
-            state[f"{name}.weight"] = weight.detach().float().contiguous()
+            state[f"{name}.weight"] = weight.detach().float().clone()
     for name, tensor in model.state_dict().items():
         if name not in state and tensor.is_floating_point() and not name.rpartition(".")[2].startswith("weight_"):
-            state[name] = tensor.detach().float().contiguous()
+            state[name] = tensor.detach().float().clone()  # a copy: safetensors refuses tied tensors
     return state
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..core.packing import pack_codes, packed_width, unpack_codes
 from .codebook import codebook_dequantize
+from .kernels import LUT_MAX_ROWS, select_codebook_kernel
 
 __all__ = ["CodebookLinear"]
 
@@ -16,8 +17,9 @@ class CodebookLinear(nn.Module):
     """Weights stored as `weight` (indices of `bits * dim` bits, packed into int32 along the input dimension;
     the dense name on purpose, so a checkpoint never loads silently as a dense model without hfcompress) and
     `weight_codebook` [books, 2^(bits*dim), dim] (fp16), one book per `out_features / books` rows. Scalar
-    k-means is dim 1 with one book per row; VQ has dim 2 or 4 and few books. The dense weight is rebuilt
-    for each call, one layer at a time."""
+    k-means is dim 1 with one book per row; VQ has dim 2 or 4 and few books. Calls of a few rows on a CPU run
+    scalar k-means layers by table lookup without a dense weight (`kernels.LutCpuKernel`); otherwise the dense
+    weight is rebuilt for each call, one layer at a time."""
 
     STORED_TENSORS = ("weight", "weight_codebook")
     KEEPS_DTYPE = True  # its scales/codebooks keep their storage dtype when the model is cast
@@ -52,6 +54,8 @@ class CodebookLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
+        self._kernel = None
+        self._kernel_key = None  # (device, dtype) the kernel was made for; made again after new codes load
 
     @classmethod
     def from_codes(
@@ -78,7 +82,23 @@ class CodebookLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        few_rows = x.numel() <= LUT_MAX_ROWS * self.in_features
+        if few_rows and not (torch.is_grad_enabled() and x.requires_grad):  # the kernel has no backward
+            key = (x.device, x.dtype)
+            if self._kernel_key != key:
+                self._kernel, self._kernel_key = select_codebook_kernel(self, x.device, x.dtype), key
+            if self._kernel is not None:
+                y = self._kernel(x)
+                return y if bias is None else y + bias
         return F.linear(x, self.dense_weight(x.dtype), bias)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_key = None  # new codes: a new kernel on the next call
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_key = None
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,10 @@ On CPU the fused kernels serve calls of a few rows (decoding) and bigger calls d
 - 4 bits on CUDA with fp16/bf16 inputs: the experimental Triton kernel (`hfcompress/experimental/triton_w4.py`),
   only with HFCOMPRESS_EXPERIMENTAL_TRITON=1 (not yet verified on a GPU).
 - Anything else: dequantize the layer's weight for the call, then `F.linear` (no dense copy is kept).
+
+Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-
+or 8-bit index) read their codes and books directly on an AVX2 CPU for calls of up to `LUT_MAX_ROWS` rows
+(`LutCpuKernel`); other calls rebuild the dense weight.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ __all__ = [
     "DequantizeKernel",
     "Int4CpuKernel",
     "Int8CpuKernel",
+    "LutCpuKernel",
     "SmallBatchKernel",
     "TritonW4Kernel",
+    "select_codebook_kernel",
     "select_kernel",
 ]
 
@@ -41,6 +47,7 @@ logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 
 INT4_GROUPS = (256, 128, 64, 32)
+LUT_MAX_ROWS = 16  # k-means tables: at more rows the rebuilt dense weight and one sgemm win
 AVX_MAX_ROWS = 1024  # measured on 4096x4096: still faster than dequantize + sgemm at 512 rows (303 vs 361 ms)
 
 
@@ -114,6 +121,45 @@ class AvxCpuKernel:
             x = x.index_select(-1, self.perm)
         flat = x.reshape(-1, self.in_features).float().contiguous()
         y = self.module.wq_matmul(flat, self.packed, self.scale, self.zero, self.bits, self.group)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class LutCpuKernel:
+    """hfcompress's own matmul for codebook layers (`csrc/wq_gemv_cpu.cpp`): scalar k-means (`lut_matmul`: each
+    group of 8 codes becomes 8 weights by looking them up in the row's table held in registers) and vector
+    codebooks of 2 or 4 weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry); no dense weight
+    is built."""
+
+    name = "avx2-lut"
+
+    @staticmethod
+    def supports(layer, device, dtype) -> str | None:
+        scalar = layer.dim == 1 and layer.books == layer.out_features
+        if scalar and layer.bits not in (2, 4, 8):
+            return f"{layer.bits}-bit"
+        if not scalar and (layer.dim not in (2, 4) or layer.index_bits not in (4, 8)):
+            return f"vector codebooks of dim {layer.dim} with {layer.index_bits}-bit indices"
+        if not _cpu_float(device, dtype):
+            return f"{device.type}/{dtype}"
+        if layer.in_features % (16 if scalar and layer.bits == 2 else 8):
+            return f"input size {layer.in_features}"
+        return unavailable_reason()
+
+    def __init__(self, layer, dtype):
+        self.module = load()
+        self.scalar = layer.dim == 1 and layer.books == layer.out_features
+        self.bits, self.dim, self.index_bits = layer.bits, layer.dim, layer.index_bits
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.packed = layer.weight.contiguous()
+        books = layer.weight_codebook.float()
+        self.tables = books.reshape(layer.out_features, -1).contiguous() if self.scalar else books.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        if self.scalar:
+            y = self.module.lut_matmul(flat, self.packed, self.tables, self.bits)
+        else:
+            y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -238,6 +284,20 @@ class TritonW4Kernel:
         flat = x.reshape(-1, self.in_features).contiguous()
         y = self.matmul(flat, self.packed, self.scale, self.zero_scale, self.group)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def select_codebook_kernel(layer, device: torch.device, dtype: torch.dtype):
+    """`LutCpuKernel` where it computes the codebook `layer` for inputs on `device` in `dtype`, else None (the
+    layer rebuilds its dense weight)."""
+    reason = LutCpuKernel.supports(layer, device, dtype)
+    if reason is None:
+        _log_once(
+            LutCpuKernel.name,
+            f"k-means layers on {device.type}/{dtype} use {LutCpuKernel.name} (rows <= {LUT_MAX_ROWS})",
+        )
+        return LutCpuKernel(layer, dtype)
+    _log_once("dense-codebook", f"codebook layers on {device.type}/{dtype} rebuild their dense weight ({reason})")
+    return None
 
 
 def select_kernel(layer, device: torch.device, dtype: torch.dtype):

@@ -186,3 +186,59 @@ def test_build_kernels_builds_once_then_reports_the_cache():
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
     assert runs[1].stdout.startswith("CPU kernels already built: ")  # this process built or loaded it already
     assert "building" not in runs[1].stderr
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits):
+    from hfcompress.quantization.codebook_linear import CodebookLinear
+    from hfcompress.quantization.cpu_extension import unavailable_reason
+    from hfcompress.quantization.kernels import LUT_MAX_ROWS, LutCpuKernel
+
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (96, 272), generator=generator)  # 272 = 17 groups of 16: a leftover step
+    layer = CodebookLinear.from_codes(codes, torch.randn(96, 2**bits, generator=generator), bits, torch.randn(96))
+    for rows in (1, 2, 3, 4, 5, 9, LUT_MAX_ROWS, LUT_MAX_ROWS + 1):
+        x = torch.randn(2, rows, 272, generator=generator)[:1]  # a batch of one, as decoding sees it
+        with torch.no_grad():
+            got = layer(x)
+        want = F.linear(x, layer.dense_weight(torch.float32), layer.bias)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 sums in another order
+        assert isinstance(layer._kernel, LutCpuKernel)
+    x = torch.randn(1, 272, requires_grad=True)  # with a gradient to carry, the dense path (the kernel has none)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize(("bits", "dim", "books"), [(2, 2, 1), (4, 2, 3), (1, 4, 2), (2, 4, 96)])
+def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim, books):
+    from hfcompress.quantization.codebook_linear import CodebookLinear
+    from hfcompress.quantization.cpu_extension import unavailable_reason
+    from hfcompress.quantization.kernels import LutCpuKernel
+
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    generator = torch.Generator().manual_seed(bits * dim)
+    codes = torch.randint(0, 2 ** (bits * dim), (96, 264 // dim), generator=generator)
+    layer = CodebookLinear.from_codes(
+        codes, torch.randn(books, 2 ** (bits * dim), dim, generator=generator), bits, None
+    )
+    for rows in (1, 4, 7):
+        x = torch.randn(rows, 264, generator=generator)
+        with torch.no_grad():
+            got = layer(x)
+        torch.testing.assert_close(got, F.linear(x, layer.dense_weight(torch.float32)), rtol=1e-4, atol=1e-4)
+        assert isinstance(layer._kernel, LutCpuKernel)
+
+
+def test_codebooks_the_kernels_do_not_cover_rebuild_the_dense_weight():
+    from hfcompress.quantization.codebook_linear import CodebookLinear
+    from hfcompress.quantization.kernels import LutCpuKernel
+
+    three = CodebookLinear.from_codes(torch.randint(0, 8, (8, 64)), torch.randn(8, 8), 3, None)
+    assert LutCpuKernel.supports(three, torch.device("cpu"), torch.float32) == "3-bit"
+    six = CodebookLinear.from_codes(torch.randint(0, 64, (8, 32)), torch.randn(1, 64, 2), 3, None)
+    assert LutCpuKernel.supports(six, torch.device("cpu"), torch.float32).startswith("vector codebooks of dim 2")
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(three(x), F.linear(x, three.dense_weight(torch.float32)))

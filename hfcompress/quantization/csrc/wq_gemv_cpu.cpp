@@ -1,4 +1,5 @@
-// Weight-only quantized matmul for a few rows (decoding) on x86 CPUs with AVX2 and FMA.
+// Weight-only quantized matmuls for a few rows (decoding) on x86 CPUs with AVX2 and FMA: uniform grids
+// (`wq_matmul`), scalar k-means codebooks (`lut_matmul`) and vector codebooks (`vq_matmul`).
 //
 // y[m, o] = sum_g scale[o, g] * (sum_{j in g} x[m, j] * code[o, j]  -  zero[o, g] * sum_{j in g} x[m, j])
 //
@@ -84,6 +85,159 @@ void gemv_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed
   }
 }
 
+// Scalar k-means: y[m, o] = sum_j x[m, j] * table[o, code[o, j]], one table of 2^BITS levels per output row.
+// 8 codes become 8 weights by table lookup in registers: 2 bits one permute, 4 bits two permutes and a blend on
+// the index's bit 3, 8 bits a gather.
+template <int BITS>
+inline __m256 lookup8(const int32_t* words, int64_t t, const float* table, __m256 lo, __m256 hi) {
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  if (BITS == 4) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(words[t]), shifts), mask);
+    const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // sign bit: the index is 8..15
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), high);
+  }
+  if (BITS == 2) {
+    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const int32_t half = static_cast<int32_t>(static_cast<uint32_t>(words[t / 2]) >> (16 * (t % 2)));
+    return _mm256_permutevar8x32_ps(lo, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts), mask));
+  }
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + 2 * t)));
+  return _mm256_i32gather_ps(table, idx, 4);
+}
+
+template <int BITS, int ROWS>
+void lut_rows(const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row, const float* tables,
+              int64_t in, float* y, int64_t y_stride, int64_t out_begin, int64_t out_end) {
+  constexpr int NACC = ROWS == 1 ? 4 : 2;
+  constexpr int LEVELS = 1 << BITS;
+  const int64_t steps = in / 8;
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const int32_t* words = packed + o * words_per_row;
+    const float* table = tables + o * LEVELS;
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    if (BITS == 2) lo = _mm256_castps128_ps256(_mm_loadu_ps(table));
+    if (BITS == 4) lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    __m256 acc[ROWS][NACC];
+    for (int r = 0; r < ROWS; ++r)
+      for (int a = 0; a < NACC; ++a) acc[r][a] = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + NACC <= steps; t += NACC) {
+      for (int a = 0; a < NACC; ++a) {
+        const __m256 w = lookup8<BITS>(words, t + a, table, lo, hi);
+        for (int r = 0; r < ROWS; ++r)
+          acc[r][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * x_stride + 8 * (t + a)), acc[r][a]);
+      }
+    }
+    for (; t < steps; ++t) {
+      const __m256 w = lookup8<BITS>(words, t, table, lo, hi);
+      for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * x_stride + 8 * t), acc[r][0]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 sum = acc[r][0];
+      for (int a = 1; a < NACC; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+      y[r * y_stride + o] = hsum(sum);
+    }
+  }
+}
+
+template <int BITS>
+void lut_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row,
+              const float* tables, int64_t in, float* y, int64_t y_stride, int64_t begin, int64_t end) {
+  switch (rows) {
+    case 1: lut_rows<BITS, 1>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end); break;
+    case 2: lut_rows<BITS, 2>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end); break;
+    case 3: lut_rows<BITS, 3>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end); break;
+    default: lut_rows<BITS, 4>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end); break;
+  }
+}
+
+// Vector codebooks: index j of row o (IBITS bits) selects DIM consecutive weights of its book's entry,
+// y[m, o] = sum_j sum_d x[m, DIM j + d] * book[o / rows_per_book][index][d]. 8 weights per step: 2 entries of 4
+// (two 128-bit loads), 4 entries of 2 from a 16-entry book (in registers, `pairs8`) or from a 256-entry one (one
+// gather of 64-bit pairs).
+template <int IBITS>
+inline int32_t index_at(const int32_t* words, int64_t j) {
+  const int64_t bit = j * IBITS;
+  return static_cast<int32_t>((static_cast<uint32_t>(words[bit / 32]) >> (bit % 32)) & ((1u << IBITS) - 1));
+}
+
+// 2 weights per 4-bit index: the book's 32 floats in 4 registers, 8 weights by 4 permutes and 3 blends.
+struct Book32 {
+  __m256 r[4];
+};
+
+inline __m256 pairs8(const int32_t* words, int64_t step, const Book32& book) {
+  const int32_t half = static_cast<int32_t>(static_cast<uint32_t>(words[step / 2]) >> (16 * (step % 2)));
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12)),
+                                       _mm256_set1_epi32(15));
+  const __m256i t = _mm256_add_epi32(_mm256_slli_epi32(idx, 1), _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1));  // 0..31
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(t, 28)), bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(t, 27));
+  const __m256 low = _mm256_blendv_ps(_mm256_permutevar8x32_ps(book.r[0], t), _mm256_permutevar8x32_ps(book.r[1], t), bit3);
+  const __m256 high = _mm256_blendv_ps(_mm256_permutevar8x32_ps(book.r[2], t), _mm256_permutevar8x32_ps(book.r[3], t), bit3);
+  return _mm256_blendv_ps(low, high, bit4);
+}
+
+template <int DIM, int IBITS>
+inline __m256 entries8(const int32_t* words, int64_t step, const float* book) {
+  if (DIM == 4) {
+    const int64_t j = 2 * step;
+    const __m128 a = _mm_loadu_ps(book + 4 * index_at<IBITS>(words, j));
+    const __m128 b = _mm_loadu_ps(book + 4 * index_at<IBITS>(words, j + 1));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(a), b, 1);
+  }
+  const int64_t j = 4 * step;
+  const __m128i idx = _mm_setr_epi32(index_at<IBITS>(words, j), index_at<IBITS>(words, j + 1),
+                                     index_at<IBITS>(words, j + 2), index_at<IBITS>(words, j + 3));
+  return _mm256_castpd_ps(_mm256_i32gather_pd(reinterpret_cast<const double*>(book), idx, 8));
+}
+
+template <int DIM, int IBITS, int ROWS>
+void vq_rows(const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row, const float* books,
+             int64_t rows_per_book, int64_t in, float* y, int64_t y_stride, int64_t out_begin, int64_t out_end) {
+  constexpr int NACC = ROWS == 1 ? 4 : 2;
+  const int64_t steps = in / 8;
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const int32_t* words = packed + o * words_per_row;
+    const float* book = books + (o / rows_per_book) * (int64_t(1) << IBITS) * DIM;
+    __m256 acc[ROWS][NACC];
+    for (int r = 0; r < ROWS; ++r)
+      for (int a = 0; a < NACC; ++a) acc[r][a] = _mm256_setzero_ps();
+    Book32 registers;
+    if (DIM == 2 && IBITS == 4)
+      for (int k = 0; k < 4; ++k) registers.r[k] = _mm256_loadu_ps(book + 8 * k);
+    int64_t t = 0;
+    for (; t + NACC <= steps; t += NACC) {  // constant register indices: the accumulators stay in registers
+      for (int a = 0; a < NACC; ++a) {
+        const __m256 w = DIM == 2 && IBITS == 4 ? pairs8(words, t + a, registers) : entries8<DIM, IBITS>(words, t + a, book);
+        for (int r = 0; r < ROWS; ++r)
+          acc[r][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * x_stride + 8 * (t + a)), acc[r][a]);
+      }
+    }
+    for (; t < steps; ++t) {
+      const __m256 w = DIM == 2 && IBITS == 4 ? pairs8(words, t, registers) : entries8<DIM, IBITS>(words, t, book);
+      for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * x_stride + 8 * t), acc[r][0]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 sum = acc[r][0];
+      for (int a = 1; a < NACC; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+      y[r * y_stride + o] = hsum(sum);
+    }
+  }
+}
+
+template <int DIM, int IBITS>
+void vq_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row,
+             const float* books, int64_t rows_per_book, int64_t in, float* y, int64_t y_stride, int64_t begin,
+             int64_t end) {
+  switch (rows) {
+    case 1: vq_rows<DIM, IBITS, 1>(x, x_stride, packed, words_per_row, books, rows_per_book, in, y, y_stride, begin, end); break;
+    case 2: vq_rows<DIM, IBITS, 2>(x, x_stride, packed, words_per_row, books, rows_per_book, in, y, y_stride, begin, end); break;
+    case 3: vq_rows<DIM, IBITS, 3>(x, x_stride, packed, words_per_row, books, rows_per_book, in, y, y_stride, begin, end); break;
+    default: vq_rows<DIM, IBITS, 4>(x, x_stride, packed, words_per_row, books, rows_per_book, in, y, y_stride, begin, end); break;
+  }
+}
+
 }  // namespace
 
 // x: float32 [m, in] (contiguous), packed: int32 [out, in * bits / 32], scale/zero: float32 [out, n_groups].
@@ -119,6 +273,70 @@ torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   return y;
 }
 
+// x: float32 [m, in] (contiguous), packed: int32 [out, in * bits / 32], tables: float32 [out, 2^bits].
+torch::Tensor lut_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor tables, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
+  const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
+  TORCH_CHECK(in % (bits == 2 ? 16 : 8) == 0, "the input size ", in, " must be a multiple of ", bits == 2 ? 16 : 8);
+  TORCH_CHECK(packed.size(1) * 32 / bits == in, "packed width does not match the input size");
+  TORCH_CHECK(tables.scalar_type() == torch::kFloat32 && tables.is_contiguous() && tables.size(0) == out &&
+              tables.size(1) == (1 << bits), "tables must be contiguous float32 [out, 2^bits]");
+  auto y = torch::empty({m, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int32_t* wp = packed.data_ptr<int32_t>();
+  const float* tp = tables.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t words_per_row = packed.size(1);
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - r0));
+      const float* xr = xp + r0 * in;
+      float* yr = yp + r0 * out;
+      if (bits == 4) lut_pass<4>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+      else if (bits == 2) lut_pass<2>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+      else lut_pass<8>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+    }
+  });
+  return y;
+}
+
+// x: float32 [m, in] (contiguous), packed: int32 [out, ceil((in / dim) * index_bits / 32)], books: float32
+// [n_books, 2^index_bits, dim], each book serving out / n_books consecutive rows.
+torch::Tensor vq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor books, int64_t dim, int64_t index_bits) {
+  TORCH_CHECK((dim == 2 || dim == 4) && (index_bits == 4 || index_bits == 8), "dim 2 or 4 with 4- or 8-bit indices");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
+  const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
+  TORCH_CHECK(in % 8 == 0, "the input size ", in, " must be a multiple of 8");
+  TORCH_CHECK(packed.size(1) == ((in / dim) * index_bits + 31) / 32, "packed width does not match the input size");
+  TORCH_CHECK(books.scalar_type() == torch::kFloat32 && books.is_contiguous() && books.dim() == 3 &&
+              books.size(1) == (int64_t(1) << index_bits) && books.size(2) == dim && out % books.size(0) == 0,
+              "books must be contiguous float32 [n_books, 2^index_bits, dim] with n_books dividing the rows");
+  const int64_t rows_per_book = out / books.size(0);
+  auto y = torch::empty({m, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int32_t* wp = packed.data_ptr<int32_t>();
+  const float* bp = books.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t words_per_row = packed.size(1);
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - r0));
+      const float* xr = xp + r0 * in;
+      float* yr = yp + r0 * out;
+      if (dim == 2 && index_bits == 4) vq_pass<2, 4>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+      else if (dim == 2) vq_pass<2, 8>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+      else if (index_bits == 4) vq_pass<4, 4>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+      else vq_pass<4, 8>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_matmul", &wq_matmul, "weight-only 4/8-bit matmul for a few rows (AVX2)");
+  m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2)");
+  m.def("vq_matmul", &vq_matmul, "vector-codebook (dim 2 or 4, 4/8-bit indices) matmul for a few rows (AVX2)");
 }
