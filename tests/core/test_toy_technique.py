@@ -94,7 +94,11 @@ def test_the_command_line_finds_an_installed_toy_technique_and_its_output_loads(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "hfcompress.commands.cli"]
     shown = subprocess.run([*command, "quantize", "--help"], env=env, capture_output=True, text=True)
-    assert shown.returncode == 0 and "Toy int8." in shown.stdout and "{gptq,rtn,awq,w8a8,bnb,kmeans,vq,toy}" in shown.stdout
+    assert (
+        shown.returncode == 0
+        and "Toy int8." in shown.stdout
+        and "{gptq,rtn,awq,w8a8,bnb,kmeans,vq,toy}" in shown.stdout
+    )
     shown = subprocess.run([*command, "quantize", "toy", "--help"], env=env, capture_output=True, text=True)
     assert shown.returncode == 0 and "--clip CLIP" in shown.stdout
     out = tmp_path / "out"
