@@ -4,15 +4,19 @@ Builds a Llama-shaped model of about 0.47B parameters from a config (random weig
 them; hidden 1024, 24 layers, intermediate 4096, vocab 32000, untied embeddings), then for each format
 generates new tokens greedily with the KV cache at batch 1 and 8 and reports tokens/s (median of --runs),
 the bytes of the model's tensors (weights as stored plus any repacked kernel copies), and the process's
-resident memory. Formats: fp32, bf16, w4 g128 and w8 per-channel through the fused kernels, w4 g128 through the
+resident memory, and the time of one forward over a --prefill-tokens prompt (the prompt's cost before the first
+new token; median of --prefill-runs). Formats: fp32, bf16, w4 g128 and w8 per-channel through the fused kernels, w4 g128 through the
 dequantize-then-matmul fallback (fewer tokens: it is slow), scalar k-means at 4 bits ("kmeans4") and vector
 codebooks of 2 weights per 4-bit index ("vq2x2", 2 bits per weight): random codes and books in `CodebookLinear`
-layers, run by the codebook kernels.
+layers, run by the codebook kernels. "w4 g128 bf16-prefill" is w4 g128 with HFCOMPRESS_PREFILL_DTYPE=bfloat16: its
+prompts multiply dequantized tiles in bfloat16 (the float32 model's default: float32); "bf16 w4 g128" is the model
+held in bfloat16, then quantized (its prompts take bfloat16 tiles where the CPU has native bfloat16 dot products).
 
 w4 g128 is quantized here with round-to-nearest: GPTQ produces the same layers (same `QuantLinear`, same
 kernel), so its speed is the same; only the codes differ.
 
     python scripts/bench_inference.py
+    python scripts/bench_inference.py --formats fp32 "w4 g128" "w4 g128 bf16-prefill" --new-tokens 0   # prompts only
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -60,9 +65,9 @@ def tensor_bytes(model) -> int:
 def build(fmt: str):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
-    if fmt == "bf16":
+    if fmt.startswith("bf16"):
         model = model.to(torch.bfloat16)
-    elif fmt in ("w4 g128", "w4 g128 dequantize"):
+    if fmt in ("w4 g128", "w4 g128 dequantize", "w4 g128 bf16-prefill", "bf16 w4 g128"):
         hfcompress.quantize(model, hfcompress.RTNConfig(bits=4, group_size=128))
     elif fmt == "w8":
         hfcompress.quantize(model, hfcompress.RTNConfig(bits=8, group_size=-1, sym=True))
@@ -94,6 +99,19 @@ def _random_codebooks(model, bits: int, dim: int = 1) -> None:
 
 
 @torch.no_grad()
+def prefill_seconds(model, tokens: int, runs: int) -> float:
+    """Median seconds of one forward over a `tokens`-token prompt at batch 1 (what the first new token waits for)."""
+    prompt = torch.randint(0, SHAPE["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(2))
+    model(input_ids=prompt[:, :8])  # warm-up, builds kernels
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(input_ids=prompt, logits_to_keep=1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
 def decode_rate(model, batch: int, new_tokens: int, runs: int, prompt_len: int = 16) -> float:
     prompt = torch.randint(0, SHAPE["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
@@ -113,6 +131,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--slow-new-tokens", type=int, default=8, help="new tokens for bf16 and the fallback")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill timing (0: none)")
+    parser.add_argument("--prefill-runs", type=int, default=5)
     parser.add_argument("--formats", nargs="+", default=["fp32", "w4 g128", "w8", "bf16", "w4 g128 dequantize"])
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -128,8 +148,14 @@ def main():
         slow = fmt in ("bf16", "w4 g128 dequantize")
         tokens = args.slow_new_tokens if slow else args.new_tokens
         row = {"format": fmt, "new_tokens": tokens}
+        if fmt.endswith("bf16-prefill"):
+            os.environ["HFCOMPRESS_PREFILL_DTYPE"] = "bfloat16"
         for batch in (1, 8):
-            row[f"tokens_per_s_b{batch}"] = decode_rate(model, batch, tokens, 1 if slow else args.runs)
+            rate = decode_rate(model, batch, tokens, 1 if slow else args.runs) if tokens else float("nan")
+            row[f"tokens_per_s_b{batch}"] = rate
+        if args.prefill_tokens:
+            row["prefill_s"] = prefill_seconds(model, args.prefill_tokens, args.prefill_runs)
+        os.environ.pop("HFCOMPRESS_PREFILL_DTYPE", None)
         row["tensor_bytes"] = tensor_bytes(model)
         row["rss_bytes"] = rss_bytes()
         rows.append(row)
@@ -137,13 +163,15 @@ def main():
         del model
         gc.collect()
     base = rows[0]
+    prefill = f" {args.prefill_tokens}-token prefill (s) | vs fp32 |" if args.prefill_tokens else ""
     print(
-        "\n| format | new tokens | tok/s b1 | vs fp32 | tok/s b8 | vs fp32 | model tensors (MB) | vs fp32 | RSS after (MB) |"
+        f"\n| format | new tokens | tok/s b1 | vs fp32 | tok/s b8 | vs fp32 |{prefill} model tensors (MB) | vs fp32 | RSS after (MB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|" + ("---|---|" if prefill else "") + "---|---|---|")
     for r in rows:
+        time_column = f" {r['prefill_s']:.3f} | {base['prefill_s'] / r['prefill_s']:.2f}x |" if prefill else ""
         print(f"| {r['format']} | {r['new_tokens']} | {r['tokens_per_s_b1']:.2f} | {r['tokens_per_s_b1'] / base['tokens_per_s_b1']:.2f}x "
-              f"| {r['tokens_per_s_b8']:.2f} | {r['tokens_per_s_b8'] / base['tokens_per_s_b8']:.2f}x | {r['tensor_bytes'] / 1e6:.0f} "
+              f"| {r['tokens_per_s_b8']:.2f} | {r['tokens_per_s_b8'] / base['tokens_per_s_b8']:.2f}x |{time_column} {r['tensor_bytes'] / 1e6:.0f} "
               f"| {r['tensor_bytes'] / base['tensor_bytes']:.2f}x | {r['rss_bytes'] / 1e6:.0f} |")  # fmt: skip
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -5,18 +5,30 @@ exact, so activations, Hessians and codes are those of the model loaded in float
 
     with float32_maths():
         hidden = block(hidden)          # block weights bf16, hidden states and the maths float32
+
+`exact_matmuls()` turns off the one shortcut hfcompress's own kernels take: on CPUs with native bfloat16 dot
+products, quantized layers multiply prompts in bfloat16. Calibration and evaluation run inside it (through
+`maths_for`), so codes and measured quality are the same on every CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LOW_PRECISION", "float32_maths", "maths_for", "stores_low_precision"]
+__all__ = [
+    "LOW_PRECISION",
+    "exact_matmuls",
+    "float32_maths",
+    "maths_for",
+    "matmuls_must_be_exact",
+    "stores_low_precision",
+]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -48,6 +60,25 @@ class _Float32Maths(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_EXACT = contextvars.ContextVar("hfcompress_exact_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def exact_matmuls():
+    """Inside it, quantized layers compute in float32 on every CPU: their outputs equal dequantize-then-matmul's up
+    to float summation order (no bfloat16 prompts, see the module)."""
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+def matmuls_must_be_exact() -> bool:
+    """Whether the caller is inside `exact_matmuls()`."""
+    return _EXACT.get()
+
+
 def float32_maths() -> contextlib.AbstractContextManager:
     """Inside it, weights stored in bfloat16/float16 take part in maths as float32 (see the module)."""
     return _Float32Maths()
@@ -58,6 +89,9 @@ def stores_low_precision(model: nn.Module) -> bool:
     return any(p.dtype in LOW_PRECISION for p in model.parameters())
 
 
-def maths_for(model: nn.Module) -> contextlib.AbstractContextManager:
-    """`float32_maths()` for a model that stores weights in low precision, else nothing (no overhead)."""
-    return float32_maths() if stores_low_precision(model) else contextlib.nullcontext()
+@contextlib.contextmanager
+def maths_for(model: nn.Module):
+    """`exact_matmuls()`, and `float32_maths()` for a model that stores weights in low precision (none otherwise:
+    no overhead). For calibrating and measuring."""
+    with exact_matmuls(), float32_maths() if stores_low_precision(model) else contextlib.nullcontext():
+        yield

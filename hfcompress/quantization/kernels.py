@@ -1,10 +1,12 @@
 """Fused low-bit matmuls behind `QuantLinear`, chosen once per layer, device and dtype.
 
-On CPU the fused kernels serve calls of a few rows (decoding) and bigger calls dequantize (see
-`SmallBatchKernel`).
+On CPU the fused kernels serve calls of a few rows (decoding); bigger calls (prompts) dequantize, a tile at a
+time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `SmallBatchKernel`).
 
 - 4 and 8 bits on an AVX2 CPU: hfcompress's own kernel (`csrc/wq_gemv_cpu.cpp`, `AvxCpuKernel`), built on
-  first use; any group size that is a multiple of 8, act-order by a one-time permutation.
+  first use; any group size that is a multiple of 8, act-order by a one-time permutation. Prompts multiply
+  dequantized tiles with torch's matmul: float32, or bfloat16 for bfloat16 models where the CPU has AVX-512 BF16
+  or AMX (`prefill_dtype`; HFCOMPRESS_PREFILL_DTYPE=bfloat16 asks for it for float32 models too).
 - Otherwise, 4 bits on CPU: torch's `_weight_int4pack_mm_for_cpu` (weight-only int4 with per-group scale and
   offset). Our codes are repacked once into its layout; act-order layers permute their input columns so
   each group is contiguous; per-channel layers use the largest supported group that divides the input
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.packing import pack_codes
+from ..core.precision import matmuls_must_be_exact
 from .cpu_extension import load, unavailable_reason
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "LutCpuKernel",
     "SmallBatchKernel",
     "TritonW4Kernel",
+    "native_bfloat16",
+    "prefill_dtype",
     "select_codebook_kernel",
     "select_kernel",
 ]
@@ -48,7 +53,32 @@ _logged: set[tuple[str, str]] = set()
 
 INT4_GROUPS = (256, 128, 64, 32)
 LUT_MAX_ROWS = 16  # k-means tables: at more rows the rebuilt dense weight and one sgemm win
-AVX_MAX_ROWS = 1024  # measured on 4096x4096: still faster than dequantize + sgemm at 512 rows (303 vs 361 ms)
+# calls of more rows (prompts, big batches) go through dequantized tiles and torch's matmul: measured on 4096x4096
+# and 1024x1024 (2 AMD EPYC cores), the tiles win from 12 rows in bfloat16 (3.9 vs 4.1 ms), 24 in float32
+GEMV_MAX_ROWS = {torch.bfloat16: 10, torch.float32: 16}
+PREFILL_TILE = 1 << 22  # weights dequantized at a time for calls of more than GEMV_MAX_ROWS rows (16 MB in float32)
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def prefill_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which calls of many rows (prompts) on CPU multiply inputs of `dtype`: float32 inside
+    `core.precision.exact_matmuls()` (calibration, evaluation); for bfloat16 inputs bfloat16 where the CPU has
+    native bfloat16 dot products (AVX-512 BF16 or AMX), float32 elsewhere (faster there than emulated bfloat16);
+    for float32 inputs HFCOMPRESS_PREFILL_DTYPE: "float32" (the default) or "bfloat16", which rounds the inputs,
+    weights and outputs of each such matmul to bfloat16 as a bfloat16 model does, for 2-4x the speed on such CPUs."""
+    if matmuls_must_be_exact():
+        return torch.float32
+    if dtype == torch.bfloat16:
+        return dtype if native_bfloat16() else torch.float32
+    choice = os.environ.get("HFCOMPRESS_PREFILL_DTYPE", "float32")
+    if choice not in PREFILL_DTYPES:
+        raise ValueError(f"HFCOMPRESS_PREFILL_DTYPE={choice!r}: expected 'float32' or 'bfloat16'")
+    return PREFILL_DTYPES[choice]
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX tiles)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def _cpu_float(device: torch.device, dtype: torch.dtype) -> bool:
@@ -83,9 +113,13 @@ class SmallBatchKernel:
 
 
 class AvxCpuKernel:
-    """hfcompress's own weight-only matmul for 4- and 8-bit layers on AVX2 CPUs (`csrc/wq_gemv_cpu.cpp`):
-    reads the packed codes directly (8 per 32-bit word at 4 bits), any group size that is a multiple of 8,
-    symmetric or asymmetric, act-order through a one-time column permutation. Computes in float32."""
+    """hfcompress's own weight-only matmul for 4- and 8-bit layers on AVX2 CPUs (`csrc/wq_gemv_cpu.cpp`), any
+    group size that is a multiple of 8, symmetric or asymmetric, act-order through a one-time column permutation.
+    Inputs that need a gradient go through the dequantized weight (the C++ calls are not differentiable). Other
+    calls of up to `GEMV_MAX_ROWS` rows read the packed codes directly (8 per 32-bit word at 4 bits) and compute
+    in float32; longer ones (prompts) dequantize `PREFILL_TILE` weights at a time into a buffer and multiply
+    it with torch's matmul, in `prefill_dtype` (bfloat16 for bfloat16 models on CPUs with native bfloat16 dot
+    products, float32 otherwise unless HFCOMPRESS_PREFILL_DTYPE asks for bfloat16)."""
 
     name = "avx2-wq"
 
@@ -102,6 +136,7 @@ class AvxCpuKernel:
 
     def __init__(self, layer, dtype):
         self.module = load()
+        self.differentiable = DequantizeKernel(layer, dtype)
         self.bits, self.group = layer.bits, layer.group_size
         self.in_features, self.out_features = layer.in_features, layer.out_features
         codes = layer.codes()
@@ -117,10 +152,26 @@ class AvxCpuKernel:
         self.zero = layer.zero_points().float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # training through the layer (adapters): differentiable
+            return self.differentiable(x)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        flat = x.reshape(-1, self.in_features).float().contiguous()
-        y = self.module.wq_matmul(flat, self.packed, self.scale, self.zero, self.bits, self.group)
+        flat = x.reshape(-1, self.in_features)
+        compute = prefill_dtype(x.dtype)
+        if flat.shape[0] <= GEMV_MAX_ROWS[compute]:
+            y = self.module.wq_matmul(
+                flat.float().contiguous(), self.packed, self.scale, self.zero, self.bits, self.group
+            )
+        else:  # a prompt: dequantized tiles and torch's matmul
+            y = self.module.wq_matmul_tiled(
+                flat.to(compute).contiguous(),
+                self.packed,
+                self.scale,
+                self.zero,
+                self.bits,
+                self.group,
+                max(1, PREFILL_TILE // self.in_features),
+            )
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -307,9 +358,8 @@ def select_kernel(layer, device: torch.device, dtype: torch.dtype):
         reason = kernel.supports(layer, device, dtype)
         if reason is None:
             chosen = kernel(layer, dtype)
-            if device.type == "cpu":
-                rows = AVX_MAX_ROWS if kernel is AvxCpuKernel else 4
-                chosen = SmallBatchKernel(chosen, DequantizeKernel(layer, dtype), max_rows=rows)
+            if device.type == "cpu" and kernel is not AvxCpuKernel:  # it has its own path for many rows
+                chosen = SmallBatchKernel(chosen, DequantizeKernel(layer, dtype), max_rows=4)
             _log_once(kernel.name, f"{layer.bits}-bit layers on {device.type}/{dtype} use {chosen.name}")
             return chosen
         reasons.append(f"{kernel.name}: {reason}")

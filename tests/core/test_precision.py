@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfcompress.core.precision import float32_maths, maths_for, stores_low_precision
+from hfcompress.core.precision import float32_maths, maths_for, matmuls_must_be_exact, stores_low_precision
 from hfcompress.quantization import GPTQConfig, quantize
 from tests.helpers import tiny_model, token_windows
 
@@ -35,11 +35,15 @@ def test_results_written_into_out_are_kept():
     assert torch.equal(out, torch.matmul(a, b))
 
 
-def test_maths_for_only_switches_on_for_low_precision_models():
+def test_maths_for_only_upcasts_for_low_precision_models_and_always_asks_for_exact_matmuls():
     model = tiny_model("llama")
     assert not stores_low_precision(model)
-    assert not isinstance(maths_for(model), type(float32_maths()))
-    assert isinstance(maths_for(model.to(torch.bfloat16)), type(float32_maths()))
+    a, b = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16)
+    with maths_for(model):
+        assert torch.matmul(a, b).dtype == torch.bfloat16 and matmuls_must_be_exact()
+    with maths_for(model.to(torch.bfloat16)):
+        assert torch.matmul(a, b).dtype == torch.float32 and matmuls_must_be_exact()
+    assert not matmuls_must_be_exact()
 
 
 def test_gptq_on_a_bfloat16_model_gives_the_float32_codes():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import tiny_model, token_windows
 
 import hfcompress
+from hfcompress.core.precision import exact_matmuls
 from hfcompress.quantization.gptq import accumulate_hessian, gptq_quantize
 from hfcompress.quantization.kernels import (
     AvxCpuKernel,
@@ -50,10 +51,12 @@ def test_kernel_matches_dequantize_then_matmul(bits, group_size, sym, act_order,
     layer = quant_layer(bits, group_size, sym, act_order)
     if AvxCpuKernel.supports(layer, torch.device("cpu"), dtype) is None:
         kernel = AvxCpuKernel
-    # the fused path (a few rows) and the dequantize path (more rows than the fused kernel takes)
+    # the fused path (a few rows) and the dequantize path (more rows than the fused kernel takes), in float32
+    # (the bfloat16 shortcut for prompts is tested below)
     for shape in [(1, 256), (2, 2, 256), (2, 3, 256), (3, 7, 256)]:
         x = torch.randn(*shape).to(dtype)
-        y = layer(x)
+        with exact_matmuls():
+            y = layer(x)
         used = layer._kernel.fused if isinstance(layer._kernel, SmallBatchKernel) else layer._kernel
         assert isinstance(used, kernel)
         expected = F.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias.float())
@@ -78,7 +81,7 @@ def test_kernel_is_built_once_and_rebuilt_after_new_weights():
 def test_dequantized_forward_gives_the_kernels_outputs_and_puts_them_back():
     model = hfcompress.quantize(tiny_model("llama"), hfcompress.RTNConfig(bits=4, group_size=32))
     windows = token_windows(2, 64)
-    with torch.no_grad():
+    with torch.no_grad(), exact_matmuls():  # float32 prompts (the default may take bfloat16 on this CPU)
         expected = model(input_ids=windows).logits
         with dequantized_forward(model):
             assert all("forward" in vars(m) for m in model.modules() if isinstance(m, QuantLinear))
@@ -242,3 +245,54 @@ def test_codebooks_the_kernels_do_not_cover_rebuild_the_dense_weight():
     assert LutCpuKernel.supports(six, torch.device("cpu"), torch.float32).startswith("vector codebooks of dim 2")
     x = torch.randn(2, 64)
     torch.testing.assert_close(three(x), F.linear(x, three.dense_weight(torch.float32)))
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,sym,act_order", [(4, 32, False, False), (4, 128, True, True), (8, -1, False, False)]
+)
+def test_prompts_multiply_dequantized_tiles(bits, group_size, sym, act_order, monkeypatch):
+    from hfcompress.quantization import kernels
+
+    layer = quant_layer(bits, group_size, sym, act_order, out_features=200)
+    if AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32))
+    monkeypatch.setattr(kernels, "GEMV_MAX_ROWS", {torch.float32: 4, torch.bfloat16: 4})  # 21 rows: a prompt
+    x = torch.randn(3, 7, 256)
+    weight = layer.dequantize_weight(torch.float32)
+    for tile_rows in (64, 200):  # three whole tiles and a leftover; the whole layer in one tile
+        monkeypatch.setattr(kernels, "PREFILL_TILE", tile_rows * 256)
+        monkeypatch.setenv("HFCOMPRESS_PREFILL_DTYPE", "float32")
+        exact = layer(x)
+        assert isinstance(layer._kernel, AvxCpuKernel)
+        expected = F.linear(x, weight, layer.bias)
+        torch.testing.assert_close(exact, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+        monkeypatch.setenv("HFCOMPRESS_PREFILL_DTYPE", "bfloat16")  # inputs, weights and products in bfloat16
+        rounded = layer(x)
+        assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)
+        expected = F.linear(x.bfloat16().float(), weight.bfloat16().float(), layer.bias)
+        torch.testing.assert_close(rounded, expected, rtol=0, atol=0.01 * expected.abs().max().item())
+
+
+def test_prefill_dtype_follows_the_model_and_the_setting(monkeypatch):
+    from hfcompress.quantization.kernels import native_bfloat16, prefill_dtype
+
+    assert prefill_dtype(torch.float32) == torch.float32  # float32 models stay exact unless asked
+    assert prefill_dtype(torch.bfloat16) == (torch.bfloat16 if native_bfloat16() else torch.float32)
+    monkeypatch.setenv("HFCOMPRESS_PREFILL_DTYPE", "bfloat16")
+    assert prefill_dtype(torch.float32) == torch.bfloat16
+    with exact_matmuls():  # calibration and evaluation
+        assert prefill_dtype(torch.float32) == prefill_dtype(torch.bfloat16) == torch.float32
+    monkeypatch.setenv("HFCOMPRESS_PREFILL_DTYPE", "float16")
+    with pytest.raises(ValueError, match="HFCOMPRESS_PREFILL_DTYPE='float16': expected 'float32' or 'bfloat16'"):
+        prefill_dtype(torch.float32)
+
+
+def test_gradients_flow_through_the_kernel_layer():
+    layer = quant_layer(4, 32, False, False)
+    for rows in (1, 40):  # the few-rows kernel and the tiled one both hand over to a differentiable matmul
+        x = torch.randn(rows, 256, requires_grad=True)
+        layer(x).square().sum().backward()
+        weight = layer.dequantize_weight(torch.float32)
+        expected = 2 * F.linear(x.detach(), weight, layer.bias) @ weight
+        torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)

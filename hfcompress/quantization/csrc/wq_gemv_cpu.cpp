@@ -30,6 +30,38 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(sum, sum));
 }
 
+// Dequantize rows [begin, end) of a uniform-grid layer into `dst` (row stride `in`): w = (code - zero) * scale,
+// as float32 or rounded to bfloat16 (nearest, ties to even). Used a tile at a time for calls of many rows.
+inline void store8(float* dst, __m256 w) { _mm256_storeu_ps(dst, w); }
+
+inline void store8(at::BFloat16* dst, __m256 w) {
+  __m256i bits = _mm256_castps_si256(w);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), packed);
+}
+
+template <typename T>
+void dequantize_rows(const int32_t* packed, int64_t words_per_row, const float* scale, const float* zero, int bits,
+                     int64_t n_groups, int64_t group, int64_t in, T* dst, int64_t begin, int64_t end) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(15);
+  const int64_t words_per_8 = bits / 4, steps = group / 8;
+  for (int64_t o = begin; o < end; ++o) {
+    const int32_t* row = packed + o * words_per_row;
+    T* out = dst + (o - begin) * in;
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const __m256 s = _mm256_set1_ps(scale[o * n_groups + g]), z = _mm256_set1_ps(zero[o * n_groups + g]);
+      const int32_t* words = row + g * steps * words_per_8;
+      for (int64_t t = 0; t < steps; ++t) {
+        const __m256 code = unpack8(words, t * words_per_8, bits, shifts, mask);
+        store8(out + g * group + 8 * t, _mm256_mul_ps(_mm256_sub_ps(code, z), s));
+      }
+    }
+  }
+}
+
 // NACC independent accumulators per row hide the FMA latency (one row alone would wait on each FMA).
 template <int BITS, int ROWS>
 void gemv_rows(const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row, const float* scale,
@@ -335,8 +367,49 @@ torch::Tensor vq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor boo
   return y;
 }
 
+// Many rows (prompts): dequantize `tile` output rows at a time into a buffer of x's dtype (float32, or bfloat16
+// where the CPU multiplies it natively) and multiply by torch's matmul (oneDNN/MKL). The dense weight never
+// exists whole; the result is float32.
+torch::Tensor wq_matmul_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
+                              int64_t bits, int64_t group, int64_t tile) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
+  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.dim() == 2,
+              "x must be float32 or bfloat16 [m, in]");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
+  TORCH_CHECK(tile > 0, "tile must be positive, got ", tile);
+  const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
+  TORCH_CHECK(in % group == 0 && group % 8 == 0, "group ", group, " must divide ", in, " and be a multiple of 8");
+  TORCH_CHECK(packed.size(1) * 32 / bits == in, "packed width does not match the input size");
+  const int64_t n_groups = in / group;
+  TORCH_CHECK(scale.size(0) == out && scale.size(1) == n_groups && zero.sizes() == scale.sizes(), "scale/zero shape");
+  auto scale_c = scale.to(torch::kFloat32).contiguous(), zero_c = zero.to(torch::kFloat32).contiguous();
+  const int32_t* wp = packed.data_ptr<int32_t>();
+  const float* sp = scale_c.data_ptr<float>();
+  const float* zp = zero_c.data_ptr<float>();
+  const int64_t words_per_row = packed.size(1);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
+  auto buffer = torch::empty({std::min(tile, out), in}, x.options());
+  for (int64_t o0 = 0; o0 < out; o0 += tile) {
+    const int64_t rows = std::min(tile, out - o0);
+    auto w = buffer.narrow(0, 0, rows);
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      if (bf16)
+        dequantize_rows(wp + o0 * words_per_row, words_per_row, sp + o0 * n_groups, zp + o0 * n_groups, bits, n_groups,
+                        group, in, w.data_ptr<at::BFloat16>() + begin * in, begin, end);
+      else
+        dequantize_rows(wp + o0 * words_per_row, words_per_row, sp + o0 * n_groups, zp + o0 * n_groups, bits, n_groups,
+                        group, in, w.data_ptr<float>() + begin * in, begin, end);
+    });
+    if (rows == out && !bf16) at::mm_out(y, x, w.t());  // one tile: straight into the result
+    else y.narrow(1, o0, rows).copy_(at::mm(x, w.t()));
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_matmul", &wq_matmul, "weight-only 4/8-bit matmul for a few rows (AVX2)");
+  m.def("wq_matmul_tiled", &wq_matmul_tiled, "weight-only 4/8-bit matmul for many rows: dequantized tiles, torch's matmul");
   m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2)");
   m.def("vq_matmul", &vq_matmul, "vector-codebook (dim 2 or 4, 4/8-bit indices) matmul for a few rows (AVX2)");
 }
