@@ -7,6 +7,7 @@ perplexity per text, the mean change over float32, quantization seconds.
     python scripts/bench_awq.py
     python scripts/bench_awq.py --settings 4:128 3:128 --num-samples 128
     python scripts/bench_awq.py --llmcompressor-python /path/to/venv/bin/python   # adds llm-compressor's AWQ
+    python scripts/bench_awq.py --settings 4:128 --only-variants --variant noclip:clip=false
 
 With --llmcompressor-python, llm-compressor's `AWQModifier` (duo scaling, 20 grid points, then its
 `QuantizationModifier`: round to nearest) runs on the same calibration windows in its own environment
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gptq import SHARED, add_data_arguments, load, prepare_data, run_peer, score, score_peer
+from bench_gptq import SHARED, add_data_arguments, load, parse_variant, prepare_data, run_peer, score, score_peer
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -32,14 +33,19 @@ import hfcompress
 from hfcompress.hub.record import hardware_description
 
 
-def configs(bits: int, group_size: int, calibration: torch.Tensor) -> dict:
+def configs(bits: int, group_size: int, calibration: torch.Tensor, variants=(), only_variants=False) -> dict:
     data = {"dataset": calibration, "num_samples": len(calibration)}
-    return {
+    runs = {
         "RTN": hfcompress.RTNConfig(bits=bits, group_size=group_size),
         "GPTQ (default)": hfcompress.GPTQConfig(bits=bits, group_size=group_size, **data),
         "AWQ": hfcompress.AWQConfig(bits=bits, group_size=group_size, **data),
         "AWQ + GPTQ": hfcompress.AWQConfig(bits=bits, group_size=group_size, weights="gptq", **data),
     }
+    if only_variants:
+        runs = {}
+    for name, overrides in variants:
+        runs[f"AWQ {name}"] = hfcompress.AWQConfig(bits=bits, group_size=group_size, **{**data, **overrides})
+    return runs
 
 
 def main():
@@ -48,6 +54,11 @@ def main():
     add_data_arguments(parser, num_samples=128, max_windows=100)
     parser.add_argument("--settings", nargs="+", default=["4:128", "3:128"], help="bits:group_size")
     parser.add_argument("--llmcompressor-python", help="a python with llm-compressor, to add its AWQModifier")
+    parser.add_argument(
+        "--variant", action="append", default=[], type=parse_variant,
+        help="an extra AWQ row with AWQConfig fields changed, e.g. noclip:clip=false (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--only-variants", action="store_true", help="skip the RTN, GPTQ and AWQ default rows")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -64,7 +75,7 @@ def main():
     print("| - | float32 | " + " | ".join(f"{reference[t]:.3f}" for t in texts) + " | | |")
     for setting in args.settings:
         bits, group_size = (int(v) for v in setting.split(":"))
-        for name, config in configs(bits, group_size, calibration).items():
+        for name, config in configs(bits, group_size, calibration, args.variant, args.only_variants).items():
             model = load(args.model)
             start = time.perf_counter()
             hfcompress.quantize(model, config)

@@ -37,7 +37,7 @@ from .precision import maths_for
 from .structure import linear_weight, set_linear_weight
 from .trace import BlockTrace, trace_block
 
-__all__ = ["BlockSolver", "calibrate_block", "collect_hessians"]
+__all__ = ["BlockSolver", "calibrate_block", "collect_hessians", "collect_input_statistics"]
 
 # solve(names relative to the block, their shared input Hessian) -> {name: result}; changes the weights in place
 BlockSolver = Callable[[list[str], torch.Tensor], dict[str, Any]]
@@ -262,9 +262,20 @@ def collect_hessians(
 ) -> dict[str, torch.Tensor]:
     """The input Hessian (2 X^T X / n) of each linear `names` (relative to `block`) on `inputs`, with the
     block's current weights. Linears reading the same tensor share one matrix (the same object)."""
+    return {name: hessian.H for name, hessian in collect_input_statistics(block, prefix, inputs, names, trace).items()}
+
+
+@torch.no_grad()
+def collect_input_statistics(
+    block: nn.Module, prefix: str, inputs: list[BlockInputs], names: list[str], trace: BlockTrace | None = None
+) -> dict[str, Hessian]:
+    """`collect_hessians`, as the finished `Hessian` of each linear (its `H` full, its `abs_mean` each input's
+    mean |x|); linears reading the same tensor share one object."""
     named = _named_in_block(block, prefix)
     trace = _checked_trace(block, prefix, names, inputs, trace)
-    by_leader = {leader: hessian.full() for leader, hessian in _group_hessians(named, trace, inputs).items()}
+    by_leader = _group_hessians(named, trace, inputs)
+    for hessian in by_leader.values():
+        hessian.full()
     return {name: by_leader[group[0]] for group in trace.groups for name in group}
 
 

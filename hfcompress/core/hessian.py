@@ -129,18 +129,25 @@ def _reverse_(X: torch.Tensor) -> torch.Tensor:
 
 
 class Hessian:
-    """A running H = 2 XᵀX / n over the inputs a layer sees, upper triangle only until `full()`."""
+    """A running H = 2 XᵀX / n over the inputs a layer sees, upper triangle only until `full()`, and each input's
+    mean magnitude `abs_mean` (mean |x|, AWQ's activation statistic; exact after `full()`)."""
 
     def __init__(self, in_features: int, device):
         self.H = torch.zeros(in_features, in_features, device=device)
+        self.abs_mean = torch.zeros(in_features, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        self.H, self.count = accumulate_hessian(x.detach(), self.H, self.count, upper_only=True)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if rows.shape[0]:
+            total = self.count + rows.shape[0]
+            self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0).to(self.abs_mean.dtype), alpha=1 / total)
+        self.H, self.count = accumulate_hessian(rows, self.H, self.count, upper_only=True)
 
     def full(self) -> torch.Tensor:
         """The symmetric H, made in place (no second matrix: for a wide layer H alone is hundreds of MB); across
-        processes, over every rank's inputs (`core.distributed`)."""
+        processes, over every rank's inputs (`core.distributed`), as `abs_mean` then is."""
+        self.abs_mean, _ = reduce_mean(self.abs_mean, self.count)
         self.H, self.count = reduce_mean(self.H, self.count)
         symmetrize_upper_(self.H)
         return self.H

@@ -3,8 +3,8 @@ scales that protect the weights of salient channels before round-to-nearest.
 
 A linear layer computing `x Wᵀ` computes the same with `W·diag(s)` on `x / s`; the `1/s` folds into whatever
 produced `x` (a norm's weight, the rows of a previous linear). Quantizing `W·diag(s)` instead of `W` gives channels
-with large activations (large `s`) finer steps. `s = a^α / w^(1-α)` (`a` each input channel's activation
-magnitude, `w` its mean normalized weight magnitude: "duo scaling"), normalized to a geometric mean of 1, with α
+with large activations (large `s`) finer steps. `s = a^α / w^(1-α)` (`a` each input channel's mean |x|
+on the calibration data, `w` its mean normalized weight magnitude: "duo scaling"), normalized to a geometric mean of 1, with α
 on a grid; the chosen `s` minimizes the output error of the quantized layers on the calibration data, here
 measured exactly through the input Hessian `H = 2 XᵀX / n`: `tr(Δ H Δᵀ)` with `Δ = W - Q(W·diag(s))·diag(1/s)`
 (not on a subset of tokens, as the reference implementation does). `s = 1` (no scaling) is always a candidate,
@@ -47,13 +47,17 @@ def awq_scales(
     duo_scaling: bool = True,
     scale_dtype: torch.dtype | None = None,
     basis: torch.Tensor | None = None,
+    activation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """The input-channel scales [in] of `weight` [out, in] (linears sharing one input, stacked) that minimize
     the output error of round-to-nearest on the grid (`bits`, `group_size`, `sym`), and the α that gave them
-    (None: no scaling was best). `H` is the input Hessian; `basis` its `output_error_basis` if already made."""
+    (None: no scaling was best). `H` is the input Hessian; `basis` its `output_error_basis` if already made;
+    `activation` each input channel's mean |x| (AWQ's statistic; without it, the RMS from H's diagonal)."""
     W = weight.detach().float()
     basis = output_error_basis(H) if basis is None else basis
-    activation = H.float().diagonal().clamp(min=0).sqrt()  # each input channel's RMS (up to a constant)
+    if activation is None:
+        activation = H.float().diagonal().clamp(min=0).sqrt()
+    activation = activation.float()
     group = W.shape[1] if group_size == -1 else group_size
     normalized = W.abs().reshape(W.shape[0], -1, group)
     normalized = normalized / normalized.amax(dim=2, keepdim=True).clamp(min=1e-12)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..checkpoint import update_manifest
-from ..core.calibration import collect_hessians
+from ..core.calibration import collect_input_statistics
 from ..core.capture import BlockInputs, capture_block_inputs, run_block
 from ..core.folding import block_output, find_producer, fold_scales
 from ..core.structure import linear_weight, set_linear_weight
@@ -67,7 +67,8 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     exactly; returns {group leader: (producer, α)} for the groups with such a producer (α None: no scaling
     beat none, the weights were left as they were)."""
     trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
-    hessians = collect_hessians(block, prefix, inputs, list(modules), trace)
+    statistics = collect_input_statistics(block, prefix, inputs, list(modules), trace)
+    hessians = {name: statistic.H for name, statistic in statistics.items()}
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
@@ -82,6 +83,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
         s, alpha = awq_scales(
             weight, H, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling, scale_dtype,
             output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0)),
+            statistics[names[0]].abs_mean,
         )  # fmt: skip
         if alpha is not None:
             fold_scales(named[producer], [named[n] for n in names], s)

@@ -31,11 +31,12 @@ def test_salient_channels_get_finer_steps_and_the_error_drops():
     hessian.add(x)
     H = hessian.full()
     weight = torch.randn(48, 64) * 0.1
-    s, alpha = awq_scales(weight, H, bits=3, group_size=32, sym=False)
-    assert alpha is not None and bool((s[:4] > s[4:].max()).all())
     plain = rtn_quantize(weight, 3, 32, sym=False).dequantize(torch.float32)
-    scaled = rtn_quantize(weight * s, 3, 32, sym=False).dequantize(torch.float32) / s
-    assert _output_error(weight, scaled, H) < 0.8 * _output_error(weight, plain, H)
+    for activation in (hessian.abs_mean, None):  # mean |x| (what AWQ uses), or the RMS from H's diagonal
+        s, alpha = awq_scales(weight, H, bits=3, group_size=32, sym=False, activation=activation)
+        assert alpha is not None and bool((s[:4] > s[4:].max()).all())
+        scaled = rtn_quantize(weight * s, 3, 32, sym=False).dequantize(torch.float32) / s
+        assert _output_error(weight, scaled, H) < 0.8 * _output_error(weight, plain, H)
 
 
 def test_no_scaling_is_kept_when_nothing_helps():

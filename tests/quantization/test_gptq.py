@@ -35,6 +35,19 @@ def test_hessian_accumulation_is_the_running_mean():
     assert torch.allclose(H, 2 * x.t() @ x / 300, atol=1e-5)
 
 
+def test_the_running_hessian_also_holds_each_inputs_mean_magnitude():
+    from hfcompress.core.hessian import Hessian
+
+    batches = [torch.randn(2, 5, 12), torch.randn(7, 12) * 3, torch.randn(0, 12)]
+    running = Hessian(12, "cpu")
+    for x in batches:
+        running.add(x)
+    H = running.full()
+    rows = torch.cat([x.reshape(-1, 12) for x in batches])
+    torch.testing.assert_close(running.abs_mean, rows.abs().mean(0))
+    torch.testing.assert_close(H, 2 * rows.t() @ rows / rows.shape[0])
+
+
 @pytest.mark.parametrize("n", [100, 384, 600])
 def test_gram_upper_matches_full_product(n):
     x = torch.randn(50, n)
