@@ -72,6 +72,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
+    mean_abs = (config.activation_statistic or ("mean_abs" if config.weights == "rtn" else "rms")) == "mean_abs"
     reference = block_output(block, inputs[0])  # folding exactly changes no output: one reference for the block
     for names in trace.groups:
         producer = find_producer(block, named, trace.order, names, inputs[0], reference)
@@ -83,7 +84,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
         s, alpha = awq_scales(
             weight, H, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling, scale_dtype,
             output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0)),
-            statistics[names[0]].abs_mean,
+            statistics[names[0]].abs_mean if mean_abs else None,
         )  # fmt: skip
         if alpha is not None:
             fold_scales(named[producer], [named[n] for n in names], s)

@@ -179,13 +179,20 @@ class AWQConfig(CalibrationArguments, RTNConfig):
         default=True,
         metadata={"help": "Scales from activation and weight magnitudes (a^α / w^(1-α)); off: activations only (a^α)."},
     )
+    activation_statistic: Literal["mean_abs", "rms"] | None = field(
+        default=None,
+        metadata={
+            "help": "The activation magnitude `a` of each input channel: mean_abs (mean |x|, as the paper and "
+            "llm-compressor) or rms (from the input Hessian's diagonal). Default: mean_abs with round-to-nearest "
+            "weights, rms with GPTQ weights (the better of the two for each on the reference model)."
+        },
+    )
     clip: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "After scaling, clamp each group's largest weights where that lowers the group's output error "
-            "after rounding (AutoAWQ's clipping search, measured through the input Hessian). Off by default: on "
-            "the reference model it made held-out perplexity worse (+2.27% against +2.15% at w4 g128). "
-            "Round-to-nearest weights only: GPTQ compensates its rounding errors itself."
+            "after rounding (AWQ's clipping search, measured through the input Hessian). Round-to-nearest weights "
+            "only: GPTQ compensates its rounding errors itself, and clamping first made it worse."
         },
     )
     weights: Literal["rtn", "gptq"] = field(
@@ -198,6 +205,10 @@ class AWQConfig(CalibrationArguments, RTNConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.activation_statistic not in (None, "mean_abs", "rms"):
+            raise ValueError(
+                f"activation_statistic={self.activation_statistic!r}: expected 'mean_abs', 'rms' or None (by weights)"
+            )
         if self.weights not in ("rtn", "gptq"):
             raise ValueError(f"`weights` must be 'rtn' or 'gptq', got {self.weights!r}")
         if self.n_grid < 1:
