@@ -99,9 +99,8 @@ def _random_codebooks(model, bits: int, dim: int = 1) -> None:
 
 
 @torch.no_grad()
-def prefill_seconds(model, tokens: int, runs: int) -> float:
-    """Median seconds of one forward over a `tokens`-token prompt at batch 1 (what the first new token waits for)."""
-    prompt = torch.randint(0, SHAPE["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(2))
+def prefill_seconds(model, prompt: torch.Tensor, runs: int) -> float:
+    """Median seconds of one forward over `prompt` [1, tokens] (what the first new token waits for)."""
     model(input_ids=prompt[:, :8])  # warm-up, builds kernels
     times = []
     for _ in range(runs):
@@ -154,7 +153,10 @@ def main():
             rate = decode_rate(model, batch, tokens, 1 if slow else args.runs) if tokens else float("nan")
             row[f"tokens_per_s_b{batch}"] = rate
         if args.prefill_tokens:
-            row["prefill_s"] = prefill_seconds(model, args.prefill_tokens, args.prefill_runs)
+            prompt = torch.randint(
+                0, SHAPE["vocab_size"], (1, args.prefill_tokens), generator=torch.Generator().manual_seed(2)
+            )
+            row["prefill_s"] = prefill_seconds(model, prompt, args.prefill_runs)
         os.environ.pop("HFCOMPRESS_PREFILL_DTYPE", None)
         row["tensor_bytes"] = tensor_bytes(model)
         row["rss_bytes"] = rss_bytes()

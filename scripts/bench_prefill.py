@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from bench_gptq import SHARED, heldout_texts, load
+from bench_inference import prefill_seconds
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -37,17 +36,6 @@ def plain_perplexity(model, windows: torch.Tensor) -> float:
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
-
-
-@torch.no_grad()
-def forward_seconds(model, prompt: torch.Tensor, runs: int) -> float:
-    model(input_ids=prompt[:, :8])
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(input_ids=prompt, logits_to_keep=1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -71,7 +59,7 @@ def main():
     results = {}
     for name, (model, prefill) in rows.items():
         os.environ["HFCOMPRESS_PREFILL_DTYPE"] = prefill
-        results[name] = (plain_perplexity(model, windows), forward_seconds(model, windows[:1], args.runs))
+        results[name] = (plain_perplexity(model, windows), prefill_seconds(model, windows[:1], args.runs))
     os.environ.pop("HFCOMPRESS_PREFILL_DTYPE")
     base_seconds = results["float32"][1]
     exact_ppl = results["w4 g128, float32 prompts"][0]
