@@ -272,17 +272,26 @@ void vq_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed, 
 
 }  // namespace
 
-// x: float32 [m, in] (contiguous), packed: int32 [out, in * bits / 32], scale/zero: float32 [out, n_groups].
-torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t bits,
-                        int64_t group) {
+// The uniform grid's tensors for `in` inputs: packed int32 [out, in * bits / 32], scale/zero [out, in / group].
+// Returns the number of groups.
+static int64_t check_grid(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero,
+                          int64_t bits, int64_t group, int64_t in) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
   TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
-  const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
   TORCH_CHECK(in % group == 0 && group % 8 == 0, "group ", group, " must divide ", in, " and be a multiple of 8");
   TORCH_CHECK(packed.size(1) * 32 / bits == in, "packed width does not match the input size");
   const int64_t n_groups = in / group;
-  TORCH_CHECK(scale.size(0) == out && scale.size(1) == n_groups && zero.sizes() == scale.sizes(), "scale/zero shape");
+  TORCH_CHECK(scale.size(0) == packed.size(0) && scale.size(1) == n_groups && zero.sizes() == scale.sizes(),
+              "scale/zero shape");
+  return n_groups;
+}
+
+// x: float32 [m, in] (contiguous), packed: int32 [out, in * bits / 32], scale/zero: float32 [out, n_groups].
+torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t bits,
+                        int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
+  const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
+  const int64_t n_groups = check_grid(packed, scale, zero, bits, group, in);
   auto scale_c = scale.contiguous(), zero_c = zero.contiguous();
   auto xsum = x.view({m, n_groups, group}).sum(-1).contiguous();  // [m, n_groups]
   auto y = torch::empty({m, out}, x.options());
@@ -372,16 +381,11 @@ torch::Tensor vq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor boo
 // exists whole; the result is float32.
 torch::Tensor wq_matmul_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
                               int64_t bits, int64_t group, int64_t tile) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.dim() == 2,
               "x must be float32 or bfloat16 [m, in]");
-  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
   TORCH_CHECK(tile > 0, "tile must be positive, got ", tile);
   const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
-  TORCH_CHECK(in % group == 0 && group % 8 == 0, "group ", group, " must divide ", in, " and be a multiple of 8");
-  TORCH_CHECK(packed.size(1) * 32 / bits == in, "packed width does not match the input size");
-  const int64_t n_groups = in / group;
-  TORCH_CHECK(scale.size(0) == out && scale.size(1) == n_groups && zero.sizes() == scale.sizes(), "scale/zero shape");
+  const int64_t n_groups = check_grid(packed, scale, zero, bits, group, in);
   auto scale_c = scale.to(torch::kFloat32).contiguous(), zero_c = zero.to(torch::kFloat32).contiguous();
   const int32_t* wp = packed.data_ptr<int32_t>();
   const float* sp = scale_c.data_ptr<float>();
