@@ -272,6 +272,16 @@ void vq_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed, 
 
 }  // namespace
 
+// Split the outputs across threads; each thread runs `pass(rows, r0, begin, end)` over the input rows, at most
+// kRowsPerPass at a time from row r0, for its outputs [begin, end).
+template <typename Pass>
+void for_row_passes(int64_t m, int64_t out, const Pass& pass) {
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass)
+      pass(static_cast<int>(std::min<int64_t>(kRowsPerPass, m - r0)), r0, begin, end);
+  });
+}
+
 // The uniform grid's tensors for `in` inputs: packed int32 [out, in * bits / 32], scale/zero [out, in / group].
 // Returns the number of groups.
 static int64_t check_grid(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero,
@@ -302,14 +312,11 @@ torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const float* xsp = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t words_per_row = packed.size(1);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - r0));
-      if (bits == 4)
-        gemv_pass<4>(rows, xp + r0 * in, in, wp, words_per_row, sp, zp, xsp + r0 * n_groups, n_groups, group, yp + r0 * out, out, begin, end);
-      else
-        gemv_pass<8>(rows, xp + r0 * in, in, wp, words_per_row, sp, zp, xsp + r0 * n_groups, n_groups, group, yp + r0 * out, out, begin, end);
-    }
+  for_row_passes(m, out, [&](int rows, int64_t r0, int64_t begin, int64_t end) {
+    if (bits == 4)
+      gemv_pass<4>(rows, xp + r0 * in, in, wp, words_per_row, sp, zp, xsp + r0 * n_groups, n_groups, group, yp + r0 * out, out, begin, end);
+    else
+      gemv_pass<8>(rows, xp + r0 * in, in, wp, words_per_row, sp, zp, xsp + r0 * n_groups, n_groups, group, yp + r0 * out, out, begin, end);
   });
   return y;
 }
@@ -330,15 +337,12 @@ torch::Tensor lut_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor ta
   const float* tp = tables.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t words_per_row = packed.size(1);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - r0));
-      const float* xr = xp + r0 * in;
-      float* yr = yp + r0 * out;
-      if (bits == 4) lut_pass<4>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
-      else if (bits == 2) lut_pass<2>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
-      else lut_pass<8>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
-    }
+  for_row_passes(m, out, [&](int rows, int64_t r0, int64_t begin, int64_t end) {
+    const float* xr = xp + r0 * in;
+    float* yr = yp + r0 * out;
+    if (bits == 4) lut_pass<4>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+    else if (bits == 2) lut_pass<2>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+    else lut_pass<8>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
   });
   return y;
 }
@@ -362,16 +366,13 @@ torch::Tensor vq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor boo
   const float* bp = books.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t words_per_row = packed.size(1);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - r0));
-      const float* xr = xp + r0 * in;
-      float* yr = yp + r0 * out;
-      if (dim == 2 && index_bits == 4) vq_pass<2, 4>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
-      else if (dim == 2) vq_pass<2, 8>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
-      else if (index_bits == 4) vq_pass<4, 4>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
-      else vq_pass<4, 8>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
-    }
+  for_row_passes(m, out, [&](int rows, int64_t r0, int64_t begin, int64_t end) {
+    const float* xr = xp + r0 * in;
+    float* yr = yp + r0 * out;
+    if (dim == 2 && index_bits == 4) vq_pass<2, 4>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+    else if (dim == 2) vq_pass<2, 8>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+    else if (index_bits == 4) vq_pass<4, 4>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
+    else vq_pass<4, 8>(rows, xr, in, wp, words_per_row, bp, rows_per_book, in, yr, out, begin, end);
   });
   return y;
 }
