@@ -18,13 +18,18 @@ Only the current block's inputs, and its recorded submodule outputs, are held in
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .activations import SpilledList
 from .capture import (
     BlockInputs,
     hidden_states_of,
@@ -66,15 +71,18 @@ def _run_stage(
     replays: dict[str, list] | None = None,
     record: set[str] = frozenset(),
     keep_inputs: bool = False,
-    keep_outputs: bool = False,
-) -> tuple[list[BlockInputs], dict[str, list], dict[str, list]]:
+    outputs=None,
+    new_list: Callable[[], Any] = list,
+) -> tuple[Any, dict[str, list], dict[str, list]]:
     """Run `block` on every input with Hessian hooks on the modules named in `hessians` (keeping their inputs
     with `keep_inputs`), stopping at the entry of `stop`, replaying the recorded outputs in `replays` and
-    recording the outputs of `record`. Returns the block outputs, the complete records and the kept inputs."""
+    recording the outputs of `record`; the block's outputs are appended to `outputs` (None: not kept).
+    Records and kept inputs go into containers `new_list()` makes. Returns `outputs`, the complete records and
+    the kept inputs."""
     replays = replays or {}
     batch = {"index": 0}
-    recorded: dict[str, list] = {name: [] for name in record}
-    kept: dict[str, list] = {name: [] for name in hessians}
+    recorded: dict[str, list] = {name: new_list() for name in record}
+    kept: dict[str, list] = {name: new_list() for name in hessians} if keep_inputs else {}
     handles = []
 
     def hessian_hook(name):
@@ -94,16 +102,15 @@ def _run_stage(
 
         return hook
 
-    def replayer(outputs):
-        return lambda *args, **kwargs: outputs[batch["index"]]
+    def replayer(recorded_outputs):
+        return lambda *args, **kwargs: recorded_outputs[batch["index"]]
 
     for name in hessians:
         handles.append(named[name].register_forward_pre_hook(hessian_hook(name), with_kwargs=True))
     for name in record:
         handles.append(named[name].register_forward_hook(record_hook(name)))
-    for name, outputs in replays.items():
-        named[name].forward = replayer(outputs)
-    outputs = []
+    for name, recorded_outputs in replays.items():
+        named[name].forward = replayer(recorded_outputs)
     try:
         for index, item in enumerate(inputs):
             batch["index"] = index
@@ -111,7 +118,7 @@ def _run_stage(
                 hidden = hidden_states_of(block(*item.args, **item.kwargs))
             except _Stop:
                 continue
-            if keep_outputs:
+            if outputs is not None:
                 outputs.append(with_hidden_states(item, hidden))
     finally:
         for handle in handles:
@@ -127,8 +134,23 @@ def _nested(name: str, others) -> bool:
 
 
 def _calibrate_staged(
-    block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay: str = "all", rows: dict | None = None
+    block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay: str = "all", rows: dict | None = None,
+    into=list, scratch=None,
 ):  # fmt: skip
+    if scratch is None:
+        return _staged(block, named, trace, inputs, modules, solve, replay, rows, into, list)
+    count = itertools.count()
+
+    def new_list():
+        return SpilledList(Path(scratch) / f"{next(count):04d}")
+
+    try:
+        return _staged(block, named, trace, inputs, modules, solve, replay, rows, into, new_list)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _staged(block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay, rows, into, new_list):
     candidates = [name for name in trace.order if trace.calls[name] == 1 and name not in modules]
     group_of = trace.group_of()
     # inputs worth keeping: those of groups whose linear some module passes its output through
@@ -148,7 +170,7 @@ def _calibrate_staged(
     for stage in [*trace.stages, None]:
         last = stage is None
         first = len(trace.groups) if last else stage[0]  # the groups before `first` are solved
-        _synthesize_passthroughs(trace, named, first, records, kept_inputs)
+        _synthesize_passthroughs(trace, named, first, records, kept_inputs, new_list)
         versions.update({n: _version(outs) for n, outs in records.items() if n not in versions})
         record = {n for n in candidates if settled[n] < first and n not in records and not _nested(n, records)}
         leaders = [] if last else [trace.groups[g][0] for g in stage]
@@ -164,7 +186,8 @@ def _calibrate_staged(
             replays=records,
             record=record,
             keep_inputs=not last and any(g in wanted for g in stage),
-            keep_outputs=last,
+            outputs=into() if last else None,
+            new_list=new_list,
         )
         records.update(recorded)
         versions.update({n: _version(outs) for n, outs in recorded.items()})
@@ -203,7 +226,7 @@ def _version(output) -> int:
     return 0
 
 
-def _synthesize_passthroughs(trace: BlockTrace, named, solved: int, records: dict, kept_inputs: dict) -> None:
+def _synthesize_passthroughs(trace: BlockTrace, named, solved: int, records: dict, kept_inputs: dict, new_list) -> None:
     """Record a module that returns its last linear's output once that linear is quantized and everything
     else it depends on is settled (the groups before `solved` are), by running the linear alone on its kept
     inputs."""
@@ -215,7 +238,9 @@ def _synthesize_passthroughs(trace: BlockTrace, named, solved: int, records: dic
         if trace.settled_after(module, exclude=passthrough.linear) >= solved:
             continue
         linear = named[passthrough.linear]
-        records[module] = [passthrough.wrap(linear(x)) for x in kept_inputs[group]]
+        records[module] = new_list()
+        for x in kept_inputs[group]:
+            records[module].append(passthrough.wrap(linear(x)))
     for group in list(kept_inputs):  # inputs every passthrough of their group has used are not needed again
         users = [m for m, p in trace.passthroughs.items() if group_of[p.linear] == group]
         if all(m in records or _nested(m, records) for m in users):
@@ -233,12 +258,12 @@ def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, Hessian]:
     return hessians
 
 
-def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows: dict | None = None):
+def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows=None, into=list):
     hessians = _group_hessians(named, trace, inputs)
     solved = {}
     for names in trace.groups:
         solved.update(solve(names, _full(hessians.pop(names[0]), names, rows)))
-    return run_block(block, inputs), solved
+    return run_block(block, inputs, into=into()), solved
 
 
 def _named_in_block(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -291,6 +316,8 @@ def calibrate_block(
     reload: Callable[[], None] | None = None,
     replay: str = "all",
     rows: dict[str, int] | None = None,
+    into: Callable[[], Any] = list,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[list[BlockInputs], dict[str, Any], bool]:
     """Run `solve` on each group of the target linears of one block (`modules`, by name relative to the block).
 
@@ -304,6 +331,10 @@ def calibrate_block(
     "none" (each stage recomputes the block up to its group; only the block's inputs and outputs held).
     `rows`, when given, is filled with the number of calibration rows (tokens) each target saw: all of them,
     except for experts of a mixture-of-experts layer, which see the tokens routed to them.
+    `into()` makes the container the outputs are appended to (default: a list; `core.activations` keeps them on
+    disk); it is called again if the staged path is abandoned after it started writing outputs. `scratch`: a
+    folder where the staged path keeps the submodule outputs and linear inputs it holds between stages, instead
+    of memory (`core.activations.SpilledList`), removed when the block is done.
     """
     named = _named_in_block(block, prefix)
     trace = _checked_trace(block, prefix, list(modules), inputs, trace)
@@ -314,7 +345,9 @@ def calibrate_block(
         if staged:
             originals = {} if reload else {n: linear_weight(m).detach().clone() for n, m in modules.items()}
             try:
-                outputs, solved = _calibrate_staged(block, named, trace, inputs, modules, solve, replay, rows)
+                outputs, solved = _calibrate_staged(
+                    block, named, trace, inputs, modules, solve, replay, rows, into, scratch
+                )
                 return outputs, solved, True
             except _ReplayUnsafe as e:
                 logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
@@ -322,5 +355,5 @@ def calibrate_block(
                     set_linear_weight(modules[name], weight, exact=True)
                 if reload is not None:
                     reload()
-        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows)
+        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows, into)
     return outputs, solved, False

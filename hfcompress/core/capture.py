@@ -102,9 +102,10 @@ def hidden_states_of(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool = True) -> list[BlockInputs]:
-    """Call `block` on every recorded input; the outputs become the next block's inputs."""
-    outputs = []
+def run_block(block: nn.Module, inputs, keep_outputs: bool = True, into=None):
+    """Call `block` on every recorded input; the outputs become the next block's inputs, appended to `into`
+    (default: a new list; `core.activations.SpilledActivations` writes them to disk) and returned."""
+    outputs = [] if into is None else into
     with maths_for(block):
         for item in inputs:
             hidden = hidden_states_of(block(*item.args, **item.kwargs))

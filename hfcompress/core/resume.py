@@ -1,6 +1,7 @@
 """What a streaming run has finished, kept in its partial output folder so that a killed run can continue
-(`--resume`): the settings it runs with, how many blocks are written, what each written layer became, and the
-next block's inputs. Only the hidden states are kept: the block's other arguments (position embeddings, masks)
+(`--resume`): the settings it runs with, how many blocks are written, what each written layer became, and
+which folder holds the next block's inputs (the run keeps its activations on disk in the same folder,
+`core.activations`). Only the hidden states are kept: the block's other arguments (position embeddings, masks)
 are recomputed from the calibration data, which the settings pin.
 
 Each file is written to a temporary name and renamed, the progress file last: whatever moment a run is killed
@@ -12,17 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .capture import BlockInputs, hidden_states_of, with_hidden_states
+from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations
+from .capture import BlockInputs
 
-__all__ = ["ACTIVATIONS_FILE", "PROGRESS_FILE", "RunProgress", "settings_digest"]
+__all__ = ["PROGRESS_FILE", "RunProgress", "settings_digest"]
 
 PROGRESS_FILE = "hfcompress_progress.json"
-ACTIVATIONS_FILE = "hfcompress_activations.safetensors"
 
 
 def settings_digest(batches: list[torch.Tensor]) -> str:
@@ -42,10 +43,6 @@ def _flat(settings: dict) -> dict:
         else:
             flat[key] = value
     return flat
-
-
-def _hidden(item: BlockInputs) -> torch.Tensor:
-    return hidden_states_of(item.args) if item.args else item.kwargs["hidden_states"]
 
 
 class RunProgress:
@@ -72,26 +69,27 @@ class RunProgress:
             )
         return state
 
-    def save(self, blocks_done: int, layers: dict, next_inputs: list[BlockInputs] | None) -> None:
+    def save(self, blocks_done: int, layers: dict, next_inputs: SpilledActivations | None) -> None:
         """Record `blocks_done` blocks written, `layers` (per written layer, what rebuilds its module), and the
-        inputs of the next block."""
-        if next_inputs is not None:
-            hidden = {str(i): _hidden(item).contiguous() for i, item in enumerate(next_inputs)}
-            temporary = self.folder / (ACTIVATIONS_FILE + ".tmp")
-            save_file(hidden, temporary)
-            os.replace(temporary, self.folder / ACTIVATIONS_FILE)
+        inputs of the next block (kept on disk inside this run's folder)."""
         state = {"settings": self.settings, "blocks_done": blocks_done, "layers": layers}
+        if next_inputs is not None:
+            if next_inputs.folder.parent != self.folder:
+                raise ValueError(f"the next block's inputs must be kept in {self.folder}, not {next_inputs.folder}")
+            state["inputs"] = next_inputs.folder.name
         temporary = self.folder / (PROGRESS_FILE + ".tmp")
         temporary.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         os.replace(temporary, self.folder / PROGRESS_FILE)
 
-    def next_inputs(self, first: list[BlockInputs]) -> list[BlockInputs]:
-        """`first` (the first block's inputs, recomputed) with the saved hidden states in place of their own."""
-        hidden = load_file(self.folder / ACTIVATIONS_FILE)
-        if len(hidden) != len(first):
-            raise ValueError(f"the saved block inputs hold {len(hidden)} batches, the calibration data {len(first)}")
-        return [with_hidden_states(item, hidden[str(i)]) for i, item in enumerate(first)]
+    def next_inputs(self, first: list[BlockInputs]) -> SpilledActivations:
+        """The saved inputs of the next block, with the other arguments of `first` (the first block's inputs,
+        recomputed)."""
+        state = json.loads((self.folder / PROGRESS_FILE).read_text(encoding="utf-8"))
+        return SpilledActivations.reopen(self.folder / state["inputs"], first)
 
     def clear(self) -> None:
-        for name in (PROGRESS_FILE, ACTIVATIONS_FILE):
-            (self.folder / name).unlink(missing_ok=True)
+        """Remove the progress file and every kept activation (the run is complete)."""
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
+        for path in self.folder.iterdir():
+            if path.is_dir() and path.name.startswith((INPUTS, OUTPUTS, SCRATCH)):
+                shutil.rmtree(path)

@@ -6,13 +6,16 @@ written out one at a time (`core.streaming.BlockStream`)."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations
 from .calibration import BlockSolver, calibrate_block
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .structure import find_layer_stack, find_layer_stacks, linear_weight, set_linear_weight
@@ -48,6 +51,7 @@ def calibrate_blocks(
     inputs: list[BlockInputs] | None = None,
     replay: str = "all",
     rows: dict[str, int] | None = None,
+    spill: str | os.PathLike | None = None,
 ) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
     """Calibrate the targets of every block in turn, each block on the previous ones' outputs as solved.
 
@@ -61,11 +65,13 @@ def calibrate_blocks(
     `inputs`: the first block's inputs, when the caller captured them already (default: captured here from
     `batches`). `replay`: which submodule outputs the staged path holds (see `calibrate_block`). `rows`, when
     given, is filled with the calibration rows (tokens) each target saw, by full name (experts: those routed to
-    them).
+    them). `spill`: a folder where the blocks' inputs and outputs, and what the staged path holds between
+    stages, are kept instead of memory (`core.activations`), one batch read at a time; each block's outputs go to `outputs-<prefix>` in it, and
+    the files of a block's inputs are deleted once its outputs have been handed to `stream.offload`.
     """
     walk = _walk(
         model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,
-        inputs, replay, rows,
+        inputs, replay, rows, spill,
     )  # fmt: skip
     for block, prefix, solved in walk:
         yield block, prefix, solved[None]
@@ -94,20 +100,26 @@ def calibrate_streams(
 
 def _walk(
     model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool,
-    disk=None, first=None, replay: str = "all", rows: dict | None = None,
+    disk=None, first=None, replay: str = "all", rows: dict | None = None, spill=None,
 ):  # fmt: skip
+    prefixes = block_prefixes(model, blocks)
     if first is None:
         first = capture_block_inputs(model, blocks[0], batches)
+    if spill is not None and not isinstance(first, SpilledActivations):
+        first = SpilledActivations.spill(Path(spill) / f"{INPUTS}{prefixes[0]}", first)
     inputs = {stream: first for stream in streams}
     traces: dict[tuple, BlockTrace] = {}
-    for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
+    for block, prefix in zip(tqdm(blocks, desc=desc), prefixes, strict=True):
         if disk is not None:
             disk.onload(block, prefix)
+        into = list if spill is None else functools.partial(SpilledActivations, Path(spill) / f"{OUTPUTS}{prefix}")
+        before = dict(inputs)  # the dict is updated in place below
         modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if not modules:
-            inputs = {stream: run_block(block, x) for stream, x in inputs.items()}
+            inputs = {stream: run_block(block, x, into=into()) for stream, x in inputs.items()}
             if disk is not None:
                 disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
+            _drop_spilled(before)
             continue
         # blocks of one stack can differ inside (T5's first block alone holds the relative position bias)
         key = (type(block), frozenset(modules), tuple(name for name, _ in block.named_modules()))
@@ -121,8 +133,9 @@ def _walk(
             solve = make_solver(stream, block, prefix, modules)
             try:
                 inputs[stream], solved[stream], _ = calibrate_block(
-                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay, seen
-                )
+                    block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay, seen,
+                    into, None if spill is None else Path(spill) / f"{SCRATCH}{prefix}",
+                )  # fmt: skip
             finally:
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight, exact=True)
@@ -131,6 +144,15 @@ def _walk(
         yield block, prefix, solved
         if disk is not None:
             disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
+        _drop_spilled(before)
+    _drop_spilled(inputs)  # the last block's outputs: no block reads them
+
+
+def _drop_spilled(inputs: dict) -> None:
+    """Delete the files of spilled block inputs that have been used (the next block's are written)."""
+    for x in inputs.values():
+        if isinstance(x, SpilledActivations):
+            x.remove()
 
 
 def for_each_block_hessian(

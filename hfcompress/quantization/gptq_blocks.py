@@ -109,12 +109,14 @@ def quantize_blocks(
     rows: dict[str, int] | None = None,
     errors: dict | None = None,
     max_ranks: dict[str, int] | None = None,
+    spill=None,
 ) -> set[str]:
     """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
     where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
     config's grid everywhere). With a `stream` (`core.streaming.BlockStream`) the blocks are onloaded from disk
     and written out one at a time; `inputs` are the first block's inputs if already captured; `replay` trades
-    activations held for compute (see `core.calibration.calibrate_block`). Experts of a mixture-of-experts layer
+    activations held for compute (see `core.calibration.calibrate_block`); `spill` is a folder to keep the
+    blocks' inputs and outputs in instead of memory (`core.walk.calibrate_blocks`). Experts of a mixture-of-experts layer
     see every calibration token with `config.calibrate_all_experts`, else those routed to them; `rows`, when
     given, is filled with the tokens each target saw. `errors`, when given, is filled with each target's
     `compensation.ErrorFactors` (its quantization error's whitened SVD, up to rank `max_ranks[name]`)."""
@@ -149,6 +151,7 @@ def quantize_blocks(
         inputs=inputs,
         replay=replay,
         rows=rows,
+        spill=spill,
     )
     with routing_all_tokens(model, config.calibrate_all_experts):
         _replace_solved(calibration, plans, config, act_order, scale_dtype, done)

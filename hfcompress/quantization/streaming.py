@@ -1,8 +1,11 @@
 """GPTQ and round-to-nearest on a model streamed from disk: the model is a skeleton on the meta device, each
 block is read from the checkpoint's shards in its stored dtype, quantized (GPTQ calibrates it on the previous blocks'
 outputs, exactly as in memory, its maths in float32), written to the output folder's shard of that block at
-once and freed. Peak memory is one block as stored, the embeddings while the first block's inputs are captured, and the
-calibration activations, whatever the depth; the codes are those of the in-memory run.
+once and freed. A block's calibration activations (its inputs and outputs, what its staged calibration holds
+between stages) are kept on disk in the output folder and read back one batch at a time (`core.activations`).
+Peak memory is one block as stored and one batch of activations, whatever the depth and the number of calibration
+tokens, except while the first block's inputs are captured (the embeddings and those inputs); the codes are those
+of the in-memory run.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..core.activations import INPUTS, SpilledActivations, check_spill_space
 from ..core.capture import capture_block_inputs
 from ..core.resume import RunProgress, settings_digest
 from ..core.streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
@@ -67,6 +71,12 @@ def quantize_streaming(
     prefixes = block_prefixes(model, blocks)
     calibrated = isinstance(config, GPTQConfig)
     batches = calibration_data(model, config, tokenizer) if calibrated else None
+    if calibrated:
+        text = model.config.get_text_config()
+        hidden = text.hidden_size
+        check_spill_space(
+            folder, sum(b.numel() for b in batches), hidden, getattr(text, "intermediate_size", 4 * hidden)
+        )
 
     settings = {
         "model": os.path.abspath(model_path),
@@ -121,9 +131,11 @@ def quantize_streaming(
         release(model)  # the embeddings are not needed again until they are written
         if start:
             inputs = progress.next_inputs(inputs)
+        else:  # the blocks' inputs and outputs are kept on disk, beside the progress that names them
+            inputs = SpilledActivations.spill(Path(folder) / f"{INPUTS}{prefixes[0]}", inputs)
         # memory over speed: only attention and MLP outputs are replayed (the same codes)
         done |= quantize_blocks(
-            model, todo, batches, targets, config, scale_dtype, plans, stream, inputs, replay="lean"
+            model, todo, batches, targets, config, scale_dtype, plans, stream, inputs, replay="all", spill=folder
         )
     elif len(todo):
         for block, prefix in zip(tqdm(todo, desc="round-to-nearest blocks"), prefixes[start:], strict=True):
