@@ -4,9 +4,13 @@ whitened SVD and k-means all start from it)."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+
 import torch
 
 from .distributed import reduce_mean
+from .linalg import invert_lower_, permute_symmetric_, reverse_, transpose_
 
 __all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper", "symmetrize_upper_"]
 
@@ -74,8 +78,9 @@ def inverse_cholesky(
 ) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (of H with rows and columns in the order `perm`, when given), dampening the
     diagonal until H is positive definite; with `fix_dead`, zero diagonal entries (inputs that are always zero)
-    count as 1. The work needs two more matrices of H's size, or with `overwrite` one: the factor is then
-    written into H's memory (H is lost; for a wide layer that is hundreds of MB saved)."""
+    count as 1. Everything happens in one matrix of H's size (`core.linalg`): a copy of H, or with `overwrite`
+    H's own memory (H is lost; for a wide layer that is hundreds of MB saved, and H's values wait in a
+    temporary file in case the dampening must be raised)."""
     if not bool(torch.isfinite(H).all()):
         raise ValueError(
             "the Hessian holds NaN or infinite values: the model's weights or its activations on the calibration data "
@@ -87,45 +92,56 @@ def inverse_cholesky(
         diagonal[diagonal == 0] = 1
     # H = U Uᵀ with U upper triangular is the lower Cholesky factor L of H with rows and columns reversed, reversed
     # back; then H⁻¹ = U⁻ᵀ U⁻¹, so U⁻¹ (= L⁻¹ reversed) is the upper Cholesky factor of H⁻¹: one factorization and
-    # one triangular solve, instead of `cholesky_inverse` (slow on CPU) and a second factorization
+    # one triangular inversion, instead of `cholesky_inverse` (slow on CPU) and a second factorization
     reverse = (torch.arange(n, device=H.device) if perm is None else perm.to(H.device)).flip(0)
     damp = damp_percent * torch.mean(diagonal)
     info = torch.empty((), dtype=torch.int32, device=H.device)
-    for _ in range(6):
-        L = torch.empty_like(H)
-        for i in range(0, n, _ROWS):  # a block of rows at a time: no second permuted copy
-            L[i : i + _ROWS] = H.index_select(0, reverse[i : i + _ROWS]).index_select(1, reverse)
-        L.diagonal().copy_(diagonal[reverse] + damp)
-        # LAPACK works on column-major matrices: handed the (symmetric) matrix as its transposed view, it
-        # factorizes in place instead of through a hidden copy
-        L = L.mT
-        torch.linalg.cholesky_ex(L, out=(L, info))
-        if info == 0:
-            inverse = H if overwrite else torch.empty_like(H)
-            inverse.zero_().diagonal().fill_(1)
-            torch.linalg.solve_triangular(L, inverse, upper=False, out=inverse)
-            del L
-            return _reverse_(inverse)
-        del L
-        damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(diagonal).clamp(min=1e-8)
+    in_place = overwrite and H.is_contiguous()
+    X = permute_symmetric_(H if in_place else H.clone(memory_format=torch.contiguous_format), reverse)
+    with _Backup(X) if in_place else contextlib.nullcontext() as backup:
+        for _ in range(6):
+            X.diagonal().copy_(diagonal[reverse] + damp)
+            # LAPACK works on column-major matrices: handed the (symmetric) matrix as its transposed view, it
+            # factorizes in place instead of through a hidden copy; X then holds Lᵀ
+            L = X.mT
+            torch.linalg.cholesky_ex(L, out=(L, info))
+            if info == 0:
+                invert_lower_(L.tril_())
+                return reverse_(transpose_(X))  # L⁻¹, rows and columns reversed
+            if in_place:
+                backup.restore()
+            else:
+                permute_symmetric_(X.copy_(H), reverse)
+            damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(diagonal).clamp(min=1e-8)
     raise ValueError("the Hessian is not positive definite even after dampening; check the calibration data")
 
 
-_ROWS = 512
+class _Backup:
+    """The values of a contiguous matrix, kept outside memory (a temporary file on the CPU, host memory for a
+    device's matrix) until `restore()` puts them back."""
 
+    def __init__(self, X: torch.Tensor):
+        self.X = X
 
-def _reverse_(X: torch.Tensor) -> torch.Tensor:
-    """X with its rows and columns reversed (`X.flip(0, 1)`), in place, a block of rows at a time; returns X."""
-    n = X.shape[0]
-    half = n // 2
-    for i in range(0, half, _ROWS):
-        j = min(i + _ROWS, half)
-        top = X[i:j].flip(0, 1)
-        X[i:j] = X[n - j : n - i].flip(0, 1)
-        X[n - j : n - i] = top
-    if n % 2:
-        X[half] = X[half].flip(0)
-    return X
+    def __enter__(self):
+        if self.X.is_cpu:
+            self.file = tempfile.TemporaryFile()
+            self.file.write(memoryview(self.X.numpy()))
+        else:
+            self.copy = self.X.cpu()
+        return self
+
+    def restore(self) -> None:
+        if self.X.is_cpu:
+            self.file.seek(0)
+            self.file.readinto(memoryview(self.X.numpy()).cast("B"))
+        else:
+            self.X.copy_(self.copy)
+
+    def __exit__(self, *exc):
+        if self.X.is_cpu:
+            self.file.close()
+        self.copy = None
 
 
 class Hessian:
