@@ -24,13 +24,19 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gptq import SHARED, add_data_arguments, load, parse_variant, prepare_data, run_peer, score, score_peer
+from bench_gptq import (
+    SHARED,
+    add_data_arguments,
+    load,
+    parse_variant,
+    quality_setup,
+    run_peer,
+    score,
+    score_peer,
+)
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 import hfcompress
-from hfcompress.hub.record import hardware_description
 
 
 def configs(bits: int, group_size: int, calibration: torch.Tensor, variants=(), only_variants=False) -> dict:
@@ -60,16 +66,9 @@ def main():
     )  # fmt: skip
     parser.add_argument("--only-variants", action="store_true", help="skip the RTN, GPTQ and AWQ default rows")
     args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    heldout, calibration = prepare_data(args, tokenizer)
+    heldout, calibration, _, reference, header = quality_setup(args, "AWQ")
     texts = list(heldout)
-    reference = score(load(args.model), heldout)
-    print(f"# AWQ on {Path(args.model).name}\n\n{hardware_description()}; calibration {len(calibration)} x "
-          f"{args.seq_len} tokens of {Path(args.calib).name}; held-out: "
-          f"{', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}\n")  # fmt: skip
+    print(header + "\n")
     print("| setting | method | " + " | ".join(f"ppl {t}" for t in texts) + " | vs float32 | seconds |")
     print("| --- | --- |" + " --- |" * (len(texts) + 2))
     print("| - | float32 | " + " | ".join(f"{reference[t]:.3f}" for t in texts) + " | | |")

@@ -17,15 +17,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from bench_gptq import SHARED, add_data_arguments, load, prepare_data, score
-from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
+from bench_gptq import SHARED, add_data_arguments, load, quality_setup, score
 
 import hfcompress
 from hfcompress.evaluation.footprint import bits_per_weight
-from hfcompress.hub.record import hardware_description
 
 
 def main():
@@ -35,16 +31,9 @@ def main():
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5], help="compensation bits per weight")
     args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    heldout, calibration = prepare_data(args, tokenizer)
+    heldout, calibration, _, reference, header = quality_setup(args, "Low-rank compensation")
     texts = list(heldout)
-    reference = score(load(args.model), heldout)
-    print(f"# Low-rank compensation on {Path(args.model).name}\n\n{hardware_description()}; calibration "
-          f"{len(calibration)} x {args.seq_len} tokens of {Path(args.calib).name}; held-out: "
-          f"{', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}\n")  # fmt: skip
+    print(header + "\n")
     print("| method | bits per weight | " + " | ".join(f"ppl {t}" for t in texts)
           + " | vs float32 | seconds | vs the w3-w4 line |")  # fmt: skip
     print("| --- | --- |" + " --- |" * (len(texts) + 3))

@@ -83,6 +83,23 @@ def score(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: perplexity(model, windows) for name, windows in heldout.items()}
 
 
+def quality_setup(args, title: str):
+    """What every quality benchmark starts with: transformers quiet, the held-out and calibration windows,
+    the float32 model and its perplexity on each text, and the header line naming the model, the CPU and the data.
+    Returns (held-out windows by text, calibration windows, the float32 model, its perplexities, header)."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    heldout, calibration = prepare_data(args, AutoTokenizer.from_pretrained(args.model))
+    reference_model = load(args.model)
+    reference = score(reference_model, heldout)
+    header = (
+        f"# {title} on {Path(args.model).name}\n\n{hardware_description()}; calibration {len(calibration)} x "
+        f"{args.seq_len} tokens of {Path(args.calib).name}; held-out: "
+        + ", ".join(f"{len(w)} windows of {n}" for n, w in heldout.items())
+    )
+    return heldout, calibration, reference_model, reference, header
+
+
 def mean_of(results: list[dict]) -> dict:
     """The mean over calibration draws of each figure (perplexity per text), the single draws kept."""
     texts = results[0]["perplexity"]

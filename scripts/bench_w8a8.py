@@ -15,15 +15,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from bench_gptq import SHARED, add_data_arguments, load, prepare_data, score
-from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
+from bench_gptq import SHARED, add_data_arguments, load, quality_setup, score
 
 import hfcompress
-from hfcompress.hub.record import hardware_description
 
 
 @torch.inference_mode()
@@ -50,18 +46,10 @@ def main():
     parser.add_argument("--tokens", type=int, default=512, help="tokens of the timed forward pass")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    heldout, calibration = prepare_data(args, tokenizer)
+    heldout, calibration, reference_model, reference, header = quality_setup(args, "W8A8")
     texts = list(heldout)
-    reference_model = load(args.model)
-    reference = score(reference_model, heldout)
     ids = next(iter(heldout.values()))[:1, : args.tokens]
-    print(f"# W8A8 on {Path(args.model).name}\n\n{hardware_description()}; torch {torch.__version__}; calibration {len(calibration)} x {args.seq_len} tokens of "
-          f"{Path(args.calib).name}; held-out: {', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}; "
-          f"forward: 1 x {ids.shape[1]} tokens, median of {args.repeats}\n")  # fmt: skip
+    print(f"{header}; torch {torch.__version__}; forward: 1 x {ids.shape[1]} tokens, median of {args.repeats}\n")
     print("| weights | SmoothQuant α | " + " | ".join(f"ppl {t}" for t in texts)
           + " | vs float32 | seconds | forward ms (float32 / W8A8) | speed-up |")  # fmt: skip
     print("| --- | --- |" + " --- |" * (len(texts) + 4))
