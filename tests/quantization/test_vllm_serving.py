@@ -64,6 +64,12 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
     served = json.loads(result.stdout.strip().splitlines()[-1])
     if served[folders[0]].get("errors"):
         pytest.skip(f"vLLM does not serve even the unquantized model on this machine: {served[folders[0]]['errors']}")
+    unsupported = {Path(f).name: served[f]["unsupported"] for f in folders if "unsupported" in served[f]}
     for folder in folders:
+        if "unsupported" in served[folder]:
+            continue
         assert not served[folder].get("errors"), (folder, served[folder])
         assert abs(served[folder]["relative"]) < 0.01, (folder, served[folder])
+    assert "w8a8" not in unsupported  # its kernel is in every x86 build: only weight-only int may be missing
+    if unsupported:
+        pytest.skip(f"the others served; vLLM here cannot run {unsupported}")
