@@ -171,7 +171,7 @@ def main() -> None:
         rows += processes(args)
     methods = " and ".join(m.upper() for m in args.methods)
     print(f"\n{hardware_description()}; {methods} w4 g128, GPTQ on {args.num_samples} x {args.seq_len} tokens\n")
-    print("| model | path | peak RSS (MB) | wall (s) | same tensors |")
+    print("| model | path | peak RSS (MiB) | wall (s) | same tensors |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['path']} | {r['peak_rss_mb']:,.0f} | {r['seconds']:.1f} | {r['same_tensors']} |")
