@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..core.linalg import all_finite
 from ..core.registry import compressed_layer_types
 
 __all__ = ["CheckpointError", "check_finite", "check_tensors", "checkpoint_tensors"]
@@ -119,7 +120,7 @@ def check_finite(model: nn.Module) -> int:
             continue
         for key in type(module).STORED_TENSORS:
             tensor = getattr(module, key, None)
-            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor is not None and tensor.is_floating_point() and not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise CheckpointError(f"{name}.{key} holds {bad} NaN or infinite value(s): the checkpoint is corrupt")
         checked += 1

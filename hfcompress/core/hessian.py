@@ -10,7 +10,7 @@ import tempfile
 import torch
 
 from .distributed import reduce_mean
-from .linalg import invert_lower_, permute_symmetric_, reverse_, transpose_
+from .linalg import all_finite, invert_lower_, permute_symmetric_, reverse_, transpose_
 
 __all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper", "symmetrize_upper_"]
 
@@ -81,7 +81,7 @@ def inverse_cholesky(
     count as 1. Everything happens in one matrix of H's size (`core.linalg`): a copy of H, or with `overwrite`
     H's own memory (H is lost; for a wide layer that is hundreds of MB saved, and H's values wait in a
     temporary file in case the dampening must be raised)."""
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         raise ValueError(
             "the Hessian holds NaN or infinite values: the model's weights or its activations on the calibration data "
             "are not finite (check the model with `hfcompress verify`)"

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from ..checkpoint import CheckpointError
+from ..core.linalg import all_finite
 from ..core.registry import compressed_layer_types
 from ..evaluation.footprint import file_digest
 from ..hub.record import RECORD_FILE
@@ -36,7 +37,7 @@ def verify_folder(folder: str | os.PathLike) -> dict:
                 f"{os.fspath(folder)}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:10]}"
             )
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(f"{os.fspath(folder)}: {name} holds NaN or infinite values")
     outputs = None
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hfcompress.core.hessian import inverse_cholesky
-from hfcompress.core.linalg import invert_lower_, permute_symmetric_, reverse_, transpose_
+from hfcompress.core.linalg import all_finite, invert_lower_, permute_symmetric_, reverse_, transpose_
 
 # sizes below, at and across the 512-row blocks, odd ones crossing the middle row
 SIZES = [1, 7, 512, 1030]
@@ -47,3 +47,14 @@ def test_a_factor_that_needs_more_dampening_is_the_same_when_it_takes_the_hessia
     taken = inverse_cholesky(owned, damp_percent=0.0, overwrite=True)  # its values come back from the backup
     assert taken.data_ptr() == owned.data_ptr() and torch.equal(taken, kept)
     assert torch.isfinite(kept).all() and torch.equal(kept, kept.triu())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_value_in_any_chunk(bad):
+    X = torch.randn(37, 29)
+    assert all_finite(X, elements=100)
+    for index in (0, 99, 100, X.numel() - 1):
+        Y = X.clone()
+        Y.view(-1)[index] = bad
+        assert not all_finite(Y, elements=100)
+        assert not all_finite(Y.t(), elements=100)  # not contiguous
