@@ -80,3 +80,17 @@ def test_scales_are_the_stored_values(dtype):
     step = quantized.scales[:, g]
     # a scale rounded down by the dtype shrinks the range by up to 15 steps x its relative rounding error
     assert bool((error <= step * (0.5 + 15 * torch.finfo(dtype).eps) + 1e-7).all())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [8, -1])
+def test_dequantize_in_row_chunks_is_the_whole_formula(act_order, group_size):
+    torch.manual_seed(0)
+    quantized = rtn_quantize(torch.randn(10, 32), bits=3, group_size=group_size, sym=False)
+    if act_order:  # act-order: any column may belong to any group
+        quantized.g_idx = quantized.g_idx[torch.randperm(32)]
+    g = quantized.g_idx.long()
+    whole = (quantized.codes.float() - quantized.zeros[:, g]) * quantized.scales[:, g]
+    for rows in (1, 3, 256):
+        assert torch.equal(quantized.dequantize(torch.float32, rows=rows), whole)
+    assert torch.equal(quantized.dequantize(torch.bfloat16, rows=3), whole.bfloat16())
