@@ -36,6 +36,7 @@ from .capture import (
     run_block,
     with_hidden_states,
 )
+from .deferred import restore_weight
 from .hessian import Hessian
 from .memory import trim_heap
 from .precision import maths_for
@@ -351,6 +352,8 @@ def calibrate_block(
                 return outputs, solved, True
             except _ReplayUnsafe as e:
                 logger.warning("%s: %s; calibrating this block with the two-pass path instead", prefix, e)
+                for module in modules.values():  # solved layers may make their weight from codes
+                    restore_weight(module)
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight, exact=True)
                 if reload is not None:

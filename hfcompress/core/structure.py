@@ -33,9 +33,10 @@ def linear_weight(module: nn.Module):
 
 def set_linear_weight(module: nn.Module, weight, exact: bool = False) -> None:
     """Write an [out, in] weight into a linear-like module, cast to its dtype; with `exact`, a weight of
-    another dtype replaces the parameter instead (a float32 result in a bfloat16 model stays unrounded)."""
+    another dtype replaces the parameter instead (a float32 result in a bfloat16 model stays unrounded). A weight
+    on the meta device (freed, or deferred: `core.deferred`) is replaced."""
     value = weight.t() if isinstance(module, Conv1D) else weight
-    if exact and value.dtype != module.weight.dtype:
+    if module.weight.is_meta or (exact and value.dtype != module.weight.dtype):
         module.weight = nn.Parameter(value.contiguous(), requires_grad=False)
     else:
         module.weight.data.copy_(value)

@@ -6,11 +6,13 @@ Linears that read the same tensor (q/k/v, gate/up) share one Hessian and are qua
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from torch import nn
 
+from ..core.deferred import defer_weight, restore_weight
 from ..core.distributed import gather_rows, rank, row_shares
 from ..core.experts import routing_all_tokens
 from ..core.streaming import release
@@ -36,17 +38,20 @@ def quantize_group(
     scale_dtype,
     plans=None,
     overwrite_hessian: bool = False,
+    defer: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ on the stacked weights of linears sharing one input (one by one when their plans differ in bits or
     group size); each layer's weight becomes its dequantized value, in float32, so the rest of the block runs
     on it. `plans` maps names (relative to the block) to `LayerPlan`s; without one a layer gets `config`'s
-    grid. With `overwrite_hessian` the solve may use H's memory (H is lost: the caller must not need it)."""
+    grid. With `overwrite_hessian` the solve may use H's memory (H is lost: the caller must not need it). With
+    `defer`, that value is made from the codes for each forward instead of held (`core.deferred`: a quarter of
+    the memory, the same outputs; the weight's values cannot be read between forwards)."""
     plans = plans or {}
     grids = {(plans[n].bits, plans[n].group_size) if n in plans else (config.bits, config.group_size) for n in names}
     if len(grids) > 1:
         result = {}
         for name in names:
-            result.update(quantize_group([name], modules, H, config, scale_dtype, plans))
+            result.update(quantize_group([name], modules, H, config, scale_dtype, plans, defer=defer))
         return result
     bits, group_size = grids.pop()
     weights = [linear_weight(modules[name]).detach() for name in names]  # as held: GPTQ makes the float32 copy
@@ -89,7 +94,10 @@ def quantize_group(
         quantized = QuantizedWeight(codes, s, z, stacked.g_idx, bits)
         module = modules[name]
         # in float32 whatever the model's dtype: the rest of the block runs on the weights the codes give
-        set_linear_weight(module, quantized.dequantize(torch.float32), exact=True)
+        if defer:
+            defer_weight(module, functools.partial(quantized.dequantize, torch.float32))
+        else:
+            set_linear_weight(module, quantized.dequantize(torch.float32), exact=True)
         result[name] = quantized
     return result
 
@@ -126,8 +134,8 @@ def quantize_blocks(
 
     def make_solver(block, prefix, modules):
         block_plans = {n: plans[f"{prefix}.{n}"] for n in modules}
-        if errors is None:  # each Hessian is solved once: its memory can go to the solve
-            return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans, True)
+        if errors is None:  # each Hessian is solved once (its memory can go to the solve), no weight is read back
+            return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans, True, True)
 
         def solve_and_measure(names, H):
             originals = {n: linear_weight(modules[n]).detach().float().clone() for n in names}
@@ -164,5 +172,6 @@ def _replace_solved(calibration, plans, config, act_order: bool, scale_dtype, do
             module = block.get_submodule(name)
             layer = quantized_layer(q, plans[f"{prefix}.{name}"], config.sym, act_order, module.bias, scale_dtype)
             set_submodule(block, name, layer)
+            restore_weight(module)  # its hooks hold the codes, and `targets` holds it until the run ends
             release(module)  # the float weight it replaced is not needed any more (and is no longer the model's)
             done.add(f"{prefix}.{name}")
