@@ -29,6 +29,9 @@ def _layout(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return starts // 32, starts % 32
 
 
+_PACK_CODES = 1 << 20  # codes packed at once
+
+
 def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Pack unsigned `codes` (any integer dtype, values < 2**bits) of a 2-D tensor along `dim` into int32."""
     if not 1 <= bits <= 8:
@@ -36,6 +39,9 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     if dim in (0, -2):
         return pack_codes(codes.t(), bits).t().contiguous()
     rows, cols = codes.shape
+    chunk = max(1, _PACK_CODES // max(cols, 1))
+    if rows > chunk:  # the int64 temporaries below are 24 bytes a code: a few rows at a time
+        return torch.cat([pack_codes(codes[i : i + chunk], bits) for i in range(0, rows, chunk)])
     values = F.pad(codes.to(torch.int64), (0, (-cols) % 32)).reshape(rows, -1, 32)
     words = torch.zeros(rows, values.shape[1], bits + 1, dtype=torch.int64, device=codes.device)
     word_idx, shift = _layout(bits, codes.device)

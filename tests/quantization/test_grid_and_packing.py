@@ -94,3 +94,17 @@ def test_dequantize_in_row_chunks_is_the_whole_formula(act_order, group_size):
     for rows in (1, 3, 256):
         assert torch.equal(quantized.dequantize(torch.float32, rows=rows), whole)
     assert torch.equal(quantized.dequantize(torch.bfloat16, rows=3), whole.bfloat16())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dim", [0, -1])
+def test_packing_a_few_rows_at_a_time_packs_the_same_words(bits, dim, monkeypatch):
+    from hfcompress.core import packing
+
+    codes = torch.randint(0, 2**bits, (45, 70), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    whole = pack_codes(codes, bits, dim)
+    monkeypatch.setattr(packing, "_PACK_CODES", 100)  # one or two rows per pass, a ragged last one
+    chunked = pack_codes(codes, bits, dim)
+    assert torch.equal(chunked, whole)
+    n = codes.shape[0] if dim == 0 else codes.shape[1]
+    assert torch.equal(unpack_codes(chunked, bits, n, dim).to(torch.uint8), codes)
