@@ -34,13 +34,15 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
-    """Run `model` on each batch of token ids up to `first_block` and record that block's inputs.
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor], into=None):
+    """Run `model` on each batch of token ids up to `first_block` and record that block's inputs, appended to
+    `into` as each batch produces them (default: a new list; `core.activations.SpilledActivations` writes each
+    to disk at once), which is returned.
 
     Nothing after the first block runs, so the cost is the embeddings alone. Weights stored in bfloat16 or
     float16 compute in float32 (`core.precision`), here and in `run_block`: the inputs are float32.
     """
-    return _run_until(model, first_block, batches, outputs=False)
+    return _run_until(model, first_block, batches, outputs=False, captured=into)
 
 
 @torch.no_grad()
@@ -49,8 +51,8 @@ def capture_block_outputs(model: nn.Module, block: nn.Module, batches: list[torc
     return _run_until(model, block, batches, outputs=True)
 
 
-def _run_until(model: nn.Module, module: nn.Module, batches: list[torch.Tensor], outputs: bool) -> list:
-    captured: list = []
+def _run_until(model: nn.Module, module: nn.Module, batches: list[torch.Tensor], outputs: bool, captured=None):
+    captured = [] if captured is None else captured
 
     def pre_hook(_, args, kwargs):
         captured.append(BlockInputs(args, dict(kwargs)))

@@ -127,13 +127,13 @@ def quantize_streaming(
         # what runs before the first block: everything outside the stack but the output layer
         head = _output_names(model)
         checkpoint.materialize(model, [n for n in outside if n not in head], save_dtype)
-        inputs = capture_block_inputs(model, blocks[0], batches)
-        release(model)  # the embeddings are not needed again until they are written
-        if start:
-            inputs = progress.next_inputs(inputs)
+        if start:  # the next block's inputs are on disk: only their other arguments are taken from these
+            inputs = progress.next_inputs(capture_block_inputs(model, blocks[0], batches))
         else:  # the blocks' inputs and outputs are kept on disk, beside the progress that names them
-            inputs = SpilledActivations.spill(Path(folder) / f"{INPUTS}{prefixes[0]}", inputs)
-        # memory over speed: only attention and MLP outputs are replayed (the same codes)
+            spilled = SpilledActivations(Path(folder) / f"{INPUTS}{prefixes[0]}")
+            inputs = capture_block_inputs(model, blocks[0], batches, into=spilled)
+        release(model)  # the embeddings are not needed again until they are written
+        # with every record on disk, replaying all settled submodules costs no memory and the least compute
         done |= quantize_blocks(
             model, todo, batches, targets, config, scale_dtype, plans, stream, inputs, replay="all", spill=folder
         )
