@@ -20,6 +20,7 @@ from transformers.utils.logging import tqdm
 
 from ..core.activations import INPUTS, SpilledActivations, check_spill_space
 from ..core.capture import capture_block_inputs
+from ..core.memory import release_large_frees
 from ..core.resume import RunProgress, settings_digest
 from ..core.streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
 from ..core.structure import find_layer_stack, linear_weight, set_submodule
@@ -61,6 +62,7 @@ def quantize_streaming(
             "it does not run with --offload disk yet"
         )
     checkpoint = ShardedCheckpoint(model_path)
+    release_large_frees()  # memory over allocation speed: freed activations and solves go back at once
     save_dtype = checkpoint.stored_dtype()
     # weights stay in the checkpoint's dtype; the calibration computes in float32 (`core.precision`)
     model = checkpoint.skeleton(task, save_dtype)
