@@ -1,7 +1,8 @@
 """Float32 maths on weights stored in lower precision: a model (or one streamed block) can stay in its
 checkpoint's bfloat16 or float16, half the memory of float32, while every matmul, convolution and
-normalization that reads a weight computes in float32, the weight upcast for that one call. Upcasting is
-exact, so activations, Hessians and codes are those of the model loaded in float32.
+normalization that reads a weight computes in float32, the weight upcast for that one call (a large linear's a
+block of rows at a time: `core.rowwise`). Upcasting is exact, so activations, Hessians and codes are those of the
+model loaded in float32.
 
     with float32_maths():
         hidden = block(hidden)          # block weights bf16, hidden states and the maths float32
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .rowwise import linear_by_rows, rows_per_block
 
 __all__ = [
     "LOW_PRECISION",
@@ -53,11 +56,25 @@ def _upcast(value):
 class _Float32Maths(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.linear and _large_low_precision(args[1] if len(args) > 1 else kwargs["weight"]):
+            return _linear_by_rows(*args, **kwargs)
         if func in _UPCAST and "out" not in kwargs:  # a call writing into `out=` runs as written
             return func(*_upcast(args), **{k: _upcast(v) for k, v in kwargs.items()})
         if func in _CAST_RESULT:
             return _upcast(func(*args, **kwargs))
         return func(*args, **kwargs)
+
+
+def _large_low_precision(weight) -> bool:
+    """Whether upcasting the whole of `weight` would make a float32 copy worth making a block at a time."""
+    return weight.dtype in LOW_PRECISION and weight.dim() == 2 and weight.shape[0] > rows_per_block(weight.shape[1])
+
+
+def _linear_by_rows(input, weight, bias=None):
+    # a block of rows upcast at a time (core.rowwise): a 4096 x 11008 bfloat16 weight is not copied whole
+    return linear_by_rows(
+        _upcast(input), lambda start, stop: weight[start:stop].float(), weight.shape[0], _upcast(bias)
+    )
 
 
 _EXACT = contextvars.ContextVar("hfcompress_exact_matmuls", default=False)

@@ -95,11 +95,15 @@ def quantize_group(
         module = modules[name]
         # in float32 whatever the model's dtype: the rest of the block runs on the weights the codes give
         if defer:
-            defer_weight(module, functools.partial(quantized.dequantize, torch.float32))
+            defer_weight(module, functools.partial(_float32_rows, quantized))
         else:
             set_linear_weight(module, quantized.dequantize(torch.float32), exact=True)
         result[name] = quantized
     return result
+
+
+def _float32_rows(quantized: QuantizedWeight, start: int, stop: int) -> torch.Tensor:
+    return quantized.dequantize(torch.float32, start=start, stop=stop)
 
 
 @torch.no_grad()

@@ -42,25 +42,29 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     bits: int
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: int = 256) -> torch.Tensor:
-        """The weight the codes stand for, made `rows` rows at a time so that the float codes and the group
-        parameters spread over the columns are temporaries of a few rows (whole, they were three more copies of
-        the float32 weight); groups of consecutive columns (no act-order) broadcast instead of being gathered."""
-        out_features, in_features = self.codes.shape
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: int = 256, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """The weight the codes stand for (its rows `start:stop`, all by default), made `rows` rows at a time so
+        that the float codes and the group parameters spread over the columns are temporaries of a few rows
+        (whole, they were three more copies of the float32 weight); groups of consecutive columns (no act-order)
+        broadcast instead of being gathered."""
+        in_features = self.codes.shape[1]
+        stop = self.codes.shape[0] if stop is None else stop
         n_groups = self.scales.shape[1]
         consecutive = in_features % n_groups == 0 and torch.equal(
             self.g_idx.long(), torch.arange(in_features, device=self.g_idx.device) // (in_features // n_groups)
         )
         g = self.g_idx.long()
-        weight = torch.empty(self.codes.shape, dtype=dtype, device=self.codes.device)
-        for start in range(0, out_features, rows):
-            part = slice(start, start + rows)
+        weight = torch.empty(stop - start, in_features, dtype=dtype, device=self.codes.device)
+        for first in range(start, stop, rows):
+            part, into = slice(first, min(first + rows, stop)), slice(first - start, first - start + rows)
             if consecutive:
                 codes = self.codes[part].reshape(-1, n_groups, in_features // n_groups)
                 values = dequantize_codes(codes, self.scales[part, :, None], self.zeros[part, :, None])
-                weight[part] = values.reshape(-1, in_features)
+                weight[into] = values.reshape(-1, in_features)
             else:
-                weight[part] = dequantize_codes(
+                weight[into] = dequantize_codes(
                     self.codes[part], self.scales[part].index_select(1, g), self.zeros[part].index_select(1, g)
                 )
         return weight

@@ -1,5 +1,5 @@
-"""A solved layer's weight made from its codes for each forward (core.deferred): the same outputs as the weight
-held, no values held between forwards, and GPTQ's codes unchanged by it."""
+"""A solved layer's weight made from its codes for each forward, a block of rows at a time (core.deferred): the
+same outputs as the weight held, no values held, and GPTQ's codes unchanged by it."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hfcompress
+from hfcompress.core import rowwise
 from hfcompress.core.deferred import defer_weight, restore_weight
 from hfcompress.core.structure import linear_weight, set_linear_weight
 from hfcompress.quantization import gptq_blocks
@@ -16,49 +17,50 @@ from hfcompress.quantization.grid import rtn_quantize
 
 def _layers():
     torch.manual_seed(0)
-    linear = nn.Linear(24, 16)
-    conv1d = Conv1D(16, 24)  # GPT-2's transposed linear: (out, in) as its arguments, weight stored [in, out]
+    linear = nn.Linear(64, 600)
+    conv1d = Conv1D(600, 64)  # GPT-2's transposed linear: (out, in) as its arguments, weight stored [in, out]
     nn.init.normal_(conv1d.weight)
     return {"linear": linear, "conv1d": conv1d}
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_deferred_weight_gives_the_held_weights_outputs_and_holds_nothing_between_forwards(kind):
+@pytest.mark.parametrize("rows", [0, 256])  # one block; blocks of 256 rows
+def test_deferred_weight_gives_the_held_weights_outputs_and_holds_nothing(kind, rows, monkeypatch):
+    monkeypatch.setattr(rowwise, "ELEMENTS", rows * 64 or 1 << 22)  # weights a block: 64 a row
     layer = _layers()[kind]
     quantized = rtn_quantize(linear_weight(layer).detach(), bits=3, group_size=8, sym=False)
-    x = torch.randn(5, 24)
+    x = torch.randn(3, 5, 64)
     set_linear_weight(layer, quantized.dequantize(torch.float32), exact=True)
     held = layer(x)
 
     made = []
-    defer_weight(layer, lambda: made.append(1) or quantized.dequantize(torch.float32))
+
+    def make(start, stop):
+        made.append((start, stop))
+        return quantized.dequantize(torch.float32, start=start, stop=stop)
+
+    defer_weight(layer, make)
     assert layer.weight.is_meta
     assert torch.equal(layer(x), held)
-    assert torch.equal(layer(x), held)
-    assert len(made) == 2  # made for each forward
-    assert layer.weight.is_meta  # and dropped after it
-    assert tuple(linear_weight(layer).shape) == (16, 24)
-
-
-def test_a_failing_forward_still_drops_the_weight_and_restore_removes_the_hooks():
-    layer = _layers()["linear"]
-    defer_weight(layer, lambda: torch.ones(16, 24))
-    with pytest.raises(RuntimeError):
-        layer(torch.randn(5, 23))  # wrong width
+    assert made == ([(0, 256), (256, 512), (512, 600)] if rows else [(0, 600)])
     assert layer.weight.is_meta
+    assert tuple(linear_weight(layer).shape) == (600, 64)
     restore_weight(layer)
-    set_linear_weight(layer, torch.zeros(16, 24))  # a meta weight is replaced, not copied into
-    assert torch.equal(layer(torch.ones(2, 24)), layer.bias.expand(2, 16))
-    assert not layer._forward_pre_hooks and not layer._forward_hooks
+    set_linear_weight(layer, quantized.dequantize(torch.float32))  # a meta weight is replaced, not copied into
+    assert torch.equal(layer(x), held)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_gptq_codes_are_those_of_weights_held_in_float32(arch, monkeypatch):
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_gptq_codes_are_those_of_weights_held_in_float32(arch, by_rows, monkeypatch):
+    if by_rows:  # solved layers made 64 rows at a time
+        monkeypatch.setattr(rowwise, "MIN_ROWS", 64)
+        monkeypatch.setattr(rowwise, "ELEMENTS", 64 * 64)
     config = hfcompress.GPTQConfig(bits=4, group_size=16, dataset=token_windows(8, 32))
     deferred = hfcompress.quantize(tiny_model(arch), config).state_dict()
 
-    def hold(module, make):
-        set_linear_weight(module, make(), exact=True)
+    def hold(module, make_rows):
+        set_linear_weight(module, make_rows(0, linear_weight(module).shape[0]), exact=True)
 
     monkeypatch.setattr(gptq_blocks, "defer_weight", hold)
     held = hfcompress.quantize(tiny_model(arch), config).state_dict()

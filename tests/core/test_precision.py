@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hfcompress.core import rowwise
 from hfcompress.core.precision import float32_maths, maths_for, matmuls_must_be_exact, stores_low_precision
 from hfcompress.quantization import GPTQConfig, quantize
 from tests.helpers import tiny_model, token_windows
@@ -46,7 +47,11 @@ def test_maths_for_only_upcasts_for_low_precision_models_and_always_asks_for_exa
     assert not matmuls_must_be_exact()
 
 
-def test_gptq_on_a_bfloat16_model_gives_the_float32_codes():
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_gptq_on_a_bfloat16_model_gives_the_float32_codes(by_rows, monkeypatch):
+    if by_rows:  # weights upcast (and solved layers made from their codes) 64 rows at a time, as 4096-wide layers are
+        monkeypatch.setattr(rowwise, "MIN_ROWS", 64)
+        monkeypatch.setattr(rowwise, "ELEMENTS", 64 * 64)
     config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
     reference = quantize(tiny_model("llama").to(torch.bfloat16).float(), config)
     low = quantize(tiny_model("llama").to(torch.bfloat16), config)
