@@ -7,13 +7,18 @@ quantization error that is spread onto the columns not yet quantized.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..core.hessian import accumulate_hessian, gram_upper, inverse_cholesky, symmetrize_upper
+from ..core.rowwise import rows_per_block
 from .grid import QuantizedWeight, grid_params, quantize_to_codes
 
 # columns whose errors are spread by rank-1 updates before one matmul carries them further (see `gptq_quantize`)
 SEGMENT = 16
+# weights one pass holds in float32 (128 MiB): a wider layer's rows are solved a block at a time (see `gptq_quantize`)
+PASS_ELEMENTS = 1 << 25
 
 __all__ = [
     "accumulate_hessian",
@@ -53,10 +58,15 @@ def gptq_quantize(
 
     A layer that saw no calibration input (H all zero) is rounded to nearest. `H` is only read, unless `overwrite_hessian`: then its memory holds the inverse factor's and H is lost (for
     a wide layer, hundreds of MB fewer at the peak). `weight` is never changed.
+
+    Rows are independent given the inverse factor: a weight of more than `PASS_ELEMENTS` is solved a block of rows
+    at a time (the same codes; the float32 copy the pass works on is one block's, not the weight's).
     """
     H = H.detach().float()
     out_features, columns = weight.shape
     group = columns if group_size == -1 else group_size
+    if mask is not None and mask.shape != weight.shape:
+        raise ValueError(f"`mask` has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
 
     diagonal = torch.diag(H).clone()
     dead = diagonal == 0
@@ -65,43 +75,57 @@ def gptq_quantize(
         diagonal, dead = H.diagonal().clone(), torch.zeros_like(dead)
     diagonal[dead] = 1
     perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns, device=weight.device)
+    Hinv = inverse_cholesky(
+        H, damp_percent, perm=perm if act_order else None, fix_dead=True, overwrite=overwrite_hessian
+    )
+    # group of each column in the visiting order
+    g_visit = perm // group if act_order and static_groups else torch.arange(columns, device=weight.device) // group
+    rows = rows_per_block(columns, PASS_ELEMENTS)
+    solve = functools.partial(
+        _solve_rows, Hinv=Hinv, perm=perm, dead=dead[perm], g_visit=g_visit, group=group, bits=bits, sym=sym,
+        static_groups=act_order and static_groups, block_size=block_size, clip_search=clip_search,
+        scale_dtype=scale_dtype,
+    )  # fmt: skip
+    n_groups = columns // group
+    codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(out_features, n_groups, device=weight.device)
+    zeros = torch.empty(out_features, n_groups, device=weight.device)
+    loss = 0.0
+    for r in range(0, out_features, rows):  # rows are independent: each block of them is a pass of its own
+        part = slice(r, r + rows)
+        keep = None if mask is None else mask[part]
+        codes[part], scales[part], zeros[part], part_loss = solve(weight[part], keep)
+        loss += part_loss
+    return QuantizedWeight(codes, scales, zeros, g_visit[torch.argsort(perm)].to(torch.int32), bits), loss
+
+
+def _solve_rows(
+    weight, keep, Hinv, perm, dead, g_visit, group, bits, sym, static_groups, block_size, clip_search, scale_dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One GPTQ pass over a block of rows (the arguments are `gptq_quantize`'s; `dead` is in visiting order,
+    `keep` is the block's rows of the mask): their codes in the original column order, scales and zeros [rows,
+    groups], and their loss."""
+    out_features, columns = weight.shape
     # the pass runs on Wᵀ in visiting order: a column of W is then a contiguous row, which makes each step's
     # reads and the rank-1 update of the columns after it about 2-3x faster for wide layers; it is the one
     # float32 copy of the weight the pass makes
     Wt = torch.empty(columns, out_features, device=weight.device)
     for i in range(0, columns, block_size):  # a block of rows at a time: no second copy in the weight's dtype
         Wt[i : i + block_size] = weight.detach().t().index_select(0, perm[i : i + block_size])
-    Wt[dead[perm]] = 0
+    Wt[dead] = 0
     keep_t = None
-    if mask is not None:
-        if mask.shape != weight.shape:
-            raise ValueError(f"`mask` has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
-        keep_t = mask.to(device=Wt.device, dtype=torch.bool).t().index_select(0, perm)
+    if keep is not None:
+        keep_t = keep.to(device=Wt.device, dtype=torch.bool).t().index_select(0, perm)
         Wt.mul_(keep_t)
     invperm = torch.argsort(perm)
-
-    static_params = None
-    if act_order and static_groups:  # on the original columns: row c of W is row invperm[c] of Wᵀ
-        static_params = [
-            grid_params(Wt.index_select(0, invperm[i : i + group]).t(), bits, sym, clip_search, scale_dtype)
-            for i in range(0, columns, group)
-        ]
-
-    Hinv = inverse_cholesky(
-        H, damp_percent, perm=perm if act_order else None, fix_dead=True, overwrite=overwrite_hessian
-    )
 
     n_groups = columns // group
     scales = torch.zeros(n_groups, out_features, device=Wt.device)
     zeros = torch.zeros(n_groups, out_features, device=Wt.device)
-    if static_params is not None:
-        for g, (s, z) in enumerate(static_params):
-            scales[g], zeros[g] = s, z
-    # group of each column in the visiting order
-    if act_order and static_groups:
-        g_visit = perm // group
-    else:
-        g_visit = torch.arange(columns, device=Wt.device) // group
+    if static_groups:  # on the original columns: row c of W is row invperm[c] of Wᵀ
+        for g, i in enumerate(range(0, columns, group)):
+            rows = Wt.index_select(0, invperm[i : i + group]).t()
+            scales[g], zeros[g] = grid_params(rows, bits, sym, clip_search, scale_dtype)
     group_of = g_visit.tolist()
     losses = torch.zeros(out_features, device=Wt.device)
 
@@ -122,7 +146,7 @@ def gptq_quantize(
             for i in range(j1, j2):
                 col = i1 + i
                 w = W1[i]
-                if static_params is not None:
+                if static_groups:
                     scale, zero = scales[group_of[col]], zeros[group_of[col]]
                 elif col % group == 0:
                     # the group's range is taken from the columns as already updated by earlier errors
@@ -142,9 +166,5 @@ def gptq_quantize(
             j1 = j2
         losses += Err1.square().sum(dim=0) / 2
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
-
-    codes = codes.t()[:, invperm]
-    g_idx = g_visit[invperm].to(torch.int32)
-    scales, zeros = scales.t().contiguous(), zeros.t().contiguous()
-    quantized = QuantizedWeight(codes.to(torch.uint8), scales, zeros, g_idx, bits)
-    return quantized, float(losses.sum())
+    del Wt
+    return codes.t()[:, invperm], scales.t(), zeros.t(), float(losses.sum())

@@ -182,3 +182,29 @@ def test_solving_shares_of_the_rows_gives_the_codes_of_the_whole(rows, group_siz
     assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
     assert torch.equal(torch.cat([p.scales for p in parts]), whole.scales)
     assert torch.equal(torch.cat([p.zeros for p in parts]), whole.zeros)
+
+
+@pytest.mark.parametrize(
+    "act_order, static_groups, masked", [(False, False, False), (True, True, True), (True, False, False)]
+)
+def test_a_wide_weight_is_solved_a_block_of_rows_at_a_time_with_the_same_codes(
+    act_order, static_groups, masked, monkeypatch
+):
+    from hfcompress.quantization import gptq
+
+    x = correlated_inputs(features=128)
+    H, W = hessian(x), torch.randn(600, 128, generator=torch.Generator().manual_seed(2))
+    mask = (torch.rand(600, 128, generator=torch.Generator().manual_seed(4)) > 0.3) if masked else None
+    args = dict(act_order=act_order, static_groups=static_groups, mask=mask)
+    whole, whole_loss = gptq_quantize(W, H, 4, 32, False, **args)
+    passes = []
+    real = gptq._solve_rows
+    monkeypatch.setattr(
+        gptq, "_solve_rows", lambda weight, *a, **k: passes.append(len(weight)) or real(weight, *a, **k)
+    )
+    monkeypatch.setattr(gptq, "PASS_ELEMENTS", 256 * 128)
+    blocked, blocked_loss = gptq_quantize(W, H, 4, 32, False, **args)
+    assert passes == [256, 256, 88]
+    for field in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(blocked, field), getattr(whole, field)), field
+    assert blocked_loss == pytest.approx(whole_loss, rel=1e-5)
