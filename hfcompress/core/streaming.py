@@ -113,7 +113,10 @@ class ShardedCheckpoint:
         return model.eval()
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors `names`, cast to `dtype` (None: as stored), each shard opened once and closed again."""
+        """The tensors `names`, cast to `dtype` (None: as stored), each shard opened once and closed again. Each
+        tensor is copied out of the shard's memory map into memory of its own: safetensors hands out views of one
+        map of the whole shard, whose pages stay resident while any of its tensors lives (a block's layers freed
+        as they are solved kept their pages: 0.3 GB for a 1.47B Llama's block)."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
@@ -122,7 +125,8 @@ class ShardedCheckpoint:
             with safe_open(self.folder / file, framework="pt") as f:
                 for key in keys:
                     tensor = f.get_tensor(key)
-                    tensors[key] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                    cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+                    tensors[key] = tensor.to(dtype) if cast else tensor.clone()
         return tensors
 
     def materialize(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:

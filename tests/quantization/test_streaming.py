@@ -151,6 +151,34 @@ def test_a_checkpoint_whose_names_do_not_match_the_model_is_refused(models, tmp_
         ShardedCheckpoint(folder).skeleton()
 
 
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """The address ranges of this process mapped from the file `path` (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, stop = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, stop))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_read_copies_tensors_out_of_the_shards_memory_map(models):
+    """safetensors hands out views of a map of the whole shard, which keeps every page of it resident while one of
+    its tensors lives: a streamed block's layers freed as they are solved would keep theirs."""
+    checkpoint = ShardedCheckpoint(models["llama"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = (Path(models["llama"]) / checkpoint.weight_map[name]).resolve()
+    with safe_open(shard, "pt") as f:
+        expected = f.get_tensor(name)
+        view = expected.data_ptr()
+        assert any(start <= view < stop for start, stop in _mapped_from(shard))  # what safetensors gives
+    tensor = checkpoint.read([name])[name]
+    assert torch.equal(tensor, expected) and tensor.dtype == torch.float16
+    assert not any(start <= tensor.data_ptr() < stop for start, stop in _mapped_from(shard))
+    assert checkpoint.read([name], torch.float32)[name].dtype == torch.float32
+
+
 def test_lean_hessian_maths_match_the_plain_formulas():
     torch.manual_seed(0)
     x = torch.randn(300, 70)
