@@ -39,6 +39,12 @@ __all__ = ["quantize_streaming"]
 logger = logging.getLogger(__name__)
 
 
+# blocks of at least this many bytes in float32 make glibc return every freed allocation of a megabyte or more at
+# once (`core.memory.release_large_frees`): 9% slower on a 1.47B Llama (0.8 GB blocks) and 12% less memory; on
+# small blocks only slower
+LARGE_BLOCK = 256 << 20
+
+
 @torch.no_grad()
 def quantize_streaming(
     model_path: str | os.PathLike,
@@ -62,12 +68,13 @@ def quantize_streaming(
             "it does not run with --offload disk yet"
         )
     checkpoint = ShardedCheckpoint(model_path)
-    release_large_frees()  # memory over allocation speed: freed activations and solves go back at once
     save_dtype = checkpoint.stored_dtype()
     # weights stay in the checkpoint's dtype; the calibration computes in float32 (`core.precision`)
     model = checkpoint.skeleton(task, save_dtype)
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     _, blocks = find_layer_stack(model)
+    if 4 * sum(p.numel() for p in blocks[0].parameters()) >= LARGE_BLOCK:
+        release_large_frees()  # memory over allocation speed where the heap's fragments would cost a block's worth
     targets = select_targets(model, config)
     plans = plan_layers(model, targets, config)
     prefixes = block_prefixes(model, blocks)

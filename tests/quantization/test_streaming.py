@@ -307,3 +307,15 @@ def test_auto_streams_a_model_that_would_not_fit_and_says_so(models, tmp_path, c
     assert any("loading it whole" in r.getMessage() and "--eval-dataset" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="add --offload disk"):
         compress_folder(models["llama"], tmp_path / "r", config, OutputOptions(offload="none", resume=True))
+
+
+@pytest.mark.parametrize("large_block", [False, True])
+def test_only_large_blocks_trade_allocation_speed_for_memory(models, tmp_path, monkeypatch, large_block):
+    from hfcompress.quantization import streaming
+
+    calls = []  # the real call would change this test process's allocator
+    monkeypatch.setattr(streaming, "release_large_frees", lambda: calls.append(1))
+    if large_block:
+        monkeypatch.setattr(streaming, "LARGE_BLOCK", 1)
+    compress_folder(models["llama"], tmp_path / "out", RTNConfig(bits=4, group_size=32), OutputOptions(offload="disk"))
+    assert calls == ([1] if large_block else [])
