@@ -81,10 +81,11 @@ def gptq_quantize(
     # group of each column in the visiting order
     g_visit = perm // group if act_order and static_groups else torch.arange(columns, device=weight.device) // group
     rows = rows_per_block(columns, PASS_ELEMENTS)
+    invperm = torch.argsort(perm)
     solve = functools.partial(
-        _solve_rows, Hinv=Hinv, perm=perm, dead=dead[perm], g_visit=g_visit, group=group, bits=bits, sym=sym,
-        static_groups=act_order and static_groups, block_size=block_size, clip_search=clip_search,
-        scale_dtype=scale_dtype,
+        _solve_rows, Hinv=Hinv, perm=perm, invperm=invperm, dead=dead[perm], g_visit=g_visit, group=group,
+        bits=bits, sym=sym, static_groups=act_order and static_groups, block_size=block_size,
+        clip_search=clip_search, scale_dtype=scale_dtype,
     )  # fmt: skip
     n_groups = columns // group
     codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
@@ -96,11 +97,24 @@ def gptq_quantize(
         keep = None if mask is None else mask[part]
         codes[part], scales[part], zeros[part], part_loss = solve(weight[part], keep)
         loss += part_loss
-    return QuantizedWeight(codes, scales, zeros, g_visit[torch.argsort(perm)].to(torch.int32), bits), loss
+    return QuantizedWeight(codes, scales, zeros, g_visit[invperm].to(torch.int32), bits), loss
 
 
 def _solve_rows(
-    weight, keep, Hinv, perm, dead, g_visit, group, bits, sym, static_groups, block_size, clip_search, scale_dtype
+    weight,
+    keep,
+    Hinv,
+    perm,
+    invperm,
+    dead,
+    g_visit,
+    group,
+    bits,
+    sym,
+    static_groups,
+    block_size,
+    clip_search,
+    scale_dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One GPTQ pass over a block of rows (the arguments are `gptq_quantize`'s; `dead` is in visiting order,
     `keep` is the block's rows of the mask): their codes in the original column order, scales and zeros [rows,
@@ -117,15 +131,14 @@ def _solve_rows(
     if keep is not None:
         keep_t = keep.to(device=Wt.device, dtype=torch.bool).t().index_select(0, perm)
         Wt.mul_(keep_t)
-    invperm = torch.argsort(perm)
 
     n_groups = columns // group
     scales = torch.zeros(n_groups, out_features, device=Wt.device)
     zeros = torch.zeros(n_groups, out_features, device=Wt.device)
     if static_groups:  # on the original columns: row c of W is row invperm[c] of Wᵀ
         for g, i in enumerate(range(0, columns, group)):
-            rows = Wt.index_select(0, invperm[i : i + group]).t()
-            scales[g], zeros[g] = grid_params(rows, bits, sym, clip_search, scale_dtype)
+            in_group = Wt.index_select(0, invperm[i : i + group]).t()
+            scales[g], zeros[g] = grid_params(in_group, bits, sym, clip_search, scale_dtype)
     group_of = g_visit.tolist()
     losses = torch.zeros(out_features, device=Wt.device)
 
