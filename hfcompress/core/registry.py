@@ -126,9 +126,9 @@ class Technique:
       `check(config, **step_options)` refuses bad combinations before any work;
       `before_save(model, config, **step_options)` runs after the quality measurement (a storage form);
       `save(model, folder, **step_options)` writes the weights (default: `save_pretrained`).
-    - `stream(model_path, folder, config, tokenizer, resume)`: the technique run block by block from a checkpoint
-      on disk straight into `folder` (`--offload disk`), continuing the run kept there when `resume`; returns the
-      model skeleton for the record. None: cannot stream.
+    - `stream(model_path, folder, config, tokenizer, resume, **step_options)`: the technique run block by block
+      from a checkpoint on disk straight into `folder` (`--offload disk`, `core.streamed_run`), continuing the run
+      kept there when `resume`; returns the model skeleton for the record. None: cannot stream.
     - `expert_linears`: whether it works on linear layers one by one, experts included: fused mixture-of-experts
       weights are then held as one linear per expert while it runs (`core.experts`), and fused back where
       nothing was compressed.

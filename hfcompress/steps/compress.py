@@ -82,7 +82,7 @@ def compress_folder(
             return Path(output)
     with claim_output(output, options.overwrite, inputs):
         if stream:
-            return _compress_streaming(technique, model, output, config, options)
+            return _compress_streaming(technique, model, output, config, options, step_options)
         return _compress(technique, model, output, config, options, step_options)
 
 
@@ -98,7 +98,9 @@ def _follow(technique: Technique, model: str, config, options: OutputOptions) ->
     technique.run(loaded, config, tokenizer)
 
 
-def _compress_streaming(technique: Technique, model: str, output, config, options: OutputOptions) -> Path:
+def _compress_streaming(
+    technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict
+) -> Path:
     tokenizer = load_tokenizer(model, required=False)
     if technique.calibrated(config) and not _is_token_ids(config.dataset):
         require_tokenizer(tokenizer, model, "the calibration data")
@@ -106,7 +108,7 @@ def _compress_streaming(technique: Technique, model: str, output, config, option
     record = base_record(ShardedCheckpoint(model).skeleton(task), model, options, tokenizer)
     with resumable_output_dir(output, options.overwrite, options.resume) as (staging, earlier):
         start = time.perf_counter()
-        compressed = technique.stream(model, staging, config, tokenizer, resume=earlier)
+        compressed = technique.stream(model, staging, config, tokenizer, resume=earlier, **step_options)
         seconds = time.perf_counter() - start
         logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
         technique.check_coverage(compressed, config)

@@ -311,11 +311,11 @@ def test_auto_streams_a_model_that_would_not_fit_and_says_so(models, tmp_path, c
 
 @pytest.mark.parametrize("large_block", [False, True])
 def test_only_large_blocks_trade_allocation_speed_for_memory(models, tmp_path, monkeypatch, large_block):
-    from hfcompress.quantization import streaming
+    from hfcompress.core import streamed_run
 
     calls = []  # the real call would change this test process's allocator
-    monkeypatch.setattr(streaming, "release_large_frees", lambda: calls.append(1))
+    monkeypatch.setattr(streamed_run, "release_large_frees", lambda: calls.append(1))
     if large_block:
-        monkeypatch.setattr(streaming, "LARGE_BLOCK", 1)
+        monkeypatch.setattr(streamed_run, "LARGE_BLOCK", 1)
     compress_folder(models["llama"], tmp_path / "out", RTNConfig(bits=4, group_size=32), OutputOptions(offload="disk"))
     assert calls == ([1] if large_block else [])

@@ -1,0 +1,238 @@
+"""One compression run on a model streamed from disk, whatever the technique: the model is a skeleton on the meta
+device; each block is read from the checkpoint's shards in its stored dtype, compressed (a calibrated technique
+sees the previous blocks' outputs as they were compressed, exactly as in memory), written to the output folder's
+shard of that block at once and freed. A block's calibration activations are kept on disk in the output folder and
+read back one batch at a time (`core.activations`). What lies outside the block stack is compressed last and
+written to the last shard. Progress is kept after every block, so a killed run continues with `resume`.
+
+A technique says what it does through a `StreamedTechnique`:
+
+    class Pruning(StreamedTechnique):
+        def targets(self, model): ...                    # the layers it compresses
+        def compress_layer(self, model, name, module): ...    # one layer with no calibration
+        def compress_blocks(self, model, blocks, ...): ...    # or every block, calibrated (`core.walk`)
+
+    model = stream_compress(path, folder, Pruning(config, tokenizer), task, resume)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from .activations import INPUTS, SpilledActivations, check_spill_space
+from .capture import BlockInputs, capture_block_inputs
+from .memory import release_large_frees
+from .resume import RunProgress, settings_digest
+from .streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
+from .structure import find_layer_stack, set_submodule
+from .walk import block_prefixes
+
+__all__ = ["LARGE_BLOCK", "StreamedTechnique", "stream_compress"]
+
+logger = logging.getLogger(__name__)
+
+# blocks of at least this many bytes in float32 make glibc return every freed allocation of a megabyte or more at
+# once (`core.memory.release_large_frees`): 9% slower on a 1.47B Llama (0.8 GB blocks) and 12% less memory; on
+# small blocks only slower
+LARGE_BLOCK = 256 << 20
+
+
+class StreamedTechnique:
+    """What `stream_compress` asks of a technique. `calibrated` techniques implement `calibration_data` and
+    `compress_blocks`; the others `compress_layer`, which also serves the layers outside the block stack."""
+
+    desc = "blocks"  # the progress bar of a run without calibration
+
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def calibrated(self) -> bool:
+        return False
+
+    def targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers the run compresses, by full name (refusing a model it cannot compress, before any work)."""
+        raise NotImplementedError
+
+    def calibration_data(self, model: nn.Module) -> list[torch.Tensor]:
+        """The calibration batches of token ids."""
+        raise NotImplementedError
+
+    def compress_layer(self, model: nn.Module, name: str, module: nn.Module) -> None:
+        """Compress one target with no calibration (in place, or by `set_submodule`, releasing the weight it
+        replaced: `core.streaming.release`)."""
+        raise NotImplementedError
+
+    def compress_outside(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
+        """The targets outside the block stack, loaded (default: `compress_layer` on each)."""
+        for name, module in targets.items():
+            self.compress_layer(model, name, module)
+
+    def compress_blocks(
+        self, model: nn.Module, blocks: list, batches, targets: dict, stream: BlockStream, inputs, folder: Path
+    ) -> set[str]:
+        """Calibrate and compress the targets of `blocks` on the block driver (`core.walk.calibrate_blocks` with
+        `stream`, `inputs` as the first block's inputs, `folder` to spill to); returns the names compressed."""
+        raise NotImplementedError
+
+    def onload(self, block: nn.Module, prefix: str, targets: dict[str, nn.Module]) -> None:
+        """After a block is read, before it is used; `targets`: its targets by full name."""
+
+    def before_write(self, block: nn.Module, prefix: str, targets: dict[str, nn.Module]) -> None:
+        """After a block is compressed, before it is written."""
+
+    def layer_state(self, model: nn.Module, name: str) -> Any:
+        """What a resumed run needs to know of the written layer `name` (JSON-able) to rebuild its shape."""
+        return None
+
+    def written_layer(self, name: str, module: nn.Module, state: Any, dtype: torch.dtype) -> nn.Module | None:
+        """The layer `module` became, on the meta device, from its `layer_state` (None: it stays as it is)."""
+        return None
+
+    def finish(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
+        """Record what was done in `model`'s config (the skeleton, every block written)."""
+
+
+@torch.no_grad()
+def stream_compress(
+    model_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    technique: StreamedTechnique,
+    task: str = "causal-lm",
+    resume: bool = False,
+) -> nn.Module:
+    """Compress the model at `model_path` (a local folder of safetensors shards) with `technique` block by block
+    from disk, writing its weights and config into `folder` as they are finished.
+
+    Progress is kept in `folder` after every block; with `resume`, a run killed midway continues from its last
+    written block (refused if the settings differ) and writes the same weights an uninterrupted run writes.
+    Returns the model skeleton (every weight on the meta device) with its compressed layers and config in place,
+    for the compression record. Refuses a model that cannot stream (see `core.streaming.streaming_obstacle`).
+    """
+    checkpoint = ShardedCheckpoint(model_path)
+    save_dtype = checkpoint.stored_dtype()
+    model = checkpoint.skeleton(task, save_dtype)  # the maths run in float32 (`core.precision`)
+    _, blocks = find_layer_stack(model)
+    if 4 * sum(p.numel() for p in blocks[0].parameters()) >= LARGE_BLOCK:
+        release_large_frees()  # memory over allocation speed where the heap's fragments would cost a block's worth
+    targets = technique.targets(model)
+    prefixes = block_prefixes(model, blocks)
+    batches = technique.calibration_data(model) if technique.calibrated else None
+    if batches is not None:
+        text = model.config.get_text_config()
+        hidden = text.hidden_size
+        tokens = sum(b.numel() for b in batches)
+        check_spill_space(folder, tokens, hidden, getattr(text, "intermediate_size", 4 * hidden))
+
+    settings = {
+        "model": os.path.abspath(model_path),
+        "config": technique.config.to_dict(),
+        "calibration": None if batches is None else settings_digest(batches),
+        "blocks": len(blocks),
+    }
+    progress = RunProgress(folder, settings)
+    state = progress.load() if resume else None
+    start = state["blocks_done"] if state else 0
+    layers: dict[str, Any] = dict(state["layers"]) if state else {}
+    done = set()
+    for name, layer in layers.items():  # written by the run that is resumed: only their shape is needed here
+        written = technique.written_layer(name, targets[name], layer, save_dtype)
+        if written is not None:
+            set_submodule(model, name, written)
+        done.add(name)
+    if start:
+        logger.info("resuming: %d of %d blocks were written by the run that stopped", start, len(blocks))
+
+    def record_progress(block: nn.Module, prefix: str, written: int, next_inputs) -> None:
+        for name in _in_block(targets, prefix):
+            layers[name] = technique.layer_state(model, name)
+        progress.save(written, layers, next_inputs)
+
+    def before_write(block: nn.Module, prefix: str) -> None:
+        technique.before_write(block, prefix, _in_block(targets, prefix))
+        _cast_dense(block, save_dtype)
+
+    stream = BlockStream(
+        model,
+        checkpoint,
+        ShardWriter(folder, n_shards=len(blocks) + 1),
+        dtype=save_dtype,
+        on_onload=lambda block, prefix: technique.onload(block, prefix, _in_block(targets, prefix)),
+        before_write=before_write,
+        after_write=record_progress,
+        start=start,
+    )
+    outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
+    todo = blocks[start:]
+    if batches is not None and len(todo):
+        inputs = _first_inputs(model, checkpoint, blocks[0], prefixes[0], outside, batches, progress, start, save_dtype)
+        done |= technique.compress_blocks(model, todo, batches, targets, stream, inputs, Path(folder))
+    elif len(todo):
+        for block, prefix in zip(tqdm(todo, desc=technique.desc), prefixes[start:], strict=True):
+            stream.onload(block, prefix)
+            for name, module in _in_block(targets, prefix).items():
+                technique.compress_layer(model, name, module)
+                done.add(name)
+            stream.offload(block, prefix)
+
+    # what lies outside the stack, written to the last shard
+    checkpoint.materialize(model, outside, save_dtype)
+    technique.compress_outside(model, {n: m for n, m in targets.items() if n not in done})
+    _cast_dense(model, save_dtype)
+    skip = tied_keys(model)
+    tensors = {n: t for n, t in model.state_dict().items() if not any(n.startswith(p + ".") for p in prefixes)}
+    stream.writer.write(len(blocks), {n: t for n, t in tensors.items() if n not in skip})
+    release(model)
+    model.tie_weights()  # loading and releasing untie what the config ties; the record counts tied weights once
+    stream.writer.finish()
+
+    technique.finish(model, targets)
+    model.config.save_pretrained(folder)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    progress.clear()
+    logger.info("streamed %d blocks from %s into %s", len(blocks), model_path, Path(folder))
+    return model
+
+
+def _first_inputs(
+    model, checkpoint, first_block, prefix: str, outside: list[str], batches, progress, start: int, dtype
+) -> list[BlockInputs] | SpilledActivations:
+    """The inputs of the first block still to do: captured from `batches` through what runs before the stack
+    (everything outside it but the output layer), kept on disk beside the progress that names them; for a resumed
+    run, those an earlier run kept, with their other arguments (position embeddings, masks) recomputed."""
+    head = _output_names(model)
+    checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
+    if start:
+        inputs = progress.next_inputs(capture_block_inputs(model, first_block, batches))
+    else:
+        spilled = SpilledActivations(progress.folder / f"{INPUTS}{prefix}")
+        inputs = capture_block_inputs(model, first_block, batches, into=spilled)
+    release(model)  # the embeddings are not needed again until they are written
+    return inputs
+
+
+def _cast_dense(module: nn.Module, dtype: torch.dtype) -> None:
+    from ..quantization.modules import cast_unquantized  # quantization imports core: not at import time
+
+    cast_unquantized(module, dtype)
+
+
+def _in_block(targets: dict[str, nn.Module], prefix: str) -> dict[str, nn.Module]:
+    return {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+
+
+def _output_names(model: nn.Module) -> set[str]:
+    """The stored tensors of the output layer (not needed to reach the first block)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    return set(stored_names(model, names[id(head)]))
