@@ -184,6 +184,32 @@ def save_tiny_model(folder, arch: str = "llama") -> None:
     tiny_tokenizer().save_pretrained(folder)
 
 
+def save_sharded_model(folder, arch: str = "llama", prune: bool = False):
+    """A float16 model folder in several small safetensors shards, as `--offload disk` streams it; with `prune`,
+    half of every block linear's weights are exactly zero."""
+    model = tiny_model(arch).half()
+    if prune:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "layers" in name:
+                module.weight.data[:, ::2] = 0
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def read_safetensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `folder`, by name."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a multi-process launcher's rendezvous)."""
     with socket.socket() as s:

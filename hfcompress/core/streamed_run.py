@@ -184,6 +184,7 @@ def stream_compress(
 
     # what lies outside the stack, written to the last shard
     checkpoint.materialize(model, outside, save_dtype)
+    model.tie_weights()  # the output layer's tied weight is not stored under its own name
     technique.compress_outside(model, {n: m for n, m in targets.items() if n not in done})
     _cast_dense(model, save_dtype)
     skip = tied_keys(model)

@@ -19,12 +19,13 @@ from ..data import calibration_data
 from .oneshot_config import OneShotPruningConfig
 from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 
-__all__ = ["OneShotPruningConfig", "prune_oneshot"]
+__all__ = ["OneShotPruningConfig", "prune_oneshot", "prune_weight", "pruning_targets"]
 
 logger = logging.getLogger(__name__)
 
 
-def _prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPruningConfig) -> torch.Tensor:
+def prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPruningConfig) -> torch.Tensor:
+    """`W` pruned as `config` says (`H`: its input Hessian, None for magnitude)."""
     n, m = config.nm
     if config.method == "magnitude":
         return magnitude_prune(W, config.sparsity, n, m)
@@ -37,6 +38,19 @@ def _prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPrunin
 def prune_oneshot(model: nn.Module, config: OneShotPruningConfig, tokenizer=None) -> nn.Module:
     """Prune `model`'s linear layers in place as `config` says; returns it. Pruned weights are exact zeros
     (save with `save_sparse` for a checkpoint that shows the saving)."""
+    targets = pruning_targets(model, config)
+    if config.method == "magnitude":
+        for module in tqdm(targets.values(), desc="prune (magnitude)"):
+            set_linear_weight(module, prune_weight(linear_weight(module), None, config))
+    else:
+        _prune_calibrated(model, targets, config, tokenizer)
+    update_manifest(model, "oneshot", pruning=config.to_dict())
+    return model
+
+
+def pruning_targets(model: nn.Module, config: OneShotPruningConfig) -> dict[str, nn.Module]:
+    """The linear layers `config` prunes, by full name; refuses a model with none, or with layers an N:M pattern
+    cannot divide."""
     targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
         raise ValueError(f"{type(model).__name__} has no linear layers to prune")
@@ -45,13 +59,7 @@ def prune_oneshot(model: nn.Module, config: OneShotPruningConfig, tokenizer=None
         bad = [name for name, t in targets.items() if linear_weight(t).shape[1] % m]
         if bad:
             raise ValueError(f"{config.pattern} pruning needs in_features divisible by {m}; these are not: {bad}")
-    if config.method == "magnitude":
-        for module in tqdm(targets.values(), desc="prune (magnitude)"):
-            set_linear_weight(module, _prune_weight(linear_weight(module), None, config))
-    else:
-        _prune_calibrated(model, targets, config, tokenizer)
-    update_manifest(model, "oneshot", pruning=config.to_dict())
-    return model
+    return targets
 
 
 def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: OneShotPruningConfig, tokenizer):
@@ -66,6 +74,6 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
     batches = calibration_data(model, config, tokenizer)
 
     def prune(block, name, module, H):
-        set_linear_weight(module, _prune_weight(linear_weight(module), H, config))
+        set_linear_weight(module, prune_weight(linear_weight(module), H, config))
 
     for_each_block_hessian(model, None, batches, targets, prune, f"prune ({config.method})")

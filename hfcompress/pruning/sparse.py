@@ -28,6 +28,8 @@ __all__ = [
     "compress_sparse",
     "decompress_sparse",
     "pack_bitmask",
+    "record_sparse",
+    "sparsify_linears",
     "store_sparse",
     "unpack_bitmask",
 ]
@@ -100,24 +102,40 @@ def compress_sparse(model: nn.Module, min_sparsity: float = 0.25) -> dict[str, i
     """Swap every `nn.Linear` with at least `min_sparsity` zeros for a `SparseLinear` (below that the bitmask
     costs more than it saves) and record them in the model's hfcompress `quantization_config`, so
     `save_pretrained` writes the compact form. Returns {layer name: non-zeros}."""
+    manifest_of(model)  # refuses a model quantized by another method before anything changes
+    sparse = sparsify_linears(model, min_sparsity)
+    record_sparse(model, sparse, min_sparsity)
+    return sparse
+
+
+def sparsify_linears(
+    module: nn.Module, min_sparsity: float = 0.25, prefix: str = "", skip: str | None = None
+) -> dict[str, int]:
+    """Swap the `nn.Linear`s of `module` with at least `min_sparsity` zeros for `SparseLinear`s, recording
+    nothing, except those inside its submodule `skip`; returns {full name (`prefix` first): non-zeros}."""
     if not 0.0 <= min_sparsity < 1.0:
         raise ValueError(f"`min_sparsity` must be in [0, 1), got {min_sparsity}")
-    manifest_of(model)  # refuses a model quantized by another method before anything changes
     sparse = {}
-    for name, module in find_linears(model).items():
-        if type(module) is not nn.Linear:
+    lead = f"{prefix}." if prefix else ""
+    for name, child in find_linears(module).items():
+        if type(child) is not nn.Linear or (skip and name.startswith(skip + ".")):
             continue
-        zeros = float((module.weight == 0).float().mean())
+        zeros = float((child.weight == 0).float().mean())
         if zeros >= min_sparsity:
-            layer = SparseLinear.from_linear(module)
-            set_submodule(model, name, layer)
-            sparse[name] = layer.nnz
+            layer = SparseLinear.from_linear(child)
+            set_submodule(module, name, layer)
+            sparse[lead + name] = layer.nnz
+    return sparse
+
+
+def record_sparse(model: nn.Module, sparse: dict[str, int], min_sparsity: float = 0.25) -> None:
+    """Record the layers `sparsify_linears` stored as bitmask + values ({name: non-zeros}) in `model`'s manifest,
+    or warn that there were none."""
     if not sparse:
         logger.warning("no linear layer has %.0f%% or more zeros; nothing to compress", 100 * min_sparsity)
-        return sparse
+        return
     update_manifest(model, "sparse", sparse=sparse)
     logger.info("%d linear layers stored as bitmask + values", len(sparse))
-    return sparse
 
 
 def store_sparse(model: nn.Module, config=None, storage: str = "dense") -> None:

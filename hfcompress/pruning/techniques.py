@@ -18,6 +18,7 @@ register_technique(
     calibrated=lambda config: config.method != "magnitude",
     step_options={"storage": StepOption(("bitmask", "dense"), STORAGE_HELP, between_steps="dense")},
     before_save=lazy("hfcompress.pruning.sparse:store_sparse"), expert_linears=True,
+    stream=lazy("hfcompress.pruning.streaming:prune_streaming"),
     summary="Zero weights by magnitude, Wanda or SparseGPT, no training.",
 )  # fmt: skip
 register_technique(

@@ -18,36 +18,17 @@ from hfcompress.core.streaming import ShardedCheckpoint, streaming_obstacle
 from hfcompress.quantization import GPTQConfig, RTNConfig
 from hfcompress.quantization.codebook_config import KMeansConfig
 from hfcompress.steps import OutputOptions, compress_folder
-from tests.helpers import tiny_model, tiny_tokenizer, token_windows
-
-
-def _save_sharded(folder: Path, arch: str, prune: bool = False) -> Path:
-    model = tiny_model(arch).half()
-    if prune:  # half of every block linear's weights exactly zero: the layers keep their sparsity
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "layers" in name:
-                module.weight.data[:, ::2] = 0
-    model.save_pretrained(folder, max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+from tests.helpers import read_safetensors, save_sharded_model, tiny_model, tiny_tokenizer, token_windows
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
     return {
-        "llama": str(_save_sharded(root / "llama", "llama")),
-        "gpt2": str(_save_sharded(root / "gpt2", "gpt2")),  # tied embeddings, Conv1D layers
-        "pruned": str(_save_sharded(root / "pruned", "llama", prune=True)),
+        "llama": str(save_sharded_model(root / "llama", "llama")),
+        "gpt2": str(save_sharded_model(root / "gpt2", "gpt2")),  # tied embeddings, Conv1D layers
+        "pruned": str(save_sharded_model(root / "pruned", "llama", prune=True)),
     }
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 def _both(model: Path, tmp_path: Path, config) -> tuple[Path, Path]:
@@ -68,7 +49,7 @@ CONFIGS = {
 def test_streaming_writes_what_memory_writes(models, tmp_path, arch, method):
     memory, disk = _both(models[arch], tmp_path, CONFIGS[method]())
 
-    expected, streamed = _tensors(memory), _tensors(disk)
+    expected, streamed = read_safetensors(memory), read_safetensors(disk)
     assert streamed.keys() == expected.keys()
     for key, tensor in expected.items():
         assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
@@ -298,7 +279,7 @@ def test_auto_streams_a_model_that_would_not_fit_and_says_so(models, tmp_path, c
         small = compress_folder(models["llama"], tmp_path / "small", config, OutputOptions(max_memory="10KB"))
     assert any("streaming it from disk" in r.getMessage() for r in caplog.records)
     assert (small / "model.safetensors.index.json").is_file() and (fits / "model.safetensors").is_file()
-    assert _tensors(small).keys() == _tensors(fits).keys()
+    assert read_safetensors(small).keys() == read_safetensors(fits).keys()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hfcompress"):  # it would not fit, but cannot stream: said so
         compress_folder(
