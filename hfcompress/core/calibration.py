@@ -298,8 +298,9 @@ def collect_input_statistics(
     """`collect_hessians`, as the finished `Hessian` of each linear (its `H` full, its `abs_mean` each input's
     mean |x|); linears reading the same tensor share one object."""
     named = _named_in_block(block, prefix)
-    trace = _checked_trace(block, prefix, names, inputs, trace)
-    by_leader = _group_hessians(named, trace, inputs)
+    with maths_for(block):  # weights stored in bfloat16/float16 compute in float32, as in `calibrate_block`
+        trace = _checked_trace(block, prefix, names, inputs, trace)
+        by_leader = _group_hessians(named, trace, inputs)
     for hessian in by_leader.values():
         hessian.full()
     return {name: by_leader[group[0]] for group in trace.groups for name in group}
