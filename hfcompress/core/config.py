@@ -57,6 +57,11 @@ class CompressionConfig:
         """Keys written before the fields (`{"method": "gptq"}`, `{"pruning_method": "oneshot", "version": 1}`)."""
         return {}
 
+    def streaming_obstacle(self) -> str | None:
+        """Why these settings cannot run on a model streamed from disk (`--offload disk`), or None; asked only of
+        techniques that stream at all."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {**self.header(), **{f.name: _jsonable(f.name, getattr(self, f.name)) for f in fields(self)}}
 

@@ -116,6 +116,9 @@ def stream_compress(
     Returns the model skeleton (every weight on the meta device) with its compressed layers and config in place,
     for the compression record. Refuses a model that cannot stream (see `core.streaming.streaming_obstacle`).
     """
+    obstacle = technique.config.streaming_obstacle()
+    if obstacle is not None:
+        raise ValueError(obstacle)
     checkpoint = ShardedCheckpoint(model_path)
     save_dtype = checkpoint.stored_dtype()
     model = checkpoint.skeleton(task, save_dtype)  # the maths run in float32 (`core.precision`)

@@ -110,6 +110,15 @@ class LowRankConfig(CalibrationArguments, CompressionConfig):
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
 
+    def streaming_obstacle(self) -> str | None:
+        if self.param_ratio is not None and self.allocation == "sensitivity":
+            return (
+                "--offload disk cannot allocate ranks by sensitivity (--allocation sensitivity, the default with "
+                "--param-ratio): its probes run the whole model after each truncated layer; use --allocation "
+                "uniform, --rank or --energy, or load the model whole"
+            )
+        return None
+
     @property
     def needs_data(self) -> bool:
         return self.method != "svd" or (self.param_ratio is not None and self.allocation == "sensitivity")

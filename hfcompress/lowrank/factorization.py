@@ -26,7 +26,15 @@ from .modules import FactorizedLinear
 from .sensitivity import load_or_measure_sensitivity
 from .svd import Decomposition, decompose, max_saving_rank, rank_for_energy
 
-__all__ = ["factorization_record", "factorize", "select_lowrank_targets"]
+__all__ = [
+    "attach_lowrank_config",
+    "factorization_record",
+    "factorize",
+    "final_rank",
+    "planned_ranks",
+    "replace_with_factors",
+    "select_lowrank_targets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +92,7 @@ def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Mod
         model.train(was_training)
     if not ranks:
         logger.warning("no layer was factorized: at the requested target none would hold fewer parameters")
-    _attach_config(model, config, ranks)
+    attach_lowrank_config(model, config, ranks)
     kept = sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items()) + sum(
         o * i for n, (o, i) in shapes.items() if n not in ranks
     )
@@ -98,15 +106,15 @@ def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Mod
 
 
 def _factorize_plain(model, targets, shapes, config: LowRankConfig) -> dict[str, int]:
-    planned = _planned_ranks(shapes, config)
+    planned = planned_ranks(shapes, config)
     done = {}
     for name, module in tqdm(targets.items(), desc="SVD"):
         if name in planned and planned[name] is None:
             continue
         decomposition = decompose(linear_weight(module), "svd")
-        rank = _final_rank(name, decomposition, shapes[name], planned, config)
+        rank = final_rank(name, decomposition, shapes[name], planned, config)
         if rank is not None:
-            _replace(model, name, module, decomposition, rank)
+            replace_with_factors(model, name, module, decomposition, rank)
             done[name] = rank
     return done
 
@@ -132,7 +140,7 @@ def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokeniz
         budget = config.param_ratio * sum(o * i for o, i in shapes.values())
         planned = allocate_ranks(curves, budget)
     else:
-        planned = _planned_ranks(shapes, config)
+        planned = planned_ranks(shapes, config)
 
     block_names = {id(module): name for name, module in model.named_modules()}
     inputs = capture_block_inputs(model, blocks[0], batches)
@@ -156,9 +164,9 @@ def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokeniz
                 config.alpha,
                 config.damp_percent,
             )
-            rank = _final_rank(full_name, decomposition, shapes[full_name], planned, config)
+            rank = final_rank(full_name, decomposition, shapes[full_name], planned, config)
             if rank is not None:
-                _replace(block, name, module, decomposition, rank)
+                replace_with_factors(block, name, module, decomposition, rank)
                 done[full_name] = rank
         del grams
         if config.sequential:
@@ -166,7 +174,7 @@ def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokeniz
     return done
 
 
-def _planned_ranks(shapes: dict[str, tuple[int, int]], config: LowRankConfig) -> dict[str, int | None]:
+def planned_ranks(shapes: dict[str, tuple[int, int]], config: LowRankConfig) -> dict[str, int | None]:
     """Ranks known before any SVD: from `param_ratio` (uniform) or `rank`; energy targets are decided later."""
     if config.param_ratio is not None:
         return uniform_ranks(shapes, config.param_ratio)
@@ -187,7 +195,7 @@ def _planned_ranks(shapes: dict[str, tuple[int, int]], config: LowRankConfig) ->
     return {}
 
 
-def _final_rank(
+def final_rank(
     name: str,
     decomposition: Decomposition,
     shape: tuple[int, int],
@@ -208,7 +216,7 @@ def _final_rank(
     return rank
 
 
-def _replace(
+def replace_with_factors(
     root: nn.Module,
     name: str,
     module: nn.Module,
@@ -222,7 +230,7 @@ def _replace(
     set_submodule(root, name, layer)
 
 
-def _attach_config(model: nn.Module, config: LowRankConfig, ranks: dict[str, int]) -> None:
+def attach_lowrank_config(model: nn.Module, config: LowRankConfig, ranks: dict[str, int]) -> None:
     update_manifest(model, "none", lowrank=dict(ranks), lowrank_recipe=config.to_dict())
 
 

@@ -11,6 +11,7 @@ register_technique(
     "lowrank", LowRankConfig, lazy("hfcompress.lowrank.factorization:factorize"), kind="factorize",
     command=("factorize",), record_kind="factorization", calibrated=lambda config: config.needs_data,
     record=lazy("hfcompress.lowrank.factorization:factorization_record"), expert_linears=True,
+    stream=lazy("hfcompress.lowrank.streaming:factorize_streaming"),
     summary="Replace linear layers by low-rank factor pairs and save.",
 )  # fmt: skip
 

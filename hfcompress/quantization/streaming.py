@@ -47,11 +47,6 @@ def quantize_streaming(
     Returns the model skeleton (every weight on the meta device) with its quantized layers and quantization
     config in place, for the compression record. Refuses a model that cannot stream (see `streaming_obstacle`).
     """
-    if getattr(config, "compensates", False):
-        raise ValueError(
-            "low-rank compensation (--lowrank-compensation, --compensation-bits) needs the whole model in memory; "
-            "it does not run with --offload disk yet"
-        )
     if format != "hfcompress":
         raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
     return stream_compress(model_path, folder, _Quantization(config, tokenizer), task, resume)

@@ -69,7 +69,7 @@ def compress_folder(
     options = options or OutputOptions()
     step_options = check_step(technique, config, step_options)
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
-    stream = should_stream(technique, model, options, step_options)
+    stream = should_stream(technique, config, model, options, step_options)
     if world_size() > 1:
         if technique.name not in DISTRIBUTED:
             raise ValueError(

@@ -39,7 +39,7 @@ def available_memory() -> int | None:
     return None
 
 
-def should_stream(technique: Technique, model: str, options: OutputOptions, step_options: dict) -> bool:
+def should_stream(technique: Technique, config, model: str, options: OutputOptions, step_options: dict) -> bool:
     """Whether this run streams `model` from disk. `disk` refuses what streaming cannot do and loads whole, with
     a warning that says why, a model that cannot stream; `auto` streams only a model that would not fit."""
     if options.resume and options.offload != "disk":
@@ -48,7 +48,7 @@ def should_stream(technique: Technique, model: str, options: OutputOptions, step
     if options.offload == "none":
         return False
     if options.offload == "disk":
-        _refuse_what_cannot_stream(technique, options, step_options)
+        _refuse_what_cannot_stream(technique, config, options, step_options)
         obstacle = streaming_obstacle(model)
         if obstacle is not None:
             logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
@@ -61,7 +61,7 @@ def should_stream(technique: Technique, model: str, options: OutputOptions, step
     needed = stored * held.itemsize // checkpoint_dtype(model).itemsize
     if needed <= limit:
         return False
-    reason = _why_not(technique, model, options, step_options)
+    reason = _why_not(technique, config, model, options, step_options)
     if reason:
         logger.warning(
             "%s needs about %.1f GB in %s, more than the %.1f GB this run may use, but %s: loading it whole",
@@ -75,9 +75,12 @@ def should_stream(technique: Technique, model: str, options: OutputOptions, step
     return True
 
 
-def _refuse_what_cannot_stream(technique: Technique, options: OutputOptions, step_options: dict) -> None:
+def _refuse_what_cannot_stream(technique: Technique, config, options: OutputOptions, step_options: dict) -> None:
     if technique.stream is None:
         raise ValueError(f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)")
+    obstacle = config.streaming_obstacle()
+    if obstacle is not None:
+        raise ValueError(obstacle)
     if options.eval_dataset or options.eval_tasks:
         raise ValueError(
             "--offload disk never holds the model whole, so it measures no perplexity or tasks: drop --eval-dataset "
@@ -87,9 +90,9 @@ def _refuse_what_cannot_stream(technique: Technique, options: OutputOptions, ste
         raise ValueError(f"--offload disk writes format hfcompress only, got --format {step_options['format']}")
 
 
-def _why_not(technique: Technique, model: str, options: OutputOptions, step_options: dict) -> str | None:
+def _why_not(technique: Technique, config, model: str, options: OutputOptions, step_options: dict) -> str | None:
     try:
-        _refuse_what_cannot_stream(technique, options, step_options)
+        _refuse_what_cannot_stream(technique, config, options, step_options)
     except ValueError as e:
         return str(e)
     return streaming_obstacle(model)
