@@ -31,10 +31,10 @@ from .capture import BlockInputs, capture_block_inputs
 from .memory import release_large_frees
 from .resume import RunProgress, settings_digest
 from .streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
-from .structure import find_layer_stack, set_submodule
-from .walk import block_prefixes
+from .structure import cast_unquantized, find_layer_stack, set_submodule
+from .walk import block_prefixes, stacks_holding
 
-__all__ = ["LARGE_BLOCK", "StreamedTechnique", "stream_compress"]
+__all__ = ["LARGE_BLOCK", "StreamedTechnique", "refuse_several_stacks", "stream_compress"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def stream_compress(
     Progress is kept in `folder` after every block; with `resume`, a run killed midway continues from its last
     written block (refused if the settings differ) and writes the same weights an uninterrupted run writes.
     Returns the model skeleton (every weight on the meta device) with its compressed layers and config in place,
-    for the compression record. Refuses a model that cannot stream (see `core.streaming.streaming_obstacle`).
+    for the compression record. Refuses a model that cannot stream (see `core.streaming.streaming_obstacle`) and
+    settings that cannot (`CompressionConfig.streaming_obstacle`).
     """
     obstacle = technique.config.streaming_obstacle()
     if obstacle is not None:
@@ -160,7 +161,7 @@ def stream_compress(
 
     def before_write(block: nn.Module, prefix: str) -> None:
         technique.before_write(block, prefix, _in_block(targets, prefix))
-        _cast_dense(block, save_dtype)
+        cast_unquantized(block, save_dtype)
 
     stream = BlockStream(
         model,
@@ -189,7 +190,7 @@ def stream_compress(
     checkpoint.materialize(model, outside, save_dtype)
     model.tie_weights()  # the output layer's tied weight is not stored under its own name
     technique.compress_outside(model, {n: m for n, m in targets.items() if n not in done})
-    _cast_dense(model, save_dtype)
+    cast_unquantized(model, save_dtype)
     skip = tied_keys(model)
     tensors = {n: t for n, t in model.state_dict().items() if not any(n.startswith(p + ".") for p in prefixes)}
     stream.writer.write(len(blocks), {n: t for n, t in tensors.items() if n not in skip})
@@ -204,6 +205,17 @@ def stream_compress(
     progress.clear()
     logger.info("streamed %d blocks from %s into %s", len(blocks), model_path, Path(folder))
     return model
+
+
+def refuse_several_stacks(model: nn.Module, targets: dict[str, nn.Module], method: str) -> None:
+    """Refuse, before any work, targets to calibrate in more than one stack of blocks (an encoder-decoder's
+    encoder and decoder): a streamed run walks one."""
+    stacks = [prefix for prefix, _ in stacks_holding(model, targets)]
+    if len(stacks) > 1:
+        raise ValueError(
+            f"--offload disk calibrates one stack of blocks; {type(model).__name__} has {len(stacks)} holding layers "
+            f"{method} changes ({', '.join(stacks)}): run it without --offload disk"
+        )
 
 
 def _first_inputs(
@@ -221,12 +233,6 @@ def _first_inputs(
         inputs = capture_block_inputs(model, first_block, batches, into=spilled)
     release(model)  # the embeddings are not needed again until they are written
     return inputs
-
-
-def _cast_dense(module: nn.Module, dtype: torch.dtype) -> None:
-    from ..quantization.modules import cast_unquantized  # quantization imports core: not at import time
-
-    cast_unquantized(module, dtype)
 
 
 def _in_block(targets: dict[str, nn.Module], prefix: str) -> dict[str, nn.Module]:

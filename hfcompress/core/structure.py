@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
     "LINEAR_TYPES",
     "candidate_linears",
+    "cast_unquantized",
     "find_layer_stack",
     "find_layer_stacks",
     "find_linears",
@@ -167,3 +169,23 @@ def linear_to_replace(model: nn.Module, name: str, verb: str) -> nn.Module:
     if not isinstance(module, LINEAR_TYPES):
         raise ValueError(f"the checkpoint {verb} {name!r}, a {type(module).__name__}, not a linear layer")
     return module
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and buffers of every module to `dtype`, except those of compressed
+    layers that declare `KEEPS_DTYPE` (quantized and codebook layers: their scales and codebooks keep their own
+    storage dtype; their bias is cast)."""
+    for module in model.modules():
+        keeps = getattr(type(module), "KEEPS_DTYPE", False)
+        for name, param in module.named_parameters(recurse=False):
+            # a compressed layer's bias is a plain weight: it loads in the model's dtype, so it is saved in it
+            if (not keeps or name == "bias") and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        if keeps:
+            continue
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    return model

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.packing import pack_codes, packed_width, unpack_codes
+from ..core.structure import cast_unquantized
 from .grid import QuantizedWeight
 from .kernels import select_kernel
 
@@ -160,26 +161,6 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}, bias={self.bias is not None}"
         )
-
-
-def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the floating-point parameters and buffers of every module to `dtype`, except those of compressed
-    layers that declare `KEEPS_DTYPE` (quantized and codebook layers: their scales and codebooks keep their own
-    storage dtype; their bias is cast)."""
-    for module in model.modules():
-        keeps = getattr(type(module), "KEEPS_DTYPE", False)
-        for name, param in module.named_parameters(recurse=False):
-            # a compressed layer's bias is a plain weight: it loads in the model's dtype, so it is saved in it
-            if (not keeps or name == "bias") and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        if keeps:
-            continue
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
-                setattr(module, name, buffer.to(dtype))
-    if hasattr(model, "config"):
-        model.config.dtype = dtype
-    return model
 
 
 @contextlib.contextmanager

@@ -20,12 +20,12 @@ from pathlib import Path
 from ..checkpoint import manifest_of
 from ..core.config import CALIBRATION_FIELDS
 from ..core.fisher import output_fisher
+from ..core.structure import cast_unquantized
 from ..data import calibration_data
 from ..hub.record import Step
 from ..quantization.config import GPTQConfig
 from ..quantization.export import FUSED_SIBLINGS
 from ..quantization.gptq_streams import assemble, quantize_streams
-from ..quantization.modules import cast_unquantized
 from ..quantization.save import write_quantized
 from ..steps.loading import checkpoint_dtype
 from ..steps.options import OutputOptions

@@ -13,10 +13,10 @@ from ..core.config import CALIBRATION_FIELDS
 from ..core.distributed import is_main, world_size
 from ..core.registry import Technique, technique_for
 from ..core.streaming import ShardedCheckpoint
+from ..core.structure import cast_unquantized
 from ..data import looks_local
 from ..hub.record import Step
 from ..io import claim_output, copy_model_extras, resumable_output_dir
-from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions

@@ -7,11 +7,11 @@ import os
 import time
 from pathlib import Path
 
+from ..core.structure import cast_unquantized
 from ..hub.record import Step
 from ..io import claim_output
 from ..lowrank import merge_lora
 from ..lowrank.lora import load_lora_updates
-from ..quantization.modules import cast_unquantized
 from .loading import checkpoint_dtype, load_model, load_tokenizer
 from .options import OutputOptions
 from .recording import base_record, quality_metrics, write_output
