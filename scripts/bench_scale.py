@@ -1,5 +1,6 @@
-"""Peak memory and wall time of `hfcompress quantize gptq` streamed from disk (`--offload disk`) against the
-same run in memory, on models of growing depth, and whether both write the same tensors.
+"""Peak memory and wall time of a compression streamed from disk (`--offload disk`: GPTQ by default, RTN,
+SparseGPT or whitened SVD with `--methods`) against the same run in memory, on models of growing depth, and
+whether both write the same tensors.
 
 Builds (once, cached in --cache) random-weight Llama-shaped models, hidden 4096, intermediate 11008, vocabulary
 32000, untied embeddings, bfloat16 safetensors in 1 GB shards: 6 layers (about 1.47B parameters, 2.9 GB) and
@@ -10,6 +11,7 @@ the compression record says (`getrusage`), its wall time is measured around the 
     python scripts/bench_scale.py                       # 6 and 12 layers streamed, 6 layers in memory
     python scripts/bench_scale.py --layers 6 12 --methods rtn   # round-to-nearest instead
     python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
+    python scripts/bench_scale.py --layers --refmodel --methods sparsegpt whiten
     python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -36,31 +39,49 @@ SHAPE = dict(
 
 
 def random_model(folder: Path, layers: int) -> Path:
-    """A random-weight Llama of `layers` blocks saved in bfloat16 (built once)."""
+    """A random-weight Llama of `layers` blocks saved in bfloat16, built once in a process of its own: a child
+    started afterwards would otherwise report this process's peak as its own (Linux carries `ru_maxrss` over
+    fork and exec)."""
+    if not (folder / "model.safetensors.index.json").is_file():
+        builder = multiprocessing.get_context("spawn").Process(target=_build, args=(folder, layers))
+        builder.start()
+        builder.join()
+        if builder.exitcode != 0:
+            raise RuntimeError(f"building the random model in {folder} failed (exit code {builder.exitcode})")
+    return folder
+
+
+def _build(folder: Path, layers: int) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if (folder / "model.safetensors.index.json").is_file():
-        return folder
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPE, num_hidden_layers=layers, dtype="bfloat16")
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="1GB")
     AutoTokenizer.from_pretrained(SHARED / "refmodel").save_pretrained(folder)
-    del model
-    return folder
+
+
+# each method's command and whether it reads calibration text
+METHODS = {
+    "gptq": (["quantize", "gptq", "--bits", "4", "--group-size", "128"], True),
+    "rtn": (["quantize", "rtn", "--bits", "4", "--group-size", "128"], False),
+    "sparsegpt": (["prune", "oneshot", "--method", "sparsegpt", "--sparsity", "0.5"], True),
+    "whiten": (["factorize", "--method", "whiten", "--param-ratio", "0.8", "--allocation", "uniform"], True),
+}
 
 
 def run(
     model: Path, output: Path, stream: bool, num_samples: int, seq_len: int, processes: int = 1, method: str = "gptq"
 ) -> dict:
-    """One `hfcompress quantize METHOD` run (with `processes` > 1: under torchrun, gloo, the cores shared); its
-    wall time and the peak memory its record gives (rank 0's)."""
+    """One run of `method` (with `processes` > 1: under torchrun, gloo, the cores shared); its wall time and the
+    peak memory its record gives (rank 0's)."""
     shutil.rmtree(output, ignore_errors=True)
+    words, calibrated = METHODS[method]
     command = [
-        "-m", "hfcompress", "quantize", method, str(model), str(output), "--bits", "4", "--group-size", "128", "-q",
-        "--offload", "disk" if stream else "none",
+        "-m", "hfcompress", *words[:2], str(model), str(output), *words[2:], "-q", "--offload",
+        "disk" if stream else "none",
     ]  # fmt: skip
-    if method == "gptq":
+    if calibrated:
         calibration = SHARED / "corpus" / "calib.txt"
         command += ["--dataset", str(calibration), "--num-samples", str(num_samples), "--seq-len", str(seq_len)]
     env = dict(os.environ)
@@ -152,7 +173,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each path (median time, largest peak).")
     parser.add_argument("--processes", type=int, default=1, help="Also refmodel in memory with this many processes.")
-    parser.add_argument("--methods", nargs="+", default=["gptq"], choices=["gptq", "rtn"], help="Techniques to run.")
+    parser.add_argument(
+        "--methods", nargs="+", default=["gptq"], choices=list(METHODS),
+        help="Techniques to run: GPTQ or RTN w4 g128, SparseGPT 50%%, whitened SVD at 0.8 of the parameters (uniform).",
+    )  # fmt: skip
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()
 
@@ -165,12 +189,13 @@ def main() -> None:
             rows += measure(folder, f"random Llama 4096x{layers}", args, layers in args.in_memory, method)
     if args.refmodel:
         samples, args.num_samples = args.num_samples, 128
-        rows += measure(SHARED / "refmodel", "refmodel (128 x 512)", args, True)
+        for method in args.methods:
+            rows += measure(SHARED / "refmodel", "refmodel (128 x 512)", args, True, method)
         args.num_samples = samples
     if args.processes > 1:
         rows += processes(args)
-    methods = " and ".join(m.upper() for m in args.methods)
-    print(f"\n{hardware_description()}; {methods} w4 g128, GPTQ on {args.num_samples} x {args.seq_len} tokens\n")
+    methods = ", ".join(args.methods)
+    print(f"\n{hardware_description()}; {methods}, calibrated on {args.num_samples} x {args.seq_len} tokens\n")
     print("| model | path | peak RSS (MiB) | wall (s) | same tensors |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
