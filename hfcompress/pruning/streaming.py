@@ -11,9 +11,9 @@ import os
 from torch import nn
 
 from ..checkpoint import update_manifest
-from ..core.streamed_run import StreamedTechnique, stream_compress
+from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import find_layer_stack, linear_weight, set_linear_weight
-from ..core.walk import calibrate_blocks, stacks_holding
+from ..core.walk import calibrate_blocks
 from ..data import calibration_data
 from .oneshot import prune_weight, pruning_targets
 from .oneshot_config import OneShotPruningConfig
@@ -57,12 +57,8 @@ class _Pruning(StreamedTechnique):
     def targets(self, model):
         targets = pruning_targets(model, self.config)
         self.stack, _ = find_layer_stack(model)
-        stacks = [prefix for prefix, _ in stacks_holding(model, targets)] if self.calibrated else []
-        if len(stacks) > 1:
-            raise ValueError(
-                f"--offload disk calibrates one stack of blocks; {type(model).__name__} has {len(stacks)} holding "
-                f"layers to prune ({', '.join(stacks)}): run {self.config.method} without --offload disk"
-            )
+        if self.calibrated:
+            refuse_several_stacks(model, targets, self.config.method)
         return targets
 
     def calibration_data(self, model):

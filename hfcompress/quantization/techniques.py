@@ -43,6 +43,7 @@ _CODEBOOK = dict(
     layer_types=(lazy("hfcompress.quantization.codebook_linear:CodebookLinear"),),
     calibrated=lambda config: config.dataset is not None,
     expert_linears=True,
+    stream=lazy("hfcompress.quantization.codebook_streaming:quantize_codebook_streaming"),
 )
 quantize_codebook = lazy("hfcompress.quantization.codebook_api:quantize_codebook")
 register_technique("kmeans", KMeansConfig, quantize_codebook, summary="Non-uniform levels per channel by weighted k-means.", **_CODEBOOK)  # fmt: skip

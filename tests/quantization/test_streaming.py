@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM
 import hfcompress  # noqa: F401  (registers the checkpoint format)
 from hfcompress.core.hessian import Hessian, inverse_cholesky, symmetrize_upper
 from hfcompress.core.streaming import ShardedCheckpoint, streaming_obstacle
-from hfcompress.quantization import GPTQConfig, RTNConfig
-from hfcompress.quantization.codebook_config import KMeansConfig
+from hfcompress.quantization import AWQConfig, GPTQConfig, RTNConfig
 from hfcompress.steps import OutputOptions, compress_folder
 from tests.helpers import read_safetensors, save_sharded_model, tiny_model, tiny_tokenizer, token_windows
 
@@ -109,8 +108,12 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(models, tmp_path):
     disk = OutputOptions(offload="disk", eval_dataset="whatever.txt")
     with pytest.raises(ValueError, match="--eval-dataset"):
         compress_folder(models["llama"], tmp_path / "a", RTNConfig(bits=4, group_size=32), disk)
-    with pytest.raises(ValueError, match="kmeans cannot run with --offload disk"):
-        compress_folder(models["llama"], tmp_path / "b", KMeansConfig(bits=3), OutputOptions(offload="disk"))
+    with pytest.raises(ValueError, match="awq cannot run with --offload disk"):
+        awq = AWQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
+        compress_folder(models["llama"], tmp_path / "b", awq, OutputOptions(offload="disk"))
+    compensated = GPTQConfig(bits=3, group_size=32, lowrank_compensation=4, dataset=token_windows(8, 32))
+    with pytest.raises(ValueError, match=r"compensation .* needs the whole model in memory"):
+        compress_folder(models["llama"], tmp_path / "d", compensated, OutputOptions(offload="disk"))
     with pytest.raises(ValueError, match="format hfcompress only"):
         compress_folder(
             models["llama"], tmp_path / "c", RTNConfig(bits=4, group_size=32, sym=True), OutputOptions(offload="disk"),
