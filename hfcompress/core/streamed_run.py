@@ -27,7 +27,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .activations import INPUTS, SpilledActivations, check_spill_space
-from .capture import BlockInputs, capture_block_inputs
+from .capture import BlockInputs, capture_block_inputs, with_hidden_states
 from .memory import release_large_frees
 from .resume import RunProgress, settings_digest
 from .streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
@@ -226,13 +226,20 @@ def _first_inputs(
     run, those an earlier run kept, with their other arguments (position embeddings, masks) recomputed."""
     head = _output_names(model)
     checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
-    if start:
-        inputs = progress.next_inputs(capture_block_inputs(model, first_block, batches))
+    if start:  # only the other arguments are recomputed: holding every hidden state would cost what spilling saved
+        inputs = progress.next_inputs(capture_block_inputs(model, first_block, batches, into=_OtherArguments()))
     else:
         spilled = SpilledActivations(progress.folder / f"{INPUTS}{prefix}")
         inputs = capture_block_inputs(model, first_block, batches, into=spilled)
     release(model)  # the embeddings are not needed again until they are written
     return inputs
+
+
+class _OtherArguments(list):
+    """Block inputs collected without their hidden states."""
+
+    def append(self, item: BlockInputs) -> None:
+        super().append(with_hidden_states(item, None))
 
 
 def _in_block(targets: dict[str, nn.Module], prefix: str) -> dict[str, nn.Module]:

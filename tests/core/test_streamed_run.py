@@ -1,0 +1,44 @@
+"""The streamed run's driver (`core.streamed_run`), beyond what each technique's streaming tests check."""
+
+from __future__ import annotations
+
+import pytest
+
+import hfcompress  # noqa: F401  (registers the checkpoint format)
+from hfcompress.core.activations import SpilledActivations, hidden_of
+from hfcompress.core.streaming import ShardWriter
+from hfcompress.quantization import GPTQConfig
+from hfcompress.steps import OutputOptions, compress_folder
+from tests.helpers import read_safetensors, save_sharded_model, token_windows
+
+
+def test_a_resumed_run_recomputes_only_the_other_arguments_of_the_first_inputs(tmp_path, monkeypatch):
+    """The hidden states of a resumed block come from disk; the first block's, recomputed to get the position
+    embeddings and masks, are not held (for a large calibration set they are what spilling saves)."""
+    model = save_sharded_model(tmp_path / "model")
+    config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
+    whole = compress_folder(model, tmp_path / "whole", config, OutputOptions(offload="disk"))
+
+    write = ShardWriter.write
+
+    def fail_at_the_second_block(self, index, tensors):
+        if index == 1:
+            raise RuntimeError("killed")
+        write(self, index, tensors)
+
+    monkeypatch.setattr(ShardWriter, "write", fail_at_the_second_block)
+    with pytest.raises(RuntimeError, match="killed"):
+        compress_folder(model, tmp_path / "out", config, OutputOptions(offload="disk"))
+    monkeypatch.setattr(ShardWriter, "write", write)
+
+    reopen, given = SpilledActivations.reopen.__func__, []
+
+    def recording_reopen(cls, folder, others):
+        given.extend(others)
+        return reopen(cls, folder, others)
+
+    monkeypatch.setattr(SpilledActivations, "reopen", classmethod(recording_reopen))
+    resumed = compress_folder(model, tmp_path / "out", config, OutputOptions(offload="disk", resume=True))
+    assert len(given) == 2 and all(hidden_of(item) is None for item in given)  # 8 windows in batches of 4
+    expected, written = read_safetensors(whole), read_safetensors(resumed)
+    assert written.keys() == expected.keys() and all((written[k] == v).all() for k, v in expected.items())
