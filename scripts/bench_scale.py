@@ -61,12 +61,12 @@ def _build(folder: Path, layers: int) -> None:
     AutoTokenizer.from_pretrained(SHARED / "refmodel").save_pretrained(folder)
 
 
-# each method's command and whether it reads calibration text
+# each method's command words, its options and whether it reads calibration text
 METHODS = {
-    "gptq": (["quantize", "gptq", "--bits", "4", "--group-size", "128"], True),
-    "rtn": (["quantize", "rtn", "--bits", "4", "--group-size", "128"], False),
-    "sparsegpt": (["prune", "oneshot", "--method", "sparsegpt", "--sparsity", "0.5"], True),
-    "whiten": (["factorize", "--method", "whiten", "--param-ratio", "0.8", "--allocation", "uniform"], True),
+    "gptq": (["quantize", "gptq"], ["--bits", "4", "--group-size", "128"], True),
+    "rtn": (["quantize", "rtn"], ["--bits", "4", "--group-size", "128"], False),
+    "sparsegpt": (["prune", "oneshot"], ["--method", "sparsegpt", "--sparsity", "0.5"], True),
+    "whiten": (["factorize"], ["--method", "whiten", "--param-ratio", "0.8", "--allocation", "uniform"], True),
 }
 
 
@@ -76,10 +76,9 @@ def run(
     """One run of `method` (with `processes` > 1: under torchrun, gloo, the cores shared); its wall time and the
     peak memory its record gives (rank 0's)."""
     shutil.rmtree(output, ignore_errors=True)
-    words, calibrated = METHODS[method]
+    words, options, calibrated = METHODS[method]
     command = [
-        "-m", "hfcompress", *words[:2], str(model), str(output), *words[2:], "-q", "--offload",
-        "disk" if stream else "none",
+        "-m", "hfcompress", *words, str(model), str(output), *options, "-q", "--offload", "disk" if stream else "none",
     ]  # fmt: skip
     if calibrated:
         calibration = SHARED / "corpus" / "calib.txt"
