@@ -194,7 +194,8 @@ def main() -> None:
     if args.processes > 1:
         rows += processes(args)
     methods = ", ".join(args.methods)
-    print(f"\n{hardware_description()}; {methods}, calibrated on {args.num_samples} x {args.seq_len} tokens\n")
+    calibration = f"the random models calibrated on {args.num_samples} x {args.seq_len} tokens"
+    print(f"\n{hardware_description()}; {methods}, {calibration}\n")
     print("| model | path | peak RSS (MiB) | wall (s) | same tensors |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
