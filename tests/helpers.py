@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 
@@ -208,6 +209,25 @@ def read_safetensors(folder) -> dict[str, torch.Tensor]:
         with safe_open(file, "pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
+
+
+@contextlib.contextmanager
+def failing_at_shard(index: int):
+    """A streamed run that dies as it writes shard `index` (the blocks before it written, its progress kept)."""
+    from hfcompress.core.streaming import ShardWriter
+
+    write = ShardWriter.write
+
+    def fail(self, shard, tensors):
+        if shard == index:
+            raise RuntimeError("killed")
+        write(self, shard, tensors)
+
+    ShardWriter.write = fail
+    try:
+        yield
+    finally:
+        ShardWriter.write = write
 
 
 def free_port() -> int:

@@ -6,10 +6,9 @@ import pytest
 
 import hfcompress  # noqa: F401  (registers the checkpoint format)
 from hfcompress.core.activations import SpilledActivations, hidden_of
-from hfcompress.core.streaming import ShardWriter
 from hfcompress.quantization import GPTQConfig
 from hfcompress.steps import OutputOptions, compress_folder
-from tests.helpers import read_safetensors, save_sharded_model, token_windows
+from tests.helpers import failing_at_shard, read_safetensors, save_sharded_model, token_windows
 
 
 def test_a_resumed_run_recomputes_only_the_other_arguments_of_the_first_inputs(tmp_path, monkeypatch):
@@ -19,17 +18,8 @@ def test_a_resumed_run_recomputes_only_the_other_arguments_of_the_first_inputs(t
     config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
     whole = compress_folder(model, tmp_path / "whole", config, OutputOptions(offload="disk"))
 
-    write = ShardWriter.write
-
-    def fail_at_the_second_block(self, index, tensors):
-        if index == 1:
-            raise RuntimeError("killed")
-        write(self, index, tensors)
-
-    monkeypatch.setattr(ShardWriter, "write", fail_at_the_second_block)
-    with pytest.raises(RuntimeError, match="killed"):
+    with failing_at_shard(1), pytest.raises(RuntimeError, match="killed"):
         compress_folder(model, tmp_path / "out", config, OutputOptions(offload="disk"))
-    monkeypatch.setattr(ShardWriter, "write", write)
 
     reopen, given = SpilledActivations.reopen.__func__, []
 

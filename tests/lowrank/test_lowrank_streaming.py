@@ -10,11 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (registers the checkpoint format)
-from hfcompress.core.streaming import ShardWriter
 from hfcompress.io import partial_dir
 from hfcompress.lowrank import LowRankConfig
 from hfcompress.steps import OutputOptions, compress_folder
-from tests.helpers import read_safetensors, save_sharded_model, token_windows
+from tests.helpers import failing_at_shard, read_safetensors, save_sharded_model, token_windows
 
 
 @pytest.fixture(scope="module")
@@ -58,25 +57,16 @@ def test_streamed_factorization_writes_what_memory_writes(models, tmp_path, arch
     assert torch.equal(a, b)
 
 
-def test_a_streamed_factorization_that_failed_midway_resumes_to_the_same_output(models, tmp_path, monkeypatch):
+def test_a_streamed_factorization_that_failed_midway_resumes_to_the_same_output(models, tmp_path):
     config = CONFIGS["whiten-rank"]()
     whole = compress_folder(models["llama"], tmp_path / "whole", config, OutputOptions(offload="disk"))
 
-    write = ShardWriter.write
-
-    def fail_at_the_second_block(self, index, tensors):
-        if index == 1:
-            raise RuntimeError("killed")
-        write(self, index, tensors)
-
-    monkeypatch.setattr(ShardWriter, "write", fail_at_the_second_block)
     output = tmp_path / "failed"
-    with pytest.raises(RuntimeError, match="killed"):
+    with failing_at_shard(1), pytest.raises(RuntimeError, match="killed"):
         compress_folder(models["llama"], output, config, OutputOptions(offload="disk"))
     progress = json.loads((partial_dir(output) / "hfcompress_progress.json").read_text())
     assert progress["blocks_done"] == 1 and set(progress["layers"].values()) == {8}
 
-    monkeypatch.setattr(ShardWriter, "write", write)
     resumed = compress_folder(models["llama"], output, config, OutputOptions(offload="disk", resume=True))
     expected, written = read_safetensors(whole), read_safetensors(resumed)
     assert written.keys() == expected.keys()
