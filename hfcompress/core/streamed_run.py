@@ -32,7 +32,7 @@ from .memory import release_large_frees
 from .resume import RunProgress, settings_digest
 from .streaming import BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
 from .structure import cast_unquantized, find_layer_stack, set_submodule
-from .walk import block_prefixes, stacks_holding
+from .walk import block_prefixes, calibrate_blocks, stacks_holding
 
 __all__ = ["LARGE_BLOCK", "StreamedTechnique", "refuse_several_stacks", "stream_compress"]
 
@@ -81,6 +81,24 @@ class StreamedTechnique:
         """Calibrate and compress the targets of `blocks` on the block driver (`core.walk.calibrate_blocks` with
         `stream`, `inputs` as the first block's inputs, `folder` to spill to); returns the names compressed."""
         raise NotImplementedError
+
+    def walk_two_pass(
+        self, model, blocks, batches, targets: dict, stream: BlockStream, inputs, folder: Path, make_solver, desc: str,
+        after_block=None,
+    ) -> set[str]:  # fmt: skip
+        """`compress_blocks` for a technique that, in memory too, takes every Hessian of a block before changing
+        any of its layers (`core.walk.calibrate_blocks` without `true_sequential`): `make_solver` as there;
+        `after_block(block, prefix, solved)` runs before each block is written. Returns the targets walked."""
+        walk = calibrate_blocks(
+            model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc, stream=stream,
+            inputs=inputs, spill=folder,
+        )  # fmt: skip
+        done = set()
+        for block, prefix, solved in walk:
+            if after_block is not None:
+                after_block(block, prefix, solved)
+            done |= set(_in_block(targets, prefix))
+        return done
 
     def onload(self, block: nn.Module, prefix: str, targets: dict[str, nn.Module]) -> None:
         """After a block is read, before it is used; `targets`: its targets by full name."""

@@ -16,7 +16,6 @@ from torch import nn
 from ..core.streamed_run import StreamedTechnique, stream_compress
 from ..core.streaming import release
 from ..core.structure import find_layer_stack, linear_weight
-from ..core.walk import calibrate_blocks
 from ..data import calibration_data
 from .config import LowRankConfig
 from .factorization import (
@@ -107,17 +106,15 @@ class _Factorization(StreamedTechnique):
 
             return solve
 
-        walk = calibrate_blocks(
-            model, blocks, batches, targets, make_solver, true_sequential=False, desc=f"factorize ({config.method})",
-            stream=stream, inputs=inputs, spill=folder,
-        )  # fmt: skip
-        done = set()
-        for block, prefix, factorized in walk:
+        def replace_solved(block, prefix, factorized):
             for name, (module, decomposition, rank) in factorized.items():
                 replace_with_factors(block, name, module, decomposition, rank)
                 release(module)
-            done |= {n for n in targets if n.startswith(prefix + ".")}
-        return done
+
+        desc = f"factorize ({config.method})"
+        return self.walk_two_pass(
+            model, blocks, batches, targets, stream, inputs, folder, make_solver, desc, replace_solved
+        )
 
     def layer_state(self, model, name):
         module = model.get_submodule(name)

@@ -13,7 +13,6 @@ from torch import nn
 from ..checkpoint import update_manifest
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import find_layer_stack, linear_weight, set_linear_weight
-from ..core.walk import calibrate_blocks
 from ..data import calibration_data
 from .oneshot import prune_weight, pruning_targets
 from .oneshot_config import OneShotPruningConfig
@@ -89,11 +88,7 @@ class _Pruning(StreamedTechnique):
 
             return solve
 
-        walk = calibrate_blocks(
-            model, blocks, batches, targets, make_solver, true_sequential=False, desc=self.desc, stream=stream,
-            inputs=inputs, spill=folder,
-        )  # fmt: skip
-        return {name for _, prefix, _ in walk for name in targets if name.startswith(prefix + ".")}
+        return self.walk_two_pass(model, blocks, batches, targets, stream, inputs, folder, make_solver, self.desc)
 
     def before_write(self, block, prefix, targets):
         if self.bitmask:

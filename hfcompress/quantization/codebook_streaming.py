@@ -13,7 +13,6 @@ from torch import nn
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_submodule
-from ..core.walk import calibrate_blocks
 from ..data import calibration_data
 from .codebook_api import attach_codebooks, codebook_record, codebook_targets, encode_layer
 from .codebook_config import KMeansConfig, VQConfig
@@ -69,11 +68,8 @@ class _Codebooks(StreamedTechnique):
 
             return solve
 
-        walk = calibrate_blocks(
-            model, blocks, batches, targets, make_solver, true_sequential=False, desc=f"{self.config.method} blocks",
-            stream=stream, inputs=inputs, spill=folder,
-        )  # fmt: skip
-        return {name for _, prefix, _ in walk for name in targets if name.startswith(prefix + ".")}
+        desc = f"{self.config.method} blocks"
+        return self.walk_two_pass(model, blocks, batches, targets, stream, inputs, folder, make_solver, desc)
 
     def layer_state(self, model, name):
         return codebook_record(model.get_submodule(name))
