@@ -173,8 +173,9 @@ def stream_compress(
         logger.info("resuming: %d of %d blocks were written by the run that stopped", start, len(blocks))
 
     def record_progress(block: nn.Module, prefix: str, written: int, next_inputs) -> None:
-        for name in _in_block(targets, prefix):
+        for name, module in _in_block(targets, prefix).items():
             layers[name] = technique.layer_state(model, name)
+            release(module)  # a target swapped for its compressed form is no longer in the block released next
         progress.save(written, layers, next_inputs)
 
     def before_write(block: nn.Module, prefix: str) -> None:
