@@ -6,6 +6,7 @@ each block sees the outputs of the already pruned blocks before it.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -14,12 +15,12 @@ from transformers.utils.logging import tqdm
 
 from ..checkpoint import update_manifest
 from ..core.structure import candidate_linears, linear_weight, set_linear_weight
-from ..core.walk import for_each_block_hessian, stacks_holding
+from ..core.walk import calibrate_blocks, stacks_holding
 from ..data import calibration_data
 from .oneshot_config import OneShotPruningConfig
-from .sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
+from .sparsegpt import magnitude_prune, sparsegpt_factor, sparsegpt_prune, sparsegpt_prune_factored, wanda_prune
 
-__all__ = ["OneShotPruningConfig", "prune_oneshot", "prune_weight", "pruning_targets"]
+__all__ = ["OneShotPruningConfig", "group_pruner", "prune_oneshot", "prune_weight", "pruning_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,28 @@ def prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPruning
     if config.method == "wanda":
         return wanda_prune(W, H, config.sparsity, n, m)
     return sparsegpt_prune(W, H, config.sparsity, n, m, config.block_size, config.damp_percent)
+
+
+def group_pruner(modules: dict[str, nn.Module], config: OneShotPruningConfig):
+    """A block solver (`core.walk.calibrate_blocks`) pruning `modules` (by name in the block) as `config` says.
+    Layers that read the same input share its Hessian: SparseGPT factors it once for all of them, in the
+    Hessian's own memory (the walk hands each group's Hessian over, never to use it again)."""
+
+    def solve(names: list[str], H: torch.Tensor) -> dict:
+        if config.method == "sparsegpt":
+            n, m = config.nm
+            Hinv, dead = sparsegpt_factor(H, config.damp_percent, overwrite=True)
+            prune = functools.partial(
+                sparsegpt_prune_factored, Hinv=Hinv, dead=dead, sparsity=config.sparsity, n=n, m=m,
+                block_size=config.block_size,
+            )  # fmt: skip
+        else:
+            prune = functools.partial(prune_weight, H=H, config=config)
+        for name in names:
+            set_linear_weight(modules[name], prune(linear_weight(modules[name])))
+        return {}
+
+    return solve
 
 
 @torch.no_grad()
@@ -72,8 +95,10 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
             "%d layers outside the block stacks have no calibration data and stay dense: %s", len(outside), outside
         )
     batches = calibration_data(model, config, tokenizer)
-
-    def prune(block, name, module, H):
-        set_linear_weight(module, prune_weight(linear_weight(module), H, config))
-
-    for_each_block_hessian(model, None, batches, targets, prune, f"prune ({config.method})")
+    for _, stack in stacks:
+        walk = calibrate_blocks(
+            model, stack, batches, targets, lambda block, prefix, modules: group_pruner(modules, config),
+            true_sequential=False, desc=f"prune ({config.method})",
+        )  # fmt: skip
+        for _ in walk:
+            pass

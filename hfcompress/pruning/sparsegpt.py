@@ -11,7 +11,11 @@ import torch
 from ..core.hessian import inverse_cholesky
 from .masks import n_m_mask
 
-__all__ = ["magnitude_prune", "sparsegpt_prune", "wanda_prune"]
+__all__ = ["magnitude_prune", "sparsegpt_factor", "sparsegpt_prune", "sparsegpt_prune_factored", "wanda_prune"]
+
+
+# columns of the later weights updated at once after each block of columns (a 4096-row layer's temporary: 32 MB)
+_UPDATE_COLUMNS = 2048
 
 
 def _check(sparsity: float, n: int, m: int) -> None:
@@ -65,17 +69,38 @@ def sparsegpt_prune(
     """SparseGPT: prune column block by column block, choosing each block's mask by w^2 / [Hinv]_jj^2 and
     updating the not-yet-pruned weights to compensate (the optimal brain surgeon update along the Cholesky
     factor). Unstructured masks reach `sparsity` per block of columns; N:M masks are chosen every M columns.
-    Returns the pruned (and updated) W in its dtype."""
+    Returns the pruned (and updated) W in its dtype; `H` is read, never changed."""
+    _check(sparsity, n, m)
+    return sparsegpt_prune_factored(W, *sparsegpt_factor(H, damp_percent), sparsity, n, m, block_size)
+
+
+def sparsegpt_factor(
+    H: torch.Tensor, damp_percent: float = 0.01, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SparseGPT needs of the Hessian, once for every layer that reads the same input: `Hinv`, the upper
+    Cholesky factor of the dampened H⁻¹, and `dead`, the inputs that are always zero. With `overwrite`, `Hinv`
+    takes H's own memory (H is lost: for a wide layer, hundreds of MB saved)."""
+    dead = torch.diag(H) == 0
+    return inverse_cholesky(H.detach().float(), damp_percent, fix_dead=True, overwrite=overwrite), dead
+
+
+def sparsegpt_prune_factored(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    dead: torch.Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """`sparsegpt_prune` from `sparsegpt_factor`'s `Hinv` and `dead` (read, never changed)."""
     _check(sparsity, n, m)
     if m and block_size % m:
         raise ValueError(f"`block_size` ({block_size}) must be a multiple of M ({m})")
     dtype = W.dtype
     W = W.detach().clone().float()
-    H = H.detach().float()  # read, never changed
     columns = W.shape[1]
-    dead = torch.diag(H) == 0
     W[:, dead] = 0
-    Hinv = inverse_cholesky(H, damp_percent, fix_dead=True)
 
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -98,5 +123,7 @@ def sparsegpt_prune(
             W1[:, i] = q
             Err1[:, i] = err
         W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        for j1 in range(i2, columns, _UPDATE_COLUMNS):  # the later columns' update without a W-sized temporary
+            j2 = min(j1 + _UPDATE_COLUMNS, columns)
+            W[:, j1:j2] -= Err1 @ Hinv[i1:i2, j1:j2]
     return W.to(dtype)

@@ -14,7 +14,7 @@ from ..checkpoint import update_manifest
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import find_layer_stack, linear_weight, set_linear_weight
 from ..data import calibration_data
-from .oneshot import prune_weight, pruning_targets
+from .oneshot import group_pruner, prune_weight, pruning_targets
 from .oneshot_config import OneShotPruningConfig
 from .sparse import SparseLinear, record_sparse, sparsify_linears
 
@@ -80,13 +80,7 @@ class _Pruning(StreamedTechnique):
 
     def compress_blocks(self, model, blocks, batches, targets, stream, inputs, folder):
         def make_solver(block, prefix, modules):
-            def solve(names, H):
-                for name in names:
-                    module = modules[name]
-                    set_linear_weight(module, prune_weight(linear_weight(module), H, self.config))
-                return {}
-
-            return solve
+            return group_pruner(modules, self.config)
 
         return self.walk_two_pass(model, blocks, batches, targets, stream, inputs, folder, make_solver, self.desc)
 
