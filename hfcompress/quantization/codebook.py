@@ -14,6 +14,8 @@ import torch
 __all__ = ["codebook_dequantize", "kmeans_quantize", "vq_quantize", "weighted_kmeans"]
 
 _CHUNK = 2**25  # points * centroids held at once
+# weights of the channels fitted at once by scalar k-means: its sorting and prefix sums take about 40 bytes each
+_ROWS_CHUNK = 2**22
 
 
 def _init(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,9 +135,15 @@ def kmeans_quantize(
     """Scalar k-means per output channel: codes [out, in] (values < 2^bits) and codebook [out, 2^bits].
     `sensitivity` [in] weights every input column (e.g. the Hessian diagonal)."""
     rows, cols = W.shape
-    weights = None if sensitivity is None else sensitivity.float().reshape(1, cols, 1).expand(rows, cols, 1)
-    centroids, codes = weighted_kmeans(W.float().unsqueeze(-1), weights, 2**bits, iters)
-    return codes, centroids[..., 0]
+    per_chunk = max(1, _ROWS_CHUNK // cols)  # channels are independent: a chunk at a time, the same result
+    codes = torch.empty(rows, cols, dtype=torch.long, device=W.device)
+    codebook = torch.empty(rows, 2**bits, device=W.device)
+    for start in range(0, rows, per_chunk):
+        chunk = W[start : start + per_chunk].float().unsqueeze(-1)
+        weights = None if sensitivity is None else sensitivity.float().reshape(1, cols, 1).expand_as(chunk)
+        centroids, codes[start : start + per_chunk] = weighted_kmeans(chunk, weights, 2**bits, iters)
+        codebook[start : start + per_chunk] = centroids[..., 0]
+    return codes, codebook
 
 
 def vq_quantize(

@@ -143,3 +143,14 @@ def test_weighted_kmeans_is_never_worse_than_unweighted_on_its_own_objective():
         return float(((codebook_dequantize(codes, book.unsqueeze(-1), 1) - W).pow(2) * sensitivity).sum())
 
     assert weighted_error(*kmeans_quantize(W, 3, sensitivity)) < 0.95 * weighted_error(*kmeans_quantize(W, 3))
+
+
+def test_scalar_kmeans_fits_channels_a_chunk_at_a_time_with_the_same_result(monkeypatch):
+    """Each output channel is its own k-means: fitting a few channels at a time (memory bounded for a wide
+    layer) gives the codes and levels of fitting them all at once, early stopping included."""
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    sensitivity = torch.rand(64, generator=torch.Generator().manual_seed(4))
+    whole = kmeans_quantize(W, 3, sensitivity)
+    monkeypatch.setattr(codebook, "_ROWS_CHUNK", 5 * 64)  # 5 channels a chunk: the last chunk is short
+    chunked = kmeans_quantize(W, 3, sensitivity)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
