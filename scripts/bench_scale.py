@@ -1,5 +1,5 @@
-"""Peak memory and wall time of a compression streamed from disk (`--offload disk`: GPTQ by default, RTN,
-SparseGPT or whitened SVD with `--methods`) against the same run in memory, on models of growing depth, and
+"""Peak memory and wall time of a compression streamed from disk (`--offload disk`: GPTQ by default, or another
+technique with `--methods`) against the same run in memory, on models of growing depth, and
 whether both write the same tensors.
 
 Builds (once, cached in --cache) random-weight Llama-shaped models, hidden 4096, intermediate 11008, vocabulary
@@ -10,6 +10,7 @@ the compression record says (`getrusage`), its wall time is measured around the 
 
     python scripts/bench_scale.py                       # 6 and 12 layers streamed, 6 layers in memory
     python scripts/bench_scale.py --layers 6 12 --methods rtn   # round-to-nearest instead
+    python scripts/bench_scale.py --layers 6 12 --methods rtn magnitude wanda sparsegpt kmeans whiten
     python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
     python scripts/bench_scale.py --layers --refmodel --methods sparsegpt whiten
     python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
@@ -67,6 +68,9 @@ METHODS = {
     "rtn": (["quantize", "rtn"], ["--bits", "4", "--group-size", "128"], False),
     "sparsegpt": (["prune", "oneshot"], ["--method", "sparsegpt", "--sparsity", "0.5"], True),
     "whiten": (["factorize"], ["--method", "whiten", "--param-ratio", "0.8", "--allocation", "uniform"], True),
+    "kmeans": (["quantize", "kmeans"], ["--bits", "4"], True),
+    "wanda": (["prune", "oneshot"], ["--method", "wanda", "--sparsity", "0.5"], True),
+    "magnitude": (["prune", "oneshot"], ["--method", "magnitude", "--sparsity", "0.5"], False),
 }
 
 
@@ -174,7 +178,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="Also refmodel in memory with this many processes.")
     parser.add_argument(
         "--methods", nargs="+", default=["gptq"], choices=list(METHODS),
-        help="Techniques to run: GPTQ or RTN w4 g128, SparseGPT 50%%, whitened SVD at 0.8 of the parameters (uniform).",
+        help="Techniques to run: GPTQ or RTN w4 g128, SparseGPT, Wanda or magnitude pruning to 50%%, whitened SVD at "
+        "0.8 of the parameters (uniform), scalar k-means at 4 bits.",
     )  # fmt: skip
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()
