@@ -248,19 +248,22 @@ def _synthesize_passthroughs(trace: BlockTrace, named, solved: int, records: dic
             del kept_inputs[group]
 
 
-def _group_hessians(named, trace: BlockTrace, inputs) -> dict[str, Hessian]:
-    """The input Hessian of each group of `trace`, keyed by the group's first linear."""
+def _group_hessians(named, trace: BlockTrace, inputs, diagonal: bool = False) -> dict[str, Hessian]:
+    """The input Hessian (or its diagonal) of each group of `trace`, keyed by the group's first linear."""
     leaders = [names[0] for names in trace.groups]
     hessians = {
-        leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device) for leader in leaders
+        leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device, diagonal)
+        for leader in leaders
     }
     # the block's output is not needed here: stop once the last group's input is in
     _run_stage(named[""], named, inputs, hessians, stop=trace.last_called(leaders))
     return hessians
 
 
-def _calibrate_two_pass(block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows=None, into=list):
-    hessians = _group_hessians(named, trace, inputs)
+def _calibrate_two_pass(
+    block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows=None, into=list, diagonal: bool = False
+):
+    hessians = _group_hessians(named, trace, inputs, diagonal)
     solved = {}
     for names in trace.groups:
         solved.update(solve(names, _full(hessians.pop(names[0]), names, rows)))
@@ -320,6 +323,7 @@ def calibrate_block(
     rows: dict[str, int] | None = None,
     into: Callable[[], Any] = list,
     scratch: str | os.PathLike | None = None,
+    diagonal: bool = False,
 ) -> tuple[list[BlockInputs], dict[str, Any], bool]:
     """Run `solve` on each group of the target linears of one block (`modules`, by name relative to the block).
 
@@ -336,8 +340,11 @@ def calibrate_block(
     `into()` makes the container the outputs are appended to (default: a list; `core.activations` keeps them on
     disk); it is called again if the staged path is abandoned after it started writing outputs. `scratch`: a
     folder where the staged path keeps the submodule outputs and linear inputs it holds between stages, instead
-    of memory (`core.activations.SpilledList`), removed when the block is done.
+    of memory (`core.activations.SpilledList`), removed when the block is done. With `diagonal` (two passes
+    only), `solve` is handed each Hessian's diagonal, a vector, and the matrices are never built.
     """
+    if diagonal and true_sequential:
+        raise ValueError("`diagonal` Hessians are collected by the two-pass path only: pass true_sequential=False")
     named = _named_in_block(block, prefix)
     trace = _checked_trace(block, prefix, list(modules), inputs, trace)
     staged = true_sequential and all(trace.calls[n] == 1 for n in modules)
@@ -359,5 +366,5 @@ def calibrate_block(
                     set_linear_weight(modules[name], weight, exact=True)
                 if reload is not None:
                     reload()
-        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows, into)
+        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows, into, diagonal)
     return outputs, solved, False

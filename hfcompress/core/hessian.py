@@ -12,7 +12,15 @@ import torch
 from .distributed import reduce_mean
 from .linalg import all_finite, invert_lower_, permute_symmetric_, reverse_, transpose_
 
-__all__ = ["Hessian", "accumulate_hessian", "gram_upper", "inverse_cholesky", "symmetrize_upper", "symmetrize_upper_"]
+__all__ = [
+    "Hessian",
+    "accumulate_hessian",
+    "gram_upper",
+    "hessian_diagonal",
+    "inverse_cholesky",
+    "symmetrize_upper",
+    "symmetrize_upper_",
+]
 
 
 def gram_upper(x: torch.Tensor, block: int = 256, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
@@ -146,24 +154,40 @@ class _Backup:
 
 class Hessian:
     """A running H = 2 XᵀX / n over the inputs a layer sees, upper triangle only until `full()`, and each input's
-    mean magnitude `abs_mean` (mean |x|, AWQ's activation statistic; exact after `full()`)."""
+    mean magnitude `abs_mean` (mean |x|, AWQ's activation statistic; exact after `full()`).
 
-    def __init__(self, in_features: int, device):
-        self.H = torch.zeros(in_features, in_features, device=device)
+    With `diagonal`, only H's diagonal 2 Σ x_j² / n is kept, as a vector (what Wanda and k-means read): for a
+    wide layer the matrix is hundreds of MB and its accumulation most of the calibration's time."""
+
+    def __init__(self, in_features: int, device, diagonal: bool = False):
+        shape = (in_features,) if diagonal else (in_features, in_features)
+        self.H = torch.zeros(*shape, device=device)
         self.abs_mean = torch.zeros(in_features, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1])
-        if rows.shape[0]:
-            total = self.count + rows.shape[0]
-            self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0).to(self.abs_mean.dtype), alpha=1 / total)
-        self.H, self.count = accumulate_hessian(rows, self.H, self.count, upper_only=True)
+        if not rows.shape[0]:
+            return
+        total = self.count + rows.shape[0]
+        self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0).to(self.abs_mean.dtype), alpha=1 / total)
+        if self.H.dim() == 1:
+            rows = rows.to(self.H.dtype)
+            self.H.mul_(self.count / total).add_((rows * rows).sum(0), alpha=2 / total)
+            self.count = total
+        else:
+            self.H, self.count = accumulate_hessian(rows, self.H, self.count, upper_only=True)
 
     def full(self) -> torch.Tensor:
-        """The symmetric H, made in place (no second matrix: for a wide layer H alone is hundreds of MB); across
-        processes, over every rank's inputs (`core.distributed`), as `abs_mean` then is."""
+        """The symmetric H (or its diagonal), made in place (no second matrix: for a wide layer H alone is hundreds
+        of MB); across processes, over every rank's inputs (`core.distributed`), as `abs_mean` then is."""
         self.abs_mean, _ = reduce_mean(self.abs_mean, self.count)
         self.H, self.count = reduce_mean(self.H, self.count)
-        symmetrize_upper_(self.H)
+        if self.H.dim() == 2:
+            symmetrize_upper_(self.H)
         return self.H
+
+
+def hessian_diagonal(H: torch.Tensor) -> torch.Tensor:
+    """The diagonal of the Hessian `H`, given as the matrix or (collected with `diagonal`) as the vector itself."""
+    return H if H.dim() == 1 else torch.diagonal(H)

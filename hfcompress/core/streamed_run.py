@@ -84,14 +84,15 @@ class StreamedTechnique:
 
     def walk_two_pass(
         self, model, blocks, batches, targets: dict, stream: BlockStream, inputs, folder: Path, make_solver, desc: str,
-        after_block=None,
+        after_block=None, diagonal: bool = False,
     ) -> set[str]:  # fmt: skip
         """`compress_blocks` for a technique that, in memory too, takes every Hessian of a block before changing
-        any of its layers (`core.walk.calibrate_blocks` without `true_sequential`): `make_solver` as there;
-        `after_block(block, prefix, solved)` runs before each block is written. Returns the targets walked."""
+        any of its layers (`core.walk.calibrate_blocks` without `true_sequential`): `make_solver` and `diagonal`
+        as there; `after_block(block, prefix, solved)` runs before each block is written. Returns the targets
+        walked."""
         walk = calibrate_blocks(
             model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc, stream=stream,
-            inputs=inputs, spill=folder,
+            inputs=inputs, spill=folder, diagonal=diagonal,
         )  # fmt: skip
         done = set()
         for block, prefix, solved in walk:

@@ -52,6 +52,7 @@ def calibrate_blocks(
     replay: str = "all",
     rows: dict[str, int] | None = None,
     spill: str | os.PathLike | None = None,
+    diagonal: bool = False,
 ) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
     """Calibrate the targets of every block in turn, each block on the previous ones' outputs as solved.
 
@@ -67,11 +68,12 @@ def calibrate_blocks(
     given, is filled with the calibration rows (tokens) each target saw, by full name (experts: those routed to
     them). `spill`: a folder where the blocks' inputs and outputs, and what the staged path holds between
     stages, are kept instead of memory (`core.activations`), one batch read at a time; each block's outputs go to `outputs-<prefix>` in it, and
-    the files of a block's inputs are deleted once its outputs have been handed to `stream.offload`.
+    the files of a block's inputs are deleted once its outputs have been handed to `stream.offload`. `diagonal`:
+    the solvers get only each Hessian's diagonal (see `calibrate_block`).
     """
     walk = _walk(
         model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,
-        inputs, replay, rows, spill,
+        inputs, replay, rows, spill, diagonal,
     )  # fmt: skip
     for block, prefix, solved in walk:
         yield block, prefix, solved[None]
@@ -100,7 +102,7 @@ def calibrate_streams(
 
 def _walk(
     model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool,
-    disk=None, first=None, replay: str = "all", rows: dict | None = None, spill=None,
+    disk=None, first=None, replay: str = "all", rows: dict | None = None, spill=None, diagonal: bool = False,
 ):  # fmt: skip
     prefixes = block_prefixes(model, blocks)
     if first is None:
@@ -134,7 +136,7 @@ def _walk(
             try:
                 inputs[stream], solved[stream], _ = calibrate_block(
                     block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay, seen,
-                    into, None if spill is None else Path(spill) / f"{SCRATCH}{prefix}",
+                    into, None if spill is None else Path(spill) / f"{SCRATCH}{prefix}", diagonal,
                 )  # fmt: skip
             finally:
                 for name, weight in originals.items():
@@ -156,15 +158,22 @@ def _drop_spilled(inputs: dict) -> None:
 
 
 def for_each_block_hessian(
-    model: nn.Module, blocks, batches: list[torch.Tensor], targets: dict[str, nn.Module], process, desc: str
+    model: nn.Module,
+    blocks,
+    batches: list[torch.Tensor],
+    targets: dict[str, nn.Module],
+    process,
+    desc: str,
+    diagonal: bool = False,
 ) -> None:
     """Block by block: the input Hessian of every target in the block, `process(block, name, module, H)` for
     each (`name` relative to the block), then the block's outputs, with whatever `process` changed, become the
     next block's inputs (the two-pass path: every Hessian of a block is taken before any change). `blocks` None:
-    every stack that holds targets, one after the other (`stacks_holding`)."""
+    every stack that holds targets, one after the other (`stacks_holding`). `diagonal`: `H` is only the Hessian's
+    diagonal, a vector (see `calibrate_block`)."""
     if blocks is None:
         for _, stack in stacks_holding(model, targets):
-            for_each_block_hessian(model, stack, batches, targets, process, desc)
+            for_each_block_hessian(model, stack, batches, targets, process, desc, diagonal)
         return
 
     def make_solver(block, prefix, modules):
@@ -175,5 +184,8 @@ def for_each_block_hessian(
 
         return solve
 
-    for _ in calibrate_blocks(model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc):
+    walk = calibrate_blocks(
+        model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc, diagonal=diagonal
+    )
+    for _ in walk:
         pass

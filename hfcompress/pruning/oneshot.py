@@ -38,7 +38,8 @@ def prune_weight(W: torch.Tensor, H: torch.Tensor | None, config: OneShotPruning
 def group_pruner(modules: dict[str, nn.Module], config: OneShotPruningConfig):
     """A block solver (`core.walk.calibrate_blocks`) pruning `modules` (by name in the block) as `config` says.
     Layers that read the same input share its Hessian: SparseGPT factors it once for all of them, in the
-    Hessian's own memory (the walk hands each group's Hessian over, never to use it again)."""
+    Hessian's own memory (the walk hands each group's Hessian over, never to use it again); Wanda reads only its
+    diagonal (walk with `diagonal`)."""
 
     def solve(names: list[str], H: torch.Tensor) -> dict:
         if config.method == "sparsegpt":
@@ -98,7 +99,7 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
     for _, stack in stacks:
         walk = calibrate_blocks(
             model, stack, batches, targets, lambda block, prefix, modules: group_pruner(modules, config),
-            true_sequential=False, desc=f"prune ({config.method})",
+            true_sequential=False, desc=f"prune ({config.method})", diagonal=config.method == "wanda",
         )  # fmt: skip
         for _ in walk:
             pass

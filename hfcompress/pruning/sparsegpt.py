@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.hessian import inverse_cholesky
+from ..core.hessian import hessian_diagonal, inverse_cholesky
 from .masks import n_m_mask
 
 __all__ = ["magnitude_prune", "sparsegpt_factor", "sparsegpt_prune", "sparsegpt_prune_factored", "wanda_prune"]
@@ -49,10 +49,10 @@ def magnitude_prune(W: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) ->
 
 
 def wanda_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
-    """Wanda: the metric |W_ij| * ||X_j||_2 (the input norms from the Hessian's diagonal), compared within each
-    output row (or N:M group). No weight update. Returns a new W."""
+    """Wanda: the metric |W_ij| * ||X_j||_2 (the input norms from the Hessian's diagonal; `H` the Hessian or that
+    diagonal alone), compared within each output row (or N:M group). No weight update. Returns a new W."""
     _check(sparsity, n, m)
-    metric = W.abs().float() * torch.diag(H).float().clamp(min=0).sqrt()[None, :]
+    metric = W.abs().float() * hessian_diagonal(H).float().clamp(min=0).sqrt()[None, :]
     pruned = ~n_m_mask(metric, n, m) if m else _lowest(metric, sparsity, 1)
     return W.masked_fill(pruned, 0)
 

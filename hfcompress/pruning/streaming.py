@@ -82,7 +82,10 @@ class _Pruning(StreamedTechnique):
         def make_solver(block, prefix, modules):
             return group_pruner(modules, self.config)
 
-        return self.walk_two_pass(model, blocks, batches, targets, stream, inputs, folder, make_solver, self.desc)
+        return self.walk_two_pass(
+            model, blocks, batches, targets, stream, inputs, folder, make_solver, self.desc,
+            diagonal=self.config.method == "wanda",
+        )  # fmt: skip
 
     def before_write(self, block, prefix, targets):
         if self.bitmask:

@@ -66,11 +66,11 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
         batches = calibration_data(model, config, tokenizer)
         names = {id(module): name for name, module in targets.items()}
 
-        def encode(block, name, module, H):
-            set_submodule(block, name, encode_layer(module, config, torch.diag(H)))
+        def encode(block, name, module, diagonal):
+            set_submodule(block, name, encode_layer(module, config, diagonal))
             encoded.append(names[id(module)])
 
-        for_each_block_hessian(model, None, batches, targets, encode, f"{config.method} blocks")
+        for_each_block_hessian(model, None, batches, targets, encode, f"{config.method} blocks", diagonal=True)
     rest = [(n, m) for n, m in targets.items() if n not in set(encoded)]  # outside the blocks, or no data
     for name, module in tqdm(rest, desc=config.method, disable=not rest):
         set_submodule(model, name, encode_layer(module, config, None))

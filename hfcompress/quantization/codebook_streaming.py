@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
@@ -60,16 +59,18 @@ class _Codebooks(StreamedTechnique):
 
     def compress_blocks(self, model, blocks, batches, targets, stream, inputs, folder):
         def make_solver(block, prefix, modules):
-            def solve(names, H):
+            def solve(names, diagonal):
                 for name in names:
-                    set_submodule(block, name, encode_layer(modules[name], self.config, torch.diag(H)))
+                    set_submodule(block, name, encode_layer(modules[name], self.config, diagonal))
                     release(modules[name])
                 return {}
 
             return solve
 
         desc = f"{self.config.method} blocks"
-        return self.walk_two_pass(model, blocks, batches, targets, stream, inputs, folder, make_solver, desc)
+        return self.walk_two_pass(
+            model, blocks, batches, targets, stream, inputs, folder, make_solver, desc, diagonal=True
+        )
 
     def layer_state(self, model, name):
         return codebook_record(model.get_submodule(name))
