@@ -7,7 +7,10 @@ A weight `W` [out, in] becomes `U @ V` with `U` [out, r] and `V` [r, in]. Three 
   activation scale raised to `alpha`, so channels that carry large activations are kept more accurately;
 - whitening (SVD-LLM, Wang et al. 2024): SVD of `W @ L` where `L @ L.T` is the Cholesky factorization of the
   input Gram matrix `X.T @ X`. Then `||(W - W_r) X.T||_F = ||(W - W_r) L||_F`, so the dropped singular values
-  are exactly the output error on the calibration inputs and truncation is optimal for that error.
+  are exactly the output error on the calibration inputs and truncation is optimal for that error. For a weight
+  with no more outputs than inputs (an MLP's down projection, a square attention projection) the same factors
+  come from the eigenvectors of the smaller `W (X.T @ X) W.T` [out, out], the left singular vectors of `W @ L`,
+  so neither `L` nor the SVD of the wide `W @ L` is formed: the rank-r approximation is `U_r U_r.T W`.
 
 Each method yields a `Decomposition` whose factors for any rank are cheap to read off, so rank allocation
 can try many ranks from one SVD.
@@ -37,18 +40,20 @@ logger = logging.getLogger(__name__)
 class Decomposition:
     """`W @ T = U diag(S) Vh` for a right transform `T` (identity, a diagonal scale, or a whitening factor).
 
-    `scale` holds a diagonal `T` as a vector; `whitener` a lower-triangular `T`. At most one is set.
+    `scale` holds a diagonal `T` as a vector; `whitener` a lower-triangular `T`. At most one is set. Without
+    `Vh`, only the left side is known and `weight` holds `W`: the rank-r approximation is then `U_r U_r.T W`.
     """
 
     U: torch.Tensor
     S: torch.Tensor
-    Vh: torch.Tensor
+    Vh: torch.Tensor | None
     scale: torch.Tensor | None = None
     whitener: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.U.shape[0], self.Vh.shape[1]
+        return self.U.shape[0], (self.weight if self.Vh is None else self.Vh).shape[1]
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(up [out, rank], down [rank, in])` with `up @ down` the rank-`rank` approximation of `W`; the
@@ -58,6 +63,13 @@ class Decomposition:
             raise ValueError(
                 f"`rank` must be in [1, {min(out_features, in_features)}] for a {out_features}x{in_features} weight, got {rank}"
             )
+        if self.Vh is None:
+            up = self.U[:, :rank]
+            down = up.T @ self.weight
+            # balanced as below: each component's norm split evenly between its two factors
+            root = torch.linalg.vector_norm(down, dim=1).sqrt()
+            root = torch.where(root > 0, root, torch.ones_like(root))
+            return up * root, down / root[:, None]
         root = self.S[:rank].sqrt()
         up = self.U[:, :rank] * root
         down = root[:, None] * self.Vh[:rank]
@@ -79,13 +91,15 @@ def regularized_cholesky(gram: torch.Tensor, damp_percent: float = 0.01, max_tri
 
     A Gram matrix of calibration inputs is often singular (dead channels, fewer tokens than features); the
     damping makes it positive definite at the cost of whitening slightly less. Logged when it had to grow.
+    Computed in float64, in one copy of `gram` besides the factor.
     """
-    gram = gram.double()
-    diag_mean = gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    damped = gram.to(torch.float64, copy=True)
+    diagonal = damped.diagonal().clone()
+    diag_mean = diagonal.mean().clamp_min(1e-12)
     damp = damp_percent
     for attempt in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(gram + damp * diag_mean * eye)
+        damped.diagonal().copy_(diagonal + damp * diag_mean)
+        L, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             if attempt:
                 logger.info(
@@ -127,6 +141,8 @@ def decompose(
             rms = gram.double().diagonal().clamp_min(0).sqrt()
             scale = rms.clamp_min(rms.max() * 1e-6 + 1e-12) ** alpha
             target = W * scale
+        elif W.shape[0] <= W.shape[1]:
+            return _whiten_left(W, gram, damp_percent)
         else:
             whitener = regularized_cholesky(gram, damp_percent)
             target = W @ whitener
@@ -134,6 +150,29 @@ def decompose(
         raise ValueError(f"`method` must be one of 'svd', 'asvd', 'whiten', got {method!r}")
     U, S, Vh = torch.linalg.svd(target, full_matrices=False)
     return Decomposition(U, S, Vh, scale, whitener)
+
+
+def _whiten_left(W: torch.Tensor, gram: torch.Tensor, damp_percent: float, columns: int = 1024) -> Decomposition:
+    """Whitening by the eigenvectors of `W (gram + damp) W.T` [out, out] (see the module's note): the same
+    damping as `regularized_cholesky`'s first try, which it never needs to raise (the product is positive
+    semi-definite whatever `gram` is). `gram` is read in float64 a block of `columns` columns at a time: a float64
+    copy of an 11008-wide Gram matrix would be 970 MB."""
+    in_features = gram.shape[0]
+    damp = damp_percent * gram.diagonal().double().mean().clamp_min(1e-12)
+    product = W.new_zeros(W.shape[0], W.shape[0])
+    for start in range(0, in_features, columns):
+        end = min(start + columns, in_features)
+        block = gram[:, start:end].to(torch.float64, copy=True)
+        block[start:end].diagonal().add_(damp)
+        product.addmm_(W @ block, W[:, start:end].T)
+    if not torch.isfinite(product).all():
+        raise ValueError(
+            "the weight or the input Gram matrix holds NaN or infinite values; check the calibration data for NaN "
+            "or infinite activations"
+        )
+    eigenvalues, U = torch.linalg.eigh(product)
+    S = eigenvalues.flip(0).clamp_min(0).sqrt()
+    return Decomposition(U.flip(1), S, None, weight=W)
 
 
 def max_saving_rank(out_features: int, in_features: int) -> int:

@@ -21,12 +21,18 @@ def _inputs(n=512, d=24, seed=0):
     return torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing.double() + 0.1
 
 
+# whitening takes the eigenvectors of W H Wᵀ when out <= in, the SVD of W L otherwise: both shapes everywhere
+SHAPES = [(16, 24), (24, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
-def test_full_rank_factors_reproduce_the_weight(method):
-    W = torch.randn(16, 24, dtype=torch.float64)
-    X = _inputs()
-    up, down = decompose(W, method, X.T @ X).factors(16)
-    assert up.shape == (16, 16) and down.shape == (16, 24)
+def test_full_rank_factors_reproduce_the_weight(method, shape):
+    W = torch.randn(*shape, dtype=torch.float64)
+    X = _inputs(d=shape[1])
+    rank = min(shape)
+    up, down = decompose(W, method, X.T @ X).factors(rank)
+    assert up.shape == (shape[0], rank) and down.shape == (rank, shape[1])
     torch.testing.assert_close(up @ down, W)
 
 
@@ -39,9 +45,10 @@ def test_plain_svd_is_the_best_approximation_of_the_weight():
         torch.testing.assert_close(error.item(), d.truncation_error(rank))
 
 
-def test_whitening_error_is_the_output_error_and_beats_the_others():
-    W = torch.randn(16, 24, dtype=torch.float64)
-    X = _inputs()
+@pytest.mark.parametrize("shape", SHAPES)
+def test_whitening_error_is_the_output_error_and_beats_the_others(shape):
+    W = torch.randn(*shape, dtype=torch.float64)
+    X = _inputs(d=shape[1])
     gram = X.T @ X
     whitened = decompose(W, "whiten", gram, damp_percent=0.0)
     rank = 6
@@ -54,15 +61,41 @@ def test_whitening_error_is_the_output_error_and_beats_the_others():
     assert output_error["whiten"] < output_error["asvd"] < output_error["svd"]
 
 
-def test_a_singular_gram_is_regularized_and_logged(caplog):
-    W = torch.randn(8, 12, dtype=torch.float64)
-    X = _inputs(n=512, d=12)
+def test_the_two_whitening_routes_give_the_same_factors():
+    W = torch.randn(16, 24, dtype=torch.float64)
+    X = _inputs(d=24)
+    gram = X.T @ X
+    left = decompose(W, "whiten", gram)  # out <= in: eigenvectors of W H Wᵀ
+    L = torch.linalg.cholesky(gram + 0.01 * gram.diagonal().mean() * torch.eye(24, dtype=gram.dtype))
+    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    torch.testing.assert_close(left.S, S)
+    for rank in (3, 10):
+        up, down = left.factors(rank)
+        reference = U[:, :rank] @ (S[:rank, None] * Vh[:rank]) @ torch.linalg.inv(L)
+        torch.testing.assert_close(up @ down, reference)
+        # and the factors are balanced: each component's norm split evenly between them
+        torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1))
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_a_singular_gram_gives_finite_factors(shape, caplog):
+    W = torch.randn(*shape, dtype=torch.float64)
+    X = _inputs(n=512, d=shape[1])
     X[:, 3] = 0  # a dead channel
     X = X[:5]  # fewer tokens than features: rank-deficient Gram
     with caplog.at_level("INFO", logger="hfcompress.lowrank.svd"):
         up, down = decompose(W, "whiten", X.T @ X, damp_percent=0.0).factors(4)
     assert torch.isfinite(up).all() and torch.isfinite(down).all()
-    assert "singular" in caplog.text
+    if shape[0] > shape[1]:  # only the Cholesky route needs the Gram positive definite: regularized, and said so
+        assert "singular" in caplog.text
+
+
+def test_a_non_finite_gram_is_refused():
+    gram = torch.eye(12, dtype=torch.float64)
+    gram[2, 2] = float("nan")
+    for shape in [(8, 12), (16, 12)]:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            decompose(torch.randn(*shape), "whiten", gram)
 
 
 def test_bad_methods_ranks_and_grams_are_refused():
