@@ -7,10 +7,10 @@ A weight `W` [out, in] becomes `U @ V` with `U` [out, r] and `V` [r, in]. Three 
   activation scale raised to `alpha`, so channels that carry large activations are kept more accurately;
 - whitening (SVD-LLM, Wang et al. 2024): SVD of `W @ L` where `L @ L.T` is the Cholesky factorization of the
   input Gram matrix `X.T @ X`. Then `||(W - W_r) X.T||_F = ||(W - W_r) L||_F`, so the dropped singular values
-  are exactly the output error on the calibration inputs and truncation is optimal for that error. For a weight
-  with no more outputs than inputs (an MLP's down projection, a square attention projection) the same factors
-  come from the eigenvectors of the smaller `W (X.T @ X) W.T` [out, out], the left singular vectors of `W @ L`,
-  so neither `L` nor the SVD of the wide `W @ L` is formed: the rank-r approximation is `U_r U_r.T W`.
+  are exactly the output error on the calibration inputs and truncation is optimal for that error. The SVD
+  of `W @ L` itself is never formed (in float64, with LAPACK's workspace, several GB for an 11008-wide layer):
+  its singular values and vectors come from the eigenvectors of the smaller of `W (X.T @ X) W.T` [out, out],
+  which needs no `L` at all (the rank-r approximation is `U_r U_r.T W`), and `(W @ L).T (W @ L)` [in, in].
 
 Each method yields a `Decomposition` whose factors for any rank are cheap to read off, so rank allocation
 can try many ranks from one SVD.
@@ -40,11 +40,12 @@ logger = logging.getLogger(__name__)
 class Decomposition:
     """`W @ T = U diag(S) Vh` for a right transform `T` (identity, a diagonal scale, or a whitening factor).
 
-    `scale` holds a diagonal `T` as a vector; `whitener` a lower-triangular `T`. At most one is set. Without
-    `Vh`, only the left side is known and `weight` holds `W`: the rank-r approximation is then `U_r U_r.T W`.
+    `scale` holds a diagonal `T` as a vector; `whitener` a lower-triangular `T`. At most one is set. A whitening
+    taken from an eigendecomposition knows one side only, and keeps `W` in `weight` for the other: without `Vh`
+    the rank-r approximation is `U_r U_r.T W`, without `U` it is `W T Vh_r.T Vh_r T⁻¹`.
     """
 
-    U: torch.Tensor
+    U: torch.Tensor | None
     S: torch.Tensor
     Vh: torch.Tensor | None
     scale: torch.Tensor | None = None
@@ -53,11 +54,13 @@ class Decomposition:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.U.shape[0], (self.weight if self.Vh is None else self.Vh).shape[1]
+        if self.weight is not None:
+            return tuple(self.weight.shape)
+        return self.U.shape[0], self.Vh.shape[1]
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(up [out, rank], down [rank, in])` with `up @ down` the rank-`rank` approximation of `W`; the
-        singular values are split evenly (`sqrt(S)` on each side) so both factors have similar norms."""
+        """`(up [out, rank], down [rank, in])` with `up @ down` the rank-`rank` approximation of `W`; each
+        component's norm split evenly between its two factors (`sqrt(S)` on each side for a plain SVD)."""
         out_features, in_features = self.shape
         if not 0 < rank <= min(out_features, in_features):
             raise ValueError(
@@ -65,19 +68,16 @@ class Decomposition:
             )
         if self.Vh is None:
             up = self.U[:, :rank]
-            down = up.T @ self.weight
-            # balanced as below: each component's norm split evenly between its two factors
-            root = torch.linalg.vector_norm(down, dim=1).sqrt()
-            root = torch.where(root > 0, root, torch.ones_like(root))
-            return up * root, down / root[:, None]
+            return _balanced(up, up.T @ self.weight)
+        if self.U is None:
+            V = self.Vh[:rank].T
+            up = self.weight @ (self.whitener @ V)
+            return _balanced(up, _unwhiten(self.whitener, V.T))
         root = self.S[:rank].sqrt()
         up = self.U[:, :rank] * root
         down = root[:, None] * self.Vh[:rank]
         if self.scale is not None:
             down = down / self.scale
-        elif self.whitener is not None:
-            # down @ L^-1, as the solution of X @ L = down
-            down = torch.linalg.solve_triangular(self.whitener, down, upper=False, left=False)
         return up, down
 
     def truncation_error(self, rank: int) -> float:
@@ -127,7 +127,7 @@ def decompose(
     diagonal gives each channel's mean squared activation) and "whiten". Computed in float64.
     """
     W = W.detach().double()
-    scale = whitener = None
+    scale = None
     if method == "svd":
         target = W
     elif method in ("asvd", "whiten"):
@@ -144,12 +144,11 @@ def decompose(
         elif W.shape[0] <= W.shape[1]:
             return _whiten_left(W, gram, damp_percent)
         else:
-            whitener = regularized_cholesky(gram, damp_percent)
-            target = W @ whitener
+            return _whiten_right(W, gram, damp_percent)
     else:
         raise ValueError(f"`method` must be one of 'svd', 'asvd', 'whiten', got {method!r}")
     U, S, Vh = torch.linalg.svd(target, full_matrices=False)
-    return Decomposition(U, S, Vh, scale, whitener)
+    return Decomposition(U, S, Vh, scale)
 
 
 def _whiten_left(W: torch.Tensor, gram: torch.Tensor, damp_percent: float, columns: int = 1024) -> Decomposition:
@@ -170,9 +169,38 @@ def _whiten_left(W: torch.Tensor, gram: torch.Tensor, damp_percent: float, colum
             "the weight or the input Gram matrix holds NaN or infinite values; check the calibration data for NaN "
             "or infinite activations"
         )
-    eigenvalues, U = torch.linalg.eigh(product)
-    S = eigenvalues.flip(0).clamp_min(0).sqrt()
-    return Decomposition(U.flip(1), S, None, weight=W)
+    U, S = _descending_eigen(product)
+    return Decomposition(U, S, None, weight=W)
+
+
+def _whiten_right(W: torch.Tensor, gram: torch.Tensor, damp_percent: float) -> Decomposition:
+    """Whitening of a weight with more outputs than inputs (an MLP's gate and up projections) by the eigenvectors
+    of `(W L).T (W L)` [in, in], the right singular vectors of `W @ L`: the SVD of the tall `W @ L` would need its
+    left factor and LAPACK's workspace, several times the weight's size in float64."""
+    L = regularized_cholesky(gram, damp_percent)
+    product = L.T @ (W.T @ W) @ L
+    V, S = _descending_eigen(product)
+    return Decomposition(None, S, V.T, whitener=L, weight=W)
+
+
+def _descending_eigen(product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (columns) of the symmetric positive semi-definite `product` and the square roots of its
+    eigenvalues, largest first: the singular vectors and values of the matrix whose Gram matrix it is."""
+    eigenvalues, vectors = torch.linalg.eigh(product)
+    return vectors.flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
+
+
+def _unwhiten(whitener: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`down @ L⁻¹`, as the solution of `X @ L = down`."""
+    return torch.linalg.solve_triangular(whitener, down, upper=False, left=False)
+
+
+def _balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`up` and `down` rescaled per component (column of `up`, row of `down`) so both hold the same norm."""
+    up_norm = torch.linalg.vector_norm(up, dim=0)
+    down_norm = torch.linalg.vector_norm(down, dim=1)
+    ratio = torch.where((up_norm > 0) & (down_norm > 0), (down_norm / up_norm).sqrt(), torch.ones_like(up_norm))
+    return up * ratio, down / ratio[:, None]
 
 
 def max_saving_rank(out_features: int, in_features: int) -> int:

@@ -61,16 +61,17 @@ def test_whitening_error_is_the_output_error_and_beats_the_others(shape):
     assert output_error["whiten"] < output_error["asvd"] < output_error["svd"]
 
 
-def test_the_two_whitening_routes_give_the_same_factors():
-    W = torch.randn(16, 24, dtype=torch.float64)
-    X = _inputs(d=24)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_whitening_equals_the_svd_of_the_whitened_weight(shape):
+    W = torch.randn(*shape, dtype=torch.float64)
+    X = _inputs(d=shape[1])
     gram = X.T @ X
-    left = decompose(W, "whiten", gram)  # out <= in: eigenvectors of W H Wᵀ
-    L = torch.linalg.cholesky(gram + 0.01 * gram.diagonal().mean() * torch.eye(24, dtype=gram.dtype))
+    whitened = decompose(W, "whiten", gram)  # from an eigendecomposition, on the smaller side
+    L = torch.linalg.cholesky(gram + 0.01 * gram.diagonal().mean() * torch.eye(shape[1], dtype=gram.dtype))
     U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-    torch.testing.assert_close(left.S, S)
+    torch.testing.assert_close(whitened.S, S)
     for rank in (3, 10):
-        up, down = left.factors(rank)
+        up, down = whitened.factors(rank)
         reference = U[:, :rank] @ (S[:rank, None] * Vh[:rank]) @ torch.linalg.inv(L)
         torch.testing.assert_close(up @ down, reference)
         # and the factors are balanced: each component's norm split evenly between them
