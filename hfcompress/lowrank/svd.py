@@ -72,7 +72,9 @@ class Decomposition:
         if self.U is None:
             V = self.Vh[:rank].T
             up = self.weight @ (self.whitener @ V)
-            return _balanced(up, _unwhiten(self.whitener, V.T))
+            # V.T @ L⁻¹, as the solution of X @ L = V.T
+            down = torch.linalg.solve_triangular(self.whitener, V.T, upper=False, left=False)
+            return _balanced(up, down)
         root = self.S[:rank].sqrt()
         up = self.U[:, :rank] * root
         down = root[:, None] * self.Vh[:rank]
@@ -188,11 +190,6 @@ def _descending_eigen(product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     eigenvalues, largest first: the singular vectors and values of the matrix whose Gram matrix it is."""
     eigenvalues, vectors = torch.linalg.eigh(product)
     return vectors.flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
-
-
-def _unwhiten(whitener: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """`down @ L⁻¹`, as the solution of `X @ L = down`."""
-    return torch.linalg.solve_triangular(whitener, down, upper=False, left=False)
 
 
 def _balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
