@@ -8,6 +8,7 @@ for `pack-quantized` weights (its signed values plus 2**(bits-1) are our unsigne
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,17 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         raise ValueError(f"`bits` must be between 1 and 8, got {bits}")
     if dim in (0, -2):
         return pack_codes(codes.t(), bits).t().contiguous()
+    if 8 % bits == 0 and sys.byteorder == "little":
+        return _pack_bytes(codes, bits)
+    return _pack_words(codes, bits)
+
+
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_codes` for any `bits`, codes crossing word boundaries included."""
     rows, cols = codes.shape
     chunk = max(1, _PACK_CODES // max(cols, 1))
     if rows > chunk:  # the int64 temporaries below are 24 bytes a code: a few rows at a time
-        return torch.cat([pack_codes(codes[i : i + chunk], bits) for i in range(0, rows, chunk)])
+        return torch.cat([_pack_words(codes[i : i + chunk], bits) for i in range(0, rows, chunk)])
     values = F.pad(codes.to(torch.int64), (0, (-cols) % 32)).reshape(rows, -1, 32)
     words = torch.zeros(rows, values.shape[1], bits + 1, dtype=torch.int64, device=codes.device)
     word_idx, shift = _layout(bits, codes.device)
@@ -51,6 +59,20 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     words.scatter_add_(2, index + 1, values >> (32 - shift))
     words = words[..., :bits].reshape(rows, -1)[:, : packed_width(cols, bits)]
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_codes` for `bits` that divide 8: codes fill bytes low bits first, and four bytes read as a
+    little-endian int32 are the word those codes fill (no int64 temporaries: 1 byte a code)."""
+    rows, cols = codes.shape
+    per_byte = 8 // bits
+    padded = torch.zeros(rows, packed_width(cols, bits) * 4 * per_byte, dtype=torch.uint8, device=codes.device)
+    padded[:, :cols] = codes
+    values = padded.view(rows, -1, per_byte)
+    packed = values[..., 0].contiguous()
+    for k in range(1, per_byte):
+        packed |= values[..., k] << (bits * k)
+    return packed.view(torch.int32)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:

@@ -96,7 +96,17 @@ def test_dequantize_in_row_chunks_is_the_whole_formula(act_order, group_size):
     assert torch.equal(quantized.dequantize(torch.bfloat16, rows=3), whole.bfloat16())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("cols", [1, 31, 70, 96])
+def test_byte_packing_packs_the_words_of_the_general_path(bits, cols):
+    from hfcompress.core import packing
+
+    codes = torch.randint(0, 2**bits, (9, cols), generator=torch.Generator().manual_seed(cols), dtype=torch.uint8)
+    assert torch.equal(packing._pack_bytes(codes, bits), packing._pack_words(codes, bits))
+    assert torch.equal(packing._pack_bytes(codes.int(), bits), packing._pack_words(codes, bits))
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
 @pytest.mark.parametrize("dim", [0, -1])
 def test_packing_a_few_rows_at_a_time_packs_the_same_words(bits, dim, monkeypatch):
     from hfcompress.core import packing
