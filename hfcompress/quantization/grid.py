@@ -123,7 +123,8 @@ def _params_for_range(xmin, xmax, bits: int, sym: bool, scale_dtype=None) -> tup
 
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes of `w` on the grid; `scale` and `zero` broadcast against `w`."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    codes = torch.div(w, scale)  # one temporary, the rest in place: this runs on whole weights
+    return codes.round_().add_(zero).clamp_(0, 2**bits - 1)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ class LayerPlan:
 
 def sparsity_mask(weight: torch.Tensor) -> torch.Tensor | None:
     """True where a pruned weight is kept, for a weight with at least `SPARSE_MIN_ZEROS` exact zeros; else None."""
-    zeros = weight == 0
-    return ~zeros if float(zeros.float().mean()) >= SPARSE_MIN_ZEROS else None
+    zeros = weight.numel() - int(torch.count_nonzero(weight))
+    return weight != 0 if zeros >= SPARSE_MIN_ZEROS * weight.numel() else None
 
 
 def plan_layers(model: nn.Module, targets: dict[str, nn.Module], config) -> dict[str, LayerPlan]:
