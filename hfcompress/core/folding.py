@@ -23,12 +23,12 @@ __all__ = ["block_output", "find_producer", "fold_scales"]
 
 
 @torch.no_grad()
-def find_producer(
-    block: nn.Module, named: dict, order: list[str], names: list[str], sample: BlockInputs, reference: torch.Tensor
-) -> str | None:
+def find_producer(block: nn.Module, named: dict, order: list[str], names: list[str], sample: BlockInputs) -> str | None:
     """The module before the group `names` (in call order `order`) into which scales of the group's input fold
-    exactly, checked against the block's output on `sample` (`reference`, from `block_output`); None if none
-    does. The weights are restored exactly after each check."""
+    exactly, checked on the block's output on `sample`; None if none does. The check runs on float32 copies of
+    the candidate's and the group's weights, so it tells structure from the rounding of a bfloat16 or float16
+    checkpoint (scaled values rounded to the stored dtype would fail any tolerance that catches a wrong fold,
+    and low-precision activations change dtype with the weights they meet); the weights are left as they were."""
     group = [named[n] for n in names]
     width = linear_weight(group[0]).shape[1]
     start = min(order.index(n) for n in names)
@@ -36,14 +36,18 @@ def find_producer(
     generator = torch.Generator().manual_seed(0)
     for name in candidates:
         s = torch.empty(width).uniform_(0.5, 2.0, generator=generator)
-        saved = {id(p): p.detach().clone() for m in (named[name], *group) for p in m.parameters(recurse=False)}
-        fold_scales(named[name], group, s)
-        output = block_output(block, sample)
-        exact = torch.allclose(output, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
-        for module in (named[name], *group):
-            for p in module.parameters(recurse=False):
-                p.copy_(saved[id(p)])
-        if exact:
+        params = [p for m in (named[name], *group) for p in m.parameters(recurse=False)]
+        stored = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to(torch.float32, copy=True)
+        try:
+            reference = block_output(block, sample)
+            fold_scales(named[name], group, s)
+            output = block_output(block, sample)
+        finally:
+            for p, data in zip(params, stored, strict=True):
+                p.data = data
+        if torch.allclose(output, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
             return name
     return None
 

@@ -18,7 +18,7 @@ from transformers.utils.logging import tqdm
 from ..checkpoint import update_manifest
 from ..core.calibration import collect_input_statistics
 from ..core.capture import BlockInputs, capture_block_inputs, run_block
-from ..core.folding import block_output, find_producer, fold_scales
+from ..core.folding import find_producer, fold_scales
 from ..core.structure import linear_weight, set_linear_weight
 from ..core.trace import trace_block
 from ..core.walk import block_prefixes, stacks_holding
@@ -73,9 +73,8 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
     mean_abs = (config.activation_statistic or ("mean_abs" if config.weights == "rtn" else "rms")) == "mean_abs"
-    reference = block_output(block, inputs[0])  # folding exactly changes no output: one reference for the block
     for names in trace.groups:
-        producer = find_producer(block, named, trace.order, names, inputs[0], reference)
+        producer = find_producer(block, named, trace.order, names, inputs[0])
         if producer is None:
             logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, names)
             continue

@@ -14,7 +14,7 @@ from transformers.utils.logging import tqdm
 
 from ..checkpoint import update_manifest
 from ..core.capture import capture_block_inputs, run_block
-from ..core.folding import block_output, find_producer, fold_scales
+from ..core.folding import find_producer, fold_scales
 from ..core.structure import linear_weight, set_submodule
 from ..core.trace import trace_block
 from ..core.walk import block_prefixes, stacks_holding
@@ -65,11 +65,7 @@ def smooth_model(model: nn.Module, config: W8A8Config, tokenizer=None) -> dict[s
                 continue
             trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in names], inputs[0])
             named = dict(block.named_modules())
-            reference = block_output(block, inputs[0])
-            producers = {
-                group[0]: find_producer(block, named, trace.order, group, inputs[0], reference)
-                for group in trace.groups
-            }
+            producers = {group[0]: find_producer(block, named, trace.order, group, inputs[0]) for group in trace.groups}
             leaders = [leader for leader, producer in producers.items() if producer is not None]
             with _input_ranges(named, leaders) as ranges:  # smoothing changes no output: the next block's inputs
                 inputs = run_block(block, inputs)
