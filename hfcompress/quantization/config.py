@@ -223,6 +223,14 @@ class AWQConfig(CalibrationArguments, RTNConfig):
             raise ValueError(f"`n_grid` must be at least 1, got {self.n_grid!r}")
         self.check_calibration()
 
+    def streaming_obstacle(self) -> str | None:
+        if self.weights == "gptq":
+            return (
+                "AWQ with GPTQ weights (--weights gptq) calibrates the smoothed model a second time and does not run "
+                "with --offload disk yet; use --weights rtn, or no --offload disk"
+            )
+        return super().streaming_obstacle()
+
 
 @dataclass
 class W8A8Config(CalibrationArguments, CompressionConfig):

@@ -25,7 +25,7 @@ from .modules import QuantLinear
 from .plan import plan_layers, sparsity_mask
 from .sparse_quant import SparseQuantLinear
 
-__all__ = ["quantize_streaming"]
+__all__ = ["UniformQuantization", "quantize_streaming"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ def quantize_streaming(
     """
     if format != "hfcompress":
         raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
-    return stream_compress(model_path, folder, _Quantization(config, tokenizer), task, resume)
+    return stream_compress(model_path, folder, UniformQuantization(config, tokenizer), task, resume)
 
 
-class _Quantization(StreamedTechnique):
+class UniformQuantization(StreamedTechnique):
     desc = "round-to-nearest blocks"
 
     def __init__(self, config: RTNConfig, tokenizer):

@@ -27,7 +27,8 @@ register_technique("gptq", GPTQConfig, quantize_uniform, calibrated=always, summ
 register_technique("rtn", RTNConfig, quantize_uniform, summary="Round-to-nearest, no data.", **_UNIFORM)
 register_technique(
     "awq", AWQConfig, lazy("hfcompress.quantization.awq_blocks:quantize_awq"), calibrated=always,
-    summary="Activation-aware scales (AWQ), then round-to-nearest.", **{**_UNIFORM, "stream": None},
+    summary="Activation-aware scales (AWQ), then round-to-nearest.",
+    **{**_UNIFORM, "stream": lazy("hfcompress.quantization.awq_streaming:awq_streaming")},
 )  # fmt: skip
 register_technique(
     "w8a8", W8A8Config, lazy("hfcompress.quantization.w8a8:quantize_w8a8"), calibrated=always,

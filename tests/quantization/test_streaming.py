@@ -108,8 +108,8 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(models, tmp_path):
     disk = OutputOptions(offload="disk", eval_dataset="whatever.txt")
     with pytest.raises(ValueError, match="--eval-dataset"):
         compress_folder(models["llama"], tmp_path / "a", RTNConfig(bits=4, group_size=32), disk)
-    with pytest.raises(ValueError, match="awq cannot run with --offload disk"):
-        awq = AWQConfig(bits=4, group_size=32, dataset=token_windows(8, 32))
+    with pytest.raises(ValueError, match=r"AWQ with GPTQ weights \(--weights gptq\) .* --offload disk"):
+        awq = AWQConfig(bits=4, group_size=32, dataset=token_windows(8, 32), weights="gptq")
         compress_folder(models["llama"], tmp_path / "b", awq, OutputOptions(offload="disk"))
     compensated = GPTQConfig(bits=3, group_size=32, lowrank_compensation=4, dataset=token_windows(8, 32))
     with pytest.raises(ValueError, match=r"compensation .* needs the whole model in memory"):

@@ -1,0 +1,69 @@
+"""AWQ with `--offload disk`: streamed block by block from the shards, it writes exactly what the run in memory
+writes (scales folded, weights clipped and rounded), and a run that fails midway resumes to the same output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hfcompress  # noqa: F401  (registers the checkpoint format)
+from hfcompress.quantization import AWQConfig
+from hfcompress.steps import OutputOptions, compress_folder
+from tests.helpers import failing_at_shard, read_safetensors, tiny_model, tiny_tokenizer, token_windows
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A float16 model in small shards whose norms make a few input channels salient, as trained models' do
+    (a random model's are not, and AWQ then rightly scales nothing)."""
+    folder = tmp_path_factory.mktemp("awq-streaming") / "llama"
+    model = tiny_model("llama").half()
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data[:4] *= 8
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def _config(**options):
+    return AWQConfig(bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32), **options)
+
+
+@pytest.mark.parametrize("options", [{}, {"clip": False, "activation_statistic": "rms"}])
+def test_streamed_awq_writes_what_the_run_in_memory_writes(model, tmp_path, options):
+    memory = compress_folder(model, tmp_path / "memory", _config(**options))
+    disk = compress_folder(model, tmp_path / "disk", _config(**options), OutputOptions(offload="disk"))
+
+    expected, streamed = read_safetensors(memory), read_safetensors(disk)
+    assert streamed.keys() == expected.keys()
+    original = read_safetensors(model)
+    norms = [key for key in original if key.endswith("layernorm.weight")]
+    assert any(not torch.equal(expected[key], original[key]) for key in norms)  # AWQ folded scales into norms
+    for key, tensor in expected.items():
+        assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
+    assert json.loads((disk / "config.json").read_text()) == json.loads((memory / "config.json").read_text())
+    assert json.loads((disk / "config.json").read_text())["quantization_config"]["method"] == "awq"
+
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(memory)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(disk)(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_a_streamed_awq_run_that_failed_midway_resumes_to_the_same_output(model, tmp_path):
+    whole = compress_folder(model, tmp_path / "whole", _config(), OutputOptions(offload="disk"))
+
+    output = tmp_path / "failed"
+    with failing_at_shard(1), pytest.raises(RuntimeError, match="killed"):
+        compress_folder(model, output, _config(), OutputOptions(offload="disk"))
+    resumed = compress_folder(model, output, _config(), OutputOptions(offload="disk", resume=True))
+
+    expected, written = read_safetensors(whole), read_safetensors(resumed)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[key], tensor) for key, tensor in expected.items())
+    assert (resumed / "config.json").read_bytes() == (whole / "config.json").read_bytes()
