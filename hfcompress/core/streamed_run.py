@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .activations import INPUTS, SpilledActivations, check_spill_space
+from .activations import INPUTS, OUTPUTS, SpilledActivations, check_spill_space
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
 from .memory import release_large_frees
 from .resume import RunProgress, settings_digest
@@ -99,6 +99,29 @@ class StreamedTechnique:
             if after_block is not None:
                 after_block(block, prefix, solved)
             done |= set(_in_block(targets, prefix))
+        return done
+
+    def walk_one_pass(
+        self, model, blocks, targets: dict, stream: BlockStream, inputs, folder: Path, prepare, desc: str
+    ):
+        """`compress_blocks` for a technique that changes each block on its inputs (scales folded, weights
+        clipped), takes the next block's inputs from it, then compresses the block's targets with no more data
+        (`compress_layer`). `prepare(block, prefix, inputs, modules, into)` changes the block (`modules`: its
+        targets by name relative to it, possibly none) and returns its outputs, appended to `into` (kept on disk
+        in `folder`). Returns the targets compressed."""
+        done = set()
+        for block, prefix in zip(tqdm(blocks, desc=desc), block_prefixes(model, blocks), strict=True):
+            stream.onload(block, prefix)
+            in_block = _in_block(targets, prefix)
+            modules = {n[len(prefix) + 1 :]: m for n, m in in_block.items()}
+            outputs = prepare(block, prefix, inputs, modules, SpilledActivations(folder / f"{OUTPUTS}{prefix}"))
+            for name, module in in_block.items():
+                self.compress_layer(model, name, module)
+                done.add(name)
+            stream.offload(block, prefix, outputs)
+            inputs.remove()
+            inputs = outputs
+        inputs.remove()  # the last block's outputs: no block reads them
         return done
 
     def onload(self, block: nn.Module, prefix: str, targets: dict[str, nn.Module]) -> None:

@@ -8,15 +8,11 @@ which needs no data), so the codes are the same. The inputs and outputs of each 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from torch import nn
-from transformers.utils.logging import tqdm
 
-from ..core.activations import OUTPUTS, SpilledActivations
 from ..core.capture import run_block
 from ..core.streamed_run import refuse_several_stacks, stream_compress
-from ..core.walk import block_prefixes
 from .awq_blocks import smooth_block
 from .config import AWQConfig
 from .streaming import UniformQuantization
@@ -51,18 +47,9 @@ class _AWQ(UniformQuantization):
         return targets
 
     def compress_blocks(self, model, blocks, batches, targets, stream, inputs, folder):
-        done = set()
-        for block, prefix in zip(tqdm(blocks, desc="AWQ blocks"), block_prefixes(model, blocks), strict=True):
-            stream.onload(block, prefix)
-            in_block = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-            if in_block:
-                smooth_block(block, prefix, inputs, {n[len(prefix) + 1 :]: m for n, m in in_block.items()}, self.config)
-            outputs = run_block(block, inputs, into=SpilledActivations(Path(folder) / f"{OUTPUTS}{prefix}"))
-            for name, module in in_block.items():
-                self.compress_layer(model, name, module)
-                done.add(name)
-            stream.offload(block, prefix, outputs)
-            inputs.remove()
-            inputs = outputs
-        inputs.remove()  # the last block's outputs: no block reads them
-        return done
+        def prepare(block, prefix, inputs, modules, into):
+            if modules:
+                smooth_block(block, prefix, inputs, modules, self.config)
+            return run_block(block, inputs, into=into)
+
+        return self.walk_one_pass(model, blocks, targets, stream, inputs, folder, prepare, "AWQ blocks")

@@ -286,6 +286,14 @@ class W8A8Config(CalibrationArguments, CompressionConfig):
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
         self.check_calibration()
 
+    def streaming_obstacle(self) -> str | None:
+        if self.weights == "gptq":
+            return (
+                "W8A8 with GPTQ weights (--weights gptq) calibrates the smoothed model a second time and does not run "
+                "with --offload disk yet; use --weights rtn, or no --offload disk"
+            )
+        return None
+
     @classmethod
     def header(cls) -> dict[str, Any]:
         return {"method": cls.method}

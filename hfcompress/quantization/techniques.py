@@ -33,7 +33,11 @@ register_technique(
 register_technique(
     "w8a8", W8A8Config, lazy("hfcompress.quantization.w8a8:quantize_w8a8"), calibrated=always,
     summary="SmoothQuant, then int8 weights and per-token int8 activations run as int8 matmuls.",
-    **{**_UNIFORM, "layer_types": (lazy("hfcompress.quantization.int8_linear:Int8Linear"),), "stream": None},
+    **{
+        **_UNIFORM,
+        "layer_types": (lazy("hfcompress.quantization.int8_linear:Int8Linear"),),
+        "stream": lazy("hfcompress.quantization.w8a8_streaming:w8a8_streaming"),
+    },
 )  # fmt: skip
 register_technique(
     "bnb", BnbConfig, lazy("hfcompress.quantization.bnb:apply_bnb"),

@@ -25,7 +25,7 @@ from .int8_linear import Int8Linear
 from .modules import QuantLinear
 from .smoothquant import smoothquant_scales
 
-__all__ = ["ACTIVATIONS", "quantize_w8a8", "smooth_model"]
+__all__ = ["ACTIVATIONS", "quantize_w8a8", "smooth_block", "smooth_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,29 +60,39 @@ def smooth_model(model: nn.Module, config: W8A8Config, tokenizer=None) -> dict[s
         inputs = capture_block_inputs(model, blocks[0], batches)
         for block, prefix in zip(tqdm(blocks, desc="SmoothQuant blocks"), block_prefixes(model, blocks), strict=True):
             names = [n[len(prefix) + 1 :] for n in targets if n.startswith(prefix + ".")]
-            if not names:
-                inputs = run_block(block, inputs)
-                continue
-            trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in names], inputs[0])
-            named = dict(block.named_modules())
-            producers = {group[0]: find_producer(block, named, trace.order, group, inputs[0]) for group in trace.groups}
-            leaders = [leader for leader, producer in producers.items() if producer is not None]
-            with _input_ranges(named, leaders) as ranges:  # smoothing changes no output: the next block's inputs
-                inputs = run_block(block, inputs)
-            for group in trace.groups:
-                producer = producers[group[0]]
-                if producer is None:
-                    logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, group)
-                    continue
-                if group[0] not in ranges:  # an expert no calibration token reached
-                    continue
-                weight = torch.cat([linear_weight(named[n]).detach() for n in group])
-                s = smoothquant_scales(ranges[group[0]], weight, config.smoothquant)
-                fold_scales(named[producer], [named[n] for n in group], s)
-                smoothed[f"{prefix}.{group[0]}"] = f"{prefix}.{producer}"
+            inputs, done = smooth_block(block, prefix, inputs, names, config)
+            smoothed.update(done)
     model.train(was_training)
     logger.info("SmoothQuant (α=%s) scaled %d groups of linears", config.smoothquant, len(smoothed))
     return smoothed
+
+
+@torch.no_grad()
+def smooth_block(block: nn.Module, prefix: str, inputs, names: list[str], config: W8A8Config, into=None):
+    """Fold SmoothQuant scales into the groups of `names` (relative to `block`) whose producer folds exactly, the
+    input ranges measured while the block runs on `inputs`. Returns the block's outputs (appended to `into`, as
+    `run_block` does), which smoothing does not change, and {group leader: producer} by full name."""
+    if not names:
+        return run_block(block, inputs, into=into), {}
+    trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in names], inputs[0])
+    named = dict(block.named_modules())
+    producers = {group[0]: find_producer(block, named, trace.order, group, inputs[0]) for group in trace.groups}
+    leaders = [leader for leader, producer in producers.items() if producer is not None]
+    with _input_ranges(named, leaders) as ranges:
+        outputs = run_block(block, inputs, into=into)
+    smoothed = {}
+    for group in trace.groups:
+        producer = producers[group[0]]
+        if producer is None:
+            logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, group)
+            continue
+        if group[0] not in ranges:  # an expert no calibration token reached
+            continue
+        weight = torch.cat([linear_weight(named[n]).detach() for n in group])
+        s = smoothquant_scales(ranges[group[0]], weight, config.smoothquant)
+        fold_scales(named[producer], [named[n] for n in group], s)
+        smoothed[f"{prefix}.{group[0]}"] = f"{prefix}.{producer}"
+    return outputs, smoothed
 
 
 @contextlib.contextmanager

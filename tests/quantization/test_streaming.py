@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import hfcompress  # noqa: F401  (registers the checkpoint format)
 from hfcompress.core.hessian import Hessian, inverse_cholesky, symmetrize_upper
 from hfcompress.core.streaming import ShardedCheckpoint, streaming_obstacle
-from hfcompress.quantization import AWQConfig, GPTQConfig, RTNConfig
+from hfcompress.quantization import AWQConfig, GPTQConfig, RTNConfig, W8A8Config
 from hfcompress.steps import OutputOptions, compress_folder
 from tests.helpers import read_safetensors, save_sharded_model, tiny_model, tiny_tokenizer, token_windows
 
@@ -111,6 +111,9 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(models, tmp_path):
     with pytest.raises(ValueError, match=r"AWQ with GPTQ weights \(--weights gptq\) .* --offload disk"):
         awq = AWQConfig(bits=4, group_size=32, dataset=token_windows(8, 32), weights="gptq")
         compress_folder(models["llama"], tmp_path / "b", awq, OutputOptions(offload="disk"))
+    with pytest.raises(ValueError, match=r"W8A8 with GPTQ weights \(--weights gptq\) .* --offload disk"):
+        w8a8 = W8A8Config(dataset=token_windows(8, 32), weights="gptq")
+        compress_folder(models["llama"], tmp_path / "e", w8a8, OutputOptions(offload="disk"))
     compensated = GPTQConfig(bits=3, group_size=32, lowrank_compensation=4, dataset=token_windows(8, 32))
     with pytest.raises(ValueError, match=r"compensation .* needs the whole model in memory"):
         compress_folder(models["llama"], tmp_path / "d", compensated, OutputOptions(offload="disk"))

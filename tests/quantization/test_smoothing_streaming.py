@@ -1,5 +1,6 @@
-"""AWQ with `--offload disk`: streamed block by block from the shards, it writes exactly what the run in memory
-writes (scales folded, weights clipped and rounded), and a run that fails midway resumes to the same output."""
+"""AWQ and W8A8 with `--offload disk`: streamed block by block from the shards, they write exactly what the run in
+memory writes (scales folded, weights clipped and rounded), and a run that fails midway resumes to the same
+output."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (registers the checkpoint format)
-from hfcompress.quantization import AWQConfig
+from hfcompress.quantization import AWQConfig, W8A8Config
 from hfcompress.steps import OutputOptions, compress_folder
 from tests.helpers import failing_at_shard, read_safetensors, tiny_model, tiny_tokenizer, token_windows
 
@@ -19,7 +20,7 @@ from tests.helpers import failing_at_shard, read_safetensors, tiny_model, tiny_t
 def model(tmp_path_factory):
     """A float16 model in small shards whose norms make a few input channels salient, as trained models' do
     (a random model's are not, and AWQ then rightly scales nothing)."""
-    folder = tmp_path_factory.mktemp("awq-streaming") / "llama"
+    folder = tmp_path_factory.mktemp("smoothing-streaming") / "llama"
     model = tiny_model("llama").half()
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -29,24 +30,29 @@ def model(tmp_path_factory):
     return str(folder)
 
 
-def _config(**options):
-    return AWQConfig(bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32), **options)
+CONFIGS = {
+    "awq": lambda: AWQConfig(bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32)),
+    "awq-rms-noclip": lambda: AWQConfig(
+        bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32), clip=False, activation_statistic="rms"
+    ),
+    "w8a8": lambda: W8A8Config(smoothquant=0.5, dataset=token_windows(8, 32)),
+}
 
 
-@pytest.mark.parametrize("options", [{}, {"clip": False, "activation_statistic": "rms"}])
-def test_streamed_awq_writes_what_the_run_in_memory_writes(model, tmp_path, options):
-    memory = compress_folder(model, tmp_path / "memory", _config(**options))
-    disk = compress_folder(model, tmp_path / "disk", _config(**options), OutputOptions(offload="disk"))
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_streamed_smoothing_writes_what_the_run_in_memory_writes(model, tmp_path, method):
+    memory = compress_folder(model, tmp_path / "memory", CONFIGS[method]())
+    disk = compress_folder(model, tmp_path / "disk", CONFIGS[method](), OutputOptions(offload="disk"))
 
     expected, streamed = read_safetensors(memory), read_safetensors(disk)
     assert streamed.keys() == expected.keys()
     original = read_safetensors(model)
     norms = [key for key in original if key.endswith("layernorm.weight")]
-    assert any(not torch.equal(expected[key], original[key]) for key in norms)  # AWQ folded scales into norms
+    assert any(not torch.equal(expected[key], original[key]) for key in norms)  # scales were folded into norms
     for key, tensor in expected.items():
         assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
     assert json.loads((disk / "config.json").read_text()) == json.loads((memory / "config.json").read_text())
-    assert json.loads((disk / "config.json").read_text())["quantization_config"]["method"] == "awq"
+    assert json.loads((disk / "config.json").read_text())["quantization_config"]["method"] == method.split("-")[0]
 
     ids = token_windows(2, 16)
     with torch.no_grad():
@@ -55,13 +61,14 @@ def test_streamed_awq_writes_what_the_run_in_memory_writes(model, tmp_path, opti
     assert torch.equal(a, b)
 
 
-def test_a_streamed_awq_run_that_failed_midway_resumes_to_the_same_output(model, tmp_path):
-    whole = compress_folder(model, tmp_path / "whole", _config(), OutputOptions(offload="disk"))
+@pytest.mark.parametrize("method", ["awq", "w8a8"])
+def test_a_streamed_smoothing_run_that_failed_midway_resumes_to_the_same_output(model, tmp_path, method):
+    whole = compress_folder(model, tmp_path / "whole", CONFIGS[method](), OutputOptions(offload="disk"))
 
     output = tmp_path / "failed"
     with failing_at_shard(1), pytest.raises(RuntimeError, match="killed"):
-        compress_folder(model, output, _config(), OutputOptions(offload="disk"))
-    resumed = compress_folder(model, output, _config(), OutputOptions(offload="disk", resume=True))
+        compress_folder(model, output, CONFIGS[method](), OutputOptions(offload="disk"))
+    resumed = compress_folder(model, output, CONFIGS[method](), OutputOptions(offload="disk", resume=True))
 
     expected, written = read_safetensors(whole), read_safetensors(resumed)
     assert written.keys() == expected.keys()
