@@ -10,7 +10,7 @@ the compression record says (`getrusage`), its wall time is measured around the 
 
     python scripts/bench_scale.py                       # 6 and 12 layers streamed, 6 layers in memory
     python scripts/bench_scale.py --layers 6 12 --methods rtn   # round-to-nearest instead
-    python scripts/bench_scale.py --layers 6 12 --methods rtn magnitude wanda sparsegpt kmeans whiten
+    python scripts/bench_scale.py --layers 6 12 --methods rtn magnitude wanda sparsegpt kmeans whiten awq w8a8
     python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
     python scripts/bench_scale.py --layers --refmodel --methods sparsegpt whiten
     python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
@@ -71,6 +71,8 @@ METHODS = {
     "kmeans": (["quantize", "kmeans"], ["--bits", "4"], True),
     "wanda": (["prune", "oneshot"], ["--method", "wanda", "--sparsity", "0.5"], True),
     "magnitude": (["prune", "oneshot"], ["--method", "magnitude", "--sparsity", "0.5"], False),
+    "awq": (["quantize", "awq"], ["--bits", "4", "--group-size", "128"], True),
+    "w8a8": (["quantize", "w8a8"], ["--smoothquant", "0.5"], True),
 }
 
 
