@@ -7,17 +7,36 @@ which needs no data), so the codes are the same. The inputs and outputs of each 
 
 from __future__ import annotations
 
+import os
+
+from torch import nn
+
 from ..core.capture import run_block
-from ..core.streamed_run import refuse_several_stacks
+from ..core.streamed_run import refuse_several_stacks, stream_compress
 from .awq_blocks import smooth_block
+from .config import AWQConfig
 from .streaming import UniformQuantization
 
-__all__ = ["AWQ"]
+__all__ = ["awq_streaming"]
 
 
-class AWQ(UniformQuantization):
-    """`AWQConfig` with round-to-nearest weights, as `stream_compress` runs it."""
+def awq_streaming(
+    model_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    config: AWQConfig,
+    tokenizer=None,
+    task="causal-lm",
+    resume: bool = False,
+    format: str = "hfcompress",
+) -> nn.Module:
+    """`AWQConfig` with round-to-nearest weights, block by block from disk into `folder`; resumable and returning
+    the model skeleton as `core.streamed_run.stream_compress` says."""
+    if format != "hfcompress":
+        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
+    return stream_compress(model_path, folder, _AWQ(config, tokenizer), task, resume)
 
+
+class _AWQ(UniformQuantization):
     @property
     def calibrated(self) -> bool:
         return True

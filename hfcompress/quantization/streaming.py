@@ -18,7 +18,7 @@ from ..core.streaming import release
 from ..core.structure import linear_weight
 from ..data import calibration_data
 from .api import attach_quantization_config, replace_with_rtn, select_targets, stores_g_idx
-from .config import AWQConfig, GPTQConfig, RTNConfig, W8A8Config
+from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
 from .grid import SCALE_TORCH_DTYPES
 from .modules import QuantLinear
@@ -39,9 +39,8 @@ def quantize_streaming(
     resume: bool = False,
     format: str = "hfcompress",
 ) -> nn.Module:
-    """Quantize the model at `model_path` (a local folder of safetensors shards) with `config` (`GPTQConfig`,
-    `RTNConfig`, or `AWQConfig` and `W8A8Config` with round-to-nearest weights) block by block from disk, writing
-    its weights and config into `folder` as they are finished.
+    """Quantize the model at `model_path` (a local folder of safetensors shards) with `config` (`GPTQConfig` or
+    `RTNConfig`) block by block from disk, writing its weights and config into `folder` as they are finished.
 
     Progress is kept in `folder` after every block; with `resume`, a run killed midway continues from its last
     written block (refused if the settings differ) and writes the same weights an uninterrupted run writes.
@@ -50,20 +49,7 @@ def quantize_streaming(
     """
     if format != "hfcompress":
         raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
-    return stream_compress(model_path, folder, _technique_for(config)(config, tokenizer), task, resume)
-
-
-def _technique_for(config: RTNConfig) -> type[StreamedTechnique]:
-    """AWQ and W8A8 smooth each block before rounding it (their modules build on this one: imported here)."""
-    if isinstance(config, AWQConfig):
-        from .awq_streaming import AWQ
-
-        return AWQ
-    if isinstance(config, W8A8Config):
-        from .w8a8_streaming import W8A8
-
-        return W8A8
-    return UniformQuantization
+    return stream_compress(model_path, folder, UniformQuantization(config, tokenizer), task, resume)
 
 
 class UniformQuantization(StreamedTechnique):

@@ -27,12 +27,17 @@ register_technique("gptq", GPTQConfig, quantize_uniform, calibrated=always, summ
 register_technique("rtn", RTNConfig, quantize_uniform, summary="Round-to-nearest, no data.", **_UNIFORM)
 register_technique(
     "awq", AWQConfig, lazy("hfcompress.quantization.awq_blocks:quantize_awq"), calibrated=always,
-    summary="Activation-aware scales (AWQ), then round-to-nearest.", **_UNIFORM,
+    summary="Activation-aware scales (AWQ), then round-to-nearest.",
+    **{**_UNIFORM, "stream": lazy("hfcompress.quantization.awq_streaming:awq_streaming")},
 )  # fmt: skip
 register_technique(
     "w8a8", W8A8Config, lazy("hfcompress.quantization.w8a8:quantize_w8a8"), calibrated=always,
     summary="SmoothQuant, then int8 weights and per-token int8 activations run as int8 matmuls.",
-    **{**_UNIFORM, "layer_types": (lazy("hfcompress.quantization.int8_linear:Int8Linear"),)},
+    **{
+        **_UNIFORM,
+        "layer_types": (lazy("hfcompress.quantization.int8_linear:Int8Linear"),),
+        "stream": lazy("hfcompress.quantization.w8a8_streaming:w8a8_streaming"),
+    },
 )  # fmt: skip
 register_technique(
     "bnb", BnbConfig, lazy("hfcompress.quantization.bnb:apply_bnb"),

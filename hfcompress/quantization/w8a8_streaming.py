@@ -6,8 +6,12 @@ tensors are the same."""
 
 from __future__ import annotations
 
+import os
+
+from torch import nn
+
 from ..checkpoint import update_manifest
-from ..core.streamed_run import StreamedTechnique, refuse_several_stacks
+from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import linear_weight, set_submodule
 from ..data import calibration_data
 from .config import W8A8Config
@@ -15,10 +19,26 @@ from .int8_linear import Int8Linear
 from .streaming import UniformQuantization
 from .w8a8 import ACTIVATIONS, smooth_block
 
-__all__ = ["W8A8"]
+__all__ = ["w8a8_streaming"]
 
 
-class W8A8(StreamedTechnique):
+def w8a8_streaming(
+    model_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    config: W8A8Config,
+    tokenizer=None,
+    task="causal-lm",
+    resume: bool = False,
+    format: str = "hfcompress",
+) -> nn.Module:
+    """`W8A8Config` with round-to-nearest weights, block by block from disk into `folder`; resumable and returning
+    the model skeleton as `core.streamed_run.stream_compress` says."""
+    if format != "hfcompress":
+        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
+    return stream_compress(model_path, folder, _W8A8(config, tokenizer), task, resume)
+
+
+class _W8A8(StreamedTechnique):
     """SmoothQuant per block; the int8 weights as `UniformQuantization` of `config.weight_config()` rounds them."""
 
     desc = "W8A8 blocks"
