@@ -104,6 +104,13 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."}
     )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
+    clip_objective: Literal["hessian", "rounding"] = field(
+        default="hessian",
+        metadata={
+            "help": "With clip_search, what a shrunk range is scored by: hessian weighs each column's squared "
+            "rounding error by its cost in the GPTQ loss (1/[H^-1]_jj); rounding sums |error|^2.4 (reference GPTQ)."
+        },
+    )
     true_sequential: bool = field(
         default=True,
         metadata={
@@ -154,6 +161,8 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
         if self.block_size < 1:
             raise ValueError(f"`block_size` must be positive, got {self.block_size!r}")
+        if self.clip_objective not in ("hessian", "rounding"):
+            raise ValueError(f"`clip_objective` must be 'hessian' or 'rounding', got {self.clip_objective!r}")
         self.check_calibration()
         if self.static_groups and not self.act_order:
             logger.info("`static_groups` only matters with `act_order`; ignoring it")

@@ -19,6 +19,8 @@ from .grid import QuantizedWeight, grid_params, quantize_to_codes
 SEGMENT = 16
 # weights one pass holds in float32 (128 MiB): a wider layer's rows are solved a block at a time (see `gptq_quantize`)
 PASS_ELEMENTS = 1 << 25
+# how `clip_search` scores a shrunk range (see `gptq_quantize`)
+CLIP_OBJECTIVES = ("hessian", "rounding")
 
 __all__ = [
     "accumulate_hessian",
@@ -39,6 +41,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     clip_search: bool = False,
+    clip_objective: str = "hessian",
     mask: torch.Tensor | None = None,
     scale_dtype: torch.dtype | None = None,
     overwrite_hessian: bool = False,
@@ -48,7 +51,9 @@ def gptq_quantize(
     `group_size` -1 means one group per row. With `act_order` columns are visited by decreasing Hessian
     diagonal; then groups are either consecutive in that order (`g_idx` records each column's group) or,
     with `static_groups`, fixed on the original order before the pass. `clip_search` picks each group's range
-    by the rounding error of shrunk ranges, `scale_dtype` rounds the scales to what that dtype stores before any
+    among shrunk ranges by `clip_objective`: "hessian" weighs each column's squared rounding error by what it
+    costs in the GPTQ loss (1 / [H⁻¹]_jj over the columns not yet quantized, the OBS cost), "rounding" sums
+    |error|^2.4 as the reference GPTQ does. `scale_dtype` rounds the scales to what that dtype stores before any
     code is chosen (see `grid_params`). Returns the quantized weight and the
     summed squared error weighted by the Hessian (the GPTQ objective, for logging).
 
@@ -65,6 +70,8 @@ def gptq_quantize(
     H = H.detach().float()
     out_features, columns = weight.shape
     group = columns if group_size == -1 else group_size
+    if clip_objective not in CLIP_OBJECTIVES:
+        raise ValueError(f"`clip_objective` must be one of {', '.join(CLIP_OBJECTIVES)}, got {clip_objective!r}")
     if mask is not None and mask.shape != weight.shape:
         raise ValueError(f"`mask` has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
 
@@ -86,6 +93,7 @@ def gptq_quantize(
         _solve_rows, Hinv=Hinv, perm=perm, invperm=invperm, dead=dead[perm], g_visit=g_visit, group=group,
         bits=bits, sym=sym, static_groups=act_order and static_groups, block_size=block_size,
         clip_search=clip_search, scale_dtype=scale_dtype,
+        clip_costs=Hinv.diagonal().square().reciprocal() if clip_search and clip_objective == "hessian" else None,
     )  # fmt: skip
     n_groups = columns // group
     codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
@@ -115,9 +123,11 @@ def _solve_rows(
     block_size,
     clip_search,
     scale_dtype,
+    clip_costs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """One GPTQ pass over a block of rows (the arguments are `gptq_quantize`'s; `dead` is in visiting order,
-    `keep` is the block's rows of the mask): their codes in the original column order, scales and zeros [rows,
+    """One GPTQ pass over a block of rows (the arguments are `gptq_quantize`'s; `dead` and `clip_costs`, the
+    clip search's weight of each column or None, are in visiting order, `keep` is the block's rows of the
+    mask): their codes in the original column order, scales and zeros [rows,
     groups], and their loss."""
     out_features, columns = weight.shape
     # the pass runs on Wᵀ in visiting order: a column of W is then a contiguous row, which makes each step's
@@ -137,8 +147,10 @@ def _solve_rows(
     zeros = torch.zeros(n_groups, out_features, device=Wt.device)
     if static_groups:  # on the original columns: row c of W is row invperm[c] of Wᵀ
         for g, i in enumerate(range(0, columns, group)):
-            in_group = Wt.index_select(0, invperm[i : i + group]).t()
-            scales[g], zeros[g] = grid_params(in_group, bits, sym, clip_search, scale_dtype)
+            visits = invperm[i : i + group]
+            in_group = Wt.index_select(0, visits).t()
+            costs = None if clip_costs is None else clip_costs[visits]
+            scales[g], zeros[g] = grid_params(in_group, bits, sym, clip_search, scale_dtype, costs)
     group_of = g_visit.tolist()
     losses = torch.zeros(out_features, device=Wt.device)
 
@@ -166,7 +178,8 @@ def _solve_rows(
                     upcoming = torch.cat([W1[i : i + group], Wt[i2 : col + group]])
                     if keep_t is not None:  # the range of the weights that stay
                         upcoming = upcoming * keep_t[col : col + upcoming.shape[0]]
-                    scale, zero = grid_params(upcoming.t(), bits, sym, clip_search, scale_dtype)
+                    costs = None if clip_costs is None else clip_costs[col : col + group]
+                    scale, zero = grid_params(upcoming.t(), bits, sym, clip_search, scale_dtype, costs)
                     scales[col // group], zeros[col // group] = scale, zero
                 q_code = quantize_to_codes(w, scale, zero, bits)
                 if keep_t is not None:

@@ -77,6 +77,7 @@ def quantize_group(
         damp_percent=config.damp_percent,
         block_size=config.block_size,
         clip_search=config.clip_search,
+        clip_objective=config.clip_objective,
         mask=None if mask is None else mask[mine],
         scale_dtype=scale_dtype,
         overwrite_hessian=overwrite_hessian,

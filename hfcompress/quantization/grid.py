@@ -71,12 +71,19 @@ class QuantizedWeight:
 
 
 def grid_params(
-    w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    clip_search: bool = False,
+    scale_dtype: torch.dtype | None = None,
+    column_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of `w` ([rows, cols]) so that the row's range fits the grid.
 
     With `clip_search`, each row's range is also shrunk by factors down to 0.8 and the factor with the
-    smallest rounding error (sum of |w - q(w)|^2.4, as in the reference GPTQ) is kept. With `scale_dtype`
+    smallest rounding error is kept: the sum of |w - q(w)|^2.4 (as in the reference GPTQ), or with
+    `column_weights` ([cols]) the squared errors weighted per column (GPTQ passes what each column's error
+    costs in its loss). With `scale_dtype`
     the scales are the values that dtype stores (returned in float32), so codes are chosen, and GPTQ's errors
     measured, against the scale the checkpoint will hold.
     """
@@ -86,10 +93,10 @@ def grid_params(
     if not clip_search:
         return _params_for_range(xmin, xmax, bits, sym, scale_dtype)
     best_scale, best_zero = _params_for_range(xmin, xmax, bits, sym, scale_dtype)
-    best_err = _rounding_error(w, best_scale, best_zero, bits)
+    best_err = _rounding_error(w, best_scale, best_zero, bits, column_weights)
     for shrink in (0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8):
         scale, zero = _params_for_range(xmin * shrink, xmax * shrink, bits, sym, scale_dtype)
-        err = _rounding_error(w, scale, zero, bits)
+        err = _rounding_error(w, scale, zero, bits, column_weights)
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
@@ -97,9 +104,11 @@ def grid_params(
     return best_scale, best_zero
 
 
-def _rounding_error(w, scale, zero, bits) -> torch.Tensor:
+def _rounding_error(w, scale, zero, bits, column_weights=None) -> torch.Tensor:
     q = dequantize_codes(quantize_to_codes(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None])
-    return (w - q).abs().pow(2.4).sum(dim=1)
+    if column_weights is None:
+        return (w - q).abs().pow(2.4).sum(dim=1)
+    return (w - q).square() @ column_weights.float()
 
 
 def _params_for_range(xmin, xmax, bits: int, sym: bool, scale_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:

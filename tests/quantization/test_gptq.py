@@ -3,7 +3,7 @@ import torch
 
 from hfcompress.core.hessian import inverse_cholesky
 from hfcompress.quantization.gptq import accumulate_hessian, gptq_quantize, gram_upper, symmetrize_upper
-from hfcompress.quantization.grid import rtn_quantize
+from hfcompress.quantization.grid import grid_params, rtn_quantize
 
 
 def correlated_inputs(n=2048, features=64, seed=0):
@@ -208,3 +208,28 @@ def test_a_wide_weight_is_solved_a_block_of_rows_at_a_time_with_the_same_codes(
     for field in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(blocked, field), getattr(whole, field)), field
     assert blocked_loss == pytest.approx(whole_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_hessian_clip_search_weighs_each_column_by_its_cost(static_groups):
+    """With a diagonal Hessian no error is spread, so GPTQ's codes are round-to-nearest on ranges searched with
+    each column's cost H_jj as its weight; the group's columns, and their weights, follow the visiting order
+    unless the groups are static."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 32)
+    weight[:, 3] *= 8  # outliers worth keeping in range only where their column costs much
+    diagonal = torch.rand(32) + 0.05
+    diagonal[3] = 50.0
+    quantized, _ = gptq_quantize(
+        weight, torch.diag(diagonal), bits=3, group_size=8, act_order=True, static_groups=static_groups,
+        damp_percent=0.0, clip_search=True,
+    )  # fmt: skip
+    order = torch.arange(32) if static_groups else torch.argsort(diagonal, descending=True)
+    for g, columns in enumerate(order.split(8)):
+        scale, zero = grid_params(weight[:, columns], 3, sym=False, clip_search=True, column_weights=diagonal[columns])
+        assert torch.allclose(quantized.scales[:, g], scale) and torch.equal(quantized.zeros[:, g], zero)
+
+
+def test_unknown_clip_objective_is_refused():
+    with pytest.raises(ValueError, match=r"clip_objective.*'mse'"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), bits=4, group_size=-1, clip_search=True, clip_objective="mse")

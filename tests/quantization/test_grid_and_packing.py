@@ -118,3 +118,23 @@ def test_packing_a_few_rows_at_a_time_packs_the_same_words(bits, dim, monkeypatc
     assert torch.equal(chunked, whole)
     n = codes.shape[0] if dim == 0 else codes.shape[1]
     assert torch.equal(unpack_codes(chunked, bits, n, dim).to(torch.uint8), codes)
+
+
+def test_weighted_clip_search_minimizes_the_weighted_error():
+    torch.manual_seed(0)
+    w = 0.1 * torch.randn(8, 32)
+    w[:, 0] = 1.0  # an outlier in every row: the |error|^2.4 search clips it to refine the other 31 steps
+    costs = torch.ones(32)
+    costs[0] = 1e4  # the outlier's column dominates the loss
+
+    def weighted_error(scale, zero):
+        q = dequantize_codes(quantize_to_codes(w, scale[:, None], zero[:, None], 3), scale[:, None], zero[:, None])
+        return (w - q).square() @ costs
+
+    plain = weighted_error(*grid_params(w, 3, sym=False, clip_search=True))
+    chosen = weighted_error(*grid_params(w, 3, sym=False, clip_search=True, column_weights=costs))
+    assert (chosen <= plain).all() and (chosen < plain).any()
+    for shrink in (1.0, 0.98, 0.9, 0.8):  # the smallest of the ranges searched
+        lo, hi = w.min(dim=1).values.clamp(max=0) * shrink, w.max(dim=1).values.clamp(min=0) * shrink
+        scale = (hi - lo) / 7
+        assert (chosen <= weighted_error(scale, torch.round(-lo / scale)) * (1 + 1e-6)).all()
