@@ -110,12 +110,17 @@ def mean_of(results: list[dict]) -> dict:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'name:field=value,field=value' -> (name, GPTQConfig overrides)."""
+    """'name:field=value,field=value' -> (name, GPTQConfig overrides); a value that is not JSON is a string."""
     name, _, assignments = text.partition(":")
     overrides = {}
     for item in filter(None, assignments.split(",")):
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value)
+        if value.lower() in ("true", "false"):
+            value = value.lower()
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     return name, overrides
 
 
