@@ -74,6 +74,9 @@ def add_config_arguments(
                 help=f"Turn off: {help_text}",
             )
             parser.add_argument(_flag(name), dest=name, action="store_true", help="(the default)")
+        elif kind is bool and default is None:  # unset: the config decides; either flag overrides it
+            parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help="Turn off.")
         elif kind is bool:
             parser.add_argument(_flag(name), action="store_true", default=default, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:

@@ -162,7 +162,9 @@ def replace_with_rtn(
     model: nn.Module, name: str, module: nn.Module, config: RTNConfig, scale_dtype, plan: LayerPlan
 ) -> None:
     weight = linear_weight(module).detach()
-    quantized = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.clip_search, plan.mask, scale_dtype)
+    quantized = rtn_quantize(
+        weight, plan.bits, plan.group_size, config.sym, config.searches_clip(plan.bits), plan.mask, scale_dtype
+    )
     # every layer of a checkpoint has the same buffers: with act-order, a (trivial) g_idx too
     layer = quantized_layer(quantized, plan, config.sym, stores_g_idx(config), module.bias, scale_dtype)
     set_submodule(model, name, layer)

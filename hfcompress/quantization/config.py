@@ -77,6 +77,11 @@ class RTNConfig(CompressionConfig):
     def header(cls) -> dict[str, Any]:
         return {"method": cls.method}
 
+    def searches_clip(self, bits: int) -> bool:
+        """Whether a layer of `bits` bits gets the clip search: `clip_search`, or where that is None (GPTQ's
+        default) at 2 and 3 bits only."""
+        return bits <= 3 if self.clip_search is None else self.clip_search
+
 
 @dataclass
 class GPTQConfig(CalibrationArguments, RTNConfig):
@@ -104,6 +109,13 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."}
     )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
+    clip_search: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pick each group's range among shrunk min-max ranges by clip_objective. Default: at 2 and 3 bits "
+            "only (on a 20.8M-parameter Llama at w3 it cut perplexity 1-3% on held-out texts; at w4 it did not help)."
+        },
+    )
     clip_objective: Literal["hessian", "rounding"] = field(
         default="hessian",
         metadata={

@@ -76,7 +76,7 @@ def quantize_group(
         static_groups=config.static_groups,
         damp_percent=config.damp_percent,
         block_size=config.block_size,
-        clip_search=config.clip_search,
+        clip_search=config.searches_clip(bits),
         clip_objective=config.clip_objective,
         mask=None if mask is None else mask[mine],
         scale_dtype=scale_dtype,

@@ -102,7 +102,7 @@ def quantize_streams(
         weight = linear_weight(targets[name]).detach()
         for stream in streams:
             plan = plans[stream][name]
-            q = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.clip_search,
+            q = rtn_quantize(weight, plan.bits, plan.group_size, config.sym, config.searches_clip(plan.bits),
                              plan.mask, scale_dtype)  # fmt: skip
             results[stream][name] = LayerResult(q, plan, None)
     if outside:

@@ -1,9 +1,11 @@
+import argparse
 import logging
 
 import pytest
 
 from hfcompress import GPTQConfig, RTNConfig
 from hfcompress.checkpoint import HfcompressQuantizationConfig
+from hfcompress.commands.arguments import add_config_arguments
 
 
 @pytest.mark.parametrize("bits", [1, 5, 16, "4"])
@@ -48,3 +50,22 @@ def test_user_configs_serialize():
         "layer_bits": None,
         "keep_sparsity": True,
     }
+
+
+def test_gptq_searches_the_clip_range_at_low_bits_unless_told():
+    assert [GPTQConfig().searches_clip(b) for b in (2, 3, 4, 8)] == [True, True, False, False]
+    assert not GPTQConfig(clip_search=False).searches_clip(2)
+    assert GPTQConfig(clip_search=True).searches_clip(4)
+    assert not RTNConfig().searches_clip(2)  # round-to-nearest keeps its plain default
+
+
+@pytest.mark.parametrize("argv,expected", [([], None), (["--clip-search"], True), (["--no-clip-search"], False)])
+def test_an_unset_flag_leaves_the_choice_to_the_config(argv, expected):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GPTQConfig, names=["clip_search"])
+    assert parser.parse_args(argv).clip_search is expected
+
+
+def test_unknown_clip_objective_is_refused_by_the_config():
+    with pytest.raises(ValueError, match=r"clip_objective.*'mse'"):
+        GPTQConfig(clip_objective="mse")
