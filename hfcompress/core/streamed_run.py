@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..data import calibration_data
 from .activations import INPUTS, OUTPUTS, SpilledActivations, check_spill_space
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
 from .memory import release_large_frees
@@ -45,13 +46,15 @@ LARGE_BLOCK = 256 << 20
 
 
 class StreamedTechnique:
-    """What `stream_compress` asks of a technique. `calibrated` techniques implement `calibration_data` and
-    `compress_blocks`; the others `compress_layer`, which also serves the layers outside the block stack."""
+    """What `stream_compress` asks of a technique. `calibrated` techniques implement `compress_blocks` (their
+    batches are `config`'s calibration set, read with `tokenizer`); the others `compress_layer`, which also serves
+    the layers outside the block stack."""
 
     desc = "blocks"  # the progress bar of a run without calibration
 
-    def __init__(self, config):
+    def __init__(self, config, tokenizer=None):
         self.config = config
+        self.tokenizer = tokenizer
 
     @property
     def calibrated(self) -> bool:
@@ -63,7 +66,7 @@ class StreamedTechnique:
 
     def calibration_data(self, model: nn.Module) -> list[torch.Tensor]:
         """The calibration batches of token ids."""
-        raise NotImplementedError
+        return calibration_data(model, self.config, self.tokenizer)
 
     def compress_layer(self, model: nn.Module, name: str, module: nn.Module) -> None:
         """Compress one target with no calibration (in place, or by `set_submodule`, releasing the weight it
@@ -149,6 +152,7 @@ def stream_compress(
     technique: StreamedTechnique,
     task: str = "causal-lm",
     resume: bool = False,
+    format: str = "hfcompress",
 ) -> nn.Module:
     """Compress the model at `model_path` (a local folder of safetensors shards) with `technique` block by block
     from disk, writing its weights and config into `folder` as they are finished.
@@ -157,8 +161,11 @@ def stream_compress(
     written block (refused if the settings differ) and writes the same weights an uninterrupted run writes.
     Returns the model skeleton (every weight on the meta device) with its compressed layers and config in place,
     for the compression record. Refuses a model that cannot stream (see `core.streaming.streaming_obstacle`) and
-    settings that cannot (`CompressionConfig.streaming_obstacle`).
+    settings that cannot (`CompressionConfig.streaming_obstacle`), and a `format` other than "hfcompress" (the
+    shards are written as each block is finished, in hfcompress's layout).
     """
+    if format != "hfcompress":
+        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
     obstacle = technique.config.streaming_obstacle()
     if obstacle is not None:
         raise ValueError(obstacle)

@@ -16,7 +16,6 @@ from torch import nn
 from ..core.streamed_run import StreamedTechnique, stream_compress
 from ..core.streaming import release
 from ..core.structure import find_layer_stack, linear_weight
-from ..data import calibration_data
 from .config import LowRankConfig
 from .factorization import (
     attach_lowrank_config,
@@ -51,8 +50,7 @@ class _Factorization(StreamedTechnique):
     desc = "SVD"
 
     def __init__(self, config: LowRankConfig, tokenizer):
-        super().__init__(config)
-        self.tokenizer = tokenizer
+        super().__init__(config, tokenizer)
         self.shapes: dict[str, tuple[int, int]] = {}
         self.planned: dict[str, int | None] = {}
 
@@ -68,9 +66,6 @@ class _Factorization(StreamedTechnique):
         self.shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
         self.planned = planned_ranks(self.shapes, self.config)
         return targets
-
-    def calibration_data(self, model):
-        return calibration_data(model, self.config, self.tokenizer)
 
     def compress_layer(self, model, name, module):
         if name in self.planned and self.planned[name] is None:

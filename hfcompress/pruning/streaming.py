@@ -13,7 +13,6 @@ from torch import nn
 from ..checkpoint import update_manifest
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import find_layer_stack, linear_weight, set_linear_weight
-from ..data import calibration_data
 from .oneshot import group_pruner, prune_weight, pruning_targets
 from .oneshot_config import OneShotPruningConfig
 from .sparse import SparseLinear, record_sparse, sparsify_linears
@@ -43,8 +42,7 @@ def prune_streaming(
 
 class _Pruning(StreamedTechnique):
     def __init__(self, config: OneShotPruningConfig, tokenizer, bitmask: bool):
-        super().__init__(config)
-        self.tokenizer = tokenizer
+        super().__init__(config, tokenizer)
         self.bitmask = bitmask
         self.desc = f"prune ({config.method})"
         self.stack = ""
@@ -59,9 +57,6 @@ class _Pruning(StreamedTechnique):
         if self.calibrated:
             refuse_several_stacks(model, targets, self.config.method)
         return targets
-
-    def calibration_data(self, model):
-        return calibration_data(model, self.config, self.tokenizer)
 
     def compress_layer(self, model, name, module):
         set_linear_weight(module, prune_weight(linear_weight(module), None, self.config))

@@ -31,9 +31,7 @@ def awq_streaming(
 ) -> nn.Module:
     """`AWQConfig` with round-to-nearest weights, block by block from disk into `folder`; resumable and returning
     the model skeleton as `core.streamed_run.stream_compress` says."""
-    if format != "hfcompress":
-        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
-    return stream_compress(model_path, folder, _AWQ(config, tokenizer), task, resume)
+    return stream_compress(model_path, folder, _AWQ(config, tokenizer), task, resume, format)
 
 
 class _AWQ(UniformQuantization):

@@ -12,7 +12,6 @@ from torch import nn
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_submodule
-from ..data import calibration_data
 from .codebook_api import attach_codebooks, codebook_record, codebook_targets, encode_layer
 from .codebook_config import KMeansConfig, VQConfig
 from .codebook_linear import CodebookLinear
@@ -36,8 +35,7 @@ def quantize_codebook_streaming(
 
 class _Codebooks(StreamedTechnique):
     def __init__(self, config: KMeansConfig | VQConfig, tokenizer):
-        super().__init__(config)
-        self.tokenizer = tokenizer
+        super().__init__(config, tokenizer)
         self.desc = config.method
 
     @property
@@ -49,9 +47,6 @@ class _Codebooks(StreamedTechnique):
         if self.calibrated:
             refuse_several_stacks(model, targets, self.config.method)
         return targets
-
-    def calibration_data(self, model):
-        return calibration_data(model, self.config, self.tokenizer)
 
     def compress_layer(self, model, name, module):
         set_submodule(model, name, encode_layer(module, self.config, None))

@@ -16,7 +16,6 @@ from torch import nn
 from ..core.streamed_run import StreamedTechnique, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight
-from ..data import calibration_data
 from .api import attach_quantization_config, replace_with_rtn, select_targets, stores_g_idx
 from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
@@ -47,17 +46,14 @@ def quantize_streaming(
     Returns the model skeleton (every weight on the meta device) with its quantized layers and quantization
     config in place, for the compression record. Refuses a model that cannot stream (see `streaming_obstacle`).
     """
-    if format != "hfcompress":
-        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
-    return stream_compress(model_path, folder, UniformQuantization(config, tokenizer), task, resume)
+    return stream_compress(model_path, folder, UniformQuantization(config, tokenizer), task, resume, format)
 
 
 class UniformQuantization(StreamedTechnique):
     desc = "round-to-nearest blocks"
 
     def __init__(self, config: RTNConfig, tokenizer):
-        super().__init__(config)
-        self.tokenizer = tokenizer
+        super().__init__(config, tokenizer)
         self.scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
         self.plans = {}
 
@@ -69,9 +65,6 @@ class UniformQuantization(StreamedTechnique):
         targets = select_targets(model, self.config)
         self.plans = plan_layers(model, targets, self.config)
         return targets
-
-    def calibration_data(self, model):
-        return calibration_data(model, self.config, self.tokenizer)
 
     def compress_layer(self, model, name, module):
         replace_with_rtn(model, name, module, self.config, self.scale_dtype, self.plans[name])

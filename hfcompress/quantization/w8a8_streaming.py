@@ -13,7 +13,6 @@ from torch import nn
 from ..checkpoint import update_manifest
 from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import linear_weight, set_submodule
-from ..data import calibration_data
 from .config import W8A8Config
 from .int8_linear import Int8Linear
 from .streaming import UniformQuantization
@@ -33,9 +32,7 @@ def w8a8_streaming(
 ) -> nn.Module:
     """`W8A8Config` with round-to-nearest weights, block by block from disk into `folder`; resumable and returning
     the model skeleton as `core.streamed_run.stream_compress` says."""
-    if format != "hfcompress":
-        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
-    return stream_compress(model_path, folder, _W8A8(config, tokenizer), task, resume)
+    return stream_compress(model_path, folder, _W8A8(config, tokenizer), task, resume, format)
 
 
 class _W8A8(StreamedTechnique):
@@ -44,8 +41,7 @@ class _W8A8(StreamedTechnique):
     desc = "W8A8 blocks"
 
     def __init__(self, config: W8A8Config, tokenizer):
-        super().__init__(config)
-        self.tokenizer = tokenizer
+        super().__init__(config, tokenizer)
         self.weights = UniformQuantization(config.weight_config(), tokenizer)
 
     @property
@@ -57,9 +53,6 @@ class _W8A8(StreamedTechnique):
         if self.calibrated:
             refuse_several_stacks(model, targets, "SmoothQuant")
         return targets
-
-    def calibration_data(self, model):
-        return calibration_data(model, self.config, self.tokenizer)
 
     def compress_layer(self, model, name, module):
         self.weights.compress_layer(model, name, module)
