@@ -141,6 +141,17 @@ def allow_partial_field():
     )
 
 
+def modules_to_not_convert_field():
+    """The `modules_to_not_convert` field of the configs that pick their layers with `core.structure`."""
+    return field(
+        default=None,
+        metadata={
+            "help": "Linear layers kept in full precision: names, name suffixes or 're:' regexes. "
+            "Default: the output embedding (lm_head)."
+        },
+    )
+
+
 def deprecated_aliases(**aliases: str):
     """Class decorator (on top of `@dataclass`): old keyword and attribute names that keep working, with a
     warning once per process. `deprecated_aliases(blocksize="block_size")`."""

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig
+from ..core.config import CalibrationArguments, CompressionConfig, modules_to_not_convert_field
 
 __all__ = ["LowRankConfig"]
 
@@ -77,12 +77,7 @@ class LowRankConfig(CalibrationArguments, CompressionConfig):
         default=0.01,
         metadata={"help": "Whitening: diagonal added to a singular Gram matrix, as a fraction of its mean."},
     )
-    modules_to_not_convert: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module names (or name suffixes, or 're:' regexes) left dense. Default: the output embedding."
-        },
-    )
+    modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases
+from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases, modules_to_not_convert_field
 
 __all__ = ["OneShotPruningConfig"]
 
@@ -39,10 +39,7 @@ class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
         default=0.01, metadata={"help": "SparseGPT: dampening, fraction of the mean Hessian diagonal."}
     )
     block_size: int = field(default=128, metadata={"help": "SparseGPT: columns pruned together."})
-    modules_to_not_convert: list[str] | None = field(
-        default=None,
-        metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."},
-    )
+    modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
 
     def __post_init__(self):
         if self.method not in ("magnitude", "wanda", "sparsegpt"):

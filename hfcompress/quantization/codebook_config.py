@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field
+from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field, modules_to_not_convert_field
 
 __all__ = ["KMeansConfig", "VQConfig"]
 
@@ -13,10 +13,7 @@ __all__ = ["KMeansConfig", "VQConfig"]
 @dataclass
 class _CodebookConfig(CalibrationArguments, CompressionConfig):
     iters: int = field(default=25, metadata={"help": "Lloyd iterations of k-means."})
-    modules_to_not_convert: list[str] | None = field(
-        default=None,
-        metadata={"help": "Linear layers left dense (names, suffixes or 're:' regexes). Default: lm_head."},
-    )
+    modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
     allow_partial: bool = allow_partial_field()
 
     @classmethod

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field
+from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field, modules_to_not_convert_field
 from ..core.grids import SCALE_DTYPES, SUPPORTED_BITS, check_grid
 
 __all__ = ["FORMATS", "SCALE_DTYPES", "AWQConfig", "GPTQConfig", "RTNConfig", "W8A8Config"]
@@ -32,13 +32,7 @@ class RTNConfig(CompressionConfig):
         metadata={"help": "Input columns sharing one scale and zero point; -1 for one per output row (per-channel)."},
     )
     sym: bool = field(default=False, metadata={"help": "Symmetric grid (zero point fixed at the middle code)."})
-    modules_to_not_convert: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module names (or name suffixes, or 're:' regexes) kept in full precision. "
-            "Default: the output embedding (lm_head) and anything not a linear layer."
-        },
-    )
+    modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
     scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
         default="float16", metadata={"help": "Storage dtype of the scales."}
     )
@@ -279,13 +273,7 @@ class W8A8Config(CalibrationArguments, CompressionConfig):
             "calibration data; on a 20.8M-parameter Llama no better at 8 bits: +0.13% perplexity vs +0.09%)."
         },
     )
-    modules_to_not_convert: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module names (or name suffixes, or 're:' regexes) kept in full precision. "
-            "Default: the output embedding (lm_head) and anything not a linear layer."
-        },
-    )
+    modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
     scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
         default="float32", metadata={"help": "Storage dtype of the weight scales (one per output channel)."}
     )
