@@ -195,6 +195,12 @@ def main():
         "--draws", type=int, default=1,
         help="calibration draws per setting: the evenly spread windows, then random ones; rows give the mean",
     )  # fmt: skip
+    parser.add_argument(
+        "--reorder", action="store_true",
+        help="draws after the first are the first draw's windows in another order: their spread is what the order "
+        "of the samples alone does (through float32 sums) to both GPTQs; llm-compressor's `oneshot` shuffles "
+        "them itself with an unseeded RandomSampler, so its runs differ on identical windows anyway",
+    )  # fmt: skip
     parser.add_argument("--timing-runs", type=int, default=3, help="runs of the 4-bit g128 speed comparison")
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
     parser.add_argument("--json-out", help="also write the results here")
@@ -220,7 +226,11 @@ def main():
     windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
     draws = [torch.cat(calibration_batches(windows, args.num_samples, args.num_samples))]
     for seed in range(1, args.draws):
-        chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[: args.num_samples]
+        generator = torch.Generator().manual_seed(seed)
+        if args.reorder:
+            draws.append(draws[0][torch.randperm(len(draws[0]), generator=generator)])
+            continue
+        chosen = torch.randperm(len(windows), generator=generator)[: args.num_samples]
         draws.append(windows[chosen.sort().values])
 
     rows = []
@@ -274,9 +284,10 @@ def main():
 
 def report(args, rows, heldout, settings, variants, timing):
     texts = list(heldout)
+    orders = " (one set of windows in different orders)" if args.reorder else ""
     print(f"\nmodel {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {args.calib}, "
-          f"{args.draws} draw(s), the same token ids for both libraries (GPTQ rows: the mean over draws); perplexity "
-          f"on the first "
+          f"{args.draws} draw(s){orders}, the same token ids for both libraries (GPTQ rows: the mean over draws); "
+          f"perplexity on the first "
           f"{', '.join(f'{len(w)} windows of {n}' for n, w in heldout.items())}; act-order "
           f"{'static' if args.act_order else 'off'}; torch threads {torch.get_num_threads()}\n")  # fmt: skip
     print(
