@@ -164,9 +164,7 @@ def stream_compress(
     settings that cannot (`CompressionConfig.streaming_obstacle`), and a `format` other than "hfcompress" (the
     shards are written as each block is finished, in hfcompress's layout).
     """
-    if format != "hfcompress":
-        raise ValueError(f"--offload disk writes format hfcompress only, got --format {format}")
-    obstacle = technique.config.streaming_obstacle()
+    obstacle = settings_obstacle(technique.config, format)
     if obstacle is not None:
         raise ValueError(obstacle)
     checkpoint = ShardedCheckpoint(model_path)
@@ -255,6 +253,15 @@ def stream_compress(
     progress.clear()
     logger.info("streamed %d blocks from %s into %s", len(blocks), model_path, Path(folder))
     return model
+
+
+def settings_obstacle(config, format: str = "hfcompress") -> str | None:
+    """Why `config` written as `format` cannot stream from disk, or None: the config's own
+    `streaming_obstacle`, or a format other than hfcompress (the shards are written block by block)."""
+    obstacle = config.streaming_obstacle()
+    if obstacle is None and format != "hfcompress":
+        obstacle = f"--offload disk writes format hfcompress only, got --format {format}"
+    return obstacle
 
 
 def refuse_several_stacks(model: nn.Module, targets: dict[str, nn.Module], method: str) -> None:

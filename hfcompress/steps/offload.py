@@ -7,6 +7,7 @@ import logging
 import re
 
 from ..core.registry import Technique
+from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
 from ..io import weight_bytes
 from .loading import DTYPES, checkpoint_dtype
@@ -78,7 +79,7 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
 def _refuse_what_cannot_stream(technique: Technique, config, options: OutputOptions, step_options: dict) -> None:
     if technique.stream is None:
         raise ValueError(f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)")
-    obstacle = config.streaming_obstacle()
+    obstacle = settings_obstacle(config, step_options.get("format", "hfcompress"))
     if obstacle is not None:
         raise ValueError(obstacle)
     if options.eval_dataset or options.eval_tasks:
@@ -86,8 +87,6 @@ def _refuse_what_cannot_stream(technique: Technique, config, options: OutputOpti
             "--offload disk never holds the model whole, so it measures no perplexity or tasks: drop --eval-dataset "
             "and --eval-tasks and evaluate OUTPUT afterwards (hfcompress evaluate OUTPUT --dataset ...)"
         )
-    if step_options.get("format", "hfcompress") != "hfcompress":
-        raise ValueError(f"--offload disk writes format hfcompress only, got --format {step_options['format']}")
 
 
 def _why_not(technique: Technique, config, model: str, options: OutputOptions, step_options: dict) -> str | None:
