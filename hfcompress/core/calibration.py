@@ -136,22 +136,24 @@ def _nested(name: str, others) -> bool:
 
 def _calibrate_staged(
     block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay: str = "all", rows: dict | None = None,
-    into=list, scratch=None,
+    into=list, scratch=None, hessian_dtype: torch.dtype = torch.float32,
 ):  # fmt: skip
     if scratch is None:
-        return _staged(block, named, trace, inputs, modules, solve, replay, rows, into, list)
+        return _staged(block, named, trace, inputs, modules, solve, replay, rows, into, list, hessian_dtype)
     count = itertools.count()
 
     def new_list():
         return SpilledList(Path(scratch) / f"{next(count):04d}")
 
     try:
-        return _staged(block, named, trace, inputs, modules, solve, replay, rows, into, new_list)
+        return _staged(block, named, trace, inputs, modules, solve, replay, rows, into, new_list, hessian_dtype)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _staged(block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay, rows, into, new_list):
+def _staged(
+    block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver, replay, rows, into, new_list, hessian_dtype
+):  # fmt: skip
     candidates = [name for name in trace.order if trace.calls[name] == 1 and name not in modules]
     group_of = trace.group_of()
     # inputs worth keeping: those of groups whose linear some module passes its output through
@@ -176,7 +178,8 @@ def _staged(block, named, trace: BlockTrace, inputs, modules, solve: BlockSolver
         record = {n for n in candidates if settled[n] < first and n not in records and not _nested(n, records)}
         leaders = [] if last else [trace.groups[g][0] for g in stage]
         hessians = {
-            leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device) for leader in leaders
+            leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device, dtype=hessian_dtype)
+            for leader in leaders
         }
         outputs, recorded, kept = _run_stage(
             block,
@@ -248,11 +251,13 @@ def _synthesize_passthroughs(trace: BlockTrace, named, solved: int, records: dic
             del kept_inputs[group]
 
 
-def _group_hessians(named, trace: BlockTrace, inputs, diagonal: bool = False) -> dict[str, Hessian]:
+def _group_hessians(
+    named, trace: BlockTrace, inputs, diagonal: bool = False, dtype: torch.dtype = torch.float32
+) -> dict[str, Hessian]:
     """The input Hessian (or its diagonal) of each group of `trace`, keyed by the group's first linear."""
     leaders = [names[0] for names in trace.groups]
     hessians = {
-        leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device, diagonal)
+        leader: Hessian(linear_weight(named[leader]).shape[1], named[leader].weight.device, diagonal, dtype)
         for leader in leaders
     }
     # the block's output is not needed here: stop once the last group's input is in
@@ -261,9 +266,10 @@ def _group_hessians(named, trace: BlockTrace, inputs, diagonal: bool = False) ->
 
 
 def _calibrate_two_pass(
-    block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows=None, into=list, diagonal: bool = False
-):
-    hessians = _group_hessians(named, trace, inputs, diagonal)
+    block, named, trace: BlockTrace, inputs, solve: BlockSolver, rows=None, into=list, diagonal: bool = False,
+    hessian_dtype: torch.dtype = torch.float32,
+):  # fmt: skip
+    hessians = _group_hessians(named, trace, inputs, diagonal, hessian_dtype)
     solved = {}
     for names in trace.groups:
         solved.update(solve(names, _full(hessians.pop(names[0]), names, rows)))
@@ -324,6 +330,7 @@ def calibrate_block(
     into: Callable[[], Any] = list,
     scratch: str | os.PathLike | None = None,
     diagonal: bool = False,
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> tuple[list[BlockInputs], dict[str, Any], bool]:
     """Run `solve` on each group of the target linears of one block (`modules`, by name relative to the block).
 
@@ -341,7 +348,9 @@ def calibrate_block(
     disk); it is called again if the staged path is abandoned after it started writing outputs. `scratch`: a
     folder where the staged path keeps the submodule outputs and linear inputs it holds between stages, instead
     of memory (`core.activations.SpilledList`), removed when the block is done. With `diagonal` (two passes
-    only), `solve` is handed each Hessian's diagonal, a vector, and the matrices are never built.
+    only), `solve` is handed each Hessian's diagonal, a vector, and the matrices are never built. `hessian_dtype`:
+    what the Hessians are summed in (float64: the same H whatever the order of `inputs`; see `core.hessian.Hessian`);
+    `solve` gets them in float32.
     """
     if diagonal and true_sequential:
         raise ValueError("`diagonal` Hessians are collected by the two-pass path only: pass true_sequential=False")
@@ -355,7 +364,7 @@ def calibrate_block(
             originals = {} if reload else {n: linear_weight(m).detach().clone() for n, m in modules.items()}
             try:
                 outputs, solved = _calibrate_staged(
-                    block, named, trace, inputs, modules, solve, replay, rows, into, scratch
+                    block, named, trace, inputs, modules, solve, replay, rows, into, scratch, hessian_dtype
                 )
                 return outputs, solved, True
             except _ReplayUnsafe as e:
@@ -366,5 +375,5 @@ def calibrate_block(
                     set_linear_weight(modules[name], weight, exact=True)
                 if reload is not None:
                     reload()
-        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows, into, diagonal)
+        outputs, solved = _calibrate_two_pass(block, named, trace, inputs, solve, rows, into, diagonal, hessian_dtype)
     return outputs, solved, False

@@ -6,7 +6,8 @@ rank 0 alone writes. Without an initialized process group everything here is the
 
 The result is a single process's up to the order in which the Hessian's sums are added (float32 rounding,
 about 1e-7 relative, as a different thread count gives); GPTQ carries a rounding that flips on through the rest
-of a row, so the codes are close in what the model computes, not bit-equal.
+of a row, so the codes are close in what the model computes, not bit-equal. Hessians summed in float64
+(`core.hessian.Hessian`, GPTQ's `hessian_dtype`) are the single process's exactly, and so are GPTQ's codes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "is_main",
     "rank",
     "reduce_mean",
+    "reduce_sum",
     "row_shares",
     "shard_batches",
     "world_size",
@@ -84,13 +86,19 @@ def reduce_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     """The mean over every rank's rows, from each rank's `mean` of its `count` rows (`mean` is changed in place)."""
     if world_size() == 1:
         return mean, count
-    total = torch.tensor([float(count)], dtype=torch.float64)
+    total, n = reduce_sum(mean.mul_(count), count)
+    return total.div_(max(n, 1)), n
+
+
+def reduce_sum(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """The sum over every rank's rows, and their number, from each rank's `total` of its `count` rows (`total` is
+    changed in place)."""
+    if world_size() == 1:
+        return total, count
+    counts = torch.tensor([float(count)], dtype=torch.float64)
+    dist.all_reduce(counts)
     dist.all_reduce(total)
-    mean.mul_(count)
-    dist.all_reduce(mean)
-    n = int(total.item())
-    mean.div_(max(n, 1))
-    return mean, n
+    return total, int(counts.item())
 
 
 def row_shares(rows: int) -> list[slice]:

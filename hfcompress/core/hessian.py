@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from .distributed import reduce_mean
+from .distributed import reduce_mean, reduce_sum
 from .linalg import all_finite, invert_lower_, permute_symmetric_, reverse_, transpose_
 
 __all__ = [
@@ -25,7 +25,8 @@ __all__ = [
 
 def gram_upper(x: torch.Tensor, block: int = 256, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
     """The upper triangle (diagonal included) of xᵀx for x [rows, n]; entries below it are unspecified.
-    With `out`, `alpha` xᵀx is added to it in place instead (no n x n temporary) and `out` is returned.
+    With `out`, `alpha` xᵀx is added to it in place instead (no n x n temporary) and `out` is returned; an `out`
+    of a wider dtype than x's gets the products computed in x's dtype (one block of rows at a time).
 
     Only blocks on and above the diagonal are computed: about 30% fewer FLOPs than xᵀx. (SciPy's `ssyrk`
     halves them, but its BLAS threads fight torch's for the cores and slow every other matmul.)
@@ -34,7 +35,10 @@ def gram_upper(x: torch.Tensor, block: int = 256, out: torch.Tensor | None = Non
     if out is None:
         out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     for i in range(0, n, block):
-        out[i : i + block, i:].addmm_(x[:, i : i + block].t(), x[:, i:], alpha=alpha)
+        if out.dtype == x.dtype:
+            out[i : i + block, i:].addmm_(x[:, i : i + block].t(), x[:, i:], alpha=alpha)
+        else:  # a wider `out` (a float64 sum): the block's product in x's dtype, added in out's
+            out[i : i + block, i:].add_(x[:, i : i + block].t() @ x[:, i:], alpha=alpha)
     return out
 
 
@@ -157,11 +161,18 @@ class Hessian:
     mean magnitude `abs_mean` (mean |x|, AWQ's activation statistic; exact after `full()`).
 
     With `diagonal`, only H's diagonal 2 Σ x_j² / n is kept, as a vector (what Wanda and k-means read): for a
-    wide layer the matrix is hundreds of MB and its accumulation most of the calibration's time."""
+    wide layer the matrix is hundreds of MB and its accumulation most of the calibration's time.
 
-    def __init__(self, in_features: int, device, diagonal: bool = False):
+    `dtype` is what H is summed in; `full()` returns it in float32 either way. In float32 the running sums' rounding
+    depends on the order the samples come in, on which of them share a batch and on how processes split them.
+    With float64, H holds the sum of one float32 product xᵀx per sample (x's leading dimension) until `full()`
+    makes it the mean: the products do not depend on the batching, their float64 sum is exact (or rounded far
+    below float32's precision), and H comes out the same in any order, batching or split. That costs twice H's
+    memory while it is collected; the products themselves stay float32."""
+
+    def __init__(self, in_features: int, device, diagonal: bool = False, dtype: torch.dtype = torch.float32):
         shape = (in_features,) if diagonal else (in_features, in_features)
-        self.H = torch.zeros(*shape, device=device)
+        self.H = torch.zeros(*shape, device=device, dtype=dtype)
         self.abs_mean = torch.zeros(in_features, device=device)
         self.count = 0
 
@@ -171,20 +182,38 @@ class Hessian:
             return
         total = self.count + rows.shape[0]
         self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0).to(self.abs_mean.dtype), alpha=1 / total)
-        if self.H.dim() == 1:
+        if self.H.dtype == torch.float64:
+            self._add_to_sum(x.detach())
+            self.count = total
+        elif self.H.dim() == 1:
             rows = rows.to(self.H.dtype)
             self.H.mul_(self.count / total).add_((rows * rows).sum(0), alpha=2 / total)
             self.count = total
         else:
             self.H, self.count = accumulate_hessian(rows, self.H, self.count, upper_only=True)
 
+    def _add_to_sum(self, x: torch.Tensor) -> None:
+        """Add each sample's float32 product (of x's leading dimension, when x has more than two) to the float64
+        sum (the upper triangle, or the diagonal)."""
+        for sample in x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else (x,):
+            sample = sample.reshape(-1, x.shape[-1]).float()
+            if self.H.dim() == 1:
+                self.H.add_((sample * sample).sum(0))
+            else:
+                gram_upper(sample.contiguous(), out=self.H)
+
     def full(self) -> torch.Tensor:
         """The symmetric H (or its diagonal), made in place (no second matrix: for a wide layer H alone is hundreds
         of MB); across processes, over every rank's inputs (`core.distributed`), as `abs_mean` then is."""
         self.abs_mean, _ = reduce_mean(self.abs_mean, self.count)
-        self.H, self.count = reduce_mean(self.H, self.count)
+        if self.H.dtype == torch.float64:  # a sum until now: made the mean in one step
+            self.H, self.count = reduce_sum(self.H, self.count)
+            self.H.mul_(2 / max(self.count, 1))
+        else:
+            self.H, self.count = reduce_mean(self.H, self.count)
         if self.H.dim() == 2:
             symmetrize_upper_(self.H)
+        self.H = self.H.float()
         return self.H
 
 

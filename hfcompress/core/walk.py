@@ -53,6 +53,7 @@ def calibrate_blocks(
     rows: dict[str, int] | None = None,
     spill: str | os.PathLike | None = None,
     diagonal: bool = False,
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
     """Calibrate the targets of every block in turn, each block on the previous ones' outputs as solved.
 
@@ -69,11 +70,12 @@ def calibrate_blocks(
     them). `spill`: a folder where the blocks' inputs and outputs, and what the staged path holds between
     stages, are kept instead of memory (`core.activations`), one batch read at a time; each block's outputs go to `outputs-<prefix>` in it, and
     the files of a block's inputs are deleted once its outputs have been handed to `stream.offload`. `diagonal`:
-    the solvers get only each Hessian's diagonal (see `calibrate_block`).
+    the solvers get only each Hessian's diagonal (see `calibrate_block`); `hessian_dtype`: what the Hessians are
+    summed in (`core.hessian.Hessian`).
     """
     walk = _walk(
         model, blocks, batches, targets, [None], lambda _, *a: make_solver(*a), true_sequential, desc, False, stream,
-        inputs, replay, rows, spill, diagonal,
+        inputs, replay, rows, spill, diagonal, hessian_dtype,
     )  # fmt: skip
     for block, prefix, solved in walk:
         yield block, prefix, solved[None]
@@ -89,6 +91,7 @@ def calibrate_streams(
     make_solver: Callable[[Any, nn.Module, str, dict[str, nn.Module]], BlockSolver],
     true_sequential: bool = True,
     desc: str = "blocks",
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[nn.Module, str, dict[Any, dict[str, Any]]]]:
     """Several independent calibrations in one walk over the blocks: stream `s` calibrates each block with
     `make_solver(s, block, prefix, modules)` on its own inputs (the earlier blocks' outputs as stream `s` solved
@@ -97,12 +100,15 @@ def calibrate_streams(
 
     The blocks are walked once (one onloading per block for every stream); each stream holds its own inputs.
     """
-    yield from _walk(model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True)
+    yield from _walk(
+        model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True, hessian_dtype=hessian_dtype
+    )
 
 
 def _walk(
     model, blocks, batches, targets, streams: list, make_solver, true_sequential: bool, desc: str, restore: bool,
     disk=None, first=None, replay: str = "all", rows: dict | None = None, spill=None, diagonal: bool = False,
+    hessian_dtype: torch.dtype = torch.float32,
 ):  # fmt: skip
     prefixes = block_prefixes(model, blocks)
     if first is None:
@@ -136,7 +142,7 @@ def _walk(
             try:
                 inputs[stream], solved[stream], _ = calibrate_block(
                     block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay, seen,
-                    into, None if spill is None else Path(spill) / f"{SCRATCH}{prefix}", diagonal,
+                    into, None if spill is None else Path(spill) / f"{SCRATCH}{prefix}", diagonal, hessian_dtype,
                 )  # fmt: skip
             finally:
                 for name, weight in originals.items():

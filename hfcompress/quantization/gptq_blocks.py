@@ -165,6 +165,7 @@ def quantize_blocks(
         replay=replay,
         rows=rows,
         spill=spill,
+        hessian_dtype=getattr(torch, config.hessian_dtype),
     )
     with routing_all_tokens(model, config.calibrate_all_experts):
         _replace_solved(calibration, plans, config, act_order, scale_dtype, done)

@@ -92,8 +92,9 @@ def quantize_streams(
     was_training = model.training
     model.eval()
     walk = calibrate_streams(
-        model, blocks, batches, targets, list(streams), make_solver, config.true_sequential, "GPTQ blocks per stream"
-    )
+        model, blocks, batches, targets, list(streams), make_solver, config.true_sequential, "GPTQ blocks per stream",
+        getattr(torch, config.hessian_dtype),
+    )  # fmt: skip
     for _ in walk:
         pass
     model.train(was_training)

@@ -20,7 +20,10 @@ def test_bad_group_size_is_refused(group_size):
         GPTQConfig(group_size=group_size)
 
 
-@pytest.mark.parametrize("field,value", [("damp_percent", 1.5), ("num_samples", 0), ("seq_len", 0), ("batch_size", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("damp_percent", 1.5), ("num_samples", 0), ("seq_len", 0), ("batch_size", 0), ("hessian_dtype", "float16")],
+)
 def test_bad_gptq_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         GPTQConfig(**{field: value})

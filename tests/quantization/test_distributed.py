@@ -1,6 +1,6 @@
 """GPTQ, one-shot pruning and factorization across two processes (torchrun, gloo on CPU): each rank calibrates
 half the windows, the Hessians (and sensitivity losses) are summed over ranks, rank 0 writes, and the model
-computes what the one-process model on all the windows does."""
+computes what the one-process model on all the windows does (with float64 Hessians, the very same codes)."""
 
 import json
 import os
@@ -63,22 +63,27 @@ def test_pruning_and_factorizing_across_two_processes_match_one(tmp_path, comman
     assert record["steps"][-1]["config"]["processes"] == 2
 
 
-def test_two_processes_write_the_codes_of_one(tmp_path):
+@pytest.mark.parametrize("hessian_dtype", ["float32", "float64"])
+def test_two_processes_write_the_codes_of_one(tmp_path, hessian_dtype):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    command = ("quantize", "gptq", "--group-size", "32", "--hessian-dtype", hessian_dtype)
     for output, processes in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
-        result = _quantize(tmp_path, output, processes)
+        result = _quantize(tmp_path, output, processes, command)
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
+    record = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())
+    assert record["steps"][-1]["config"]["processes"] == 2 and record["steps"][-1]["data"]["num_samples"] == 16
+    if hessian_dtype == "float64":  # each rank's float64 sum of per-window products: the one process's Hessians
+        assert all(torch.equal(one[key], two[key]) for key in one)
+        return
     # the ranks' Hessian sums are added in another order: float32 rounding (~1e-7 relative), as a different number
     # of threads gives. GPTQ can carry one flipped rounding on through a row (on refmodel, 1 and 2 threads in one
     # process differ in half the packed words), so the codes are compared through what the model computes
     for key in one:
         if one[key].is_floating_point():  # scales and zero points come from the weights (static groups)
             torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-6)
-    record = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())
-    assert record["steps"][-1]["config"]["processes"] == 2 and record["steps"][-1]["data"]["num_samples"] == 16
     ids = token_windows(4, 32)
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(tmp_path / "one")(ids).logits

@@ -11,6 +11,7 @@ import hfcompress
 from hfcompress.core.calibration import calibrate_block as core_calibrate_block
 from hfcompress.core.capture import BlockInputs, capture_block_inputs, run_block
 from hfcompress.core.structure import find_layer_stack, find_linears, set_submodule
+from hfcompress.core.walk import calibrate_blocks
 from hfcompress.quantization.gptq_blocks import quantize_group
 from hfcompress.quantization.modules import QuantLinear
 
@@ -140,6 +141,56 @@ def test_true_sequential_calibrates_later_layers_on_quantized_earlier_ones():
     # the first group sees the same inputs either way; o_proj does not
     assert torch.equal(staged.get_submodule(q).weight, two_pass.get_submodule(q).weight)
     assert not torch.equal(staged.get_submodule(o).weight, two_pass.get_submodule(o).weight)
+
+
+def _hessians(windows, batch_size, dtype, true_sequential):
+    """The Hessian each group of the tiny Llama's linears is solved with, by its first linear's name."""
+    model = tiny_model("llama").eval()
+    prefix, stack = find_layer_stack(model)
+    seen = {}
+
+    def make_solver(block, prefix, modules):
+        def solve(names, H):
+            seen[f"{prefix}.{names[0]}"] = H.clone()
+            return {}
+
+        return solve
+
+    batches = list(windows.split(batch_size))
+    walk = calibrate_blocks(
+        model, list(stack), batches, find_linears(stack, prefix), make_solver, true_sequential, hessian_dtype=dtype
+    )
+    for _ in walk:
+        pass
+    return seen
+
+
+@pytest.mark.parametrize("true_sequential", [True, False], ids=["staged", "two-pass"])
+def test_float64_sums_give_the_same_hessians_whatever_the_order_and_batching_of_the_samples(true_sequential):
+    ids = token_windows(12, 32)
+    shuffled = ids[torch.randperm(12, generator=torch.Generator().manual_seed(0))]
+    for dtype in (torch.float64, torch.float32):
+        in_order, reordered = _hessians(ids, 4, dtype, true_sequential), _hessians(shuffled, 3, dtype, true_sequential)
+        assert len(in_order) == 8 and in_order.keys() == reordered.keys()
+        assert all(H.dtype == torch.float32 for H in in_order.values())
+        same = [torch.equal(in_order[name], reordered[name]) for name in in_order]
+        # float32 sums round differently in another order: what float64 is for
+        assert all(same) if dtype == torch.float64 else not any(same)
+
+
+def test_gptq_with_float64_hessians_writes_the_same_codes_for_reordered_samples():
+    ids = token_windows(12, 32)
+    shuffled = ids[torch.randperm(12, generator=torch.Generator().manual_seed(0))]
+
+    def state(windows, batch_size):
+        config = hfcompress.GPTQConfig(
+            bits=3, group_size=32, dataset=windows, batch_size=batch_size, hessian_dtype="float64"
+        )
+        return hfcompress.quantize(tiny_model("llama"), config).state_dict()
+
+    in_order, reordered = state(ids, 4), state(shuffled, 3)
+    assert in_order.keys() == reordered.keys()
+    assert all(torch.equal(in_order[k], reordered[k]) for k in in_order)
 
 
 def test_quant_linear_matches_its_dequantized_weight(device):
