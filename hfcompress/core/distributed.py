@@ -7,7 +7,8 @@ rank 0 alone writes. Without an initialized process group everything here is the
 The result is a single process's up to the order in which the Hessian's sums are added (float32 rounding,
 about 1e-7 relative, as a different thread count gives); GPTQ carries a rounding that flips on through the rest
 of a row, so the codes are close in what the model computes, not bit-equal. Hessians summed in float64
-(`core.hessian.Hessian`, GPTQ's `hessian_dtype`) are the single process's exactly, and so are GPTQ's codes.
+(`core.hessian.Hessian`, GPTQ's `hessian_dtype`) are the single process's exactly, and so are GPTQ's codes, when
+every process runs as many threads as the single one did (the thread count changes float32 products).
 """
 
 from __future__ import annotations

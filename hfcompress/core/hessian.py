@@ -167,7 +167,8 @@ class Hessian:
     depends on the order the samples come in, on which of them share a batch and on how processes split them.
     With float64, H holds the sum of one float32 product xᵀx per sample (x's leading dimension) until `full()`
     makes it the mean: the products do not depend on the batching, their float64 sum is exact (or rounded far
-    below float32's precision), and H comes out the same in any order, batching or split. That costs twice H's
+    below float32's precision), and H comes out the same in any order, batching or split (for the same number of
+    threads, which changes the float32 products themselves). That costs twice H's
     memory while it is collected; the products themselves stay float32."""
 
     def __init__(self, in_features: int, device, diagonal: bool = False, dtype: torch.dtype = torch.float32):

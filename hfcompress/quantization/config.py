@@ -109,8 +109,8 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
             "help": "What each layer's Hessian is summed in over the calibration samples. float32: the rounding of "
             "the sums depends on the order of the samples and on how processes split them, and GPTQ flips some "
             "roundings with it (on a 20.8M-parameter Llama the order alone moved held-out perplexity by up to 1%). "
-            "float64: the same codes in any order and across processes; twice each Hessian's memory while it is "
-            "collected (the products stay float32)."
+            "float64: the same codes in any order, batching or number of processes (given the same threads per "
+            "process: the thread count changes float32 products); twice each Hessian's memory while it is collected."
         },
     )
     clip_search: bool | None = field(
