@@ -168,8 +168,7 @@ class Hessian:
     With float64, H holds the sum of one float32 product xᵀx per sample (x's leading dimension) until `full()`
     makes it the mean: the products do not depend on the batching, their float64 sum is exact (or rounded far
     below float32's precision), and H comes out the same in any order, batching or split (for the same number of
-    threads, which changes the float32 products themselves). That costs twice H's
-    memory while it is collected; the products themselves stay float32."""
+    threads, which changes the float32 products themselves). That costs twice H's memory while it is collected."""
 
     def __init__(self, in_features: int, device, diagonal: bool = False, dtype: torch.dtype = torch.float32):
         shape = (in_features,) if diagonal else (in_features, in_features)
@@ -205,7 +204,8 @@ class Hessian:
 
     def full(self) -> torch.Tensor:
         """The symmetric H (or its diagonal), made in place (no second matrix: for a wide layer H alone is hundreds
-        of MB); across processes, over every rank's inputs (`core.distributed`), as `abs_mean` then is."""
+        of MB; a float64 sum becomes its float32 copy); across processes, over every rank's inputs
+        (`core.distributed`), as `abs_mean` then is."""
         self.abs_mean, _ = reduce_mean(self.abs_mean, self.count)
         if self.H.dtype == torch.float64:  # a sum until now: made the mean in one step
             self.H, self.count = reduce_sum(self.H, self.count)
