@@ -293,23 +293,35 @@ def _checked_trace(block, prefix: str, names: list[str], inputs, trace: BlockTra
 
 @torch.no_grad()
 def collect_hessians(
-    block: nn.Module, prefix: str, inputs: list[BlockInputs], names: list[str], trace: BlockTrace | None = None
+    block: nn.Module,
+    prefix: str,
+    inputs: list[BlockInputs],
+    names: list[str],
+    trace: BlockTrace | None = None,
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """The input Hessian (2 X^T X / n) of each linear `names` (relative to `block`) on `inputs`, with the
-    block's current weights. Linears reading the same tensor share one matrix (the same object)."""
-    return {name: hessian.H for name, hessian in collect_input_statistics(block, prefix, inputs, names, trace).items()}
+    block's current weights, summed in `hessian_dtype` (`core.hessian.Hessian`). Linears reading the same tensor
+    share one matrix (the same object)."""
+    statistics = collect_input_statistics(block, prefix, inputs, names, trace, hessian_dtype)
+    return {name: hessian.H for name, hessian in statistics.items()}
 
 
 @torch.no_grad()
 def collect_input_statistics(
-    block: nn.Module, prefix: str, inputs: list[BlockInputs], names: list[str], trace: BlockTrace | None = None
+    block: nn.Module,
+    prefix: str,
+    inputs: list[BlockInputs],
+    names: list[str],
+    trace: BlockTrace | None = None,
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Hessian]:
     """`collect_hessians`, as the finished `Hessian` of each linear (its `H` full, its `abs_mean` each input's
     mean |x|); linears reading the same tensor share one object."""
     named = _named_in_block(block, prefix)
     with maths_for(block):  # weights stored in bfloat16/float16 compute in float32, as in `calibrate_block`
         trace = _checked_trace(block, prefix, names, inputs, trace)
-        by_leader = _group_hessians(named, trace, inputs)
+        by_leader = _group_hessians(named, trace, inputs, dtype=hessian_dtype)
     for hessian in by_leader.values():
         hessian.full()
     return {name: by_leader[group[0]] for group in trace.groups for name in group}

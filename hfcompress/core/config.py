@@ -20,10 +20,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = [
+    "HESSIAN_DTYPES",
     "CalibrationArguments",
     "CompressionConfig",
     "allow_partial_field",
+    "check_hessian_dtype",
     "deprecated_aliases",
+    "hessian_dtype_field",
+    "modules_to_not_convert_field",
     "warn_deprecated",
 ]
 
@@ -150,6 +154,29 @@ def modules_to_not_convert_field():
             "Default: the output embedding (lm_head)."
         },
     )
+
+
+HESSIAN_DTYPES = ("float32", "float64")
+
+
+def hessian_dtype_field():
+    """The `hessian_dtype` field of the configs that solve layers with their input Hessians (or its diagonal)."""
+    return field(
+        default="float32",
+        metadata={
+            "help": "What each layer's input Hessian (or its diagonal) is summed in over the calibration samples. "
+            "float32: the sums' rounding depends on the order of the samples, on which of them share a batch and "
+            "on how processes split them, and the result follows it (GPTQ on a 20.8M-parameter Llama: the order "
+            "alone moved held-out perplexity by up to 1%). float64: the same result in any order, batching or "
+            "number of processes (given the same threads per process: the thread count changes float32 "
+            "products); twice each Hessian's memory while it is collected."
+        },
+    )
+
+
+def check_hessian_dtype(value) -> None:
+    if value not in HESSIAN_DTYPES:
+        raise ValueError(f"`hessian_dtype` must be one of {', '.join(map(repr, HESSIAN_DTYPES))}, got {value!r}")
 
 
 def deprecated_aliases(**aliases: str):

@@ -91,11 +91,11 @@ class StreamedTechnique:
     ) -> set[str]:  # fmt: skip
         """`compress_blocks` for a technique that, in memory too, takes every Hessian of a block before changing
         any of its layers (`core.walk.calibrate_blocks` without `true_sequential`): `make_solver` and `diagonal`
-        as there; `after_block(block, prefix, solved)` runs before each block is written. Returns the targets
-        walked."""
+        as there, the Hessians summed in the config's `hessian_dtype`; `after_block(block, prefix, solved)` runs
+        before each block is written. Returns the targets walked."""
         walk = calibrate_blocks(
             model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc, stream=stream,
-            inputs=inputs, spill=folder, diagonal=diagonal,
+            inputs=inputs, spill=folder, diagonal=diagonal, hessian_dtype=getattr(torch, self.config.hessian_dtype),
         )  # fmt: skip
         done = set()
         for block, prefix, solved in walk:

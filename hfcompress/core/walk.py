@@ -171,15 +171,16 @@ def for_each_block_hessian(
     process,
     desc: str,
     diagonal: bool = False,
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Block by block: the input Hessian of every target in the block, `process(block, name, module, H)` for
     each (`name` relative to the block), then the block's outputs, with whatever `process` changed, become the
     next block's inputs (the two-pass path: every Hessian of a block is taken before any change). `blocks` None:
     every stack that holds targets, one after the other (`stacks_holding`). `diagonal`: `H` is only the Hessian's
-    diagonal, a vector (see `calibrate_block`)."""
+    diagonal, a vector (see `calibrate_block`); `hessian_dtype`: what it is summed in (`core.hessian.Hessian`)."""
     if blocks is None:
         for _, stack in stacks_holding(model, targets):
-            for_each_block_hessian(model, stack, batches, targets, process, desc, diagonal)
+            for_each_block_hessian(model, stack, batches, targets, process, desc, diagonal, hessian_dtype)
         return
 
     def make_solver(block, prefix, modules):
@@ -191,7 +192,8 @@ def for_each_block_hessian(
         return solve
 
     walk = calibrate_blocks(
-        model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc, diagonal=diagonal
-    )
+        model, blocks, batches, targets, make_solver, true_sequential=False, desc=desc, diagonal=diagonal,
+        hessian_dtype=hessian_dtype,
+    )  # fmt: skip
     for _ in walk:
         pass

@@ -6,7 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig, modules_to_not_convert_field
+from ..core.config import (
+    CalibrationArguments,
+    CompressionConfig,
+    check_hessian_dtype,
+    hessian_dtype_field,
+    modules_to_not_convert_field,
+)
 
 __all__ = ["LowRankConfig"]
 
@@ -78,6 +84,7 @@ class LowRankConfig(CalibrationArguments, CompressionConfig):
         metadata={"help": "Whitening: diagonal added to a singular Gram matrix, as a fraction of its mean."},
     )
     modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
+    hessian_dtype: Literal["float32", "float64"] = hessian_dtype_field()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -104,6 +111,7 @@ class LowRankConfig(CalibrationArguments, CompressionConfig):
             raise ValueError(f"`alpha` must be a non-negative number, got {self.alpha!r}")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
+        check_hessian_dtype(self.hessian_dtype)
 
     def streaming_obstacle(self) -> str | None:
         if self.param_ratio is not None and self.allocation == "sensitivity":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
@@ -152,7 +153,9 @@ def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokeniz
         if not modules:
             inputs = run_block(block, inputs)
             continue
-        grams = collect_hessians(block, prefix, inputs, list(modules))
+        grams = collect_hessians(
+            block, prefix, inputs, list(modules), hessian_dtype=getattr(torch, config.hessian_dtype)
+        )
         if not config.sequential:
             inputs = run_block(block, inputs)
         for name, module in modules.items():

@@ -137,7 +137,9 @@ def measure_sensitivity(
         prefix = block_names[id(block)]
         modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if modules:
-            grams = collect_hessians(block, prefix, inputs, list(modules))
+            grams = collect_hessians(
+                block, prefix, inputs, list(modules), hessian_dtype=getattr(torch, config.hessian_dtype)
+            )
             skip.start_at(index)
             try:
 

@@ -100,6 +100,7 @@ def _prune_calibrated(model: nn.Module, targets: dict[str, nn.Module], config: O
         walk = calibrate_blocks(
             model, stack, batches, targets, lambda block, prefix, modules: group_pruner(modules, config),
             true_sequential=False, desc=f"prune ({config.method})", diagonal=config.method == "wanda",
+            hessian_dtype=getattr(torch, config.hessian_dtype),
         )  # fmt: skip
         for _ in walk:
             pass

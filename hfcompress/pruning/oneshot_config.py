@@ -6,7 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig, deprecated_aliases, modules_to_not_convert_field
+from ..core.config import (
+    CalibrationArguments,
+    CompressionConfig,
+    check_hessian_dtype,
+    deprecated_aliases,
+    hessian_dtype_field,
+    modules_to_not_convert_field,
+)
 
 __all__ = ["OneShotPruningConfig"]
 
@@ -40,6 +47,7 @@ class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
     )
     block_size: int = field(default=128, metadata={"help": "SparseGPT: columns pruned together."})
     modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
+    hessian_dtype: Literal["float32", "float64"] = hessian_dtype_field()
 
     def __post_init__(self):
         if self.method not in ("magnitude", "wanda", "sparsegpt"):
@@ -55,6 +63,7 @@ class OneShotPruningConfig(CalibrationArguments, CompressionConfig):
                 raise ValueError(f"`block_size` ({self.block_size}) must be a multiple of M ({m})")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
+        check_hessian_dtype(self.hessian_dtype)
         self.check_calibration()
 
     @property

@@ -70,7 +70,10 @@ def quantize_codebook(model: nn.Module, config: KMeansConfig | VQConfig, tokeniz
             set_submodule(block, name, encode_layer(module, config, diagonal))
             encoded.append(names[id(module)])
 
-        for_each_block_hessian(model, None, batches, targets, encode, f"{config.method} blocks", diagonal=True)
+        for_each_block_hessian(
+            model, None, batches, targets, encode, f"{config.method} blocks", diagonal=True,
+            hessian_dtype=getattr(torch, config.hessian_dtype),
+        )  # fmt: skip
     rest = [(n, m) for n, m in targets.items() if n not in set(encoded)]  # outside the blocks, or no data
     for name, module in tqdm(rest, desc=config.method, disable=not rest):
         set_submodule(model, name, encode_layer(module, config, None))

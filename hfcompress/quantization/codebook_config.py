@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field, modules_to_not_convert_field
+from ..core.config import (
+    CalibrationArguments,
+    CompressionConfig,
+    allow_partial_field,
+    check_hessian_dtype,
+    hessian_dtype_field,
+    modules_to_not_convert_field,
+)
 
 __all__ = ["KMeansConfig", "VQConfig"]
 
@@ -15,6 +22,7 @@ class _CodebookConfig(CalibrationArguments, CompressionConfig):
     iters: int = field(default=25, metadata={"help": "Lloyd iterations of k-means."})
     modules_to_not_convert: list[str] | None = modules_to_not_convert_field()
     allow_partial: bool = allow_partial_field()
+    hessian_dtype: Literal["float32", "float64"] = hessian_dtype_field()
 
     @classmethod
     def header(cls) -> dict[str, Any]:
@@ -23,6 +31,7 @@ class _CodebookConfig(CalibrationArguments, CompressionConfig):
     def _check_common(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"`iters` must be a positive integer, got {self.iters!r}")
+        check_hessian_dtype(self.hessian_dtype)
         self.check_calibration()
 
 

@@ -7,7 +7,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..core.config import CalibrationArguments, CompressionConfig, allow_partial_field, modules_to_not_convert_field
+from ..core.config import (
+    CalibrationArguments,
+    CompressionConfig,
+    allow_partial_field,
+    check_hessian_dtype,
+    hessian_dtype_field,
+    modules_to_not_convert_field,
+)
 from ..core.grids import SCALE_DTYPES, SUPPORTED_BITS, check_grid
 
 __all__ = ["FORMATS", "SCALE_DTYPES", "AWQConfig", "GPTQConfig", "RTNConfig", "W8A8Config"]
@@ -103,16 +110,7 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
         default=0.01, metadata={"help": "Dampening added to diag(H), as a fraction of its mean."}
     )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-batch block."})
-    hessian_dtype: Literal["float32", "float64"] = field(
-        default="float32",
-        metadata={
-            "help": "What each layer's Hessian is summed in over the calibration samples. float32: the rounding of "
-            "the sums depends on the order of the samples and on how processes split them, and GPTQ flips some "
-            "roundings with it (on a 20.8M-parameter Llama the order alone moved held-out perplexity by up to 1%). "
-            "float64: the same codes in any order, batching or number of processes (given the same threads per "
-            "process: the thread count changes float32 products); twice each Hessian's memory while it is collected."
-        },
-    )
+    hessian_dtype: Literal["float32", "float64"] = hessian_dtype_field()
     clip_search: bool | None = field(
         default=None,
         metadata={
@@ -177,8 +175,7 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
         if self.block_size < 1:
             raise ValueError(f"`block_size` must be positive, got {self.block_size!r}")
-        if self.hessian_dtype not in ("float32", "float64"):
-            raise ValueError(f"`hessian_dtype` must be 'float32' or 'float64', got {self.hessian_dtype!r}")
+        check_hessian_dtype(self.hessian_dtype)
         if self.clip_objective not in ("hessian", "rounding"):
             raise ValueError(f"`clip_objective` must be 'hessian' or 'rounding', got {self.clip_objective!r}")
         self.check_calibration()

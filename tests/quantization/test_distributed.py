@@ -39,13 +39,17 @@ def _logits(folder):
         return AutoModelForCausalLM.from_pretrained(folder)(token_windows(4, 32)).logits
 
 
+SPARSEGPT = ("prune", "oneshot", "--method", "sparsegpt", "--sparsity", "0.5", "--storage", "dense")
+
+
 @pytest.mark.parametrize(
     "command",
     [
-        ("prune", "oneshot", "--method", "sparsegpt", "--sparsity", "0.5", "--storage", "dense"),
+        SPARSEGPT,
+        (*SPARSEGPT, "--hessian-dtype", "float64"),  # the one process's weights exactly
         ("factorize", "--method", "asvd", "--param-ratio", "0.7"),  # sensitivity allocation: losses reduced
     ],
-    ids=["sparsegpt", "asvd"],
+    ids=["sparsegpt", "sparsegpt-float64", "asvd"],
 )
 def test_pruning_and_factorizing_across_two_processes_match_one(tmp_path, command):
     save_tiny_model(tmp_path / "model")
@@ -55,6 +59,8 @@ def test_pruning_and_factorizing_across_two_processes_match_one(tmp_path, comman
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)  # the same ranks chosen
+    if "float64" in command:  # each rank's float64 sums of per-window products: the one process's Hessians
+        assert all(torch.equal(one[key], two[key]) for key in one)
     if command[0] == "prune":  # the same number of zeros in every layer
         assert all(int((one[k] == 0).sum()) == int((two[k] == 0).sum()) for k in one if "layers" in k)
     a, b = _logits(tmp_path / "one"), _logits(tmp_path / "two")
