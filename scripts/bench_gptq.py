@@ -201,6 +201,11 @@ def main():
         "of the samples alone does (through float32 sums) to both GPTQs; llm-compressor's `oneshot` shuffles "
         "them itself with an unseeded RandomSampler, so its runs differ on identical windows anyway",
     )  # fmt: skip
+    parser.add_argument(
+        "--skip-default", action="store_true",
+        help="no row for the library's defaults, only the --variant rows (to add variants to an earlier run: the "
+        "windows and orders depend only on --calib, --num-samples, --seq-len and --draws)",
+    )  # fmt: skip
     parser.add_argument("--timing-runs", type=int, default=3, help="runs of the 4-bit g128 speed comparison")
     parser.add_argument("--llmcompressor-python", help="python of a virtual environment with llmcompressor")
     parser.add_argument("--json-out", help="also write the results here")
@@ -212,7 +217,9 @@ def main():
     settings = SETTINGS
     if args.settings:
         settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]
-    variants = [("gptq", {})] + [parse_variant(v) for v in args.variant]
+    if args.skip_default and not args.variant:
+        parser.error("--skip-default needs at least one --variant: there would be no GPTQ row")
+    variants = ([] if args.skip_default else [("gptq", {})]) + [parse_variant(v) for v in args.variant]
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
