@@ -11,12 +11,15 @@ codebooks of 2 weights per 4-bit index ("vq2x2", 2 bits per weight): random code
 layers, run by the codebook kernels. "w4 g128 bf16-prefill" is w4 g128 with HFCOMPRESS_PREFILL_DTYPE=bfloat16: its
 prompts multiply dequantized tiles in bfloat16 (the float32 model's default: float32); "bf16 w4 g128" is the model
 held in bfloat16, then quantized (its prompts take bfloat16 tiles where the CPU has native bfloat16 dot products).
+A format followed by " avx2" (e.g. "w4 g128 avx2") runs with HFCOMPRESS_CPU_ISA=avx2: on a CPU with AVX-512 it
+measures the AVX2 decoding loop beside the AVX-512 one that the plain format picks.
 
 w4 g128 is quantized here with round-to-nearest: GPTQ produces the same layers (same `QuantLinear`, same
 kernel), so its speed is the same; only the codes differ.
 
     python scripts/bench_inference.py
     python scripts/bench_inference.py --formats fp32 "w4 g128" "w4 g128 bf16-prefill" --new-tokens 0   # prompts only
+    python scripts/bench_inference.py --formats fp32 "w4 g128" "w4 g128 avx2" w8 "w8 avx2" --prefill-tokens 0
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def tensor_bytes(model) -> int:
 
 
 def build(fmt: str):
+    fmt = fmt.removesuffix(" avx2")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
     if fmt.startswith("bf16"):
@@ -149,6 +153,8 @@ def main():
         row = {"format": fmt, "new_tokens": tokens}
         if fmt.endswith("bf16-prefill"):
             os.environ["HFCOMPRESS_PREFILL_DTYPE"] = "bfloat16"
+        if fmt.endswith(" avx2"):  # the kernels pick their loop at the first call, below
+            os.environ["HFCOMPRESS_CPU_ISA"] = "avx2"
         for batch in (1, 8):
             rate = decode_rate(model, batch, tokens, 1 if slow else args.runs) if tokens else float("nan")
             row[f"tokens_per_s_b{batch}"] = rate
@@ -158,6 +164,7 @@ def main():
             )
             row["prefill_s"] = prefill_seconds(model, prompt, args.prefill_runs)
         os.environ.pop("HFCOMPRESS_PREFILL_DTYPE", None)
+        os.environ.pop("HFCOMPRESS_CPU_ISA", None)
         row["tensor_bytes"] = tensor_bytes(model)
         row["rss_bytes"] = rss_bytes()
         rows.append(row)

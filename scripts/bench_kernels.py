@@ -2,8 +2,9 @@
 
 For each shape (out x in) and batch M: median time of >= --runs calls, and its ratio to the dense layer
 (fp32 `nn.Linear` on CPU, bf16 cuBLAS on CUDA). CPU rows: w4 g128 and w8 per-channel through the kernel
-`select_kernel` picks (hfcompress's AVX2 kernel where it builds), torch's own int4pack op on the same codes (the
-peer, up to 4 rows) and the dequantize-then-matmul fallback. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
+`select_kernel` picks (hfcompress's AVX2 kernel where it builds; where the CPU has AVX-512F, 4-bit calls of one
+or two rows take its AVX-512 loop, and at M = 1 the AVX2 loop is timed beside it), torch's own int4pack op on
+the same codes (the peer, up to 4 rows) and the dequantize-then-matmul fallback. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
 kernel (tinygemm, the peer) and the fallback. Every kernel is first checked against dequantize-then-matmul.
 
     python scripts/bench_kernels.py                 # CPU, the shapes
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from functools import partial
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from hfcompress.hub.record import hardware_description
 from hfcompress.quantization.grid import rtn_quantize
-from hfcompress.quantization.kernels import DequantizeKernel, Int4CpuKernel, select_kernel
+from hfcompress.quantization.kernels import AvxCpuKernel, DequantizeKernel, Int4CpuKernel, select_kernel
 from hfcompress.quantization.modules import QuantLinear
 
 
@@ -101,6 +103,11 @@ def main():
                 if err > (1e-4 if dtype == torch.float32 else 0.02):
                     raise SystemExit(f"{label} {kernel.name} disagrees with dequantize-then-matmul: {err:.3g}")
                 rows.append((f"{label} {kernel.name}", timer(partial(kernel, x), args.runs, device)))
+                if kernel.name == "avx512-wq" and m == 1:  # the AVX2 loop on the same codes
+                    os.environ["HFCOMPRESS_CPU_ISA"] = "avx2"
+                    avx2 = AvxCpuKernel(layer, dtype)
+                    del os.environ["HFCOMPRESS_CPU_ISA"]
+                    rows.append((f"{label} {avx2.name}", timer(partial(avx2, x), args.runs, device)))
                 if device.type == "cpu" and label == "w4 g128" and m <= 4:
                     peer = Int4CpuKernel(layer, dtype)  # torch's own fused int4 op, the peer
                     rows.append((f"{label} torch int4pack (peer)", timer(partial(peer, x), args.runs, device)))

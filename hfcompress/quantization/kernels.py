@@ -4,7 +4,8 @@ On CPU the fused kernels serve calls of a few rows (decoding); bigger calls (pro
 time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `SmallBatchKernel`).
 
 - 4 and 8 bits on an AVX2 CPU: hfcompress's own kernel (`csrc/wq_gemv_cpu.cpp`, `AvxCpuKernel`), built on
-  first use; any group size that is a multiple of 8, act-order by a one-time permutation. Prompts multiply
+  first use; any group size that is a multiple of 8, act-order by a one-time permutation. 4-bit decoding of one
+  or two rows runs an AVX-512F loop where the CPU has it and the group size is a multiple of 16 (`gemv_isa`). Prompts multiply
   dequantized tiles with torch's matmul: float32, or bfloat16 for bfloat16 models where the CPU has AVX-512 BF16
   or AMX (`prefill_dtype`; HFCOMPRESS_PREFILL_DTYPE=bfloat16 asks for it for float32 models too).
 - Otherwise, 4 bits on CPU: torch's `_weight_int4pack_mm_for_cpu` (weight-only int4 with per-group scale and
@@ -42,6 +43,7 @@ __all__ = [
     "LutCpuKernel",
     "SmallBatchKernel",
     "TritonW4Kernel",
+    "gemv_isa",
     "native_bfloat16",
     "prefill_dtype",
     "select_codebook_kernel",
@@ -58,6 +60,19 @@ LUT_MAX_ROWS = 16  # k-means tables: at more rows the rebuilt dense weight and o
 GEMV_MAX_ROWS = {torch.bfloat16: 10, torch.float32: 16}
 PREFILL_TILE = 1 << 22  # weights dequantized at a time for calls of more than GEMV_MAX_ROWS rows (16 MB in float32)
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_ISAS = ("auto", "avx2")
+
+
+def gemv_isa(module, bits: int, group_size: int) -> str:
+    """The instruction set of `AvxCpuKernel`'s loop for calls of one or two rows: "avx512" for 4-bit layers whose
+    group size is a multiple of 16 where the CPU has AVX-512F (1.15-1.4x the AVX2 loop there; at more rows and at
+    8 bits it was not faster, so those stay AVX2), else "avx2". HFCOMPRESS_CPU_ISA=avx2 keeps the AVX2 loop
+    everywhere (to compare the two, or to rule the AVX-512 one out)."""
+    choice = os.environ.get("HFCOMPRESS_CPU_ISA", "auto")
+    if choice not in CPU_ISAS:
+        raise ValueError(f"HFCOMPRESS_CPU_ISA={choice!r}: expected one of {', '.join(CPU_ISAS)}")
+    wide = choice == "auto" and bits == 4 and group_size % 16 == 0
+    return "avx512" if wide and module.has_avx512() else "avx2"
 
 
 def prefill_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,7 +132,7 @@ class AvxCpuKernel:
     group size that is a multiple of 8, symmetric or asymmetric, act-order through a one-time column permutation.
     Inputs that need a gradient go through the dequantized weight (the C++ calls are not differentiable). Other
     calls of up to `GEMV_MAX_ROWS` rows read the packed codes directly (8 per 32-bit word at 4 bits) and compute
-    in float32; longer ones (prompts) dequantize `PREFILL_TILE` weights at a time into a buffer and multiply
+    in float32 (4-bit calls of one or two rows 16 codes a step on CPUs with AVX-512F: `gemv_isa`); longer ones (prompts) dequantize `PREFILL_TILE` weights at a time into a buffer and multiply
     it with torch's matmul, in `prefill_dtype` (bfloat16 for bfloat16 models on CPUs with native bfloat16 dot
     products, float32 otherwise unless HFCOMPRESS_PREFILL_DTYPE asks for bfloat16)."""
 
@@ -138,6 +153,8 @@ class AvxCpuKernel:
         self.module = load()
         self.differentiable = DequantizeKernel(layer, dtype)
         self.bits, self.group = layer.bits, layer.group_size
+        self.avx512 = gemv_isa(self.module, layer.bits, layer.group_size) == "avx512"
+        self.name = "avx512-wq" if self.avx512 else "avx2-wq"
         self.in_features, self.out_features = layer.in_features, layer.out_features
         codes = layer.codes()
         self.perm = None
@@ -160,7 +177,7 @@ class AvxCpuKernel:
         compute = prefill_dtype(x.dtype)
         if flat.shape[0] <= GEMV_MAX_ROWS[compute]:
             y = self.module.wq_matmul(
-                flat.float().contiguous(), self.packed, self.scale, self.zero, self.bits, self.group
+                flat.float().contiguous(), self.packed, self.scale, self.zero, self.bits, self.group, self.avx512
             )
         else:  # a prompt: dequantized tiles and torch's matmul
             y = self.module.wq_matmul_tiled(

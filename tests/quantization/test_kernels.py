@@ -156,6 +156,39 @@ def test_avx2_kernel_builds_where_a_compiler_and_avx2_exist():
     assert reason is None  # this machine has g++ and AVX2: the build must work
 
 
+@pytest.mark.parametrize(
+    "bits,group_size,sym,act_order", [(4, 32, False, False), (4, 128, True, True), (4, -1, False, False),
+                                      (8, 64, False, False), (8, -1, True, True), (4, 24, False, False)]
+)  # fmt: skip
+@pytest.mark.parametrize("isa", ["avx2", "auto"])
+def test_each_instruction_set_loop_matches_dequantize_then_matmul(bits, group_size, sym, act_order, isa, monkeypatch):
+    from hfcompress.quantization.cpu_extension import load
+
+    width = 240 if group_size == 24 else 256
+    layer = quant_layer(bits, group_size, sym, act_order, in_features=width, out_features=40)
+    if AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32))
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", isa)
+    # the AVX-512 loop: 4 bits, groups of a multiple of 16 (not 24), passes of one or two rows, where the CPU has it
+    wide = isa == "auto" and bits == 4 and layer.group_size % 16 == 0 and load().has_avx512()
+    expected_weight = layer.dequantize_weight(torch.float32)
+    for rows in (1, 2, 3, 4, 5, 6, 9, 16):  # passes of 4 rows, then of 1 or 2: both loops in one call
+        x = torch.randn(rows, width)
+        y = layer(x)
+        assert layer._kernel.name == ("avx512-wq" if wide else "avx2-wq")
+        expected = F.linear(x, expected_weight, layer.bias)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_an_unknown_instruction_set_is_refused(monkeypatch):
+    layer = quant_layer(4, 32, False, False)
+    if AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32))
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="HFCOMPRESS_CPU_ISA='avx512': expected one of auto, avx2"):
+        layer(torch.randn(1, 256))
+
+
 def test_avx2_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("HFCOMPRESS_CPU_KERNELS", "0")
     layer = quant_layer(4, 32, False, False)
