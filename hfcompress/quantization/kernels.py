@@ -64,10 +64,11 @@ CPU_ISAS = ("auto", "avx2")
 
 
 def gemv_isa(module, bits: int, group_size: int) -> str:
-    """The instruction set of `AvxCpuKernel`'s loop for calls of one or two rows: "avx512" for 4-bit layers whose
-    group size is a multiple of 16 where the CPU has AVX-512F (1.15-1.4x the AVX2 loop there; at more rows and at
-    8 bits it was not faster, so those stay AVX2), else "avx2". HFCOMPRESS_CPU_ISA=avx2 keeps the AVX2 loop
-    everywhere (to compare the two, or to rule the AVX-512 one out)."""
+    """The instruction set of the decoding loops: "avx512" for 4-bit layers whose group size (a k-means row: its
+    input size) is a multiple of 16 where the CPU has AVX-512F, else "avx2". `AvxCpuKernel` takes it for calls of
+    one or two rows (1.15-1.4x the AVX2 loop there; at more rows and at 8 bits it was not faster, so those stay
+    AVX2), `LutCpuKernel` for 4-bit k-means calls of one or two rows (1.2-1.8x at one). HFCOMPRESS_CPU_ISA=avx2 keeps the AVX2 loops everywhere (to compare
+    the two, or to rule the AVX-512 ones out)."""
     choice = os.environ.get("HFCOMPRESS_CPU_ISA", "auto")
     if choice not in CPU_ISAS:
         raise ValueError(f"HFCOMPRESS_CPU_ISA={choice!r}: expected one of {', '.join(CPU_ISAS)}")
@@ -194,7 +195,8 @@ class AvxCpuKernel:
 
 class LutCpuKernel:
     """hfcompress's own matmul for codebook layers (`csrc/wq_gemv_cpu.cpp`): scalar k-means (`lut_matmul`: each
-    group of 8 codes becomes 8 weights by looking them up in the row's table held in registers) and vector
+    group of 8 codes becomes 8 weights by looking them up in the row's table held in registers; 4-bit calls of one
+    or two rows on CPUs with AVX-512F, 16 codes in one permute: `gemv_isa`) and vector
     codebooks of 2 or 4 weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry); no dense weight
     is built."""
 
@@ -221,11 +223,13 @@ class LutCpuKernel:
         self.packed = layer.weight.contiguous()
         books = layer.weight_codebook.float()
         self.tables = books.reshape(layer.out_features, -1).contiguous() if self.scalar else books.contiguous()
+        self.avx512 = self.scalar and gemv_isa(self.module, self.bits, self.in_features) == "avx512"
+        self.name = "avx512-lut" if self.avx512 else "avx2-lut"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
         if self.scalar:
-            y = self.module.lut_matmul(flat, self.packed, self.tables, self.bits)
+            y = self.module.lut_matmul(flat, self.packed, self.tables, self.bits, self.avx512)
         else:
             y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

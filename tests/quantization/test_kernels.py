@@ -225,24 +225,32 @@ def test_build_kernels_builds_once_then_reports_the_cache():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits):
+@pytest.mark.parametrize(("isa", "width"), [("auto", 272), ("avx2", 272), ("auto", 264)])
+def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits, isa, width, monkeypatch):
     from hfcompress.quantization.codebook_linear import CodebookLinear
-    from hfcompress.quantization.cpu_extension import unavailable_reason
+    from hfcompress.quantization.cpu_extension import load, unavailable_reason
     from hfcompress.quantization.kernels import LUT_MAX_ROWS, LutCpuKernel
 
     if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
+    if bits == 2 and width % 16:
+        pytest.skip("2-bit codes go 16 a step: the kernel takes input sizes of a multiple of 16 only")
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", isa)
+    # 4 bits, an input size of a multiple of 16 and a CPU with AVX-512F: the AVX-512 loop for passes of 1-2 rows
+    wide = isa == "auto" and bits == 4 and width % 16 == 0 and load().has_avx512()
     generator = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 2**bits, (96, 272), generator=generator)  # 272 = 17 groups of 16: a leftover step
+    # 272 = 17 steps of 16 codes, 34 of 8: a leftover step in both loops; 264 = 33 steps of 8 only
+    codes = torch.randint(0, 2**bits, (96, width), generator=generator)
     layer = CodebookLinear.from_codes(codes, torch.randn(96, 2**bits, generator=generator), bits, torch.randn(96))
     for rows in (1, 2, 3, 4, 5, 9, LUT_MAX_ROWS, LUT_MAX_ROWS + 1):
-        x = torch.randn(2, rows, 272, generator=generator)[:1]  # a batch of one, as decoding sees it
+        x = torch.randn(2, rows, width, generator=generator)[:1]  # a batch of one, as decoding sees it
         with torch.no_grad():
             got = layer(x)
         want = F.linear(x, layer.dense_weight(torch.float32), layer.bias)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 sums in another order
         assert isinstance(layer._kernel, LutCpuKernel)
-    x = torch.randn(1, 272, requires_grad=True)  # with a gradient to carry, the dense path (the kernel has none)
+        assert layer._kernel.name == ("avx512-lut" if wide else "avx2-lut")
+    x = torch.randn(1, width, requires_grad=True)  # with a gradient to carry, the dense path (the kernel has none)
     layer(x).sum().backward()
     assert x.grad is not None
 

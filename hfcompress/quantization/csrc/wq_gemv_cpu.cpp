@@ -128,10 +128,15 @@ void gemv_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed
 constexpr int kAvx512MaxRows = 2;
 #define HFC_AVX512 __attribute__((target("avx512f")))
 
-HFC_AVX512 inline __m512 unpack16(const int32_t* words, int64_t k, __m512i spread, __m512i shifts, __m512i mask) {
-  // 16 consecutive 4-bit codes as floats: words k and k+1, each spread over 8 lanes
+HFC_AVX512 inline __m512i codes16(const int32_t* words, int64_t k, __m512i spread, __m512i shifts) {
+  // 16 consecutive 4-bit codes in the low 4 bits of each lane (higher codes above them): words k and k+1, each
+  // spread over 8 lanes
   const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + k)));
-  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, pair), shifts), mask));
+  return _mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, pair), shifts);
+}
+
+HFC_AVX512 inline __m512 unpack16(const int32_t* words, int64_t k, __m512i spread, __m512i shifts, __m512i mask) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(codes16(words, k, spread, shifts), mask));
 }
 
 template <int ROWS>
@@ -259,6 +264,54 @@ void lut_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed,
     case 3: lut_rows<BITS, 3>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end); break;
     default: lut_rows<BITS, 4>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end); break;
   }
+}
+
+// AVX-512F, 4-bit k-means: the row's 16 levels fill one register and 16 codes become 16 weights in one permute
+// (which reads only each lane's low 4 bits: no mask), against AVX2's two permutes and a blend per 8. Taken for
+// passes of one or two rows where the CPU has AVX-512F and the input size is a multiple of 16: 1.2-1.8x the AVX2
+// loop at one row, 0.9-1.6x at two, 0.86-1.12x from three (4096x4096, 11008x4096, 4096x11008; 2-core AMD EPYC).
+constexpr int kLut512MaxRows = 2;
+
+template <int ROWS>
+HFC_AVX512 void lut4_rows512(const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row,
+                             const float* tables, int64_t in, float* y, int64_t y_stride, int64_t out_begin,
+                             int64_t out_end) {
+  constexpr int NACC = ROWS == 1 ? 4 : 2;
+  const int64_t steps = in / 16;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  for (int64_t o = out_begin; o < out_end; ++o) {
+    const int32_t* words = packed + o * words_per_row;
+    const __m512 table = _mm512_loadu_ps(tables + o * 16);
+    __m512 acc[ROWS][NACC];
+    for (int r = 0; r < ROWS; ++r)
+      for (int a = 0; a < NACC; ++a) acc[r][a] = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + NACC <= steps; t += NACC) {
+      for (int a = 0; a < NACC; ++a) {
+        const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * (t + a), spread, shifts), table);
+        for (int r = 0; r < ROWS; ++r)
+          acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * (t + a)), acc[r][a]);
+      }
+    }
+    for (; t < steps; ++t) {
+      const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * t, spread, shifts), table);
+      for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * t), acc[r][0]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      __m512 sum = acc[r][0];
+      for (int a = 1; a < NACC; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+      y[r * y_stride + o] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+HFC_AVX512 void lut4_pass512(int rows, const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row,
+                             const float* tables, int64_t in, float* y, int64_t y_stride, int64_t begin, int64_t end) {
+  if (rows == 1)
+    lut4_rows512<1>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end);
+  else
+    lut4_rows512<2>(x, x_stride, packed, words_per_row, tables, in, y, y_stride, begin, end);
 }
 
 // Vector codebooks: index j of row o (IBITS bits) selects DIM consecutive weights of its book's entry,
@@ -405,7 +458,9 @@ torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 }
 
 // x: float32 [m, in] (contiguous), packed: int32 [out, in * bits / 32], tables: float32 [out, 2^bits].
-torch::Tensor lut_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor tables, int64_t bits) {
+// `avx512`: 4-bit passes of up to kLut512MaxRows rows take the AVX-512F loop where the input size is a multiple of
+// 16 (the CPU must have AVX-512F); everything else the AVX2 one.
+torch::Tensor lut_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor tables, int64_t bits, bool avx512) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
   TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
@@ -420,10 +475,13 @@ torch::Tensor lut_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor ta
   const float* tp = tables.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t words_per_row = packed.size(1);
+  TORCH_CHECK(!avx512 || cpu_has_avx512(), "the AVX-512 loop needs a CPU with AVX-512F; this one has none");
+  const bool wide = avx512 && bits == 4 && in % 16 == 0;
   for_row_passes(m, out, [&](int rows, int64_t r0, int64_t begin, int64_t end) {
     const float* xr = xp + r0 * in;
     float* yr = yp + r0 * out;
-    if (bits == 4) lut_pass<4>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+    if (wide && rows <= kLut512MaxRows) lut4_pass512(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
+    else if (bits == 4) lut_pass<4>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
     else if (bits == 2) lut_pass<2>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
     else lut_pass<8>(rows, xr, in, wp, words_per_row, tp, in, yr, out, begin, end);
   });
@@ -501,6 +559,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("avx512") = false);
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU has AVX-512F");
   m.def("wq_matmul_tiled", &wq_matmul_tiled, "weight-only 4/8-bit matmul for many rows: dequantized tiles, torch's matmul");
-  m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2)");
+  m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2; with "
+        "avx512=True 4 bits in AVX-512F)", py::arg("x"), py::arg("packed"), py::arg("tables"), py::arg("bits"),
+        py::arg("avx512") = false);
   m.def("vq_matmul", &vq_matmul, "vector-codebook (dim 2 or 4, 4/8-bit indices) matmul for a few rows (AVX2)");
 }
