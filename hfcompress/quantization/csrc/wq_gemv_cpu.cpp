@@ -1,6 +1,6 @@
 // Weight-only quantized matmuls for a few rows (decoding) on x86 CPUs with AVX2 and FMA: uniform grids
-// (`wq_matmul`, with an AVX-512F loop for 4-bit decoding), scalar k-means codebooks (`lut_matmul`) and vector codebooks
-// (`vq_matmul`).
+// (`wq_matmul`), scalar k-means codebooks (`lut_matmul`) and vector codebooks (`vq_matmul`). At 4 bits, calls of
+// one or two rows take AVX-512F loops where the CPU has it (`has_avx512`), chosen by the caller.
 //
 // y[m, o] = sum_g scale[o, g] * (sum_{j in g} x[m, j] * code[o, j]  -  zero[o, g] * sum_{j in g} x[m, j])
 //
