@@ -19,7 +19,7 @@ kernel), so its speed is the same; only the codes differ.
 
     python scripts/bench_inference.py
     python scripts/bench_inference.py --formats fp32 "w4 g128" "w4 g128 bf16-prefill" --new-tokens 0   # prompts only
-    python scripts/bench_inference.py --formats fp32 "w4 g128" "w4 g128 avx2" w8 "w8 avx2" --prefill-tokens 0
+    python scripts/bench_inference.py --formats fp32 "w4 g128" "w4 g128 avx2" kmeans4 "kmeans4 avx2" --prefill-tokens 0
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
 
 - 4 and 8 bits on an AVX2 CPU: hfcompress's own kernel (`csrc/wq_gemv_cpu.cpp`, `AvxCpuKernel`), built on
   first use; any group size that is a multiple of 8, act-order by a one-time permutation. 4-bit decoding of one
-  or two rows runs an AVX-512F loop where the CPU has it and the group size is a multiple of 16 (`gemv_isa`). Prompts multiply
-  dequantized tiles with torch's matmul: float32, or bfloat16 for bfloat16 models where the CPU has AVX-512 BF16
-  or AMX (`prefill_dtype`; HFCOMPRESS_PREFILL_DTYPE=bfloat16 asks for it for float32 models too).
+  or two rows runs an AVX-512F loop where the CPU has it and the group size is a multiple of 16 (`gemv_isa`).
+  Prompts multiply dequantized tiles with torch's matmul: float32, or bfloat16 for bfloat16 models where the CPU
+  has AVX-512 BF16 or AMX (`prefill_dtype`; HFCOMPRESS_PREFILL_DTYPE=bfloat16 asks for it for float32 models too).
 - Otherwise, 4 bits on CPU: torch's `_weight_int4pack_mm_for_cpu` (weight-only int4 with per-group scale and
   offset). Our codes are repacked once into its layout; act-order layers permute their input columns so
   each group is contiguous; per-channel layers use the largest supported group that divides the input
@@ -65,10 +65,10 @@ CPU_ISAS = ("auto", "avx2")
 
 def gemv_isa(module, bits: int, group_size: int) -> str:
     """The instruction set of the decoding loops: "avx512" for 4-bit layers whose group size (a k-means row: its
-    input size) is a multiple of 16 where the CPU has AVX-512F, else "avx2". `AvxCpuKernel` takes it for calls of
-    one or two rows (1.15-1.4x the AVX2 loop there; at more rows and at 8 bits it was not faster, so those stay
-    AVX2), `LutCpuKernel` for 4-bit k-means calls of one or two rows (1.2-1.8x at one). HFCOMPRESS_CPU_ISA=avx2 keeps the AVX2 loops everywhere (to compare
-    the two, or to rule the AVX-512 ones out)."""
+    input size) is a multiple of 16 where the CPU has AVX-512F, else "avx2". `AvxCpuKernel` and `LutCpuKernel`
+    take it for calls of one or two rows (1.15-1.4x the AVX2 loop for uniform grids, 1.2-1.8x for k-means at one
+    row; at more rows and at 8 bits it was not faster, so those stay AVX2). HFCOMPRESS_CPU_ISA=avx2 keeps the
+    AVX2 loops everywhere (to compare the two, or to rule the AVX-512 ones out)."""
     choice = os.environ.get("HFCOMPRESS_CPU_ISA", "auto")
     if choice not in CPU_ISAS:
         raise ValueError(f"HFCOMPRESS_CPU_ISA={choice!r}: expected one of {', '.join(CPU_ISAS)}")
@@ -133,9 +133,10 @@ class AvxCpuKernel:
     group size that is a multiple of 8, symmetric or asymmetric, act-order through a one-time column permutation.
     Inputs that need a gradient go through the dequantized weight (the C++ calls are not differentiable). Other
     calls of up to `GEMV_MAX_ROWS` rows read the packed codes directly (8 per 32-bit word at 4 bits) and compute
-    in float32 (4-bit calls of one or two rows 16 codes a step on CPUs with AVX-512F: `gemv_isa`); longer ones (prompts) dequantize `PREFILL_TILE` weights at a time into a buffer and multiply
-    it with torch's matmul, in `prefill_dtype` (bfloat16 for bfloat16 models on CPUs with native bfloat16 dot
-    products, float32 otherwise unless HFCOMPRESS_PREFILL_DTYPE asks for bfloat16)."""
+    in float32 (4-bit calls of one or two rows 16 codes a step on CPUs with AVX-512F: `gemv_isa`); longer ones
+    (prompts) dequantize `PREFILL_TILE` weights at a time into a buffer and multiply it with torch's matmul, in
+    `prefill_dtype` (bfloat16 for bfloat16 models on CPUs with native bfloat16 dot products, float32 otherwise
+    unless HFCOMPRESS_PREFILL_DTYPE asks for bfloat16)."""
 
     name = "avx2-wq"
 

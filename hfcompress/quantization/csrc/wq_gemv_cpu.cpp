@@ -128,15 +128,17 @@ void gemv_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed
 constexpr int kAvx512MaxRows = 2;
 #define HFC_AVX512 __attribute__((target("avx512f")))
 
-HFC_AVX512 inline __m512i codes16(const int32_t* words, int64_t k, __m512i spread, __m512i shifts) {
+HFC_AVX512 inline __m512i codes16(const int32_t* words, int64_t k) {
   // 16 consecutive 4-bit codes in the low 4 bits of each lane (higher codes above them): words k and k+1, each
-  // spread over 8 lanes
+  // spread over 8 lanes (the constants are hoisted out of the callers' loops once inlined)
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
   const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + k)));
   return _mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, pair), shifts);
 }
 
-HFC_AVX512 inline __m512 unpack16(const int32_t* words, int64_t k, __m512i spread, __m512i shifts, __m512i mask) {
-  return _mm512_cvtepi32_ps(_mm512_and_si512(codes16(words, k, spread, shifts), mask));
+HFC_AVX512 inline __m512 unpack16(const int32_t* words, int64_t k) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(codes16(words, k), _mm512_set1_epi32(15)));
 }
 
 template <int ROWS>
@@ -145,9 +147,6 @@ HFC_AVX512 void gemv4_rows512(const float* x, int64_t x_stride, const int32_t* p
                               int64_t group, float* y, int64_t y_stride, int64_t out_begin, int64_t out_end) {
   constexpr int NACC = ROWS == 1 ? 4 : 2;
   const int64_t steps = group / 16;  // 16-code steps (2 words) per group
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-  const __m512i mask = _mm512_set1_epi32(15);
   for (int64_t o = out_begin; o < out_end; ++o) {
     const int32_t* row = packed + o * words_per_row;
     __m512 total[ROWS];
@@ -165,13 +164,13 @@ HFC_AVX512 void gemv4_rows512(const float* x, int64_t x_stride, const int32_t* p
       int64_t t = 0;
       for (; t + NACC <= steps; t += NACC) {
         for (int a = 0; a < NACC; ++a) {
-          const __m512 w = unpack16(words, (t + a) * 2, spread, shifts, mask);
+          const __m512 w = unpack16(words, (t + a) * 2);
           for (int r = 0; r < ROWS; ++r)
             acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xg + r * x_stride + 16 * (t + a)), acc[r][a]);
         }
       }
       for (; t < steps; ++t) {
-        const __m512 w = unpack16(words, t * 2, spread, shifts, mask);
+        const __m512 w = unpack16(words, t * 2);
         for (int r = 0; r < ROWS; ++r)
           acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xg + r * x_stride + 16 * t), acc[r][0]);
       }
@@ -278,8 +277,6 @@ HFC_AVX512 void lut4_rows512(const float* x, int64_t x_stride, const int32_t* pa
                              int64_t out_end) {
   constexpr int NACC = ROWS == 1 ? 4 : 2;
   const int64_t steps = in / 16;
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
   for (int64_t o = out_begin; o < out_end; ++o) {
     const int32_t* words = packed + o * words_per_row;
     const __m512 table = _mm512_loadu_ps(tables + o * 16);
@@ -289,13 +286,13 @@ HFC_AVX512 void lut4_rows512(const float* x, int64_t x_stride, const int32_t* pa
     int64_t t = 0;
     for (; t + NACC <= steps; t += NACC) {
       for (int a = 0; a < NACC; ++a) {
-        const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * (t + a), spread, shifts), table);
+        const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * (t + a)), table);
         for (int r = 0; r < ROWS; ++r)
           acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * (t + a)), acc[r][a]);
       }
     }
     for (; t < steps; ++t) {
-      const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * t, spread, shifts), table);
+      const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * t), table);
       for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * t), acc[r][0]);
     }
     for (int r = 0; r < ROWS; ++r) {
