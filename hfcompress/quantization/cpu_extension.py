@@ -1,5 +1,5 @@
-"""The AVX2 weight-only matmul (`csrc/wq_gemv_cpu.cpp`, with AVX-512F loops for 4-bit decoding that run only where
-the CPU has AVX-512F), compiled on first use with torch's C++ extension builder. Without a compiler, on a CPU
+"""The AVX2 weight-only matmul (`csrc/wq_gemv_cpu.cpp`, with AVX-512F loops for 4-bit and 2-weight vector codebook
+decoding that run only where the CPU has AVX-512F), compiled on first use with torch's C++ extension builder. Without a compiler, on a CPU
 without AVX2, or with HFCOMPRESS_CPU_KERNELS=0, `load()` returns None and layers dequantize instead.
 
 The build is cached in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) under a name keyed by everything

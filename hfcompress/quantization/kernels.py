@@ -20,7 +20,8 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
 
 Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-
 or 8-bit index) read their codes and books directly on an AVX2 CPU for calls of up to `LUT_MAX_ROWS` rows
-(`LutCpuKernel`); other calls rebuild the dense weight.
+(`LutCpuKernel`; 4-bit k-means rows and books of 2 weights per 4-bit index in AVX-512F where the CPU has it);
+other calls rebuild the dense weight.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ CPU_ISAS = ("auto", "avx2")
 
 
 def gemv_isa(module, bits: int, group_size: int) -> str:
-    """The instruction set of the decoding loops: "avx512" for 4-bit layers whose group size (a k-means row: its
+    """The instruction set of the decoding loops: "avx512" for 4-bit layers whose group size (a codebook layer: its
     input size) is a multiple of 16 where the CPU has AVX-512F, else "avx2". `AvxCpuKernel` and `LutCpuKernel`
     take it for calls of one or two rows (1.15-1.4x the AVX2 loop for uniform grids, 1.2-1.8x for k-means at one
-    row; at more rows and at 8 bits it was not faster, so those stay AVX2). HFCOMPRESS_CPU_ISA=avx2 keeps the
-    AVX2 loops everywhere (to compare the two, or to rule the AVX-512 ones out)."""
+    row; at more rows and at 8 bits it was not faster, so those stay AVX2); for vector codebooks of 2 weights per
+    4-bit index, passes of up to four rows (3.6x at one row, 1.6x at four). HFCOMPRESS_CPU_ISA=avx2 keeps the AVX2
+    loops everywhere (to compare the two, or to rule the AVX-512 ones out)."""
     choice = os.environ.get("HFCOMPRESS_CPU_ISA", "auto")
     if choice not in CPU_ISAS:
         raise ValueError(f"HFCOMPRESS_CPU_ISA={choice!r}: expected one of {', '.join(CPU_ISAS)}")
@@ -197,9 +199,9 @@ class AvxCpuKernel:
 class LutCpuKernel:
     """hfcompress's own matmul for codebook layers (`csrc/wq_gemv_cpu.cpp`): scalar k-means (`lut_matmul`: each
     group of 8 codes becomes 8 weights by looking them up in the row's table held in registers; 4-bit calls of one
-    or two rows on CPUs with AVX-512F, 16 codes in one permute: `gemv_isa`) and vector
-    codebooks of 2 or 4 weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry); no dense weight
-    is built."""
+    or two rows on CPUs with AVX-512F, 16 codes in one permute: `gemv_isa`) and vector codebooks of 2 or 4
+    weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry; 2 weights per 4-bit index from the book
+    held in registers, in AVX-512F 16 weights by one permute); no dense weight is built."""
 
     name = "avx2-lut"
 
@@ -224,7 +226,9 @@ class LutCpuKernel:
         self.packed = layer.weight.contiguous()
         books = layer.weight_codebook.float()
         self.tables = books.reshape(layer.out_features, -1).contiguous() if self.scalar else books.contiguous()
-        self.avx512 = self.scalar and gemv_isa(self.module, self.bits, self.in_features) == "avx512"
+        # AVX-512 loops: 4-bit k-means rows, and books of 2 weights per 4-bit index
+        bits = self.bits if self.scalar else self.index_bits if self.dim == 2 else 0
+        self.avx512 = gemv_isa(self.module, bits, self.in_features) == "avx512"
         self.name = "avx512-lut" if self.avx512 else "avx2-lut"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +236,7 @@ class LutCpuKernel:
         if self.scalar:
             y = self.module.lut_matmul(flat, self.packed, self.tables, self.bits, self.avx512)
         else:
-            y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits)
+            y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits, self.avx512)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 

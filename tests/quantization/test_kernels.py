@@ -256,24 +256,30 @@ def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits, isa, wi
 
 
 @pytest.mark.parametrize(("bits", "dim", "books"), [(2, 2, 1), (4, 2, 3), (1, 4, 2), (2, 4, 96)])
-def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim, books):
+@pytest.mark.parametrize(("isa", "width"), [("auto", 272), ("avx2", 272), ("auto", 264)])
+def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim, books, isa, width, monkeypatch):
     from hfcompress.quantization.codebook_linear import CodebookLinear
-    from hfcompress.quantization.cpu_extension import unavailable_reason
-    from hfcompress.quantization.kernels import LutCpuKernel
+    from hfcompress.quantization.cpu_extension import load, unavailable_reason
+    from hfcompress.quantization.kernels import LUT_MAX_ROWS, LutCpuKernel
 
     if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", isa)
+    # 2 weights per 4-bit index, an input size of a multiple of 16 and a CPU with AVX-512F: the AVX-512 loop
+    wide = isa == "auto" and dim == 2 and bits * dim == 4 and width % 16 == 0 and load().has_avx512()
     generator = torch.Generator().manual_seed(bits * dim)
-    codes = torch.randint(0, 2 ** (bits * dim), (96, 264 // dim), generator=generator)
+    # 272 = 17 words of 8 pairs: a leftover step after the AVX-512 loop's unrolled ones; 264: the AVX2 loop only
+    codes = torch.randint(0, 2 ** (bits * dim), (96, width // dim), generator=generator)
     layer = CodebookLinear.from_codes(
         codes, torch.randn(books, 2 ** (bits * dim), dim, generator=generator), bits, None
     )
-    for rows in (1, 4, 7):
-        x = torch.randn(rows, 264, generator=generator)
+    for rows in (1, 2, 3, 4, 7, LUT_MAX_ROWS):  # passes of 4 rows, then of 1-3
+        x = torch.randn(rows, width, generator=generator)
         with torch.no_grad():
             got = layer(x)
         torch.testing.assert_close(got, F.linear(x, layer.dense_weight(torch.float32)), rtol=1e-4, atol=1e-4)
         assert isinstance(layer._kernel, LutCpuKernel)
+        assert layer._kernel.name == ("avx512-lut" if wide else "avx2-lut")
 
 
 def test_codebooks_the_kernels_do_not_cover_rebuild_the_dense_weight():
