@@ -4,7 +4,9 @@ For each shape (out x in) and batch M: median time of >= --runs calls, and its r
 (fp32 `nn.Linear` on CPU, bf16 cuBLAS on CUDA). CPU rows: w4 g128 and w8 per-channel through the kernel
 `select_kernel` picks (hfcompress's AVX2 kernel where it builds; where the CPU has AVX-512F, 4-bit calls of one
 or two rows take its AVX-512 loop, and at M = 1 the AVX2 loop is timed beside it), torch's own int4pack op on
-the same codes (the peer, up to 4 rows) and the dequantize-then-matmul fallback. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
+the same codes (the peer, up to 4 rows) and the dequantize-then-matmul fallback; codebook layers (random codes)
+through `LutCpuKernel` at M <= 16, 4-bit k-means ("kmeans4") and 2 weights per 4-bit index ("vq2x2"), with the
+AVX2 loop beside the AVX-512 one where the CPU has it. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
 kernel (tinygemm, the peer) and the fallback. Every kernel is first checked against dequantize-then-matmul.
 
     python scripts/bench_kernels.py                 # CPU, the issue's shapes
@@ -24,8 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from hfcompress.hub.record import hardware_description
+from hfcompress.quantization.codebook_linear import CodebookLinear
 from hfcompress.quantization.grid import rtn_quantize
-from hfcompress.quantization.kernels import AvxCpuKernel, DequantizeKernel, Int4CpuKernel, select_kernel
+from hfcompress.quantization.kernels import (
+    LUT_MAX_ROWS,
+    AvxCpuKernel,
+    DequantizeKernel,
+    Int4CpuKernel,
+    LutCpuKernel,
+    select_codebook_kernel,
+    select_kernel,
+)
 from hfcompress.quantization.modules import QuantLinear
 
 
@@ -47,6 +58,21 @@ def timer(fn, runs, device):
 def quant_layer(weight, bits, group_size, sym=False):
     q = rtn_quantize(weight, bits, group_size, sym)
     return QuantLinear.from_quantized(q, group_size, sym, False)
+
+
+def codebook_layer(out_features, in_features, dim):
+    """Random codes and books: 4-bit k-means levels per row (dim 1), or one book of 2 weights per 4-bit index."""
+    bits = 4 if dim == 1 else 2
+    codes = torch.randint(0, 2 ** (bits * dim), (out_features, in_features // dim))
+    books = torch.randn(out_features, 2**bits) if dim == 1 else torch.randn(1, 2 ** (bits * dim), dim)
+    return CodebookLinear.from_codes(codes, books * 0.02, bits, None)
+
+
+def kernel_and_weight(layer, device, dtype):
+    """The kernel the layer would pick, and the dense weight it must agree with."""
+    if isinstance(layer, CodebookLinear):
+        return select_codebook_kernel(layer, device, dtype), layer.dense_weight(torch.float32)
+    return select_kernel(layer, device, dtype), layer.dequantize_weight(torch.float32)
 
 
 def tinygemm(layer, x):
@@ -91,21 +117,29 @@ def main():
         variants = {"w4 g128": quant_layer(weight, 4, 128)}
         if device.type == "cpu":
             variants["w8 per-channel"] = quant_layer(weight, 8, -1, sym=True)
+            variants["kmeans4"] = codebook_layer(out_features, in_features, 1)
+            variants["vq2x2"] = codebook_layer(out_features, in_features, 2)
         for m in batches:
             x = torch.randn(m, in_features, device=device, dtype=dtype)
             base = timer(partial(F.linear, x, dense), args.runs, device)
             rows = [("dense", base)]
             for label, layer in variants.items():
+                codebook = isinstance(layer, CodebookLinear)
+                if codebook and m > LUT_MAX_ROWS:  # such calls rebuild the dense weight: no kernel to time
+                    continue
                 layer = layer.to(device)
-                kernel = select_kernel(layer, device, dtype)
-                expected = F.linear(x.float(), layer.dequantize_weight(torch.float32))
+                kernel, weight_used = kernel_and_weight(layer, device, dtype)
+                if kernel is None:
+                    continue
+                expected = F.linear(x.float(), weight_used)
                 err = (kernel(x).float() - expected).abs().max().item() / expected.abs().max().item()
                 if err > (1e-4 if dtype == torch.float32 else 0.02):
                     raise SystemExit(f"{label} {kernel.name} disagrees with dequantize-then-matmul: {err:.3g}")
                 rows.append((f"{label} {kernel.name}", timer(partial(kernel, x), args.runs, device)))
-                if kernel.name == "avx512-wq" and m == 1:  # the AVX2 loop on the same codes
+                # the AVX2 loop on the same codes, where the AVX-512 one serves these rows
+                if kernel.name.startswith("avx512") and (m == 1 or codebook):
                     os.environ["HFCOMPRESS_CPU_ISA"] = "avx2"
-                    avx2 = AvxCpuKernel(layer, dtype)
+                    avx2 = LutCpuKernel(layer, dtype) if codebook else AvxCpuKernel(layer, dtype)
                     del os.environ["HFCOMPRESS_CPU_ISA"]
                     rows.append((f"{label} {avx2.name}", timer(partial(avx2, x), args.runs, device)))
                 if device.type == "cpu" and label == "w4 g128" and m <= 4:

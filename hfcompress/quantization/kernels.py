@@ -21,7 +21,8 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
 Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-
 or 8-bit index) read their codes and books directly on an AVX2 CPU for calls of up to `LUT_MAX_ROWS` rows
 (`LutCpuKernel`; 4-bit k-means rows and books of 2 weights per 4-bit index in AVX-512F where the CPU has it);
-other calls rebuild the dense weight.
+longer float32 calls (prompts) decode a tile of rows at a time into a buffer for torch's matmul, and everything
+else (other dtypes, calls that need a gradient) rebuilds the dense weight.
 """
 
 from __future__ import annotations
@@ -201,7 +202,9 @@ class LutCpuKernel:
     group of 8 codes becomes 8 weights by looking them up in the row's table held in registers; 4-bit calls of one
     or two rows on CPUs with AVX-512F, 16 codes in one permute: `gemv_isa`) and vector codebooks of 2 or 4
     weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry; 2 weights per 4-bit index from the book
-    held in registers, in AVX-512F 16 weights by one permute); no dense weight is built."""
+    held in registers, in AVX-512F 16 weights by one permute); no dense weight is built. Calls of more than
+    `LUT_MAX_ROWS` rows (prompts) decode `PREFILL_TILE` weights at a time into a float32 buffer and multiply it with
+    torch's matmul (`codebook_matmul_tiled`)."""
 
     name = "avx2-lut"
 
@@ -226,6 +229,7 @@ class LutCpuKernel:
         self.packed = layer.weight.contiguous()
         books = layer.weight_codebook.float()
         self.tables = books.reshape(layer.out_features, -1).contiguous() if self.scalar else books.contiguous()
+        self.books = self.tables.view(layer.out_features, -1, 1) if self.scalar else self.tables  # [books, 2^bits, dim]
         # AVX-512 loops: 4-bit k-means rows, and books of 2 weights per 4-bit index
         bits = self.bits if self.scalar else self.index_bits if self.dim == 2 else 0
         self.avx512 = gemv_isa(self.module, bits, self.in_features) == "avx512"
@@ -233,7 +237,10 @@ class LutCpuKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        if self.scalar:
+        if flat.shape[0] > LUT_MAX_ROWS:  # a prompt: decoded tiles of PREFILL_TILE weights, torch's matmul
+            tile = max(1, PREFILL_TILE // self.in_features)
+            y = self.module.codebook_matmul_tiled(flat, self.packed, self.books, self.dim, self.index_bits, tile)
+        elif self.scalar:
             y = self.module.lut_matmul(flat, self.packed, self.tables, self.bits, self.avx512)
         else:
             y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits, self.avx512)

@@ -227,6 +227,7 @@ def test_build_kernels_builds_once_then_reports_the_cache():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("isa", "width"), [("auto", 272), ("avx2", 272), ("auto", 264)])
 def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits, isa, width, monkeypatch):
+    from hfcompress.quantization import kernels
     from hfcompress.quantization.codebook_linear import CodebookLinear
     from hfcompress.quantization.cpu_extension import load, unavailable_reason
     from hfcompress.quantization.kernels import LUT_MAX_ROWS, LutCpuKernel
@@ -242,7 +243,11 @@ def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits, isa, wi
     # 272 = 17 steps of 16 codes, 34 of 8: a leftover step in both loops; 264 = 33 steps of 8 only
     codes = torch.randint(0, 2**bits, (96, width), generator=generator)
     layer = CodebookLinear.from_codes(codes, torch.randn(96, 2**bits, generator=generator), bits, torch.randn(96))
-    for rows in (1, 2, 3, 4, 5, 9, LUT_MAX_ROWS, LUT_MAX_ROWS + 1):
+    # up to LUT_MAX_ROWS the loops; more (prompts) decoded tiles: one holding every row, then tiles of 40 of the 96
+    for rows, tile in [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (9, 0), (LUT_MAX_ROWS, 0), (LUT_MAX_ROWS + 1, 0),
+                       (LUT_MAX_ROWS + 1, 40), (70, 40)]:  # fmt: skip
+        if tile:
+            monkeypatch.setattr(kernels, "PREFILL_TILE", tile * width)
         x = torch.randn(2, rows, width, generator=generator)[:1]  # a batch of one, as decoding sees it
         with torch.no_grad():
             got = layer(x)
@@ -258,6 +263,7 @@ def test_the_kmeans_table_kernel_computes_the_dense_weights_matmul(bits, isa, wi
 @pytest.mark.parametrize(("bits", "dim", "books"), [(2, 2, 1), (4, 2, 3), (1, 4, 2), (2, 4, 96)])
 @pytest.mark.parametrize(("isa", "width"), [("auto", 272), ("avx2", 272), ("auto", 264)])
 def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim, books, isa, width, monkeypatch):
+    from hfcompress.quantization import kernels
     from hfcompress.quantization.codebook_linear import CodebookLinear
     from hfcompress.quantization.cpu_extension import load, unavailable_reason
     from hfcompress.quantization.kernels import LUT_MAX_ROWS, LutCpuKernel
@@ -273,7 +279,9 @@ def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim,
     layer = CodebookLinear.from_codes(
         codes, torch.randn(books, 2 ** (bits * dim), dim, generator=generator), bits, None
     )
-    for rows in (1, 2, 3, 4, 7, LUT_MAX_ROWS):  # passes of 4 rows, then of 1-3
+    for rows, tile in [(1, 0), (2, 0), (3, 0), (4, 0), (7, 0), (LUT_MAX_ROWS, 0), (LUT_MAX_ROWS + 1, 0), (33, 40)]:
+        if tile:  # a prompt in decoded tiles of 40 of the 96 rows (without: one tile of every row)
+            monkeypatch.setattr(kernels, "PREFILL_TILE", tile * width)
         x = torch.randn(rows, width, generator=generator)
         with torch.no_grad():
             got = layer(x)

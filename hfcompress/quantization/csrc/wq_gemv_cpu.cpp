@@ -1,7 +1,8 @@
 // Weight-only quantized matmuls for a few rows (decoding) on x86 CPUs with AVX2 and FMA: uniform grids
 // (`wq_matmul`), scalar k-means codebooks (`lut_matmul`) and vector codebooks (`vq_matmul`). At 4 bits, calls of
 // one or two rows take AVX-512F loops where the CPU has it (`has_avx512`), chosen by the caller; so do passes of up
-// to four rows of vector codebooks of 2 weights per 4-bit index.
+// to four rows of vector codebooks of 2 weights per 4-bit index. Prompts (many rows) multiply tiles of decoded
+// weights with torch's matmul (`wq_matmul_tiled`, `codebook_matmul_tiled`).
 //
 // y[m, o] = sum_g scale[o, g] * (sum_{j in g} x[m, j] * code[o, j]  -  zero[o, g] * sum_{j in g} x[m, j])
 //
@@ -455,6 +456,39 @@ HFC_AVX512 void vq2_pass512(int rows, const float* x, int64_t x_stride, const in
   }
 }
 
+// Codebook rows [begin, end) as float32 weights (for prompts): index j of row o (IBITS bits, LSB first) becomes the
+// DIM floats of its entry in row o's book (scalar k-means: a book per row, DIM 1).
+template <int DIM, int IBITS>
+void decode_codebook_rows(const int32_t* packed, int64_t words_per_row, const float* books, int64_t rows_per_book,
+                          int64_t in, float* dst, int64_t begin, int64_t end) {
+  constexpr int kPerWord = 32 / IBITS;
+  constexpr uint32_t kMask = (1u << IBITS) - 1;
+  const int64_t indices = in / DIM;
+  for (int64_t o = begin; o < end; ++o) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(packed + o * words_per_row);
+    const float* book = books + (o / rows_per_book) * (int64_t(1) << IBITS) * DIM;
+    float* w = dst + (o - begin) * in;
+    if constexpr (IBITS == 4 && DIM <= 2) {  // 8 weights a step by the decoding loops' lookups in registers
+      if (in % 8 == 0) {
+        Book32 registers;
+        for (int k = 0; k < 2 * DIM; ++k) registers.r[k] = _mm256_loadu_ps(book + 8 * k);
+        for (int64_t t = 0; t < in / 8; ++t)
+          store8(w + 8 * t, DIM == 1 ? lookup8<4>(packed + o * words_per_row, t, book, registers.r[0], registers.r[1])
+                                     : pairs8(packed + o * words_per_row, t, registers));
+        continue;
+      }
+    }
+    for (int64_t j0 = 0; j0 < indices; j0 += kPerWord) {
+      uint32_t word = words[j0 / kPerWord];
+      const int64_t n = std::min<int64_t>(kPerWord, indices - j0);
+      for (int64_t j = 0; j < n; ++j, word >>= IBITS) {
+        const float* entry = book + (word & kMask) * DIM;
+        for (int d = 0; d < DIM; ++d) w[(j0 + j) * DIM + d] = entry[d];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Split the outputs across threads; each thread runs `pass(rows, r0, begin, end)` over the input rows, at most
@@ -577,6 +611,53 @@ torch::Tensor vq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor boo
   return y;
 }
 
+// Many rows (prompts) of a codebook layer: decode `tile` output rows at a time into a float32 buffer and multiply
+// by torch's matmul (oneDNN/MKL); the dense weight never exists whole. x: float32 [m, in]; packed and books as for
+// `vq_matmul` (scalar k-means: books [out, 2^bits, 1], dim 1).
+torch::Tensor codebook_matmul_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor books, int64_t dim,
+                                    int64_t index_bits, int64_t tile) {
+  TORCH_CHECK((dim == 1 || dim == 2 || dim == 4) && (index_bits == 2 || index_bits == 4 || index_bits == 8),
+              "dim 1, 2 or 4 with 2-, 4- or 8-bit indices, got dim ", dim, " and ", index_bits, "-bit indices");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [m, in]");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
+  TORCH_CHECK(tile > 0, "tile must be positive, got ", tile);
+  const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
+  TORCH_CHECK(in % dim == 0 && packed.size(1) == ((in / dim) * index_bits + 31) / 32,
+              "packed width does not match the input size");
+  TORCH_CHECK(books.scalar_type() == torch::kFloat32 && books.is_contiguous() && books.dim() == 3 &&
+              books.size(1) == (int64_t(1) << index_bits) && books.size(2) == dim && out % books.size(0) == 0,
+              "books must be contiguous float32 [n_books, 2^index_bits, dim] with n_books dividing the rows");
+  const int64_t rows_per_book = out / books.size(0), words_per_row = packed.size(1);
+  const int32_t* wp = packed.data_ptr<int32_t>();
+  const float* bp = books.data_ptr<float>();
+  auto y = torch::empty({m, out}, x.options());
+  auto buffer = torch::empty({std::min(tile, out), in}, x.options());
+  for (int64_t o0 = 0; o0 < out; o0 += tile) {
+    const int64_t rows = std::min(tile, out - o0);
+    auto w = buffer.narrow(0, 0, rows);
+    float* wd = w.data_ptr<float>();
+    at::parallel_for(o0, o0 + rows, 8, [&](int64_t begin, int64_t end) {
+      float* dst = wd + (begin - o0) * in;
+      auto run = [&](auto decode) { decode(wp, words_per_row, bp, rows_per_book, in, dst, begin, end); };
+      const int64_t kind = dim * 16 + index_bits;
+      switch (kind) {
+        case 16 + 2: run(decode_codebook_rows<1, 2>); break;
+        case 16 + 4: run(decode_codebook_rows<1, 4>); break;
+        case 16 + 8: run(decode_codebook_rows<1, 8>); break;
+        case 32 + 2: run(decode_codebook_rows<2, 2>); break;
+        case 32 + 4: run(decode_codebook_rows<2, 4>); break;
+        case 32 + 8: run(decode_codebook_rows<2, 8>); break;
+        case 64 + 2: run(decode_codebook_rows<4, 2>); break;
+        case 64 + 4: run(decode_codebook_rows<4, 4>); break;
+        default: run(decode_codebook_rows<4, 8>); break;
+      }
+    });
+    if (rows == out) at::mm_out(y, x, w.t());  // one tile: straight into the result
+    else y.narrow(1, o0, rows).copy_(at::mm(x, w.t()));
+  }
+  return y;
+}
+
 // Many rows (prompts): dequantize `tile` output rows at a time into a buffer of x's dtype (float32, or bfloat16
 // where the CPU multiplies it natively) and multiply by torch's matmul (oneDNN/MKL). The dense weight never
 // exists whole; the result is float32.
@@ -621,6 +702,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2; with "
         "avx512=True 4 bits in AVX-512F)", py::arg("x"), py::arg("packed"), py::arg("tables"), py::arg("bits"),
         py::arg("avx512") = false);
+  m.def("codebook_matmul_tiled", &codebook_matmul_tiled, "codebook (k-means or vector) matmul for many rows: decoded "
+        "tiles, torch's matmul");
   m.def("vq_matmul", &vq_matmul, "vector-codebook (dim 2 or 4, 4/8-bit indices) matmul for a few rows (AVX2; with "
         "avx512=True dim 2 with 4-bit indices in AVX-512F)", py::arg("x"), py::arg("packed"), py::arg("books"),
         py::arg("dim"), py::arg("index_bits"), py::arg("avx512") = false);
