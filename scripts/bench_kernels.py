@@ -5,8 +5,9 @@ For each shape (out x in) and batch M: median time of >= --runs calls, and its r
 `select_kernel` picks (hfcompress's AVX2 kernel where it builds; where the CPU has AVX-512F, 4-bit calls of one
 or two rows take its AVX-512 loop, and at M = 1 the AVX2 loop is timed beside it), torch's own int4pack op on
 the same codes (the peer, up to 4 rows) and the dequantize-then-matmul fallback; codebook layers (random codes)
-through `LutCpuKernel` at M <= 16, 4-bit k-means ("kmeans4") and 2 weights per 4-bit index ("vq2x2"), with the
-AVX2 loop beside the AVX-512 one where the CPU has it. CUDA rows: w4 g128 through the Triton kernel, torch's own int4
+through `LutCpuKernel`, 4-bit k-means ("kmeans4") and 2 weights per 4-bit index ("vq2x2"): its loops up to 16 rows,
+with the AVX2 loop beside the AVX-512 one where the CPU has it, and its decoded tiles beyond (beside the dense
+weight rebuilt for the call, what such calls did before). CUDA rows: w4 g128 through the Triton kernel, torch's own int4
 kernel (tinygemm, the peer) and the fallback. Every kernel is first checked against dequantize-then-matmul.
 
     python scripts/bench_kernels.py                 # CPU, the shapes
@@ -96,6 +97,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--batches", type=int, nargs="+", help="rows per call (default: 1 16 on CUDA, 1 8 32 on CPU)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
@@ -107,6 +109,7 @@ def main():
     else:
         shapes, batches, dtype = [(4096, 4096), (11008, 4096), (4096, 11008)], [1, 8, 32], torch.float32
         name = f"CPU, {torch.get_num_threads()} threads"
+    batches = args.batches or batches
     print(f"device: {name}; dtype {dtype}; median of {args.runs} runs\n")
     print("| out x in | M | dense ms | kernel | ms | speed-up vs dense |")
     print("|---|---|---|---|---|---|")
@@ -125,8 +128,6 @@ def main():
             rows = [("dense", base)]
             for label, layer in variants.items():
                 codebook = isinstance(layer, CodebookLinear)
-                if codebook and m > LUT_MAX_ROWS:  # such calls rebuild the dense weight: no kernel to time
-                    continue
                 layer = layer.to(device)
                 kernel, weight_used = kernel_and_weight(layer, device, dtype)
                 if kernel is None:
@@ -137,11 +138,14 @@ def main():
                     raise SystemExit(f"{label} {kernel.name} disagrees with dequantize-then-matmul: {err:.3g}")
                 rows.append((f"{label} {kernel.name}", timer(partial(kernel, x), args.runs, device)))
                 # the AVX2 loop on the same codes, where the AVX-512 one serves these rows
-                if kernel.name.startswith("avx512") and (m == 1 or codebook):
+                if kernel.name.startswith("avx512") and (m == 1 or (codebook and m <= LUT_MAX_ROWS)):
                     os.environ["HFCOMPRESS_CPU_ISA"] = "avx2"
                     avx2 = LutCpuKernel(layer, dtype) if codebook else AvxCpuKernel(layer, dtype)
                     del os.environ["HFCOMPRESS_CPU_ISA"]
                     rows.append((f"{label} {avx2.name}", timer(partial(avx2, x), args.runs, device)))
+                if codebook and m > LUT_MAX_ROWS:  # what such calls did before the tiles: rebuild, then matmul
+                    rebuild = lambda x=x, layer=layer: F.linear(x, layer.dense_weight(torch.float32))  # noqa: E731
+                    rows.append((f"{label} dense rebuild", timer(rebuild, max(10, args.runs // 5), device)))
                 if device.type == "cpu" and label == "w4 g128" and m <= 4:
                     peer = Int4CpuKernel(layer, dtype)  # torch's own fused int4 op, the peer
                     rows.append((f"{label} torch int4pack (peer)", timer(partial(peer, x), args.runs, device)))
