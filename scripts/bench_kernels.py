@@ -5,7 +5,7 @@ For each shape (out x in) and batch M: median time of >= --runs calls, and its r
 `select_kernel` picks (hfcompress's AVX2 kernel where it builds; where the CPU has AVX-512F, 4-bit calls of one
 or two rows take its AVX-512 loop, and at M = 1 the AVX2 loop is timed beside it), torch's own int4pack op on
 the same codes (the peer, up to 4 rows) and the dequantize-then-matmul fallback; codebook layers (random codes)
-through `LutCpuKernel`, 4-bit k-means ("kmeans4") and 2 weights per 4-bit index ("vq2x2"): its loops up to 16 rows,
+through `LutCpuKernel`, 4-bit k-means ("kmeans4") and 2 weights per 4-bit index ("vq2x2"): its loops up to 32 rows,
 with the AVX2 loop beside the AVX-512 one where the CPU has it, and its decoded tiles beyond (beside the dense
 weight rebuilt for the call, what such calls did before). CUDA rows: w4 g128 through the Triton kernel, torch's own int4
 kernel (tinygemm, the peer) and the fallback. Every kernel is first checked against dequantize-then-matmul.
