@@ -57,8 +57,10 @@ _logged: set[tuple[str, str]] = set()
 
 INT4_GROUPS = (256, 128, 64, 32)
 # codebook loops up to this many rows, decoded tiles and torch's matmul beyond: measured on 4096x4096, 11008x4096
-# and 4096x11008 (2 AMD EPYC cores), the loops took 0.44-0.98x the tiles' time at 32 rows, 0.64-1.23x at 48
+# and 4096x11008 (2 AMD EPYC cores), the loops took 0.44-0.98x the tiles' time at 32 rows, 0.64-1.23x at 48; the
+# AVX2 loop of 2-weight books (no AVX-512F) took 0.66-1.14x at 24 rows, 0.74-1.29x at 32, so it stops at 16
 LUT_MAX_ROWS = 32
+VQ_AVX2_MAX_ROWS = 16
 # calls of more rows (prompts, big batches) go through dequantized tiles and torch's matmul: measured on 4096x4096
 # and 1024x1024 (2 AMD EPYC cores), the tiles win from 12 rows in bfloat16 (3.9 vs 4.1 ms), 24 in float32
 GEMV_MAX_ROWS = {torch.bfloat16: 10, torch.float32: 16}
@@ -205,8 +207,9 @@ class LutCpuKernel:
     or two rows on CPUs with AVX-512F, 16 codes in one permute: `gemv_isa`) and vector codebooks of 2 or 4
     weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry; 2 weights per 4-bit index from the book
     held in registers, in AVX-512F 16 weights by one permute); no dense weight is built. Calls of more than
-    `LUT_MAX_ROWS` rows (prompts) decode `PREFILL_TILE` weights at a time into a float32 buffer and multiply it with
-    torch's matmul (`codebook_matmul_tiled`)."""
+    `max_rows` rows (prompts; `LUT_MAX_ROWS`, or `VQ_AVX2_MAX_ROWS` for vector books without an AVX-512 loop)
+    decode `PREFILL_TILE` weights at a time into a float32 buffer and multiply it with torch's matmul
+    (`codebook_matmul_tiled`)."""
 
     name = "avx2-lut"
 
@@ -236,10 +239,11 @@ class LutCpuKernel:
         bits = self.bits if self.scalar else self.index_bits if self.dim == 2 else 0
         self.avx512 = gemv_isa(self.module, bits, self.in_features) == "avx512"
         self.name = "avx512-lut" if self.avx512 else "avx2-lut"
+        self.max_rows = LUT_MAX_ROWS if self.scalar or self.avx512 else VQ_AVX2_MAX_ROWS  # then decoded tiles
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        if flat.shape[0] > LUT_MAX_ROWS:  # a prompt: decoded tiles of PREFILL_TILE weights, torch's matmul
+        if flat.shape[0] > self.max_rows:  # a prompt: decoded tiles of PREFILL_TILE weights, torch's matmul
             tile = max(1, PREFILL_TILE // self.in_features)
             y = self.module.codebook_matmul_tiled(flat, self.packed, self.books, self.dim, self.index_bits, tile)
         elif self.scalar:

@@ -266,7 +266,7 @@ def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim,
     from hfcompress.quantization import kernels
     from hfcompress.quantization.codebook_linear import CodebookLinear
     from hfcompress.quantization.cpu_extension import load, unavailable_reason
-    from hfcompress.quantization.kernels import LUT_MAX_ROWS, LutCpuKernel
+    from hfcompress.quantization.kernels import LUT_MAX_ROWS, VQ_AVX2_MAX_ROWS, LutCpuKernel
 
     if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
@@ -279,7 +279,8 @@ def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim,
     layer = CodebookLinear.from_codes(
         codes, torch.randn(books, 2 ** (bits * dim), dim, generator=generator), bits, None
     )
-    for rows, tile in [(1, 0), (2, 0), (3, 0), (4, 0), (7, 0), (LUT_MAX_ROWS, 0), (LUT_MAX_ROWS + 1, 0), (33, 40)]:
+    limits = (VQ_AVX2_MAX_ROWS, VQ_AVX2_MAX_ROWS + 1, LUT_MAX_ROWS, LUT_MAX_ROWS + 1)  # loops, then tiles (either loop)
+    for rows, tile in [(1, 0), (2, 0), (3, 0), (4, 0), (7, 0), *((rows, 0) for rows in limits), (33, 40)]:
         if tile:  # a prompt in decoded tiles of 40 of the 96 rows (without: one tile of every row)
             monkeypatch.setattr(kernels, "PREFILL_TILE", tile * width)
         x = torch.randn(rows, width, generator=generator)
@@ -288,6 +289,7 @@ def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim,
         torch.testing.assert_close(got, F.linear(x, layer.dense_weight(torch.float32)), rtol=1e-4, atol=1e-4)
         assert isinstance(layer._kernel, LutCpuKernel)
         assert layer._kernel.name == ("avx512-lut" if wide else "avx2-lut")
+        assert layer._kernel.max_rows == (LUT_MAX_ROWS if wide else VQ_AVX2_MAX_ROWS)  # the AVX2 loop stops sooner
 
 
 def test_codebooks_the_kernels_do_not_cover_rebuild_the_dense_weight():
