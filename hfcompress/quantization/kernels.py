@@ -16,6 +16,7 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
   asymmetric zero points.
 - 4 bits on CUDA with fp16/bf16 inputs: the experimental Triton kernel (`hfcompress/experimental/triton_w4.py`),
   only with HFCOMPRESS_EXPERIMENTAL_TRITON=1 (not yet verified on a GPU).
+- (torch's ops and the Triton kernel are wrapped in `wrapped_kernels.py`; this module chooses among them all.)
 - Anything else: dequantize the layer's weight for the call, then `F.linear` (no dense copy is kept).
 
 Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from ..core.packing import pack_codes
 from ..core.precision import matmuls_must_be_exact
 from .cpu_extension import load, unavailable_reason
+from .wrapped_kernels import Int4CpuKernel, Int8CpuKernel, TritonW4Kernel, cpu_float
 
 __all__ = [
     "AvxCpuKernel",
@@ -55,7 +57,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 
-INT4_GROUPS = (256, 128, 64, 32)
 # codebook loops up to this many rows, decoded tiles and torch's matmul beyond: measured on 4096x4096, 11008x4096
 # and 4096x11008 (2 AMD EPYC cores), the loops took 0.44-0.98x the tiles' time at 32 rows, 0.64-1.23x at 48; the
 # AVX2 loop of 2-weight books (no AVX-512F) took 0.66-1.14x at 24 rows, 0.74-1.29x at 32, so it stops at 16
@@ -104,10 +105,6 @@ def native_bfloat16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def _cpu_float(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
-
-
 class DequantizeKernel:
     name = "dequantize"
 
@@ -151,7 +148,7 @@ class AvxCpuKernel:
     def supports(layer, device, dtype) -> str | None:
         if layer.bits not in (4, 8):
             return f"{layer.bits}-bit"
-        if not _cpu_float(device, dtype):
+        if not cpu_float(device, dtype):
             return f"{device.type}/{dtype}"
         if layer.group_size % 8 or layer.in_features % 8:
             return f"group size {layer.group_size} / input size {layer.in_features} not multiples of 8"
@@ -220,7 +217,7 @@ class LutCpuKernel:
             return f"{layer.bits}-bit"
         if not scalar and (layer.dim not in (2, 4) or layer.index_bits not in (4, 8)):
             return f"vector codebooks of dim {layer.dim} with {layer.index_bits}-bit indices"
-        if not _cpu_float(device, dtype):
+        if not cpu_float(device, dtype):
             return f"{device.type}/{dtype}"
         if layer.in_features % (16 if scalar and layer.bits == 2 else 8):
             return f"input size {layer.in_features}"
@@ -251,129 +248,6 @@ class LutCpuKernel:
         else:
             y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits, self.avx512)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-class Int4CpuKernel:
-    name = "int4pack-cpu"
-
-    @staticmethod
-    def group_for(layer) -> int | None:
-        if layer.group_size != layer.in_features:
-            return layer.group_size if layer.group_size in INT4_GROUPS else None
-        return next((g for g in INT4_GROUPS if layer.in_features % g == 0), None)
-
-    @classmethod
-    def supports(cls, layer, device, dtype) -> str | None:
-        """None when the kernel applies, else why not."""
-        if layer.bits != 4:
-            return f"{layer.bits}-bit"
-        if not _cpu_float(device, dtype):
-            return f"{device.type}/{dtype}"
-        if layer.out_features % 16:
-            return f"out_features {layer.out_features} not a multiple of 16"
-        if cls.group_for(layer) is None:
-            return f"group size {layer.group_size} not one of {INT4_GROUPS}"
-        return None
-
-    def __init__(self, layer, dtype):
-        self.out_features, self.in_features = layer.out_features, layer.in_features
-        self.group = self.group_for(layer)
-        codes = layer.codes()
-        scale = layer.weight_scale.float()
-        zero = layer.zero_points().float()
-        self.perm = None
-        if layer.weight_g_idx is not None:
-            # visit columns group by group so every group is contiguous for the kernel
-            self.perm = torch.argsort(layer.weight_g_idx, stable=True)
-            codes = codes[:, self.perm]
-        if self.group != layer.group_size:  # per-channel: repeat the row's scale over the kernel's groups
-            repeats = layer.in_features // self.group
-            scale, zero = scale.repeat_interleave(repeats, dim=1), zero.repeat_interleave(repeats, dim=1)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
-        # the kernel computes (code - 8) * scale + offset
-        self.scales_and_zeros = torch.stack([scale, scale * (8 - zero)], dim=-1).transpose(0, 1).contiguous().to(dtype)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-class Int8CpuKernel:
-    name = "int8pack-cpu"
-
-    @staticmethod
-    def supports(layer, device, dtype) -> str | None:
-        if layer.bits != 8:
-            return f"{layer.bits}-bit"
-        if not _cpu_float(device, dtype):
-            return f"{device.type}/{dtype}"
-        if layer.weight_scale.shape[1] != 1:
-            return "grouped scales (the int8 kernel takes one scale per row)"
-        return None
-
-    def __init__(self, layer, dtype):
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.weight = (layer.codes().to(torch.int32) - 128).to(torch.int8).contiguous()
-        scale = layer.weight_scale.float()[:, 0]
-        self.scale = scale.to(dtype)
-        # (code - zero) * s = (code - 128) * s + (128 - zero) * s: the second term is the same for every column
-        offset = scale * (128 - layer.zero_points().float()[:, 0])
-        self.offset = None if layer.sym else offset.to(dtype)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
-        if self.offset is not None:
-            y = y + flat.sum(dim=-1, keepdim=True) * self.offset
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-class TritonW4Kernel:
-    """4 bits on CUDA with fp16/bf16 inputs: the experimental Triton kernel (opt-in, see hfcompress/experimental)."""
-
-    name = "triton-w4"
-
-    @staticmethod
-    def supports(layer, device, dtype) -> str | None:
-        if layer.bits != 4:
-            return f"{layer.bits}-bit"
-        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-            return f"{device.type}/{dtype}"
-        if os.environ.get("HFCOMPRESS_EXPERIMENTAL_TRITON") != "1":
-            return "experimental, enable with HFCOMPRESS_EXPERIMENTAL_TRITON=1"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed"
-        if layer.in_features % 64 or layer.out_features % 64 or layer.group_size % 16:
-            return "shapes not multiples of 64"
-        return None
-
-    def __init__(self, layer, dtype):
-        from ..experimental.triton_w4 import w4_matmul  # triton: optional, and only with CUDA
-
-        self.matmul = w4_matmul
-        self.out_features, self.in_features = layer.out_features, layer.in_features
-        codes = layer.codes()
-        self.perm = None
-        if layer.weight_g_idx is not None:
-            self.perm = torch.argsort(layer.weight_g_idx, stable=True)
-            codes = codes[:, self.perm]
-
-        self.packed = pack_codes(codes, 4).contiguous()
-        self.scale = layer.weight_scale.float().contiguous()
-        self.zero_scale = (layer.zero_points().float() * self.scale).contiguous()
-        self.group = layer.group_size
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        flat = x.reshape(-1, self.in_features).contiguous()
-        y = self.matmul(flat, self.packed, self.scale, self.zero_scale, self.group)
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def select_codebook_kernel(layer, device: torch.device, dtype: torch.dtype):

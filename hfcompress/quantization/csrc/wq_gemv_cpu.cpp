@@ -273,35 +273,48 @@ void lut_pass(int rows, const float* x, int64_t x_stride, const int32_t* packed,
 // loop at one row, 0.9-1.6x at two, 0.86-1.12x from three (4096x4096, 11008x4096, 4096x11008; 2-core AMD EPYC).
 constexpr int kLut512MaxRows = 2;
 
+// One output row's dot products with ROWS input rows, 16 weights a step: `weights(t)` gives step t's 16 weights
+// (the codebook loops differ only in it). One horizontal sum per row, into y[r * y_stride].
+template <int ROWS, typename Weights>
+HFC_AVX512 inline void dot16_rows(const float* x, int64_t x_stride, int64_t steps, const Weights& weights, float* y,
+                                  int64_t y_stride) {
+  constexpr int NACC = ROWS == 1 ? 4 : 2;
+  __m512 acc[ROWS][NACC];
+  for (int r = 0; r < ROWS; ++r)
+    for (int a = 0; a < NACC; ++a) acc[r][a] = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + NACC <= steps; t += NACC) {  // constant register indices: the accumulators stay in registers
+    for (int a = 0; a < NACC; ++a) {
+      const __m512 w = weights(t + a);
+      for (int r = 0; r < ROWS; ++r)
+        acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * (t + a)), acc[r][a]);
+    }
+  }
+  for (; t < steps; ++t) {
+    const __m512 w = weights(t);
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * t), acc[r][0]);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m512 sum = acc[r][0];
+    for (int a = 1; a < NACC; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+    y[r * y_stride] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// 4-bit k-means: 16 codes (two words) looked up in the row's 16 levels
+struct Levels16 {
+  const int32_t* words;
+  __m512 table;
+  HFC_AVX512 __m512 operator()(int64_t t) const { return _mm512_permutexvar_ps(codes16(words, 2 * t), table); }
+};
+
 template <int ROWS>
 HFC_AVX512 void lut4_rows512(const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row,
                              const float* tables, int64_t in, float* y, int64_t y_stride, int64_t out_begin,
                              int64_t out_end) {
-  constexpr int NACC = ROWS == 1 ? 4 : 2;
-  const int64_t steps = in / 16;
   for (int64_t o = out_begin; o < out_end; ++o) {
-    const int32_t* words = packed + o * words_per_row;
-    const __m512 table = _mm512_loadu_ps(tables + o * 16);
-    __m512 acc[ROWS][NACC];
-    for (int r = 0; r < ROWS; ++r)
-      for (int a = 0; a < NACC; ++a) acc[r][a] = _mm512_setzero_ps();
-    int64_t t = 0;
-    for (; t + NACC <= steps; t += NACC) {
-      for (int a = 0; a < NACC; ++a) {
-        const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * (t + a)), table);
-        for (int r = 0; r < ROWS; ++r)
-          acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * (t + a)), acc[r][a]);
-      }
-    }
-    for (; t < steps; ++t) {
-      const __m512 w = _mm512_permutexvar_ps(codes16(words, 2 * t), table);
-      for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * t), acc[r][0]);
-    }
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 sum = acc[r][0];
-      for (int a = 1; a < NACC; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      y[r * y_stride + o] = _mm512_reduce_add_ps(sum);
-    }
+    const Levels16 weights{packed + o * words_per_row, _mm512_loadu_ps(tables + o * 16)};
+    dot16_rows<ROWS>(x, x_stride, in / 16, weights, y + o, y_stride);
   }
 }
 
@@ -412,36 +425,21 @@ HFC_AVX512 inline __m512 pairs16(const int32_t* words, int64_t step, __m512 low,
   return _mm512_permutex2var_ps(low, lanes, high);
 }
 
+// 2 weights per 4-bit index: one word's 8 indices (16 weights) from the book's 32 floats
+struct Pairs16 {
+  const int32_t* words;
+  __m512 low, high;
+  HFC_AVX512 __m512 operator()(int64_t t) const { return pairs16(words, t, low, high); }
+};
+
 template <int ROWS>
 HFC_AVX512 void vq2_rows512(const float* x, int64_t x_stride, const int32_t* packed, int64_t words_per_row,
                             const float* books, int64_t rows_per_book, int64_t in, float* y, int64_t y_stride,
                             int64_t out_begin, int64_t out_end) {
-  constexpr int NACC = ROWS == 1 ? 4 : 2;
-  const int64_t steps = in / 16;  // one word a step
   for (int64_t o = out_begin; o < out_end; ++o) {
-    const int32_t* words = packed + o * words_per_row;
     const float* book = books + (o / rows_per_book) * 32;
-    const __m512 low = _mm512_loadu_ps(book), high = _mm512_loadu_ps(book + 16);
-    __m512 acc[ROWS][NACC];
-    for (int r = 0; r < ROWS; ++r)
-      for (int a = 0; a < NACC; ++a) acc[r][a] = _mm512_setzero_ps();
-    int64_t t = 0;
-    for (; t + NACC <= steps; t += NACC) {
-      for (int a = 0; a < NACC; ++a) {
-        const __m512 w = pairs16(words, t + a, low, high);
-        for (int r = 0; r < ROWS; ++r)
-          acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * (t + a)), acc[r][a]);
-      }
-    }
-    for (; t < steps; ++t) {
-      const __m512 w = pairs16(words, t, low, high);
-      for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * x_stride + 16 * t), acc[r][0]);
-    }
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 sum = acc[r][0];
-      for (int a = 1; a < NACC; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      y[r * y_stride + o] = _mm512_reduce_add_ps(sum);
-    }
+    const Pairs16 weights{packed + o * words_per_row, _mm512_loadu_ps(book), _mm512_loadu_ps(book + 16)};
+    dot16_rows<ROWS>(x, x_stride, in / 16, weights, y + o, y_stride);  // one word a step
   }
 }
 
