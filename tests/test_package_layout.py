@@ -37,7 +37,7 @@ DEFERRED = {
     ("cli.py", "torch.distributed"),
     ("bnb_config.py", "torch"),  # `to_transformers`, not the config's fields
     ("bnb_config.py", "transformers"),
-    ("kernels.py", "hfcompress.experimental.triton_w4"),  # imports triton at module level
+    ("wrapped_kernels.py", "hfcompress.experimental.triton_w4"),  # imports triton at module level
 }
 
 
