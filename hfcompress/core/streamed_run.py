@@ -11,6 +11,7 @@ A technique says what it does through a `StreamedTechnique`:
         def targets(self, model): ...                    # the layers it compresses
         def compress_layer(self, model, name, module): ...    # one layer with no calibration
         def compress_blocks(self, model, blocks, ...): ...    # or every block, calibrated (`core.walk`)
+        def complete(self, model, targets, writer, dtype): ...  # optional: what needs every block, at the end
 
     model = stream_compress(path, folder, Pruning(config, tokenizer), task, resume)
 """
@@ -141,6 +142,12 @@ class StreamedTechnique:
         """The layer `module` became, on the meta device, from its `layer_state` (None: it stays as it is)."""
         return None
 
+    def complete(self, model: nn.Module, targets: dict[str, nn.Module], writer: ShardWriter, dtype: torch.dtype):
+        """After every shard is written, before the index that lists them: a technique whose result depends on all
+        blocks at once (low-rank compensation's ranks, allocated over every layer) rewrites the shards here
+        (`dtype`: the checkpoint's, which what stays uncompressed is written in). It runs again in full when a
+        run killed during it is resumed, so a shard it already rewrote must come out the same."""
+
     def finish(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
         """Record what was done in `model`'s config (the skeleton, every block written)."""
 
@@ -244,6 +251,7 @@ def stream_compress(
     stream.writer.write(len(blocks), {n: t for n, t in tensors.items() if n not in skip})
     release(model)
     model.tie_weights()  # loading and releasing untie what the config ties; the record counts tied weights once
+    technique.complete(model, targets, stream.writer, save_dtype)
     stream.writer.finish()
 
     technique.finish(model, targets)

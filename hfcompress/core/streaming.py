@@ -35,6 +35,7 @@ __all__ = [
     "ShardWriter",
     "ShardedCheckpoint",
     "release",
+    "save_atomic",
     "stored_names",
     "streaming_obstacle",
     "tied_keys",
@@ -179,7 +180,12 @@ class ShardWriter:
         owned = {
             k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()
         }
-        _save_atomic(owned, self.folder / self.shard_name(index))
+        save_atomic(owned, self.folder / self.shard_name(index))
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of the written shard `index`, copied out of the file (to be changed and written again)."""
+        with safe_open(self.folder / self.shard_name(index), framework="pt") as f:
+            return {key: f.get_tensor(key).clone() for key in f.keys()}
 
     def finish(self) -> None:
         weight_map, total = {}, 0
@@ -197,7 +203,8 @@ class ShardWriter:
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `tensors` to the safetensors file `path` under a temporary name, then rename it into place."""
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, temporary, metadata={"format": "pt"})
     os.replace(temporary, path)

@@ -15,7 +15,7 @@ from ..core.structure import candidate_linears, find_layer_stack, linear_weight,
 from ..core.walk import stacks_holding
 from ..data import calibration_data
 from ..pruning.sparse import SparseLinear, decompress_sparse
-from .compensated_linear import attach_corrections, budget_params, max_ranks
+from .compensated_linear import attach_corrections, compensation_plan
 from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
 from .grid import SCALE_TORCH_DTYPES, rtn_quantize
@@ -93,7 +93,7 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
         model.eval()
         rows: dict[str, int] = {}
         done: set[str] = set()
-        errors, ranks, budget = _compensation_plan(config, targets)
+        errors, ranks, budget = compensation_plan(config, targets)
         for _, blocks in stacks:  # an encoder-decoder's decoder calibrates on the quantized encoder's outputs
             done |= quantize_blocks(
                 model, blocks, batches, targets, config, scale_dtype, plans, rows=rows, errors=errors, max_ranks=ranks
@@ -115,16 +115,6 @@ def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.
 
     attach_quantization_config(model, config, plans, sorted({type(m).__name__ for m in targets.values()}), compensated)
     return model
-
-
-def _compensation_plan(config: GPTQConfig, targets: dict[str, nn.Module]):
-    """(errors to fill, each layer's largest rank, the budget in parameters) of a run with low-rank
-    compensation; (None, None, 0) without."""
-    if not config.compensates:
-        return None, None, 0
-    shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
-    budget = budget_params(config, shapes, SCALE_TORCH_DTYPES[config.scale_dtype])
-    return {}, max_ranks(shapes, budget), budget
 
 
 def _combinable_config(model: nn.Module) -> HfcompressQuantizationConfig | None:

@@ -8,11 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..core.structure import set_submodule
+from ..core.structure import linear_weight, set_submodule
 from .compensation import allocate_compensation, compensation_budget
+from .grid import SCALE_TORCH_DTYPES
 
-__all__ = ["CompensatedLinear", "attach_corrections", "budget_params", "max_ranks"]
+__all__ = ["CompensatedLinear", "attach_corrections", "budget_params", "compensation_plan", "max_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,10 @@ class CompensatedLinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, dtype: torch.dtype = torch.float16):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if isinstance(base, Conv1D):  # GPT-2's layer, the base while a checkpoint loads, names its sizes otherwise
+            self.out_features, self.in_features = linear_weight(base).shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         if not 0 < rank <= min(self.in_features, self.out_features):
             raise ValueError(
                 f"`rank` must be in [1, {min(self.in_features, self.out_features)}] for a "
@@ -79,6 +84,16 @@ def budget_params(config, shapes: dict[str, tuple[int, int]], dtype: torch.dtype
     return compensation_budget(shapes, config.lowrank_compensation)
 
 
+def compensation_plan(config, targets: dict[str, nn.Module]) -> tuple[dict | None, dict[str, int] | None, int]:
+    """(errors to fill, each layer's largest rank, the budget in parameters) of a GPTQ run over `targets` with
+    low-rank compensation; (None, None, 0) without."""
+    if not config.compensates:
+        return None, None, 0
+    shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
+    budget = budget_params(config, shapes, SCALE_TORCH_DTYPES[config.scale_dtype])
+    return {}, max_ranks(shapes, budget), budget
+
+
 def max_ranks(shapes: dict[str, tuple[int, int]], budget: int) -> dict[str, int]:
     """The largest rank each layer's measured error is kept to: four times its even share of `budget`, and at
     most half its smaller side."""
@@ -91,7 +106,8 @@ def attach_corrections(model: nn.Module, errors: dict, budget: int, dtype: torch
     """Allocate `budget` parameters over the measured `errors` and wrap each quantized layer that gets a rank in
     a `CompensatedLinear`; returns {layer: rank} for the layers that got one."""
     shapes = {name: (f.up.shape[0], f.down.shape[1]) for name, f in errors.items()}
-    ranks = {name: rank for name, rank in allocate_compensation(errors, shapes, budget).items() if rank}
+    kept = {name: f.kept for name, f in errors.items()}
+    ranks = {name: rank for name, rank in allocate_compensation(kept, shapes, budget).items() if rank}
     for name, rank in ranks.items():
         up, down = errors[name].factors(rank)
         set_submodule(model, name, CompensatedLinear.from_factors(model.get_submodule(name), up, down, dtype))

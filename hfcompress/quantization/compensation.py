@@ -31,6 +31,11 @@ class ErrorFactors:
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.up[:, :rank], self.down[:rank]
 
+    @property
+    def kept(self) -> torch.Tensor:
+        """The singular values of the components kept: what each rank the layer may get removes."""
+        return self.S[: self.up.shape[1]]
+
 
 def error_factors(error: torch.Tensor, gram: torch.Tensor, max_rank: int, damp_percent: float = 0.01) -> ErrorFactors:
     """`ErrorFactors` of `error` [out, in] whitened by `gram` [in, in], keeping at most `max_rank` components."""
@@ -47,18 +52,19 @@ def compensation_budget(shapes: dict[str, tuple[int, int]], rank: int) -> int:
 
 
 def allocate_compensation(
-    found: dict[str, ErrorFactors], shapes: dict[str, tuple[int, int]], budget: int
+    singular_values: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int
 ) -> dict[str, int]:
     """Each layer's rank (0: no correction) so the corrections hold at most `budget` parameters and remove the
-    most output error: ranks are taken greedily by error removed per parameter (`S[r]² / (out + in)`), which is
-    optimal up to the last rank since each layer's gains only shrink as its rank grows."""
+    most output error, given the singular values of the components each layer may get (`ErrorFactors.kept`):
+    ranks are taken greedily by error removed per parameter (`S[r]² / (out + in)`), which is optimal up to the
+    last rank since each layer's gains only shrink as its rank grows."""
     gains, owners, costs = [], [], []
-    names = list(found)
+    names = list(singular_values)
     for index, name in enumerate(names):
         out_features, in_features = shapes[name]
-        available = found[name].up.shape[1]
+        available = len(singular_values[name])
         cost = out_features + in_features
-        gains.append(found[name].S[:available].double().square() / cost)
+        gains.append(singular_values[name].double().square() / cost)
         owners.append(torch.full((available,), index))
         costs.append(cost)
     ranks = dict.fromkeys(names, 0)

@@ -186,14 +186,6 @@ class GPTQConfig(CalibrationArguments, RTNConfig):
     def compensates(self) -> bool:
         return bool(self.lowrank_compensation or self.compensation_bits)
 
-    def streaming_obstacle(self) -> str | None:
-        if self.compensates:
-            return (
-                "low-rank compensation (--lowrank-compensation, --compensation-bits) needs the whole model in memory; "
-                "it does not run with --offload disk yet"
-            )
-        return None
-
 
 @dataclass
 class AWQConfig(CalibrationArguments, RTNConfig):

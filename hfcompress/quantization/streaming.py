@@ -3,7 +3,8 @@ checkpoint's shards in its stored dtype, quantized (GPTQ calibrates it on the pr
 in memory, its maths in float32), written to the output folder's shard of that block at once and freed. Peak
 memory is one block as stored and one batch of activations, whatever the depth and the number of calibration
 tokens, except while the first block's inputs are captured (the embeddings and those inputs); the codes are those
-of the in-memory run.
+of the in-memory run. Low-rank compensation keeps each layer's error factors on disk and adds the corrections to
+the written shards once every block is done (`compensation_streaming`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from ..core.streamed_run import StreamedTechnique, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight
 from .api import attach_quantization_config, replace_with_rtn, select_targets, stores_g_idx
+from .compensated_linear import compensation_plan
+from .compensation_streaming import correct_shards, save_factors
 from .config import GPTQConfig, RTNConfig
 from .gptq_blocks import quantize_blocks
 from .grid import SCALE_TORCH_DTYPES
@@ -56,6 +59,11 @@ class UniformQuantization(StreamedTechnique):
         super().__init__(config, tokenizer)
         self.scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
         self.plans = {}
+        # low-rank compensation (`compensation_streaming`): the error factors of the block being written, each
+        # layer's largest rank, the budget in parameters, the folder the factors are kept in, the ranks given
+        self.errors, self.max_ranks, self.budget = None, None, 0
+        self.folder = None
+        self.ranks: dict[str, int] = {}
 
     @property
     def calibrated(self) -> bool:
@@ -64,6 +72,8 @@ class UniformQuantization(StreamedTechnique):
     def targets(self, model):
         targets = select_targets(model, self.config)
         self.plans = plan_layers(model, targets, self.config)
+        if self.calibrated:
+            self.errors, self.max_ranks, self.budget = compensation_plan(self.config, targets)
         return targets
 
     def compress_layer(self, model, name, module):
@@ -79,10 +89,11 @@ class UniformQuantization(StreamedTechnique):
             replace_with_rtn(model, name, module, self.config, self.scale_dtype, self.plans[name])
 
     def compress_blocks(self, model, blocks, batches, targets, stream, inputs, folder):
+        self.folder = folder
         # with every record on disk, replaying all settled submodules costs no memory and the least compute
         return quantize_blocks(
             model, blocks, batches, targets, self.config, self.scale_dtype, self.plans, stream, inputs, replay="all",
-            spill=folder,
+            errors=self.errors, max_ranks=self.max_ranks, spill=folder,
         )  # fmt: skip
 
     def onload(self, block, prefix, targets):
@@ -93,6 +104,8 @@ class UniformQuantization(StreamedTechnique):
     def before_write(self, block, prefix, targets):
         for name in targets:
             self.plans[name].mask = None  # a pruned layer's mask is in its bitmask now
+        if self.errors is not None:  # on disk before the progress names the block written
+            save_factors(self.folder, prefix, {name: self.errors.pop(name) for name in targets if name in self.errors})
 
     def layer_state(self, model, name):
         return getattr(model.get_submodule(name), "nnz", None)
@@ -100,8 +113,14 @@ class UniformQuantization(StreamedTechnique):
     def written_layer(self, name, module, state, dtype):
         return _meta_layer(module, self.plans[name], self.config, self.scale_dtype, dtype, state)
 
+    def complete(self, model, targets, writer, dtype):
+        if self.errors is not None:
+            shapes = {name: tuple(linear_weight(module).shape) for name, module in targets.items()}
+            self.ranks = correct_shards(model, writer, shapes, self.budget, self.scale_dtype, dtype)
+
     def finish(self, model, targets):
-        attach_quantization_config(model, self.config, self.plans, sorted({type(m).__name__ for m in targets.values()}))
+        classes = sorted({type(m).__name__ for m in targets.values()})
+        attach_quantization_config(model, self.config, self.plans, classes, self.ranks)
 
 
 def _meta_layer(module: nn.Module, plan, config: RTNConfig, scale_dtype, dtype, nnz: int | None) -> nn.Module:

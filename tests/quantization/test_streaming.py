@@ -40,6 +40,8 @@ CONFIGS = {
     "gptq": lambda: GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32)),
     "gptq-2pass-sym": lambda: GPTQConfig(bits=3, group_size=-1, sym=True, true_sequential=False, dataset=token_windows(8, 32)),
     "rtn": lambda: RTNConfig(bits=4, group_size=32),
+    # ranks allocated over every layer once all blocks are written, then added to the written shards
+    "gptq-compensated": lambda: GPTQConfig(bits=3, group_size=32, lowrank_compensation=4, dataset=token_windows(8, 32)),
 }  # fmt: skip
 
 
@@ -114,9 +116,6 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(models, tmp_path):
     with pytest.raises(ValueError, match=r"W8A8 with GPTQ weights \(--weights gptq\) .* --offload disk"):
         w8a8 = W8A8Config(dataset=token_windows(8, 32), weights="gptq")
         compress_folder(models["llama"], tmp_path / "e", w8a8, OutputOptions(offload="disk"))
-    compensated = GPTQConfig(bits=3, group_size=32, lowrank_compensation=4, dataset=token_windows(8, 32))
-    with pytest.raises(ValueError, match=r"compensation .* needs the whole model in memory"):
-        compress_folder(models["llama"], tmp_path / "d", compensated, OutputOptions(offload="disk"))
     with pytest.raises(ValueError, match="format hfcompress only"):
         compress_folder(
             models["llama"], tmp_path / "c", RTNConfig(bits=4, group_size=32, sym=True), OutputOptions(offload="disk"),
@@ -270,6 +269,48 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     assert names == {p.name for p in killed.iterdir()}
     for name in names - {"hfcompress_record.json", "README.md"}:  # the record and card say when and how long
         assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("killed_at_write", [2, 5])
+def test_a_compensated_run_killed_before_or_while_adding_corrections_resumes_to_the_same_output(
+    models, tmp_path, killed_at_write
+):
+    """The two blocks' shards are written 1st and 2nd, the rest 3rd, then the corrections rewrite the blocks'
+    shards: killed at the 2nd write a block is still to calibrate; at the 5th, one shard holds its corrections
+    and the other not yet."""
+    from hfcompress.core.streaming import ShardWriter
+    from hfcompress.io import partial_dir
+    from hfcompress.quantization.compensation_streaming import FACTORS
+
+    config = GPTQConfig(bits=3, group_size=32, compensation_bits=1.0, dataset=token_windows(8, 32))
+    whole = compress_folder(models["llama"], tmp_path / "whole", config, OutputOptions(offload="disk"))
+    write, writes = ShardWriter.write, []
+
+    def dying(self, index, tensors):
+        writes.append(index)
+        if len(writes) == killed_at_write:
+            raise RuntimeError("killed")
+        write(self, index, tensors)
+
+    ShardWriter.write = dying
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            compress_folder(models["llama"], tmp_path / "out", config, OutputOptions(offload="disk"))
+    finally:
+        ShardWriter.write = write
+    partial = partial_dir(tmp_path / "out")
+    assert json.loads((partial / "hfcompress_progress.json").read_text())["blocks_done"] == min(killed_at_write - 1, 2)
+    if killed_at_write == 5:
+        shards = sorted(partial.glob("model-*.safetensors"))
+        corrected = [any(k.endswith(".up.weight") for k in safe_open(f, "pt").keys()) for f in shards]
+        assert corrected == [True, False, False]
+    resumed = compress_folder(models["llama"], tmp_path / "out", config, OutputOptions(offload="disk", resume=True))
+
+    expected, written = read_safetensors(whole), read_safetensors(resumed)
+    assert any(key.endswith(".up.weight") for key in expected)  # corrections were added
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
+    assert json.loads((resumed / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
+    assert not any(p.name.startswith(FACTORS) for p in resumed.iterdir())
 
 
 def test_auto_streams_a_model_that_would_not_fit_and_says_so(models, tmp_path, caplog):

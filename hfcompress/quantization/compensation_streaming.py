@@ -1,0 +1,110 @@
+"""Low-rank compensation on a GPTQ run streamed from disk. Its ranks are allocated over every layer at once, so
+no block's correction is known when the block is written: each layer's error factors (`ErrorFactors`) go to a
+file per block in the run's folder as the block is written, and once every block is, the ranks are allocated
+from the singular values alone and each block's shard is rewritten with its corrections, one shard and one
+block's factors in memory at a time. The shards then hold what the run in memory writes.
+
+A run killed at any point resumes: the factors of the blocks written are on disk beside the progress, and a
+shard already rewritten is recognized by its correction and rebuilt the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..core.activations import SCRATCH
+from ..core.streaming import ShardWriter, release, save_atomic
+from ..core.structure import cast_unquantized, set_submodule
+from .compensated_linear import CompensatedLinear
+from .compensation import ErrorFactors, allocate_compensation
+
+__all__ = ["FACTORS", "correct_shards", "save_factors"]
+
+logger = logging.getLogger(__name__)
+
+FACTORS = f"{SCRATCH}compensation"  # removed with the run's other scratch files when it completes
+
+
+def save_factors(folder: Path, prefix: str, errors: dict[str, ErrorFactors]) -> None:
+    """Keep the error factors of the block `prefix`'s layers in `folder` (only the components a rank may use)."""
+    tensors = {}
+    for name, found in errors.items():
+        tensors[f"{name}.S"] = found.kept.contiguous()
+        tensors[f"{name}.up"] = found.up.contiguous()
+        tensors[f"{name}.down"] = found.down.contiguous()
+    (folder / FACTORS).mkdir(exist_ok=True)
+    save_atomic(tensors, folder / FACTORS / f"{prefix}.safetensors")
+
+
+def correct_shards(
+    model: nn.Module, writer: ShardWriter, shapes: dict[str, tuple[int, int]], budget: int, dtype: torch.dtype,
+    save_dtype: torch.dtype,
+) -> dict[str, int]:  # fmt: skip
+    """Allocate `budget` parameters over the layers whose factors are kept in `writer`'s folder (`shapes`: each
+    one's [out, in]), rewrite each written shard holding a layer that gets a rank with that layer as a
+    `CompensatedLinear` (factors in `dtype`, the rest cast as the run casts to `save_dtype`), and put the
+    corrected layers, on the meta device, into `model`. Returns {layer: rank} for the layers that got one."""
+    files = sorted((writer.folder / FACTORS).glob("*.safetensors"))
+    kept = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            kept.update({key.removesuffix(".S"): f.get_tensor(key) for key in f.keys() if key.endswith(".S")})
+    missing = sorted(set(shapes) - set(kept))
+    if missing:
+        raise ValueError(f"no error factors kept for {missing[:3]}: the run's folder is incomplete; start it over")
+    ranks = {n: r for n, r in allocate_compensation(kept, {n: shapes[n] for n in kept}, budget).items() if r}
+    by_shard: dict[int, dict[str, int]] = {}
+    for index in range(writer.n_shards):
+        with safe_open(writer.folder / writer.shard_name(index), framework="pt") as f:
+            keys = set(f.keys())
+        owners = {key.rsplit(".", 1)[0] for key in keys} | {key.rsplit(".", 2)[0] for key in keys if ".base." in key}
+        here = {name: rank for name, rank in ranks.items() if name in owners}
+        if here:
+            by_shard[index] = here
+    for index, here in by_shard.items():
+        tensors = writer.read(index)
+        factors = _read_factors(files, here)
+        for name, rank in here.items():
+            layer = _corrected(model.get_submodule(name), name, tensors, *factors[name], rank, dtype, save_dtype)
+            tensors.update(layer.state_dict(prefix=f"{name}."))
+            release(layer)
+            set_submodule(model, name, layer)
+        writer.write(index, tensors)
+    spent = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
+    logger.info(
+        "low-rank compensation: %d of %d layers corrected, ranks %s-%s, %d parameters of a budget of %d",
+        len(ranks), len(kept), min(ranks.values(), default=0), max(ranks.values(), default=0), spent, budget,
+    )  # fmt: skip
+    return ranks
+
+
+def _read_factors(files: list[Path], names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    found = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                if f"{name}.up" in keys:
+                    found[name] = (f.get_tensor(f"{name}.up"), f.get_tensor(f"{name}.down"))
+    return found
+
+
+def _corrected(
+    base: nn.Module, name: str, tensors: dict[str, torch.Tensor], up: torch.Tensor, down: torch.Tensor, rank: int,
+    dtype: torch.dtype, save_dtype: torch.dtype,
+) -> CompensatedLinear:  # fmt: skip
+    """The layer `name` as written in `tensors` (whose keys of it are taken out), with a rank-`rank` correction.
+    A shard rewritten before (by a run killed during the rewriting) holds the corrected layer: its base is used."""
+    if isinstance(base, CompensatedLinear):
+        base = base.base
+    own = {key[len(name) + 1 :]: tensors.pop(key) for key in list(tensors) if key.startswith(f"{name}.")}
+    if "up.weight" in own:
+        own = {key.removeprefix("base."): value for key, value in own.items() if key.startswith("base.")}
+    base.load_state_dict(own, assign=True)
+    layer = CompensatedLinear.from_factors(base, up[:, :rank], down[:rank], dtype)
+    return cast_unquantized(layer, save_dtype)
