@@ -14,7 +14,14 @@ from ..core.structure import linear_weight, set_submodule
 from .compensation import allocate_compensation, compensation_budget
 from .grid import SCALE_TORCH_DTYPES
 
-__all__ = ["CompensatedLinear", "attach_corrections", "budget_params", "compensation_plan", "max_ranks"]
+__all__ = [
+    "CompensatedLinear",
+    "attach_corrections",
+    "budget_params",
+    "compensation_plan",
+    "corrected_ranks",
+    "max_ranks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +113,20 @@ def attach_corrections(model: nn.Module, errors: dict, budget: int, dtype: torch
     """Allocate `budget` parameters over the measured `errors` and wrap each quantized layer that gets a rank in
     a `CompensatedLinear`; returns {layer: rank} for the layers that got one."""
     shapes = {name: (f.up.shape[0], f.down.shape[1]) for name, f in errors.items()}
-    kept = {name: f.kept for name, f in errors.items()}
-    ranks = {name: rank for name, rank in allocate_compensation(kept, shapes, budget).items() if rank}
+    ranks = corrected_ranks({name: f.kept for name, f in errors.items()}, shapes, budget)
     for name, rank in ranks.items():
         up, down = errors[name].factors(rank)
         set_submodule(model, name, CompensatedLinear.from_factors(model.get_submodule(name), up, down, dtype))
+    return ranks
+
+
+def corrected_ranks(kept: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int) -> dict[str, int]:
+    """{layer: rank} of the layers that get a correction when `budget` parameters are allocated by the singular
+    values `kept` of each layer's error (`compensation.allocate_compensation`), logged."""
+    ranks = {name: rank for name, rank in allocate_compensation(kept, shapes, budget).items() if rank}
     spent = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
     logger.info(
         "low-rank compensation: %d of %d layers corrected, ranks %s-%s, %d parameters of a budget of %d",
-        len(ranks), len(errors), min(ranks.values(), default=0), max(ranks.values(), default=0), spent, budget,
+        len(ranks), len(kept), min(ranks.values(), default=0), max(ranks.values(), default=0), spent, budget,
     )  # fmt: skip
     return ranks

@@ -10,7 +10,6 @@ shard already rewritten is recognized by its correction and rebuilt the same.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -20,12 +19,10 @@ from torch import nn
 from ..core.activations import SCRATCH
 from ..core.streaming import ShardWriter, release, save_atomic
 from ..core.structure import cast_unquantized, set_submodule
-from .compensated_linear import CompensatedLinear
-from .compensation import ErrorFactors, allocate_compensation
+from .compensated_linear import CompensatedLinear, corrected_ranks
+from .compensation import ErrorFactors
 
 __all__ = ["FACTORS", "correct_shards", "save_factors"]
-
-logger = logging.getLogger(__name__)
 
 FACTORS = f"{SCRATCH}compensation"  # removed with the run's other scratch files when it completes
 
@@ -45,8 +42,8 @@ def correct_shards(
     model: nn.Module, writer: ShardWriter, shapes: dict[str, tuple[int, int]], budget: int, dtype: torch.dtype,
     save_dtype: torch.dtype,
 ) -> dict[str, int]:  # fmt: skip
-    """Allocate `budget` parameters over the layers whose factors are kept in `writer`'s folder (`shapes`: each
-    one's [out, in]), rewrite each written shard holding a layer that gets a rank with that layer as a
+    """Allocate `budget` parameters over the layers whose factors are kept in `writer`'s folder (every layer of
+    the block stack: the progress names a block written only after its factors are kept; `shapes`: [out, in]), rewrite each written shard holding a layer that gets a rank with that layer as a
     `CompensatedLinear` (factors in `dtype`, the rest cast as the run casts to `save_dtype`), and put the
     corrected layers, on the meta device, into `model`. Returns {layer: rank} for the layers that got one."""
     files = sorted((writer.folder / FACTORS).glob("*.safetensors"))
@@ -54,10 +51,7 @@ def correct_shards(
     for file in files:
         with safe_open(file, framework="pt") as f:
             kept.update({key.removesuffix(".S"): f.get_tensor(key) for key in f.keys() if key.endswith(".S")})
-    missing = sorted(set(shapes) - set(kept))
-    if missing:
-        raise ValueError(f"no error factors kept for {missing[:3]}: the run's folder is incomplete; start it over")
-    ranks = {n: r for n, r in allocate_compensation(kept, {n: shapes[n] for n in kept}, budget).items() if r}
+    ranks = corrected_ranks(kept, {name: shapes[name] for name in kept}, budget)
     by_shard: dict[int, dict[str, int]] = {}
     for index in range(writer.n_shards):
         with safe_open(writer.folder / writer.shard_name(index), framework="pt") as f:
@@ -75,11 +69,6 @@ def correct_shards(
             release(layer)
             set_submodule(model, name, layer)
         writer.write(index, tensors)
-    spent = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
-    logger.info(
-        "low-rank compensation: %d of %d layers corrected, ranks %s-%s, %d parameters of a budget of %d",
-        len(ranks), len(kept), min(ranks.values(), default=0), max(ranks.values(), default=0), spent, budget,
-    )  # fmt: skip
     return ranks
 
 
