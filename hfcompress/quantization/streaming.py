@@ -72,7 +72,7 @@ class UniformQuantization(StreamedTechnique):
     def targets(self, model):
         targets = select_targets(model, self.config)
         self.plans = plan_layers(model, targets, self.config)
-        if self.calibrated:
+        if isinstance(self.config, GPTQConfig):  # GPTQ only: the AWQ subclass calibrates too, with no compensation
             self.errors, self.max_ranks, self.budget = compensation_plan(self.config, targets)
         return targets
 
