@@ -211,15 +211,26 @@ def read_safetensors(folder) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@contextlib.contextmanager
 def failing_at_shard(index: int):
     """A streamed run that dies as it writes shard `index` (the blocks before it written, its progress kept)."""
+    return _failing_write(lambda shard, number: shard == index)
+
+
+def failing_at_write(number: int):
+    """A streamed run that dies at its `number`-th shard write (1-based, counting shards rewritten later: a
+    technique's `complete`, a second pass of `stream_twice`)."""
+    return _failing_write(lambda shard, count: count == number)
+
+
+@contextlib.contextmanager
+def _failing_write(dies):
     from hfcompress.core.streaming import ShardWriter
 
-    write = ShardWriter.write
+    write, writes = ShardWriter.write, []
 
     def fail(self, shard, tensors):
-        if shard == index:
+        writes.append(shard)
+        if dies(shard, len(writes)):
             raise RuntimeError("killed")
         write(self, shard, tensors)
 

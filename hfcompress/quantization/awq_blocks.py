@@ -9,7 +9,6 @@ Smoothing changes no output, so every block is smoothed on the float model's act
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
 import torch
 from torch import nn
@@ -25,7 +24,6 @@ from ..core.walk import block_prefixes, stacks_holding
 from ..data import calibration_data
 from .api import quantize_uniform, select_targets
 from .awq import awq_clip, awq_scales, output_error_basis
-from .config import GPTQConfig
 from .grid import SCALE_TORCH_DTYPES
 
 __all__ = ["quantize_awq", "smooth_block"]
@@ -55,8 +53,7 @@ def quantize_awq(model: nn.Module, config, tokenizer=None) -> nn.Module:
     logger.info("AWQ scaled %d groups of linears", smoothed)
     if config.weights == "rtn":
         return quantize_uniform(model, config, tokenizer)
-    shared = {f.name: getattr(config, f.name) for f in fields(GPTQConfig) if f.init and hasattr(config, f.name)}
-    quantize_uniform(model, GPTQConfig(**shared), tokenizer)
+    quantize_uniform(model, config.gptq_config(), tokenizer)
     update_manifest(model, method="awq", recipe=config.to_dict())  # the record names what ran: AWQ, then GPTQ
     return model
 

@@ -3,6 +3,10 @@ smoothed on its inputs (`awq_blocks.smooth_block`: scales folded into the produc
 next block's inputs, rounded to nearest, written to the output folder's shard of that block and freed. That is
 the order of the in-memory run (every block smoothed on the float model's activations, then round-to-nearest,
 which needs no data), so the codes are the same. The inputs and outputs of each block are kept on disk.
+
+With GPTQ weights the run in memory smooths every block, then calibrates GPTQ on the smoothed model; streamed,
+the smoothed model is written to a checkpoint inside the output folder, and GPTQ streams from it
+(`core.streamed_run.stream_twice`).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import os
 
 from torch import nn
 
+from ..checkpoint import update_manifest
 from ..core.capture import run_block
-from ..core.streamed_run import refuse_several_stacks, stream_compress
+from ..core.streamed_run import refuse_several_stacks, stream_compress, stream_twice
 from .awq_blocks import smooth_block
 from .config import AWQConfig
-from .streaming import UniformQuantization
+from .streaming import SmoothingOnly, UniformQuantization
 
 __all__ = ["awq_streaming"]
 
@@ -29,9 +34,12 @@ def awq_streaming(
     resume: bool = False,
     format: str = "hfcompress",
 ) -> nn.Module:
-    """`AWQConfig` with round-to-nearest weights, block by block from disk into `folder`; resumable and returning
-    the model skeleton as `core.streamed_run.stream_compress` says."""
-    return stream_compress(model_path, folder, _AWQ(config, tokenizer), task, resume, format)
+    """`AWQConfig`, block by block from disk into `folder`; resumable and returning the model skeleton as
+    `core.streamed_run.stream_compress` says."""
+    if config.weights == "rtn":
+        return stream_compress(model_path, folder, _AWQ(config, tokenizer), task, resume, format)
+    smoothing = _Smoothing(config, tokenizer)
+    return stream_twice(model_path, folder, smoothing, _GPTQAfterAWQ(config, tokenizer), task, resume, format)
 
 
 class _AWQ(UniformQuantization):
@@ -51,3 +59,19 @@ class _AWQ(UniformQuantization):
             return run_block(block, inputs, into=into)
 
         return self.walk_one_pass(model, blocks, targets, stream, inputs, folder, prepare, "AWQ blocks")
+
+
+class _Smoothing(SmoothingOnly, _AWQ):
+    """AWQ's scales folded, every layer left in float: the first pass of AWQ with GPTQ weights."""
+
+
+class _GPTQAfterAWQ(UniformQuantization):
+    """GPTQ on the smoothed model, recorded as AWQ (as the run in memory records it)."""
+
+    def __init__(self, config: AWQConfig, tokenizer):
+        super().__init__(config.gptq_config(), tokenizer)
+        self.awq = config
+
+    def finish(self, model, targets):
+        super().finish(model, targets)
+        update_manifest(model, method="awq", recipe=self.awq.to_dict())

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from ..core.config import (
@@ -239,13 +239,11 @@ class AWQConfig(CalibrationArguments, RTNConfig):
             raise ValueError(f"`n_grid` must be at least 1, got {self.n_grid!r}")
         self.check_calibration()
 
-    def streaming_obstacle(self) -> str | None:
-        if self.weights == "gptq":
-            return (
-                "AWQ with GPTQ weights (--weights gptq) calibrates the smoothed model a second time and does not run "
-                "with --offload disk yet; use --weights rtn, or no --offload disk"
-            )
-        return super().streaming_obstacle()
+    def gptq_config(self) -> GPTQConfig:
+        """What quantizes the smoothed weights with `weights="gptq"`: GPTQ with the fields this config shares
+        with `GPTQConfig` (grid, calibration data), GPTQ's defaults for the rest."""
+        shared = {f.name: getattr(self, f.name) for f in fields(GPTQConfig) if f.init and hasattr(self, f.name)}
+        return GPTQConfig(**shared)
 
 
 @dataclass
@@ -295,14 +293,6 @@ class W8A8Config(CalibrationArguments, CompressionConfig):
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
         self.check_calibration()
-
-    def streaming_obstacle(self) -> str | None:
-        if self.weights == "gptq":
-            return (
-                "W8A8 with GPTQ weights (--weights gptq) calibrates the smoothed model a second time and does not run "
-                "with --offload disk yet; use --weights rtn, or no --offload disk"
-            )
-        return None
 
     @classmethod
     def header(cls) -> dict[str, Any]:

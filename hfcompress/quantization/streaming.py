@@ -27,7 +27,7 @@ from .modules import QuantLinear
 from .plan import plan_layers, sparsity_mask
 from .sparse_quant import SparseQuantLinear
 
-__all__ = ["UniformQuantization", "quantize_streaming"]
+__all__ = ["SmoothingOnly", "UniformQuantization", "quantize_streaming"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,30 @@ class UniformQuantization(StreamedTechnique):
     def finish(self, model, targets):
         classes = sorted({type(m).__name__ for m in targets.values()})
         attach_quantization_config(model, self.config, self.plans, classes, self.ranks)
+
+
+class SmoothingOnly:
+    """Put before a smoothing technique's streamed class (AWQ, SmoothQuant): its scales are folded as usual, but
+    no layer is quantized and nothing is recorded, for a first pass whose output another run quantizes
+    (`core.streamed_run.stream_twice`)."""
+
+    def compress_layer(self, model, name, module):
+        pass
+
+    def compress_outside(self, model, targets):
+        pass
+
+    def layer_state(self, model, name):
+        return None
+
+    def written_layer(self, name, module, state, dtype):
+        return None
+
+    def complete(self, model, targets, writer, dtype):
+        pass
+
+    def finish(self, model, targets):
+        pass
 
 
 def _meta_layer(module: nn.Module, plan, config: RTNConfig, scale_dtype, dtype, nnz: int | None) -> nn.Module:

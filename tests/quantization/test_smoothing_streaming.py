@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM
 import hfcompress  # noqa: F401  (registers the checkpoint format)
 from hfcompress.quantization import AWQConfig, W8A8Config
 from hfcompress.steps import OutputOptions, compress_folder
-from tests.helpers import failing_at_shard, read_safetensors, tiny_model, tiny_tokenizer, token_windows
+from tests.helpers import (
+    failing_at_shard,
+    failing_at_write,
+    read_safetensors,
+    tiny_model,
+    tiny_tokenizer,
+    token_windows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +43,10 @@ CONFIGS = {
         bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32), clip=False, activation_statistic="rms"
     ),
     "w8a8": lambda: W8A8Config(smoothquant=0.5, dataset=token_windows(8, 32)),
+    # GPTQ calibrates on the smoothed model: streamed in two passes (`stream_twice`)
+    "awq-gptq": lambda: AWQConfig(bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32), weights="gptq"),
+    "w8a8-gptq": lambda: W8A8Config(smoothquant=0.5, dataset=token_windows(8, 32), weights="gptq"),
+    "w8a8-gptq-unsmoothed": lambda: W8A8Config(smoothquant=0, dataset=token_windows(8, 32), weights="gptq"),
 }
 
 
@@ -48,7 +59,8 @@ def test_streamed_smoothing_writes_what_the_run_in_memory_writes(model, tmp_path
     assert streamed.keys() == expected.keys()
     original = read_safetensors(model)
     norms = [key for key in original if key.endswith("layernorm.weight")]
-    assert any(not torch.equal(expected[key], original[key]) for key in norms)  # scales were folded into norms
+    folded = any(not torch.equal(expected[key], original[key]) for key in norms)
+    assert folded == ("unsmoothed" not in method)  # scales were folded into norms
     for key, tensor in expected.items():
         assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
     assert json.loads((disk / "config.json").read_text()) == json.loads((memory / "config.json").read_text())
@@ -74,3 +86,25 @@ def test_a_streamed_smoothing_run_that_failed_midway_resumes_to_the_same_output(
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[key], tensor) for key, tensor in expected.items())
     assert (resumed / "config.json").read_bytes() == (whole / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize(("method", "killed_at_write"), [("awq-gptq", 2), ("w8a8-gptq", 5)])
+def test_a_two_pass_run_killed_in_either_pass_resumes_to_the_same_output(model, tmp_path, method, killed_at_write):
+    """The smoothing pass writes its two blocks' shards and the rest (writes 1-3), GPTQ then its own (4-6): killed
+    at the 2nd write the first pass resumes, at the 5th the second."""
+    from hfcompress.core.streamed_run import FIRST_PASS
+    from hfcompress.io import partial_dir
+
+    whole = compress_folder(model, tmp_path / "whole", CONFIGS[method](), OutputOptions(offload="disk"))
+    output = tmp_path / "failed"
+    with failing_at_write(killed_at_write), pytest.raises(RuntimeError, match="killed"):
+        compress_folder(model, output, CONFIGS[method](), OutputOptions(offload="disk"))
+    first_pass_done = not (partial_dir(output) / FIRST_PASS / "hfcompress_progress.json").exists()
+    assert first_pass_done == (killed_at_write > 3)
+    resumed = compress_folder(model, output, CONFIGS[method](), OutputOptions(offload="disk", resume=True))
+
+    expected, written = read_safetensors(whole), read_safetensors(resumed)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[key], tensor) for key, tensor in expected.items())
+    assert (resumed / "config.json").read_bytes() == (whole / "config.json").read_bytes()
+    assert not (resumed / FIRST_PASS).exists()
