@@ -73,6 +73,10 @@ METHODS = {
     "magnitude": (["prune", "oneshot"], ["--method", "magnitude", "--sparsity", "0.5"], False),
     "awq": (["quantize", "awq"], ["--bits", "4", "--group-size", "128"], True),
     "w8a8": (["quantize", "w8a8"], ["--smoothquant", "0.5"], True),
+    # GPTQ w4 g128 with a low-rank correction of 0.25 bits per weight; AWQ and W8A8 with GPTQ weights (two passes)
+    "gptq-comp": (["quantize", "gptq"], ["--bits", "4", "--group-size", "128", "--compensation-bits", "0.25"], True),
+    "awq-gptq": (["quantize", "awq"], ["--bits", "4", "--group-size", "128", "--weights", "gptq"], True),
+    "w8a8-gptq": (["quantize", "w8a8"], ["--smoothquant", "0.5", "--weights", "gptq"], True),
 }
 
 
@@ -181,7 +185,8 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["gptq"], choices=list(METHODS),
         help="Techniques to run: GPTQ or RTN w4 g128, SparseGPT, Wanda or magnitude pruning to 50%%, whitened SVD at "
-        "0.8 of the parameters (uniform), scalar k-means at 4 bits.",
+        "0.8 of the parameters (uniform), scalar k-means at 4 bits, AWQ w4 g128, W8A8 (SmoothQuant 0.5), and GPTQ "
+        "w4 g128 with 0.25 bits of low-rank compensation (gptq-comp), AWQ and W8A8 with GPTQ weights (*-gptq).",
     )  # fmt: skip
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()
