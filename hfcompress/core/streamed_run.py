@@ -300,8 +300,9 @@ def _check_room_for_copy(model_path, folder) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(
-            f"not enough free space in {os.fspath(folder)!r} for the first pass's copy of the model: {needed / 1e6:,.0f} "
-            f"MB needed, {free / 1e6:,.0f} MB free; free some space or load the model whole (--offload none)"
+            f"not enough free space in {os.fspath(folder)!r} for the first pass's copy of the model: "
+            f"{needed / 1e6:,.0f} MB needed, {free / 1e6:,.0f} MB free; free some space or load the model whole "
+            "(--offload none)"
         )
 
 

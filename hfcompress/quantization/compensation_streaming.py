@@ -43,14 +43,17 @@ def correct_shards(
     save_dtype: torch.dtype,
 ) -> dict[str, int]:  # fmt: skip
     """Allocate `budget` parameters over the layers whose factors are kept in `writer`'s folder (every layer of
-    the block stack: the progress names a block written only after its factors are kept; `shapes`: [out, in]), rewrite each written shard holding a layer that gets a rank with that layer as a
-    `CompensatedLinear` (factors in `dtype`, the rest cast as the run casts to `save_dtype`), and put the
-    corrected layers, on the meta device, into `model`. Returns {layer: rank} for the layers that got one."""
-    files = sorted((writer.folder / FACTORS).glob("*.safetensors"))
-    kept = {}
-    for file in files:
+    the block stack: the progress names a block written only after its factors are kept; `shapes`: [out, in]),
+    rewrite each written shard holding a layer that gets a rank with that layer as a `CompensatedLinear`
+    (factors in `dtype`, the rest cast as the run casts to `save_dtype`), and put the corrected layers, on the
+    meta device, into `model`. Returns {layer: rank} for the layers that got one."""
+    kept, kept_in = {}, {}
+    for file in sorted((writer.folder / FACTORS).glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            kept.update({key.removesuffix(".S"): f.get_tensor(key) for key in f.keys() if key.endswith(".S")})
+            for key in f.keys():
+                if key.endswith(".S"):
+                    name = key.removesuffix(".S")
+                    kept[name], kept_in[name] = f.get_tensor(key), file
     ranks = corrected_ranks(kept, {name: shapes[name] for name in kept}, budget)
     by_shard: dict[int, dict[str, int]] = {}
     for index in range(writer.n_shards):
@@ -62,7 +65,7 @@ def correct_shards(
             by_shard[index] = here
     for index, here in by_shard.items():
         tensors = writer.read(index)
-        factors = _read_factors(files, here)
+        factors = _read_factors({kept_in[name] for name in here}, here)
         for name, rank in here.items():
             layer = _corrected(model.get_submodule(name), name, tensors, *factors[name], rank, dtype, save_dtype)
             tensors.update(layer.state_dict(prefix=f"{name}."))
@@ -72,7 +75,8 @@ def correct_shards(
     return ranks
 
 
-def _read_factors(files: list[Path], names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _read_factors(files: set[Path], names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) of each layer of `names`, from the factor `files` that hold them."""
     found = {}
     for file in files:
         with safe_open(file, framework="pt") as f:

@@ -108,3 +108,17 @@ def test_a_two_pass_run_killed_in_either_pass_resumes_to_the_same_output(model, 
     assert all(torch.equal(written[key], tensor) for key, tensor in expected.items())
     assert (resumed / "config.json").read_bytes() == (whole / "config.json").read_bytes()
     assert not (resumed / FIRST_PASS).exists()
+
+
+def test_a_two_pass_run_without_room_for_the_first_pass_copy_is_refused_before_any_work(model, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from hfcompress.quantization.awq_streaming import awq_streaming
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match=r"first pass's copy of the model: 0 MB needed, 0 MB free"):
+        awq_streaming(model, tmp_path / "out", CONFIGS["awq-gptq"]())
+    assert not any((tmp_path / "out").iterdir())
