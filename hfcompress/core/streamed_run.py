@@ -286,8 +286,9 @@ def stream_twice(
         _check_room_for_copy(model_path, folder)
         between.mkdir(exist_ok=True)
         stream_compress(model_path, between, first, task, resume, format)
+    # text is tokenized as the first pass tokenized it: the kept checkpoint has no tokenizer of its own
     if second.tokenizer is None and not isinstance(getattr(second.config, "dataset", None), torch.Tensor):
-        second.tokenizer = first.tokenizer or AutoTokenizer.from_pretrained(model_path)  # text reads as it did
+        second.tokenizer = first.tokenizer or AutoTokenizer.from_pretrained(model_path)
     model = stream_compress(between, folder, second, task, resume, format)
     model.config._name_or_path = os.fspath(model_path)
     return model
