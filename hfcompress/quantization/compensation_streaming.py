@@ -93,8 +93,6 @@ def _corrected(
 ) -> CompensatedLinear:  # fmt: skip
     """The layer `name` as written in `tensors` (whose keys of it are taken out), with a rank-`rank` correction.
     A shard rewritten before (by a run killed during the rewriting) holds the corrected layer: its base is used."""
-    if isinstance(base, CompensatedLinear):
-        base = base.base
     own = {key[len(name) + 1 :]: tensors.pop(key) for key in list(tensors) if key.startswith(f"{name}.")}
     if "up.weight" in own:
         own = {key.removeprefix("base."): value for key, value in own.items() if key.startswith("base.")}
