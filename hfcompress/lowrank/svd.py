@@ -11,6 +11,8 @@ A weight `W` [out, in] becomes `U @ V` with `U` [out, r] and `V` [r, in]. Three 
   of `W @ L` itself is never formed (in float64, with LAPACK's workspace, several GB for an 11008-wide layer):
   its singular values and vectors come from the eigenvectors of the smaller of `W (X.T @ X) W.T` [out, out],
   which needs no `L` at all (the rank-r approximation is `U_r U_r.T W`), and `(W @ L).T (W @ L)` [in, in].
+  Those products are summed in float64 from a block of `W`'s columns or rows at a time, so `W` itself is never
+  copied to float64 (360 MB for an 11008x4096 layer).
 
 Each method yields a `Decomposition` whose factors for any rank are cheap to read off, so rank allocation
 can try many ranks from one SVD.
@@ -27,6 +29,7 @@ __all__ = [
     "Decomposition",
     "decompose",
     "lowrank_update",
+    "matmul64",
     "max_saving_rank",
     "rank_for_energy",
     "rank_for_ratio",
@@ -42,7 +45,8 @@ class Decomposition:
 
     `scale` holds a diagonal `T` as a vector; `whitener` a lower-triangular `T`. At most one is set. A whitening
     taken from an eigendecomposition knows one side only, and keeps `W` in `weight` for the other: without `Vh`
-    the rank-r approximation is `U_r U_r.T W`, without `U` it is `W T Vh_r.T Vh_r T⁻¹`.
+    the rank-r approximation is `U_r U_r.T W`, without `U` it is `W T Vh_r.T Vh_r T⁻¹` (that `weight` is the
+    tensor given, in its own dtype, read again when factors are taken).
     """
 
     U: torch.Tensor | None
@@ -62,16 +66,18 @@ class Decomposition:
         """`(up [out, rank], down [rank, in])` with `up @ down` the rank-`rank` approximation of `W`; each
         component's norm split evenly between its two factors (`sqrt(S)` on each side for a plain SVD)."""
         out_features, in_features = self.shape
-        if not 0 < rank <= min(out_features, in_features):
+        kept = self.U.shape[1] if self.U is not None else self.Vh.shape[0]
+        if not 0 < rank <= kept:
             raise ValueError(
-                f"`rank` must be in [1, {min(out_features, in_features)}] for a {out_features}x{in_features} weight, got {rank}"
+                f"`rank` must be in [1, {kept}] for this decomposition of a {out_features}x{in_features} weight "
+                f"(it keeps {kept} components), got {rank}"
             )
         if self.Vh is None:
             up = self.U[:, :rank]
-            return _balanced(up, up.T @ self.weight)
+            return _balanced(up, matmul64(up.T, self.weight))
         if self.U is None:
             V = self.Vh[:rank].T
-            up = self.weight @ (self.whitener @ V)
+            up = matmul64(self.weight, self.whitener @ V)
             # V.T @ L⁻¹, as the solution of X @ L = V.T
             down = torch.linalg.solve_triangular(self.whitener, V.T, upper=False, left=False)
             return _balanced(up, down)
@@ -122,16 +128,19 @@ def decompose(
     gram: torch.Tensor | None = None,
     alpha: float = 0.5,
     damp_percent: float = 0.01,
+    max_rank: int | None = None,
 ) -> Decomposition:
     """SVD of `W` [out, in] after the right transform of `method` ("svd", "asvd" or "whiten").
 
     `gram` is the input Gram matrix `X.T @ X` [in, in] (any positive multiple works), needed by "asvd" (its
-    diagonal gives each channel's mean squared activation) and "whiten". Computed in float64.
+    diagonal gives each channel's mean squared activation) and "whiten". Computed in float64. "whiten" keeps
+    `W` itself (not a copy) to take factors from: do not change it in place before they are taken. With
+    `max_rank`, "whiten" keeps the singular vectors of that many components only (every singular value still).
     """
-    W = W.detach().double()
+    W = W.detach()
     scale = None
     if method == "svd":
-        target = W
+        target = W.double()
     elif method in ("asvd", "whiten"):
         if gram is None:
             raise ValueError(f"method {method!r} needs the input Gram matrix of calibration activations")
@@ -142,54 +151,66 @@ def decompose(
             # diagonal is the same statistic up to the activation distribution's shape, and needs no extra hook.
             rms = gram.double().diagonal().clamp_min(0).sqrt()
             scale = rms.clamp_min(rms.max() * 1e-6 + 1e-12) ** alpha
-            target = W * scale
+            target = W.double() * scale
         elif W.shape[0] <= W.shape[1]:
-            return _whiten_left(W, gram, damp_percent)
+            return _whiten_left(W, gram, damp_percent, max_rank)
         else:
-            return _whiten_right(W, gram, damp_percent)
+            return _whiten_right(W, gram, damp_percent, max_rank)
     else:
         raise ValueError(f"`method` must be one of 'svd', 'asvd', 'whiten', got {method!r}")
     U, S, Vh = torch.linalg.svd(target, full_matrices=False)
     return Decomposition(U, S, Vh, scale)
 
 
-def _whiten_left(W: torch.Tensor, gram: torch.Tensor, damp_percent: float, columns: int = 1024) -> Decomposition:
+def _whiten_left(
+    W: torch.Tensor, gram: torch.Tensor, damp_percent: float, keep: int | None, columns: int = 1024
+) -> Decomposition:
     """Whitening by the eigenvectors of `W (gram + damp) W.T` [out, out] (see the module's note): the same
     damping as `regularized_cholesky`'s first try, which it never needs to raise (the product is positive
-    semi-definite whatever `gram` is). `gram` is read in float64 a block of `columns` columns at a time: a float64
-    copy of an 11008-wide Gram matrix would be 970 MB."""
+    semi-definite whatever `gram` is). Summed over blocks of `columns` columns, each read in float64 on its own:
+    a float64 copy of an 11008-wide Gram matrix would be 970 MB."""
     in_features = gram.shape[0]
-    damp = damp_percent * gram.diagonal().double().mean().clamp_min(1e-12)
-    product = W.new_zeros(W.shape[0], W.shape[0])
+    damp = float(damp_percent * gram.diagonal().double().mean().clamp_min(1e-12))
+    product = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
     for start in range(0, in_features, columns):
-        end = min(start + columns, in_features)
-        block = gram[:, start:end].to(torch.float64, copy=True)
-        block[start:end].diagonal().add_(damp)
-        product.addmm_(W @ block, W[:, start:end].T)
+        right = W[:, start : start + columns].double()
+        product.addmm_(matmul64(W, gram[:, start : start + columns], columns), right.T)
+        product.addmm_(right, right.T, alpha=damp)  # W (damp I) W.T, a block of columns at a time
     if not torch.isfinite(product).all():
         raise ValueError(
             "the weight or the input Gram matrix holds NaN or infinite values; check the calibration data for NaN "
             "or infinite activations"
         )
-    U, S = _descending_eigen(product)
+    U, S = _descending_eigen(product, keep)
     return Decomposition(U, S, None, weight=W)
 
 
-def _whiten_right(W: torch.Tensor, gram: torch.Tensor, damp_percent: float) -> Decomposition:
+def _whiten_right(W: torch.Tensor, gram: torch.Tensor, damp_percent: float, keep: int | None) -> Decomposition:
     """Whitening of a weight with more outputs than inputs (an MLP's gate and up projections) by the eigenvectors
     of `(W L).T (W L)` [in, in], the right singular vectors of `W @ L`: the SVD of the tall `W @ L` would need its
     left factor and LAPACK's workspace, several times the weight's size in float64."""
     L = regularized_cholesky(gram, damp_percent)
-    product = L.T @ (W.T @ W) @ L
-    V, S = _descending_eigen(product)
+    product = L.T @ matmul64(W.T, W) @ L
+    V, S = _descending_eigen(product, keep)
     return Decomposition(None, S, V.T, whitener=L, weight=W)
 
 
-def _descending_eigen(product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors (columns) of the symmetric positive semi-definite `product` and the square roots of its
-    eigenvalues, largest first: the singular vectors and values of the matrix whose Gram matrix it is."""
+def _descending_eigen(product: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (columns: the `keep` leading ones, or all) of the symmetric positive semi-definite `product`
+    and the square roots of all its eigenvalues, largest first: the singular vectors and values of the matrix
+    whose Gram matrix it is."""
     eigenvalues, vectors = torch.linalg.eigh(product)
-    return vectors.flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
+    keep = vectors.shape[1] if keep is None else max(1, min(keep, vectors.shape[1]))
+    return vectors[:, vectors.shape[1] - keep :].flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
+
+
+def matmul64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """`a @ b` in float64 from operands of any float dtype, reading `chunk` of the inner dimension in float64 at a
+    time: neither operand is copied whole."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+    for start in range(0, a.shape[1], chunk):
+        out.addmm_(a[:, start : start + chunk].double(), b[start : start + chunk].double())
+    return out
 
 
 def _balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

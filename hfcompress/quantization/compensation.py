@@ -39,7 +39,7 @@ class ErrorFactors:
 
 def error_factors(error: torch.Tensor, gram: torch.Tensor, max_rank: int, damp_percent: float = 0.01) -> ErrorFactors:
     """`ErrorFactors` of `error` [out, in] whitened by `gram` [in, in], keeping at most `max_rank` components."""
-    decomposition = decompose(error, "whiten", gram=gram, damp_percent=damp_percent)
+    decomposition = decompose(error, "whiten", gram=gram, damp_percent=damp_percent, max_rank=max_rank)
     rank = max(1, min(max_rank, len(decomposition.S)))
     up, down = decomposition.factors(rank)
     return ErrorFactors(decomposition.S.float(), up.float(), down.float())

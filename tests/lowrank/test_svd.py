@@ -8,6 +8,7 @@ from hfcompress.lowrank.allocation import ErrorCurve, allocate_ranks, uniform_ra
 from hfcompress.lowrank.svd import (
     decompose,
     lowrank_update,
+    matmul64,
     max_saving_rank,
     rank_for_energy,
     rank_for_ratio,
@@ -76,6 +77,39 @@ def test_whitening_equals_the_svd_of_the_whitened_weight(shape):
         torch.testing.assert_close(up @ down, reference)
         # and the factors are balanced: each component's norm split evenly between them
         torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_whitening_keeping_a_few_components_gives_the_same_factors(shape):
+    W = torch.randn(*shape, dtype=torch.float64)
+    X = _inputs(d=shape[1])
+    full = decompose(W, "whiten", X.T @ X)
+    few = decompose(W, "whiten", X.T @ X, max_rank=4)
+    torch.testing.assert_close(few.S, full.S)  # every singular value, for the error each rank removes
+    for rank in (1, 4):
+        for a, b in zip(few.factors(rank), full.factors(rank), strict=True):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"must be in \[1, 4\].*keeps 4 components\), got 5"):
+        few.factors(5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_whitening_reads_a_low_precision_weight_in_float64_without_copying_it(shape):
+    """The whitened products are summed from float64 blocks of the weight as held (bfloat16 while streaming)."""
+    W = torch.randn(*shape).bfloat16()
+    X = _inputs(d=shape[1])
+    held = decompose(W, "whiten", X.T @ X)
+    exact = decompose(W.double(), "whiten", X.T @ X)
+    assert held.weight is not None and held.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(held.S, exact.S)
+    for a, b in zip(held.factors(5), exact.factors(5), strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b)
+
+
+def test_matmul64_sums_float64_blocks_of_the_inner_dimension():
+    a, b = torch.randn(5, 11), torch.randn(11, 3).bfloat16()
+    torch.testing.assert_close(matmul64(a, b, chunk=4), a.double() @ b.double())
 
 
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
