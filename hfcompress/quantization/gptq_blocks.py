@@ -143,11 +143,13 @@ def quantize_blocks(
             return lambda names, H: quantize_group(names, modules, H, config, scale_dtype, block_plans, True, True)
 
         def solve_and_measure(names, H):
-            originals = {n: linear_weight(modules[n]).detach().float().clone() for n in names}
-            result = quantize_group(names, modules, H, config, scale_dtype, block_plans)
-            for name in names:  # the weights are now the codes' values: what is left is the quantization error
-                error = originals.pop(name) - linear_weight(modules[name]).float()
+            # the weights as held: deferring replaces each module's parameter, so these tensors keep their values
+            originals = {n: linear_weight(modules[n]).detach() for n in names}
+            result = quantize_group(names, modules, H, config, scale_dtype, block_plans, defer=True)
+            for name in names:  # what the codes do not give is the quantization error
+                error = originals.pop(name).float() - result[name].dequantize(torch.float32)
                 errors[f"{prefix}.{name}"] = error_factors(error, H, max_ranks[f"{prefix}.{name}"], config.damp_percent)
+                del error
             return result
 
         return solve_and_measure
