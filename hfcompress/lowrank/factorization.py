@@ -166,6 +166,7 @@ def _factorize_calibrated(model, targets, shapes, config: LowRankConfig, tokeniz
                 grams[name],
                 config.alpha,
                 config.damp_percent,
+                planned.get(full_name),  # a rank known already: only its vectors are kept
             )
             rank = final_rank(full_name, decomposition, shapes[full_name], planned, config)
             if rank is not None:

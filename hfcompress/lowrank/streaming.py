@@ -87,7 +87,12 @@ class _Factorization(StreamedTechnique):
                     module = modules[name]
                     full_name = f"{prefix}.{name}"
                     decomposition = decompose(
-                        linear_weight(module), config.method, H, config.alpha, config.damp_percent
+                        linear_weight(module),
+                        config.method,
+                        H,
+                        config.alpha,
+                        config.damp_percent,
+                        self.planned.get(full_name),  # a rank known already: only its vectors are kept
                     )
                     rank = final_rank(full_name, decomposition, self.shapes[full_name], self.planned, config)
                     if rank is None:
