@@ -1,7 +1,7 @@
 """Per-layer speed of hfcompress's quantized linear kernels against the dense baseline measured in the same run.
 
 For each shape (out x in) and batch M: median time of >= --runs calls, and its ratio to the dense layer
-(fp32 `nn.Linear` on CPU, bf16 cuBLAS on CUDA). CPU rows: w4 g128 and w8 per-channel through the kernel
+(fp32 `nn.Linear` on CPU, or bf16 with `--dtype bfloat16`; bf16 cuBLAS on CUDA). CPU rows: w4 g128 and w8 per-channel through the kernel
 `select_kernel` picks (hfcompress's AVX2 kernel where it builds; where the CPU has AVX-512F, 4-bit calls of one
 or two rows take its AVX-512 loop, and at M = 1 the AVX2 loop is timed beside it), torch's own int4pack op on
 the same codes (the peer, up to 4 rows) and the dequantize-then-matmul fallback; codebook layers (random codes)
@@ -12,6 +12,7 @@ kernel (tinygemm, the peer) and the fallback. Every kernel is first checked agai
 
     python scripts/bench_kernels.py                 # CPU, the issue's shapes
     python scripts/bench_kernels.py --device cuda   # adds 8192x8192 at M = 1 and 16
+    python scripts/bench_kernels.py --dtype bfloat16 --batches 64 512   # a bfloat16 model's prompts
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--batches", type=int, nargs="+", help="rows per call (default: 1 16 on CUDA, 1 8 32 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="CPU inputs' dtype (the dense baseline's too): bfloat16 for a bfloat16 model's calls",
+    )  # fmt: skip
     parser.add_argument("--json-out")
     args = parser.parse_args()
     print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
@@ -107,7 +112,7 @@ def main():
         shapes, batches, dtype = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)], [1, 16], torch.bfloat16
         name = torch.cuda.get_device_name(device)
     else:
-        shapes, batches, dtype = [(4096, 4096), (11008, 4096), (4096, 11008)], [1, 8, 32], torch.float32
+        shapes, batches, dtype = [(4096, 4096), (11008, 4096), (4096, 11008)], [1, 8, 32], getattr(torch, args.dtype)
         name = f"CPU, {torch.get_num_threads()} threads"
     batches = args.batches or batches
     print(f"device: {name}; dtype {dtype}; median of {args.runs} runs\n")
@@ -144,7 +149,7 @@ def main():
                     del os.environ["HFCOMPRESS_CPU_ISA"]
                     rows.append((f"{label} {avx2.name}", timer(partial(avx2, x), args.runs, device)))
                 if codebook and m > LUT_MAX_ROWS:  # what such calls did before the tiles: rebuild, then matmul
-                    rebuild = lambda x=x, layer=layer: F.linear(x, layer.dense_weight(torch.float32))  # noqa: E731
+                    rebuild = lambda x=x, layer=layer: F.linear(x, layer.dense_weight(dtype))  # noqa: E731
                     rows.append((f"{label} dense rebuild", timer(rebuild, max(10, args.runs // 5), device)))
                 if device.type == "cpu" and label == "w4 g128" and m <= 4:
                     peer = Int4CpuKernel(layer, dtype)  # torch's own fused int4 op, the peer

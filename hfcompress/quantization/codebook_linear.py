@@ -8,7 +8,7 @@ from torch import nn
 
 from ..core.packing import pack_codes, packed_width, unpack_codes
 from .codebook import codebook_dequantize
-from .kernels import LUT_MAX_ROWS, select_codebook_kernel
+from .kernels import select_codebook_kernel
 
 __all__ = ["CodebookLinear"]
 
@@ -82,9 +82,8 @@ class CodebookLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        # the kernel's loops serve a few rows; float32 prompts multiply its decoded tiles (no dense weight whole)
-        few_rows = x.numel() <= LUT_MAX_ROWS * self.in_features
-        if (few_rows or x.dtype == torch.float32) and not (torch.is_grad_enabled() and x.requires_grad):
+        # the kernel's loops serve a few rows; prompts multiply its decoded tiles (no dense weight whole)
+        if not (torch.is_grad_enabled() and x.requires_grad):
             key = (x.device, x.dtype)
             if self._kernel_key != key:
                 self._kernel, self._kernel_key = select_codebook_kernel(self, x.device, x.dtype), key

@@ -22,8 +22,8 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
 Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-
 or 8-bit index) read their codes and books directly on an AVX2 CPU for calls of up to `LUT_MAX_ROWS` rows
 (`LutCpuKernel`; 4-bit k-means rows and books of 2 weights per 4-bit index in AVX-512F where the CPU has it);
-longer float32 calls (prompts) decode a tile of rows at a time into a buffer for torch's matmul, and everything
-else (other dtypes, calls that need a gradient) rebuilds the dense weight.
+longer calls (prompts) decode a tile of rows at a time into a buffer for torch's matmul, in `prefill_dtype` as for
+the uniform grid, and everything else (other dtypes, calls that need a gradient) rebuilds the dense weight.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class LutCpuKernel:
     weights per 4- or 8-bit index (`vq_matmul`: each index loads its entry; 2 weights per 4-bit index from the book
     held in registers, in AVX-512F 16 weights by one permute); no dense weight is built. Calls of more than
     `max_rows` rows (prompts; `LUT_MAX_ROWS`, or `VQ_AVX2_MAX_ROWS` for vector books without an AVX-512 loop)
-    decode `PREFILL_TILE` weights at a time into a float32 buffer and multiply it with torch's matmul
+    decode `PREFILL_TILE` weights at a time into a buffer of `prefill_dtype` and multiply it with torch's matmul
     (`codebook_matmul_tiled`)."""
 
     name = "avx2-lut"
@@ -239,11 +239,14 @@ class LutCpuKernel:
         self.max_rows = LUT_MAX_ROWS if self.scalar or self.avx512 else VQ_AVX2_MAX_ROWS  # then decoded tiles
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float().contiguous()
+        flat = x.reshape(-1, self.in_features)
         if flat.shape[0] > self.max_rows:  # a prompt: decoded tiles of PREFILL_TILE weights, torch's matmul
             tile = max(1, PREFILL_TILE // self.in_features)
+            flat = flat.to(prefill_dtype(x.dtype)).contiguous()
             y = self.module.codebook_matmul_tiled(flat, self.packed, self.books, self.dim, self.index_bits, tile)
-        elif self.scalar:
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        flat = flat.float().contiguous()
+        if self.scalar:
             y = self.module.lut_matmul(flat, self.packed, self.tables, self.bits, self.avx512)
         else:
             y = self.module.vq_matmul(flat, self.packed, self.tables, self.dim, self.index_bits, self.avx512)

@@ -292,6 +292,43 @@ def test_the_vector_codebook_kernel_computes_the_dense_weights_matmul(bits, dim,
         assert layer._kernel.max_rows == (LUT_MAX_ROWS if wide else VQ_AVX2_MAX_ROWS)  # the AVX2 loop stops sooner
 
 
+@pytest.mark.parametrize(("bits", "dim", "books"), [(4, 1, 96), (2, 2, 1), (2, 4, 3)])
+def test_codebook_prompts_multiply_decoded_tiles_in_the_prefill_dtype(bits, dim, books, monkeypatch):
+    from hfcompress.quantization import kernels
+    from hfcompress.quantization.codebook_linear import CodebookLinear
+    from hfcompress.quantization.cpu_extension import unavailable_reason
+    from hfcompress.quantization.kernels import LutCpuKernel, native_bfloat16
+
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    generator = torch.Generator().manual_seed(dim)
+    codes = torch.randint(0, 2 ** (bits * dim), (96, 272 // dim), generator=generator)
+    levels = torch.randn(books, 2 ** (bits * dim), dim, generator=generator)
+    levels = levels.squeeze(-1) if dim == 1 else levels  # scalar k-means: a row of levels per output
+    layer = CodebookLinear.from_codes(codes, levels, bits, torch.randn(96, generator=generator))
+    weight = layer.dense_weight(torch.float32)
+    x = torch.randn(40, 272, generator=generator)  # more rows than any loop serves: a prompt
+    exact = F.linear(x, weight, layer.bias)
+    rounded = F.linear(x.bfloat16().float(), weight.bfloat16().float(), layer.bias)  # what bfloat16 tiles compute
+    for tile in (40, 96):  # tiles of 40 of the 96 rows and a leftover; every row in one tile
+        monkeypatch.setattr(kernels, "PREFILL_TILE", tile * 272)
+        monkeypatch.setenv("HFCOMPRESS_PREFILL_DTYPE", "bfloat16")  # asked for, float32 inputs multiply in bfloat16
+        with torch.no_grad():
+            got = layer(x)
+        assert isinstance(layer._kernel, LutCpuKernel) and got.dtype == torch.float32
+        torch.testing.assert_close(got, rounded, rtol=0, atol=0.01 * rounded.abs().max().item())  # rounded product
+        assert not torch.allclose(got, exact, rtol=0, atol=1e-5)
+        # a bfloat16 model's prompt: through the tiles too (not the dense weight rebuilt), in bfloat16 where the CPU
+        # multiplies it natively, else in float32
+        monkeypatch.delenv("HFCOMPRESS_PREFILL_DTYPE")
+        with torch.no_grad():
+            got = layer(x.bfloat16())
+        assert layer._kernel_key == (x.device, torch.bfloat16) and isinstance(layer._kernel, LutCpuKernel)
+        assert got.dtype == torch.bfloat16
+        reference = rounded if native_bfloat16() else F.linear(x.bfloat16().float(), weight, layer.bias)
+        torch.testing.assert_close(got.float(), reference, rtol=0.01, atol=0.01 * reference.abs().max().item())
+
+
 def test_codebooks_the_kernels_do_not_cover_rebuild_the_dense_weight():
     from hfcompress.quantization.codebook_linear import CodebookLinear
     from hfcompress.quantization.kernels import LutCpuKernel

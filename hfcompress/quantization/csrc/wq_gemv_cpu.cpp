@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <vector>
+
 namespace {
 
 constexpr int kRowsPerPass = 4;
@@ -609,14 +611,16 @@ torch::Tensor vq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor boo
   return y;
 }
 
-// Many rows (prompts) of a codebook layer: decode `tile` output rows at a time into a float32 buffer and multiply
-// by torch's matmul (oneDNN/MKL); the dense weight never exists whole. x: float32 [m, in]; packed and books as for
-// `vq_matmul` (scalar k-means: books [out, 2^bits, 1], dim 1).
+// Many rows (prompts) of a codebook layer: decode `tile` output rows at a time into a buffer of x's dtype (float32,
+// or bfloat16 where the CPU multiplies it natively: each row decoded in float32, then rounded) and multiply by
+// torch's matmul (oneDNN/MKL); the dense weight never exists whole; the result is float32. x: float32 or bfloat16
+// [m, in]; packed and books as for `vq_matmul` (scalar k-means: books [out, 2^bits, 1], dim 1).
 torch::Tensor codebook_matmul_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor books, int64_t dim,
                                     int64_t index_bits, int64_t tile) {
   TORCH_CHECK((dim == 1 || dim == 2 || dim == 4) && (index_bits == 2 || index_bits == 4 || index_bits == 8),
               "dim 1, 2 or 4 with 2-, 4- or 8-bit indices, got dim ", dim, " and ", index_bits, "-bit indices");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [m, in]");
+  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.dim() == 2,
+              "x must be float32 or bfloat16 [m, in]");
   TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous(), "packed must be contiguous int32");
   TORCH_CHECK(tile > 0, "tile must be positive, got ", tile);
   const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
@@ -625,32 +629,41 @@ torch::Tensor codebook_matmul_tiled(torch::Tensor x, torch::Tensor packed, torch
   TORCH_CHECK(books.scalar_type() == torch::kFloat32 && books.is_contiguous() && books.dim() == 3 &&
               books.size(1) == (int64_t(1) << index_bits) && books.size(2) == dim && out % books.size(0) == 0,
               "books must be contiguous float32 [n_books, 2^index_bits, dim] with n_books dividing the rows");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(!bf16 || in % 8 == 0, "bfloat16 tiles need an input size of a multiple of 8, got ", in);
   const int64_t rows_per_book = out / books.size(0), words_per_row = packed.size(1);
   const int32_t* wp = packed.data_ptr<int32_t>();
   const float* bp = books.data_ptr<float>();
-  auto y = torch::empty({m, out}, x.options());
+  const int64_t kind = dim * 16 + index_bits;
+  auto decode = [&](float* dst, int64_t begin, int64_t end) {
+    auto run = [&](auto rows) { rows(wp, words_per_row, bp, rows_per_book, in, dst, begin, end); };
+    switch (kind) {
+      case 16 + 2: run(decode_codebook_rows<1, 2>); break;
+      case 16 + 4: run(decode_codebook_rows<1, 4>); break;
+      case 16 + 8: run(decode_codebook_rows<1, 8>); break;
+      case 32 + 2: run(decode_codebook_rows<2, 2>); break;
+      case 32 + 4: run(decode_codebook_rows<2, 4>); break;
+      case 32 + 8: run(decode_codebook_rows<2, 8>); break;
+      case 64 + 2: run(decode_codebook_rows<4, 2>); break;
+      case 64 + 4: run(decode_codebook_rows<4, 4>); break;
+      default: run(decode_codebook_rows<4, 8>); break;
+    }
+  };
+  auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
   auto buffer = torch::empty({std::min(tile, out), in}, x.options());
   for (int64_t o0 = 0; o0 < out; o0 += tile) {
     const int64_t rows = std::min(tile, out - o0);
     auto w = buffer.narrow(0, 0, rows);
-    float* wd = w.data_ptr<float>();
     at::parallel_for(o0, o0 + rows, 8, [&](int64_t begin, int64_t end) {
-      float* dst = wd + (begin - o0) * in;
-      auto run = [&](auto decode) { decode(wp, words_per_row, bp, rows_per_book, in, dst, begin, end); };
-      const int64_t kind = dim * 16 + index_bits;
-      switch (kind) {
-        case 16 + 2: run(decode_codebook_rows<1, 2>); break;
-        case 16 + 4: run(decode_codebook_rows<1, 4>); break;
-        case 16 + 8: run(decode_codebook_rows<1, 8>); break;
-        case 32 + 2: run(decode_codebook_rows<2, 2>); break;
-        case 32 + 4: run(decode_codebook_rows<2, 4>); break;
-        case 32 + 8: run(decode_codebook_rows<2, 8>); break;
-        case 64 + 2: run(decode_codebook_rows<4, 2>); break;
-        case 64 + 4: run(decode_codebook_rows<4, 4>); break;
-        default: run(decode_codebook_rows<4, 8>); break;
+      if (!bf16) return decode(w.data_ptr<float>() + (begin - o0) * in, begin, end);
+      std::vector<float> row(in);
+      at::BFloat16* dst = w.data_ptr<at::BFloat16>() + (begin - o0) * in;
+      for (int64_t o = begin; o < end; ++o, dst += in) {
+        decode(row.data(), o, o + 1);
+        for (int64_t j = 0; j < in; j += 8) store8(dst + j, _mm256_loadu_ps(row.data() + j));
       }
     });
-    if (rows == out) at::mm_out(y, x, w.t());  // one tile: straight into the result
+    if (rows == out && !bf16) at::mm_out(y, x, w.t());  // one tile: straight into the result
     else y.narrow(1, o0, rows).copy_(at::mm(x, w.t()));
   }
   return y;
