@@ -27,10 +27,10 @@ def output_error_basis(H: torch.Tensor, damp_percent: float = 0.01, generator=No
     """A matrix `B` [in, k] with `‖Δ B‖² ≈ tr(Δ H Δᵀ)` for any `Δ` [out, in]: the Cholesky factor of H (exact, k =
     in) up to `SKETCH` inputs, above that its product with a Gaussian sketch (unbiased, k = SKETCH), so each
     candidate costs out·in·k instead of out·in²."""
-    H = H.float()
-    diagonal = H.diagonal()
-    damped = H + damp_percent * diagonal.mean().clamp(min=1e-8) * torch.eye(H.shape[0], device=H.device)
+    damped = H.to(torch.float32, copy=True)  # damped on its diagonal in place: no identity matrix the size of H
+    damped.diagonal().add_(damp_percent * damped.diagonal().mean().clamp(min=1e-8))
     L = torch.linalg.cholesky(damped)
+    del damped
     if H.shape[0] <= SKETCH:
         return L
     sketch = torch.randn(H.shape[0], SKETCH, generator=generator, device=H.device) / SKETCH**0.5
