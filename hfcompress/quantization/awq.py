@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.rowwise import rows_per_block
 from .grid import rtn_quantize
 
 __all__ = ["awq_clip", "awq_scales", "output_error_basis"]
@@ -63,9 +64,15 @@ def awq_scales(
     normalized = normalized / normalized.amax(dim=2, keepdim=True).clamp(min=1e-12)
     magnitude = normalized.reshape(W.shape).mean(dim=0)
 
+    rows = rows_per_block(W.shape[1])
+
     def error(s: torch.Tensor) -> float:
-        quantized = rtn_quantize(W * s, bits, group_size, sym, scale_dtype=scale_dtype).dequantize(torch.float32)
-        return float(((W - quantized / s) @ basis).square().sum())
+        # rows round independently: a block of them at a time holds one block's temporaries, not the weight's
+        total = 0.0
+        for part in W.split(rows):
+            quantized = rtn_quantize(part * s, bits, group_size, sym, scale_dtype=scale_dtype).dequantize(torch.float32)
+            total += float(((part - quantized / s) @ basis).square().sum())
+        return total
 
     best_s, best_alpha = torch.ones_like(activation), None
     best = error(best_s)
@@ -96,12 +103,19 @@ def awq_clip(
     on `n_grid` steps, the `r` that minimizes the group's share of the output error after round-to-nearest
     (`δ H_gg δᵀ`, `H_gg` the group's diagonal block of the input Hessian), as AWQ's clipping search does on
     sampled tokens. Clamping trades the largest weights' error for finer steps everywhere else."""
-    W = weight.detach().float()
-    out_features, in_features = W.shape
+    in_features = weight.shape[1]
     group = in_features if group_size == -1 else group_size
     blocks = H.float().reshape(in_features // group, group, in_features // group, group).diagonal(dim1=0, dim2=2)
     blocks = blocks.permute(2, 0, 1)  # [groups, g, g]
-    grouped = W.reshape(out_features, -1, group)
+    # rows are clipped independently: a block of them at a time holds one block's candidates, not the weight's
+    parts = weight.detach().split(rows_per_block(in_features))
+    clipped = [_clip_rows(p.float(), blocks, bits, group_size, sym, n_grid, max_shrink, scale_dtype) for p in parts]
+    return torch.cat(clipped).to(weight.dtype)
+
+
+def _clip_rows(W, blocks, bits, group_size, sym, n_grid, max_shrink, scale_dtype) -> torch.Tensor:
+    """`awq_clip` of the float32 rows `W` given the Hessian's diagonal blocks [groups, g, g]."""
+    grouped = W.reshape(W.shape[0], -1, blocks.shape[1])
     peak = grouped.abs().amax(dim=2, keepdim=True)
     best_w, best = grouped, None
     for step in range(n_grid):
@@ -116,4 +130,4 @@ def awq_clip(
         better = (error < best).unsqueeze(-1)
         best_w = torch.where(better, clamped, best_w)
         best = torch.minimum(error, best)
-    return best_w.reshape(W.shape).to(weight.dtype)
+    return best_w.reshape(W.shape)
