@@ -10,6 +10,10 @@ import hfcompress
 CONFIGS = {
     "sparsegpt": lambda **data: hfcompress.OneShotPruningConfig(method="sparsegpt", sparsity=0.5, **data),
     "whiten": lambda **data: hfcompress.LowRankConfig(method="whiten", rank=8, **data),
+    # AWQ reads H and each input's mean |x| (both summed in hessian_dtype); with GPTQ weights GPTQ's Hessians too
+    "awq": lambda **data: hfcompress.AWQConfig(bits=4, group_size=32, **data),
+    "awq-gptq": lambda **data: hfcompress.AWQConfig(bits=4, group_size=32, weights="gptq", **data),
+    "w8a8-gptq": lambda **data: hfcompress.W8A8Config(weights="gptq", **data),
 }
 
 
@@ -32,9 +36,17 @@ def test_float64_hessians_give_the_same_model_for_reordered_and_rebatched_sample
 
 @pytest.mark.parametrize(
     "config",
-    [hfcompress.OneShotPruningConfig, hfcompress.LowRankConfig, hfcompress.KMeansConfig, hfcompress.VQConfig],
+    [
+        hfcompress.OneShotPruningConfig,
+        hfcompress.LowRankConfig,
+        hfcompress.KMeansConfig,
+        hfcompress.VQConfig,
+        hfcompress.AWQConfig,
+        hfcompress.W8A8Config,
+    ],
 )
 def test_a_hessian_dtype_other_than_float32_or_float64_is_refused(config):
     extra = {"rank": 8} if config is hfcompress.LowRankConfig else {}
+    extra |= {"dataset": "calib.txt"} if config in (hfcompress.AWQConfig, hfcompress.W8A8Config) else {}
     with pytest.raises(ValueError, match=r"`hessian_dtype` must be one of 'float32', 'float64', got 'bfloat16'"):
         config(hessian_dtype="bfloat16", **extra)

@@ -158,7 +158,7 @@ class _Backup:
 
 class Hessian:
     """A running H = 2 XᵀX / n over the inputs a layer sees, upper triangle only until `full()`, and each input's
-    mean magnitude `abs_mean` (mean |x|, AWQ's activation statistic; exact after `full()`).
+    mean magnitude `abs_mean` (mean |x|, AWQ's activation statistic; exact after `full()`, and summed like H).
 
     With `diagonal`, only H's diagonal 2 Σ x_j² / n is kept, as a vector (what Wanda and k-means read): for a
     wide layer the matrix is hundreds of MB and its accumulation most of the calibration's time.
@@ -173,7 +173,7 @@ class Hessian:
     def __init__(self, in_features: int, device, diagonal: bool = False, dtype: torch.dtype = torch.float32):
         shape = (in_features,) if diagonal else (in_features, in_features)
         self.H = torch.zeros(*shape, device=device, dtype=dtype)
-        self.abs_mean = torch.zeros(in_features, device=device)
+        self.abs_mean = torch.zeros(in_features, device=device, dtype=dtype)  # in float64 a sum, as H, until full()
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -181,11 +181,12 @@ class Hessian:
         if not rows.shape[0]:
             return
         total = self.count + rows.shape[0]
-        self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0).to(self.abs_mean.dtype), alpha=1 / total)
         if self.H.dtype == torch.float64:
             self._add_to_sum(x.detach())
             self.count = total
-        elif self.H.dim() == 1:
+            return
+        self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0), alpha=1 / total)
+        if self.H.dim() == 1:
             rows = rows.to(self.H.dtype)
             self.H.mul_(self.count / total).add_((rows * rows).sum(0), alpha=2 / total)
             self.count = total
@@ -194,9 +195,10 @@ class Hessian:
 
     def _add_to_sum(self, x: torch.Tensor) -> None:
         """Add each sample's float32 product (of x's leading dimension, when x has more than two) to the float64
-        sum (the upper triangle, or the diagonal)."""
+        sum (the upper triangle, or the diagonal), and its float32 sum of |x| to `abs_mean`'s."""
         for sample in x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else (x,):
             sample = sample.reshape(-1, x.shape[-1]).float()
+            self.abs_mean.add_(sample.abs().sum(0))
             if self.H.dim() == 1:
                 self.H.add_((sample * sample).sum(0))
             else:
@@ -206,11 +208,13 @@ class Hessian:
         """The symmetric H (or its diagonal), made in place (no second matrix: for a wide layer H alone is hundreds
         of MB; a float64 sum becomes its float32 copy); across processes, over every rank's inputs
         (`core.distributed`), as `abs_mean` then is."""
-        self.abs_mean, _ = reduce_mean(self.abs_mean, self.count)
-        if self.H.dtype == torch.float64:  # a sum until now: made the mean in one step
+        if self.H.dtype == torch.float64:  # sums until now: made the means in one step
+            self.abs_mean, _ = reduce_sum(self.abs_mean, self.count)
             self.H, self.count = reduce_sum(self.H, self.count)
+            self.abs_mean = self.abs_mean.div_(max(self.count, 1)).float()
             self.H.mul_(2 / max(self.count, 1))
         else:
+            self.abs_mean, _ = reduce_mean(self.abs_mean, self.count)
             self.H, self.count = reduce_mean(self.H, self.count)
         if self.H.dim() == 2:
             symmetrize_upper_(self.H)

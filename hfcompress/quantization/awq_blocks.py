@@ -64,7 +64,9 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     exactly; returns {group leader: (producer, α)} for the groups with such a producer (α None: no scaling
     beat none, the weights were left as they were)."""
     trace = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[0])
-    statistics = collect_input_statistics(block, prefix, inputs, list(modules), trace)
+    statistics = collect_input_statistics(
+        block, prefix, inputs, list(modules), trace, hessian_dtype=getattr(torch, config.hessian_dtype)
+    )
     hessians = {name: statistic.H for name, statistic in statistics.items()}
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]

@@ -226,9 +226,11 @@ class AWQConfig(CalibrationArguments, RTNConfig):
             "with its defaults on the same calibration data)."
         },
     )
+    hessian_dtype: Literal["float32", "float64"] = hessian_dtype_field()
 
     def __post_init__(self):
         super().__post_init__()
+        check_hessian_dtype(self.hessian_dtype)
         if self.activation_statistic not in (None, "mean_abs", "rms"):
             raise ValueError(
                 f"activation_statistic={self.activation_statistic!r}: expected 'mean_abs', 'rms' or None (by weights)"
@@ -279,6 +281,7 @@ class W8A8Config(CalibrationArguments, CompressionConfig):
     damp_percent: float = field(
         default=0.01, metadata={"help": "GPTQ weights: dampening added to diag(H), as a fraction of its mean."}
     )
+    hessian_dtype: Literal["float32", "float64"] = hessian_dtype_field()  # GPTQ weights
     allow_partial: bool = allow_partial_field()
 
     def __post_init__(self):
@@ -292,6 +295,7 @@ class W8A8Config(CalibrationArguments, CompressionConfig):
             raise ValueError(f"`scale_dtype` must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"`damp_percent` must be in [0, 1), got {self.damp_percent!r}")
+        check_hessian_dtype(self.hessian_dtype)
         self.check_calibration()
 
     @classmethod
@@ -307,4 +311,4 @@ class W8A8Config(CalibrationArguments, CompressionConfig):
         if self.weights == "rtn":
             return RTNConfig(**shared)
         calibration = {name: getattr(self, name) for name in ("dataset", "num_samples", "seq_len", "batch_size")}
-        return GPTQConfig(**shared, **calibration, damp_percent=self.damp_percent)
+        return GPTQConfig(**shared, **calibration, damp_percent=self.damp_percent, hessian_dtype=self.hessian_dtype)
