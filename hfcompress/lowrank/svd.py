@@ -171,7 +171,7 @@ def _whiten_left(
     a float64 copy of an 11008-wide Gram matrix would be 970 MB."""
     in_features = gram.shape[0]
     damp = float(damp_percent * gram.diagonal().double().mean().clamp_min(1e-12))
-    product = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64)
+    product = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64, device=W.device)
     for start in range(0, in_features, columns):
         right = W[:, start : start + columns].double()
         product.addmm_(matmul64(W, gram[:, start : start + columns], columns), right.T)
@@ -207,7 +207,7 @@ def _descending_eigen(product: torch.Tensor, keep: int | None) -> tuple[torch.Te
 def matmul64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """`a @ b` in float64 from operands of any float dtype, reading `chunk` of the inner dimension in float64 at a
     time: neither operand is copied whole."""
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[1], chunk):
         out.addmm_(a[:, start : start + chunk].double(), b[start : start + chunk].double())
     return out
