@@ -101,6 +101,11 @@ def add_search(subparsers) -> None:
         help="Format of the chosen model in OUTPUT. compressed-tensors (plain transformers, vLLM): symmetric GPTQ "
         "grids only, and the linears serving engines fuse (q/k/v, gate/up) get one width (default: hfcompress).",
     )  # fmt: skip
+    search.add_argument(
+        "--hessian-dtype", default="float32", choices=["float32", "float64"],
+        help="What GPTQ, whitening and SparseGPT sum each layer's input Hessian in. float64: the same candidates "
+        "for any order or batching of the calibration windows, twice each Hessian's memory (default: float32).",
+    )  # fmt: skip
     search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
     search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
     add_common(search)

@@ -28,6 +28,7 @@ def run_search(args: argparse.Namespace) -> int:
         eval_max_windows=args.eval_max_windows, neighbour_bits=args.neighbour_bits,
         lowrank_ratios=_numbers(args.lowrank_ratios, float, "--lowrank-ratios"),
         prune_sparsities=_numbers(args.prune_sparsities, float, "--prune-sparsities"), format=args.format,
+        hessian_dtype=args.hessian_dtype,
     )  # fmt: skip
     results = search(args.model, args.output, config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     chosen = next(p for p in results["points"] if p["name"] == results["chosen"])

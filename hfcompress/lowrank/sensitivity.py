@@ -218,6 +218,7 @@ def _cache_key(model: nn.Module, targets: dict, config: LowRankConfig) -> dict:
         "probe_ratios": config.probe_ratios,
         "sensitivity_samples": config.sensitivity_samples,
         "seq_len": config.seq_len,
+        "hessian_dtype": config.hessian_dtype,
     }
 
 

@@ -161,7 +161,8 @@ def _lowrank_candidates(base: Baseline, config: SearchConfig, work: Path) -> lis
     candidates = []
     for r in sorted(ratios):
         settings = {"method": "whiten", "param_ratio": r, "allocation": "sensitivity", "num_samples": config.num_samples,
-                    "seq_len": config.seq_len, "sensitivity_cache": os.fspath(work / "lowrank-sensitivity.json")}  # fmt: skip
+                    "seq_len": config.seq_len, "sensitivity_cache": os.fspath(work / "lowrank-sensitivity.json"),
+                    "hessian_dtype": config.hessian_dtype}  # fmt: skip
         candidates.append(
             Candidate(f"lowrank-{r:.3f}", "lowrank", [{"factorize": settings}], "whitened SVD, ranks by sensitivity")
         )
@@ -179,7 +180,8 @@ def _prune_candidates(base: Baseline, config: SearchConfig) -> list[Candidate]:
         logger.info("pruning cannot meet %s (it would need %.0f%% sparsity)", config.budget, 100 * (1 - kept))
     candidates = []
     for s in sorted(sparsities):
-        settings = {"method": "sparsegpt", "sparsity": s, "num_samples": config.num_samples, "seq_len": config.seq_len}
+        settings = {"method": "sparsegpt", "sparsity": s, "num_samples": config.num_samples, "seq_len": config.seq_len,
+                    "hessian_dtype": config.hessian_dtype}  # fmt: skip
         candidates.append(Candidate(f"prune-{s:.3f}", "prune", [{"prune": settings}], "SparseGPT, bitmask storage"))
     return candidates
 

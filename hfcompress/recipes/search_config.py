@@ -9,6 +9,7 @@ import os
 import types
 from dataclasses import dataclass, field
 
+from ..core.config import check_hessian_dtype
 from ..data import resolve_seq_len
 from .budget import Budget
 
@@ -38,6 +39,7 @@ class SearchConfig:
     lowrank_ratios: list[float] = field(default_factory=lambda: [0.7, 0.85])
     prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
     format: str = "hfcompress"
+    hessian_dtype: str = "float32"  # what GPTQ, whitening and SparseGPT sum their Hessians in (`hessian_dtype_field`)
 
     def __post_init__(self):
         if isinstance(self.budget, str):
@@ -58,6 +60,7 @@ class SearchConfig:
                 f"format compressed-tensors holds quantized grids only; --techniques {','.join(self.techniques)} "
                 "would write factorized or pruned layers it cannot express: use --techniques gptq"
             )
+        check_hessian_dtype(self.hessian_dtype)
         if self.metric not in METRICS:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         bad = [b for b in self.bits_options if b not in (2, 3, 4, 8)]
@@ -104,7 +107,7 @@ class SearchConfig:
     def fingerprint(self, model: str) -> str:
         """What cached sensitivities and candidates depend on (not the budget: a new budget reuses them)."""
         keys = ("dataset", "eval_dataset", "metric", "group_size", "num_samples", "seq_len", "sensitivity_samples",
-                "eval_seq_len", "eval_max_windows", "format")  # fmt: skip
+                "eval_seq_len", "eval_max_windows", "format", "hessian_dtype")  # fmt: skip
         data = {
             "model": os.path.abspath(model) if os.path.isdir(model) else model,
             **{k: getattr(self, k) for k in keys},

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 def gptq_step(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None = None) -> dict:
     settings = {"method": "gptq", "bits": bits, "group_size": config.group_size, "num_samples": config.num_samples,
-                "seq_len": config.seq_len}  # fmt: skip
+                "seq_len": config.seq_len, "hessian_dtype": config.hessian_dtype}  # fmt: skip
     if config.sym:
         settings["sym"] = True
     if layer_bits:
@@ -69,6 +69,7 @@ def gptq_candidates(
     gptq_config = GPTQConfig(
         bits=max(config.bits_options), group_size=config.group_size, dataset=config.dataset,
         num_samples=config.num_samples, seq_len=config.seq_len, sym=config.sym,
+        hessian_dtype=config.hessian_dtype,
     )  # fmt: skip
     prepared = {}
 

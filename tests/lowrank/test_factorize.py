@@ -158,3 +158,21 @@ def test_config_round_trips():
     config = LowRankConfig(method="asvd", param_ratio=0.5, probe_ratios=[0.6, 0.3, 0.6])
     assert config.probe_ratios == [0.3, 0.6]
     assert LowRankConfig(**config.to_dict()) == config
+
+
+def test_a_sensitivity_cache_is_read_only_for_the_settings_it_was_measured_with(tmp_path, caplog):
+    ids, cache = token_windows(8, 32), str(tmp_path / "sensitivity.json")
+
+    def run(**extra):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="hfcompress.lowrank.sensitivity"):
+            factorize(
+                tiny_model("llama"),
+                LowRankConfig(method="whiten", dataset=ids, param_ratio=0.6, sensitivity_cache=cache, **extra),
+            )
+        return caplog.text
+
+    assert "read from" not in run()
+    assert "read from" in run()
+    assert "measured for other settings" in run(hessian_dtype="float64")  # the whitening's sums change the curves
+    assert "read from" in run(hessian_dtype="float64")

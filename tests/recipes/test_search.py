@@ -160,6 +160,31 @@ def results_layers(files) -> list[str]:
     return list(candidate_linears(AutoModelForCausalLM.from_pretrained(files / "model"), None))
 
 
+def test_the_search_sums_hessians_in_the_dtype_it_is_given_as_quantize_does(files, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    args = ["--budget", "bits=4.5", "--techniques", "gptq,prune", "--bits-options", "4", "--prune-sparsities", "0.5"]
+    assert _search(files, out, *args, "--hessian-dtype", "float64") == 0
+    results = json.loads((out / "search" / "results.json").read_text())
+    steps = {p["name"]: p["steps"][0] for p in results["points"] if p["name"] != "dense"}
+    assert steps["gptq-4bit"]["quantize"]["hessian_dtype"] == "float64"
+    assert steps["prune-0.500"]["prune"]["hessian_dtype"] == "float64"
+    candidate = out / "search" / "candidates" / "gptq-4bit"
+    record = json.loads((candidate / "hfcompress_record.json").read_text())
+    assert record["steps"][0]["config"]["hessian_dtype"] == "float64"  # what its GPTQ ran with
+    quantized = tmp_path / "quantized"
+    assert main([
+        "quantize", "gptq", str(files / "model"), str(quantized), "--bits", "4", "--group-size", "32",
+        "--dataset", str(files / "calib.txt"), "--seq-len", "64", "--num-samples", "8", "--hessian-dtype", "float64",
+        "-q",
+    ]) == 0  # fmt: skip
+    searched, alone = (load_file(folder / "model.safetensors") for folder in (candidate, quantized))
+    assert searched.keys() == alone.keys() and all(torch.equal(searched[k], alone[k]) for k in searched)
+    with pytest.raises(ValueError, match="`hessian_dtype` must be one of 'float32', 'float64', got 'float16'"):
+        SearchConfig(budget="bits=3", dataset="a", eval_dataset="b", hessian_dtype="float16")
+
+
 def test_compressed_tensors_searches_refuse_techniques_it_cannot_hold():
     with pytest.raises(ValueError, match="use --techniques gptq"):
         SearchConfig(
