@@ -14,6 +14,7 @@ from .linalg import all_finite, invert_lower_, permute_symmetric_, reverse_, tra
 
 __all__ = [
     "Hessian",
+    "MatrixBackup",
     "accumulate_hessian",
     "gram_upper",
     "hessian_diagonal",
@@ -110,7 +111,7 @@ def inverse_cholesky(
     info = torch.empty((), dtype=torch.int32, device=H.device)
     in_place = overwrite and H.is_contiguous()
     X = permute_symmetric_(H if in_place else H.clone(memory_format=torch.contiguous_format), reverse)
-    with _Backup(X) if in_place else contextlib.nullcontext() as backup:
+    with MatrixBackup(X) if in_place else contextlib.nullcontext() as backup:
         for _ in range(6):
             X.diagonal().copy_(diagonal[reverse] + damp)
             # LAPACK works on column-major matrices: handed the (symmetric) matrix as its transposed view, it
@@ -128,7 +129,7 @@ def inverse_cholesky(
     raise ValueError("the Hessian is not positive definite even after dampening; check the calibration data")
 
 
-class _Backup:
+class MatrixBackup:
     """The values of a contiguous matrix, kept outside memory (a temporary file on the CPU, host memory for a
     device's matrix) until `restore()` puts them back."""
 
