@@ -28,10 +28,13 @@ def output_error_basis(H: torch.Tensor, damp_percent: float = 0.01, generator=No
     """A matrix `B` [in, k] with `‖Δ B‖² ≈ tr(Δ H Δᵀ)` for any `Δ` [out, in]: the Cholesky factor of H (exact, k =
     in) up to `SKETCH` inputs, above that its product with a Gaussian sketch (unbiased, k = SKETCH), so each
     candidate costs out·in·k instead of out·in²."""
-    damped = H.to(torch.float32, copy=True)  # damped on its diagonal in place: no identity matrix the size of H
+    damped = H.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # no identity the size of H
     damped.diagonal().add_(damp_percent * damped.diagonal().mean().clamp(min=1e-8))
-    L = torch.linalg.cholesky(damped)
-    del damped
+    # factorized in the copy's own memory: LAPACK works on column-major matrices, so the (symmetric) copy is
+    # handed over as its transposed view, which it factorizes in place instead of through two more matrices
+    L = damped.mT
+    torch.linalg.cholesky_ex(L, check_errors=True, out=(L, torch.empty((), dtype=torch.int32, device=H.device)))
+    L.tril_()
     if H.shape[0] <= SKETCH:
         return L
     sketch = torch.randn(H.shape[0], SKETCH, generator=generator, device=H.device) / SKETCH**0.5
