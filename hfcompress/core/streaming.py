@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from .memory import trim_heap
+from .tensor_file import read_tensors, tensor_names
 
 __all__ = [
     "AUTO_CLASSES",
@@ -114,20 +115,15 @@ class ShardedCheckpoint:
         return model.eval()
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors `names`, cast to `dtype` (None: as stored), each shard opened once and closed again. Each
-        tensor is copied out of the shard's memory map into memory of its own: safetensors hands out views of one
-        map of the whole shard, whose pages stay resident while any of its tensors lives (a block's layers freed
-        as they are solved kept their pages: 0.3 GB for a 1.47B Llama's block)."""
+        """The tensors `names`, cast to `dtype` (None: as stored), each read from its shard into memory of its own
+        (`core.tensor_file`: a memory map of the shard would keep the pages read resident while any of its tensors
+        lives, and a copy out of it holds each tensor twice)."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
         tensors = {}
         for file, keys in by_file.items():
-            with safe_open(self.folder / file, framework="pt") as f:
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
-                    tensors[key] = tensor.to(dtype) if cast else tensor.clone()
+            tensors.update(read_tensors(self.folder / file, keys, dtype))
         return tensors
 
     def materialize(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
@@ -184,8 +180,8 @@ class ShardWriter:
 
     def read(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of the written shard `index`, copied out of the file (to be changed and written again)."""
-        with safe_open(self.folder / self.shard_name(index), framework="pt") as f:
-            return {key: f.get_tensor(key).clone() for key in f.keys()}
+        path = self.folder / self.shard_name(index)
+        return read_tensors(path, tensor_names(path))
 
     def finish(self) -> None:
         weight_map, total = {}, 0

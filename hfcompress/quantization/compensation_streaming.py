@@ -19,6 +19,7 @@ from torch import nn
 from ..core.activations import SCRATCH
 from ..core.streaming import ShardWriter, release, save_atomic
 from ..core.structure import cast_unquantized, set_submodule
+from ..core.tensor_file import read_tensors, tensor_names
 from .compensated_linear import CompensatedLinear, corrected_ranks
 from .compensation import ErrorFactors
 
@@ -57,8 +58,7 @@ def correct_shards(
     ranks = corrected_ranks(kept, {name: shapes[name] for name in kept}, budget)
     by_shard: dict[int, dict[str, int]] = {}
     for index in range(writer.n_shards):
-        with safe_open(writer.folder / writer.shard_name(index), framework="pt") as f:
-            keys = set(f.keys())
+        keys = set(tensor_names(writer.folder / writer.shard_name(index)))
         owners = {key.rsplit(".", 1)[0] for key in keys} | {key.rsplit(".", 2)[0] for key in keys if ".base." in key}
         here = {name: rank for name, rank in ranks.items() if name in owners}
         if here:
@@ -79,11 +79,10 @@ def _read_factors(files: set[Path], names) -> dict[str, tuple[torch.Tensor, torc
     """(up, down) of each layer of `names`, from the factor `files` that hold them."""
     found = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            keys = set(f.keys())
-            for name in names:
-                if f"{name}.up" in keys:
-                    found[name] = (f.get_tensor(f"{name}.up"), f.get_tensor(f"{name}.down"))
+        keys = set(tensor_names(file))
+        here = [name for name in names if f"{name}.up" in keys]
+        tensors = read_tensors(file, [f"{name}.{part}" for name in here for part in ("up", "down")])
+        found.update({name: (tensors[f"{name}.up"], tensors[f"{name}.down"]) for name in here})
     return found
 
 
