@@ -14,10 +14,11 @@ import json
 import math
 import os
 import struct
+import tempfile
 
 import torch
 
-__all__ = ["SAFETENSORS_DTYPES", "read_header", "read_tensors", "tensor_names"]
+__all__ = ["SAFETENSORS_DTYPES", "SpilledTensor", "read_header", "read_tensors", "tensor_names"]
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -84,3 +85,33 @@ def _read_one(file, info: dict, data_start: int, dtype: torch.dtype | None, what
         if cast:
             part.copy_(target)
     return tensor
+
+
+class SpilledTensor:
+    """A tensor kept out of memory until it is needed again: a CPU tensor's bytes in a temporary file (deleted when
+    this object goes), a device tensor's in host memory. `load()` gives a new tensor with the same values."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        if tensor.is_cpu:
+            self.file = tempfile.TemporaryFile()
+            self.file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            self.host = None
+        else:
+            self.file, self.host = None, tensor.cpu()
+
+    def load(self) -> torch.Tensor:
+        if self.host is not None:
+            return self.host.to(self.device)
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self.file.seek(0)
+        for start in range(0, len(buffer), CHUNK_BYTES):
+            if self.file.readinto(buffer[start : start + CHUNK_BYTES]) != len(buffer[start : start + CHUNK_BYTES]):
+                raise OSError("the temporary file of a spilled tensor was cut short")
+        return tensor
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = self.host = None

@@ -19,6 +19,7 @@ from ..core.calibration import collect_input_statistics
 from ..core.capture import BlockInputs, capture_block_inputs, run_block
 from ..core.folding import find_producer, fold_scales
 from ..core.structure import linear_weight, set_linear_weight
+from ..core.tensor_file import SpilledTensor
 from ..core.trace import trace_block
 from ..core.walk import block_prefixes, stacks_holding
 from ..data import calibration_data
@@ -67,7 +68,17 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     statistics = collect_input_statistics(
         block, prefix, inputs, list(modules), trace, hessian_dtype=getattr(torch, config.hessian_dtype)
     )
-    hessians = {name: statistic.H for name, statistic in statistics.items()}
+    # each group's Hessian waits in a temporary file until its group is solved: checking a fold runs the block on
+    # float32 copies of weights, which with every Hessian held (an MLP's down projection's alone is 0.46 GB for
+    # 11008 inputs) was a streamed run's peak
+    hessians = {}
+    for name, statistic in statistics.items():
+        if name not in hessians and statistic.H is not None:
+            spilled = SpilledTensor(statistic.H)
+            for other, shared in statistics.items():
+                if shared is statistic:
+                    hessians[other] = spilled
+            statistic.H = None
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
@@ -78,24 +89,29 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, names)
             continue
         weight = torch.cat([linear_weight(named[n]).detach() for n in names])
-        H = hessians[names[0]]
+        H = hessians[names[0]].load()
         s, alpha = awq_scales(
             weight, H, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling, scale_dtype,
             output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0)),
             statistics[names[0]].abs_mean if mean_abs else None,
         )  # fmt: skip
+        del weight, H  # not held through the next group's fold check
         if alpha is not None:
             fold_scales(named[producer], [named[n] for n in names], s)
             applied[names[0]] = s
         done[names[0]] = (producer, alpha)
     if config.clip and config.weights == "rtn":  # GPTQ spreads each rounding error itself; clamping first hurt it
         for names in trace.groups:  # on the scaled weights, whose input Hessian is D⁻¹ H D⁻¹
-            H = hessians[names[0]]
+            H = hessians[names[0]].load()
             s = applied.get(names[0])
-            H = H / s.unsqueeze(0) / s.unsqueeze(1) if s is not None else H
+            if s is not None:
+                H.div_(s.unsqueeze(0)).div_(s.unsqueeze(1))
             for name in names:
                 clipped = awq_clip(
                     linear_weight(named[name]), H, config.bits, config.group_size, config.sym, scale_dtype=scale_dtype
                 )
                 set_linear_weight(named[name], clipped)
+            del H
+    for spilled in {id(h): h for h in hessians.values()}.values():
+        spilled.close()
     return done

@@ -149,7 +149,9 @@ def quantize_blocks(
             # the solve works in H's memory (no second matrix of H's size at the peak: 485 MB for an MLP's down
             # projection of 11008 inputs); the error's whitening reads H afterwards, from a temporary file
             with MatrixBackup(H) as saved:
-                result = quantize_group(names, modules, H, config, scale_dtype, block_plans, True, True)
+                result = quantize_group(
+                    names, modules, H, config, scale_dtype, block_plans, overwrite_hessian=True, defer=True
+                )
                 saved.restore()
             for name in names:  # what the codes do not give is the quantization error
                 error = originals.pop(name).float() - result[name].dequantize(torch.float32)

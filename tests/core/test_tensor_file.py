@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hfcompress.core import tensor_file
-from hfcompress.core.tensor_file import read_tensors, tensor_names
+from hfcompress.core.tensor_file import SpilledTensor, read_tensors, tensor_names
 
 
 @pytest.fixture
@@ -74,3 +74,16 @@ def test_a_broken_file_is_refused_with_what_is_wrong(stored, tmp_path):
     lying.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
     with pytest.raises(ValueError, match=r"'w' in .* takes 400 bytes in the file, but its shape and dtype need 440"):
         read_tensors(lying, ["w"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_a_spilled_tensor_comes_back_with_its_values_and_leaves_the_original_free(monkeypatch, dtype):
+    monkeypatch.setattr(tensor_file, "CHUNK_BYTES", 24)  # loaded in several reads
+    original = (torch.randn(7, 9, generator=torch.Generator().manual_seed(1)) * 50).to(dtype)
+    spilled = SpilledTensor(original.T)  # not contiguous: stored as its values, in its shape
+    kept = original.T.clone()
+    original.zero_()  # the spill does not share the original's memory
+    loaded = spilled.load()
+    assert loaded.dtype == dtype and loaded.shape == (9, 7) and torch.equal(loaded, kept)
+    assert torch.equal(spilled.load(), kept) and spilled.load().data_ptr() != loaded.data_ptr()
+    spilled.close()
