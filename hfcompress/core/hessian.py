@@ -5,16 +5,15 @@ whitened SVD and k-means all start from it)."""
 from __future__ import annotations
 
 import contextlib
-import tempfile
 
 import torch
 
 from .distributed import reduce_mean, reduce_sum
 from .linalg import all_finite, invert_lower_, permute_symmetric_, reverse_, transpose_
+from .tensor_file import SpilledTensor
 
 __all__ = [
     "Hessian",
-    "MatrixBackup",
     "accumulate_hessian",
     "gram_upper",
     "hessian_diagonal",
@@ -111,7 +110,7 @@ def inverse_cholesky(
     info = torch.empty((), dtype=torch.int32, device=H.device)
     in_place = overwrite and H.is_contiguous()
     X = permute_symmetric_(H if in_place else H.clone(memory_format=torch.contiguous_format), reverse)
-    with MatrixBackup(X) if in_place else contextlib.nullcontext() as backup:
+    with SpilledTensor(X) if in_place else contextlib.nullcontext() as backup:
         for _ in range(6):
             X.diagonal().copy_(diagonal[reverse] + damp)
             # LAPACK works on column-major matrices: handed the (symmetric) matrix as its transposed view, it
@@ -122,39 +121,11 @@ def inverse_cholesky(
                 invert_lower_(L.tril_())
                 return reverse_(transpose_(X))  # L⁻¹, rows and columns reversed
             if in_place:
-                backup.restore()
+                backup.load(out=X)
             else:
                 permute_symmetric_(X.copy_(H), reverse)
             damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(diagonal).clamp(min=1e-8)
     raise ValueError("the Hessian is not positive definite even after dampening; check the calibration data")
-
-
-class MatrixBackup:
-    """The values of a contiguous matrix, kept outside memory (a temporary file on the CPU, host memory for a
-    device's matrix) until `restore()` puts them back."""
-
-    def __init__(self, X: torch.Tensor):
-        self.X = X
-
-    def __enter__(self):
-        if self.X.is_cpu:
-            self.file = tempfile.TemporaryFile()
-            self.file.write(memoryview(self.X.numpy()))
-        else:
-            self.copy = self.X.cpu()
-        return self
-
-    def restore(self) -> None:
-        if self.X.is_cpu:
-            self.file.seek(0)
-            self.file.readinto(memoryview(self.X.numpy()).cast("B"))
-        else:
-            self.X.copy_(self.copy)
-
-    def __exit__(self, *exc):
-        if self.X.is_cpu:
-            self.file.close()
-        self.copy = None
 
 
 class Hessian:

@@ -71,25 +71,36 @@ def _read_one(file, info: dict, data_start: int, dtype: torch.dtype | None, what
     size = math.prod(shape) * itemsize
     if stop - start != size:
         raise ValueError(f"{what} takes {stop - start} bytes in the file, but its shape and dtype need {size}")
-    cast = dtype is not None and stored.is_floating_point and stored != dtype
-    tensor = torch.empty(shape, dtype=dtype if cast else stored)
-    flat = tensor.reshape(-1)
     file.seek(data_start + start)
-    step = max(1, CHUNK_BYTES // itemsize)  # also keeps each read far below what one read() call returns (2 GiB)
+    if dtype is None or not stored.is_floating_point or stored == dtype:
+        tensor = torch.empty(shape, dtype=stored)
+        _fill(file, tensor, what)
+        return tensor
+    tensor = torch.empty(shape, dtype=dtype)
+    flat = tensor.reshape(-1)
+    step = max(1, CHUNK_BYTES // itemsize)
+    chunk = torch.empty(min(step, flat.numel()), dtype=stored)  # one buffer in the stored dtype, reused
     for first in range(0, flat.numel(), step):
         part = flat[first : first + step]
-        target = torch.empty(part.numel(), dtype=stored) if cast else part
-        buffer = memoryview(target.view(torch.uint8).numpy())
-        if file.readinto(buffer) != len(buffer):
-            raise ValueError(f"{what} ends past the end of the file: the file is truncated")
-        if cast:
-            part.copy_(target)
+        _fill(file, chunk[: part.numel()], what)
+        part.copy_(chunk[: part.numel()])
     return tensor
 
 
+def _fill(file, tensor: torch.Tensor, what: str) -> None:
+    """Read the contiguous `tensor`'s bytes from `file` at its position, `CHUNK_BYTES` at a time (one read() call
+    returns at most 2 GiB)."""
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    for start in range(0, len(buffer), CHUNK_BYTES):
+        piece = buffer[start : start + CHUNK_BYTES]
+        if file.readinto(piece) != len(piece):
+            raise ValueError(f"{what} ends past the end of the file: the file is truncated")
+
+
 class SpilledTensor:
-    """A tensor kept out of memory until it is needed again: a CPU tensor's bytes in a temporary file (deleted when
-    this object goes), a device tensor's in host memory. `load()` gives a new tensor with the same values."""
+    """A tensor kept out of memory until it is needed again: a CPU tensor's bytes in a temporary file, a device
+    tensor's in host memory. `load()` gives its values as a new tensor, `load(out=t)` into `t` (the memory the
+    tensor was spilled from, reused meanwhile); closed when used as a context manager, or by `close()`."""
 
     def __init__(self, tensor: torch.Tensor):
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
@@ -100,18 +111,22 @@ class SpilledTensor:
         else:
             self.file, self.host = None, tensor.cpu()
 
-    def load(self) -> torch.Tensor:
+    def load(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.host is not None:
-            return self.host.to(self.device)
-        tensor = torch.empty(self.shape, dtype=self.dtype)
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            return out.copy_(self.host)
         self.file.seek(0)
-        for start in range(0, len(buffer), CHUNK_BYTES):
-            if self.file.readinto(buffer[start : start + CHUNK_BYTES]) != len(buffer[start : start + CHUNK_BYTES]):
-                raise OSError("the temporary file of a spilled tensor was cut short")
-        return tensor
+        _fill(self.file, out, "a spilled tensor's temporary file")
+        return out
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         self.file = self.host = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

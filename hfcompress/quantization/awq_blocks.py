@@ -72,13 +72,9 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     # float32 copies of weights, which with every Hessian held (an MLP's down projection's alone is 0.46 GB for
     # 11008 inputs) was a streamed run's peak
     hessians = {}
-    for name, statistic in statistics.items():
-        if name not in hessians and statistic.H is not None:
-            spilled = SpilledTensor(statistic.H)
-            for other, shared in statistics.items():
-                if shared is statistic:
-                    hessians[other] = spilled
-            statistic.H = None
+    for names in trace.groups:  # one Hessian per group, under its leader's name
+        statistic = statistics[names[0]]
+        hessians[names[0]], statistic.H = SpilledTensor(statistic.H), None
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
@@ -112,6 +108,6 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
                 )
                 set_linear_weight(named[name], clipped)
             del H
-    for spilled in {id(h): h for h in hessians.values()}.values():
+    for spilled in hessians.values():
         spilled.close()
     return done

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..core.activations import SCRATCH
@@ -50,11 +49,9 @@ def correct_shards(
     meta device, into `model`. Returns {layer: rank} for the layers that got one."""
     kept, kept_in = {}, {}
     for file in sorted((writer.folder / FACTORS).glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith(".S"):
-                    name = key.removesuffix(".S")
-                    kept[name], kept_in[name] = f.get_tensor(key), file
+        values = read_tensors(file, [key for key in tensor_names(file) if key.endswith(".S")])
+        for key, S in values.items():
+            kept[key.removesuffix(".S")], kept_in[key.removesuffix(".S")] = S, file
     ranks = corrected_ranks(kept, {name: shapes[name] for name in kept}, budget)
     by_shard: dict[int, dict[str, int]] = {}
     for index in range(writer.n_shards):

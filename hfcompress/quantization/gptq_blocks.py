@@ -15,9 +15,9 @@ from torch import nn
 from ..core.deferred import defer_weight, restore_weight
 from ..core.distributed import gather_rows, rank, row_shares
 from ..core.experts import routing_all_tokens
-from ..core.hessian import MatrixBackup
 from ..core.streaming import release
 from ..core.structure import linear_weight, set_linear_weight, set_submodule
+from ..core.tensor_file import SpilledTensor
 from ..core.walk import calibrate_blocks
 from .compensation import error_factors
 from .config import GPTQConfig
@@ -148,11 +148,11 @@ def quantize_blocks(
             originals = {n: linear_weight(modules[n]).detach() for n in names}
             # the solve works in H's memory (no second matrix of H's size at the peak: 485 MB for an MLP's down
             # projection of 11008 inputs); the error's whitening reads H afterwards, from a temporary file
-            with MatrixBackup(H) as saved:
+            with SpilledTensor(H) as saved:
                 result = quantize_group(
                     names, modules, H, config, scale_dtype, block_plans, overwrite_hessian=True, defer=True
                 )
-                saved.restore()
+                saved.load(out=H)
             for name in names:  # what the codes do not give is the quantization error
                 error = originals.pop(name).float() - result[name].dequantize(torch.float32)
                 errors[f"{prefix}.{name}"] = error_factors(error, H, max_ranks[f"{prefix}.{name}"], config.damp_percent)
