@@ -25,6 +25,8 @@ def main(out: str) -> None:
     tensors.update({f"projection.{k}": v.detach().contiguous() for k, v in trainer.projections.state_dict().items()})
     tensors["world_size"] = torch.tensor([trainer.args.world_size])
     save_file(tensors, f"{out}/rank-{trainer.args.process_index}.safetensors")
+    torch.distributed.barrier()  # gloo shut down before the interpreter exits (see tests/pruning/ddp_train.py)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

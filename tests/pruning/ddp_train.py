@@ -33,6 +33,10 @@ def main(out: str) -> None:
     tensors["world_size"] = torch.tensor([trainer.args.world_size])
     tensors["gloo"] = torch.tensor([torch.distributed.get_backend() == "gloo"])
     save_file(tensors, f"{out}/rank-{rank}.safetensors")
+    # shut gloo down before the interpreter does: left to exit, its threads were once torn down under a live
+    # process group ("terminate called without an active exception", SIGABRT in rank 0 of a loaded CI machine)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
