@@ -86,12 +86,15 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             continue
         weight = torch.cat([linear_weight(named[n]).detach() for n in names])
         H = hessians[names[0]].load()
+        activation = statistics[names[0]].abs_mean if mean_abs else H.diagonal().float().clamp(min=0).sqrt()
+        # the basis is factorized in H's memory: clipping reads H again from its file
+        basis = output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0), overwrite=True)
+        del H
         s, alpha = awq_scales(
-            weight, H, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling, scale_dtype,
-            output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0)),
-            statistics[names[0]].abs_mean if mean_abs else None,
+            weight, None, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling, scale_dtype,
+            basis, activation,
         )  # fmt: skip
-        del weight, H  # not held through the next group's fold check
+        del weight, basis  # not held through the next group's fold check
         if alpha is not None:
             fold_scales(named[producer], [named[n] for n in names], s)
             applied[names[0]] = s

@@ -10,9 +10,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hfcompress
 from hfcompress.core.capture import capture_block_inputs, run_block
+from hfcompress.core.folding import find_producer
 from hfcompress.core.hessian import Hessian
 from hfcompress.core.structure import find_linears
-from hfcompress.quantization.awq import awq_clip, awq_scales
+from hfcompress.core.trace import trace_block
+from hfcompress.quantization.awq import awq_clip, awq_scales, output_error_basis
 from hfcompress.quantization.awq_blocks import smooth_block
 from hfcompress.quantization.grid import rtn_quantize
 from hfcompress.quantization.modules import QuantLinear
@@ -62,6 +64,22 @@ def test_clipping_trades_the_largest_weights_for_finer_steps():
     assert _output_error(weight, quantized["clipped"], H) < _output_error(weight, quantized["plain"], H)
 
 
+@pytest.mark.parametrize("inputs", [48, 700])  # the exact factor, and a sketch of it
+def test_the_output_error_basis_measures_the_output_error_in_place_or_not(inputs):
+    torch.manual_seed(0)
+    hessian = Hessian(inputs, "cpu")
+    hessian.add(torch.randn(2 * inputs, inputs) * torch.linspace(0.1, 3, inputs))
+    H = hessian.full()
+    kept = H.clone()
+    basis = output_error_basis(H, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(H, kept)  # a copy was factorized
+    delta = torch.randn(256, inputs)
+    exact = float(((delta @ H) * delta).sum())
+    assert abs(float((delta @ basis).square().sum()) / exact - 1) < (0.02 if inputs <= 64 else 0.2)
+    in_place = output_error_basis(H, generator=torch.Generator().manual_seed(0), overwrite=True)
+    assert torch.equal(in_place, basis) and not torch.equal(H, kept)  # H's own memory held the factor
+
+
 def _block_with_inputs(model):
     block = model.model.layers[0]
     inputs = capture_block_inputs(model, block, list(token_windows(8, 32).split(4)))
@@ -95,6 +113,21 @@ def test_scales_fold_only_where_the_block_computes_the_same(kv_heads, o_proj_sca
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]  # the folded values' rounding
     for got, want in zip(run_block(block, inputs), before, strict=True):
         torch.testing.assert_close(got.args[0], want.args[0], rtol=10 * tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checking_a_fold_leaves_every_weight_as_it_was(dtype):
+    # subnormal float16 weights lose bits when halved: the check must not fold into the stored weights and back
+    model = tiny_model("llama").to(dtype)
+    block, inputs, modules = _block_with_inputs(model)
+    block.mlp.up_proj.weight.data[:, :8] = torch.tensor(3e-7).to(dtype)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in block.named_parameters()}
+    trace = trace_block(block, "model.layers.0", [f"model.layers.0.{n}" for n in modules], inputs[0])
+    named = dict(block.named_modules())
+    found = [find_producer(block, named, trace.order, names, inputs[0]) for names in trace.groups]
+    assert "mlp.up_proj" in found and "post_attention_layernorm" in found
+    for name, p in block.named_parameters():
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
 
 
 def test_a_norm_whose_scales_do_not_fold_is_left_alone():
