@@ -95,13 +95,13 @@ class _Factorization(StreamedTechnique):
                         self.planned.get(full_name),  # a rank known already: only its vectors are kept
                     )
                     rank = final_rank(full_name, decomposition, self.shapes[full_name], self.planned, config)
-                    if rank is None:
-                        continue
-                    if config.sequential:  # the block's outputs come from its factorized layers
+                    if rank is not None and config.sequential:  # the block's outputs come from factorized layers
                         replace_with_factors(block, name, module, decomposition, rank)
                         release(module)  # the dense weight it replaced
-                    else:  # from its original layers: factorized once its outputs are taken
+                    elif rank is not None:  # from its original layers: factorized once its outputs are taken
                         factorized[name] = (module, decomposition, rank)
+                    # not held through the next layer's decomposition (a whitener alone is 0.13 GB at 4096 inputs)
+                    del decomposition
                 return factorized
 
             return solve

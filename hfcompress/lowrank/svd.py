@@ -75,7 +75,7 @@ class Decomposition:
             )
         if self.Vh is None:
             up = self.U[:, :rank]
-            return _balanced(up, matmul64(up.T, self.weight))
+            return _balanced(up.clone(), matmul64(up.T, self.weight))  # U stays as it was
         if self.U is None:
             V = self.Vh[:rank].T
             up = matmul64(self.weight, self.whitener @ V)
@@ -231,11 +231,12 @@ def matmul64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tenso
 
 
 def _balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`up` and `down` rescaled per component (column of `up`, row of `down`) so both hold the same norm."""
+    """`up` and `down` rescaled in place per component (column of `up`, row of `down`) so both hold the same norm:
+    no second copy of the factors (an 11008-row `up` in float64 at rank 2400 is 0.21 GB)."""
     up_norm = torch.linalg.vector_norm(up, dim=0)
     down_norm = torch.linalg.vector_norm(down, dim=1)
     ratio = torch.where((up_norm > 0) & (down_norm > 0), (down_norm / up_norm).sqrt(), torch.ones_like(up_norm))
-    return up * ratio, down / ratio[:, None]
+    return up.mul_(ratio), down.div_(ratio[:, None])
 
 
 def max_saving_rank(out_features: int, in_features: int) -> int:

@@ -77,6 +77,8 @@ def test_whitening_equals_the_svd_of_the_whitened_weight(shape):
         torch.testing.assert_close(up @ down, reference)
         # and the factors are balanced: each component's norm split evenly between them
         torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1))
+        # balanced in place, on fresh tensors: the decomposition gives the same factors again
+        assert all(torch.equal(a, b) for a, b in zip(whitened.factors(rank), (up, down), strict=True))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
