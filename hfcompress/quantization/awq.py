@@ -36,7 +36,7 @@ def output_error_basis(
     # the copy is made without an identity the size of H
     damped = H if in_place else H.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     damped.diagonal().add_(damp_percent * damped.diagonal().mean().clamp(min=1e-8))
-    # factorized in the copy's own memory: LAPACK works on column-major matrices, so the (symmetric) copy is
+    # factorized in its own memory: LAPACK works on column-major matrices, so the (symmetric) damped matrix is
     # handed over as its transposed view, which it factorizes in place instead of through two more matrices
     L = damped.mT
     torch.linalg.cholesky_ex(L, check_errors=True, out=(L, torch.empty((), dtype=torch.int32, device=H.device)))
