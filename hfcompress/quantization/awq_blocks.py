@@ -68,9 +68,8 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     statistics = collect_input_statistics(
         block, prefix, inputs, list(modules), trace, hessian_dtype=getattr(torch, config.hessian_dtype)
     )
-    # each group's Hessian waits in a temporary file until its group is solved: checking a fold runs the block on
-    # float32 copies of weights, which with every Hessian held (an MLP's down projection's alone is 0.46 GB for
-    # 11008 inputs) was a streamed run's peak
+    # each group's Hessian waits in a temporary file until its group is solved, not held through the other
+    # groups' fold checks and scale searches (an MLP's down projection's alone is 0.46 GB for 11008 inputs)
     hessians = {}
     for names in trace.groups:  # one Hessian per group, under its leader's name
         statistic = statistics[names[0]]

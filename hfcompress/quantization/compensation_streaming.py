@@ -51,7 +51,8 @@ def correct_shards(
     for file in sorted((writer.folder / FACTORS).glob("*.safetensors")):
         values = read_tensors(file, [key for key in tensor_names(file) if key.endswith(".S")])
         for key, S in values.items():
-            kept[key.removesuffix(".S")], kept_in[key.removesuffix(".S")] = S, file
+            name = key.removesuffix(".S")
+            kept[name], kept_in[name] = S, file
     ranks = corrected_ranks(kept, {name: shapes[name] for name in kept}, budget)
     by_shard: dict[int, dict[str, int]] = {}
     for index in range(writer.n_shards):
