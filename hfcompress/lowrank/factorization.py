@@ -228,10 +228,9 @@ def replace_with_factors(
     decomposition: Decomposition,
     rank: int,
 ) -> None:
-    up, down = decomposition.factors(rank)
-    dtype = linear_weight(module).dtype
+    up, down = decomposition.factors(rank, linear_weight(module).dtype)
     bias = module.bias.detach() if module.bias is not None else None
-    layer = FactorizedLinear.from_factors(up.to(dtype), down.to(dtype), bias)
+    layer = FactorizedLinear.from_factors(up, down, bias)
     set_submodule(root, name, layer)
 
 

@@ -41,8 +41,8 @@ def error_factors(error: torch.Tensor, gram: torch.Tensor, max_rank: int, damp_p
     """`ErrorFactors` of `error` [out, in] whitened by `gram` [in, in], keeping at most `max_rank` components."""
     decomposition = decompose(error, "whiten", gram=gram, damp_percent=damp_percent, max_rank=max_rank)
     rank = max(1, min(max_rank, len(decomposition.S)))
-    up, down = decomposition.factors(rank)
-    return ErrorFactors(decomposition.S.float(), up.float(), down.float())
+    up, down = decomposition.factors(rank, torch.float32)
+    return ErrorFactors(decomposition.S.float(), up, down)
 
 
 def compensation_budget(shapes: dict[str, tuple[int, int]], rank: int) -> int:

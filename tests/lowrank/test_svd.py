@@ -109,6 +109,20 @@ def test_whitening_reads_a_low_precision_weight_in_float64_without_copying_it(sh
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factors_in_a_dtype_are_the_float64_factors_rounded_once(shape, dtype, monkeypatch):
+    """A right-whitened `up` is made a few rows at a time straight into `dtype`: the float64 factors rounded."""
+    W = torch.randn(*shape).to(dtype)
+    X = _inputs(d=shape[1])
+    whitened = decompose(W, "whiten", X.T @ X)
+    exact = whitened.factors(5)  # in one block of rows
+    monkeypatch.setattr("hfcompress.lowrank.svd.rows_per_block", lambda in_features: 7)
+    for a, b in zip(whitened.factors(5, dtype), exact, strict=True):
+        assert a.dtype == dtype
+        assert torch.equal(a, b.to(dtype))
+
+
 def test_matmul64_sums_float64_blocks_of_the_inner_dimension():
     a, b = torch.randn(5, 11), torch.randn(11, 3).bfloat16()
     torch.testing.assert_close(matmul64(a, b, chunk=4), a.double() @ b.double())
