@@ -251,7 +251,7 @@ def matmul64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tenso
 
 def _balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`up` and `down` rescaled in place per component (column of `up`, row of `down`) so both hold the same norm:
-    no second copy of the factors (an 11008-row `up` in float64 at rank 2400 is 0.21 GB)."""
+    no second copy of the factors (a down projection's 11008-column `down` in float64 at rank 2400 is 0.21 GB)."""
     ratio = _balancing_ratio(torch.linalg.vector_norm(up, dim=0), torch.linalg.vector_norm(down, dim=1))
     return up.mul_(ratio), down.div_(ratio[:, None])
 
