@@ -287,7 +287,9 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
 
     try:
         handler = getattr(importlib.import_module(module_name), function)
-        return handler(args) or 0
+        status = handler(args) or 0
+        _wait_for_every_rank()
+        return status
     except (ValueError, OSError, ImportError, TypeError, HubError) as e:  # OSError: a full disk, a file unreadable
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -304,6 +306,17 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
 
 def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _wait_for_every_rank() -> None:
+    """After a command succeeded, wait until every rank has finished its work before the process group is torn
+    down: a rank that destroys gloo while another still talks to it can abort at exit ("terminate called without
+    an active exception"). Not done after an error, where the other ranks may never arrive."""
+    if _launched():
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def _configure_logging(quiet: bool) -> None:
