@@ -180,6 +180,67 @@ def test_each_instruction_set_loop_matches_dequantize_then_matmul(bits, group_si
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+def int8_blocks_then_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the int8 decoding loop computes: x rounded to int8 per block of 32 inputs (scale: the block's largest
+    magnitude / 127, ties to even), times the dequantized weight, in float64."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    largest = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    rounded = torch.round(blocks * inverse) * (largest / 127.0)
+    return rounded.reshape(x.shape).double() @ weight.double().T
+
+
+@pytest.mark.parametrize(
+    "group_size,sym,act_order,width", [(32, True, False, 256), (64, False, True, 384), (128, True, False, 512),
+                                       (-1, False, False, 256), (256, True, False, 512)]
+)  # fmt: skip
+def test_int8_activations_round_each_block_of_32_inputs_then_multiply_the_codes(
+    group_size, sym, act_order, width, monkeypatch
+):
+    from hfcompress.quantization.cpu_extension import load
+
+    layer = quant_layer(4, group_size, sym, act_order, in_features=width, out_features=40)
+    if AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32))
+    if not load().has_avx512_vnni():
+        pytest.skip("the int8 loop needs AVX-512 VNNI")
+    monkeypatch.setenv("HFCOMPRESS_DECODE_ACTIVATIONS", "int8")
+    weight = layer.dequantize_weight(torch.float32)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, width) * torch.linspace(0.1, 3, width)
+        x[0, 32:64] = 0  # a block of zeros: scale 0, no division by it
+        y = layer(x)
+        assert layer._kernel.name.endswith("+int8")
+        order = layer._kernel.perm if act_order else torch.arange(width)  # blocks of 32 in the kernel's order
+        expected = int8_blocks_then_matmul(x[:, order], weight[:, order]) + layer.bias.double()
+        torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+        exact = F.linear(x, weight, layer.bias)
+        assert (y - exact).abs().max() > 1e-6 * exact.abs().max()  # the rounding of x shows: not the float loop
+    with exact_matmuls():  # calibration and evaluation keep float32
+        x = torch.randn(1, width)
+        torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4)
+    prompt = torch.randn(17, width)  # more rows than decoding: the float32 tiles
+    torch.testing.assert_close(layer(prompt), F.linear(prompt, weight, layer.bias), rtol=1e-4, atol=1e-3)
+
+
+def test_int8_activations_are_asked_for_and_fit_layers_only(monkeypatch):
+    from hfcompress.quantization.cpu_extension import load
+    from hfcompress.quantization.kernels import decode_activations
+
+    module = load()
+    if module is None:
+        pytest.skip("no CPU kernels")
+    layer = quant_layer(4, 32, True, False)
+    assert decode_activations(module, layer) == "float32"  # the default
+    monkeypatch.setenv("HFCOMPRESS_DECODE_ACTIVATIONS", "int8")
+    assert decode_activations(module, layer) == ("int8" if module.has_avx512_vnni() else "float32")
+    assert decode_activations(module, quant_layer(8, 32, True, False)) == "float32"  # 4 bits only
+    assert decode_activations(module, quant_layer(4, 32, True, False, in_features=320)) == "float32"  # 320 % 128
+    monkeypatch.setenv("HFCOMPRESS_DECODE_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="HFCOMPRESS_DECODE_ACTIVATIONS='int4': expected one of float32, int8"):
+        decode_activations(module, layer)
+
+
 def test_an_unknown_instruction_set_is_refused(monkeypatch):
     layer = quant_layer(4, 32, False, False)
     if AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) is not None:
