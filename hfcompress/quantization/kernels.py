@@ -9,7 +9,7 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
   Prompts multiply dequantized tiles with torch's matmul: float32, or bfloat16 for bfloat16 models where the CPU
   has AVX-512 BF16 or AMX (`prefill_dtype`; HFCOMPRESS_PREFILL_DTYPE=bfloat16 asks for it for float32 models too).
   HFCOMPRESS_DECODE_ACTIVATIONS=int8 rounds the inputs of 4-bit decoding calls to int8 per block of 32, as
-  llama.cpp does, for int8 dot products on CPUs with AVX-512 VNNI (`decode_activations`).
+  llama.cpp does, for int8 dot products (AVX-512 VNNI where the CPU has it, else AVX2; `decode_activations`).
 - Otherwise, 4 bits on CPU: torch's `_weight_int4pack_mm_for_cpu` (weight-only int4 with per-group scale and
   offset). Our codes are repacked once into its layout; act-order layers permute their input columns so
   each group is contiguous; per-channel layers use the largest supported group that divides the input
@@ -91,17 +91,18 @@ def decode_activations(module, layer) -> str:
     """How 4-bit decoding calls (up to `GEMV_MAX_ROWS` rows) of `layer` treat their inputs: "float32" (the default:
     the codes are converted and multiplied in float32) or, with HFCOMPRESS_DECODE_ACTIVATIONS=int8, "int8": each
     input row is rounded to int8 per block of 32 inputs (scale: the block's largest magnitude / 127, llama.cpp's
-    Q8_0) and multiplied with the codes by int8 dot products (`vpdpbusd`), 1.7-3.1x the float32 loop at one row
-    (measured on 1024x1024 to 11008x4096 layers, groups 32 and 128, 2 AMD EPYC cores). That rounding moves the
-    outputs (about 0.5% of their range on random layers), so it is asked for, not taken by default. It needs
-    AVX-512 VNNI, an input size that is a multiple of 128 and groups of 32, 64 or a multiple of 128; layers that
-    miss one of these keep float32. Calibration and evaluation (`exact_matmuls`) always take float32."""
+    Q8_0) and multiplied with the codes by int8 dot products: `vpdpbusd` where the CPU has AVX-512 VNNI, 1.7-3.1x
+    the float32 loop at one row (measured on 1024x1024 to 11008x4096 layers, groups 32 and 128, 2 AMD EPYC cores),
+    else (or with HFCOMPRESS_CPU_ISA=avx2) AVX2's `vpmaddubsw`. That rounding moves the outputs (about 0.5% of their
+    range on random layers), so it is asked for, not taken by default. It needs an input size that is a multiple of
+    128 and groups of 32, 64 or a multiple of 128; layers that miss one of these keep float32. Calibration and
+    evaluation (`exact_matmuls`) always take float32."""
     choice = os.environ.get("HFCOMPRESS_DECODE_ACTIVATIONS", "float32")
     if choice not in DECODE_ACTIVATIONS:
         raise ValueError(f"HFCOMPRESS_DECODE_ACTIVATIONS={choice!r}: expected one of {', '.join(DECODE_ACTIVATIONS)}")
     group = layer.group_size
     fits = layer.bits == 4 and layer.in_features % 128 == 0 and (group in (32, 64) or group % 128 == 0)
-    return "int8" if choice == "int8" and fits and module.has_avx512_vnni() else "float32"
+    return "int8" if choice == "int8" and fits else "float32"
 
 
 def prefill_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,8 +162,8 @@ class AvxCpuKernel:
     (prompts) dequantize `PREFILL_TILE` weights at a time into a buffer and multiply it with torch's matmul, in
     `prefill_dtype` (bfloat16 for bfloat16 models on CPUs with native bfloat16 dot products, float32 otherwise
     unless HFCOMPRESS_PREFILL_DTYPE asks for bfloat16). With HFCOMPRESS_DECODE_ACTIVATIONS=int8, 4-bit calls of up
-    to `GEMV_MAX_ROWS` rows round their inputs to int8 per block of 32 and take int8 dot products where the CPU has
-    AVX-512 VNNI (`decode_activations`)."""
+    to `GEMV_MAX_ROWS` rows round their inputs to int8 per block of 32 and take int8 dot products (AVX-512 VNNI
+    where the CPU has it, else AVX2; `decode_activations`)."""
 
     name = "avx2-wq"
 
@@ -197,7 +198,8 @@ class AvxCpuKernel:
         self.zero = layer.zero_points().float().contiguous()
         self.int8 = decode_activations(self.module, layer) == "int8"
         if self.int8:
-            self.name += "+int8"
+            self.vnni = self.avx512 and self.module.has_avx512_vnni()  # HFCOMPRESS_CPU_ISA=avx2: the AVX2 loop
+            self.name += "+int8" if self.vnni else "+int8-avx2"
             # a symmetric grid's zero points are all one value: the int8 loop then reads one number, not a tensor
             shared = self.zero.flatten()[:1]
             self.int8_zero = shared if bool((self.zero == shared).all()) else self.zero
@@ -214,7 +216,7 @@ class AvxCpuKernel:
         compute = prefill_dtype(x.dtype)
         if flat.shape[0] <= GEMV_MAX_ROWS[compute] and self.int8 and not matmuls_must_be_exact():
             y = self.module.wq_matmul_int8(
-                flat.float().contiguous(), self.packed, self.int8_scale, self.int8_zero, self.group
+                flat.float().contiguous(), self.packed, self.int8_scale, self.int8_zero, self.group, self.vnni
             )
         elif flat.shape[0] <= GEMV_MAX_ROWS[compute]:
             y = self.module.wq_matmul(

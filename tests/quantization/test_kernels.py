@@ -194,23 +194,24 @@ def int8_blocks_then_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     "group_size,sym,act_order,width", [(32, True, False, 256), (64, False, True, 384), (128, True, False, 512),
                                        (-1, False, False, 256), (256, True, False, 512)]
 )  # fmt: skip
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
 def test_int8_activations_round_each_block_of_32_inputs_then_multiply_the_codes(
-    group_size, sym, act_order, width, monkeypatch
+    group_size, sym, act_order, width, isa, monkeypatch
 ):
     from hfcompress.quantization.cpu_extension import load
 
     layer = quant_layer(4, group_size, sym, act_order, in_features=width, out_features=40)
     if AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32) is not None:
         pytest.skip(AvxCpuKernel.supports(layer, torch.device("cpu"), torch.float32))
-    if not load().has_avx512_vnni():
-        pytest.skip("the int8 loop needs AVX-512 VNNI")
+    vnni = isa == "auto" and load().has_avx512_vnni()  # else the AVX2 loop (vpmaddubsw)
     monkeypatch.setenv("HFCOMPRESS_DECODE_ACTIVATIONS", "int8")
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", isa)
     weight = layer.dequantize_weight(torch.float32)
     for rows in (1, 3, 16):
         x = torch.randn(rows, width) * torch.linspace(0.1, 3, width)
         x[0, 32:64] = 0  # a block of zeros: scale 0, no division by it
         y = layer(x)
-        assert layer._kernel.name.endswith("+int8")
+        assert layer._kernel.name.endswith("+int8" if vnni else "+int8-avx2")
         order = layer._kernel.perm if act_order else torch.arange(width)  # blocks of 32 in the kernel's order
         expected = int8_blocks_then_matmul(x[:, order], weight[:, order]) + layer.bias.double()
         torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
@@ -233,7 +234,7 @@ def test_int8_activations_are_asked_for_and_fit_layers_only(monkeypatch):
     layer = quant_layer(4, 32, True, False)
     assert decode_activations(module, layer) == "float32"  # the default
     monkeypatch.setenv("HFCOMPRESS_DECODE_ACTIVATIONS", "int8")
-    assert decode_activations(module, layer) == ("int8" if module.has_avx512_vnni() else "float32")
+    assert decode_activations(module, layer) == "int8"
     assert decode_activations(module, quant_layer(8, 32, True, False)) == "float32"  # 4 bits only
     assert decode_activations(module, quant_layer(4, 32, True, False, in_features=320)) == "float32"  # 320 % 128
     monkeypatch.setenv("HFCOMPRESS_DECODE_ACTIVATIONS", "int4")

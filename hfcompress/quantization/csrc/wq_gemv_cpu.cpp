@@ -1,8 +1,8 @@
 // Weight-only quantized matmuls for a few rows (decoding) on x86 CPUs with AVX2 and FMA: uniform grids
 // (`wq_matmul`), scalar k-means codebooks (`lut_matmul`) and vector codebooks (`vq_matmul`). At 4 bits, calls of
 // one or two rows take AVX-512F loops where the CPU has it (`has_avx512`), chosen by the caller; so do passes of up
-// to four rows of vector codebooks of 2 weights per 4-bit index. 4-bit uniform grids also have an int8 loop for
-// CPUs with AVX-512 VNNI (`wq_matmul_int8`: inputs rounded to int8 per block of 32, int8 dot products), taken
+// to four rows of vector codebooks of 2 weights per 4-bit index. 4-bit uniform grids also have int8 loops
+// (`wq_matmul_int8`: inputs rounded to int8 per block of 32, int8 dot products; AVX-512 VNNI, or AVX2), taken
 // when asked for. Prompts (many rows) multiply tiles of decoded weights with torch's matmul (`wq_matmul_tiled`,
 // `codebook_matmul_tiled`).
 //
@@ -310,6 +310,75 @@ HFC_VNNI void gemv4_int8_rows(int rows, const Int8Blocks* q, const uint8_t* pack
       }
       if (c < chunks) acc0 = int8_step<CONST_ZERO, S>(q[r], row, s, z, zero_all, spread, mask, group, c, acc0);
       y[r * y_stride + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
+  }
+}
+
+// CPUs without AVX-512 VNNI: the same int8 loop in AVX2, a 128-input step in two halves of 64. `vpmaddubsw`
+// multiplies the unsigned codes by the signed activations and sums adjacent pairs to int16 (at most 2 * 15 * 127:
+// no saturation), `vpmaddwd` by ones sums those to int32 lanes of 8 inputs, laid out as in the VNNI loop. The
+// rounding of the inputs is the same (`quantize_int8_blocks_scalar` computes what `quantize_int8_blocks` does).
+void quantize_int8_blocks_scalar(const float* x, int64_t in, Int8Blocks& q) {
+  q.even.resize(in / 2), q.odd.resize(in / 2), q.scale.resize(in / 8), q.sum.resize(in / 8);
+  for (int64_t b = 0; b < in / 32; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float s = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int8_t a[32];
+    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+    for (int i = 0; i < 16; ++i) q.even[16 * b + i] = a[2 * i], q.odd[16 * b + i] = a[2 * i + 1];
+    for (int k = 0; k < 4; ++k) {
+      int total = 0;
+      for (int i = 0; i < 8; ++i) total += a[8 * k + i];
+      q.scale[4 * b + k] = s, q.sum[4 * b + k] = s * static_cast<float>(total);
+    }
+  }
+}
+
+inline float value_at(const float* p, int64_t i) { return p[i]; }
+inline float value_at(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// Half h (64 inputs, lanes 8h..8h+7) of an output row against input row `a`, added to `acc`. Its first 4 lanes
+// are in group h * 64 / group, its last 4 in the next one at groups of 32, else in the same one.
+template <bool CONST_ZERO, typename S>
+inline __m256 int8_half_avx2(const Int8Blocks& a, const uint8_t* row, const S* s, const float* z, __m256 zero_all,
+                             int64_t group, int64_t h, __m256 acc) {
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * h));
+  const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+  const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.even.data() + 32 * h));
+  const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.odd.data() + 32 * h));
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+  const __m256i d = _mm256_madd_epi16(pairs, ones);
+  const int64_t g = h * 64 / group, next = group == 32 ? g + 1 : g;
+  const __m256 sw = _mm256_set_m128(_mm_set1_ps(value_at(s, next)), _mm_set1_ps(value_at(s, g)));
+  const __m256 zw = CONST_ZERO ? zero_all : _mm256_set_m128(_mm_set1_ps(z[next]), _mm_set1_ps(z[g]));
+  const __m256 lane = _mm256_fmsub_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(a.scale.data() + 8 * h),
+                                      _mm256_mul_ps(zw, _mm256_loadu_ps(a.sum.data() + 8 * h)));
+  return _mm256_fmadd_ps(lane, sw, acc);
+}
+
+template <bool CONST_ZERO, typename S>
+void gemv4_int8_rows_avx2(int rows, const Int8Blocks* q, const uint8_t* packed, int64_t bytes_per_row,
+                          const S* scale, const float* zero, float zero_value, int64_t n_groups, int64_t group,
+                          int64_t chunks, float* y, int64_t y_stride, int64_t begin, int64_t end) {
+  const __m256 zero_all = _mm256_set1_ps(zero_value);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = packed + o * bytes_per_row;
+    if (o + kPrefetchRows < end) {
+      const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * bytes_per_row);
+      for (int64_t b = 0; b < bytes_per_row; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
+    const S* s = scale + o * n_groups;
+    const float* z = zero + o * n_groups;
+    for (int r = 0; r < rows; ++r) {
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t h = 0; h < 2 * chunks; h += 2) {
+        acc0 = int8_half_avx2<CONST_ZERO, S>(q[r], row, s, z, zero_all, group, h, acc0);
+        acc1 = int8_half_avx2<CONST_ZERO, S>(q[r], row, s, z, zero_all, group, h + 1, acc1);
+      }
+      y[r * y_stride + o] = hsum(_mm256_add_ps(acc0, acc1));
     }
   }
 }
@@ -665,12 +734,13 @@ torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 
 // x: float32 [m, in] (contiguous), packed: int32 [out, in / 8] (4-bit codes), scale: float32 or float16 [out,
 // n_groups], zero: float32 of scale's shape, or of one element that is every group's zero point (symmetric grids).
-// Each input row is rounded to int8 per block of 32 inputs (`quantize_int8_blocks`), so the result differs from `wq_matmul`'s by that rounding. Needs AVX-512
-// VNNI, an input size that is a multiple of 128 and groups of 32, 64 or a multiple of 128.
+// Each input row is rounded to int8 per block of 32 inputs (`quantize_int8_blocks`), so the result differs from
+// `wq_matmul`'s by that rounding. `vnni`: the AVX-512 VNNI loop (the CPU must have it), else the AVX2 one. Needs an
+// input size that is a multiple of 128 and groups of 32, 64 or a multiple of 128.
 torch::Tensor wq_matmul_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                             int64_t group) {
+                             int64_t group, bool vnni) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
-  TORCH_CHECK(cpu_has_avx512_vnni(), "the int8 loop needs a CPU with AVX-512 VNNI; this one has none");
+  TORCH_CHECK(!vnni || cpu_has_avx512_vnni(), "the VNNI loop needs a CPU with AVX-512 VNNI; this one has none");
   const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
   TORCH_CHECK(in % 128 == 0, "the int8 loop needs an input size that is a multiple of 128, got ", in);
   TORCH_CHECK(group == 32 || group == 64 || group % 128 == 0, "the int8 loop needs groups of 32, 64 or a multiple of 128, got ", group);
@@ -686,7 +756,10 @@ torch::Tensor wq_matmul_int8(torch::Tensor x, torch::Tensor packed, torch::Tenso
               "zero must be float32 of one element or scale's shape");
   std::vector<Int8Blocks> q(m);
   const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) quantize_int8_blocks(xp + r * in, in, q[r]);
+  for (int64_t r = 0; r < m; ++r) {
+    if (vnni) quantize_int8_blocks(xp + r * in, in, q[r]);
+    else quantize_int8_blocks_scalar(xp + r * in, in, q[r]);
+  }
   auto y = torch::empty({m, out}, x.options());
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
   const float* zp = zero_c.data_ptr<float>();
@@ -694,10 +767,14 @@ torch::Tensor wq_matmul_int8(torch::Tensor x, torch::Tensor packed, torch::Tenso
   const int rows = static_cast<int>(m);
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     auto run = [&](auto* sp) {
-      if (one_zero)
+      if (vnni && one_zero)
         gemv4_int8_rows<true>(rows, q.data(), wp, in / 2, sp, zp, zp[0], n_groups, group, in / 128, yp, out, begin, end);
-      else
+      else if (vnni)
         gemv4_int8_rows<false>(rows, q.data(), wp, in / 2, sp, zp, 0.0f, n_groups, group, in / 128, yp, out, begin, end);
+      else if (one_zero)
+        gemv4_int8_rows_avx2<true>(rows, q.data(), wp, in / 2, sp, zp, zp[0], n_groups, group, in / 128, yp, out, begin, end);
+      else
+        gemv4_int8_rows_avx2<false>(rows, q.data(), wp, in / 2, sp, zp, 0.0f, n_groups, group, in / 128, yp, out, begin, end);
     };
     if (half) run(scale_c.data_ptr<at::Half>());
     else run(scale_c.data_ptr<float>());
@@ -869,7 +946,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("avx512") = false);
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU has AVX-512F");
   m.def("wq_matmul_int8", &wq_matmul_int8, "4-bit weight-only matmul with the inputs rounded to int8 per block of 32 "
-        "(AVX-512 VNNI)", py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("group"));
+        "(AVX2; with vnni=True AVX-512 VNNI)", py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("group"), py::arg("vnni") = true);
   m.def("has_avx512_vnni", &cpu_has_avx512_vnni, "whether this CPU has AVX-512F, BW and VNNI");
   m.def("wq_matmul_tiled", &wq_matmul_tiled, "weight-only 4/8-bit matmul for many rows: dequantized tiles, torch's matmul");
   m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2; with "
