@@ -297,26 +297,29 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
         print(f"{prog}: interrupted; no output was written", file=sys.stderr)
         return 130
     finally:
-        if _launched():
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if (dist := _process_group()) is not None:
+            dist.destroy_process_group()
 
 
 def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _process_group():
+    """`torch.distributed` where a launcher started this command and its process group is up, else None."""
+    if not _launched():
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_initialized() else None
+
+
 def _wait_for_every_rank() -> None:
     """After a command succeeded, wait until every rank has finished its work before the process group is torn
     down: a rank that destroys gloo while another still talks to it can abort at exit ("terminate called without
     an active exception"). Not done after an error, where the other ranks may never arrive."""
-    if _launched():
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
+    if (dist := _process_group()) is not None:
+        dist.barrier()
 
 
 def _configure_logging(quiet: bool) -> None:

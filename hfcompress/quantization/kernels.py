@@ -214,14 +214,15 @@ class AvxCpuKernel:
             x = x.index_select(-1, self.perm)
         flat = x.reshape(-1, self.in_features)
         compute = prefill_dtype(x.dtype)
-        if flat.shape[0] <= GEMV_MAX_ROWS[compute] and self.int8 and not matmuls_must_be_exact():
-            y = self.module.wq_matmul_int8(
-                flat.float().contiguous(), self.packed, self.int8_scale, self.int8_zero, self.group, self.vnni
-            )
-        elif flat.shape[0] <= GEMV_MAX_ROWS[compute]:
-            y = self.module.wq_matmul(
-                flat.float().contiguous(), self.packed, self.scale, self.zero, self.bits, self.group, self.avx512
-            )
+        if flat.shape[0] <= GEMV_MAX_ROWS[compute]:  # decoding: read the codes directly
+            if self.int8 and not matmuls_must_be_exact():
+                y = self.module.wq_matmul_int8(
+                    flat.float().contiguous(), self.packed, self.int8_scale, self.int8_zero, self.group, self.vnni
+                )
+            else:
+                y = self.module.wq_matmul(
+                    flat.float().contiguous(), self.packed, self.scale, self.zero, self.bits, self.group, self.avx512
+                )
         else:  # a prompt: dequantized tiles and torch's matmul
             y = self.module.wq_matmul_tiled(
                 flat.to(compute).contiguous(),
