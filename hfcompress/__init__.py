@@ -65,6 +65,7 @@ _EXPORTS = {
     "save_quantized": ".quantization",
     "techniques": ".core.registry",
     "update_manifest": ".checkpoint",
+    "use_decode_loop": ".quantization",
     "verify_folder": ".steps",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .structure import set_submodule
+from .structure import is_plain_linear, set_submodule
 
 __all__ = [
     "ExpertLinears",
@@ -193,7 +193,7 @@ def fuse_dense_experts(model: nn.Module) -> list[str]:
     names = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, ExpertLinears) and all(type(m) is nn.Linear for m in _linears(module))
+        if isinstance(module, ExpertLinears) and all(is_plain_linear(m) for m in _linears(module))
     ]
     for name in names:
         set_submodule(model, name, model.get_submodule(name).to_fused())

@@ -16,6 +16,7 @@ __all__ = [
     "find_layer_stacks",
     "find_linears",
     "is_excluded",
+    "is_plain_linear",
     "is_router",
     "linear_to_replace",
     "linear_weight",
@@ -42,6 +43,12 @@ def set_linear_weight(module: nn.Module, weight, exact: bool = False) -> None:
         module.weight = nn.Parameter(value.contiguous(), requires_grad=False)
     else:
         module.weight.data.copy_(value)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` nothing compressed: the class itself, or a subclass that changes only how it runs (its class
+    sets `PLAIN_LINEAR = True`, as `quantization.decode_linear.DecodeLinear` does)."""
+    return type(module) is nn.Linear or getattr(type(module), "PLAIN_LINEAR", False)
 
 
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:

@@ -14,6 +14,7 @@ _EXPORTS = {
     "HfcompressHfQuantizer": "..checkpoint.hf_quantizer",
     "HfcompressQuantizationConfig": "..checkpoint.manifest",
     "KMeansConfig": ".codebook_config",
+    "DecodeLinear": ".decode_linear",
     "QuantLinear": ".modules",
     "RTNConfig": ".config",
     "SparseQuantLinear": ".sparse_quant",
@@ -21,6 +22,7 @@ _EXPORTS = {
     "W8A8Config": ".config",
     "quantize": ".api",
     "save_quantized": ".save",
+    "use_decode_loop": ".decode_linear",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

@@ -11,12 +11,13 @@ from transformers.utils.logging import tqdm
 from ..checkpoint import HfcompressQuantizationConfig, manifest_of, update_manifest
 from ..core.experts import expert_tokens
 from ..core.registry import stored_tensors, technique_for
-from ..core.structure import candidate_linears, find_layer_stack, linear_weight, set_submodule
+from ..core.structure import candidate_linears, find_layer_stack, is_plain_linear, linear_weight, set_submodule
 from ..core.walk import stacks_holding
 from ..data import calibration_data
 from ..pruning.sparse import SparseLinear, decompress_sparse
 from .compensated_linear import attach_corrections, compensation_plan
 from .config import GPTQConfig, RTNConfig
+from .decode_linear import use_decode_loop
 from .gptq_blocks import quantize_blocks
 from .grid import SCALE_TORCH_DTYPES, rtn_quantize
 from .layers import quantized_layer
@@ -64,8 +65,13 @@ def quantize(model: nn.Module, config, tokenizer=None) -> nn.Module:
     the linear-like weights stay in full precision for no chosen reason is refused unless `allow_partial=True`.
     Text needs `tokenizer`; without one it is loaded from `model.name_or_path`. A `BnbConfig` returns a new,
     bitsandbytes-quantized model (bitsandbytes quantizes while loading) and leaves `model` as it was.
+    In a model quantized by hfcompress, the output layer, where it stays a plain `nn.Linear`, decodes through
+    hfcompress's dense loop (`decode_linear.DecodeLinear`), as it does when the checkpoint is loaded again.
     """
-    return technique_for(config, kind="quantize").run(model, config, tokenizer)
+    quantized = technique_for(config, kind="quantize").run(model, config, tokenizer)
+    if isinstance(getattr(quantized.config, "quantization_config", None), HfcompressQuantizationConfig):
+        use_decode_loop(quantized, output_layer_only=True)
+    return quantized
 
 
 def quantize_uniform(model: nn.Module, config: RTNConfig, tokenizer=None) -> nn.Module:
@@ -144,7 +150,7 @@ def _recompress_untouched(model: nn.Module, names: set[str]) -> None:
     """Layers that were bitmask-stored and stayed in full precision go back to bitmask storage."""
     for name in names:
         module = model.get_submodule(name)
-        if type(module) is nn.Linear:
+        if is_plain_linear(module):
             set_submodule(model, name, SparseLinear.from_linear(module))
 
 

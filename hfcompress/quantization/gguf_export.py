@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from ..core.structure import is_plain_linear
 from .gguf_blocks import BLOCK, q4_0_blocks, q8_0_blocks, rope_row_order
 from .modules import QuantLinear
 
@@ -91,7 +92,7 @@ def _tensors(model: nn.Module, gguf) -> dict:
 
 
 def _linear(name: str, module: nn.Module, order: torch.Tensor | None, gguf):
-    if type(module) is nn.Linear:
+    if is_plain_linear(module):
         if module.bias is not None:
             raise ValueError(f"{name} has a bias, which llama.cpp's llama architecture does not read")
         weight = module.weight.detach()

@@ -21,6 +21,9 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
 - (torch's ops and the Triton kernel are wrapped in `wrapped_kernels.py`; this module chooses among them all.)
 - Anything else: dequantize the layer's weight for the call, then `F.linear` (no dense copy is kept).
 
+The output layer a compressed checkpoint keeps in float32 decodes through the same file's dense loop
+(`decode_linear.DecodeLinear`, `dense_matmul`): torch's matmul reads such a weight 2-4x slower at a few rows.
+
 Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-
 or 8-bit index) read their codes and books directly on an AVX2 CPU for calls of up to `LUT_MAX_ROWS` rows
 (`LutCpuKernel`; 4-bit k-means rows and books of 2 weights per 4-bit index in AVX-512F where the CPU has it);
@@ -49,6 +52,7 @@ __all__ = [
     "LutCpuKernel",
     "SmallBatchKernel",
     "TritonW4Kernel",
+    "cpu_isa",
     "gemv_isa",
     "native_bfloat16",
     "prefill_dtype",
@@ -80,11 +84,16 @@ def gemv_isa(module, bits: int, group_size: int) -> str:
     row; at more rows and at 8 bits it was not faster, so those stay AVX2); for vector codebooks of 2 weights per
     4-bit index, passes of up to four rows (3.6x at one row, 1.6x at four). HFCOMPRESS_CPU_ISA=avx2 keeps the AVX2
     loops everywhere (to compare the two, or to rule the AVX-512 ones out)."""
+    wide = cpu_isa() == "auto" and bits == 4 and group_size % 16 == 0
+    return "avx512" if wide and module.has_avx512() else "avx2"
+
+
+def cpu_isa() -> str:
+    """HFCOMPRESS_CPU_ISA: "auto" (the default: each loop takes the widest instructions this CPU has) or "avx2"."""
     choice = os.environ.get("HFCOMPRESS_CPU_ISA", "auto")
     if choice not in CPU_ISAS:
         raise ValueError(f"HFCOMPRESS_CPU_ISA={choice!r}: expected one of {', '.join(CPU_ISAS)}")
-    wide = choice == "auto" and bits == 4 and group_size % 16 == 0
-    return "avx512" if wide and module.has_avx512() else "avx2"
+    return choice
 
 
 def decode_activations(module, layer) -> str:

@@ -54,7 +54,9 @@ quantize_codebook = lazy("hfcompress.quantization.codebook_api:quantize_codebook
 register_technique("kmeans", KMeansConfig, quantize_codebook, summary="Non-uniform levels per channel by weighted k-means.", **_CODEBOOK)  # fmt: skip
 register_technique("vq", VQConfig, quantize_codebook, summary="Vector quantization of runs of weights.", **_CODEBOOK)
 
-register_rebuilder("codebooks", lazy("hfcompress.quantization.rebuild:rebuild_codebooks"), order=50)
-register_rebuilder("compensation", lazy("hfcompress.quantization.rebuild:rebuild_compensated"), order=55)
-register_rebuilder("modules", lazy("hfcompress.quantization.rebuild:rebuild_quantized"), order=60)
+# once a quantized checkpoint has loaded, its output layer (kept whole) decodes in hfcompress's dense loop
+_head = lazy("hfcompress.quantization.decode_linear:use_for_output_layer")
+register_rebuilder("codebooks", lazy("hfcompress.quantization.rebuild:rebuild_codebooks"), order=50, finish=_head)
+register_rebuilder("compensation", lazy("hfcompress.quantization.rebuild:rebuild_compensated"), order=55, finish=_head)
+register_rebuilder("modules", lazy("hfcompress.quantization.rebuild:rebuild_quantized"), order=60, finish=_head)
 register_dequantizer(lazy("hfcompress.quantization.export:dequantize_model"))
