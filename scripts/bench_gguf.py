@@ -8,8 +8,9 @@
 3. Decode tokens/s at batch 1 (greedy, 64 tokens after an 8-token prompt, median of 3): llama.cpp on the GGUF
    file, hfcompress's own kernel on the checkpoint (float32 activations, the default, and with
    HFCOMPRESS_DECODE_ACTIVATIONS=int8: inputs rounded to int8 per block of 32, as llama.cpp rounds them for its
-   Q4_0 dot products), and the float32 model. Goal: our kernel at least half of llama.cpp's
-   speed.
+   Q4_0 dot products), and the float32 model. The quantized checkpoint's float32 output layer runs hfcompress's
+   dense loop (`DecodeLinear`), as in every loaded quantized checkpoint. Goal: our kernel at least half of
+   llama.cpp's speed.
 
 With `--shape 0.47b` the model is instead the random-weight 0.47B Llama of `bench_inference.py` (with
 refmodel's tokenizer), quantized round-to-nearest w4 g32 sym: decode speed only (perplexity means nothing there).
