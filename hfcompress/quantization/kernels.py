@@ -21,7 +21,7 @@ time inside hfcompress's kernel (`AvxCpuKernel`), else the whole layer (see `Sma
 - (torch's ops and the Triton kernel are wrapped in `wrapped_kernels.py`; this module chooses among them all.)
 - Anything else: dequantize the layer's weight for the call, then `F.linear` (no dense copy is kept).
 
-The output layer a compressed checkpoint keeps in float32 decodes through the same file's dense loop
+The output layer a quantized model keeps whole (float32 or bfloat16) decodes through the same file's dense loop
 (`decode_linear.DecodeLinear`, `dense_matmul`): torch's matmul reads such a weight 2-4x slower at a few rows.
 
 Codebook layers (`CodebookLinear`: scalar k-means of 2, 4 or 8 bits, vector codebooks of 2 or 4 weights per 4-

@@ -40,10 +40,11 @@ def isas(loop):
 
 @pytest.mark.parametrize("out_features,in_features", [(40, 64), (33, 1000), (64, 13), (17, 4100)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 12])
-def test_dense_loop_matches_torch(loop, out_features, in_features, rows):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_loop_matches_torch(loop, out_features, in_features, rows, dtype):
     torch.manual_seed(rows)
-    weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
-    expected = x.double() @ weight.double().T
+    weight, x = torch.randn(out_features, in_features).to(dtype), torch.randn(rows, in_features)
+    expected = x.double() @ weight.double().T  # bfloat16 weights widen exactly: the same float32 products
     for avx512 in isas(loop):
         y = loop.dense_matmul(x, weight, avx512)
         assert y.shape == (rows, out_features) and y.dtype == torch.float32
@@ -54,7 +55,7 @@ def test_dense_loop_matches_torch(loop, out_features, in_features, rows):
 def test_dense_loop_refuses_bad_tensors(loop):
     with pytest.raises(RuntimeError, match="weight must be contiguous float32"):
         loop.dense_matmul(torch.randn(1, 8), torch.randn(8, 4), False)
-    with pytest.raises(RuntimeError, match="weight must be contiguous float32"):
+    with pytest.raises(RuntimeError, match="weight must be contiguous float32 or bfloat16"):
         loop.dense_matmul(torch.randn(1, 8), torch.randn(4, 8).double(), False)
 
 
@@ -73,16 +74,35 @@ def test_decode_linear_serves_decoding_calls(calls, loop, isa, monkeypatch):
     assert {avx512 for _, avx512 in calls} == {isa == "auto" and loop.has_avx512()}
 
 
+def test_bfloat16_decoding_rounds_once_as_torch_does(calls):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(1000, 40).bfloat16()
+    layer = copy.deepcopy(plain)
+    use_decode_loop(layer)
+    with torch.no_grad():
+        for rows in range(1, DENSE_MAX_ROWS[torch.bfloat16] + 1):
+            x = torch.randn(1, rows, 1000, dtype=torch.bfloat16)
+            y = layer(x)
+            exact = (x.double() @ plain.weight.double().T + plain.bias.double()).bfloat16()
+            assert y.dtype == torch.bfloat16 and y.shape == (1, rows, 40)
+            # one rounding of a float32 sum: at most one bfloat16 step from the exact result's rounding
+            torch.testing.assert_close(y.float(), exact.float(), rtol=2**-7, atol=1e-2)
+            torch.testing.assert_close(y.float(), plain(x).float(), rtol=2**-7, atol=1e-2)
+    assert [shape for shape, _ in calls] == [(1, 1000), (2, 1000)]
+
+
 def test_decode_linear_leaves_other_calls_to_torch(calls):
     torch.manual_seed(0)
     plain = torch.nn.Linear(32, 16)
     layer = copy.deepcopy(plain)
     use_decode_loop(layer)
     with torch.no_grad():  # a prompt: more rows than the loop serves
-        x = torch.randn(DENSE_MAX_ROWS + 1, 32)
+        x = torch.randn(DENSE_MAX_ROWS[torch.float32] + 1, 32)
         torch.testing.assert_close(layer(x), plain(x))
-        x16 = torch.randn(1, 32, dtype=torch.bfloat16)  # another dtype
-        assert layer.to(torch.bfloat16)(x16).dtype == torch.bfloat16
+        x16 = torch.randn(1, 32, dtype=torch.float16)  # another dtype
+        assert layer.half()(x16).dtype == torch.float16
+        x16 = torch.randn(DENSE_MAX_ROWS[torch.bfloat16] + 1, 32, dtype=torch.bfloat16)  # a bfloat16 prompt
+        assert layer.bfloat16()(x16).dtype == torch.bfloat16
         layer.float()
     x = torch.randn(1, 32, requires_grad=True)  # a gradient to compute: torch's differentiable matmul
     layer(x).sum().backward()

@@ -645,13 +645,21 @@ HFC_AVX512 void vq2_pass512(int rows, const float* x, int64_t x_stride, const in
   }
 }
 
-// Dense float32 weights (the layers a compressed model keeps whole: its output layer above all) for a few rows.
-// torch's matmul took 2-4x the time of one read of the weight here at 1-4 rows (32000x1024, 2-core AMD EPYC: 4.3 ms
-// at one row, where summing its 131 MB takes 1.1 ms), so decoding reads each weight row once, for every input row
-// in passes of up to kRowsPerPass, while it is in L1. AVX-512F where the CPU has it (16 weights a step, chosen by
-// the caller), else AVX2; the input size needs no alignment (the last inputs are summed one by one).
-template <int ROWS>
-void dense_rows(const float* x, int64_t in, const float* row, float* y, int64_t y_stride) {
+// Dense weights (the layers a compressed model keeps whole: its output layer above all), float32 or bfloat16, for a
+// few rows of float32 inputs. torch's matmul took 2-4x the time of one read of the weight here at 1-4 rows
+// (32000x1024, 2-core AMD EPYC: 4.3 ms at one row in float32, where summing its 131 MB takes 1.1 ms), so decoding
+// reads each weight row once, for every input row in passes of up to kRowsPerPass, while it is in L1. AVX-512F where
+// the CPU has it (16 weights a step, chosen by the caller), else AVX2; bfloat16 weights widen exactly to float32
+// (16 bits up); products and sums in float32; the input size needs no alignment (the last inputs are summed one by
+// one).
+inline __m256 dense8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 dense8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+template <int ROWS, typename T>
+void dense_rows(const float* x, int64_t in, const T* row, float* y, int64_t y_stride) {
   constexpr int NACC = ROWS == 1 ? 4 : 2;
   __m256 acc[ROWS][NACC];
   for (int r = 0; r < ROWS; ++r)
@@ -660,50 +668,63 @@ void dense_rows(const float* x, int64_t in, const float* row, float* y, int64_t 
   int64_t t = 0;
   for (; t + NACC <= steps; t += NACC) {
     for (int a = 0; a < NACC; ++a) {
-      const __m256 w = _mm256_loadu_ps(row + 8 * (t + a));
+      const __m256 w = dense8(row + 8 * (t + a));
       for (int r = 0; r < ROWS; ++r)
         acc[r][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * in + 8 * (t + a)), acc[r][a]);
     }
   }
   for (; t < steps; ++t) {
-    const __m256 w = _mm256_loadu_ps(row + 8 * t);
+    const __m256 w = dense8(row + 8 * t);
     for (int r = 0; r < ROWS; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * in + 8 * t), acc[r][0]);
   }
   for (int r = 0; r < ROWS; ++r) {
     __m256 sum = acc[r][0];
     for (int a = 1; a < NACC; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
     float total = hsum(sum);
-    for (int64_t j = 8 * steps; j < in; ++j) total += x[r * in + j] * row[j];
+    for (int64_t j = 8 * steps; j < in; ++j) total += x[r * in + j] * static_cast<float>(row[j]);
     y[r * y_stride] = total;
   }
 }
 
 // 16 weights a step from a dense row
-struct Dense16 {
+template <typename T>
+struct Dense16;
+
+template <>
+struct Dense16<float> {
   const float* row;
   HFC_AVX512 __m512 operator()(int64_t t) const { return _mm512_loadu_ps(row + 16 * t); }
 };
 
-template <int ROWS>
-HFC_AVX512 void dense_rows512(const float* x, int64_t in, const float* row, float* y, int64_t y_stride) {
-  dot16_rows<ROWS>(x, in, in / 16, Dense16{row}, y, y_stride);
+template <>
+struct Dense16<at::BFloat16> {
+  const at::BFloat16* row;
+  HFC_AVX512 __m512 operator()(int64_t t) const {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * t));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+};
+
+template <int ROWS, typename T>
+HFC_AVX512 void dense_rows512(const float* x, int64_t in, const T* row, float* y, int64_t y_stride) {
+  dot16_rows<ROWS>(x, in, in / 16, Dense16<T>{row}, y, y_stride);
   for (int r = 0; r < ROWS; ++r)
-    for (int64_t j = in - in % 16; j < in; ++j) y[r * y_stride] += x[r * in + j] * row[j];
+    for (int64_t j = in - in % 16; j < in; ++j) y[r * y_stride] += x[r * in + j] * static_cast<float>(row[j]);
 }
 
-// Outputs [begin, end) for all m input rows: output row o's weights are read from memory once.
-template <int ROWS, bool WIDE>
-inline void dense_pass(const float* x, int64_t in, const float* row, float* y, int64_t y_stride) {
+// A pass of ROWS input rows against one weight row
+template <int ROWS, bool WIDE, typename T>
+inline void dense_pass(const float* x, int64_t in, const T* row, float* y, int64_t y_stride) {
   if constexpr (WIDE) dense_rows512<ROWS>(x, in, row, y, y_stride);
   else dense_rows<ROWS>(x, in, row, y, y_stride);
 }
 
 // Outputs [begin, end) for all m input rows: output row o's weights are read from memory once.
-template <bool WIDE>
-void dense_outputs(int64_t m, const float* x, int64_t in, const float* w, float* y, int64_t out, int64_t begin,
+template <bool WIDE, typename T>
+void dense_outputs(int64_t m, const float* x, int64_t in, const T* w, float* y, int64_t out, int64_t begin,
                    int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
-    const float* row = w + o * in;
+    const T* row = w + o * in;
     for (int64_t r0 = 0; r0 < m; r0 += kRowsPerPass) {
       const float* xr = x + r0 * in;
       float* yr = y + r0 * out + o;
@@ -857,21 +878,28 @@ torch::Tensor wq_matmul_int8(torch::Tensor x, torch::Tensor packed, torch::Tenso
   return y;
 }
 
-// x: float32 [m, in] (contiguous), weight: float32 [out, in] (contiguous): x @ weight.T for a few rows. `avx512`:
-// the AVX-512F loop (the CPU must have it), else the AVX2 one.
+// x: float32 [m, in] (contiguous), weight: float32 or bfloat16 [out, in] (contiguous): x @ weight.T in float32 for
+// a few rows. `avx512`: the AVX-512F loop (the CPU must have it), else the AVX2 one.
 torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor weight, bool avx512) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.dim() == 2 &&
-              weight.size(1) == x.size(1), "weight must be contiguous float32 [out, ", x.size(1), "]");
+  const bool half = weight.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((half || weight.scalar_type() == torch::kFloat32) && weight.is_contiguous() && weight.dim() == 2 &&
+              weight.size(1) == x.size(1), "weight must be contiguous float32 or bfloat16 [out, ", x.size(1), "]");
   TORCH_CHECK(!avx512 || cpu_has_avx512(), "the AVX-512 loop needs a CPU with AVX-512F; this one has none");
   const int64_t m = x.size(0), in = x.size(1), out = weight.size(0);
   auto y = torch::empty({m, out}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    if (avx512) dense_outputs<true>(m, xp, in, wp, yp, out, begin, end);
-    else dense_outputs<false>(m, xp, in, wp, yp, out, begin, end);
+    if (half) {
+      const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+      if (avx512) dense_outputs<true>(m, xp, in, wp, yp, out, begin, end);
+      else dense_outputs<false>(m, xp, in, wp, yp, out, begin, end);
+    } else {
+      const float* wp = weight.data_ptr<float>();
+      if (avx512) dense_outputs<true>(m, xp, in, wp, yp, out, begin, end);
+      else dense_outputs<false>(m, xp, in, wp, yp, out, begin, end);
+    }
   });
   return y;
 }
@@ -1048,7 +1076,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("avx512") = false);
   m.def("codebook_matmul_tiled", &codebook_matmul_tiled, "codebook (k-means or vector) matmul for many rows: decoded "
         "tiles, torch's matmul");
-  m.def("dense_matmul", &dense_matmul, "dense float32 matmul for a few rows (AVX2; with avx512=True AVX-512F)",
+  m.def("dense_matmul", &dense_matmul, "dense float32 or bfloat16 weights times float32 inputs for a few rows (AVX2; with avx512=True AVX-512F)",
         py::arg("x"), py::arg("weight"), py::arg("avx512") = false);
   m.def("vq_matmul", &vq_matmul, "vector-codebook (dim 2 or 4, 4/8-bit indices) matmul for a few rows (AVX2; with "
         "avx512=True dim 2 with 4-bit indices in AVX-512F)", py::arg("x"), py::arg("packed"), py::arg("books"),
