@@ -8,13 +8,12 @@ each weight row once for every input row: AVX-512F where the CPU has it, else AV
 keeps AVX2), float32 products and sums as torch's (only the order of the sums differs; bfloat16 weights widen
 exactly, the inputs too, and the result is rounded to bfloat16 once, as torch's bfloat16 matmul does).
 
-Loading a quantized hfcompress checkpoint with `from_pretrained` makes its output layer a `DecodeLinear` where it is a plain
-`nn.Linear` (by class, in place: the same module, parameters, hooks and state dict); `use_decode_loop(model)` does
-it for every plain `nn.Linear` of any model. Other linears are left to torch on load, so a reloaded model computes
-what the model in memory computed, to the bit, everywhere but in its output layer's calls of a few rows (whose
-sums the loop orders differently). In everything else it is an `nn.Linear`: calls the loop does not serve (more than
-`DENSE_MAX_ROWS` rows, another device or dtype, a gradient to compute, HFCOMPRESS_CPU_KERNELS=0, no compiler) are
-`nn.Linear.forward`.
+Quantizing with `hfcompress.quantize` and loading a quantized hfcompress checkpoint with `from_pretrained` make the
+model's output layer a `DecodeLinear` where it is a plain `nn.Linear` (by class, in place: the same module,
+parameters, hooks and state dict); `use_decode_loop(model)` does it for every plain `nn.Linear` of any model. Other
+linears are left to torch, so a reloaded model computes what the model in memory computed, to the bit. In everything
+else it is an `nn.Linear`: calls the loop does not serve (more than `DENSE_MAX_ROWS` rows, another device or dtype,
+a gradient to compute, HFCOMPRESS_CPU_KERNELS=0, no compiler) are `nn.Linear.forward`.
 """
 
 from __future__ import annotations

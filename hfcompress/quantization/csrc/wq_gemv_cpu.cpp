@@ -4,7 +4,7 @@
 // to four rows of vector codebooks of 2 weights per 4-bit index. 4-bit uniform grids also have int8 loops
 // (`wq_matmul_int8`: inputs rounded to int8 per block of 32, int8 dot products; AVX-512 VNNI, or AVX2), taken
 // when asked for. Prompts (many rows) multiply tiles of decoded weights with torch's matmul (`wq_matmul_tiled`,
-// `codebook_matmul_tiled`). Dense float32 layers have their own loop for a few rows (`dense_matmul`).
+// `codebook_matmul_tiled`). Dense float32 or bfloat16 layers have their own loop for a few rows (`dense_matmul`).
 //
 // y[m, o] = sum_g scale[o, g] * (sum_{j in g} x[m, j] * code[o, j]  -  zero[o, g] * sum_{j in g} x[m, j])
 //
@@ -738,6 +738,13 @@ void dense_outputs(int64_t m, const float* x, int64_t in, const T* w, float* y, 
   }
 }
 
+template <typename T>
+void dense_outputs(bool avx512, int64_t m, const float* x, int64_t in, const T* w, float* y, int64_t out,
+                   int64_t begin, int64_t end) {
+  if (avx512) dense_outputs<true>(m, x, in, w, y, out, begin, end);
+  else dense_outputs<false>(m, x, in, w, y, out, begin, end);
+}
+
 // Codebook rows [begin, end) as float32 weights (for prompts): index j of row o (IBITS bits, LSB first) becomes the
 // DIM floats of its entry in row o's book (scalar k-means: a book per row, DIM 1).
 template <int DIM, int IBITS>
@@ -891,15 +898,8 @@ torch::Tensor dense_matmul(torch::Tensor x, torch::Tensor weight, bool avx512) {
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    if (half) {
-      const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
-      if (avx512) dense_outputs<true>(m, xp, in, wp, yp, out, begin, end);
-      else dense_outputs<false>(m, xp, in, wp, yp, out, begin, end);
-    } else {
-      const float* wp = weight.data_ptr<float>();
-      if (avx512) dense_outputs<true>(m, xp, in, wp, yp, out, begin, end);
-      else dense_outputs<false>(m, xp, in, wp, yp, out, begin, end);
-    }
+    if (half) dense_outputs(avx512, m, xp, in, weight.const_data_ptr<at::BFloat16>(), yp, out, begin, end);
+    else dense_outputs(avx512, m, xp, in, weight.const_data_ptr<float>(), yp, out, begin, end);
   });
   return y;
 }
