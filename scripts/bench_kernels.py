@@ -13,6 +13,11 @@ kernel (tinygemm, the peer) and the fallback. Every kernel is first checked agai
     python scripts/bench_kernels.py                 # CPU, the issue's shapes
     python scripts/bench_kernels.py --device cuda   # adds 8192x8192 at M = 1 and 16
     python scripts/bench_kernels.py --dtype bfloat16 --batches 64 512   # a bfloat16 model's prompts
+    python scripts/bench_kernels.py --int8 --batches 1 2   # w4 g128 with int8 decoding activations, every loop
+
+With `--int8`, calls of up to 4 rows of the w4 g128 layer also run with int8 decoding activations
+(HFCOMPRESS_DECODE_ACTIVATIONS=int8) through each int8 loop this CPU has: AVX-512 VNNI, AVX-VNNI (256-bit
+`vpdpbusd`), AVX2 (`vpmaddubsw`), each checked against the same rounding of the inputs then a float64 product.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 from hfcompress.hub.record import hardware_description
 from hfcompress.quantization.codebook_linear import CodebookLinear
+from hfcompress.quantization.cpu_extension import load as load_kernels
 from hfcompress.quantization.grid import rtn_quantize
 from hfcompress.quantization.kernels import (
     LUT_MAX_ROWS,
@@ -55,6 +61,32 @@ def timer(fn, runs, device):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def int8_rows(layer, x, weight, runs):
+    """(name, seconds) of `layer` with int8 decoding activations through every int8 loop this CPU has."""
+    module = load_kernels()
+    isas = ["auto"] + (["avxvnni"] if module.has_avx_vnni() else []) + ["avx2"]
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    largest = blocks.abs().amax(-1, keepdim=True)
+    scale = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    rounded = (torch.round(blocks * scale) * (largest / 127.0)).reshape(x.shape)
+    expected = rounded.double() @ weight.double().T
+    found, seen = [], set()
+    for isa in isas:
+        os.environ["HFCOMPRESS_DECODE_ACTIVATIONS"], os.environ["HFCOMPRESS_CPU_ISA"] = "int8", isa
+        try:
+            kernel = AvxCpuKernel(layer, torch.float32)
+        finally:
+            del os.environ["HFCOMPRESS_DECODE_ACTIVATIONS"], os.environ["HFCOMPRESS_CPU_ISA"]
+        if kernel.name in seen:  # auto took a loop listed after it
+            continue
+        seen.add(kernel.name)
+        err = (kernel(x).double() - expected).abs().max().item() / expected.abs().max().item()
+        if err > 1e-5:
+            raise SystemExit(f"w4 g128 {kernel.name} disagrees with int8 rounding then matmul: {err:.3g}")
+        found.append((f"w4 g128 {kernel.name}", timer(partial(kernel, x), runs, x.device)))
+    return found
 
 
 def quant_layer(weight, bits, group_size, sym=False):
@@ -103,6 +135,7 @@ def main():
         "--dtype", choices=["float32", "bfloat16"], default="float32",
         help="CPU inputs' dtype (the dense baseline's too): bfloat16 for a bfloat16 model's calls",
     )  # fmt: skip
+    parser.add_argument("--int8", action="store_true", help="also w4 g128 with int8 decoding activations, every loop")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     print(f"hardware: {hardware_description()}", flush=True)  # which CPU (and instruction sets) ran this
@@ -151,6 +184,8 @@ def main():
                 if codebook and m > LUT_MAX_ROWS:  # what such calls did before the tiles: rebuild, then matmul
                     rebuild = lambda x=x, layer=layer: F.linear(x, layer.dense_weight(dtype))  # noqa: E731
                     rows.append((f"{label} dense rebuild", timer(rebuild, max(10, args.runs // 5), device)))
+                if args.int8 and device.type == "cpu" and label == "w4 g128" and m <= 4 and dtype == torch.float32:
+                    rows += int8_rows(layer, x, weight_used, args.runs)
                 if device.type == "cpu" and label == "w4 g128" and m <= 4:
                     peer = Int4CpuKernel(layer, dtype)  # torch's own fused int4 op, the peer
                     rows.append((f"{label} torch int4pack (peer)", timer(partial(peer, x), args.runs, device)))
