@@ -347,8 +347,6 @@ void quantize_int8_blocks_scalar(const float* x, int64_t in, Int8Blocks& q) {
 inline float value_at(const float* p, int64_t i) { return p[i]; }
 inline float value_at(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
 
-// Half h (64 inputs, lanes 8h..8h+7) of an output row against input row `a`, added to `acc`. Its first 4 lanes
-// are in group h * 64 / group, its last 4 in the next one at groups of 32, else in the same one.
 // The int32 lanes (8 inputs each) of the low codes times the even activations plus the high codes times the odd.
 struct Avx2Dot {
   static inline __m256i lanes(__m256i lo, __m256i even, __m256i hi, __m256i odd) {
@@ -374,6 +372,8 @@ bool cpu_has_avx_vnni() { return __builtin_cpu_supports("avxvnni"); }
 bool cpu_has_avx_vnni() { return false; }
 #endif
 
+// Half h (64 inputs, lanes 8h..8h+7) of an output row against input row `a`, added to `acc`. Its first 4 lanes
+// are in group h * 64 / group, its last 4 in the next one at groups of 32, else in the same one.
 template <typename Dot, bool CONST_ZERO, typename S>
 inline __m256 int8_half_avx2(const Int8Blocks& a, const uint8_t* row, const S* s, const float* z, __m256 zero_all,
                              int64_t group, int64_t h, __m256 acc) {
@@ -393,8 +393,8 @@ inline __m256 int8_half_avx2(const Int8Blocks& a, const uint8_t* row, const S* s
 
 template <typename Dot, bool CONST_ZERO, typename S>
 inline void gemv4_int8_rows_avx2(int rows, const Int8Blocks* q, const uint8_t* packed, int64_t bytes_per_row,
-                          const S* scale, const float* zero, float zero_value, int64_t n_groups, int64_t group,
-                          int64_t chunks, float* y, int64_t y_stride, int64_t begin, int64_t end) {
+                                 const S* scale, const float* zero, float zero_value, int64_t n_groups, int64_t group,
+                                 int64_t chunks, float* y, int64_t y_stride, int64_t begin, int64_t end) {
   const __m256 zero_all = _mm256_set1_ps(zero_value);
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = packed + o * bytes_per_row;
