@@ -2,7 +2,7 @@
 
 Quantizes ../shared/refmodel (float32) to w4 g32 sym (llama.cpp's Q4_0 grid) with round-to-nearest, then, for
 float32 decoding activations (the default) and int8 ones (each decoding call's inputs rounded to int8 per block of
-32, as llama.cpp does; AVX-512 VNNI dot products where the CPU has them, else AVX-VNNI's, else AVX2's), scores held-out windows token by token through the KV cache, so every
+32, as llama.cpp does; AVX-512 VNNI dot products where the CPU has them, else AVX2's), scores held-out windows token by token through the KV cache, so every
 matmul is a one-row decoding call (the path int8 changes; a prompt's forward would take the float32 tiles), and
 times greedy decoding at batch 1 (median of --runs). Both settings in one run, on fresh copies of the model
 (kernels are chosen when a layer first runs).

@@ -54,7 +54,6 @@ __all__ = [
     "TritonW4Kernel",
     "cpu_isa",
     "gemv_isa",
-    "int8_loop",
     "native_bfloat16",
     "prefill_dtype",
     "select_codebook_kernel",
@@ -74,7 +73,7 @@ VQ_AVX2_MAX_ROWS = 16
 GEMV_MAX_ROWS = {torch.bfloat16: 10, torch.float32: 16}
 PREFILL_TILE = 1 << 22  # weights dequantized at a time for calls of more than GEMV_MAX_ROWS rows (16 MB in float32)
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-CPU_ISAS = ("auto", "avx2", "avxvnni")
+CPU_ISAS = ("auto", "avx2")
 DECODE_ACTIVATIONS = ("float32", "int8")
 
 
@@ -90,10 +89,7 @@ def gemv_isa(module, bits: int, group_size: int) -> str:
 
 
 def cpu_isa() -> str:
-    """HFCOMPRESS_CPU_ISA: "auto" (the default: each loop takes the widest instructions this CPU has), "avx2" (the
-    256-bit loops everywhere, int8 dot products by AVX2's `vpmaddubsw`) or "avxvnni" (the 256-bit loops, with
-    AVX-VNNI's `vpdpbusd` for int8 activations where the CPU has it: what an Intel client CPU without AVX-512
-    runs)."""
+    """HFCOMPRESS_CPU_ISA: "auto" (the default: each loop takes the widest instructions this CPU has) or "avx2"."""
     choice = os.environ.get("HFCOMPRESS_CPU_ISA", "auto")
     if choice not in CPU_ISAS:
         raise ValueError(f"HFCOMPRESS_CPU_ISA={choice!r}: expected one of {', '.join(CPU_ISAS)}")
@@ -104,9 +100,9 @@ def decode_activations(module, layer) -> str:
     """How 4-bit decoding calls (up to `GEMV_MAX_ROWS` rows) of `layer` treat their inputs: "float32" (the default:
     the codes are converted and multiplied in float32) or, with HFCOMPRESS_DECODE_ACTIVATIONS=int8, "int8": each
     input row is rounded to int8 per block of 32 inputs (scale: the block's largest magnitude / 127, llama.cpp's
-    Q8_0) and multiplied with the codes by int8 dot products (`int8_loop`): `vpdpbusd` where the CPU has AVX-512
-    VNNI, 1.7-3.1x the float32 loop at one row (measured on 1024x1024 to 11008x4096 layers, groups 32 and 128, 2 AMD
-    EPYC cores), its 256-bit form where it has AVX-VNNI only, else AVX2's `vpmaddubsw`. That rounding moves the outputs (about 0.5% of their
+    Q8_0) and multiplied with the codes by int8 dot products: `vpdpbusd` where the CPU has AVX-512 VNNI, 1.7-3.1x
+    the float32 loop at one row (measured on 1024x1024 to 11008x4096 layers, groups 32 and 128, 2 AMD EPYC cores),
+    else (or with HFCOMPRESS_CPU_ISA=avx2) AVX2's `vpmaddubsw`. That rounding moves the outputs (about 0.5% of their
     range on random layers), so it is asked for, not taken by default. It needs an input size that is a multiple of
     128 and groups of 32, 64 or a multiple of 128; layers that miss one of these keep float32. Calibration and
     evaluation (`exact_matmuls`) always take float32."""
@@ -116,17 +112,6 @@ def decode_activations(module, layer) -> str:
     group = layer.group_size
     fits = layer.bits == 4 and layer.in_features % 128 == 0 and (group in (32, 64) or group % 128 == 0)
     return "int8" if choice == "int8" and fits else "float32"
-
-
-def int8_loop(module, avx512: bool) -> str:
-    """The loop of int8 decoding activations (`decode_activations`): "avx512vnni" where the layer takes the AVX-512
-    loops (`gemv_isa`) and the CPU has AVX-512 VNNI, else "avxvnni" where it has AVX-VNNI (and HFCOMPRESS_CPU_ISA is
-    not "avx2"), else "avx2". All three compute the same int32 sums, so the same outputs up to float32 rounding."""
-    if avx512 and module.has_avx512_vnni():
-        return "avx512vnni"
-    if cpu_isa() != "avx2" and module.has_avx_vnni():
-        return "avxvnni"
-    return "avx2"
 
 
 def prefill_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -222,8 +207,8 @@ class AvxCpuKernel:
         self.zero = layer.zero_points().float().contiguous()
         self.int8 = decode_activations(self.module, layer) == "int8"
         if self.int8:
-            self.int8_loop = int8_loop(self.module, self.avx512)
-            self.name += {"avx512vnni": "+int8", "avxvnni": "+int8-avxvnni", "avx2": "+int8-avx2"}[self.int8_loop]
+            self.vnni = self.avx512 and self.module.has_avx512_vnni()  # HFCOMPRESS_CPU_ISA=avx2: the AVX2 loop
+            self.name += "+int8" if self.vnni else "+int8-avx2"
             # a symmetric grid's zero points are all one value: the int8 loop then reads one number, not a tensor
             shared = self.zero.flatten()[:1]
             self.int8_zero = shared if bool((self.zero == shared).all()) else self.zero
@@ -241,7 +226,7 @@ class AvxCpuKernel:
         if flat.shape[0] <= GEMV_MAX_ROWS[compute]:  # decoding: read the codes directly
             if self.int8 and not matmuls_must_be_exact():
                 y = self.module.wq_matmul_int8(
-                    flat.float().contiguous(), self.packed, self.int8_scale, self.int8_zero, self.group, self.int8_loop
+                    flat.float().contiguous(), self.packed, self.int8_scale, self.int8_zero, self.group, self.vnni
                 )
             else:
                 y = self.module.wq_matmul(

@@ -2,7 +2,7 @@
 // (`wq_matmul`), scalar k-means codebooks (`lut_matmul`) and vector codebooks (`vq_matmul`). At 4 bits, calls of
 // one or two rows take AVX-512F loops where the CPU has it (`has_avx512`), chosen by the caller; so do passes of up
 // to four rows of vector codebooks of 2 weights per 4-bit index. 4-bit uniform grids also have int8 loops
-// (`wq_matmul_int8`: inputs rounded to int8 per block of 32, int8 dot products; AVX-512 VNNI, AVX-VNNI or AVX2), taken
+// (`wq_matmul_int8`: inputs rounded to int8 per block of 32, int8 dot products; AVX-512 VNNI, or AVX2), taken
 // when asked for. Prompts (many rows) multiply tiles of decoded weights with torch's matmul (`wq_matmul_tiled`,
 // `codebook_matmul_tiled`). Dense float32 or bfloat16 layers have their own loop for a few rows (`dense_matmul`).
 //
@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <vector>
 
 namespace {
@@ -324,12 +323,10 @@ HFC_VNNI void gemv4_int8_rows(int rows, const Int8Blocks* q, const uint8_t* pack
   }
 }
 
-// CPUs without AVX-512 VNNI: the same int8 loop in 256-bit registers, a 128-input step in two halves of 64, int32
-// lanes of 8 inputs laid out as in the VNNI loop. The products are summed by `Avx2Dot` (`vpmaddubsw` multiplies the
-// unsigned codes by the signed activations and sums adjacent pairs to int16, at most 2 * 15 * 127: no saturation;
-// `vpmaddwd` by ones sums those to int32) or, on CPUs with AVX-VNNI (Intel's client CPUs from Alder Lake on, which
-// have no AVX-512; AMD's from Zen 4), by `AvxVnniDot`'s two `vpdpbusd`: the same exact int32 sums. The rounding of
-// the inputs is the same (`quantize_int8_blocks_scalar` computes what `quantize_int8_blocks` does).
+// CPUs without AVX-512 VNNI: the same int8 loop in AVX2, a 128-input step in two halves of 64. `vpmaddubsw`
+// multiplies the unsigned codes by the signed activations and sums adjacent pairs to int16 (at most 2 * 15 * 127:
+// no saturation), `vpmaddwd` by ones sums those to int32 lanes of 8 inputs, laid out as in the VNNI loop. The
+// rounding of the inputs is the same (`quantize_int8_blocks_scalar` computes what `quantize_int8_blocks` does).
 void quantize_int8_blocks_scalar(const float* x, int64_t in, Int8Blocks& q) {
   q.even.resize(in / 2), q.odd.resize(in / 2), q.scale.resize(in / 8), q.sum.resize(in / 8);
   for (int64_t b = 0; b < in / 32; ++b) {
@@ -347,42 +344,18 @@ void quantize_int8_blocks_scalar(const float* x, int64_t in, Int8Blocks& q) {
 inline float value_at(const float* p, int64_t i) { return p[i]; }
 inline float value_at(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
 
-// The int32 lanes (8 inputs each) of the low codes times the even activations plus the high codes times the odd.
-struct Avx2Dot {
-  static inline __m256i lanes(__m256i lo, __m256i even, __m256i hi, __m256i odd) {
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-  }
-};
-
-// Compilers older than GCC 11 and clang 12 know no AVX-VNNI: with them the loop is left out (`has_avx_vnni` False).
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
-#define HFC_AVXVNNI_BUILT 1
-#define HFC_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
-
-struct AvxVnniDot {
-  static HFC_AVXVNNI inline __m256i lanes(__m256i lo, __m256i even, __m256i hi, __m256i odd) {
-    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, even), hi, odd);
-  }
-};
-
-bool cpu_has_avx_vnni() { return __builtin_cpu_supports("avxvnni"); }
-#else
-#define HFC_AVXVNNI_BUILT 0
-bool cpu_has_avx_vnni() { return false; }
-#endif
-
 // Half h (64 inputs, lanes 8h..8h+7) of an output row against input row `a`, added to `acc`. Its first 4 lanes
 // are in group h * 64 / group, its last 4 in the next one at groups of 32, else in the same one.
-template <typename Dot, bool CONST_ZERO, typename S>
+template <bool CONST_ZERO, typename S>
 inline __m256 int8_half_avx2(const Int8Blocks& a, const uint8_t* row, const S* s, const float* z, __m256 zero_all,
                              int64_t group, int64_t h, __m256 acc) {
-  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * h));
   const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
   const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.even.data() + 32 * h));
   const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.odd.data() + 32 * h));
-  const __m256i d = Dot::lanes(lo, even, hi, odd);
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+  const __m256i d = _mm256_madd_epi16(pairs, ones);
   const int64_t g = h * 64 / group, next = group == 32 ? g + 1 : g;
   const __m256 sw = _mm256_set_m128(_mm_set1_ps(value_at(s, next)), _mm_set1_ps(value_at(s, g)));
   const __m256 zw = CONST_ZERO ? zero_all : _mm256_set_m128(_mm_set1_ps(z[next]), _mm_set1_ps(z[g]));
@@ -391,10 +364,10 @@ inline __m256 int8_half_avx2(const Int8Blocks& a, const uint8_t* row, const S* s
   return _mm256_fmadd_ps(lane, sw, acc);
 }
 
-template <typename Dot, bool CONST_ZERO, typename S>
-inline void gemv4_int8_rows_avx2(int rows, const Int8Blocks* q, const uint8_t* packed, int64_t bytes_per_row,
-                                 const S* scale, const float* zero, float zero_value, int64_t n_groups, int64_t group,
-                                 int64_t chunks, float* y, int64_t y_stride, int64_t begin, int64_t end) {
+template <bool CONST_ZERO, typename S>
+void gemv4_int8_rows_avx2(int rows, const Int8Blocks* q, const uint8_t* packed, int64_t bytes_per_row,
+                          const S* scale, const float* zero, float zero_value, int64_t n_groups, int64_t group,
+                          int64_t chunks, float* y, int64_t y_stride, int64_t begin, int64_t end) {
   const __m256 zero_all = _mm256_set1_ps(zero_value);
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = packed + o * bytes_per_row;
@@ -405,27 +378,12 @@ inline void gemv4_int8_rows_avx2(int rows, const Int8Blocks* q, const uint8_t* p
     for (int r = 0; r < rows; ++r) {
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (int64_t h = 0; h < 2 * chunks; h += 2) {
-        acc0 = int8_half_avx2<Dot, CONST_ZERO, S>(q[r], row, s, z, zero_all, group, h, acc0);
-        acc1 = int8_half_avx2<Dot, CONST_ZERO, S>(q[r], row, s, z, zero_all, group, h + 1, acc1);
+        acc0 = int8_half_avx2<CONST_ZERO, S>(q[r], row, s, z, zero_all, group, h, acc0);
+        acc1 = int8_half_avx2<CONST_ZERO, S>(q[r], row, s, z, zero_all, group, h + 1, acc1);
       }
       y[r * y_stride + o] = hsum(_mm256_add_ps(acc0, acc1));
     }
   }
-}
-
-// The loop with AVX-VNNI's dot products: `flatten` compiles the whole walk for this function's target, into which
-// `AvxVnniDot` (an AVX-VNNI function) can then be inlined.
-template <bool CONST_ZERO, typename S>
-#if HFC_AVXVNNI_BUILT
-HFC_AVXVNNI __attribute__((flatten))
-#endif
-void gemv4_int8_rows_avxvnni(int rows, const Int8Blocks* q, const uint8_t* packed, int64_t bytes_per_row,
-                             const S* scale, const float* zero, float zero_value, int64_t n_groups, int64_t group,
-                             int64_t chunks, float* y, int64_t y_stride, int64_t begin, int64_t end) {
-#if HFC_AVXVNNI_BUILT
-  gemv4_int8_rows_avx2<AvxVnniDot, CONST_ZERO, S>(rows, q, packed, bytes_per_row, scale, zero, zero_value, n_groups,
-                                                  group, chunks, y, y_stride, begin, end);
-#endif
 }
 
 bool cpu_has_avx512_vnni() {
@@ -880,17 +838,12 @@ torch::Tensor wq_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 // x: float32 [m, in] (contiguous), packed: int32 [out, in / 8] (4-bit codes), scale: float32 or float16 [out,
 // n_groups], zero: float32 of scale's shape, or of one element that is every group's zero point (symmetric grids).
 // Each input row is rounded to int8 per block of 32 inputs (`quantize_int8_blocks`), so the result differs from
-// `wq_matmul`'s by that rounding. `loop`: "avx512vnni", "avxvnni" (the 256-bit loop with AVX-VNNI's dot products)
-// or "avx2"; the CPU must have its instructions. Needs an input size that is a multiple of 128 and groups of 32, 64
-// or a multiple of 128.
+// `wq_matmul`'s by that rounding. `vnni`: the AVX-512 VNNI loop (the CPU must have it), else the AVX2 one. Needs an
+// input size that is a multiple of 128 and groups of 32, 64 or a multiple of 128.
 torch::Tensor wq_matmul_int8(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                             int64_t group, const std::string& loop) {
+                             int64_t group, bool vnni) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [m, in]");
-  TORCH_CHECK(loop == "avx512vnni" || loop == "avxvnni" || loop == "avx2",
-              "loop must be 'avx512vnni', 'avxvnni' or 'avx2', got '", loop, "'");
-  const bool vnni = loop == "avx512vnni", avx_vnni = loop == "avxvnni";
-  TORCH_CHECK(!vnni || cpu_has_avx512_vnni(), "the AVX-512 VNNI loop needs a CPU with AVX-512 VNNI; this one has none");
-  TORCH_CHECK(!avx_vnni || cpu_has_avx_vnni(), "the AVX-VNNI loop needs a CPU with AVX-VNNI; this one has none");
+  TORCH_CHECK(!vnni || cpu_has_avx512_vnni(), "the VNNI loop needs a CPU with AVX-512 VNNI; this one has none");
   const int64_t m = x.size(0), in = x.size(1), out = packed.size(0);
   TORCH_CHECK(in % 128 == 0, "the int8 loop needs an input size that is a multiple of 128, got ", in);
   TORCH_CHECK(group == 32 || group == 64 || group % 128 == 0, "the int8 loop needs groups of 32, 64 or a multiple of 128, got ", group);
@@ -921,14 +874,10 @@ torch::Tensor wq_matmul_int8(torch::Tensor x, torch::Tensor packed, torch::Tenso
         gemv4_int8_rows<true>(rows, q.data(), wp, in / 2, sp, zp, zp[0], n_groups, group, in / 128, yp, out, begin, end);
       else if (vnni)
         gemv4_int8_rows<false>(rows, q.data(), wp, in / 2, sp, zp, 0.0f, n_groups, group, in / 128, yp, out, begin, end);
-      else if (avx_vnni && one_zero)
-        gemv4_int8_rows_avxvnni<true>(rows, q.data(), wp, in / 2, sp, zp, zp[0], n_groups, group, in / 128, yp, out, begin, end);
-      else if (avx_vnni)
-        gemv4_int8_rows_avxvnni<false>(rows, q.data(), wp, in / 2, sp, zp, 0.0f, n_groups, group, in / 128, yp, out, begin, end);
       else if (one_zero)
-        gemv4_int8_rows_avx2<Avx2Dot, true>(rows, q.data(), wp, in / 2, sp, zp, zp[0], n_groups, group, in / 128, yp, out, begin, end);
+        gemv4_int8_rows_avx2<true>(rows, q.data(), wp, in / 2, sp, zp, zp[0], n_groups, group, in / 128, yp, out, begin, end);
       else
-        gemv4_int8_rows_avx2<Avx2Dot, false>(rows, q.data(), wp, in / 2, sp, zp, 0.0f, n_groups, group, in / 128, yp, out, begin, end);
+        gemv4_int8_rows_avx2<false>(rows, q.data(), wp, in / 2, sp, zp, 0.0f, n_groups, group, in / 128, yp, out, begin, end);
     };
     if (half) run(scale_c.data_ptr<at::Half>());
     else run(scale_c.data_ptr<float>());
@@ -1119,10 +1068,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("avx512") = false);
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU has AVX-512F");
   m.def("wq_matmul_int8", &wq_matmul_int8, "4-bit weight-only matmul with the inputs rounded to int8 per block of 32 "
-        "(loop: 'avx512vnni', 'avxvnni' or 'avx2')", py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"),
-        py::arg("group"), py::arg("loop"));
+        "(AVX2; with vnni=True AVX-512 VNNI)", py::arg("x"), py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("group"), py::arg("vnni") = true);
   m.def("has_avx512_vnni", &cpu_has_avx512_vnni, "whether this CPU has AVX-512F, BW and VNNI");
-  m.def("has_avx_vnni", &cpu_has_avx_vnni, "whether this CPU has AVX-VNNI (256-bit int8 dot products)");
   m.def("wq_matmul_tiled", &wq_matmul_tiled, "weight-only 4/8-bit matmul for many rows: dequantized tiles, torch's matmul");
   m.def("lut_matmul", &lut_matmul, "scalar k-means (per-row table) 2/4/8-bit matmul for a few rows (AVX2; with "
         "avx512=True 4 bits in AVX-512F)", py::arg("x"), py::arg("packed"), py::arg("tables"), py::arg("bits"),
