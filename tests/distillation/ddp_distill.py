@@ -1,7 +1,6 @@
 """Run by test_distillation_multiprocess.py under `accelerate launch` with two CPU processes: distill and write each rank's
 student weights to OUT/rank-<r>.safetensors."""
 
-import os
 import sys
 
 import torch
@@ -9,6 +8,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from helpers import leave_process_group
 from test_distillation import args, classifier, task
 
 from hfcompress import DistillationConfig, DistillationTrainer
@@ -26,13 +26,7 @@ def main(out: str) -> None:
     tensors.update({f"projection.{k}": v.detach().contiguous() for k, v in trainer.projections.state_dict().items()})
     tensors["world_size"] = torch.tensor([trainer.args.world_size])
     save_file(tensors, f"{out}/rank-{trainer.args.process_index}.safetensors")
-    torch.distributed.barrier()  # gloo shut down before the interpreter exits (see tests/pruning/ddp_train.py)
-    torch.distributed.destroy_process_group()
-    # and leave without the interpreter's teardown: a rank whose files are written and whose group is shut down
-    # once hung for minutes while its locals (the DDP model, the trainer) were destroyed (1 run in 5 of
-    # ddp_distill.py on an idle CI machine, stack at `main`'s return); the test reads only the files
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Run by test_pruning_multiprocess.py under `accelerate launch --cpu --num_processes 2`: train with a PruningCallback
 and write each rank's masks and a digest of its scores to OUT/rank-<r>.safetensors."""
 
-import os
 import sys
 
 import torch
@@ -9,6 +8,8 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from helpers import leave_process_group
 from test_callback import schedule, task, tiny_classifier
 
 from hfcompress import MovementPruningConfig, PruningCallback
@@ -34,15 +35,7 @@ def main(out: str) -> None:
     tensors["world_size"] = torch.tensor([trainer.args.world_size])
     tensors["gloo"] = torch.tensor([torch.distributed.get_backend() == "gloo"])
     save_file(tensors, f"{out}/rank-{rank}.safetensors")
-    # shut gloo down before the interpreter does: left to exit, its threads were once torn down under a live
-    # process group ("terminate called without an active exception", SIGABRT in rank 0 of a loaded CI machine)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # and leave without the interpreter's teardown: a rank whose files are written and whose group is shut down
-    # once hung for minutes while its locals (the DDP model, the trainer) were destroyed (1 run in 5 of
-    # ddp_distill.py on an idle CI machine, stack at `main`'s return); the test reads only the files
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":
