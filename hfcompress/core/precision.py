@@ -72,9 +72,37 @@ def _large_low_precision(weight) -> bool:
 
 def _linear_by_rows(input, weight, bias=None):
     # a block of rows upcast at a time (core.rowwise): a 4096 x 11008 bfloat16 weight is not copied whole
+    if torch.is_grad_enabled() and input.requires_grad and not weight.requires_grad:
+        if bias is None or not bias.requires_grad:
+            return _InputGradientByRows.apply(input, weight, bias)
     return linear_by_rows(
         _upcast(input), lambda start, stop: weight[start:stop].float(), weight.shape[0], _upcast(bias)
     )
+
+
+class _InputGradientByRows(torch.autograd.Function):
+    """`_linear_by_rows` for a gradient of its input alone (a backward pass through frozen weights, as the Fisher
+    pass takes): autograd would keep every float32 block of rows for the backward, the whole weight in float32;
+    this keeps the stored weight and upcasts its rows again, a block at a time, for the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = input.dtype
+        with torch.no_grad():
+            return linear_by_rows(
+                _upcast(input), lambda start, stop: weight[start:stop].float(), weight.shape[0], _upcast(bias)
+            )
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        rows = rows_per_block(weight.shape[1])
+        total = None
+        for start in range(0, weight.shape[0], rows):
+            part = grad[..., start : start + rows] @ weight[start : start + rows].float()
+            total = part if total is None else total.add_(part)
+        return total.to(ctx.input_dtype), None, None
 
 
 _EXACT = contextvars.ContextVar("hfcompress_exact_matmuls", default=False)

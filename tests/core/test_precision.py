@@ -47,6 +47,34 @@ def test_maths_for_only_upcasts_for_low_precision_models_and_always_asks_for_exa
     assert not matmuls_must_be_exact()
 
 
+def test_an_input_gradient_through_large_bfloat16_weights_keeps_no_float32_copy_of_them(monkeypatch):
+    """A backward pass to the input through frozen bfloat16 weights (the streamed Fisher pass) gives the gradient
+    of the float32 weights, and autograd holds the weight as stored instead of its upcast blocks of rows."""
+    monkeypatch.setattr(rowwise, "MIN_ROWS", 64)
+    monkeypatch.setattr(rowwise, "ELEMENTS", 64 * 64)
+    weight = torch.randn(300, 64).to(torch.bfloat16)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.dtype)
+        return tensor
+
+    with float32_maths(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = torch.nn.functional.linear(x, weight)
+    y.square().sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.linear(reference, weight.float())
+    expected.square().sum().backward()
+    assert torch.allclose(y, expected, atol=1e-5) and torch.allclose(x.grad, reference.grad, rtol=1e-4, atol=1e-4)
+    assert saved == [torch.bfloat16]  # the weight as stored, nothing in float32
+
+    trained = weight.float().requires_grad_(True)  # a weight that takes a gradient keeps autograd's own way
+    with float32_maths():
+        torch.nn.functional.linear(x, trained.to(torch.bfloat16)).sum().backward()
+    assert trained.grad is not None
+
+
 @pytest.mark.parametrize("by_rows", [False, True])
 def test_gptq_on_a_bfloat16_model_gives_the_float32_codes(by_rows, monkeypatch):
     if by_rows:  # weights upcast (and solved layers made from their codes) 64 rows at a time, as 4096-wide layers are
