@@ -34,7 +34,16 @@ from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations, check_spi
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
 from .memory import release_large_frees
 from .resume import PROGRESS_FILE, RunProgress, settings_digest
-from .streaming import INDEX_FILE, BlockStream, ShardedCheckpoint, ShardWriter, release, stored_names, tied_keys
+from .streaming import (
+    INDEX_FILE,
+    BlockStream,
+    ShardedCheckpoint,
+    ShardWriter,
+    output_names,
+    release,
+    stored_names,
+    tied_keys,
+)
 from .structure import cast_unquantized, find_layer_stack, set_submodule
 from .walk import block_prefixes, calibrate_blocks, stacks_holding
 
@@ -333,7 +342,7 @@ def _first_inputs(
     """The inputs of the first block still to do: captured from `batches` through what runs before the stack
     (everything outside it but the output layer), kept on disk beside the progress that names them; for a resumed
     run, those an earlier run kept, with their other arguments (position embeddings, masks) recomputed."""
-    head = _output_names(model)
+    head = output_names(model)
     checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
     if start:  # only the other arguments are recomputed: holding every hidden state would cost what spilling saved
         inputs = progress.next_inputs(capture_block_inputs(model, first_block, batches, into=_OtherArguments()))
@@ -353,12 +362,3 @@ class _OtherArguments(list):
 
 def _in_block(targets: dict[str, nn.Module], prefix: str) -> dict[str, nn.Module]:
     return {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-
-
-def _output_names(model: nn.Module) -> set[str]:
-    """The stored tensors of the output layer (not needed to reach the first block)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return set()
-    names = {id(m): n for n, m in model.named_modules()}
-    return set(stored_names(model, names[id(head)]))

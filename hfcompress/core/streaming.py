@@ -35,6 +35,7 @@ __all__ = [
     "BlockStream",
     "ShardWriter",
     "ShardedCheckpoint",
+    "output_names",
     "release",
     "save_atomic",
     "stored_names",
@@ -137,6 +138,15 @@ def stored_names(model: nn.Module, prefix: str = "") -> list[str]:
     module = model.get_submodule(prefix) if prefix else model
     lead = f"{prefix}." if prefix else ""
     return [lead + k for k in module.state_dict(keep_vars=True)]
+
+
+def output_names(model: nn.Module) -> set[str]:
+    """The stored tensors of the model's output layer (not needed to reach the first block)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    return set(stored_names(model, names[id(head)]))
 
 
 def tied_keys(model: nn.Module) -> set[str]:

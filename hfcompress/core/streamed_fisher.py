@@ -1,0 +1,205 @@
+"""The Fisher pass of `core.fisher.output_fisher` on a model streamed from its checkpoint, one block in memory at a
+time, for models that memory would not hold.
+
+A backward pass needs every block's input, and a block's weights, in reverse order. Forward, block by block, each
+block's inputs are written to disk (`core.activations.SpilledActivations`); the output layer then turns the last
+hidden states into logits, draws the tokens and gives the gradient at the stack's output; backward, block by
+block from the last, each block is read again, run on its inputs from disk with their gradient tracked, and the
+gradient at its output is carried through it to its input, the next block's starting point. Each block's weights
+are read twice, and peak memory is one block (its weights, and their float32 copies that autograd keeps for one
+batch), the embeddings and output layer, and one batch of activations; the disk holds every block's inputs
+(`4 x tokens x hidden size` bytes per block).
+
+The draws, and the sums, are those of `output_fisher` on the model loaded whole: the same generator draws per
+batch in the same order, and the same operations run on the same values (the tests compare both).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from .activations import SpilledActivations, SpilledList, hidden_of
+from .capture import capture_block_inputs, forward_inputs, hidden_states_of, with_hidden_states
+from .fisher import OutputGradients, sampled_log_likelihood
+from .memory import trim_heap
+from .precision import maths_for
+from .streaming import ShardedCheckpoint, output_names, release, stored_names, tied_keys
+from .structure import find_layer_stack
+from .walk import block_prefixes
+
+__all__ = ["streamed_output_fisher"]
+
+logger = logging.getLogger(__name__)
+
+
+def streamed_output_fisher(
+    model_path: str | os.PathLike,
+    windows: torch.Tensor,
+    names: list[str],
+    batch_size: int = 2,
+    seed: int = 0,
+    task: str = "causal-lm",
+    folder: str | os.PathLike | None = None,
+) -> dict[str, torch.Tensor]:
+    """What `core.fisher.output_fisher` returns for the model at `model_path` (a local folder of safetensors
+    weights, see `core.streaming.streaming_obstacle`), computed with one block in memory at a time. Block inputs
+    and gradients are kept on disk in a temporary folder inside `folder` (default: the system's), removed at the
+    end. Weights stored in bfloat16 or float16 take part in the maths as float32 (`core.precision`)."""
+    checkpoint = ShardedCheckpoint(model_path)
+    dtype = checkpoint.stored_dtype()
+    model = checkpoint.skeleton(task, dtype)
+    for p in model.parameters():  # loaded weights take this flag: no gradient of any weight is computed
+        p.requires_grad_(False)
+    _, blocks = find_layer_stack(model)
+    prefixes = block_prefixes(model, blocks)
+    unknown = [n for n in names if n not in dict(model.named_modules())]
+    if unknown:
+        raise ValueError(f"{type(model).__name__} has no modules {unknown[:3]} (of {len(unknown)} asked for)")
+    batches = list(windows.split(batch_size))
+    folder = Path(folder if folder is not None else tempfile.gettempdir())
+    _check_space(folder, windows.numel(), model.config.get_text_config().hidden_size, len(blocks))
+    sums = OutputGradients(names)
+    with tempfile.TemporaryDirectory(prefix="hfcompress-fisher-", dir=folder) as scratch:
+        scratch = Path(scratch)
+        inputs, returns_tuple = _block_inputs(model, checkpoint, blocks, prefixes, batches, scratch, dtype)
+        outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
+        model_names = [n for n in names if not any(n.startswith(p + ".") for p in prefixes)]
+        embeds = _embeddings_left_out(model)
+        checkpoint.materialize(model, [n for n in outside if n not in embeds], dtype)
+        model.tie_weights()
+        gradients = _output_gradients(model, blocks, inputs.pop(), batches, returns_tuple, seed, scratch,
+                                      sums.watch({n: model.get_submodule(n) for n in model_names}), bool(embeds))  # fmt: skip
+        release(model)
+        trim_heap()
+        for index in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="Fisher: backward"):
+            block, prefix = blocks[index], prefixes[index]
+            checkpoint.materialize(model, stored_names(model, prefix), dtype)
+            handles = sums.watch({n: model.get_submodule(n) for n in names if n.startswith(prefix + ".")})
+            store = inputs.pop()
+            following = SpilledList(scratch / f"gradients-{index}") if index else None
+            try:
+                _backward_through(block, store, gradients, following)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            store.remove()
+            gradients.remove()
+            gradients = following
+            release(block)
+            trim_heap()
+    sums.tokens = windows.numel()
+    logger.info("Fisher information of %d layers: %d blocks streamed from %s", len(names), len(blocks), model_path)
+    return sums.means()
+
+
+def _block_inputs(model, checkpoint, blocks, prefixes, batches, scratch: Path, dtype):
+    """Every block's inputs, then the stack's output, on disk (one store each), and whether a block returns a
+    tuple."""
+    head = output_names(model)
+    outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
+    checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
+    stores = [capture_block_inputs(model, blocks[0], batches, into=SpilledActivations(scratch / "inputs-0"))]
+    release(model)
+    returns_tuple = False
+    for index, (block, prefix) in enumerate(zip(tqdm(blocks, desc="Fisher: forward"), prefixes, strict=True)):
+        checkpoint.materialize(model, stored_names(model, prefix), dtype)
+        store = SpilledActivations(scratch / f"inputs-{index + 1}")
+        with torch.no_grad(), maths_for(block):
+            for item in stores[-1]:
+                output = block(*item.args, **item.kwargs)
+                returns_tuple = isinstance(output, (tuple, list))
+                store.append(with_hidden_states(item, hidden_states_of(output)))
+        release(block)
+        trim_heap()
+        stores.append(store)
+    return stores, returns_tuple
+
+
+def _embeddings_left_out(model: nn.Module) -> set[str]:
+    """The stored tensors of the input embeddings, which the pass through the output layer can do without (it is
+    given zeros as embeddings, which the first block ignores): none when the output layer shares their weight,
+    or when the model takes no `inputs_embeds`."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or tied_keys(model) or "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    return set(stored_names(model, names[id(embeddings)]))
+
+
+def _output_gradients(model, blocks, last, batches, returns_tuple: bool, seed: int, scratch: Path, handles,
+                      zero_embeddings: bool):  # fmt: skip
+    """The gradient of the sampled log-likelihood at the stack's output, batch by batch, on disk: the model's own
+    forward runs with its blocks standing aside (the first returns the stored output, the others pass it on), so
+    whatever follows the stack (final norm, output layer, logit soft-capping) is the model's own code. With
+    `zero_embeddings` the model is given zeros for embeddings (`_embeddings_left_out`). `handles` (the hooks
+    watching layers outside the stack) are removed at the end."""
+    current = {}
+
+    def shaped(hidden):
+        return (hidden,) if returns_tuple else hidden
+
+    def first(*args, **kwargs):
+        return shaped(current["hidden"])
+
+    def passing(*args, **kwargs):
+        return shaped(args[0] if args else kwargs["hidden_states"])
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    gradients = SpilledList(scratch / "gradients-out")
+    for block in blocks:
+        block.forward = passing
+    blocks[0].forward = first
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="Fisher: output layer")):
+            hidden = hidden_of(last[index]).requires_grad_(True)
+            current["hidden"] = hidden
+            if zero_embeddings:
+                inputs = {"inputs_embeds": torch.zeros(*batch.shape, hidden.shape[-1]), "use_cache": False}
+            else:
+                inputs = forward_inputs(model, batch)
+            with torch.enable_grad(), maths_for(model):
+                logits = model(**inputs).logits
+                sampled_log_likelihood(logits, generator).backward()
+            gradients.append(hidden.grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in blocks:
+            del block.forward
+    last.remove()
+    return gradients
+
+
+def _backward_through(block: nn.Module, inputs, gradients, following) -> None:
+    """Run `block` on each of its `inputs` and carry the gradient at its output (`gradients`) back through it,
+    appending the gradient at its input to `following` (None: not needed, the first block)."""
+    for item, gradient in zip(inputs, gradients, strict=True):
+        hidden = hidden_of(item)
+        if following is not None:
+            hidden.requires_grad_(True)
+        with torch.enable_grad(), maths_for(block):
+            tracked = with_hidden_states(item, hidden)
+            hidden_states_of(block(*tracked.args, **tracked.kwargs)).backward(gradient)
+        if following is not None:
+            following.append(hidden.grad)
+
+
+def _check_space(folder: Path, tokens: int, hidden: int, n_blocks: int) -> None:
+    """Refuse, before any work, a `folder` without room for every block's inputs and two blocks' gradients."""
+    needed = (n_blocks + 3) * tokens * hidden * 4
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(
+            f"not enough free space in {os.fspath(folder)!r} for the Fisher pass's activations: about "
+            f"{needed / 1e6:,.0f} MB for {tokens:,} tokens through {n_blocks} blocks of width {hidden}, "
+            f"{free / 1e6:,.0f} MB free; free some space, use fewer windows, or give another folder"
+        )
