@@ -33,6 +33,7 @@ from .tensor_file import read_tensors, tensor_names
 __all__ = [
     "AUTO_CLASSES",
     "BlockStream",
+    "ReadingStream",
     "ShardWriter",
     "ShardedCheckpoint",
     "output_names",
@@ -267,3 +268,22 @@ class BlockStream:
             self.after_write(block, prefix, self.written, next_inputs)
         release(block)
         trim_heap()  # otherwise the heap keeps about a block per block
+
+
+class ReadingStream:
+    """A `BlockStream` that writes nothing: onloads each block from `checkpoint` (floating tensors as `dtype`) and
+    frees it when the caller is done, for passes that measure a model without changing its checkpoint."""
+
+    def __init__(self, model: nn.Module, checkpoint: ShardedCheckpoint, dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+
+    def onload(self, block: nn.Module, prefix: str) -> None:
+        self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
+
+    reload = onload
+
+    def offload(self, block: nn.Module, prefix: str, next_inputs=None) -> None:
+        release(block)
+        trim_heap()

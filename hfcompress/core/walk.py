@@ -92,6 +92,9 @@ def calibrate_streams(
     true_sequential: bool = True,
     desc: str = "blocks",
     hessian_dtype: torch.dtype = torch.float32,
+    stream=None,
+    inputs=None,
+    spill: str | os.PathLike | None = None,
 ) -> Iterator[tuple[nn.Module, str, dict[Any, dict[str, Any]]]]:
     """Several independent calibrations in one walk over the blocks: stream `s` calibrates each block with
     `make_solver(s, block, prefix, modules)` on its own inputs (the earlier blocks' outputs as stream `s` solved
@@ -99,10 +102,12 @@ def calibrate_streams(
     the model ends as it began. Yields `(block, prefix, {stream: solved})` after each block with targets.
 
     The blocks are walked once (one onloading per block for every stream); each stream holds its own inputs.
+    `stream`, `inputs` and `spill` as in `calibrate_blocks` (each stream's outputs in a folder of its own).
     """
     yield from _walk(
-        model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True, hessian_dtype=hessian_dtype
-    )
+        model, blocks, batches, targets, streams, make_solver, true_sequential, desc, True, stream, inputs,
+        spill=spill, hessian_dtype=hessian_dtype,
+    )  # fmt: skip
 
 
 def _walk(
@@ -120,11 +125,11 @@ def _walk(
     for block, prefix in zip(tqdm(blocks, desc=desc), prefixes, strict=True):
         if disk is not None:
             disk.onload(block, prefix)
-        into = list if spill is None else functools.partial(SpilledActivations, Path(spill) / f"{OUTPUTS}{prefix}")
+        into = {stream: _outputs_store(spill, prefix, index, len(streams)) for index, stream in enumerate(streams)}
         before = dict(inputs)  # the dict is updated in place below
         modules = {n[len(prefix) + 1 :]: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if not modules:
-            inputs = {stream: run_block(block, x, into=into()) for stream, x in inputs.items()}
+            inputs = {stream: run_block(block, x, into=into[stream]()) for stream, x in inputs.items()}
             if disk is not None:
                 disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
             _drop_spilled(before)
@@ -142,7 +147,7 @@ def _walk(
             try:
                 inputs[stream], solved[stream], _ = calibrate_block(
                     block, prefix, inputs[stream], modules, solve, true_sequential, traces[key], reload, replay, seen,
-                    into, None if spill is None else Path(spill) / f"{SCRATCH}{prefix}", diagonal, hessian_dtype,
+                    into[stream], None if spill is None else Path(spill) / f"{SCRATCH}{prefix}", diagonal, hessian_dtype,
                 )  # fmt: skip
             finally:
                 for name, weight in originals.items():
@@ -154,6 +159,15 @@ def _walk(
             disk.offload(block, prefix, inputs[streams[0]] if len(streams) == 1 else None)
         _drop_spilled(before)
     _drop_spilled(inputs)  # the last block's outputs: no block reads them
+
+
+def _outputs_store(spill, prefix: str, index: int, n_streams: int):
+    """What makes the container of a block's outputs for stream number `index`: a list, or with `spill` a store
+    on disk (one folder per stream when there are several)."""
+    if spill is None:
+        return list
+    name = f"{OUTPUTS}{prefix}" if n_streams == 1 else f"{OUTPUTS}{prefix}.stream-{index}"
+    return functools.partial(SpilledActivations, Path(spill) / name)
 
 
 def _drop_spilled(inputs: dict) -> None:

@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerResult:
-    """One layer quantized at one width: its codes and grid, and the mean squared error of each output channel
-    over the calibration tokens it was quantized on (None outside the block stack: no Hessian there)."""
+    """One layer quantized at one width: its codes and grid (None when they were not kept), and the mean squared
+    error of each output channel over the calibration tokens it was quantized on (None outside the block stack:
+    no Hessian there)."""
 
-    quantized: QuantizedWeight
+    quantized: QuantizedWeight | None
     plan: LayerPlan
     row_error: torch.Tensor | None
 
@@ -51,13 +52,27 @@ def output_errors(weight: torch.Tensor, quantized: torch.Tensor, H: torch.Tensor
 
 @torch.no_grad()
 def quantize_streams(
-    model: nn.Module, config: GPTQConfig, streams: dict[str, dict[str, int]], tokenizer=None, batches=None
+    model: nn.Module,
+    config: GPTQConfig,
+    streams: dict[str, dict[str, int]],
+    tokenizer=None,
+    batches=None,
+    disk=None,
+    inputs=None,
+    spill=None,
+    keep_codes: bool = True,
 ) -> dict[str, dict[str, LayerResult]]:
     """`{stream: {layer: LayerResult}}`: for each stream, every target of `config` quantized with GPTQ at the
     width `streams[stream][layer]` (the other settings from `config`), each stream calibrated on its own
     activations as `quantize` would be with those widths, all in one walk over the blocks; the model's weights
     are left as they were. Layers outside the block stack get round-to-nearest, as `quantize` gives them.
-    `batches` (token ids) replaces `config.dataset` when given."""
+    `batches` (token ids) replaces `config.dataset` when given.
+
+    For a model skeleton streamed from its checkpoint: `disk` onloads and frees each block
+    (`core.streaming.ReadingStream`), `inputs` are the first block's inputs and `spill` the folder the
+    activations are kept in (as `core.walk.calibrate_streams` takes them); each block's layers are planned once
+    it is onloaded (sparsity masks), and the layers outside the stack are left out. Without `keep_codes`, each result keeps its output errors only (`quantized` is None): the
+    codes of every layer at every width would be several copies of the model."""
     if config.layer_bits:
         raise ValueError(
             "quantize_streams takes the widths per layer from `streams`: pass a config without `layer_bits`"
@@ -77,6 +92,11 @@ def quantize_streams(
     results: dict[str, dict[str, LayerResult]] = {stream: {} for stream in streams}
 
     def make_solver(stream, block, prefix, modules):
+        if disk is not None:  # the weights were on the meta device when planned: plan them again, onloaded
+            for n, module in modules.items():
+                bits = streams[stream][f"{prefix}.{n}"]
+                replanned = plan_layers(model, {f"{prefix}.{n}": module}, dataclasses.replace(config, bits=bits))
+                plans[stream][f"{prefix}.{n}"] = replanned[f"{prefix}.{n}"]
         block_plans = {n: plans[stream][f"{prefix}.{n}"] for n in modules}
 
         def solve(names, H):
@@ -84,7 +104,7 @@ def quantize_streams(
             quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans)
             for name, q in quantized.items():
                 error = output_errors(weights[name], q.dequantize(torch.float32), H)
-                results[stream][f"{prefix}.{name}"] = LayerResult(q, block_plans[name], error)
+                results[stream][f"{prefix}.{name}"] = LayerResult(q if keep_codes else None, block_plans[name], error)
             return {}
 
         return solve
@@ -93,11 +113,13 @@ def quantize_streams(
     model.eval()
     walk = calibrate_streams(
         model, blocks, batches, targets, list(streams), make_solver, config.true_sequential, "GPTQ blocks per stream",
-        getattr(torch, config.hessian_dtype),
+        getattr(torch, config.hessian_dtype), disk, inputs, spill,
     )  # fmt: skip
     for _ in walk:
         pass
     model.train(was_training)
+    if disk is not None:
+        return results
     outside = [name for name in targets if name not in results[next(iter(streams))]]
     for name in outside:
         weight = linear_weight(targets[name]).detach()
