@@ -1,6 +1,8 @@
 """Peak memory and wall time of the search's Fisher pass streamed from disk (`core.streamed_fisher`), one block
 in memory at a time, against the same pass on the model loaded whole in float32 (`core.fisher.output_fisher`),
-and how far apart their Fisher vectors are.
+and how far apart their Fisher vectors are; with `--sensitivity`, of the whole sensitivity pass streamed (GPTQ
+w<b> g128 errors at every width of `--bits` on `--num-samples` windows, then the Fisher pass on the first 8:
+`recipes.streamed_sensitivity`), streamed only.
 
 The model is `bench_scale.py`'s random-weight Llama (hidden 4096, intermediate 11008, vocabulary 32000, bfloat16
 shards; built once into its cache), the windows are the first ones of ../shared/corpus/calib.txt, and every linear
@@ -10,6 +12,7 @@ included) is `getrusage`'s.
     python scripts/bench_streamed_fisher.py                      # 6 blocks, 8 x 512 tokens, streamed only
     python scripts/bench_streamed_fisher.py --in-memory          # and the model loaded whole (about 6 GB)
     python scripts/bench_streamed_fisher.py --layers 12 --num-samples 4
+    python scripts/bench_streamed_fisher.py --sensitivity --bits 3 4 --num-samples 16
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def windows(folder: Path, num_samples: int, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: num_samples * seq_len]).view(num_samples, seq_len)
 
 
-def child(mode: str, folder: Path, num_samples: int, seq_len: int, out: Path) -> None:
+def child(mode: str, folder: Path, num_samples: int, seq_len: int, out: Path, bits: list[int]) -> None:
     """One pass in this process: the Fisher vectors to `out`, its figures printed as JSON."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -54,7 +57,15 @@ def child(mode: str, folder: Path, num_samples: int, seq_len: int, out: Path) ->
     names = [f"model.layers.{i}.{leaf}" for i in range(config.num_hidden_layers) for leaf in leaves] + ["lm_head"]
     tokens = windows(folder, num_samples, seq_len)
     start = time.perf_counter()
-    if mode == "streamed":
+    if mode == "sensitivity":
+        from hfcompress.quantization import GPTQConfig
+        from hfcompress.recipes.streamed_sensitivity import streamed_gptq_scores
+
+        config = GPTQConfig(group_size=128, dataset=tokens, num_samples=num_samples, seq_len=seq_len)
+        scores = streamed_gptq_scores(folder, config, bits, tokens[:8], folder=out.parent)
+        out.with_suffix(".json").write_text(json.dumps(scores, indent=1))
+        fisher = {}
+    elif mode == "streamed":
         fisher = streamed_output_fisher(folder, tokens, names, batch_size=2, folder=out.parent)
     else:
         from transformers import AutoModelForCausalLM
@@ -70,7 +81,7 @@ def child(mode: str, folder: Path, num_samples: int, seq_len: int, out: Path) ->
 def run(mode: str, folder: Path, args, out: Path) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--layers", str(args.layers),
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--cache", str(args.cache),
-               "--out", str(out)]  # fmt: skip
+               "--out", str(out), "--bits", *map(str, args.bits)]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -84,25 +95,31 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8, help="Windows of calib.txt (the search's default).")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--in-memory", action="store_true", help="Also the model loaded whole in float32.")
+    parser.add_argument("--sensitivity", action="store_true", help="The whole sensitivity pass, streamed.")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], help="Widths of --sensitivity.")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/hfcompress_bench_scale"))
-    parser.add_argument("--child", choices=["streamed", "whole"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["streamed", "whole", "sensitivity"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = args.cache / f"llama-4096x{args.layers}"
     if args.child:
-        child(args.child, folder, args.num_samples, args.seq_len, args.out)
+        child(args.child, folder, args.num_samples, args.seq_len, args.out, args.bits)
         return
     random_model(folder, args.layers)
     work = args.cache / "out" / "fisher"
     work.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_description()}; {args.layers} blocks, {args.num_samples} x {args.seq_len} tokens of calib.txt")
-    results = {"streamed": run("streamed", folder, args, work / "streamed.safetensors")}
-    if args.in_memory:
+    if args.sensitivity:
+        print(f"sensitivity pass: GPTQ g128 at {args.bits} bits, Fisher on 8 windows")
+        results = {"sensitivity": run("sensitivity", folder, args, work / "sensitivity.safetensors")}
+    else:
+        results = {"streamed": run("streamed", folder, args, work / "streamed.safetensors")}
+    if args.in_memory and not args.sensitivity:
         results["whole"] = run("whole", folder, args, work / "whole.safetensors")
     print("| pass | peak RSS (MiB) | wall (s) |\n| --- | --- | --- |")
     for mode, figures in results.items():
         print(f"| {mode} | {figures['peak_rss_mb']:,.0f} | {figures['wall_seconds']:,.0f} |")
-    if args.in_memory:
+    if args.in_memory and not args.sensitivity:
         from safetensors.torch import load_file
 
         streamed, whole = load_file(work / "streamed.safetensors"), load_file(work / "whole.safetensors")

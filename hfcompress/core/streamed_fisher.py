@@ -32,6 +32,7 @@ from .capture import capture_block_inputs, forward_inputs, hidden_states_of, wit
 from .fisher import OutputGradients, sampled_log_likelihood
 from .memory import trim_heap
 from .precision import maths_for
+from .streamed_run import free_large_allocations_for
 from .streaming import ShardedCheckpoint, output_names, release, stored_names, tied_keys
 from .structure import find_layer_stack
 from .walk import block_prefixes
@@ -61,6 +62,7 @@ def streamed_output_fisher(
         p.requires_grad_(False)
     _, blocks = find_layer_stack(model)
     prefixes = block_prefixes(model, blocks)
+    free_large_allocations_for(blocks)
     unknown = [n for n in names if n not in dict(model.named_modules())]
     if unknown:
         raise ValueError(f"{type(model).__name__} has no modules {unknown[:3]} (of {len(unknown)} asked for)")

@@ -47,7 +47,14 @@ from .streaming import (
 from .structure import cast_unquantized, find_layer_stack, set_submodule
 from .walk import block_prefixes, calibrate_blocks, stacks_holding
 
-__all__ = ["LARGE_BLOCK", "StreamedTechnique", "refuse_several_stacks", "stream_compress", "stream_twice"]
+__all__ = [
+    "LARGE_BLOCK",
+    "StreamedTechnique",
+    "free_large_allocations_for",
+    "refuse_several_stacks",
+    "stream_compress",
+    "stream_twice",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +173,13 @@ class StreamedTechnique:
 
 
 @torch.no_grad()
+def free_large_allocations_for(blocks) -> None:
+    """For blocks of `LARGE_BLOCK` bytes or more in float32, memory over allocation speed: glibc returns every
+    freed allocation of a megabyte or more at once, where the heap's fragments would cost a block's worth."""
+    if 4 * sum(p.numel() for p in blocks[0].parameters()) >= LARGE_BLOCK:
+        release_large_frees()
+
+
 def stream_compress(
     model_path: str | os.PathLike,
     folder: str | os.PathLike,
@@ -191,8 +205,7 @@ def stream_compress(
     save_dtype = checkpoint.stored_dtype()
     model = checkpoint.skeleton(task, save_dtype)  # the maths run in float32 (`core.precision`)
     _, blocks = find_layer_stack(model)
-    if 4 * sum(p.numel() for p in blocks[0].parameters()) >= LARGE_BLOCK:
-        release_large_frees()  # memory over allocation speed where the heap's fragments would cost a block's worth
+    free_large_allocations_for(blocks)
     targets = technique.targets(model)
     prefixes = block_prefixes(model, blocks)
     batches = technique.calibration_data(model) if technique.calibrated else None

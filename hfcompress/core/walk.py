@@ -138,7 +138,9 @@ def _walk(
         key = (type(block), frozenset(modules), tuple(name for name, _ in block.named_modules()))
         if key not in traces:
             traces[key] = trace_block(block, prefix, [f"{prefix}.{n}" for n in modules], inputs[streams[0]][0])
-        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if restore else {}
+        # put back after each stream: from memory, or read again from the checkpoint (a block's copy held less)
+        keep = restore and disk is None
+        originals = {n: linear_weight(m).detach().clone() for n, m in modules.items()} if keep else {}
         solved = {}
         reload = None if disk is None else functools.partial(disk.reload, block, prefix)
         seen = None if rows is None else {}
@@ -152,6 +154,8 @@ def _walk(
             finally:
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight, exact=True)
+                if restore and disk is not None:
+                    disk.reload(block, prefix)
         if rows is not None:
             rows.update({f"{prefix}.{name}": count for name, count in seen.items()})
         yield block, prefix, solved

@@ -46,8 +46,15 @@ class LayerResult:
 def output_errors(weight: torch.Tensor, quantized: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Mean squared output error per output channel, `diag(ΔW H ΔWᵀ) / 2` with `H = 2 XᵀX / n`: what replacing
     `weight` [out, in] by `quantized` changes the layer's outputs by, on average over the tokens of `H`."""
-    delta = weight.detach().float() - quantized.detach().float()
-    return ((delta @ H.float()) * delta).sum(dim=1) / 2
+    H = H.float()
+    errors = []
+    for start in range(0, weight.shape[0], _ERROR_ROWS):  # a block of rows at a time: no weight-sized temporaries
+        delta = weight[start : start + _ERROR_ROWS].detach().float() - quantized[start : start + _ERROR_ROWS].float()
+        errors.append(((delta @ H) * delta).sum(dim=1) / 2)
+    return torch.cat(errors)
+
+
+_ERROR_ROWS = 512
 
 
 @torch.no_grad()
@@ -100,7 +107,7 @@ def quantize_streams(
         block_plans = {n: plans[stream][f"{prefix}.{n}"] for n in modules}
 
         def solve(names, H):
-            weights = {n: linear_weight(modules[n]).detach().float().clone() for n in names}
+            weights = {n: linear_weight(modules[n]).detach().clone() for n in names}  # as stored
             quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans)
             for name, q in quantized.items():
                 error = output_errors(weights[name], q.dequantize(torch.float32), H)

@@ -20,6 +20,7 @@ import torch
 from ..core.activations import SpilledActivations
 from ..core.capture import capture_block_inputs
 from ..core.streamed_fisher import streamed_output_fisher
+from ..core.streamed_run import free_large_allocations_for
 from ..core.streaming import ReadingStream, ShardedCheckpoint, output_names, release, stored_names
 from ..core.structure import find_layer_stack
 from ..core.walk import block_prefixes
@@ -56,6 +57,7 @@ def streamed_gptq_scores(
     model = checkpoint.skeleton(task, dtype)
     _, blocks = find_layer_stack(model)
     prefixes = block_prefixes(model, blocks)
+    free_large_allocations_for(blocks)
     targets = select_targets(model, config)
     inside = [n for n in targets if any(n.startswith(p + ".") for p in prefixes)]
     if batches is None:
