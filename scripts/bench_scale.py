@@ -43,7 +43,7 @@ def random_model(folder: Path, layers: int) -> Path:
     """A random-weight Llama of `layers` blocks saved in bfloat16, built once in a process of its own: a child
     started afterwards would otherwise report this process's peak as its own (Linux carries `ru_maxrss` over
     fork and exec)."""
-    if not (folder / "model.safetensors.index.json").is_file():
+    if not any((folder / name).is_file() for name in ("model.safetensors.index.json", "model.safetensors")):
         builder = multiprocessing.get_context("spawn").Process(target=_build, args=(folder, layers))
         builder.start()
         builder.join()

@@ -8,6 +8,7 @@ _EXPORTS = {
     "RecipeError": ".recipe",
     "RecipeStep": ".recipe",
     "run_recipe": ".runner",
+    "streamed_gptq_scores": ".streamed_sensitivity",
     "validate_recipe": ".runner",
 }
 __all__ = sorted(_EXPORTS)
