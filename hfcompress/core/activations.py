@@ -25,7 +25,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .capture import BlockInputs, hidden_states_of, with_hidden_states
 
-__all__ = ["INPUTS", "OUTPUTS", "SCRATCH", "SpilledActivations", "SpilledList", "check_spill_space", "hidden_of"]
+__all__ = [
+    "INPUTS",
+    "OUTPUTS",
+    "SCRATCH",
+    "SpilledActivations",
+    "SpilledList",
+    "check_spill_space",
+    "hidden_of",
+    "require_space",
+]
 
 _KEY = "hidden_states"
 # how the folders of a walk's spilled activations begin (`core.walk`): a block's inputs, its outputs
@@ -43,15 +52,23 @@ def check_spill_space(folder: str | os.PathLike, tokens: int, hidden: int, inter
     float32 values per token at once (measured on a Llama: 12 hidden-sized values with intermediate = 2.7 x
     hidden, where this estimate gives 14)."""
     needed = tokens * (6 * hidden + 3 * intermediate) * 4
+    require_space(
+        folder, needed, "the calibration activations kept on disk",
+        f"{tokens:,} tokens (hidden size {hidden}, intermediate size {intermediate})",
+        "use fewer calibration tokens, or load the model whole (--offload none)",
+    )  # fmt: skip
+    return needed
+
+
+def require_space(folder: str | os.PathLike, needed: int, what: str, amount: str, advice: str) -> None:
+    """Refuse a `folder` with fewer than `needed` bytes free for `what`, saying what they hold (`amount`) and
+    what else to do (`advice`)."""
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(
-            f"not enough free space in {os.fspath(folder)!r} for the calibration activations kept on disk: about "
-            f"{needed / 1e6:,.0f} MB for {tokens:,} tokens (hidden size {hidden}, intermediate size {intermediate}), "
-            f"{free / 1e6:,.0f} MB free; free some space, use fewer calibration tokens, or load the model whole "
-            "(--offload none)"
+            f"not enough free space in {os.fspath(folder)!r} for {what}: about {needed / 1e6:,.0f} MB for {amount}, "
+            f"{free / 1e6:,.0f} MB free; free some space, {advice}"
         )
-    return needed
 
 
 def hidden_of(item: BlockInputs):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .activations import SpilledActivations, SpilledList, hidden_of
+from .activations import SpilledActivations, SpilledList, hidden_of, require_space
 from .capture import capture_block_inputs, forward_inputs, hidden_states_of, with_hidden_states
 from .fisher import OutputGradients, sampled_log_likelihood
 from .memory import trim_heap
@@ -197,11 +196,6 @@ def _backward_through(block: nn.Module, inputs, gradients, following) -> None:
 
 def _check_space(folder: Path, tokens: int, hidden: int, n_blocks: int) -> None:
     """Refuse, before any work, a `folder` without room for every block's inputs and two blocks' gradients."""
-    needed = (n_blocks + 3) * tokens * hidden * 4
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise OSError(
-            f"not enough free space in {os.fspath(folder)!r} for the Fisher pass's activations: about "
-            f"{needed / 1e6:,.0f} MB for {tokens:,} tokens through {n_blocks} blocks of width {hidden}, "
-            f"{free / 1e6:,.0f} MB free; free some space, use fewer windows, or give another folder"
-        )
+    amount = f"{tokens:,} tokens through {n_blocks} blocks of width {hidden}"
+    require_space(folder, (n_blocks + 3) * tokens * hidden * 4, "the Fisher pass's activations", amount,
+                  "use fewer windows, or give another folder")  # fmt: skip

@@ -48,3 +48,16 @@ def test_a_layer_the_model_lacks_is_refused_before_any_work(tmp_path):
     folder = save_sharded_model(tmp_path / "model")
     with pytest.raises(ValueError, match=r"no modules \['model.layers.9.mlp.up_proj'\]"):
         streamed_output_fisher(folder, token_windows(2, 8), ["model.layers.9.mlp.up_proj"])
+
+
+def test_a_folder_without_room_for_the_activations_is_refused_before_any_work(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from hfcompress.core import activations
+
+    folder = save_sharded_model(tmp_path / "model")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match=r"for the Fisher pass's activations: about 0 MB for 16 tokens through 2 blocks"):
+        streamed_output_fisher(folder, token_windows(2, 8), NAMES["llama"], folder=tmp_path)
+    assert not any(p.name.startswith("hfcompress-fisher-") for p in tmp_path.iterdir())
