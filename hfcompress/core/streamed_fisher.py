@@ -27,12 +27,12 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .activations import SpilledActivations, SpilledList, hidden_of, require_space
-from .capture import capture_block_inputs, forward_inputs, hidden_states_of, with_hidden_states
+from .capture import forward_inputs, hidden_states_of, with_hidden_states
 from .fisher import OutputGradients, sampled_log_likelihood
 from .memory import trim_heap
 from .precision import maths_for
-from .streamed_run import free_large_allocations_for
-from .streaming import ShardedCheckpoint, output_names, release, stored_names, tied_keys
+from .streamed_run import capture_first_inputs, free_large_allocations_for, stored_outside
+from .streaming import ShardedCheckpoint, release, stored_names, tied_keys
 from .structure import find_layer_stack
 from .walk import block_prefixes
 
@@ -62,7 +62,8 @@ def streamed_output_fisher(
     _, blocks = find_layer_stack(model)
     prefixes = block_prefixes(model, blocks)
     free_large_allocations_for(blocks)
-    unknown = [n for n in names if n not in dict(model.named_modules())]
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"{type(model).__name__} has no modules {unknown[:3]} (of {len(unknown)} asked for)")
     batches = list(windows.split(batch_size))
@@ -71,8 +72,8 @@ def streamed_output_fisher(
     sums = OutputGradients(names)
     with tempfile.TemporaryDirectory(prefix="hfcompress-fisher-", dir=folder) as scratch:
         scratch = Path(scratch)
-        inputs, returns_tuple = _block_inputs(model, checkpoint, blocks, prefixes, batches, scratch, dtype)
-        outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
+        outside = stored_outside(model, prefixes)
+        inputs, returns_tuple = _block_inputs(model, checkpoint, blocks, prefixes, outside, batches, scratch, dtype)
         model_names = [n for n in names if not any(n.startswith(p + ".") for p in prefixes)]
         embeds = _embeddings_left_out(model)
         checkpoint.materialize(model, [n for n in outside if n not in embeds], dtype)
@@ -102,14 +103,11 @@ def streamed_output_fisher(
     return sums.means()
 
 
-def _block_inputs(model, checkpoint, blocks, prefixes, batches, scratch: Path, dtype):
+def _block_inputs(model, checkpoint, blocks, prefixes, outside: list[str], batches, scratch: Path, dtype):
     """Every block's inputs, then the stack's output, on disk (one store each), and whether a block returns a
-    tuple."""
-    head = output_names(model)
-    outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
-    checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
-    stores = [capture_block_inputs(model, blocks[0], batches, into=SpilledActivations(scratch / "inputs-0"))]
-    release(model)
+    tuple; `outside`: the stored tensors outside the stack."""
+    first = SpilledActivations(scratch / "inputs-0")
+    stores = [capture_first_inputs(model, checkpoint, blocks[0], outside, batches, first, dtype)]
     returns_tuple = False
     for index, (block, prefix) in enumerate(zip(tqdm(blocks, desc="Fisher: forward"), prefixes, strict=True)):
         checkpoint.materialize(model, stored_names(model, prefix), dtype)

@@ -50,8 +50,10 @@ from .walk import block_prefixes, calibrate_blocks, stacks_holding
 __all__ = [
     "LARGE_BLOCK",
     "StreamedTechnique",
+    "capture_first_inputs",
     "free_large_allocations_for",
     "refuse_several_stacks",
+    "stored_outside",
     "stream_compress",
     "stream_twice",
 ]
@@ -172,7 +174,6 @@ class StreamedTechnique:
         """Record what was done in `model`'s config (the skeleton, every block written)."""
 
 
-@torch.no_grad()
 def free_large_allocations_for(blocks) -> None:
     """For blocks of `LARGE_BLOCK` bytes or more in float32, memory over allocation speed: glibc returns every
     freed allocation of a megabyte or more at once, where the heap's fragments would cost a block's worth."""
@@ -180,6 +181,22 @@ def free_large_allocations_for(blocks) -> None:
         release_large_frees()
 
 
+def stored_outside(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """The stored tensors of `model` outside the blocks named `prefixes` (embeddings, final norm, output layer)."""
+    return [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
+
+
+def capture_first_inputs(model, checkpoint, first_block, outside: list[str], batches, into, dtype):
+    """The first block's inputs for `batches`, appended to `into`: what runs before the stack (the tensors of
+    `outside` but the output layer's) is read from `checkpoint`, run, and freed again."""
+    head = output_names(model)
+    checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
+    inputs = capture_block_inputs(model, first_block, batches, into=into)
+    release(model)  # the embeddings are not needed again until they are written
+    return inputs
+
+
+@torch.no_grad()
 def stream_compress(
     model_path: str | os.PathLike,
     folder: str | os.PathLike,
@@ -254,7 +271,7 @@ def stream_compress(
         after_write=record_progress,
         start=start,
     )
-    outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
+    outside = stored_outside(model, prefixes)
     todo = blocks[start:]
     if batches is not None and len(todo):
         inputs = _first_inputs(model, checkpoint, blocks[0], prefixes[0], outside, batches, progress, start, save_dtype)
@@ -355,15 +372,11 @@ def _first_inputs(
     """The inputs of the first block still to do: captured from `batches` through what runs before the stack
     (everything outside it but the output layer), kept on disk beside the progress that names them; for a resumed
     run, those an earlier run kept, with their other arguments (position embeddings, masks) recomputed."""
-    head = output_names(model)
-    checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
     if start:  # only the other arguments are recomputed: holding every hidden state would cost what spilling saved
-        inputs = progress.next_inputs(capture_block_inputs(model, first_block, batches, into=_OtherArguments()))
-    else:
-        spilled = SpilledActivations(progress.folder / f"{INPUTS}{prefix}")
-        inputs = capture_block_inputs(model, first_block, batches, into=spilled)
-    release(model)  # the embeddings are not needed again until they are written
-    return inputs
+        others = capture_first_inputs(model, checkpoint, first_block, outside, batches, _OtherArguments(), dtype)
+        return progress.next_inputs(others)
+    spilled = SpilledActivations(progress.folder / f"{INPUTS}{prefix}")
+    return capture_first_inputs(model, checkpoint, first_block, outside, batches, spilled, dtype)
 
 
 class _OtherArguments(list):

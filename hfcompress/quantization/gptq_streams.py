@@ -78,8 +78,9 @@ def quantize_streams(
     For a model skeleton streamed from its checkpoint: `disk` onloads and frees each block
     (`core.streaming.ReadingStream`), `inputs` are the first block's inputs and `spill` the folder the
     activations are kept in (as `core.walk.calibrate_streams` takes them); each block's layers are planned once
-    it is onloaded (sparsity masks), and the layers outside the stack are left out. Without `keep_codes`, each result keeps its output errors only (`quantized` is None): the
-    codes of every layer at every width would be several copies of the model."""
+    it is onloaded (sparsity masks), and the layers outside the stack are left out. Without `keep_codes`, each
+    result keeps its output errors only (`quantized` is None): the codes of every layer at every width would be
+    several copies of the model."""
     if config.layer_bits:
         raise ValueError(
             "quantize_streams takes the widths per layer from `streams`: pass a config without `layer_bits`"
@@ -98,12 +99,16 @@ def quantize_streams(
     batches = batches if batches is not None else calibration_data(model, config, tokenizer)
     results: dict[str, dict[str, LayerResult]] = {stream: {} for stream in streams}
 
+    onloaded: set[tuple[str, int]] = set()  # (layer, width) planned again once its weights were read
+
     def make_solver(stream, block, prefix, modules):
         if disk is not None:  # the weights were on the meta device when planned: plan them again, onloaded
             for n, module in modules.items():
-                bits = streams[stream][f"{prefix}.{n}"]
-                replanned = plan_layers(model, {f"{prefix}.{n}": module}, dataclasses.replace(config, bits=bits))
-                plans[stream][f"{prefix}.{n}"] = replanned[f"{prefix}.{n}"]
+                name, bits = f"{prefix}.{n}", streams[stream][f"{prefix}.{n}"]
+                if (name, bits) not in onloaded:
+                    by_width[bits].update(plan_layers(model, {name: module}, dataclasses.replace(config, bits=bits)))
+                    onloaded.add((name, bits))
+                plans[stream][name] = by_width[bits][name]
         block_plans = {n: plans[stream][f"{prefix}.{n}"] for n in modules}
 
         def solve(names, H):

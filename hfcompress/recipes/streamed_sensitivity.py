@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from ..core.activations import SpilledActivations
-from ..core.capture import capture_block_inputs
 from ..core.streamed_fisher import streamed_output_fisher
-from ..core.streamed_run import free_large_allocations_for
-from ..core.streaming import ReadingStream, ShardedCheckpoint, output_names, release, stored_names
+from ..core.streamed_run import capture_first_inputs, free_large_allocations_for, stored_outside
+from ..core.streaming import ReadingStream, ShardedCheckpoint
 from ..core.structure import find_layer_stack
 from ..core.walk import block_prefixes
 from ..data import calibration_data
@@ -64,11 +63,9 @@ def streamed_gptq_scores(
         batches = calibration_data(model, config, tokenizer)
     streams = {f"{b}bit": dict.fromkeys(targets, b) for b in bits_options}
     with tempfile.TemporaryDirectory(prefix="hfcompress-sensitivity-", dir=folder) as scratch:
-        head = output_names(model)
-        outside = [n for n in stored_names(model) if not any(n.startswith(p + ".") for p in prefixes)]
-        checkpoint.materialize(model, [n for n in outside if n not in head], dtype)
-        first = capture_block_inputs(model, blocks[0], batches, into=SpilledActivations(Path(scratch) / "inputs-0"))
-        release(model)
+        spilled = SpilledActivations(Path(scratch) / "inputs-0")
+        outside = stored_outside(model, prefixes)
+        first = capture_first_inputs(model, checkpoint, blocks[0], outside, batches, spilled, dtype)
         results = quantize_streams(
             model, config, streams, batches=batches, disk=ReadingStream(model, checkpoint, dtype), inputs=first,
             spill=scratch, keep_codes=False,
