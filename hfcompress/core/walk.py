@@ -18,6 +18,7 @@ from transformers.utils.logging import tqdm
 from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations
 from .calibration import BlockSolver, calibrate_block
 from .capture import BlockInputs, capture_block_inputs, run_block
+from .deferred import restore_weight
 from .structure import find_layer_stack, find_layer_stacks, linear_weight, set_linear_weight
 from .trace import BlockTrace, trace_block
 
@@ -155,6 +156,8 @@ def _walk(
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight, exact=True)
                 if restore and disk is not None:
+                    for module in modules.values():  # a solved layer may make its weight from codes
+                        restore_weight(module)
                     disk.reload(block, prefix)
         if rows is not None:
             rows.update({f"{prefix}.{name}": count for name, count in seen.items()})

@@ -113,7 +113,9 @@ def quantize_streams(
 
         def solve(names, H):
             weights = {n: linear_weight(modules[n]).detach().clone() for n in names}  # as stored
-            quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans)
+            # streamed, the rest of the block runs on the codes (`core.deferred`) instead of a float32 weight: the
+            # block is read again from disk for the next stream in any case
+            quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans, defer=disk is not None)
             for name, q in quantized.items():
                 error = output_errors(weights[name], q.dequantize(torch.float32), H)
                 results[stream][f"{prefix}.{name}"] = LayerResult(q if keep_codes else None, block_plans[name], error)

@@ -16,12 +16,16 @@ from hfcompress.recipes.streamed_sensitivity import streamed_gptq_scores
 from tests.helpers import save_sharded_model, token_windows
 
 
-@pytest.mark.parametrize("prune", [False, True])
-def test_streamed_scores_are_the_whole_models(tmp_path, prune):
+@pytest.mark.parametrize("prune, true_sequential", [(False, True), (True, True), (False, False)])
+def test_streamed_scores_are_the_whole_models(tmp_path, prune, true_sequential):
     """Float16 shards streamed with float32 maths against the model loaded in float32; with `prune` half of every
-    block weight is zero, which GPTQ keeps (the streamed pass plans each layer once its weights are read)."""
+    block weight is zero, which GPTQ keeps (the streamed pass plans each layer once its weights are read). Streamed,
+    solved layers run on their codes until the stream ends; two passes per block run the block on its original
+    weights first, which each stream must find again."""
     folder = save_sharded_model(tmp_path / "model", prune=prune)
-    config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32), num_samples=8)
+    config = GPTQConfig(
+        bits=4, group_size=32, dataset=token_windows(8, 32), num_samples=8, true_sequential=true_sequential
+    )
     windows = token_windows(4, 16, seed=3)
     whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     batches = calibration_data(whole, config)
