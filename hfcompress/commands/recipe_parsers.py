@@ -51,7 +51,8 @@ def add_search(subparsers) -> None:
         "factorization ranks per layer), build and "
         "evaluate those candidates next to uniform ones, and write the best one that meets the budget to OUTPUT "
         "with its recipe.yaml; OUTPUT/search/ holds pareto.md, pareto.png, sensitivity.md/.png, results.json and "
-        "the cache that --resume continues from. Budgets: bits=B (stored bits per weight of the compressed linear "
+        "the cache that --resume continues from. With --offload disk (GPTQ only) the model streams from its shards "
+        "one block at a time and the knapsack's widths are written unevaluated. Budgets: bits=B (stored bits per weight of the compressed linear "
         "layers, from the size on disk), size=F (fraction of the weights' bytes on disk), params=F (fraction of "
         "the parameters, pruned zeros not counted).",
     )
@@ -106,7 +107,22 @@ def add_search(subparsers) -> None:
         help="What GPTQ, whitening and SparseGPT sum each layer's input Hessian in. float64: the same candidates "
         "for any order or batching of the calibration windows, twice each Hessian's memory (default: float32).",
     )  # fmt: skip
-    search.add_argument("--resume", action="store_true", help="Continue from OUTPUT/search/cache.json.")
+    search.add_argument(
+        "--offload", default="auto", choices=["auto", "none", "disk"],
+        help="disk: never hold MODEL whole; stream its safetensors shards one block at a time to measure the "
+        "sensitivities and to run GPTQ at the widths the knapsack picks (--techniques gptq, format hfcompress; the "
+        "chosen model is not evaluated, since perplexity needs the model whole). auto (default): disk when MODEL in "
+        "float32 would not fit in --max-memory, saying so; none: load it whole.",
+    )  # fmt: skip
+    search.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="Memory the search may use, like 16GB, for --offload auto (default: the memory available now).",
+    )  # fmt: skip
+    search.add_argument(
+        "--resume", action="store_true",
+        help="Continue from OUTPUT/search/cache.json (and, with --offload disk, the streamed GPTQ run from its last "
+        "finished block).",
+    )  # fmt: skip
     search.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
     add_common(search)
     search.set_defaults(**{HANDLER: "hfcompress.commands.search:run_search"})

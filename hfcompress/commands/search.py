@@ -30,8 +30,17 @@ def run_search(args: argparse.Namespace) -> int:
         prune_sparsities=_numbers(args.prune_sparsities, float, "--prune-sparsities"), format=args.format,
         hessian_dtype=args.hessian_dtype,
     )  # fmt: skip
-    results = search(args.model, args.output, config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    results = search(
+        args.model, args.output, config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+        offload=args.offload, max_memory=args.max_memory,
+    )  # fmt: skip
     chosen = next(p for p in results["points"] if p["name"] == results["chosen"])
+    if not results.get("evaluated", True):
+        logger.info(
+            "chosen: %s, %.3f bits per weight, estimated KL %.4g, not evaluated (streamed from disk); widths: "
+            "%s/search/allocation.md", chosen["name"], chosen["effective_bits"], chosen["estimated_kl"], args.output,
+        )  # fmt: skip
+        return 0
     logger.info(
         "chosen: %s, %s %.4g, %.3f bits per weight; table: %s/search/pareto.md",
         chosen["name"], results["metric"], chosen[results["metric"]], chosen["effective_bits"], args.output,

@@ -39,6 +39,7 @@ from .runner import run_recipe
 from .search_config import TECHNIQUES, SearchConfig
 from .search_gptq import gptq_candidates
 from .search_report import pareto_front, write_reports
+from .search_streamed import search_streamed, should_stream_search, streamed_baseline
 
 __all__ = ["TECHNIQUES", "Budget", "SearchConfig", "search"]
 
@@ -54,16 +55,26 @@ def search(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    offload: str = "auto",
+    max_memory: str | None = None,
 ) -> dict[str, Any]:
     """Find the best compression of `model` within `config.budget`, write it to `output` with its recipe, and
-    the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json)."""
+    the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json).
 
-    with claim_output(output, overwrite=True, inputs=[model, config.dataset, config.eval_dataset]):
-        return _search(model, output, config, resume, overwrite, quiet)
+    `offload` as for the other commands: `disk` streams the model from its safetensors shards one block at a
+    time (`search_streamed.py`: GPTQ widths per layer from the streamed sensitivities, nothing evaluated), `auto`
+    does so when the model in float32 would not fit in `max_memory` (default: the memory available), `none`
+    loads it whole."""
 
-
-def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: bool, quiet: bool) -> dict[str, Any]:
     resolve_model_path(model)
+    streamed = should_stream_search(model, config, offload, max_memory)
+    with claim_output(output, overwrite=True, inputs=[model, config.dataset, config.eval_dataset]):
+        return _search(model, output, config, resume, overwrite, quiet, streamed)
+
+
+def _search(
+    model: str, output, config: SearchConfig, resume: bool, overwrite: bool, quiet: bool, streamed: bool
+) -> dict[str, Any]:
     for name in ("dataset", "eval_dataset"):
         path = getattr(config, name)
         if looks_local(path) and not os.path.exists(path):
@@ -76,8 +87,8 @@ def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: b
             f"{config.dataset} gives {len(calib)} windows of {config.seq_len} tokens; the sensitivity pass needs "
             f"sensitivity_samples={config.sensitivity_samples}: give more text or lower --sensitivity-samples/--seq-len"
         )
-    dense = load_model(model, "float32")
-    base = measure_baseline(dense, model)
+    dense = None if streamed else load_model(model, "float32")
+    base = streamed_baseline(model) if streamed else measure_baseline(dense, model)
     check_reachable(base, config)
 
     output = Path(output)
@@ -89,6 +100,8 @@ def _search(model: str, output, config: SearchConfig, resume: bool, overwrite: b
     work = output / "search"
     (work / "candidates").mkdir(parents=True, exist_ok=True)
     cache = SearchCache(work / CACHE_FILE, config.fingerprint(model), resume)
+    if streamed:
+        return search_streamed(model, output, config, base, calib, work, cache, resume)
     eval_windows = tokenize_windows(tokenizer, load_texts(config.eval_dataset), config.eval_seq_len)
     eval_windows = eval_windows[: config.eval_max_windows]
 

@@ -37,7 +37,7 @@ from .recipe import Recipe
 from .search_config import SearchConfig
 from .sensitivity import fisher_scores, monotone, plot_sensitivity, sensitivity_table
 
-__all__ = ["gptq_candidates", "gptq_step"]
+__all__ = ["allocate_bits", "gptq_candidates", "gptq_step", "write_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def gptq_candidates(
         cache.data["scores"] = scores
         cache.add_seconds("fisher_scores", time.perf_counter() - start)
         cache.save()
-        _write_scores(scores, config, work)
+        write_scores(scores, config, work)
     else:
         build(uniform, "gptq_every_width")
     mixed = _mixed_candidates(monotone(scores, settings), base, config, target)
@@ -178,7 +178,7 @@ def _items(shapes: dict, tie: bool) -> dict[str, list[str]]:
     return items
 
 
-def _write_scores(scores, config: SearchConfig, work: Path) -> None:
+def write_scores(scores, config: SearchConfig, work: Path) -> None:
     (work / "sensitivity.md").write_text(
         "Estimated mean KL divergence of the next-token distributions from the full-precision model's when one "
         "layer alone takes its GPTQ weight at each bit width: ½ Σ_r F_r e_r, with e_r the mean squared error of "

@@ -1,0 +1,190 @@
+"""The GPTQ search on a model streamed from its checkpoint (`hfcompress search --offload disk`), for models that
+memory would not hold. The sensitivities are those the search measures on the model loaded whole
+(`streamed_sensitivity.streamed_gptq_scores`: one walk over the blocks read from disk at every width, and a
+backward pass streamed the same way); the knapsack picks the widths per layer at the budget
+(`search_gptq.allocate_bits`), and one streamed GPTQ run (`hfcompress quantize gptq --offload disk` with those
+`layer_bits`) writes the chosen model. Nothing is evaluated: perplexity needs the model whole, so the choice rests
+on the estimated KL divergence alone, and the results say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.streaming import ShardedCheckpoint, streaming_obstacle
+from ..evaluation import weights_size_bytes
+from ..io import weight_bytes
+from ..quantization.config import GPTQConfig
+from ..steps.compress import compress_folder
+from ..steps.loading import checkpoint_dtype
+from ..steps.offload import available_memory, parse_size
+from ..steps.options import OutputOptions
+from .allocation import grid_bits_per_weight
+from .budget import Baseline, measure_baseline
+from .candidates import SearchCache
+from .recipe import Recipe
+from .search_config import SearchConfig
+from .search_gptq import allocate_bits, gptq_step, write_scores
+from .sensitivity import monotone
+from .streamed_sensitivity import streamed_gptq_scores
+
+__all__ = ["OFFLOADS", "search_streamed", "should_stream_search", "streamed_baseline"]
+
+logger = logging.getLogger(__name__)
+
+OFFLOADS = ("auto", "none", "disk")
+
+
+def should_stream_search(model: str, config: SearchConfig, offload: str, max_memory: str | None) -> bool:
+    """Whether the search streams `model` from disk: always with `disk` (refusing what a streamed search cannot
+    do; a model that cannot stream loads whole, saying why), never with `none`, and with `auto` when the model in
+    float32 (what the search holds it in) would not fit in `max_memory`, or the memory available."""
+    if offload not in OFFLOADS:
+        raise ValueError(f"--offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
+    if offload == "none":
+        return False
+    refused = _search_obstacle(config)
+    if offload == "disk":
+        if refused:
+            raise ValueError(refused)
+        obstacle = streaming_obstacle(model)
+        if obstacle:
+            logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
+        return obstacle is None
+    stored = weight_bytes(model)
+    limit = parse_size(max_memory) if max_memory else available_memory()
+    if stored is None or limit is None:
+        return False
+    needed = stored * 4 // checkpoint_dtype(model).itemsize
+    if needed <= limit:
+        return False
+    obstacle = refused or streaming_obstacle(model)
+    if obstacle:
+        logger.warning(
+            "%s needs about %.1f GB in float32, more than the %.1f GB this search may use, but %s: loading it whole",
+            model, needed / 1e9, limit / 1e9, obstacle,
+        )  # fmt: skip
+        return False
+    logger.warning(
+        "%s needs about %.1f GB in float32, more than the %.1f GB this search may use: streaming it from disk one "
+        "block at a time (--offload disk); the candidate is not evaluated", model, needed / 1e9, limit / 1e9,
+    )  # fmt: skip
+    return True
+
+
+def _search_obstacle(config: SearchConfig) -> str | None:
+    if config.techniques != ["gptq"]:
+        return (
+            f"--offload disk searches GPTQ widths per layer only, got --techniques {','.join(config.techniques)}: "
+            "add --techniques gptq"
+        )
+    if config.format != "hfcompress":
+        return f"--offload disk writes format hfcompress only, got --format {config.format}"
+    return None
+
+
+def streamed_baseline(model: str) -> Baseline:
+    """The budget's baseline from the checkpoint's skeleton on the meta device: no weight is read."""
+    checkpoint = ShardedCheckpoint(model)
+    return measure_baseline(checkpoint.skeleton("causal-lm", checkpoint.stored_dtype()), model)
+
+
+def search_streamed(
+    model: str, output: Path, config: SearchConfig, base: Baseline, calib: torch.Tensor, work: Path,
+    cache: SearchCache, resume: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Sensitivities (reused from `cache` when measured before), widths per layer at the budget, and the streamed
+    GPTQ run that writes them to `output`; `work` (output/search) gets sensitivity.md/.png, allocation.md and
+    results.json. With `resume`, a GPTQ run killed before its end continues from its last finished block."""
+    settings = [f"{b}bit" for b in config.bits_options]
+    scores = cache.data["scores"]
+    if not scores or not all(set(settings) <= set(row) for row in scores.values()):
+        start = time.perf_counter()
+        gptq = dataclasses.replace(_gptq_config(config, max(config.bits_options), None), dataset=calib)
+        scores = streamed_gptq_scores(
+            model, gptq, config.bits_options, calib[: config.sensitivity_samples], folder=work
+        )  # fmt: skip
+        cache.data["scores"] = scores
+        cache.add_seconds("streamed_scores", time.perf_counter() - start)
+        cache.save()
+        write_scores(scores, config, work)
+    else:
+        logger.info("sensitivities measured before: reusing them")
+
+    target = base.linear_bits_target(config.budget)
+    layer_bits = allocate_bits(monotone(scores, settings), base, config, target)
+    if layer_bits is None:
+        raise ValueError(f"no allocation of {config.bits_options} bits meets budget {config.budget}")
+    default = max(sorted(set(layer_bits.values())), key=list(layer_bits.values()).count)
+    overrides = {n: b for n, b in layer_bits.items() if b != default}
+    name = f"gptq-mixed-{target:.2f}" if overrides else f"gptq-{default}bit"
+    steps = [gptq_step(config, default, overrides)]
+
+    folder = work / "candidates" / name
+    start = time.perf_counter()
+    compress_folder(
+        model, folder, _gptq_config(config, default, overrides or None),
+        OutputOptions(overwrite=True, offload="disk", resume=resume),
+    )  # fmt: skip
+    cache.add_seconds("gptq_streamed", time.perf_counter() - start)
+    cache.save()
+    recipe = Recipe.from_dict({"steps": steps, "dataset": config.dataset})
+    (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    for item in output.iterdir():  # a model an earlier search (--resume with another budget) published
+        if item.name != "search":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for item in folder.iterdir():  # moved, not copied: the checkpoint may be as large as the disk allows once
+        os.replace(item, output / item.name)
+    shutil.rmtree(folder)
+
+    point = {
+        "name": name, "technique": "gptq", "steps": steps, "description": f"knapsack at {target:.2f} bits",
+        "effective_bits": _planned_bits(layer_bits, base, config), "size_bytes": weights_size_bytes(output),
+        "estimated_kl": sum(scores[n][f"{b}bit"] for n, b in layer_bits.items() if n in scores),
+        "meets_budget": True,
+    }  # fmt: skip
+    results = {
+        "budget": str(config.budget), "metric": config.metric, "offload": "disk", "evaluated": False,
+        "chosen": name, "points": [point], "layer_bits": layer_bits, "seconds": cache.data["seconds"],
+    }  # fmt: skip
+    (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    _write_allocation(layer_bits, point, config, work)
+    return results
+
+
+def _gptq_config(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None) -> GPTQConfig:
+    return GPTQConfig(
+        bits=bits, layer_bits=layer_bits, group_size=config.group_size, dataset=config.dataset,
+        num_samples=config.num_samples, seq_len=config.seq_len, sym=config.sym, hessian_dtype=config.hessian_dtype,
+    )  # fmt: skip
+
+
+def _planned_bits(layer_bits: dict[str, int], base: Baseline, config: SearchConfig) -> float:
+    """Stored bits per weight of the allocation (`grid_bits_per_weight`: what each `QuantLinear` holds)."""
+    total = sum(
+        o * i * grid_bits_per_weight(layer_bits[n], config.group_size, i, sym=config.sym)
+        for n, (o, i) in base.linear_shapes.items()
+    )
+    return total / base.linear_weights
+
+
+def _write_allocation(layer_bits: dict[str, int], point: dict, config: SearchConfig, work: Path) -> None:
+    rows = "\n".join(f"| {n} | {b} |" for n, b in layer_bits.items())
+    (work / "allocation.md").write_text(
+        f"Widths per layer at budget {config.budget}, chosen by a knapsack over the estimated KL divergence of each "
+        f"layer at each width (sensitivity.md): {point['effective_bits']:.3f} bits per weight, "
+        f"{point['size_bytes'] / 1e6:.2f} MB of weights, estimated KL {point['estimated_kl']:.4g}.\n\n"
+        "Not evaluated: the model was streamed from disk (--offload disk) and never held whole, so no perplexity "
+        "was measured; evaluate OUTPUT where it fits (hfcompress evaluate OUTPUT --dataset ...).\n\n"
+        f"| layer | bits |\n|---|---|\n{rows}\n",
+        encoding="utf-8",
+    )

@@ -1,0 +1,119 @@
+"""`hfcompress search --offload disk`: the GPTQ search on a model streamed from its shards, against the same search
+on the model loaded whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import python_text, save_sharded_model
+from transformers import AutoModelForCausalLM
+
+import hfcompress  # noqa: F401  (loads the candidates)
+from hfcompress.commands.cli import main
+from hfcompress.quantization.modules import QuantLinear
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("streamed-search")
+    save_sharded_model(folder / "model")
+    (folder / "calib.txt").write_text(python_text()[:60_000], encoding="utf-8")
+    return folder
+
+
+def _search(files, out, *extra):
+    return main([
+        "search", str(files / "model"), str(out), "--dataset", str(files / "calib.txt"),
+        "--eval-dataset", str(files / "calib.txt"), "--group-size", "32", "--seq-len", "64", "--num-samples", "8",
+        "--sensitivity-samples", "4", "--eval-seq-len", "64", "--eval-max-windows", "4", "--techniques", "gptq", "-q",
+        *map(str, extra),
+    ])  # fmt: skip
+
+
+def _json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_a_streamed_search_picks_and_writes_what_the_whole_models_search_builds(files, tmp_path):
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    assert _search(files, whole, "--budget", "bits=3.2", "--offload", "none") == 0
+    assert _search(files, streamed, "--budget", "bits=3.2", "--offload", "disk") == 0
+
+    expected = _json(whole / "search" / "cache.json")["scores"]
+    scores = _json(streamed / "search" / "cache.json")["scores"]
+    assert scores.keys() == expected.keys() and len(scores) == 14
+    for name, row in expected.items():
+        assert scores[name] == pytest.approx(row, rel=1e-3), name
+
+    results = _json(streamed / "search" / "results.json")
+    assert results["evaluated"] is False and results["chosen"] == "gptq-mixed-3.20"
+    (point,) = results["points"]
+    assert "perplexity" not in point and point["effective_bits"] <= 3.2 + 1e-3
+    mixed = next(p for p in _json(whole / "search" / "results.json")["points"] if p["name"] == "gptq-mixed-3.20")
+    assert point["steps"] == mixed["steps"]  # the same widths per layer
+    assert abs(point["effective_bits"] - mixed["effective_bits"]) < 1e-6  # planned bits = what the layers store
+    assert "Not evaluated" in (streamed / "search" / "allocation.md").read_text()
+    assert (streamed / "search" / "sensitivity.md").is_file() and "steps:" in (streamed / "recipe.yaml").read_text()
+    assert not any((streamed / "search" / "candidates").iterdir())  # moved into OUTPUT
+
+    built = AutoModelForCausalLM.from_pretrained(whole / "search" / "candidates" / "gptq-mixed-3.20")
+    written = AutoModelForCausalLM.from_pretrained(streamed)
+    assert _json(streamed / "hfcompress_record.json")["steps"][-1]["config"]["offload"] == "disk"
+    layers = {n: m for n, m in written.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        reference = built.get_submodule(name)
+        assert layer.bits == reference.bits, name
+        same = (layer.codes() == reference.codes()).float().mean()
+        assert same > 0.99, (name, float(same))  # float16 shards read in float32 against the float32 load
+
+
+def test_a_streamed_search_resumes_from_its_sensitivities_with_another_budget(files, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert _search(files, out, "--budget", "bits=3.2", "--offload", "auto", "--max-memory", "1KB") == 0
+    first = _json(out / "search" / "results.json")
+    assert first["evaluated"] is False  # auto streamed: the model would not fit in 1KB
+    seconds = _json(out / "search" / "cache.json")["seconds"]["streamed_scores"]
+    before = sorted(p.name for p in out.iterdir())
+
+    assert _search(files, out, "--budget", "bits=2.6", "--offload", "disk", "--resume") == 0
+    results = _json(out / "search" / "results.json")
+    assert results["budget"] == "bits=2.6" and results["points"][0]["effective_bits"] <= 2.6 + 1e-3
+    assert _json(out / "search" / "cache.json")["seconds"]["streamed_scores"] == seconds  # not measured again
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier model replaced, no stale shard left
+    model = AutoModelForCausalLM.from_pretrained(out)
+    widths = {m.bits for m in model.modules() if isinstance(m, QuantLinear)}
+    assert widths == {2, 3} or widths == {2, 4}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--techniques", "gptq,prune"], "--offload disk searches GPTQ widths per layer only"),
+        (["--format", "compressed-tensors"], "--offload disk writes format hfcompress only"),
+    ],
+)
+def test_a_streamed_search_refuses_what_it_cannot_do_and_writes_nothing(files, tmp_path, capsys, extra, message):
+    assert _search(files, tmp_path / "out", "--budget", "bits=3", "--offload", "disk", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_streams_only_a_model_that_would_not_fit_and_loads_whole_what_cannot_stream(files, caplog):
+    from hfcompress.recipes.search import SearchConfig
+    from hfcompress.recipes.search_streamed import should_stream_search
+
+    model = str(files / "model")
+    gptq = SearchConfig(budget="bits=3", dataset="calib.txt", eval_dataset="calib.txt", techniques="gptq")
+    assert should_stream_search(model, gptq, "auto", "1KB") and not should_stream_search(model, gptq, "auto", "1GB")
+    assert not should_stream_search(model, gptq, "none", "1KB")
+    every = SearchConfig(budget="bits=3", dataset="calib.txt", eval_dataset="calib.txt")
+    with caplog.at_level("WARNING"):
+        assert not should_stream_search(model, every, "auto", "1KB")
+    assert "--offload disk searches GPTQ widths per layer only" in caplog.text and "loading it whole" in caplog.text
+    with pytest.raises(ValueError, match="--max-memory must be a size like 16GB"):
+        should_stream_search(model, gptq, "auto", "lots")
