@@ -200,6 +200,24 @@ def save_sharded_model(folder, arch: str = "llama", prune: bool = False):
     return folder
 
 
+def search_files(folder, sharded: bool = False):
+    """`folder` with a tiny model (`model/`, float16 shards with `sharded`) and calibration text (`calib.txt`)."""
+    (save_sharded_model if sharded else save_tiny_model)(folder / "model")
+    (folder / "calib.txt").write_text(python_text()[:60_000], encoding="utf-8")
+    return folder
+
+
+def run_search(files, out, *extra) -> int:
+    """`hfcompress search` on `search_files` with small windows; its exit status."""
+    from hfcompress.commands.cli import main
+
+    return main([
+        "search", str(files / "model"), str(out), "--dataset", str(files / "calib.txt"),
+        "--eval-dataset", str(files / "calib.txt"), "--group-size", "32", "--seq-len", "64", "--num-samples", "8",
+        "--sensitivity-samples", "4", "--eval-seq-len", "64", "--eval-max-windows", "6", "-q", *map(str, extra),
+    ])  # fmt: skip
+
+
 def read_safetensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files in `folder`, by name."""
     from pathlib import Path

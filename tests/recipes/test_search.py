@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from helpers import python_text, save_tiny_model, tiny_model, token_windows
+from helpers import run_search, search_files, tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (loads the candidates)
@@ -79,23 +79,14 @@ def test_monotone_sensitivities_never_reward_fewer_bits():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("search")
-    save_tiny_model(folder / "model")
-    (folder / "calib.txt").write_text(python_text()[:60_000], encoding="utf-8")
-    return folder
-
-
-def _search(files, out, *extra):
-    return main([
-        "search", str(files / "model"), str(out), "--dataset", str(files / "calib.txt"),
-        "--eval-dataset", str(files / "calib.txt"), "--group-size", "32", "--seq-len", "64", "--num-samples", "8",
-        "--sensitivity-samples", "4", "--eval-seq-len", "64", "--eval-max-windows", "6", "-q", *map(str, extra),
-    ])  # fmt: skip
+    return search_files(tmp_path_factory.mktemp("search"))
 
 
 def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files, tmp_path):
     out = tmp_path / "out"
-    assert _search(files, out, "--budget", "bits=3.8", "--techniques", "gptq,prune", "--prune-sparsities", "0.5") == 0
+    assert (
+        run_search(files, out, "--budget", "bits=3.8", "--techniques", "gptq,prune", "--prune-sparsities", "0.5") == 0
+    )
     results = json.loads((out / "search" / "results.json").read_text())
     chosen = next(p for p in results["points"] if p["name"] == results["chosen"])
     assert chosen["effective_bits"] <= 3.8 + 1e-3 and chosen["meets_budget"]
@@ -116,7 +107,7 @@ def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files
     assert "layer_bits" in json.dumps(mixed["steps"])
 
     stamp = (out / "search" / "candidates" / "gptq-3bit" / "model.safetensors").stat().st_mtime
-    assert _search(files, out, "--budget", "bits=3.2", "--techniques", "gptq", "--resume") == 0
+    assert run_search(files, out, "--budget", "bits=3.2", "--techniques", "gptq", "--resume") == 0
     assert (out / "search" / "candidates" / "gptq-3bit" / "model.safetensors").stat().st_mtime == stamp
     results = json.loads((out / "search" / "results.json").read_text())
     assert results["budget"] == "bits=3.2"
@@ -125,7 +116,7 @@ def test_search_finds_a_model_within_the_budget_and_resumes_from_its_cache(files
 
 def test_a_search_for_serving_writes_mixed_compressed_tensors_with_fused_siblings_on_one_width(files, tmp_path):
     out = tmp_path / "out"
-    assert _search(files, out, "--budget", "bits=3.5", "--format", "compressed-tensors") == 0
+    assert run_search(files, out, "--budget", "bits=3.5", "--format", "compressed-tensors") == 0
     results = json.loads((out / "search" / "results.json").read_text())
     assert {p["name"].split("-")[0] for p in results["points"]} == {"dense", "gptq"}  # GPTQ alone by default
     mixed = next(p for p in results["points"] if p["name"].startswith("gptq-mixed"))
@@ -165,7 +156,7 @@ def test_the_search_sums_hessians_in_the_dtype_it_is_given_as_quantize_does(file
 
     out = tmp_path / "out"
     args = ["--budget", "bits=4.5", "--techniques", "gptq,prune", "--bits-options", "4", "--prune-sparsities", "0.5"]
-    assert _search(files, out, *args, "--hessian-dtype", "float64") == 0
+    assert run_search(files, out, *args, "--hessian-dtype", "float64") == 0
     results = json.loads((out / "search" / "results.json").read_text())
     steps = {p["name"]: p["steps"][0] for p in results["points"] if p["name"] != "dense"}
     assert steps["gptq-4bit"]["quantize"]["hessian_dtype"] == "float64"
@@ -208,7 +199,7 @@ def test_compressed_tensors_searches_refuse_techniques_it_cannot_hold():
 )
 def test_bad_search_input_fails_clearly_and_writes_nothing(files, tmp_path, capsys, extra, message):
     techniques = [] if "--techniques" in extra else ["--techniques", "gptq"]
-    assert _search(files, tmp_path / "out", *extra, *techniques) == 2
+    assert run_search(files, tmp_path / "out", *extra, *techniques) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

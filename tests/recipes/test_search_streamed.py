@@ -7,29 +7,20 @@ import json
 
 import pytest
 import torch
-from helpers import python_text, save_sharded_model
+from helpers import run_search, search_files
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (loads the candidates)
-from hfcompress.commands.cli import main
 from hfcompress.quantization.modules import QuantLinear
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("streamed-search")
-    save_sharded_model(folder / "model")
-    (folder / "calib.txt").write_text(python_text()[:60_000], encoding="utf-8")
-    return folder
+    return search_files(tmp_path_factory.mktemp("streamed-search"), sharded=True)
 
 
 def _search(files, out, *extra):
-    return main([
-        "search", str(files / "model"), str(out), "--dataset", str(files / "calib.txt"),
-        "--eval-dataset", str(files / "calib.txt"), "--group-size", "32", "--seq-len", "64", "--num-samples", "8",
-        "--sensitivity-samples", "4", "--eval-seq-len", "64", "--eval-max-windows", "4", "--techniques", "gptq", "-q",
-        *map(str, extra),
-    ])  # fmt: skip
+    return run_search(files, out, "--techniques", "gptq", *extra)
 
 
 def _json(path):
