@@ -22,6 +22,7 @@ import torch
 
 from ..core.streaming import ShardedCheckpoint, streaming_obstacle
 from ..evaluation import weights_size_bytes
+from ..hub.record import peak_memory
 from ..io import weight_bytes
 from ..quantization.config import GPTQConfig
 from ..steps.compress import compress_folder
@@ -155,6 +156,7 @@ def search_streamed(
     results = {
         "budget": str(config.budget), "metric": config.metric, "offload": "disk", "evaluated": False,
         "chosen": name, "points": [point], "layer_bits": layer_bits, "seconds": cache.data["seconds"],
+        "peak_memory": peak_memory(),  # of the whole search: sensitivities, then the GPTQ run
     }  # fmt: skip
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     _write_allocation(layer_bits, point, config, work)

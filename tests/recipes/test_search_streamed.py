@@ -40,6 +40,7 @@ def test_a_streamed_search_picks_and_writes_what_the_whole_models_search_builds(
 
     results = _json(streamed / "search" / "results.json")
     assert results["evaluated"] is False and results["chosen"] == "gptq-mixed-3.20"
+    assert results["peak_memory"]["peak_rss_bytes"] > 10**8  # Python with torch, at least
     (point,) = results["points"]
     assert "perplexity" not in point and point["effective_bits"] <= 3.2 + 1e-3
     mixed = next(p for p in _json(whole / "search" / "results.json")["points"] if p["name"] == "gptq-mixed-3.20")
