@@ -26,7 +26,7 @@ from .grid import QuantizedWeight
 from .layers import quantized_layer
 from .plan import LayerPlan
 
-__all__ = ["quantize_blocks", "quantize_group"]
+__all__ = ["float32_rows", "quantize_blocks", "quantize_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +97,14 @@ def quantize_group(
         module = modules[name]
         # in float32 whatever the model's dtype: the rest of the block runs on the weights the codes give
         if defer:
-            defer_weight(module, functools.partial(_float32_rows, quantized))
+            defer_weight(module, functools.partial(float32_rows, quantized))
         else:
             set_linear_weight(module, quantized.dequantize(torch.float32), exact=True)
         result[name] = quantized
     return result
 
 
-def _float32_rows(quantized: QuantizedWeight, start: int, stop: int) -> torch.Tensor:
+def float32_rows(quantized: QuantizedWeight, start: int, stop: int) -> torch.Tensor:
     return quantized.dequantize(torch.float32, start=start, stop=stop)
 
 

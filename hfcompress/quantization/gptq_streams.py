@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ from ..core.walk import calibrate_streams
 from ..data import calibration_data
 from .api import attach_quantization_config, select_targets
 from .config import GPTQConfig
-from .gptq_blocks import quantize_group
+from .gptq_blocks import float32_rows, quantize_group
 from .grid import SCALE_TORCH_DTYPES, QuantizedWeight, rtn_quantize
 from .layers import quantized_layer
 from .plan import LayerPlan, plan_layers
@@ -43,13 +45,18 @@ class LayerResult:
     row_error: torch.Tensor | None
 
 
-def output_errors(weight: torch.Tensor, quantized: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+def output_errors(
+    weight: torch.Tensor, quantized: torch.Tensor | Callable[[int, int], torch.Tensor], H: torch.Tensor
+) -> torch.Tensor:
     """Mean squared output error per output channel, `diag(ΔW H ΔWᵀ) / 2` with `H = 2 XᵀX / n`: what replacing
-    `weight` [out, in] by `quantized` changes the layer's outputs by, on average over the tokens of `H`."""
+    `weight` [out, in] by `quantized` changes the layer's outputs by, on average over the tokens of `H`.
+    `quantized` is the [out, in] weight, or what makes its rows `start:stop` (a `QuantizedWeight`'s dequantization)."""
     H = H.float()
     errors = []
     for start in range(0, weight.shape[0], _ERROR_ROWS):  # a block of rows at a time: no weight-sized temporaries
-        delta = weight[start : start + _ERROR_ROWS].detach().float() - quantized[start : start + _ERROR_ROWS].float()
+        stop = start + _ERROR_ROWS
+        rows = quantized(start, min(stop, weight.shape[0])) if callable(quantized) else quantized[start:stop]
+        delta = weight[start:stop].detach().float() - rows.float()
         errors.append(((delta @ H) * delta).sum(dim=1) / 2)
     return torch.cat(errors)
 
@@ -117,7 +124,8 @@ def quantize_streams(
             # block is read again from disk for the next stream in any case
             quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans, defer=disk is not None)
             for name, q in quantized.items():
-                error = output_errors(weights[name], q.dequantize(torch.float32), H)
+                # its rows made a block at a time: no float32 copy of the layer
+                error = output_errors(weights[name], functools.partial(float32_rows, q), H)
                 results[stream][f"{prefix}.{name}"] = LayerResult(q if keep_codes else None, block_plans[name], error)
             return {}
 

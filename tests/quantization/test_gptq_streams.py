@@ -75,6 +75,13 @@ def test_output_errors_are_the_mean_squared_error_of_each_output_channel():
     H = 2 * x.t() @ x / x.shape[0]
     expected = (x @ weight.t() - x @ quantized.t()).square().mean(dim=0)
     assert torch.allclose(output_errors(weight, quantized, H), expected, rtol=1e-4)
+    # rows made on demand, over several blocks of rows: what the streamed walk gives from a layer's codes
+    weight, quantized = torch.randn(1100, 16, generator=g), torch.randn(1100, 16, generator=g)
+    asked = []
+    rows = lambda start, stop: asked.append((start, stop)) or quantized[start:stop]  # noqa: E731
+    expected = (x @ weight.t() - x @ quantized.t()).square().mean(dim=0)
+    assert torch.allclose(output_errors(weight, rows, H), expected, rtol=1e-4)
+    assert asked == [(0, 512), (512, 1024), (1024, 1100)]
 
 
 def test_output_fisher_is_the_mean_squared_gradient_of_sampled_tokens_at_each_output():
