@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.structure import find_layer_stack, linear_weight, set_submodule
+from ..core.tensor_file import SpilledTensor
 from ..core.walk import calibrate_streams
 from ..data import calibration_data
 from .api import attach_quantization_config, select_targets
@@ -120,9 +121,16 @@ def quantize_streams(
 
         def solve(names, H):
             weights = {n: linear_weight(modules[n]).detach().clone() for n in names}  # as stored
-            # streamed, the rest of the block runs on the codes (`core.deferred`) instead of a float32 weight: the
-            # block is read again from disk for the next stream in any case
-            quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans, defer=disk is not None)
+            if disk is None:
+                quantized = quantize_group(names, modules, H, config, scale_dtype, block_plans)
+            else:  # as a streamed GPTQ run: the solve works in H's memory (485 MB for a down projection of 11008
+                # inputs), H read back from a temporary file for the errors, and the rest of the block runs on the
+                # codes (`core.deferred`), its float weights read again from disk for the next stream
+                with SpilledTensor(H) as saved:
+                    quantized = quantize_group(
+                        names, modules, H, config, scale_dtype, block_plans, overwrite_hessian=True, defer=True
+                    )
+                    saved.load(out=H)
             for name, q in quantized.items():
                 # its rows made a block at a time: no float32 copy of the layer
                 error = output_errors(weights[name], functools.partial(float32_rows, q), H)
