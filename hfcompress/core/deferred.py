@@ -31,6 +31,7 @@ def defer_weight(module: nn.Module, make_rows: Rows) -> None:
     `restore_weight` undoes it."""
     restore_weight(module)
     shape = module.weight.shape
+    module.__dict__[_STORED_DTYPE] = module.weight.dtype
     module.weight = nn.Parameter(torch.empty(shape, dtype=torch.float32, device="meta"), requires_grad=False)
     if isinstance(module, Conv1D):
         out_features = shape[1]
@@ -47,5 +48,15 @@ def defer_weight(module: nn.Module, make_rows: Rows) -> None:
 
 
 def restore_weight(module: nn.Module) -> None:
-    """Give `module` back its class's forward (its weight stays whatever it is now)."""
+    """Give `module` back its class's forward. A weight still deferred goes back to the meta device in the dtype
+    the module held before `defer_weight`: a checkpoint read into it again (`ShardedCheckpoint.materialize`, which
+    casts to the parameter's dtype as `load_state_dict` does) gives that dtype, not float32. A weight set since
+    stays as it is."""
     module.__dict__.pop("forward", None)
+    dtype = module.__dict__.pop(_STORED_DTYPE, None)
+    if dtype is not None and module.weight.is_meta:
+        shape = module.weight.shape
+        module.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+
+
+_STORED_DTYPE = "_hfcompress_stored_dtype"

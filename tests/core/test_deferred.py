@@ -67,3 +67,21 @@ def test_gptq_codes_are_those_of_weights_held_in_float32(arch, by_rows, monkeypa
     assert deferred.keys() == held.keys()
     for name, tensor in deferred.items():
         assert torch.equal(tensor, held[name]), name
+
+
+def test_a_restored_weight_is_read_again_in_the_dtype_it_was_stored_in():
+    """A streamed walk reads a block again after a stream deferred its layers: the reading casts to the parameter's
+    dtype (as `load_state_dict` does), which must be the stored bfloat16 again, not the deferred float32."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    layer = nn.Linear(64, 32, dtype=torch.bfloat16)
+    stored = layer.weight.detach().clone()
+    quantized = rtn_quantize(stored.float(), bits=4, group_size=8, sym=False)
+    defer_weight(layer, lambda start, stop: quantized.dequantize(torch.float32, start=start, stop=stop))
+    assert layer.weight.dtype == torch.float32 and layer.weight.is_meta
+    restore_weight(layer)
+    assert layer.weight.is_meta and layer.weight.dtype == torch.bfloat16
+    set_module_tensor_to_device(layer, "weight", "cpu", value=stored)
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, stored)
+    restore_weight(layer)  # not deferred: nothing changes
+    assert torch.equal(layer.weight, stored)
