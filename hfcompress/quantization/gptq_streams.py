@@ -28,7 +28,7 @@ from .config import GPTQConfig
 from .gptq_blocks import float32_rows, quantize_group
 from .grid import SCALE_TORCH_DTYPES, QuantizedWeight, rtn_quantize
 from .layers import quantized_layer
-from .plan import LayerPlan, plan_layers
+from .plan import LayerPlan, plan_layers, split_layer_bits
 
 __all__ = ["LayerResult", "assemble", "output_errors", "quantize_streams"]
 
@@ -167,8 +167,7 @@ def assemble(model: nn.Module, config: GPTQConfig, layers: dict[str, LayerResult
     """A quantized copy of `model` whose layer `name` stores `layers[name]`, with the manifest `quantize` would
     have written for it (default bits: the most common width; the others as overrides)."""
     layer_bits = {name: result.plan.bits for name, result in layers.items()}
-    default = max(sorted(set(layer_bits.values())), key=list(layer_bits.values()).count)
-    overrides = {n: b for n, b in layer_bits.items() if b != default}
+    default, overrides = split_layer_bits(layer_bits)
     recorded = dataclasses.replace(config, bits=default, layer_bits=overrides or None)
     act_order = config.act_order and not config.static_groups
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.structure import is_excluded, linear_weight
 from ..lowrank.modules import FactorizedLinear
 
-__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers", "sparsity_mask"]
+__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers", "sparsity_mask", "split_layer_bits"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,14 @@ class LayerPlan:
     bits: int
     group_size: int
     mask: torch.Tensor | None = None  # True where a pruned layer keeps its weight
+
+
+def split_layer_bits(layer_bits: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """Widths per layer as a config states them: the most common width (the smallest among equally common ones)
+    as `bits`, the layers of other widths as `layer_bits` overrides."""
+    widths = list(layer_bits.values())
+    default = max(sorted(set(widths)), key=widths.count)
+    return default, {n: b for n, b in layer_bits.items() if b != default}
 
 
 def sparsity_mask(weight: torch.Tensor) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ from ..hub.record import Step
 from ..quantization.config import GPTQConfig
 from ..quantization.export import FUSED_SIBLINGS
 from ..quantization.gptq_streams import assemble, quantize_streams
+from ..quantization.plan import split_layer_bits
 from ..quantization.save import write_quantized
 from ..steps.loading import checkpoint_dtype
 from ..steps.options import OutputOptions
@@ -37,7 +38,7 @@ from .recipe import Recipe
 from .search_config import SearchConfig
 from .sensitivity import fisher_scores, monotone, plot_sensitivity, sensitivity_table
 
-__all__ = ["allocate_bits", "gptq_candidates", "gptq_step", "write_scores"]
+__all__ = ["allocate_bits", "cached_scores", "gptq_candidates", "gptq_step", "search_gptq_config", "write_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,23 @@ def gptq_step(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None
     if layer_bits:
         settings["layer_bits"] = layer_bits
     return {"quantize": settings}
+
+
+def search_gptq_config(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None = None) -> GPTQConfig:
+    """The GPTQ settings of the search's points: `bits` (and `layer_bits` overrides) with the search's grid and
+    calibration."""
+    return GPTQConfig(
+        bits=bits, layer_bits=layer_bits, group_size=config.group_size, dataset=config.dataset,
+        num_samples=config.num_samples, seq_len=config.seq_len, sym=config.sym, hessian_dtype=config.hessian_dtype,
+    )  # fmt: skip
+
+
+def cached_scores(cache: SearchCache, settings: list[str]) -> dict[str, dict[str, float]] | None:
+    """The sensitivities measured before at every one of `settings`, or None."""
+    scores = cache.data["scores"]
+    if not scores or not all(set(settings) <= set(row) for row in scores.values()):
+        return None
+    return scores
 
 
 def gptq_candidates(
@@ -66,11 +84,7 @@ def gptq_candidates(
     ]
     settings = [f"{b}bit" for b in config.bits_options]
     target = base.linear_bits_target(config.budget)
-    gptq_config = GPTQConfig(
-        bits=max(config.bits_options), group_size=config.group_size, dataset=config.dataset,
-        num_samples=config.num_samples, seq_len=config.seq_len, sym=config.sym,
-        hessian_dtype=config.hessian_dtype,
-    )  # fmt: skip
+    gptq_config = search_gptq_config(config, max(config.bits_options))
     prepared = {}
 
     def walk(streams: dict[str, dict[str, int]]):
@@ -101,8 +115,8 @@ def gptq_candidates(
         cache.save()
         return results
 
-    scores = cache.data["scores"]  # layers outside the block stack have none (round-to-nearest, widest width)
-    if not scores or not all(set(settings) <= set(row) for row in scores.values()):
+    scores = cached_scores(cache, settings)  # layers outside the block stack have none (RTN, widest width)
+    if scores is None:
         results = build(uniform, "gptq_every_width")
         if results is None:  # every uniform point was measured before, but not the scores: one more walk
             results = walk({c.name: bits for c, bits in uniform})
@@ -134,8 +148,7 @@ def _mixed_candidates(scores, base: Baseline, config: SearchConfig, target: floa
         layer_bits = allocate_bits(scores, base, config, bits)
         if layer_bits is None or len(set(layer_bits.values())) < 2:
             continue  # unreachable, or the same as a uniform point
-        default = max(sorted(set(layer_bits.values())), key=list(layer_bits.values()).count)
-        overrides = {n: b for n, b in layer_bits.items() if b != default}
+        default, overrides = split_layer_bits(layer_bits)
         candidate = Candidate(
             f"gptq-mixed-{bits:.2f}", "gptq", [gptq_step(config, default, overrides)],
             f"knapsack at {bits:.2f} bits", built=True,

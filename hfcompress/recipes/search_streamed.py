@@ -24,7 +24,7 @@ from ..core.streaming import ShardedCheckpoint, streaming_obstacle
 from ..evaluation import weights_size_bytes
 from ..hub.record import peak_memory
 from ..io import weight_bytes
-from ..quantization.config import GPTQConfig
+from ..quantization.plan import split_layer_bits
 from ..steps.compress import compress_folder
 from ..steps.loading import checkpoint_dtype
 from ..steps.offload import available_memory, parse_size
@@ -34,7 +34,7 @@ from .budget import Baseline, measure_baseline
 from .candidates import SearchCache
 from .recipe import Recipe
 from .search_config import SearchConfig
-from .search_gptq import allocate_bits, gptq_step, write_scores
+from .search_gptq import allocate_bits, cached_scores, gptq_step, search_gptq_config, write_scores
 from .sensitivity import monotone
 from .streamed_sensitivity import streamed_gptq_scores
 
@@ -107,10 +107,10 @@ def search_streamed(
     GPTQ run that writes them to `output`; `work` (output/search) gets sensitivity.md/.png, allocation.md and
     results.json. With `resume`, a GPTQ run killed before its end continues from its last finished block."""
     settings = [f"{b}bit" for b in config.bits_options]
-    scores = cache.data["scores"]
-    if not scores or not all(set(settings) <= set(row) for row in scores.values()):
+    scores = cached_scores(cache, settings)
+    if scores is None:
         start = time.perf_counter()
-        gptq = dataclasses.replace(_gptq_config(config, max(config.bits_options), None), dataset=calib)
+        gptq = dataclasses.replace(search_gptq_config(config, max(config.bits_options)), dataset=calib)
         scores = streamed_gptq_scores(
             model, gptq, config.bits_options, calib[: config.sensitivity_samples], folder=work
         )  # fmt: skip
@@ -125,15 +125,14 @@ def search_streamed(
     layer_bits = allocate_bits(monotone(scores, settings), base, config, target)
     if layer_bits is None:
         raise ValueError(f"no allocation of {config.bits_options} bits meets budget {config.budget}")
-    default = max(sorted(set(layer_bits.values())), key=list(layer_bits.values()).count)
-    overrides = {n: b for n, b in layer_bits.items() if b != default}
+    default, overrides = split_layer_bits(layer_bits)
     name = f"gptq-mixed-{target:.2f}" if overrides else f"gptq-{default}bit"
     steps = [gptq_step(config, default, overrides)]
 
     folder = work / "candidates" / name
     start = time.perf_counter()
     compress_folder(
-        model, folder, _gptq_config(config, default, overrides or None),
+        model, folder, search_gptq_config(config, default, overrides or None),
         OutputOptions(overwrite=True, offload="disk", resume=resume),
     )  # fmt: skip
     cache.add_seconds("gptq_streamed", time.perf_counter() - start)
@@ -161,13 +160,6 @@ def search_streamed(
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     _write_allocation(layer_bits, point, config, work)
     return results
-
-
-def _gptq_config(config: SearchConfig, bits: int, layer_bits: dict[str, int] | None) -> GPTQConfig:
-    return GPTQConfig(
-        bits=bits, layer_bits=layer_bits, group_size=config.group_size, dataset=config.dataset,
-        num_samples=config.num_samples, seq_len=config.seq_len, sym=config.sym, hessian_dtype=config.hessian_dtype,
-    )  # fmt: skip
 
 
 def _planned_bits(layer_bits: dict[str, int], base: Baseline, config: SearchConfig) -> float:
