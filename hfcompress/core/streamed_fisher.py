@@ -16,7 +16,6 @@ batch in the same order, and the same operations run on the same values (the tes
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import tempfile
@@ -26,13 +25,14 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .activations import SpilledActivations, SpilledList, hidden_of, require_space
-from .capture import forward_inputs, hidden_states_of, with_hidden_states
+from .activations import SpilledList, hidden_of, require_space
+from .capture import hidden_states_of, with_hidden_states
 from .fisher import OutputGradients, sampled_log_likelihood
 from .memory import trim_heap
 from .precision import maths_for
-from .streamed_run import capture_first_inputs, free_large_allocations_for, stored_outside
-from .streaming import ShardedCheckpoint, release, stored_names, tied_keys
+from .streamed_forward import after_stack_inputs, embeddings_left_out, forward_blocks, standing_aside
+from .streamed_run import free_large_allocations_for, stored_outside
+from .streaming import ShardedCheckpoint, release, stored_names
 from .structure import find_layer_stack
 from .walk import block_prefixes
 
@@ -73,9 +73,11 @@ def streamed_output_fisher(
     with tempfile.TemporaryDirectory(prefix="hfcompress-fisher-", dir=folder) as scratch:
         scratch = Path(scratch)
         outside = stored_outside(model, prefixes)
-        inputs, returns_tuple = _block_inputs(model, checkpoint, blocks, prefixes, outside, batches, scratch, dtype)
+        inputs, returns_tuple = forward_blocks(
+            model, checkpoint, blocks, prefixes, outside, batches, scratch, dtype, desc="Fisher: forward"
+        )
         model_names = [n for n in names if not any(n.startswith(p + ".") for p in prefixes)]
-        embeds = _embeddings_left_out(model)
+        embeds = embeddings_left_out(model)
         checkpoint.materialize(model, [n for n in outside if n not in embeds], dtype)
         model.tie_weights()
         gradients = _output_gradients(model, blocks, inputs.pop(), batches, returns_tuple, seed, scratch,
@@ -103,77 +105,27 @@ def streamed_output_fisher(
     return sums.means()
 
 
-def _block_inputs(model, checkpoint, blocks, prefixes, outside: list[str], batches, scratch: Path, dtype):
-    """Every block's inputs, then the stack's output, on disk (one store each), and whether a block returns a
-    tuple; `outside`: the stored tensors outside the stack."""
-    first = SpilledActivations(scratch / "inputs-0")
-    stores = [capture_first_inputs(model, checkpoint, blocks[0], outside, batches, first, dtype)]
-    returns_tuple = False
-    for index, (block, prefix) in enumerate(zip(tqdm(blocks, desc="Fisher: forward"), prefixes, strict=True)):
-        checkpoint.materialize(model, stored_names(model, prefix), dtype)
-        store = SpilledActivations(scratch / f"inputs-{index + 1}")
-        with torch.no_grad(), maths_for(block):
-            for item in stores[-1]:
-                output = block(*item.args, **item.kwargs)
-                returns_tuple = isinstance(output, (tuple, list))
-                store.append(with_hidden_states(item, hidden_states_of(output)))
-        release(block)
-        trim_heap()
-        stores.append(store)
-    return stores, returns_tuple
-
-
-def _embeddings_left_out(model: nn.Module) -> set[str]:
-    """The stored tensors of the input embeddings, which the pass through the output layer can do without (it is
-    given zeros as embeddings, which the first block ignores): none when the output layer shares their weight,
-    or when the model takes no `inputs_embeds`."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is None or tied_keys(model) or "inputs_embeds" not in inspect.signature(model.forward).parameters:
-        return set()
-    names = {id(m): n for n, m in model.named_modules()}
-    return set(stored_names(model, names[id(embeddings)]))
-
-
 def _output_gradients(model, blocks, last, batches, returns_tuple: bool, seed: int, scratch: Path, handles,
                       zero_embeddings: bool):  # fmt: skip
     """The gradient of the sampled log-likelihood at the stack's output, batch by batch, on disk: the model's own
-    forward runs with its blocks standing aside (the first returns the stored output, the others pass it on), so
-    whatever follows the stack (final norm, output layer, logit soft-capping) is the model's own code. With
-    `zero_embeddings` the model is given zeros for embeddings (`_embeddings_left_out`). `handles` (the hooks
-    watching layers outside the stack) are removed at the end."""
-    current = {}
-
-    def shaped(hidden):
-        return (hidden,) if returns_tuple else hidden
-
-    def first(*args, **kwargs):
-        return shaped(current["hidden"])
-
-    def passing(*args, **kwargs):
-        return shaped(args[0] if args else kwargs["hidden_states"])
-
+    forward runs with its blocks standing aside (`core.streamed_forward.standing_aside`), so whatever follows the
+    stack (final norm, output layer, logit soft-capping) is the model's own code. With `zero_embeddings` the
+    model is given zeros for embeddings (`embeddings_left_out`). `handles` (the hooks watching layers outside the
+    stack) are removed at the end."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     gradients = SpilledList(scratch / "gradients-out")
-    for block in blocks:
-        block.forward = passing
-    blocks[0].forward = first
     try:
-        for index, batch in enumerate(tqdm(batches, desc="Fisher: output layer")):
-            hidden = hidden_of(last[index]).requires_grad_(True)
-            current["hidden"] = hidden
-            if zero_embeddings:
-                inputs = {"inputs_embeds": torch.zeros(*batch.shape, hidden.shape[-1]), "use_cache": False}
-            else:
-                inputs = forward_inputs(model, batch)
-            with torch.enable_grad(), maths_for(model):
-                logits = model(**inputs).logits
-                sampled_log_likelihood(logits, generator).backward()
-            gradients.append(hidden.grad)
+        with standing_aside(blocks, returns_tuple) as current:
+            for index, batch in enumerate(tqdm(batches, desc="Fisher: output layer")):
+                hidden = hidden_of(last[index]).requires_grad_(True)
+                current["hidden"] = hidden
+                with torch.enable_grad(), maths_for(model):
+                    logits = model(**after_stack_inputs(model, batch, hidden, zero_embeddings)).logits
+                    sampled_log_likelihood(logits, generator).backward()
+                gradients.append(hidden.grad)
     finally:
         for handle in handles:
             handle.remove()
-        for block in blocks:
-            del block.forward
     last.remove()
     return gradients
 
