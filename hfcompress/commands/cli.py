@@ -159,6 +159,17 @@ def _add_evaluate(subparsers) -> None:
         default="auto",
         help="dtype to hold MODEL's weights in (default auto: the checkpoint's); perplexity is computed in float32.",
     )
+    evaluate.add_argument(
+        "--offload", choices=("auto", "none", "disk"), default="auto",
+        help="disk: never hold MODEL whole; its perplexity is computed reading one block at a time from its "
+        "safetensors shards (compressed checkpoints included), each block's inputs on disk; no latency and no "
+        "--tasks. auto (default): disk when MODEL at --dtype would not fit in --max-memory and no --tasks are "
+        "asked for, saying so; none: load it whole.",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="Memory the run may use, like 16GB or 800MB, for --offload auto (default: the memory available now).",
+    )  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     add_common(evaluate)
     evaluate.set_defaults(**{HANDLER: "hfcompress.commands.evaluate:run_evaluate"})

@@ -100,12 +100,26 @@ class ShardedCheckpoint:
         dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
-    def skeleton(self, task: str = "causal-lm", dtype: torch.dtype = torch.float32) -> nn.Module:
+    def skeleton(
+        self, task: str = "causal-lm", dtype: torch.dtype = torch.float32, compressed: bool = False
+    ) -> nn.Module:
         """The model with its parameters on the meta device (buffers such as rotary frequencies are computed on
-        the CPU as usual); every key of its state dict must be in the checkpoint, except tied weights."""
+        the CPU as usual); every key of its state dict must be in the checkpoint, except tied weights.
+
+        With `compressed`, a checkpoint whose config holds a `quantization_config` gets the layers it stores
+        (packed codes, factors, bitmasks) in place of the dense ones, by the quantizer transformers' own
+        `from_pretrained` would run (for hfcompress's: the rebuild registry), their tensors on the meta device too:
+        for passes that run a compressed model (streamed perplexity), not for compressing it again."""
         config = AutoConfig.from_pretrained(self.folder)
+        quantized = getattr(config, "quantization_config", None) if compressed else None
         with init_empty_weights(include_buffers=False):
             model = getattr(transformers, AUTO_CLASSES[task]).from_config(config, dtype=dtype)
+        if quantized is not None:
+            from transformers.quantizers.auto import AutoHfQuantizer
+
+            quantizer = AutoHfQuantizer.from_config(quantized, pre_quantized=True)
+            with init_empty_weights(include_buffers=True):  # the rebuilt layers' codes and scales too
+                quantizer.preprocess_model(model, dtype=dtype)
         model.tie_weights()
         model.config._name_or_path = os.fspath(self.folder)
         missing = [k for k in model.state_dict() if k not in self.weight_map and k not in tied_keys(model)]

@@ -60,18 +60,22 @@ def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     return found
 
 
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layer_stack(model: nn.Module, compressed: bool = False) -> tuple[str, nn.ModuleList]:
     """The repeated block stack (decoder or encoder layers) of a transformer.
 
     It is the `nn.ModuleList` of identical blocks that contain linear layers and hold the most parameters:
     `model.layers` for Llama/Mistral/Qwen2, `transformer.h` for GPT-2, `model.decoder.layers` for OPT,
-    `encoder.layer` for BERT.
+    `encoder.layer` for BERT. With `compressed` (a model whose linears were replaced by packed or factorized
+    layers, which are no `nn.Linear` and may hold their codes as buffers): the `nn.ModuleList` of blocks of one
+    class, not linears themselves, that holds the most stored tensors, buffers included.
     """
     best, best_size = None, 0
     for name, module in model.named_modules():
-        if not _is_block_stack(module):
+        if not (_is_compressed_stack(module) if compressed else _is_block_stack(module)):
             continue
         size = sum(p.numel() for p in module.parameters())
+        if compressed:
+            size += sum(b.numel() for b in module.buffers())
         if size > best_size:
             best, best_size = (name, module), size
     if best is None:
@@ -102,6 +106,16 @@ def _is_block_stack(module: nn.Module) -> bool:
         and len({type(block) for block in module}) == 1
         and not isinstance(module[0], LINEAR_TYPES)
         and bool(find_linears(module[0]))
+    )
+
+
+def _is_compressed_stack(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(block) for block in module}) == 1
+        and not isinstance(module[0], LINEAR_TYPES)
+        and any(True for _ in module[0].parameters())
     )
 
 

@@ -6,9 +6,11 @@ from .._lazy import lazy_namespace
 _EXPORTS = {
     "bits_per_weight": ".footprint",
     "evaluate": ".report",
+    "evaluate_streamed": ".report",
     "evaluate_tasks": ".tasks",
     "forward_latency": ".latency",
     "perplexity": ".perplexity",
+    "streamed_perplexity": ".streamed_perplexity",
     "weights_size_bytes": ".footprint",
 }
 __all__ = sorted(_EXPORTS)

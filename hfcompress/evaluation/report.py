@@ -14,7 +14,7 @@ from .latency import forward_latency
 from .perplexity import perplexity
 from .tasks import evaluate_tasks
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_streamed"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,8 @@ def evaluate(
         "model_bits_per_parameter": model_bits_per_parameter(model, dtype_bits),
     }
     if dataset is not None:
-        seq_len = resolve_seq_len(model, seq_len)
-        windows = tokenize_windows(tokenizer, load_texts(dataset), seq_len)
-        if max_windows is not None:
-            if max_windows < 1:
-                raise ValueError(f"`max_windows` must be positive, got {max_windows}")
-            windows = windows[:max_windows]
+        windows = _windows(model, tokenizer, dataset, seq_len, max_windows)
+        seq_len = windows.shape[1]
         result = {"perplexity": perplexity(model, windows, batch_size=batch_size), **result}
         result.update(num_windows=len(windows), seq_len=seq_len)
         if latency_runs > 0:
@@ -64,6 +60,46 @@ def evaluate(
             model, tokenizer, tasks, tasks_dir=tasks_dir, limit=limit, num_fewshot=num_fewshot, quiet=quiet
         )
     return result
+
+
+def evaluate_streamed(
+    model_folder: str | os.PathLike,
+    tokenizer,
+    dataset,
+    seq_len: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    scratch: str | os.PathLike | None = None,
+) -> dict:
+    """`evaluate`'s figures for the causal LM in `model_folder` without ever holding it whole: the perplexity
+    streamed one block at a time from its safetensors weights (`streamed_perplexity`, block inputs in a
+    temporary folder inside `scratch`), the bits counted on its skeleton (no weights read), the size of its
+    files. No latency (a model read from disk block by block has none worth reporting) and no lm-eval tasks."""
+    from ..core.streaming import ShardedCheckpoint
+    from .streamed_perplexity import streamed_perplexity
+
+    checkpoint = ShardedCheckpoint(model_folder)
+    skeleton = checkpoint.skeleton("causal-lm", checkpoint.stored_dtype(), compressed=True)
+    dtype_bits = _checkpoint_bits(model_folder)
+    windows = _windows(skeleton, tokenizer, dataset, seq_len, max_windows)
+    return {
+        "perplexity": streamed_perplexity(model_folder, windows, batch_size=batch_size, folder=scratch),
+        "size_bytes": weights_size_bytes(model_folder),
+        "bits_per_weight": bits_per_weight(skeleton, dtype_bits),
+        "model_bits_per_parameter": model_bits_per_parameter(skeleton, dtype_bits),
+        "num_windows": len(windows),
+        "seq_len": windows.shape[1],
+        "offload": "disk",
+    }
+
+
+def _windows(model, tokenizer, dataset, seq_len: int | None, max_windows: int | None) -> torch.Tensor:
+    """The non-overlapping windows of `dataset` to score (`seq_len` None: see `resolve_seq_len`), the first
+    `max_windows`."""
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"`max_windows` must be positive, got {max_windows}")
+    windows = tokenize_windows(tokenizer, load_texts(dataset), resolve_seq_len(model, seq_len))
+    return windows[:max_windows] if max_windows is not None else windows
 
 
 def _checkpoint_bits(folder) -> int | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 
+import torch
+
 from ..core.registry import Technique
 from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
@@ -13,7 +15,7 @@ from ..io import weight_bytes
 from .loading import DTYPES, checkpoint_dtype
 from .options import OutputOptions
 
-__all__ = ["available_memory", "parse_size", "should_stream"]
+__all__ = ["available_memory", "memory_shortfall", "parse_size", "should_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +56,10 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
         if obstacle is not None:
             logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
         return obstacle is None
-    stored = weight_bytes(model)
-    limit = limit if limit is not None else available_memory()
-    if stored is None or limit is None:
+    shortfall = memory_shortfall(model, options.dtype, limit)
+    if shortfall is None:
         return False
-    held = checkpoint_dtype(model) if options.dtype == "auto" else DTYPES[options.dtype]
-    needed = stored * held.itemsize // checkpoint_dtype(model).itemsize
-    if needed <= limit:
-        return False
+    needed, limit, held = shortfall
     reason = _why_not(technique, config, model, options, step_options)
     if reason:
         logger.warning(
@@ -74,6 +72,19 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
         "at a time (--offload disk)", model, needed / 1e9, _name(held), limit / 1e9,
     )  # fmt: skip
     return True
+
+
+def memory_shortfall(model: str, dtype: str, limit: int | None) -> tuple[int, int, torch.dtype] | None:
+    """(bytes needed, bytes allowed, dtype held in) when the weights of `model`, held in `dtype` ("auto": the
+    checkpoint's), would not fit in `limit` bytes (None: the memory available now); None when they fit or
+    either side is unknown."""
+    stored = weight_bytes(model)
+    limit = limit if limit is not None else available_memory()
+    if stored is None or limit is None:
+        return None
+    held = checkpoint_dtype(model) if dtype == "auto" else DTYPES[dtype]
+    needed = stored * held.itemsize // checkpoint_dtype(model).itemsize
+    return (needed, limit, held) if needed > limit else None
 
 
 def _refuse_what_cannot_stream(technique: Technique, config, options: OutputOptions, step_options: dict) -> None:
