@@ -52,7 +52,8 @@ def add_search(subparsers) -> None:
         "evaluate those candidates next to uniform ones, and write the best one that meets the budget to OUTPUT "
         "with its recipe.yaml; OUTPUT/search/ holds pareto.md, pareto.png, sensitivity.md/.png, results.json and "
         "the cache that --resume continues from. With --offload disk (GPTQ only) the model streams from its shards "
-        "one block at a time and the knapsack's widths are written unevaluated. Budgets: bits=B (stored bits per weight of the compressed linear "
+        "one block at a time, the knapsack's widths are written without candidates to compare, and the written model "
+        "and the original are evaluated streamed. Budgets: bits=B (stored bits per weight of the compressed linear "
         "layers, from the size on disk), size=F (fraction of the weights' bytes on disk), params=F (fraction of "
         "the parameters, pruned zeros not counted).",
     )
@@ -110,8 +111,8 @@ def add_search(subparsers) -> None:
     search.add_argument(
         "--offload", default="auto", choices=["auto", "none", "disk"],
         help="disk: never hold MODEL whole; stream its safetensors shards one block at a time to measure the "
-        "sensitivities and to run GPTQ at the widths the knapsack picks (--techniques gptq, format hfcompress; the "
-        "chosen model is not evaluated, since perplexity needs the model whole). auto (default): disk when MODEL in "
+        "sensitivities, to run GPTQ at the widths the knapsack picks (--techniques gptq, format hfcompress) and to "
+        "measure the perplexity of that model and of the original. auto (default): disk when MODEL in "
         "float32 would not fit in --max-memory, saying so; none: load it whole.",
     )  # fmt: skip
     search.add_argument(

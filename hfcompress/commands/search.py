@@ -35,10 +35,12 @@ def run_search(args: argparse.Namespace) -> int:
         offload=args.offload, max_memory=args.max_memory,
     )  # fmt: skip
     chosen = next(p for p in results["points"] if p["name"] == results["chosen"])
-    if not results.get("evaluated", True):
+    if results.get("offload") == "disk":
+        original = results["points"][0]
         logger.info(
-            "chosen: %s, %.3f bits per weight, estimated KL %.4g, not evaluated (streamed from disk); widths: "
-            "%s/search/allocation.md", chosen["name"], chosen["effective_bits"], chosen["estimated_kl"], args.output,
+            "chosen: %s, %.3f bits per weight, perplexity %.4g (the original model %.4g), streamed from disk; widths: "
+            "%s/search/allocation.md", chosen["name"], chosen["effective_bits"], chosen["perplexity"],
+            original["perplexity"], args.output,
         )  # fmt: skip
         return 0
     logger.info(

@@ -62,7 +62,8 @@ def search(
     the Pareto table, plot and sensitivities under `output/search/`. Returns the results (also results.json).
 
     `offload` as for the other commands: `disk` streams the model from its safetensors shards one block at a
-    time (`search_streamed.py`: GPTQ widths per layer from the streamed sensitivities, nothing evaluated), `auto`
+    time (`search_streamed.py`: GPTQ widths per layer from the streamed sensitivities, the written model's perplexity
+    streamed too), `auto`
     does so when the model in float32 would not fit in `max_memory` (default: the memory available), `none`
     loads it whole."""
 
@@ -100,10 +101,10 @@ def _search(
     work = output / "search"
     (work / "candidates").mkdir(parents=True, exist_ok=True)
     cache = SearchCache(work / CACHE_FILE, config.fingerprint(model), resume)
-    if streamed:
-        return search_streamed(model, output, config, base, calib, work, cache, resume)
     eval_windows = tokenize_windows(tokenizer, load_texts(config.eval_dataset), config.eval_seq_len)
     eval_windows = eval_windows[: config.eval_max_windows]
+    if streamed:
+        return search_streamed(model, output, config, base, calib, eval_windows, work, cache, resume)
 
     start = time.perf_counter()
     dense_metrics = cache.data.get("dense") or _evaluate(dense, model, eval_windows, base)

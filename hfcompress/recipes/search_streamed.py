@@ -3,8 +3,9 @@ memory would not hold. The sensitivities are those the search measures on the mo
 (`streamed_sensitivity.streamed_gptq_scores`: one walk over the blocks read from disk at every width, and a
 backward pass streamed the same way); the knapsack picks the widths per layer at the budget
 (`search_gptq.allocate_bits`), and one streamed GPTQ run (`hfcompress quantize gptq --offload disk` with those
-`layer_bits`) writes the chosen model. Nothing is evaluated: perplexity needs the model whole, so the choice rests
-on the estimated KL divergence alone, and the results say so.
+`layer_bits`) writes the chosen model. The choice rests on the estimated KL divergence alone (no candidates are
+built to compare); the original model and the written one are then evaluated streamed from disk as well
+(`evaluation.streamed_perplexity`: the perplexity on the evaluation windows, one block in memory at a time).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 
 from ..core.streaming import ShardedCheckpoint, streaming_obstacle
-from ..evaluation import weights_size_bytes
+from ..evaluation import bits_per_weight, weights_size_bytes
+from ..evaluation.streamed_perplexity import streamed_perplexity
 from ..hub.record import peak_memory
 from ..io import weight_bytes
 from ..quantization.plan import split_layer_bits
@@ -30,7 +32,7 @@ from ..steps.loading import checkpoint_dtype
 from ..steps.offload import available_memory, parse_size
 from ..steps.options import OutputOptions
 from .allocation import grid_bits_per_weight
-from .budget import Baseline, measure_baseline
+from .budget import Baseline, measure_baseline, nonzero_parameters
 from .candidates import SearchCache
 from .recipe import Recipe
 from .search_config import SearchConfig
@@ -77,7 +79,7 @@ def should_stream_search(model: str, config: SearchConfig, offload: str, max_mem
         return False
     logger.warning(
         "%s needs about %.1f GB in float32, more than the %.1f GB this search may use: streaming it from disk one "
-        "block at a time (--offload disk); the candidate is not evaluated", model, needed / 1e9, limit / 1e9,
+        "block at a time (--offload disk)", model, needed / 1e9, limit / 1e9,
     )  # fmt: skip
     return True
 
@@ -100,12 +102,14 @@ def streamed_baseline(model: str) -> Baseline:
 
 
 def search_streamed(
-    model: str, output: Path, config: SearchConfig, base: Baseline, calib: torch.Tensor, work: Path,
-    cache: SearchCache, resume: bool,
+    model: str, output: Path, config: SearchConfig, base: Baseline, calib: torch.Tensor, eval_windows: torch.Tensor,
+    work: Path, cache: SearchCache, resume: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Sensitivities (reused from `cache` when measured before), widths per layer at the budget, and the streamed
-    GPTQ run that writes them to `output`; `work` (output/search) gets sensitivity.md/.png, allocation.md and
-    results.json. With `resume`, a GPTQ run killed before its end continues from its last finished block."""
+    """Sensitivities (reused from `cache` when measured before), widths per layer at the budget, the streamed
+    GPTQ run that writes them to `output`, and the perplexity on `eval_windows` of the original model (reused
+    from `cache` too) and of `output`, both streamed; `work` (output/search) gets sensitivity.md/.png,
+    allocation.md and results.json. With `resume`, a GPTQ run killed before its end continues from its last
+    finished block."""
     settings = [f"{b}bit" for b in config.bits_options]
     scores = cached_scores(cache, settings)
     if scores is None:
@@ -146,20 +150,43 @@ def search_streamed(
         os.replace(item, output / item.name)
     shutil.rmtree(folder)
 
+    start = time.perf_counter()
+    dense = cache.data.get("dense") or _streamed_metrics(model, eval_windows, base, work)
+    cache.data["dense"] = dense
+    metrics = _streamed_metrics(output, eval_windows, base, work)
+    cache.add_seconds("evaluate_streamed", time.perf_counter() - start)
+    cache.save()
     point = {
         "name": name, "technique": "gptq", "steps": steps, "description": f"knapsack at {target:.2f} bits",
-        "effective_bits": _planned_bits(layer_bits, base, config), "size_bytes": weights_size_bytes(output),
+        **metrics, "planned_bits": _planned_bits(layer_bits, base, config),
         "estimated_kl": sum(scores[n][f"{b}bit"] for n, b in layer_bits.items() if n in scores),
-        "meets_budget": True,
+        "meets_budget": base.meets(config.budget, metrics),
     }  # fmt: skip
+    original = {"name": "dense", "technique": "none", "steps": [], "description": "the original model", **dense,
+                "meets_budget": base.meets(config.budget, dense)}  # fmt: skip
     results = {
-        "budget": str(config.budget), "metric": config.metric, "offload": "disk", "evaluated": False,
-        "chosen": name, "points": [point], "layer_bits": layer_bits, "seconds": cache.data["seconds"],
-        "peak_memory": peak_memory(),  # of the whole search: sensitivities, then the GPTQ run
+        "budget": str(config.budget), "metric": "perplexity", "offload": "disk", "evaluated": True,
+        "chosen": name, "points": [original, point], "layer_bits": layer_bits, "seconds": cache.data["seconds"],
+        "peak_memory": peak_memory(),  # of the whole search: sensitivities, the GPTQ run, the evaluations
     }  # fmt: skip
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    _write_allocation(layer_bits, point, config, work)
+    _write_allocation(layer_bits, point, original, config, work)
     return results
+
+
+def _streamed_metrics(folder, windows: torch.Tensor, base: Baseline, work: Path) -> dict[str, Any]:
+    """What the in-memory search measures of a point, without holding its model whole: the perplexity streamed
+    from its shards (block inputs in `work`), its size on disk, and the bits and parameters counted on its
+    skeleton. No latency."""
+    checkpoint = ShardedCheckpoint(folder)
+    skeleton = checkpoint.skeleton("causal-lm", checkpoint.stored_dtype(), compressed=True)
+    return {
+        "perplexity": streamed_perplexity(folder, windows, folder=work),
+        "size_bytes": weights_size_bytes(folder),
+        "effective_bits": base.effective_bits(skeleton),
+        "bits_per_weight": bits_per_weight(skeleton),
+        "parameters": nonzero_parameters(skeleton),
+    }
 
 
 def _planned_bits(layer_bits: dict[str, int], base: Baseline, config: SearchConfig) -> float:
@@ -171,14 +198,16 @@ def _planned_bits(layer_bits: dict[str, int], base: Baseline, config: SearchConf
     return total / base.linear_weights
 
 
-def _write_allocation(layer_bits: dict[str, int], point: dict, config: SearchConfig, work: Path) -> None:
+def _write_allocation(layer_bits: dict[str, int], point: dict, original: dict, config: SearchConfig,
+                      work: Path) -> None:  # fmt: skip
     rows = "\n".join(f"| {n} | {b} |" for n, b in layer_bits.items())
     (work / "allocation.md").write_text(
         f"Widths per layer at budget {config.budget}, chosen by a knapsack over the estimated KL divergence of each "
         f"layer at each width (sensitivity.md): {point['effective_bits']:.3f} bits per weight, "
         f"{point['size_bytes'] / 1e6:.2f} MB of weights, estimated KL {point['estimated_kl']:.4g}.\n\n"
-        "Not evaluated: the model was streamed from disk (--offload disk) and never held whole, so no perplexity "
-        "was measured; evaluate OUTPUT where it fits (hfcompress evaluate OUTPUT --dataset ...).\n\n"
+        f"Perplexity on the evaluation text, streamed from disk (--offload disk): {point['perplexity']:.4f}, the "
+        f"original model {original['perplexity']:.4f} ({original['size_bytes'] / 1e6:.2f} MB). Only this point "
+        "was built: the streamed search compares no candidates.\n\n"
         f"| layer | bits |\n|---|---|\n{rows}\n",
         encoding="utf-8",
     )

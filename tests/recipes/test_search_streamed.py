@@ -11,7 +11,10 @@ from helpers import run_search, search_files
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (loads the candidates)
+from hfcompress.data import load_texts, tokenize_windows
+from hfcompress.evaluation import perplexity
 from hfcompress.quantization.modules import QuantLinear
+from hfcompress.steps.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +42,25 @@ def test_a_streamed_search_picks_and_writes_what_the_whole_models_search_builds(
         assert scores[name] == pytest.approx(row, rel=1e-3), name
 
     results = _json(streamed / "search" / "results.json")
-    assert results["evaluated"] is False and results["chosen"] == "gptq-mixed-3.20"
+    assert results["evaluated"] is True and results["chosen"] == "gptq-mixed-3.20"
     assert results["peak_memory"]["peak_rss_bytes"] > 10**8  # Python with torch, at least
-    (point,) = results["points"]
-    assert "perplexity" not in point and point["effective_bits"] <= 3.2 + 1e-3
-    mixed = next(p for p in _json(whole / "search" / "results.json")["points"] if p["name"] == "gptq-mixed-3.20")
+    original, point = results["points"]
+    in_memory = {p["name"]: p for p in _json(whole / "search" / "results.json")["points"]}
+    mixed = in_memory["gptq-mixed-3.20"]
     assert point["steps"] == mixed["steps"]  # the same widths per layer
-    assert abs(point["effective_bits"] - mixed["effective_bits"]) < 1e-6  # planned bits = what the layers store
-    assert "Not evaluated" in (streamed / "search" / "allocation.md").read_text()
+    assert point["effective_bits"] <= 3.2 + 1e-3 and point["meets_budget"]
+    assert abs(point["effective_bits"] - mixed["effective_bits"]) < 1e-6  # counted on the written skeleton
+    assert abs(point["planned_bits"] - point["effective_bits"]) < 1e-6
+    # the evaluations streamed from disk: the original model's is the in-memory search's, and the written model's
+    # is what it gives loaded whole
+    assert original["perplexity"] == pytest.approx(in_memory["dense"]["perplexity"], rel=1e-4)
+    assert original["size_bytes"] == in_memory["dense"]["size_bytes"] and not original["meets_budget"]
+    windows = tokenize_windows(load_tokenizer(str(streamed)), load_texts(str(files / "calib.txt")), 64)[:6]
+    loaded = perplexity(AutoModelForCausalLM.from_pretrained(streamed), windows)
+    assert point["perplexity"] == pytest.approx(loaded, rel=1e-4)
+    assert point["perplexity"] == pytest.approx(mixed["perplexity"], rel=0.05)  # codes agree on over 99%
+    allocation = (streamed / "search" / "allocation.md").read_text()
+    assert f"{point['perplexity']:.4f}" in allocation and f"{original['perplexity']:.4f}" in allocation
     assert (streamed / "search" / "sensitivity.md").is_file() and "steps:" in (streamed / "recipe.yaml").read_text()
     assert not any((streamed / "search" / "candidates").iterdir())  # moved into OUTPUT
 
@@ -66,14 +80,17 @@ def test_a_streamed_search_resumes_from_its_sensitivities_with_another_budget(fi
     out = tmp_path / "out"
     assert _search(files, out, "--budget", "bits=3.2", "--offload", "auto", "--max-memory", "1KB") == 0
     first = _json(out / "search" / "results.json")
-    assert first["evaluated"] is False  # auto streamed: the model would not fit in 1KB
-    seconds = _json(out / "search" / "cache.json")["seconds"]["streamed_scores"]
+    assert first["offload"] == "disk"  # auto streamed: the model would not fit in 1KB
+    seconds = _json(out / "search" / "cache.json")["seconds"]
     before = sorted(p.name for p in out.iterdir())
 
     assert _search(files, out, "--budget", "bits=2.6", "--offload", "disk", "--resume") == 0
     results = _json(out / "search" / "results.json")
-    assert results["budget"] == "bits=2.6" and results["points"][0]["effective_bits"] <= 2.6 + 1e-3
-    assert _json(out / "search" / "cache.json")["seconds"]["streamed_scores"] == seconds  # not measured again
+    assert results["budget"] == "bits=2.6" and results["points"][1]["effective_bits"] <= 2.6 + 1e-3
+    again = _json(out / "search" / "cache.json")["seconds"]
+    assert again["streamed_scores"] == seconds["streamed_scores"]  # not measured again
+    assert results["points"][0] == first["points"][0]  # nor the original model's perplexity
+    assert results["points"][1]["perplexity"] != first["points"][1]["perplexity"]  # the new model evaluated
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier model replaced, no stale shard left
     model = AutoModelForCausalLM.from_pretrained(out)
     widths = {m.bits for m in model.modules() if isinstance(m, QuantLinear)}
