@@ -58,11 +58,11 @@ def _streams(args: argparse.Namespace) -> bool:
     limit = parse_size(args.max_memory) if args.max_memory else None
     if args.offload == "none":
         return False
-    obstacle = streaming_obstacle(args.model)
     if args.offload == "disk":
         if args.tasks is not None or args.dataset is None:
             raise ValueError("--offload disk measures perplexity alone (lm-eval tasks need the model whole): give "
                              "--dataset and drop --tasks, or use --offload none")  # fmt: skip
+        obstacle = streaming_obstacle(args.model)
         if obstacle is not None:
             logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
         return obstacle is None
@@ -70,7 +70,7 @@ def _streams(args: argparse.Namespace) -> bool:
     if shortfall is None:
         return False
     needed, limit, held = shortfall
-    reason = obstacle or ("lm-eval tasks need the model whole" if args.tasks is not None else None)
+    reason = streaming_obstacle(args.model) or ("lm-eval tasks need the model whole" if args.tasks else None)
     if reason:
         logger.warning("%s needs about %.1f GB in %s, more than the %.1f GB this run may use, but %s: loading it "
                        "whole", args.model, needed / 1e9, held, limit / 1e9, reason)  # fmt: skip

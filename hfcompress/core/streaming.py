@@ -57,7 +57,8 @@ SINGLE_FILE = "model.safetensors"
 
 def streaming_obstacle(folder: str | os.PathLike) -> str | None:
     """Why the model at `folder` cannot be streamed from disk (None when it can): not a local folder, no
-    safetensors weights, or code of its own that the skeleton would have to run."""
+    safetensors weights, code of its own that the skeleton would have to run, or weights quantized by another
+    library (compressed-tensors decompresses them after loading, which a block read alone does not)."""
     path = Path(folder)
     if not path.is_dir():
         return f"{os.fspath(folder)!r} is not a local folder (a Hub id is downloaded whole)"
@@ -66,6 +67,9 @@ def streaming_obstacle(folder: str | os.PathLike) -> str | None:
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if config.get("auto_map"):
         return f"{os.fspath(folder)!r} needs code of its own (auto_map), which hfcompress never runs"
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, "hfcompress"):
+        return f"{os.fspath(folder)!r} is quantized with {method}, which streaming does not read (hfcompress's does)"
     experts = [key for key in EXPERT_COUNTS if (config.get(key) or (config.get("text_config") or {}).get(key) or 0) > 1]
     if experts:
         return (

@@ -97,3 +97,19 @@ def test_evaluate_offload_disk_refuses_tasks(tmp_path, capsys):
     folder = save_sharded_model(tmp_path / "model")
     assert main(["evaluate", str(folder), "--tasks", "arc_easy", "--offload", "disk"]) != 0
     assert "--offload disk measures perplexity alone (lm-eval tasks need the model whole)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_another_library_quantized_is_evaluated_whole(tmp_path, capsys, caplog):
+    folder = save_sharded_model(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(python_text()[:30_000], encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["quantize", "gptq", str(folder), str(out), "--bits", "4", "--group-size", "32", "--sym",
+                 "--format", "compressed-tensors", "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "4",
+                 "--seq-len", "32", "-q"]) == 0  # fmt: skip
+    with caplog.at_level("WARNING"):
+        result = _evaluate_json(capsys, out, "--dataset", tmp_path / "calib.txt", "--seq-len", "32",
+                                "--max-windows", "2", "--latency-runs", "0", "--offload", "disk")  # fmt: skip
+    assert "is quantized with compressed-tensors, which streaming does not read" in caplog.text
+    assert "loading it whole instead" in caplog.text and "offload" not in result and result["perplexity"] > 1
+    # its packed linears (weight_packed, no weight) count as what they store: 4-bit codes and a scale per 32
+    assert 4.5 <= result["bits_per_weight"] < 4.6 and result["model_bits_per_parameter"] < 16
