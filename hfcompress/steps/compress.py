@@ -105,7 +105,9 @@ def _compress_streaming(
     if technique.calibrated(config) and not _is_token_ids(config.dataset):
         require_tokenizer(tokenizer, model, "the calibration data")
     task = getattr(config, "task", "causal-lm")
-    record = base_record(ShardedCheckpoint(model).skeleton(task), model, options, tokenizer)
+    if options.eval_dataset:
+        require_tokenizer(tokenizer, model, "the evaluation data")
+    record = base_record(ShardedCheckpoint(model).skeleton(task), model, options, tokenizer, streamed=True)
     with resumable_output_dir(output, options.overwrite, options.resume) as (staging, earlier):
         start = time.perf_counter()
         compressed = technique.stream(model, staging, config, tokenizer, resume=earlier, **step_options)
@@ -117,7 +119,9 @@ def _compress_streaming(
         )
         step.config["offload"] = "disk"
         copy_model_extras(model, staging)
-        finish_output(record, step, compressed, options, staging, {}, requires_hfcompress=needs_hfcompress(staging))
+        quality = quality_metrics(compressed, options, tokenizer, folder=staging, streamed=True)
+        finish_output(record, step, compressed, options, staging, quality, requires_hfcompress=needs_hfcompress(staging),
+                      streamed=True)  # fmt: skip
     logger.info("wrote %s", output)
     push_output(output, options)
     return Path(output)

@@ -93,10 +93,10 @@ def _refuse_what_cannot_stream(technique: Technique, config, options: OutputOpti
     obstacle = settings_obstacle(config, step_options.get("format", "hfcompress"))
     if obstacle is not None:
         raise ValueError(obstacle)
-    if options.eval_dataset or options.eval_tasks:
+    if options.eval_tasks:
         raise ValueError(
-            "--offload disk never holds the model whole, so it measures no perplexity or tasks: drop --eval-dataset "
-            "and --eval-tasks and evaluate OUTPUT afterwards (hfcompress evaluate OUTPUT --dataset ...)"
+            "--offload disk never holds the model whole, so it runs no lm-eval tasks: drop --eval-tasks and evaluate "
+            "OUTPUT afterwards where it fits (--eval-dataset measures perplexity streamed)"
         )
 
 

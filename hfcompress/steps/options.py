@@ -30,7 +30,8 @@ class OutputOptions:
             "help": "disk: never hold MODEL whole; read one block at a time from its safetensors shards, "
             "compress it, write it to OUTPUT and free it. Peak memory is about one block, the calibration activations "
             "and the widest layer's solve, whatever the depth; the weights equal those of a run in memory. For local "
-            "folders of safetensors weights; no --eval-dataset or --eval-tasks (evaluate OUTPUT afterwards). auto "
+            "folders of safetensors weights; --eval-dataset's perplexity is streamed too (no latency), --eval-tasks "
+            "refused. auto "
             "(default): disk when the model at --dtype would not fit in --max-memory, saying so; none: load it whole."
         },
     )

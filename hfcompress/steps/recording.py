@@ -17,6 +17,7 @@ from ..data import load_texts, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, model_bits_per_parameter, weight_files
 from ..evaluation.latency import forward_latency
+from ..evaluation.streamed_perplexity import streamed_perplexity
 from ..evaluation.tasks import evaluate_tasks
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
@@ -56,10 +57,14 @@ def stored_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def model_metrics(model, options: OutputOptions, tokenizer, folder=None, dtype_bits: int | None = None) -> dict:
+def model_metrics(
+    model, options: OutputOptions, tokenizer, folder=None, dtype_bits: int | None = None, streamed: bool = False
+) -> dict:
     """Size of the weight files in `folder`, parameters, bits per weight (of the compressed layers, and of the
     whole model; floating tensors counted at `dtype_bits`, the checkpoint's dtype), and with --eval-dataset
-    perplexity and latency of one window."""
+    perplexity and latency of one window. With `streamed`, `model` is the skeleton of the model in `folder` (its
+    weights on the meta device): the perplexity is streamed from `folder` one block at a time, and there is no
+    latency."""
 
     metrics = {
         "size_bytes": weights_size_bytes(folder) if folder is not None and os.path.isdir(folder) else None,
@@ -67,7 +72,9 @@ def model_metrics(model, options: OutputOptions, tokenizer, folder=None, dtype_b
         "bits_per_weight": bits_per_weight(model, dtype_bits),
         "model_bits_per_parameter": model_bits_per_parameter(model, dtype_bits),
     }
-    if options.eval_dataset:
+    if options.eval_dataset and streamed:
+        metrics["perplexity"] = streamed_perplexity(folder, _eval_windows(options, tokenizer, model))
+    elif options.eval_dataset:
         windows = _eval_windows(options, tokenizer, model)
         model.eval()
         metrics["perplexity"] = perplexity(model, windows)
@@ -98,9 +105,10 @@ def _base_card_data(model_path: str) -> dict:
     return {}
 
 
-def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> CompressionRecord:
+def base_record(model, model_path: str, options: OutputOptions, tokenizer, streamed: bool = False) -> CompressionRecord:
     """The record of the base model with its metrics, measured before anything changes. A model hfcompress
-    wrote continues its own record: the new step joins the chain and "before" stays the original model's."""
+    wrote continues its own record: the new step joins the chain and "before" stays the original model's.
+    `streamed`: `model` is the skeleton of the model at `model_path` (see `model_metrics`)."""
 
     if os.path.isfile(os.path.join(model_path, RECORD_FILE)):
         record = CompressionRecord.load(model_path)
@@ -122,24 +130,28 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer) -> Co
         command=command_line(),
     )
     folder = model_path if os.path.isdir(model_path) else None
-    record.metrics["before"] = model_metrics(model, options, tokenizer, folder, dtype_bits=dtype_bits)
+    record.metrics["before"] = model_metrics(
+        model, options, tokenizer, folder, dtype_bits=dtype_bits, streamed=streamed
+    )
     if options.eval_dataset:
         record.hardware = hardware_description()
     return record
 
 
-def quality_metrics(model, options: OutputOptions, tokenizer) -> dict:
+def quality_metrics(model, options: OutputOptions, tokenizer, folder=None, streamed: bool = False) -> dict:
     """Perplexity and latency (with --eval-dataset) and lm-eval task scores (with --eval-tasks) of the compressed
-    model in memory, measured before its full-precision parts are cast back to the checkpoint dtype for saving."""
-    metrics = model_metrics(model, options, tokenizer)
+    model in memory, measured before its full-precision parts are cast back to the checkpoint dtype for saving;
+    with `streamed`, the perplexity of the model written in `folder`, streamed from it (`model`: its skeleton)."""
+    metrics = model_metrics(model, options, tokenizer, folder, streamed=streamed)
     return {k: v for k, v in metrics.items() if k in ("perplexity", "latency_s", "tasks")}
 
 
 def finish_output(
-    record: CompressionRecord, step: Step, model, options, staging: Path, quality: dict, requires_hfcompress: bool
-) -> None:
+    record: CompressionRecord, step: Step, model, options, staging: Path, quality: dict, requires_hfcompress: bool,
+    streamed: bool = False,
+) -> None:  # fmt: skip
     """Add the step and the after-metrics to `record`, write it and the card into `staging` (the output folder
-    being written)."""
+    being written). `streamed`: the quality was measured streaming the written model from disk."""
 
     if step.memory is None:
         step.memory = peak_memory()
@@ -157,8 +169,14 @@ def finish_output(
             "dataset": options.eval_dataset,
             "seq_len": options.eval_seq_len,
             "num_windows": len(options.eval_windows),
-            "protocol": "perplexity over non-overlapping windows, each scored on its own; latency: median forward "
-            "time of one window, 5 runs after one warm-up; the model evaluated in memory before saving",
+            "protocol": "perplexity over non-overlapping windows, each scored on its own; "
+            + (
+                "both models streamed from their checkpoints one block at a time (--offload disk), the compressed "
+                "one after saving; no latency"
+                if streamed
+                else "latency: median forward time of one window, 5 runs after one warm-up; the model evaluated in "
+                "memory before saving"
+            ),
         }
     if options.eval_tasks:
         record.evaluation = {

@@ -114,8 +114,8 @@ def test_a_model_that_cannot_stream_is_loaded_whole_with_the_reason(models, tmp_
 
 
 def test_what_streaming_cannot_do_is_refused_before_any_work(models, tmp_path):
-    disk = OutputOptions(offload="disk", eval_dataset="whatever.txt")
-    with pytest.raises(ValueError, match="--eval-dataset"):
+    disk = OutputOptions(offload="disk", eval_tasks="arc_easy")
+    with pytest.raises(ValueError, match="runs no lm-eval tasks: drop --eval-tasks"):
         compress_folder(models["llama"], tmp_path / "a", RTNConfig(bits=4, group_size=32), disk)
     with pytest.raises(ValueError, match="format hfcompress only"):
         compress_folder(
@@ -316,13 +316,37 @@ def test_auto_streams_a_model_that_would_not_fit_and_says_so(models, tmp_path, c
     assert (small / "model.safetensors.index.json").is_file() and (fits / "model.safetensors").is_file()
     assert read_safetensors(small).keys() == read_safetensors(fits).keys()
     caplog.clear()
+    from hfcompress.core.registry import technique_for
+    from hfcompress.steps.offload import should_stream
+
     with caplog.at_level(logging.WARNING, logger="hfcompress"):  # it would not fit, but cannot stream: said so
-        compress_folder(
-            models["llama"], tmp_path / "eval", config, OutputOptions(max_memory="10KB", eval_dataset=__file__)
-        )
-    assert any("loading it whole" in r.getMessage() and "--eval-dataset" in r.getMessage() for r in caplog.records)
+        tasks = OutputOptions(max_memory="10KB", eval_tasks="arc_easy")
+        assert not should_stream(technique_for(config), config, models["llama"], tasks, {"format": "hfcompress"})
+    assert any("loading it whole" in r.getMessage() and "--eval-tasks" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="add --offload disk"):
         compress_folder(models["llama"], tmp_path / "r", config, OutputOptions(offload="none", resume=True))
+
+
+def test_a_streamed_run_records_the_perplexity_a_run_in_memory_records(models, tmp_path):
+    """--eval-dataset with --offload disk: the perplexity before (streamed from MODEL) and after (streamed from
+    OUTPUT once written) in the record and card, as the run in memory measures them; no latency."""
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{i % 97} token{i % 13}" for i in range(4000)), encoding="utf-8")
+    config = GPTQConfig(bits=3, group_size=32, dataset=token_windows(8, 32))
+    measured = {}
+    for offload in ("none", "disk"):
+        options = OutputOptions(offload=offload, eval_dataset=str(text), eval_seq_len=32, eval_max_windows=4)
+        out = compress_folder(models["llama"], tmp_path / offload, config, options)
+        measured[offload] = json.loads((out / "hfcompress_record.json").read_text())
+    memory, disk = measured["none"], measured["disk"]
+    for when in ("before", "after"):
+        assert disk["metrics"][when]["perplexity"] == pytest.approx(memory["metrics"][when]["perplexity"], rel=1e-5)
+        assert "latency_s" not in disk["metrics"][when] and "latency_s" in memory["metrics"][when]
+    assert disk["metrics"]["after"]["perplexity"] != disk["metrics"]["before"]["perplexity"]
+    assert disk["evaluation"]["num_windows"] == 4 and "streamed" in disk["evaluation"]["protocol"]
+    card = (tmp_path / "disk" / "README.md").read_text()
+    before, after = disk["metrics"]["before"]["perplexity"], disk["metrics"]["after"]["perplexity"]
+    assert f"| perplexity | {before:.3f} | {after:.3f} |" in card
 
 
 @pytest.mark.parametrize("large_block", [False, True])
