@@ -166,10 +166,7 @@ def _add_evaluate(subparsers) -> None:
         "--tasks. auto (default): disk when MODEL at --dtype would not fit in --max-memory and no --tasks are "
         "asked for, saying so; none: load it whole.",
     )  # fmt: skip
-    evaluate.add_argument(
-        "--max-memory", default=None, metavar="SIZE",
-        help="Memory the run may use, like 16GB or 800MB, for --offload auto (default: the memory available now).",
-    )  # fmt: skip
+    add_config_arguments(evaluate, OutputOptions, ["max_memory"])
     evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     add_common(evaluate)
     evaluate.set_defaults(**{HANDLER: "hfcompress.commands.evaluate:run_evaluate"})

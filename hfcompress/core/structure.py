@@ -71,7 +71,7 @@ def find_layer_stack(model: nn.Module, compressed: bool = False) -> tuple[str, n
     """
     best, best_size = None, 0
     for name, module in model.named_modules():
-        if not (_is_compressed_stack(module) if compressed else _is_block_stack(module)):
+        if not _is_block_stack(module, compressed):
             continue
         size = sum(p.numel() for p in module.parameters())
         if compressed:
@@ -98,24 +98,15 @@ def find_layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return stacks
 
 
-def _is_block_stack(module: nn.Module) -> bool:
-    """An `nn.ModuleList` of identical blocks that hold linear layers (not a list of linears)."""
+def _is_block_stack(module: nn.Module, compressed: bool = False) -> bool:
+    """An `nn.ModuleList` of identical blocks that hold linear layers (not a list of linears); with `compressed`,
+    blocks that hold parameters of any kind (their linears may have been replaced by compressed layers)."""
     return (
         isinstance(module, nn.ModuleList)
         and len(module) > 0
         and len({type(block) for block in module}) == 1
         and not isinstance(module[0], LINEAR_TYPES)
-        and bool(find_linears(module[0]))
-    )
-
-
-def _is_compressed_stack(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.ModuleList)
-        and len(module) > 0
-        and len({type(block) for block in module}) == 1
-        and not isinstance(module[0], LINEAR_TYPES)
-        and any(True for _ in module[0].parameters())
+        and (any(True for _ in module[0].parameters()) if compressed else bool(find_linears(module[0])))
     )
 
 
