@@ -39,7 +39,9 @@ def streamed_perplexity(
     safetensors weights, see `core.streaming.streaming_obstacle`; an hfcompress checkpoint runs its compressed
     layers), with one block in memory at a time. Every window passes each block before the next block is read,
     so each block is read once; the hidden states between two blocks wait on disk in a temporary folder inside
-    `folder` (default: the system's), `8 x tokens x hidden size` bytes at most, removed at the end."""
+    `folder` (default: the system's), `8 x tokens x hidden size` bytes at most, removed at the end. The output
+    layer takes one window at a time (the logits of a batch of long windows over a large vocabulary would
+    outweigh a block)."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"`windows` must be [n_windows, seq_len >= 2], got {tuple(windows.shape)}")
     checkpoint = ShardedCheckpoint(model_path)
@@ -64,12 +66,16 @@ def streamed_perplexity(
         with standing_aside(blocks, returns_tuple) as current, maths_for(model):
             for index, batch in enumerate(tqdm(batches, desc="perplexity: output layer")):
                 hidden = hidden_of(last[index])
-                current["hidden"] = hidden
-                logits = model(**after_stack_inputs(model, batch, hidden, bool(embeds))).logits[:, :-1].float()
-                targets = batch[:, 1:]
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-                total_nll += float(nll)
-                total_tokens += targets.numel()
+                for row in range(len(batch)):  # a window at a time: its logits are the largest tensor of the pass
+                    window = batch[row : row + 1]
+                    current["hidden"] = hidden[row : row + 1]
+                    inputs = after_stack_inputs(model, window, current["hidden"], bool(embeds))
+                    logits = model(**inputs).logits[:, :-1].float()
+                    targets = window[:, 1:]
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+                    total_nll += float(nll)
+                    total_tokens += targets.numel()
+                    del logits
         release(model)
         trim_heap()
     logger.info("perplexity of %d windows: %d blocks streamed from %s", len(windows), len(blocks), model_path)
