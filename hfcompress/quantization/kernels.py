@@ -136,13 +136,30 @@ def native_bfloat16() -> bool:
 
 
 class DequantizeKernel:
+    """Dequantize-then-matmul, `DEQUANTIZE_TILE` weights (whole rows) at a time: a large layer's dense weight, and
+    the int64 copies that unpacking codes of fewer than 32 bits takes, are never whole in memory."""
+
     name = "dequantize"
 
     def __init__(self, layer, dtype):
         self.layer = layer
+        # codes packed row by row unpack a tile of rows alone; others (a pruned layer's kept codes) at once
+        whole = not getattr(layer, "CODES_IN_WEIGHT", False)
+        self.rows = layer.out_features if whole else max(1, DEQUANTIZE_TILE // layer.in_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.layer.dequantize_weight(x.dtype))
+        out = self.layer.out_features
+        if out <= self.rows:
+            return F.linear(x, self.layer.dequantize_weight(x.dtype))
+        tiles = [
+            F.linear(x, self.layer.dequantize_weight(x.dtype, start, min(start + self.rows, out)))
+            for start in range(0, out, self.rows)
+        ]
+        return torch.cat(tiles, dim=-1)
+
+
+# weights dequantized at a time by `DequantizeKernel` (16 MB in float32)
+DEQUANTIZE_TILE = 2**22
 
 
 class SmallBatchKernel:

@@ -129,16 +129,26 @@ class QuantLinear(nn.Module):
             return torch.full_like(self.weight_scale, 2 ** (self.bits - 1), dtype=torch.int32)
         return unpack_codes(self.weight_zero_point, self.bits, self.out_features, dim=0)
 
-    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize_weight(
+        self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """The weight [out, in] the codes stand for, in `dtype` (default: the scales'); rows `start:stop` only
+        when given (unpacking codes of fewer than 32 bits takes several int64 copies of what it unpacks)."""
         dtype = dtype or self.weight_scale.dtype
-        codes = self.codes().view(self.out_features, -1, self.group_size) if self.weight_g_idx is None else None
-        scale = self.weight_scale.to(dtype)
-        zero = self.zero_points().to(dtype)
-        if codes is not None:
-            w = (codes.to(dtype) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-            return w.reshape(self.out_features, self.in_features)
+        stop = self.out_features if stop is None else stop
+        codes = self._code_rows(start, stop)
+        scale = self.weight_scale[start:stop].to(dtype)
+        zero = self.zero_points()[start:stop].to(dtype)
+        if self.weight_g_idx is None:
+            w = (codes.view(stop - start, -1, self.group_size).to(dtype) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+            return w.reshape(stop - start, self.in_features)
         g = self.group_index()
-        return (self.codes().to(dtype) - zero[:, g]) * scale[:, g]
+        return (codes.to(dtype) - zero[:, g]) * scale[:, g]
+
+    def _code_rows(self, start: int, stop: int) -> torch.Tensor:
+        if (start == 0 and stop == self.out_features) or not self.CODES_IN_WEIGHT:
+            return self.codes()[start:stop]
+        return unpack_codes(self.weight[start:stop], self.bits, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)

@@ -452,3 +452,26 @@ def test_gradients_flow_through_the_kernel_layer():
         weight = layer.dequantize_weight(torch.float32)
         expected = 2 * F.linear(x.detach(), weight, layer.bias) @ weight
         torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,sym,act_order", [(3, 32, True, False), (2, 64, False, True), (8, 64, False, False)]
+)
+def test_the_dequantize_kernel_works_a_tile_of_rows_at_a_time(bits, group_size, sym, act_order, monkeypatch):
+    """Rows `start:stop` of the weight are those rows of the whole weight, and a layer larger than a tile is
+    multiplied a tile of rows at a time (the unpacked codes of a large layer are never whole), with the whole
+    weight's result."""
+    from hfcompress.quantization import kernels
+
+    layer = quant_layer(bits, group_size, sym, act_order)
+    whole = layer.dequantize_weight(torch.float32)
+    for start, stop in [(0, 1), (5, 37), (90, 96)]:
+        assert torch.equal(layer.dequantize_weight(torch.float32, start, stop), whole[start:stop])
+    monkeypatch.setattr(kernels, "DEQUANTIZE_TILE", 256 * 10)  # 10 rows a tile: 10 tiles, the last of 6 rows
+    tiled = kernels.DequantizeKernel(layer, torch.float32)
+    calls = []
+    original = type(layer).dequantize_weight
+    monkeypatch.setattr(type(layer), "dequantize_weight", lambda self, *a: calls.append(a) or original(self, *a))
+    x = torch.randn(3, 7, 256)
+    torch.testing.assert_close(tiled(x), F.linear(x, whole), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 10 and calls[-1][1:] == (90, 96)
