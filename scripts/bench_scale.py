@@ -101,7 +101,10 @@ def run(
     subprocess.run([sys.executable, *command], check=True, env=env)
     seconds = time.perf_counter() - start
     record = json.loads((output / "hfcompress_record.json").read_text())
-    return {"seconds": seconds, "peak_rss_mb": record["steps"][-1]["memory"]["peak_rss_bytes"] / 2**20}
+    peak = record["steps"][-1]["memory"]["peak_rss_bytes"] / 2**20
+    # each run as it ends (the table comes at the end, and the next run deletes this one's output)
+    print(f"{model.name}, {method}, {'stream' if stream else 'memory'}: {peak:,.0f} MiB, {seconds:.1f} s", flush=True)
+    return {"seconds": seconds, "peak_rss_mb": peak}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
