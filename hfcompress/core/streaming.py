@@ -181,9 +181,14 @@ def tied_keys(model: nn.Module) -> set[str]:
 
 def release(module: nn.Module) -> None:
     """Put the stored tensors (parameters and persistent buffers) of `module` back on the meta device, freeing
-    their memory; buffers computed at construction (rotary frequencies) stay."""
+    their memory; buffers computed at construction (rotary frequencies) stay. Compressed layers forget the kernels
+    built from their codes (`drop_kernel`), which may hold a repacked copy of them: kept, they made a streamed run
+    grow by that copy with every block."""
     for name in stored_names(module):
         set_module_tensor_to_device(module, name, "meta")
+    for submodule in module.modules():
+        if hasattr(submodule, "drop_kernel"):
+            submodule.drop_kernel()
 
 
 class ShardWriter:

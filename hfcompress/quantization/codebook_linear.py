@@ -92,6 +92,11 @@ class CodebookLinear(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
+    def drop_kernel(self) -> None:
+        """Forget the kernel built for the current codes, and the repacked copy of them it may hold (a streamed
+        run calls it as it frees the block: `core.streaming.release`)."""
+        self._kernel, self._kernel_key = None, None
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_key = None  # new codes: a new kernel on the next call
         super()._load_from_state_dict(*args, **kwargs)

@@ -158,6 +158,11 @@ class QuantLinear(nn.Module):
         y = self._kernel(x)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def drop_kernel(self) -> None:
+        """Forget the kernel built for the current codes, and the repacked copy of them it may hold (a streamed
+        run calls it as it frees the block: `core.streaming.release`)."""
+        self._kernel, self._kernel_key = None, None
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_key = None  # new codes: repack on the next call
         super()._load_from_state_dict(*args, **kwargs)
