@@ -30,8 +30,12 @@ def test_float64_hessians_give_the_same_model_for_reordered_and_rebatched_sample
         in_order, reordered = state(ids, 4, hessian_dtype), state(shuffled, 3, hessian_dtype)
         assert in_order.keys() == reordered.keys()
         same = [torch.equal(in_order[k], reordered[k]) for k in in_order]
-        # float32 sums round differently in another order, and the solve carries it into the weights
-        assert all(same) if hessian_dtype == "float64" else not all(same)
+        if hessian_dtype == "float64":
+            assert all(same), technique
+        elif technique == "gptq":  # the control: float32 sums round differently in another order, and the solve
+            # carries it into the weights (for the other techniques whether a rounding flips a code depends on the
+            # CPU: W8A8 with GPTQ weights came out equal on an Intel Xeon, unequal on an AMD EPYC)
+            assert not all(same)
 
 
 @pytest.mark.parametrize(

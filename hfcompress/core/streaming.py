@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
+from transformers.quantizers.auto import AutoHfQuantizer
 
 from .memory import trim_heap
 from .tensor_file import read_tensors, tensor_names
@@ -119,8 +120,6 @@ class ShardedCheckpoint:
         with init_empty_weights(include_buffers=False):
             model = getattr(transformers, AUTO_CLASSES[task]).from_config(config, dtype=dtype)
         if quantized is not None:
-            from transformers.quantizers.auto import AutoHfQuantizer
-
             quantizer = AutoHfQuantizer.from_config(quantized, pre_quantized=True)
             with init_empty_weights(include_buffers=True):  # the rebuilt layers' codes and scales too
                 quantizer.preprocess_model(model, dtype=dtype)

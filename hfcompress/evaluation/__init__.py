@@ -10,7 +10,7 @@ _EXPORTS = {
     "evaluate_tasks": ".tasks",
     "forward_latency": ".latency",
     "perplexity": ".perplexity",
-    "streamed_perplexity": ".streamed_perplexity",
+    "streamed_perplexity": ".streamed",
     "weights_size_bytes": ".footprint",
 }
 __all__ = sorted(_EXPORTS)

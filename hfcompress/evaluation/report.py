@@ -8,10 +8,12 @@ import os
 import torch
 from transformers import AutoConfig
 
+from ..core.streaming import ShardedCheckpoint
 from ..data import load_texts, resolve_seq_len, tokenize_windows
 from .footprint import bits_per_weight, model_bits_per_parameter, weights_size_bytes
 from .latency import forward_latency
 from .perplexity import perplexity
+from .streamed import streamed_perplexity
 from .tasks import evaluate_tasks
 
 __all__ = ["evaluate", "evaluate_streamed"]
@@ -75,9 +77,6 @@ def evaluate_streamed(
     streamed one block at a time from its safetensors weights (`streamed_perplexity`, block inputs in a
     temporary folder inside `scratch`), the bits counted on its skeleton (no weights read), the size of its
     files. No latency (a model read from disk block by block has none worth reporting) and no lm-eval tasks."""
-    from ..core.streaming import ShardedCheckpoint
-    from .streamed_perplexity import streamed_perplexity
-
     checkpoint = ShardedCheckpoint(model_folder)
     skeleton = checkpoint.skeleton("causal-lm", checkpoint.stored_dtype(), compressed=True)
     dtype_bits = _checkpoint_bits(model_folder)

@@ -23,7 +23,7 @@ import torch
 
 from ..core.streaming import ShardedCheckpoint, streaming_obstacle
 from ..evaluation import bits_per_weight, weights_size_bytes
-from ..evaluation.streamed_perplexity import streamed_perplexity
+from ..evaluation.streamed import streamed_perplexity
 from ..hub.record import peak_memory
 from ..io import weight_bytes
 from ..quantization.plan import split_layer_bits

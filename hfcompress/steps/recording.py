@@ -17,7 +17,7 @@ from ..data import load_texts, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, model_bits_per_parameter, weight_files
 from ..evaluation.latency import forward_latency
-from ..evaluation.streamed_perplexity import streamed_perplexity
+from ..evaluation.streamed import streamed_perplexity
 from ..evaluation.tasks import evaluate_tasks
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
