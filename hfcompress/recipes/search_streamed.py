@@ -25,11 +25,9 @@ from ..core.streaming import ShardedCheckpoint, streaming_obstacle
 from ..evaluation import bits_per_weight, weights_size_bytes
 from ..evaluation.streamed import streamed_perplexity
 from ..hub.record import peak_memory
-from ..io import weight_bytes
 from ..quantization.plan import split_layer_bits
 from ..steps.compress import compress_folder
-from ..steps.loading import checkpoint_dtype
-from ..steps.offload import available_memory, parse_size
+from ..steps.offload import memory_shortfall, parse_size
 from ..steps.options import OutputOptions
 from .allocation import grid_bits_per_weight
 from .budget import Baseline, measure_baseline, nonzero_parameters
@@ -63,13 +61,10 @@ def should_stream_search(model: str, config: SearchConfig, offload: str, max_mem
         if obstacle:
             logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
         return obstacle is None
-    stored = weight_bytes(model)
-    limit = parse_size(max_memory) if max_memory else available_memory()
-    if stored is None or limit is None:
+    shortfall = memory_shortfall(model, "float32", parse_size(max_memory) if max_memory else None)
+    if shortfall is None:
         return False
-    needed = stored * 4 // checkpoint_dtype(model).itemsize
-    if needed <= limit:
-        return False
+    needed, limit, _ = shortfall
     obstacle = refused or streaming_obstacle(model)
     if obstacle:
         logger.warning(
