@@ -139,3 +139,20 @@ def test_a_half_precision_bitmask_checkpoint_loads_in_another_dtype(tmp_path, dt
         torch.testing.assert_close(
             loaded(input_ids=windows).logits.float(), reference(input_ids=windows).logits.float(), rtol=0.05, atol=0.05
         )
+
+
+def test_a_quantized_layers_bias_loads_in_another_dtype(tmp_path):
+    """A quantized layer keeps its scales' dtype, but its bias is a plain weight: a float16 checkpoint of a model
+    with biased linears (Qwen2's q/k/v) loads in float32, the bias cast, the scales as stored."""
+    from helpers import tiny_model, token_windows
+
+    import hfcompress
+
+    model = hfcompress.quantize(tiny_model("qwen2").half(), hfcompress.RTNConfig(bits=4, group_size=32))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.bias.dtype == torch.float32 and layer.weight_scale.dtype == torch.float16
+    assert torch.equal(layer.bias, model.model.layers[0].self_attn.q_proj.bias.float())
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=token_windows(1, 16)).logits).all()
