@@ -103,7 +103,12 @@ def _compare(name: str, kind: str, expected: dict, stored: dict, exact_floats: b
     for key, (shape, dtype) in expected.items():
         found_shape, found_dtype, file = stored[key]
         # a compressed layer's bias is a plain weight, cast on loading (`core.structure.cast_unquantized`)
-        if (not exact_floats or key == "bias") and found_dtype is not None and found_dtype.is_floating_point and dtype.is_floating_point:
+        if (
+            (not exact_floats or key == "bias")
+            and found_dtype is not None
+            and found_dtype.is_floating_point
+            and dtype.is_floating_point
+        ):
             found_dtype = dtype
         if found_shape != shape or (found_dtype is not None and found_dtype != dtype):
             raise CheckpointError(
