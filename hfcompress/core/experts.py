@@ -31,6 +31,7 @@ from .structure import is_plain_linear, set_submodule
 __all__ = [
     "ExpertLinears",
     "expert_modules",
+    "expert_sources",
     "expert_tokens",
     "fuse_dense_experts",
     "held_experts",
@@ -39,6 +40,7 @@ __all__ = [
     "routing_all_tokens",
     "run_on_expert_linears",
     "running_every_expert",
+    "stored_state",
     "unfuse_experts",
 ]
 
@@ -118,16 +120,23 @@ class ExpertLinears(nn.Module):
     def to_fused(self) -> nn.Module:
         """The fused module again, its 3-D parameters stacked from the (plain `nn.Linear`) experts."""
         fused = self.fused
-        for name in ("gate_up_proj" if self.has_gate else "up_proj", "down_proj"):
-            linears = getattr(self, name)
-            weights = [linear.weight.t() if self.is_transposed else linear.weight for linear in linears]
-            setattr(fused, name, nn.Parameter(torch.stack(weights).detach(), requires_grad=weights[0].requires_grad))
-            if self.has_bias:
-                bias = torch.stack([linear.bias for linear in linears]).detach()
-                setattr(fused, f"{name}_bias", nn.Parameter(bias, requires_grad=linears[0].bias.requires_grad))
+        trainable = {name: param.requires_grad for name, param in self.named_parameters()}
+        for name, tensor in self.fused_tensors().items():
+            setattr(fused, name, nn.Parameter(tensor, requires_grad=trainable[_first_expert(name)]))
         if hasattr(self, "post_expert_norm"):
             fused.post_expert_norm = self.post_expert_norm
         return fused
+
+    def fused_tensors(self) -> dict[str, torch.Tensor]:
+        """The fused module's 3-D weights (and biases) stacked from the (plain `nn.Linear`) experts, by name."""
+        tensors = {}
+        for name in ("gate_up_proj" if self.has_gate else "up_proj", "down_proj"):
+            linears = getattr(self, name)
+            weights = [linear.weight.t() if self.is_transposed else linear.weight for linear in linears]
+            tensors[name] = torch.stack(weights).detach()
+            if self.has_bias:
+                tensors[f"{name}_bias"] = torch.stack([linear.bias for linear in linears]).detach()
+        return tensors
 
     def expert_names(self) -> list[str]:
         """The linears' names relative to this module, expert by expert."""
@@ -164,6 +173,12 @@ class ExpertLinears(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, from={type(self.fused).__name__}"
+
+
+def _first_expert(fused_name: str) -> str:
+    """The parameter name of expert 0's slice of the fused tensor `fused_name` ("down_proj_bias": "down_proj.0.bias")."""
+    projection, bias, _ = fused_name.partition("_bias")
+    return f"{projection}.0.{'bias' if bias else 'weight'}"
 
 
 def _routing(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +222,42 @@ def _linears(experts: ExpertLinears) -> Iterator[nn.Module]:
 
 def expert_modules(model: nn.Module) -> dict[str, ExpertLinears]:
     return {name: module for name, module in model.named_modules() if isinstance(module, ExpertLinears)}
+
+
+def expert_sources(model: nn.Module, names: list[str]) -> dict[str, tuple[str, int, bool]]:
+    """For each of `names` (full tensor names) that is an expert's weight or bias in an `ExpertLinears`: the fused
+    tensor it is a slice of (as the fused module names it), the expert, and whether the fused tensor holds it
+    transposed. A model streamed from disk reads its experts this way (`core.streaming.ShardedCheckpoint`)."""
+    experts = expert_modules(model)
+    sources = {}
+    for name in names:
+        owner = next((p for p in experts if name.startswith(p + ".")), None)
+        if owner is None:
+            continue
+        projection, _, rest = name[len(owner) + 1 :].partition(".")
+        expert, _, leaf = rest.partition(".")
+        if projection not in ("gate_up_proj", "up_proj", "down_proj") or leaf not in ("weight", "bias"):
+            continue  # a norm after the experts: the fused module's own tensor, under the same name
+        fused = f"{owner}.{projection}" + ("_bias" if leaf == "bias" else "")
+        sources[name] = (fused, int(expert), experts[owner].is_transposed and leaf == "weight")
+    return sources
+
+
+def stored_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """`module.state_dict(prefix=prefix + ".")`, except that the experts of an `ExpertLinears` left all plain
+    linears appear as the fused module's 3-D tensors (what `fuse_dense_experts` and saving would write), while
+    `module` keeps its `ExpertLinears`."""
+    state = module.state_dict(prefix=f"{prefix}.")
+    for name, experts in expert_modules(module).items():
+        if not all(is_plain_linear(m) for m in _linears(experts)):
+            continue
+        lead = f"{prefix}.{name}."
+        for key in [k for k in state if k.startswith(lead)]:
+            del state[key]
+        state.update({lead + k: t for k, t in experts.fused_tensors().items()})
+        if hasattr(experts, "post_expert_norm"):
+            state.update(experts.post_expert_norm.state_dict(prefix=lead + "post_expert_norm."))
+    return state
 
 
 @contextlib.contextmanager

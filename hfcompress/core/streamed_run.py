@@ -32,6 +32,7 @@ from transformers.utils.logging import tqdm
 from ..data import calibration_data
 from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations, check_spill_space
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
+from .experts import unfuse_experts
 from .memory import release_large_frees
 from .resume import PROGRESS_FILE, RunProgress, settings_digest
 from .streaming import (
@@ -221,6 +222,8 @@ def stream_compress(
     checkpoint = ShardedCheckpoint(model_path)
     save_dtype = checkpoint.stored_dtype()
     model = checkpoint.skeleton(task, save_dtype)  # the maths run in float32 (`core.precision`)
+    if unfuse_experts(model):  # as in memory (`core.experts.run_on_expert_linears`); read expert by expert
+        logger.info("mixture-of-experts layers held as one linear per expert")
     _, blocks = find_layer_stack(model)
     free_large_allocations_for(blocks)
     targets = technique.targets(model)

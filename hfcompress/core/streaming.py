@@ -28,7 +28,9 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 
+from .experts import expert_sources, stored_state
 from .memory import trim_heap
+from .stored_layout import StoredLayout
 from .tensor_file import read_tensors, tensor_names
 
 __all__ = [
@@ -71,16 +73,7 @@ def streaming_obstacle(folder: str | os.PathLike) -> str | None:
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method not in (None, "hfcompress"):
         return f"{os.fspath(folder)!r} is quantized with {method}, which streaming does not read (hfcompress's does)"
-    experts = [key for key in EXPERT_COUNTS if (config.get(key) or (config.get("text_config") or {}).get(key) or 0) > 1]
-    if experts:
-        return (
-            f"{os.fspath(folder)!r} is a mixture-of-experts model ({experts[0]}), which streaming does not handle yet"
-        )
     return None
-
-
-# config fields that give a mixture-of-experts model's number of experts
-EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 class ShardedCheckpoint:
@@ -98,6 +91,7 @@ class ShardedCheckpoint:
             with safe_open(self.folder / SINGLE_FILE, framework="pt") as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         self.weight_map: dict[str, str] = weight_map
+        self.layout: StoredLayout | None = None  # set by `skeleton`: how the model's names map to the stored ones
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the config says the weights are stored in (float32 when it does not say)."""
@@ -125,11 +119,14 @@ class ShardedCheckpoint:
                 quantizer.preprocess_model(model, dtype=dtype)
         model.tie_weights()
         model.config._name_or_path = os.fspath(self.folder)
-        missing = [k for k in model.state_dict() if k not in self.weight_map and k not in tied_keys(model)]
+        # an hfcompress checkpoint stores the model's own names; loading skips the conversions (`checkpoint.hf_quantizer`)
+        self.layout = None if quantized is not None else StoredLayout(model, self.weight_map)
+        found = self._found()
+        missing = [k for k in model.state_dict() if k not in found and k not in tied_keys(model)]
         if missing:
             raise ValueError(
-                f"cannot stream the model: {len(missing)} weights of {type(model).__name__} are not stored under their "
-                f"own names in the checkpoint (first: {missing[:3]})"
+                f"cannot stream the model: {len(missing)} weights of {type(model).__name__} are not in the checkpoint, "
+                f"under their own names or any transformers converts on loading (first: {missing[:3]})"
             )
         return model.eval()
 
@@ -146,9 +143,31 @@ class ShardedCheckpoint:
         return tensors
 
     def materialize(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
-        """Load the stored tensors `names` (full names in `model`), floating ones as `dtype`."""
-        for name, tensor in self.read([n for n in names if n in self.weight_map], dtype).items():
+        """Load the stored tensors `names` (full names in `model`, a `skeleton`), floating ones as `dtype`, as
+        `from_pretrained` would have loaded them (renamed, converted: `core.stored_layout`). Experts the model
+        holds as one linear each (`core.experts.ExpertLinears`) are sliced out of their fused tensors."""
+        found = self._found()
+        for name, tensor in self._model_tensors([n for n in names if n in found], dtype).items():
             set_module_tensor_to_device(model, name, "cpu", value=tensor)
+        experts = expert_sources(model, [n for n in names if n not in found])
+        by_fused: dict[str, list[str]] = {}
+        for name, (fused, _, _) in experts.items():
+            by_fused.setdefault(fused, []).append(name)
+        for fused, members in by_fused.items():  # one fused tensor in memory at a time
+            whole = self._model_tensors([fused], dtype)[fused]
+            for name in members:
+                _, expert, transposed = experts[name]
+                piece = whole[expert].t() if transposed else whole[expert]
+                set_module_tensor_to_device(model, name, "cpu", value=piece.clone())
+            del whole
+
+    def _found(self):
+        return self.layout.targets() if self.layout is not None else self.weight_map
+
+    def _model_tensors(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        if self.layout is None:
+            return self.read(names, dtype)
+        return self.layout.read(names, self.read, dtype)
 
 
 def stored_names(model: nn.Module, prefix: str = "") -> list[str]:
@@ -284,7 +303,7 @@ class BlockStream:
         """Write the finished block and free it; `next_inputs` are the next block's inputs (for `after_write`)."""
         if self.before_write is not None:
             self.before_write(block, prefix)
-        self.writer.write(self.written, block.state_dict(prefix=f"{prefix}."))
+        self.writer.write(self.written, stored_state(block, prefix))
         self.written += 1
         if self.after_write is not None:
             self.after_write(block, prefix, self.written, next_inputs)

@@ -14,6 +14,7 @@ import os
 
 from torch import nn
 
+from ..core.experts import expert_tokens
 from ..core.streamed_run import StreamedTechnique, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight
@@ -64,6 +65,7 @@ class UniformQuantization(StreamedTechnique):
         self.errors, self.max_ranks, self.budget = None, None, 0
         self.folder = None
         self.ranks: dict[str, int] = {}
+        self.rows: dict[str, int] = {}  # the calibration tokens each layer saw: what each expert saw, recorded
 
     @property
     def calibrated(self) -> bool:
@@ -93,7 +95,7 @@ class UniformQuantization(StreamedTechnique):
         # with every record on disk, replaying all settled submodules costs no memory and the least compute
         return quantize_blocks(
             model, blocks, batches, targets, self.config, self.scale_dtype, self.plans, stream, inputs, replay="all",
-            errors=self.errors, max_ranks=self.max_ranks, spill=folder,
+            errors=self.errors, max_ranks=self.max_ranks, spill=folder, rows=self.rows,
         )  # fmt: skip
 
     def onload(self, block, prefix, targets):
@@ -121,6 +123,8 @@ class UniformQuantization(StreamedTechnique):
     def finish(self, model, targets):
         classes = sorted({type(m).__name__ for m in targets.values()})
         attach_quantization_config(model, self.config, self.plans, classes, self.ranks)
+        if self.rows:  # a resumed run knows the blocks it calibrated itself
+            model.hfcompress_expert_tokens = expert_tokens(model, self.rows)
 
 
 class SmoothingOnly:

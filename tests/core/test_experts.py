@@ -195,22 +195,21 @@ def test_compressed_tensors_export_of_experts_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_command_quantizes_experts_and_records_their_tokens(tmp_path):
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_the_command_quantizes_experts_and_records_their_tokens(tmp_path, offload):
     from hfcompress.commands.cli import main
 
     folder = tmp_path / "mixtral"
     tiny_model("mixtral").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    assert (
-        streaming_obstacle(folder)
-        == f"{str(folder)!r} is a mixture-of-experts model (num_local_experts), which streaming does not handle yet"
-    )
+    assert streaming_obstacle(folder) is None  # its experts are read one linear at a time (`test_streamed_experts`)
     ids = tmp_path / "calib.txt"
     ids.write_text(" ".join(["def class return import"] * 400))
     out = tmp_path / "out"
     args = ["quantize", "gptq", str(folder), str(out), "--group-size", "32", "--dataset", str(ids), "--seq-len", "32"]
-    assert main([*args, "--num-samples", "4", "-q"]) == 0
+    assert main([*args, "--num-samples", "4", "--offload", offload, "-q"]) == 0
     record = json.loads((out / "hfcompress_record.json").read_text())
+    assert record["steps"][0]["config"].get("offload", "none") == offload
     experts = record["steps"][0]["config"]["coverage"]["experts"]["model.layers.0.mlp.experts"]
     assert experts["tokens"] == [4 * 32] * 8  # every token through every expert, GPTQ's default
     assert "Step 1 compressed 40 QuantLinear layers" in (out / "README.md").read_text()

@@ -1,0 +1,96 @@
+"""How a model's tensors are made from the tensors its checkpoint stores, as transformers' `from_pretrained` makes
+them: the renamings and conversions of `transformers.conversion_mapping` (a Mixtral checkpoint stores
+`model.layers.0.block_sparse_moe.experts.3.w1.weight` and `.w3.`, one per expert, which loading stacks and joins
+into the 3-D `model.layers.0.mlp.experts.gate_up_proj`), worked out once from the key names and applied one
+tensor at a time, so a model read block by block gets what loading it whole gets.
+
+    layout = StoredLayout(skeleton, checkpoint_keys)
+    layout.targets()                                   # the model tensors the checkpoint holds
+    layout.read(["model.layers.0.mlp.experts.gate_up_proj"], read_stored, torch.float32)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+__all__ = ["StoredLayout"]
+
+# read_stored(keys, dtype) -> {key: tensor}: stored tensors by their checkpoint names
+ReadStored = Callable[[list[str], torch.dtype | None], dict[str, torch.Tensor]]
+
+
+class StoredLayout:
+    """Where each tensor of `model` (a skeleton, on the meta device, with transformers' own modules) comes from
+    among `stored_keys`: the checkpoint key(s) and the conversion that joins them, if any. Stored keys the model
+    has no tensor for are left out, as loading leaves them out."""
+
+    def __init__(self, model: nn.Module, stored_keys: Iterable[str]):
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        self._config = model.config
+        expected = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        # each conversion is keyed by its first target: [(stored key, the converter's source pattern or None)]
+        self._sources: dict[str, list[tuple[str, str | None]]] = {}
+        # every target the checkpoint fills -> the first target of the conversion that makes it
+        self._made_by: dict[str, str] = {}
+        for key in sorted(stored_keys, key=dot_natural_key):  # experts in order, as loading stacks them
+            target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+            if target not in expected and key in expected:
+                target, pattern = key, None
+            if target not in expected:
+                continue
+            self._sources.setdefault(target, []).append((key, pattern))
+            outputs = self._converters[pattern].target_patterns if pattern is not None else []
+            for output in outputs[1:]:  # a converter splitting one tensor into several (a fused qkv)
+                self._made_by[target.replace(outputs[0], output)] = target
+            self._made_by[target] = target
+
+    def targets(self) -> set[str]:
+        """The names of the model tensors the checkpoint holds."""
+        return set(self._made_by)
+
+    def is_identity(self) -> bool:
+        """Whether every model tensor is stored under its own name, unconverted."""
+        return all(len(s) == 1 and s[0] == (t, None) for t, s in self._sources.items()) and len(self._made_by) == len(
+            self._sources
+        )
+
+    def stored_keys(self, names: Iterable[str]) -> list[str]:
+        """The checkpoint keys that model tensors `names` are made from."""
+        firsts = dict.fromkeys(self._made_by[n] for n in names)
+        return [key for first in firsts for key, _ in self._sources[first]]
+
+    def read(self, names: Iterable[str], read_stored: ReadStored, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The model tensors `names` (all among `targets()`), floating ones as `dtype` (None: as stored): renamed
+        ones read directly, converted ones made one conversion at a time from their stored tensors."""
+        wanted = list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in self._made_by]
+        if unknown:
+            raise KeyError(f"the checkpoint holds no tensors for {unknown[:3]}")
+        tensors: dict[str, torch.Tensor] = {}
+        renamed = {n: self._sources[n][0][0] for n in wanted if n in self._sources and self._sources[n][0][1] is None}
+        stored = read_stored(list(renamed.values()), dtype)
+        tensors.update({name: stored[key] for name, key in renamed.items()})
+        for first in dict.fromkeys(self._made_by[n] for n in wanted if n not in renamed):
+            for name, tensor in self._convert(first, read_stored).items():
+                if name in wanted:
+                    tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return tensors
+
+    def _convert(self, first: str, read_stored: ReadStored) -> dict[str, torch.Tensor]:
+        sources = self._sources[first]
+        stored = read_stored([key for key, _ in sources], None)  # converted as stored, cast after, as loading does
+        converter = copy.deepcopy(self._converters[sources[0][1]])
+        for key, pattern in sources:
+            converter.add_tensor(first, key, pattern, stored.pop(key))
+        made = converter.convert(first, config=self._config)
+        return {name: value[0] if isinstance(value, list) else value for name, value in made.items()}
