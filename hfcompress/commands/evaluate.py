@@ -8,11 +8,10 @@ import logging
 import math
 import os
 
-from ..core.streaming import streaming_obstacle
 from ..evaluation import evaluate, evaluate_streamed
 from ..evaluation.tasks import parse_tasks
 from ..steps.loading import load_model, load_tokenizer
-from ..steps.offload import memory_shortfall, parse_size
+from ..steps.offload import decide_streaming
 
 __all__ = ["run_evaluate"]
 
@@ -55,29 +54,13 @@ def _streams(args: argparse.Namespace) -> bool:
     """Whether the perplexity is measured streaming the model from disk (`--offload`): always with `disk` (what
     needs the model whole refused), never with `none`, with `auto` when the model at --dtype would not fit in
     --max-memory and nothing asked for needs it whole, saying so."""
-    limit = parse_size(args.max_memory) if args.max_memory else None
-    if args.offload == "none":
-        return False
-    if args.offload == "disk":
-        if args.tasks is not None or args.dataset is None:
-            raise ValueError("--offload disk measures perplexity alone (lm-eval tasks need the model whole): give "
-                             "--dataset and drop --tasks, or use --offload none")  # fmt: skip
-        obstacle = streaming_obstacle(args.model)
-        if obstacle is not None:
-            logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
-        return obstacle is None
-    shortfall = memory_shortfall(args.model, args.dtype, limit)
-    if shortfall is None:
-        return False
-    needed, limit, held = shortfall
-    reason = streaming_obstacle(args.model) or ("lm-eval tasks need the model whole" if args.tasks else None)
-    if reason:
-        logger.warning("%s needs about %.1f GB in %s, more than the %.1f GB this run may use, but %s: loading it "
-                       "whole", args.model, needed / 1e9, held, limit / 1e9, reason)  # fmt: skip
-        return False
-    logger.warning("%s needs about %.1f GB in %s, more than the %.1f GB this run may use: streaming it from disk one "
-                   "block at a time (--offload disk; no latency)", args.model, needed / 1e9, held, limit / 1e9)  # fmt: skip
-    return True
+    refused = None
+    if args.tasks is not None or args.dataset is None:
+        refused = (
+            "--offload disk measures perplexity alone (lm-eval tasks need the model whole): give --dataset and drop "
+            "--tasks, or use --offload none"
+        )
+    return decide_streaming(args.model, args.offload, args.dtype, args.max_memory, refused)
 
 
 def _report(args: argparse.Namespace, result: dict) -> int:

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from ..core.streaming import ShardedCheckpoint, streaming_obstacle
+from ..core.streaming import ShardedCheckpoint
 from ..evaluation import bits_per_weight, weights_size_bytes
 from ..evaluation.streamed import streamed_perplexity
 from ..hub.record import peak_memory
 from ..quantization.plan import split_layer_bits
 from ..steps.compress import compress_folder
-from ..steps.offload import memory_shortfall, parse_size
+from ..steps.offload import decide_streaming
 from ..steps.options import OutputOptions
 from .allocation import grid_bits_per_weight
 from .budget import Baseline, measure_baseline, nonzero_parameters
@@ -51,32 +51,7 @@ def should_stream_search(model: str, config: SearchConfig, offload: str, max_mem
     float32 (what the search holds it in) would not fit in `max_memory`, or the memory available."""
     if offload not in OFFLOADS:
         raise ValueError(f"--offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
-    if offload == "none":
-        return False
-    refused = _search_obstacle(config)
-    if offload == "disk":
-        if refused:
-            raise ValueError(refused)
-        obstacle = streaming_obstacle(model)
-        if obstacle:
-            logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
-        return obstacle is None
-    shortfall = memory_shortfall(model, "float32", parse_size(max_memory) if max_memory else None)
-    if shortfall is None:
-        return False
-    needed, limit, _ = shortfall
-    obstacle = refused or streaming_obstacle(model)
-    if obstacle:
-        logger.warning(
-            "%s needs about %.1f GB in float32, more than the %.1f GB this search may use, but %s: loading it whole",
-            model, needed / 1e9, limit / 1e9, obstacle,
-        )  # fmt: skip
-        return False
-    logger.warning(
-        "%s needs about %.1f GB in float32, more than the %.1f GB this search may use: streaming it from disk one "
-        "block at a time (--offload disk)", model, needed / 1e9, limit / 1e9,
-    )  # fmt: skip
-    return True
+    return decide_streaming(model, offload, "float32", max_memory, _search_obstacle(config), "this search")
 
 
 def _search_obstacle(config: SearchConfig) -> str | None:

@@ -15,7 +15,7 @@ from ..io import weight_bytes
 from .loading import DTYPES, checkpoint_dtype
 from .options import OutputOptions
 
-__all__ = ["available_memory", "memory_shortfall", "parse_size", "should_stream"]
+__all__ = ["available_memory", "decide_streaming", "memory_shortfall", "parse_size", "should_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,34 +43,42 @@ def available_memory() -> int | None:
 
 
 def should_stream(technique: Technique, config, model: str, options: OutputOptions, step_options: dict) -> bool:
-    """Whether this run streams `model` from disk. `disk` refuses what streaming cannot do and loads whole, with
-    a warning that says why, a model that cannot stream; `auto` streams only a model that would not fit."""
+    """Whether this run streams `model` from disk (`decide_streaming`, refusing what streaming cannot do)."""
     if options.resume and options.offload != "disk":
         raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
-    limit = parse_size(options.max_memory) if options.max_memory else None
-    if options.offload == "none":
+    refused = _streaming_refusal(technique, config, options, step_options)
+    return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused)
+
+
+def decide_streaming(
+    model: str, offload: str, dtype: str, max_memory: str | None, refused: str | None, what: str = "this run"
+) -> bool:
+    """Whether `what` streams `model` from disk, one decision for every command: never with `offload` "none";
+    always with "disk" (raising `refused`, why these settings cannot stream, if any; a model that cannot stream
+    loads whole with a warning that says why); with "auto" when the model held in `dtype` ("auto": the
+    checkpoint's) would not fit in `max_memory` (None: the memory available now), saying so, or saying why it
+    loads whole all the same."""
+    if offload == "none":
         return False
-    if options.offload == "disk":
-        _refuse_what_cannot_stream(technique, config, options, step_options)
+    if offload == "disk":
+        if refused:
+            raise ValueError(refused)
         obstacle = streaming_obstacle(model)
         if obstacle is not None:
             logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
         return obstacle is None
-    shortfall = memory_shortfall(model, options.dtype, limit)
+    shortfall = memory_shortfall(model, dtype, parse_size(max_memory) if max_memory else None)
     if shortfall is None:
         return False
     needed, limit, held = shortfall
-    reason = _why_not(technique, config, model, options, step_options)
+    needs = (
+        f"{model} needs about {needed / 1e9:.1f} GB in {_name(held)}, more than the {limit / 1e9:.1f} GB {what} may use"
+    )
+    reason = refused or streaming_obstacle(model)
     if reason:
-        logger.warning(
-            "%s needs about %.1f GB in %s, more than the %.1f GB this run may use, but %s: loading it whole",
-            model, needed / 1e9, _name(held), limit / 1e9, reason,
-        )  # fmt: skip
+        logger.warning("%s, but %s: loading it whole", needs, reason)
         return False
-    logger.warning(
-        "%s needs about %.1f GB in %s, more than the %.1f GB this run may use: streaming it from disk one block "
-        "at a time (--offload disk)", model, needed / 1e9, _name(held), limit / 1e9,
-    )  # fmt: skip
+    logger.warning("%s: streaming it from disk one block at a time (--offload disk)", needs)
     return True
 
 
@@ -87,25 +95,19 @@ def memory_shortfall(model: str, dtype: str, limit: int | None) -> tuple[int, in
     return (needed, limit, held) if needed > limit else None
 
 
-def _refuse_what_cannot_stream(technique: Technique, config, options: OutputOptions, step_options: dict) -> None:
+def _streaming_refusal(technique: Technique, config, options: OutputOptions, step_options: dict) -> str | None:
+    """Why this technique with these settings cannot run streamed, or None."""
     if technique.stream is None:
-        raise ValueError(f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)")
+        return f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)"
     obstacle = settings_obstacle(config, step_options.get("format", "hfcompress"))
     if obstacle is not None:
-        raise ValueError(obstacle)
+        return obstacle
     if options.eval_tasks:
-        raise ValueError(
+        return (
             "--offload disk never holds the model whole, so it runs no lm-eval tasks: drop --eval-tasks and evaluate "
             "OUTPUT afterwards where it fits (--eval-dataset measures perplexity streamed)"
         )
-
-
-def _why_not(technique: Technique, config, model: str, options: OutputOptions, step_options: dict) -> str | None:
-    try:
-        _refuse_what_cannot_stream(technique, config, options, step_options)
-    except ValueError as e:
-        return str(e)
-    return streaming_obstacle(model)
+    return None
 
 
 def _name(dtype) -> str:
