@@ -53,21 +53,19 @@ class StoredLayout:
             for output in outputs[1:]:  # a converter splitting one tensor into several (a fused qkv)
                 self._made_by[target.replace(outputs[0], output)] = target
             self._made_by[target] = target
+        self._targets = frozenset(self._made_by)
 
-    def targets(self) -> set[str]:
+    def targets(self) -> frozenset[str]:
         """The names of the model tensors the checkpoint holds."""
-        return set(self._made_by)
+        return self._targets
 
     def is_identity(self) -> bool:
         """Whether every model tensor is stored under its own name, unconverted."""
-        return all(len(s) == 1 and s[0] == (t, None) for t, s in self._sources.items()) and len(self._made_by) == len(
-            self._sources
-        )
+        return all(self.is_direct(name) for name in self._made_by)
 
-    def stored_keys(self, names: Iterable[str]) -> list[str]:
-        """The checkpoint keys that model tensors `names` are made from."""
-        firsts = dict.fromkeys(self._made_by[n] for n in names)
-        return [key for first in firsts for key, _ in self._sources[first]]
+    def is_direct(self, name: str) -> bool:
+        """Whether model tensor `name` is stored under its own name, unconverted."""
+        return self._sources.get(name) == [(name, None)]
 
     def read(self, names: Iterable[str], read_stored: ReadStored, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """The model tensors `names` (all among `targets()`), floating ones as `dtype` (None: as stored): renamed

@@ -31,7 +31,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 from .experts import expert_sources, stored_state
 from .memory import trim_heap
 from .stored_layout import StoredLayout
-from .tensor_file import read_tensors, tensor_names
+from .tensor_file import read_header, read_tensors, tensor_names
 
 __all__ = [
     "AUTO_CLASSES",
@@ -128,7 +128,25 @@ class ShardedCheckpoint:
                 f"cannot stream the model: {len(missing)} weights of {type(model).__name__} are not in the checkpoint, "
                 f"under their own names or any transformers converts on loading (first: {missing[:3]})"
             )
+        reshaped = self._reshaped(model)
+        if reshaped:
+            name, stored, expected = reshaped[0]
+            raise ValueError(
+                f"cannot stream the model: {len(reshaped)} tensors are stored in another shape than "
+                f"{type(model).__name__} has (first: {name!r}, stored {stored}, expected {expected}); a checkpoint "
+                "whose layers are compressed streams only to be evaluated"
+            )
         return model.eval()
+
+    def _reshaped(self, model: nn.Module) -> list[tuple[str, list[int], list[int]]]:
+        """The model tensors stored under their own names in another shape (a compressed layer's values)."""
+        expected = {n: list(t.shape) for n, t in model.state_dict().items()}
+        direct = [n for n in expected if n in self.weight_map and (self.layout is None or self.layout.is_direct(n))]
+        shapes = {}
+        for file in dict.fromkeys(self.weight_map[n] for n in direct):
+            with open(self.folder / file, "rb") as f:
+                shapes.update({n: info["shape"] for n, info in read_header(f)[0].items()})
+        return [(n, shapes[n], expected[n]) for n in direct if n in shapes and shapes[n] != expected[n]]
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors `names`, cast to `dtype` (None: as stored), each read from its shard into memory of its own

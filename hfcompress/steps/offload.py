@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import torch
 
+from ..checkpoint.manifest import HfcompressQuantizationConfig
 from ..core.registry import Technique
 from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
@@ -15,7 +18,14 @@ from ..io import weight_bytes
 from .loading import DTYPES, checkpoint_dtype
 from .options import OutputOptions
 
-__all__ = ["available_memory", "decide_streaming", "memory_shortfall", "parse_size", "should_stream"]
+__all__ = [
+    "available_memory",
+    "compressed_input",
+    "decide_streaming",
+    "memory_shortfall",
+    "parse_size",
+    "should_stream",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +57,30 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
     if options.resume and options.offload != "disk":
         raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
     refused = _streaming_refusal(technique, config, options, step_options)
-    return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused)
+    obstacle = compressed_input(model)
+    return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused, obstacle=obstacle)
 
 
 def decide_streaming(
-    model: str, offload: str, dtype: str, max_memory: str | None, refused: str | None, what: str = "this run"
+    model: str,
+    offload: str,
+    dtype: str,
+    max_memory: str | None,
+    refused: str | None,
+    what: str = "this run",
+    obstacle: str | None = None,
 ) -> bool:
     """Whether `what` streams `model` from disk, one decision for every command: never with `offload` "none";
-    always with "disk" (raising `refused`, why these settings cannot stream, if any; a model that cannot stream
-    loads whole with a warning that says why); with "auto" when the model held in `dtype` ("auto": the
-    checkpoint's) would not fit in `max_memory` (None: the memory available now), saying so, or saying why it
-    loads whole all the same."""
+    always with "disk" (raising `refused`, why these settings cannot stream, if any; a model that cannot stream,
+    `streaming_obstacle` or the caller's `obstacle`, loads whole with a warning that says why); with "auto" when
+    the model held in `dtype` ("auto": the checkpoint's) would not fit in `max_memory` (None: the memory available
+    now), saying so, or saying why it loads whole all the same."""
     if offload == "none":
         return False
+    obstacle = obstacle or streaming_obstacle(model)
     if offload == "disk":
         if refused:
             raise ValueError(refused)
-        obstacle = streaming_obstacle(model)
         if obstacle is not None:
             logger.warning("cannot stream the model from disk: %s; loading it whole instead", obstacle)
         return obstacle is None
@@ -74,7 +91,7 @@ def decide_streaming(
     needs = (
         f"{model} needs about {needed / 1e9:.1f} GB in {_name(held)}, more than the {limit / 1e9:.1f} GB {what} may use"
     )
-    reason = refused or streaming_obstacle(model)
+    reason = refused or obstacle
     if reason:
         logger.warning("%s, but %s: loading it whole", needs, reason)
         return False
@@ -93,6 +110,24 @@ def memory_shortfall(model: str, dtype: str, limit: int | None) -> tuple[int, in
     held = checkpoint_dtype(model) if dtype == "auto" else DTYPES[dtype]
     needed = stored * held.itemsize // checkpoint_dtype(model).itemsize
     return (needed, limit, held) if needed > limit else None
+
+
+def compressed_input(model: str) -> str | None:
+    """Why compressing `model` cannot stream it because hfcompress already compressed its layers (they are read
+    whole: a bitmask-sparse layer is densified, a quantized one refused), or None."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    if manifest.get("quant_method") != "hfcompress":
+        return None
+    sections = HfcompressQuantizationConfig.from_dict(manifest).sections_in_use()
+    if not sections:
+        return None
+    return (
+        f"{model!r} holds layers hfcompress already compressed ({', '.join(sections)}), which streaming does not "
+        "read back as full-precision weights"
+    )
 
 
 def _streaming_refusal(technique: Technique, config, options: OutputOptions, step_options: dict) -> str | None:

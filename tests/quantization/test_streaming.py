@@ -140,6 +140,33 @@ def test_a_checkpoint_whose_names_do_not_match_the_model_is_refused(models, tmp_
         ShardedCheckpoint(folder).skeleton()
 
 
+def test_a_checkpoint_hfcompress_compressed_loads_whole_to_be_compressed_again(models, tmp_path, caplog):
+    """A bitmask-pruned checkpoint stores each pruned layer's non-zero values (1-D) under the weight's name:
+    quantizing it with --offload disk loads it whole (densifying those layers, as without --offload), saying why,
+    and the skeleton of its dense model refuses to read it, naming the tensor."""
+    from hfcompress.pruning import OneShotPruningConfig, compress_sparse, prune_oneshot
+
+    model = tiny_model("llama")
+    prune_oneshot(model, OneShotPruningConfig(method="magnitude", sparsity=0.5))
+    compress_sparse(model.half())
+    model.save_pretrained(tmp_path / "pruned")
+    with pytest.raises(
+        ValueError,
+        match=r"stored in another shape .* \(first: 'model.layers.0.self_attn.q_proj.weight', stored \[2048\], expected \[64, 64\]\)",
+    ):
+        ShardedCheckpoint(tmp_path / "pruned").skeleton()
+    config = RTNConfig(bits=4, group_size=32)
+    with caplog.at_level(logging.WARNING, logger="hfcompress"):
+        disk = compress_folder(tmp_path / "pruned", tmp_path / "disk", config, OutputOptions(offload="disk"))
+    assert any(
+        "already compressed (sparse)" in r.getMessage() and "loading it whole" in r.getMessage() for r in caplog.records
+    )
+    assert (
+        read_safetensors(disk).keys()
+        == read_safetensors(compress_folder(tmp_path / "pruned", tmp_path / "memory", config)).keys()
+    )
+
+
 def _mapped_from(path: Path) -> list[tuple[int, int]]:
     """The address ranges of this process mapped from the file `path` (Linux)."""
     ranges = []
