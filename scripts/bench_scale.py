@@ -14,6 +14,7 @@ the compression record says (`getrusage`), its wall time is measured around the 
     python scripts/bench_scale.py --refmodel            # ../shared/refmodel, 128 x 512 tokens, both paths
     python scripts/bench_scale.py --layers --refmodel --methods sparsegpt whiten
     python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
+    python scripts/bench_scale.py --layers --moe 4      # a random 4-block Mixtral, streamed and in memory
 """
 
 from __future__ import annotations
@@ -39,12 +40,20 @@ SHAPE = dict(
 )  # fmt: skip
 
 
-def random_model(folder: Path, layers: int) -> Path:
+# a mixture-of-experts model of the same kind (Mixtral's layout: 8 experts, 2 per token), narrower so that a block
+# of 8 experts stays near the Llama's block in float32 (0.87 GB against 0.81)
+MOE_SHAPE = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=4096, num_attention_heads=16, num_key_value_heads=8,
+    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def random_model(folder: Path, layers: int, moe: bool = False) -> Path:
     """A random-weight Llama of `layers` blocks saved in bfloat16, built once in a process of its own: a child
     started afterwards would otherwise report this process's peak as its own (Linux carries `ru_maxrss` over
     fork and exec)."""
     if not any((folder / name).is_file() for name in ("model.safetensors.index.json", "model.safetensors")):
-        builder = multiprocessing.get_context("spawn").Process(target=_build, args=(folder, layers))
+        builder = multiprocessing.get_context("spawn").Process(target=_build, args=(folder, layers, moe))
         builder.start()
         builder.join()
         if builder.exitcode != 0:
@@ -52,12 +61,16 @@ def random_model(folder: Path, layers: int) -> Path:
     return folder
 
 
-def _build(folder: Path, layers: int) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _build(folder: Path, layers: int, moe: bool = False) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPE, num_hidden_layers=layers, dtype="bfloat16")
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    if moe:  # saved as transformers saves Mixtral: each expert's w1/w2/w3 a tensor of its own
+        config = MixtralConfig(**MOE_SHAPE, num_hidden_layers=layers, dtype="bfloat16")
+        model = MixtralForCausalLM._from_config(config, dtype=torch.bfloat16)
+    else:
+        config = LlamaConfig(**SHAPE, num_hidden_layers=layers, dtype="bfloat16")
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="1GB")
     AutoTokenizer.from_pretrained(SHARED / "refmodel").save_pretrained(folder)
 
@@ -180,6 +193,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="*", default=[6, 12], help="Depths of the random model.")
     parser.add_argument("--in-memory", type=int, nargs="*", default=[6], help="Depths also run in memory.")
+    parser.add_argument(
+        "--moe", type=int, nargs="*", default=[],
+        help="Depths of a random Mixtral (hidden 2048, 8 experts of 4096, 2 per token: 4 blocks are 1.0B parameters), "
+        "streamed and in memory.",
+    )  # fmt: skip
     parser.add_argument("--refmodel", action="store_true", help="Also ../shared/refmodel with 128 x 512 tokens.")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -201,6 +219,10 @@ def main() -> None:
         folder = random_model(Path(args.cache) / f"llama-4096x{layers}", layers)
         for method in args.methods:
             rows += measure(folder, f"random Llama 4096x{layers}", args, layers in args.in_memory, method)
+    for layers in args.moe:
+        folder = random_model(Path(args.cache) / f"mixtral-2048x{layers}", layers, moe=True)
+        for method in args.methods:
+            rows += measure(folder, f"random Mixtral 2048x{layers} (8 experts)", args, True, method)
     if args.refmodel:
         samples, args.num_samples = args.num_samples, 128
         for method in args.methods:

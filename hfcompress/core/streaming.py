@@ -171,12 +171,13 @@ class ShardedCheckpoint:
         by_fused: dict[str, list[str]] = {}
         for name, (fused, _, _) in experts.items():
             by_fused.setdefault(fused, []).append(name)
-        for fused, members in by_fused.items():  # one fused tensor in memory at a time
-            whole = self._model_tensors([fused], dtype)[fused]
+        for fused, members in by_fused.items():  # one fused tensor in memory at a time, as stored
+            whole = self._model_tensors([fused], None)[fused]
             for name in members:
                 _, expert, transposed = experts[name]
                 piece = whole[expert].t() if transposed else whole[expert]
-                set_module_tensor_to_device(model, name, "cpu", value=piece.clone())
+                cast = dtype is not None and piece.is_floating_point() and piece.dtype != dtype
+                set_module_tensor_to_device(model, name, "cpu", value=piece.to(dtype) if cast else piece.clone())
             del whole
 
     def _found(self):
