@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
-from helpers import read_safetensors, save_sharded_model, token_windows
+from helpers import failing_at_write, read_safetensors, save_sharded_model, token_windows
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (from_pretrained reads hfcompress checkpoints)
 from hfcompress.core.streaming import ShardedCheckpoint, tied_keys
 from hfcompress.evaluation import perplexity, streamed_perplexity
+from hfcompress.io import partial_dir
 from hfcompress.lowrank import LowRankConfig
 from hfcompress.pruning import OneShotPruningConfig
 from hfcompress.quantization import AWQConfig, GPTQConfig, KMeansConfig, RTNConfig
@@ -107,3 +108,17 @@ def test_streamed_perplexity_of_a_mixture_of_experts(models, tmp_path):
     loaded = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), windows)
     streamed = streamed_perplexity(out, windows)
     assert streamed == pytest.approx(loaded, rel=1e-4) and streamed != pytest.approx(whole, rel=1e-4)
+
+
+def test_a_killed_run_resumes_to_the_same_experts(models, tmp_path):
+    """Killed after the first block, the run resumes on a skeleton whose written experts are rebuilt from the
+    progress file, and writes what an uninterrupted run writes."""
+    config = GPTQConfig(bits=4, group_size=32, dataset=token_windows(4, 16))
+    whole = compress_folder(models["qwen2_moe"], tmp_path / "whole", config, OutputOptions(offload="disk"))
+    with failing_at_write(2), pytest.raises(RuntimeError, match="killed"):
+        compress_folder(models["qwen2_moe"], tmp_path / "out", config, OutputOptions(offload="disk"))
+    assert json.loads((partial_dir(tmp_path / "out") / "hfcompress_progress.json").read_text())["blocks_done"] == 1
+    resumed = compress_folder(models["qwen2_moe"], tmp_path / "out", config, OutputOptions(offload="disk", resume=True))
+    expected, written = read_safetensors(whole), read_safetensors(resumed)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
+    assert json.loads((resumed / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
