@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from .grids import SUPPORTED_BITS
 
-__all__ = ["SUPPORTED_BITS", "pack_bitmask", "pack_codes", "packed_width", "unpack_bitmask", "unpack_codes"]
+__all__ = [
+    "SUPPORTED_BITS", "dense_from_bitmask", "pack_bitmask", "pack_codes", "packed_width", "unpack_bitmask", "unpack_codes",
+]  # fmt: skip
 
 _MASK32 = 0xFFFFFFFF
 
@@ -111,3 +113,10 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     bits = packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device)).ne(0)
     return bits.view(packed.shape[0], -1)[:, :cols]
+
+
+def dense_from_bitmask(packed: torch.Tensor, values: torch.Tensor, cols: int) -> torch.Tensor:
+    """The [rows, cols] matrix whose non-zeros, row-major, are `values` where `packed` (`pack_bitmask`) is set."""
+    mask = unpack_bitmask(packed, cols)
+    dense = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
+    return dense.masked_scatter_(mask, values)

@@ -75,6 +75,9 @@ class StreamedTechnique:
     the layers outside the block stack."""
 
     desc = "blocks"  # the progress bar of a run without calibration
+    # whether layers an hfcompress checkpoint stores as bitmask + values are read as dense linears to compress
+    # again (`ShardedCheckpoint.skeleton(dense_bitmask=True)`); otherwise such a checkpoint is refused
+    reads_bitmask_layers = False
 
     def __init__(self, config, tokenizer=None):
         self.config = config
@@ -221,7 +224,8 @@ def stream_compress(
         raise ValueError(obstacle)
     checkpoint = ShardedCheckpoint(model_path)
     save_dtype = checkpoint.stored_dtype()
-    model = checkpoint.skeleton(task, save_dtype)  # the maths run in float32 (`core.precision`)
+    # the maths run in float32 (`core.precision`)
+    model = checkpoint.skeleton(task, save_dtype, dense_bitmask=technique.reads_bitmask_layers)
     if unfuse_experts(model):  # as in memory (`core.experts.run_on_expert_linears`); read expert by expert
         logger.info("mixture-of-experts layers held as one linear per expert")
     _, blocks = find_layer_stack(model)

@@ -30,6 +30,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 
 from .experts import expert_sources, stored_state
 from .memory import trim_heap
+from .packing import dense_from_bitmask
 from .stored_layout import StoredLayout
 from .tensor_file import read_header, read_tensors, tensor_names
 
@@ -92,6 +93,7 @@ class ShardedCheckpoint:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         self.weight_map: dict[str, str] = weight_map
         self.layout: StoredLayout | None = None  # set by `skeleton`: how the model's names map to the stored ones
+        self.bitmask_layers: dict[str, tuple[str, str, int]] = {}  # set by `skeleton(dense_bitmask=True)`
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the config says the weights are stored in (float32 when it does not say)."""
@@ -100,7 +102,11 @@ class ShardedCheckpoint:
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def skeleton(
-        self, task: str = "causal-lm", dtype: torch.dtype = torch.float32, compressed: bool = False
+        self,
+        task: str = "causal-lm",
+        dtype: torch.dtype = torch.float32,
+        compressed: bool = False,
+        dense_bitmask: bool = False,
     ) -> nn.Module:
         """The model with its parameters on the meta device (buffers such as rotary frequencies are computed on
         the CPU as usual); every key of its state dict must be in the checkpoint, except tied weights.
@@ -108,7 +114,11 @@ class ShardedCheckpoint:
         With `compressed`, a checkpoint whose config holds a `quantization_config` gets the layers it stores
         (packed codes, factors, bitmasks) in place of the dense ones, by the quantizer transformers' own
         `from_pretrained` would run (for hfcompress's: the rebuild registry), their tensors on the meta device too:
-        for passes that run a compressed model (streamed perplexity), not for compressing it again."""
+        for passes that run a compressed model (streamed perplexity), not for compressing it again.
+
+        With `dense_bitmask` instead, the layers of an hfcompress checkpoint stored as bitmask + non-zero values
+        (its manifest's `sparse` section) are plain linears whose weights are read dense, zeros included: to
+        compress a pruned model again (quantization densifies them in memory too)."""
         config = AutoConfig.from_pretrained(self.folder)
         quantized = getattr(config, "quantization_config", None) if compressed else None
         with init_empty_weights(include_buffers=False):
@@ -121,6 +131,7 @@ class ShardedCheckpoint:
         model.config._name_or_path = os.fspath(self.folder)
         # an hfcompress checkpoint stores the model's own names; loading skips the conversions (`checkpoint.hf_quantizer`)
         self.layout = None if quantized is not None else StoredLayout(model, self.weight_map)
+        self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and quantized is None else {}
         found = self._found()
         missing = [k for k in model.state_dict() if k not in found and k not in tied_keys(model)]
         if missing:
@@ -138,9 +149,23 @@ class ShardedCheckpoint:
             )
         return model.eval()
 
+    def _bitmask_layers(self, config, model: nn.Module) -> dict[str, tuple[str, str, int]]:
+        """{dense weight name: (bitmask key, values key, columns)} of the layers the checkpoint's hfcompress
+        manifest stores as bitmask + values (`sparse`); values are `weight`, or `weight_values` before format 6."""
+        manifest = getattr(config, "quantization_config", None)  # `AutoConfig` leaves it a dict
+        if not isinstance(manifest, dict) or manifest.get("quant_method") != "hfcompress":
+            return {}
+        shapes = {n: t.shape for n, t in model.state_dict().items()}
+        layers = {}
+        for layer in manifest.get("sparse") or {}:
+            legacy = f"{layer}.weight_values"
+            values = legacy if legacy in self.weight_map else f"{layer}.weight"
+            layers[f"{layer}.weight"] = (f"{layer}.weight_bitmask", values, shapes[f"{layer}.weight"][1])
+        return layers
+
     def _reshaped(self, model: nn.Module) -> list[tuple[str, list[int], list[int]]]:
         """The model tensors stored under their own names in another shape (a compressed layer's values)."""
-        expected = {n: list(t.shape) for n, t in model.state_dict().items()}
+        expected = {n: list(t.shape) for n, t in model.state_dict().items() if n not in self.bitmask_layers}
         direct = [n for n in expected if n in self.weight_map and (self.layout is None or self.layout.is_direct(n))]
         shapes = {}
         for file in dict.fromkeys(self.weight_map[n] for n in direct):
@@ -181,12 +206,20 @@ class ShardedCheckpoint:
             del whole
 
     def _found(self):
-        return self.layout.targets() if self.layout is not None else self.weight_map
+        found = self.layout.targets() if self.layout is not None else self.weight_map
+        return set(found) | set(self.bitmask_layers) if self.bitmask_layers else found
 
     def _model_tensors(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in [n for n in names if n in self.bitmask_layers]:
+            bitmask, values, columns = self.bitmask_layers[name]
+            stored = self.read([bitmask, values])
+            dense = dense_from_bitmask(stored[bitmask], stored[values], columns)
+            tensors[name] = dense if dtype is None else dense.to(dtype)
+        names = [n for n in names if n not in self.bitmask_layers]
         if self.layout is None:
-            return self.read(names, dtype)
-        return self.layout.read(names, self.read, dtype)
+            return tensors | self.read(names, dtype)
+        return tensors | self.layout.read(names, self.read, dtype)
 
 
 def stored_names(model: nn.Module, prefix: str = "") -> list[str]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import manifest_of, update_manifest
 from ..core.experts import run_on_expert_linears
-from ..core.packing import pack_bitmask, unpack_bitmask
+from ..core.packing import dense_from_bitmask, pack_bitmask, unpack_bitmask
 from ..core.structure import find_linears, set_submodule
 
 __all__ = [
@@ -77,9 +77,7 @@ class SparseLinear(nn.Module):
         return getattr(self, self.VALUES)
 
     def dense_weight(self) -> torch.Tensor:
-        mask = unpack_bitmask(self.weight_bitmask, self.in_features)
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=mask.device)
-        return weight.masked_scatter_(mask, self.values)
+        return dense_from_bitmask(self.weight_bitmask, self.values, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(

@@ -138,6 +138,18 @@ def _combinable_config(model: nn.Module) -> HfcompressQuantizationConfig | None:
     return manifest
 
 
+def extend_read_manifest(model: nn.Module) -> None:
+    """For a skeleton whose bitmask layers are read dense (`ShardedCheckpoint.skeleton(dense_bitmask=True)`): the
+    manifest its config holds as `AutoConfig` read it (a dict) becomes the manifest quantization extends, its
+    bitmask layers dropped, as `quantize_uniform` leaves it in memory; an already quantized model is refused."""
+    qconfig = getattr(model.config, "quantization_config", None)
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == "hfcompress":
+        manifest = HfcompressQuantizationConfig.from_dict(qconfig)
+        manifest.sparse = {}
+        model.config.quantization_config = manifest
+    _combinable_config(model)
+
+
 def _densify_sparse_layers(model: nn.Module) -> set[str]:
     """Bitmask-stored layers become plain linears (zeros included) so they can be quantized; their names."""
     names = {name for name, m in model.named_modules() if isinstance(m, SparseLinear)}

@@ -18,7 +18,7 @@ from ..core.experts import expert_tokens
 from ..core.streamed_run import StreamedTechnique, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight
-from .api import attach_quantization_config, replace_with_rtn, select_targets, stores_g_idx
+from .api import attach_quantization_config, extend_read_manifest, replace_with_rtn, select_targets, stores_g_idx
 from .compensated_linear import compensation_plan
 from .compensation_streaming import correct_shards, save_factors
 from .config import GPTQConfig, RTNConfig
@@ -71,7 +71,14 @@ class UniformQuantization(StreamedTechnique):
     def calibrated(self) -> bool:
         return isinstance(self.config, GPTQConfig)
 
+    @property
+    def reads_bitmask_layers(self) -> bool:
+        # GPTQ and RTN quantize a pruned model's bitmask layers densified, zeros kept (`keep_sparsity`), as in memory
+        return type(self) is UniformQuantization and type(self.config) in (RTNConfig, GPTQConfig)
+
     def targets(self, model):
+        if self.reads_bitmask_layers:
+            extend_read_manifest(model)
         targets = select_targets(model, self.config)
         self.plans = plan_layers(model, targets, self.config)
         if isinstance(self.config, GPTQConfig):  # GPTQ only: the AWQ subclass calibrates too, with no compensation

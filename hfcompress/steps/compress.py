@@ -107,7 +107,10 @@ def _compress_streaming(
     task = getattr(config, "task", "causal-lm")
     if options.eval_dataset:
         require_tokenizer(tokenizer, model, "the evaluation data")
-    record = base_record(ShardedCheckpoint(model).skeleton(task), model, options, tokenizer, streamed=True)
+    # the model as `from_pretrained` loads it (a pruned model's bitmask layers as such), as a run in memory counts it
+    record = base_record(
+        ShardedCheckpoint(model).skeleton(task, compressed=True), model, options, tokenizer, streamed=True
+    )
     with resumable_output_dir(output, options.overwrite, options.resume) as (staging, earlier):
         start = time.perf_counter()
         compressed = technique.stream(model, staging, config, tokenizer, resume=earlier, **step_options)

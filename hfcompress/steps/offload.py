@@ -15,6 +15,7 @@ from ..core.registry import Technique
 from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
 from ..io import weight_bytes
+from ..quantization.config import GPTQConfig, RTNConfig
 from .loading import DTYPES, checkpoint_dtype
 from .options import OutputOptions
 
@@ -57,7 +58,7 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
     if options.resume and options.offload != "disk":
         raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
     refused = _streaming_refusal(technique, config, options, step_options)
-    obstacle = compressed_input(model)
+    obstacle = compressed_input(model, reads_bitmask=type(config) in (RTNConfig, GPTQConfig))
     return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused, obstacle=obstacle)
 
 
@@ -112,9 +113,10 @@ def memory_shortfall(model: str, dtype: str, limit: int | None) -> tuple[int, in
     return (needed, limit, held) if needed > limit else None
 
 
-def compressed_input(model: str) -> str | None:
-    """Why compressing `model` cannot stream it because hfcompress already compressed its layers (they are read
-    whole: a bitmask-sparse layer is densified, a quantized one refused), or None."""
+def compressed_input(model: str, reads_bitmask: bool = False) -> str | None:
+    """Why compressing `model` cannot stream it because hfcompress already compressed its layers (loaded whole,
+    a bitmask-sparse layer is densified, a quantized one refused), or None. With `reads_bitmask` (GPTQ and RTN),
+    bitmask layers alone stream, read dense (`ShardedCheckpoint.skeleton(dense_bitmask=True)`)."""
     path = Path(model) / "config.json"
     if not path.is_file():
         return None
@@ -122,7 +124,7 @@ def compressed_input(model: str) -> str | None:
     if manifest.get("quant_method") != "hfcompress":
         return None
     sections = HfcompressQuantizationConfig.from_dict(manifest).sections_in_use()
-    if not sections:
+    if not sections or (reads_bitmask and sections == ["sparse"]):
         return None
     return (
         f"{model!r} holds layers hfcompress already compressed ({', '.join(sections)}), which streaming does not "

@@ -140,31 +140,58 @@ def test_a_checkpoint_whose_names_do_not_match_the_model_is_refused(models, tmp_
         ShardedCheckpoint(folder).skeleton()
 
 
-def test_a_checkpoint_hfcompress_compressed_loads_whole_to_be_compressed_again(models, tmp_path, caplog):
-    """A bitmask-pruned checkpoint stores each pruned layer's non-zero values (1-D) under the weight's name:
-    quantizing it with --offload disk loads it whole (densifying those layers, as without --offload), saying why,
-    and the skeleton of its dense model refuses to read it, naming the tensor."""
+@pytest.fixture(scope="module")
+def bitmask_pruned(tmp_path_factory):
+    """A model pruned to 50% and saved as bitmask + values (each pruned layer's non-zeros, 1-D, under the weight's
+    name), float16, in several shards."""
     from hfcompress.pruning import OneShotPruningConfig, compress_sparse, prune_oneshot
 
     model = tiny_model("llama")
     prune_oneshot(model, OneShotPruningConfig(method="magnitude", sparsity=0.5))
     compress_sparse(model.half())
-    model.save_pretrained(tmp_path / "pruned")
+    folder = tmp_path_factory.mktemp("pruned") / "model"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_bitmask_pruned_checkpoint_streams_into_quantization(bitmask_pruned, tmp_path, method):
+    """Pruned, then quantized streamed: the bitmask layers are read dense (zeros kept by `keep_sparsity`), and the
+    run writes the tensors and manifest (pruning recorded, sparse quantized layers listed) of the run in memory."""
+    memory, disk = _both(bitmask_pruned, tmp_path, CONFIGS[method]())
+    record = json.loads((disk / "hfcompress_record.json").read_text())
+    assert record["steps"][-1]["config"]["offload"] == "disk"
+    expected, streamed = read_safetensors(memory), read_safetensors(disk)
+    assert streamed.keys() == expected.keys() and any(key.endswith(".weight_bitmask") for key in streamed)
+    for key, tensor in expected.items():
+        assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
+    config = json.loads((disk / "config.json").read_text())
+    assert config == json.loads((memory / "config.json").read_text())
+    assert config["quantization_config"]["pruning"]["method"] == "magnitude"
+
+
+def test_compressed_layers_a_technique_cannot_read_load_whole(bitmask_pruned, tmp_path, caplog):
+    """k-means does not read bitmask layers dense: with --offload disk the run loads the model whole, saying why,
+    and then does what it does without --offload (here: finds no plain linears to quantize); a skeleton of the
+    dense model asked to read the bitmask layers as they are refuses, naming the tensor."""
+    from hfcompress.quantization import KMeansConfig
+
     with pytest.raises(
         ValueError,
         match=r"stored in another shape .* \(first: 'model.layers.0.self_attn.q_proj.weight', stored \[2048\], expected \[64, 64\]\)",
     ):
-        ShardedCheckpoint(tmp_path / "pruned").skeleton()
-    config = RTNConfig(bits=4, group_size=32)
-    with caplog.at_level(logging.WARNING, logger="hfcompress"):
-        disk = compress_folder(tmp_path / "pruned", tmp_path / "disk", config, OutputOptions(offload="disk"))
+        ShardedCheckpoint(bitmask_pruned).skeleton()
+    config = KMeansConfig(bits=3, iters=2)
+    with pytest.raises(ValueError, match="no linear layers to quantize") as in_memory:
+        compress_folder(bitmask_pruned, tmp_path / "memory", config)
+    with caplog.at_level(logging.WARNING, logger="hfcompress"), pytest.raises(ValueError) as streamed:
+        compress_folder(bitmask_pruned, tmp_path / "disk", config, OutputOptions(offload="disk"))
+    assert str(streamed.value) == str(in_memory.value)
     assert any(
         "already compressed (sparse)" in r.getMessage() and "loading it whole" in r.getMessage() for r in caplog.records
     )
-    assert (
-        read_safetensors(disk).keys()
-        == read_safetensors(compress_folder(tmp_path / "pruned", tmp_path / "memory", config)).keys()
-    )
+    assert not (tmp_path / "disk").exists()
 
 
 def _mapped_from(path: Path) -> list[tuple[int, int]]:
