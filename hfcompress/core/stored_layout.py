@@ -84,6 +84,33 @@ class StoredLayout:
                     tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return tensors
 
+    def read_part(
+        self, name: str, index: int, parts: int, read_stored: ReadStored, dtype: torch.dtype | None
+    ) -> torch.Tensor | None:
+        """Part `index` of `parts` along the first dimension of model tensor `name` (expert `index` of a fused
+        experts tensor) made from that part's stored tensors alone, when the conversion stacks one stored tensor
+        per part from each source (`MergeModulelist`, what loading does to per-expert checkpoints); None when it
+        does not (the caller then reads the whole tensor)."""
+        sources = self._sources.get(name)
+        if sources is None or self._made_by[name] != name or sources[0][1] is None:
+            return None
+        by_pattern: dict[str, list[str]] = {}
+        for key, pattern in sources:
+            by_pattern.setdefault(pattern, []).append(key)
+        if any(len(keys) != parts for keys in by_pattern.values()):
+            return None
+        keys = {pattern: keys[index] for pattern, keys in by_pattern.items()}
+        stored = read_stored(list(keys.values()), None)
+        converter = copy.deepcopy(self._converters[sources[0][1]])
+        for pattern, key in keys.items():
+            converter.add_tensor(name, key, pattern, stored.pop(key))
+        made = converter.convert(name, config=self._config).get(name)
+        made = made[0] if isinstance(made, list) else made
+        if made is None or made.shape[0] != 1:
+            return None
+        part = made[0]
+        return part.to(dtype) if dtype is not None and part.is_floating_point() else part
+
     def _convert(self, first: str, read_stored: ReadStored) -> dict[str, torch.Tensor]:
         sources = self._sources[first]
         stored = read_stored([key for key, _ in sources], None)  # converted as stored, cast after, as loading does

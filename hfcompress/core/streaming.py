@@ -196,14 +196,25 @@ class ShardedCheckpoint:
         by_fused: dict[str, list[str]] = {}
         for name, (fused, _, _) in experts.items():
             by_fused.setdefault(fused, []).append(name)
-        for fused, members in by_fused.items():  # one fused tensor in memory at a time, as stored
-            whole = self._model_tensors([fused], None)[fused]
+        for fused, members in by_fused.items():
+            whole = None  # read only where an expert cannot be made from its own stored tensors
             for name in members:
                 _, expert, transposed = experts[name]
-                piece = whole[expert].t() if transposed else whole[expert]
+                piece = self._expert_part(fused, expert, model.get_submodule(fused.rpartition(".")[0]).num_experts)
+                if piece is None:
+                    whole = self._model_tensors([fused], None)[fused] if whole is None else whole  # as stored
+                    piece = whole[expert]
+                piece = piece.t() if transposed else piece
                 cast = dtype is not None and piece.is_floating_point() and piece.dtype != dtype
                 set_module_tensor_to_device(model, name, "cpu", value=piece.to(dtype) if cast else piece.clone())
             del whole
+
+    def _expert_part(self, fused: str, expert: int, experts: int) -> torch.Tensor | None:
+        """Expert `expert`'s slice of the fused tensor `fused`, made from that expert's stored tensors alone (a
+        per-expert checkpoint: a block of experts never in memory twice), or None."""
+        if self.layout is None:
+            return None
+        return self.layout.read_part(fused, expert, experts, self.read, None)
 
     def _found(self):
         found = self.layout.targets() if self.layout is not None else self.weight_map
