@@ -41,6 +41,7 @@ def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
     if not targets:
         raise ValueError(
             f"no linear layers to quantize in {type(model).__name__} (excluded: {config.modules_to_not_convert})"
+            + bitmask_hint(model)
         )
     tied = _tied_weights(model, targets)
     if tied:
@@ -48,6 +49,18 @@ def select_targets(model: nn.Module, config: RTNConfig) -> dict[str, nn.Module]:
             f"cannot quantize {tied}: the weight is tied to an embedding; add it to modules_to_not_convert"
         )
     return targets
+
+
+def bitmask_hint(model: nn.Module) -> str:
+    """What to do when a model's linears are all stored as bitmask + values (a model pruned with `--storage
+    bitmask`), which only GPTQ and round-to-nearest read dense; "" otherwise."""
+    stored = sum(isinstance(m, SparseLinear) for m in model.modules())
+    if not stored:
+        return ""
+    return (
+        f": its {stored} pruned linears are stored as bitmask + values (pruned with --storage bitmask), which only "
+        "gptq and rtn quantize (zeros kept); prune with --storage dense to use this method"
+    )
 
 
 def _tied_weights(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:

@@ -12,6 +12,7 @@ from ..checkpoint import manifest_of, update_manifest
 from ..core.structure import candidate_linears, linear_weight, set_submodule
 from ..core.walk import for_each_block_hessian
 from ..data import calibration_data
+from .api import bitmask_hint
 from .codebook import kmeans_quantize, vq_quantize
 from .codebook_config import KMeansConfig, VQConfig
 from .codebook_linear import CodebookLinear
@@ -38,7 +39,7 @@ def codebook_targets(model: nn.Module, config: KMeansConfig | VQConfig) -> dict[
     and books do not tile."""
     targets = candidate_linears(model, config.modules_to_not_convert)
     if not targets:
-        raise ValueError(f"no linear layers to quantize in {type(model).__name__}")
+        raise ValueError(f"no linear layers to quantize in {type(model).__name__}" + bitmask_hint(model))
     _check_shapes(targets, config)
     return targets
 
