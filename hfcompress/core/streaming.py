@@ -94,6 +94,7 @@ class ShardedCheckpoint:
         self.weight_map: dict[str, str] = weight_map
         self.layout: StoredLayout | None = None  # set by `skeleton`: how the model's names map to the stored ones
         self.bitmask_layers: dict[str, tuple[str, str, int]] = {}  # set by `skeleton(dense_bitmask=True)`
+        self._known: frozenset[str] | None = None  # set by `skeleton`: the model tensors the checkpoint fills
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the config says the weights are stored in (float32 when it does not say)."""
@@ -132,6 +133,8 @@ class ShardedCheckpoint:
         # an hfcompress checkpoint stores the model's own names; loading skips the conversions (`checkpoint.hf_quantizer`)
         self.layout = None if quantized is not None else StoredLayout(model, self.weight_map)
         self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and quantized is None else {}
+        known = self.layout.targets() if self.layout is not None else self.weight_map.keys()
+        self._known = frozenset(known) | frozenset(self.bitmask_layers)
         found = self._found()
         missing = [k for k in model.state_dict() if k not in found and k not in tied_keys(model)]
         if missing:
@@ -217,8 +220,7 @@ class ShardedCheckpoint:
         return self.layout.read_part(fused, expert, experts, self.read, None)
 
     def _found(self):
-        found = self.layout.targets() if self.layout is not None else self.weight_map
-        return set(found) | set(self.bitmask_layers) if self.bitmask_layers else found
+        return self._known if self._known is not None else self.weight_map
 
     def _model_tensors(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         tensors = {}

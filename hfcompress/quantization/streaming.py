@@ -28,7 +28,7 @@ from .modules import QuantLinear
 from .plan import plan_layers, sparsity_mask
 from .sparse_quant import SparseQuantLinear
 
-__all__ = ["SmoothingOnly", "UniformQuantization", "quantize_streaming"]
+__all__ = ["SmoothingOnly", "UniformQuantization", "quantize_streaming", "reads_bitmask_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ def quantize_streaming(
     return stream_compress(model_path, folder, UniformQuantization(config, tokenizer), task, resume, format)
 
 
+def reads_bitmask_layers(config) -> bool:
+    """Whether `config` quantizes a pruned model's bitmask layers read dense, zeros kept (`keep_sparsity`), as it
+    does in memory: GPTQ and round-to-nearest."""
+    return type(config) in (RTNConfig, GPTQConfig)
+
+
 class UniformQuantization(StreamedTechnique):
     desc = "round-to-nearest blocks"
 
@@ -73,8 +79,7 @@ class UniformQuantization(StreamedTechnique):
 
     @property
     def reads_bitmask_layers(self) -> bool:
-        # GPTQ and RTN quantize a pruned model's bitmask layers densified, zeros kept (`keep_sparsity`), as in memory
-        return type(self) is UniformQuantization and type(self.config) in (RTNConfig, GPTQConfig)
+        return type(self) is UniformQuantization and reads_bitmask_layers(self.config)
 
     def targets(self, model):
         if self.reads_bitmask_layers:

@@ -15,7 +15,7 @@ from ..core.registry import Technique
 from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
 from ..io import weight_bytes
-from ..quantization.config import GPTQConfig, RTNConfig
+from ..quantization.streaming import reads_bitmask_layers
 from .loading import DTYPES, checkpoint_dtype
 from .options import OutputOptions
 
@@ -58,7 +58,7 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
     if options.resume and options.offload != "disk":
         raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
     refused = _streaming_refusal(technique, config, options, step_options)
-    obstacle = compressed_input(model, reads_bitmask=type(config) in (RTNConfig, GPTQConfig))
+    obstacle = compressed_input(model, reads_bitmask=reads_bitmask_layers(config))
     return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused, obstacle=obstacle)
 
 
