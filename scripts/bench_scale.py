@@ -15,6 +15,8 @@ the compression record says (`getrusage`), its wall time is measured around the 
     python scripts/bench_scale.py --layers --refmodel --methods sparsegpt whiten
     python scripts/bench_scale.py --layers --processes 2 --repeats 3   # refmodel in memory: 1 process against 2
     python scripts/bench_scale.py --layers --moe 4      # a random 4-block Mixtral, streamed and in memory
+    python scripts/bench_scale.py --layers 1 --in-memory --methods gptq-f64 --stream-processes 2
+        # streamed by 2 processes (torchrun, gloo) against one process of all cores and one of as many threads
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ METHODS = {
     "awq": (["quantize", "awq"], ["--bits", "4", "--group-size", "128"], True),
     "w8a8": (["quantize", "w8a8"], ["--smoothquant", "0.5"], True),
     # GPTQ w4 g128 with a low-rank correction of 0.25 bits per weight; AWQ and W8A8 with GPTQ weights (two passes)
+    "gptq-f64": (["quantize", "gptq"], ["--bits", "4", "--group-size", "128", "--hessian-dtype", "float64"], True),
     "gptq-comp": (["quantize", "gptq"], ["--bits", "4", "--group-size", "128", "--compensation-bits", "0.25"], True),
     "awq-gptq": (["quantize", "awq"], ["--bits", "4", "--group-size", "128", "--weights", "gptq"], True),
     "w8a8-gptq": (["quantize", "w8a8"], ["--smoothquant", "0.5", "--weights", "gptq"], True),
@@ -94,10 +97,18 @@ METHODS = {
 
 
 def run(
-    model: Path, output: Path, stream: bool, num_samples: int, seq_len: int, processes: int = 1, method: str = "gptq"
+    model: Path,
+    output: Path,
+    stream: bool,
+    num_samples: int,
+    seq_len: int,
+    processes: int = 1,
+    method: str = "gptq",
+    threads: int | None = None,
 ) -> dict:
-    """One run of `method` (with `processes` > 1: under torchrun, gloo, the cores shared); its wall time and the
-    peak memory its record gives (rank 0's)."""
+    """One run of `method` (with `processes` > 1: under torchrun, gloo, the cores shared; `threads`: the threads of
+    each process, by default the cores shared by the processes); its wall time and the peak memory its record
+    gives (rank 0's)."""
     shutil.rmtree(output, ignore_errors=True)
     words, options, calibrated = METHODS[method]
     command = [
@@ -109,14 +120,17 @@ def run(
     env = dict(os.environ)
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), *command]
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+        threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     subprocess.run([sys.executable, *command], check=True, env=env)
     seconds = time.perf_counter() - start
     record = json.loads((output / "hfcompress_record.json").read_text())
     peak = record["steps"][-1]["memory"]["peak_rss_bytes"] / 2**20
     # each run as it ends (the table comes at the end, and the next run deletes this one's output)
-    print(f"{model.name}, {method}, {'stream' if stream else 'memory'}: {peak:,.0f} MiB, {seconds:.1f} s", flush=True)
+    how = ("stream" if stream else "memory") + (f", {processes} processes" if processes > 1 else "")
+    print(f"{model.name}, {method}, {how}: {peak:,.0f} MiB, {seconds:.1f} s", flush=True)
     return {"seconds": seconds, "peak_rss_mb": peak}
 
 
@@ -166,7 +180,33 @@ def measure(model: Path, name: str, args, in_memory: bool, method: str = "gptq")
                 "same_tensors": equal,
             }
         )
+    if args.stream_processes > 1 and METHODS[method][2]:
+        rows += stream_processes(model, name, args, method, out)
     return rows
+
+
+def stream_processes(model: Path, name: str, args, method: str, out: Path) -> list[dict]:
+    """`method` streamed by `args.stream_processes` processes (rank 0's peak), and by one process of as many
+    threads as each of them has: the codes are compared with that one (float32 products change with the thread
+    count; with float64 Hessians, `gptq-f64`, the split of the batches changes nothing)."""
+    n = args.stream_processes
+    threads = max(1, (os.cpu_count() or 1) // n)
+    runs = {"split": [], "one": []}
+    for _ in range(args.repeats):
+        runs["split"].append(run(model, out / "split", True, args.num_samples, args.seq_len, n, method))
+        runs["one"].append(run(model, out / "one", True, args.num_samples, args.seq_len, 1, method, threads))
+    equal = same_tensors(out / "split", out / "one")
+    labels = {"split": f"stream, {n} processes", "one": f"stream, 1 process of {threads} thread(s)"}
+    return [
+        {
+            "model": name,
+            "path": f"{method}, {labels[key]}",
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[key]),
+            "seconds": statistics.median(r["seconds"] for r in runs[key]),
+            "same_tensors": equal,
+        }
+        for key in runs
+    ]
 
 
 def processes(args) -> list[dict]:
@@ -204,10 +244,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each path (median time, largest peak).")
     parser.add_argument("--processes", type=int, default=1, help="Also refmodel in memory with this many processes.")
     parser.add_argument(
+        "--stream-processes", type=int, default=1,
+        help="Also stream each calibrated method with this many processes (torchrun, gloo), against one process.",
+    )  # fmt: skip
+    parser.add_argument(
         "--methods", nargs="+", default=["gptq"], choices=list(METHODS),
         help="Techniques to run: GPTQ or RTN w4 g128, SparseGPT, Wanda or magnitude pruning to 50%%, whitened SVD at "
         "0.8 of the parameters (uniform), scalar k-means at 4 bits, AWQ w4 g128, W8A8 (SmoothQuant 0.5), and GPTQ "
-        "w4 g128 with 0.25 bits of low-rank compensation (gptq-comp), AWQ and W8A8 with GPTQ weights (*-gptq).",
+        "w4 g128 with 0.25 bits of low-rank compensation (gptq-comp) or float64 Hessians (gptq-f64), AWQ and W8A8 with GPTQ weights (*-gptq).",
     )  # fmt: skip
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "decided_by_main",
     "first_windows",
     "gather_rows",
     "init_from_environment",
@@ -56,6 +57,16 @@ def init_from_environment() -> bool:
     dist.init_process_group(backend)
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
+
+
+def decided_by_main(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank: a choice each rank makes from what it sees (the memory free now) must be one
+    choice, or the ranks would run different collectives."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def shard_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:

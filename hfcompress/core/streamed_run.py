@@ -32,12 +32,14 @@ from transformers.utils.logging import tqdm
 from ..data import calibration_data
 from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations, check_spill_space
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
+from .distributed import is_main, world_size
 from .experts import unfuse_experts
 from .memory import release_large_frees
 from .resume import PROGRESS_FILE, RunProgress, settings_digest
 from .streaming import (
     INDEX_FILE,
     BlockStream,
+    DroppedShards,
     ShardedCheckpoint,
     ShardWriter,
     output_names,
@@ -214,6 +216,8 @@ def stream_compress(
 
     Progress is kept in `folder` after every block; with `resume`, a run killed midway continues from its last
     written block (refused if the settings differ) and writes the same weights an uninterrupted run writes.
+    Across processes (`core.distributed`) every rank streams the model and calibrates on its share of the batches,
+    keeping its activations in its own `folder`; rank 0 alone writes the shards.
     Returns the model skeleton (every weight on the meta device) with its compressed layers and config in place,
     for the compression record. Refuses a model that cannot stream (see `core.streaming.streaming_obstacle`) and
     settings that cannot (`CompressionConfig.streaming_obstacle`), and a `format` other than "hfcompress" (the
@@ -271,7 +275,7 @@ def stream_compress(
     stream = BlockStream(
         model,
         checkpoint,
-        ShardWriter(folder, n_shards=len(blocks) + 1),
+        (ShardWriter if is_main() else DroppedShards)(folder, n_shards=len(blocks) + 1),
         dtype=save_dtype,
         on_onload=lambda block, prefix: technique.onload(block, prefix, _in_block(targets, prefix)),
         before_write=before_write,
@@ -301,7 +305,8 @@ def stream_compress(
     stream.writer.write(len(blocks), {n: t for n, t in tensors.items() if n not in skip})
     release(model)
     model.tie_weights()  # loading and releasing untie what the config ties; the record counts tied weights once
-    technique.complete(model, targets, stream.writer, save_dtype)
+    if is_main():  # what rewrites the shards reads them back: rank 0's
+        technique.complete(model, targets, stream.writer, save_dtype)
     stream.writer.finish()
 
     technique.finish(model, targets)
@@ -326,7 +331,10 @@ def stream_twice(
     checkpoint into `folder`: for a technique that, in memory too, changes the whole model before it calibrates
     it again (AWQ or SmoothQuant scales folded, then GPTQ on the smoothed model). The kept checkpoint costs a copy
     of the model on disk (in its stored dtype, as the run in memory holds it) until the second pass completes.
-    Each pass resumes where it stopped; the returned skeleton is the second's."""
+    Each pass resumes where it stopped; the returned skeleton is the second's. One process only: the second pass
+    reads the checkpoint the first wrote."""
+    if world_size() > 1:
+        raise ValueError("a run streamed in two passes (AWQ or SmoothQuant, then GPTQ) runs in one process")
     between = Path(folder) / FIRST_PASS
     if not (between / INDEX_FILE).is_file() or (between / PROGRESS_FILE).is_file():  # not complete
         _check_room_for_copy(model_path, folder)

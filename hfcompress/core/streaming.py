@@ -37,6 +37,7 @@ from .tensor_file import read_header, read_tensors, tensor_names
 __all__ = [
     "AUTO_CLASSES",
     "BlockStream",
+    "DroppedShards",
     "ReadingStream",
     "ShardWriter",
     "ShardedCheckpoint",
@@ -311,6 +312,20 @@ class ShardWriter:
                     total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+class DroppedShards(ShardWriter):
+    """A `ShardWriter` that writes nothing, for a process calibrating beside the one that writes (rank 0,
+    `core.distributed`): its blocks equal rank 0's, which writes them once."""
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        raise RuntimeError(f"shard {index} was written by rank 0 only; this process holds no shards to read back")
+
+    def finish(self) -> None:
+        pass
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

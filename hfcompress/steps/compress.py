@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
-from ..core.distributed import is_main, world_size
+from ..core.distributed import decided_by_main, is_main, rank, world_size
 from ..core.registry import Technique, technique_for
 from ..core.streaming import ShardedCheckpoint
 from ..core.structure import cast_unquantized
@@ -75,10 +76,14 @@ def compress_folder(
             raise ValueError(
                 f"{technique.name} does not run across processes yet (those that do: {', '.join(DISTRIBUTED)})"
             )
-        if stream:
-            raise ValueError("--offload disk does not run across processes yet: run one process, or --offload none")
+        stream = decided_by_main(stream)  # `--offload auto` weighs the memory free now, which each rank sees apart
+        if stream and options.resume:
+            raise ValueError(
+                "--resume continues a run of one process (the ranks' progress is not kept together): "
+                "resume it in one process, or start over across processes without --resume"
+            )
         if not is_main():  # calibrates its share with the others; rank 0 writes
-            _follow(technique, model, config, options)
+            _follow(technique, model, config, options, step_options, stream)
             return Path(output)
     with claim_output(output, options.overwrite, inputs):
         if stream:
@@ -91,9 +96,14 @@ def compress_folder(
 DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank")
 
 
-def _follow(technique: Technique, model: str, config, options: OutputOptions) -> None:
-    """A rank other than 0: the same calibration and solves on its share of the data, nothing written."""
+def _follow(technique: Technique, model: str, config, options: OutputOptions, step_options: dict, stream: bool):
+    """A rank other than 0: the same calibration and solves on its share of the data, nothing written. Streamed,
+    its share of the activations is kept in a temporary folder of its own (`TMPDIR`), removed at the end."""
     tokenizer = load_tokenizer(model, required=False)
+    if stream:
+        with tempfile.TemporaryDirectory(prefix=f"hfcompress-rank{rank()}-") as scratch:
+            technique.stream(model, scratch, config, tokenizer, resume=False, **step_options)
+        return
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     technique.run(loaded, config, tokenizer)
 
@@ -121,6 +131,8 @@ def _compress_streaming(
             technique.record_kind, technique.method_of(config), *_settings(technique, config, compressed), seconds
         )
         step.config["offload"] = "disk"
+        if world_size() > 1:
+            step.config["processes"] = world_size()
         copy_model_extras(model, staging)
         quality = quality_metrics(compressed, options, tokenizer, folder=staging, streamed=True)
         finish_output(record, step, compressed, options, staging, quality, requires_hfcompress=needs_hfcompress(staging),

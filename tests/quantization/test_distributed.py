@@ -1,6 +1,7 @@
 """GPTQ, one-shot pruning and factorization across two processes (torchrun, gloo on CPU): each rank calibrates
 half the windows, the Hessians (and sensitivity losses) are summed over ranks, rank 0 writes, and the model
-computes what the one-process model on all the windows does (with float64 Hessians, the very same codes)."""
+computes what the one-process model on all the windows does (with float64 Hessians, the very same codes), in
+memory or streamed from disk block by block."""
 
 import json
 import os
@@ -95,6 +96,43 @@ def test_two_processes_write_the_codes_of_one(tmp_path, hessian_dtype):
         a = AutoModelForCausalLM.from_pretrained(tmp_path / "one")(ids).logits
         b = AutoModelForCausalLM.from_pretrained(tmp_path / "two")(ids).logits
     assert (a - b).abs().mean() <= 0.05 * a.std()
+
+
+def _tensors(folder):
+    """Every tensor of the checkpoint in `folder`, one file or shards."""
+    return {k: v for file in sorted(folder.glob("model*.safetensors")) for k, v in load_file(file).items()}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation", "8", "--hessian-dtype", "float64"),
+        (*SPARSEGPT, "--hessian-dtype", "float64"),
+    ],
+    ids=["gptq-compensated", "sparsegpt"],
+)
+def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command, monkeypatch):
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))  # where rank 1 keeps its activations
+    assert _quantize(tmp_path, tmp_path / "one", 1, command).returncode == 0
+    result = _quantize(tmp_path, tmp_path / "two", 2, (*command, "--offload", "disk"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert len(list((tmp_path / "two").glob("model-*.safetensors"))) > 1  # written block by block
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+    step = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())["steps"][-1]
+    assert step["config"]["processes"] == 2 and step["config"]["offload"] == "disk"
+    assert not list((tmp_path / "scratch").glob("hfcompress-rank*"))  # rank 1's activations removed
+
+
+def test_a_run_across_processes_is_not_resumed(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    result = _quantize(tmp_path, tmp_path / "out", 2, ("quantize", "gptq", "--offload", "disk", "--resume"))
+    assert result.returncode != 0 and "--resume continues a run of one process" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_what_does_not_run_across_processes_is_refused(tmp_path):
