@@ -280,9 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the handlers that run across processes (torchrun, accelerate launch): the technique commands, each technique then
+# saying whether it does (`steps.compress.DISTRIBUTED`); every other command would run whole in every process
+ACROSS_PROCESSES = ("hfcompress.commands.compress:run_compress",)
+
+
 def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     """Run the handler chosen by the parsed `args`; user errors become one line on stderr and exit code 2."""
     _configure_logging(getattr(args, "quiet", False))
+    if _launched() and getattr(args, HANDLER) not in ACROSS_PROCESSES:
+        print(
+            f"{prog}: error: `{prog} {args.command}` runs in one process, not under a launcher (torchrun or accelerate "
+            f"launch started {os.environ['WORLD_SIZE']}): run it without one; quantize gptq and rtn, prune oneshot and "
+            "factorize run across processes",
+            file=sys.stderr,
+        )
+        return 2
     if _launched():  # torchrun / accelerate launch: one process of several
         from ..core.distributed import init_from_environment, is_main
 

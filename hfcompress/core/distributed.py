@@ -13,6 +13,7 @@ every process runs as many threads as the single one did (the thread count chang
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 
@@ -35,6 +36,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# how long a collective waits for the other ranks (a launcher stops every rank when one fails, so only a true hang
+# waits this long)
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -54,7 +59,8 @@ def init_from_environment() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    # the other ranks wait for rank 0 to write and evaluate a large model: longer than the default half hour
+    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
 

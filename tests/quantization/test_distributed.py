@@ -135,14 +135,25 @@ def test_a_run_across_processes_is_not_resumed(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_what_does_not_run_across_processes_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("words", "options", "message"),
+    [
+        (["quantize", "kmeans"], ["--bits", "3"], "kmeans does not run across processes yet"),
+        # a command that is no technique's would run whole in each process, racing for OUTPUT
+        (["search"], ["--budget", "bits=3.5", "--techniques", "gptq", "--dataset", "calib.txt", "--eval-dataset", "calib.txt"],
+         "`hfcompress search` runs in one process, not under a launcher (torchrun or accelerate launch started 2)"),
+    ],
+    ids=["kmeans", "search"],
+)  # fmt: skip
+def test_what_does_not_run_across_processes_is_refused(tmp_path, words, options, message):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    options = [str(tmp_path / o) if o == "calib.txt" else o for o in options]
     command = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-               "hfcompress", "quantize", "kmeans", str(tmp_path / "model"), str(tmp_path / "out"), "--bits", "3", "-q"]  # fmt: skip
+               "hfcompress", *words, str(tmp_path / "model"), str(tmp_path / "out"), *options, "-q"]  # fmt: skip
     result = subprocess.run([sys.executable, *command], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode != 0 and "kmeans does not run across processes yet" in result.stderr
+    assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "out").exists()
 
 
