@@ -7,6 +7,7 @@ import functools
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -178,6 +179,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
     assert len(wrapped) <= VOCAB
     return wrapped
+
+
+def save_deep_model(folder: Path) -> Path:
+    """An 8-block float16 Llama in 500 KB shards, with calibration text beside it (`calib.txt`): deep enough to
+    kill a streamed run halfway."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256,
+    )  # fmt: skip
+    LlamaForCausalLM(config).half().save_pretrained(folder, max_shard_size="500KB")
+    tiny_tokenizer().save_pretrained(folder)
+    (Path(folder) / "calib.txt").write_text(python_text()[:60_000])
+    return Path(folder)
 
 
 def save_tiny_model(folder, arch: str = "llama") -> None:

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "barrier",
     "decided_by_main",
+    "extremes",
     "first_windows",
     "gather_rows",
     "init_from_environment",
@@ -73,6 +75,21 @@ def decided_by_main(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def extremes(value: int) -> tuple[int, int]:
+    """The smallest and the largest of every rank's `value`."""
+    if world_size() == 1:
+        return value, value
+    both = torch.tensor([-value, value], dtype=torch.int64)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return int(-both[0]), int(both[1])
+
+
+def barrier() -> None:
+    """Wait until every rank is here (nothing with one process)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def shard_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -51,6 +51,7 @@ class RunProgress:
     def __init__(self, folder: str | os.PathLike, settings: dict):
         self.folder = Path(folder)
         self.settings = json.loads(json.dumps(settings, sort_keys=True))
+        self.inputs: str | None = None  # the folder the last save named as the next block's inputs
 
     def load(self) -> dict | None:
         """What an earlier run in this folder finished (`blocks_done`, `layers`), or None if nothing; refuses a
@@ -67,25 +68,36 @@ class RunProgress:
                 f"cannot resume: the unfinished run in {os.fspath(self.folder)!r} used other settings ({details}); "
                 "run the same command as before with --resume, or without --resume to start over"
             )
+        self.inputs = state.get("inputs")
         return state
+
+    def step_back(self, state: dict, prefix: str, calibrated: bool = True) -> dict | None:
+        """`state` (as `load` gave it) one block earlier, the block `prefix` to be done again; a `calibrated` run
+        from the inputs the save before named (kept until every rank had saved past them:
+        `core.streaming.BlockStream.offload`). None for the first block of a calibrated run (its inputs are
+        captured again)."""
+        if calibrated and (state["blocks_done"] == 1 or state.get("previous") is None):
+            return None
+        layers = {n: v for n, v in state["layers"].items() if not n.startswith(prefix + ".")}
+        self.inputs = state.get("previous")
+        return {**state, "blocks_done": state["blocks_done"] - 1, "layers": layers, "inputs": self.inputs}
 
     def save(self, blocks_done: int, layers: dict, next_inputs: SpilledActivations | None) -> None:
         """Record `blocks_done` blocks written, `layers` (per written layer, what rebuilds its module), and the
         inputs of the next block (kept on disk inside this run's folder)."""
-        state = {"settings": self.settings, "blocks_done": blocks_done, "layers": layers}
+        state = {"settings": self.settings, "blocks_done": blocks_done, "layers": layers, "previous": self.inputs}
         if next_inputs is not None:
             if next_inputs.folder.parent != self.folder:
                 raise ValueError(f"the next block's inputs must be kept in {self.folder}, not {next_inputs.folder}")
-            state["inputs"] = next_inputs.folder.name
+            state["inputs"] = self.inputs = next_inputs.folder.name
         temporary = self.folder / (PROGRESS_FILE + ".tmp")
         temporary.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         os.replace(temporary, self.folder / PROGRESS_FILE)
 
     def next_inputs(self, first: list[BlockInputs]) -> SpilledActivations:
-        """The saved inputs of the next block, with the other arguments of `first` (the first block's inputs,
-        recomputed)."""
-        state = json.loads((self.folder / PROGRESS_FILE).read_text(encoding="utf-8"))
-        return SpilledActivations.reopen(self.folder / state["inputs"], first)
+        """The saved inputs of the next block (as `load` or `step_back` named them), with the other arguments of
+        `first` (the first block's inputs, recomputed)."""
+        return SpilledActivations.reopen(self.folder / self.inputs, first)
 
     def clear(self) -> None:
         """Remove the progress file and every kept activation (the run is complete)."""

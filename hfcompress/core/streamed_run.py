@@ -32,7 +32,7 @@ from transformers.utils.logging import tqdm
 from ..data import calibration_data
 from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations, check_spill_space
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
-from .distributed import is_main, world_size
+from .distributed import extremes, is_main, world_size
 from .experts import unfuse_experts
 from .memory import release_large_frees
 from .resume import PROGRESS_FILE, RunProgress, settings_digest
@@ -249,8 +249,11 @@ def stream_compress(
         "calibration": None if batches is None else settings_digest(batches),
         "blocks": len(blocks),
     }
+    if world_size() > 1:  # each rank resumes its own share
+        settings["processes"] = world_size()
     progress = RunProgress(folder, settings)
     state = progress.load() if resume else None
+    state = _agreed(progress, state, prefixes, batches is not None)
     start = state["blocks_done"] if state else 0
     layers: dict[str, Any] = dict(state["layers"]) if state else {}
     done = set()
@@ -379,6 +382,23 @@ def refuse_several_stacks(model: nn.Module, targets: dict[str, nn.Module], metho
             f"--offload disk calibrates one stack of blocks; {type(model).__name__} has {len(stacks)} holding layers "
             f"{method} changes ({', '.join(stacks)}): run it without --offload disk"
         )
+
+
+def _agreed(progress: RunProgress, state: dict | None, prefixes: list[str], calibrated: bool) -> dict | None:
+    """Across processes, the progress every rank resumes from: each saves its own after every block, so a kill can
+    leave a rank one block ahead of another; that rank steps back (the inputs it needs are kept until every rank
+    has saved past them)."""
+    if world_size() == 1:
+        return state
+    done = state["blocks_done"] if state else 0
+    low, high = extremes(done)
+    if high - low > 1:
+        raise ValueError(f"cannot resume: the ranks' progress is {low} to {high} blocks, more than one block apart")
+    if state is not None and done > low:
+        state = progress.step_back(state, prefixes[low], calibrated)
+        if state is None and low:  # kept until every rank saved past them: not seen unless files were removed
+            raise ValueError(f"cannot resume: this rank's inputs of block {low} are gone; run again without --resume")
+    return state
 
 
 def _first_inputs(

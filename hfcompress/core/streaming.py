@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 
+from .distributed import barrier
 from .experts import expert_sources, stored_state
 from .memory import trim_heap
 from .packing import dense_from_bitmask
@@ -387,6 +388,9 @@ class BlockStream:
         self.written += 1
         if self.after_write is not None:
             self.after_write(block, prefix, self.written, next_inputs)
+        # across processes, no rank drops this block's inputs before every rank saved its progress past it: a
+        # rank that a kill leaves a block ahead can then step back to the others (`core.streamed_run`)
+        barrier()
         release(block)
         trim_heap()  # otherwise the heap keeps about a block per block
 

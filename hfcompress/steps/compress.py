@@ -6,18 +6,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
-from ..core.distributed import decided_by_main, is_main, rank, world_size
+from ..core.distributed import barrier, decided_by_main, is_main, rank, world_size
 from ..core.registry import Technique, technique_for
 from ..core.streaming import ShardedCheckpoint
 from ..core.structure import cast_unquantized
 from ..data import looks_local
 from ..hub.record import Step
-from ..io import claim_output, copy_model_extras, resumable_output_dir
+from ..io import claim_output, copy_model_extras, partial_dir, resumable_output_dir
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions
@@ -77,13 +77,8 @@ def compress_folder(
                 f"{technique.name} does not run across processes yet (those that do: {', '.join(DISTRIBUTED)})"
             )
         stream = decided_by_main(stream)  # `--offload auto` weighs the memory free now, which each rank sees apart
-        if stream and options.resume:
-            raise ValueError(
-                "--resume continues a run of one process (the ranks' progress is not kept together): "
-                "resume it in one process, or start over across processes without --resume"
-            )
         if not is_main():  # calibrates its share with the others; rank 0 writes
-            _follow(technique, model, config, options, step_options, stream)
+            _follow(technique, model, output, config, options, step_options, stream)
             return Path(output)
     with claim_output(output, options.overwrite, inputs):
         if stream:
@@ -91,18 +86,27 @@ def compress_folder(
         return _compress(technique, model, output, config, options, step_options)
 
 
+# the folder inside OUTPUT's partial folder where a rank other than 0 keeps its activations and progress
+RANK_FOLDER = ".hfcompress-rank"
+
 # techniques whose calibration statistics are summed across processes (their Hessians, and the factorization's
 # sensitivity losses: `core.distributed`)
 DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank")
 
 
-def _follow(technique: Technique, model: str, config, options: OutputOptions, step_options: dict, stream: bool):
+def _follow(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict, stream):
     """A rank other than 0: the same calibration and solves on its share of the data, nothing written. Streamed,
-    its share of the activations is kept in a temporary folder of its own (`TMPDIR`), removed at the end."""
+    its activations and progress are kept in a folder of its own inside the folder rank 0 writes OUTPUT in
+    (`io.partial_dir`: kept with it when the run is killed, for `--resume`), removed before OUTPUT is published."""
     tokenizer = load_tokenizer(model, required=False)
     if stream:
-        with tempfile.TemporaryDirectory(prefix=f"hfcompress-rank{rank()}-") as scratch:
-            technique.stream(model, scratch, config, tokenizer, resume=False, **step_options)
+        barrier()  # rank 0 has made its folder (and removed what a killed run left, unless resuming)
+        folder = partial_dir(output) / f"{RANK_FOLDER}{rank()}"
+        earlier = options.resume and folder.is_dir()
+        folder.mkdir(exist_ok=True)
+        technique.stream(model, folder, config, tokenizer, resume=earlier, **step_options)
+        shutil.rmtree(folder)
+        barrier()  # rank 0 publishes OUTPUT after this
         return
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     technique.run(loaded, config, tokenizer)
@@ -122,9 +126,11 @@ def _compress_streaming(
         ShardedCheckpoint(model).skeleton(task, compressed=True), model, options, tokenizer, streamed=True
     )
     with resumable_output_dir(output, options.overwrite, options.resume) as (staging, earlier):
+        barrier()  # across processes: the others keep their progress in `staging` too (`_follow`)
         start = time.perf_counter()
         compressed = technique.stream(model, staging, config, tokenizer, resume=earlier, **step_options)
         seconds = time.perf_counter() - start
+        barrier()  # the others' folders are gone
         logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
         technique.check_coverage(compressed, config)
         step = Step(

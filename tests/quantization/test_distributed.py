@@ -5,12 +5,15 @@ memory or streamed from disk block by block."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
-from helpers import free_port, python_text, save_tiny_model, token_windows
+from helpers import free_port, python_text, save_deep_model, save_tiny_model, token_windows
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -111,11 +114,9 @@ def _tensors(folder):
     ],
     ids=["gptq-compensated", "sparsegpt"],
 )
-def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command, monkeypatch):
+def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "calib.txt").write_text(python_text()[:60_000])
-    (tmp_path / "scratch").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))  # where rank 1 keeps its activations
     assert _quantize(tmp_path, tmp_path / "one", 1, command).returncode == 0
     result = _quantize(tmp_path, tmp_path / "two", 2, (*command, "--offload", "disk"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,15 +125,51 @@ def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_
     assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
     step = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())["steps"][-1]
     assert step["config"]["processes"] == 2 and step["config"]["offload"] == "disk"
-    assert not list((tmp_path / "scratch").glob("hfcompress-rank*"))  # rank 1's activations removed
+    assert not list((tmp_path / "two").glob(".hfcompress-rank*"))  # rank 1's activations removed before publishing
 
 
-def test_a_run_across_processes_is_not_resumed(tmp_path):
-    save_tiny_model(tmp_path / "model")
-    (tmp_path / "calib.txt").write_text(python_text()[:60_000])
-    result = _quantize(tmp_path, tmp_path / "out", 2, ("quantize", "gptq", "--offload", "disk", "--resume"))
-    assert result.returncode != 0 and "--resume continues a run of one process" in result.stderr
-    assert not (tmp_path / "out").exists()
+def test_a_run_across_processes_killed_halfway_resumes_to_the_same_output(tmp_path):
+    from hfcompress.io import partial_dir
+
+    model = save_deep_model(tmp_path / "model")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m",
+        "hfcompress", "quantize", "gptq", str(model), "OUT", "--group-size", "64", "--hessian-dtype", "float64",
+        "--dataset", str(model / "calib.txt"), "--num-samples", "32", "--seq-len", "128", "--offload", "disk", "-q",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(output, *extra):
+        cmd = [str(output) if c == "OUT" else c for c in command] + list(extra)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "whole").returncode == 0
+    killed = tmp_path / "killed"
+    progress = partial_dir(killed) / "hfcompress_progress.json"
+    process = subprocess.Popen([str(killed) if c == "OUT" else c for c in command], env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["blocks_done"] >= 3:
+            for each in [
+                *psutil.Process(process.pid).children(recursive=True),
+                process,
+            ]:  # the ranks, then the launcher
+                each.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed halfway"
+    assert not killed.exists() and list(partial_dir(killed).glob(".hfcompress-rank1/hfcompress_progress.json"))
+
+    single = [sys.executable, "-m", *command[command.index("hfcompress") :], "--resume"]
+    one = subprocess.run([str(killed) if c == "OUT" else c for c in single], env=env, capture_output=True, text=True)
+    assert one.returncode != 0 and "cannot resume" in one.stderr and "processes was 2" in one.stderr  # 2 shares
+    resumed = run(killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not partial_dir(killed).exists()
+    whole, again = _tensors(tmp_path / "whole"), _tensors(killed)
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    assert {p.name for p in killed.iterdir()} == {p.name for p in (tmp_path / "whole").iterdir()}
 
 
 @pytest.mark.parametrize(

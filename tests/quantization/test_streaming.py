@@ -20,6 +20,7 @@ from hfcompress.steps import OutputOptions, compress_folder
 from tests.helpers import (
     failing_at_write,
     read_safetensors,
+    save_deep_model,
     save_sharded_model,
     tiny_model,
     tiny_tokenizer,
@@ -266,20 +267,6 @@ def test_every_replay_mode_gives_the_same_codes():
         assert all(torch.equal(state[k], states[0][k]) for k in state)
 
 
-def _deep_model(folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256,
-    )  # fmt: skip
-    LlamaForCausalLM(config).half().save_pretrained(folder, max_shard_size="500KB")
-    tiny_tokenizer().save_pretrained(folder)
-    (folder / "calib.txt").write_text(__import__("tests.helpers", fromlist=["python_text"]).python_text()[:60_000])
-    return folder
-
-
 def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     import os
     import signal
@@ -289,7 +276,7 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
 
     from hfcompress.io import partial_dir
 
-    model = _deep_model(tmp_path / "model")
+    model = save_deep_model(tmp_path / "model")
     command = [
         sys.executable, "-m", "hfcompress", "quantize", "gptq", str(model), "OUT", "--bits", "4", "--group-size", "64",
         "--dataset", str(model / "calib.txt"), "--num-samples", "32", "--seq-len", "128", "--offload", "disk", "-q",
