@@ -240,7 +240,8 @@ def stream_compress(
     if batches is not None:
         text = model.config.get_text_config()
         hidden = text.hidden_size
-        tokens = sum(b.numel() for b in batches)
+        # across processes every rank spills its share beside the others (`steps.compress`): room for all of them
+        tokens = sum(b.numel() for b in batches) * world_size()
         check_spill_space(folder, tokens, hidden, getattr(text, "intermediate_size", 4 * hidden))
 
     settings = {
