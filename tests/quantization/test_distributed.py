@@ -20,20 +20,19 @@ from transformers import AutoModelForCausalLM
 import hfcompress  # noqa: F401  (registers the checkpoint format)
 
 
-def _quantize(tmp_path, output, processes: int, command=("quantize", "gptq", "--group-size", "32")):
+def _quantize(
+    tmp_path, output, processes: int, command=("quantize", "gptq", "--group-size", "32"), launcher="torchrun"
+):
     first = next(i for i, word in enumerate(command) if word.startswith("--"))  # the command's words, its options
     command = ["-m", "hfcompress", *command[:first], str(tmp_path / "model"), str(output), *command[first:],
                "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "16", "--seq-len", "64", "-q"]  # fmt: skip
-    if processes > 1:
-        launcher = [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(processes),
-            "--master-port",
-            str(free_port()),
-        ]
-        command = launcher + command
+    if processes > 1 and launcher == "accelerate":  # on CPUs too accelerate starts several processes with --multi_gpu
+        command = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port()), *command]  # fmt: skip
+    elif processes > 1:
+        command = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(free_port()),
+                   *command]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=300)
 
@@ -106,19 +105,23 @@ def _tensors(folder):
     return {k: v for file in sorted(folder.glob("model*.safetensors")) for k, v in load_file(file).items()}
 
 
+COMPENSATED = ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation", "8", "--hessian-dtype", "float64")
+
+
 @pytest.mark.parametrize(
-    "command",
+    ("command", "launcher"),
     [
-        ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation", "8", "--hessian-dtype", "float64"),
-        (*SPARSEGPT, "--hessian-dtype", "float64"),
+        (COMPENSATED, "torchrun"),
+        (COMPENSATED, "accelerate"),
+        ((*SPARSEGPT, "--hessian-dtype", "float64"), "torchrun"),
     ],
-    ids=["gptq-compensated", "sparsegpt"],
+    ids=["gptq-compensated", "gptq-compensated-accelerate", "sparsegpt"],
 )
-def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command):
+def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command, launcher):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "calib.txt").write_text(python_text()[:60_000])
     assert _quantize(tmp_path, tmp_path / "one", 1, command).returncode == 0
-    result = _quantize(tmp_path, tmp_path / "two", 2, (*command, "--offload", "disk"))
+    result = _quantize(tmp_path, tmp_path / "two", 2, (*command, "--offload", "disk"), launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert len(list((tmp_path / "two").glob("model-*.safetensors"))) > 1  # written block by block
