@@ -197,6 +197,31 @@ def save_deep_model(folder: Path) -> Path:
     return Path(folder)
 
 
+def kill_halfway(command: list[str], output, blocks: int, env: dict) -> int:
+    """Start `command` (its "OUT" standing for `output`), a streamed run, and kill it with SIGKILL, with every
+    process it started (a launcher's ranks), once its progress says `blocks` blocks are written; returns its exit
+    status (-SIGKILL unless it ended first)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from hfcompress.io import partial_dir
+
+    progress = partial_dir(output) / "hfcompress_progress.json"
+    process = subprocess.Popen([str(output) if c == "OUT" else c for c in command], env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["blocks_done"] >= blocks:
+            for each in [*psutil.Process(process.pid).children(recursive=True), process]:  # the ranks first
+                each.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    return process.wait()
+
+
 def save_tiny_model(folder, arch: str = "llama") -> None:
     """A complete model folder (weights, config, tokenizer) for command-line tests."""
     model = tiny_model(arch)

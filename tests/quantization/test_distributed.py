@@ -8,12 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
-from helpers import free_port, python_text, save_deep_model, save_tiny_model, token_windows
+from helpers import free_port, kill_halfway, python_text, save_deep_model, save_tiny_model, token_windows
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -149,19 +147,7 @@ def test_a_run_across_processes_killed_halfway_resumes_to_the_same_output(tmp_pa
 
     assert run(tmp_path / "whole").returncode == 0
     killed = tmp_path / "killed"
-    progress = partial_dir(killed) / "hfcompress_progress.json"
-    process = subprocess.Popen([str(killed) if c == "OUT" else c for c in command], env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress.is_file() and json.loads(progress.read_text())["blocks_done"] >= 3:
-            for each in [
-                *psutil.Process(process.pid).children(recursive=True),
-                process,
-            ]:  # the ranks, then the launcher
-                each.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed halfway"
+    assert kill_halfway(command, killed, 3, env) == -signal.SIGKILL, "the run ended before it could be killed halfway"
     assert not killed.exists() and list(partial_dir(killed).glob(".hfcompress-rank1/hfcompress_progress.json"))
 
     single = [sys.executable, "-m", *command[command.index("hfcompress") :], "--resume"]

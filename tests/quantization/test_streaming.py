@@ -19,6 +19,7 @@ from hfcompress.quantization import GPTQConfig, RTNConfig
 from hfcompress.steps import OutputOptions, compress_folder
 from tests.helpers import (
     failing_at_write,
+    kill_halfway,
     read_safetensors,
     save_deep_model,
     save_sharded_model,
@@ -272,7 +273,6 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from hfcompress.io import partial_dir
 
@@ -290,15 +290,7 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     assert run(tmp_path / "whole").returncode == 0
 
     killed = tmp_path / "killed"
-    progress = partial_dir(killed) / "hfcompress_progress.json"
-    process = subprocess.Popen([str(killed) if c == "OUT" else c for c in command], env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress.is_file() and json.loads(progress.read_text())["blocks_done"] >= 3:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed halfway"
+    assert kill_halfway(command, killed, 3, env) == -signal.SIGKILL, "the run ended before it could be killed halfway"
     assert not killed.exists()  # never left looking complete
 
     refused = run(killed, "--resume", "--bits", "3")
