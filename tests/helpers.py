@@ -286,7 +286,7 @@ def failing_at_write(number: int):
 
 @contextlib.contextmanager
 def _failing_write(dies):
-    from hfcompress.core.streaming import ShardWriter
+    from hfcompress.core.shard_writer import ShardWriter
 
     write, writes = ShardWriter.write, []
 

@@ -20,28 +20,24 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 from transformers.utils.logging import tqdm
 
 from ..data import calibration_data
-from .activations import INPUTS, OUTPUTS, SCRATCH, SpilledActivations, check_spill_space
+from .activations import INPUTS, OUTPUTS, SpilledActivations, check_spill_space
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
 from .distributed import extremes, is_main, world_size
 from .experts import unfuse_experts
 from .memory import release_large_frees
-from .resume import PROGRESS_FILE, RunProgress, settings_digest
+from .resume import RunProgress, settings_digest
+from .shard_writer import DroppedShards, ShardWriter
 from .streaming import (
-    INDEX_FILE,
     BlockStream,
-    DroppedShards,
     ShardedCheckpoint,
-    ShardWriter,
     output_names,
     release,
     stored_names,
@@ -58,7 +54,6 @@ __all__ = [
     "refuse_several_stacks",
     "stored_outside",
     "stream_compress",
-    "stream_twice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,8 +62,6 @@ logger = logging.getLogger(__name__)
 # once (`core.memory.release_large_frees`): 9% slower on a 1.47B Llama (0.8 GB blocks) and 12% less memory; on
 # small blocks only slower
 LARGE_BLOCK = 256 << 20
-# where `stream_twice` keeps the first pass's checkpoint (removed with the run's other scratch files at the end)
-FIRST_PASS = f"{SCRATCH}first-pass"
 
 
 class StreamedTechnique:
@@ -320,49 +313,6 @@ def stream_compress(
     progress.clear()
     logger.info("streamed %d blocks from %s into %s", len(blocks), model_path, Path(folder))
     return model
-
-
-def stream_twice(
-    model_path: str | os.PathLike,
-    folder: str | os.PathLike,
-    first: StreamedTechnique,
-    second: StreamedTechnique,
-    task: str = "causal-lm",
-    resume: bool = False,
-    format: str = "hfcompress",
-) -> nn.Module:
-    """`first` streamed from `model_path` into a checkpoint kept inside `folder`, then `second` streamed from that
-    checkpoint into `folder`: for a technique that, in memory too, changes the whole model before it calibrates
-    it again (AWQ or SmoothQuant scales folded, then GPTQ on the smoothed model). The kept checkpoint costs a copy
-    of the model on disk (in its stored dtype, as the run in memory holds it) until the second pass completes.
-    Each pass resumes where it stopped; the returned skeleton is the second's. One process only: the second pass
-    reads the checkpoint the first wrote."""
-    if world_size() > 1:
-        raise ValueError("a run streamed in two passes (AWQ or SmoothQuant, then GPTQ) runs in one process")
-    between = Path(folder) / FIRST_PASS
-    if not (between / INDEX_FILE).is_file() or (between / PROGRESS_FILE).is_file():  # not complete
-        _check_room_for_copy(model_path, folder)
-        between.mkdir(exist_ok=True)
-        stream_compress(model_path, between, first, task, resume, format)
-    # text is tokenized as the first pass tokenized it: the kept checkpoint has no tokenizer of its own
-    if second.tokenizer is None and not isinstance(getattr(second.config, "dataset", None), torch.Tensor):
-        second.tokenizer = first.tokenizer or AutoTokenizer.from_pretrained(model_path)
-    model = stream_compress(between, folder, second, task, resume, format)
-    model.config._name_or_path = os.fspath(model_path)
-    return model
-
-
-def _check_room_for_copy(model_path, folder) -> None:
-    """Refuse, before any work, a `folder` without room for a copy of the checkpoint at `model_path`."""
-    files = set(ShardedCheckpoint(model_path).weight_map.values())
-    needed = sum((Path(model_path) / file).stat().st_size for file in files)
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise OSError(
-            f"not enough free space in {os.fspath(folder)!r} for the first pass's copy of the model: "
-            f"{needed / 1e6:,.0f} MB needed, {free / 1e6:,.0f} MB free; free some space or load the model whole "
-            "(--offload none)"
-        )
 
 
 def settings_obstacle(config, format: str = "hfcompress") -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 from transformers.quantizers.auto import AutoHfQuantizer
@@ -32,19 +30,17 @@ from .distributed import barrier
 from .experts import expert_sources, stored_state
 from .memory import trim_heap
 from .packing import dense_from_bitmask
+from .shard_writer import INDEX_FILE, ShardWriter
 from .stored_layout import StoredLayout
-from .tensor_file import read_header, read_tensors, tensor_names
+from .tensor_file import read_header, read_tensors
 
 __all__ = [
     "AUTO_CLASSES",
     "BlockStream",
-    "DroppedShards",
     "ReadingStream",
-    "ShardWriter",
     "ShardedCheckpoint",
     "output_names",
     "release",
-    "save_atomic",
     "stored_names",
     "streaming_obstacle",
     "tied_keys",
@@ -57,7 +53,6 @@ AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "base": "AutoModel",
 }
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
@@ -202,10 +197,12 @@ class ShardedCheckpoint:
         for name, (fused, _, _) in experts.items():
             by_fused.setdefault(fused, []).append(name)
         for fused, members in by_fused.items():
+            count = model.get_submodule(fused.rpartition(".")[0]).num_experts
             whole = None  # read only where an expert cannot be made from its own stored tensors
             for name in members:
                 _, expert, transposed = experts[name]
-                piece = self._expert_part(fused, expert, model.get_submodule(fused.rpartition(".")[0]).num_experts)
+                # a per-expert checkpoint: each expert made from its own stored tensors, a block's never in memory twice
+                piece = None if self.layout is None else self.layout.read_part(fused, expert, count, self.read, None)
                 if piece is None:
                     whole = self._model_tensors([fused], None)[fused] if whole is None else whole  # as stored
                     piece = whole[expert]
@@ -213,13 +210,6 @@ class ShardedCheckpoint:
                 cast = dtype is not None and piece.is_floating_point() and piece.dtype != dtype
                 set_module_tensor_to_device(model, name, "cpu", value=piece.to(dtype) if cast else piece.clone())
             del whole
-
-    def _expert_part(self, fused: str, expert: int, experts: int) -> torch.Tensor | None:
-        """Expert `expert`'s slice of the fused tensor `fused`, made from that expert's stored tensors alone (a
-        per-expert checkpoint: a block of experts never in memory twice), or None."""
-        if self.layout is None:
-            return None
-        return self.layout.read_part(fused, expert, experts, self.read, None)
 
     def _found(self):
         return self._known if self._known is not None else self.weight_map
@@ -274,73 +264,6 @@ def release(module: nn.Module) -> None:
     for submodule in module.modules():
         if hasattr(submodule, "drop_kernel"):
             submodule.drop_kernel()
-
-
-class ShardWriter:
-    """Writes a model's tensors into `n_shards` safetensors files as they are finished, then the index that
-    `from_pretrained` reads (built from the shards on disk, so a resumed run indexes what an earlier one wrote)."""
-
-    def __init__(self, folder: str | os.PathLike, n_shards: int):
-        self.folder = Path(folder)
-        self.n_shards = n_shards
-
-    def shard_name(self, index: int) -> str:
-        return f"model-{index + 1:05d}-of-{self.n_shards:05d}.safetensors"
-
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write shard `index` (0-based) holding `tensors` (a temporary file renamed into place)."""
-        if not 0 <= index < self.n_shards:
-            raise ValueError(f"shard index must be in [0, {self.n_shards}), got {index}")
-        # safetensors refuses views that share memory: each tensor gets its own contiguous storage
-        owned = {
-            k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()
-        }
-        save_atomic(owned, self.folder / self.shard_name(index))
-
-    def read(self, index: int) -> dict[str, torch.Tensor]:
-        """The tensors of the written shard `index`, copied out of the file (to be changed and written again)."""
-        path = self.folder / self.shard_name(index)
-        return read_tensors(path, tensor_names(path))
-
-    def finish(self) -> None:
-        weight_map, total = {}, 0
-        for index in range(self.n_shards):
-            name = self.shard_name(index)
-            with safe_open(self.folder / name, framework="pt") as f:
-                for key in f.keys():
-                    weight_map[key] = name
-                    piece = f.get_slice(key)
-                    total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-class DroppedShards(ShardWriter):
-    """A `ShardWriter` that writes nothing, for a process calibrating beside the one that writes (rank 0,
-    `core.distributed`): its blocks equal rank 0's, which writes them once."""
-
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def read(self, index: int) -> dict[str, torch.Tensor]:
-        raise RuntimeError(f"shard {index} was written by rank 0 only; this process holds no shards to read back")
-
-    def finish(self) -> None:
-        pass
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write `tensors` to the safetensors file `path` under a temporary name, then rename it into place."""
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, temporary, metadata={"format": "pt"})
-    os.replace(temporary, path)
-
-
-def _shares(tensor: torch.Tensor) -> bool:
-    return tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
 
 
 class BlockStream:

@@ -6,7 +6,7 @@ which needs no data), so the codes are the same. The inputs and outputs of each 
 
 With GPTQ weights the run in memory smooths every block, then calibrates GPTQ on the smoothed model; streamed,
 the smoothed model is written to a checkpoint inside the output folder, and GPTQ streams from it
-(`core.streamed_run.stream_twice`).
+(`core.two_pass.stream_twice`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch import nn
 
 from ..checkpoint import update_manifest
 from ..core.capture import run_block
-from ..core.streamed_run import refuse_several_stacks, stream_compress, stream_twice
+from ..core.streamed_run import refuse_several_stacks, stream_compress
+from ..core.two_pass import stream_twice
 from .awq_blocks import smooth_block
 from .config import AWQConfig
 from .streaming import SmoothingOnly, UniformQuantization

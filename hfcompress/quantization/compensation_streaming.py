@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..core.activations import SCRATCH
-from ..core.streaming import ShardWriter, release, save_atomic
+from ..core.shard_writer import ShardWriter, save_atomic
+from ..core.streaming import release
 from ..core.structure import cast_unquantized, set_submodule
 from ..core.tensor_file import read_tensors, tensor_names
 from .compensated_linear import CompensatedLinear, corrected_ranks

@@ -142,7 +142,7 @@ class UniformQuantization(StreamedTechnique):
 class SmoothingOnly:
     """Put before a smoothing technique's streamed class (AWQ, SmoothQuant): its scales are folded as usual, but
     no layer is quantized and nothing is recorded, for a first pass whose output another run quantizes
-    (`core.streamed_run.stream_twice`)."""
+    (`core.two_pass.stream_twice`)."""
 
     def compress_layer(self, model, name, module):
         pass

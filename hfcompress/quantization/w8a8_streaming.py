@@ -6,7 +6,7 @@ tensors are the same.
 
 With GPTQ weights the run in memory smooths every block, then calibrates GPTQ on the smoothed model; streamed,
 the smoothed model is written to a checkpoint inside the output folder, and GPTQ streams from it
-(`core.streamed_run.stream_twice`).
+(`core.two_pass.stream_twice`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import os
 from torch import nn
 
 from ..checkpoint import update_manifest
-from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress, stream_twice
+from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.structure import linear_weight, set_submodule
+from ..core.two_pass import stream_twice
 from .config import W8A8Config
 from .int8_linear import Int8Linear
 from .streaming import SmoothingOnly, UniformQuantization

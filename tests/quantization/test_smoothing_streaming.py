@@ -92,7 +92,7 @@ def test_a_streamed_smoothing_run_that_failed_midway_resumes_to_the_same_output(
 def test_a_two_pass_run_killed_in_either_pass_resumes_to_the_same_output(model, tmp_path, method, killed_at_write):
     """The smoothing pass writes its two blocks' shards and the rest (writes 1-3), GPTQ then its own (4-6): killed
     at the 2nd write the first pass resumes, at the 5th the second."""
-    from hfcompress.core.streamed_run import FIRST_PASS
+    from hfcompress.core.two_pass import FIRST_PASS
     from hfcompress.io import partial_dir
 
     whole = compress_folder(model, tmp_path / "whole", CONFIGS[method](), OutputOptions(offload="disk"))
