@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from .. import __version__
@@ -300,9 +301,9 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
         from ..core.distributed import init_from_environment, is_main
 
         init_from_environment()
-        if not is_main():  # rank 0 speaks for all
+        if not is_main():  # rank 0 speaks for all (its warnings are every rank's); the others say only what fails
             _configure_logging(True)
-            logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger().setLevel(logging.ERROR)
     module_name, _, function = getattr(args, HANDLER).partition(":")
     from ..hub.push import HubError
 
@@ -317,6 +318,13 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     except KeyboardInterrupt:  # the output folder is only replaced when complete: nothing half-written stays
         print(f"{prog}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _peer_left(e):
+            raise
+        # the process that failed said why; this one only stopped waiting for it (no traceback of its own)
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0] or type(e).__name__  # no source path
+        print(f"{prog}: error: rank {_rank()} stopped: another process of the run left ({reason})", file=sys.stderr)
+        return 1
     finally:
         if (dist := _process_group()) is not None:
             dist.destroy_process_group()
@@ -333,6 +341,20 @@ def _process_group():
     import torch.distributed as dist
 
     return dist if dist.is_initialized() else None
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _peer_left(error: RuntimeError) -> bool:
+    """Whether `error` is a collective failing because another rank of a launched run went away (gloo's
+    transport reports it as a plain RuntimeError, nccl as a `DistError`)."""
+    if _process_group() is None:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
 
 
 def _wait_for_every_rank() -> None:

@@ -183,4 +183,54 @@ def test_what_does_not_run_across_processes_is_refused(tmp_path, words, options,
     assert not (tmp_path / "out").exists()
 
 
+def test_rank_0_alone_logs_the_warnings(tmp_path):
+    save_tiny_model(tmp_path / "model", arch="mixtral")
+    (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    command = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+               "hfcompress", "quantize", "gptq", str(tmp_path / "model"), str(tmp_path / "out"), "--group-size", "32",
+               "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "2", "--seq-len", "8", "--batch-size", "1",
+               "-q"]  # fmt: skip
+    result = subprocess.run([sys.executable, *command], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 16 tokens are too few for any expert: one warning per block (2), not one per block and rank
+    warned = [line for line in result.stderr.splitlines() if "saw fewer calibration tokens" in line]
+    assert [line.split(":")[1].strip() for line in warned] == [
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+    ]
+
+
+RANK_0_FAILS = """
+import argparse, sys
+import torch
+import torch.distributed as dist
+from hfcompress.commands import cli
+from hfcompress.commands.common import HANDLER
+
+
+def handler(args):
+    if dist.get_rank() == 0:
+        raise ValueError("rank 0 refuses")
+    dist.all_reduce(torch.ones(1))  # rank 1 waits for rank 0, which leaves
+
+
+cli.ACROSS_PROCESSES = ("__main__:handler",)
+sys.exit(cli.run(argparse.Namespace(command="quantize", quiet=True, **{HANDLER: "__main__:handler"})))
+"""
+
+
+def test_a_rank_whose_peer_failed_says_so_in_one_line(tmp_path):
+    # started without a launcher, which would stop rank 1 as soon as rank 0 exits: rank 1 meets the closed connection
+    (tmp_path / "fails.py").write_text(RANK_0_FAILS)
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, str(tmp_path / "fails.py")], env={**env, "RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    (_, first), (_, second) = (rank.communicate(timeout=120) for rank in ranks)
+    assert [rank.returncode for rank in ranks] == [2, 1]
+    assert first.strip() == "hfcompress: error: rank 0 refuses"
+    assert second.startswith("hfcompress: error: rank 1 stopped: another process of the run left (")
+    assert "Traceback" not in second and len(second.strip().splitlines()) == 1
+
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
