@@ -30,6 +30,7 @@ from .structure import is_plain_linear, set_submodule
 
 __all__ = [
     "ExpertLinears",
+    "counting_every_expert",
     "expert_modules",
     "expert_sources",
     "expert_tokens",
@@ -80,6 +81,7 @@ class ExpertLinears(nn.Module):
         self._fused = (fused,)  # a tuple: not a child, so none of its (removed) parameters is saved
         self.route_all = False
         self.tracing = False
+        self.checking = False
 
     @property
     def fused(self) -> nn.Module:
@@ -149,10 +151,16 @@ class ExpertLinears(nn.Module):
         # mask[e, slot, token]: token's top-k slot `slot` goes to expert e (an index past the last expert is a
         # sentinel of expert parallelism, never computed)
         mask = nn.functional.one_hot(indices, self.num_experts + 1).permute(2, 1, 0)
-        every = self.route_all or self.tracing
+        every = self.route_all or self.tracing or self.checking
         hit = range(self.num_experts) if every else mask[: self.num_experts].sum(dim=(1, 2)).nonzero()[:, 0].tolist()
         for e in hit:
             slot, token = torch.where(mask[e])
+            if self.checking:  # each expert's output on every token counts, the routed ones' weight on top
+                out = self._expert(e, hidden_states)
+                gain = torch.ones(out.shape[0], dtype=out.dtype, device=out.device)
+                gain.index_add_(0, token, weights[token, slot].to(out.dtype))
+                output.add_((out * gain[:, None]).to(output.dtype))
+                continue
             if every:  # every token through expert e (its linears see them all), the routed ones kept
                 # traced for routed calibration, each expert reads a tensor of its own, as it will then
                 x = hidden_states if self.route_all else hidden_states.view_as(hidden_states)
@@ -265,6 +273,16 @@ def routing_all_tokens(model: nn.Module, enabled: bool = True) -> Iterator[None]
     """Inside, every `ExpertLinears` of `model` runs each expert on every token (outputs unchanged), all experts
     reading the same tensor: they share one input Hessian."""
     with _setting(model, "route_all", enabled):
+        yield
+
+
+@contextlib.contextmanager
+def counting_every_expert(model: nn.Module) -> Iterator[None]:
+    """Inside, every `ExpertLinears` of `model` adds each expert's output on every token to its output, the
+    routed tokens' routing weight on top: a change to any expert, to what feeds it or to the router shows in the
+    block's output whatever the sample routes where. For checks (does a fold change nothing?), not for computing:
+    a check on routed outputs alone passes for an expert the sample never reaches."""
+    with _setting(model, "checking", True):
         yield
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .capture import BlockInputs, hidden_states_of
+from .experts import counting_every_expert
 from .precision import maths_for
 from .structure import LINEAR_TYPES, linear_weight
 
@@ -35,7 +36,8 @@ def find_producer(block: nn.Module, named: dict, order: list[str], names: list[s
     start = min(order.index(n) for n in names)
     candidates = [n for n in reversed(order[:start]) if n not in names and _folds_into(named[n], width)]
     generator = torch.Generator().manual_seed(0)
-    for name in candidates:
+    found = -1
+    for index, name in enumerate(candidates):
         exponents = torch.randint(1, 3, (width,), generator=generator)  # 2, 4, 1/2 or 1/4: never 1
         s = torch.where(torch.rand(width, generator=generator) < 0.5, 2.0**exponents, 0.5**exponents)
         params = [p for m in (named[name], *group) for p in m.parameters(recurse=False)]
@@ -43,15 +45,17 @@ def find_producer(block: nn.Module, named: dict, order: list[str], names: list[s
         for p in params:
             p.data = p.data.clone()  # folded in place below
         try:
-            reference = block_output(block, sample)
-            fold_scales(named[name], group, s)
-            output = block_output(block, sample)
+            with counting_every_expert(block):  # an expert the sample routes nothing to is checked too
+                reference = block_output(block, sample)
+                fold_scales(named[name], group, s)
+                output = block_output(block, sample)
         finally:
             for p, data in zip(params, stored, strict=True):
                 p.data = data
         if torch.allclose(output, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
-            return name
-    return None
+            found = index
+            break
+    return candidates[found] if found >= 0 else None
 
 
 def _folds_into(module: nn.Module, width: int) -> bool:
