@@ -292,8 +292,8 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     if _launched() and getattr(args, HANDLER) not in ACROSS_PROCESSES:
         print(
             f"{prog}: error: `{prog} {args.command}` runs in one process, not under a launcher (torchrun or accelerate "
-            f"launch started {os.environ['WORLD_SIZE']}): run it without one; quantize gptq and rtn, prune oneshot and "
-            "factorize run across processes",
+            f"launch started {os.environ['WORLD_SIZE']}): run it without one; the techniques' commands "
+            "(quantize, prune oneshot, factorize) run across processes",
             file=sys.stderr,
         )
         return 2

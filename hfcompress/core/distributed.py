@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 __all__ = [
     "barrier",
+    "chosen_by_main",
     "decided_by_main",
     "extremes",
     "first_windows",
@@ -29,6 +30,7 @@ __all__ = [
     "init_from_environment",
     "is_main",
     "rank",
+    "reduce_max",
     "reduce_mean",
     "reduce_sum",
     "row_shares",
@@ -75,6 +77,16 @@ def decided_by_main(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def chosen_by_main(index: int) -> int:
+    """Rank 0's `index` on every rank: a choice each rank makes from its own share of the data (which module a
+    check on its first batch accepts) must be one choice."""
+    if world_size() == 1:
+        return index
+    value = torch.tensor([index], dtype=torch.int64)
+    dist.broadcast(value, src=0)
+    return int(value.item())
 
 
 def extremes(value: int) -> tuple[int, int]:
@@ -134,6 +146,28 @@ def reduce_sum(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     dist.all_reduce(counts)
     dist.all_reduce(total)
     return total, int(counts.item())
+
+
+def reduce_max(peaks: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Every rank's `peaks` (a largest value per channel, under each name of `widths`, which gives its channels;
+    a name this rank never saw is missing) joined by their elementwise maximum: exact, whatever the order. The
+    names no rank saw stay missing."""
+    if world_size() == 1:
+        return peaks
+    flat = torch.full((sum(widths.values()) + len(widths),), -torch.inf)
+    at = 0
+    for name, width in widths.items():  # a flag after each name's channels says whether a rank saw it
+        if name in peaks:
+            flat[at : at + width] = peaks[name].float()
+            flat[at + width] = 1
+        at += width + 1
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    joined, at = {}, 0
+    for name, width in widths.items():
+        if flat[at + width] > 0:
+            joined[name] = flat[at : at + width].clone()
+        at += width + 1
+    return joined
 
 
 def row_shares(rows: int) -> list[slice]:

@@ -14,6 +14,7 @@ from transformers.utils.logging import tqdm
 
 from ..checkpoint import update_manifest
 from ..core.capture import capture_block_inputs, run_block
+from ..core.distributed import reduce_max
 from ..core.folding import find_producer, fold_scales
 from ..core.structure import linear_weight, set_submodule
 from ..core.trace import trace_block
@@ -80,6 +81,8 @@ def smooth_block(block: nn.Module, prefix: str, inputs, names: list[str], config
     leaders = [leader for leader, producer in producers.items() if producer is not None]
     with _input_ranges(named, leaders) as ranges:
         outputs = run_block(block, inputs, into=into)
+    # across processes, the largest of every rank's: the one process's ranges exactly
+    ranges = reduce_max(ranges, {leader: linear_weight(named[leader]).shape[1] for leader in leaders})
     smoothed = {}
     for group in trace.groups:
         producer = producers[group[0]]

@@ -89,9 +89,10 @@ def compress_folder(
 # the folder inside OUTPUT's partial folder where a rank other than 0 keeps its activations and progress
 RANK_FOLDER = ".hfcompress-rank"
 
-# techniques whose calibration statistics are summed across processes (their Hessians, and the factorization's
-# sensitivity losses: `core.distributed`)
-DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank")
+# techniques whose calibration statistics are summed across processes (their Hessians, which AWQ's and the
+# codebooks' weights come from, the factorization's sensitivity losses, SmoothQuant's input ranges:
+# `core.distributed`)
+DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank", "awq", "w8a8", "kmeans", "vq")
 
 
 def _follow(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict, stream):

@@ -22,8 +22,8 @@ def _quantize(
     tmp_path, output, processes: int, command=("quantize", "gptq", "--group-size", "32"), launcher="torchrun"
 ):
     first = next(i for i, word in enumerate(command) if word.startswith("--"))  # the command's words, its options
-    command = ["-m", "hfcompress", *command[:first], str(tmp_path / "model"), str(output), *command[first:],
-               "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "16", "--seq-len", "64", "-q"]  # fmt: skip
+    command = ["-m", "hfcompress", *command[:first], str(tmp_path / "model"), str(output), "--dataset",
+               str(tmp_path / "calib.txt"), "--num-samples", "16", "--seq-len", "64", *command[first:], "-q"]  # fmt: skip
     if processes > 1 and launcher == "accelerate":  # on CPUs too accelerate starts several processes with --multi_gpu
         command = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -103,6 +103,36 @@ def _tensors(folder):
     return {k: v for file in sorted(folder.glob("model*.safetensors")) for k, v in load_file(file).items()}
 
 
+AWQ = ("quantize", "awq", "--bits", "4", "--group-size", "32", "--hessian-dtype", "float64")
+
+
+@pytest.mark.parametrize(
+    ("command", "arch"),
+    [
+        (AWQ, "llama"),
+        (("quantize", "w8a8", "--smoothquant", "0.5", "--weights", "gptq", "--hessian-dtype", "float64"), "llama"),
+        # 2 windows of 8 tokens, one per rank: each rank's window leaves other experts unreached, and the ranks
+        # must still agree which groups are scaled (they once did not: a collective mismatch)
+        (("quantize", "w8a8", "--smoothquant", "0.5", "--num-samples", "2", "--seq-len", "8", "--batch-size", "1"),
+         "mixtral"),
+        (("quantize", "kmeans", "--bits", "3", "--hessian-dtype", "float64"), "llama"),
+    ],
+    ids=["awq", "w8a8-gptq", "w8a8-moe", "kmeans"],
+)  # fmt: skip
+def test_scaled_and_codebook_quantization_across_two_processes_write_the_codes_of_one(tmp_path, command, arch):
+    # AWQ's scales and clipping and the codebooks' weights come from the summed Hessians, SmoothQuant's scales
+    # from the largest input of every rank (a maximum: exact in any order)
+    save_tiny_model(tmp_path / "model", arch=arch)
+    (tmp_path / "calib.txt").write_text(python_text()[:60_000])
+    for output, processes in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
+        result = _quantize(tmp_path, output, processes, command)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+    step = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())["steps"][-1]
+    assert step["config"]["processes"] == 2
+
+
 COMPENSATED = ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation", "8", "--hessian-dtype", "float64")
 
 
@@ -112,8 +142,11 @@ COMPENSATED = ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation
         (COMPENSATED, "torchrun"),
         (COMPENSATED, "accelerate"),
         ((*SPARSEGPT, "--hessian-dtype", "float64"), "torchrun"),
+        (AWQ, "torchrun"),
+        (("quantize", "w8a8", "--smoothquant", "0.5"), "torchrun"),
+        (("quantize", "vq", "--bits", "2", "--dim", "2", "--hessian-dtype", "float64"), "torchrun"),
     ],
-    ids=["gptq-compensated", "gptq-compensated-accelerate", "sparsegpt"],
+    ids=["gptq-compensated", "gptq-compensated-accelerate", "sparsegpt", "awq", "w8a8", "vq"],
 )
 def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command, launcher):
     save_tiny_model(tmp_path / "model")
@@ -164,12 +197,12 @@ def test_a_run_across_processes_killed_halfway_resumes_to_the_same_output(tmp_pa
 @pytest.mark.parametrize(
     ("words", "options", "message"),
     [
-        (["quantize", "kmeans"], ["--bits", "3"], "kmeans does not run across processes yet"),
+        (["prune", "structured"], ["--heads", "0.5"], "structured does not run across processes yet"),
         # a command that is no technique's would run whole in each process, racing for OUTPUT
         (["search"], ["--budget", "bits=3.5", "--techniques", "gptq", "--dataset", "calib.txt", "--eval-dataset", "calib.txt"],
          "`hfcompress search` runs in one process, not under a launcher (torchrun or accelerate launch started 2)"),
     ],
-    ids=["kmeans", "search"],
+    ids=["structured", "search"],
 )  # fmt: skip
 def test_what_does_not_run_across_processes_is_refused(tmp_path, words, options, message):
     save_tiny_model(tmp_path / "model")
