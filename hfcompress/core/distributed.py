@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ __all__ = [
     "gather_rows",
     "init_from_environment",
     "is_main",
+    "path_of_main",
     "rank",
     "reduce_max",
     "reduce_mean",
@@ -43,6 +45,8 @@ logger = logging.getLogger(__name__)
 # how long a collective waits for the other ranks (a launcher stops every rank when one fails, so only a true hang
 # waits this long)
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)
+
+PATH_BYTES = 4096  # the longest path `path_of_main` sends (Linux's PATH_MAX)
 
 
 def world_size() -> int:
@@ -87,6 +91,21 @@ def chosen_by_main(index: int) -> int:
     value = torch.tensor([index], dtype=torch.int64)
     dist.broadcast(value, src=0)
     return int(value.item())
+
+
+def path_of_main(path: os.PathLike) -> Path:
+    """Rank 0's `path` on every rank: a folder rank 0 writes that the others then read (they must see the same
+    file system, as they see OUTPUT's)."""
+    if world_size() == 1:
+        return Path(path)
+    data = torch.zeros(PATH_BYTES, dtype=torch.uint8)
+    if is_main():
+        raw = os.fsencode(os.path.abspath(path))
+        if len(raw) > PATH_BYTES:
+            raise ValueError(f"path {os.fspath(path)!r} is longer than {PATH_BYTES} bytes")
+        data[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return Path(os.fsdecode(bytes(data.tolist()).rstrip(b"\0")))
 
 
 def extremes(value: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from .activations import SCRATCH
-from .distributed import world_size
+from .distributed import barrier, decided_by_main, is_main, path_of_main
 from .resume import PROGRESS_FILE
 from .shard_writer import INDEX_FILE
 from .streamed_run import StreamedTechnique, stream_compress
@@ -38,19 +38,22 @@ def stream_twice(
     checkpoint into `folder`: for a technique that, in memory too, changes the whole model before it calibrates
     it again (AWQ or SmoothQuant scales folded, then GPTQ on the smoothed model). The kept checkpoint costs a copy
     of the model on disk (in its stored dtype, as the run in memory holds it) until the second pass completes.
-    Each pass resumes where it stopped; the returned skeleton is the second's. One process only: the second pass
-    reads the checkpoint the first wrote."""
-    if world_size() > 1:
-        raise ValueError("a run streamed in two passes (AWQ or SmoothQuant, then GPTQ) runs in one process")
+    Each pass resumes where it stopped; the returned skeleton is the second's. Across processes, every rank runs
+    both passes on its share of the data (its progress in its own `folder`), rank 0 alone writes the first pass's
+    checkpoint, and every rank streams the second pass from it."""
     between = Path(folder) / FIRST_PASS
-    if not (between / INDEX_FILE).is_file() or (between / PROGRESS_FILE).is_file():  # not complete
-        _check_room_for_copy(model_path, folder)
+    written = path_of_main(between)  # rank 0's: the copy every rank's second pass reads
+    complete = (written / INDEX_FILE).is_file() and not (written / PROGRESS_FILE).is_file()
+    if not decided_by_main(complete):  # rank 0's copy is the one that counts
+        if is_main():
+            _check_room_for_copy(model_path, folder)
         between.mkdir(exist_ok=True)
         stream_compress(model_path, between, first, task, resume, format)
+        barrier()  # rank 0's copy is complete before any rank reads it
     # text is tokenized as the first pass tokenized it: the kept checkpoint has no tokenizer of its own
     if second.tokenizer is None and not isinstance(getattr(second.config, "dataset", None), torch.Tensor):
         second.tokenizer = first.tokenizer or AutoTokenizer.from_pretrained(model_path)
-    model = stream_compress(between, folder, second, task, resume, format)
+    model = stream_compress(written, folder, second, task, resume, format)
     model.config._name_or_path = os.fspath(model_path)
     return model
 

@@ -145,8 +145,10 @@ COMPENSATED = ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation
         (AWQ, "torchrun"),
         (("quantize", "w8a8", "--smoothquant", "0.5"), "torchrun"),
         (("quantize", "vq", "--bits", "2", "--dim", "2", "--hessian-dtype", "float64"), "torchrun"),
+        # two passes: rank 0 writes the smoothed copy, every rank calibrates GPTQ on it
+        ((*AWQ, "--weights", "gptq"), "torchrun"),
     ],
-    ids=["gptq-compensated", "gptq-compensated-accelerate", "sparsegpt", "awq", "w8a8", "vq"],
+    ids=["gptq-compensated", "gptq-compensated-accelerate", "sparsegpt", "awq", "w8a8", "vq", "awq-gptq"],
 )
 def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_path, command, launcher):
     save_tiny_model(tmp_path / "model")
