@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..core.distributed import reduce_sum
 from ..data import calibration_data
 from .structured import (
     Attention,
@@ -56,8 +57,9 @@ def _loss(model: nn.Module, batch) -> torch.Tensor:
 
 def taylor_importance(model: nn.Module, batches: Iterable, parts: list[FeedForward | Attention]) -> list[torch.Tensor]:
     """First-order Taylor importance (Molchanov et al. 2019) of every unit of `parts`: per batch, the absolute
-    sum over the unit's parameters of weight * gradient of the loss, summed over batches."""
-    importance = [torch.zeros(p.size) for p in parts]
+    sum over the unit's parameters of weight * gradient of the loss, summed over batches (in float64, so the
+    sum does not depend on their order) and, across processes, over every rank's batches."""
+    importance = [torch.zeros(p.size, dtype=torch.float64) for p in parts]
     was_training = model.training
     model.eval()  # no dropout: the gradient of the model that will be pruned
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -74,7 +76,7 @@ def taylor_importance(model: nn.Module, batches: Iterable, parts: list[FeedForwa
         for p, r in requires.items():
             p.requires_grad_(r)
         model.train(was_training)
-    return importance
+    return [reduce_sum(total, 0)[0] for total in importance]
 
 
 def prune_structured(

@@ -90,9 +90,9 @@ def compress_folder(
 RANK_FOLDER = ".hfcompress-rank"
 
 # techniques whose calibration statistics are summed across processes (their Hessians, which AWQ's and the
-# codebooks' weights come from, the factorization's sensitivity losses, SmoothQuant's input ranges:
-# `core.distributed`)
-DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank", "awq", "w8a8", "kmeans", "vq")
+# codebooks' weights come from, the factorization's sensitivity losses, SmoothQuant's input ranges, structured
+# pruning's Taylor importance: `core.distributed`)
+DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank", "awq", "w8a8", "kmeans", "vq", "structured")
 
 
 def _follow(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict, stream):

@@ -116,8 +116,10 @@ AWQ = ("quantize", "awq", "--bits", "4", "--group-size", "32", "--hessian-dtype"
         (("quantize", "w8a8", "--smoothquant", "0.5", "--num-samples", "2", "--seq-len", "8", "--batch-size", "1"),
          "mixtral"),
         (("quantize", "kmeans", "--bits", "3", "--hessian-dtype", "float64"), "llama"),
+        # Taylor importance summed in float64 over every rank's batches
+        (("prune", "structured", "--heads", "0.5", "--ffn", "0.5"), "llama"),
     ],
-    ids=["awq", "w8a8-gptq", "w8a8-moe", "kmeans"],
+    ids=["awq", "w8a8-gptq", "w8a8-moe", "kmeans", "structured"],
 )  # fmt: skip
 def test_scaled_and_codebook_quantization_across_two_processes_write_the_codes_of_one(tmp_path, command, arch):
     # AWQ's scales and clipping and the codebooks' weights come from the summed Hessians, SmoothQuant's scales
@@ -199,12 +201,12 @@ def test_a_run_across_processes_killed_halfway_resumes_to_the_same_output(tmp_pa
 @pytest.mark.parametrize(
     ("words", "options", "message"),
     [
-        (["prune", "structured"], ["--heads", "0.5"], "structured does not run across processes yet"),
+        (["quantize", "bnb"], ["--bits", "4"], "bnb does not run across processes yet"),
         # a command that is no technique's would run whole in each process, racing for OUTPUT
         (["search"], ["--budget", "bits=3.5", "--techniques", "gptq", "--dataset", "calib.txt", "--eval-dataset", "calib.txt"],
          "`hfcompress search` runs in one process, not under a launcher (torchrun or accelerate launch started 2)"),
     ],
-    ids=["structured", "search"],
+    ids=["bnb", "search"],
 )  # fmt: skip
 def test_what_does_not_run_across_processes_is_refused(tmp_path, words, options, message):
     save_tiny_model(tmp_path / "model")
