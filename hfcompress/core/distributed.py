@@ -28,6 +28,7 @@ __all__ = [
     "extremes",
     "first_windows",
     "gather_rows",
+    "gathered",
     "init_from_environment",
     "is_main",
     "path_of_main",
@@ -106,6 +107,15 @@ def path_of_main(path: os.PathLike) -> Path:
         data[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     dist.broadcast(data, src=0)
     return Path(os.fsdecode(bytes(data.tolist()).rstrip(b"\0")))
+
+
+def gathered(value: int) -> list[int]:
+    """Every rank's `value`, in rank order (a list of this one alone in a single process)."""
+    if world_size() == 1:
+        return [value]
+    values = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.int64))
+    return [int(v.item()) for v in values]
 
 
 def extremes(value: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from ..data import looks_local
-from .record import CompressionRecord
+from .record import RANK_PEAKS, CompressionRecord
 
 __all__ = ["PLOT_FILE", "TEMPLATE", "generate_card", "render_card"]
 
@@ -53,6 +53,9 @@ def _memory(memory: dict | None) -> str | None:
     if not memory or "peak_rss_bytes" not in memory:
         return None
     text = f"{memory['peak_rss_bytes'] / 2**20:,.0f} MiB resident"
+    ranks = memory.get(RANK_PEAKS)
+    if ranks and len(ranks) > 1:  # across processes: the memory above is rank 0's
+        text += f" (rank 0; the {len(ranks)} processes together {sum(ranks) / 2**20:,.0f} MiB)"
     if memory.get("peak_gpu_bytes"):
         text += f", {memory['peak_gpu_bytes'] / 2**20:,.0f} MiB on the GPU"
     return text

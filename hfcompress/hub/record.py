@@ -29,6 +29,7 @@ except ImportError:  # Windows has no getrusage
 from ..data import looks_local
 
 __all__ = [
+    "RANK_PEAKS",
     "RECORD_FILE",
     "RECORD_VERSION",
     "CompressionRecord",
@@ -54,6 +55,10 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+# the key of `Step.memory` with each rank's peak resident set size, in rank order (runs across processes)
+RANK_PEAKS = "peak_rss_bytes_ranks"
 
 
 def peak_memory() -> dict[str, int]:
@@ -107,7 +112,9 @@ class Step:
     config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] | None = None
     seconds: float | None = None
-    memory: dict[str, int] | None = None  # peak memory of the run that made it (`peak_memory`)
+    # peak memory of the run that made it (`peak_memory`); across processes also each rank's peak resident set
+    # size under `RANK_PEAKS`, rank 0's first
+    memory: dict[str, Any] | None = None
 
 
 @dataclass

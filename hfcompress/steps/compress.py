@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 from ..core.config import CALIBRATION_FIELDS
-from ..core.distributed import barrier, decided_by_main, is_main, rank, world_size
+from ..core.distributed import barrier, decided_by_main, gathered, is_main, rank, world_size
 from ..core.registry import Technique, technique_for
 from ..core.streaming import ShardedCheckpoint
 from ..core.structure import cast_unquantized
 from ..data import looks_local
-from ..hub.record import Step
+from ..hub.record import RANK_PEAKS, Step, peak_memory
 from ..io import claim_output, copy_model_extras, partial_dir, resumable_output_dir
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
@@ -107,10 +107,20 @@ def _follow(technique: Technique, model: str, output, config, options: OutputOpt
         folder.mkdir(exist_ok=True)
         technique.stream(model, folder, config, tokenizer, resume=earlier, **step_options)
         shutil.rmtree(folder)
-        barrier()  # rank 0 publishes OUTPUT after this
+        _rank_peaks()  # rank 0 publishes OUTPUT after this, recording every rank's peak memory
         return
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     technique.run(loaded, config, tokenizer)
+    _rank_peaks()
+
+
+def _rank_peaks() -> dict | None:
+    """Across processes, every rank's peak resident memory so far, as `Step.memory` starts it (rank 0 then puts
+    its own peak at the end in first place: `finish_output`); None in a single process. Every rank calls it at
+    the same point: the others when their work is done, rank 0 before it writes."""
+    if world_size() == 1:
+        return None
+    return {RANK_PEAKS: gathered(peak_memory().get("peak_rss_bytes", 0))}
 
 
 def _compress_streaming(
@@ -131,7 +141,7 @@ def _compress_streaming(
         start = time.perf_counter()
         compressed = technique.stream(model, staging, config, tokenizer, resume=earlier, **step_options)
         seconds = time.perf_counter() - start
-        barrier()  # the others' folders are gone
+        rank_peaks = _rank_peaks()  # the others' folders are gone
         logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
         technique.check_coverage(compressed, config)
         step = Step(
@@ -140,6 +150,7 @@ def _compress_streaming(
         step.config["offload"] = "disk"
         if world_size() > 1:
             step.config["processes"] = world_size()
+            step.memory = rank_peaks
         copy_model_extras(model, staging)
         quality = quality_metrics(compressed, options, tokenizer, folder=staging, streamed=True)
         finish_output(record, step, compressed, options, staging, quality, requires_hfcompress=needs_hfcompress(staging),
@@ -160,6 +171,7 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
     start = time.perf_counter()
     compressed = technique.run(loaded, config, tokenizer)
     seconds = time.perf_counter() - start
+    rank_peaks = _rank_peaks()
     logger.info("%s %s in %.1fs", technique.kind, technique.name, seconds)
     if not technique.in_place:
         del loaded
@@ -167,6 +179,7 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
     step = Step(technique.record_kind, technique.method_of(config), *_settings(technique, config, compressed), seconds)
     if world_size() > 1:
         step.config["processes"] = world_size()
+        step.memory = rank_peaks
     quality = quality_metrics(compressed, options, tokenizer)
     if technique.before_save is not None:
         technique.before_save(compressed, config, **step_options)

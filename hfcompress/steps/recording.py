@@ -21,7 +21,15 @@ from ..evaluation.streamed import streamed_perplexity
 from ..evaluation.tasks import evaluate_tasks
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
-from ..hub.record import RECORD_FILE, CompressionRecord, Step, command_line, hardware_description, peak_memory
+from ..hub.record import (
+    RANK_PEAKS,
+    RECORD_FILE,
+    CompressionRecord,
+    Step,
+    command_line,
+    hardware_description,
+    peak_memory,
+)
 from ..io import atomic_output_dir, copy_model_extras
 from .loading import checkpoint_dtype
 from .options import OutputOptions
@@ -153,8 +161,11 @@ def finish_output(
     """Add the step and the after-metrics to `record`, write it and the card into `staging` (the output folder
     being written). `streamed`: the quality was measured streaming the written model from disk."""
 
-    if step.memory is None:
+    if step.memory is None or set(step.memory) == {RANK_PEAKS}:  # measured now: loading and evaluating counted
+        ranks = (step.memory or {}).get(RANK_PEAKS)
         step.memory = peak_memory()
+        if ranks and "peak_rss_bytes" in step.memory:  # rank 0's own as it is now, the others' as they finished
+            step.memory[RANK_PEAKS] = [step.memory["peak_rss_bytes"], *ranks[1:]]
     record.steps.append(step)
     record.loading = {"requires_hfcompress": requires_hfcompress}
     record.metrics["after"] = {

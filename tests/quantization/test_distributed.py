@@ -133,6 +133,8 @@ def test_scaled_and_codebook_quantization_across_two_processes_write_the_codes_o
     assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
     step = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())["steps"][-1]
     assert step["config"]["processes"] == 2
+    peaks = step["memory"]["peak_rss_bytes_ranks"]  # each rank's peak, rank 0's the step's own
+    assert len(peaks) == 2 and peaks[0] == step["memory"]["peak_rss_bytes"] and peaks[1] > 50 * 2**20
 
 
 COMPENSATED = ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation", "8", "--hessian-dtype", "float64")
@@ -163,6 +165,10 @@ def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(tmp_
     assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
     step = json.loads((tmp_path / "two" / "hfcompress_record.json").read_text())["steps"][-1]
     assert step["config"]["processes"] == 2 and step["config"]["offload"] == "disk"
+    # each rank's peak, rank 0's the step's own; the card adds them up
+    peaks = step["memory"]["peak_rss_bytes_ranks"]
+    assert len(peaks) == 2 and peaks[0] == step["memory"]["peak_rss_bytes"] and peaks[1] > 50 * 2**20
+    assert f"the 2 processes together {sum(peaks) / 2**20:,.0f} MiB" in (tmp_path / "two" / "README.md").read_text()
     assert not list((tmp_path / "two").glob(".hfcompress-rank*"))  # rank 1's activations removed before publishing
 
 
