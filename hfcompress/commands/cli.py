@@ -321,9 +321,11 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
     except RuntimeError as e:
         if not _peer_left(e):
             raise
+        from ..core.distributed import rank  # the process group is up: `_peer_left` says so
+
         # the process that failed said why; this one only stopped waiting for it (no traceback of its own)
         reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0] or type(e).__name__  # no source path
-        print(f"{prog}: error: rank {_rank()} stopped: another process of the run left ({reason})", file=sys.stderr)
+        print(f"{prog}: error: rank {rank()} stopped: another process of the run left ({reason})", file=sys.stderr)
         return 1
     finally:
         if (dist := _process_group()) is not None:
@@ -341,10 +343,6 @@ def _process_group():
     import torch.distributed as dist
 
     return dist if dist.is_initialized() else None
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _peer_left(error: RuntimeError) -> bool:

@@ -77,11 +77,7 @@ def init_from_environment() -> bool:
 def decided_by_main(flag: bool) -> bool:
     """Rank 0's `flag` on every rank: a choice each rank makes from what it sees (the memory free now) must be one
     choice, or the ranks would run different collectives."""
-    if world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+    return bool(chosen_by_main(int(flag)))
 
 
 def chosen_by_main(index: int) -> int:
@@ -120,11 +116,8 @@ def gathered(value: int) -> list[int]:
 
 def extremes(value: int) -> tuple[int, int]:
     """The smallest and the largest of every rank's `value`."""
-    if world_size() == 1:
-        return value, value
-    both = torch.tensor([-value, value], dtype=torch.int64)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return int(-both[0]), int(both[1])
+    values = gathered(value)
+    return min(values), max(values)
 
 
 def barrier() -> None:
