@@ -67,12 +67,17 @@ def add_data_arguments(parser, num_samples: int = 128, max_windows: int = 100) -
     parser.add_argument("--num-samples", type=int, default=num_samples)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=max_windows, help="windows per held-out text")
+    parser.add_argument(
+        "--skip-windows", type=int, default=0,
+        help="held-out windows to pass over first (score on windows no earlier run has seen)",
+    )  # fmt: skip
 
 
 def prepare_data(args, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The held-out windows by text name, and the calibration windows (evenly spread, as the library picks)."""
+    skip = getattr(args, "skip_windows", 0)  # scripts with options of their own have none
     heldout = {
-        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[: args.max_windows]
+        Path(path).name: tokenize_windows(tokenizer, heldout_texts(path), args.seq_len)[skip:][: args.max_windows]
         for path in args.heldout
     }
     windows = tokenize_windows(tokenizer, load_texts(args.calib), args.seq_len)
@@ -96,6 +101,7 @@ def quality_setup(args, title: str):
         f"# {title} on {Path(args.model).name}\n\n{hardware_description()}; calibration {len(calibration)} x "
         f"{args.seq_len} tokens of {Path(args.calib).name}; held-out: "
         + ", ".join(f"{len(w)} windows of {n}" for n, w in heldout.items())
+        + (f" (after its first {args.skip_windows})" if getattr(args, "skip_windows", 0) else "")
     )
     return heldout, calibration, reference_model, reference, header
 

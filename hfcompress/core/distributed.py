@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -38,6 +39,7 @@ __all__ = [
     "reduce_sum",
     "row_shares",
     "shard_batches",
+    "summed_in_order",
     "world_size",
 ]
 
@@ -149,6 +151,17 @@ def first_windows(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
         if before < n:
             kept.append(batch[: n - before])
     return kept
+
+
+def summed_in_order(values: dict[int, float], places: int) -> float:
+    """The sum of every rank's `values` (each rank holds its own places among `places`), added in the order of
+    their places: the same float however many processes hold them (adding the other ranks' zeros is exact)."""
+    slots = torch.zeros(places, dtype=torch.float64)
+    for place, value in values.items():
+        slots[place] = value
+    if world_size() > 1:
+        dist.all_reduce(slots)
+    return math.fsum(slots.tolist())
 
 
 def reduce_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

@@ -8,7 +8,8 @@ on the calibration data, `w` its mean normalized weight magnitude: "duo scaling"
 on a grid; the chosen `s` minimizes the output error of the quantized layers on the calibration data, here
 measured exactly through the input Hessian `H = 2 XᵀX / n`: `tr(Δ H Δᵀ)` with `Δ = W - Q(W·diag(s))·diag(1/s)`
 (not on a subset of tokens, as the reference implementation does). `s = 1` (no scaling) is always a candidate,
-so the search never does worse than round-to-nearest on that objective.
+so the search never does worse than round-to-nearest on that objective. `best_scales` searches the same grid on
+any objective: `awq_outputs` scores a group of linears by the output of the module holding them instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import torch
 from ..core.rowwise import rows_per_block
 from .grid import rtn_quantize
 
-__all__ = ["awq_clip", "awq_scales", "output_error_basis"]
+__all__ = [
+    "awq_clip",
+    "awq_scales",
+    "best_scales",
+    "output_error_basis",
+    "round_trip",
+    "scale_candidates",
+    "weight_magnitude",
+]
 
 # columns of the random sketch of H's square root that rank candidate scales on wide layers
 SKETCH = 512
@@ -70,42 +79,64 @@ def awq_scales(
     basis = output_error_basis(H) if basis is None else basis
     if activation is None:
         activation = H.diagonal().float().clamp(min=0).sqrt()
-    activation = activation.float()
-    magnitude = _normalized_magnitude(parts, weight.shape[1] if group_size == -1 else group_size)
 
     def error(s: torch.Tensor) -> float:
         total = 0.0
         for part in parts:
             part = part.float()
-            quantized = rtn_quantize(part * s, bits, group_size, sym, scale_dtype=scale_dtype).dequantize(torch.float32)
-            total += float(((part - quantized / s) @ basis).square().sum())
+            total += float(((part - round_trip(part, s, bits, group_size, sym, scale_dtype)) @ basis).square().sum())
         return total
 
-    best_s, best_alpha = torch.ones_like(activation), None
+    return best_scales(activation, weight_magnitude(weight, group_size), n_grid, duo_scaling, error)
+
+
+def best_scales(
+    activation: torch.Tensor, magnitude: torch.Tensor, n_grid: int, duo_scaling: bool, error
+) -> tuple[torch.Tensor, float | None]:
+    """The scales among no scaling and `scale_candidates` with the least `error(s)` (a float), and their α
+    (None: no scaling). Ties keep the earlier candidate, so no scaling wins unless something beats it."""
+    best_s, best_alpha = torch.ones_like(activation, dtype=torch.float32), None
     best = error(best_s)
-    for step in range(n_grid):
-        alpha = step / n_grid
-        s = activation.pow(alpha) / (magnitude.pow(1 - alpha) + 1e-4) if duo_scaling else activation.pow(alpha)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        if not bool(torch.isfinite(s).all()):
-            continue
+    for alpha, s in scale_candidates(activation, magnitude, n_grid, duo_scaling):
         loss = error(s)
         if loss < best:
             best, best_s, best_alpha = loss, s, alpha
     return best_s, best_alpha
 
 
-def _normalized_magnitude(parts: tuple[torch.Tensor, ...], group: int) -> torch.Tensor:
+def scale_candidates(activation: torch.Tensor, magnitude: torch.Tensor, n_grid: int, duo_scaling: bool):
+    """AWQ's grid: (α, s) for α = 0, 1/n_grid, ..., with `s = a^α / w^(1-α)` (`a^α` without duo scaling),
+    normalized to a geometric mean of 1 between its extremes; non-finite candidates are skipped."""
+    activation = activation.float()
+    for step in range(n_grid):
+        alpha = step / n_grid
+        s = activation.pow(alpha) / (magnitude.pow(1 - alpha) + 1e-4) if duo_scaling else activation.pow(alpha)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if bool(torch.isfinite(s).all()):
+            yield alpha, s
+
+
+def round_trip(
+    weight: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype=None
+) -> torch.Tensor:
+    """What `weight` [out, in] computes as, in float32, once scaled by `s` [in], rounded to the grid and scaled
+    back: `Q(W·diag(s))·diag(1/s)`."""
+    scaled = weight.float() * s
+    return rtn_quantize(scaled, bits, group_size, sym, scale_dtype=scale_dtype).dequantize(torch.float32) / s
+
+
+def weight_magnitude(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """Each input channel's mean over all rows of `|w| / max|w|` (the max over the channel's group in that row),
     AWQ's weight statistic for duo scaling, from blocks of rows (summed in float64)."""
-    total, rows = torch.zeros(parts[0].shape[1], dtype=torch.float64, device=parts[0].device), 0
+    parts = weight.detach().split(rows_per_block(weight.shape[1]))
+    group = weight.shape[1] if group_size == -1 else group_size
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
     for part in parts:
         normalized = part.float().abs().reshape(part.shape[0], -1, group)
         normalized /= normalized.amax(dim=2, keepdim=True).clamp(min=1e-12)
         total += normalized.reshape(part.shape).sum(dim=0, dtype=torch.float64)
-        rows += part.shape[0]
-    return (total / rows).float()
+    return (total / weight.shape[0]).float()
 
 
 def awq_clip(

@@ -1,5 +1,6 @@
 """AWQ over a model's blocks: smooth every group of linears that share an input with activation-aware scales
-(`awq.awq_scales`), folding `1/s` into the module that produced that input (found and checked by
+(searched by the output of the module holding the group, `awq_outputs`, or by each linear's output error through
+its input Hessian, `awq.awq_scales`), folding `1/s` into the module that produced that input (found and checked by
 `core.folding`; groups without an exact producer are left unscaled, with a log line), then round to nearest.
 
 Smoothing changes no output, so every block is smoothed on the float model's activations (as llm-compressor's
@@ -8,6 +9,7 @@ Smoothing changes no output, so every block is smoothed on the float model's act
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -24,7 +26,8 @@ from ..core.trace import trace_block
 from ..core.walk import block_prefixes, stacks_holding
 from ..data import calibration_data
 from .api import quantize_uniform, select_targets
-from .awq import awq_clip, awq_scales, output_error_basis
+from .awq import awq_clip, awq_scales, best_scales, output_error_basis, weight_magnitude
+from .awq_outputs import ModuleCalls, holding_module, search_batches
 from .grid import SCALE_TORCH_DTYPES
 
 __all__ = ["quantize_awq", "smooth_block"]
@@ -78,6 +81,9 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
     mean_abs = (config.activation_statistic or ("mean_abs" if config.weights == "rtn" else "rms")) == "mean_abs"
+    by_outputs = (config.search_objective or ("module" if config.weights == "rtn" else "hessian")) == "module"
+    if by_outputs:  # chosen before any scale is folded: the block's own inputs never change
+        batches, places = search_batches(inputs, config.search_samples)
     for names in trace.groups:
         producer = find_producer(block, named, trace.order, names, inputs[0])
         if producer is None:
@@ -86,19 +92,32 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
         weight = torch.cat([linear_weight(named[n]).detach() for n in names])
         H = hessians[names[0]].load()
         activation = statistics[names[0]].abs_mean if mean_abs else H.diagonal().float().clamp(min=0).sqrt()
-        # the basis is factorized in H's memory: clipping reads H again from its file
-        basis = output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0), overwrite=True)
-        del H
-        s, alpha = awq_scales(
-            weight, None, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling, scale_dtype,
-            basis, activation,
-        )  # fmt: skip
-        del weight, basis  # not held through the next group's fold check
+        if by_outputs and len(names) > 1:  # a single linear's output error is exactly the Hessian's
+            del H
+            holder = holding_module(names)
+            calls = ModuleCalls(block, named[holder] if holder else block, batches, places)
+            error = functools.partial(
+                calls.rounded_error, [named[n] for n in names],
+                bits=config.bits, group_size=config.group_size, sym=config.sym, scale_dtype=scale_dtype,
+            )  # fmt: skip
+            magnitude = weight_magnitude(weight, config.group_size)
+            s, alpha = best_scales(activation, magnitude, config.n_grid, config.duo_scaling, error)
+            del calls
+        else:
+            # the basis is factorized in H's memory: clipping reads H again from its file
+            basis = output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0), overwrite=True)
+            del H
+            s, alpha = awq_scales(
+                weight, None, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling,
+                scale_dtype, basis, activation,
+            )  # fmt: skip
+            del basis
+        del weight  # not held through the next group's fold check
         if alpha is not None:
             fold_scales(named[producer], [named[n] for n in names], s)
             applied[names[0]] = s
         done[names[0]] = (producer, alpha)
-    if config.clip and config.weights == "rtn":  # GPTQ spreads each rounding error itself; clamping first hurt it
+    if config.clips():  # not with GPTQ weights: GPTQ spreads each rounding error itself; clamping first hurt it
         for names in trace.groups:  # on the scaled weights, whose input Hessian is D⁻¹ H D⁻¹
             H = hessians[names[0]].load()
             s = applied.get(names[0])

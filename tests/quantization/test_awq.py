@@ -16,6 +16,7 @@ from hfcompress.core.structure import find_linears
 from hfcompress.core.trace import trace_block
 from hfcompress.quantization.awq import awq_clip, awq_scales, output_error_basis
 from hfcompress.quantization.awq_blocks import smooth_block
+from hfcompress.quantization.awq_outputs import ModuleCalls, holding_module, search_batches
 from hfcompress.quantization.grid import rtn_quantize
 from hfcompress.quantization.modules import QuantLinear
 
@@ -191,3 +192,64 @@ def test_bad_settings_are_refused():
         hfcompress.AWQConfig(dataset=token_windows(), weights="awq")
     with pytest.raises(ValueError, match="AWQConfig needs calibration data"):
         hfcompress.quantize(tiny_model("llama"), hfcompress.AWQConfig())
+    with pytest.raises(ValueError, match="search_objective='outputs': expected 'module', 'hessian' or None"):
+        hfcompress.AWQConfig(dataset=token_windows(), search_objective="outputs")
+    with pytest.raises(ValueError, match="`search_samples` must be at least 1, got 0"):
+        hfcompress.AWQConfig(dataset=token_windows(), search_samples=0)
+
+
+def test_clipping_runs_at_3_bits_by_default_and_never_before_gptq():
+    data = {"dataset": token_windows()}
+    assert hfcompress.AWQConfig(bits=3, **data).clips() and not hfcompress.AWQConfig(bits=4, **data).clips()
+    assert hfcompress.AWQConfig(bits=4, clip=True, **data).clips()
+    assert not hfcompress.AWQConfig(bits=3, weights="gptq", clip=True, **data).clips()
+
+
+def test_a_group_is_scored_by_the_smallest_module_holding_it():
+    assert holding_module(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]) == "self_attn"
+    assert holding_module(["mlp.experts.3.gate_proj", "mlp.experts.3.up_proj"]) == "mlp.experts.3"
+    assert holding_module(["q", "k"]) == ""  # linears of the block itself: the block
+
+
+def test_the_search_takes_the_first_windows_in_whole_batches():
+    model = tiny_model("llama")
+    inputs = capture_block_inputs(model, model.model.layers[0], list(token_windows(8, 16).split(2)))
+    chosen, places = search_batches(inputs, 3)
+    assert list(chosen) == [0, 1] and places == 2 and chosen[1] is inputs[1]
+    chosen, places = search_batches(inputs, 100)
+    assert list(chosen) == [0, 1, 2, 3] and places == 50
+
+
+def test_the_module_search_scores_the_attention_output_and_restores_the_weights():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    block, inputs, _ = _block_with_inputs(model)
+    chosen, places = search_batches(inputs, 8)
+    calls = ModuleCalls(block, block.self_attn, chosen, places)
+    assert calls.error() == 0  # nothing changed yet: the same outputs
+    linears = [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
+    before = [m.weight.detach().clone() for m in linears]
+    ones = torch.ones(block.self_attn.q_proj.in_features)
+    rounded = calls.rounded_error(linears, ones, bits=2, group_size=32, sym=False, scale_dtype=None)
+    assert all(torch.equal(m.weight, w) for m, w in zip(linears, before, strict=True))
+    for m in linears:  # the same, by hand: round to nearest, then the attention's output on the recorded calls
+        m.weight.data = rtn_quantize(m.weight.data, 2, 32, sym=False).dequantize(torch.float32)
+    assert rounded > 0 and calls.error() == pytest.approx(rounded, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_the_module_search_never_leaves_the_module_worse_than_the_hessian_choice(weights):
+    # both search the same candidates; the module objective keeps the one its own measure ranks best
+    torch.manual_seed(0)
+    errors = {}
+    for objective in ("module", "hessian"):
+        model = tiny_model("llama")
+        block, inputs, modules = _block_with_inputs(model)
+        config = hfcompress.AWQConfig(
+            bits=2, group_size=32, dataset=token_windows(), clip=False, weights=weights, search_objective=objective
+        )
+        smooth_block(block, "model.layers.0", inputs, modules, config)
+        calls = ModuleCalls(block, block.mlp, *search_batches(inputs, 8))  # the MLP's inputs as scaled
+        linears = [block.mlp.gate_proj, block.mlp.up_proj]
+        errors[objective] = calls.rounded_error(linears, torch.ones(linears[0].in_features), 2, 32, False, None)
+    assert errors["module"] <= errors["hessian"]

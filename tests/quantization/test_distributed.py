@@ -146,7 +146,7 @@ COMPENSATED = ("quantize", "gptq", "--group-size", "32", "--lowrank-compensation
         (COMPENSATED, "torchrun"),
         (COMPENSATED, "accelerate"),
         ((*SPARSEGPT, "--hessian-dtype", "float64"), "torchrun"),
-        (AWQ, "torchrun"),
+        ((*AWQ, "--clip"), "torchrun"),  # the clipping search too (off by default)
         (("quantize", "w8a8", "--smoothquant", "0.5"), "torchrun"),
         (("quantize", "vq", "--bits", "2", "--dim", "2", "--hessian-dtype", "float64"), "torchrun"),
         # two passes: rank 0 writes the smoothed copy, every rank calibrates GPTQ on it

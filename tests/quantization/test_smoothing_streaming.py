@@ -39,8 +39,14 @@ def model(tmp_path_factory):
 
 CONFIGS = {
     "awq": lambda: AWQConfig(bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32)),
-    "awq-rms-noclip": lambda: AWQConfig(
-        bits=3, group_size=32, n_grid=4, dataset=token_windows(8, 32), clip=False, activation_statistic="rms"
+    "awq-rms-clip-hessian": lambda: AWQConfig(
+        bits=3,
+        group_size=32,
+        n_grid=4,
+        dataset=token_windows(8, 32),
+        clip=True,
+        activation_statistic="rms",
+        search_objective="hessian",
     ),
     "w8a8": lambda: W8A8Config(smoothquant=0.5, dataset=token_windows(8, 32)),
     # GPTQ calibrates on the smoothed model: streamed in two passes (`stream_twice`)
