@@ -101,7 +101,7 @@ def quality_setup(args, title: str):
         f"# {title} on {Path(args.model).name}\n\n{hardware_description()}; calibration {len(calibration)} x "
         f"{args.seq_len} tokens of {Path(args.calib).name}; held-out: "
         + ", ".join(f"{len(w)} windows of {n}" for n, w in heldout.items())
-        + (f" (after its first {args.skip_windows})" if getattr(args, "skip_windows", 0) else "")
+        + (f", each after its first {args.skip_windows}" if getattr(args, "skip_windows", 0) else "")
     )
     return heldout, calibration, reference_model, reference, header
 
