@@ -102,7 +102,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             )  # fmt: skip
             magnitude = weight_magnitude(weight, config.group_size)
             s, alpha = best_scales(activation, magnitude, config.n_grid, config.duo_scaling, error)
-            del calls
+            del calls, error  # the recorded calls are not held through the next group
         else:
             # the basis is factorized in H's memory: clipping reads H again from its file
             basis = output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0), overwrite=True)
