@@ -90,9 +90,10 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, names)
             continue
         weight = torch.cat([linear_weight(named[n]).detach() for n in names])
-        H = hessians[names[0]].load()
+        by_module = by_outputs and len(names) > 1  # a single linear's output error is exactly the Hessian's
+        H = None if by_module and mean_abs else hessians[names[0]].load()  # not read back where nothing needs it
         activation = statistics[names[0]].abs_mean if mean_abs else H.diagonal().float().clamp(min=0).sqrt()
-        if by_outputs and len(names) > 1:  # a single linear's output error is exactly the Hessian's
+        if by_module:
             del H
             holder = holding_module(names)
             calls = ModuleCalls(block, named[holder] if holder else block, batches, places)

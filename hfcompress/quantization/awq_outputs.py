@@ -42,15 +42,13 @@ def search_batches(inputs, windows: int) -> tuple[dict[int, BlockInputs], int]:
     place among all ranks' batches (whole batches: the last one may hold more), and how many places there are:
     the same batches however many processes share them (`core.distributed.shard_batches` deals batch j of this
     rank as batch rank + j·size)."""
-    size, chosen, width = world_size(), {}, None
-    for j in range(len(inputs)):
-        item = inputs[j]
-        width = width or _hidden_states(item).shape[0]
-        place = rank() + j * size
-        if place * width >= windows:
-            break
-        chosen[place] = item
-    return chosen, math.ceil(windows / width) if width else 0
+    if len(inputs) == 0:
+        return {}, 0
+    first, size = inputs[0], world_size()  # a spilled list reads each item from disk: only kept ones are read
+    width = _hidden_states(first).shape[0]
+    places = [rank() + j * size for j in range(len(inputs))]
+    chosen = {place: first if j == 0 else inputs[j] for j, place in enumerate(places) if place * width < windows}
+    return chosen, math.ceil(windows / width)
 
 
 def _hidden_states(item: BlockInputs) -> torch.Tensor:
