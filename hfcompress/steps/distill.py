@@ -94,17 +94,20 @@ def distill_folder(
     options = options or OutputOptions()
     inputs = [teacher, arguments.student, arguments.dataset, arguments.resume, options.eval_dataset]
     with claim_output(output, options.overwrite, inputs):
-        return _distill(teacher, output, arguments, options)
+        if arguments.checkpoint_dir:
+            return _distill(teacher, output, arguments, options, arguments.checkpoint_dir)
+        # Trainer needs an output_dir even when it saves nothing there; this one goes when training is done
+        with tempfile.TemporaryDirectory(prefix="hfcompress-distill-") as scratch:
+            return _distill(teacher, output, arguments, options, scratch)
 
 
-def _distill(teacher: str, output, arguments: DistillArguments, options: OutputOptions) -> Path:
+def _distill(teacher: str, output, arguments: DistillArguments, options: OutputOptions, checkpoints: str) -> Path:
     loss = arguments.loss()
     teacher_model = _load_teacher(teacher, arguments, options)
     tokenizer = load_tokenizer(teacher)
     student = _load_student(teacher_model, teacher, tokenizer, arguments, options)
     train_set, collator = _train_set(arguments, tokenizer)
     record = base_record(teacher_model, teacher, options, tokenizer)
-    checkpoints = arguments.checkpoint_dir or tempfile.mkdtemp(prefix="hfcompress-distill-")
     max_steps = arguments.max_steps
     training_args = TrainingArguments(
         output_dir=checkpoints, max_steps=max_steps, per_device_train_batch_size=arguments.batch_size,

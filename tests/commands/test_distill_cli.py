@@ -1,6 +1,7 @@
 """`hfcompress distill` on tiny model folders with a real tokenizer."""
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -26,7 +27,10 @@ def text_file(tmp_path_factory):
     return path
 
 
-def test_distill_causal_lm_student_from_teacher_layers(tmp_path, text_file):
+def test_distill_causal_lm_student_from_teacher_layers(tmp_path, text_file, monkeypatch):
+    scratch = tmp_path / "scratch"  # the temporary folder Trainer is given must not outlive the run
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     teacher = tmp_path / "teacher"
     save_tiny_model(teacher)
     out = tmp_path / "student"
@@ -42,6 +46,7 @@ def test_distill_causal_lm_student_from_teacher_layers(tmp_path, text_file):
     step = record["steps"][0]
     assert step["technique"] == "distillation" and step["config"]["hidden_states"] == [[2, 1]]
     assert "perplexity" in record["metrics"]["after"] and (out / "tokenizer.json").is_file()
+    assert not list(scratch.iterdir())
 
 
 def test_distill_sequence_classification_from_json_lines(tmp_path):
