@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "barrier",
+    "batch_place",
     "chosen_by_main",
     "decided_by_main",
     "extremes",
@@ -141,13 +142,19 @@ def shard_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
     return batches[rank() :: size]
 
 
+def batch_place(j: int) -> int:
+    """The place of this rank's batch `j` among every rank's batches in one process's order: `shard_batches`
+    deals batch rank + j·size of them to this rank as its batch j."""
+    return rank() + j * world_size()
+
+
 def first_windows(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     """This rank's share of the first `n` calibration windows of all ranks together (`batches` as
     `shard_batches` gave them): one process gets `torch.cat(batches)[:n]` split as it was batched."""
-    size, width = world_size(), batches[0].shape[0] if batches else 0
+    width = batches[0].shape[0] if batches else 0
     kept = []
     for j, batch in enumerate(batches):
-        before = (rank() + j * size) * width  # windows of all ranks before this batch
+        before = batch_place(j) * width  # windows of all ranks before this batch
         if before < n:
             kept.append(batch[: n - before])
     return kept

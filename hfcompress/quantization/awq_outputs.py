@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..core.capture import BlockInputs, hidden_states_of
-from ..core.distributed import rank, summed_in_order, world_size
+from ..core.distributed import batch_place, summed_in_order
 from ..core.precision import maths_for
 from ..core.structure import linear_weight, set_linear_weight
 from .awq import round_trip
@@ -44,9 +44,9 @@ def search_batches(inputs, windows: int) -> tuple[dict[int, BlockInputs], int]:
     rank as batch rank + j·size)."""
     if len(inputs) == 0:
         return {}, 0
-    first, size = inputs[0], world_size()  # a spilled list reads each item from disk: only kept ones are read
+    first = inputs[0]  # a spilled list reads each item from disk: only kept ones are read
     width = _hidden_states(first).shape[0]
-    places = [rank() + j * size for j in range(len(inputs))]
+    places = [batch_place(j) for j in range(len(inputs))]
     chosen = {place: first if j == 0 else inputs[j] for j, place in enumerate(places) if place * width < windows}
     return chosen, math.ceil(windows / width)
 
