@@ -87,6 +87,8 @@ METHODS = {
     "wanda": (["prune", "oneshot"], ["--method", "wanda", "--sparsity", "0.5"], True),
     "magnitude": (["prune", "oneshot"], ["--method", "magnitude", "--sparsity", "0.5"], False),
     "awq": (["quantize", "awq"], ["--bits", "4", "--group-size", "128"], True),
+    # AWQ's scales searched through each linear's input Hessian instead of the holding module's output
+    "awq-hessian": (["quantize", "awq"], ["--bits", "4", "--group-size", "128", "--search-objective", "hessian"], True),
     "w8a8": (["quantize", "w8a8"], ["--smoothquant", "0.5"], True),
     # GPTQ w4 g128 with a low-rank correction of 0.25 bits per weight; AWQ and W8A8 with GPTQ weights (two passes)
     "gptq-f64": (["quantize", "gptq"], ["--bits", "4", "--group-size", "128", "--hessian-dtype", "float64"], True),
@@ -250,8 +252,8 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["gptq"], choices=list(METHODS),
         help="Techniques to run: GPTQ or RTN w4 g128, SparseGPT, Wanda or magnitude pruning to 50%%, whitened SVD at "
-        "0.8 of the parameters (uniform), scalar k-means at 4 bits, AWQ w4 g128, W8A8 (SmoothQuant 0.5), and GPTQ "
-        "w4 g128 with 0.25 bits of low-rank compensation (gptq-comp) or float64 Hessians (gptq-f64), AWQ and W8A8 with GPTQ weights (*-gptq).",
+        "0.8 of the parameters (uniform), scalar k-means at 4 bits, AWQ w4 g128 (scales searched by the holding module's "
+        "output, or by each linear's input Hessian: awq-hessian), W8A8 (SmoothQuant 0.5), and GPTQ w4 g128 with 0.25 bits of low-rank compensation (gptq-comp) or float64 Hessians (gptq-f64), AWQ and W8A8 with GPTQ weights (*-gptq).",
     )  # fmt: skip
     parser.add_argument("--cache", default="/tmp/hfcompress_bench_scale", help="Where models and outputs go.")
     args = parser.parse_args()
