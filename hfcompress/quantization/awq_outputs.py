@@ -39,9 +39,8 @@ def holding_module(names: list[str]) -> str:
 
 def search_batches(inputs, windows: int) -> tuple[dict[int, BlockInputs], int]:
     """The block inputs of the first `windows` calibration windows of all ranks together, by their batch's
-    place among all ranks' batches (whole batches: the last one may hold more), and how many places there are:
-    the same batches however many processes share them (`core.distributed.shard_batches` deals batch j of this
-    rank as batch rank + j·size)."""
+    place among all ranks' batches (`core.distributed.batch_place`; whole batches: the last one may hold more),
+    and how many places there are: the same batches however many processes share them."""
     if len(inputs) == 0:
         return {}, 0
     first = inputs[0]  # a spilled list reads each item from disk: only kept ones are read
