@@ -20,6 +20,19 @@ def _quiet():
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _contained_tmp(tmp_path_factory):
+    """Processes the tests start (torchrun's and accelerate's launchers, the ranks, gloo) make their temporary
+    folders and sockets under this session's pytest folder, which pytest prunes, instead of leaving them in /tmp."""
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+    yield
+    if previous is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = previous
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
