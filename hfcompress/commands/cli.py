@@ -150,7 +150,12 @@ def _add_evaluate(subparsers) -> None:
         help="Tokens per window (default: 512, or the model's positions if it has fewer; more is refused).",
     )  # fmt: skip
     evaluate.add_argument("--max-windows", type=int, default=None, help="Score only the first N windows.")
-    evaluate.add_argument("--batch-size", type=int, default=4, help="Windows per forward pass (default: 4).")
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="Windows per forward pass (default: 4; fewer where their logits would exceed 1 GiB in float32).",
+    )
     evaluate.add_argument(
         "--latency-runs", type=int, default=5, help="Timed runs for latency; 0 skips it (default: 5)."
     )

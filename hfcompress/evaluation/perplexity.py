@@ -12,6 +12,10 @@ from ..core.precision import maths_for
 
 __all__ = ["perplexity"]
 
+# the float32 logits one forward pass may hold: a batch of long windows over a large vocabulary is scored in
+# smaller batches (4 windows of 2048 tokens over Llama 3's 128,256 tokens would be 4.2 GB)
+LOGITS_BYTES = 1 << 30
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -19,10 +23,14 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
 
     Each window is scored on its own (no context carried over), predicting tokens 2..seq_len. Weights held in
     bfloat16 or float16 compute in float32 (`core.precision`): the figure is that of the weights, not of
-    low-precision arithmetic.
+    low-precision arithmetic. Batches are cut below `batch_size` windows where their float32 logits would
+    exceed `LOGITS_BYTES` (one window at least): the same figure, in less memory.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"`windows` must be [n_windows, seq_len >= 2], got {tuple(windows.shape)}")
+    vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
+    if vocab_size:
+        batch_size = max(1, min(batch_size, LOGITS_BYTES // (4 * windows.shape[1] * vocab_size)))
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     with maths_for(model):

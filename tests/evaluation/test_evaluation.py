@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -13,6 +14,20 @@ def test_perplexity_is_exp_of_the_mean_token_loss():
     windows = token_windows(6, 24)
     expected = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     assert perplexity(model, windows, batch_size=4) == pytest.approx(math.exp(sum(expected) / len(expected)), rel=1e-5)
+
+
+def test_perplexity_scores_smaller_batches_where_the_logits_would_be_large(monkeypatch):
+    module = importlib.import_module("hfcompress.evaluation.perplexity")  # the package's name is the function
+    model, windows = tiny_model("llama"), token_windows(6, 24)
+    whole = perplexity(model, windows, batch_size=4)
+    sizes = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(len(kwargs["input_ids"])), with_kwargs=True)
+    window_logits = 4 * 24 * model.config.vocab_size
+    monkeypatch.setattr(module, "LOGITS_BYTES", 2 * window_logits + 1)  # two windows' logits fit, not three
+    assert perplexity(model, windows, batch_size=4) == pytest.approx(whole, rel=1e-6)
+    monkeypatch.setattr(module, "LOGITS_BYTES", 1)  # not even one: one window at a time
+    assert perplexity(model, windows, batch_size=4) == pytest.approx(whole, rel=1e-6)
+    assert sizes == [2, 2, 2] + [1] * 6
 
 
 def test_perplexity_refuses_one_token_windows():
