@@ -236,8 +236,8 @@ class AWQConfig(CalibrationArguments, RTNConfig):
             "precision, on `search_samples` calibration windows, as AutoAWQ and llm-compressor) or hessian (each "
             "linear's own output error through its input Hessian, on every window; faster, blind to what the "
             "softmax and the MLP's gate do with the errors). A linear alone is always scored by its Hessian: "
-            "that is its exact output error. Default: module with round-to-nearest weights, hessian with GPTQ "
-            "weights (the better of the two for each on the reference model)."
+            "that is its exact output error. Default: module with round-to-nearest weights at 4 bits and more, "
+            "hessian at 2 and 3 bits and with GPTQ weights (the better of the two for each on the reference model)."
         },
     )
     search_samples: int = field(
@@ -270,6 +270,13 @@ class AWQConfig(CalibrationArguments, RTNConfig):
         with `GPTQConfig` (grid, calibration data), GPTQ's defaults for the rest."""
         shared = {f.name: getattr(self, f.name) for f in fields(GPTQConfig) if f.init and hasattr(self, f.name)}
         return GPTQConfig(**shared)
+
+    def objective(self) -> str:
+        """What the scale search minimizes: `search_objective`, or where that is None the module's output with
+        round-to-nearest weights at 4 bits and more, the Hessian's measure otherwise."""
+        if self.search_objective is not None:
+            return self.search_objective
+        return "module" if self.weights == "rtn" and self.bits > 3 else "hessian"
 
     def clips(self) -> bool:
         """Whether the clipping search runs: `clip`, or where that is None at 2 and 3 bits only; never with GPTQ

@@ -205,6 +205,14 @@ def test_clipping_runs_at_3_bits_by_default_and_never_before_gptq():
     assert not hfcompress.AWQConfig(bits=3, weights="gptq", clip=True, **data).clips()
 
 
+def test_the_module_search_is_the_default_with_round_to_nearest_weights_from_4_bits():
+    data = {"dataset": token_windows()}
+    assert hfcompress.AWQConfig(bits=4, **data).objective() == "module"
+    assert hfcompress.AWQConfig(bits=3, **data).objective() == "hessian"
+    assert hfcompress.AWQConfig(bits=4, weights="gptq", **data).objective() == "hessian"
+    assert hfcompress.AWQConfig(bits=3, search_objective="module", **data).objective() == "module"
+
+
 def test_a_group_is_scored_by_the_smallest_module_holding_it():
     assert holding_module(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]) == "self_attn"
     assert holding_module(["mlp.experts.3.gate_proj", "mlp.experts.3.up_proj"]) == "mlp.experts.3"
