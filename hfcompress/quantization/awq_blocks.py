@@ -80,7 +80,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
     named = dict(block.named_modules())
     scale_dtype = SCALE_TORCH_DTYPES[config.scale_dtype]
     done, applied = {}, {}
-    mean_abs = (config.activation_statistic or ("mean_abs" if config.weights == "rtn" else "rms")) == "mean_abs"
+    mean_abs = config.statistic() == "mean_abs"
     by_outputs = config.objective() == "module"
     if by_outputs:  # chosen before any scale is folded: the block's own inputs never change
         batches, places = search_batches(inputs, config.search_samples)

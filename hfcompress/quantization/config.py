@@ -271,6 +271,13 @@ class AWQConfig(CalibrationArguments, RTNConfig):
         shared = {f.name: getattr(self, f.name) for f in fields(GPTQConfig) if f.init and hasattr(self, f.name)}
         return GPTQConfig(**shared)
 
+    def statistic(self) -> str:
+        """The activation magnitude the scales start from: `activation_statistic`, or where that is None mean_abs
+        with round-to-nearest weights, rms with GPTQ weights."""
+        if self.activation_statistic is not None:
+            return self.activation_statistic
+        return "mean_abs" if self.weights == "rtn" else "rms"
+
     def objective(self) -> str:
         """What the scale search minimizes: `search_objective`, or where that is None the module's output with
         round-to-nearest weights at 4 bits and more, the Hessian's measure otherwise."""
