@@ -302,10 +302,11 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
             file=sys.stderr,
         )
         return 2
+    joined = False  # a process group this command set up, and so ends; one the caller's script set up stays
     if _launched():  # torchrun / accelerate launch: one process of several
         from ..core.distributed import init_from_environment, is_main
 
-        init_from_environment()
+        joined = init_from_environment()
         if not is_main():  # rank 0 speaks for all (its warnings are every rank's); the others say only what fails
             _configure_logging(True)
             logging.getLogger().setLevel(logging.ERROR)
@@ -333,7 +334,7 @@ def run(args: argparse.Namespace, prog: str = "hfcompress") -> int:
         print(f"{prog}: error: rank {rank()} stopped: another process of the run left ({reason})", file=sys.stderr)
         return 1
     finally:
-        if (dist := _process_group()) is not None:
+        if joined and (dist := _process_group()) is not None:
             dist.destroy_process_group()
 
 
