@@ -218,7 +218,7 @@ _AUDIO = ("reads audio features: calibration on audio is not built", "reads inpu
 _DUAL = ("a dual text/image encoder: calibration on paired text and images is not built", "paired text and images")
 _NO_FFN = ("finds no MLP it can remove neurons from", "finds no ffn to prune")
 _NO_HEADS = ("finds no attention it can remove heads from", "finds no heads to prune")
-_CT_EXPERTS = ("transformers builds fused experts that a compressed-tensors checkpoint cannot fill", "cannot fill")
+_CT_EXPERTS = ("its checkpoints store the experts fused: no per-expert names to write them under", "no per-expert")
 _CT_INIT = (
     "transformers' weight initialization of this model reads weights compressed-tensors replaces",
     "cannot load",
@@ -235,7 +235,7 @@ GAPS: dict[tuple[str, str], tuple[str, str]] = {
         if family in ("moe", "encoder-decoder", "audio", "vision", "dual")
         or a in ("GPT-2", "OPT", "Falcon", "GPT-NeoX", "ModernBERT (masked LM)")
     },
-    **{(a, COMPRESSED_TENSORS): _CT_EXPERTS for a, (family, _) in BUILDERS.items() if family == "moe"},
+    (("GPT-OSS", COMPRESSED_TENSORS)): _CT_EXPERTS,
     **{(a, COMPRESSED_TENSORS): _CT_INIT for a in ("T5", "ModernBERT (masked LM)")},
     **{(a, COMPRESSED_TENSORS): _CT_CLASS for a in ("GPT-2", "Falcon")},
 }

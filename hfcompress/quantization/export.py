@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..core.structure import set_submodule
+from .expert_layout import expert_checkpoint_names, split_rows
 from .modules import QuantLinear
 
 __all__ = [
@@ -37,12 +38,7 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             "or save in format hfcompress (--format hfcompress)"
         )
     if qconfig.experts:
-        raise ValueError(
-            f"the model's mixture-of-experts layers ({len(qconfig.experts)}, e.g. {next(iter(qconfig.experts))!r}) hold "
-            "one quantized linear per expert; transformers builds the experts of this model as fused 3-D parameters, "
-            "which a compressed-tensors checkpoint cannot fill (its experts would silently load as random weights). "
-            "Save with --format hfcompress"
-        )
+        _check_experts(model, layers)
     if qconfig.compensation:
         raise ValueError(
             f"{len(qconfig.compensation)} layers (e.g. {next(iter(qconfig.compensation))!r}) carry a low-rank correction "
@@ -74,6 +70,33 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
         raise ValueError(
             f"servers fuse {', '.join(mixed[0])} into one matmul with one grid, but they were quantized on different "
             f"grids ({'; '.join(mixed[1])}); give linears that share an input the same bits and group size, or save "
+            "with --format hfcompress"
+        )
+
+
+def _check_experts(model: nn.Module, layers: dict[str, QuantLinear]) -> None:
+    """Refuse quantized experts that transformers cannot read back from their per-expert tensors: it decompresses
+    them while loading, packed weight-only ones only, all with the one scheme it finds for the experts."""
+    names = expert_checkpoint_names(model)
+    for name, parts in names.items():
+        layer = layers.get(name)
+        if (
+            layer is None
+            or not layer.EXACT_WHEN_DEQUANTIZED
+            or layer.bias is not None
+            or layer.out_features % len(parts)
+        ):
+            what = type(model.get_submodule(name)).__name__ if layer is None else _describe(_scheme(layer))
+            raise ValueError(
+                f"expert linear {name} is {what}{' with a bias' if layer is not None and layer.bias is not None else ''}; "
+                "transformers reads back quantized experts only as packed weight-only linears without biases. Save "
+                "with --format hfcompress"
+            )
+    schemes = sorted({_describe(_scheme(layers[name])) for name in names})
+    if len(schemes) > 1:
+        raise ValueError(
+            f"the model's experts are quantized on several grids ({', '.join(schemes)}); transformers applies one "
+            "config group to every expert of a compressed-tensors checkpoint. Give the experts one grid, or save "
             "with --format hfcompress"
         )
 
@@ -127,9 +150,13 @@ def compressed_tensors_config(model: nn.Module) -> dict:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     layers = _quantized_layers(model)
-    by_scheme: dict[tuple, list[str]] = {}
+    experts = expert_checkpoint_names(model)
+    # transformers takes the experts' scheme from the first group that targets layers by name or class
+    # (`get_experts_scheme`): theirs goes first; in it, they are named as the checkpoint names them
+    first = [_scheme(layers[name]) for name in experts][:1]
+    by_scheme: dict[tuple, list[str]] = {scheme: [] for scheme in first}
     for name, layer in layers.items():
-        by_scheme.setdefault(_scheme(layer), []).append(name)
+        by_scheme.setdefault(_scheme(layer), []).extend(experts.get(name, [name]))
     act_order = "weight" if model.config.quantization_config.recipe.get("act_order") else None
     formats = {"int-quantized" if activations else "pack-quantized" for *_, activations in by_scheme}
     if len(formats) > 1:
@@ -165,10 +192,12 @@ def compressed_tensors_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Weight-only layers keep their packing bit for bit (our codes and zero points are its unsigned, offset
     values): `weight` becomes `weight_packed`, and `weight_shape` is added. W8A8 layers store `weight` as int8
-    (the code less 128) and one scale per output channel [out, 1].
+    (the code less 128) and one scale per output channel [out, 1]. Mixture-of-experts layers held as one linear
+    per expert go under their per-expert checkpoint names (`expert_layout`), gate and up split apart.
     """
     renamed = {}
     layers = _quantized_layers(model)
+    experts = expert_checkpoint_names(model)
     for key, tensor in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
         layer = layers.get(module_name)
@@ -186,7 +215,27 @@ def compressed_tensors_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             renamed[f"{module_name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features])
         else:
             renamed[key] = tensor
-    return renamed
+    if not experts:
+        return renamed
+    return _per_expert(renamed, experts, model.get_input_embeddings().weight.dtype)
+
+
+def _per_expert(
+    tensors: dict[str, torch.Tensor], names: dict[str, list[str]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """`tensors` with each held expert linear's under its checkpoint names (`expert_checkpoint_names`), its scales
+    in `dtype`, the model's: transformers 5.25 decompresses experts into their scales' dtype and does not cast them
+    (in float16 from float16 scales, a float32 model's eager experts fail on the dtype mismatch)."""
+    kept, experts = {}, {}
+    for key, tensor in tensors.items():
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in names:
+            experts.setdefault(module_name, {})[leaf] = tensor.to(dtype) if leaf == "weight_scale" else tensor
+        else:
+            kept[key] = tensor
+    for module_name, leaves in experts.items():
+        kept.update(split_rows(leaves, names[module_name]))
+    return kept
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

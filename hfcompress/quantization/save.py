@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch.nn as nn
 
+from ..core.experts import held_experts
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from .config import FORMATS
 from .export import (
@@ -78,7 +79,14 @@ def _save_compressed_tensors(model: nn.Module, folder) -> None:
     own_config, quantizer = config.quantization_config, model.hf_quantizer
     config.quantization_config = compressed_tensors_config(model)
     model.hf_quantizer = None
+    # held experts keep their own names in hfcompress checkpoints (`core.experts.keep_checkpoint_names`); here they
+    # are per-expert already, and the rest gets the names transformers itself saves (Mixtral's `block_sparse_moe`)
+    conversions = model.__dict__.get("_weight_conversions")
+    if conversions == [] and held_experts(model):
+        model._weight_conversions = None
     try:
         model.save_pretrained(folder, state_dict=state_dict)
     finally:
         config.quantization_config, model.hf_quantizer = own_config, quantizer
+        if conversions is not None:
+            model._weight_conversions = conversions

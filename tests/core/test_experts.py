@@ -188,9 +188,21 @@ def test_factorized_experts_reload(tmp_path):
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids))
 
 
-def test_compressed_tensors_export_of_experts_is_refused(tmp_path):
-    model = hfcompress.quantize(tiny_model("mixtral"), hfcompress.RTNConfig(bits=4, group_size=32, sym=True))
-    with pytest.raises(ValueError, match=r"mixture-of-experts layers .* cannot fill .*--format hfcompress"):
+@pytest.mark.parametrize(
+    ("arch", "config", "message"),
+    [
+        # GPT-OSS's checkpoints hold the fused (transposed) tensors: no per-expert names to write
+        ("gpt_oss", hfcompress.RTNConfig(bits=4, group_size=32, sym=True), r"GptOssForCausalLM has no per-expert"),
+        # transformers decompresses packed or fp8 experts only
+        ("mixtral", hfcompress.W8A8Config(dataset=token_windows()), r"gate_up_proj.0 is w8a8 per-channel"),
+        ("mixtral", hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*down_proj.*": 8}),
+         r"experts are quantized on several grids \(w4 g32, w8 g32\); transformers applies one config group"),
+    ],
+    ids=["fused-checkpoint", "w8a8", "mixed"],
+)  # fmt: skip
+def test_compressed_tensors_export_of_experts_it_cannot_hold_is_refused(tmp_path, arch, config, message):
+    model = hfcompress.quantize(tiny_model(arch), config)
+    with pytest.raises(ValueError, match=message + r".*--format hfcompress"):
         save_quantized(model, tmp_path / "out", format="compressed-tensors")
     assert not (tmp_path / "out").exists()
 

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from helpers import tiny_model, token_windows
+from safetensors.torch import load_file
 
 import hfcompress
 from hfcompress.quantization.save import save_quantized
@@ -43,22 +44,26 @@ def _load_elsewhere(folders):
 
 
 CT_SETTINGS = [
-    hfcompress.GPTQConfig(bits=4, group_size=32, sym=True),
-    hfcompress.GPTQConfig(bits=4, group_size=-1, sym=True),
-    hfcompress.GPTQConfig(bits=3, group_size=32, sym=True, act_order=True, static_groups=True),
-    hfcompress.GPTQConfig(bits=2, group_size=16, sym=True),
-    hfcompress.GPTQConfig(bits=8, group_size=-1, sym=True),
-    # mixed precision: one config group per grid, each naming its layers
-    hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*mlp.*": 8, "re:.*o_proj": 2}),
+    ("llama", hfcompress.GPTQConfig(bits=4, group_size=32, sym=True)),
+    ("llama", hfcompress.GPTQConfig(bits=4, group_size=-1, sym=True)),
+    ("llama", hfcompress.GPTQConfig(bits=3, group_size=32, sym=True, act_order=True, static_groups=True)),
+    ("llama", hfcompress.GPTQConfig(bits=2, group_size=16, sym=True)),
+    ("llama", hfcompress.GPTQConfig(bits=8, group_size=-1, sym=True)),
+    # quantized experts, written per expert under the original checkpoint's names (Mixtral's w1/w3 split from
+    # gate_up, under block_sparse_moe), which transformers decompresses and fuses while loading
+    ("mixtral", hfcompress.GPTQConfig(bits=4, group_size=32, sym=True)),
+    ("qwen2_moe", hfcompress.RTNConfig(bits=8, group_size=-1, sym=True)),
+    # mixed precision: one config group per grid, each naming its layers (last: read below)
+    ("llama", hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*mlp.*": 8, "re:.*o_proj": 2})),
 ]
 
 
 def test_compressed_tensors_checkpoints_load_in_plain_transformers(tmp_path):
     ids = token_windows(8, 32)
     folders, expected = [], {}
-    for i, config in enumerate(CT_SETTINGS):
+    for i, (arch, config) in enumerate(CT_SETTINGS):
         config.dataset = ids
-        model = hfcompress.quantize(tiny_model("llama"), config)
+        model = hfcompress.quantize(tiny_model(arch), config)
         case = tmp_path / f"case{i}"
         case.mkdir()
         torch.save(ids[:2], case / "ids.pt")
@@ -72,6 +77,11 @@ def test_compressed_tensors_checkpoints_load_in_plain_transformers(tmp_path):
         torch.testing.assert_close(got, expected[str(folder)], rtol=1e-4, atol=1e-4)
         config = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    experts = load_file(folders[5] / "model.safetensors")
+    mixtral = json.loads((folders[5] / "config.json").read_text())
+    up = [mixtral["intermediate_size"], mixtral["hidden_size"]]  # the rows of gate_up_proj that were up's
+    assert experts["model.layers.1.block_sparse_moe.experts.7.w3.weight_shape"].tolist() == up
+    assert not [key for key in experts if "gate_up_proj" in key or ".mlp." in key]
     mixed = json.loads((folders[-1] / "config.json").read_text())["quantization_config"]["config_groups"]
     assert sorted(g["weights"]["num_bits"] for g in mixed.values()) == [2, 4, 8]
     assert "model.layers.1.mlp.up_proj" in next(g["targets"] for g in mixed.values() if g["weights"]["num_bits"] == 8)
