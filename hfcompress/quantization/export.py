@@ -103,7 +103,7 @@ def _check_experts(model: nn.Module, layers: dict[str, QuantLinear]) -> None:
 
 ASYMMETRIC = (
     "compressed-tensors stores its zero points packed ([out * bits / 32, groups]; vLLM reads them so), but "
-    "transformers 5.24 with compressed-tensors 0.20 builds them unpacked ([out, groups]) and refuses the checkpoint "
+    "transformers 5.24 and 5.25 with compressed-tensors 0.20 build them unpacked ([out, groups]) and refuse the checkpoint "
     "(checked; vllm-project/llm-compressor#1618). Quantize with sym=True (--sym), or save in format hfcompress "
     "(--format hfcompress)"
 )
