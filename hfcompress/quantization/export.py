@@ -153,8 +153,8 @@ def compressed_tensors_config(model: nn.Module) -> dict:
     experts = expert_checkpoint_names(model)
     # transformers takes the experts' scheme from the first group that targets layers by name or class
     # (`get_experts_scheme`): theirs goes first; in it, they are named as the checkpoint names them
-    first = [_scheme(layers[name]) for name in experts][:1]
-    by_scheme: dict[tuple, list[str]] = {scheme: [] for scheme in first}
+    first = next(iter(experts), None)
+    by_scheme: dict[tuple, list[str]] = {} if first is None else {_scheme(layers[first]): []}
     for name, layer in layers.items():
         by_scheme.setdefault(_scheme(layer), []).extend(experts.get(name, [name]))
     act_order = "weight" if model.config.quantization_config.recipe.get("act_order") else None
