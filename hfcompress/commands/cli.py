@@ -240,7 +240,7 @@ def _add_build_kernels(subparsers) -> None:
 
 def _add_export(subparsers) -> None:
     export = subparsers.add_parser("export", help="Write a compressed model in another runtime's format.")
-    formats = export.add_subparsers(dest="format", metavar="{gguf}")
+    formats = export.add_subparsers(dest="format", metavar="{gguf,compressed-tensors}")
     formats.required = True
     gguf = formats.add_parser(
         "gguf",
@@ -255,6 +255,19 @@ def _add_export(subparsers) -> None:
     gguf.add_argument("--overwrite", action="store_true", help="Replace OUT.gguf if it exists.")
     add_common(gguf)
     gguf.set_defaults(**{HANDLER: "hfcompress.commands.export:run_export_gguf"})
+    ct = formats.add_parser(
+        "compressed-tensors",
+        help="The compressed-tensors format vLLM and plain transformers load, shard by shard.",
+        description="Rewrite an hfcompress checkpoint (e.g. one `quantize ... --offload disk` wrote block by block) as "
+        "compressed-tensors one shard at a time, never loading the model: the files `--format compressed-tensors` "
+        "writes from memory. What that format cannot hold (asymmetric grids, sparse or factorized layers, ...) is "
+        "refused with the reason before anything is written.",
+    )
+    ct.add_argument("model", metavar="MODEL", help="Local hfcompress checkpoint folder.")
+    ct.add_argument("output", metavar="OUT", help="Folder to write (refused if not empty, unless --overwrite).")
+    ct.add_argument("--overwrite", action="store_true", help="Replace OUT if it is not empty.")
+    add_common(ct)
+    ct.set_defaults(**{HANDLER: "hfcompress.commands.export:run_export_compressed_tensors"})
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:

@@ -320,7 +320,7 @@ def settings_obstacle(config, format: str = "hfcompress") -> str | None:
     `streaming_obstacle`, or a format other than hfcompress (the shards are written block by block)."""
     obstacle = config.streaming_obstacle()
     if obstacle is None and format != "hfcompress":
-        obstacle = f"--offload disk writes format hfcompress only, got --format {format}"
+        obstacle = f"--offload disk writes format hfcompress only, got --format {format} (then `hfcompress export compressed-tensors OUTPUT OUT` rewrites it shard by shard)"
     return obstacle
 
 

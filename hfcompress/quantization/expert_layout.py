@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import torch.nn as nn
+from transformers.conversion_mapping import get_model_conversion_mapping
 
 from ..core.experts import expert_modules
 
@@ -28,8 +29,6 @@ def expert_checkpoint_names(model: nn.Module) -> dict[str, list[str]]:
     held = expert_modules(model)
     if not held:
         return {}
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
     converters = [
         c for c in get_model_conversion_mapping(model, add_legacy=False) if type(c).__name__ == "WeightConverter"
     ]

@@ -9,12 +9,14 @@ import torch.nn as nn
 
 from ..core.structure import set_submodule
 from .expert_layout import expert_checkpoint_names, split_rows
+from .int8_linear import int8_weight
 from .modules import QuantLinear
 
 __all__ = [
     "check_compressed_tensors_compatible",
     "compressed_tensors_config",
     "compressed_tensors_state_dict",
+    "compressed_tensors_tensors",
     "dequantize_model",
 ]
 
@@ -188,54 +190,50 @@ def compressed_tensors_config(model: nn.Module) -> dict:
 
 
 def compressed_tensors_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized layer under compressed-tensors' tensor names.
+    """The model's state dict with each quantized layer under compressed-tensors' tensor names
+    (`compressed_tensors_tensors`)."""
+    return compressed_tensors_tensors(model, model.state_dict())
+
+
+def compressed_tensors_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, stored tensors of `model` (its state dict, or one shard of its checkpoint), with each quantized
+    layer's under compressed-tensors' names; of `model` only the layers' shapes are read (they may be on the meta
+    device).
 
     Weight-only layers keep their packing bit for bit (our codes and zero points are its unsigned, offset
     values): `weight` becomes `weight_packed`, and `weight_shape` is added. W8A8 layers store `weight` as int8
     (the code less 128) and one scale per output channel [out, 1]. Mixture-of-experts layers held as one linear
-    per expert go under their per-expert checkpoint names (`expert_layout`), gate and up split apart.
+    per expert go under their per-expert checkpoint names (`expert_layout`), gate and up split apart, their scales
+    in the model's dtype: transformers 5.25 decompresses experts into their scales' dtype and does not cast them
+    (from float16 scales, a float32 model's eager experts fail on the dtype mismatch).
     """
-    renamed = {}
     layers = _quantized_layers(model)
     experts = expert_checkpoint_names(model)
-    for key, tensor in model.state_dict().items():
+    renamed = {}
+    for key, tensor in tensors.items():
         module_name, _, leaf = key.rpartition(".")
         layer = layers.get(module_name)
         if layer is None:
             renamed[key] = tensor
-        elif not layer.EXACT_WHEN_DEQUANTIZED:  # W8A8
+            continue
+        if not layer.EXACT_WHEN_DEQUANTIZED:  # W8A8
             if leaf == "weight":
-                renamed[key] = layer.int8_weight()
+                tensor = int8_weight(tensor, layer.in_features)
             elif leaf == "weight_scale":
-                renamed[key] = tensor.reshape(-1, 1)
-            else:
-                renamed[key] = tensor
+                tensor = tensor.reshape(-1, 1)
+            converted = {leaf: tensor}
         elif leaf == "weight":
-            renamed[f"{module_name}.weight_packed"] = tensor
-            renamed[f"{module_name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features])
+            converted = {"weight_packed": tensor, "weight_shape": torch.tensor([layer.out_features, layer.in_features])}
         else:
-            renamed[key] = tensor
-    if not experts:
-        return renamed
-    return _per_expert(renamed, experts, model.get_input_embeddings().weight.dtype)
-
-
-def _per_expert(
-    tensors: dict[str, torch.Tensor], names: dict[str, list[str]], dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """`tensors` with each held expert linear's under its checkpoint names (`expert_checkpoint_names`), its scales
-    in `dtype`, the model's: transformers 5.25 decompresses experts into their scales' dtype and does not cast them
-    (in float16 from float16 scales, a float32 model's eager experts fail on the dtype mismatch)."""
-    kept, experts = {}, {}
-    for key, tensor in tensors.items():
-        module_name, _, leaf = key.rpartition(".")
-        if module_name in names:
-            experts.setdefault(module_name, {})[leaf] = tensor.to(dtype) if leaf == "weight_scale" else tensor
-        else:
-            kept[key] = tensor
-    for module_name, leaves in experts.items():
-        kept.update(split_rows(leaves, names[module_name]))
-    return kept
+            converted = {leaf: tensor}
+        parts = experts.get(module_name)
+        if parts is None:
+            renamed.update({f"{module_name}.{name}": value for name, value in converted.items()})
+            continue
+        if "weight_scale" in converted:
+            converted["weight_scale"] = converted["weight_scale"].to(model.get_input_embeddings().weight.dtype)
+        renamed.update(split_rows(converted, parts))
+    return renamed
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

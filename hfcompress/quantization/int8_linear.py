@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from ..core.packing import unpack_codes
 from .modules import QuantLinear
 from .smoothquant import int8_matmul, quantize_per_token
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int8Linear", "int8_weight"]
+
+
+def int8_weight(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A W8A8 layer's stored weight (8-bit codes packed in int32 words) as int8 [out, in]: the codes less the middle
+    code 128."""
+    return (unpack_codes(packed, 8, in_features).to(torch.int16) - 128).to(torch.int8)
 
 
 class Int8Linear(QuantLinear):
@@ -44,8 +51,8 @@ class Int8Linear(QuantLinear):
         return int8
 
     def int8_weight(self) -> torch.Tensor:
-        """The weight as int8 [out, in]: the codes less the middle code 128."""
-        return (self.codes().to(torch.int16) - 128).to(torch.int8)
+        """The weight as int8 [out, in] (`int8_weight`)."""
+        return int8_weight(self.weight, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = x.device

@@ -61,7 +61,7 @@ def _search_obstacle(config: SearchConfig) -> str | None:
             "add --techniques gptq"
         )
     if config.format != "hfcompress":
-        return f"--offload disk writes format hfcompress only, got --format {config.format}"
+        return f"--offload disk writes format hfcompress only, got --format {config.format} (then `hfcompress export compressed-tensors OUTPUT OUT` rewrites it shard by shard)"
     return None
 
 

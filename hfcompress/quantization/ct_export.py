@@ -1,0 +1,94 @@
+"""An hfcompress checkpoint rewritten as compressed-tensors one shard at a time, without loading the model: the
+way out to vLLM for a model quantized streamed from disk (`--offload disk`, which writes hfcompress's format as
+each block is finished). The layers are read from a skeleton on the meta device; every shard is read, renamed
+(`export.compressed_tensors_tensors`) and written before the next is read, so memory holds one shard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers.core_model_loading import revert_weight_conversion
+
+from ..checkpoint.manifest import HfcompressQuantizationConfig
+from ..core.shard_writer import INDEX_FILE
+from ..core.streaming import ShardedCheckpoint
+from ..io import atomic_output_dir, check_output_dir, copy_model_extras
+from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_tensors
+
+__all__ = ["export_compressed_tensors"]
+
+logger = logging.getLogger(__name__)
+
+# the model class a checkpoint's names belong to, by the suffix of its architecture
+_TASKS = {"ForCausalLM": "causal-lm", "ForSequenceClassification": "sequence-classification"}
+
+
+def export_compressed_tensors(
+    model_folder: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write the hfcompress checkpoint in `model_folder` to the folder `output` in format compressed-tensors, shard
+    for shard, with its tokenizer and generation config: the tensors and `quantization_config` that saving the
+    loaded model with `format="compressed-tensors"` writes. Refused, before anything is written, where that
+    format cannot hold the model (`export.check_compressed_tensors_compatible`) or the folder is no hfcompress
+    checkpoint; `output` is refused if it exists and is not empty, unless `overwrite`, and is written in full or not
+    at all."""
+    folder = Path(model_folder)
+    config = _hfcompress_config(folder)
+    architecture = (config.get("architectures") or [""])[0]
+    task = next((task for suffix, task in _TASKS.items() if architecture.endswith(suffix)), None)
+    if task is None:
+        raise ValueError(
+            f"{os.fspath(model_folder)!r} is a {architecture or 'model of no architecture'}; shard by shard export "
+            f"reads {' and '.join(f'*{s}' for s in _TASKS)} checkpoints. Load it and call save_quantized(model, OUT, "
+            "format='compressed-tensors') instead"
+        )
+    check_output_dir(output, overwrite, inputs=[model_folder])
+    checkpoint = ShardedCheckpoint(folder)
+    dtype = checkpoint.stored_dtype()
+    model = checkpoint.skeleton(task, dtype, compressed=True)
+    model.config.quantization_config = HfcompressQuantizationConfig.from_dict(config["quantization_config"])
+    check_compressed_tensors_compatible(model)
+    model.config.quantization_config = compressed_tensors_config(model)
+
+    shards = sorted(set(checkpoint.weight_map.values()))
+    with atomic_output_dir(output, overwrite) as staging:
+        weight_map, total = {}, 0
+        for shard in tqdm(shards, desc="compressed-tensors shards"):
+            tensors = _original_names(model, compressed_tensors_tensors(model, load_file(folder / shard)))
+            save_file(tensors, Path(staging) / shard, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, shard))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (Path(staging) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        model.config.save_pretrained(staging)
+        copy_model_extras(folder, staging)
+    logger.info("wrote %d compressed-tensors shards to %s", len(shards), output)
+    return Path(output)
+
+
+def _hfcompress_config(folder: Path) -> dict:
+    """The config of the hfcompress checkpoint in `folder`, or a ValueError saying what it is instead."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{os.fspath(folder)!r} is no model folder: it has no config.json")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != "hfcompress":
+        raise ValueError(
+            f"{os.fspath(folder)!r} is {'not quantized' if method is None else f'quantized with {method}'}; "
+            "export compressed-tensors reads hfcompress checkpoints (written by hfcompress quantize)"
+        )
+    return config
+
+
+def _original_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` under the names transformers itself saves the model's (its conversion mapping reversed: Mixtral's
+    `block_sparse_moe`), as `save_pretrained` writes them in memory."""
+    return revert_weight_conversion(model, tensors)

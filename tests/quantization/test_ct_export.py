@@ -1,0 +1,65 @@
+"""`hfcompress export compressed-tensors`: an hfcompress checkpoint (written streamed, block by block) rewritten
+shard by shard gives the very files `--format compressed-tensors` writes from memory."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import python_text, save_tiny_model
+from safetensors.torch import load_file
+
+from hfcompress.commands.cli import main
+
+pytest.importorskip("compressed_tensors")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(python_text()[:40_000], encoding="utf-8")
+    return path
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for file in sorted(folder.glob("model*.safetensors")) for k, v in load_file(file).items()}
+
+
+def _quantize(command: list[str], model: Path, output: Path, calib: Path, *extra) -> None:
+    options = ["--dataset", calib, "--num-samples", "8", "--seq-len", "64", "-q", *extra]
+    assert main([*command, str(model), str(output), *map(str, options)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "command"),
+    [
+        ("llama", ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym"]),
+        ("llama", ["quantize", "w8a8", "--smoothquant", "0.5"]),  # int8 weights from the packed codes
+        ("mixtral", ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym"]),  # per expert, w1/w3 split
+    ],
+    ids=["gptq", "w8a8", "mixtral"],
+)
+def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, arch, command):
+    save_tiny_model(tmp_path / "model", arch=arch)
+    _quantize(command, tmp_path / "model", tmp_path / "streamed", calib, "--offload", "disk")
+    _quantize(command, tmp_path / "model", tmp_path / "memory", calib, "--format", "compressed-tensors")
+    assert main(["export", "compressed-tensors", str(tmp_path / "streamed"), str(tmp_path / "exported")]) == 0
+
+    exported, memory = _tensors(tmp_path / "exported"), _tensors(tmp_path / "memory")
+    assert len(list((tmp_path / "exported").glob("model-*.safetensors"))) > 1  # shard for shard
+    assert exported.keys() == memory.keys() and all(torch.equal(exported[k], memory[k]) for k in exported)
+    configs = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("exported", "memory")]
+    assert configs[0]["quantization_config"] == configs[1]["quantization_config"]
+    assert configs[0]["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+
+
+def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path, calib, capsys):
+    save_tiny_model(tmp_path / "model")
+    _quantize(["quantize", "gptq", "--bits", "4", "--group-size", "32"], tmp_path / "model", tmp_path / "asym", calib)
+    assert main(["export", "compressed-tensors", str(tmp_path / "asym"), str(tmp_path / "out")]) == 2
+    assert "is quantized on an asymmetric grid" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    assert main(["export", "compressed-tensors", str(tmp_path / "model"), str(tmp_path / "out")]) == 2
+    assert "is not quantized; export compressed-tensors reads hfcompress checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
