@@ -1,7 +1,7 @@
 """An hfcompress checkpoint rewritten as compressed-tensors one shard at a time, without loading the model: the
 way out to vLLM for a model quantized streamed from disk (`--offload disk`, which writes hfcompress's format as
 each block is finished). The layers are read from a skeleton on the meta device; every shard is read, renamed
-(`export.compressed_tensors_tensors`) and written before the next is read, so memory holds one shard."""
+(`export.compressed_tensors_renaming`) and written before the next is read, so memory holds one shard."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..checkpoint.manifest import HfcompressQuantizationConfig
 from ..core.shard_writer import INDEX_FILE
 from ..core.streaming import ShardedCheckpoint
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
-from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_tensors
+from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_renaming
 
 __all__ = ["export_compressed_tensors"]
 
@@ -56,11 +56,12 @@ def export_compressed_tensors(
     check_compressed_tensors_compatible(model)
     model.config.quantization_config = compressed_tensors_config(model)
 
+    rename = compressed_tensors_renaming(model)
     shards = sorted(set(checkpoint.weight_map.values()))
     with atomic_output_dir(output, overwrite) as staging:
         weight_map, total = {}, 0
         for shard in tqdm(shards, desc="compressed-tensors shards"):
-            tensors = _original_names(model, compressed_tensors_tensors(model, load_file(folder / shard)))
+            tensors = _original_names(model, rename(load_file(folder / shard)))
             save_file(tensors, Path(staging) / shard, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, shard))
             total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -15,8 +16,8 @@ from .modules import QuantLinear
 __all__ = [
     "check_compressed_tensors_compatible",
     "compressed_tensors_config",
+    "compressed_tensors_renaming",
     "compressed_tensors_state_dict",
-    "compressed_tensors_tensors",
     "dequantize_model",
 ]
 
@@ -191,14 +192,14 @@ def compressed_tensors_config(model: nn.Module) -> dict:
 
 def compressed_tensors_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized layer under compressed-tensors' tensor names
-    (`compressed_tensors_tensors`)."""
-    return compressed_tensors_tensors(model, model.state_dict())
+    (`compressed_tensors_renaming`)."""
+    return compressed_tensors_renaming(model)(model.state_dict())
 
 
-def compressed_tensors_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`tensors`, stored tensors of `model` (its state dict, or one shard of its checkpoint), with each quantized
-    layer's under compressed-tensors' names; of `model` only the layers' shapes are read (they may be on the meta
-    device).
+def compressed_tensors_renaming(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A function taking stored tensors of `model` (its state dict, or one shard of its checkpoint after another)
+    to the same with each quantized layer's under compressed-tensors' names. Of `model` only the layers' shapes
+    are read, once (they may be on the meta device).
 
     Weight-only layers keep their packing bit for bit (our codes and zero points are its unsigned, offset
     values): `weight` becomes `weight_packed`, and `weight_shape` is added. W8A8 layers store `weight` as int8
@@ -209,31 +210,36 @@ def compressed_tensors_tensors(model: nn.Module, tensors: dict[str, torch.Tensor
     """
     layers = _quantized_layers(model)
     experts = expert_checkpoint_names(model)
-    renamed = {}
-    for key, tensor in tensors.items():
-        module_name, _, leaf = key.rpartition(".")
-        layer = layers.get(module_name)
-        if layer is None:
-            renamed[key] = tensor
-            continue
+    expert_scale_dtype = model.get_input_embeddings().weight.dtype
+
+    def layer_tensors(layer: QuantLinear, leaf: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if not layer.EXACT_WHEN_DEQUANTIZED:  # W8A8
             if leaf == "weight":
-                tensor = int8_weight(tensor, layer.in_features)
-            elif leaf == "weight_scale":
-                tensor = tensor.reshape(-1, 1)
-            converted = {leaf: tensor}
-        elif leaf == "weight":
-            converted = {"weight_packed": tensor, "weight_shape": torch.tensor([layer.out_features, layer.in_features])}
-        else:
-            converted = {leaf: tensor}
-        parts = experts.get(module_name)
-        if parts is None:
-            renamed.update({f"{module_name}.{name}": value for name, value in converted.items()})
-            continue
-        if "weight_scale" in converted:
-            converted["weight_scale"] = converted["weight_scale"].to(model.get_input_embeddings().weight.dtype)
-        renamed.update(split_rows(converted, parts))
-    return renamed
+                return {leaf: int8_weight(tensor, layer.in_features)}
+            return {leaf: tensor.reshape(-1, 1) if leaf == "weight_scale" else tensor}
+        if leaf == "weight":
+            return {"weight_packed": tensor, "weight_shape": torch.tensor([layer.out_features, layer.in_features])}
+        return {leaf: tensor}
+
+    def rename(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        renamed = {}
+        for key, tensor in tensors.items():
+            module_name, _, leaf = key.rpartition(".")
+            layer = layers.get(module_name)
+            if layer is None:
+                renamed[key] = tensor
+                continue
+            converted = layer_tensors(layer, leaf, tensor)
+            parts = experts.get(module_name)
+            if parts is None:
+                renamed.update({f"{module_name}.{name}": value for name, value in converted.items()})
+                continue
+            if "weight_scale" in converted:
+                converted["weight_scale"] = converted["weight_scale"].to(expert_scale_dtype)
+            renamed.update(split_rows(converted, parts))
+        return renamed
+
+    return rename
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
