@@ -210,7 +210,7 @@ def compressed_tensors_renaming(model: nn.Module) -> Callable[[dict[str, torch.T
     """
     layers = _quantized_layers(model)
     experts = expert_checkpoint_names(model)
-    expert_scale_dtype = model.get_input_embeddings().weight.dtype
+    expert_scale_dtype = model.get_input_embeddings().weight.dtype if experts else None  # experts: language models
 
     def layer_tensors(layer: QuantLinear, leaf: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if not layer.EXACT_WHEN_DEQUANTIZED:  # W8A8
