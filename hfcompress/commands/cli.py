@@ -24,6 +24,7 @@ from ..distillation.config import DistillationConfig
 from ..steps.options import DistillArguments, OutputOptions
 from .arguments import add_config_arguments
 from .common import HANDLER, add_common
+from .export_parsers import add_export
 from .recipe_parsers import add_recipe, add_search
 
 __all__ = ["add_commands", "build_parser", "command_names", "main", "run"]
@@ -238,38 +239,6 @@ def _add_build_kernels(subparsers) -> None:
     kernels.set_defaults(**{HANDLER: "hfcompress.commands.kernels:run_build_kernels"})
 
 
-def _add_export(subparsers) -> None:
-    export = subparsers.add_parser("export", help="Write a compressed model in another runtime's format.")
-    formats = export.add_subparsers(dest="format", metavar="{gguf,compressed-tensors}")
-    formats.required = True
-    gguf = formats.add_parser(
-        "gguf",
-        help="One GGUF file for llama.cpp (Llama models; Q4_0 / Q8_0 layers).",
-        description="Write an hfcompress checkpoint of a Llama model as one GGUF file: layers quantized symmetric "
-        "4-bit or 8-bit with groups of 32 (e.g. `quantize gptq --sym --group-size 32`) go over code for code as "
-        "llama.cpp's Q4_0 / Q8_0, full-precision linears as float16; any other grid is refused with the reason. "
-        "Needs a byte-level BPE tokenizer.json in MODEL and `pip install 'hfcompress[gguf]'`.",
-    )
-    gguf.add_argument("model", metavar="MODEL", help="Local hfcompress (or plain) model folder.")
-    gguf.add_argument("output", metavar="OUT.gguf", help="File to write (refused if it exists, unless --overwrite).")
-    gguf.add_argument("--overwrite", action="store_true", help="Replace OUT.gguf if it exists.")
-    add_common(gguf)
-    gguf.set_defaults(**{HANDLER: "hfcompress.commands.export:run_export_gguf"})
-    ct = formats.add_parser(
-        "compressed-tensors",
-        help="The compressed-tensors format vLLM and plain transformers load, shard by shard.",
-        description="Rewrite an hfcompress checkpoint (e.g. one `quantize ... --offload disk` wrote block by block) as "
-        "compressed-tensors one shard at a time, never loading the model: the files `--format compressed-tensors` "
-        "writes from memory. What that format cannot hold (asymmetric grids, sparse or factorized layers, ...) is "
-        "refused with the reason before anything is written.",
-    )
-    ct.add_argument("model", metavar="MODEL", help="Local hfcompress checkpoint folder.")
-    ct.add_argument("output", metavar="OUT", help="Folder to write (refused if not empty, unless --overwrite).")
-    ct.add_argument("--overwrite", action="store_true", help="Replace OUT if it is not empty.")
-    add_common(ct)
-    ct.set_defaults(**{HANDLER: "hfcompress.commands.export:run_export_compressed_tensors"})
-
-
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Add hfcompress's subcommands to `parser` (used by `hfcompress` and by `optimum-cli hfcompress`)."""
     load_plugins()  # techniques other packages register get their commands too
@@ -282,7 +251,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     add_search(subparsers)
     _add_evaluate(subparsers)
     _add_hub(subparsers)
-    _add_export(subparsers)
+    add_export(subparsers)
     _add_build_kernels(subparsers)
     subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
 
