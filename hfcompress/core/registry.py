@@ -129,6 +129,9 @@ class Technique:
     - `stream(model_path, folder, config, tokenizer, resume, **step_options)`: the technique run block by block
       from a checkpoint on disk straight into `folder` (`--offload disk`, `core.streamed_run`), continuing the run
       kept there when `resume`; returns the model skeleton for the record. None: cannot stream.
+      It writes hfcompress's format; `rewrite(folder, destination, task, **step_options)` rewrites what it wrote
+      in `folder` into `destination` in the format the step options name, where that is another (None: the
+      technique streams in hfcompress's format only).
     - `expert_linears`: whether it works on linear layers one by one, experts included: fused mixture-of-experts
       weights are then held as one linear per expert while it runs (`core.experts`), and fused back where
       nothing was compressed.
@@ -151,6 +154,7 @@ class Technique:
     before_save: Callable[..., None] | None = None
     save: Callable[..., None] | None = None
     stream: Callable[..., nn.Module] | None = None
+    rewrite: Callable[..., None] | None = None
     expert_linears: bool = False
     cast: bool = True
     in_place: bool = True

@@ -320,7 +320,10 @@ def settings_obstacle(config, format: str = "hfcompress") -> str | None:
     `streaming_obstacle`, or a format other than hfcompress (the shards are written block by block)."""
     obstacle = config.streaming_obstacle()
     if obstacle is None and format != "hfcompress":
-        obstacle = f"--offload disk writes format hfcompress only, got --format {format} (then `hfcompress export compressed-tensors OUTPUT OUT` rewrites it shard by shard)"
+        obstacle = (
+            f"a streamed run writes format hfcompress only, got {format!r} (`export_compressed_tensors` rewrites its "
+            "folder shard by shard, as `hfcompress quantize ... --offload disk --format compressed-tensors` does)"
+        )
     return obstacle
 
 

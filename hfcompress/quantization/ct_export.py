@@ -21,7 +21,7 @@ from ..core.streaming import ShardedCheckpoint
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_renaming
 
-__all__ = ["export_compressed_tensors"]
+__all__ = ["export_compressed_tensors", "write_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ def export_compressed_tensors(
             "format='compressed-tensors') instead"
         )
     check_output_dir(output, overwrite, inputs=[model_folder])
+    with atomic_output_dir(output, overwrite) as staging:
+        write_compressed_tensors(folder, staging, task)
+    logger.info("wrote %s in format compressed-tensors", output)
+    return Path(output)
+
+
+def write_compressed_tensors(model_folder: str | os.PathLike, destination: str | os.PathLike, task: str) -> None:
+    """Write the hfcompress checkpoint of a `task` model in `model_folder` into the existing folder `destination`
+    in format compressed-tensors, one shard read and written at a time, with its config, tokenizer and generation
+    config; a ValueError, before any shard is written, where that format cannot hold it."""
+    folder, destination = Path(model_folder), Path(destination)
+    config = _hfcompress_config(folder)
     checkpoint = ShardedCheckpoint(folder)
     dtype = checkpoint.stored_dtype()
     model = checkpoint.skeleton(task, dtype, compressed=True)
@@ -58,20 +70,26 @@ def export_compressed_tensors(
 
     rename = compressed_tensors_renaming(model)
     shards = sorted(set(checkpoint.weight_map.values()))
-    with atomic_output_dir(output, overwrite) as staging:
-        weight_map, total = {}, 0
-        for shard in tqdm(shards, desc="compressed-tensors shards"):
-            tensors = _original_names(model, rename(load_file(folder / shard)))
-            save_file(tensors, Path(staging) / shard, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, shard))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (Path(staging) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        model.config.save_pretrained(staging)
-        copy_model_extras(folder, staging)
-    logger.info("wrote %d compressed-tensors shards to %s", len(shards), output)
-    return Path(output)
+    weight_map, total = {}, 0
+    for shard in tqdm(shards, desc="compressed-tensors shards"):
+        tensors = _original_names(model, rename(load_file(folder / shard)))
+        save_file(tensors, destination / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (destination / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    model.config.save_pretrained(destination)
+    copy_model_extras(folder, destination)
+    logger.info("wrote %d compressed-tensors shards to %s", len(shards), destination)
+
+
+def rewrite_streamed(folder: Path, destination: Path, task: str, format: str = "hfcompress") -> None:
+    """What a streamed run wrote in hfcompress's format in `folder` (`--offload disk`), rewritten into
+    `destination` in `format` (the technique's `rewrite`, `core.registry`)."""
+    if format != "compressed-tensors":
+        raise ValueError(f"a streamed run is rewritten into format compressed-tensors only, got {format!r}")
+    write_compressed_tensors(folder, destination, task)
 
 
 def _hfcompress_config(folder: Path) -> dict:

@@ -69,8 +69,21 @@ def check_format(config, format: str = "hfcompress") -> None:
     """Refuse, before any work, a format the config cannot be saved in."""
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
-    if format == "compressed-tensors" and not getattr(config, "sym", True):
+    if format != "compressed-tensors":
+        return
+    # what the config alone shows compressed-tensors cannot hold, refused before hours of streaming
+    if not getattr(config, "sym", True):
         raise ValueError(f"format compressed-tensors with an asymmetric grid: {ASYMMETRIC}")
+    if getattr(config, "act_order", False) and not getattr(config, "static_groups", False):
+        raise ValueError(
+            "format compressed-tensors cannot store act-order with dynamic groups (a per-column g_idx): add "
+            "--static-groups, or save with --format hfcompress"
+        )
+    if getattr(config, "compensates", False):
+        raise ValueError(
+            "format compressed-tensors cannot express a low-rank correction of the quantization error "
+            "(--lowrank-compensation, --compensation-bits): save with --format hfcompress"
+        )
 
 
 def _save_compressed_tensors(model: nn.Module, folder) -> None:

@@ -20,6 +20,7 @@ _UNIFORM = dict(
     check=lazy("hfcompress.quantization.save:check_format"),
     save=lazy("hfcompress.quantization.save:write_quantized"),
     stream=lazy("hfcompress.quantization.streaming:quantize_streaming"),
+    rewrite=lazy("hfcompress.quantization.ct_export:rewrite_streamed"),
     expert_linears=True,
 )  # fmt: skip
 quantize_uniform = lazy("hfcompress.quantization.api:quantize_uniform")

@@ -105,13 +105,41 @@ def _follow(technique: Technique, model: str, output, config, options: OutputOpt
         folder = partial_dir(output) / f"{RANK_FOLDER}{rank()}"
         earlier = options.resume and folder.is_dir()
         folder.mkdir(exist_ok=True)
-        technique.stream(model, folder, config, tokenizer, resume=earlier, **step_options)
+        technique.stream(model, folder, config, tokenizer, resume=earlier, **_streamed(technique, step_options))
         shutil.rmtree(folder)
         _rank_peaks()  # rank 0 publishes OUTPUT after this, recording every rank's peak memory
         return
     loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
     technique.run(loaded, config, tokenizer)
     _rank_peaks()
+
+
+# the folder inside OUTPUT's partial folder where a streamed run writes hfcompress's format before the rewrite
+# into another one (`--offload disk --format compressed-tensors`)
+STREAMED_FOLDER = ".hfcompress-streamed"
+
+
+def _rewrites(technique: Technique, step_options: dict) -> bool:
+    """Whether a streamed run's checkpoint is rewritten at the end into the format the step options name."""
+    return technique.rewrite is not None and step_options.get("format", "hfcompress") != "hfcompress"
+
+
+def _streamed(technique: Technique, step_options: dict) -> dict:
+    """The step options the streamed run is given: one rewritten at the end writes hfcompress's format."""
+    return {**step_options, "format": "hfcompress"} if _rewrites(technique, step_options) else step_options
+
+
+def _rewrite(technique: Technique, written: Path, staging: Path, task: str, step_options: dict) -> None:
+    """Rewrite the streamed checkpoint in `written` into `staging` in the format of the step options, then remove
+    it; where that format cannot hold what only the quantized layers show, say where the streamed run is kept."""
+    try:
+        technique.rewrite(written, staging, task, **step_options)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}. The streamed checkpoint, in format hfcompress, is kept in {written}: move it out before running "
+            "again (a new run removes it)"
+        ) from error
+    shutil.rmtree(written)
 
 
 def _rank_peaks() -> dict | None:
@@ -138,8 +166,13 @@ def _compress_streaming(
     )
     with resumable_output_dir(output, options.overwrite, options.resume) as (staging, earlier):
         barrier()  # across processes: the others keep their progress in `staging` too (`_follow`)
+        # blocks are written in hfcompress's format as they are finished; another format is a rewrite at the end
+        written = staging / STREAMED_FOLDER if _rewrites(technique, step_options) else staging
+        written.mkdir(exist_ok=True)
         start = time.perf_counter()
-        compressed = technique.stream(model, staging, config, tokenizer, resume=earlier, **step_options)
+        compressed = technique.stream(
+            model, written, config, tokenizer, resume=earlier, **_streamed(technique, step_options)
+        )
         seconds = time.perf_counter() - start
         rank_peaks = _rank_peaks()  # the others' folders are gone
         logger.info("%s %s streamed from disk in %.1fs", technique.kind, technique.name, seconds)
@@ -151,8 +184,10 @@ def _compress_streaming(
         if world_size() > 1:
             step.config["processes"] = world_size()
             step.memory = rank_peaks
+        quality = quality_metrics(compressed, options, tokenizer, folder=written, streamed=True)
+        if written != staging:
+            _rewrite(technique, written, staging, task, step_options)
         copy_model_extras(model, staging)
-        quality = quality_metrics(compressed, options, tokenizer, folder=staging, streamed=True)
         finish_output(record, step, compressed, options, staging, quality, requires_hfcompress=needs_hfcompress(staging),
                       streamed=True)  # fmt: skip
     logger.info("wrote %s", output)

@@ -31,7 +31,8 @@ class OutputOptions:
             "compress it, write it to OUTPUT and free it. Peak memory is about one block, the calibration activations "
             "and the widest layer's solve, whatever the depth; the weights equal those of a run in memory. For local "
             "folders of safetensors weights; --eval-dataset's perplexity is streamed too (no latency), --eval-tasks "
-            "refused. auto "
+            "refused; --format compressed-tensors rewrites the finished shards one at a time before OUTPUT is "
+            "published. auto "
             "(default): disk when the model at --dtype would not fit in --max-memory, saying so; none: load it whole."
         },
     )

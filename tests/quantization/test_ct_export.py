@@ -2,6 +2,7 @@
 shard by shard gives the very files `--format compressed-tensors` writes from memory."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,35 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     _quantize(command, tmp_path / "model", tmp_path / "streamed", calib, "--offload", "disk")
     _quantize(command, tmp_path / "model", tmp_path / "memory", calib, "--format", "compressed-tensors")
     assert main(["export", "compressed-tensors", str(tmp_path / "streamed"), str(tmp_path / "exported")]) == 0
+    # the same in one command: streamed in hfcompress's format, rewritten before OUTPUT is published
+    both = (
+        "--offload",
+        "disk",
+        "--format",
+        "compressed-tensors",
+        "--eval-dataset",
+        calib,
+        "--eval-max-windows",
+        "2",
+        "--eval-seq-len",
+        "64",
+    )
+    _quantize(command, tmp_path / "model", tmp_path / "one-command", calib, *both)
 
-    exported, memory = _tensors(tmp_path / "exported"), _tensors(tmp_path / "memory")
-    assert len(list((tmp_path / "exported").glob("model-*.safetensors"))) > 1  # shard for shard
-    assert exported.keys() == memory.keys() and all(torch.equal(exported[k], memory[k]) for k in exported)
-    configs = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("exported", "memory")]
-    assert configs[0]["quantization_config"] == configs[1]["quantization_config"]
-    assert configs[0]["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    memory = _tensors(tmp_path / "memory")
+    for folder in ("exported", "one-command"):
+        exported = _tensors(tmp_path / folder)
+        assert len(list((tmp_path / folder).glob("model-*.safetensors"))) > 1  # shard for shard
+        assert exported.keys() == memory.keys() and all(torch.equal(exported[k], memory[k]) for k in exported)
+        configs = [json.loads((tmp_path / f / "config.json").read_text()) for f in (folder, "memory")]
+        assert configs[0]["quantization_config"] == configs[1]["quantization_config"]
+        assert configs[0]["quantization_config"]["quant_method"] == "compressed-tensors"
+        assert (tmp_path / folder / "tokenizer.json").is_file()
+    record = json.loads((tmp_path / "one-command" / "hfcompress_record.json").read_text())
+    assert record["loading"] == {"requires_hfcompress": False} and record["steps"][-1]["config"]["offload"] == "disk"
+    assert set(record["files"]) == {p.name for p in (tmp_path / "one-command").glob("model*.safetensors")}
+    assert record["metrics"]["after"]["perplexity"] > 1  # measured streaming the hfcompress shards before the rewrite
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing partial left
 
 
 def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path, calib, capsys):
@@ -59,6 +81,22 @@ def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path,
     _quantize(["quantize", "gptq", "--bits", "4", "--group-size", "32"], tmp_path / "model", tmp_path / "asym", calib)
     assert main(["export", "compressed-tensors", str(tmp_path / "asym"), str(tmp_path / "out")]) == 2
     assert "is quantized on an asymmetric grid" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    # what the settings alone show is refused before any block streams
+    dynamic = ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym", "--no-static-groups"]
+    _refused = main([*dynamic, str(tmp_path / "model"), str(tmp_path / "out"), "--dataset", str(calib), "--offload",
+                     "disk", "--format", "compressed-tensors", "-q"])  # fmt: skip
+    assert _refused == 2 and "cannot store act-order with dynamic groups" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+    # what only the quantized layers show is refused when the streamed run ends, its hfcompress checkpoint kept
+    save_tiny_model(tmp_path / "gpt2", arch="gpt2")
+    conv1d = ["quantize", "rtn", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--bits", "4", "--group-size", "32"]
+    assert main([*conv1d, "--sym", "--offload", "disk", "--format", "compressed-tensors", "-q"]) == 2
+    kept = tmp_path / ".out.partial" / ".hfcompress-streamed"
+    assert "['Conv1D'] layers" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert json.loads((kept / "config.json").read_text())["quantization_config"]["quant_method"] == "hfcompress"
+    shutil.rmtree(tmp_path / ".out.partial")
 
     assert main(["export", "compressed-tensors", str(tmp_path / "model"), str(tmp_path / "out")]) == 2
     assert "is not quantized; export compressed-tensors reads hfcompress checkpoints" in capsys.readouterr().err

@@ -46,6 +46,9 @@ CASES = {
     "streamed-sparsegpt": ("llama", (*SPARSEGPT, "--hessian-dtype", "float64"), STREAMED, "torchrun"),
     "streamed-awq": ("llama", (*AWQ, "--clip"), STREAMED, "torchrun"),  # the clipping search too (off by default)
     "streamed-w8a8": ("llama", ("quantize", "w8a8", "--smoothquant", "0.5"), STREAMED, "torchrun"),
+    # streamed as hfcompress's format, rewritten by rank 0 before publishing
+    "streamed-w8a8-ct": ("llama", ("quantize", "w8a8", "--smoothquant", "0.5", "--format", "compressed-tensors"),
+                         STREAMED, "torchrun"),
     "streamed-vq": ("llama", ("quantize", "vq", "--bits", "2", "--dim", "2", "--hessian-dtype", "float64"),
                     STREAMED, "torchrun"),
     # two passes: rank 0 writes the smoothed copy, every rank calibrates GPTQ on it
@@ -190,7 +193,7 @@ def test_scaled_and_codebook_quantization_across_two_processes_write_the_codes_o
 @pytest.mark.parametrize(
     "case",
     ["streamed-gptq-compensated", "streamed-gptq-compensated-accelerate", "streamed-sparsegpt", "streamed-awq",
-     "streamed-w8a8", "streamed-vq", "streamed-awq-gptq"],
+     "streamed-w8a8", "streamed-w8a8-ct", "streamed-vq", "streamed-awq-gptq"],
 )  # fmt: skip
 def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(runs, case):
     one_folder, two_folder = runs.outputs(case)
@@ -203,7 +206,7 @@ def test_two_processes_streaming_from_disk_write_the_model_of_one_in_memory(runs
     peaks = step["memory"]["peak_rss_bytes_ranks"]
     assert len(peaks) == 2 and peaks[0] == step["memory"]["peak_rss_bytes"] and peaks[1] > 50 * 2**20
     assert f"the 2 processes together {sum(peaks) / 2**20:,.0f} MiB" in (two_folder / "README.md").read_text()
-    assert not list(two_folder.glob(".hfcompress-rank*"))  # rank 1's activations removed before publishing
+    assert not list(two_folder.glob(".hfcompress-*"))  # rank 1's activations (and a rewrite's source) removed
 
 
 @pytest.mark.parametrize("case", ["moe-warnings"])
