@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from pathlib import Path
 
+from ..hub.record import Step
 from ..quantization.ct_export import export_compressed_tensors
 from ..quantization.gguf_export import export_gguf
+from ..steps.recording import record_rewrite
 
 __all__ = ["run_export_compressed_tensors", "run_export_gguf"]
 
@@ -16,5 +21,12 @@ def run_export_gguf(args: argparse.Namespace) -> int:
 
 
 def run_export_compressed_tensors(args: argparse.Namespace) -> int:
-    export_compressed_tensors(args.model, args.output, overwrite=args.overwrite)
+    start = time.perf_counter()
+
+    def record(staging: Path) -> None:  # the record and card of MODEL, with this step
+        step = Step("export", "compressed-tensors", {"source": os.path.abspath(args.model)}, None,
+                    time.perf_counter() - start)  # fmt: skip
+        record_rewrite(args.model, staging, step)
+
+    export_compressed_tensors(args.model, args.output, overwrite=args.overwrite, on_staging=record)
     return 0

@@ -30,14 +30,15 @@ _TASKS = {"ForCausalLM": "causal-lm", "ForSequenceClassification": "sequence-cla
 
 
 def export_compressed_tensors(
-    model_folder: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False
+    model_folder: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False, on_staging=None
 ) -> Path:
     """Write the hfcompress checkpoint in `model_folder` to the folder `output` in format compressed-tensors, shard
     for shard, with its tokenizer and generation config: the tensors and `quantization_config` that saving the
     loaded model with `format="compressed-tensors"` writes. Refused, before anything is written, where that
     format cannot hold the model (`export.check_compressed_tensors_compatible`) or the folder is no hfcompress
     checkpoint; `output` is refused if it exists and is not empty, unless `overwrite`, and is written in full or not
-    at all."""
+    at all. `on_staging(folder)` runs on the folder being written once the weights are in it (the command adds the
+    record and card)."""
     folder = Path(model_folder)
     config = _hfcompress_config(folder)
     architecture = (config.get("architectures") or [""])[0]
@@ -51,6 +52,8 @@ def export_compressed_tensors(
     check_output_dir(output, overwrite, inputs=[model_folder])
     with atomic_output_dir(output, overwrite) as staging:
         write_compressed_tensors(folder, staging, task)
+        if on_staging is not None:
+            on_staging(Path(staging))
     logger.info("wrote %s in format compressed-tensors", output)
     return Path(output)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "needs_hfcompress",
     "push_output",
     "quality_metrics",
+    "record_rewrite",
     "stored_parameters",
     "write_output",
 ]
@@ -200,6 +202,25 @@ def finish_output(
     record.files = {f.name: file_digest(f) for f in weight_files(staging)}
     record.save(staging)
     generate_card(staging, repo_id=options.push_to_hub)
+
+
+def record_rewrite(source: str | os.PathLike, staging: Path, step: Step) -> None:
+    """Carry the compression record and card of the model folder `source` into `staging`, where `step` (an
+    export) rewrote its weights in another format: the step joins the chain, and the size of the weights, what
+    loading them needs and the files `hfcompress verify` checks are the new ones. Nothing where `source` has no
+    record (a checkpoint saved from Python)."""
+    if not (Path(source) / RECORD_FILE).is_file():
+        return
+    record = CompressionRecord.load(source)
+    record.command = f"{record.command} && {command_line()}" if record.command else command_line()
+    record.steps.append(step)
+    record.loading = {"requires_hfcompress": needs_hfcompress(staging)}
+    record.metrics.setdefault("after", {})["size_bytes"] = weights_size_bytes(staging)
+    record.files = {f.name: file_digest(f) for f in weight_files(staging)}
+    record.save(staging)
+    if (Path(source) / "README.md").is_file():  # what the user wrote around the generated part is kept
+        shutil.copyfile(Path(source) / "README.md", staging / "README.md")
+    generate_card(staging)
 
 
 def write_output(

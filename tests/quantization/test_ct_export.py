@@ -69,6 +69,15 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
         assert configs[0]["quantization_config"] == configs[1]["quantization_config"]
         assert configs[0]["quantization_config"]["quant_method"] == "compressed-tensors"
         assert (tmp_path / folder / "tokenizer.json").is_file()
+    # the export carries the quantization's record and card on, with its own step and the new files
+    record = json.loads((tmp_path / "exported" / "hfcompress_record.json").read_text())
+    assert [s["technique"] for s in record["steps"]] == ["quantization", "export"]
+    assert record["loading"] == {"requires_hfcompress": False}
+    assert set(record["files"]) == {p.name for p in (tmp_path / "exported").glob("model*.safetensors")}
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "export (compressed-tensors)" in card and "import hfcompress" not in card
+    assert main(["verify", str(tmp_path / "exported"), "-q"]) == 0
+
     record = json.loads((tmp_path / "one-command" / "hfcompress_record.json").read_text())
     assert record["loading"] == {"requires_hfcompress": False} and record["steps"][-1]["config"]["offload"] == "disk"
     assert set(record["files"]) == {p.name for p in (tmp_path / "one-command").glob("model*.safetensors")}
