@@ -111,8 +111,9 @@ def add_search(subparsers) -> None:
     search.add_argument(
         "--offload", default="auto", choices=["auto", "none", "disk"],
         help="disk: never hold MODEL whole; stream its safetensors shards one block at a time to measure the "
-        "sensitivities, to run GPTQ at the widths the knapsack picks (--techniques gptq, format hfcompress) and to "
-        "measure the perplexity of that model and of the original. auto (default): disk when MODEL in "
+        "sensitivities, to run GPTQ at the widths the knapsack picks (--techniques gptq) and to "
+        "measure the perplexity of that model (in hfcompress's format, rewritten afterwards for --format "
+        "compressed-tensors) and of the original. auto (default): disk when MODEL in "
         "float32 would not fit in --max-memory, saying so; none: load it whole.",
     )  # fmt: skip
     search.add_argument(

@@ -25,13 +25,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..data import load_texts, looks_local, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.latency import forward_latency
-from ..hub.card import generate_card
-from ..hub.record import CompressionRecord
+from ..hub.record import Step
 from ..io import claim_output
 from ..quantization.export import check_compressed_tensors_compatible
 from ..quantization.modules import dequantized_forward
 from ..quantization.save import write_quantized
 from ..steps.loading import load_model, load_tokenizer, resolve_model_path
+from ..steps.recording import record_rewrite
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .candidates import CACHE_FILE, Candidate, SearchCache, steps_key
 from .recipe import Recipe
@@ -244,6 +244,7 @@ def _publish_candidate(folder: Path, output: Path, format: str = "hfcompress") -
             shutil.copy2(item, output / item.name)
     if format == "hfcompress":
         return
+    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder)
     check_compressed_tensors_compatible(model)
     with tempfile.TemporaryDirectory(dir=output) as staging:
@@ -252,10 +253,7 @@ def _publish_candidate(folder: Path, output: Path, format: str = "hfcompress") -
             old.unlink()
         for item in Path(staging).iterdir():
             os.replace(item, output / item.name)
-    record = CompressionRecord.load(output)
-    record.loading = {"requires_hfcompress": False}
-    record.save(output)
-    generate_card(output)
+    record_rewrite(output, output, Step("export", format, {}, None, time.perf_counter() - start))
 
 
 def _prepare_output(output: Path, resume: bool, overwrite: bool) -> None:

@@ -24,11 +24,13 @@ import torch
 from ..core.streaming import ShardedCheckpoint
 from ..evaluation import bits_per_weight, weights_size_bytes
 from ..evaluation.streamed import streamed_perplexity
-from ..hub.record import peak_memory
+from ..hub.record import Step, peak_memory
+from ..quantization.ct_export import rewrite_streamed
 from ..quantization.plan import split_layer_bits
 from ..steps.compress import compress_folder
 from ..steps.offload import decide_streaming
 from ..steps.options import OutputOptions
+from ..steps.recording import record_rewrite
 from .allocation import grid_bits_per_weight
 from .budget import Baseline, measure_baseline, nonzero_parameters
 from .candidates import SearchCache
@@ -60,8 +62,6 @@ def _search_obstacle(config: SearchConfig) -> str | None:
             f"--offload disk searches GPTQ widths per layer only, got --techniques {','.join(config.techniques)}: "
             "add --techniques gptq"
         )
-    if config.format != "hfcompress":
-        return f"--offload disk writes format hfcompress only, got --format {config.format} (then `hfcompress export compressed-tensors OUTPUT OUT` rewrites it shard by shard)"
     return None
 
 
@@ -126,6 +126,9 @@ def search_streamed(
     metrics = _streamed_metrics(output, eval_windows, base, work)
     cache.add_seconds("evaluate_streamed", time.perf_counter() - start)
     cache.save()
+    if config.format != "hfcompress":  # evaluated in hfcompress's format above: streaming reads that one
+        _rewrite(output, work / "candidates" / f"{name}-{config.format}", config.format)
+        metrics["size_bytes"] = weights_size_bytes(output)
     point = {
         "name": name, "technique": "gptq", "steps": steps, "description": f"knapsack at {target:.2f} bits",
         **metrics, "planned_bits": _planned_bits(layer_bits, base, config),
@@ -142,6 +145,21 @@ def search_streamed(
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     _write_allocation(layer_bits, point, original, config, work)
     return results
+
+
+def _rewrite(output: Path, folder: Path, format: str) -> None:
+    """The model in `output` rewritten in `format` shard by shard through `folder`, with its record and card
+    (`hfcompress export compressed-tensors`), replacing the model files in `output` (not its `search/`)."""
+    start = time.perf_counter()
+    folder.mkdir(parents=True)
+    rewrite_streamed(output, folder, "causal-lm", format)
+    record_rewrite(output, folder, Step("export", format, {}, None, time.perf_counter() - start))
+    for item in output.iterdir():
+        if item.name != "search":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for item in folder.iterdir():
+        os.replace(item, output / item.name)
+    shutil.rmtree(folder)
 
 
 def _streamed_metrics(folder, windows: torch.Tensor, base: Baseline, work: Path) -> dict[str, Any]:

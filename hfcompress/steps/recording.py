@@ -205,21 +205,24 @@ def finish_output(
 
 
 def record_rewrite(source: str | os.PathLike, staging: Path, step: Step) -> None:
-    """Carry the compression record and card of the model folder `source` into `staging`, where `step` (an
-    export) rewrote its weights in another format: the step joins the chain, and the size of the weights, what
+    """Carry the compression record and card of the model folder `source` into `staging` (or update them in
+    place where both are one folder), where `step` (an export) rewrote its weights in another format: the step joins the chain, and the size of the weights, what
     loading them needs and the files `hfcompress verify` checks are the new ones. Nothing where `source` has no
     record (a checkpoint saved from Python)."""
     if not (Path(source) / RECORD_FILE).is_file():
         return
     record = CompressionRecord.load(source)
-    record.command = f"{record.command} && {command_line()}" if record.command else command_line()
+    command = command_line()
+    if not (record.command or "").endswith(command):  # unless the command that wrote `source` rewrites it too
+        record.command = f"{record.command} && {command}" if record.command else command
     record.steps.append(step)
     record.loading = {"requires_hfcompress": needs_hfcompress(staging)}
     record.metrics.setdefault("after", {})["size_bytes"] = weights_size_bytes(staging)
     record.files = {f.name: file_digest(f) for f in weight_files(staging)}
     record.save(staging)
-    if (Path(source) / "README.md").is_file():  # what the user wrote around the generated part is kept
-        shutil.copyfile(Path(source) / "README.md", staging / "README.md")
+    readme = Path(source) / "README.md"
+    if readme.is_file() and readme.resolve() != (Path(staging) / "README.md").resolve():  # the user's text is kept
+        shutil.copyfile(readme, Path(staging) / "README.md")
     generate_card(staging)
 
 

@@ -134,6 +134,10 @@ def test_a_search_for_serving_writes_mixed_compressed_tensors_with_fused_sibling
         record["loading"] == {"requires_hfcompress": False}
         and "import hfcompress" not in (out / "README.md").read_text()
     )
+    assert [s["technique"] for s in record["steps"]] == ["quantization", "export"]
+    from hfcompress.commands.cli import main
+
+    assert main(["verify", str(out), "-q"]) == 0  # the record's digests are the rewritten files'
     chosen = next(p for p in results["points"] if p["name"] == results["chosen"])
     served = AutoModelForCausalLM.from_pretrained(out)  # plain transformers' compressed-tensors loader
     from transformers import AutoTokenizer

@@ -76,6 +76,27 @@ def test_a_streamed_search_picks_and_writes_what_the_whole_models_search_builds(
         assert same > 0.99, (name, float(same))  # float16 shards read in float32 against the float32 load
 
 
+def test_a_streamed_search_writes_compressed_tensors_evaluated_before_the_rewrite(files, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from hfcompress.commands.cli import main
+    from hfcompress.evaluation import weights_size_bytes
+
+    out = tmp_path / "out"
+    assert _search(files, out, "--budget", "bits=3.5", "--offload", "disk", "--format", "compressed-tensors") == 0
+    assert _json(out / "config.json")["quantization_config"]["quant_method"] == "compressed-tensors"
+    record = _json(out / "hfcompress_record.json")
+    assert [s["technique"] for s in record["steps"]] == ["quantization", "export"]
+    assert record["loading"] == {"requires_hfcompress": False} and record["command"].count("hfcompress search") == 1
+    assert main(["verify", str(out), "-q"]) == 0  # the record's digests are the rewritten files'
+    point = _json(out / "search" / "results.json")["points"][1]
+    assert point["size_bytes"] == weights_size_bytes(out)
+    # streamed from the hfcompress shards before the rewrite: what transformers gives on the rewritten files
+    windows = tokenize_windows(load_tokenizer(str(out)), load_texts(str(files / "calib.txt")), 64)[:6]
+    loaded = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), windows)
+    assert point["perplexity"] == pytest.approx(loaded, rel=1e-3)
+    assert sorted(p.name for p in (out / "search" / "candidates").iterdir()) == []
+
+
 def test_a_streamed_search_resumes_from_its_sensitivities_with_another_budget(files, tmp_path, caplog):
     out = tmp_path / "out"
     assert _search(files, out, "--budget", "bits=3.2", "--offload", "auto", "--max-memory", "1KB") == 0
@@ -103,7 +124,6 @@ def test_a_streamed_search_resumes_from_its_sensitivities_with_another_budget(fi
     "extra, message",
     [
         (["--techniques", "gptq,prune"], "--offload disk searches GPTQ widths per layer only"),
-        (["--format", "compressed-tensors"], "--offload disk writes format hfcompress only"),
     ],
 )
 def test_a_streamed_search_refuses_what_it_cannot_do_and_writes_nothing(files, tmp_path, capsys, extra, message):
