@@ -7,6 +7,7 @@ deterministic: the same record gives the same README.md and the same plot, byte 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -111,16 +112,27 @@ def _base_description(record: CompressionRecord) -> str:
     return f"`{_base_label(record)}` (a local model, not on the Hub)"
 
 
-def _load_code(record: CompressionRecord, repo_id: str | None) -> str:
+def _load_code(record: CompressionRecord, repo_id: str | None, quant_method: str | None = None) -> str:
     target = repo_id or "path/to/this/model"
     lines = []
     if record.loading.get("requires_hfcompress", True):
         lines.append("import hfcompress  # registers the loader of hfcompress checkpoints (pip install hfcompress)")
+    elif quant_method == "compressed-tensors":
+        lines.append("# transformers reads this format with the compressed-tensors package; vLLM serves the folder")
+        lines.append("# as it is: pip install compressed-tensors")
     auto = {"text-generation": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}.get(
         record.pipeline_tag or "text-generation", "AutoModel"
     )
     lines += [f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{target}")']
     return "\n".join(lines)
+
+
+def _quant_method(folder: Path) -> str | None:
+    """The `quant_method` of the model config in `folder`, or None (no config, or not quantized)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    return (json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}).get("quant_method")
 
 
 def _card_data(record: CompressionRecord, existing: dict, repo_id: str | None):
@@ -251,7 +263,7 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             evaluation=protocol,
             hardware=record.hardware if record.metrics.get("after", {}).get("latency_s") is not None else None,
             plot=plot,
-            load_code=_load_code(record, repo_id),
+            load_code=_load_code(record, repo_id, _quant_method(folder)),
             command=record.command,
             libraries=record.libraries,
         )

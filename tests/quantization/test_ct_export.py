@@ -76,6 +76,7 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     assert set(record["files"]) == {p.name for p in (tmp_path / "exported").glob("model*.safetensors")}
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "export (compressed-tensors)" in card and "import hfcompress" not in card
+    assert "pip install compressed-tensors" in card
     assert main(["verify", str(tmp_path / "exported"), "-q"]) == 0
 
     record = json.loads((tmp_path / "one-command" / "hfcompress_record.json").read_text())
