@@ -118,8 +118,7 @@ def _load_code(record: CompressionRecord, repo_id: str | None, quant_method: str
     if record.loading.get("requires_hfcompress", True):
         lines.append("import hfcompress  # registers the loader of hfcompress checkpoints (pip install hfcompress)")
     elif quant_method == "compressed-tensors":
-        lines.append("# transformers reads this format with the compressed-tensors package; vLLM serves the folder")
-        lines.append("# as it is: pip install compressed-tensors")
+        lines.append("# needs the compressed-tensors package (pip install compressed-tensors); vLLM serves it as it is")
     auto = {"text-generation": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}.get(
         record.pipeline_tag or "text-generation", "AutoModel"
     )
