@@ -124,6 +124,8 @@ class Technique:
       every config does).
     - `step_options`: options of the step beyond the config (`format`, `storage`), by name;
       `check(config, **step_options)` refuses bad combinations before any work;
+      `check_model(model_path, config, **step_options)` refuses what the model's structure shows they cannot do
+      (read from its config on the meta device), before it loads;
       `before_save(model, config, **step_options)` runs after the quality measurement (a storage form);
       `save(model, folder, **step_options)` writes the weights (default: `save_pretrained`).
     - `stream(model_path, folder, config, tokenizer, resume, **step_options)`: the technique run block by block
@@ -151,6 +153,7 @@ class Technique:
     calibrated: Callable[[Any], bool] = _never
     step_options: dict[str, StepOption] = field(default_factory=dict)
     check: Callable[..., None] | None = None
+    check_model: Callable[..., None] | None = None
     before_save: Callable[..., None] | None = None
     save: Callable[..., None] | None = None
     stream: Callable[..., nn.Module] | None = None

@@ -18,6 +18,7 @@ _UNIFORM = dict(
     layer_types=(lazy("hfcompress.quantization.modules:QuantLinear"), lazy("hfcompress.quantization.sparse_quant:SparseQuantLinear")),
     step_options={"format": StepOption(FORMATS, FORMAT_HELP)},
     check=lazy("hfcompress.quantization.save:check_format"),
+    check_model=lazy("hfcompress.quantization.ct_preflight:check_model_for_format"),
     save=lazy("hfcompress.quantization.save:write_quantized"),
     stream=lazy("hfcompress.quantization.streaming:quantize_streaming"),
     rewrite=lazy("hfcompress.quantization.ct_export:rewrite_streamed"),

@@ -69,6 +69,8 @@ def compress_folder(
     technique = technique_for(config)
     options = options or OutputOptions()
     step_options = check_step(technique, config, step_options)
+    if technique.check_model is not None:
+        technique.check_model(model, config, **step_options)
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
     stream = should_stream(technique, config, model, options, step_options)
     if world_size() > 1:

@@ -11,6 +11,8 @@ from helpers import python_text, save_tiny_model
 from safetensors.torch import load_file
 
 from hfcompress.commands.cli import main
+from hfcompress.quantization import RTNConfig
+from hfcompress.steps import OutputOptions, compress_folder
 
 pytest.importorskip("compressed_tensors")
 
@@ -99,12 +101,21 @@ def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path,
     assert _refused == 2 and "cannot store act-order with dynamic groups" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
-    # what only the quantized layers show is refused when the streamed run ends, its hfcompress checkpoint kept
+    # what the model's structure shows, before it loads: GPT-2's Conv1D linears
     save_tiny_model(tmp_path / "gpt2", arch="gpt2")
     conv1d = ["quantize", "rtn", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--bits", "4", "--group-size", "32"]
     assert main([*conv1d, "--sym", "--offload", "disk", "--format", "compressed-tensors", "-q"]) == 2
+    assert "would quantize ['Conv1D'] layers" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asym", "gpt2", "model"]
+
+    # what only the quantized layers show, when the streamed run ends, its hfcompress checkpoint kept: q, k and v
+    # (one matmul in a server) on different grids
+    mixed = RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*k_proj": 8})
+    with pytest.raises(ValueError, match="into one matmul") as refused:
+        compress_folder(tmp_path / "model", tmp_path / "out", mixed, OutputOptions(offload="disk"),
+                        format="compressed-tensors")  # fmt: skip
     kept = tmp_path / ".out.partial" / ".hfcompress-streamed"
-    assert "['Conv1D'] layers" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert f"is kept in {kept}" in str(refused.value) and not (tmp_path / "out").exists()
     assert json.loads((kept / "config.json").read_text())["quantization_config"]["quant_method"] == "hfcompress"
     shutil.rmtree(tmp_path / ".out.partial")
 
