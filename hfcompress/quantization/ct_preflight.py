@@ -43,9 +43,13 @@ def check_model_for_format(model: str | os.PathLike, config, format: str = "hfco
         )
     if getattr(model_config, "quantization_config", None) is not None:
         return  # compressed already: what reads it checks it
-    task = getattr(config, "task", "causal-lm")
-    with init_empty_weights(include_buffers=False):
-        skeleton = getattr(transformers, AUTO_CLASSES[task]).from_config(model_config)
+    auto_class = getattr(transformers, AUTO_CLASSES.get(getattr(config, "task", "causal-lm"), "AutoModel"))
+    try:
+        with init_empty_weights(include_buffers=False):
+            skeleton = auto_class.from_config(model_config)
+    except ValueError as error:  # no such head for this model type: what loads it refuses that first
+        logger.debug("no structural check of %s: %s", path, error)
+        return
     unfuse_experts(skeleton)
     linears = candidate_linears(skeleton, getattr(config, "modules_to_not_convert", None))
     classes = sorted({type(m).__name__ for m in linears.values()} - {"Linear"})
