@@ -197,10 +197,10 @@ def save_deep_model(folder: Path) -> Path:
     return Path(folder)
 
 
-def kill_halfway(command: list[str], output, blocks: int, env: dict) -> int:
+def kill_halfway(command: list[str], output, blocks: int, env: dict, inside: str = "") -> int:
     """Start `command` (its "OUT" standing for `output`), a streamed run, and kill it with SIGKILL, with every
-    process it started (a launcher's ranks), once its progress says `blocks` blocks are written; returns its exit
-    status (-SIGKILL unless it ended first)."""
+    process it started (a launcher's ranks), once its progress (in the folder `inside` the partial output) says
+    `blocks` blocks are written; returns its exit status (-SIGKILL unless it ended first)."""
     import json
     import signal
     import subprocess
@@ -210,7 +210,7 @@ def kill_halfway(command: list[str], output, blocks: int, env: dict) -> int:
 
     from hfcompress.io import partial_dir
 
-    progress = partial_dir(output) / "hfcompress_progress.json"
+    progress = partial_dir(output) / inside / "hfcompress_progress.json"
     process = subprocess.Popen([str(output) if c == "OUT" else c for c in command], env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:

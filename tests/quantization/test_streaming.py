@@ -268,7 +268,12 @@ def test_every_replay_mode_gives_the_same_codes():
         assert all(torch.equal(state[k], states[0][k]) for k in state)
 
 
-def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
+@pytest.mark.parametrize(
+    "extra, inside",
+    [((), ""), (("--sym", "--format", "compressed-tensors"), ".hfcompress-streamed")],  # rewritten at the end
+    ids=["hfcompress", "compressed-tensors"],
+)
+def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path, extra, inside):
     import os
     import signal
     import subprocess
@@ -280,6 +285,7 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     command = [
         sys.executable, "-m", "hfcompress", "quantize", "gptq", str(model), "OUT", "--bits", "4", "--group-size", "64",
         "--dataset", str(model / "calib.txt"), "--num-samples", "32", "--seq-len", "128", "--offload", "disk", "-q",
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -290,7 +296,7 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path):
     assert run(tmp_path / "whole").returncode == 0
 
     killed = tmp_path / "killed"
-    assert kill_halfway(command, killed, 3, env) == -signal.SIGKILL, "the run ended before it could be killed halfway"
+    assert kill_halfway(command, killed, 3, env, inside) == -signal.SIGKILL, "the run ended before it was killed"
     assert not killed.exists()  # never left looking complete
 
     refused = run(killed, "--resume", "--bits", "3")
