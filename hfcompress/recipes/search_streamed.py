@@ -116,9 +116,7 @@ def search_streamed(
     for item in output.iterdir():  # a model an earlier search (--resume with another budget) published
         if item.name != "search":
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    for item in folder.iterdir():  # moved, not copied: the checkpoint may be as large as the disk allows once
-        os.replace(item, output / item.name)
-    shutil.rmtree(folder)
+    _move_into(folder, output)  # moved, not copied: the checkpoint may be as large as the disk allows once
 
     start = time.perf_counter()
     dense = cache.data.get("dense") or _streamed_metrics(model, eval_windows, base, work)
@@ -149,14 +147,17 @@ def search_streamed(
 
 def _rewrite(output: Path, folder: Path, format: str) -> None:
     """The model in `output` rewritten in `format` shard by shard through `folder`, with its record and card
-    (`hfcompress export compressed-tensors`), replacing the model files in `output` (not its `search/`)."""
+    (`hfcompress export compressed-tensors`); its files replace those of the same names in `output` (the shards
+    keep their names), the rest (recipe.yaml, `search/`) stays."""
     start = time.perf_counter()
     folder.mkdir(parents=True)
     rewrite_streamed(output, folder, "causal-lm", format)
     record_rewrite(output, folder, Step("export", format, {}, None, time.perf_counter() - start))
-    for item in output.iterdir():
-        if item.name != "search":
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    _move_into(folder, output)
+
+
+def _move_into(folder: Path, output: Path) -> None:
+    """Move everything in `folder` into `output`, replacing what has the same name, and remove `folder`."""
     for item in folder.iterdir():
         os.replace(item, output / item.name)
     shutil.rmtree(folder)

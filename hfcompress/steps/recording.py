@@ -206,9 +206,9 @@ def finish_output(
 
 def record_rewrite(source: str | os.PathLike, staging: Path, step: Step) -> None:
     """Carry the compression record and card of the model folder `source` into `staging` (or update them in
-    place where both are one folder), where `step` (an export) rewrote its weights in another format: the step joins the chain, and the size of the weights, what
-    loading them needs and the files `hfcompress verify` checks are the new ones. Nothing where `source` has no
-    record (a checkpoint saved from Python)."""
+    place where both are one folder), where `step` (an export) rewrote its weights in another format: the step
+    joins the chain, and the size of the weights, what loading them needs and the files `hfcompress verify`
+    checks are the new ones. Nothing where `source` has no record (a checkpoint saved from Python)."""
     if not (Path(source) / RECORD_FILE).is_file():
         return
     record = CompressionRecord.load(source)

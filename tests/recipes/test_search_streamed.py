@@ -95,6 +95,7 @@ def test_a_streamed_search_writes_compressed_tensors_evaluated_before_the_rewrit
     loaded = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), windows)
     assert point["perplexity"] == pytest.approx(loaded, rel=1e-3)
     assert sorted(p.name for p in (out / "search" / "candidates").iterdir()) == []
+    assert "steps:" in (out / "recipe.yaml").read_text() and len(list(out.glob("model*.safetensors"))) > 1
 
 
 def test_a_streamed_search_resumes_from_its_sensitivities_with_another_budget(files, tmp_path, caplog):
