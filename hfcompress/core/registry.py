@@ -188,6 +188,11 @@ class Technique:
             result.hfcompress_coverage = covered.summary()
         return result
 
+    def streamed_format(self, format: str = "hfcompress") -> str:
+        """The format its streamed run writes for an output in `format`: hfcompress's where `rewrite` turns that
+        into `format` at the end."""
+        return "hfcompress" if self.rewrite is not None else format
+
     def method_of(self, config) -> str:
         if self.describe is not None:
             return self.describe(config)

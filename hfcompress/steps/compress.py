@@ -123,12 +123,15 @@ STREAMED_FOLDER = ".hfcompress-streamed"
 
 def _rewrites(technique: Technique, step_options: dict) -> bool:
     """Whether a streamed run's checkpoint is rewritten at the end into the format the step options name."""
-    return technique.rewrite is not None and step_options.get("format", "hfcompress") != "hfcompress"
+    format = step_options.get("format", "hfcompress")
+    return technique.streamed_format(format) != format
 
 
 def _streamed(technique: Technique, step_options: dict) -> dict:
-    """The step options the streamed run is given: one rewritten at the end writes hfcompress's format."""
-    return {**step_options, "format": "hfcompress"} if _rewrites(technique, step_options) else step_options
+    """The step options the streamed run is given: the format it writes (`Technique.streamed_format`)."""
+    if "format" not in step_options:
+        return step_options
+    return {**step_options, "format": technique.streamed_format(step_options["format"])}
 
 
 def _rewrite(technique: Technique, written: Path, staging: Path, task: str, step_options: dict) -> None:

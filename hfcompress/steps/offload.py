@@ -136,9 +136,7 @@ def _streaming_refusal(technique: Technique, config, options: OutputOptions, ste
     """Why this technique with these settings cannot run streamed, or None."""
     if technique.stream is None:
         return f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)"
-    # a technique that rewrites its streamed checkpoint at the end (`Technique.rewrite`) streams any of its formats
-    streamed_format = "hfcompress" if technique.rewrite is not None else step_options.get("format", "hfcompress")
-    obstacle = settings_obstacle(config, streamed_format)
+    obstacle = settings_obstacle(config, technique.streamed_format(step_options.get("format", "hfcompress")))
     if obstacle is not None:
         return obstacle
     if options.eval_tasks:
