@@ -16,7 +16,7 @@ COMPRESSED_TENSORS_DESCRIPTION = (
     "Rewrite an hfcompress checkpoint (e.g. one `quantize ... --offload disk` wrote block by block) as "
     "compressed-tensors one shard at a time, never loading the model: the files `--format compressed-tensors` writes "
     "from memory, with MODEL's compression record and card carried on (the export one more step). What that format "
-    "cannot hold (asymmetric grids, sparse or factorized layers, ...) is refused with the reason before anything is "
+    "cannot hold (asymmetric 3-bit grids, sparse or factorized layers, ...) is refused with the reason before anything is "
     "written. `quantize ... --offload disk --format compressed-tensors` does both in one command."
 )
 

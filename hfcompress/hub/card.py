@@ -117,6 +117,11 @@ def _load_code(record: CompressionRecord, repo_id: str | None, quant_method: str
     lines = []
     if record.loading.get("requires_hfcompress", True):
         lines.append("import hfcompress  # registers the loader of hfcompress checkpoints (pip install hfcompress)")
+    elif quant_method == "compressed-tensors" and record.loading.get("packed_zero_points"):
+        lines += [
+            "# asymmetric grids: vLLM serves it as it is; transformers reads their zero points with",
+            "# pip install 'compressed-tensors==0.17.0' (0.18 to 0.20.1 refuse them: vllm-project/llm-compressor#1618)",
+        ]
     elif quant_method == "compressed-tensors":
         lines.append("# needs the compressed-tensors package (pip install compressed-tensors); vLLM serves it as it is")
     auto = {"text-generation": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}.get(

@@ -129,7 +129,9 @@ class CompressionRecord:
     evaluation: dict[str, Any] | None = None  # dataset and protocol of the quality metrics
     hardware: str | None = None
     command: str | None = None
-    loading: dict[str, Any] = field(default_factory=dict)  # what loading needs: {"requires_hfcompress": bool}
+    # what loading needs: {"requires_hfcompress": bool}, and "packed_zero_points": true for an asymmetric
+    # compressed-tensors checkpoint (which compressed-tensors reads them: `quantization.ct_readers`)
+    loading: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # weight file -> {"sha256", "bytes"} as written
     libraries: dict[str, str] = field(default_factory=library_versions)
     version: int = RECORD_VERSION

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..core.structure import set_submodule
+from .ct_readers import ZERO_POINT_READERS, installed_reads_zero_points
 from .expert_layout import expert_checkpoint_names, split_rows
 from .int8_linear import int8_weight
 from .modules import QuantLinear
@@ -65,9 +66,12 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             f"transformers cannot load a compressed-tensors {model_type} checkpoint: {UNLOADABLE[model_type]}. "
             "Save with --format hfcompress"
         )
-    asymmetric = [name for name, layer in layers.items() if not layer.sym]
-    if asymmetric:
-        raise ValueError(f"{asymmetric[0]} ({len(asymmetric)} layers) is quantized on an asymmetric grid: {ASYMMETRIC}")
+    uneven = [name for name, layer in layers.items() if not layer.sym and 32 % layer.bits]
+    if uneven:
+        raise ValueError(
+            f"{uneven[0]} ({len(uneven)} layers) is quantized on an asymmetric {layers[uneven[0]].bits}-bit grid: "
+            f"{ASYMMETRIC_UNEVEN}"
+        )
     mixed = _mixed_siblings(layers)
     if mixed:
         raise ValueError(
@@ -95,6 +99,13 @@ def _check_experts(model: nn.Module, layers: dict[str, QuantLinear]) -> None:
                 "transformers reads back quantized experts only as packed weight-only linears without biases. Save "
                 "with --format hfcompress"
             )
+    asymmetric = [name for name in names if not layers[name].sym]
+    if asymmetric:
+        raise ValueError(
+            f"expert linear {asymmetric[0]} is quantized on an asymmetric grid; transformers 5.25 does not pass the "
+            "experts' zero points to their decompression (huggingface/transformers#47430, open). Quantize with "
+            "sym=True (--sym), or save with --format hfcompress"
+        )
     schemes = sorted({_describe(_scheme(layers[name])) for name in names})
     if len(schemes) > 1:
         raise ValueError(
@@ -104,11 +115,10 @@ def _check_experts(model: nn.Module, layers: dict[str, QuantLinear]) -> None:
         )
 
 
-ASYMMETRIC = (
-    "compressed-tensors stores its zero points packed ([out * bits / 32, groups]; vLLM reads them so), but "
-    "transformers 5.24 and 5.25 with compressed-tensors 0.20 build them unpacked ([out, groups]) and refuse the checkpoint "
-    "(checked; vllm-project/llm-compressor#1618). Quantize with sym=True (--sym), or save in format hfcompress "
-    "(--format hfcompress)"
+ASYMMETRIC_UNEVEN = (
+    "no program reads its checkpoint back: compressed-tensors 0.17, the last whose transformers loader reads packed "
+    "zero points, cannot read densely packed 3-bit codes, the later ones cannot read the zero points, and vLLM has no "
+    "3-bit kernel. Quantize with sym=True (--sym), or save in format hfcompress (--format hfcompress)"
 )
 _INIT = "its weight initialization reads the `.weight` of linears that compressed-tensors replaces (transformers 5.24)"
 # model types whose compressed-tensors checkpoints transformers fails to load, with the reason
@@ -182,6 +192,13 @@ def compressed_tensors_config(model: nn.Module) -> dict:
             "and vLLM's kernels read them; compressed-tensors 0.17 and older unpack %s codes per word and cannot read "
             "them (checked: transformers with compressed-tensors 0.17 fails on a shape mismatch)",
             "/".join(map(str, uneven)), "/".join(str(32 // b) for b in uneven),
+        )  # fmt: skip
+    asymmetric = sum(not layer.sym for layer in layers.values())
+    if asymmetric:
+        reads, version = installed_reads_zero_points()
+        logger.warning(
+            "%d of the %d quantized layers are on asymmetric grids: %s%s", asymmetric, len(layers), ZERO_POINT_READERS,
+            "" if reads else f" (installed here: compressed-tensors {version or 'none'})",
         )  # fmt: skip
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in layers]
     config = QuantizationConfig(

@@ -12,7 +12,7 @@ from ..core.experts import held_experts
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from .config import FORMATS
 from .export import (
-    ASYMMETRIC,
+    ASYMMETRIC_UNEVEN,
     check_compressed_tensors_compatible,
     compressed_tensors_config,
     compressed_tensors_state_dict,
@@ -73,7 +73,12 @@ def check_format(config, format: str = "hfcompress") -> None:
         return
     # what the config alone shows compressed-tensors cannot hold, refused before hours of streaming
     if not getattr(config, "sym", True):
-        raise ValueError(f"format compressed-tensors with an asymmetric grid: {ASYMMETRIC}")
+        bits = {getattr(config, "bits", 4), *(getattr(config, "layer_bits", None) or {}).values()}
+        uneven = sorted(b for b in bits if 32 % b)
+        if uneven:
+            raise ValueError(
+                f"format compressed-tensors with an asymmetric {'/'.join(map(str, uneven))}-bit grid: {ASYMMETRIC_UNEVEN}"
+            )
     if getattr(config, "act_order", False) and not getattr(config, "static_groups", False):
         raise ValueError(
             "format compressed-tensors cannot store act-order with dynamic groups (a per-column g_idx): add "

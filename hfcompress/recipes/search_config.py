@@ -17,7 +17,8 @@ __all__ = ["FORMATS", "METRICS", "TECHNIQUES", "SearchConfig"]
 
 TECHNIQUES = ("gptq", "lowrank", "prune")
 METRICS = ("perplexity",)
-# what the chosen candidate is written as; compressed-tensors holds symmetric GPTQ grids only
+# what the chosen candidate is written as; for compressed-tensors the search's GPTQ grids are symmetric (its 3-bit
+# candidates could not be read back asymmetric, and symmetric ones load in every transformers)
 FORMATS = ("hfcompress", "compressed-tensors")
 
 
@@ -88,7 +89,7 @@ class SearchConfig:
 
     @property
     def sym(self) -> bool:
-        """Symmetric grids: what compressed-tensors checkpoints hold (and what transformers loads)."""
+        """Symmetric grids for compressed-tensors: what every reader loads at every width the search tries."""
         return self.format == "compressed-tensors"
 
     @property

@@ -21,7 +21,7 @@ from ..io import claim_output, copy_model_extras, partial_dir, resumable_output_
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions
-from .recording import base_record, finish_output, needs_hfcompress, push_output, quality_metrics, write_output
+from .recording import base_record, finish_output, push_output, quality_metrics, write_output
 
 __all__ = ["check_step", "compress_folder"]
 
@@ -193,8 +193,7 @@ def _compress_streaming(
         if written != staging:
             _rewrite(technique, written, staging, task, step_options)
         copy_model_extras(model, staging)
-        finish_output(record, step, compressed, options, staging, quality, requires_hfcompress=needs_hfcompress(staging),
-                      streamed=True)  # fmt: skip
+        finish_output(record, step, compressed, options, staging, quality, streamed=True)
     logger.info("wrote %s", output)
     push_output(output, options)
     return Path(output)

@@ -32,14 +32,15 @@ from ..hub.record import (
     peak_memory,
 )
 from ..io import atomic_output_dir, copy_model_extras
+from ..quantization.ct_readers import asymmetric_groups
 from .loading import checkpoint_dtype
 from .options import OutputOptions
 
 __all__ = [
     "base_record",
     "finish_output",
+    "loading_needs",
     "model_metrics",
-    "needs_hfcompress",
     "push_output",
     "quality_metrics",
     "record_rewrite",
@@ -157,8 +158,7 @@ def quality_metrics(model, options: OutputOptions, tokenizer, folder=None, strea
 
 
 def finish_output(
-    record: CompressionRecord, step: Step, model, options, staging: Path, quality: dict, requires_hfcompress: bool,
-    streamed: bool = False,
+    record: CompressionRecord, step: Step, model, options, staging: Path, quality: dict, streamed: bool = False,
 ) -> None:  # fmt: skip
     """Add the step and the after-metrics to `record`, write it and the card into `staging` (the output folder
     being written). `streamed`: the quality was measured streaming the written model from disk."""
@@ -169,7 +169,7 @@ def finish_output(
         if ranks and "peak_rss_bytes" in step.memory:  # rank 0's own as it is now, the others' as they finished
             step.memory[RANK_PEAKS] = [step.memory["peak_rss_bytes"], *ranks[1:]]
     record.steps.append(step)
-    record.loading = {"requires_hfcompress": requires_hfcompress}
+    record.loading = loading_needs(staging)
     record.metrics["after"] = {
         "size_bytes": weights_size_bytes(staging),
         "parameters": stored_parameters(model),
@@ -216,7 +216,7 @@ def record_rewrite(source: str | os.PathLike, staging: Path, step: Step) -> None
     if not (record.command or "").endswith(command):  # unless the command that wrote `source` rewrites it too
         record.command = f"{record.command} && {command}" if record.command else command
     record.steps.append(step)
-    record.loading = {"requires_hfcompress": needs_hfcompress(staging)}
+    record.loading = loading_needs(staging)
     record.metrics.setdefault("after", {})["size_bytes"] = weights_size_bytes(staging)
     record.files = {f.name: file_digest(f) for f in weight_files(staging)}
     record.save(staging)
@@ -248,7 +248,7 @@ def write_output(
             copy_model_extras(source, staging)
         elif tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        finish_output(record, step, model, options, staging, quality, requires_hfcompress=needs_hfcompress(staging))
+        finish_output(record, step, model, options, staging, quality)
     logger.info("wrote %s", output)
     push_output(output, options)
     return Path(output)
@@ -265,6 +265,12 @@ def _save_pretrained(model, folder) -> None:
     model.save_pretrained(folder)
 
 
-def needs_hfcompress(folder: Path) -> bool:
+def loading_needs(folder: Path) -> dict:
+    """What loading the model written in `folder` needs (the record's `loading`): hfcompress, for its own format;
+    for an asymmetric compressed-tensors checkpoint, a compressed-tensors that reads packed zero points."""
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    quantization = config.get("quantization_config") or {}
+    needs = {"requires_hfcompress": quantization.get("quant_method") == QUANT_METHOD}
+    if quantization.get("quant_method") == "compressed-tensors" and asymmetric_groups(quantization):
+        needs["packed_zero_points"] = True
+    return needs

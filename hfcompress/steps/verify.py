@@ -14,6 +14,7 @@ from ..core.linalg import all_finite
 from ..core.registry import compressed_layer_types
 from ..evaluation.footprint import file_digest
 from ..hub.record import RECORD_FILE
+from ..quantization.ct_readers import ZERO_POINT_READERS, asymmetric_groups, installed_reads_zero_points
 
 __all__ = ["verify_folder"]
 
@@ -27,6 +28,7 @@ def verify_folder(folder: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{os.fspath(folder)!r} is not a model folder (no config.json)")
     checked_files = _check_files(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
+    _check_zero_points_readable(folder, config)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     model_class = model_class or transformers.AutoModel
@@ -55,6 +57,21 @@ def verify_folder(folder: str | os.PathLike) -> dict:
         "forward": outputs is not None,
         "files": checked_files,
     }
+
+
+def _check_zero_points_readable(folder: Path, config) -> None:
+    """Name why loading will fail, rather than let transformers fail on a shape: an asymmetric compressed-tensors
+    checkpoint that the installed compressed-tensors cannot read back (`quantization.ct_readers`)."""
+    quantization = getattr(config, "quantization_config", None)
+    quantization = quantization if isinstance(quantization, dict) else {}
+    if quantization.get("quant_method") != "compressed-tensors" or not asymmetric_groups(quantization):
+        return
+    reads, version = installed_reads_zero_points()
+    if not reads:
+        raise CheckpointError(
+            f"{os.fspath(folder)} cannot be loaded with the compressed-tensors installed here ({version or 'none'}): "
+            f"{ZERO_POINT_READERS}"
+        )
 
 
 def _check_files(folder: Path) -> int:

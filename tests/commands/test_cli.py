@@ -95,7 +95,7 @@ def test_rtn_compressed_tensors(model_dir, tmp_path):
     [
         (["--bits", "5"], "`bits` must be one of 2, 3, 4, 8, got 5"),
         (["--group-size", "48"], "does not divide the 64 input features"),
-        (["--format", "compressed-tensors"], "format compressed-tensors with an asymmetric grid"),
+        (["--bits", "3", "--format", "compressed-tensors"], "format compressed-tensors with an asymmetric 3-bit grid"),
     ],
 )
 def test_bad_settings_fail_clearly_and_write_nothing(model_dir, tmp_path, capsys, extra, message):

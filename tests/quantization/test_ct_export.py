@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from hfcompress.commands.cli import main
 from hfcompress.quantization import RTNConfig
+from hfcompress.quantization.ct_readers import installed_reads_zero_points
 from hfcompress.steps import OutputOptions, compress_folder
 
 pytest.importorskip("compressed_tensors")
@@ -39,10 +40,11 @@ def _quantize(command: list[str], model: Path, output: Path, calib: Path, *extra
         ("llama", ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym"]),
         ("llama", ["quantize", "w8a8", "--smoothquant", "0.5"]),  # int8 weights from the packed codes
         ("mixtral", ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym"]),  # per expert, w1/w3 split
+        ("llama", ["quantize", "awq", "--bits", "4", "--group-size", "32"]),  # asymmetric: packed zero points
     ],
-    ids=["gptq", "w8a8", "mixtral"],
+    ids=["gptq", "w8a8", "mixtral", "awq-asymmetric"],
 )
-def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, arch, command):
+def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, arch, command, capsys):
     save_tiny_model(tmp_path / "model", arch=arch)
     _quantize(command, tmp_path / "model", tmp_path / "streamed", calib, "--offload", "disk")
     _quantize(command, tmp_path / "model", tmp_path / "memory", calib, "--format", "compressed-tensors")
@@ -74,15 +76,21 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     # the export carries the quantization's record and card on, with its own step and the new files
     record = json.loads((tmp_path / "exported" / "hfcompress_record.json").read_text())
     assert [s["technique"] for s in record["steps"]] == ["quantization", "export"]
-    assert record["loading"] == {"requires_hfcompress": False}
+    asymmetric = "--sym" not in command and "w8a8" not in command
+    assert record["loading"] == {"requires_hfcompress": False, **({"packed_zero_points": True} if asymmetric else {})}
     assert set(record["files"]) == {p.name for p in (tmp_path / "exported").glob("model*.safetensors")}
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "export (compressed-tensors)" in card and "import hfcompress" not in card
-    assert "pip install compressed-tensors" in card
-    assert main(["verify", str(tmp_path / "exported"), "-q"]) == 0
+    assert ("pip install 'compressed-tensors==0.17.0'" if asymmetric else "pip install compressed-tensors") in card
+    if asymmetric and not installed_reads_zero_points()[0]:  # transformers would fail on the zero points' shape
+        assert main(["verify", str(tmp_path / "exported"), "-q"]) == 2
+        assert "cannot be loaded with the compressed-tensors installed here" in capsys.readouterr().err
+    else:
+        assert main(["verify", str(tmp_path / "exported"), "-q"]) == 0
 
     record = json.loads((tmp_path / "one-command" / "hfcompress_record.json").read_text())
-    assert record["loading"] == {"requires_hfcompress": False} and record["steps"][-1]["config"]["offload"] == "disk"
+    assert record["loading"]["requires_hfcompress"] is False and record["steps"][-1]["config"]["offload"] == "disk"
+    assert record["loading"].get("packed_zero_points", False) is asymmetric
     assert set(record["files"]) == {p.name for p in (tmp_path / "one-command").glob("model*.safetensors")}
     assert record["metrics"]["after"]["perplexity"] > 1  # measured streaming the hfcompress shards before the rewrite
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing partial left
@@ -90,9 +98,10 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
 
 def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path, calib, capsys):
     save_tiny_model(tmp_path / "model")
-    _quantize(["quantize", "gptq", "--bits", "4", "--group-size", "32"], tmp_path / "model", tmp_path / "asym", calib)
+    _quantize(["quantize", "gptq", "--bits", "3", "--group-size", "32"], tmp_path / "model", tmp_path / "asym", calib)
     assert main(["export", "compressed-tensors", str(tmp_path / "asym"), str(tmp_path / "out")]) == 2
-    assert "is quantized on an asymmetric grid" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "is quantized on an asymmetric 3-bit grid: no program reads" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
     # what the settings alone show is refused before any block streams
     dynamic = ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym", "--no-static-groups"]

@@ -114,7 +114,8 @@ def test_w8a8_exports_int8_weights_and_dynamic_token_activations(tmp_path):
 @pytest.mark.parametrize(
     "config,match",
     [
-        (hfcompress.RTNConfig(bits=4, group_size=32, sym=False), "asymmetric"),
+        (hfcompress.RTNConfig(bits=3, group_size=32, sym=False), "asymmetric 3-bit grid: no program reads"),
+        (hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*o_proj": 3}), None),  # symmetric: yes
         (
             hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*k_proj": 8}),
             "servers fuse .*q_proj, .*k_proj, .*v_proj into one matmul",
@@ -129,9 +130,44 @@ def test_compressed_tensors_refuses_what_it_cannot_hold(config, match, tmp_path)
     if isinstance(config, hfcompress.GPTQConfig):
         config.dataset = token_windows()
     model = hfcompress.quantize(tiny_model("llama"), config)
+    if match is None:
+        save_quantized(model, tmp_path / "out", format="compressed-tensors")
+        return
     with pytest.raises(ValueError, match=match):
         save_quantized(model, tmp_path / "out", format="compressed-tensors")
     assert not (tmp_path / "out").exists()
+
+
+def test_asymmetric_grids_export_zero_points_compressed_tensors_reads(tmp_path, caplog):
+    """Asymmetric 4- and 8-bit grids are written with their zero points packed as compressed-tensors defines them
+    (vLLM serves them: test_vllm_serving); compressed-tensors' own decompressor reads back our weights."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    config = hfcompress.GPTQConfig(
+        bits=4, group_size=32, sym=False, layer_bits={"re:.*mlp.*": 8}, dataset=token_windows()
+    )
+    model = hfcompress.quantize(tiny_model("llama"), config)
+    with caplog.at_level("WARNING"):
+        save_quantized(model, tmp_path / "model", format="compressed-tensors")
+    assert "on asymmetric grids" in caplog.text and "compressed-tensors==0.17.0" in caplog.text
+    groups = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted((g["weights"]["num_bits"], g["weights"]["symmetric"]) for g in groups.values()) == [
+        (4, False),
+        (8, False),
+    ]
+    tensors = load_file(tmp_path / "model" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        group = next(g for g in groups.values() if g["weights"]["num_bits"] == layer.bits)
+        stored = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        zero_point = stored["weight_zero_point"]
+        assert zero_point.dtype == torch.int32 and zero_point.shape == (
+            layer.out_features * layer.bits // 32,
+            layer.in_features // 32,
+        )
+        weight = PackedQuantizationCompressor.decompress(stored, QuantizationScheme(**group))["weight"]
+        torch.testing.assert_close(weight.float(), layer.dequantize_weight(torch.float16).float(), rtol=0, atol=1e-3)
 
 
 def test_compressed_tensors_refuses_conv1d_models(tmp_path):
