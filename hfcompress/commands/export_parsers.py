@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..steps.options import OutputOptions
+from .arguments import add_config_arguments
 from .common import HANDLER, add_common
 
 __all__ = ["add_export"]
@@ -17,7 +19,8 @@ COMPRESSED_TENSORS_DESCRIPTION = (
     "compressed-tensors one shard at a time, never loading the model: the files `--format compressed-tensors` writes "
     "from memory, with MODEL's compression record and card carried on (the export one more step). What that format "
     "cannot hold (asymmetric 3-bit grids, sparse or factorized layers, ...) is refused with the reason before anything is "
-    "written. `quantize ... --offload disk --format compressed-tensors` does both in one command."
+    "written. `quantize ... --offload disk --format compressed-tensors` does both in one command. With "
+    "--push-to-hub REPO_ID, OUT is then uploaded in one commit, its card's loading code naming REPO_ID."
 )
 
 
@@ -36,15 +39,21 @@ def add_export(subparsers) -> None:
         help="The compressed-tensors format vLLM and plain transformers load, shard by shard.",
         description=COMPRESSED_TENSORS_DESCRIPTION, model="Local hfcompress checkpoint folder.",
         output=("OUT", "Folder to write (refused if not empty, unless --overwrite).", "Replace OUT if it is not empty."),
+        push=True,
     )  # fmt: skip
 
 
-def _add_format(formats, name: str, handler: str, *, help: str, description: str, model: str, output: tuple) -> None:
-    """`export NAME MODEL OUTPUT [--overwrite]`; `output` is (metavar, help, --overwrite's help)."""
+def _add_format(
+    formats, name: str, handler: str, *, help: str, description: str, model: str, output: tuple, push: bool = False
+) -> None:
+    """`export NAME MODEL OUTPUT [--overwrite]`, with `push` [--push-to-hub REPO_ID [--private]]; `output` is
+    (metavar, help, --overwrite's help)."""
     metavar, output_help, overwrite_help = output
     parser = formats.add_parser(name, help=help, description=description)
     parser.add_argument("model", metavar="MODEL", help=model)
     parser.add_argument("output", metavar=metavar, help=output_help)
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if push:
+        add_config_arguments(parser, OutputOptions, ["push_to_hub", "private"])
     add_common(parser)
     parser.set_defaults(**{HANDLER: f"hfcompress.commands.export:{handler}"})

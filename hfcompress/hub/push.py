@@ -15,7 +15,7 @@ from huggingface_hub.utils import _http, validate_repo_id
 from .card import generate_card
 from .record import RECORD_FILE
 
-__all__ = ["HubError", "bounded_hub_calls", "check_model_folder", "hub_timeout", "push_to_hub"]
+__all__ = ["HubError", "bounded_hub_calls", "check_model_folder", "check_repo_id", "hub_timeout", "push_to_hub"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,14 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A ValueError naming `repo_id` unless it is a valid Hub repo id."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"repo id {repo_id!r} is not valid: expected 'name' or 'namespace/name' ({e})") from None
+
+
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -101,10 +109,7 @@ def push_to_hub(
     timeout = hub_timeout(timeout)
 
     path = check_model_folder(folder)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"repo id {repo_id!r} is not valid: expected 'name' or 'namespace/name' ({e})") from None
+    check_repo_id(repo_id)
     token = token or get_token()
     if not token:
         raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing needs write access)")

@@ -204,11 +204,12 @@ def finish_output(
     generate_card(staging, repo_id=options.push_to_hub)
 
 
-def record_rewrite(source: str | os.PathLike, staging: Path, step: Step) -> None:
+def record_rewrite(source: str | os.PathLike, staging: Path, step: Step, repo_id: str | None = None) -> None:
     """Carry the compression record and card of the model folder `source` into `staging` (or update them in
     place where both are one folder), where `step` (an export) rewrote its weights in another format: the step
     joins the chain, and the size of the weights, what loading them needs and the files `hfcompress verify`
-    checks are the new ones. Nothing where `source` has no record (a checkpoint saved from Python)."""
+    checks are the new ones; the card's loading code names `repo_id` when given. Nothing where `source` has no
+    record (a checkpoint saved from Python)."""
     if not (Path(source) / RECORD_FILE).is_file():
         return
     record = CompressionRecord.load(source)
@@ -223,7 +224,7 @@ def record_rewrite(source: str | os.PathLike, staging: Path, step: Step) -> None
     readme = Path(source) / "README.md"
     if readme.is_file() and readme.resolve() != (Path(staging) / "README.md").resolve():  # the user's text is kept
         shutil.copyfile(readme, Path(staging) / "README.md")
-    generate_card(staging)
+    generate_card(staging, repo_id=repo_id)
 
 
 def write_output(

@@ -162,6 +162,21 @@ def test_the_command_line_pushes_with_hf_endpoint_and_hf_token_from_the_environm
     assert b"alice/from-cli" in files["README.md"][0]  # the card's loading code names the repo
 
 
+def test_an_export_pushes_its_output_with_the_card_naming_the_repo(outputs, hub_env, tmp_path, capsys):
+    """`export compressed-tensors --push-to-hub`: the (asymmetric) GPTQ checkpoint rewritten, then pushed."""
+    out = tmp_path / "exported"
+    export = ["export", "compressed-tensors", str(outputs["gptq"])]
+    assert main([*export, str(tmp_path / "never"), "--push-to-hub", "alice/bad repo!", "-q"]) == 2
+    assert "is not valid" in capsys.readouterr().err and not (tmp_path / "never").exists()  # refused before writing
+    assert main([*export, str(out), "--push-to-hub", "alice/exported", "--private", "-q"]) == 0
+    repo = hub_env.state.repos["alice/exported"]
+    files = repo.commits[repo.branches["main"]]
+    assert repo.private and set(files) >= {p.name for p in out.iterdir()}
+    for name in ("README.md", "config.json", "hfcompress_record.json"):
+        assert files[name][0] == (out / name).read_bytes()
+    assert b"alice/exported" in files["README.md"][0] and b'"compressed-tensors"' in files["config.json"][0]
+
+
 @pytest.mark.parametrize(
     "token,repo,message",
     [
