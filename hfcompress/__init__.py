@@ -53,6 +53,7 @@ _EXPORTS = {
     "finalize_pruning": ".pruning",
     "generate_card": ".hub",
     "lazy": ".core.registry",
+    "load_compressed_tensors": ".quantization",
     "make_student": ".distillation",
     "merge_lora": ".lowrank",
     "perplexity": ".evaluation",

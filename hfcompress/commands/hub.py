@@ -37,9 +37,12 @@ def run_push(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     """`hfcompress verify OUTPUT`."""
     result = verify_folder(args.output)
+    reader = ""
+    if result["reader"] == "hfcompress":
+        reader = "; read by hfcompress, as the compressed-tensors installed cannot read its zero points in transformers"
     print(
         f"{result['model']}: OK ({result['class']}, {result['tensors']} tensors, {result['compressed_layers']} "
         f"compressed layers, finite weights{', finite outputs' if result['forward'] else ''}"
-        f"{', weight files as recorded' if result['files'] else ''})"
+        f"{', weight files as recorded' if result['files'] else ''}{reader})"
     )
     return 0

@@ -120,7 +120,8 @@ def _load_code(record: CompressionRecord, repo_id: str | None, quant_method: str
     elif quant_method == "compressed-tensors" and record.loading.get("packed_zero_points"):
         lines += [
             "# asymmetric grids: vLLM serves it as it is; transformers reads their zero points with",
-            "# pip install 'compressed-tensors==0.17.0' (0.18 to 0.20.1 refuse them: vllm-project/llm-compressor#1618)",
+            "# pip install 'compressed-tensors==0.17.0' (0.18 to 0.20.1 refuse them: vllm-project/llm-compressor#1618);",
+            f'# with any version: import hfcompress; model = hfcompress.load_compressed_tensors("{target}")',
         ]
     elif quant_method == "compressed-tensors":
         lines.append("# needs the compressed-tensors package (pip install compressed-tensors); vLLM serves it as it is")

@@ -20,6 +20,7 @@ _EXPORTS = {
     "SparseQuantLinear": ".sparse_quant",
     "VQConfig": ".codebook_config",
     "W8A8Config": ".config",
+    "load_compressed_tensors": ".ct_import",
     "quantize": ".api",
     "save_quantized": ".save",
     "use_decode_loop": ".decode_linear",

@@ -14,7 +14,8 @@ from ..core.linalg import all_finite
 from ..core.registry import compressed_layer_types
 from ..evaluation.footprint import file_digest
 from ..hub.record import RECORD_FILE
-from ..quantization.ct_readers import ZERO_POINT_READERS, asymmetric_groups, installed_reads_zero_points
+from ..quantization.ct_import import load_compressed_tensors
+from ..quantization.ct_readers import asymmetric_groups, installed_reads_zero_points
 
 __all__ = ["verify_folder"]
 
@@ -22,22 +23,31 @@ __all__ = ["verify_folder"]
 def verify_folder(folder: str | os.PathLike) -> dict:
     """Load the model folder as `from_pretrained` would (the manifest's checks included), then check that no
     tensor was missing, unexpected or mismatched, that every weight is finite, and that a forward pass on a few
-    tokens gives finite outputs. Returns what was checked; raises `CheckpointError` naming the first problem."""
+    tokens gives finite outputs. An asymmetric compressed-tensors folder that the installed compressed-tensors
+    cannot load in transformers is read by `load_compressed_tensors` instead (`reader`: "hfcompress"). Returns what
+    was checked; raises `CheckpointError` naming the first problem."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{os.fspath(folder)!r} is not a model folder (no config.json)")
     checked_files = _check_files(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
-    _check_zero_points_readable(folder, config)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model_class = model_class or transformers.AutoModel
-    model, info = model_class.from_pretrained(folder, output_loading_info=True)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        if info.get(kind):
-            raise CheckpointError(
-                f"{os.fspath(folder)}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:10]}"
-            )
+    reader = "transformers"
+    if _zero_points_unreadable(config):
+        try:
+            model = load_compressed_tensors(folder)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        reader = "hfcompress"
+    else:
+        architectures = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        model_class = model_class or transformers.AutoModel
+        model, info = model_class.from_pretrained(folder, output_loading_info=True)
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            if info.get(kind):
+                raise CheckpointError(
+                    f"{os.fspath(folder)}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:10]}"
+                )
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(f"{os.fspath(folder)}: {name} holds NaN or infinite values")
@@ -56,22 +66,19 @@ def verify_folder(folder: str | os.PathLike) -> dict:
         "tensors": len(model.state_dict()),
         "forward": outputs is not None,
         "files": checked_files,
+        "reader": reader,
     }
 
 
-def _check_zero_points_readable(folder: Path, config) -> None:
-    """Name why loading will fail, rather than let transformers fail on a shape: an asymmetric compressed-tensors
-    checkpoint that the installed compressed-tensors cannot read back (`quantization.ct_readers`)."""
+def _zero_points_unreadable(config) -> bool:
+    """Whether the folder is an asymmetric compressed-tensors checkpoint whose packed zero points the installed
+    compressed-tensors cannot read in transformers (`quantization.ct_readers`): it is then read by hfcompress's
+    own reader (`quantization.ct_import`), the same files and tensors."""
     quantization = getattr(config, "quantization_config", None)
     quantization = quantization if isinstance(quantization, dict) else {}
     if quantization.get("quant_method") != "compressed-tensors" or not asymmetric_groups(quantization):
-        return
-    reads, version = installed_reads_zero_points()
-    if not reads:
-        raise CheckpointError(
-            f"{os.fspath(folder)} cannot be loaded with the compressed-tensors installed here ({version or 'none'}): "
-            f"{ZERO_POINT_READERS}"
-        )
+        return False
+    return not installed_reads_zero_points()[0]
 
 
 def _check_files(folder: Path) -> int:

@@ -175,6 +175,21 @@ def test_an_export_pushes_its_output_with_the_card_naming_the_repo(outputs, hub_
     for name in ("README.md", "config.json", "hfcompress_record.json"):
         assert files[name][0] == (out / name).read_bytes()
     assert b"alice/exported" in files["README.md"][0] and b'"compressed-tensors"' in files["config.json"][0]
+    # pulled back in a fresh process by the reader the card names, whatever compressed-tensors is installed
+    ids = token_windows(2, 16)
+    torch.save(ids, tmp_path / "ids.pt")
+    pull = "import sys, torch, hfcompress; m = hfcompress.load_compressed_tensors(sys.argv[1]); " + (
+        "torch.save(m(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])"
+    )
+    command = [sys.executable, "-c", pull, "alice/exported", tmp_path / "ids.pt", tmp_path / "pulled.pt"]
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True,
+                          env=_subprocess_env(hub_env, tmp_path), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = AutoModelForCausalLM.from_pretrained(outputs["gptq"], dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.load(tmp_path / "pulled.pt"), expected(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize(

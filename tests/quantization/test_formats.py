@@ -168,6 +168,23 @@ def test_asymmetric_grids_export_zero_points_compressed_tensors_reads(tmp_path, 
         )
         weight = PackedQuantizationCompressor.decompress(stored, QuantizationScheme(**group))["weight"]
         torch.testing.assert_close(weight.float(), layer.dequantize_weight(torch.float16).float(), rtol=0, atol=1e-3)
+    # hfcompress reads it back with any compressed-tensors: the same layers, the same logits
+    loaded = hfcompress.load_compressed_tensors(tmp_path / "model")
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, hfcompress.QuantLinear)
+    assert loaded.model.layers[1].mlp.down_proj.bits == 8 and not loaded.model.layers[0].self_attn.q_proj.sym
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_load_compressed_tensors_refuses_what_it_does_not_read(tmp_path):
+    model = hfcompress.quantize(tiny_model("llama"), hfcompress.W8A8Config(dataset=token_windows()))
+    save_quantized(model, tmp_path / "w8a8", format="compressed-tensors")
+    with pytest.raises(ValueError, match="format 'int-quantized'; only pack-quantized"):
+        hfcompress.load_compressed_tensors(tmp_path / "w8a8")
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="is not a compressed-tensors checkpoint"):
+        hfcompress.load_compressed_tensors(tmp_path / "dense")
 
 
 def test_compressed_tensors_refuses_conv1d_models(tmp_path):
