@@ -14,7 +14,7 @@ import importlib.metadata
 
 from packaging.version import Version
 
-__all__ = ["ZERO_POINT_READERS", "asymmetric_groups", "installed_reads_zero_points"]
+__all__ = ["ZERO_POINT_READERS", "asymmetric_groups", "installed_reads_zero_points", "zero_points_unreadable"]
 
 # the last compressed-tensors release whose transformers loader reads packed zero points (checked: 0.17.0 reads
 # them, 0.18.0 to 0.20.1 do not)
@@ -41,3 +41,12 @@ def installed_reads_zero_points() -> tuple[bool, str | None]:
     except importlib.metadata.PackageNotFoundError:
         return False, None
     return Version(version) <= _LAST_READING, version
+
+
+def zero_points_unreadable(quantization_config) -> bool:
+    """Whether a model config's `quantization_config` is an asymmetric compressed-tensors one whose packed zero
+    points the installed compressed-tensors cannot read in transformers (then `ct_import.load_compressed_tensors`
+    reads the checkpoint)."""
+    if not isinstance(quantization_config, dict) or quantization_config.get("quant_method") != "compressed-tensors":
+        return False
+    return bool(asymmetric_groups(quantization_config)) and not installed_reads_zero_points()[0]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
+
+from ..quantization.ct_import import load_compressed_tensors
+from ..quantization.ct_readers import zero_points_unreadable
 
 __all__ = [
     "DTYPES",
@@ -18,6 +22,8 @@ __all__ = [
     "require_tokenizer",
     "resolve_model_path",
 ]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -53,6 +59,12 @@ def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
     path = resolve_model_path(model)
     auto = getattr(transformers, autos[task])
     try:
+        quantization = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+        if zero_points_unreadable(quantization):  # transformers would refuse the zero points' shape
+            logger.info(
+                "reading %s with hfcompress: the compressed-tensors installed cannot read its zero points", model
+            )
+            return load_compressed_tensors(path, None if dtype == "auto" else DTYPES[dtype]).eval()
         loaded = auto.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {model!r}: {e}") from e

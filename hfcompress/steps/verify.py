@@ -15,7 +15,7 @@ from ..core.registry import compressed_layer_types
 from ..evaluation.footprint import file_digest
 from ..hub.record import RECORD_FILE
 from ..quantization.ct_import import load_compressed_tensors
-from ..quantization.ct_readers import asymmetric_groups, installed_reads_zero_points
+from ..quantization.ct_readers import zero_points_unreadable
 
 __all__ = ["verify_folder"]
 
@@ -32,7 +32,7 @@ def verify_folder(folder: str | os.PathLike) -> dict:
     checked_files = _check_files(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     reader = "transformers"
-    if _zero_points_unreadable(config):
+    if zero_points_unreadable(getattr(config, "quantization_config", None)):
         try:
             model = load_compressed_tensors(folder)
         except ValueError as e:
@@ -68,17 +68,6 @@ def verify_folder(folder: str | os.PathLike) -> dict:
         "files": checked_files,
         "reader": reader,
     }
-
-
-def _zero_points_unreadable(config) -> bool:
-    """Whether the folder is an asymmetric compressed-tensors checkpoint whose packed zero points the installed
-    compressed-tensors cannot read in transformers (`quantization.ct_readers`): it is then read by hfcompress's
-    own reader (`quantization.ct_import`), the same files and tensors."""
-    quantization = getattr(config, "quantization_config", None)
-    quantization = quantization if isinstance(quantization, dict) else {}
-    if quantization.get("quant_method") != "compressed-tensors" or not asymmetric_groups(quantization):
-        return False
-    return not installed_reads_zero_points()[0]
 
 
 def _check_files(folder: Path) -> int:
