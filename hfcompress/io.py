@@ -18,6 +18,7 @@ except ImportError:  # not POSIX: runs are not locked against each other
     fcntl = None
 
 __all__ = [
+    "KeptOutputError",
     "atomic_output_dir",
     "check_output_dir",
     "claim_output",
@@ -29,6 +30,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class KeptOutputError(ValueError):
+    """A failure whose message says itself where the finished work is kept and what to do with it (resuming would
+    not help): `resumable_output_dir` then adds no advice of its own."""
+
 
 # Files from the source model folder that belong with the compressed model.
 EXTRA_FILES = (
@@ -248,10 +255,12 @@ def resumable_output_dir(output: str | os.PathLike, overwrite: bool = False, res
         (partial / STAGING_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
         try:
             yield partial, earlier
-        except BaseException:
-            logger.error(
-                "the finished part of %s is kept in %s: run the same command with --resume to continue", output, partial
-            )
+        except BaseException as error:
+            if not isinstance(error, KeptOutputError):
+                logger.error(
+                    "the finished part of %s is kept in %s: run the same command with --resume to continue", output,
+                    partial,
+                )  # fmt: skip
             raise
         _publish(partial, output, overwrite)
 

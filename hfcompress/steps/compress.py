@@ -17,7 +17,7 @@ from ..core.streaming import ShardedCheckpoint
 from ..core.structure import cast_unquantized
 from ..data import looks_local
 from ..hub.record import RANK_PEAKS, Step, peak_memory
-from ..io import claim_output, copy_model_extras, partial_dir, resumable_output_dir
+from ..io import KeptOutputError, claim_output, copy_model_extras, partial_dir, resumable_output_dir
 from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions
@@ -140,7 +140,7 @@ def _rewrite(technique: Technique, written: Path, staging: Path, task: str, step
     try:
         technique.rewrite(written, staging, task, **step_options)
     except ValueError as error:
-        raise ValueError(
+        raise KeptOutputError(
             f"{error}. The streamed checkpoint, in format hfcompress, is kept in {written}: move it out before running "
             "again (a new run removes it)"
         ) from error

@@ -100,7 +100,7 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing partial left
 
 
-def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path, calib, capsys):
+def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path, calib, capsys, caplog):
     save_tiny_model(tmp_path / "model")
     _quantize(["quantize", "gptq", "--bits", "3", "--group-size", "32"], tmp_path / "model", tmp_path / "asym", calib)
     assert main(["export", "compressed-tensors", str(tmp_path / "asym"), str(tmp_path / "out")]) == 2
@@ -129,6 +129,7 @@ def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path,
                         format="compressed-tensors")  # fmt: skip
     kept = tmp_path / ".out.partial" / ".hfcompress-streamed"
     assert f"is kept in {kept}" in str(refused.value) and not (tmp_path / "out").exists()
+    assert "--resume to continue" not in caplog.text  # resuming would fail the same way: no such advice
     assert json.loads((kept / "config.json").read_text())["quantization_config"]["quant_method"] == "hfcompress"
     shutil.rmtree(tmp_path / ".out.partial")
 
