@@ -32,12 +32,11 @@ _BITS = (2, 3, 4, 8)
 
 
 def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of the compressed-tensors checkpoint in `folder` (a local folder or a Hub repo id, whose config and
-    safetensors files are downloaded) (`pack-quantized` integer weights,
-    per group or per channel, symmetric or not, without act-order indices) with each quantized linear a
-    `QuantLinear` holding the stored codes, scales and zero points as they are; the rest in `dtype` (default:
-    the dtype the config names), of the class its config's `architectures` names. Anything else the checkpoint
-    holds is refused, naming it."""
+    """The model of the compressed-tensors checkpoint in `folder`, a local folder or a Hub repo id (its config and
+    safetensors files are downloaded), as the class its config's `architectures` names: each quantized linear a
+    `QuantLinear` holding the stored codes, scales and zero points as they are, the rest in `dtype` (default: the
+    dtype the config names). Reads `pack-quantized` integer weights, per group or per channel, symmetric or not,
+    without act-order indices; anything else the checkpoint holds is refused, naming it."""
     if not os.path.isdir(folder):
         folder = snapshot_download(os.fspath(folder), allow_patterns=["*.json", "*.safetensors"])
     folder = Path(folder)
