@@ -1,4 +1,4 @@
-"""Reading a compressed-tensors checkpoint of weight-only integer grids into hfcompress's own `QuantLinear`s.
+"""Reading a compressed-tensors checkpoint of integer grids into hfcompress's own `QuantLinear`s (`Int8Linear`s for W8A8).
 
 Our packing is compressed-tensors' `pack-quantized` bit for bit (codes and zero points as its unsigned, offset
 values; `export.py` only renames), so reading one back is renaming the other way: `weight_packed` becomes
@@ -21,7 +21,9 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from torch import nn
 
+from ..core.packing import pack_codes
 from ..core.structure import set_submodule
+from .int8_linear import Int8Linear
 from .modules import QuantLinear
 
 __all__ = ["load_compressed_tensors"]
@@ -36,7 +38,8 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
     safetensors files are downloaded), as the class its config's `architectures` names: each quantized linear a
     `QuantLinear` holding the stored codes, scales and zero points as they are, the rest in `dtype` (default: the
     dtype the config names). Reads `pack-quantized` integer weights, per group or per channel, symmetric or not,
-    without act-order indices; anything else the checkpoint holds is refused, naming it."""
+    without act-order indices, and `int-quantized` W8A8 (int8 per-channel weights, dynamic per-token int8
+    activations: `Int8Linear`); anything else the checkpoint holds is refused, naming it."""
     if not os.path.isdir(folder):
         folder = snapshot_download(os.fspath(folder), allow_patterns=["*.json", "*.safetensors"])
     folder = Path(folder)
@@ -56,24 +59,28 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
             model = architecture._from_config(config, dtype=dtype)
     tensors = _stored_tensors(folder)
     ignore = quantization.get("ignore") or []
-    replaced = 0
+    replaced, int8_layers = 0, {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or _matches(name, module, ignore):
             continue
         scheme = next((s for targets, s in groups if _matches(name, module, targets)), None)
         if scheme is None:
             continue
-        bits, group_size, sym = scheme
+        bits, group_size, sym, w8a8 = scheme
         scale = tensors.get(f"{name}.weight_scale")
         if scale is None:
             raise ValueError(
                 f"{os.fspath(folder)} has no weight_scale for {name}, which its quantization_config targets"
             )
-        layer = QuantLinear(module.in_features, module.out_features, bits, group_size, sym,
-                            bias=module.bias is not None, scale_dtype=scale[1], dtype=dtype, device="meta")  # fmt: skip
+        kwargs = dict(bias=module.bias is not None, scale_dtype=scale[1], dtype=dtype, device="meta")
+        if w8a8:
+            layer = Int8Linear(module.in_features, module.out_features, **kwargs)
+            int8_layers[name] = module.in_features
+        else:
+            layer = QuantLinear(module.in_features, module.out_features, bits, group_size, sym, **kwargs)
         set_submodule(model, name, layer)
         replaced += 1
-    state = _load_renamed(folder, tensors)
+    state = _load_renamed(folder, tensors, int8_layers)
     expected = model.state_dict().keys()
     unexpected = sorted(k for k in state if k not in expected)
     if unexpected:
@@ -93,19 +100,30 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
     return model.eval()
 
 
-def _weight_schemes(folder: Path, quantization: dict) -> list[tuple[list[str], tuple[int, int, bool]]]:
-    """[(targets, (bits, group size or -1, symmetric))] of the config groups, refusing what QuantLinear cannot hold."""
-    if quantization.get("format") != "pack-quantized":
+def _weight_schemes(folder: Path, quantization: dict) -> list[tuple[list[str], tuple[int, int, bool, bool]]]:
+    """[(targets, (bits, group size or -1, symmetric, W8A8))] of the config groups, refusing what hfcompress's
+    layers cannot hold."""
+    format = quantization.get("format")
+    if format not in ("pack-quantized", "int-quantized"):
         raise ValueError(
-            f"{os.fspath(folder)} is compressed-tensors format {quantization.get('format')!r}; only pack-quantized "
-            "weight-only integer grids are read"
+            f"{os.fspath(folder)} is compressed-tensors format {format!r}; pack-quantized (weight-only integer grids) "
+            "and int-quantized (W8A8) are read"
         )
     schemes = []
     for name, group in (quantization.get("config_groups") or {}).items():
         weights = group.get("weights") or {}
+        inputs = group.get("input_activations")
         problem = None
-        if group.get("input_activations") or group.get("output_activations"):
-            problem = "quantizes activations"
+        if format == "int-quantized":
+            w8a8 = (weights.get("num_bits"), weights.get("type"), weights.get("strategy"), weights.get("symmetric"))
+            if (
+                w8a8 != (8, "int", "channel", True)
+                or (inputs or {}).get("strategy") != "token"
+                or not inputs.get("dynamic")
+            ):
+                problem = "is not W8A8 with per-channel symmetric weights and dynamic per-token activations"
+        elif inputs or group.get("output_activations"):
+            problem = "quantizes activations in a pack-quantized checkpoint"
         elif weights.get("type") != "int" or weights.get("num_bits") not in _BITS:
             problem = f"is {weights.get('num_bits')}-bit {weights.get('type')} (int of {', '.join(map(str, _BITS))} bits read)"
         elif weights.get("strategy") not in ("group", "channel"):
@@ -115,7 +133,8 @@ def _weight_schemes(folder: Path, quantization: dict) -> list[tuple[list[str], t
         if problem:
             raise ValueError(f"{os.fspath(folder)}: config group {name!r} {problem}, which hfcompress does not read")
         group_size = weights["group_size"] if weights["strategy"] == "group" else -1
-        schemes.append((group.get("targets") or [], (weights["num_bits"], group_size, bool(weights.get("symmetric")))))
+        scheme = (weights["num_bits"], group_size, bool(weights.get("symmetric")), format == "int-quantized")
+        schemes.append((group.get("targets") or [], scheme))
     return schemes
 
 
@@ -144,8 +163,10 @@ def _stored_tensors(folder: Path) -> dict[str, tuple[str, torch.dtype]]:
     return {k: (f, dtypes.get(d, torch.float16)) for k, (f, d) in found.items()}
 
 
-def _load_renamed(folder: Path, tensors: dict[str, tuple[str, torch.dtype]]) -> dict[str, torch.Tensor]:
-    """Every stored tensor under the name hfcompress's layers give it."""
+def _load_renamed(folder: Path, tensors: dict[str, tuple[str, torch.dtype]], int8_layers: dict[str, int]):
+    """Every stored tensor under the name and in the layout hfcompress's layers give it: W8A8 layers' (`int8_layers`:
+    {name: input features}) int8 weights as 8-bit codes (the int8 value plus 128) packed in int32 words, their
+    scales [out, 1]."""
     state = {}
     for file in sorted({f for f, _ in tensors.values()}):
         with safe_open(file, framework="pt") as handle:
@@ -153,5 +174,11 @@ def _load_renamed(folder: Path, tensors: dict[str, tuple[str, torch.dtype]]) -> 
                 if key.endswith(".weight_shape"):
                     continue
                 renamed = key[: -len("_packed")] if key.endswith(".weight_packed") else key
-                state[renamed] = handle.get_tensor(key)
+                tensor = handle.get_tensor(key)
+                layer, _, leaf = key.rpartition(".")
+                if layer in int8_layers and leaf == "weight":
+                    tensor = pack_codes(tensor.to(torch.int16) + 128, 8)
+                elif layer in int8_layers and leaf == "weight_scale":
+                    tensor = tensor.reshape(-1, 1)
+                state[renamed] = tensor
     return state

@@ -177,10 +177,19 @@ def test_asymmetric_grids_export_zero_points_compressed_tensors_reads(tmp_path, 
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
-def test_load_compressed_tensors_refuses_what_it_does_not_read(tmp_path):
+def test_load_compressed_tensors_reads_w8a8_and_refuses_what_it_does_not_read(tmp_path):
     model = hfcompress.quantize(tiny_model("llama"), hfcompress.W8A8Config(dataset=token_windows()))
     save_quantized(model, tmp_path / "w8a8", format="compressed-tensors")
-    with pytest.raises(ValueError, match="format 'int-quantized'; only pack-quantized"):
+    loaded = hfcompress.load_compressed_tensors(tmp_path / "w8a8")
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Int8Linear"
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    config_file = tmp_path / "w8a8" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="is not W8A8 with per-channel symmetric weights and dynamic per-token"):
         hfcompress.load_compressed_tensors(tmp_path / "w8a8")
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="is not a compressed-tensors checkpoint"):
