@@ -13,7 +13,8 @@ FORMAT_HELP = (
     "Checkpoint format. hfcompress: loads with from_pretrained after `import hfcompress`. compressed-tensors: loads "
     "in vLLM and in plain transformers with the compressed-tensors package (act-order only with static groups; mixed "
     "precision as one config group per grid; W8A8 as int-quantized; asymmetric 2/4/8-bit grids with packed zero "
-    "points, which transformers reads with compressed-tensors 0.17 only; asymmetric 3-bit refused)."
+    "points, which transformers reads with compressed-tensors 0.17 only and hfcompress.load_compressed_tensors with "
+    "any; asymmetric 3-bit refused)."
 )
 _UNIFORM = dict(
     layer_types=(lazy("hfcompress.quantization.modules:QuantLinear"), lazy("hfcompress.quantization.sparse_quant:SparseQuantLinear")),
