@@ -191,7 +191,9 @@ def _compress_streaming(
             step.memory = rank_peaks
         quality = quality_metrics(compressed, options, tokenizer, folder=written, streamed=True)
         if written != staging:
+            start = time.perf_counter()
             _rewrite(technique, written, staging, task, step_options)
+            step.seconds += time.perf_counter() - start  # the step wrote this format: its time counts
         copy_model_extras(model, staging)
         finish_output(record, step, compressed, options, staging, quality, streamed=True)
     logger.info("wrote %s", output)
