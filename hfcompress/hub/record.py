@@ -130,7 +130,7 @@ class CompressionRecord:
     hardware: str | None = None
     command: str | None = None
     # what loading needs: {"requires_hfcompress": bool}, and "packed_zero_points": true for an asymmetric
-    # compressed-tensors checkpoint (which compressed-tensors reads them: `quantization.ct_readers`)
+    # compressed-tensors checkpoint (who reads those: `quantization.ct_readers`)
     loading: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # weight file -> {"sha256", "bytes"} as written
     libraries: dict[str, str] = field(default_factory=library_versions)

@@ -18,7 +18,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..core.packing import pack_codes
@@ -57,9 +57,9 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
             model = transformers.AutoModel.from_config(config, dtype=dtype)
         else:
             model = architecture._from_config(config, dtype=dtype)
-    tensors = _stored_tensors(folder)
+    stored = _stored_tensors(folder)
     ignore = quantization.get("ignore") or []
-    replaced, int8_layers = 0, {}
+    replaced, int8_layers = 0, set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or _matches(name, module, ignore):
             continue
@@ -67,20 +67,20 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
         if scheme is None:
             continue
         bits, group_size, sym, w8a8 = scheme
-        scale = tensors.get(f"{name}.weight_scale")
+        scale = stored.get(f"{name}.weight_scale")
         if scale is None:
             raise ValueError(
                 f"{os.fspath(folder)} has no weight_scale for {name}, which its quantization_config targets"
             )
-        kwargs = dict(bias=module.bias is not None, scale_dtype=scale[1], dtype=dtype, device="meta")
+        kwargs = dict(bias=module.bias is not None, scale_dtype=scale.dtype, dtype=dtype, device="meta")
         if w8a8:
             layer = Int8Linear(module.in_features, module.out_features, **kwargs)
-            int8_layers[name] = module.in_features
+            int8_layers.add(name)
         else:
             layer = QuantLinear(module.in_features, module.out_features, bits, group_size, sym, **kwargs)
         set_submodule(model, name, layer)
         replaced += 1
-    state = _load_renamed(folder, tensors, int8_layers)
+    state = _renamed(stored, int8_layers)
     expected = model.state_dict().keys()
     unexpected = sorted(k for k in state if k not in expected)
     if unexpected:
@@ -150,35 +150,28 @@ def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
     return False
 
 
-def _stored_tensors(folder: Path) -> dict[str, tuple[str, torch.dtype]]:
-    """{stored name: (file, dtype)} from the headers of the checkpoint's safetensors files."""
-    found = {}
+def _stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files, as stored."""
+    stored = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(os.fspath(file), framework="pt") as handle:
-            for key in handle.keys():
-                found[key] = (os.fspath(file), handle.get_slice(key).get_dtype())
-    if not found:
+        stored.update(load_file(file))
+    if not stored:
         raise ValueError(f"{os.fspath(folder)} holds no safetensors weights")
-    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-    return {k: (f, dtypes.get(d, torch.float16)) for k, (f, d) in found.items()}
+    return stored
 
 
-def _load_renamed(folder: Path, tensors: dict[str, tuple[str, torch.dtype]], int8_layers: dict[str, int]):
-    """Every stored tensor under the name and in the layout hfcompress's layers give it: W8A8 layers' (`int8_layers`:
-    {name: input features}) int8 weights as 8-bit codes (the int8 value plus 128) packed in int32 words, their
-    scales [out, 1]."""
+def _renamed(stored: dict[str, torch.Tensor], int8_layers: set[str]) -> dict[str, torch.Tensor]:
+    """The stored tensors under the names and in the layout hfcompress's layers give them: `weight_packed` is
+    `weight`, `weight_shape` is dropped; W8A8 layers' (`int8_layers`) int8 weights become 8-bit codes (the int8
+    value plus 128) packed in int32 words, their scales [out, 1]."""
     state = {}
-    for file in sorted({f for f, _ in tensors.values()}):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(".weight_shape"):
-                    continue
-                renamed = key[: -len("_packed")] if key.endswith(".weight_packed") else key
-                tensor = handle.get_tensor(key)
-                layer, _, leaf = key.rpartition(".")
-                if layer in int8_layers and leaf == "weight":
-                    tensor = pack_codes(tensor.to(torch.int16) + 128, 8)
-                elif layer in int8_layers and leaf == "weight_scale":
-                    tensor = tensor.reshape(-1, 1)
-                state[renamed] = tensor
+    for key, tensor in stored.items():
+        layer, _, leaf = key.rpartition(".")
+        if leaf == "weight_shape":
+            continue
+        if layer in int8_layers and leaf == "weight":
+            tensor = pack_codes(tensor.to(torch.int16) + 128, 8)
+        elif layer in int8_layers and leaf == "weight_scale":
+            tensor = tensor.reshape(-1, 1)
+        state[f"{layer}.weight" if leaf == "weight_packed" else key] = tensor
     return state
