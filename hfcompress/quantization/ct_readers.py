@@ -14,7 +14,13 @@ import importlib.metadata
 
 from packaging.version import Version
 
-__all__ = ["ZERO_POINT_READERS", "asymmetric_groups", "installed_reads_zero_points", "zero_points_unreadable"]
+__all__ = [
+    "ZERO_POINT_READERS",
+    "asymmetric_groups",
+    "has_packed_zero_points",
+    "installed_reads_zero_points",
+    "zero_points_unreadable",
+]
 
 # the last compressed-tensors release whose transformers loader reads packed zero points (checked: 0.17.0 reads
 # them, 0.18.0 to 0.20.1 do not)
@@ -34,6 +40,13 @@ def asymmetric_groups(quantization_config: dict) -> list[str]:
     return [name for name, group in groups.items() if (group.get("weights") or {}).get("symmetric") is False]
 
 
+def has_packed_zero_points(quantization_config) -> bool:
+    """Whether a model config's `quantization_config` is a compressed-tensors one with asymmetric groups."""
+    if not isinstance(quantization_config, dict) or quantization_config.get("quant_method") != "compressed-tensors":
+        return False
+    return bool(asymmetric_groups(quantization_config))
+
+
 def installed_reads_zero_points() -> tuple[bool, str | None]:
     """(whether the installed compressed-tensors lets transformers read packed zero points, its version or None)."""
     try:
@@ -47,6 +60,4 @@ def zero_points_unreadable(quantization_config) -> bool:
     """Whether a model config's `quantization_config` is an asymmetric compressed-tensors one whose packed zero
     points the installed compressed-tensors cannot read in transformers (then `ct_import.load_compressed_tensors`
     reads the checkpoint)."""
-    if not isinstance(quantization_config, dict) or quantization_config.get("quant_method") != "compressed-tensors":
-        return False
-    return bool(asymmetric_groups(quantization_config)) and not installed_reads_zero_points()[0]
+    return has_packed_zero_points(quantization_config) and not installed_reads_zero_points()[0]

@@ -32,7 +32,7 @@ from ..hub.record import (
     peak_memory,
 )
 from ..io import atomic_output_dir, copy_model_extras
-from ..quantization.ct_readers import asymmetric_groups
+from ..quantization.ct_readers import has_packed_zero_points
 from .loading import checkpoint_dtype
 from .options import OutputOptions
 
@@ -272,6 +272,6 @@ def loading_needs(folder: Path) -> dict:
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     quantization = config.get("quantization_config") or {}
     needs = {"requires_hfcompress": quantization.get("quant_method") == QUANT_METHOD}
-    if quantization.get("quant_method") == "compressed-tensors" and asymmetric_groups(quantization):
+    if has_packed_zero_points(quantization):
         needs["packed_zero_points"] = True
     return needs
