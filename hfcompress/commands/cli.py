@@ -169,7 +169,8 @@ def _add_evaluate(subparsers) -> None:
     evaluate.add_argument(
         "--offload", choices=("auto", "none", "disk"), default="auto",
         help="disk: never hold MODEL whole; its perplexity is computed reading one block at a time from its "
-        "safetensors shards (compressed checkpoints included), each block's inputs on disk; no latency and no "
+        "safetensors shards (compressed checkpoints included, hfcompress's and compressed-tensors' integer ones), each "
+        "block's inputs on disk; no latency and no "
         "--tasks. auto (default): disk when MODEL at --dtype would not fit in --max-memory and no --tasks are "
         "asked for, saying so; none: load it whole.",
     )  # fmt: skip

@@ -60,7 +60,7 @@ def _streams(args: argparse.Namespace) -> bool:
             "--offload disk measures perplexity alone (lm-eval tasks need the model whole): give --dataset and drop "
             "--tasks, or use --offload none"
         )
-    return decide_streaming(args.model, args.offload, args.dtype, args.max_memory, refused)
+    return decide_streaming(args.model, args.offload, args.dtype, args.max_memory, refused, compressed=True)
 
 
 def _report(args: argparse.Namespace, result: dict) -> int:

@@ -31,8 +31,9 @@ from .experts import expert_sources, stored_state
 from .memory import trim_heap
 from .packing import dense_from_bitmask
 from .shard_writer import INDEX_FILE, ShardWriter
+from .stored_formats import stored_format_reader
 from .stored_layout import StoredLayout
-from .tensor_file import read_header, read_tensors
+from .tensor_file import SAFETENSORS_DTYPES, read_header, read_tensors
 
 __all__ = [
     "AUTO_CLASSES",
@@ -56,10 +57,11 @@ AUTO_CLASSES = {
 SINGLE_FILE = "model.safetensors"
 
 
-def streaming_obstacle(folder: str | os.PathLike) -> str | None:
+def streaming_obstacle(folder: str | os.PathLike, compressed: bool = False) -> str | None:
     """Why the model at `folder` cannot be streamed from disk (None when it can): not a local folder, no
     safetensors weights, code of its own that the skeleton would have to run, or weights quantized by another
-    library (compressed-tensors decompresses them after loading, which a block read alone does not)."""
+    library. With `compressed` (a pass that runs the model as stored: `ShardedCheckpoint.skeleton(compressed=True)`),
+    a format some technique registered a reader for (`core.stored_formats`: compressed-tensors) streams too."""
     path = Path(folder)
     if not path.is_dir():
         return f"{os.fspath(folder)!r} is not a local folder (a Hub id is downloaded whole)"
@@ -69,16 +71,18 @@ def streaming_obstacle(folder: str | os.PathLike) -> str | None:
     if config.get("auto_map"):
         return f"{os.fspath(folder)!r} needs code of its own (auto_map), which hfcompress never runs"
     method = (config.get("quantization_config") or {}).get("quant_method")
-    if method not in (None, "hfcompress"):
-        return f"{os.fspath(folder)!r} is quantized with {method}, which streaming does not read (hfcompress's does)"
-    return None
+    if method in (None, "hfcompress") or (compressed and stored_format_reader(method) is not None):
+        return None
+    if stored_format_reader(method) is not None:
+        return f"{os.fspath(folder)!r} is quantized with {method}, which streams only to be evaluated"
+    return f"{os.fspath(folder)!r} is quantized with {method}, which streaming does not read (hfcompress's does)"
 
 
 class ShardedCheckpoint:
     """The safetensors weights of a local model folder, read tensor by tensor."""
 
     def __init__(self, folder: str | os.PathLike):
-        obstacle = streaming_obstacle(folder)
+        obstacle = streaming_obstacle(folder, compressed=True)  # `skeleton` refuses the rest for other passes
         if obstacle is not None:
             raise ValueError(f"cannot stream the model: {obstacle}")
         self.folder = Path(folder)
@@ -92,6 +96,7 @@ class ShardedCheckpoint:
         self.layout: StoredLayout | None = None  # set by `skeleton`: how the model's names map to the stored ones
         self.bitmask_layers: dict[str, tuple[str, str, int]] = {}  # set by `skeleton(dense_bitmask=True)`
         self._known: frozenset[str] | None = None  # set by `skeleton`: the model tensors the checkpoint fills
+        self.reader = None  # set by `skeleton(compressed=True)` for another library's format (`core.stored_formats`)
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the config says the weights are stored in (float32 when it does not say)."""
@@ -116,12 +121,22 @@ class ShardedCheckpoint:
 
         With `dense_bitmask` instead, the layers of an hfcompress checkpoint stored as bitmask + non-zero values
         (its manifest's `sparse` section) are plain linears whose weights are read dense, zeros included: to
-        compress a pruned model again (quantization densifies them in memory too)."""
+        compress a pruned model again (quantization densifies them in memory too).
+
+        Another library's format streams with `compressed` only, read by the reader registered for it
+        (`core.stored_formats`: compressed-tensors integer checkpoints into hfcompress's packed layers)."""
+        obstacle = None if compressed else streaming_obstacle(self.folder)
+        if obstacle is not None:
+            raise ValueError(f"cannot stream the model: {obstacle}")
         config = AutoConfig.from_pretrained(self.folder)
         quantized = getattr(config, "quantization_config", None) if compressed else None
+        reader = stored_format_reader(quantized.get("quant_method")) if isinstance(quantized, dict) else None
+        if reader is not None:
+            delattr(config, "quantization_config")  # the reader puts the stored layers in; transformers must not
         with init_empty_weights(include_buffers=False):
             model = getattr(transformers, AUTO_CLASSES[task]).from_config(config, dtype=dtype)
-        if quantized is not None:
+        self.reader = None if reader is None else reader(self.folder, model, quantized, self._stored_dtypes())
+        if quantized is not None and reader is None:
             quantizer = AutoHfQuantizer.from_config(quantized, pre_quantized=True)
             with init_empty_weights(include_buffers=True):  # the rebuilt layers' codes and scales too
                 quantizer.preprocess_model(model, dtype=dtype)
@@ -130,7 +145,10 @@ class ShardedCheckpoint:
         # an hfcompress checkpoint stores the model's own names; loading skips the conversions (`checkpoint.hf_quantizer`)
         self.layout = None if quantized is not None else StoredLayout(model, self.weight_map)
         self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and quantized is None else {}
-        known = self.layout.targets() if self.layout is not None else self.weight_map.keys()
+        if self.reader is not None:
+            known = {self.reader.model_name(k) for k in self.weight_map} - {None}
+        else:
+            known = self.layout.targets() if self.layout is not None else self.weight_map.keys()
         self._known = frozenset(known) | frozenset(self.bitmask_layers)
         found = self._found()
         missing = [k for k in model.state_dict() if k not in found and k not in tied_keys(model)]
@@ -139,7 +157,7 @@ class ShardedCheckpoint:
                 f"cannot stream the model: {len(missing)} weights of {type(model).__name__} are not in the checkpoint, "
                 f"under their own names or any transformers converts on loading (first: {missing[:3]})"
             )
-        reshaped = self._reshaped(model)
+        reshaped = self._reshaped(model) if self.reader is None else []  # a reader converts what it reads
         if reshaped:
             name, stored, expected = reshaped[0]
             raise ValueError(
@@ -162,6 +180,14 @@ class ShardedCheckpoint:
             values = legacy if legacy in self.weight_map else f"{layer}.weight"
             layers[f"{layer}.weight"] = (f"{layer}.weight_bitmask", values, shapes[f"{layer}.weight"][1])
         return layers
+
+    def _stored_dtypes(self) -> dict[str, torch.dtype]:
+        """Each stored tensor's dtype, from the shards' headers."""
+        dtypes = {}
+        for file in dict.fromkeys(self.weight_map.values()):
+            with open(self.folder / file, "rb") as f:
+                dtypes.update({n: SAFETENSORS_DTYPES[info["dtype"]] for n, info in read_header(f)[0].items()})
+        return dtypes
 
     def _reshaped(self, model: nn.Module) -> list[tuple[str, list[int], list[int]]]:
         """The model tensors stored under their own names in another shape (a compressed layer's values)."""
@@ -222,6 +248,10 @@ class ShardedCheckpoint:
             dense = dense_from_bitmask(stored[bitmask], stored[values], columns)
             tensors[name] = dense if dtype is None else dense.to(dtype)
         names = [n for n in names if n not in self.bitmask_layers]
+        if self.reader is not None:
+            stored = {self.reader.stored_name(n): n for n in names}
+            read = self.read(list(stored), dtype)
+            return tensors | {stored[k]: self.reader.as_loaded(k, t) for k, t in read.items()}
         if self.layout is None:
             return tensors | self.read(names, dtype)
         return tensors | self.layout.read(names, self.read, dtype)

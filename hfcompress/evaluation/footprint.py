@@ -57,14 +57,20 @@ def _tensor_bits(tensor, dtype_bits: int | None) -> int:
 
 def _holds_weights(module: nn.Module) -> bool:
     """A layer that stands for a dense linear weight: a registered compressed layer, a bitsandbytes layer, one
-    that declares `STORED_MODULES` (a factorized layer: its factors), or a linear another library packed in place
-    (compressed-tensors' `weight_packed`, no `weight`)."""
+    that declares `STORED_MODULES` (a factorized layer: its factors), or a linear another library quantized in
+    place (`_quantized_in_place`)."""
     return (
         isinstance(module, compressed_layer_types())
         or is_bitsandbytes_linear(module)
         or hasattr(type(module), "STORED_MODULES")
-        or (isinstance(module, nn.Linear) and not hasattr(module, "weight"))
+        or _quantized_in_place(module)
     )
+
+
+def _quantized_in_place(module: nn.Module) -> bool:
+    """A linear that compressed-tensors quantized in place as transformers loads it: packed codes and no `weight`
+    (`weight_packed`), or an integer `weight` beside its `weight_scale` (W8A8's int-quantized)."""
+    return isinstance(module, nn.Linear) and (not hasattr(module, "weight") or hasattr(module, "weight_scale"))
 
 
 def layer_bits(module: nn.Module, dtype_bits: int | None = None) -> int:
@@ -78,7 +84,7 @@ def layer_bits(module: nn.Module, dtype_bits: int | None = None) -> int:
         return sum(_tensor_bits(t, dtype_bits) for t in stored_tensors(module) if t is not None)
     if hasattr(type(module), "STORED_MODULES"):
         return sum(layer_bits(module.get_submodule(name), dtype_bits) for name in type(module).STORED_MODULES)
-    if not hasattr(module, "weight"):  # a linear another library packed in place (compressed-tensors' weight_packed)
+    if _quantized_in_place(module):  # codes and scales (compressed-tensors' weight_packed or int8 weight)
         return sum(_tensor_bits(t, dtype_bits) for k, t in module.state_dict().items() if k != "bias")
     return _tensor_bits(linear_weight(module), dtype_bits)
 

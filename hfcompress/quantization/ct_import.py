@@ -26,7 +26,7 @@ from ..core.structure import set_submodule
 from .int8_linear import Int8Linear
 from .modules import QuantLinear
 
-__all__ = ["load_compressed_tensors"]
+__all__ = ["CompressedTensorsLayout", "load_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
     quantization = getattr(config, "quantization_config", None)
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{os.fspath(folder)} is not a compressed-tensors checkpoint (no such quantization_config)")
-    groups = _weight_schemes(folder, quantization)
     delattr(config, "quantization_config")
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -58,29 +57,8 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
         else:
             model = architecture._from_config(config, dtype=dtype)
     stored = _stored_tensors(folder)
-    ignore = quantization.get("ignore") or []
-    replaced, int8_layers = 0, set()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _matches(name, module, ignore):
-            continue
-        scheme = next((s for targets, s in groups if _matches(name, module, targets)), None)
-        if scheme is None:
-            continue
-        bits, group_size, sym, w8a8 = scheme
-        scale = stored.get(f"{name}.weight_scale")
-        if scale is None:
-            raise ValueError(
-                f"{os.fspath(folder)} has no weight_scale for {name}, which its quantization_config targets"
-            )
-        kwargs = dict(bias=module.bias is not None, scale_dtype=scale.dtype, dtype=dtype, device="meta")
-        if w8a8:
-            layer = Int8Linear(module.in_features, module.out_features, **kwargs)
-            int8_layers.add(name)
-        else:
-            layer = QuantLinear(module.in_features, module.out_features, bits, group_size, sym, **kwargs)
-        set_submodule(model, name, layer)
-        replaced += 1
-    state = _renamed(stored, int8_layers)
+    layout = CompressedTensorsLayout(folder, model, quantization, {k: t.dtype for k, t in stored.items()})
+    state = {layout.model_name(k): layout.as_loaded(k, t) for k, t in stored.items() if layout.model_name(k)}
     expected = model.state_dict().keys()
     unexpected = sorted(k for k in state if k not in expected)
     if unexpected:
@@ -96,8 +74,71 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
     for param in model.parameters():
         param.requires_grad_(False)
     model.config._name_or_path = os.fspath(folder)
-    logger.info("read %d quantized linears of %s from %s", replaced, type(model).__name__, folder)
+    logger.info("read %d quantized linears of %s from %s", len(layout.layers), type(model).__name__, folder)
     return model.eval()
+
+
+class CompressedTensorsLayout:
+    """How the stored tensors of a compressed-tensors checkpoint become hfcompress's layers, for the whole model
+    (`load_compressed_tensors`) and one block at a time (`core.streaming.ShardedCheckpoint`, which reads a
+    compressed-tensors folder through it to evaluate the model as stored).
+
+    Building it puts in `model` (on the meta device, its `quantization_config` already taken out of the config)
+    a `QuantLinear` or `Int8Linear` on the meta device for each linear the checkpoint's `quantization` targets,
+    refusing what hfcompress's layers cannot hold; `stored_dtypes` gives each stored tensor's dtype (the layers
+    keep their scales' dtype). Then `stored_name(model tensor)`, `model_name(stored tensor)` (None for what
+    hfcompress does not keep) and `as_loaded(stored name, tensor)` map between the two."""
+
+    def __init__(self, folder: Path, model: nn.Module, quantization: dict, stored_dtypes: dict[str, torch.dtype]):
+        self.packed: set[str] = set()  # QuantLinear: `weight` is stored as `weight_packed`
+        self.int8: set[str] = set()  # Int8Linear: int8 weights repacked as 8-bit codes
+        groups = _weight_schemes(folder, quantization)
+        ignore = quantization.get("ignore") or []
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or _matches(name, module, ignore):
+                continue
+            scheme = next((s for targets, s in groups if _matches(name, module, targets)), None)
+            if scheme is None:
+                continue
+            bits, group_size, sym, w8a8 = scheme
+            scale_dtype = stored_dtypes.get(f"{name}.weight_scale")
+            if scale_dtype is None:
+                raise ValueError(
+                    f"{os.fspath(folder)} has no weight_scale for {name}, which its quantization_config targets"
+                )
+            dtype = module.weight.dtype
+            kwargs = dict(bias=module.bias is not None, scale_dtype=scale_dtype, dtype=dtype, device="meta")
+            if w8a8:
+                layer = Int8Linear(module.in_features, module.out_features, **kwargs)
+                self.int8.add(name)
+            else:
+                layer = QuantLinear(module.in_features, module.out_features, bits, group_size, sym, **kwargs)
+                self.packed.add(name)
+            set_submodule(model, name, layer)
+
+    @property
+    def layers(self) -> set[str]:
+        return self.packed | self.int8
+
+    def stored_name(self, name: str) -> str:
+        layer, _, leaf = name.rpartition(".")
+        return f"{layer}.weight_packed" if leaf == "weight" and layer in self.packed else name
+
+    def model_name(self, key: str) -> str | None:
+        layer, _, leaf = key.rpartition(".")
+        if leaf == "weight_shape":
+            return None
+        return f"{layer}.weight" if leaf == "weight_packed" else key
+
+    def as_loaded(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The stored tensor `key` in the layout hfcompress's layer holds it: a W8A8 layer's int8 weights as 8-bit
+        codes (the int8 value plus 128) packed in int32 words, its scales [out, 1]; the rest as stored."""
+        layer, _, leaf = key.rpartition(".")
+        if layer in self.int8 and leaf == "weight":
+            return pack_codes(tensor.to(torch.int16) + 128, 8)
+        if layer in self.int8 and leaf == "weight_scale":
+            return tensor.reshape(-1, 1)
+        return tensor
 
 
 def _weight_schemes(folder: Path, quantization: dict) -> list[tuple[list[str], tuple[int, int, bool, bool]]]:
@@ -158,20 +199,3 @@ def _stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
     if not stored:
         raise ValueError(f"{os.fspath(folder)} holds no safetensors weights")
     return stored
-
-
-def _renamed(stored: dict[str, torch.Tensor], int8_layers: set[str]) -> dict[str, torch.Tensor]:
-    """The stored tensors under the names and in the layout hfcompress's layers give them: `weight_packed` is
-    `weight`, `weight_shape` is dropped; W8A8 layers' (`int8_layers`) int8 weights become 8-bit codes (the int8
-    value plus 128) packed in int32 words, their scales [out, 1]."""
-    state = {}
-    for key, tensor in stored.items():
-        layer, _, leaf = key.rpartition(".")
-        if leaf == "weight_shape":
-            continue
-        if layer in int8_layers and leaf == "weight":
-            tensor = pack_codes(tensor.to(torch.int16) + 128, 8)
-        elif layer in int8_layers and leaf == "weight_scale":
-            tensor = tensor.reshape(-1, 1)
-        state[f"{layer}.weight" if leaf == "weight_packed" else key] = tensor
-    return state

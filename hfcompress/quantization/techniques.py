@@ -3,6 +3,7 @@ quantizes, saves and rebuilds is named by `lazy` references and imported when a 
 
 from ..checkpoint.rebuild import register_dequantizer, register_rebuilder
 from ..core.registry import StepOption, always, lazy, register_technique
+from ..core.stored_formats import register_stored_format
 from .bnb_config import BnbConfig
 from .codebook_config import KMeansConfig, VQConfig
 from .config import FORMATS, AWQConfig, GPTQConfig, RTNConfig, W8A8Config
@@ -64,3 +65,5 @@ register_rebuilder("codebooks", lazy("hfcompress.quantization.rebuild:rebuild_co
 register_rebuilder("compensation", lazy("hfcompress.quantization.rebuild:rebuild_compensated"), order=55, finish=_head)
 register_rebuilder("modules", lazy("hfcompress.quantization.rebuild:rebuild_quantized"), order=60, finish=_head)
 register_dequantizer(lazy("hfcompress.quantization.export:dequantize_model"))
+# compressed-tensors integer checkpoints (ours, llm-compressor's) evaluated streamed, one block at a time
+register_stored_format("compressed-tensors", lazy("hfcompress.quantization.ct_import:CompressedTensorsLayout"))

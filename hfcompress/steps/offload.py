@@ -70,15 +70,17 @@ def decide_streaming(
     refused: str | None,
     what: str = "this run",
     obstacle: str | None = None,
+    compressed: bool = False,
 ) -> bool:
     """Whether `what` streams `model` from disk, one decision for every command: never with `offload` "none";
     always with "disk" (raising `refused`, why these settings cannot stream, if any; a model that cannot stream,
-    `streaming_obstacle` or the caller's `obstacle`, loads whole with a warning that says why); with "auto" when
+    `streaming_obstacle` (with `compressed`, for a pass that runs the model as stored) or the caller's
+    `obstacle`, loads whole with a warning that says why); with "auto" when
     the model held in `dtype` ("auto": the checkpoint's) would not fit in `max_memory` (None: the memory available
     now), saying so, or saying why it loads whole all the same."""
     if offload == "none":
         return False
-    obstacle = obstacle or streaming_obstacle(model)
+    obstacle = obstacle or streaming_obstacle(model, compressed)
     if offload == "disk":
         if refused:
             raise ValueError(refused)

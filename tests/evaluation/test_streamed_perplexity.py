@@ -3,12 +3,15 @@ figure on the model loaded whole (`evaluation.perplexity`), dense and compressed
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (from_pretrained reads hfcompress checkpoints)
 from hfcompress.commands.cli import main
+from hfcompress.core.streaming import ShardedCheckpoint, streaming_obstacle
 from hfcompress.evaluation import perplexity, streamed_perplexity
 from tests.helpers import python_text, save_sharded_model, tiny_model, token_windows
 
@@ -67,8 +70,6 @@ def test_bad_windows_are_refused(tmp_path):
 
 
 def _evaluate_json(capsys, *args) -> dict:
-    import json
-
     capsys.readouterr()
     assert main(["evaluate", *map(str, args), "--json", "-q"]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -99,17 +100,44 @@ def test_evaluate_offload_disk_refuses_tasks(tmp_path, capsys):
     assert "--offload disk measures perplexity alone (lm-eval tasks need the model whole)" in capsys.readouterr().err
 
 
-def test_a_checkpoint_another_library_quantized_is_evaluated_whole(tmp_path, capsys, caplog):
+@pytest.mark.parametrize(
+    "options",
+    [["gptq", "--bits", "4", "--group-size", "32"], ["w8a8"]],
+    ids=["gptq-w4-asymmetric", "w8a8"],
+)
+def test_a_compressed_tensors_checkpoint_streams_to_be_evaluated(tmp_path, capsys, caplog, options):
+    """`evaluate --offload disk` reads a compressed-tensors folder (asymmetric packed grids, W8A8) one block at a
+    time into hfcompress's layers (`ct_import.CompressedTensorsLayout`): the perplexity and bits of the model
+    loaded whole; compressing it again streams nothing and says why."""
     folder = save_sharded_model(tmp_path / "model")
-    (tmp_path / "calib.txt").write_text(python_text()[:30_000], encoding="utf-8")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(python_text()[:30_000], encoding="utf-8")
     out = tmp_path / "out"
-    assert main(["quantize", "gptq", str(folder), str(out), "--bits", "4", "--group-size", "32", "--sym",
-                 "--format", "compressed-tensors", "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "4",
-                 "--seq-len", "32", "-q"]) == 0  # fmt: skip
-    with caplog.at_level("WARNING"):
-        result = _evaluate_json(capsys, out, "--dataset", tmp_path / "calib.txt", "--seq-len", "32",
-                                "--max-windows", "2", "--latency-runs", "0", "--offload", "disk")  # fmt: skip
-    assert "is quantized with compressed-tensors, which streaming does not read" in caplog.text
-    assert "loading it whole instead" in caplog.text and "offload" not in result and result["perplexity"] > 1
-    # its packed linears (weight_packed, no weight) count as what they store: 4-bit codes and a scale per 32
-    assert 4.5 <= result["bits_per_weight"] < 4.6 and result["model_bits_per_parameter"] < 16
+    assert main(["quantize", *options, str(folder), str(out), "--format", "compressed-tensors",
+                 "--dataset", str(calib), "--num-samples", "4", "--seq-len", "32", "-q"]) == 0  # fmt: skip
+    common = [out, "--dataset", calib, "--seq-len", "32", "--max-windows", "4", "--batch-size", "2"]
+    whole = _evaluate_json(capsys, *common, "--offload", "none", "--dtype", "float32", "--latency-runs", "0")
+    streamed = _evaluate_json(capsys, *common, "--offload", "disk")
+    assert streamed["offload"] == "disk" and "offload" not in whole
+    assert streamed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-4)
+    for key in ("size_bytes", "bits_per_weight", "model_bits_per_parameter", "num_windows"):
+        assert streamed[key] == pytest.approx(whole[key]), key
+    skeleton = ShardedCheckpoint(out).skeleton("causal-lm", compressed=True)  # what the streamed pass ran
+    layer = type(skeleton.model.layers[1].mlp.down_proj).__name__
+    assert layer == ("Int8Linear" if options == ["w8a8"] else "QuantLinear")
+    with caplog.at_level("WARNING"):  # loaded whole, its linears already quantized: nothing left to quantize
+        assert main(["quantize", "rtn", str(out), str(tmp_path / "again"), "--offload", "disk", "-q"]) == 2
+    assert "is quantized with compressed-tensors, which streams only to be evaluated" in caplog.text
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_checkpoint_no_reader_streams_is_evaluated_whole(tmp_path, capsys, caplog):
+    """A quantization_config no technique registered a reader for (here an fp8 one) does not stream, saying why."""
+    folder = save_sharded_model(tmp_path / "model")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    config_file.write_text(json.dumps(config))
+    assert streaming_obstacle(folder, compressed=True) == (
+        f"{str(folder)!r} is quantized with fp8, which streaming does not read (hfcompress's does)"
+    )
