@@ -21,7 +21,6 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 from transformers.quantizers.auto import AutoHfQuantizer
@@ -31,7 +30,7 @@ from .experts import expert_sources, stored_state
 from .memory import trim_heap
 from .packing import dense_from_bitmask
 from .shard_writer import INDEX_FILE, ShardWriter
-from .stored_formats import stored_format_reader
+from .stored_formats import stored_format
 from .stored_layout import StoredLayout
 from .tensor_file import SAFETENSORS_DTYPES, read_header, read_tensors
 
@@ -70,12 +69,24 @@ def streaming_obstacle(folder: str | os.PathLike, compressed: bool = False) -> s
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if config.get("auto_map"):
         return f"{os.fspath(folder)!r} needs code of its own (auto_map), which hfcompress never runs"
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method in (None, "hfcompress") or (compressed and stored_format_reader(method) is not None):
+    quantization = config.get("quantization_config") or {}
+    method, stored = quantization.get("quant_method"), stored_format(quantization.get("quant_method"))
+    if method in (None, "hfcompress"):
         return None
-    if stored_format_reader(method) is not None:
+    if stored is None:
+        return f"{os.fspath(folder)!r} is quantized with {method}, which streaming does not read (hfcompress's does)"
+    if not compressed:
         return f"{os.fspath(folder)!r} is quantized with {method}, which streams only to be evaluated"
-    return f"{os.fspath(folder)!r} is quantized with {method}, which streaming does not read (hfcompress's does)"
+    return None if stored.obstacle is None else stored.obstacle(path, quantization)
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    """{stored tensor: the file that holds it} of a model folder's safetensors weights."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    with open(folder / SINGLE_FILE, "rb") as f:
+        return dict.fromkeys(read_header(f)[0], SINGLE_FILE)
 
 
 class ShardedCheckpoint:
@@ -86,13 +97,7 @@ class ShardedCheckpoint:
         if obstacle is not None:
             raise ValueError(f"cannot stream the model: {obstacle}")
         self.folder = Path(folder)
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        else:
-            with safe_open(self.folder / SINGLE_FILE, framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
-        self.weight_map: dict[str, str] = weight_map
+        self.weight_map: dict[str, str] = _weight_map(self.folder)
         self.layout: StoredLayout | None = None  # set by `skeleton`: how the model's names map to the stored ones
         self.bitmask_layers: dict[str, tuple[str, str, int]] = {}  # set by `skeleton(dense_bitmask=True)`
         self._known: frozenset[str] | None = None  # set by `skeleton`: the model tensors the checkpoint fills
@@ -130,7 +135,8 @@ class ShardedCheckpoint:
             raise ValueError(f"cannot stream the model: {obstacle}")
         config = AutoConfig.from_pretrained(self.folder)
         quantized = getattr(config, "quantization_config", None) if compressed else None
-        reader = stored_format_reader(quantized.get("quant_method")) if isinstance(quantized, dict) else None
+        stored = stored_format(quantized.get("quant_method")) if isinstance(quantized, dict) else None
+        reader = None if stored is None else stored.reader
         if reader is not None:
             delattr(config, "quantization_config")  # the reader puts the stored layers in; transformers must not
         with init_empty_weights(include_buffers=False):
@@ -146,7 +152,7 @@ class ShardedCheckpoint:
         self.layout = None if quantized is not None else StoredLayout(model, self.weight_map)
         self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and quantized is None else {}
         if self.reader is not None:
-            known = {self.reader.model_name(k) for k in self.weight_map} - {None}
+            known = self.reader.filled(self.weight_map)
         else:
             known = self.layout.targets() if self.layout is not None else self.weight_map.keys()
         self._known = frozenset(known) | frozenset(self.bitmask_layers)
@@ -249,9 +255,8 @@ class ShardedCheckpoint:
             tensors[name] = dense if dtype is None else dense.to(dtype)
         names = [n for n in names if n not in self.bitmask_layers]
         if self.reader is not None:
-            stored = {self.reader.stored_name(n): n for n in names}
-            read = self.read(list(stored), dtype)
-            return tensors | {stored[k]: self.reader.as_loaded(k, t) for k, t in read.items()}
+            read = self.read(list(dict.fromkeys(s for n in names for s in self.reader.sources[n])), dtype)
+            return tensors | {n: self.reader.as_loaded(n, [read[s] for s in self.reader.sources[n]]) for n in names}
         if self.layout is None:
             return tensors | self.read(names, dtype)
         return tensors | self.layout.read(names, self.read, dtype)

@@ -66,4 +66,8 @@ register_rebuilder("compensation", lazy("hfcompress.quantization.rebuild:rebuild
 register_rebuilder("modules", lazy("hfcompress.quantization.rebuild:rebuild_quantized"), order=60, finish=_head)
 register_dequantizer(lazy("hfcompress.quantization.export:dequantize_model"))
 # compressed-tensors integer checkpoints (ours, llm-compressor's) evaluated streamed, one block at a time
-register_stored_format("compressed-tensors", lazy("hfcompress.quantization.ct_import:CompressedTensorsLayout"))
+register_stored_format(
+    "compressed-tensors",
+    lazy("hfcompress.quantization.ct_import:CompressedTensorsLayout"),
+    obstacle=lazy("hfcompress.quantization.ct_import:streaming_obstacle"),
+)

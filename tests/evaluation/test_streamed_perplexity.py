@@ -131,6 +131,30 @@ def test_a_compressed_tensors_checkpoint_streams_to_be_evaluated(tmp_path, capsy
     assert not (tmp_path / "again").exists()
 
 
+def test_compressed_tensors_experts_stream_into_expert_linears(tmp_path, capsys):
+    """A Mixtral's experts exported one linear each under its checkpoint's names (`block_sparse_moe.experts.3.w1`,
+    gate and up apart) are read back into `ExpertLinears` of packed layers, gate and up rows together: the
+    perplexity transformers gives loading the folder whole; a scheme hfcompress's layers do not hold is found
+    from the config alone, and that folder loads whole."""
+    folder = save_sharded_model(tmp_path / "model", arch="mixtral")
+    text = tmp_path / "eval.txt"
+    text.write_text(python_text()[:20_000], encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["quantize", "rtn", str(folder), str(out), "--bits", "4", "--group-size", "32", "--sym",
+                 "--format", "compressed-tensors", "-q"]) == 0  # fmt: skip
+    common = [out, "--dataset", text, "--seq-len", "32", "--max-windows", "4", "--batch-size", "2"]
+    whole = _evaluate_json(capsys, *common, "--offload", "none", "--dtype", "float32", "--latency-runs", "0")
+    streamed = _evaluate_json(capsys, *common, "--offload", "disk")
+    assert streamed["offload"] == "disk" and streamed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-4)
+    experts = ShardedCheckpoint(out).skeleton("causal-lm", compressed=True).model.layers[0].mlp.experts
+    assert type(experts).__name__ == "ExpertLinears" and type(experts.gate_up_proj[3]).__name__ == "QuantLinear"
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["type"] = "float"
+    config_file.write_text(json.dumps(config))
+    assert "config group 'group_0' is 4-bit float" in streaming_obstacle(out, compressed=True)
+
+
 def test_a_checkpoint_no_reader_streams_is_evaluated_whole(tmp_path, capsys, caplog):
     """A quantization_config no technique registered a reader for (here an fp8 one) does not stream, saying why."""
     folder = save_sharded_model(tmp_path / "model")

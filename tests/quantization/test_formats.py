@@ -196,6 +196,27 @@ def test_load_compressed_tensors_reads_w8a8_and_refuses_what_it_does_not_read(tm
         hfcompress.load_compressed_tensors(tmp_path / "dense")
 
 
+@pytest.mark.parametrize(
+    "arch, config",
+    [("mixtral", hfcompress.GPTQConfig(bits=4, group_size=32, sym=True)), ("qwen2_moe", hfcompress.RTNConfig(bits=8, group_size=-1, sym=True))],
+    ids=["mixtral-gptq-w4", "qwen2_moe-rtn-w8"],
+)  # fmt: skip
+def test_load_compressed_tensors_reads_experts_back_into_expert_linears(tmp_path, arch, config):
+    """Experts exported one linear each under the checkpoint's own names (gate and up apart) come back as the
+    packed layers of an `ExpertLinears`, gate and up rows together: the logits of the model that was exported."""
+    if isinstance(config, hfcompress.GPTQConfig):
+        config.dataset = token_windows()
+    model = hfcompress.quantize(tiny_model(arch), config)
+    save_quantized(model, tmp_path / "moe", format="compressed-tensors")
+    loaded = hfcompress.load_compressed_tensors(tmp_path / "moe")
+    experts = loaded.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "ExpertLinears" and isinstance(experts.down_proj[1], hfcompress.QuantLinear)
+    assert experts.gate_up_proj[1].out_features == 2 * experts.down_proj[1].in_features
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
 def test_compressed_tensors_refuses_conv1d_models(tmp_path):
     model = hfcompress.quantize(tiny_model("gpt2"), hfcompress.RTNConfig(bits=4, group_size=32, sym=True))
     with pytest.raises(ValueError, match="Conv1D"):
