@@ -39,7 +39,7 @@ def run_verify(args: argparse.Namespace) -> int:
     result = verify_folder(args.output)
     reader = ""
     if result["reader"] == "hfcompress":
-        reader = "; read by hfcompress, as the compressed-tensors installed cannot read its zero points in transformers"
+        reader = f"; read by hfcompress, as {result['why']}"
     print(
         f"{result['model']}: OK ({result['class']}, {result['tensors']} tensors, {result['compressed_layers']} "
         f"compressed layers, finite weights{', finite outputs' if result['forward'] else ''}"

@@ -42,6 +42,7 @@ __all__ = [
     "output_names",
     "release",
     "stored_names",
+    "stored_weight_map",
     "streaming_obstacle",
     "tied_keys",
 ]
@@ -80,8 +81,9 @@ def streaming_obstacle(folder: str | os.PathLike, compressed: bool = False) -> s
     return None if stored.obstacle is None else stored.obstacle(path, quantization)
 
 
-def _weight_map(folder: Path) -> dict[str, str]:
+def stored_weight_map(folder: str | os.PathLike) -> dict[str, str]:
     """{stored tensor: the file that holds it} of a model folder's safetensors weights."""
+    folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
         return json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -97,7 +99,7 @@ class ShardedCheckpoint:
         if obstacle is not None:
             raise ValueError(f"cannot stream the model: {obstacle}")
         self.folder = Path(folder)
-        self.weight_map: dict[str, str] = _weight_map(self.folder)
+        self.weight_map: dict[str, str] = stored_weight_map(self.folder)
         self.layout: StoredLayout | None = None  # set by `skeleton`: how the model's names map to the stored ones
         self.bitmask_layers: dict[str, tuple[str, str, int]] = {}  # set by `skeleton(dense_bitmask=True)`
         self._known: frozenset[str] | None = None  # set by `skeleton`: the model tensors the checkpoint fills

@@ -27,12 +27,14 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from ..core.experts import is_fused_experts, unfuse_experts
 from ..core.packing import pack_codes
+from ..core.streaming import stored_weight_map
 from ..core.structure import set_submodule
+from .ct_readers import zero_points_unreadable
 from .expert_layout import expert_checkpoint_names
 from .int8_linear import Int8Linear
 from .modules import QuantLinear
 
-__all__ = ["CompressedTensorsLayout", "load_compressed_tensors", "streaming_obstacle"]
+__all__ = ["CompressedTensorsLayout", "load_compressed_tensors", "streaming_obstacle", "why_hfcompress_reads"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,25 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
     model.config._name_or_path = os.fspath(folder)
     logger.info("read %d quantized linears of %s from %s", len(layout.layers), type(model).__name__, folder)
     return model.eval()
+
+
+def why_hfcompress_reads(folder: str | os.PathLike, quantization_config) -> str | None:
+    """Why `load_compressed_tensors` rather than transformers loads the checkpoint in `folder` (a model config's
+    `quantization_config`; None: transformers does): the installed compressed-tensors cannot read its packed zero
+    points in transformers, or the local folder holds quantized experts, which transformers decompresses into
+    dense weights as it loads (the memory of the float experts) and hfcompress's reader keeps packed."""
+    if zero_points_unreadable(quantization_config):
+        return "the compressed-tensors installed cannot read its zero points in transformers"
+    if (
+        not isinstance(quantization_config, dict)
+        or quantization_config.get("quant_method") != "compressed-tensors"
+        or not os.path.isdir(folder)
+        or streaming_obstacle(Path(folder), quantization_config) is not None
+    ):
+        return None
+    if any(".experts." in key and key.endswith(".weight_packed") for key in stored_weight_map(folder)):
+        return "transformers would decompress its quantized experts to dense weights"
+    return None
 
 
 def streaming_obstacle(folder: Path, quantization: dict) -> str | None:

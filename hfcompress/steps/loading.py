@@ -10,8 +10,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-from ..quantization.ct_import import load_compressed_tensors
-from ..quantization.ct_readers import zero_points_unreadable
+from ..quantization.ct_import import load_compressed_tensors, why_hfcompress_reads
 
 __all__ = [
     "DTYPES",
@@ -60,10 +59,9 @@ def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
     auto = getattr(transformers, autos[task])
     try:
         quantization = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
-        if zero_points_unreadable(quantization):  # transformers would refuse the zero points' shape
-            logger.info(
-                "reading %s with hfcompress: the compressed-tensors installed cannot read its zero points", model
-            )
+        reason = why_hfcompress_reads(path, quantization)
+        if reason is not None:
+            logger.info("reading %s with hfcompress, as %s", model, reason)
             return load_compressed_tensors(path, None if dtype == "auto" else DTYPES[dtype]).eval()
         loaded = auto.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as e:

@@ -14,8 +14,7 @@ from ..core.linalg import all_finite
 from ..core.registry import compressed_layer_types
 from ..evaluation.footprint import file_digest
 from ..hub.record import RECORD_FILE
-from ..quantization.ct_import import load_compressed_tensors
-from ..quantization.ct_readers import zero_points_unreadable
+from ..quantization.ct_import import load_compressed_tensors, why_hfcompress_reads
 
 __all__ = ["verify_folder"]
 
@@ -23,16 +22,17 @@ __all__ = ["verify_folder"]
 def verify_folder(folder: str | os.PathLike) -> dict:
     """Load the model folder as `from_pretrained` would (the manifest's checks included), then check that no
     tensor was missing, unexpected or mismatched, that every weight is finite, and that a forward pass on a few
-    tokens gives finite outputs. An asymmetric compressed-tensors folder that the installed compressed-tensors
-    cannot load in transformers is read by `load_compressed_tensors` instead (`reader`: "hfcompress"). Returns what
-    was checked; raises `CheckpointError` naming the first problem."""
+    tokens gives finite outputs. A compressed-tensors folder transformers cannot load (zero points the installed
+    compressed-tensors does not read) or would decompress (quantized experts) is read by `load_compressed_tensors`
+    instead (`reader`: "hfcompress", `why`: the reason; `ct_import.why_hfcompress_reads`). Returns what was
+    checked; raises `CheckpointError` naming the first problem."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{os.fspath(folder)!r} is not a model folder (no config.json)")
     checked_files = _check_files(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
-    reader = "transformers"
-    if zero_points_unreadable(getattr(config, "quantization_config", None)):
+    reader, why = "transformers", why_hfcompress_reads(folder, getattr(config, "quantization_config", None))
+    if why is not None:
         try:
             model = load_compressed_tensors(folder)
         except ValueError as e:
@@ -67,6 +67,7 @@ def verify_folder(folder: str | os.PathLike) -> dict:
         "forward": outputs is not None,
         "files": checked_files,
         "reader": reader,
+        **({"why": why} if why is not None else {}),
     }
 
 

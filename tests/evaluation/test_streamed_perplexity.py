@@ -131,11 +131,11 @@ def test_a_compressed_tensors_checkpoint_streams_to_be_evaluated(tmp_path, capsy
     assert not (tmp_path / "again").exists()
 
 
-def test_compressed_tensors_experts_stream_into_expert_linears(tmp_path, capsys):
+def test_compressed_tensors_experts_stream_into_expert_linears(tmp_path, capsys, caplog):
     """A Mixtral's experts exported one linear each under its checkpoint's names (`block_sparse_moe.experts.3.w1`,
-    gate and up apart) are read back into `ExpertLinears` of packed layers, gate and up rows together: the
-    perplexity transformers gives loading the folder whole; a scheme hfcompress's layers do not hold is found
-    from the config alone, and that folder loads whole."""
+    gate and up apart) are read back into `ExpertLinears` of packed layers, gate and up rows together, streamed
+    and whole (transformers would decompress them to dense weights): the perplexity transformers gives; a scheme
+    hfcompress's layers do not hold is found from the config alone."""
     folder = save_sharded_model(tmp_path / "model", arch="mixtral")
     text = tmp_path / "eval.txt"
     text.write_text(python_text()[:20_000], encoding="utf-8")
@@ -143,9 +143,16 @@ def test_compressed_tensors_experts_stream_into_expert_linears(tmp_path, capsys)
     assert main(["quantize", "rtn", str(folder), str(out), "--bits", "4", "--group-size", "32", "--sym",
                  "--format", "compressed-tensors", "-q"]) == 0  # fmt: skip
     common = [out, "--dataset", text, "--seq-len", "32", "--max-windows", "4", "--batch-size", "2"]
-    whole = _evaluate_json(capsys, *common, "--offload", "none", "--dtype", "float32", "--latency-runs", "0")
+    with caplog.at_level("INFO", logger="hfcompress.steps.loading"):
+        whole = _evaluate_json(capsys, *common, "--offload", "none", "--dtype", "float32", "--latency-runs", "0")
+    assert "with hfcompress, as transformers would decompress its quantized experts to dense weights" in caplog.text
     streamed = _evaluate_json(capsys, *common, "--offload", "disk")
     assert streamed["offload"] == "disk" and streamed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-4)
+    windows = token_windows(4, 16)
+    dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # transformers: experts decompressed
+    assert streamed_perplexity(out, windows) == pytest.approx(perplexity(dense, windows), rel=1e-4)
+    assert main(["verify", str(out)]) == 0
+    assert "read by hfcompress, as transformers would decompress its quantized experts" in capsys.readouterr().out
     experts = ShardedCheckpoint(out).skeleton("causal-lm", compressed=True).model.layers[0].mlp.experts
     assert type(experts).__name__ == "ExpertLinears" and type(experts.gate_up_proj[3]).__name__ == "QuantLinear"
     config_file = out / "config.json"
