@@ -4,7 +4,7 @@ technique registers a reader for, by the `quant_method` of their config's `quant
     register_stored_format(
         "compressed-tensors",
         lazy("hfcompress.quantization.ct_import:CompressedTensorsLayout"),
-        obstacle=lazy("hfcompress.quantization.ct_import:streaming_obstacle"),
+        obstacle=lazy("hfcompress.quantization.ct_import:reader_obstacle"),
     )
 
 A reader is called as `reader(folder, model, quantization_config, stored_dtypes)` with the model built on the meta

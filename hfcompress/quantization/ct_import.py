@@ -34,7 +34,7 @@ from .expert_layout import expert_checkpoint_names
 from .int8_linear import Int8Linear
 from .modules import QuantLinear
 
-__all__ = ["CompressedTensorsLayout", "load_compressed_tensors", "streaming_obstacle", "why_hfcompress_reads"]
+__all__ = ["CompressedTensorsLayout", "load_compressed_tensors", "reader_obstacle", "why_hfcompress_reads"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def why_hfcompress_reads(folder: str | os.PathLike, quantization_config) -> str 
         not isinstance(quantization_config, dict)
         or quantization_config.get("quant_method") != "compressed-tensors"
         or not os.path.isdir(folder)
-        or streaming_obstacle(Path(folder), quantization_config) is not None
+        or reader_obstacle(Path(folder), quantization_config) is not None
     ):
         return None
     if any(".experts." in key and key.endswith(".weight_packed") for key in stored_weight_map(folder)):
@@ -107,9 +107,10 @@ def why_hfcompress_reads(folder: str | os.PathLike, quantization_config) -> str 
     return None
 
 
-def streaming_obstacle(folder: Path, quantization: dict) -> str | None:
-    """Why `CompressedTensorsLayout` cannot read the compressed-tensors checkpoint in `folder` one block at a time
-    (None when it can), from its `quantization` config alone: a scheme hfcompress's layers do not hold."""
+def reader_obstacle(folder: Path, quantization: dict) -> str | None:
+    """Why `CompressedTensorsLayout` cannot read the compressed-tensors checkpoint in `folder`, whole or one block
+    at a time (None when it can), from its `quantization` config alone: a scheme hfcompress's layers do not hold.
+    The stored format's obstacle (`core.stored_formats`), which `core.streaming.streaming_obstacle` asks."""
     try:
         _weight_schemes(folder, quantization)
     except ValueError as refusal:

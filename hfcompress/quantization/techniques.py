@@ -69,5 +69,5 @@ register_dequantizer(lazy("hfcompress.quantization.export:dequantize_model"))
 register_stored_format(
     "compressed-tensors",
     lazy("hfcompress.quantization.ct_import:CompressedTensorsLayout"),
-    obstacle=lazy("hfcompress.quantization.ct_import:streaming_obstacle"),
+    obstacle=lazy("hfcompress.quantization.ct_import:reader_obstacle"),
 )
