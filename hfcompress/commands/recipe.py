@@ -18,5 +18,7 @@ def run_recipe_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         dtype=args.dtype,
+        offload=args.offload,
+        max_memory=args.max_memory,
     )
     return 0

@@ -37,6 +37,18 @@ def add_recipe(subparsers) -> None:
         "unchanged are reused; the first changed step and all after it run again.",
     )
     add_load_save_options(recipe, "before the first step")
+    recipe.add_argument(
+        "--offload", default="auto", choices=["auto", "none", "disk"],
+        help="disk: every step streams its model from the previous step's safetensors shards one block at a time "
+        "(never whole; a step that cannot, like distill, merge_lora or bnb, is refused before any step starts), and a "
+        "killed run keeps its finished steps and blocks beside OUTPUT for --resume. auto (default): a step streams "
+        "when its model would not fit in --max-memory, saying so; none: every step loads its model whole.",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="Memory a step may hold its model in, like 16GB, for --offload auto (default: the memory available "
+        "when the step starts).",
+    )  # fmt: skip
     add_common(recipe)
     recipe.set_defaults(**{HANDLER: "hfcompress.commands.recipe:run_recipe_command"})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -18,10 +19,11 @@ from ..core.registry import Technique, resolve_technique
 from ..data import looks_local
 from ..hub.card import generate_card
 from ..hub.record import CompressionRecord, command_line
-from ..io import atomic_output_dir, claim_output
+from ..io import atomic_output_dir, claim_output, resumable_output_dir
 from ..steps import DistillArguments, OutputOptions, check_step, compress_folder, distill_folder, merge_lora_folder
 from ..steps.loading import resolve_model_path
 from ..steps.merge import parse_rank
+from ..steps.offload import parse_size, streaming_refusal
 from .recipe import DEFAULT_METHODS, Recipe, RecipeError, RecipeStep
 
 __all__ = ["PreparedStep", "run_recipe", "validate_recipe"]
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 STEP_MARKER = "recipe_step.json"
 # distillation options the runner owns: checkpoints of a step would outlive it
 _DISTILL_OWNED = {"checkpoint_dir", "resume"}
+OFFLOAD = ("auto", "none", "disk")
 
 
 @dataclasses.dataclass
@@ -223,11 +226,38 @@ def _check_order(prepared: list[PreparedStep]) -> None:
         seen[step.kind] = p.index
 
 
-def validate_recipe(recipe: Recipe) -> list[PreparedStep]:
-    """Every step's fields, values, data and the order of steps, checked without loading anything."""
+def _check_streaming(prepared: list[PreparedStep]) -> None:
+    """With `--offload disk`, refuse a step that cannot stream its model from disk, naming it and why."""
+    factorized = None
+    for p in prepared:
+        where = f"step {p.index} ({p.step.name})"
+        if factorized is not None:  # `steps.offload.compressed_input` would load it whole
+            raise RecipeError(
+                f"{where} cannot run with --offload disk: streaming does not read back the factorized layers of step "
+                f"{factorized.index} ({factorized.step.name}) as full-precision weights; use --offload auto or none"
+            )
+        if p.step.kind == "factorize":
+            factorized = p
+        if p.technique is None:
+            raise RecipeError(
+                f"{where} cannot run with --offload disk: it {'trains' if p.step.kind == 'distill' else 'merges'} "
+                "with the whole model in memory; use --offload auto (streams the steps that need it) or none"
+            )
+        reason = streaming_refusal(p.technique, p.config, OutputOptions(offload="disk"), p.step_options)
+        if reason is not None:
+            raise RecipeError(f"{where}: {reason}")
+
+
+def validate_recipe(recipe: Recipe, offload: str = "auto") -> list[PreparedStep]:
+    """Every step's fields, values, data and the order of steps, checked without loading anything; with `offload`
+    "disk", that every step can stream its model from disk."""
+    if offload not in OFFLOAD:
+        raise RecipeError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
     last = len(recipe.steps)
     prepared = [_prepare(i, step, recipe, i == last) for i, step in enumerate(recipe.steps, 1)]
     _check_order(prepared)
+    if offload == "disk":
+        _check_streaming(prepared)
     return prepared
 
 
@@ -239,29 +269,43 @@ def run_recipe(
     overwrite: bool = False,
     quiet: bool = False,
     dtype: str = "float32",
+    offload: str = "auto",
+    max_memory: str | None = None,
 ) -> Path:
     """Run `recipe` (a `Recipe`, a YAML path, or a list of configs) on `model`; returns the output folder.
 
     Each step writes a complete model to `OUTPUT/steps/NN-name/` (with its compression record); the last one is
     copied to `OUTPUT` with the whole chain in its record and card, and `OUTPUT/recipe.yaml` keeps the recipe.
     With `resume`, steps whose folder was completed with the same recipe up to and including them are reused.
+
+    `offload` is every step's `--offload`: "disk" streams each step's model from the previous step's shards one
+    block at a time (every step must be able to: refused before any starts otherwise), and a killed run keeps its
+    finished steps and the streamed step's finished blocks beside OUTPUT for `resume`; "auto" streams a step
+    whose model would not fit in `max_memory` (default: the memory available when it starts).
     """
     recipe_file = recipe if isinstance(recipe, (str, os.PathLike)) else None
     if recipe_file is not None:
         recipe = Recipe.from_yaml(recipe_file)
     elif isinstance(recipe, list):
         recipe = Recipe.from_configs(recipe)
-    prepared = validate_recipe(recipe)
+    prepared = validate_recipe(recipe, offload)
+    if max_memory is not None:
+        parse_size(max_memory)
     resolve_model_path(model)
     output = Path(output)
     inputs = [model, recipe_file, recipe.dataset, recipe.eval_dataset, *(i for p in prepared for i in _inputs_of(p))]
+    run = functools.partial(_run_steps, recipe, prepared, model, quiet=quiet, dtype=dtype, offload=offload,
+                            max_memory=max_memory)  # fmt: skip
     with claim_output(output, overwrite=True, inputs=inputs):  # _resuming decides what may be replaced
         if _resuming(output, resume, overwrite):
             # completed steps are what a resume reuses; the model, record and recipe.yaml change only at the end
-            _run_steps(recipe, prepared, model, output, resume, quiet, dtype)
+            run(output, resume=True)
+        elif offload == "disk":  # a killed run keeps what it finished, for `resume`
+            with resumable_output_dir(output, overwrite=True, resume=resume) as (staging, earlier):
+                run(staging, resume=earlier)
         else:  # OUTPUT is replaced only when every step has succeeded
             with atomic_output_dir(output, overwrite=True) as staging:
-                _run_steps(recipe, prepared, model, staging, False, quiet, dtype)
+                run(staging, resume=False)
     logger.info("wrote %s", output)
     return output
 
@@ -291,7 +335,10 @@ def _resuming(output: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def _run_steps(recipe: Recipe, prepared: list[PreparedStep], model: str, output: Path, resume, quiet, dtype) -> None:
+def _run_steps(
+    recipe: Recipe, prepared: list[PreparedStep], model: str, output: Path, resume: bool, quiet: bool, dtype: str,
+    offload: str, max_memory: str | None,
+) -> None:  # fmt: skip
     fingerprints = recipe.step_fingerprints()
     current = model
     for p, fingerprint in zip(prepared, fingerprints, strict=True):
@@ -306,9 +353,11 @@ def _run_steps(recipe: Recipe, prepared: list[PreparedStep], model: str, output:
             current = os.fspath(folder)
             continue
         logger.info("step %d/%d: %s", p.index, len(prepared), p.step.name)
+        streams = p.technique is not None  # distill and merge_lora load their model whole
         options = OutputOptions(
             overwrite=True, dtype=p.dtype or dtype, eval_dataset=recipe.eval_dataset, eval_seq_len=recipe.eval_seq_len,
-            eval_max_windows=recipe.eval_max_windows, quiet=quiet,
+            eval_max_windows=recipe.eval_max_windows, quiet=quiet, offload=offload if streams else "none",
+            max_memory=max_memory, resume=resume and offload == "disk",
         )  # fmt: skip
         start = time.perf_counter()
         p.run(current, folder, options)

@@ -26,6 +26,7 @@ __all__ = [
     "memory_shortfall",
     "parse_size",
     "should_stream",
+    "streaming_refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
     """Whether this run streams `model` from disk (`decide_streaming`, refusing what streaming cannot do)."""
     if options.resume and options.offload != "disk":
         raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
-    refused = _streaming_refusal(technique, config, options, step_options)
+    refused = streaming_refusal(technique, config, options, step_options)
     obstacle = compressed_input(model, reads_bitmask=reads_bitmask_layers(config))
     return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused, obstacle=obstacle)
 
@@ -134,8 +135,8 @@ def compressed_input(model: str, reads_bitmask: bool = False) -> str | None:
     )
 
 
-def _streaming_refusal(technique: Technique, config, options: OutputOptions, step_options: dict) -> str | None:
-    """Why this technique with these settings cannot run streamed, or None."""
+def streaming_refusal(technique: Technique, config, options: OutputOptions, step_options: dict) -> str | None:
+    """Why this technique with these settings (and `options.eval_tasks`) cannot run streamed, or None."""
     if technique.stream is None:
         return f"{technique.name} cannot run with --offload disk (it needs the whole model in memory)"
     obstacle = settings_obstacle(config, technique.streamed_format(step_options.get("format", "hfcompress")))

@@ -1,0 +1,115 @@
+"""`hfcompress recipe --offload disk`: every step streams its model from the previous step's shards, gives the
+weights of the recipe run in memory, resumes a killed step from its last block, and what cannot stream is refused
+before any step starts."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+from helpers import read_safetensors, save_sharded_model
+
+from hfcompress.commands.cli import main
+from hfcompress.core.shard_writer import ShardWriter
+from hfcompress.recipes import Recipe, run_recipe
+
+STEPS = [
+    {"prune": {"method": "sparsegpt", "sparsity": 0.3, "num_samples": 8, "seq_len": 64}},
+    {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "num_samples": 8, "seq_len": 64}},
+]
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return save_sharded_model(tmp_path_factory.mktemp("sharded") / "model")
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, text_file):
+    path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
+    path.write_text(Recipe.from_dict({"steps": STEPS, "dataset": str(text_file)}).to_yaml(), encoding="utf-8")
+    return path
+
+
+def streamed_steps(output) -> list:
+    record = json.loads((output / "hfcompress_record.json").read_text(encoding="utf-8"))
+    return [step["config"].get("offload") for step in record["steps"]]
+
+
+def test_every_step_streams_and_gives_the_weights_of_the_recipe_in_memory(sharded, recipe_file, tmp_path):
+    assert run("recipe", recipe_file, sharded, tmp_path / "streamed", "--offload", "disk", "-q") == 0
+    assert run("recipe", recipe_file, sharded, tmp_path / "whole", "--offload", "none", "-q") == 0
+    assert streamed_steps(tmp_path / "streamed") == ["disk", "disk"]
+    assert streamed_steps(tmp_path / "whole") == [None, None]
+    for step in ("steps/01-prune-sparsegpt", "steps/02-quantize-gptq", "."):
+        streamed, whole = read_safetensors(tmp_path / "streamed" / step), read_safetensors(tmp_path / "whole" / step)
+        assert streamed.keys() == whole.keys()
+        for name, tensor in whole.items():
+            torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@contextlib.contextmanager
+def shards_written_by(step: str, killed_at: int | None = None):
+    """The shard indices `step` writes in the block (a streamed recipe that dies as it writes shard `killed_at`)."""
+    write, written = ShardWriter.write, []
+
+    def recording(self, index, tensors):
+        if step in str(self.folder):
+            if index == killed_at:
+                raise RuntimeError("killed")
+            written.append(index)
+        write(self, index, tensors)
+
+    ShardWriter.write = recording
+    try:
+        yield written
+    finally:
+        ShardWriter.write = write
+
+
+def test_a_killed_recipe_resumes_from_the_last_block_of_its_streamed_step(sharded, recipe_file, tmp_path):
+    out, kept = tmp_path / "out", tmp_path / ".out.partial"
+    with shards_written_by("02-quantize-gptq", killed_at=2) as before, pytest.raises(RuntimeError, match="killed"):
+        run_recipe(recipe_file, str(sharded), out, quiet=True, offload="disk")
+    assert before == [0, 1]
+    assert not out.exists()
+    pruned = kept / "steps" / "01-prune-sparsegpt" / "recipe_step.json"
+    assert pruned.is_file() and (kept / "steps" / ".02-quantize-gptq.partial").is_dir()
+    finished = pruned.stat().st_mtime
+
+    with shards_written_by("02-quantize-gptq") as after:
+        run_recipe(recipe_file, str(sharded), out, resume=True, quiet=True, offload="disk")
+    assert after and min(after) == 2  # the shards written before are kept
+    assert not kept.exists()
+    assert (out / "steps" / "01-prune-sparsegpt" / "recipe_step.json").stat().st_mtime == finished  # not rerun
+    expected = run_recipe(recipe_file, str(sharded), tmp_path / "again", quiet=True, offload="disk")
+    written, wanted = read_safetensors(out), read_safetensors(expected)
+    assert written.keys() == wanted.keys() and all(torch.equal(written[k], v) for k, v in wanted.items())
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        (
+            [{"distill": {"student_layers": 1, "max_steps": 2}}, STEPS[1]],
+            "step 1 (distill) cannot run with --offload disk: it trains with the whole model in memory",
+        ),
+        ([STEPS[0], {"quantize": {"method": "bnb"}}], "step 2 (quantize-bnb): bnb cannot run with --offload disk"),
+        (
+            [{"factorize": {"param_ratio": 0.85, "allocation": "uniform"}}, STEPS[1]],
+            "step 2 (quantize-gptq) cannot run with --offload disk: streaming does not read back the factorized",
+        ),
+    ],
+)
+def test_a_step_that_cannot_stream_is_refused_before_any_step_starts(
+    sharded, text_file, tmp_path, capsys, steps, message
+):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Recipe.from_dict({"steps": steps, "dataset": str(text_file)}).to_yaml(), encoding="utf-8")
+    assert run("recipe", recipe, sharded, tmp_path / "out", "--offload", "disk", "-q") == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
