@@ -8,11 +8,13 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..core.packing import pack_codes, unpack_codes
 from ..core.structure import set_submodule
 from .ct_readers import ZERO_POINT_READERS, installed_reads_zero_points
 from .expert_layout import expert_checkpoint_names, split_rows
 from .int8_linear import int8_weight
 from .modules import QuantLinear
+from .sparse_quant import SparseQuantLinear, dense_codes
 
 __all__ = [
     "check_compressed_tensors_compatible",
@@ -48,10 +50,12 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
             f"{len(qconfig.compensation)} layers (e.g. {next(iter(qconfig.compensation))!r}) carry a low-rank correction "
             "of their quantization error, which compressed-tensors cannot express; save with --format hfcompress"
         )
-    if qconfig.sparse or qconfig.lowrank or qconfig.resized:
+    unquantized_sparse = sorted(set(qconfig.sparse or {}) - set(layers))
+    if unquantized_sparse or qconfig.lowrank or qconfig.resized:
+        what = f"pruned layers it did not quantize (e.g. {unquantized_sparse[0]!r})" if unquantized_sparse else None
         raise ValueError(
-            "the model also has sparse, factorized or resized layers, which this compressed-tensors export does not "
-            "write; save with --format hfcompress"
+            f"the model also has {what or 'factorized or resized layers'}, which this compressed-tensors export does "
+            "not write; save with --format hfcompress"
         )
     other_types = sorted(set(qconfig.layer_types) - {"Linear"})
     if other_types:
@@ -219,7 +223,9 @@ def compressed_tensors_renaming(model: nn.Module) -> Callable[[dict[str, torch.T
     are read, once (they may be on the meta device).
 
     Weight-only layers keep their packing bit for bit (our codes and zero points are its unsigned, offset
-    values): `weight` becomes `weight_packed`, and `weight_shape` is added. W8A8 layers store `weight` as int8
+    values): `weight` becomes `weight_packed`, and `weight_shape` is added. A pruned layer (`SparseQuantLinear`:
+    codes of its non-zeros and a bitmask) is written dense, each pruned weight the zero point's code, which
+    dequantizes to exactly 0: the same weights, without the bitmask's saving, which the format cannot express. W8A8 layers store `weight` as int8
     (the code less 128) and one scale per output channel [out, 1]. Mixture-of-experts layers held as one linear
     per expert go under their per-expert checkpoint names (`expert_layout`), gate and up split apart, their scales
     in the model's dtype: transformers 5.25 decompresses experts into their scales' dtype and does not cast them
@@ -238,7 +244,15 @@ def compressed_tensors_renaming(model: nn.Module) -> Callable[[dict[str, torch.T
             return {"weight_packed": tensor, "weight_shape": torch.tensor([layer.out_features, layer.in_features])}
         return {leaf: tensor}
 
+    pruned = {name: layer for name, layer in layers.items() if isinstance(layer, SparseQuantLinear)}
+    if pruned:
+        logger.info(
+            "%d pruned layers are written with dense codes (compressed-tensors' packed format has no bitmask): the same "
+            "weights, without the bitmask's saving", len(pruned),
+        )  # fmt: skip
+
     def rename(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors = _densified(tensors, pruned)
         renamed = {}
         for key, tensor in tensors.items():
             module_name, _, leaf = key.rpartition(".")
@@ -257,6 +271,37 @@ def compressed_tensors_renaming(model: nn.Module) -> Callable[[dict[str, torch.T
         return renamed
 
     return rename
+
+
+def _densified(tensors: dict[str, torch.Tensor], pruned: dict[str, SparseQuantLinear]) -> dict[str, torch.Tensor]:
+    """`tensors` with each pruned layer's kept codes and bitmask replaced by the packed dense codes a `QuantLinear`
+    stores (all of a layer's tensors are in one shard: a block's are written together)."""
+    held = {key.rpartition(".")[0] for key in tensors} & pruned.keys()
+    if not held:
+        return tensors
+    tensors = dict(tensors)
+    for name in held:
+        layer = pruned[name]
+        missing = [f"{name}.{leaf}" for leaf in ("weight", "weight_bitmask") if f"{name}.{leaf}" not in tensors]
+        if not layer.sym and f"{name}.weight_zero_point" not in tensors:
+            missing.append(f"{name}.weight_zero_point")
+        if missing:
+            raise ValueError(
+                f"the tensors of pruned layer {name} are split across shards: {missing} are not with the rest"
+            )
+        n_groups = layer.in_features // layer.group_size
+        if layer.sym:
+            zeros = torch.full((layer.out_features, n_groups), 2 ** (layer.bits - 1), dtype=torch.int32)
+        else:
+            zeros = unpack_codes(tensors[f"{name}.weight_zero_point"], layer.bits, layer.out_features, dim=0)
+        g_idx = tensors.get(f"{name}.weight_g_idx")
+        group_index = g_idx.long() if g_idx is not None else torch.arange(layer.in_features) // layer.group_size
+        codes = dense_codes(
+            tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_bitmask"), zeros, group_index, layer.nnz,
+            layer.bits,
+        )  # fmt: skip
+        tensors[f"{name}.weight"] = pack_codes(codes, layer.bits)
+    return tensors
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

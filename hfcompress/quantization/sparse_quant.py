@@ -9,7 +9,7 @@ from ..pruning.sparse import pack_bitmask, unpack_bitmask
 from .grid import QuantizedWeight
 from .modules import QuantLinear
 
-__all__ = ["SparseQuantLinear"]
+__all__ = ["SparseQuantLinear", "dense_codes"]
 
 
 class SparseQuantLinear(QuantLinear):
@@ -70,10 +70,21 @@ class SparseQuantLinear(QuantLinear):
 
     def codes(self) -> torch.Tensor:
         """Dense codes [out, in]: the stored ones where the mask is set, the zero point elsewhere."""
-        zero = self.zero_points()[:, self.group_index()]
-        kept = unpack_codes(self.weight.unsqueeze(0), self.bits, self.nnz).squeeze(0)
-        return zero.masked_scatter_(self.mask(), kept.to(zero.dtype))
+        return dense_codes(
+            self.weight, self.weight_bitmask, self.zero_points(), self.group_index(), self.nnz, self.bits
+        )
 
     def extra_repr(self) -> str:
         density = self.nnz / max(1, self.in_features * self.out_features)
         return f"{super().extra_repr()}, density={density:.3f}"
+
+
+def dense_codes(
+    kept: torch.Tensor, bitmask: torch.Tensor, zeros: torch.Tensor, group_index: torch.Tensor, nnz: int, bits: int
+) -> torch.Tensor:
+    """Dense codes [out, in] of a pruned layer: the `nnz` codes packed in `kept` where `bitmask` ([out, ceil(in / 8)])
+    is set, in row-major order, and elsewhere the zero point ([out, n_groups] integers) of the column's group
+    (`group_index`, [in]), which dequantizes to exactly 0."""
+    zero = zeros[:, group_index]
+    codes = unpack_codes(kept.unsqueeze(0), bits, nnz).squeeze(0)
+    return zero.masked_scatter_(unpack_bitmask(bitmask, group_index.numel()), codes.to(zero.dtype))

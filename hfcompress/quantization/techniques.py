@@ -15,7 +15,7 @@ FORMAT_HELP = (
     "in vLLM and in plain transformers with the compressed-tensors package (act-order only with static groups; mixed "
     "precision as one config group per grid; W8A8 as int-quantized; asymmetric 2/4/8-bit grids with packed zero "
     "points, which transformers reads with compressed-tensors 0.17 only and hfcompress.load_compressed_tensors with "
-    "any; asymmetric 3-bit refused)."
+    "any; asymmetric 3-bit refused; a pruned layer's codes written dense, without the bitmask's saving)."
 )
 _UNIFORM = dict(
     layer_types=(lazy("hfcompress.quantization.modules:QuantLinear"), lazy("hfcompress.quantization.sparse_quant:SparseQuantLinear")),

@@ -198,6 +198,11 @@ def _check_order(prepared: list[PreparedStep]) -> None:
                 f"{where}: distillation must be the first step (its student is copied from the teacher's blocks and "
                 "trained in full precision); compress the student in the steps after it"
             )
+        if p.step_options.get("format") == "compressed-tensors" and "factorize" in seen:
+            raise RecipeError(
+                f"{where}: format compressed-tensors cannot hold the factorized layers of step {seen['factorize']}; "
+                "leave `format` unset (hfcompress's)"
+            )
         if step.kind == "factorize" and "factorize" in seen:
             raise RecipeError(
                 f"{where}: the model is already factorized by step {seen['factorize']}; use one factorize step"

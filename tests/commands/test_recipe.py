@@ -94,6 +94,10 @@ def test_pruned_then_quantized_checkpoint_shows_both_savings(model_dir, text_fil
         ),
         ("steps: [{factorize: {rank: 8, method: svd}}, {prune: {sparsity: 0.5}}]", "would prune the factors"),
         (
+            "steps: [{factorize: {rank: 8, method: svd}}, {quantize: {method: rtn, format: compressed-tensors}}]",
+            "step 2 (quantize-rtn): format compressed-tensors cannot hold the factorized layers of step 1",
+        ),
+        (
             "steps: [{prune: {sparsity: 0.5}}, {distill: {student_layers: 1}}]\ndataset: org/texts",
             "distillation must be the first step",
         ),

@@ -9,9 +9,11 @@ import pytest
 import torch
 from helpers import python_text, save_tiny_model
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from hfcompress.commands.cli import main
 from hfcompress.quantization import RTNConfig
+from hfcompress.quantization.ct_import import load_compressed_tensors
 from hfcompress.quantization.ct_readers import installed_reads_zero_points
 from hfcompress.steps import OutputOptions, compress_folder
 
@@ -98,6 +100,41 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     assert set(record["files"]) == {p.name for p in (tmp_path / "one-command").glob("model*.safetensors")}
     assert record["metrics"]["after"]["perplexity"] > 1  # measured streaming the hfcompress shards before the rewrite
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing partial left
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["symmetric", "asymmetric"])
+def test_a_pruned_and_quantized_model_exports_dense_codes_of_the_same_weights(tmp_path, calib, sym):
+    """compressed-tensors has no bitmask: a pruned layer's codes are written dense, each pruned weight the zero
+    point's code, in memory and rewritten from a streamed run alike; the model loads with the same weights."""
+    save_tiny_model(tmp_path / "model")
+    prune = ["prune", "oneshot", "--method", "sparsegpt", "--sparsity", "0.5", "--storage", "dense"]
+    _quantize(prune, tmp_path / "model", tmp_path / "pruned", calib)
+    gptq = ["quantize", "gptq", "--bits", "4", "--group-size", "32", *(["--sym"] if sym else [])]
+    _quantize(gptq, tmp_path / "pruned", tmp_path / "bitmask", calib)
+    _quantize(gptq, tmp_path / "pruned", tmp_path / "memory", calib, "--format", "compressed-tensors")
+    _quantize(
+        gptq, tmp_path / "pruned", tmp_path / "streamed", calib, "--offload", "disk", "--format", "compressed-tensors"
+    )
+
+    assert any(key.endswith(".weight_bitmask") for key in _tensors(tmp_path / "bitmask"))  # SparseQuantLinear
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert streamed.keys() == memory.keys() and all(torch.equal(streamed[k], memory[k]) for k in memory)
+    assert not any("bitmask" in key for key in memory)
+    assert memory["model.layers.0.mlp.down_proj.weight_packed"].shape == (64, 128 * 4 // 32)  # every code
+
+    bitmask = AutoModelForCausalLM.from_pretrained(tmp_path / "bitmask", dtype=torch.float32)
+    read = load_compressed_tensors(tmp_path / "memory", torch.float32)  # QuantLinear: weights to compare
+    name = "model.layers.1.mlp.down_proj"
+    pruned = bitmask.get_submodule(name)
+    weight, held = pruned.dequantize_weight(torch.float32), read.get_submodule(name).dequantize_weight(torch.float32)
+    assert torch.equal(held, weight) and torch.equal(held == 0, ~pruned.mask() | (weight == 0))
+    ids = torch.tensor([[5, 9, 30, 7, 2, 11]])
+    with torch.no_grad():
+        expected = bitmask(ids).logits
+        torch.testing.assert_close(read(ids).logits, expected, rtol=0, atol=1e-5)
+        if sym or installed_reads_zero_points()[0]:  # plain transformers, compressed-tensors' own layers
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=torch.float32)
+            torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-4)
 
 
 def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path, calib, capsys, caplog):
