@@ -18,7 +18,7 @@ from ..core.structure import cast_unquantized
 from ..data import looks_local
 from ..hub.record import RANK_PEAKS, Step, peak_memory
 from ..io import KeptOutputError, claim_output, copy_model_extras, partial_dir, resumable_output_dir
-from .loading import checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
+from .loading import DTYPES, checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions
 from .recording import base_record, finish_output, push_output, quality_metrics, write_output
@@ -84,6 +84,7 @@ def compress_folder(
             return Path(output)
     with claim_output(output, options.overwrite, inputs):
         if stream:
+            _warn_dtype_not_applied(model, options.dtype)
             return _compress_streaming(technique, model, output, config, options, step_options)
         return _compress(technique, model, output, config, options, step_options)
 
@@ -95,6 +96,16 @@ RANK_FOLDER = ".hfcompress-rank"
 # codebooks' weights come from, the factorization's sensitivity losses, SmoothQuant's input ranges, structured
 # pruning's Taylor importance: `core.distributed`)
 DISTRIBUTED = ("gptq", "rtn", "oneshot", "lowrank", "awq", "w8a8", "kmeans", "vq", "structured")
+
+
+def _warn_dtype_not_applied(model: str, dtype: str) -> None:
+    """A streamed run holds each block as stored: say so when `--dtype` asked for another dtype."""
+    stored = checkpoint_dtype(model)
+    if dtype != "auto" and DTYPES[dtype] != stored:
+        logger.warning(
+            "--dtype %s does not apply with --offload disk: each block is held as stored (%s), as --dtype auto holds "
+            "it (calibration and solves compute in float32 either way)", dtype, str(stored).removeprefix("torch."),
+        )  # fmt: skip
 
 
 def _follow(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict, stream):

@@ -21,7 +21,8 @@ class OutputOptions:
         metadata={
             "help": "dtype MODEL's weights are held in while it is compressed; auto (default): the checkpoint's (a "
             "bfloat16 checkpoint takes half the memory of float32). Calibration, solves and evaluation compute in "
-            "float32 whatever the weights are held in."
+            "float32 whatever the weights are held in. --offload disk holds each block as stored (warned about "
+            "when --dtype asks for another)."
         },
     )
     offload: Literal["auto", "none", "disk"] = field(

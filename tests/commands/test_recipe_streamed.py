@@ -113,3 +113,13 @@ def test_a_step_that_cannot_stream_is_refused_before_any_step_starts(
     assert run("recipe", recipe, sharded, tmp_path / "out", "--offload", "disk", "-q") == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_dtype_a_streamed_step_cannot_apply_is_warned_about(sharded, tmp_path, caplog):
+    """A streamed step holds each block as stored (float16 here), whatever `dtype` (run_recipe's default: float32)."""
+    rtn = Recipe.from_dict({"steps": [{"quantize": {"method": "rtn", "group_size": 32}}]})
+    run_recipe(rtn, str(sharded), tmp_path / "auto", quiet=True, offload="disk", dtype="auto")
+    assert "does not apply with --offload disk" not in caplog.text
+    run_recipe(rtn, str(sharded), tmp_path / "float32", quiet=True, offload="disk")
+    assert "--dtype float32 does not apply with --offload disk: each block is held as stored (float16)" in caplog.text
+    assert read_safetensors(tmp_path / "float32").keys() == read_safetensors(tmp_path / "auto").keys()
