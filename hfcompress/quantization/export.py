@@ -8,12 +8,12 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from ..core.packing import pack_codes, unpack_codes
+from ..core.packing import pack_codes
 from ..core.structure import set_submodule
 from .ct_readers import ZERO_POINT_READERS, installed_reads_zero_points
 from .expert_layout import expert_checkpoint_names, split_rows
 from .int8_linear import int8_weight
-from .modules import QuantLinear
+from .modules import QuantLinear, zero_point_codes
 from .sparse_quant import SparseQuantLinear, dense_codes
 
 __all__ = [
@@ -225,8 +225,8 @@ def compressed_tensors_renaming(model: nn.Module) -> Callable[[dict[str, torch.T
     Weight-only layers keep their packing bit for bit (our codes and zero points are its unsigned, offset
     values): `weight` becomes `weight_packed`, and `weight_shape` is added. A pruned layer (`SparseQuantLinear`:
     codes of its non-zeros and a bitmask) is written dense, each pruned weight the zero point's code, which
-    dequantizes to exactly 0: the same weights, without the bitmask's saving, which the format cannot express. W8A8 layers store `weight` as int8
-    (the code less 128) and one scale per output channel [out, 1]. Mixture-of-experts layers held as one linear
+    dequantizes to exactly 0: the same weights, without the bitmask's saving, which the format cannot express.
+    W8A8 layers store `weight` as int8 (the code less 128) and one scale per output channel [out, 1]. Mixture-of-experts layers held as one linear
     per expert go under their per-expert checkpoint names (`expert_layout`), gate and up split apart, their scales
     in the model's dtype: transformers 5.25 decompresses experts into their scales' dtype and does not cast them
     (from float16 scales, a float32 model's eager experts fail on the dtype mismatch).
@@ -282,18 +282,13 @@ def _densified(tensors: dict[str, torch.Tensor], pruned: dict[str, SparseQuantLi
     tensors = dict(tensors)
     for name in held:
         layer = pruned[name]
-        missing = [f"{name}.{leaf}" for leaf in ("weight", "weight_bitmask") if f"{name}.{leaf}" not in tensors]
-        if not layer.sym and f"{name}.weight_zero_point" not in tensors:
-            missing.append(f"{name}.weight_zero_point")
+        needed = ["weight", "weight_bitmask", "weight_scale", *([] if layer.sym else ["weight_zero_point"])]
+        missing = [f"{name}.{leaf}" for leaf in needed if f"{name}.{leaf}" not in tensors]
         if missing:
             raise ValueError(
                 f"the tensors of pruned layer {name} are split across shards: {missing} are not with the rest"
             )
-        n_groups = layer.in_features // layer.group_size
-        if layer.sym:
-            zeros = torch.full((layer.out_features, n_groups), 2 ** (layer.bits - 1), dtype=torch.int32)
-        else:
-            zeros = unpack_codes(tensors[f"{name}.weight_zero_point"], layer.bits, layer.out_features, dim=0)
+        zeros = zero_point_codes(tensors.get(f"{name}.weight_zero_point"), tensors[f"{name}.weight_scale"], layer.bits)
         g_idx = tensors.get(f"{name}.weight_g_idx")
         group_index = g_idx.long() if g_idx is not None else torch.arange(layer.in_features) // layer.group_size
         codes = dense_codes(

@@ -13,7 +13,16 @@ from ..core.structure import cast_unquantized
 from .grid import QuantizedWeight
 from .kernels import select_kernel
 
-__all__ = ["QuantLinear", "cast_unquantized", "dequantized_forward"]
+__all__ = ["QuantLinear", "cast_unquantized", "dequantized_forward", "zero_point_codes"]
+
+
+def zero_point_codes(packed: torch.Tensor | None, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """A layer's zero points [out, n_groups] as integers from its stored `weight_zero_point` (`packed`, codes packed
+    along the output dimension), or the middle code where it stores none (a symmetric grid); `scales` is its
+    `weight_scale` [out, n_groups]."""
+    if packed is None:
+        return torch.full_like(scales, 2 ** (bits - 1), dtype=torch.int32)
+    return unpack_codes(packed, bits, scales.shape[0], dim=0)
 
 
 class QuantLinear(nn.Module):
@@ -125,9 +134,7 @@ class QuantLinear(nn.Module):
 
     def zero_points(self) -> torch.Tensor:
         """Zero points [out, n_groups] as integers (the middle code for symmetric grids)."""
-        if self.weight_zero_point is None:
-            return torch.full_like(self.weight_scale, 2 ** (self.bits - 1), dtype=torch.int32)
-        return unpack_codes(self.weight_zero_point, self.bits, self.out_features, dim=0)
+        return zero_point_codes(self.weight_zero_point, self.weight_scale, self.bits)
 
     def dequantize_weight(
         self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None
