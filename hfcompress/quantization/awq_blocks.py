@@ -29,6 +29,7 @@ from .api import quantize_uniform, select_targets
 from .awq import awq_clip, awq_scales, best_scales, output_error_basis, weight_magnitude
 from .awq_outputs import ModuleCalls, holding_module, search_batches
 from .grid import SCALE_TORCH_DTYPES
+from .plan import group_for, plan_layers
 
 __all__ = ["quantize_awq", "smooth_block"]
 
@@ -41,6 +42,7 @@ def quantize_awq(model: nn.Module, config, tokenizer=None) -> nn.Module:
     if config.dataset is None:
         raise ValueError("AWQConfig needs calibration data: pass `dataset=` (texts, a text file or a dataset)")
     targets = select_targets(model, config)
+    plan_layers(model, targets, config)  # a group size some layer cannot take fails before any search
     batches = calibration_data(model, config, tokenizer)
     was_training = model.training
     model.eval()
@@ -90,6 +92,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             logger.info("%s: no module folds the scales of %s exactly; left unscaled", prefix, names)
             continue
         weight = torch.cat([linear_weight(named[n]).detach() for n in names])
+        group_size = group_for(weight.shape[1], config.group_size)  # a factor's rank: one group per row
         by_module = by_outputs and len(names) > 1  # a single linear's output error is exactly the Hessian's
         H = None if by_module and mean_abs else hessians[names[0]].load()  # not read back where nothing needs it
         activation = statistics[names[0]].abs_mean if mean_abs else H.diagonal().float().clamp(min=0).sqrt()
@@ -99,9 +102,9 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             calls = ModuleCalls(block, named[holder] if holder else block, batches, places)
             error = functools.partial(
                 calls.rounded_error, [named[n] for n in names],
-                bits=config.bits, group_size=config.group_size, sym=config.sym, scale_dtype=scale_dtype,
+                bits=config.bits, group_size=group_size, sym=config.sym, scale_dtype=scale_dtype,
             )  # fmt: skip
-            magnitude = weight_magnitude(weight, config.group_size)
+            magnitude = weight_magnitude(weight, group_size)
             s, alpha = best_scales(activation, magnitude, config.n_grid, config.duo_scaling, error)
             del calls, error  # the recorded calls are not held through the next group
         else:
@@ -109,7 +112,7 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             basis = output_error_basis(H, generator=torch.Generator(device=H.device).manual_seed(0), overwrite=True)
             del H
             s, alpha = awq_scales(
-                weight, None, config.bits, config.group_size, config.sym, config.n_grid, config.duo_scaling,
+                weight, None, config.bits, group_size, config.sym, config.n_grid, config.duo_scaling,
                 scale_dtype, basis, activation,
             )  # fmt: skip
             del basis
@@ -125,9 +128,9 @@ def smooth_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], modul
             if s is not None:
                 H.div_(s.unsqueeze(0)).div_(s.unsqueeze(1))
             for name in names:
-                clipped = awq_clip(
-                    linear_weight(named[name]), H, config.bits, config.group_size, config.sym, scale_dtype=scale_dtype
-                )
+                weight = linear_weight(named[name])
+                group_size = group_for(weight.shape[1], config.group_size)
+                clipped = awq_clip(weight, H, config.bits, group_size, config.sym, scale_dtype=scale_dtype)
                 set_linear_weight(named[name], clipped)
             del H
     for spilled in hessians.values():

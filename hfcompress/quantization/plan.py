@@ -11,7 +11,7 @@ from torch import nn
 from ..core.structure import is_excluded, linear_weight
 from ..lowrank.modules import FactorizedLinear
 
-__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "plan_layers", "sparsity_mask", "split_layer_bits"]
+__all__ = ["SPARSE_MIN_ZEROS", "LayerPlan", "group_for", "plan_layers", "sparsity_mask", "split_layer_bits"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,12 @@ class LayerPlan:
     bits: int
     group_size: int
     mask: torch.Tensor | None = None  # True where a pruned layer keeps its weight
+
+
+def group_for(in_features: int, group_size: int) -> int:
+    """The group size a layer with `in_features` inputs is quantized with: `group_size`, or one group per row (-1)
+    where it does not divide them (`plan_layers` lets that through for a factorized layer's `up` factor only)."""
+    return group_size if group_size == -1 or in_features % group_size == 0 else -1
 
 
 def split_layer_bits(layer_bits: dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -59,16 +65,15 @@ def plan_layers(model: nn.Module, targets: dict[str, nn.Module], config) -> dict
         bits = next((b for p, b in layer_bits.items() if is_excluded(name, [p])), config.bits)
         weight = linear_weight(module)
         in_features = weight.shape[1]
-        group_size = config.group_size
-        if group_size != -1 and in_features % group_size:
+        group_size = group_for(in_features, config.group_size)
+        if group_size != config.group_size:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             if not (isinstance(parent, FactorizedLinear) and child == "up"):
                 raise ValueError(
-                    f"`group_size` {group_size} does not divide the {in_features} input features of "
+                    f"`group_size` {config.group_size} does not divide the {in_features} input features of "
                     f"{name!r}; use a divisor of every layer's input size, or -1 for per-channel"
                 )
-            group_size = -1
             per_row.append(name)
         mask = sparsity_mask(weight) if config.keep_sparsity and not weight.is_meta else None
         plans[name] = LayerPlan(bits, group_size, mask)

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
-from hfcompress import GPTQConfig, LowRankConfig, RTNConfig, factorize, quantize
+from hfcompress import AWQConfig, GPTQConfig, LowRankConfig, RTNConfig, factorize, quantize
 from hfcompress.evaluation import bits_per_weight, weights_size_bytes
 from hfcompress.pruning import OneShotPruningConfig, compress_sparse, prune_oneshot
 from hfcompress.pruning.sparse import SparseLinear
@@ -67,6 +67,21 @@ def test_gptq_quantizes_the_factors_of_a_factorized_model(tmp_path):
     dense_gptq = quantize(tiny_model("llama"), GPTQConfig(bits=4, group_size=32, dataset=token_windows()))
     dense_gptq.save_pretrained(tmp_path / "gptq")
     assert weights_size_bytes(tmp_path / "both") < weights_size_bytes(tmp_path / "gptq")
+
+
+def test_awq_scales_and_quantizes_the_factors_of_a_factorized_model(tmp_path):
+    """AWQ searches the `up` factor's scales (its input is the `down` factor's output, which folds them) on the grid
+    it is quantized with: one group per row where the group size does not divide the rank (it once failed there)."""
+    ids = token_windows(2)
+    factorized = factorize(tiny_model("llama"), LowRankConfig(method="svd", rank=24))
+    factorized.save_pretrained(tmp_path / "factorized")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "factorized")
+    config = AWQConfig(bits=4, group_size=32, dataset=token_windows(), clip=True)
+    model = quantize(loaded, config)
+    up = "model.layers.0.mlp.down_proj.up"
+    assert model.config.quantization_config.overrides[up] == {"bits": 4, "group_size": -1}
+    assert model.config.quantization_config.method == "awq"
+    _reload_matches(model, tmp_path / "both", ids)
 
 
 def test_masked_gptq_keeps_pruned_weights_at_exactly_zero():
