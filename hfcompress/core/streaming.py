@@ -81,6 +81,16 @@ def streaming_obstacle(folder: str | os.PathLike, compressed: bool = False) -> s
     return None if stored.obstacle is None else stored.obstacle(path, quantization)
 
 
+def _weights_quantizer(quantization_config):
+    """For an hfcompress checkpoint whose compressed layers all hold ordinary weights under their own names
+    (factorized linears, resized layers: the quantizer `is_trainable`), the quantizer that rebuilds them, so a
+    technique compresses them again as it does once `from_pretrained` loaded them; otherwise None."""
+    if not isinstance(quantization_config, dict) or quantization_config.get("quant_method") != "hfcompress":
+        return None
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
+    return quantizer if quantizer.is_trainable else None
+
+
 def stored_weight_map(folder: str | os.PathLike) -> dict[str, str]:
     """{stored tensor: the file that holds it} of a model folder's safetensors weights."""
     folder = Path(folder)
@@ -136,7 +146,8 @@ class ShardedCheckpoint:
         if obstacle is not None:
             raise ValueError(f"cannot stream the model: {obstacle}")
         config = AutoConfig.from_pretrained(self.folder)
-        quantized = getattr(config, "quantization_config", None) if compressed else None
+        stored_config = getattr(config, "quantization_config", None)
+        quantized = stored_config if compressed else None
         stored = stored_format(quantized.get("quant_method")) if isinstance(quantized, dict) else None
         reader = None if stored is None else stored.reader
         if reader is not None:
@@ -144,15 +155,20 @@ class ShardedCheckpoint:
         with init_empty_weights(include_buffers=False):
             model = getattr(transformers, AUTO_CLASSES[task]).from_config(config, dtype=dtype)
         self.reader = None if reader is None else reader(self.folder, model, quantized, self._stored_dtypes())
+        quantizer = None if compressed else _weights_quantizer(stored_config)
         if quantized is not None and reader is None:
             quantizer = AutoHfQuantizer.from_config(quantized, pre_quantized=True)
+        if quantizer is not None:
             with init_empty_weights(include_buffers=True):  # the rebuilt layers' codes and scales too
                 quantizer.preprocess_model(model, dtype=dtype)
+        if quantizer is not None and not compressed:  # the manifest as `from_pretrained` leaves it, to be extended
+            model.config.quantization_config = quantizer.quantization_config
         model.tie_weights()
         model.config._name_or_path = os.fspath(self.folder)
         # an hfcompress checkpoint stores the model's own names; loading skips the conversions (`checkpoint.hf_quantizer`)
-        self.layout = None if quantized is not None else StoredLayout(model, self.weight_map)
-        self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and quantized is None else {}
+        as_stored = quantized is not None or quantizer is not None
+        self.layout = None if as_stored else StoredLayout(model, self.weight_map)
+        self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and not as_stored else {}
         if self.reader is not None:
             known = self.reader.filled(self.weight_map)
         else:

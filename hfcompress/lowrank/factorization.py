@@ -33,6 +33,7 @@ __all__ = [
     "factorize",
     "final_rank",
     "planned_ranks",
+    "refuse_compressed",
     "replace_with_factors",
     "select_lowrank_targets",
 ]
@@ -64,6 +65,16 @@ def select_lowrank_targets(model: nn.Module, config: LowRankConfig) -> dict[str,
     return targets
 
 
+def refuse_compressed(model: nn.Module) -> None:
+    """Factorization reads dense weights: a model already quantized, factorized or stored sparse is refused."""
+    manifest = manifest_of(model)
+    if manifest is not None and (manifest.modules or manifest.codebooks or manifest.lowrank or manifest.sparse):
+        raise ValueError(
+            "the model is already quantized or factorized (or stored sparse); factorize the original (or dense pruned) "
+            "model instead"
+        )
+
+
 def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Module:
     """Factorize the linear layers of `model` in place and return it, ready for `save_pretrained`.
 
@@ -73,12 +84,7 @@ def factorize(model: nn.Module, config: LowRankConfig, tokenizer=None) -> nn.Mod
     """
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"`config` must be an hfcompress LowRankConfig, got {type(config).__name__}")
-    manifest = manifest_of(model)
-    if manifest is not None and (manifest.modules or manifest.codebooks or manifest.lowrank or manifest.sparse):
-        raise ValueError(
-            "the model is already quantized or factorized (or stored sparse); factorize the original (or dense pruned) "
-            "model instead"
-        )
+    refuse_compressed(model)
     targets = select_lowrank_targets(model, config)
     shapes = {name: tuple(linear_weight(m).shape) for name, m in targets.items()}
 

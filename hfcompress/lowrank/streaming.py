@@ -21,6 +21,7 @@ from .factorization import (
     attach_lowrank_config,
     final_rank,
     planned_ranks,
+    refuse_compressed,
     replace_with_factors,
     select_lowrank_targets,
 )
@@ -59,6 +60,7 @@ class _Factorization(StreamedTechnique):
         return self.config.needs_data
 
     def targets(self, model):
+        refuse_compressed(model)  # the skeleton holds the factorized layers of a factorized checkpoint
         targets = select_lowrank_targets(model, self.config)
         if self.calibrated:  # as in memory: what lies outside the stack has no statistics and stays dense
             stack, _ = find_layer_stack(model)

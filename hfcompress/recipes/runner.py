@@ -233,16 +233,8 @@ def _check_order(prepared: list[PreparedStep]) -> None:
 
 def _check_streaming(prepared: list[PreparedStep]) -> None:
     """With `--offload disk`, refuse a step that cannot stream its model from disk, naming it and why."""
-    factorized = None
     for p in prepared:
         where = f"step {p.index} ({p.step.name})"
-        if factorized is not None:  # `steps.offload.compressed_input` would load it whole
-            raise RecipeError(
-                f"{where} cannot run with --offload disk: streaming does not read back the factorized layers of step "
-                f"{factorized.index} ({factorized.step.name}) as full-precision weights; use --offload auto or none"
-            )
-        if p.step.kind == "factorize":
-            factorized = p
         if p.technique is None:
             raise RecipeError(
                 f"{where} cannot run with --offload disk: it {'trains' if p.step.kind == 'distill' else 'merges'} "

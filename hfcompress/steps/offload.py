@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.manifest import HfcompressQuantizationConfig
+from ..checkpoint.rebuild import rebuilder_for
 from ..core.registry import Technique
 from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
@@ -59,7 +60,7 @@ def should_stream(technique: Technique, config, model: str, options: OutputOptio
     if options.resume and options.offload != "disk":
         raise ValueError("--resume continues a run streamed with --offload disk; add --offload disk")
     refused = streaming_refusal(technique, config, options, step_options)
-    obstacle = compressed_input(model, reads_bitmask=reads_bitmask_layers(config))
+    obstacle = compressed_input(model, reads_bitmask_layers(config), factorizes=technique.kind == "factorize")
     return decide_streaming(model, options.offload, options.dtype, options.max_memory, refused, obstacle=obstacle)
 
 
@@ -116,10 +117,13 @@ def memory_shortfall(model: str, dtype: str, limit: int | None) -> tuple[int, in
     return (needed, limit, held) if needed > limit else None
 
 
-def compressed_input(model: str, reads_bitmask: bool = False) -> str | None:
+def compressed_input(model: str, reads_bitmask: bool = False, factorizes: bool = False) -> str | None:
     """Why compressing `model` cannot stream it because hfcompress already compressed its layers (loaded whole,
     a bitmask-sparse layer is densified, a quantized one refused), or None. With `reads_bitmask` (GPTQ and RTN),
-    bitmask layers alone stream, read dense (`ShardedCheckpoint.skeleton(dense_bitmask=True)`)."""
+    bitmask layers alone stream, read dense (`ShardedCheckpoint.skeleton(dense_bitmask=True)`). Layers that hold
+    ordinary weights (factorized, resized: their rebuilders are `trainable`) stream for every technique: the
+    skeleton rebuilds them as loading would; except factorized layers to be factorized again (`factorizes`), which
+    the technique refuses once the model is loaded."""
     path = Path(model) / "config.json"
     if not path.is_file():
         return None
@@ -127,7 +131,9 @@ def compressed_input(model: str, reads_bitmask: bool = False) -> str | None:
     if manifest.get("quant_method") != "hfcompress":
         return None
     sections = HfcompressQuantizationConfig.from_dict(manifest).sections_in_use()
-    if not sections or (reads_bitmask and sections == ["sparse"]):
+    if reads_bitmask and sections == ["sparse"]:
+        return None
+    if all(rebuilder_for(s).trainable for s in sections) and not (factorizes and "lowrank" in sections):
         return None
     return (
         f"{model!r} holds layers hfcompress already compressed ({', '.join(sections)}), which streaming does not "

@@ -104,10 +104,6 @@ def test_a_killed_recipe_resumes_from_the_last_block_of_its_streamed_step(sharde
             "step 1 (distill) cannot run with --offload disk: it trains with the whole model in memory",
         ),
         ([STEPS[0], {"quantize": {"method": "bnb"}}], "step 2 (quantize-bnb): bnb cannot run with --offload disk"),
-        (
-            [{"factorize": {"param_ratio": 0.85, "allocation": "uniform"}}, STEPS[1]],
-            "step 2 (quantize-gptq) cannot run with --offload disk: streaming does not read back the factorized",
-        ),
     ],
 )
 def test_a_step_that_cannot_stream_is_refused_before_any_step_starts(
@@ -118,6 +114,40 @@ def test_a_step_that_cannot_stream_is_refused_before_any_step_starts(
     assert run("recipe", recipe, sharded, tmp_path / "out", "--offload", "disk", "-q") == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_step_after_factorize_streams_the_factors(sharded, text_file, tmp_path):
+    """The skeleton rebuilds a factorized checkpoint's layers as loading does, so GPTQ after factorize streams their
+    factors (an `up` factor whose rank 32 does not divide gets one group per row), with the weights of the recipe
+    run in memory; factorizing the factorized model again is refused, streamed or not, with nothing written."""
+    factorize = {"method": "whiten", "param_ratio": 0.85, "allocation": "uniform", "num_samples": 8, "seq_len": 64}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        Recipe.from_dict({"steps": [{"factorize": factorize}, STEPS[1]], "dataset": str(text_file)}).to_yaml()
+    )
+    assert run("recipe", recipe, sharded, tmp_path / "disk", "--offload", "disk", "-q") == 0
+    assert run("recipe", recipe, sharded, tmp_path / "none", "--offload", "none", "-q") == 0
+    assert streamed_steps(tmp_path / "disk") == ["disk", "disk"]
+    written, whole = read_safetensors(tmp_path / "disk"), read_safetensors(tmp_path / "none")
+    assert written.keys() == whole.keys() and all(torch.equal(written[k], v) for k, v in whole.items())
+    manifest = json.loads((tmp_path / "disk" / "config.json").read_text())["quantization_config"]
+    up = "model.layers.0.self_attn.q_proj.up"
+    assert manifest["lowrank"] and up in manifest["modules"] and manifest["overrides"][up]["group_size"] == -1
+    factorized = tmp_path / "disk" / "steps" / "01-factorize-whiten"
+    for offload in ("disk", "none"):
+        argv = (
+            "factorize",
+            factorized,
+            tmp_path / "again",
+            "--method",
+            "svd",
+            "--allocation",
+            "uniform",
+            "--param-ratio",
+            0.7,
+        )
+        assert run(*argv, "--offload", offload, "-q") == 2
+        assert not (tmp_path / "again").exists() and not (tmp_path / ".again.partial").exists()
 
 
 def test_a_dtype_a_streamed_step_cannot_apply_is_warned_about(sharded, tmp_path, caplog):
