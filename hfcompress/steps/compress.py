@@ -18,7 +18,7 @@ from ..core.structure import cast_unquantized
 from ..data import looks_local
 from ..hub.record import RANK_PEAKS, Step, peak_memory
 from ..io import KeptOutputError, claim_output, copy_model_extras, partial_dir, resumable_output_dir
-from .loading import DTYPES, checkpoint_dtype, load_model, load_tokenizer, require_tokenizer
+from .loading import DTYPES, checkpoint_dtype, checkpoint_task, load_model, load_tokenizer, require_tokenizer
 from .offload import should_stream
 from .options import OutputOptions
 from .recording import base_record, finish_output, push_output, quality_metrics, write_output
@@ -118,11 +118,19 @@ def _follow(technique: Technique, model: str, output, config, options: OutputOpt
         folder = partial_dir(output) / f"{RANK_FOLDER}{rank()}"
         earlier = options.resume and folder.is_dir()
         folder.mkdir(exist_ok=True)
-        technique.stream(model, folder, config, tokenizer, resume=earlier, **_streamed(technique, step_options))
+        technique.stream(
+            model,
+            folder,
+            config,
+            tokenizer,
+            task=_task(model, config),
+            resume=earlier,
+            **_streamed(technique, step_options),
+        )
         shutil.rmtree(folder)
         _rank_peaks()  # rank 0 publishes OUTPUT after this, recording every rank's peak memory
         return
-    loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
+    loaded = load_model(model, options.dtype, task=_task(model, config))
     technique.run(loaded, config, tokenizer)
     _rank_peaks()
 
@@ -136,6 +144,11 @@ def _rewrites(technique: Technique, step_options: dict) -> bool:
     """Whether a streamed run's checkpoint is rewritten at the end into the format the step options name."""
     format = step_options.get("format", "hfcompress")
     return technique.streamed_format(format) != format
+
+
+def _task(model: str, config) -> str:
+    """The head `model` is compressed with: the config's `task` (structured pruning), else the checkpoint's own."""
+    return getattr(config, "task", None) or checkpoint_task(model)
 
 
 def _streamed(technique: Technique, step_options: dict) -> dict:
@@ -173,7 +186,7 @@ def _compress_streaming(
     tokenizer = load_tokenizer(model, required=False)
     if technique.calibrated(config) and not _is_token_ids(config.dataset):
         require_tokenizer(tokenizer, model, "the calibration data")
-    task = getattr(config, "task", "causal-lm")
+    task = _task(model, config)
     if options.eval_dataset:
         require_tokenizer(tokenizer, model, "the evaluation data")
     # the model as `from_pretrained` loads it (a pruned model's bitmask layers as such), as a run in memory counts it
@@ -187,7 +200,7 @@ def _compress_streaming(
         written.mkdir(exist_ok=True)
         start = time.perf_counter()
         compressed = technique.stream(
-            model, written, config, tokenizer, resume=earlier, **_streamed(technique, step_options)
+            model, written, config, tokenizer, task=task, resume=earlier, **_streamed(technique, step_options)
         )
         seconds = time.perf_counter() - start
         rank_peaks = _rank_peaks()  # the others' folders are gone
@@ -218,7 +231,7 @@ def _compress(technique: Technique, model: str, output, config, options: OutputO
         require_tokenizer(tokenizer, model, "the calibration data")
     if options.eval_dataset or options.eval_tasks:
         require_tokenizer(tokenizer, model, "the evaluation data")
-    loaded = load_model(model, options.dtype, task=getattr(config, "task", "causal-lm"))
+    loaded = load_model(model, options.dtype, task=_task(model, config))
     record = base_record(loaded, model, options, tokenizer)
     start = time.perf_counter()
     compressed = technique.run(loaded, config, tokenizer)

@@ -16,6 +16,7 @@ __all__ = [
     "DTYPES",
     "TOKENIZER_FILES",
     "checkpoint_dtype",
+    "checkpoint_task",
     "load_model",
     "load_tokenizer",
     "require_tokenizer",
@@ -47,7 +48,25 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def load_model(model: str, dtype: str = "float32", task: str = "causal-lm"):
+def checkpoint_task(model: str) -> str:
+    """The head `model` is loaded with when the technique does not say (`task`): a sequence classifier (its config's
+    `architectures` names `...ForSequenceClassification`) as one, a model saved without a head (`BertModel`) as
+    such, anything else as a causal LM. A classifier loaded as a causal LM would lose its trained head and be
+    saved with a random language-modelling one."""
+    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return "sequence-classification"
+    if architectures and all(
+        name.endswith("Model") and "For" not in name and "LMHead" not in name for name in architectures
+    ):
+        return "base"
+    return "causal-lm"
+
+
+def load_model(model: str, dtype: str = "float32", task: str | None = "causal-lm"):
+    """`model` loaded for `task` (None: the one its checkpoint names, `checkpoint_task`) in `dtype`; a
+    compressed-tensors checkpoint hfcompress reads itself (`why_hfcompress_reads`)."""
+    task = checkpoint_task(model) if task is None else task
     autos = {
         "causal-lm": "AutoModelForCausalLM",
         "sequence-classification": "AutoModelForSequenceClassification",

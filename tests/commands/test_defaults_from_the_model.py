@@ -1,7 +1,14 @@
 """Window lengths default to what the model can take (512 tokens, or its positions if fewer), longer windows are
-refused with the limit named, and the record says what calibration really used."""
+refused with the limit named, the record says what calibration really used, and a model is compressed with
+the head it was saved with."""
 
 import json
+
+import pytest
+import torch
+import transformers
+from architectures import SMALL
+from helpers import VOCAB, read_safetensors, token_windows
 
 from hfcompress.commands.cli import main
 
@@ -67,3 +74,35 @@ def test_the_record_and_card_keep_the_runs_peak_memory(model_dir, tmp_path):
     # this process: at least what torch and the model take, at most what the kernel says it peaked at
     assert 50 * 2**20 < memory["peak_rss_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert "Step 1 peak memory (the whole run: loading, compressing, evaluating): " in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "build, auto",
+    [
+        (
+            lambda config: transformers.BertForSequenceClassification(config),
+            transformers.AutoModelForSequenceClassification,
+        ),
+        (lambda config: transformers.BertModel(config), transformers.AutoModel),
+    ],
+    ids=["classifier", "base"],
+)
+def test_a_model_is_compressed_with_the_head_it_was_saved_with(tmp_path, build, auto):
+    """A classifier (or a model saved without a head) is loaded as one, in memory and streamed, not as a causal
+    LM, which would have dropped its trained head and saved a random language-modelling one."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=128, num_labels=3, **SMALL)
+    model = build(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    ids = token_windows(2, 16)
+    written = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        assert run("quantize", "rtn", tmp_path / "model", out, "--group-size", 32, "--offload", offload, "-q") == 0
+        assert json.loads((out / "config.json").read_text())["architectures"] == [type(model).__name__]
+        with torch.no_grad():
+            quantized, original = auto.from_pretrained(out)(ids), model(ids)
+        name = "logits" if "logits" in original else "last_hidden_state"
+        torch.testing.assert_close(quantized[name], original[name], rtol=0, atol=0.05)
+        written[offload] = read_safetensors(out)
+    assert all(torch.equal(written["disk"][k], v) for k, v in written["none"].items())
