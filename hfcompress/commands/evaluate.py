@@ -10,7 +10,7 @@ import os
 
 from ..evaluation import evaluate, evaluate_streamed
 from ..evaluation.tasks import parse_tasks
-from ..steps.loading import load_model, load_tokenizer
+from ..steps.loading import checkpoint_task, load_model, load_tokenizer, require_causal_lm
 from ..steps.offload import decide_streaming
 
 __all__ = ["run_evaluate"]
@@ -25,6 +25,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
     if args.tasks is not None:
         parse_tasks(args.tasks)  # a bad list fails before the model loads
+    require_causal_lm(args.model, checkpoint_task(args.model), "perplexity and lm-eval tasks")
     if _streams(args):
         result = evaluate_streamed(args.model, load_tokenizer(args.model), args.dataset, seq_len=args.seq_len,
                                    max_windows=args.max_windows, batch_size=args.batch_size)  # fmt: skip

@@ -30,7 +30,7 @@ from ..io import claim_output
 from ..quantization.export import check_compressed_tensors_compatible
 from ..quantization.modules import dequantized_forward
 from ..quantization.save import write_quantized
-from ..steps.loading import load_model, load_tokenizer, resolve_model_path
+from ..steps.loading import checkpoint_task, load_model, load_tokenizer, require_causal_lm, resolve_model_path
 from ..steps.recording import record_rewrite
 from .budget import Baseline, Budget, check_reachable, measure_baseline, nonzero_parameters
 from .candidates import CACHE_FILE, Candidate, SearchCache, steps_key
@@ -80,6 +80,7 @@ def _search(
         path = getattr(config, name)
         if looks_local(path) and not os.path.exists(path):
             raise FileNotFoundError(f"`{name}` {path!r} does not exist")
+    require_causal_lm(model, checkpoint_task(model), "the search's perplexity and sensitivities")
     tokenizer = load_tokenizer(model)
     config.resolve_windows(AutoConfig.from_pretrained(resolve_model_path(model)))
     calib = tokenize_windows(tokenizer, load_texts(config.dataset), config.seq_len)

@@ -18,7 +18,15 @@ from ..core.structure import cast_unquantized
 from ..data import looks_local
 from ..hub.record import RANK_PEAKS, Step, peak_memory
 from ..io import KeptOutputError, claim_output, copy_model_extras, partial_dir, resumable_output_dir
-from .loading import DTYPES, checkpoint_dtype, checkpoint_task, load_model, load_tokenizer, require_tokenizer
+from .loading import (
+    DTYPES,
+    checkpoint_dtype,
+    checkpoint_task,
+    load_model,
+    load_tokenizer,
+    require_causal_lm,
+    require_tokenizer,
+)
 from .offload import should_stream
 from .options import OutputOptions
 from .recording import base_record, finish_output, push_output, quality_metrics, write_output
@@ -71,6 +79,8 @@ def compress_folder(
     step_options = check_step(technique, config, step_options)
     if technique.check_model is not None:
         technique.check_model(model, config, **step_options)
+    if options.eval_dataset or options.eval_tasks:
+        require_causal_lm(model, _task(model, config), "--eval-dataset and --eval-tasks")
     inputs = [model, getattr(config, "dataset", None), options.eval_dataset]
     stream = should_stream(technique, config, model, options, step_options)
     if world_size() > 1:

@@ -19,6 +19,7 @@ __all__ = [
     "checkpoint_task",
     "load_model",
     "load_tokenizer",
+    "require_causal_lm",
     "require_tokenizer",
     "resolve_model_path",
 ]
@@ -53,7 +54,11 @@ def checkpoint_task(model: str) -> str:
     `architectures` names `...ForSequenceClassification`) as one, a model saved without a head (`BertModel`) as
     such, anything else as a causal LM. A classifier loaded as a causal LM would lose its trained head and be
     saved with a random language-modelling one."""
-    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {model!r}: {e}") from e
+    architectures = getattr(config, "architectures", None) or []
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return "sequence-classification"
     if architectures and all(
@@ -61,6 +66,15 @@ def checkpoint_task(model: str) -> str:
     ):
         return "base"
     return "causal-lm"
+
+
+def require_causal_lm(model: str, task: str, what: str) -> None:
+    """Refuse `what` (perplexity, lm-eval tasks) for a model loaded for another `task` than causal-lm."""
+    if task != "causal-lm":
+        raise ValueError(
+            f"{what} measure a causal language model, and {model!r} is loaded as a {task} model "
+            "(the head its checkpoint names); evaluate it with its own task instead"
+        )
 
 
 def load_model(model: str, dtype: str = "float32", task: str | None = "causal-lm"):

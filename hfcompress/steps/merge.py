@@ -12,7 +12,7 @@ from ..hub.record import Step
 from ..io import claim_output
 from ..lowrank import merge_lora
 from ..lowrank.lora import load_lora_updates
-from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .loading import checkpoint_dtype, checkpoint_task, load_model, load_tokenizer, require_causal_lm
 from .options import OutputOptions
 from .recording import base_record, quality_metrics, write_output
 
@@ -40,13 +40,15 @@ def merge_lora_folder(
     options = options or OutputOptions()
     rank = parse_rank(rank)
     load_lora_updates(adapter)  # a missing or damaged adapter fails before the model loads
+    if options.eval_dataset or options.eval_tasks:
+        require_causal_lm(model, checkpoint_task(model), "--eval-dataset and --eval-tasks")
     with claim_output(output, options.overwrite, [model, adapter, options.eval_dataset]):
         return _merge(model, adapter, output, rank, options)
 
 
 def _merge(model: str, adapter: str, output, rank, options: OutputOptions) -> Path:
     tokenizer = load_tokenizer(model, required=bool(options.eval_dataset or options.eval_tasks))
-    loaded = load_model(model, options.dtype)
+    loaded = load_model(model, options.dtype, task=None)  # with the head it was saved with
     record = base_record(loaded, model, options, tokenizer)  # continues the record of a compressed model
     start = time.perf_counter()
     merge_lora(loaded, adapter, rank=rank)

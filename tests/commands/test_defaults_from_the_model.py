@@ -106,3 +106,16 @@ def test_a_model_is_compressed_with_the_head_it_was_saved_with(tmp_path, build, 
         torch.testing.assert_close(quantized[name], original[name], rtol=0, atol=0.05)
         written[offload] = read_safetensors(out)
     assert all(torch.equal(written["disk"][k], v) for k, v in written["none"].items())
+
+
+def test_perplexity_of_a_classifier_is_refused_before_any_work(tmp_path, capsys):
+    transformers.BertForSequenceClassification(
+        transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=128, num_labels=3, **SMALL)
+    ).save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text("some text " * 200)
+    argv = ("quantize", "rtn", tmp_path / "model", tmp_path / "out", "--eval-dataset", tmp_path / "text.txt", "-q")
+    assert run(*argv) == 2
+    assert "is loaded as a sequence-classification model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert run("evaluate", tmp_path / "model", "--dataset", tmp_path / "text.txt", "-q") == 2
+    assert "perplexity and lm-eval tasks measure a causal language model" in capsys.readouterr().err
