@@ -9,6 +9,7 @@ import re
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto import modeling_auto
 
 from ..quantization.ct_import import load_compressed_tensors, why_hfcompress_reads
 
@@ -26,6 +27,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# the class each task's auto class builds for a model type (transformers' mappings)
+_AUTO_NAMES = {
+    "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    "base": modeling_auto.MODEL_MAPPING_NAMES,
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
@@ -50,21 +57,19 @@ def resolve_model_path(model: str) -> str:
 
 
 def checkpoint_task(model: str) -> str:
-    """The head `model` is loaded with when the technique does not say (`task`): a sequence classifier (its config's
-    `architectures` names `...ForSequenceClassification`) as one, a model saved without a head (`BertModel`) as
-    such, anything else as a causal LM. A classifier loaded as a causal LM would lose its trained head and be
-    saved with a random language-modelling one."""
+    """The head `model` is loaded with when the technique does not say (`task`): the task whose auto class builds
+    the class its checkpoint was saved as (its config's `architectures`: `BertForSequenceClassification` is a
+    sequence classifier, `BertModel` a model without a head), else a causal LM, as before. A classifier loaded as
+    a causal LM would lose its trained head and be saved with a random language-modelling one."""
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(model))
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {model!r}: {e}") from e
-    architectures = getattr(config, "architectures", None) or []
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
-        return "sequence-classification"
-    if architectures and all(
-        name.endswith("Model") and "For" not in name and "LMHead" not in name for name in architectures
-    ):
-        return "base"
+    architectures = set(getattr(config, "architectures", None) or [])
+    for task, names in _AUTO_NAMES.items():
+        built = names.get(config.model_type)
+        if architectures & set(built if isinstance(built, tuple) else [built]):
+            return task
     return "causal-lm"
 
 
