@@ -237,8 +237,9 @@ def partial_dir(output: str | os.PathLike) -> Path:
 @contextmanager
 def resumable_output_dir(output: str | os.PathLike, overwrite: bool = False, resume: bool = False):
     """Like `atomic_output_dir`, but the folder being written is kept when the run fails or is killed (in
-    `partial_dir(output)`), for a later run with `resume` to continue; without `resume` a kept folder is removed
-    and the run starts over. Yields the folder and whether it holds an earlier run's work."""
+    `partial_dir(output)`), for a later run with `resume` to continue, unless it failed before writing anything
+    there (a refusal once the model is read); without `resume` a kept folder is removed and the run starts over.
+    Yields the folder and whether it holds an earlier run's work."""
     with output_lock(output):
         output = check_output_dir(output, overwrite)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,9 @@ def resumable_output_dir(output: str | os.PathLike, overwrite: bool = False, res
         try:
             yield partial, earlier
         except BaseException as error:
-            if not isinstance(error, KeptOutputError):
+            if not earlier and all(path.name == STAGING_MARKER for path in partial.iterdir()):
+                shutil.rmtree(partial, ignore_errors=True)  # it failed before writing anything: nothing to resume
+            elif not isinstance(error, KeptOutputError):
                 logger.error(
                     "the finished part of %s is kept in %s: run the same command with --resume to continue", output,
                     partial,

@@ -82,3 +82,13 @@ def test_a_streamed_run_keeps_no_kernel_of_a_written_block(model, tmp_path, monk
     config = KMeansConfig(bits=3, iters=4, dataset=token_windows(8, 32))
     compress_folder(model, tmp_path / "disk", config, OutputOptions(offload="disk"))
     assert released and all(m._kernel is None and m._kernel_key is None for m in released)
+
+
+def test_a_streamed_run_refused_before_writing_anything_keeps_nothing(model, tmp_path):
+    """VQ's vectors must tile every layer, which the streamed run checks once the skeleton is built (inside the
+    output's partial folder): a refusal there leaves no folder to resume, nor a message offering one."""
+    with pytest.raises(ValueError, match="VQ needs in_features divisible by dim=2 and out_features by groups=3"):
+        compress_folder(
+            model, tmp_path / "out", VQConfig(bits=2, dim=2, groups=3, iters=4), OutputOptions(offload="disk")
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
