@@ -13,7 +13,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 
 from .manifest import FORMAT_VERSION, HfcompressQuantizationConfig
-from .rebuild import dequantizers, rebuilder_for, rebuilders
+from .rebuild import dequantizers, ordinary_weights, rebuilder_for, rebuilders
 from .verify import check_finite, check_tensors
 
 __all__ = ["QUANT_METHOD", "HfcompressHfQuantizer", "attach_config", "register"]
@@ -67,7 +67,7 @@ class HfcompressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         # packed or bitmask weights take no gradients; factorized and resized layers are ordinary linears
-        return all(rebuilder_for(section).trainable for section in self.quantization_config.sections_in_use())
+        return ordinary_weights(self.quantization_config.sections_in_use())
 
     @property
     def is_qat_trainable(self) -> bool:

@@ -15,6 +15,7 @@ from ..core.registry import lazy, load_plugins
 
 __all__ = [
     "Rebuilder",
+    "ordinary_weights",
     "rebuilder_for",
     "rebuilders",
     "register_dequantizer",
@@ -66,6 +67,13 @@ def rebuilder_for(section: str) -> Rebuilder:
             f"(known: {', '.join(sorted(_REBUILDERS))}); install or import the package that registers it"
         )
     return _REBUILDERS[section]
+
+
+def ordinary_weights(sections: list[str]) -> bool:
+    """Whether the layers of these manifest sections all hold ordinary weights (their rebuilders are `trainable`:
+    factorized, resized, experts held as linears): they take gradients, and compressing again reads them as any
+    linear."""
+    return all(rebuilder_for(section).trainable for section in sections)
 
 
 def register_dequantizer(dequantize: Callable) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.manifest import HfcompressQuantizationConfig
-from ..checkpoint.rebuild import rebuilder_for
+from ..checkpoint.rebuild import ordinary_weights
 from ..core.registry import Technique
 from ..core.streamed_run import settings_obstacle
 from ..core.streaming import streaming_obstacle
@@ -133,7 +133,7 @@ def compressed_input(model: str, reads_bitmask: bool = False, factorizes: bool =
     sections = HfcompressQuantizationConfig.from_dict(manifest).sections_in_use()
     if reads_bitmask and sections == ["sparse"]:
         return None
-    if all(rebuilder_for(s).trainable for s in sections) and not (factorizes and "lowrank" in sections):
+    if ordinary_weights(sections) and not (factorizes and "lowrank" in sections):
         return None
     return (
         f"{model!r} holds layers hfcompress already compressed ({', '.join(sections)}), which streaming does not "
