@@ -11,6 +11,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto import modeling_auto
 
+from ..core.streaming import AUTO_CLASSES
 from ..quantization.ct_import import load_compressed_tensors, why_hfcompress_reads
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# the class each task's auto class builds for a model type (transformers' mappings)
+# the class each task's auto class (`AUTO_CLASSES`) builds for a model type (transformers' mappings)
 _AUTO_NAMES = {
     "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -86,15 +87,10 @@ def load_model(model: str, dtype: str = "float32", task: str | None = "causal-lm
     """`model` loaded for `task` (None: the one its checkpoint names, `checkpoint_task`) in `dtype`; a
     compressed-tensors checkpoint hfcompress reads itself (`why_hfcompress_reads`)."""
     task = checkpoint_task(model) if task is None else task
-    autos = {
-        "causal-lm": "AutoModelForCausalLM",
-        "sequence-classification": "AutoModelForSequenceClassification",
-        "base": "AutoModel",
-    }
-    if task not in autos:
-        raise ValueError(f"task must be one of {', '.join(autos)}, got {task!r}")
+    if task not in AUTO_CLASSES:
+        raise ValueError(f"task must be one of {', '.join(AUTO_CLASSES)}, got {task!r}")
     path = resolve_model_path(model)
-    auto = getattr(transformers, autos[task])
+    auto = getattr(transformers, AUTO_CLASSES[task])
     try:
         quantization = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
         reason = why_hfcompress_reads(path, quantization)
