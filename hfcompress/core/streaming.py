@@ -32,10 +32,10 @@ from .packing import dense_from_bitmask
 from .shard_writer import INDEX_FILE, ShardWriter
 from .stored_formats import stored_format
 from .stored_layout import StoredLayout
+from .tasks import AUTO_CLASSES
 from .tensor_file import SAFETENSORS_DTYPES, read_header, read_tensors
 
 __all__ = [
-    "AUTO_CLASSES",
     "BlockStream",
     "ReadingStream",
     "ShardedCheckpoint",
@@ -49,11 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AUTO_CLASSES = {
-    "causal-lm": "AutoModelForCausalLM",
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "base": "AutoModel",
-}
 SINGLE_FILE = "model.safetensors"
 
 
@@ -240,8 +235,15 @@ class ShardedCheckpoint:
         `from_pretrained` would have loaded them (renamed, converted: `core.stored_layout`). Experts the model
         holds as one linear each (`core.experts.ExpertLinears`) are sliced out of their fused tensors."""
         found = self._found()
-        for name, tensor in self._model_tensors([n for n in names if n in found], dtype).items():
+        loaded = self._model_tensors([n for n in names if n in found], dtype)
+        for name, tensor in loaded.items():
             set_module_tensor_to_device(model, name, "cpu", value=tensor)
+        # a weight tied to a loaded one is that tensor (T5's encoder embeddings are its shared ones): loading the
+        # source replaced its parameter, which the tie had shared
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        for name in names:
+            if name not in found and tied.get(name) in loaded:
+                set_module_tensor_to_device(model, name, "cpu", value=loaded[tied[name]])
         experts = expert_sources(model, [n for n in names if n not in found])
         by_fused: dict[str, list[str]] = {}
         for name, (fused, _, _) in experts.items():
@@ -297,7 +299,11 @@ def output_names(model: nn.Module) -> set[str]:
 
 
 def tied_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys `save_pretrained` leaves out because they are tied to another weight."""
+    """The state-dict keys `save_pretrained` leaves out because they are tied to another weight: the output
+    embedding, and a submodule's own ties (BART's encoder and decoder embeddings are its shared one)."""
+    expanded = getattr(model, "all_tied_weights_keys", None)  # transformers' expansion, the config's flags applied
+    if expanded is not None:
+        return set(expanded)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     config = model.config
     if not getattr(config, "tie_word_embeddings", False) and not getattr(

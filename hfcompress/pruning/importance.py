@@ -9,9 +9,11 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 from transformers.utils.logging import tqdm
 
 from ..core.distributed import reduce_sum
+from ..core.tasks import task_of
 from ..data import calibration_data
 from .structured import (
     Attention,
@@ -25,7 +27,7 @@ from .structured import (
 )
 from .structured_config import StructuredPruningConfig, importance_of
 
-__all__ = ["apply_structured_pruning", "prune_structured", "structured_record", "taylor_importance"]
+__all__ = ["apply_structured_pruning", "check_task", "prune_structured", "structured_record", "taylor_importance"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +142,21 @@ def structured_record(model: nn.Module, config: StructuredPruningConfig) -> dict
         "num_attention_heads": getattr(model.config, "num_attention_heads", None),
         "intermediate_size": getattr(model.config, "intermediate_size", None),
     }
+
+
+def check_task(model_path, config: StructuredPruningConfig) -> None:
+    """Refuse Taylor importance (`dataset`: the language-modelling loss) for a checkpoint saved with another head
+    than a causal LM's, before it loads (`task` given: the config refused it already)."""
+    if config.dataset is None or config.task is not None:
+        return
+    try:
+        saved = AutoConfig.from_pretrained(model_path)
+        task = task_of(saved.model_type, getattr(saved, "architectures", None))
+    except (OSError, ValueError):
+        return  # loading says what is wrong with it
+    if task != "causal-lm":
+        raise ValueError(
+            f"`dataset` gives Taylor importance from the language-modelling loss, and {model_path!r} is a {task} "
+            "model; prune it by weight norms (no dataset), or call hfcompress.prune_structured(model, batches=...) "
+            "with labelled batches"
+        )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from ..core.config import CalibrationArguments, CompressionConfig
+from ..core.tasks import AUTO_CLASSES, Task
 
 __all__ = ["StructuredPruningConfig", "importance_of"]
 
@@ -21,8 +22,9 @@ class StructuredPruningConfig(CalibrationArguments, CompressionConfig):
 
     heads: float = field(default=0.0, metadata={"help": "Fraction of attention heads to remove."})
     ffn: float = field(default=0.0, metadata={"help": "Fraction of FFN neurons to remove."})
-    task: Literal["causal-lm", "sequence-classification", "base"] = field(
-        default="causal-lm", metadata={"help": "Which head to load MODEL with."}
+    task: Task | None = field(
+        default=None,
+        metadata={"help": "Which head to load MODEL with (default: the one its checkpoint was saved with)."},
     )
 
     def __post_init__(self):
@@ -32,9 +34,9 @@ class StructuredPruningConfig(CalibrationArguments, CompressionConfig):
                 raise ValueError(f"`{name}` must be a fraction in [0, 1), got {value!r}")
         if self.heads == 0 and self.ffn == 0:
             raise ValueError("nothing to prune: give `heads` and/or `ffn`")
-        if self.task not in ("causal-lm", "sequence-classification", "base"):
-            raise ValueError(f"`task` must be causal-lm, sequence-classification or base, got {self.task!r}")
-        if self.dataset is not None and self.task != "causal-lm":
+        if self.task is not None and self.task not in AUTO_CLASSES:
+            raise ValueError(f"`task` must be one of {', '.join(AUTO_CLASSES)} or None, got {self.task!r}")
+        if self.dataset is not None and self.task not in (None, "causal-lm"):
             raise ValueError(
                 "`dataset` gives Taylor importance from the language-modelling loss, so it needs task causal-lm; "
                 "for a classifier, call hfcompress.prune_structured(model, batches=...) with labelled batches"

@@ -25,6 +25,7 @@ register_technique(
     "structured", StructuredPruningConfig, lazy("hfcompress.pruning.importance:apply_structured_pruning"),
     kind="prune", record_kind="structured-pruning", describe=importance_of,
     record=lazy("hfcompress.pruning.importance:structured_record"), calibrated=lambda config: config.dataset is not None,
+    check_model=lazy("hfcompress.pruning.importance:check_task"),
     summary="Remove attention heads and FFN neurons for real (smaller layers, config updated).",
 )  # fmt: skip
 

@@ -18,15 +18,13 @@ from transformers.core_model_loading import revert_weight_conversion
 from ..checkpoint.manifest import HfcompressQuantizationConfig
 from ..core.shard_writer import INDEX_FILE
 from ..core.streaming import ShardedCheckpoint
+from ..core.tasks import task_of
 from ..io import atomic_output_dir, check_output_dir, copy_model_extras
 from .export import check_compressed_tensors_compatible, compressed_tensors_config, compressed_tensors_renaming
 
 __all__ = ["export_compressed_tensors", "write_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
-
-# the model class a checkpoint's names belong to, by the suffix of its architecture
-_TASKS = {"ForCausalLM": "causal-lm", "ForSequenceClassification": "sequence-classification"}
 
 
 def export_compressed_tensors(
@@ -41,14 +39,7 @@ def export_compressed_tensors(
     record and card)."""
     folder = Path(model_folder)
     config = _hfcompress_config(folder)
-    architecture = (config.get("architectures") or [""])[0]
-    task = next((task for suffix, task in _TASKS.items() if architecture.endswith(suffix)), None)
-    if task is None:
-        raise ValueError(
-            f"{os.fspath(model_folder)!r} is a {architecture or 'model of no architecture'}; shard by shard export "
-            f"reads {' and '.join(f'*{s}' for s in _TASKS)} checkpoints. Load it and call save_quantized(model, OUT, "
-            "format='compressed-tensors') instead"
-        )
+    task = task_of(config.get("model_type"), config.get("architectures"))  # the class its names belong to
     check_output_dir(output, overwrite, inputs=[model_folder])
     with atomic_output_dir(output, overwrite) as staging:
         write_compressed_tensors(folder, staging, task)

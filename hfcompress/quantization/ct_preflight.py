@@ -13,8 +13,8 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig
 
 from ..core.experts import expert_modules, unfuse_experts
-from ..core.streaming import AUTO_CLASSES
 from ..core.structure import candidate_linears
+from ..core.tasks import AUTO_CLASSES, task_of
 from .expert_layout import expert_checkpoint_names
 from .export import UNLOADABLE
 
@@ -43,7 +43,11 @@ def check_model_for_format(model: str | os.PathLike, config, format: str = "hfco
         )
     if getattr(model_config, "quantization_config", None) is not None:
         return  # compressed already: what reads it checks it
-    auto_class = getattr(transformers, AUTO_CLASSES.get(getattr(config, "task", "causal-lm"), "AutoModel"))
+    try:  # the head the command loads: the config's, else the checkpoint's own
+        task = getattr(config, "task", None) or task_of(model_config.model_type, model_config.architectures)
+    except ValueError:  # a head no task loads: loading refuses it first
+        return
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
     try:
         with init_empty_weights(include_buffers=False):
             skeleton = auto_class.from_config(model_config)

@@ -15,7 +15,7 @@ import os
 from torch import nn
 
 from ..core.experts import expert_tokens
-from ..core.streamed_run import StreamedTechnique, stream_compress
+from ..core.streamed_run import StreamedTechnique, refuse_several_stacks, stream_compress
 from ..core.streaming import release
 from ..core.structure import linear_weight
 from .api import attach_quantization_config, extend_read_manifest, replace_with_rtn, select_targets, stores_g_idx
@@ -87,6 +87,7 @@ class UniformQuantization(StreamedTechnique):
         targets = select_targets(model, self.config)
         self.plans = plan_layers(model, targets, self.config)
         if isinstance(self.config, GPTQConfig):  # GPTQ only: the AWQ subclass calibrates too, with no compensation
+            refuse_several_stacks(model, targets, "GPTQ")
             self.errors, self.max_ranks, self.budget = compensation_plan(self.config, targets)
         return targets
 

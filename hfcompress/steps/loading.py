@@ -9,9 +9,8 @@ import re
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
-from transformers.models.auto import modeling_auto
 
-from ..core.streaming import AUTO_CLASSES
+from ..core.tasks import AUTO_CLASSES, task_of
 from ..quantization.ct_import import load_compressed_tensors, why_hfcompress_reads
 
 __all__ = [
@@ -28,12 +27,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# the class each task's auto class (`AUTO_CLASSES`) builds for a model type (transformers' mappings)
-_AUTO_NAMES = {
-    "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    "sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    "base": modeling_auto.MODEL_MAPPING_NAMES,
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
@@ -59,19 +52,17 @@ def resolve_model_path(model: str) -> str:
 
 def checkpoint_task(model: str) -> str:
     """The head `model` is loaded with when the technique does not say (`task`): the task whose auto class builds
-    the class its checkpoint was saved as (its config's `architectures`: `BertForSequenceClassification` is a
-    sequence classifier, `BertModel` a model without a head), else a causal LM, as before. A classifier loaded as
-    a causal LM would lose its trained head and be saved with a random language-modelling one."""
+    the class its checkpoint was saved as (`core.tasks.task_of`: `BertForTokenClassification` is a token
+    classifier, `BertModel` a model without a head, `T5ForConditionalGeneration` a seq2seq LM), else a causal LM.
+    A model loaded with another head would lose its trained one and be saved with a random one."""
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(model))
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {model!r}: {e}") from e
-    architectures = set(getattr(config, "architectures", None) or [])
-    for task, names in _AUTO_NAMES.items():
-        built = names.get(config.model_type)
-        if architectures & set(built if isinstance(built, tuple) else [built]):
-            return task
-    return "causal-lm"
+    try:
+        return task_of(config.model_type, getattr(config, "architectures", None))
+    except ValueError as e:
+        raise ValueError(f"{model!r}: {e}") from e
 
 
 def require_causal_lm(model: str, task: str, what: str) -> None:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import transformers
-from architectures import SMALL
-from helpers import VOCAB, read_safetensors, token_windows
+from architectures import BUILDERS, SMALL
+from helpers import VOCAB, read_safetensors, tiny_tokenizer, token_windows
 
 from hfcompress.commands.cli import main
 
@@ -76,23 +76,29 @@ def test_the_record_and_card_keep_the_runs_peak_memory(model_dir, tmp_path):
     assert "Step 1 peak memory (the whole run: loading, compressing, evaluating): " in (out / "README.md").read_text()
 
 
+T5_SMALL = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+
+
+def _bert(head):
+    return lambda: head(transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=128, num_labels=2, **SMALL))
+
+
 @pytest.mark.parametrize(
     "build, auto",
     [
-        (
-            lambda config: transformers.BertForSequenceClassification(config),
-            transformers.AutoModelForSequenceClassification,
-        ),
-        (lambda config: transformers.BertModel(config), transformers.AutoModel),
+        (_bert(transformers.BertForSequenceClassification), transformers.AutoModelForSequenceClassification),
+        (_bert(transformers.BertForTokenClassification), transformers.AutoModelForTokenClassification),
+        (_bert(transformers.BertForQuestionAnswering), transformers.AutoModelForQuestionAnswering),
+        (_bert(transformers.BertModel), transformers.AutoModel),
+        (BUILDERS["BART"][1], transformers.AutoModelForSeq2SeqLM),
     ],
-    ids=["classifier", "base"],
+    ids=["classifier", "token-classifier", "question-answering", "base", "seq2seq"],
 )
 def test_a_model_is_compressed_with_the_head_it_was_saved_with(tmp_path, build, auto):
-    """A classifier (or a model saved without a head) is loaded as one, in memory and streamed, not as a causal
-    LM, which would have dropped its trained head and saved a random language-modelling one."""
+    """A classifier, a model saved without a head, a seq2seq model is loaded as one, in memory and streamed, not as
+    a causal LM, which dropped its trained head (or BART's encoder) and saved a random language-modelling one."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=128, num_labels=3, **SMALL)
-    model = build(config).eval()
+    model = build().eval()
     model.save_pretrained(tmp_path / "model")
     ids = token_windows(2, 16)
     written = {}
@@ -102,10 +108,59 @@ def test_a_model_is_compressed_with_the_head_it_was_saved_with(tmp_path, build, 
         assert json.loads((out / "config.json").read_text())["architectures"] == [type(model).__name__]
         with torch.no_grad():
             quantized, original = auto.from_pretrained(out)(ids), model(ids)
-        name = "logits" if "logits" in original else "last_hidden_state"
+        name = next(iter(original.keys()))  # logits, start_logits, last_hidden_state
         torch.testing.assert_close(quantized[name], original[name], rtol=0, atol=0.05)
         written[offload] = read_safetensors(out)
+    assert written["disk"].keys() == written["none"].keys()
     assert all(torch.equal(written["disk"][k], v) for k, v in written["none"].items())
+
+
+def test_a_seq2seq_model_is_calibrated_whole_in_memory_and_refused_streamed(tmp_path, text_file, capsys):
+    BUILDERS["T5"][1]().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    argv = ["quantize", "gptq", tmp_path / "model", tmp_path / "out", "--dataset", text_file, "--num-samples", 4]
+    assert run(*argv, "--seq-len", 32, "--group-size", 32, "-q") == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["T5ForConditionalGeneration"]
+    scales = [k for k in read_safetensors(tmp_path / "out") if k.endswith(".weight_scale")]
+    assert {k.split(".")[0] for k in scales} == {"encoder", "decoder"}  # both stacks quantized, the encoder kept
+    argv[3] = tmp_path / "streamed"
+    assert run(*argv, "--seq-len", 32, "--group-size", 32, "--offload", "disk", "-q") == 2
+    assert "has 2 holding layers GPTQ changes (encoder.block, decoder.block)" in capsys.readouterr().err
+    assert not (tmp_path / "streamed").exists()
+
+
+def test_structured_pruning_keeps_the_head_and_refuses_its_loss_on_another(tmp_path, text_file, capsys):
+    model = _bert(transformers.BertForTokenClassification)()
+    model.save_pretrained(tmp_path / "model")
+    assert run("prune", "structured", tmp_path / "model", tmp_path / "out", "--heads", 0.5, "-q") == 0
+    pruned = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "out")
+    assert type(pruned) is type(model)  # before: a BertLMHeadModel, the token classifier's head lost
+    assert torch.equal(pruned.classifier.weight, model.classifier.weight)
+    argv = ("prune", "structured", tmp_path / "model", tmp_path / "taylor", "--heads", 0.5, "--dataset", text_file)
+    assert run(*argv, "-q") == 2
+    assert "is a token-classification model; prune it by weight norms" in capsys.readouterr().err
+    assert not (tmp_path / "taylor").exists()
+
+
+def test_a_t5_encoder_calibrates_streamed_as_in_memory(tmp_path, text_file):
+    """T5's encoder alone (a text encoder of diffusion pipelines): loaded as itself, and streamed through its
+    embeddings, which are tied to its shared ones (before: the streamed run met them on the meta device)."""
+    transformers.T5EncoderModel(T5_SMALL).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    for offload in ("none", "disk"):
+        argv = ("quantize", "gptq", tmp_path / "model", tmp_path / offload, "--dataset", text_file, "--num-samples", 4)
+        assert run(*argv, "--seq-len", 32, "--group-size", 32, "--offload", offload, "-q") == 0
+        assert json.loads((tmp_path / offload / "config.json").read_text())["architectures"] == ["T5EncoderModel"]
+    written, streamed = read_safetensors(tmp_path / "none"), read_safetensors(tmp_path / "disk")
+    assert written.keys() == streamed.keys()
+    assert all(torch.equal(streamed[k], v) for k, v in written.items())
+
+
+def test_a_head_no_task_loads_is_refused_before_any_work(tmp_path, capsys):
+    _bert(transformers.BertForNextSentencePrediction)().save_pretrained(tmp_path / "model")
+    assert run("quantize", "rtn", tmp_path / "model", tmp_path / "out", "--group-size", 32, "-q") == 2
+    assert "is a BertForNextSentencePrediction, a head hfcompress does not load" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_perplexity_of_a_classifier_is_refused_before_any_work(tmp_path, capsys):
