@@ -3,6 +3,7 @@ folder with its record and card (`hfcompress distill`, and a recipe's `distill` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from ..distillation import DistillationTrainer, make_student
 from ..hub.record import Step
 from ..io import claim_output
 from ..quantization.bnb import BnbConfig, load_bnb
-from .loading import load_model, load_tokenizer, resolve_model_path
+from .loading import checkpoint_task, load_model, load_tokenizer, resolve_model_path
 from .options import DistillArguments, OutputOptions
 from .recording import base_record, quality_metrics, write_output
 
@@ -92,6 +93,7 @@ def distill_folder(
     """Distil the model at `teacher` into a student (a copy of some of its blocks, or `arguments.student`) and
     write the student to `output`, a plain transformers model, with the record and card."""
     options = options or OutputOptions()
+    arguments = _with_task(teacher, arguments)
     inputs = [teacher, arguments.student, arguments.dataset, arguments.resume, options.eval_dataset]
     with claim_output(output, options.overwrite, inputs):
         if arguments.checkpoint_dir:
@@ -99,6 +101,24 @@ def distill_folder(
         # Trainer needs an output_dir even when it saves nothing there; this one goes when training is done
         with tempfile.TemporaryDirectory(prefix="hfcompress-distill-") as scratch:
             return _distill(teacher, output, arguments, options, scratch)
+
+
+DISTILLED_TASKS = ("causal-lm", "sequence-classification")
+
+
+def _with_task(teacher: str, arguments: DistillArguments) -> DistillArguments:
+    """`arguments` with the task the teacher's checkpoint was saved for when they name none; refused, before any
+    work, for a head distillation does not train (loaded as a causal LM, a classifier would teach from a random
+    language-modelling head)."""
+    if arguments.task is not None:
+        return arguments
+    task = checkpoint_task(teacher)
+    if task not in DISTILLED_TASKS:
+        raise ValueError(
+            f"teacher {teacher!r} is a {task} model; distill trains a causal LM or a sequence classifier "
+            f"(--task {' or '.join(DISTILLED_TASKS)})"
+        )
+    return dataclasses.replace(arguments, task=task)
 
 
 def _distill(teacher: str, output, arguments: DistillArguments, options: OutputOptions, checkpoints: str) -> Path:

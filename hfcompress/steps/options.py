@@ -111,7 +111,11 @@ class DistillArguments:
         default="alternate",
         metadata={"help": "With --student-layers: blocks spread evenly from first to last, or the first ones."},
     )
-    task: Literal["causal-lm", "sequence-classification"] = field(default="causal-lm", metadata={"help": "The task."})
+    task: Literal["causal-lm", "sequence-classification"] | None = field(
+        default=None,
+        metadata={"help": "The task: a causal LM's windows of text, or a classifier's labelled rows (default: the "
+                  "teacher checkpoint's head)."},
+    )  # fmt: skip
     seq_len: int = field(default=512, metadata={"help": "Tokens per window / max length."})
     max_windows: int | None = field(default=None, metadata={"help": "causal-lm: use only the first N windows."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the soft targets (> 0)."})

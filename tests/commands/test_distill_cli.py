@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
 )
 
 from hfcompress.commands.cli import main
@@ -68,10 +69,27 @@ def test_distill_sequence_classification_from_json_lines(tmp_path):
     data = tmp_path / "train.jsonl"
     lines = [json.dumps({"text": t, "label": i % 2}) for i, t in enumerate(python_text()[:8000].split("\n\n")[:40])]
     data.write_text("\n".join(lines))
-    out = tmp_path / "student"
-    assert run("distill", out, "--teacher", tmp_path / "teacher", "--student-layers", 1, "--dataset", data,
-               "--task", "sequence-classification", "--seq-len", 32, "--max-steps", 3, "--cpu", "-q") == 0  # fmt: skip
-    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 1
+    for task in (["--task", "sequence-classification"], []):  # without --task: the teacher's own head
+        out = tmp_path / f"student{len(task)}"
+        assert run("distill", out, "--teacher", tmp_path / "teacher", "--student-layers", 1, "--dataset", data,
+                   *task, "--seq-len", 32, "--max-steps", 3, "--cpu", "-q") == 0  # fmt: skip
+        assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 1
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+        record = json.loads((out / "hfcompress_record.json").read_text())
+        assert record["steps"][-1]["data"]["task"] == "sequence-classification"
+
+
+def test_a_teacher_of_a_head_distill_does_not_train_is_refused(tmp_path, capsys):
+    BertForTokenClassification(
+        BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ).save_pretrained(tmp_path / "teacher")
+    (tmp_path / "text.txt").write_text("some text " * 100)
+    argv = ("distill", tmp_path / "out", "--teacher", tmp_path / "teacher", "--student-layers", 1)
+    assert run(*argv, "--dataset", tmp_path / "text.txt", "--max-steps", 1, "--cpu", "-q") == 2
+    assert "is a token-classification model; distill trains a causal LM or a sequence classifier" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
