@@ -17,6 +17,7 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..checkpoint import HfcompressQuantizationConfig, manifest_of
+from ..core.tasks import AUTO_CLASSES
 from ..data import load_texts, tokenize_windows
 from ..distillation import DistillationTrainer, make_student
 from ..hub.record import Step
@@ -63,10 +64,7 @@ def _load_teacher(teacher: str, arguments: DistillArguments, options: OutputOpti
     if not arguments.teacher_bits:
         return load_model(teacher, options.dtype, task=arguments.task)
     # a bitsandbytes teacher: a fraction of the memory, same outputs within rounding
-    if arguments.task == "causal-lm":
-        model_class = transformers.AutoModelForCausalLM
-    else:
-        model_class = transformers.AutoModelForSequenceClassification
+    model_class = getattr(transformers, AUTO_CLASSES[arguments.task])
     return load_bnb(resolve_model_path(teacher), BnbConfig(bits=arguments.teacher_bits), model_class=model_class).eval()
 
 
