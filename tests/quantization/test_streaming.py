@@ -284,7 +284,7 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path, extra, insi
     model = save_deep_model(tmp_path / "model")
     command = [
         sys.executable, "-m", "hfcompress", "quantize", "gptq", str(model), "OUT", "--bits", "4", "--group-size", "64",
-        "--dataset", str(model / "calib.txt"), "--num-samples", "32", "--seq-len", "128", "--offload", "disk", "-q",
+        "--dataset", str(model / "calib.txt"), "--num-samples", "16", "--seq-len", "128", "--offload", "disk", "-q",
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -299,10 +299,10 @@ def test_a_killed_streaming_run_resumes_to_the_same_output(tmp_path, extra, insi
     assert kill_halfway(command, killed, 3, env, inside) == -signal.SIGKILL, "the run ended before it was killed"
     assert not killed.exists()  # never left looking complete
 
-    refused = run(killed, "--resume", "--bits", "3")
-    assert (
-        refused.returncode != 0 and "cannot resume" in refused.stderr and "config.bits was 4, now 3" in refused.stderr
-    )
+    if not inside:  # other settings are refused the same way whatever the format (one interpreter's start saved)
+        refused = run(killed, "--resume", "--bits", "3")
+        assert refused.returncode != 0 and "cannot resume" in refused.stderr
+        assert "config.bits was 4, now 3" in refused.stderr
     resumed = run(killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     record = json.loads((killed / "hfcompress_record.json").read_text())
