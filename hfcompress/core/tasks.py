@@ -16,7 +16,8 @@ from typing import Literal
 __all__ = ["AUTO_CLASSES", "Task", "task_of"]
 
 # task -> (auto class, the mapping of model type -> class that auto class builds); the first task whose mapping
-# builds the saved class wins (a class two mappings share, Gemma 3's, is the same model built either way)
+# builds the saved class wins (a class two mappings share, Gemma 3's, is the same model built either way; the
+# order only names the task: the pipeline tag, the card's auto class)
 _TASKS = {
     "causal-lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     "sequence-classification": (
@@ -26,9 +27,10 @@ _TASKS = {
     "token-classification": ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
     "question-answering": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
     "multiple-choice": ("AutoModelForMultipleChoice", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
-    "masked-lm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
     "seq2seq-lm": ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
     "speech-seq2seq": ("AutoModelForSpeechSeq2Seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
+    # after seq2seq: BART's mask-filling class is its seq2seq one
+    "masked-lm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
     "image-classification": ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
     "image-text-to-text": ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
     "base": ("AutoModel", "MODEL_MAPPING_NAMES"),

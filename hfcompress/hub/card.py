@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
+from ..core.tasks import AUTO_CLASSES, task_of
 from ..data import looks_local
 from .record import RANK_PEAKS, CompressionRecord
 
@@ -112,7 +113,9 @@ def _base_description(record: CompressionRecord) -> str:
     return f"`{_base_label(record)}` (a local model, not on the Hub)"
 
 
-def _load_code(record: CompressionRecord, repo_id: str | None, quant_method: str | None = None) -> str:
+def _load_code(
+    record: CompressionRecord, repo_id: str | None, quant_method: str | None = None, auto: str = "AutoModelForCausalLM"
+) -> str:
     target = repo_id or "path/to/this/model"
     lines = []
     if record.loading.get("requires_hfcompress", True):
@@ -125,11 +128,18 @@ def _load_code(record: CompressionRecord, repo_id: str | None, quant_method: str
         ]
     elif quant_method == "compressed-tensors":
         lines.append("# needs the compressed-tensors package (pip install compressed-tensors); vLLM serves it as it is")
-    auto = {"text-generation": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}.get(
-        record.pipeline_tag or "text-generation", "AutoModel"
-    )
     lines += [f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{target}")']
     return "\n".join(lines)
+
+
+def _auto_class(folder: Path) -> str:
+    """The transformers auto class that loads the model in `folder` with its head (`core.tasks`)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        return AUTO_CLASSES[task_of(config.get("model_type"), config.get("architectures"))]
+    except ValueError:
+        return "AutoModel"
 
 
 def _quant_method(folder: Path) -> str | None:
@@ -268,7 +278,7 @@ def render_card(record: CompressionRecord, folder: str | os.PathLike, repo_id: s
             evaluation=protocol,
             hardware=record.hardware if record.metrics.get("after", {}).get("latency_s") is not None else None,
             plot=plot,
-            load_code=_load_code(record, repo_id, _quant_method(folder)),
+            load_code=_load_code(record, repo_id, _quant_method(folder), _auto_class(folder)),
             command=record.command,
             libraries=record.libraries,
         )

@@ -117,6 +117,22 @@ class Step:
     memory: dict[str, Any] | None = None
 
 
+# the Hub's pipeline tag of each task a model is loaded for (`core.tasks`); multiple choice has none
+PIPELINE_TAGS = {
+    "causal-lm": "text-generation",
+    "sequence-classification": "text-classification",
+    "token-classification": "token-classification",
+    "question-answering": "question-answering",
+    "masked-lm": "fill-mask",
+    "seq2seq-lm": "text2text-generation",
+    "speech-seq2seq": "automatic-speech-recognition",
+    "image-classification": "image-classification",
+    "image-text-to-text": "image-text-to-text",
+    "base": "feature-extraction",
+    "text-encoding": "feature-extraction",
+}
+
+
 @dataclass
 class CompressionRecord:
     base_model: str

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 
 from ..checkpoint import QUANT_METHOD
 from ..core.registry import compressed_layer_types
+from ..core.tasks import task_of
 from ..data import load_texts, resolve_seq_len, tokenize_windows
 from ..evaluation import bits_per_weight, perplexity, weights_size_bytes
 from ..evaluation.footprint import file_digest, is_bitsandbytes_linear, model_bits_per_parameter, weight_files
@@ -23,6 +24,7 @@ from ..evaluation.tasks import evaluate_tasks
 from ..hub.card import generate_card
 from ..hub.push import push_to_hub
 from ..hub.record import (
+    PIPELINE_TAGS,
     RANK_PEAKS,
     RECORD_FILE,
     CompressionRecord,
@@ -116,6 +118,17 @@ def _base_card_data(model_path: str) -> dict:
     return {}
 
 
+def _pipeline_tag(model) -> str | None:
+    """The Hub's pipeline tag of the task `model` was loaded for (a causal LM's only if it generates)."""
+    try:
+        task = task_of(model.config.model_type, [type(model).__name__])
+    except ValueError:
+        return None
+    if task == "causal-lm" and not (hasattr(model, "generate") and model.can_generate()):
+        return None  # a class transformers does not know, taken for a causal LM
+    return PIPELINE_TAGS.get(task)
+
+
 def base_record(model, model_path: str, options: OutputOptions, tokenizer, streamed: bool = False) -> CompressionRecord:
     """The record of the base model with its metrics, measured before anything changes. A model hfcompress
     wrote continues its own record: the new step joins the chain and "before" stays the original model's.
@@ -137,7 +150,7 @@ def base_record(model, model_path: str, options: OutputOptions, tokenizer, strea
         base_is_local=os.path.isdir(model_path),
         base_revision=getattr(model.config, "_commit_hash", None),
         license=base.get("license"),
-        pipeline_tag="text-generation" if hasattr(model, "generate") and model.can_generate() else None,
+        pipeline_tag=_pipeline_tag(model),
         command=command_line(),
     )
     folder = model_path if os.path.isdir(model_path) else None

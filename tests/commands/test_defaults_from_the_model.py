@@ -79,6 +79,15 @@ def test_the_record_and_card_keep_the_runs_peak_memory(model_dir, tmp_path):
 T5_SMALL = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 
 
+PIPELINE_TAGS = {
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModel": "feature-extraction",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+}
+
+
 def _bert(head):
     return lambda: head(transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=128, num_labels=2, **SMALL))
 
@@ -110,6 +119,10 @@ def test_a_model_is_compressed_with_the_head_it_was_saved_with(tmp_path, build, 
             quantized, original = auto.from_pretrained(out)(ids), model(ids)
         name = next(iter(original.keys()))  # logits, start_logits, last_hidden_state
         torch.testing.assert_close(quantized[name], original[name], rtol=0, atol=0.05)
+        # the card loads it with its own head, and the Hub files it under its task
+        card = (out / "README.md").read_text()
+        assert f"from transformers import {auto.__name__}\n" in card
+        assert f"pipeline_tag: {PIPELINE_TAGS[auto.__name__]}\n" in card
         written[offload] = read_safetensors(out)
     assert written["disk"].keys() == written["none"].keys()
     assert all(torch.equal(written["disk"][k], v) for k, v in written["none"].items())

@@ -19,6 +19,7 @@ from hfcompress.core.tasks import AUTO_CLASSES, task_of
         ("bert", ["BertForMaskedLM"], "masked-lm"),
         ("bert", ["BertModel"], "base"),
         ("t5", ["T5ForConditionalGeneration"], "seq2seq-lm"),
+        ("bart", ["BartForConditionalGeneration"], "seq2seq-lm"),  # its masked-LM class too
         ("t5", ["T5EncoderModel"], "text-encoding"),
         ("whisper", ["WhisperForConditionalGeneration"], "speech-seq2seq"),
         ("vit", ["ViTForImageClassification"], "image-classification"),
