@@ -62,9 +62,9 @@ def _transformers_heads() -> set[str]:
 
 def task_of(model_type: str | None, architectures: list[str] | None) -> str:
     """The task whose auto class builds the class a `model_type` model was saved as (its config's
-    `architectures`): a model saved without one, or as a class transformers does not know (custom code, an old name), is a causal LM, as
-    commands have always loaded it. A transformers class no task here builds (`BertForNextSentencePrediction`)
-    is refused with the tasks there are."""
+    `architectures`): a model saved without one, or as a class transformers does not know (custom code, an old
+    name), is a causal LM, as commands have always loaded it. A transformers class no task here builds
+    (`BertForNextSentencePrediction`) is refused with the tasks there are."""
     architectures = set(architectures or [])
     for task in _TASKS:
         if architectures & _built(task, model_type):
