@@ -39,7 +39,10 @@ def export_compressed_tensors(
     record and card)."""
     folder = Path(model_folder)
     config = _hfcompress_config(folder)
-    task = task_of(config.get("model_type"), config.get("architectures"))  # the class its names belong to
+    try:  # the class its names belong to
+        task = task_of(config.get("model_type"), config.get("architectures"))
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(model_folder)!r}: {e}") from e
     check_output_dir(output, overwrite, inputs=[model_folder])
     with atomic_output_dir(output, overwrite) as staging:
         write_compressed_tensors(folder, staging, task)

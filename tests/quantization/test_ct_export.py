@@ -173,3 +173,24 @@ def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tmp_path,
     assert main(["export", "compressed-tensors", str(tmp_path / "model"), str(tmp_path / "out")]) == 2
     assert "is not quantized; export compressed-tensors reads hfcompress checkpoints" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_export_reads_a_checkpoint_of_any_head(tmp_path, capsys):
+    """A token classifier exports shard by shard and loads in plain transformers with its head (before: refused,
+    the export reading *ForCausalLM and *ForSequenceClassification only)."""
+    import transformers
+    from architectures import SMALL
+    from helpers import VOCAB, token_windows
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=128, num_labels=2, **SMALL)
+    model = transformers.BertForTokenClassification(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    rtn = ["quantize", "rtn", str(tmp_path / "model"), str(tmp_path / "rtn"), "--group-size", "32", "--sym", "-q"]
+    assert main(rtn) == 0
+    assert main(["export", "compressed-tensors", str(tmp_path / "rtn"), str(tmp_path / "ct"), "-q"]) == 0
+    exported = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "ct")
+    assert type(exported) is type(model)
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, rtol=0, atol=0.05)
