@@ -151,7 +151,8 @@ def modules_to_not_convert_field():
         default=None,
         metadata={
             "help": "Linear layers kept in full precision: names, name suffixes or 're:' regexes. "
-            "Default: the output embedding (lm_head)."
+            "Default: the output embedding (lm_head), the task head (a classifier's score or classifier, "
+            "qa_outputs) and a vision-language model's vision tower and projector."
         },
     )
 

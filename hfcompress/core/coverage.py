@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .registry import compressed_layer_types
-from .structure import LINEAR_TYPES, is_excluded, is_router, vision_modules
+from .structure import LINEAR_TYPES, is_excluded, is_router, task_head, vision_modules
 
 __all__ = ["Coverage", "check_coverage", "coverage"]
 
 logger = logging.getLogger(__name__)
 
 # left out on purpose: full precision by design, not by omission
-INTENDED = ("embedding", "output embedding", "router", "modules_to_not_convert", "vision tower")
+INTENDED = ("embedding", "output embedding", "task head", "router", "modules_to_not_convert", "vision tower")
 # the share of linear-like weights that may stay uncompressed unintentionally before a run is refused
 MAX_UNINTENDED_SHARE = 0.25
 
@@ -77,13 +77,14 @@ def _is_bitsandbytes(module: nn.Module) -> bool:
 
 def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> Coverage:
     """Every weight matrix of `model`: in a compressed layer (a registered compressed class or bitsandbytes), or
-    left out with its reason (embedding, output embedding, router, modules_to_not_convert, a linear layer the
-    technique did not take, or a type no technique handles: e.g. fused 3-D expert weights)."""
+    left out with its reason (embedding, output embedding, task head, router, modules_to_not_convert, a linear
+    layer the technique did not take, or a type no technique handles: e.g. fused 3-D expert weights)."""
     result = Coverage()
     compressed_types = compressed_layer_types()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {n for n, _ in model.named_modules()}
     vision = tuple(f"{n}." for n in vision_modules(model)) if modules_to_not_convert is None else ()
+    head = tuple(task_head(model)) if modules_to_not_convert is None else ()
     inside = None
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
@@ -102,6 +103,8 @@ def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) 
                 reason = "embedding"  # a vision model's patch projection, class token and positions too
             elif module is output:
                 reason = "output embedding (lm_head)"
+            elif name in head or name.startswith(tuple(f"{n}." for n in head)):
+                reason = "task head (left out unless modules_to_not_convert is given)"
             elif is_router(name, module, names):
                 reason = "router (kept in full precision)"
             elif name.startswith(vision):

@@ -22,6 +22,7 @@ __all__ = [
     "linear_weight",
     "set_linear_weight",
     "set_submodule",
+    "task_head",
     "vision_modules",
 ]
 
@@ -123,6 +124,17 @@ def vision_modules(model: nn.Module) -> list[str]:
     return [n for n in siblings if any(word in n.rpartition(".")[2] for word in ("vision", "visual", "projector"))]
 
 
+def task_head(model: nn.Module) -> list[str]:
+    """The task head of a model built on a base model: its children beside the base model (a classifier's
+    `score` or `classifier`, `qa_outputs`, a masked LM's `cls`, a causal LM's `lm_head`), which techniques leave
+    in full precision unless asked, as transformers' bitsandbytes loading does with the last layer; none for a
+    model that is its own base model (T5, a model without a head)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    return [name for name, child in model.named_children() if child is not base]
+
+
 def is_excluded(name: str, patterns: list[str]) -> bool:
     """Whether module `name` matches one of `patterns`: an exact name, a dotted suffix, or 're:<regex>'."""
     for pattern in patterns:
@@ -150,11 +162,11 @@ def is_router(name: str, module: nn.Module, names: set[str]) -> bool:
 
 def candidate_linears(model: nn.Module, modules_to_not_convert: list[str] | None) -> dict[str, nn.Module]:
     """The linear layers a technique may change: all of them except mixture-of-experts routers and
-    `modules_to_not_convert`, which defaults, when None, to the output embedding (lm_head) and a
-    vision-language model's vision tower and projector (`vision_modules`)."""
+    `modules_to_not_convert`, which defaults, when None, to the output embedding (lm_head), the task head
+    (`task_head`) and a vision-language model's vision tower and projector (`vision_modules`)."""
     excluded = list(modules_to_not_convert or [])
     if modules_to_not_convert is None:
-        excluded += [f"re:{re.escape(name)}\\..*" for name in vision_modules(model)]
+        excluded += [f"re:{re.escape(name)}(\\..*)?" for name in task_head(model) + vision_modules(model)]
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name for name, _ in model.named_modules()}
     return {

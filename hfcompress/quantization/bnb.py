@@ -11,9 +11,11 @@ import logging
 import tempfile
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..core.structure import task_head
 from .bnb_config import BnbConfig
 
 __all__ = ["BnbConfig", "apply_bnb", "load_bnb", "quantize_bnb", "quiet_bitsandbytes", "require_bitsandbytes"]
@@ -54,12 +56,27 @@ def quiet_bitsandbytes() -> None:
             log.addFilter(_OncePerMessage())
 
 
+def kept_by_default(model_path, model_class) -> list[str]:
+    """The layers `model_class` built from `model_path`'s config keeps in full precision by default: its output
+    embedding and its task head (`core.structure.task_head`; transformers' own default keeps the module of the
+    last parameter, which is `classifier.bias` and so nothing for a classifier with a bias)."""
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    with init_empty_weights(include_buffers=False):
+        skeleton = build(AutoConfig.from_pretrained(model_path))
+    output = skeleton.get_output_embeddings()
+    return [name for name, module in skeleton.named_modules() if output is not None and module is output] + [
+        name for name in task_head(skeleton) if skeleton.get_submodule(name) is not output
+    ]
+
+
 def load_bnb(model_path, config: BnbConfig, model_class=None, dtype: torch.dtype = torch.float32, **kwargs):
     """Load `model_path` quantized by bitsandbytes as `config` says."""
     require_bitsandbytes()
     quiet_bitsandbytes()
     model_class = model_class or AutoModelForCausalLM
-    return model_class.from_pretrained(model_path, quantization_config=config.to_transformers(), dtype=dtype, **kwargs)
+    kept = kept_by_default(model_path, model_class) if config.modules_to_not_convert is None else None
+    quantization_config = config.to_transformers(kept)
+    return model_class.from_pretrained(model_path, quantization_config=quantization_config, dtype=dtype, **kwargs)
 
 
 def quantize_bnb(model: nn.Module, config: BnbConfig) -> nn.Module:

@@ -27,7 +27,11 @@ class BnbConfig(CompressionConfig):
         default="float32", metadata={"help": "4-bit: dtype of the matmuls."}
     )
     modules_to_not_convert: list[str] | None = field(
-        default=None, metadata={"help": "Modules left unquantized (names or name suffixes). Default: lm_head."}
+        default=None,
+        metadata={
+            "help": "Modules left unquantized (names or name suffixes). Default: the output embedding (lm_head) "
+            "and the task head (a classifier's score or classifier, qa_outputs)."
+        },
     )
 
     allow_partial: bool = allow_partial_field()
@@ -54,12 +58,15 @@ class BnbConfig(CompressionConfig):
         """`int8`, `nf4`, `fp4+double-quant`, ..."""
         return "int8" if self.bits == 8 else self.quant_type + ("+double-quant" if self.double_quant else "")
 
-    def to_transformers(self):
-        """The equivalent `transformers.BitsAndBytesConfig`."""
+    def to_transformers(self, kept_by_default: list[str] | None = None):
+        """The equivalent `transformers.BitsAndBytesConfig`; `kept_by_default`: the modules left unquantized when
+        `modules_to_not_convert` is None (`bnb.kept_by_default`; None: lm_head)."""
         import torch
         from transformers import BitsAndBytesConfig
 
-        skip = self.modules_to_not_convert if self.modules_to_not_convert is not None else ["lm_head"]
+        skip = self.modules_to_not_convert
+        if skip is None:
+            skip = kept_by_default if kept_by_default is not None else ["lm_head"]
         if self.bits == 8:
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         return BitsAndBytesConfig(

@@ -1,9 +1,12 @@
 """Nothing is skipped silently: every weight matrix is compressed or listed with its reason, and a run that
 leaves a large share of the linear-like weights in full precision is refused unless asked for."""
 
+import copy
 import json
 
 import pytest
+import torch
+import transformers
 from helpers import tiny_model, tiny_tokenizer
 from transformers import DbrxConfig, DbrxForCausalLM
 
@@ -79,3 +82,38 @@ def test_the_card_says_what_was_left_out(tmp_path):
     card = (tmp_path / "o" / "README.md").read_text()
     assert "Step 1 compressed 4 QuantLinear layers; left in full precision: " in card
     assert "unsupported: DbrxExpertGLU.v1 (2-D): 2" in card and "coverage=" not in card
+
+
+def tiny_bert(model_class):
+    config = transformers.BertConfig(
+        vocab_size=len(tiny_tokenizer()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    return getattr(transformers, model_class)(config).eval()
+
+
+@pytest.mark.parametrize(
+    "model_class, head",
+    [
+        ("BertForSequenceClassification", {"classifier"}),
+        ("BertForQuestionAnswering", {"qa_outputs"}),
+        ("RobertaForSequenceClassification", {"classifier.dense", "classifier.out_proj"}),
+        ("BertForMaskedLM", {"cls.predictions.transform.dense"}),  # its decoder is the output embedding
+    ],
+)
+def test_a_task_head_stays_full_precision_unless_modules_to_not_convert_is_given(model_class, head):
+    if model_class.startswith("Roberta"):
+        config = transformers.RobertaConfig(**tiny_bert("BertModel").config.to_diff_dict() | {"pad_token_id": 1})
+        model = transformers.RobertaForSequenceClassification(config).eval()
+    else:
+        model = tiny_bert(model_class)
+    kept = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    quantized = hfcompress.quantize(copy.deepcopy(model), hfcompress.RTNConfig(bits=4, group_size=32))
+    kept &= {name for name, module in quantized.named_modules() if type(module) is torch.nn.Linear}
+    output = [name for name, module in quantized.named_modules() if module is quantized.get_output_embeddings()]
+    assert kept - set(output) == head
+    reasons = coverage(quantized).left_out
+    assert {name.rpartition(".")[0] for name, _, reason in reasons if reason.startswith("task head")} == head
+    # named, only what is named stays (a tied output embedding cannot be quantized)
+    everything = hfcompress.quantize(model, hfcompress.RTNConfig(bits=4, group_size=32, modules_to_not_convert=output))
+    assert not any(type(everything.get_submodule(name)) is torch.nn.Linear for name in head)

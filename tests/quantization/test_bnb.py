@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from helpers import tiny_model, token_windows
 from transformers import AutoModelForCausalLM
 
@@ -45,6 +46,15 @@ def test_round_trip_gives_the_same_logits_in_plain_transformers(tmp_path, name):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_a_classifier_keeps_its_head_by_default_as_in_transformers():
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+    )
+    quantized = hfcompress.quantize(transformers.BertForSequenceClassification(config), BnbConfig(bits=4))
+    assert "bitsandbytes" in type(quantized.bert.encoder.layer[0].output.dense).__module__
+    assert type(quantized.classifier) is torch.nn.Linear
 
 
 def test_int8_on_cpu_warns_once_not_on_every_forward(caplog):
