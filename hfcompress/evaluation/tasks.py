@@ -5,6 +5,7 @@ re-export. `tasks_dir` adds lm-eval task YAML files from a folder, so tasks over
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -28,12 +29,27 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     return names
 
 
-def _task_manager(tasks_dir: str | os.PathLike | None, quiet: bool):
+@functools.cache
+def _lm_eval_tasks():
+    """lm-eval's own task index, built once a process (it reads some 15,000 task files: about 16 s)."""
     from lm_eval.tasks import TaskManager
 
-    if tasks_dir is not None and not os.path.isdir(tasks_dir):
+    return TaskManager()
+
+
+def _task_manager(names: list[str], tasks_dir: str | os.PathLike | None):
+    """The index `names` are found in: the task files of `tasks_dir` alone when they hold every one of them as a
+    task (not a group or tag, which may name lm-eval's own tasks), else lm-eval's with those files added."""
+    from lm_eval.tasks import TaskManager
+
+    if tasks_dir is None:
+        return _lm_eval_tasks()
+    if not os.path.isdir(tasks_dir):
         raise FileNotFoundError(f"tasks folder {os.fspath(tasks_dir)!r} does not exist (expected lm-eval task YAMLs)")
-    return TaskManager(verbosity="ERROR" if quiet else None, include_path=os.fspath(tasks_dir) if tasks_dir else None)
+    local = TaskManager(include_path=os.fspath(tasks_dir), include_defaults=False)
+    if all(name in local.all_subtasks for name in names):
+        return local
+    return TaskManager(include_path=os.fspath(tasks_dir))
 
 
 def evaluate_tasks(
@@ -54,13 +70,13 @@ def evaluate_tasks(
     except ImportError as e:
         raise ImportError(f"task evaluation needs lm-evaluation-harness: {PIP_LINE}") from e
     names = parse_tasks(tasks)
-    manager = _task_manager(tasks_dir, quiet)
+    if quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    manager = _task_manager(names, tasks_dir)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         where = f" or in {os.fspath(tasks_dir)!r}" if tasks_dir else " (give --tasks-dir for task YAMLs of your own)"
         raise ValueError(f"unknown lm-eval tasks {unknown}: not among lm-eval's tasks{where}")
-    if quiet:
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), dtype=_dtype(model))
     # lm-eval draws its progress bars on stderr with no switch to turn them off: quiet hides that stream (logging
