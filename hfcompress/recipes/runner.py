@@ -265,7 +265,7 @@ def run_recipe(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
-    dtype: str = "float32",
+    dtype: str = "auto",
     offload: str = "auto",
     max_memory: str | None = None,
 ) -> Path:
@@ -274,6 +274,8 @@ def run_recipe(
     Each step writes a complete model to `OUTPUT/steps/NN-name/` (with its compression record); the last one is
     copied to `OUTPUT` with the whole chain in its record and card, and `OUTPUT/recipe.yaml` keeps the recipe.
     With `resume`, steps whose folder was completed with the same recipe up to and including them are reused.
+    `dtype`: what each step holds its model's weights in, unless the step names its own (default auto: the
+    checkpoint's, as the command's `--dtype`; the maths run in float32 either way).
 
     `offload` is every step's `--offload`: "disk" streams each step's model from the previous step's shards one
     block at a time (every step must be able to: refused before any starts otherwise), and a killed run keeps its

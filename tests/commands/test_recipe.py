@@ -5,6 +5,8 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_model, tiny_tokenizer
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hfcompress
@@ -218,3 +220,24 @@ def test_relative_paths_in_a_recipe_file_are_relative_to_its_folder(text_file, t
     assert recipe.dataset == str(recipes / "data" / "calib.txt")
     assert recipe.eval_dataset == "wikitext"  # no such path beside the recipe: a Hub dataset name
     assert Recipe.from_yaml(path).dataset == recipe.dataset
+
+
+def test_the_python_run_holds_the_checkpoints_dtype_as_the_command_does(tmp_path, monkeypatch):
+    import hfcompress.steps.compress as compress_step
+
+    folder = tmp_path / "bf16"
+    tiny_model().to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    held = []
+    load_model = compress_step.load_model
+
+    def loaded(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        held.append(model.model.norm.weight.dtype)
+        return model
+
+    monkeypatch.setattr(compress_step, "load_model", loaded)
+    out = run_recipe([hfcompress.RTNConfig(bits=4, group_size=32)], str(folder), tmp_path / "out", quiet=True)
+    assert held == [torch.bfloat16]  # not float32's twice the memory
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
