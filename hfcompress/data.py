@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
 from .core.structure import vision_modules
+from .image_data import load_images
 
 __all__ = [
     "calibration_batches",
@@ -110,7 +111,7 @@ def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int
     """`num_samples` windows spread evenly over the available ones, grouped into batches."""
     if len(windows) < num_samples:
         logger.warning(
-            "calibration data holds %d windows, fewer than num_samples=%d; using all", len(windows), num_samples
+            "calibration data holds %d samples, fewer than num_samples=%d; using all", len(windows), num_samples
         )
         chosen = windows
     else:
@@ -154,7 +155,7 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
     """The calibration batches of a calibrated technique's `config` (its `dataset`, `num_samples`, `seq_len`,
     `batch_size`); across processes, this rank's share of them (`core.distributed`). What was really used (the window length, the windows taken, the windows there were) is kept on
     the model as `model.hfcompress_calibration`, for the compression record."""
-    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer)
+    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer, config.num_samples)
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
     model.hfcompress_calibration = {
         "seq_len": int(windows.shape[1]) if windows.dim() == 2 else None,  # images have no length
@@ -164,12 +165,19 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
     return shard_batches(batches)  # across processes, this rank's share
 
 
-def calibration_windows(model, dataset, seq_len: int | None, tokenizer=None) -> torch.Tensor:
+def calibration_windows(
+    model, dataset, seq_len: int | None, tokenizer=None, num_samples: int | None = None
+) -> torch.Tensor:
     """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
     `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
     model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`). A model that reads
-    images (ViT) calibrates on a float tensor of images [n, channels, height, width]."""
+    images (ViT) calibrates on a float tensor of images [n, channels, height, width], or on a folder of image
+    files, `num_samples` of them (default: all) prepared by the model's image processor (`image_data`)."""
     reads = getattr(model, "main_input_name", "input_ids")
+    if reads == "pixel_values" and isinstance(dataset, (str, os.PathLike)):
+        if seq_len is not None:
+            raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads images")
+        return load_images(dataset, model.name_or_path, num_samples)
     if isinstance(dataset, torch.Tensor) and dataset.is_floating_point():
         if dataset.dim() != 4 or reads != "pixel_values":
             raise ValueError(
@@ -181,7 +189,7 @@ def calibration_windows(model, dataset, seq_len: int | None, tokenizer=None) -> 
         raise ValueError(
             f"{type(model).__name__} reads {reads}, not token ids: calibrate it on "
             + (
-                "images, a float tensor [n, channels, height, width]"
+                "images, a folder of image files or a float tensor [n, channels, height, width]"
                 if reads == "pixel_values"
                 else f"{reads} (not built yet)"
             )

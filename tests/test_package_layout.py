@@ -24,6 +24,7 @@ OPTIONAL = (
     "torch.utils.cpp_extension",
     "lm_eval",
     "gguf",
+    "PIL",
 )
 # imported where they are used, so that `import hfcompress` and building the parser import no torch
 DEFERRED = {
@@ -37,6 +38,7 @@ DEFERRED = {
     ("cli.py", "torch.distributed"),
     ("bnb_config.py", "torch"),  # `to_transformers`, not the config's fields
     ("bnb_config.py", "transformers"),
+    ("tasks.py", "transformers"),  # the class a task builds, what it reads: the parser loads core.tasks
     ("wrapped_kernels.py", "hfcompress.experimental.triton_w4"),  # imports triton at module level
 }
 

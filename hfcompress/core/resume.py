@@ -27,10 +27,11 @@ PROGRESS_FILE = "hfcompress_progress.json"
 
 
 def settings_digest(batches: list[torch.Tensor]) -> str:
-    """A digest of the calibration token ids (the data a resumed run must calibrate on again)."""
+    """A digest of the calibration token ids or images (the data a resumed run must calibrate on again)."""
     digest = hashlib.sha256()
     for batch in batches:
-        digest.update(batch.to(torch.int64).contiguous().numpy().tobytes())
+        exact = batch.float() if batch.is_floating_point() else batch.to(torch.int64)
+        digest.update(exact.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

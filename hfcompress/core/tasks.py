@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Literal
 
-__all__ = ["AUTO_CLASSES", "Task", "task_of"]
+__all__ = ["AUTO_CLASSES", "Task", "main_input", "task_of"]
 
 # task -> (auto class, the mapping of model type -> class that auto class builds); the first task whose mapping
 # builds the saved class wins (a class two mappings share, Gemma 3's, is the same model built either way; the
@@ -76,3 +76,12 @@ def task_of(model_type: str | None, architectures: list[str] | None) -> str:
             f"head, its own lost); the heads it loads are those of the tasks {', '.join(_TASKS)}"
         )
     return "causal-lm"
+
+
+def main_input(model_type: str, task: str) -> str:
+    """What the class `task`'s auto class builds for `model_type` reads: "input_ids" (text, a vision-language
+    model too), "pixel_values" (a vision model), "input_features" (speech)."""
+    import transformers
+
+    names = sorted(_built(task, model_type))
+    return getattr(getattr(transformers, names[0], None), "main_input_name", "input_ids") if names else "input_ids"

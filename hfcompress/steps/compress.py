@@ -24,6 +24,7 @@ from .loading import (
     checkpoint_task,
     load_model,
     load_tokenizer,
+    reads_text,
     require_causal_lm,
     require_tokenizer,
 )
@@ -194,9 +195,9 @@ def _compress_streaming(
     technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict
 ) -> Path:
     tokenizer = load_tokenizer(model, required=False)
-    if technique.calibrated(config) and not _is_token_ids(config.dataset):
-        require_tokenizer(tokenizer, model, "the calibration data")
     task = _task(model, config)
+    if technique.calibrated(config) and not _is_token_ids(config.dataset) and reads_text(model, task):
+        require_tokenizer(tokenizer, model, "the calibration data")
     if options.eval_dataset:
         require_tokenizer(tokenizer, model, "the evaluation data")
     # the model as `from_pretrained` loads it (a pruned model's bitmask layers as such), as a run in memory counts it
@@ -237,11 +238,12 @@ def _compress_streaming(
 
 def _compress(technique: Technique, model: str, output, config, options: OutputOptions, step_options: dict) -> Path:
     tokenizer = load_tokenizer(model, required=False)  # RTN, bitsandbytes, magnitude pruning read no text
-    if technique.calibrated(config) and not _is_token_ids(config.dataset):
+    task = _task(model, config)
+    if technique.calibrated(config) and not _is_token_ids(config.dataset) and reads_text(model, task):
         require_tokenizer(tokenizer, model, "the calibration data")
     if options.eval_dataset or options.eval_tasks:
         require_tokenizer(tokenizer, model, "the evaluation data")
-    loaded = load_model(model, options.dtype, task=_task(model, config))
+    loaded = load_model(model, options.dtype, task=task)
     record = base_record(loaded, model, options, tokenizer)
     start = time.perf_counter()
     compressed = technique.run(loaded, config, tokenizer)

@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-from ..core.tasks import AUTO_CLASSES, task_of
+from ..core.tasks import AUTO_CLASSES, main_input, task_of
 from ..quantization.ct_import import load_compressed_tensors, why_hfcompress_reads
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "checkpoint_task",
     "load_model",
     "load_tokenizer",
+    "reads_text",
     "require_causal_lm",
     "require_tokenizer",
     "resolve_model_path",
@@ -63,6 +64,11 @@ def checkpoint_task(model: str) -> str:
         return task_of(config.model_type, getattr(config, "architectures", None))
     except ValueError as e:
         raise ValueError(f"{model!r}: {e}") from e
+
+
+def reads_text(model: str, task: str) -> bool:
+    """Whether `model` loaded for `task` reads token ids (calibration text needs its tokenizer), not images."""
+    return main_input(AutoConfig.from_pretrained(resolve_model_path(model)).model_type, task) == "input_ids"
 
 
 def require_causal_lm(model: str, task: str, what: str) -> None:
