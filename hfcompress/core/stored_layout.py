@@ -28,10 +28,12 @@ ReadStored = Callable[[list[str], torch.dtype | None], dict[str, torch.Tensor]]
 class StoredLayout:
     """Where each tensor of `model` (a skeleton, on the meta device, with transformers' own modules) comes from
     among `stored_keys`: the checkpoint key(s) and the conversion that joins them, if any. Stored keys the model
-    has no tensor for are left out, as loading leaves them out."""
+    has no tensor for are left out, as loading leaves them out. `hf_quantizer`: the quantizer that loads the
+    checkpoint, whose conversions are then the ones loading applies."""
 
-    def __init__(self, model: nn.Module, stored_keys: Iterable[str]):
-        transforms = get_model_conversion_mapping(model)
+    def __init__(self, model: nn.Module, stored_keys: Iterable[str], hf_quantizer=None):
+        # a quantizer changes the conversions, as it does when loading (hfcompress's merges no experts it stores)
+        transforms = get_model_conversion_mapping(model, hf_quantizer=hf_quantizer)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
@@ -58,6 +60,11 @@ class StoredLayout:
     def targets(self) -> frozenset[str]:
         """The names of the model tensors the checkpoint holds."""
         return self._targets
+
+    def renamed(self) -> dict[str, str]:
+        """{stored key: model tensor name} of the tensors stored whole under another name (GPT-NeoX's `embed_out`,
+        LLaVA's `language_model.model.`): what reading a shard file by its keys must rename."""
+        return {sources[0][0]: name for name, sources in self._sources.items() if sources[0][1] is None}
 
     def is_identity(self) -> bool:
         """Whether every model tensor is stored under its own name, unconverted."""

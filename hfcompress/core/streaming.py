@@ -160,9 +160,10 @@ class ShardedCheckpoint:
             model.config.quantization_config = quantizer.quantization_config
         model.tie_weights()
         model.config._name_or_path = os.fspath(self.folder)
-        # an hfcompress checkpoint stores the model's own names; loading skips the conversions (`checkpoint.hf_quantizer`)
+        # a compressed checkpoint's names are renamed as loading renames them (GPT-NeoX's `embed_out`, as
+        # `save_pretrained` writes it), its experts not merged (`checkpoint.hf_quantizer`); a reader maps its own
         as_stored = quantized is not None or quantizer is not None
-        self.layout = None if as_stored else StoredLayout(model, self.weight_map)
+        self.layout = None if self.reader is not None else StoredLayout(model, self.weight_map, quantizer)
         self.bitmask_layers = self._bitmask_layers(config, model) if dense_bitmask and not as_stored else {}
         if self.reader is not None:
             known = self.reader.filled(self.weight_map)

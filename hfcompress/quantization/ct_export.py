@@ -66,10 +66,12 @@ def write_compressed_tensors(model_folder: str | os.PathLike, destination: str |
     model.config.quantization_config = compressed_tensors_config(model)
 
     rename = compressed_tensors_renaming(model)
+    as_model = checkpoint.layout.renamed()  # names `save_pretrained` reverted (in memory) -> the model's own
     shards = sorted(set(checkpoint.weight_map.values()))
     weight_map, total = {}, 0
     for shard in tqdm(shards, desc="compressed-tensors shards"):
-        tensors = _original_names(model, rename(load_file(folder / shard)))
+        stored = load_file(folder / shard)
+        tensors = _original_names(model, rename({as_model.get(k, k): t for k, t in stored.items()}))
         save_file(tensors, destination / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
