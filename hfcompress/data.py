@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
 from .core.structure import vision_modules
-from .image_data import load_images
+from .image_data import load_images, spread
 
 __all__ = [
     "calibration_batches",
@@ -113,11 +113,7 @@ def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int
         logger.warning(
             "calibration data holds %d samples, fewer than num_samples=%d; using all", len(windows), num_samples
         )
-        chosen = windows
-    else:
-        index = torch.linspace(0, len(windows) - 1, num_samples).round().long()
-        chosen = windows[index]
-    return list(chosen.split(batch_size))
+    return list(windows[spread(len(windows), num_samples)].split(batch_size))
 
 
 def max_positions(config) -> int | None:

@@ -84,7 +84,7 @@ def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {n for n, _ in model.named_modules()}
     vision = tuple(f"{n}." for n in vision_modules(model)) if modules_to_not_convert is None else ()
-    head = tuple(task_head(model)) if modules_to_not_convert is None else ()
+    head = tuple(f"{n}." for n in task_head(model)) if modules_to_not_convert is None else ()
     inside = None
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
@@ -103,7 +103,7 @@ def coverage(model: nn.Module, modules_to_not_convert: list[str] | None = None) 
                 reason = "embedding"  # a vision model's patch projection, class token and positions too
             elif module is output:
                 reason = "output embedding (lm_head)"
-            elif name in head or name.startswith(tuple(f"{n}." for n in head)):
+            elif f"{name}.".startswith(head):
                 reason = "task head (left out unless modules_to_not_convert is given)"
             elif is_router(name, module, names):
                 reason = "router (kept in full precision)"
