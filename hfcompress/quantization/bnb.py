@@ -64,9 +64,8 @@ def kept_by_default(model_path, model_class) -> list[str]:
     with init_empty_weights(include_buffers=False):
         skeleton = build(AutoConfig.from_pretrained(model_path))
     output = skeleton.get_output_embeddings()
-    return [name for name, module in skeleton.named_modules() if output is not None and module is output] + [
-        name for name in task_head(skeleton) if skeleton.get_submodule(name) is not output
-    ]
+    outputs = [name for name, module in skeleton.named_modules() if output is not None and module is output]
+    return list(dict.fromkeys(outputs + task_head(skeleton)))  # a causal LM's lm_head is both
 
 
 def load_bnb(model_path, config: BnbConfig, model_class=None, dtype: torch.dtype = torch.float32, **kwargs):
