@@ -151,10 +151,10 @@ def test_a_step_after_factorize_streams_the_factors(sharded, text_file, tmp_path
 
 
 def test_a_dtype_a_streamed_step_cannot_apply_is_warned_about(sharded, tmp_path, caplog):
-    """A streamed step holds each block as stored (float16 here), whatever `dtype` (run_recipe's default: float32)."""
+    """A streamed step holds each block as stored (float16 here), whatever `dtype` asks for."""
     rtn = Recipe.from_dict({"steps": [{"quantize": {"method": "rtn", "group_size": 32}}]})
     run_recipe(rtn, str(sharded), tmp_path / "auto", quiet=True, offload="disk", dtype="auto")
     assert "does not apply with --offload disk" not in caplog.text
-    run_recipe(rtn, str(sharded), tmp_path / "float32", quiet=True, offload="disk")
+    run_recipe(rtn, str(sharded), tmp_path / "float32", quiet=True, offload="disk", dtype="float32")
     assert "--dtype float32 does not apply with --offload disk: each block is held as stored (float16)" in caplog.text
     assert read_safetensors(tmp_path / "float32").keys() == read_safetensors(tmp_path / "auto").keys()

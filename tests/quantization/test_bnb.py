@@ -48,7 +48,7 @@ def test_round_trip_gives_the_same_logits_in_plain_transformers(tmp_path, name):
     assert float(result.stdout.strip().splitlines()[-1]) == 0.0
 
 
-def test_a_classifier_keeps_its_head_by_default_as_in_transformers():
+def test_a_classifier_keeps_its_head_by_default():
     config = transformers.BertConfig(
         vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
     )
