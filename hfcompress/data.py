@@ -13,13 +13,14 @@ from transformers import AutoTokenizer
 from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
 from .core.structure import vision_modules
-from .image_data import load_images, spread
+from .image_data import is_image_folder, load_images, spread
 
 __all__ = [
     "calibration_batches",
     "calibration_data",
     "calibration_windows",
     "check_seq_len",
+    "dataset_split",
     "load_texts",
     "looks_local",
     "max_positions",
@@ -55,6 +56,11 @@ def load_texts(dataset, split: str = "train") -> list[str]:
 
 
 def _texts_from_datasets(path: str, split: str) -> list[str]:
+    return _column(dataset_split(path, split))
+
+
+def dataset_split(path: str, split: str = "train"):
+    """The `split` of the dataset at `path`: a folder saved by `datasets`, or a Hub dataset name."""
     try:
         import datasets
     except ImportError as e:
@@ -79,7 +85,7 @@ def _texts_from_datasets(path: str, split: str) -> list[str]:
         if split not in loaded:
             raise ValueError(f"dataset {path!r} has no split {split!r}; it has {list(loaded)}")
         loaded = loaded[split]
-    return _column(loaded)
+    return loaded
 
 
 def looks_local(path: str) -> bool:
@@ -170,9 +176,16 @@ def calibration_windows(
     images (ViT) calibrates on a float tensor of images [n, channels, height, width], or on a folder of image
     files, `num_samples` of them (default: all) prepared by the model's image processor (`image_data`)."""
     reads = getattr(model, "main_input_name", "input_ids")
-    if reads == "pixel_values" and isinstance(dataset, (str, os.PathLike)):
+    if reads == "pixel_values" and (isinstance(dataset, (str, os.PathLike)) or hasattr(dataset, "column_names")):
         if seq_len is not None:
             raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads images")
+        if isinstance(dataset, (str, os.PathLike)) and not is_image_folder(dataset):
+            if os.path.isfile(dataset):
+                raise ValueError(
+                    f"{type(model).__name__} reads images: calibrate it on a folder of image files or a `datasets` "
+                    f"image dataset, not the file {os.fspath(dataset)!r}"
+                )
+            dataset = dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
         return load_images(dataset, model.name_or_path, num_samples)
     if isinstance(dataset, torch.Tensor) and dataset.is_floating_point():
         if dataset.dim() != 4 or reads != "pixel_values":

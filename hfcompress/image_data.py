@@ -1,5 +1,5 @@
-"""Images for calibration: a folder of image files, read with PIL and prepared by the model's own image
-processor (its `preprocessor_config.json`), as the model's pipeline prepares them."""
+"""Images for calibration: a folder of image files or a `datasets` image dataset, prepared by the model's own
+image processor (its `preprocessor_config.json`), as the model's pipeline prepares them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "load_images", "spread"]
+__all__ = ["IMAGE_SUFFIXES", "image_files", "is_image_folder", "load_images", "spread"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +39,18 @@ def spread(available: int, wanted: int) -> torch.Tensor:
     return torch.linspace(0, available - 1, wanted).round().long()
 
 
-def load_images(folder: str | os.PathLike, model_path: str | os.PathLike, num_samples: int | None) -> torch.Tensor:
-    """`num_samples` images of `folder` (None: all), spread evenly over its files, as the float tensor [n,
-    channels, height, width] the image processor saved with `model_path` makes of them."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as e:
-        raise ImportError("reading calibration images needs Pillow: pip install 'hfcompress[images]'") from e
+DATASETS_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `save_to_disk` writes
 
-    files = image_files(folder)
-    chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder of image files rather than a folder `datasets` saved."""
+    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in DATASETS_FILES)
+
+
+def load_images(source, model_path: str | os.PathLike, num_samples: int | None) -> torch.Tensor:
+    """`num_samples` images (None: all) spread evenly over `source`, a folder of image files (`image_files`) or a
+    `datasets.Dataset` with an image column, as the float tensor [n, channels, height, width] the image processor
+    saved with `model_path` makes of them."""
     try:
         processor = AutoImageProcessor.from_pretrained(model_path)
     except (OSError, ValueError) as e:
@@ -56,6 +58,21 @@ def load_images(folder: str | os.PathLike, model_path: str | os.PathLike, num_sa
             f"model {os.fspath(model_path)!r} has no image processor to prepare the calibration images "
             "(preprocessor_config.json); save it beside the model (processor.save_pretrained)"
         ) from e
+    rows = hasattr(source, "column_names")
+    images = _dataset_images(source, num_samples) if rows else _files(source, num_samples)
+    where = f"a dataset of {len(source)} rows" if rows else os.fspath(source)
+    logger.info("%d calibration images from %s, prepared by %s", len(images), where, type(processor).__name__)
+    return processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+def _files(folder, num_samples: int | None) -> list:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise ImportError("reading calibration images needs Pillow: pip install 'hfcompress[images]'") from e
+
+    files = image_files(folder)
+    chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
     images = []
     for file in chosen:
         try:
@@ -63,5 +80,17 @@ def load_images(folder: str | os.PathLike, model_path: str | os.PathLike, num_sa
                 images.append(image.convert("RGB"))
         except (OSError, UnidentifiedImageError) as e:
             raise ValueError(f"calibration image {os.fspath(file)!r} cannot be read: {e}") from e
-    logger.info("%d of the %d images in %s, prepared by %s", len(images), len(files), folder, type(processor).__name__)
-    return processor(images=images, return_tensors="pt")["pixel_values"].float()
+    return images
+
+
+def _dataset_images(dataset, num_samples: int | None) -> list:
+    """The images of the rows of `dataset` spread evenly over it, from its column of `datasets.Image` feature."""
+    import datasets
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    if not columns:
+        raise ValueError(
+            f"the dataset has no image column (a `datasets.Image` feature); its columns are {dataset.column_names}"
+        )
+    rows = range(len(dataset)) if num_samples is None else spread(len(dataset), num_samples).tolist()
+    return [image.convert("RGB") for image in dataset.select(rows)[columns[0]]]

@@ -107,8 +107,9 @@ class CalibrationArguments:
         kw_only=True,
         metadata={
             "help": "Calibration data: a text file, a `datasets` folder, a Hub dataset name (in Python also a list "
-            "of strings or token ids [n, seq_len]); for a model that reads images, a folder of image files (in "
-            "Python also a float tensor [n, channels, height, width])."
+            "of strings or token ids [n, seq_len]); for a model that reads images, a folder of image files, or a "
+            "`datasets` folder or Hub dataset with an image column (in Python also a float tensor [n, channels, "
+            "height, width])."
         },
     )
     num_samples: int = field(default=128, kw_only=True, metadata={"help": "Number of calibration windows (or images)."})

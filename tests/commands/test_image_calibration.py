@@ -64,7 +64,7 @@ def test_gptq_calibrates_on_the_images_as_the_python_api_does_in_memory_and_stre
     "dataset, extra, message",
     [
         ("empty", [], "holds no image files"),
-        ("calib.txt", [], "is not a folder"),
+        ("calib.txt", [], "calibrate it on a folder of image files or a `datasets` image dataset, not the file"),
         ("images", ["--seq-len", "16"], "`seq_len` (16) is a length of text; ViTForImageClassification reads images"),
     ],
 )
@@ -75,3 +75,26 @@ def test_what_is_not_images_is_refused_with_what_was_expected(vit, tmp_path, cap
     code = main(["quantize", "gptq", str(vit / "model"), str(out), "--dataset", str(vit / dataset), "--group-size",
                  "32", *extra, "-q"])  # fmt: skip
     assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_datasets_folder_of_the_same_images_gives_the_same_model(vit, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    files = sorted((vit / "images").rglob("*.png"))
+    rows = datasets.Dataset.from_dict(
+        {"image": [str(f) for f in files], "label": [int(f.parent.name[-1]) for f in files]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    rows.save_to_disk(tmp_path / "rows")
+    options = ["--group-size", "32", "--num-samples", "4", "--batch-size", "2", "-q"]
+    for source, out in ((vit / "images", "from-files"), (tmp_path / "rows", "from-rows")):
+        assert (
+            main(["quantize", "gptq", str(vit / "model"), str(tmp_path / out), "--dataset", str(source), *options]) == 0
+        )
+    files, rows = read_safetensors(tmp_path / "from-files"), read_safetensors(tmp_path / "from-rows")
+    assert files.keys() == rows.keys() and all(torch.equal(files[k], rows[k]) for k in files)
+    text = datasets.Dataset.from_dict({"text": ["no images here"]})
+    text.save_to_disk(tmp_path / "text")
+    code = main(
+        ["quantize", "gptq", str(vit / "model"), str(tmp_path / "o"), "--dataset", str(tmp_path / "text"), *options]
+    )
+    assert code == 2 and "the dataset has no image column" in capsys.readouterr().err
