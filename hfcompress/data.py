@@ -44,7 +44,7 @@ def load_texts(dataset, split: str = "train") -> list[str]:
                     return [f.read()]
             except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
                 raise ValueError(f"{path} is not UTF-8 text (or gzip of it): {e}") from None
-        return _texts_from_datasets(path, split)
+        return _column(dataset_split(path, split))
     if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
         return list(dataset)
     if hasattr(dataset, "column_names"):  # a datasets.Dataset
@@ -53,10 +53,6 @@ def load_texts(dataset, split: str = "train") -> list[str]:
         f"`dataset` must be a list of strings, a text file, a `datasets` folder or a Hub dataset name, "
         f"got {type(dataset).__name__}"
     )
-
-
-def _texts_from_datasets(path: str, split: str) -> list[str]:
-    return _column(dataset_split(path, split))
 
 
 def dataset_split(path: str, split: str = "train"):
@@ -174,7 +170,8 @@ def calibration_windows(
     `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
     model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`). A model that reads
     images (ViT) calibrates on a float tensor of images [n, channels, height, width], or on a folder of image
-    files, `num_samples` of them (default: all) prepared by the model's image processor (`image_data`)."""
+    files or a `datasets` image dataset (a folder, a Hub name or a `datasets.Dataset`), `num_samples` images of it
+    (default: all) prepared by the model's image processor (`image_data`)."""
     reads = getattr(model, "main_input_name", "input_ids")
     if reads == "pixel_values" and (isinstance(dataset, (str, os.PathLike)) or hasattr(dataset, "column_names")):
         if seq_len is not None:
