@@ -7,12 +7,16 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .tensor_file import read_tensors, tensor_names
+
+if TYPE_CHECKING:
+    from .stored_layout import SavedNames
 
 __all__ = ["INDEX_FILE", "DroppedShards", "ShardWriter", "save_atomic"]
 
@@ -21,11 +25,14 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class ShardWriter:
     """Writes a model's tensors into `n_shards` safetensors files as they are finished, then the index that
-    `from_pretrained` reads (built from the shards on disk, so a resumed run indexes what an earlier one wrote)."""
+    `from_pretrained` reads (built from the shards on disk, so a resumed run indexes what an earlier one wrote).
+    Tensors are given and read back under the model's names; with `names`, the files hold them under the names
+    `save_pretrained` writes (`core.stored_layout.SavedNames`), as a model saved whole has them."""
 
-    def __init__(self, folder: str | os.PathLike, n_shards: int):
+    def __init__(self, folder: str | os.PathLike, n_shards: int, names: SavedNames | None = None):
         self.folder = Path(folder)
         self.n_shards = n_shards
+        self.names = names
 
     def shard_name(self, index: int) -> str:
         return f"model-{index + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -36,14 +43,26 @@ class ShardWriter:
             raise ValueError(f"shard index must be in [0, {self.n_shards}), got {index}")
         # safetensors refuses views that share memory: each tensor gets its own contiguous storage
         owned = {
-            k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()
+            self._saved(k): v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous()
+            for k, v in tensors.items()
         }
         save_atomic(owned, self.folder / self.shard_name(index))
 
+    def keys(self, index: int) -> list[str]:
+        """The model names of the tensors in the written shard `index`."""
+        return [self._model(key) for key in tensor_names(self.folder / self.shard_name(index))]
+
     def read(self, index: int) -> dict[str, torch.Tensor]:
-        """The tensors of the written shard `index`, copied out of the file (to be changed and written again)."""
+        """The tensors of the written shard `index` by their model names, copied out of the file (to be changed and
+        written again)."""
         path = self.folder / self.shard_name(index)
-        return read_tensors(path, tensor_names(path))
+        return {self._model(key): tensor for key, tensor in read_tensors(path, tensor_names(path)).items()}
+
+    def _saved(self, name: str) -> str:
+        return name if self.names is None else self.names.saved_name(name)
+
+    def _model(self, key: str) -> str:
+        return key if self.names is None else self.names.model_name(key)
 
     def finish(self) -> None:
         weight_map, total = {}, 0

@@ -7,6 +7,9 @@ tensor at a time, so a model read block by block gets what loading it whole gets
     layout = StoredLayout(skeleton, checkpoint_keys)
     layout.targets()                                   # the model tensors the checkpoint holds
     layout.read(["model.layers.0.mlp.experts.gate_up_proj"], read_stored, torch.float32)
+
+`SavedNames` goes the other way for the renamings alone: the names `save_pretrained` writes a model's tensors under,
+which a checkpoint written block by block takes too.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.core_model_loading import (
+    PrefixChange,
+    WeightConverter,
+    WeightRenaming,
+    apply_renamings,
+    dot_natural_key,
+    rename_source_key,
+)
 
-__all__ = ["StoredLayout"]
+__all__ = ["SavedNames", "StoredLayout"]
 
 # read_stored(keys, dtype) -> {key: tensor}: stored tensors by their checkpoint names
 ReadStored = Callable[[list[str], torch.dtype | None], dict[str, torch.Tensor]]
@@ -126,3 +136,35 @@ class StoredLayout:
             converter.add_tensor(first, key, pattern, stored.pop(key))
         made = converter.convert(first, config=self._config)
         return {name: value[0] if isinstance(value, list) else value for name, value in made.items()}
+
+
+class SavedNames:
+    """The names `save_pretrained` writes a model's tensors under, where its conversion mapping only renames them
+    (GPT-NeoX's `lm_head` saved as `embed_out`, ViT's `layer.N.attention.q_proj` as `encoder.layer.N.attention.
+    attention.query`, LLaVA's `model.language_model.` as `language_model.model.`): the mapping's renamings reversed,
+    as `transformers.core_model_loading.revert_weight_conversion` applies them, and back (`model_name`).
+
+    Use `SavedNames.of(model)`: None where the model's names are saved as they are, or where the mapping also
+    converts tensors (a mixture of experts' fused experts), whose saved layout is not a renaming."""
+
+    def __init__(self, renamings: list[WeightRenaming]):
+        self._loading = renamings
+        self._saving = [r.reverse_transform() for r in reversed(renamings)]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> SavedNames | None:
+        # the mapping of a model made without `from_pretrained`, as `save_pretrained` takes it for one: no legacy
+        # renamings, no prefix changes (nothing says whether a prefix was stored)
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+        if any(isinstance(t, WeightConverter) for t in transforms):
+            return None
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
+        return cls(renamings) if renamings else None
+
+    def saved_name(self, name: str) -> str:
+        """The key `save_pretrained` writes model tensor `name` (or a compressed layer's tensor in it) under."""
+        return apply_renamings(name, self._saving)
+
+    def model_name(self, key: str) -> str:
+        """The model tensor name of saved `key`."""
+        return apply_renamings(key, self._loading)

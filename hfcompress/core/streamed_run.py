@@ -35,6 +35,7 @@ from .experts import unfuse_experts
 from .memory import release_large_frees
 from .resume import RunProgress, settings_digest
 from .shard_writer import DroppedShards, ShardWriter
+from .stored_layout import SavedNames
 from .streaming import (
     BlockStream,
     ShardedCheckpoint,
@@ -223,7 +224,8 @@ def stream_compress(
     save_dtype = checkpoint.stored_dtype()
     # the maths run in float32 (`core.precision`)
     model = checkpoint.skeleton(task, save_dtype, dense_bitmask=technique.reads_bitmask_layers)
-    if unfuse_experts(model):  # as in memory (`core.experts.run_on_expert_linears`); read expert by expert
+    held_experts = unfuse_experts(model)
+    if held_experts:  # as in memory (`core.experts.run_on_expert_linears`); read expert by expert
         logger.info("mixture-of-experts layers held as one linear per expert")
     _, blocks = find_layer_stack(model)
     free_large_allocations_for(blocks)
@@ -272,7 +274,11 @@ def stream_compress(
     stream = BlockStream(
         model,
         checkpoint,
-        (ShardWriter if is_main() else DroppedShards)(folder, n_shards=len(blocks) + 1),
+        # under the names a run in memory writes: `save_pretrained`'s, but the model's own where experts are held
+        # as linears (`core.experts.keep_checkpoint_names`)
+        (ShardWriter if is_main() else DroppedShards)(
+            folder, n_shards=len(blocks) + 1, names=None if held_experts else SavedNames.of(model)
+        ),
         dtype=save_dtype,
         on_onload=lambda block, prefix: technique.onload(block, prefix, _in_block(targets, prefix)),
         before_write=before_write,

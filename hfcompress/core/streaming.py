@@ -31,7 +31,7 @@ from .memory import trim_heap
 from .packing import dense_from_bitmask
 from .shard_writer import INDEX_FILE, ShardWriter
 from .stored_formats import stored_format
-from .stored_layout import StoredLayout
+from .stored_layout import SavedNames, StoredLayout
 from .tasks import AUTO_CLASSES
 from .tensor_file import SAFETENSORS_DTYPES, read_header, read_tensors
 
@@ -194,11 +194,16 @@ class ShardedCheckpoint:
         if not isinstance(manifest, dict) or manifest.get("quant_method") != "hfcompress":
             return {}
         shapes = {n: t.shape for n, t in model.state_dict().items()}
+        renamed = SavedNames.of(model)
+
+        def stored(key: str) -> str:  # under the model's name, or the one `save_pretrained` writes (LLaVA's)
+            return key if key in self.weight_map or renamed is None else renamed.saved_name(key)
+
         layers = {}
         for layer in manifest.get("sparse") or {}:
-            legacy = f"{layer}.weight_values"
-            values = legacy if legacy in self.weight_map else f"{layer}.weight"
-            layers[f"{layer}.weight"] = (f"{layer}.weight_bitmask", values, shapes[f"{layer}.weight"][1])
+            legacy = stored(f"{layer}.weight_values")
+            values = legacy if legacy in self.weight_map else stored(f"{layer}.weight")
+            layers[f"{layer}.weight"] = (stored(f"{layer}.weight_bitmask"), values, shapes[f"{layer}.weight"][1])
         return layers
 
     def _stored_dtypes(self) -> dict[str, torch.dtype]:

@@ -57,7 +57,7 @@ def correct_shards(
     ranks = corrected_ranks(kept, {name: shapes[name] for name in kept}, budget)
     by_shard: dict[int, dict[str, int]] = {}
     for index in range(writer.n_shards):
-        keys = set(tensor_names(writer.folder / writer.shard_name(index)))
+        keys = set(writer.keys(index))
         owners = {key.rsplit(".", 1)[0] for key in keys} | {key.rsplit(".", 2)[0] for key in keys if ".base." in key}
         here = {name: rank for name, rank in ranks.items() if name in owners}
         if here:
