@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.linalg import all_finite
 from ..core.registry import compressed_layer_types
+from ..core.stored_layout import SavedNames
 
 __all__ = ["CheckpointError", "check_finite", "check_tensors", "checkpoint_tensors"]
 
@@ -55,25 +56,26 @@ def checkpoint_tensors(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | 
 def check_tensors(model: nn.Module, files) -> int:
     """Check that every compressed layer of `model` (rebuilt from the manifest, weights not loaded yet) finds each
     of its tensors in `files` with its shape and dtype, and that the files hold no tensor of such a layer that it
-    does not have (a manifest edited by hand: `sym`, `act_order`, bits or group size changed). Returns the number
-    of layers checked; layers whose names the files do not use at all are skipped (another naming)."""
+    does not have (a manifest edited by hand: `sym`, `act_order`, bits or group size changed). A layer's tensors
+    are looked for under its own name and under the one `save_pretrained` writes (LLaVA's `language_model.model.`:
+    `core.stored_layout.SavedNames`). Returns the number of layers checked; layers whose names the files do not
+    use at all are skipped (another naming)."""
     tensors = checkpoint_tensors(files)
     if not tensors:
         return 0
     prefixes = _prefixes(model, tensors)
+    renamed = SavedNames.of(model)
     checked = 0
     for name, module in model.named_modules():
         if not isinstance(module, compressed_layer_types()):
             continue
-        prefix = next((p for p in prefixes if any(k.startswith(f"{p}{name}.") for k in tensors)), None)
-        if prefix is None:
+        names = dict.fromkeys([name, name if renamed is None else renamed.saved_module(name)])
+        found = (f"{p}{n}." for n in names for p in prefixes if any(k.startswith(f"{p}{n}.") for k in tensors))
+        stored_as = next(found, None)
+        if stored_as is None:
             continue
         expected = {key: (tuple(t.shape), t.dtype) for key, t in module.state_dict().items()}
-        stored = {
-            key[len(prefix) + len(name) + 1 :]: value
-            for key, value in tensors.items()
-            if key.startswith(f"{prefix}{name}.")
-        }
+        stored = {key[len(stored_as) :]: value for key, value in tensors.items() if key.startswith(stored_as)}
         # floating-point tensors of a layer that does not keep its dtype are cast on loading like any weight
         _compare(
             name, type(module).__name__, expected, stored, exact_floats=getattr(type(module), "KEEPS_DTYPE", False)

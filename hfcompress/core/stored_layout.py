@@ -165,6 +165,11 @@ class SavedNames:
         """The key `save_pretrained` writes model tensor `name` (or a compressed layer's tensor in it) under."""
         return apply_renamings(name, self._saving)
 
+    def saved_module(self, name: str) -> str:
+        """The prefix `save_pretrained` writes module `name`'s tensors under (the renamings match whole keys)."""
+        saved = self.saved_name(f"{name}.weight")
+        return saved.removesuffix(".weight") if saved.endswith(".weight") else name
+
     def model_name(self, key: str) -> str:
         """The model tensor name of saved `key`."""
         return apply_renamings(key, self._loading)

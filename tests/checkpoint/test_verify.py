@@ -156,3 +156,24 @@ def test_a_quantized_layers_bias_loads_in_another_dtype(tmp_path):
     assert torch.equal(layer.bias, model.model.layers[0].self_attn.q_proj.bias.float())
     with torch.no_grad():
         assert torch.isfinite(loaded(input_ids=token_windows(1, 16)).logits).all()
+
+
+def test_a_layer_saved_under_another_name_is_checked_too(tmp_path, capsys):
+    """LLaVA's language model layers are saved as `language_model.model.` (what `save_pretrained` writes): they are
+    held to the manifest as any layer is."""
+    from architectures import BUILDERS
+    from helpers import tiny_tokenizer
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model, out = tmp_path / "llava", tmp_path / "quantized"
+    BUILDERS["LLaVA (language model)"][1]().save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    assert main(["quantize", "rtn", str(model), str(out), "--group-size", "32", "--offload", "none", "-q"]) == 0
+    layer = "model.language_model.layers.0.self_attn.q_proj"
+    assert any(
+        k.startswith("language_model.model.layers.0.self_attn.q_proj.") for k in load_file(out / "model.safetensors")
+    )
+    _edit_config(out, sym=True)  # transformers alone would load it with the zero points left out: silently wrong
+    with pytest.raises(CheckpointError, match=rf"holds \['weight_zero_point'\] for layer '{layer}'"):
+        AutoModelForImageTextToText.from_pretrained(out)
