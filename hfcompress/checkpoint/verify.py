@@ -65,17 +65,23 @@ def check_tensors(model: nn.Module, files) -> int:
         return 0
     prefixes = _prefixes(model, tensors)
     renamed = SavedNames.of(model)
+    # each key under every module name it lies in: a layer's keys are found at once, not by scanning every key
+    # for each of a mixture of experts' tens of thousands of layers
+    under: dict[str, list[str]] = {}
+    for key in tensors:
+        parts = key.split(".")
+        for end in range(1, len(parts)):
+            under.setdefault(".".join(parts[:end]), []).append(key)
     checked = 0
     for name, module in model.named_modules():
         if not isinstance(module, compressed_layer_types()):
             continue
         names = dict.fromkeys([name, name if renamed is None else renamed.saved_module(name)])
-        found = (f"{p}{n}." for n in names for p in prefixes if any(k.startswith(f"{p}{n}.") for k in tensors))
-        stored_as = next(found, None)
+        stored_as = next((f"{p}{n}" for n in names for p in prefixes if f"{p}{n}" in under), None)
         if stored_as is None:
             continue
         expected = {key: (tuple(t.shape), t.dtype) for key, t in module.state_dict().items()}
-        stored = {key[len(stored_as) :]: value for key, value in tensors.items() if key.startswith(stored_as)}
+        stored = {key[len(stored_as) + 1 :]: tensors[key] for key in under[stored_as]}
         # floating-point tensors of a layer that does not keep its dtype are cast on loading like any weight
         _compare(
             name, type(module).__name__, expected, stored, exact_floats=getattr(type(module), "KEEPS_DTYPE", False)
