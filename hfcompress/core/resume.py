@@ -75,7 +75,7 @@ class RunProgress:
     def step_back(self, state: dict, prefix: str, calibrated: bool = True) -> dict | None:
         """`state` (as `load` gave it) one block earlier, the block `prefix` to be done again; a `calibrated` run
         from the inputs the save before named (kept until every rank had saved past them:
-        `core.streaming.BlockStream.offload`). None for the first block of a calibrated run (its inputs are
+        `core.block_stream.BlockStream.offload`). None for the first block of a calibrated run (its inputs are
         captured again)."""
         if calibrated and (state["blocks_done"] == 1 or state.get("previous") is None):
             return None

@@ -29,6 +29,7 @@ from transformers.utils.logging import tqdm
 
 from ..data import calibration_data
 from .activations import INPUTS, OUTPUTS, SpilledActivations, check_spill_space
+from .block_stream import BlockStream
 from .capture import BlockInputs, capture_block_inputs, with_hidden_states
 from .distributed import extremes, is_main, world_size
 from .experts import unfuse_experts
@@ -37,7 +38,6 @@ from .resume import RunProgress, settings_digest
 from .shard_writer import DroppedShards, ShardWriter
 from .stored_layout import SavedNames
 from .streaming import (
-    BlockStream,
     ShardedCheckpoint,
     output_names,
     release,

@@ -1,11 +1,10 @@
 """Models bigger than memory: the model as a skeleton on the meta device, whose weights are read from the
-checkpoint's safetensors shards one block at a time, and a writer that puts each finished block into the output
-folder's shards at once and frees it.
+checkpoint's safetensors shards one block at a time (`core.block_stream` puts each block in memory and takes it
+out again).
 
     checkpoint = ShardedCheckpoint(path)
     model = checkpoint.skeleton()                    # no weights in memory
-    stream = BlockStream(model, checkpoint, ShardWriter(folder, n_shards=len(blocks) + 1))
-    for block, prefix, solved in calibrate_blocks(..., stream=stream): ...
+    checkpoint.materialize(model, stored_names(model, "model.layers.0"), torch.float32)
 
 Shards are opened for one read and closed again: a memory map left open keeps every page it touched resident.
 """
@@ -25,19 +24,15 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 
-from .distributed import barrier
-from .experts import expert_sources, stored_state
-from .memory import trim_heap
+from .experts import expert_sources
 from .packing import dense_from_bitmask
-from .shard_writer import INDEX_FILE, ShardWriter
+from .shard_writer import INDEX_FILE
 from .stored_formats import stored_format
 from .stored_layout import SavedNames, StoredLayout
 from .tasks import AUTO_CLASSES
 from .tensor_file import SAFETENSORS_DTYPES, read_header, read_tensors
 
 __all__ = [
-    "BlockStream",
-    "ReadingStream",
     "ShardedCheckpoint",
     "output_names",
     "release",
@@ -329,74 +324,3 @@ def release(module: nn.Module) -> None:
     for submodule in module.modules():
         if hasattr(submodule, "drop_kernel"):
             submodule.drop_kernel()
-
-
-class BlockStream:
-    """Onloads each block from `checkpoint` (floating tensors as `dtype`) before the block driver uses it, and
-    once the caller is done with it writes it to `writer`'s shard of that block and frees it.
-    `on_onload(block, prefix)` runs after each onload (to plan the block's layers), `before_write(block, prefix)`
-    before each write (to cast what stayed dense to the checkpoint's dtype), `after_write(block, prefix, written,
-    next_inputs)` after it (to record the progress of a resumable run). `start`: the shard index of the first
-    block it is given (blocks a resumed run skips were written before)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        checkpoint: ShardedCheckpoint,
-        writer: ShardWriter,
-        dtype: torch.dtype = torch.float32,
-        on_onload=None,
-        before_write=None,
-        after_write=None,
-        start: int = 0,
-    ):
-        self.model = model
-        self.checkpoint = checkpoint
-        self.writer = writer
-        self.dtype = dtype
-        self.on_onload = on_onload
-        self.before_write = before_write
-        self.after_write = after_write
-        self.written = start
-
-    def onload(self, block: nn.Module, prefix: str) -> None:
-        self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
-        if self.on_onload is not None:
-            self.on_onload(block, prefix)
-
-    def reload(self, block: nn.Module, prefix: str) -> None:
-        """Read the block's original weights again (after a calibration that changed them was abandoned)."""
-        self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
-
-    def offload(self, block: nn.Module, prefix: str, next_inputs=None) -> None:
-        """Write the finished block and free it; `next_inputs` are the next block's inputs (for `after_write`)."""
-        if self.before_write is not None:
-            self.before_write(block, prefix)
-        self.writer.write(self.written, stored_state(block, prefix))
-        self.written += 1
-        if self.after_write is not None:
-            self.after_write(block, prefix, self.written, next_inputs)
-        # across processes, no rank drops this block's inputs before every rank saved its progress past it: a
-        # rank that a kill leaves a block ahead can then step back to the others (`core.streamed_run`)
-        barrier()
-        release(block)
-        trim_heap()  # otherwise the heap keeps about a block per block
-
-
-class ReadingStream:
-    """A `BlockStream` that writes nothing: onloads each block from `checkpoint` (floating tensors as `dtype`) and
-    frees it when the caller is done, for passes that measure a model without changing its checkpoint."""
-
-    def __init__(self, model: nn.Module, checkpoint: ShardedCheckpoint, dtype: torch.dtype = torch.float32):
-        self.model = model
-        self.checkpoint = checkpoint
-        self.dtype = dtype
-
-    def onload(self, block: nn.Module, prefix: str) -> None:
-        self.checkpoint.materialize(self.model, stored_names(self.model, prefix), self.dtype)
-
-    reload = onload
-
-    def offload(self, block: nn.Module, prefix: str, next_inputs=None) -> None:
-        release(block)
-        trim_heap()

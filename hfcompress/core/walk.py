@@ -1,7 +1,7 @@
 """The walk over a model's blocks that every calibrated technique runs on: capture the first block's inputs,
 then calibrate each block in turn (`core.calibration.calibrate_block`) on the previous blocks' outputs as they
 were solved, one or several calibration streams at once, with the blocks optionally onloaded from disk and
-written out one at a time (`core.streaming.BlockStream`)."""
+written out one at a time (`core.block_stream.BlockStream`)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def calibrate_blocks(
     Yields `(block, prefix, solved)` after each block with targets, before its outputs move on, so the caller
     can swap in the compressed modules. Blocks of one type with the same targets share one trace.
 
-    With a `stream` (`core.streaming.BlockStream`), `stream.onload(block, prefix)` runs before a block is used
+    With a `stream` (`core.block_stream.BlockStream`), `stream.onload(block, prefix)` runs before a block is used
     and `stream.offload(block, prefix, next_inputs)` once the caller is done with it (after the caller's loop
     body, with the next block's inputs): the model's blocks can then live on disk, one in memory at a time.
     `inputs`: the first block's inputs, when the caller captured them already (default: captured here from

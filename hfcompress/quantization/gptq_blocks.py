@@ -127,7 +127,7 @@ def quantize_blocks(
 ) -> set[str]:
     """Quantize every target inside `blocks` with GPTQ, replacing it by a `QuantLinear` (a `SparseQuantLinear`
     where its plan has a mask); returns their names. `plans` maps full names to `LayerPlan`s (default: the
-    config's grid everywhere). With a `stream` (`core.streaming.BlockStream`) the blocks are onloaded from disk
+    config's grid everywhere). With a `stream` (`core.block_stream.BlockStream`) the blocks are onloaded from disk
     and written out one at a time; `inputs` are the first block's inputs if already captured; `replay` trades
     activations held for compute (see `core.calibration.calibrate_block`); `spill` is a folder to keep the
     blocks' inputs and outputs in instead of memory (`core.walk.calibrate_blocks`). Experts of a mixture-of-experts layer

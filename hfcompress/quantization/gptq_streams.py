@@ -84,7 +84,7 @@ def quantize_streams(
     `batches` (token ids) replaces `config.dataset` when given.
 
     For a model skeleton streamed from its checkpoint: `disk` onloads and frees each block
-    (`core.streaming.ReadingStream`), `inputs` are the first block's inputs and `spill` the folder the
+    (`core.block_stream.ReadingStream`), `inputs` are the first block's inputs and `spill` the folder the
     activations are kept in (as `core.walk.calibrate_streams` takes them); each block's layers are planned once
     it is onloaded (sparsity masks), and the layers outside the stack are left out. Without `keep_codes`, each
     result keeps its output errors only (`quantized` is None): the codes of every layer at every width would be

@@ -1,6 +1,6 @@
 """The sensitivity pass of the GPTQ search (`search_gptq.py`) on a model streamed from its checkpoint, for models
 that memory would not hold: each layer's GPTQ output errors at every width from one walk over the blocks read
-from disk (`quantization.gptq_streams.quantize_streams` with a `core.streaming.ReadingStream`), weighted by the
+from disk (`quantization.gptq_streams.quantize_streams` with a `core.block_stream.ReadingStream`), weighted by the
 Fisher information from a backward pass streamed the same way (`core.streamed_fisher`). The scores are those the
 search computes on the model loaded whole; the knapsack (`search_gptq.allocate_bits`) then needs only them.
 
@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from ..core.activations import SpilledActivations
+from ..core.block_stream import ReadingStream
 from ..core.streamed_fisher import streamed_output_fisher
 from ..core.streamed_run import capture_first_inputs, free_large_allocations_for, stored_outside
-from ..core.streaming import ReadingStream, ShardedCheckpoint
+from ..core.streaming import ShardedCheckpoint
 from ..core.structure import find_layer_stack
 from ..core.walk import block_prefixes
 from ..data import calibration_data

@@ -68,17 +68,17 @@ def test_a_streamed_codebook_run_that_failed_midway_resumes_to_the_same_output(m
 def test_a_streamed_run_keeps_no_kernel_of_a_written_block(model, tmp_path, monkeypatch):
     """Each written block runs its codebook layers (the next block's inputs) through kernels that repack the
     codes; freeing the block must drop them too, or the run grows by those copies block after block."""
-    from hfcompress.core import streaming
+    from hfcompress.core import block_stream
     from hfcompress.quantization.codebook_linear import CodebookLinear
 
     released = []
-    original = streaming.release
+    original = block_stream.release
 
     def release(module):
         original(module)
         released.extend(m for m in module.modules() if isinstance(m, CodebookLinear))
 
-    monkeypatch.setattr(streaming, "release", release)  # what BlockStream calls as it frees a written block
+    monkeypatch.setattr(block_stream, "release", release)  # what BlockStream calls as it frees a written block
     config = KMeansConfig(bits=3, iters=4, dataset=token_windows(8, 32))
     compress_folder(model, tmp_path / "disk", config, OutputOptions(offload="disk"))
     assert released and all(m._kernel is None and m._kernel_key is None for m in released)
