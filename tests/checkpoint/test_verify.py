@@ -158,7 +158,7 @@ def test_a_quantized_layers_bias_loads_in_another_dtype(tmp_path):
         assert torch.isfinite(loaded(input_ids=token_windows(1, 16)).logits).all()
 
 
-def test_a_layer_saved_under_another_name_is_checked_too(tmp_path, capsys):
+def test_a_layer_saved_under_another_name_is_checked_too(tmp_path):
     """LLaVA's language model layers are saved as `language_model.model.` (what `save_pretrained` writes): they are
     held to the manifest as any layer is."""
     from architectures import BUILDERS
