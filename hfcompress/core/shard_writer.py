@@ -27,7 +27,8 @@ class ShardWriter:
     """Writes a model's tensors into `n_shards` safetensors files as they are finished, then the index that
     `from_pretrained` reads (built from the shards on disk, so a resumed run indexes what an earlier one wrote).
     Tensors are given and read back under the model's names; with `names`, the files hold them under the names
-    `save_pretrained` writes (`core.stored_layout.SavedNames`), as a model saved whole has them."""
+    and in the layout `save_pretrained` writes (`core.stored_layout.SavedNames`), as a model saved whole has them
+    (tensors it converts are read back in that layout, and written again as they were)."""
 
     def __init__(self, folder: str | os.PathLike, n_shards: int, names: SavedNames | None = None):
         self.folder = Path(folder)
@@ -41,10 +42,10 @@ class ShardWriter:
         """Write shard `index` (0-based) holding `tensors` (a temporary file renamed into place)."""
         if not 0 <= index < self.n_shards:
             raise ValueError(f"shard index must be in [0, {self.n_shards}), got {index}")
+        saved = tensors if self.names is None else self.names.saved(tensors)
         # safetensors refuses views that share memory: each tensor gets its own contiguous storage
         owned = {
-            self._saved(k): v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous()
-            for k, v in tensors.items()
+            k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in saved.items()
         }
         save_atomic(owned, self.folder / self.shard_name(index))
 
@@ -57,9 +58,6 @@ class ShardWriter:
         written again)."""
         path = self.folder / self.shard_name(index)
         return {self._model(key): tensor for key, tensor in read_tensors(path, tensor_names(path)).items()}
-
-    def _saved(self, name: str) -> str:
-        return name if self.names is None else self.names.saved_name(name)
 
     def _model(self, key: str) -> str:
         return key if self.names is None else self.names.model_name(key)

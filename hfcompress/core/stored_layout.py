@@ -8,8 +8,8 @@ tensor at a time, so a model read block by block gets what loading it whole gets
     layout.targets()                                   # the model tensors the checkpoint holds
     layout.read(["model.layers.0.mlp.experts.gate_up_proj"], read_stored, torch.float32)
 
-`SavedNames` goes the other way for the renamings alone: the names `save_pretrained` writes a model's tensors under,
-which a checkpoint written block by block takes too.
+`SavedNames` goes the other way: the names and layout `save_pretrained` writes a model's tensors under, which a
+checkpoint written block by block takes too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from transformers.core_model_loading import (
     apply_renamings,
     dot_natural_key,
     rename_source_key,
+    revert_weight_conversion,
 )
 
 __all__ = ["SavedNames", "StoredLayout"]
@@ -139,30 +140,41 @@ class StoredLayout:
 
 
 class SavedNames:
-    """The names `save_pretrained` writes a model's tensors under, where its conversion mapping only renames them
-    (GPT-NeoX's `lm_head` saved as `embed_out`, ViT's `layer.N.attention.q_proj` as `encoder.layer.N.attention.
-    attention.query`, LLaVA's `model.language_model.` as `language_model.model.`): the mapping's renamings reversed,
-    as `transformers.core_model_loading.revert_weight_conversion` applies them, and back (`model_name`).
+    """The names and layout `save_pretrained` writes a model's tensors under: the conversion mapping's renamings
+    reversed, as `transformers.core_model_loading.revert_weight_conversion` applies them (GPT-NeoX's `lm_head`
+    saved as `embed_out`, ViT's `layer.N.attention.q_proj` as `encoder.layer.N.attention.attention.query`, LLaVA's
+    `model.language_model.` as `language_model.model.`), and back (`model_name`); where the mapping also converts
+    tensors, `saved` converts them back as well (a mixture of experts' fused `mlp.experts.gate_up_proj` split into
+    Mixtral's `block_sparse_moe.experts.N.w1.weight` and `.w3.`, one per expert).
 
-    Use `SavedNames.of(model)`: None where the model's names are saved as they are, or where the mapping also
-    converts tensors (a mixture of experts' fused experts), whose saved layout is not a renaming."""
+    Use `SavedNames.of(model)`: None where the model's tensors are saved as they are."""
 
-    def __init__(self, renamings: list[WeightRenaming]):
+    def __init__(self, renamings: list[WeightRenaming], converting: nn.Module | None = None):
         self._loading = renamings
         self._saving = [r.reverse_transform() for r in reversed(renamings)]
+        self._converting = converting  # the model whose conversions `saved` reverts, where it has any
 
     @classmethod
     def of(cls, model: nn.Module) -> SavedNames | None:
         # the mapping of a model made without `from_pretrained`, as `save_pretrained` takes it for one: no legacy
         # renamings, no prefix changes (nothing says whether a prefix was stored)
         transforms = get_model_conversion_mapping(model, add_legacy=False)
-        if any(isinstance(t, WeightConverter) for t in transforms):
-            return None
         renamings = [t for t in transforms if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
-        return cls(renamings) if renamings else None
+        converts = any(isinstance(t, WeightConverter) for t in transforms)
+        if not renamings and not converts:
+            return None
+        return cls(renamings, model if converts else None)
+
+    def saved(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` (by model names; each conversion's inputs all among them, as a block's are) as
+        `save_pretrained` writes them."""
+        if self._converting is None:
+            return {self.saved_name(name): tensor for name, tensor in tensors.items()}
+        return revert_weight_conversion(self._converting, tensors)
 
     def saved_name(self, name: str) -> str:
-        """The key `save_pretrained` writes model tensor `name` (or a compressed layer's tensor in it) under."""
+        """The key `save_pretrained` writes model tensor `name` (or a compressed layer's tensor in it) under, for
+        a tensor that is only renamed (a converted one is written as `saved` writes it)."""
         return apply_renamings(name, self._saving)
 
     def saved_module(self, name: str) -> str:
@@ -171,5 +183,6 @@ class SavedNames:
         return saved.removesuffix(".weight") if saved.endswith(".weight") else name
 
     def model_name(self, key: str) -> str:
-        """The model tensor name of saved `key`."""
+        """The model tensor name of saved `key`; a tensor `saved` converted keeps its saved layout under the
+        renamed key (`mlp.experts.N.w1.weight`), which `saved` writes back as it was."""
         return apply_renamings(key, self._loading)

@@ -74,6 +74,9 @@ class StreamedTechnique:
     # whether layers an hfcompress checkpoint stores as bitmask + values are read as dense linears to compress
     # again (`ShardedCheckpoint.skeleton(dense_bitmask=True)`); otherwise such a checkpoint is refused
     reads_bitmask_layers = False
+    # whether the targets are written as plain linears (pruned weights stored dense, a smoothing pass): experts
+    # left so are written as `save_pretrained` writes a model's fused experts, not held as linears
+    writes_plain_layers = False
 
     def __init__(self, config, tokenizer=None):
         self.config = config
@@ -224,12 +227,16 @@ def stream_compress(
     save_dtype = checkpoint.stored_dtype()
     # the maths run in float32 (`core.precision`)
     model = checkpoint.skeleton(task, save_dtype, dense_bitmask=technique.reads_bitmask_layers)
-    held_experts = unfuse_experts(model)
-    if held_experts:  # as in memory (`core.experts.run_on_expert_linears`); read expert by expert
+    unfused = unfuse_experts(model)
+    if unfused:  # as in memory (`core.experts.run_on_expert_linears`); read expert by expert
         logger.info("mixture-of-experts layers held as one linear per expert")
     _, blocks = find_layer_stack(model)
     free_large_allocations_for(blocks)
     targets = technique.targets(model)
+    # experts with compressed linears (`<experts>.gate_up_proj.3`) keep the model's names, as in memory
+    # (`core.experts.keep_checkpoint_names`); otherwise the files take `save_pretrained`'s names and layout
+    compressed = {} if technique.writes_plain_layers else targets
+    holds_experts = bool({name.rsplit(".", 2)[0] for name in compressed} & set(unfused))
     prefixes = block_prefixes(model, blocks)
     batches = technique.calibration_data(model) if technique.calibrated else None
     if batches is not None:
@@ -274,10 +281,8 @@ def stream_compress(
     stream = BlockStream(
         model,
         checkpoint,
-        # under the names a run in memory writes: `save_pretrained`'s, but the model's own where experts are held
-        # as linears (`core.experts.keep_checkpoint_names`)
         (ShardWriter if is_main() else DroppedShards)(
-            folder, n_shards=len(blocks) + 1, names=None if held_experts else SavedNames.of(model)
+            folder, n_shards=len(blocks) + 1, names=None if holds_experts else SavedNames.of(model)
         ),
         dtype=save_dtype,
         on_onload=lambda block, prefix: technique.onload(block, prefix, _in_block(targets, prefix)),

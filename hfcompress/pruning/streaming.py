@@ -51,6 +51,10 @@ class _Pruning(StreamedTechnique):
     def calibrated(self) -> bool:
         return self.config.method != "magnitude"
 
+    @property
+    def writes_plain_layers(self) -> bool:
+        return not self.bitmask
+
     def targets(self, model):
         targets = pruning_targets(model, self.config)
         self.stack, _ = find_layer_stack(model)

@@ -145,6 +145,8 @@ class SmoothingOnly:
     no layer is quantized and nothing is recorded, for a first pass whose output another run quantizes
     (`core.two_pass.stream_twice`)."""
 
+    writes_plain_layers = True
+
     def compress_layer(self, model, name, module):
         pass
 

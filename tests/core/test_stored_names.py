@@ -105,7 +105,6 @@ def test_saved_names_are_save_pretrained_renamings_and_back(tmp_path):
         neox = BUILDERS["GPT-NeoX"][1]()
         names = SavedNames.of(neox)
         assert SavedNames.of(BUILDERS["Llama"][1]()) is None  # saved under its own names
-        assert SavedNames.of(BUILDERS["Mixtral"][1]()) is None  # its experts are converted, not renamed
     assert names.saved_name("lm_head.weight") == "embed_out.weight"
     assert names.saved_name("lm_head.qweight") == "embed_out.qweight"  # a compressed layer's tensors too
     for key in neox.state_dict():
@@ -114,6 +113,22 @@ def test_saved_names_are_save_pretrained_renamings_and_back(tmp_path):
     writer.write(0, {"lm_head.weight": torch.ones(2, 2), "gpt_neox.final_layer_norm.weight": torch.ones(2)})
     assert set(read_safetensors(tmp_path)) == {"embed_out.weight", "gpt_neox.final_layer_norm.weight"}
     assert set(writer.read(0)) == set(writer.keys(0)) == {"lm_head.weight", "gpt_neox.final_layer_norm.weight"}
+
+
+def test_a_block_of_fused_experts_is_written_as_save_pretrained_writes_it_and_rewritten_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    mixtral = BUILDERS["Mixtral"][1]()
+    mixtral.save_pretrained(tmp_path / "whole")
+    whole = {k: v for k, v in read_safetensors(tmp_path / "whole").items() if k.startswith("model.layers.1.")}
+    assert "model.layers.1.block_sparse_moe.experts.3.w1.weight" in whole  # one tensor per expert, renamed
+    writer = ShardWriter(tmp_path / "shards", n_shards=1, names=SavedNames.of(mixtral))
+    (tmp_path / "shards").mkdir()
+    writer.write(0, {k: v for k, v in mixtral.state_dict().items() if k.startswith("model.layers.1.")})
+    written = read_safetensors(tmp_path / "shards")
+    assert written.keys() == whole.keys() and all(torch.equal(written[k], whole[k]) for k in whole)
+    writer.write(0, writer.read(0))  # read back in that layout (as a compensated run rewrites its shards)
+    again = read_safetensors(tmp_path / "shards")
+    assert again.keys() == whole.keys() and all(torch.equal(again[k], whole[k]) for k in whole)
 
 
 def test_a_compensated_streamed_run_rewrites_its_shards_under_the_saved_names(tmp_path):

@@ -1,7 +1,8 @@
 """Mixture-of-experts models streamed from disk. Their checkpoints store each expert's projections as tensors of
 their own (Mixtral under other names too, Qwen2-MoE beside a shared expert, DeepSeek-V3 after a dense block) or
 fused (GPT-OSS, transposed, with biases), which loading converts into 3-D tensors (`core.stored_layout`); streamed,
-each block's experts are read as one linear each and the run writes what the run in memory writes."""
+each block's experts are read as one linear each and the run writes what the run in memory writes (experts left
+plain in the original checkpoint's layout, as `save_pretrained` writes them)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,16 @@ def test_a_checkpoint_stored_under_the_models_names_reads_as_it_is(models):
     assert checkpoint.layout.is_identity()
 
 
+DENSE = "re:.*experts.*"
 CONFIGS = {
     "gptq": lambda: GPTQConfig(bits=4, group_size=32, dataset=token_windows(8, 32)),
     "rtn": lambda: RTNConfig(bits=4, group_size=32),
-    "rtn-experts-dense": lambda: RTNConfig(bits=4, group_size=32, modules_to_not_convert=["re:.*experts.*"]),
+    "rtn-experts-dense": lambda: RTNConfig(bits=4, group_size=32, modules_to_not_convert=[DENSE]),
+    "gptq-compensated-experts-dense": lambda: GPTQConfig(
+        bits=4, group_size=32, dataset=token_windows(4, 16), lowrank_compensation=2, modules_to_not_convert=[DENSE]
+    ),
     "wanda": lambda: OneShotPruningConfig(method="wanda", sparsity=0.5, dataset=token_windows(4, 16)),
+    "magnitude-experts-dense": lambda: OneShotPruningConfig(method="magnitude", sparsity=0.5),
     "svd": lambda: LowRankConfig(method="svd", param_ratio=0.6, allocation="uniform"),
     "awq-gptq": lambda: AWQConfig(bits=3, group_size=32, n_grid=2, dataset=token_windows(4, 16), weights="gptq"),
     "kmeans": lambda: KMeansConfig(bits=3, iters=4),
@@ -69,6 +75,11 @@ CASES = [
     ("mixtral", "svd"),
     ("mixtral", "awq-gptq"),  # two passes: the first writes its experts fused, the second reads them back
     ("mixtral", "rtn-experts-dense"),
+    ("mixtral", "gptq-compensated-experts-dense"),
+    (
+        "qwen2_moe",
+        "magnitude-experts-dense",
+    ),  # pruned, stored as plain weights  # the shards rewritten with the corrections, experts read back
     ("qwen2_moe", "gptq"),
     ("gpt_oss", "rtn"),
     ("deepseek_v3", "kmeans"),
@@ -77,20 +88,22 @@ CASES = [
 
 @pytest.mark.parametrize(("arch", "method"), CASES)
 def test_streaming_writes_what_memory_writes(models, tmp_path, arch, method):
-    memory = compress_folder(models[arch], tmp_path / "memory", CONFIGS[method]())
-    disk = compress_folder(models[arch], tmp_path / "disk", CONFIGS[method](), OutputOptions(offload="disk"))
+    step = {"storage": "dense"} if method.startswith("magnitude") else {}
+    memory = compress_folder(models[arch], tmp_path / "memory", CONFIGS[method](), **step)
+    disk = compress_folder(models[arch], tmp_path / "disk", CONFIGS[method](), OutputOptions(offload="disk"), **step)
     config = json.loads((disk / "config.json").read_text())
     assert config == json.loads((memory / "config.json").read_text())
     record = json.loads((disk / "hfcompress_record.json").read_text())
     assert record["steps"][-1]["config"]["offload"] == "disk"
     expected, streamed = read_safetensors(memory), read_safetensors(disk)
     held = (config.get("quantization_config") or {}).get("experts")
-    if method == "rtn-experts-dense":
-        # the experts stay plain: saved in memory, transformers writes them back in the original checkpoint's
-        # layout; streamed, they are written as the fused tensors of the model (names loading keeps as they are)
-        assert not held and any(key.endswith("mlp.experts.gate_up_proj") for key in streamed)
-        expected = AutoModelForCausalLM.from_pretrained(memory).state_dict()
-        streamed = AutoModelForCausalLM.from_pretrained(disk).state_dict()
+    if method.endswith("experts-dense"):
+        # the experts stay plain: written as transformers saves them, in the original checkpoint's layout (one
+        # tensor per expert; Mixtral's under `block_sparse_moe.`, its router too)
+        assert not held and any(".experts.3." in key for key in streamed)
+        assert not any(key.endswith(("experts.gate_up_proj", "experts.down_proj")) for key in streamed)
+        assert arch != "mixtral" or not any(".mlp." in key for key in streamed)
+        assert any(key.endswith(".up.weight") for key in streamed) == ("compensated" in method)
     else:  # each expert a compressed layer of its own
         assert held and not any(key.endswith("mlp.experts.gate_up_proj") for key in streamed)
     assert streamed.keys() == expected.keys()
