@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 
 def check_model_for_format(model: str | os.PathLike, config, format: str = "hfcompress") -> None:
     """Refuse, with the reason, a local `model` whose compressed-tensors checkpoint transformers could not load:
-    a model type it fails on, linears of another class than `nn.Linear` (GPT-2's `Conv1D`), experts with no
-    per-expert checkpoint layout (GPT-OSS), or W8A8 experts. Nothing for other formats, Hub ids, or models whose
-    config transformers cannot build offline (their save checks them)."""
+    a model type it fails on, linears of another class than `nn.Linear` (GPT-2's `Conv1D`), and experts to be
+    quantized with no per-expert checkpoint layout (GPT-OSS) or with W8A8 (experts left plain are written as
+    they are: `quantization.export`). Nothing for other formats, Hub ids, or models whose config transformers
+    cannot build offline (their save checks them)."""
     path = os.fspath(model)
     if format != "compressed-tensors" or not os.path.isfile(os.path.join(path, "config.json")):
         return
@@ -63,7 +64,8 @@ def check_model_for_format(model: str | os.PathLike, config, format: str = "hfco
             "layers (GPT-2's Conv1D stores its weight transposed; Falcon's FalconLinear is a class of its own). Save "
             "with --format hfcompress"
         )
-    if expert_modules(skeleton):
+    experts = expert_modules(skeleton)
+    if any(name.rsplit(".", 2)[0] in experts for name in linears):  # experts quantized (`<experts>.gate_up_proj.3`)
         expert_checkpoint_names(skeleton)  # raises where the checkpoint keeps the experts fused
         if getattr(config, "technique", None) == "w8a8":
             raise ValueError(

@@ -10,9 +10,10 @@ import re
 import torch.nn as nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 
-from ..core.experts import expert_modules
+from ..core.experts import expert_modules, is_fused_experts
+from ..core.stored_layout import SavedNames
 
-__all__ = ["expert_checkpoint_names", "split_rows"]
+__all__ = ["expert_checkpoint_names", "plain_expert_patterns", "split_rows"]
 
 _PER_EXPERT_SOURCE = re.compile(r".*experts\.\*\.(\w+)\.weight")
 # what transformers does to per-expert tensors to build a fused one: stack the experts (dim 0), then, for several
@@ -47,6 +48,31 @@ def expert_checkpoint_names(model: nn.Module) -> dict[str, list[str]]:
             for e in range(experts.num_experts):
                 names[f"{prefix}.{projection}.{e}"] = [f"{prefix}.{e}.{leaf}" for leaf in leaves]
     return names
+
+
+def plain_expert_patterns(model: nn.Module) -> list[str]:
+    """One `re:` pattern per fused experts module of `model` (experts no technique compressed) matching the names
+    of its per-expert linears as the checkpoint stores them (Mixtral's `model.layers.0.block_sparse_moe.experts.3.w1`,
+    `save_pretrained`'s renaming included), for compressed-tensors' `ignore`: vLLM takes such experts as plain
+    only when their names are ignored (it looks up expert 0's). None for experts stored fused (GPT-OSS: the
+    fused tensors are under the module's own name, which no per-expert name matches)."""
+    fused = {name: module for name, module in model.named_modules() if is_fused_experts(module)}
+    if not fused:
+        return []
+    converters = [
+        c for c in get_model_conversion_mapping(model, add_legacy=False) if type(c).__name__ == "WeightConverter"
+    ]
+    saved = SavedNames.of(model)
+    patterns = []
+    for prefix, experts in fused.items():
+        projections = [p for p in ("gate_up_proj", "up_proj", "down_proj") if hasattr(experts, p)]
+        leaves = [_per_expert_leaves(converters, projection) for projection in projections]
+        if not leaves or any(found is None for found in leaves):
+            continue
+        stored = prefix if saved is None else saved.saved_module(prefix)
+        names = "|".join(leaf for found in leaves for leaf in found)
+        patterns.append(rf"re:^{re.escape(stored)}\.\d+\.({names})$")
+    return patterns
 
 
 def _per_expert_leaves(converters, projection: str) -> list[str] | None:

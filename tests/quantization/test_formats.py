@@ -2,6 +2,7 @@
 loaded without hfcompress. Loading runs in a fresh interpreter that never imports hfcompress."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,33 @@ def test_asymmetric_grids_export_zero_points_compressed_tensors_reads(tmp_path, 
     ids = token_windows(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tmp_path, caplog):
+    """W8A8 attention beside unquantized experts: vLLM serves the experts as plain only when `ignore` names them
+    as it does (Mixtral's `block_sparse_moe.experts.0.w1`; tests/quantization/test_vllm_serving.py serves it);
+    the command's check before loading no longer refuses W8A8 where no expert is quantized."""
+    from hfcompress.quantization.ct_preflight import check_model_for_format
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "float")
+    config = hfcompress.W8A8Config(dataset=token_windows(), modules_to_not_convert=["re:.*experts.*", "lm_head"])
+    check_model_for_format(tmp_path / "float", config, "compressed-tensors")
+    with pytest.raises(ValueError, match="not W8A8 int8 ones"):
+        check_model_for_format(tmp_path / "float", hfcompress.W8A8Config(dataset=token_windows()), "compressed-tensors")
+    quantized = hfcompress.quantize(model, config)
+    save_quantized(quantized, tmp_path / "ct", format="compressed-tensors")
+    assert "written unquantized, named in `ignore`" in caplog.text
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    stored = {key.removesuffix(".weight") for key in load_file(tmp_path / "ct" / "model.safetensors")}
+    experts = sorted(name for name in stored if ".experts." in name)
+    assert experts and experts[0].startswith("model.layers.0.block_sparse_moe.experts.")
+    for name in stored:  # every expert linear, as stored, is ignored; nothing else is by a pattern
+        assert any(re.match(p[3:], name) for p in ignore if p.startswith("re:")) == (name in experts), name
+    loaded = hfcompress.load_compressed_tensors(tmp_path / "ct")
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, quantized(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 def test_load_compressed_tensors_reads_w8a8_and_refuses_what_it_does_not_read(tmp_path):

@@ -3,6 +3,7 @@ gives on the same windows (scripts/serve_vllm.py). vLLM lives in an environment 
 its own torch): set HFCOMPRESS_VLLM_PYTHON to that environment's python; without it the test is skipped."""
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -80,3 +81,48 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
     assert "w8a8" not in unsupported  # its kernel is in every x86 build: only weight-only int may be missing
     if unsupported:
         pytest.skip(f"the others served; vLLM here cannot run {unsupported}")
+
+
+def test_a_mixture_of_experts_with_plain_experts_serves_in_vllm(tmp_path):
+    """W8A8 attention, experts left unquantized: vLLM's CPU build has no quantized mixture-of-experts kernel, but
+    serves plain experts beside int8 linears once `ignore` names them. transformers 5.25 does not load this
+    checkpoint (it decompresses every expert), so the reference is hfcompress's reader of the same files."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256)  # fmt: skip
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(4)
+    text = tmp_path / "text.txt"
+    text.write_text(python_text()[200_000:260_000])
+    folder = tmp_path / "moe-w8a8"
+    plain_experts = ["re:.*experts.*", "lm_head"]
+    model = hfcompress.quantize(
+        model, hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain_experts)
+    )
+    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
+    result = subprocess.run(
+        [VLLM_PYTHON, str(SCRIPT), str(folder), "--text", str(text), "--seq-len", "64", "--max-windows", "32"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(result.stdout)
+    served = json.loads(result.stdout.strip().splitlines()[-1])[str(folder)]
+    assert served["vllm"] is not None, served
+    loaded = hfcompress.load_compressed_tensors(folder, dtype=torch.float32).eval()
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, 32 * 64, 64):  # the windows serve_vllm.py scores
+            window = torch.tensor([ids[start : start + 64]])
+            logprobs = torch.log_softmax(loaded(input_ids=window).logits[0, :-1].float(), dim=-1)
+            nll -= float(logprobs.gather(1, window[0, 1:, None]).sum())
+            count += 63
+    reference = math.exp(nll / count)
+    print(f"vLLM {served['vllm']:.3f}, hfcompress's reader {reference:.3f}: {served['vllm'] / reference - 1:+.2%}")
+    assert abs(served["vllm"] / reference - 1) < 0.01, (served, reference)
