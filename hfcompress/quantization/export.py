@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..core.packing import pack_codes
+from ..core.stored_layout import SavedNames
 from ..core.structure import set_submodule
 from .ct_readers import ZERO_POINT_READERS, installed_reads_zero_points
 from .expert_layout import expert_checkpoint_names, plain_expert_patterns, split_rows
@@ -167,7 +168,12 @@ def compressed_tensors_config(model: nn.Module) -> dict:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     layers = _quantized_layers(model)
-    experts = expert_checkpoint_names(model)
+    saved = SavedNames.of(model)
+    # as the checkpoint stores them (Mixtral's `block_sparse_moe.experts.3.w1`), which vLLM matches targets against
+    experts = {
+        name: parts if saved is None else [saved.saved_module(part) for part in parts]
+        for name, parts in expert_checkpoint_names(model).items()
+    }
     # transformers takes the experts' scheme from the first group that targets layers by name or class
     # (`get_experts_scheme`): theirs goes first; in it, they are named as the checkpoint names them
     first = next(iter(experts), None)

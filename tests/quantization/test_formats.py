@@ -205,6 +205,25 @@ def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tm
         torch.testing.assert_close(loaded(input_ids=ids).logits, quantized(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+def test_config_groups_name_the_experts_as_the_checkpoint_stores_them(tmp_path):
+    """Attention on 8 bits, experts on 4: the groups target layers by name, and vLLM matches those names against
+    its own, which are the stored ones (Mixtral's `block_sparse_moe.experts.0.w1`, not the model's `mlp.`)."""
+    config = hfcompress.RTNConfig(bits=4, group_size=32, sym=True, layer_bits={"re:.*self_attn.*": 8})
+    model = hfcompress.quantize(tiny_model("mixtral"), config)
+    save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    stored = {key.rsplit(".", 1)[0] for key in load_file(tmp_path / "ct" / "model.safetensors")}
+    targets = [name for group in groups.values() for name in group["targets"]]
+    assert any(".block_sparse_moe.experts.0.w1" in name for name in targets)
+    assert set(targets) <= stored, sorted(set(targets) - stored)[:3]
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hfcompress.load_compressed_tensors(tmp_path / "ct")(input_ids=ids).logits,
+            model(input_ids=ids).logits, rtol=0, atol=1e-5,
+        )  # fmt: skip
+
+
 def test_load_compressed_tensors_reads_w8a8_and_refuses_what_it_does_not_read(tmp_path):
     model = hfcompress.quantize(tiny_model("llama"), hfcompress.W8A8Config(dataset=token_windows()))
     save_quantized(model, tmp_path / "w8a8", format="compressed-tensors")
