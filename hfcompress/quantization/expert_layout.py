@@ -54,8 +54,8 @@ def plain_expert_patterns(model: nn.Module) -> list[str]:
     """One `re:` pattern per fused experts module of `model` (experts no technique compressed) matching the names
     of its per-expert linears as the checkpoint stores them (Mixtral's `model.layers.0.block_sparse_moe.experts.3.w1`,
     `save_pretrained`'s renaming included), for compressed-tensors' `ignore`: vLLM takes such experts as plain
-    only when their names are ignored (it looks up expert 0's). None for experts stored fused (GPT-OSS: the
-    fused tensors are under the module's own name, which no per-expert name matches)."""
+    only when their names are ignored (it looks up expert 0's). No pattern for experts stored fused (GPT-OSS:
+    their tensors keep the module's own name, with no per-expert linears to name)."""
     fused = {name: module for name, module in model.named_modules() if is_fused_experts(module)}
     if not fused:
         return []
