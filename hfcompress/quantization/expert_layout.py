@@ -30,9 +30,7 @@ def expert_checkpoint_names(model: nn.Module) -> dict[str, list[str]]:
     held = expert_modules(model)
     if not held:
         return {}
-    converters = [
-        c for c in get_model_conversion_mapping(model, add_legacy=False) if type(c).__name__ == "WeightConverter"
-    ]
+    converters = _converters(model)
     names = {}
     for prefix, experts in held.items():
         for projection in ("gate_up_proj", "up_proj", "down_proj"):
@@ -59,9 +57,7 @@ def plain_expert_patterns(model: nn.Module) -> list[str]:
     fused = {name: module for name, module in model.named_modules() if is_fused_experts(module)}
     if not fused:
         return []
-    converters = [
-        c for c in get_model_conversion_mapping(model, add_legacy=False) if type(c).__name__ == "WeightConverter"
-    ]
+    converters = _converters(model)
     saved = SavedNames.of(model)
     patterns = []
     for prefix, experts in fused.items():
@@ -73,6 +69,11 @@ def plain_expert_patterns(model: nn.Module) -> list[str]:
         names = "|".join(leaf for found in leaves for leaf in found)
         patterns.append(rf"re:^{re.escape(stored)}\.\d+\.({names})$")
     return patterns
+
+
+def _converters(model: nn.Module) -> list:
+    """The tensor conversions of the model's conversion mapping, as `save_pretrained` takes it."""
+    return [c for c in get_model_conversion_mapping(model, add_legacy=False) if type(c).__name__ == "WeightConverter"]
 
 
 def _per_expert_leaves(converters, projection: str) -> list[str] | None:

@@ -30,7 +30,11 @@ def _peaked_model():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    return _peaked(LlamaForCausalLM(config).eval())
+
+
+def _peaked(model):
+    """`model` with every weight but the norms' scaled up: predictions far from uniform, so errors show."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
@@ -93,11 +97,7 @@ def test_a_mixture_of_experts_with_plain_experts_serves_in_vllm(tmp_path):
     config = MixtralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=256)  # fmt: skip
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.mul_(4)
+    model = _peaked(MixtralForCausalLM(config).eval())
     text = tmp_path / "text.txt"
     text.write_text(python_text()[200_000:260_000])
     folder = tmp_path / "moe-w8a8"
