@@ -14,6 +14,7 @@ from helpers import VOCAB, python_text, tiny_tokenizer, token_windows
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hfcompress
+from hfcompress.pruning import OneShotPruningConfig, prune_oneshot
 from hfcompress.quantization.save import save_quantized
 
 VLLM_PYTHON = os.environ.get("HFCOMPRESS_VLLM_PYTHON")
@@ -42,13 +43,31 @@ def _peaked(model):
     return model
 
 
+def _pruned_then_quantized(ids):
+    """Half the weights pruned, then GPTQ that keeps them at zero: compressed-tensors writes its codes dense."""
+    pruned = prune_oneshot(_peaked_model(), OneShotPruningConfig(method="magnitude", sparsity=0.5))
+    return hfcompress.quantize(pruned, hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids))
+
+
 EXPORTS = {
-    "w4-g32": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids),
-    "w4-rtn": lambda ids: hfcompress.RTNConfig(bits=4, group_size=32, sym=True),
-    "w8a8": lambda ids: hfcompress.W8A8Config(dataset=ids),
+    "w4-g32": lambda ids: hfcompress.quantize(
+        _peaked_model(), hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids)
+    ),
+    "w4-rtn": lambda ids: hfcompress.quantize(_peaked_model(), hfcompress.RTNConfig(bits=4, group_size=32, sym=True)),
+    "w8a8": lambda ids: hfcompress.quantize(_peaked_model(), hfcompress.W8A8Config(dataset=ids)),
     # asymmetric (AWQ's usual grid): zero points packed; the vLLM environment's compressed-tensors must read them
     # in transformers (0.17 does, 0.18 to 0.20.1 do not: quantization.ct_readers), else transformers' score fails
-    "awq-w4-asym": lambda ids: hfcompress.AWQConfig(bits=4, group_size=32, dataset=ids),
+    "awq-w4-asym": lambda ids: hfcompress.quantize(
+        _peaked_model(), hfcompress.AWQConfig(bits=4, group_size=32, dataset=ids)
+    ),
+    "pruned-w4": _pruned_then_quantized,
+    # the MLPs left in float: `ignore` names them and vLLM runs them unquantized beside the 4-bit attention
+    "w4-attention-only": lambda ids: hfcompress.quantize(
+        _peaked_model(),
+        hfcompress.GPTQConfig(
+            bits=4, group_size=32, sym=True, dataset=ids, modules_to_not_convert=["re:.*mlp.*", "lm_head"]
+        ),
+    ),
 }
 
 
@@ -61,7 +80,9 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
     tokenizer.save_pretrained(tmp_path / "float")
     folders = [str(tmp_path / "float")]
     for name, make in EXPORTS.items():
-        model = hfcompress.quantize(_peaked_model(), make(ids))
+        model = make(ids)
+        if name == "pruned-w4":  # the layers kept their zeros through GPTQ
+            assert set(model.config.quantization_config.sparse) >= {"model.layers.0.self_attn.q_proj"}
         save_quantized(model, tmp_path / name, format="compressed-tensors", tokenizer=tokenizer)
         folders.append(str(tmp_path / name))
     result = subprocess.run(
