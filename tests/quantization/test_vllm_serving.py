@@ -108,42 +108,74 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
         pytest.skip(f"the others served; vLLM here cannot run {unsupported}")
 
 
-def test_a_mixture_of_experts_with_plain_experts_serves_in_vllm(tmp_path):
-    """W8A8 attention, experts left unquantized: vLLM's CPU build has no quantized mixture-of-experts kernel, but
-    serves plain experts beside int8 linears once `ignore` names them. transformers 5.25 does not load this
-    checkpoint (it decompresses every expert), so the reference is hfcompress's reader of the same files."""
+def _peaked_mixtral():
+    """A tiny Mixtral (4 experts, 2 per token) vLLM's CPU attention runs, its weights scaled up as `_peaked`."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=256)  # fmt: skip
-    model = _peaked(MixtralForCausalLM(config).eval())
-    text = tmp_path / "text.txt"
-    text.write_text(python_text()[200_000:260_000])
-    folder = tmp_path / "moe-w8a8"
-    plain_experts = ["re:.*experts.*", "lm_head"]
-    model = hfcompress.quantize(
-        model, hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain_experts)
-    )
-    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
+    return _peaked(MixtralForCausalLM(config).eval())
+
+
+def _serve_beside_reader(folder: Path, text: Path, n_windows: int) -> tuple[dict, float | None]:
+    """vLLM's result for `folder` (scripts/serve_vllm.py) and, where it served, the perplexity hfcompress's reader of
+    the same files gives on the same windows in float32: transformers 5.25 does not load these checkpoints (it
+    decompresses every expert), and vLLM's environment (transformers 5.19) fails on them with a dtype error."""
     result = subprocess.run(
-        [VLLM_PYTHON, str(SCRIPT), str(folder), "--text", str(text), "--seq-len", "64", "--max-windows", "32"],
+        [VLLM_PYTHON, str(SCRIPT), str(folder), "--text", str(text), "--seq-len", "64", "--max-windows",
+         str(n_windows)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     print(result.stdout)
     served = json.loads(result.stdout.strip().splitlines()[-1])[str(folder)]
-    assert served["vllm"] is not None, served
+    if served["vllm"] is None:
+        return served, None
     loaded = hfcompress.load_compressed_tensors(folder, dtype=torch.float32).eval()
-    tokenizer = tiny_tokenizer()
-    ids = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    ids = tiny_tokenizer()(text.read_text(), add_special_tokens=False)["input_ids"]
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, 32 * 64, 64):  # the windows serve_vllm.py scores
+        for start in range(0, n_windows * 64, 64):  # the windows serve_vllm.py scores
             window = torch.tensor([ids[start : start + 64]])
             logprobs = torch.log_softmax(loaded(input_ids=window).logits[0, :-1].float(), dim=-1)
             nll -= float(logprobs.gather(1, window[0, 1:, None]).sum())
             count += 63
     reference = math.exp(nll / count)
     print(f"vLLM {served['vllm']:.3f}, hfcompress's reader {reference:.3f}: {served['vllm'] / reference - 1:+.2%}")
+    return served, reference
+
+
+def test_a_mixture_of_experts_with_plain_experts_serves_in_vllm(tmp_path):
+    """W8A8 attention, experts left unquantized: vLLM serves plain experts beside int8 linears once `ignore` names
+    them, on every x86 CPU (its quantized experts need AMX: the next test)."""
+    text = tmp_path / "text.txt"
+    text.write_text(python_text()[200_000:260_000])
+    folder = tmp_path / "moe-w8a8"
+    plain_experts = ["re:.*experts.*", "lm_head"]
+    model = hfcompress.quantize(
+        _peaked_mixtral(), hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain_experts)
+    )
+    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
+    served, reference = _serve_beside_reader(folder, text, 32)
+    assert served["vllm"] is not None, served
+    assert abs(served["vllm"] / reference - 1) < 0.01, (served, reference)
+
+
+def test_a_mixture_of_experts_with_quantized_experts_serves_where_vllm_has_its_kernel(tmp_path):
+    """W4A16 everywhere, experts included, at group size 64 (vLLM 0.32 has no CPU kernel for group-32 experts):
+    served where the CPU has AMX, which vLLM's CPU int4 experts kernel needs; elsewhere the script says so
+    before starting an engine that would die on it."""
+    text = tmp_path / "text.txt"
+    text.write_text(python_text()[200_000:260_000])
+    folder = tmp_path / "moe-w4"
+    model = hfcompress.quantize(
+        _peaked_mixtral(), hfcompress.GPTQConfig(bits=4, group_size=64, sym=True, dataset=token_windows(16, 64))
+    )
+    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
+    served, reference = _serve_beside_reader(folder, text, 32)
+    if "unsupported" in served:
+        assert "AMX" in served["unsupported"], served
+        pytest.skip(served["unsupported"])
+    assert served["vllm"] is not None, served
     assert abs(served["vllm"] / reference - 1) < 0.01, (served, reference)
