@@ -48,26 +48,29 @@ def expert_checkpoint_names(model: nn.Module) -> dict[str, list[str]]:
     return names
 
 
-def plain_expert_patterns(model: nn.Module) -> list[str]:
+def plain_expert_patterns(model: nn.Module) -> dict[str, bool]:
     """One `re:` pattern per fused experts module of `model` (experts no technique compressed) matching the names
     of its per-expert linears as the checkpoint stores them (Mixtral's `model.layers.0.block_sparse_moe.experts.3.w1`,
     `save_pretrained`'s renaming included), for compressed-tensors' `ignore`: vLLM takes such experts as plain
-    only when their names are ignored (it looks up expert 0's). No pattern for experts stored fused (GPT-OSS:
-    their tensors keep the module's own name, with no per-expert linears to name)."""
+    only when their names are ignored (it looks up expert 0's). Experts stored fused (GPT-OSS's
+    `model.layers.0.mlp.experts.gate_up_proj`) have no per-expert linears to name: their pattern matches any name
+    under an expert's index (`...experts.0.gate_proj`, the names vLLM looks up for them), which nothing stored has.
+    Gives each pattern with whether its experts are stored one per expert (False: stored fused)."""
     fused = {name: module for name, module in model.named_modules() if is_fused_experts(module)}
     if not fused:
-        return []
+        return {}
     converters = _converters(model)
     saved = SavedNames.of(model)
-    patterns = []
+    patterns = {}
     for prefix, experts in fused.items():
         projections = [p for p in ("gate_up_proj", "up_proj", "down_proj") if hasattr(experts, p)]
         leaves = [_per_expert_leaves(converters, projection) for projection in projections]
-        if not leaves or any(found is None for found in leaves):
-            continue
         stored = prefix if saved is None else saved.saved_module(prefix)
+        if not leaves or any(found is None for found in leaves):  # stored fused
+            patterns[rf"re:^{re.escape(stored)}\.\d+\.[^.]+$"] = False
+            continue
         names = "|".join(leaf for found in leaves for leaf in found)
-        patterns.append(rf"re:^{re.escape(stored)}\.\d+\.({names})$")
+        patterns[rf"re:^{re.escape(stored)}\.\d+\.({names})$"] = True
     return patterns
 
 

@@ -215,10 +215,11 @@ def compressed_tensors_config(model: nn.Module) -> dict:
     if plain_experts:
         logger.warning(
             "%d mixture-of-experts layers are written unquantized, named in `ignore`: vLLM serves such a checkpoint "
-            "(0.32 CPU checked) and hfcompress.load_compressed_tensors reads it; transformers 5.25 does not load it "
-            "(its compressed-tensors loading decompresses every expert and drops plain ones)", len(plain_experts),
+            "(0.32 CPU checked) and hfcompress.load_compressed_tensors reads it%s", len(plain_experts),
+            "; transformers 5.25 does not load it (its compressed-tensors loading decompresses every expert stored "
+            "one per expert and drops plain ones)" if any(plain_experts.values()) else "",
         )  # fmt: skip
-    ignore += plain_experts
+    ignore += list(plain_experts)
     config = QuantizationConfig(
         config_groups=groups, format=formats.pop(), quantization_status="compressed", ignore=ignore
     )

@@ -205,6 +205,41 @@ def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tm
         torch.testing.assert_close(loaded(input_ids=ids).logits, quantized(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+def test_experts_stored_fused_and_left_plain_are_ignored_under_the_names_vllm_looks_up(tmp_path, caplog):
+    """GPT-OSS stores its experts fused (`mlp.experts.gate_up_proj`), with no per-expert linears to name; vLLM
+    takes them as plain when `ignore` matches expert 0's projections by its own names (`experts.0.gate_proj`).
+    transformers loads such a checkpoint (tests/quantization/test_vllm_serving.py serves it too)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress.quantization.ct_preflight import check_model_for_format
+
+    model = tiny_model("gpt_oss")
+    model.save_pretrained(tmp_path / "float")
+    config = hfcompress.W8A8Config(dataset=token_windows(), modules_to_not_convert=["re:.*experts.*", "lm_head"])
+    check_model_for_format(tmp_path / "float", config, "compressed-tensors")  # the command's check lets it through
+    quantized = hfcompress.quantize(model, config)
+    save_quantized(quantized, tmp_path / "ct", format="compressed-tensors")
+    assert "written unquantized, named in `ignore`" in caplog.text and "transformers 5.25 does not" not in caplog.text
+    patterns = [p[3:] for p in json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+                if p.startswith("re:")]  # fmt: skip
+    assert len(patterns) == 2  # one per block
+    for projection in ("gate_proj", "up_proj", "down_proj"):  # vLLM's names for a fused experts layer's
+        assert any(re.match(p, f"model.layers.1.mlp.experts.0.{projection}") for p in patterns), patterns
+    stored = load_file(tmp_path / "ct" / "model.safetensors")
+    assert not [key for key in stored if any(re.match(p, key.rsplit(".", 1)[0]) for p in patterns)]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in stored
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    torch.testing.assert_close(
+        loaded.model.layers[0].mlp.experts.gate_up_proj, quantized.model.layers[0].mlp.experts.gate_up_proj
+    )
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hfcompress.load_compressed_tensors(tmp_path / "ct")(input_ids=ids).logits,
+            quantized(input_ids=ids).logits, rtol=0, atol=1e-5,
+        )  # fmt: skip
+
+
 def test_config_groups_name_the_experts_as_the_checkpoint_stores_them(tmp_path):
     """Attention on 8 bits, experts on 4: the groups target layers by name, and vLLM matches those names against
     its own, which are the stored ones (Mixtral's `block_sparse_moe.experts.0.w1`, not the model's `mlp.`)."""

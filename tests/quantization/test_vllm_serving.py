@@ -179,3 +179,31 @@ def test_a_mixture_of_experts_with_quantized_experts_serves_where_vllm_has_its_k
         pytest.skip(served["unsupported"])
     assert served["vllm"] is not None, served
     assert abs(served["vllm"] / reference - 1) < 0.01, (served, reference)
+
+
+def test_experts_stored_fused_and_left_plain_serve_in_vllm(tmp_path):
+    """GPT-OSS (experts stored fused, attention with sinks) with W8A8 attention and plain experts: vLLM finds the
+    experts ignored under its own names for them, and transformers loads the same files."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, head_dim=64,
+                          num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
+                          sliding_window=128)  # fmt: skip
+    text = tmp_path / "text.txt"
+    text.write_text(python_text()[200_000:260_000])
+    folder = tmp_path / "gpt-oss-w8a8"
+    quantize = hfcompress.W8A8Config(
+        dataset=token_windows(16, 64), modules_to_not_convert=["re:.*experts.*", "lm_head"]
+    )
+    model = hfcompress.quantize(_peaked(GptOssForCausalLM(config).eval()), quantize)
+    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
+    result = subprocess.run(
+        [VLLM_PYTHON, str(SCRIPT), str(folder), "--text", str(text), "--seq-len", "64", "--max-windows", "32"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(result.stdout)
+    served = json.loads(result.stdout.strip().splitlines()[-1])[str(folder)]
+    assert not served.get("errors"), served
+    assert abs(served["relative"]) < 0.01, served
