@@ -216,8 +216,9 @@ def compressed_tensors_config(model: nn.Module) -> dict:
         logger.warning(
             "%d mixture-of-experts layers are written unquantized, named in `ignore`: vLLM serves such a checkpoint "
             "(0.32 CPU checked) and hfcompress.load_compressed_tensors reads it%s", len(plain_experts),
-            "; transformers 5.25 does not load it (its compressed-tensors loading decompresses every expert stored "
-            "one per expert and drops plain ones)" if any(plain_experts.values()) else "",
+            "; transformers does not load it as written (5.25's compressed-tensors loading decompresses every expert "
+            "stored one per expert and drops plain ones; 5.19 with compressed-tensors 0.17 fails or leaves them newly "
+            "initialized)" if any(plain_experts.values()) else "",
         )  # fmt: skip
     ignore += list(plain_experts)
     config = QuantizationConfig(

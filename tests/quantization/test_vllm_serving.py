@@ -108,58 +108,81 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
         pytest.skip(f"the others served; vLLM here cannot run {unsupported}")
 
 
-def _peaked_mixtral():
-    """A tiny Mixtral (4 experts, 2 per token) vLLM's CPU attention runs, its weights scaled up as `_peaked`."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+def _peaked_moe(arch: str = "mixtral"):
+    """A tiny mixture of experts (4 experts, 2 per token; Qwen2-MoE with its shared expert) vLLM's CPU attention
+    runs, its weights scaled up as `_peaked`."""
+    import transformers
 
+    config_class, model_class, extra = {
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "intermediate_size": 256}),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 128}),
+        "qwen2_moe": (
+            "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+            {"num_experts": 4, "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
+        ),
+    }[arch]  # fmt: skip
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=256)  # fmt: skip
-    return _peaked(MixtralForCausalLM(config).eval())
+    config = getattr(transformers, config_class)(
+        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=64, num_experts_per_tok=2, max_position_embeddings=256, **extra,
+    )  # fmt: skip
+    return _peaked(getattr(transformers, model_class)(config).eval())
 
 
-def _serve_beside_reader(folder: Path, text: Path, n_windows: int) -> tuple[dict, float | None]:
-    """vLLM's result for `folder` (scripts/serve_vllm.py) and, where it served, the perplexity hfcompress's reader of
-    the same files gives on the same windows in float32: transformers 5.25 does not load these checkpoints (it
-    decompresses every expert), and vLLM's environment (transformers 5.19) fails on them with a dtype error."""
+def _serve_beside_reader(folders: list[Path], text: Path, n_windows: int) -> dict[Path, tuple[dict, float | None]]:
+    """vLLM's result for each folder (scripts/serve_vllm.py) and, where it served, the perplexity hfcompress's
+    reader of the same files gives on the same windows in float32. transformers is no reference for experts left
+    plain and stored one per expert: 5.25 does not load them (it decompresses every expert), and vLLM's
+    environment (transformers 5.19, compressed-tensors 0.17) fails on a dtype (Mixtral) or leaves them newly
+    initialized (Qwen-MoE; its load report lists them as missing)."""
     result = subprocess.run(
-        [VLLM_PYTHON, str(SCRIPT), str(folder), "--text", str(text), "--seq-len", "64", "--max-windows",
+        [VLLM_PYTHON, str(SCRIPT), *map(str, folders), "--text", str(text), "--seq-len", "64", "--max-windows",
          str(n_windows)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     print(result.stdout)
-    served = json.loads(result.stdout.strip().splitlines()[-1])[str(folder)]
-    if served["vllm"] is None:
-        return served, None
-    loaded = hfcompress.load_compressed_tensors(folder, dtype=torch.float32).eval()
+    report = json.loads(result.stdout.strip().splitlines()[-1])
     ids = tiny_tokenizer()(text.read_text(), add_special_tokens=False)["input_ids"]
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, n_windows * 64, 64):  # the windows serve_vllm.py scores
-            window = torch.tensor([ids[start : start + 64]])
-            logprobs = torch.log_softmax(loaded(input_ids=window).logits[0, :-1].float(), dim=-1)
-            nll -= float(logprobs.gather(1, window[0, 1:, None]).sum())
-            count += 63
-    reference = math.exp(nll / count)
-    print(f"vLLM {served['vllm']:.3f}, hfcompress's reader {reference:.3f}: {served['vllm'] / reference - 1:+.2%}")
-    return served, reference
+    results = {}
+    for folder in folders:
+        served = report[str(folder)]
+        if served["vllm"] is None:
+            results[folder] = served, None
+            continue
+        loaded = hfcompress.load_compressed_tensors(folder, dtype=torch.float32).eval()
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, n_windows * 64, 64):  # the windows serve_vllm.py scores
+                window = torch.tensor([ids[start : start + 64]])
+                logprobs = torch.log_softmax(loaded(input_ids=window).logits[0, :-1].float(), dim=-1)
+                nll -= float(logprobs.gather(1, window[0, 1:, None]).sum())
+                count += 63
+        reference = math.exp(nll / count)
+        print(f"{folder.name}: vLLM {served['vllm']:.3f}, hfcompress's reader {reference:.3f}: "
+              f"{served['vllm'] / reference - 1:+.2%}")  # fmt: skip
+        results[folder] = served, reference
+    return results
 
 
-def test_a_mixture_of_experts_with_plain_experts_serves_in_vllm(tmp_path):
-    """W8A8 attention, experts left unquantized: vLLM serves plain experts beside int8 linears once `ignore` names
-    them, on every x86 CPU (its quantized experts need AMX: the next test)."""
+def test_mixtures_of_experts_with_plain_experts_serve_in_vllm(tmp_path):
+    """W8A8 attention (and shared expert), experts left unquantized: vLLM serves plain experts beside int8 linears
+    once `ignore` names them, on every x86 CPU (its quantized experts need AMX: the next test). Three stored
+    layouts: Mixtral's `block_sparse_moe.experts.0.w1`, Qwen3-MoE's `mlp.experts.0.gate_proj`, Qwen2-MoE's with a
+    shared expert and its one-output gate beside them."""
     text = tmp_path / "text.txt"
     text.write_text(python_text()[200_000:260_000])
-    folder = tmp_path / "moe-w8a8"
-    plain_experts = ["re:.*experts.*", "lm_head"]
-    model = hfcompress.quantize(
-        _peaked_mixtral(), hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain_experts)
-    )
-    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
-    served, reference = _serve_beside_reader(folder, text, 32)
-    assert served["vllm"] is not None, served
-    assert abs(served["vllm"] / reference - 1) < 0.01, (served, reference)
+    folders = []
+    for arch in ("mixtral", "qwen3_moe", "qwen2_moe"):
+        folders.append(tmp_path / f"{arch}-w8a8")
+        plain_experts = ["re:.*experts.*", "lm_head"]
+        model = hfcompress.quantize(
+            _peaked_moe(arch),
+            hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain_experts),
+        )
+        save_quantized(model, folders[-1], format="compressed-tensors", tokenizer=tiny_tokenizer())
+    for folder, (served, reference) in _serve_beside_reader(folders, text, 32).items():
+        assert served["vllm"] is not None, (folder.name, served)
+        assert abs(served["vllm"] / reference - 1) < 0.01, (folder.name, served, reference)
 
 
 def test_a_mixture_of_experts_with_quantized_experts_serves_where_vllm_has_its_kernel(tmp_path):
@@ -170,10 +193,10 @@ def test_a_mixture_of_experts_with_quantized_experts_serves_where_vllm_has_its_k
     text.write_text(python_text()[200_000:260_000])
     folder = tmp_path / "moe-w4"
     model = hfcompress.quantize(
-        _peaked_mixtral(), hfcompress.GPTQConfig(bits=4, group_size=64, sym=True, dataset=token_windows(16, 64))
+        _peaked_moe(), hfcompress.GPTQConfig(bits=4, group_size=64, sym=True, dataset=token_windows(16, 64))
     )
     save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
-    served, reference = _serve_beside_reader(folder, text, 32)
+    served, reference = _serve_beside_reader([folder], text, 32)[folder]
     if "unsupported" in served:
         assert "AMX" in served["unsupported"], served
         pytest.skip(served["unsupported"])
