@@ -178,6 +178,18 @@ def test_asymmetric_grids_export_zero_points_compressed_tensors_reads(tmp_path, 
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+def _reads_back_as(folder, model):
+    """hfcompress's reader of the compressed-tensors `folder` gives `model`'s logits."""
+    ids = token_windows(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hfcompress.load_compressed_tensors(folder)(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=0,
+            atol=1e-5,
+        )
+
+
 def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tmp_path, caplog):
     """W8A8 attention beside unquantized experts: vLLM serves the experts as plain only when `ignore` names them
     as it does (Mixtral's `block_sparse_moe.experts.0.w1`; tests/quantization/test_vllm_serving.py serves it);
@@ -199,10 +211,7 @@ def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tm
     assert experts and experts[0].startswith("model.layers.0.block_sparse_moe.experts.")
     for name in stored:  # every expert linear, as stored, is ignored; nothing else is by a pattern
         assert any(re.match(p[3:], name) for p in ignore if p.startswith("re:")) == (name in experts), name
-    loaded = hfcompress.load_compressed_tensors(tmp_path / "ct")
-    ids = token_windows(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, quantized(input_ids=ids).logits, rtol=0, atol=1e-5)
+    _reads_back_as(tmp_path / "ct", quantized)
 
 
 def test_experts_stored_fused_and_left_plain_are_ignored_under_the_names_vllm_looks_up(tmp_path, caplog):
@@ -232,12 +241,7 @@ def test_experts_stored_fused_and_left_plain_are_ignored_under_the_names_vllm_lo
     torch.testing.assert_close(
         loaded.model.layers[0].mlp.experts.gate_up_proj, quantized.model.layers[0].mlp.experts.gate_up_proj
     )
-    ids = token_windows(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            hfcompress.load_compressed_tensors(tmp_path / "ct")(input_ids=ids).logits,
-            quantized(input_ids=ids).logits, rtol=0, atol=1e-5,
-        )  # fmt: skip
+    _reads_back_as(tmp_path / "ct", quantized)
 
 
 def test_config_groups_name_the_experts_as_the_checkpoint_stores_them(tmp_path):
@@ -251,12 +255,7 @@ def test_config_groups_name_the_experts_as_the_checkpoint_stores_them(tmp_path):
     targets = [name for group in groups.values() for name in group["targets"]]
     assert any(".block_sparse_moe.experts.0.w1" in name for name in targets)
     assert set(targets) <= stored, sorted(set(targets) - stored)[:3]
-    ids = token_windows(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            hfcompress.load_compressed_tensors(tmp_path / "ct")(input_ids=ids).logits,
-            model(input_ids=ids).logits, rtol=0, atol=1e-5,
-        )  # fmt: skip
+    _reads_back_as(tmp_path / "ct", model)
 
 
 def test_load_compressed_tensors_reads_w8a8_and_refuses_what_it_does_not_read(tmp_path):
