@@ -120,6 +120,15 @@ def _peaked_moe(arch: str = "mixtral"):
             "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
             {"num_experts": 4, "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
         ),
+        # multi-head latent attention at the head size vLLM's CPU MLA takes (512 + 64), a dense first block, a
+        # shared expert; the router's settings are DeepSeek-V3's own (vLLM reads them, transformers assumes them)
+        "deepseek_v3": (
+            "DeepseekV3Config", "DeepseekV3ForCausalLM",
+            {"n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 128, "intermediate_size": 256,
+             "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+             "scoring_func": "sigmoid", "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+             "qk_nope_head_dim": 128, "v_head_dim": 128},
+        ),
     }[arch]  # fmt: skip
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(
@@ -166,18 +175,19 @@ def _serve_beside_reader(folders: list[Path], text: Path, n_windows: int) -> dic
 
 def test_mixtures_of_experts_with_plain_experts_serve_in_vllm(tmp_path):
     """W8A8 attention (and shared expert), experts left unquantized: vLLM serves plain experts beside int8 linears
-    once `ignore` names them, on every x86 CPU (its quantized experts need AMX: the next test). Three stored
+    once `ignore` names them, on every x86 CPU (its quantized experts need AMX: the next test). Four stored
     layouts: Mixtral's `block_sparse_moe.experts.0.w1`, Qwen3-MoE's `mlp.experts.0.gate_proj`, Qwen2-MoE's with a
-    shared expert and its one-output gate beside them."""
+    shared expert and its one-output gate beside them, DeepSeek-V3's with latent attention and shared experts (left
+    plain by the same pattern). Its `kv_b_proj` stays in float: vLLM 0.32's CPU MLA dequantizes that layer by running
+    it on an identity matrix, which its int8 kernel cannot ('NoneType' object has no attribute 'device')."""
     text = tmp_path / "text.txt"
     text.write_text(python_text()[200_000:260_000])
     folders = []
-    for arch in ("mixtral", "qwen3_moe", "qwen2_moe"):
+    for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3"):
         folders.append(tmp_path / f"{arch}-w8a8")
-        plain_experts = ["re:.*experts.*", "lm_head"]
+        plain = ["re:.*experts.*", "lm_head"] + (["re:.*kv_b_proj"] if arch == "deepseek_v3" else [])
         model = hfcompress.quantize(
-            _peaked_moe(arch),
-            hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain_experts),
+            _peaked_moe(arch), hfcompress.W8A8Config(dataset=token_windows(16, 64), modules_to_not_convert=plain)
         )
         save_quantized(model, folders[-1], format="compressed-tensors", tokenizer=tiny_tokenizer())
     for folder, (served, reference) in _serve_beside_reader(folders, text, 32).items():
