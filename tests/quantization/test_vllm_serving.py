@@ -43,32 +43,37 @@ def _peaked(model):
     return model
 
 
-def _pruned_then_quantized(ids):
-    """Half the weights pruned, then GPTQ that keeps them at zero: compressed-tensors writes its codes dense."""
-    pruned = prune_oneshot(_peaked_model(), OneShotPruningConfig(method="magnitude", sparsity=0.5))
-    return hfcompress.quantize(pruned, hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids))
+def _pruned():
+    """Half the weights pruned: GPTQ keeps them at zero, and compressed-tensors writes its codes dense."""
+    return prune_oneshot(_peaked_model(), OneShotPruningConfig(method="magnitude", sparsity=0.5))
 
 
 EXPORTS = {
-    "w4-g32": lambda ids: hfcompress.quantize(
-        _peaked_model(), hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids)
-    ),
-    "w4-rtn": lambda ids: hfcompress.quantize(_peaked_model(), hfcompress.RTNConfig(bits=4, group_size=32, sym=True)),
-    "w8a8": lambda ids: hfcompress.quantize(_peaked_model(), hfcompress.W8A8Config(dataset=ids)),
+    "w4-g32": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids),
+    "w4-rtn": lambda ids: hfcompress.RTNConfig(bits=4, group_size=32, sym=True),
+    "w8a8": lambda ids: hfcompress.W8A8Config(dataset=ids),
     # asymmetric (AWQ's usual grid): zero points packed; the vLLM environment's compressed-tensors must read them
     # in transformers (0.17 does, 0.18 to 0.20.1 do not: quantization.ct_readers), else transformers' score fails
-    "awq-w4-asym": lambda ids: hfcompress.quantize(
-        _peaked_model(), hfcompress.AWQConfig(bits=4, group_size=32, dataset=ids)
-    ),
-    "pruned-w4": _pruned_then_quantized,
+    "awq-w4-asym": lambda ids: hfcompress.AWQConfig(bits=4, group_size=32, dataset=ids),
+    "pruned-w4": lambda ids: hfcompress.GPTQConfig(bits=4, group_size=32, sym=True, dataset=ids),
     # the MLPs left in float: `ignore` names them and vLLM runs them unquantized beside the 4-bit attention
-    "w4-attention-only": lambda ids: hfcompress.quantize(
-        _peaked_model(),
-        hfcompress.GPTQConfig(
-            bits=4, group_size=32, sym=True, dataset=ids, modules_to_not_convert=["re:.*mlp.*", "lm_head"]
-        ),
+    "w4-attention-only": lambda ids: hfcompress.GPTQConfig(
+        bits=4, group_size=32, sym=True, dataset=ids, modules_to_not_convert=["re:.*mlp.*", "lm_head"]
     ),
 }
+# what an export starts from where it is not `_peaked_model()`
+STARTS = {"pruned-w4": _pruned}
+
+
+def _serve(folders, text: Path, n_windows: int) -> dict:
+    """scripts/serve_vllm.py's report on `folders`, by folder name as given: `n_windows` windows of 64 tokens."""
+    result = subprocess.run(
+        [VLLM_PYTHON, str(SCRIPT), *map(str, folders), "--text", str(text), "--seq-len", "64", "--max-windows",
+         str(n_windows)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    print(result.stdout)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
@@ -80,17 +85,12 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
     tokenizer.save_pretrained(tmp_path / "float")
     folders = [str(tmp_path / "float")]
     for name, make in EXPORTS.items():
-        model = make(ids)
+        model = hfcompress.quantize(STARTS.get(name, _peaked_model)(), make(ids))
         if name == "pruned-w4":  # the layers kept their zeros through GPTQ
             assert set(model.config.quantization_config.sparse) >= {"model.layers.0.self_attn.q_proj"}
         save_quantized(model, tmp_path / name, format="compressed-tensors", tokenizer=tokenizer)
         folders.append(str(tmp_path / name))
-    result = subprocess.run(
-        [VLLM_PYTHON, str(SCRIPT), *folders, "--text", str(text), "--seq-len", "64", "--max-windows", "8"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    print(result.stdout)
-    served = json.loads(result.stdout.strip().splitlines()[-1])
+    served = _serve(folders, text, 8)
     if served[folders[0]].get("errors"):
         pytest.skip(f"vLLM does not serve even the unquantized model on this machine: {served[folders[0]]['errors']}")
     unsupported = {Path(f).name: served[f]["unsupported"] for f in folders if "unsupported" in served[f]}
@@ -109,7 +109,7 @@ def test_exports_serve_in_vllm_with_transformers_perplexity(tmp_path):
 
 
 def _peaked_moe(arch: str = "mixtral"):
-    """A tiny mixture of experts (4 experts, 2 per token; Qwen2-MoE with its shared expert) vLLM's CPU attention
+    """A tiny mixture of experts (4 experts, 2 per token) vLLM's CPU attention
     runs, its weights scaled up as `_peaked`."""
     import transformers
 
@@ -129,6 +129,12 @@ def _peaked_moe(arch: str = "mixtral"):
              "scoring_func": "sigmoid", "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
              "qk_nope_head_dim": 128, "v_head_dim": 128},
         ),
+        # experts stored fused, attention with sinks, sliding and full
+        "gpt_oss": (
+            "GptOssConfig", "GptOssForCausalLM",
+            {"num_local_experts": 4, "intermediate_size": 128, "sliding_window": 128,
+             "layer_types": ["sliding_attention", "full_attention"]},
+        ),
     }[arch]  # fmt: skip
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(
@@ -144,13 +150,7 @@ def _serve_beside_reader(folders: list[Path], text: Path, n_windows: int) -> dic
     plain and stored one per expert: 5.25 does not load them (it decompresses every expert), and vLLM's
     environment (transformers 5.19, compressed-tensors 0.17) fails on a dtype (Mixtral) or leaves them newly
     initialized (Qwen-MoE; its load report lists them as missing)."""
-    result = subprocess.run(
-        [VLLM_PYTHON, str(SCRIPT), *map(str, folders), "--text", str(text), "--seq-len", "64", "--max-windows",
-         str(n_windows)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    print(result.stdout)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _serve(folders, text, n_windows)
     ids = tiny_tokenizer()(text.read_text(), add_special_tokens=False)["input_ids"]
     results = {}
     for folder in folders:
@@ -217,26 +217,14 @@ def test_a_mixture_of_experts_with_quantized_experts_serves_where_vllm_has_its_k
 def test_experts_stored_fused_and_left_plain_serve_in_vllm(tmp_path):
     """GPT-OSS (experts stored fused, attention with sinks) with W8A8 attention and plain experts: vLLM finds the
     experts ignored under its own names for them, and transformers loads the same files."""
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    torch.manual_seed(0)
-    config = GptOssConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, head_dim=64,
-                          num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                          max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
-                          sliding_window=128)  # fmt: skip
     text = tmp_path / "text.txt"
     text.write_text(python_text()[200_000:260_000])
     folder = tmp_path / "gpt-oss-w8a8"
     quantize = hfcompress.W8A8Config(
         dataset=token_windows(16, 64), modules_to_not_convert=["re:.*experts.*", "lm_head"]
     )
-    model = hfcompress.quantize(_peaked(GptOssForCausalLM(config).eval()), quantize)
+    model = hfcompress.quantize(_peaked_moe("gpt_oss"), quantize)
     save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
-    result = subprocess.run(
-        [VLLM_PYTHON, str(SCRIPT), str(folder), "--text", str(text), "--seq-len", "64", "--max-windows", "32"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(result.stdout)
-    served = json.loads(result.stdout.strip().splitlines()[-1])[str(folder)]
+    served = _serve([folder], text, 32)[str(folder)]
     assert not served.get("errors"), served
     assert abs(served["relative"]) < 0.01, served
