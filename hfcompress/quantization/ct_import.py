@@ -29,7 +29,7 @@ from ..core.experts import is_fused_experts, unfuse_experts
 from ..core.packing import pack_codes
 from ..core.streaming import stored_weight_map
 from ..core.structure import set_submodule
-from .ct_readers import zero_points_unreadable
+from .ct_readers import experts_transformers_cannot_load, zero_points_unreadable
 from .expert_layout import expert_checkpoint_names
 from .int8_linear import Int8Linear
 from .modules import QuantLinear
@@ -91,8 +91,9 @@ def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype | None
 def why_hfcompress_reads(folder: str | os.PathLike, quantization_config) -> str | None:
     """Why `load_compressed_tensors` rather than transformers loads the checkpoint in `folder` (a model config's
     `quantization_config`; None: transformers does): the installed compressed-tensors cannot read its packed zero
-    points in transformers, or the local folder holds quantized experts, which transformers decompresses into
-    dense weights as it loads (the memory of the float experts) and hfcompress's reader keeps packed."""
+    points in transformers, the local folder holds experts transformers does not load as written (W8A8 ones, plain
+    ones stored one per expert), or quantized experts, which transformers decompresses into dense weights as it
+    loads (the memory of the float experts) and hfcompress's reader keeps packed."""
     if zero_points_unreadable(quantization_config):
         return "the compressed-tensors installed cannot read its zero points in transformers"
     if (
@@ -102,6 +103,9 @@ def why_hfcompress_reads(folder: str | os.PathLike, quantization_config) -> str 
         or reader_obstacle(Path(folder), quantization_config) is not None
     ):
         return None
+    unloadable = experts_transformers_cannot_load(folder, quantization_config)
+    if unloadable:
+        return f"transformers does not load it: {unloadable}"
     if any(".experts." in key and key.endswith(".weight_packed") for key in stored_weight_map(folder)):
         return "transformers would decompress its quantized experts to dense weights"
     return None

@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 def check_model_for_format(model: str | os.PathLike, config, format: str = "hfcompress") -> None:
     """Refuse, with the reason, a local `model` whose compressed-tensors checkpoint transformers could not load:
     a model type it fails on, linears of another class than `nn.Linear` (GPT-2's `Conv1D`), and experts to be
-    quantized with no per-expert checkpoint layout (GPT-OSS) or with W8A8 (experts left plain are written as
-    they are: `quantization.export`). Nothing for other formats, Hub ids, or models whose config transformers
+    quantized with no per-expert checkpoint layout (GPT-OSS; experts left plain are written as they are:
+    `quantization.export`). Nothing for other formats, Hub ids, or models whose config transformers
     cannot build offline (their save checks them)."""
     path = os.fspath(model)
     if format != "compressed-tensors" or not os.path.isfile(os.path.join(path, "config.json")):
@@ -67,8 +67,3 @@ def check_model_for_format(model: str | os.PathLike, config, format: str = "hfco
     experts = expert_modules(skeleton)
     if any(name.rsplit(".", 2)[0] in experts for name in linears):  # experts quantized (`<experts>.gate_up_proj.3`)
         expert_checkpoint_names(skeleton)  # raises where the checkpoint keeps the experts fused
-        if getattr(config, "technique", None) == "w8a8":
-            raise ValueError(
-                "transformers reads back quantized experts only as packed weight-only linears, not W8A8 int8 ones; "
-                "quantize the experts with GPTQ or RTN, or save with --format hfcompress"
-            )

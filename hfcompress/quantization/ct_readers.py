@@ -1,4 +1,5 @@
-"""Which programs read an asymmetric compressed-tensors checkpoint back, and which installed version cannot.
+"""Which programs read a compressed-tensors checkpoint back where transformers falls short: asymmetric grids (which
+installed compressed-tensors cannot), and experts transformers does not load as written.
 
 compressed-tensors stores the zero points of an asymmetric weight-only grid packed like the codes
 (`weight_zero_point`: int32 [out * bits / 32, groups]); vLLM and llm-compressor's own checkpoints use that layout.
@@ -11,12 +12,17 @@ transformers builds the zero points unpacked ([out, groups]) and refuses the che
 from __future__ import annotations
 
 import importlib.metadata
+import re
+from pathlib import Path
 
 from packaging.version import Version
+
+from ..core.streaming import stored_weight_map
 
 __all__ = [
     "ZERO_POINT_READERS",
     "asymmetric_groups",
+    "experts_transformers_cannot_load",
     "has_packed_zero_points",
     "installed_reads_zero_points",
     "zero_points_unreadable",
@@ -61,3 +67,25 @@ def zero_points_unreadable(quantization_config) -> bool:
     points the installed compressed-tensors cannot read in transformers (then `ct_import.load_compressed_tensors`
     reads the checkpoint)."""
     return has_packed_zero_points(quantization_config) and not installed_reads_zero_points()[0]
+
+
+_EXPERT_TENSOR = re.compile(r"(.*\.experts\.\d+\.[^.]+)\.(weight|weight_packed|weight_scale)$")
+
+
+def experts_transformers_cannot_load(folder: str | Path, quantization_config: dict) -> str | None:
+    """Why transformers does not load the compressed-tensors checkpoint in the local `folder` as written, for its
+    experts stored one per expert (read from the safetensors headers), or None: W8A8 experts (it decompresses weight-only
+    ones only; vLLM serves them, hfcompress reads them) or unquantized ones (5.25 decompresses every expert stored
+    so and drops plain ones; `quantization.export` warns of both as it writes them)."""
+    if quantization_config.get("quant_method") != "compressed-tensors":
+        return None
+    leaves: dict[str, set[str]] = {}
+    for key in stored_weight_map(folder):
+        match = _EXPERT_TENSOR.fullmatch(key)
+        if match:
+            leaves.setdefault(match[1], set()).add(match[2])
+    if any(found == {"weight"} for found in leaves.values()):
+        return "its unquantized experts are stored one per expert, which transformers drops or reinitializes"
+    if quantization_config.get("format") == "int-quantized" and leaves:
+        return "its experts are W8A8 int8 linears; transformers decompresses weight-only experts only"
+    return None

@@ -87,21 +87,17 @@ def check_compressed_tensors_compatible(model: nn.Module) -> None:
 
 
 def _check_experts(model: nn.Module, layers: dict[str, QuantLinear]) -> None:
-    """Refuse quantized experts that transformers cannot read back from their per-expert tensors: it decompresses
-    them while loading, packed weight-only ones only, all with the one scheme it finds for the experts."""
+    """Refuse quantized experts that the per-expert tensors cannot hold as their readers take them: quantized
+    linears without biases, all on one scheme (transformers decompresses weight-only ones while loading with the one
+    scheme it finds for the experts; W8A8 ones only vLLM and hfcompress read: `compressed_tensors_config` warns)."""
     names = expert_checkpoint_names(model)
     for name, parts in names.items():
         layer = layers.get(name)
-        if (
-            layer is None
-            or not layer.EXACT_WHEN_DEQUANTIZED
-            or layer.bias is not None
-            or layer.out_features % len(parts)
-        ):
+        if layer is None or layer.bias is not None or layer.out_features % len(parts):
             what = type(model.get_submodule(name)).__name__ if layer is None else _describe(_scheme(layer))
             raise ValueError(
                 f"expert linear {name} is {what}{' with a bias' if layer is not None and layer.bias is not None else ''}; "
-                "transformers reads back quantized experts only as packed weight-only linears without biases. Save "
+                "compressed-tensors checkpoints hold quantized experts only as quantized linears without biases. Save "
                 "with --format hfcompress"
             )
     asymmetric = [name for name in names if not layers[name].sym]
@@ -221,6 +217,13 @@ def compressed_tensors_config(model: nn.Module) -> dict:
             "initialized)" if any(plain_experts.values()) else "",
         )  # fmt: skip
     ignore += list(plain_experts)
+    if first is not None and not layers[first].EXACT_WHEN_DEQUANTIZED:
+        logger.warning(
+            "the experts are written as W8A8 int8 linears: vLLM serves such a checkpoint (0.32 CPU checked: its int8 "
+            "experts kernel needs AMX) and hfcompress.load_compressed_tensors reads it; transformers does not load it "
+            "(it decompresses weight-only experts only). For one transformers loads, quantize the experts with GPTQ "
+            "or RTN, or leave them in float (--modules-to-not-convert 're:.*experts.*')"
+        )
     config = QuantizationConfig(
         config_groups=groups, format=formats.pop(), quantization_status="compressed", ignore=ignore
     )

@@ -34,7 +34,7 @@ from ..hub.record import (
     peak_memory,
 )
 from ..io import atomic_output_dir, copy_model_extras
-from ..quantization.ct_readers import has_packed_zero_points
+from ..quantization.ct_readers import experts_transformers_cannot_load, has_packed_zero_points
 from .loading import checkpoint_dtype
 from .options import OutputOptions
 
@@ -281,10 +281,14 @@ def _save_pretrained(model, folder) -> None:
 
 def loading_needs(folder: Path) -> dict:
     """What loading the model written in `folder` needs (the record's `loading`): hfcompress, for its own format;
-    for an asymmetric compressed-tensors checkpoint, a compressed-tensors that reads packed zero points."""
+    for an asymmetric compressed-tensors checkpoint, a compressed-tensors that reads packed zero points; for one
+    whose experts transformers does not load, hfcompress's reader (why, under "not_in_transformers")."""
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     quantization = config.get("quantization_config") or {}
     needs = {"requires_hfcompress": quantization.get("quant_method") == QUANT_METHOD}
     if has_packed_zero_points(quantization):
         needs["packed_zero_points"] = True
+    unloadable = experts_transformers_cannot_load(folder, quantization)
+    if unloadable:
+        needs["not_in_transformers"] = unloadable
     return needs

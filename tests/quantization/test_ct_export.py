@@ -43,8 +43,9 @@ def _quantize(command: list[str], model: Path, output: Path, calib: Path, *extra
         ("llama", ["quantize", "w8a8", "--smoothquant", "0.5"]),  # int8 weights from the packed codes
         ("mixtral", ["quantize", "gptq", "--bits", "4", "--group-size", "32", "--sym"]),  # per expert, w1/w3 split
         ("llama", ["quantize", "awq", "--bits", "4", "--group-size", "32"]),  # asymmetric: packed zero points
+        ("mixtral", ["quantize", "w8a8"]),  # int8 experts: vLLM and hfcompress read them, transformers does not
     ],
-    ids=["gptq", "w8a8", "mixtral", "awq-asymmetric"],
+    ids=["gptq", "w8a8", "mixtral", "awq-asymmetric", "mixtral-w8a8"],
 )
 def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, arch, command, capsys):
     save_tiny_model(tmp_path / "model", arch=arch)
@@ -79,19 +80,31 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     record = json.loads((tmp_path / "exported" / "hfcompress_record.json").read_text())
     assert [s["technique"] for s in record["steps"]] == ["quantization", "export"]
     asymmetric = "--sym" not in command and "w8a8" not in command
-    assert record["loading"] == {"requires_hfcompress": False, **({"packed_zero_points": True} if asymmetric else {})}
+    int8_experts = arch == "mixtral" and "w8a8" in command
+    expected = {"requires_hfcompress": False, **({"packed_zero_points": True} if asymmetric else {})}
+    if int8_experts:
+        expected["not_in_transformers"] = "its experts are W8A8 int8 linears; " + (
+            "transformers decompresses weight-only experts only"
+        )
+    assert record["loading"] == expected
     assert set(record["files"]) == {p.name for p in (tmp_path / "exported").glob("model*.safetensors")}
     card = (tmp_path / "exported" / "README.md").read_text()
-    assert "export (compressed-tensors)" in card and "\nimport hfcompress" not in card  # a comment may name it
-    assert ("pip install 'compressed-tensors==0.17.0'" if asymmetric else "pip install compressed-tensors") in card
+    assert "export (compressed-tensors)" in card
+    if int8_experts:  # the card loads it with hfcompress's reader
+        assert "transformers does not load it" in card and "hfcompress.load_compressed_tensors(" in card
+        assert "from transformers import" not in card
+    else:
+        assert "\nimport hfcompress" not in card  # a comment may name it
+        assert ("pip install 'compressed-tensors==0.17.0'" if asymmetric else "pip install compressed-tensors") in card
+    capsys.readouterr()
     assert main(["verify", str(tmp_path / "exported"), "-q"]) == 0
-    if asymmetric and not installed_reads_zero_points()[0]:  # transformers would fail on the zero points' shape
+    if int8_experts or (asymmetric and not installed_reads_zero_points()[0]):  # transformers would fail
         assert "read by hfcompress" in capsys.readouterr().out
 
     record = json.loads((tmp_path / "one-command" / "hfcompress_record.json").read_text())
     assert record["loading"]["requires_hfcompress"] is False and record["steps"][-1]["config"]["offload"] == "disk"
     assert record["loading"].get("packed_zero_points", False) is asymmetric
-    if asymmetric:  # evaluated as exported: through hfcompress's reader where transformers cannot read it
+    if asymmetric or int8_experts:  # evaluated as exported: through hfcompress's reader where transformers cannot
         capsys.readouterr()
         window = ["--dataset", str(calib), "--seq-len", "64", "--max-windows", "2"]
         assert main(["evaluate", str(tmp_path / "one-command"), *window, "--latency-runs", "0", "--json", "-q"]) == 0

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import hfcompress
 from hfcompress.quantization.save import save_quantized
+from hfcompress.steps.recording import loading_needs
 
 pytest.importorskip("compressed_tensors")
 
@@ -192,16 +193,13 @@ def _reads_back_as(folder, model):
 
 def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tmp_path, caplog):
     """W8A8 attention beside unquantized experts: vLLM serves the experts as plain only when `ignore` names them
-    as it does (Mixtral's `block_sparse_moe.experts.0.w1`; tests/quantization/test_vllm_serving.py serves it);
-    the command's check before loading no longer refuses W8A8 where no expert is quantized."""
+    as it does (Mixtral's `block_sparse_moe.experts.0.w1`; tests/quantization/test_vllm_serving.py serves it)."""
     from hfcompress.quantization.ct_preflight import check_model_for_format
 
     model = tiny_model("mixtral")
     model.save_pretrained(tmp_path / "float")
     config = hfcompress.W8A8Config(dataset=token_windows(), modules_to_not_convert=["re:.*experts.*", "lm_head"])
     check_model_for_format(tmp_path / "float", config, "compressed-tensors")
-    with pytest.raises(ValueError, match="not W8A8 int8 ones"):
-        check_model_for_format(tmp_path / "float", hfcompress.W8A8Config(dataset=token_windows()), "compressed-tensors")
     quantized = hfcompress.quantize(model, config)
     save_quantized(quantized, tmp_path / "ct", format="compressed-tensors")
     assert "written unquantized, named in `ignore`" in caplog.text
@@ -212,6 +210,36 @@ def test_experts_left_plain_are_named_in_ignore_as_the_checkpoint_stores_them(tm
     for name in stored:  # every expert linear, as stored, is ignored; nothing else is by a pattern
         assert any(re.match(p[3:], name) for p in ignore if p.startswith("re:")) == (name in experts), name
     _reads_back_as(tmp_path / "ct", quantized)
+    # what loads it: hfcompress's reader (the card's code, verify's), not transformers
+    assert "stored one per expert" in loading_needs(tmp_path / "ct")["not_in_transformers"]
+
+
+def test_w8a8_experts_are_written_one_int8_linear_per_expert(tmp_path, caplog):
+    """W8A8 experts go under the original checkpoint's per-expert names as int8 weights with per-channel scales,
+    which vLLM serves (tests/quantization/test_vllm_serving.py, where the CPU has AMX) and hfcompress reads
+    (test_load_compressed_tensors_reads_experts_back_into_expert_linears); transformers does not: the export
+    says so, and the check before loading lets them through."""
+    from hfcompress.quantization.ct_preflight import check_model_for_format
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "float")
+    config = hfcompress.W8A8Config(dataset=token_windows())
+    check_model_for_format(tmp_path / "float", config, "compressed-tensors")
+    quantized = hfcompress.quantize(model, config)
+    with caplog.at_level("WARNING"):
+        save_quantized(quantized, tmp_path / "ct", format="compressed-tensors")
+    assert "experts are written as W8A8 int8 linears" in caplog.text and "transformers does not load" in caplog.text
+    written = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert written["format"] == "int-quantized" and written["ignore"] == ["lm_head"]
+    stored = load_file(tmp_path / "ct" / "model.safetensors")
+    experts = quantized.model.layers[1].mlp.experts
+    down = experts.down_proj[3]
+    assert torch.equal(stored["model.layers.1.block_sparse_moe.experts.3.w2.weight"], down.int8_weight())
+    assert stored["model.layers.1.block_sparse_moe.experts.3.w2.weight_scale"].shape == (down.out_features, 1)
+    assert "W8A8 int8 linears" in loading_needs(tmp_path / "ct")["not_in_transformers"]
+    gate, up = experts.gate_up_proj[3].int8_weight().chunk(2)
+    assert torch.equal(stored["model.layers.1.block_sparse_moe.experts.3.w1.weight"], gate)
+    assert torch.equal(stored["model.layers.1.block_sparse_moe.experts.3.w3.weight"], up)
 
 
 def test_experts_stored_fused_and_left_plain_are_ignored_under_the_names_vllm_looks_up(tmp_path, caplog):
@@ -237,6 +265,7 @@ def test_experts_stored_fused_and_left_plain_are_ignored_under_the_names_vllm_lo
     stored = load_file(tmp_path / "ct" / "model.safetensors")
     assert not [key for key in stored if any(re.match(p, key.rsplit(".", 1)[0]) for p in patterns)]
     assert "model.layers.0.mlp.experts.gate_up_proj" in stored
+    assert "not_in_transformers" not in loading_needs(tmp_path / "ct")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     torch.testing.assert_close(
         loaded.model.layers[0].mlp.experts.gate_up_proj, quantized.model.layers[0].mlp.experts.gate_up_proj
@@ -279,13 +308,14 @@ def test_load_compressed_tensors_reads_w8a8_and_refuses_what_it_does_not_read(tm
 
 @pytest.mark.parametrize(
     "arch, config",
-    [("mixtral", hfcompress.GPTQConfig(bits=4, group_size=32, sym=True)), ("qwen2_moe", hfcompress.RTNConfig(bits=8, group_size=-1, sym=True))],
-    ids=["mixtral-gptq-w4", "qwen2_moe-rtn-w8"],
+    [("mixtral", hfcompress.GPTQConfig(bits=4, group_size=32, sym=True)), ("qwen2_moe", hfcompress.RTNConfig(bits=8, group_size=-1, sym=True)),
+     ("mixtral", hfcompress.W8A8Config())],
+    ids=["mixtral-gptq-w4", "qwen2_moe-rtn-w8", "mixtral-w8a8"],
 )  # fmt: skip
 def test_load_compressed_tensors_reads_experts_back_into_expert_linears(tmp_path, arch, config):
     """Experts exported one linear each under the checkpoint's own names (gate and up apart) come back as the
     packed layers of an `ExpertLinears`, gate and up rows together: the logits of the model that was exported."""
-    if isinstance(config, hfcompress.GPTQConfig):
+    if isinstance(config, (hfcompress.GPTQConfig, hfcompress.W8A8Config)):
         config.dataset = token_windows()
     model = hfcompress.quantize(tiny_model(arch), config)
     save_quantized(model, tmp_path / "moe", format="compressed-tensors")

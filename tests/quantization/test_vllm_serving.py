@@ -195,23 +195,44 @@ def test_mixtures_of_experts_with_plain_experts_serve_in_vllm(tmp_path):
         assert abs(served["vllm"] / reference - 1) < 0.01, (folder.name, served, reference)
 
 
-def test_a_mixture_of_experts_with_quantized_experts_serves_where_vllm_has_its_kernel(tmp_path):
-    """W4A16 everywhere, experts included, at group size 64 (vLLM 0.32 has no CPU kernel for group-32 experts):
-    served where the CPU has AMX, which vLLM's CPU int4 experts kernel needs; elsewhere the script says so
-    before starting an engine that would die on it."""
+# quantized experts: GPTQ w4 at group size 64 (vLLM 0.32 has no CPU kernel for group-32 experts) and W8A8
+QUANTIZED_EXPERTS = {
+    "mixtral-w4": ("mixtral", lambda ids: hfcompress.GPTQConfig(bits=4, group_size=64, sym=True, dataset=ids)),
+    **{
+        f"{arch}-w8a8": (arch, lambda ids: hfcompress.W8A8Config(dataset=ids))
+        for arch in ("mixtral", "qwen3_moe", "qwen2_moe")
+    },
+    # routed by sigmoid, which vLLM's CPU kernels of quantized experts do not do; kv_b_proj in float (above)
+    "deepseek_v3-w8a8": (
+        "deepseek_v3",
+        lambda ids: hfcompress.W8A8Config(dataset=ids, modules_to_not_convert=["re:.*kv_b_proj", "lm_head"]),
+    ),
+}
+
+
+def test_mixtures_of_experts_with_quantized_experts_serve_where_vllm_has_their_kernels(tmp_path):
+    """Experts quantized with the rest, W4A16 or W8A8: served where the CPU has AMX, which vLLM's CPU kernels of
+    quantized experts need, and where the router scores experts by softmax, the only routing they do; elsewhere
+    the script says which before starting an engine that would die on it."""
     text = tmp_path / "text.txt"
     text.write_text(python_text()[200_000:260_000])
-    folder = tmp_path / "moe-w4"
-    model = hfcompress.quantize(
-        _peaked_moe(), hfcompress.GPTQConfig(bits=4, group_size=64, sym=True, dataset=token_windows(16, 64))
-    )
-    save_quantized(model, folder, format="compressed-tensors", tokenizer=tiny_tokenizer())
-    served, reference = _serve_beside_reader([folder], text, 32)[folder]
-    if "unsupported" in served:
-        assert "AMX" in served["unsupported"], served
-        pytest.skip(served["unsupported"])
-    assert served["vllm"] is not None, served
-    assert abs(served["vllm"] / reference - 1) < 0.01, (served, reference)
+    folders = []
+    for name, (arch, make) in QUANTIZED_EXPERTS.items():
+        folders.append(tmp_path / name)
+        model = hfcompress.quantize(_peaked_moe(arch), make(token_windows(16, 64)))
+        save_quantized(model, folders[-1], format="compressed-tensors", tokenizer=tiny_tokenizer())
+    results = _serve_beside_reader(folders, text, 32)
+    unsupported = {
+        folder.name: served["unsupported"] for folder, (served, _) in results.items() if "unsupported" in served
+    }
+    if not torch.cpu._is_amx_tile_supported():
+        assert unsupported.keys() == QUANTIZED_EXPERTS.keys() and all("AMX" in why for why in unsupported.values())
+        pytest.skip(f"no AMX: {next(iter(unsupported.values()))}")
+    assert unsupported.keys() == {"deepseek_v3-w8a8"} and "sigmoid" in unsupported["deepseek_v3-w8a8"], unsupported
+    for folder, (served, reference) in results.items():
+        if folder.name not in unsupported:
+            assert served["vllm"] is not None, (folder.name, served)
+            assert abs(served["vllm"] / reference - 1) < 0.01, (folder.name, served, reference)
 
 
 def test_experts_stored_fused_and_left_plain_serve_in_vllm(tmp_path):
