@@ -66,10 +66,11 @@ STARTS = {"pruned-w4": _pruned}
 
 
 def _serve(folders, text: Path, n_windows: int) -> dict:
-    """scripts/serve_vllm.py's report on `folders`, by folder name as given: `n_windows` windows of 64 tokens."""
+    """scripts/serve_vllm.py's report on `folders`, by folder name as given: `n_windows` windows of 64 tokens, vLLM's
+    engine in the script's process (the same kernels, without two processes started per checkpoint)."""
     result = subprocess.run(
         [VLLM_PYTHON, str(SCRIPT), *map(str, folders), "--text", str(text), "--seq-len", "64", "--max-windows",
-         str(n_windows)],
+         str(n_windows), "--in-process"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     print(result.stdout)
