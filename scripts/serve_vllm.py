@@ -26,6 +26,7 @@ scores experts by sigmoid (DeepSeek-V3's `scoring_func`) gets "unsupported" too,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -114,7 +115,7 @@ def vllm_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: 
     return math.exp(nll / count)
 
 
-def transformers_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: str, _: bool) -> float:
+def transformers_perplexity(folder: str, prompts: list[list[int]], seq_len: int, dtype: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -163,9 +164,10 @@ def main() -> int:
             results[folder] = {"vllm": None, "unsupported": unsupported}
             print(f"| {folder} | {len(prompts)} | not run: {unsupported} | | |", flush=True)
             continue
-        for engine, measure in (("transformers", transformers_perplexity), ("vllm", vllm_perplexity)):
+        in_vllm = functools.partial(vllm_perplexity, in_process=args.in_process)
+        for engine, measure in (("transformers", transformers_perplexity), ("vllm", in_vllm)):
             try:
-                scores[engine] = measure(folder, prompts, args.seq_len, args.dtype, args.in_process)
+                scores[engine] = measure(folder, prompts, args.seq_len, args.dtype)
             except Exception as e:  # a checkpoint an engine refuses: say why, and go on
                 scores[engine], errors[engine] = None, f"{type(e).__name__}: {str(e)[:300]}"
         if errors:

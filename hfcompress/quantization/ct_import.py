@@ -27,9 +27,8 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from ..core.experts import is_fused_experts, unfuse_experts
 from ..core.packing import pack_codes
-from ..core.streaming import stored_weight_map
 from ..core.structure import set_submodule
-from .ct_readers import experts_transformers_cannot_load, zero_points_unreadable
+from .ct_readers import experts_transformers_cannot_load, stored_expert_tensors, zero_points_unreadable
 from .expert_layout import expert_checkpoint_names
 from .int8_linear import Int8Linear
 from .modules import QuantLinear
@@ -103,10 +102,11 @@ def why_hfcompress_reads(folder: str | os.PathLike, quantization_config) -> str 
         or reader_obstacle(Path(folder), quantization_config) is not None
     ):
         return None
-    unloadable = experts_transformers_cannot_load(folder, quantization_config)
+    experts = stored_expert_tensors(folder)
+    unloadable = experts_transformers_cannot_load(experts, quantization_config)
     if unloadable:
         return f"transformers does not load it: {unloadable}"
-    if any(".experts." in key and key.endswith(".weight_packed") for key in stored_weight_map(folder)):
+    if any("weight_packed" in found for found in experts.values()):
         return "transformers would decompress its quantized experts to dense weights"
     return None
 

@@ -25,6 +25,7 @@ __all__ = [
     "experts_transformers_cannot_load",
     "has_packed_zero_points",
     "installed_reads_zero_points",
+    "stored_expert_tensors",
     "zero_points_unreadable",
 ]
 
@@ -72,20 +73,26 @@ def zero_points_unreadable(quantization_config) -> bool:
 _EXPERT_TENSOR = re.compile(r"(.*\.experts\.\d+\.[^.]+)\.(weight|weight_packed|weight_scale)$")
 
 
-def experts_transformers_cannot_load(folder: str | Path, quantization_config: dict) -> str | None:
-    """Why transformers does not load the compressed-tensors checkpoint in the local `folder` as written, for its
-    experts stored one per expert (read from the safetensors headers), or None: W8A8 experts (it decompresses weight-only
-    ones only; vLLM serves them, hfcompress reads them) or unquantized ones (5.25 decompresses every expert stored
-    so and drops plain ones; `quantization.export` warns of both as it writes them)."""
-    if quantization_config.get("quant_method") != "compressed-tensors":
-        return None
+def stored_expert_tensors(folder: str | Path) -> dict[str, set[str]]:
+    """{expert linear as stored (`...experts.3.w1`): its weight tensors' names (`weight`, or `weight_packed` and
+    `weight_scale`)} of the experts a local checkpoint stores one per expert, from its safetensors headers."""
     leaves: dict[str, set[str]] = {}
     for key in stored_weight_map(folder):
         match = _EXPERT_TENSOR.fullmatch(key)
         if match:
             leaves.setdefault(match[1], set()).add(match[2])
-    if any(found == {"weight"} for found in leaves.values()):
+    return leaves
+
+
+def experts_transformers_cannot_load(experts: dict[str, set[str]], quantization_config: dict) -> str | None:
+    """Why transformers does not load a compressed-tensors checkpoint as written, for its `experts`
+    (`stored_expert_tensors`), or None: W8A8 experts (it decompresses weight-only ones only; vLLM serves them,
+    hfcompress reads them) or unquantized ones (5.25 decompresses every expert stored so and drops plain ones;
+    `quantization.export` warns of both as it writes them)."""
+    if quantization_config.get("quant_method") != "compressed-tensors":
+        return None
+    if any(found == {"weight"} for found in experts.values()):
         return "its unquantized experts are stored one per expert, which transformers drops or reinitializes"
-    if quantization_config.get("format") == "int-quantized" and leaves:
+    if quantization_config.get("format") == "int-quantized" and experts:
         return "its experts are W8A8 int8 linears; transformers decompresses weight-only experts only"
     return None

@@ -34,7 +34,7 @@ from ..hub.record import (
     peak_memory,
 )
 from ..io import atomic_output_dir, copy_model_extras
-from ..quantization.ct_readers import experts_transformers_cannot_load, has_packed_zero_points
+from ..quantization.ct_readers import experts_transformers_cannot_load, has_packed_zero_points, stored_expert_tensors
 from .loading import checkpoint_dtype
 from .options import OutputOptions
 
@@ -288,7 +288,7 @@ def loading_needs(folder: Path) -> dict:
     needs = {"requires_hfcompress": quantization.get("quant_method") == QUANT_METHOD}
     if has_packed_zero_points(quantization):
         needs["packed_zero_points"] = True
-    unloadable = experts_transformers_cannot_load(folder, quantization)
+    unloadable = experts_transformers_cannot_load(stored_expert_tensors(folder), quantization)
     if unloadable:
         needs["not_in_transformers"] = unloadable
     return needs

@@ -83,8 +83,8 @@ def test_a_streamed_checkpoint_exports_the_files_memory_writes(tmp_path, calib, 
     int8_experts = arch == "mixtral" and "w8a8" in command
     expected = {"requires_hfcompress": False, **({"packed_zero_points": True} if asymmetric else {})}
     if int8_experts:
-        expected["not_in_transformers"] = "its experts are W8A8 int8 linears; " + (
-            "transformers decompresses weight-only experts only"
+        expected["not_in_transformers"] = (
+            "its experts are W8A8 int8 linears; transformers decompresses weight-only experts only"
         )
     assert record["loading"] == expected
     assert set(record["files"]) == {p.name for p in (tmp_path / "exported").glob("model*.safetensors")}
