@@ -10,8 +10,10 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer
 
+from .audio_data import load_speech
 from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
+from .core.speech import SpeechSamples
 from .core.structure import vision_modules
 from .image_data import is_image_folder, load_images, spread
 
@@ -109,8 +111,9 @@ def tokenize_windows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
 
 
-def calibration_batches(windows: torch.Tensor, num_samples: int, batch_size: int) -> list[torch.Tensor]:
-    """`num_samples` windows spread evenly over the available ones, grouped into batches."""
+def calibration_batches(windows: torch.Tensor | SpeechSamples, num_samples: int, batch_size: int) -> list:
+    """`num_samples` windows (images, speech samples) spread evenly over the available ones, grouped into
+    batches."""
     if len(windows) < num_samples:
         logger.warning(
             "calibration data holds %d samples, fewer than num_samples=%d; using all", len(windows), num_samples
@@ -153,26 +156,34 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
     """The calibration batches of a calibrated technique's `config` (its `dataset`, `num_samples`, `seq_len`,
     `batch_size`); across processes, this rank's share of them (`core.distributed`). What was really used (the window length, the windows taken, the windows there were) is kept on
     the model as `model.hfcompress_calibration`, for the compression record."""
-    windows = calibration_windows(model, config.dataset, config.seq_len, tokenizer, config.num_samples)
+    windows = calibration_windows(
+        model, config.dataset, config.seq_len, tokenizer, config.num_samples, batch_size=config.batch_size
+    )
     batches = calibration_batches(windows, config.num_samples, config.batch_size)
-    model.hfcompress_calibration = {
-        "seq_len": int(windows.shape[1]) if windows.dim() == 2 else None,  # images have no length
+    model.hfcompress_calibration = {  # images and speech have no window length
+        "seq_len": int(windows.shape[1]) if isinstance(windows, torch.Tensor) and windows.dim() == 2 else None,
         "num_samples": sum(len(b) for b in batches),
-        "windows_available": len(windows),
+        "windows_available": getattr(windows, "available", None) or len(windows),
     }
     return shard_batches(batches)  # across processes, this rank's share
 
 
 def calibration_windows(
-    model, dataset, seq_len: int | None, tokenizer=None, num_samples: int | None = None
-) -> torch.Tensor:
+    model, dataset, seq_len: int | None, tokenizer=None, num_samples: int | None = None, batch_size: int = 4
+) -> torch.Tensor | SpeechSamples:
     """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
     `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
     model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`). A model that reads
     images (ViT) calibrates on a float tensor of images [n, channels, height, width], or on a folder of image
     files or a `datasets` image dataset (a folder, a Hub name or a `datasets.Dataset`), `num_samples` images of it
-    (default: all) prepared by the model's image processor (`image_data`)."""
+    (default: all) prepared by the model's image processor (`image_data`). A speech-to-text model (Whisper)
+    calibrates on a folder of WAV files or a float tensor of log-mel features [n, mel bins, frames], `num_samples`
+    of them with the model's own transcriptions, decoded `batch_size` at a time (`audio_data.load_speech`)."""
     reads = getattr(model, "main_input_name", "input_ids")
+    if reads == "input_features":
+        if seq_len is not None:
+            raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads speech")
+        return load_speech(dataset, model, num_samples, batch_size)
     if reads == "pixel_values" and (isinstance(dataset, (str, os.PathLike)) or hasattr(dataset, "column_names")):
         if seq_len is not None:
             raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads images")

@@ -151,7 +151,7 @@ def batch_place(j: int) -> int:
 def first_windows(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     """This rank's share of the first `n` calibration windows of all ranks together (`batches` as
     `shard_batches` gave them): one process gets `torch.cat(batches)[:n]` split as it was batched."""
-    width = batches[0].shape[0] if batches else 0
+    width = len(batches[0]) if batches else 0
     kept = []
     for j, batch in enumerate(batches):
         before = batch_place(j) * width  # windows of all ranks before this batch

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..core.calibration import collect_hessians
-from ..core.capture import capture_block_inputs, run_block
+from ..core.capture import capture_block_inputs, forward_inputs, run_block
 from ..core.distributed import first_windows, reduce_mean
 from ..core.structure import linear_weight, set_linear_weight
 from .allocation import ErrorCurve
@@ -48,8 +48,8 @@ def reference_outputs(model: nn.Module, batches: list[torch.Tensor]) -> Referenc
     device = next(model.parameters()).device
     language_model = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     outputs = []
-    for input_ids in batches:
-        output = _first_output(model(input_ids=input_ids.to(device), use_cache=False)).float()
+    for batch in batches:
+        output = _first_output(model(**forward_inputs(model, batch.to(device)))).float()
         outputs.append(torch.log_softmax(output, dim=-1) if language_model else output)
     return Reference(outputs, language_model)
 
@@ -64,11 +64,11 @@ def model_loss(model: nn.Module, batches: list[torch.Tensor], reference: Referen
     labels, so a few windows measure small perturbations without the sign noise of a loss difference."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for index, input_ids in enumerate(batches):
+    for index, batch in enumerate(batches):
         if on_batch is not None:
             on_batch(index)
         expected = reference.outputs[index]
-        output = _first_output(model(input_ids=input_ids.to(device), use_cache=False)).float()
+        output = _first_output(model(**forward_inputs(model, batch.to(device)))).float()
         if reference.kl:
             log_probs = torch.log_softmax(output, dim=-1)
             total += float((expected.exp() * (expected - log_probs)).sum())
@@ -90,7 +90,7 @@ class _SkipTo:
         handles = [b.register_forward_hook(self._recorder(i)) for i, b in enumerate(blocks)]
         try:
             for batch in probes:
-                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+                model(**forward_inputs(model, batch.to(next(model.parameters()).device)))
         finally:
             for handle in handles:
                 handle.remove()
