@@ -1,85 +1,43 @@
-"""Speech for calibration: a folder of WAV files or a float tensor of log-mel features, prepared by the model's own
-feature extractor (its `preprocessor_config.json`) as its pipeline prepares them, with what the model itself
+"""Speech for calibration: a folder of audio files, a `datasets` audio dataset or a float tensor of log-mel features,
+prepared by the model's own feature extractor (its `preprocessor_config.json`) as its pipeline prepares them, with
+what the model itself
 transcribes from them as its decoder's input (greedy decoding before any compression: the decoder is calibrated
 on the text it produces, as a user would run it)."""
 
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import os
-import wave
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor
 
+from .audio_io import audio_info, read_audio, resample
 from .core.speech import SpeechSamples
 from .image_data import spread
 
-__all__ = ["AUDIO_SUFFIXES", "audio_files", "load_speech", "read_wav", "resample", "transcribe"]
+__all__ = ["AUDIO_SUFFIXES", "audio_files", "load_speech", "transcribe"]
 
 logger = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav",)
-_PCM = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # bytes per sample -> how it is stored
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")  # all but WAV: soundfile
 
 
 def audio_files(folder: str | os.PathLike) -> list[Path]:
-    """The WAV files under `folder` (its subfolders too), in a fixed order."""
+    """The audio files under `folder` (its subfolders too), in a fixed order."""
     path = Path(folder)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
         others = sorted({p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix})
         raise ValueError(
-            f"folder {os.fspath(folder)!r} holds no WAV files (.wav, PCM), which speech calibration reads"
-            + (
-                f"; it holds {', '.join(others)} files: convert them to WAV (e.g. ffmpeg -i in.flac out.wav)"
-                if others
-                else ""
-            )
+            f"folder {os.fspath(folder)!r} holds no audio files ({', '.join(AUDIO_SUFFIXES)})"
+            + (f"; it holds {', '.join(others)} files" if others else "")
         )
     return files
-
-
-def read_wav(path: str | os.PathLike, start: int = 0, frames: int | None = None) -> tuple[torch.Tensor, int]:
-    """`frames` frames (None: the rest) of the PCM WAV file at `path` from frame `start`, as a mono float waveform
-    in [-1, 1] (channels averaged), and its sampling rate."""
-    try:
-        with wave.open(os.fspath(path), "rb") as f:
-            width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
-            f.setpos(start)
-            data = f.readframes(f.getnframes() - start if frames is None else frames)
-    except (wave.Error, EOFError, OSError) as e:
-        raise ValueError(f"calibration audio {os.fspath(path)!r} cannot be read as a PCM WAV file: {e}") from e
-    if width == 3:  # 24-bit: widen each little-endian sample to 32 bits
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(-1, 3)
-        samples = torch.cat([torch.zeros_like(raw[:, :1]), raw], dim=1).contiguous().view(torch.int32)
-        width = 4
-    elif width in _PCM:
-        samples = torch.frombuffer(bytearray(data), dtype=_PCM[width])
-    else:
-        raise ValueError(f"calibration audio {os.fspath(path)!r} has {8 * width}-bit samples; 8, 16, 24 or 32 are read")
-    waveform = samples.double()
-    if width == 1:  # 8-bit WAV is unsigned, centred on 128
-        waveform = waveform - 128
-    waveform = waveform / 2 ** (8 * width - 1)
-    return waveform.view(-1, channels).mean(dim=1).float(), rate
-
-
-def resample(waveform: torch.Tensor, rate: int, target: int) -> torch.Tensor:
-    """`waveform` sampled at `rate` resampled to `target` by its spectrum: the frequencies both rates hold are
-    kept, those above the lower rate's Nyquist frequency dropped (no aliasing)."""
-    if rate == target:
-        return waveform
-    n = waveform.shape[-1]
-    m = max(1, round(n * target / rate))
-    spectrum = torch.fft.rfft(waveform.double())
-    kept = torch.zeros(m // 2 + 1, dtype=spectrum.dtype)
-    bins = min(len(kept), len(spectrum))
-    kept[:bins] = spectrum[:bins]
-    return (torch.fft.irfft(kept, n=m) * (m / n)).float()
 
 
 @torch.no_grad()
@@ -123,10 +81,11 @@ def transcribe(model, features: torch.Tensor, batch_size: int, max_tokens: int) 
 
 
 def load_speech(source, model, num_samples: int | None, batch_size: int = 4) -> SpeechSamples:
-    """`num_samples` calibration samples (None: all) of a speech-to-text `model` (Whisper): from a float tensor of
-    log-mel features [n, mel bins, frames] as the model reads them, or from a folder of WAV files cut into
-    pieces of the feature extractor's length (30 s for Whisper), spread evenly over all pieces, resampled to its
-    sampling rate and prepared by the feature extractor saved with the model; each with the model's own greedy
+    """`num_samples` calibration samples (None: all) of a speech-to-text `model` (Whisper), spread evenly over
+    `source`: a folder of audio files (`audio_files`) cut into pieces of the feature extractor's length (30 s for
+    Whisper), a `datasets.Dataset` with an audio column (a row a sample, cut to that length), or a float tensor of
+    log-mel features [n, mel bins, frames] as the model reads them. Audio is resampled to the extractor's rate and
+    prepared by the feature extractor saved with the model; each sample comes with the model's own greedy
     transcription of it as the decoder's input (at most half its decoder positions)."""
     if isinstance(source, torch.Tensor):
         if source.dim() != 3 or not source.is_floating_point():
@@ -137,13 +96,15 @@ def load_speech(source, model, num_samples: int | None, batch_size: int = 4) -> 
         features = source if num_samples is None else source[spread(len(source), num_samples)]
         where, available = f"a tensor of {len(source)} feature rows", len(source)
     else:
-        if not os.path.isdir(source):
-            raise ValueError(
-                f"{type(model).__name__} reads speech: calibrate it on a folder of WAV files or a float tensor of "
-                f"log-mel features [n, mel bins, frames]; {os.fspath(source)!r} is not a folder"
-            )
-        features, available = _folder_features(source, model.name_or_path, num_samples)
-        where = os.fspath(source)
+        extractor = _feature_extractor(model.name_or_path)
+        if hasattr(source, "column_names"):
+            waveforms, available = _dataset_waveforms(source, extractor, num_samples)
+            where = f"a dataset of {len(source)} rows"
+        else:
+            waveforms, available = _folder_waveforms(source, extractor, num_samples)
+            where = os.fspath(source)
+        rate = extractor.sampling_rate
+        features = extractor([w.numpy() for w in waveforms], sampling_rate=rate, return_tensors="pt")["input_features"]
     positions = getattr(model.config, "max_target_positions", None) or 448
     ids, lengths = transcribe(model, features.float(), batch_size, max_tokens=positions // 2 - 1)
     logger.info(
@@ -153,32 +114,51 @@ def load_speech(source, model, num_samples: int | None, batch_size: int = 4) -> 
     return SpeechSamples(features.float(), ids, lengths, available)
 
 
-def _folder_features(folder, model_path, num_samples: int | None) -> tuple[torch.Tensor, int]:
-    """The features of `num_samples` pieces of the WAV files under `folder` spread over all of them, and how many
-    pieces there were."""
+def _feature_extractor(model_path):
     try:
-        extractor = AutoFeatureExtractor.from_pretrained(model_path)
+        return AutoFeatureExtractor.from_pretrained(model_path)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"model {os.fspath(model_path)!r} has no feature extractor to prepare the calibration audio "
             "(preprocessor_config.json); save it beside the model (processor.save_pretrained)"
         ) from e
+
+
+def _folder_waveforms(folder, extractor, num_samples: int | None) -> tuple[list[torch.Tensor], int]:
+    """`num_samples` pieces of the extractor's length of the audio files under `folder`, spread over all of them,
+    at the extractor's rate; and how many pieces there were."""
     rate, seconds = extractor.sampling_rate, extractor.n_samples / extractor.sampling_rate
-    pieces = []  # (file, its rate, first frame, frames): every piece of `seconds` of every file
+    pieces = []  # (file, its rate, first frame, frames): every piece of every file
     for file in audio_files(folder):
-        try:
-            with wave.open(os.fspath(file), "rb") as f:
-                frames, file_rate = f.getnframes(), f.getframerate()
-        except (wave.Error, EOFError, OSError) as e:
-            raise ValueError(f"calibration audio {os.fspath(file)!r} cannot be read as a PCM WAV file: {e}") from e
+        frames, file_rate = audio_info(file)
         step = max(1, round(seconds * file_rate))
         pieces += [(file, file_rate, begin, min(step, frames - begin)) for begin in range(0, frames, step)]
     if not pieces:
-        raise ValueError(f"the WAV files under {os.fspath(folder)!r} hold no samples")
+        raise ValueError(f"the audio files under {os.fspath(folder)!r} hold no samples")
     chosen = pieces if num_samples is None else [pieces[i] for i in spread(len(pieces), num_samples).tolist()]
-    waveforms = [resample(read_wav(file, begin, n)[0], file_rate, rate).numpy() for file, file_rate, begin, n in chosen]
-    logger.info(
-        "%d pieces of up to %g s of %d available, prepared by %s", len(chosen), seconds, len(pieces),
-        type(extractor).__name__,
-    )  # fmt: skip
-    return extractor(waveforms, sampling_rate=rate, return_tensors="pt")["input_features"], len(pieces)
+    logger.info("%d pieces of up to %g s of the %d there are", len(chosen), seconds, len(pieces))
+    return [resample(read_audio(file, begin, n)[0], file_rate, rate) for file, file_rate, begin, n in chosen], len(
+        pieces
+    )
+
+
+def _dataset_waveforms(dataset, extractor, num_samples: int | None) -> tuple[list[torch.Tensor], int]:
+    """The audio of `num_samples` rows of `dataset` spread over it (its column of `datasets.Audio` feature, decoded
+    here: WAV by Python, other formats by soundfile), each cut to the extractor's length, at its rate."""
+    import datasets
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Audio)]
+    if not columns:
+        raise ValueError(
+            f"the dataset has no audio column (a `datasets.Audio` feature); its columns are {dataset.column_names}"
+        )
+    rows = range(len(dataset)) if num_samples is None else spread(len(dataset), num_samples).tolist()
+    raw = dataset.select(rows).cast_column(columns[0], datasets.Audio(decode=False))  # bytes or a path per row
+    rate, seconds = extractor.sampling_rate, extractor.n_samples / extractor.sampling_rate
+    waveforms = []
+    for row in raw[columns[0]]:
+        source = io.BytesIO(row["bytes"]) if row.get("bytes") else row["path"]
+        row_rate = audio_info(source)[1]
+        waveform, _ = read_audio(source, 0, round(seconds * row_rate))
+        waveforms.append(resample(waveform, row_rate, rate))
+    return waveforms, len(dataset)

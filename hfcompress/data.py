@@ -15,7 +15,7 @@ from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
 from .core.speech import SpeechSamples
 from .core.structure import vision_modules
-from .image_data import is_image_folder, load_images, spread
+from .image_data import is_folder_of_files, load_images, spread
 
 __all__ = [
     "calibration_batches",
@@ -177,17 +177,25 @@ def calibration_windows(
     images (ViT) calibrates on a float tensor of images [n, channels, height, width], or on a folder of image
     files or a `datasets` image dataset (a folder, a Hub name or a `datasets.Dataset`), `num_samples` images of it
     (default: all) prepared by the model's image processor (`image_data`). A speech-to-text model (Whisper)
-    calibrates on a folder of WAV files or a float tensor of log-mel features [n, mel bins, frames], `num_samples`
-    of them with the model's own transcriptions, decoded `batch_size` at a time (`audio_data.load_speech`)."""
+    calibrates on a folder of audio files, a `datasets` audio dataset (a folder, a Hub name or a `datasets.Dataset`)
+    or a float tensor of log-mel features [n, mel bins, frames], `num_samples` of them with the model's own
+    transcriptions, decoded `batch_size` at a time (`audio_data.load_speech`)."""
     reads = getattr(model, "main_input_name", "input_ids")
     if reads == "input_features":
         if seq_len is not None:
             raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads speech")
+        if isinstance(dataset, (str, os.PathLike)) and not is_folder_of_files(dataset):
+            if os.path.isfile(dataset):
+                raise ValueError(
+                    f"{type(model).__name__} reads speech: calibrate it on a folder of audio files, a `datasets` "
+                    f"audio dataset or a float tensor of log-mel features, not the file {os.fspath(dataset)!r}"
+                )
+            dataset = dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
         return load_speech(dataset, model, num_samples, batch_size)
     if reads == "pixel_values" and (isinstance(dataset, (str, os.PathLike)) or hasattr(dataset, "column_names")):
         if seq_len is not None:
             raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads images")
-        if isinstance(dataset, (str, os.PathLike)) and not is_image_folder(dataset):
+        if isinstance(dataset, (str, os.PathLike)) and not is_folder_of_files(dataset):
             if os.path.isfile(dataset):
                 raise ValueError(
                     f"{type(model).__name__} reads images: calibrate it on a folder of image files or a `datasets` "

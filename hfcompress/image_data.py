@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "is_image_folder", "load_images", "spread"]
+__all__ = ["IMAGE_SUFFIXES", "image_files", "is_folder_of_files", "load_images", "spread"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def spread(available: int, wanted: int) -> torch.Tensor:
 DATASETS_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `save_to_disk` writes
 
 
-def is_image_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder of image files rather than a folder `datasets` saved."""
+def is_folder_of_files(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder of files (images, audio) rather than a folder `datasets` saved."""
     return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in DATASETS_FILES)
 
 

@@ -109,9 +109,10 @@ class CalibrationArguments:
             "help": "Calibration data: a text file, a `datasets` folder, a Hub dataset name (in Python also a list "
             "of strings or token ids [n, seq_len]); for a model that reads images, a folder of image files, or a "
             "`datasets` folder or Hub dataset with an image column (in Python also a float tensor [n, channels, "
-            "height, width]); for one that transcribes speech (Whisper), a folder of WAV files, cut into pieces of its "
-            "feature extractor's length (in Python also a float tensor of log-mel features [n, mel bins, frames]), "
-            "its decoder reading what the model transcribes from them."
+            "height, width]); for one that transcribes speech (Whisper), a folder of audio files (WAV; FLAC, OGG, MP3 "
+            "with soundfile) cut into pieces of its feature extractor's length, or a `datasets` folder or Hub dataset "
+            "with an audio column (in Python also a float tensor of log-mel features [n, mel bins, frames]), its "
+            "decoder reading what the model transcribes from them."
         },
     )
     num_samples: int = field(

@@ -10,7 +10,8 @@ import torch
 import transformers
 
 import hfcompress
-from hfcompress.audio_data import load_speech, read_wav, resample, transcribe
+from hfcompress.audio_data import load_speech, transcribe
+from hfcompress.audio_io import read_audio, resample
 from hfcompress.commands.cli import main
 from hfcompress.core.speech import SpeechSamples
 from hfcompress.data import calibration_data
@@ -70,10 +71,10 @@ def test_wav_files_of_every_pcm_width_are_read_as_mono_waveforms(tmp_path, width
     left = np.array([0, 1, -1, 2**(bits - 1) - 1, -(2**(bits - 1)), 5])  # fmt: skip
     right = np.array([0, -1, 1, 3, -7, 5])
     write_wav(tmp_path / "x.wav", (np.stack([left, right], 1) + (128 if width == 1 else 0)), 8000, width)
-    waveform, rate = read_wav(tmp_path / "x.wav")
+    waveform, rate = read_audio(tmp_path / "x.wav")
     expected = torch.tensor((left + right) / 2 / 2 ** (bits - 1), dtype=torch.float32)
     assert rate == 8000 and torch.allclose(waveform, expected, atol=1e-7)
-    piece, _ = read_wav(tmp_path / "x.wav", start=2, frames=3)
+    piece, _ = read_audio(tmp_path / "x.wav", start=2, frames=3)
     assert torch.equal(piece, waveform[2:5])
 
 
@@ -162,26 +163,51 @@ def test_gptq_calibrates_on_the_folder_as_the_python_api_does(whisper, tmp_path)
 @pytest.mark.parametrize(
     "dataset, extra, message",
     [
-        ("flac", [], "holds no WAV files (.wav, PCM), which speech calibration reads; it holds .flac files"),
-        ("calib.txt", [], "calibrate it on a folder of WAV files or a float tensor of log-mel features"),
+        ("text", [], "holds no audio files (.wav, .flac, .ogg, .oga, .opus, .mp3, .aiff, .aif); it holds .txt files"),
+        ("calib.txt", [], "a `datasets` audio dataset or a float tensor of log-mel features, not the file"),
         (
             "audio",
             ["--seq-len", "16"],
             "`seq_len` (16) is a length of text; WhisperForConditionalGeneration reads speech",
         ),
-        ("broken", [], "cannot be read as a PCM WAV file"),
+        ("broken", [], "x.wav' cannot be read"),
+        ("rows", [], "the dataset has no audio column (a `datasets.Audio` feature); its columns are ['text']"),
     ],
 )
 def test_what_is_not_speech_is_refused_with_what_was_expected(whisper, tmp_path, capsys, dataset, extra, message):
-    (whisper / "flac").mkdir(exist_ok=True)
-    (whisper / "flac" / "x.flac").write_bytes(b"fLaC")
+    datasets = pytest.importorskip("datasets")
+    (whisper / "text").mkdir(exist_ok=True)
+    (whisper / "text" / "notes.txt").write_text("not audio")
     (whisper / "broken").mkdir(exist_ok=True)
     (whisper / "broken" / "x.wav").write_bytes(b"RIFF....")
     (whisper / "calib.txt").write_text("some text")
+    datasets.Dataset.from_dict({"text": ["no audio here"]}).save_to_disk(whisper / "rows")
     out = tmp_path / "out"
     code = main(["quantize", "gptq", str(whisper / "model"), str(out), "--dataset", str(whisper / dataset),
                  "--group-size", "32", *extra, "-q"])  # fmt: skip
     assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_flac_files_and_a_datasets_audio_column_give_the_samples_wav_files_give(whisper, tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    datasets = pytest.importorskip("datasets")
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(whisper / "model").eval()
+    clips = [np.round(12000 * tone(seconds, RATE, hertz)).astype(np.int16) for seconds, hertz in ((0.7, 300), (1, 900))]
+    for name, clip in zip("xy", clips, strict=True):
+        write_wav(tmp_path / f"{name}.wav", clip, RATE, 2)
+        (tmp_path / "flac").mkdir(exist_ok=True)
+        soundfile.write(tmp_path / "flac" / f"{name}.flac", clip, RATE, subtype="PCM_16")
+    rows = datasets.Dataset.from_dict({"audio": [str(tmp_path / "x.wav"), str(tmp_path / "flac" / "y.flac")]})
+    rows.cast_column("audio", datasets.Audio()).save_to_disk(tmp_path / "rows")
+
+    from_flac = load_speech(tmp_path / "flac", model, None)
+    from_rows = load_speech(datasets.load_from_disk(str(tmp_path / "rows")), model, None)
+    extractor = transformers.WhisperFeatureExtractor.from_pretrained(whisper / "model")
+    expected = extractor([c / 2**15 for c in clips], sampling_rate=RATE, return_tensors="pt")["input_features"]
+    for samples in (from_flac, from_rows):
+        torch.testing.assert_close(samples.input_features, expected)
+        assert samples.available == 2
+    assert torch.equal(from_flac.decoder_input_ids, from_rows.decoder_input_ids)
 
 
 def test_a_model_without_its_feature_extractor_is_refused_naming_it(whisper, tmp_path, capsys):
