@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor
 
 from .audio_io import audio_info, read_audio, resample
-from .core.speech import SpeechSamples
+from .core.samples import SpeechSamples
 from .image_data import spread
 
 __all__ = ["AUDIO_SUFFIXES", "audio_files", "load_speech", "transcribe"]

@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 from .audio_data import load_speech
 from .core.config import DEFAULT_SEQ_LEN
 from .core.distributed import shard_batches
-from .core.speech import SpeechSamples
+from .core.samples import Samples
 from .core.structure import vision_modules
-from .image_data import is_folder_of_files, load_images, spread
+from .image_data import is_folder_of_files, load_captioned_images, load_images, spread
 
 __all__ = [
     "calibration_batches",
@@ -111,7 +111,7 @@ def tokenize_windows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
 
 
-def calibration_batches(windows: torch.Tensor | SpeechSamples, num_samples: int, batch_size: int) -> list:
+def calibration_batches(windows: torch.Tensor | Samples, num_samples: int, batch_size: int) -> list:
     """`num_samples` windows (images, speech samples) spread evenly over the available ones, grouped into
     batches."""
     if len(windows) < num_samples:
@@ -170,7 +170,7 @@ def calibration_data(model, config, tokenizer=None) -> list[torch.Tensor]:
 
 def calibration_windows(
     model, dataset, seq_len: int | None, tokenizer=None, num_samples: int | None = None, batch_size: int = 4
-) -> torch.Tensor | SpeechSamples:
+) -> torch.Tensor | Samples:
     """Token windows [n, seq_len] from `dataset`: texts in any form `load_texts` reads (tokenized with
     `tokenizer`, or the one saved with `model`), or a tensor of token ids used as is. Windows longer than the
     model's positions are refused; `seq_len` None is the default window (`resolve_seq_len`). A model that reads
@@ -179,7 +179,9 @@ def calibration_windows(
     (default: all) prepared by the model's image processor (`image_data`). A speech-to-text model (Whisper)
     calibrates on a folder of audio files, a `datasets` audio dataset (a folder, a Hub name or a `datasets.Dataset`)
     or a float tensor of log-mel features [n, mel bins, frames], `num_samples` of them with the model's own
-    transcriptions, decoded `batch_size` at a time (`audio_data.load_speech`)."""
+    transcriptions, decoded `batch_size` at a time (`audio_data.load_speech`). A dual encoder (CLIP) calibrates on
+    captioned images: a folder of image files each with a caption file of its name (`a.jpg`, `a.txt`), a `datasets`
+    dataset with an image and a caption column, or `core.samples.CaptionedImages` (`image_data.load_captioned_images`)."""
     reads = getattr(model, "main_input_name", "input_ids")
     if reads == "input_features":
         if seq_len is not None:
@@ -222,10 +224,18 @@ def calibration_windows(
         )
     config = getattr(model, "config", None)
     if hasattr(config, "vision_config") and hasattr(config, "text_config") and not vision_modules(model):
-        raise ValueError(
-            f"{type(model).__name__} encodes text and images side by side (a dual encoder such as CLIP): calibrating "
-            "it needs paired text and images, which hfcompress does not build yet; round-to-nearest (rtn) needs no data"
-        )
+        if seq_len is not None:
+            raise ValueError(
+                f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads captioned images"
+            )
+        if isinstance(dataset, (str, os.PathLike)) and not is_folder_of_files(dataset):
+            if os.path.isfile(dataset):
+                raise ValueError(
+                    f"{type(model).__name__} encodes text and images side by side: calibrate it on a folder of images "
+                    f"with their captions or a `datasets` dataset of captioned images, not the file {os.fspath(dataset)!r}"
+                )
+            dataset = dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
+        return load_captioned_images(dataset, model, num_samples)
     if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:
         check_seq_len(model, dataset.shape[1])
     else:

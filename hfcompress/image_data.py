@@ -1,5 +1,6 @@
 """Images for calibration: a folder of image files or a `datasets` image dataset, prepared by the model's own
-image processor (its `preprocessor_config.json`), as the model's pipeline prepares them."""
+image processor (its `preprocessor_config.json`), as the model's pipeline prepares them; for a dual encoder
+(CLIP), with their captions, tokenized by the model's own tokenizer."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "is_folder_of_files", "load_images", "spread"]
+from .core.samples import CaptionedImages
+
+__all__ = ["IMAGE_SUFFIXES", "image_files", "is_folder_of_files", "load_captioned_images", "load_images", "spread"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +54,7 @@ def load_images(source, model_path: str | os.PathLike, num_samples: int | None) 
     """`num_samples` images (None: all) spread evenly over `source`, a folder of image files (`image_files`) or a
     `datasets.Dataset` with an image column, as the float tensor [n, channels, height, width] the image processor
     saved with `model_path` makes of them."""
-    try:
-        processor = AutoImageProcessor.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"model {os.fspath(model_path)!r} has no image processor to prepare the calibration images "
-            "(preprocessor_config.json); save it beside the model (processor.save_pretrained)"
-        ) from e
+    processor = _image_processor(model_path)
     rows = hasattr(source, "column_names")
     images = _dataset_images(source, num_samples) if rows else _files(source, num_samples)
     where = f"a dataset of {len(source)} rows" if rows else os.fspath(source)
@@ -65,14 +62,15 @@ def load_images(source, model_path: str | os.PathLike, num_samples: int | None) 
     return processor(images=images, return_tensors="pt")["pixel_values"].float()
 
 
-def _files(folder, num_samples: int | None) -> list:
+def _files(folder, num_samples: int | None, chosen: list[Path] | None = None) -> list:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
         raise ImportError("reading calibration images needs Pillow: pip install 'hfcompress[images]'") from e
 
-    files = image_files(folder)
-    chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
+    if chosen is None:
+        files = image_files(folder)
+        chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
     images = []
     for file in chosen:
         try:
@@ -94,3 +92,67 @@ def _dataset_images(dataset, num_samples: int | None) -> list:
         )
     rows = range(len(dataset)) if num_samples is None else spread(len(dataset), num_samples).tolist()
     return [image.convert("RGB") for image in dataset.select(rows)[columns[0]]]
+
+
+CAPTION_COLUMNS = ("caption", "text", "sentence")
+
+
+def load_captioned_images(source, model, num_samples: int | None) -> CaptionedImages:
+    """`num_samples` captioned images (None: all) spread evenly over `source`, for a dual encoder `model` (CLIP):
+    a folder of image files each with its caption in a text file of the same name (`cat.jpg`, `cat.txt`), a
+    `datasets.Dataset` with an image column and a caption column (`CAPTION_COLUMNS`), or `CaptionedImages` as
+    the model reads them. Images are prepared by the image processor saved with the model, captions tokenized by
+    its tokenizer (padded at the end, cut to its text positions)."""
+    if isinstance(source, CaptionedImages):
+        chosen = source if num_samples is None else source[spread(len(source), num_samples)]
+        return CaptionedImages(chosen.input_ids, chosen.attention_mask, chosen.pixel_values, len(source))
+    processor = _image_processor(model.name_or_path)
+    if hasattr(source, "column_names"):
+        images, captions = _dataset_captioned(source, num_samples)
+        available = len(source)
+    else:
+        images, captions, available = _files_captioned(source, num_samples)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {os.fspath(model.name_or_path)!r} has no tokenizer for the captions") from e
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    text = tokenizer(captions, padding=True, truncation=True, max_length=positions, return_tensors="pt")
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"].float()
+    logger.info("%d captioned calibration images of %d", len(images), available)
+    return CaptionedImages(text["input_ids"], text["attention_mask"], pixels, available)
+
+
+def _image_processor(model_path):
+    try:
+        return AutoImageProcessor.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"model {os.fspath(model_path)!r} has no image processor to prepare the calibration images "
+            "(preprocessor_config.json); save it beside the model (processor.save_pretrained)"
+        ) from e
+
+
+def _files_captioned(folder, num_samples: int | None) -> tuple[list, list[str], int]:
+    files = image_files(folder)
+    uncaptioned = [f for f in files if not f.with_suffix(".txt").is_file()]
+    if uncaptioned:
+        raise ValueError(
+            f"{len(uncaptioned)} of the {len(files)} images under {os.fspath(folder)!r} have no caption: a dual "
+            f"encoder calibrates on images with their captions, each in a text file of the image's name (e.g. "
+            f"{os.fspath(uncaptioned[0].with_suffix('.txt'))!r})"
+        )
+    chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
+    captions = [f.with_suffix(".txt").read_text(encoding="utf-8").strip() for f in chosen]
+    return _files(folder, None, chosen), captions, len(files)
+
+
+def _dataset_captioned(dataset, num_samples: int | None) -> tuple[list, list[str]]:
+    captions = [c for c in CAPTION_COLUMNS if c in dataset.column_names]
+    if not captions:
+        raise ValueError(
+            f"the dataset has no caption column ({', '.join(CAPTION_COLUMNS)}) beside its images; its columns are "
+            f"{dataset.column_names}"
+        )
+    rows = range(len(dataset)) if num_samples is None else spread(len(dataset), num_samples).tolist()
+    return _dataset_images(dataset, num_samples), [str(t) for t in dataset.select(rows)[captions[0]]]

@@ -50,6 +50,11 @@ EXTRA_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "spiece.model",  # T5's sentencepiece vocabulary
+    "sentencepiece.bpe.model",  # XLM-RoBERTa's, mBART's
+    "normalizer.json",  # Whisper's English text normalizer
+    "preprocessor_config.json",  # an image processor's or feature extractor's (ViT, CLIP, Whisper)
+    "processor_config.json",  # a processor's own settings (vision-language models)
 )
 
 

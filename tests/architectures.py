@@ -14,6 +14,7 @@ from helpers import MOE_ARCHITECTURES, VOCAB, tiny_model
 
 import hfcompress
 from hfcompress.core.registry import compress
+from hfcompress.core.samples import CaptionedImages
 from hfcompress.quantization.save import save_quantized
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -196,9 +197,13 @@ def model_inputs(family: str, model) -> dict:
 
 def calibration(family: str) -> torch.Tensor:
     """Calibration data: token ids, images for a model that reads images, log-mel features [n, mel bins, frames]
-    for one that reads speech (its decoder reads what it transcribes from them)."""
+    for one that reads speech (its decoder reads what it transcribes from them), captioned images for a dual
+    encoder."""
     if family == "audio":
         return torch.rand(8, 16, 32, generator=torch.Generator().manual_seed(1))
+    if family == "dual":  # captions of 5 to 12 tokens, padded at the end, with their images
+        mask = (torch.arange(12) < torch.arange(5, 13)[:, None]).long()
+        return CaptionedImages(_ids(8, 12) * mask, mask, _images(8))
     return _images(8) if family == "vision" else _ids(8)
 
 
@@ -217,7 +222,6 @@ TECHNIQUES: dict[str, Callable[[torch.Tensor], object]] = {
 }
 
 _CALIBRATED = ("gptq", "awq", "kmeans", "vq", "prune oneshot (wanda)")
-_DUAL = ("a dual text/image encoder: calibration on paired text and images is not built", "paired text and images")
 _NO_FFN = ("finds no MLP it can remove neurons from", "finds no ffn to prune")
 _NO_HEADS = ("finds no attention it can remove heads from", "finds no heads to prune")
 _CT_EXPERTS = ("its checkpoints store the experts fused: no per-expert names to write them under", "no per-expert")
@@ -228,7 +232,6 @@ _CT_INIT = (
 _CT_CLASS = ("compressed-tensors quantizes layers of class Linear only (not Conv1D, FalconLinear)", "class Linear")
 # (architecture, technique): (the reason the README's matrix gives, what the error says)
 GAPS: dict[tuple[str, str], tuple[str, str]] = {
-    **{("CLIP", t): _DUAL for t in _CALIBRATED},
     **{(a, "prune structured"): _NO_HEADS for a in ("Phi-3", "DeBERTa-v2 (classification)")},
     **{
         (a, "prune structured"): _NO_FFN

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .precision import maths_for
-from .speech import SpeechSamples
+from .samples import Samples
 
 __all__ = [
     "BlockInputs",
@@ -89,10 +89,10 @@ def _run_until(model: nn.Module, module: nn.Module, batches: list[torch.Tensor],
 def forward_inputs(model: nn.Module, batch: torch.Tensor) -> dict[str, Any]:
     """The keyword arguments that run `model` on one calibration batch: images (a float tensor) as
     `pixel_values`; token ids as `input_ids`, and for an encoder-decoder (T5, BART) the same text shifted right
-    as the decoder's input, so calibration runs the decoder on the encoder's outputs; speech (`SpeechSamples`)
-    as the features and the decoder's tokens it holds."""
-    if isinstance(batch, SpeechSamples):
-        return {**batch.model_inputs(), "use_cache": False}
+    as the decoder's input, so calibration runs the decoder on the encoder's outputs; samples of several inputs
+    (`core.samples`: speech, captioned images) as they hold them."""
+    if isinstance(batch, Samples):
+        return batch.model_inputs()
     if batch.is_floating_point():
         return {"pixel_values": batch}
     inputs: dict[str, Any] = {"input_ids": batch, "use_cache": False}

@@ -56,6 +56,8 @@ def test_gptq_calibrates_on_the_images_as_the_python_api_does_in_memory_and_stre
         for out in (tmp_path / "memory", streamed):
             assert torch.equal(transformers.AutoModelForImageClassification.from_pretrained(out)(x).logits, want)
     assert read_safetensors(tmp_path / "memory").keys() >= {"classifier.weight"}  # the head kept dense
+    for out in (tmp_path / "memory", streamed):  # its image processor goes with it
+        assert (out / "preprocessor_config.json").is_file()
     step = json.loads((streamed / "hfcompress_record.json").read_text())["steps"][-1]
     assert step["data"]["num_samples"] == 4 and step["data"]["seq_len"] is None
 

@@ -13,7 +13,7 @@ import hfcompress
 from hfcompress.audio_data import load_speech, transcribe
 from hfcompress.audio_io import read_audio, resample
 from hfcompress.commands.cli import main
-from hfcompress.core.speech import SpeechSamples
+from hfcompress.core.samples import SpeechSamples
 from hfcompress.data import calibration_data
 
 RATE = 16000  # the feature extractor's: pieces of 1 s, 32 frames of 16 mel bins (the tiny encoder's input)
@@ -158,6 +158,7 @@ def test_gptq_calibrates_on_the_folder_as_the_python_api_does(whisper, tmp_path)
     )  # the decoder was quantized too
     step = json.loads((out / "hfcompress_record.json").read_text())["steps"][-1]
     assert step["data"]["num_samples"] == 4 and step["data"]["seq_len"] is None
+    assert (out / "preprocessor_config.json").is_file()  # its feature extractor goes with it
 
 
 @pytest.mark.parametrize(
