@@ -25,6 +25,7 @@ OPTIONAL = (
     "lm_eval",
     "gguf",
     "PIL",
+    "soundfile",
 )
 # imported where they are used, so that `import hfcompress` and building the parser import no torch
 DEFERRED = {
