@@ -184,26 +184,12 @@ def calibration_windows(
     dataset with an image and a caption column, or `core.samples.CaptionedImages` (`image_data.load_captioned_images`)."""
     reads = getattr(model, "main_input_name", "input_ids")
     if reads == "input_features":
-        if seq_len is not None:
-            raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads speech")
-        if isinstance(dataset, (str, os.PathLike)) and not is_folder_of_files(dataset):
-            if os.path.isfile(dataset):
-                raise ValueError(
-                    f"{type(model).__name__} reads speech: calibrate it on a folder of audio files, a `datasets` "
-                    f"audio dataset or a float tensor of log-mel features, not the file {os.fspath(dataset)!r}"
-                )
-            dataset = dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
+        dataset = _files_or_dataset(model, dataset, seq_len, "speech", "a folder of audio files, a `datasets` audio "
+                                    "dataset or a float tensor of log-mel features")  # fmt: skip
         return load_speech(dataset, model, num_samples, batch_size)
     if reads == "pixel_values" and (isinstance(dataset, (str, os.PathLike)) or hasattr(dataset, "column_names")):
-        if seq_len is not None:
-            raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads images")
-        if isinstance(dataset, (str, os.PathLike)) and not is_folder_of_files(dataset):
-            if os.path.isfile(dataset):
-                raise ValueError(
-                    f"{type(model).__name__} reads images: calibrate it on a folder of image files or a `datasets` "
-                    f"image dataset, not the file {os.fspath(dataset)!r}"
-                )
-            dataset = dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
+        dataset = _files_or_dataset(model, dataset, seq_len, "images", "a folder of image files or a `datasets` image "
+                                    "dataset")  # fmt: skip
         return load_images(dataset, model.name_or_path, num_samples)
     if isinstance(dataset, torch.Tensor) and dataset.is_floating_point():
         if dataset.dim() != 4 or reads != "pixel_values":
@@ -224,17 +210,8 @@ def calibration_windows(
         )
     config = getattr(model, "config", None)
     if hasattr(config, "vision_config") and hasattr(config, "text_config") and not vision_modules(model):
-        if seq_len is not None:
-            raise ValueError(
-                f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads captioned images"
-            )
-        if isinstance(dataset, (str, os.PathLike)) and not is_folder_of_files(dataset):
-            if os.path.isfile(dataset):
-                raise ValueError(
-                    f"{type(model).__name__} encodes text and images side by side: calibrate it on a folder of images "
-                    f"with their captions or a `datasets` dataset of captioned images, not the file {os.fspath(dataset)!r}"
-                )
-            dataset = dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
+        dataset = _files_or_dataset(model, dataset, seq_len, "captioned images", "a folder of images with their "
+                                    "captions or a `datasets` dataset of captioned images")  # fmt: skip
         return load_captioned_images(dataset, model, num_samples)
     if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:
         check_seq_len(model, dataset.shape[1])
@@ -247,3 +224,17 @@ def calibration_windows(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     return tokenize_windows(tokenizer, load_texts(dataset), seq_len)
+
+
+def _files_or_dataset(model, dataset, seq_len: int | None, reads: str, expected: str):
+    """`dataset` for a `model` that `reads` images, speech or captioned images: a folder of files or a data
+    object as it is, a `datasets` folder or Hub name loaded (`dataset_split`); a file, or a window length, refused."""
+    if seq_len is not None:
+        raise ValueError(f"`seq_len` ({seq_len}) is a length of text; {type(model).__name__} reads {reads}")
+    if not isinstance(dataset, (str, os.PathLike)) or is_folder_of_files(dataset):
+        return dataset
+    if os.path.isfile(dataset):
+        raise ValueError(
+            f"{type(model).__name__} reads {reads}: calibrate it on {expected}, not the file {os.fspath(dataset)!r}"
+        )
+    return dataset_split(os.fspath(dataset))  # a `datasets` folder or a Hub name
