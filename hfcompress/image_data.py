@@ -56,23 +56,25 @@ def load_images(source, model_path: str | os.PathLike, num_samples: int | None) 
     saved with `model_path` makes of them."""
     processor = _image_processor(model_path)
     rows = hasattr(source, "column_names")
-    images = _dataset_images(source, num_samples) if rows else _files(source, num_samples)
+    images = _dataset_images(source, num_samples) if rows else _open(_spread_files(image_files(source), num_samples))
     where = f"a dataset of {len(source)} rows" if rows else os.fspath(source)
     logger.info("%d calibration images from %s, prepared by %s", len(images), where, type(processor).__name__)
     return processor(images=images, return_tensors="pt")["pixel_values"].float()
 
 
-def _files(folder, num_samples: int | None, chosen: list[Path] | None = None) -> list:
+def _spread_files(files: list[Path], num_samples: int | None) -> list[Path]:
+    return files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
+
+
+def _open(files: list[Path]) -> list:
+    """The image files as RGB images."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
         raise ImportError("reading calibration images needs Pillow: pip install 'hfcompress[images]'") from e
 
-    if chosen is None:
-        files = image_files(folder)
-        chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
     images = []
-    for file in chosen:
+    for file in files:
         try:
             with Image.open(file) as image:
                 images.append(image.convert("RGB"))
@@ -142,9 +144,9 @@ def _files_captioned(folder, num_samples: int | None) -> tuple[list, list[str], 
             f"encoder calibrates on images with their captions, each in a text file of the image's name (e.g. "
             f"{os.fspath(uncaptioned[0].with_suffix('.txt'))!r})"
         )
-    chosen = files if num_samples is None else [files[i] for i in spread(len(files), num_samples).tolist()]
+    chosen = _spread_files(files, num_samples)
     captions = [f.with_suffix(".txt").read_text(encoding="utf-8").strip() for f in chosen]
-    return _files(folder, None, chosen), captions, len(files)
+    return _open(chosen), captions, len(files)
 
 
 def _dataset_captioned(dataset, num_samples: int | None) -> tuple[list, list[str]]:
